@@ -1,0 +1,287 @@
+//! The `attn` CLI end to end, against golden outputs of the reference system (Megatron-Core
+//! 0.16.1 `SelfAttention`, produced by `scripts/megatron_golden.py`; see
+//! `tests/fixtures/*/README.txt`).
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+use attention_runtime::{Tensor, WeightStore};
+
+fn fixtures() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("../tests/fixtures")
+}
+
+fn attn(args: &[&str]) -> std::process::Output {
+    Command::new(env!("CARGO_BIN_EXE_attn"))
+        .args(args)
+        .output()
+        .expect("attn runs")
+}
+
+fn tmp(name: &str) -> PathBuf {
+    let dir = std::env::temp_dir().join(format!("attn-cli-test-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    dir.join(name)
+}
+
+fn rel_err(a: &Tensor, b: &Tensor) -> f64 {
+    assert_eq!(a.shape(), b.shape());
+    let (mut num, mut den) = (0f64, 0f64);
+    for (x, y) in a.data().iter().zip(b.data()) {
+        assert!(x.is_finite(), "NaN/inf in output");
+        num += ((x - y) as f64).powi(2);
+        den += (*y as f64).powi(2);
+    }
+    (num / den).sqrt()
+}
+
+fn load(path: &Path, key: &str, shape: &[usize]) -> Tensor {
+    WeightStore::from_file(path)
+        .unwrap()
+        .get(key, shape)
+        .unwrap()
+}
+
+fn golden_case(dir: &str, spec: &str, s: usize, b: usize, h: usize, has_bias: bool) {
+    let d = fixtures().join(dir);
+    let out = tmp(&format!("{dir}.safetensors"));
+    let o = attn(&[
+        "layer",
+        "--spec",
+        spec,
+        "--weights",
+        d.join("weights.safetensors").to_str().unwrap(),
+        "--prefix",
+        "decoder.layers.0.self_attention.",
+        "--input",
+        d.join("input.safetensors").to_str().unwrap(),
+        "--output",
+        out.to_str().unwrap(),
+        "--device",
+        "cpu",
+    ]);
+    let stderr = String::from_utf8_lossy(&o.stderr);
+    assert!(o.status.success(), "attn failed: {stderr}");
+    assert!(
+        stderr.contains("CPU reference backend"),
+        "must say where it ran: {stderr}"
+    );
+    let expected = d.join("expected.safetensors");
+    let got = load(&out, "output", &[s, b, h]);
+    let want = load(&expected, "output", &[s, b, h]);
+    let e = rel_err(&got, &want);
+    assert!(e < 1e-5, "{dir}: output rel. error {e} vs Megatron-Core");
+    let got_store = WeightStore::from_file(&out).unwrap();
+    if has_bias {
+        let gb = got_store.get("output_bias", &[h]).unwrap();
+        let wb = load(&expected, "output_bias", &[h]);
+        assert_eq!(gb, wb, "output_bias is linear_proj.bias, returned unadded");
+    } else {
+        assert!(
+            !got_store.contains("output_bias"),
+            "bias = false returns no output_bias"
+        );
+    }
+}
+
+#[test]
+fn layer_matches_megatron_gqa_rms_rope_causal() {
+    golden_case(
+        "megatron",
+        "self, heads=8, gqa=2, head_dim=64, qk_layernorm=rms, rope, mask=causal",
+        16,
+        2,
+        512,
+        true,
+    );
+}
+
+#[test]
+fn layer_matches_megatron_mqa_layernorm_interleaved_partial_rope() {
+    golden_case(
+        "megatron_case2",
+        "self, heads=8, gqa=1, head_dim=64, hidden=256, qk_layernorm=layer, bias=false, \
+         rope=interleaved, rotary_percent=0.5, mask=causal",
+        13,
+        3,
+        256,
+        false,
+    );
+}
+
+fn layer_err(extra: &[&str], spec: &str) -> String {
+    let d = fixtures().join("megatron");
+    let out = tmp("err.safetensors");
+    let mut args = vec![
+        "layer",
+        "--spec",
+        spec,
+        "--weights",
+        d.join("weights.safetensors")
+            .to_str()
+            .unwrap()
+            .to_string()
+            .leak(),
+        "--input",
+        d.join("input.safetensors")
+            .to_str()
+            .unwrap()
+            .to_string()
+            .leak(),
+        "--output",
+        out.to_str().unwrap().to_string().leak(),
+    ];
+    args.extend_from_slice(extra);
+    let o = attn(&args);
+    assert!(!o.status.success(), "expected failure for {args:?}");
+    String::from_utf8_lossy(&o.stderr).into_owned()
+}
+
+const SPEC: &str = "self, heads=8, gqa=2, head_dim=64, qk_layernorm=rms, rope, mask=causal";
+
+#[test]
+fn missing_weight_names_the_key() {
+    // Without the prefix no key matches: the error names the first one looked up.
+    let e = layer_err(&[], SPEC);
+    assert!(e.contains("missing weight `linear_qkv.weight`"), "{e}");
+}
+
+#[test]
+fn misshaped_weight_names_the_key_and_shapes() {
+    let spec = "self, heads=8, gqa=4, head_dim=64, qk_layernorm=rms, rope, mask=causal";
+    let e = layer_err(&["--prefix", "decoder.layers.0.self_attention."], spec);
+    assert!(
+        e.contains("linear_qkv.weight") && e.contains("[1024, 512]") && e.contains("[768, 512]"),
+        "{e}"
+    );
+}
+
+#[test]
+fn bad_spec_is_reported() {
+    let e = layer_err(&[], "self, heads=8, gqa=2, head_dims=64");
+    assert!(e.contains("head_dims") && e.contains("head_dim"), "{e}");
+}
+
+#[test]
+fn bad_device_and_missing_input_tensor() {
+    let e = layer_err(&["--device", "tpu"], SPEC);
+    assert!(e.contains("--device") && e.contains("tpu"), "{e}");
+    let e = layer_err(
+        &[
+            "--prefix",
+            "decoder.layers.0.self_attention.",
+            "--input-name",
+            "hidden",
+        ],
+        SPEC,
+    );
+    assert!(e.contains("`hidden`") && e.contains("--input"), "{e}");
+}
+
+#[test]
+fn wrong_input_shape_is_an_error() {
+    // The input of case 2 has h = 256; the layer wants 512.
+    let d = fixtures().join("megatron_case2");
+    let out = tmp("shape.safetensors");
+    let o = attn(&[
+        "layer",
+        "--spec",
+        SPEC,
+        "--weights",
+        fixtures()
+            .join("megatron/weights.safetensors")
+            .to_str()
+            .unwrap(),
+        "--prefix",
+        "decoder.layers.0.self_attention.",
+        "--input",
+        d.join("input.safetensors").to_str().unwrap(),
+        "--output",
+        out.to_str().unwrap(),
+    ]);
+    let e = String::from_utf8_lossy(&o.stderr);
+    assert!(!o.status.success());
+    assert!(e.contains("512") && e.contains("256"), "{e}");
+}
+
+#[test]
+fn positions_file_changes_rope() {
+    // Explicit positions 0..s reproduce the default; a constant shift changes nothing (rope
+    // scores depend on i - j only); stretched positions change the output.
+    let d = fixtures().join("megatron");
+    let run = |positions: Option<Vec<i64>>| -> Tensor {
+        let out = tmp(&format!(
+            "pos-{}.safetensors",
+            positions.as_ref().map_or(0, |p| p[0])
+        ));
+        let mut args: Vec<String> = [
+            "layer",
+            "--spec",
+            SPEC,
+            "--weights",
+            d.join("weights.safetensors").to_str().unwrap(),
+            "--prefix",
+            "decoder.layers.0.self_attention.",
+            "--input",
+            d.join("input.safetensors").to_str().unwrap(),
+            "--output",
+            out.to_str().unwrap(),
+        ]
+        .map(String::from)
+        .to_vec();
+        if let Some(p) = positions {
+            let pf = tmp(&format!("positions-{}.safetensors", p[0]));
+            let t = Tensor::new(&[p.len()], p.iter().map(|&x| x as f32).collect()).unwrap();
+            WeightStore::save(&pf, &[("positions".to_string(), t)]).unwrap();
+            args.push("--positions".into());
+            args.push(pf.to_str().unwrap().into());
+        }
+        let refs: Vec<&str> = args.iter().map(String::as_str).collect();
+        let o = attn(&refs);
+        assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+        load(&out, "output", &[16, 2, 512])
+    };
+    let base = run(None);
+    assert_eq!(run(Some((0..16).collect())), base);
+    assert!(rel_err(&run(Some((5..21).collect())), &base) < 1e-5);
+    assert!(rel_err(&run(Some((0..16).map(|i| 2 * i + 100).collect())), &base) > 1e-3);
+}
+
+#[test]
+fn catalog_lists_models_and_kernels() {
+    let o = attn(&["catalog"]);
+    assert!(o.status.success());
+    let s = String::from_utf8_lossy(&o.stdout);
+    for model in [
+        "llama-3-8b",
+        "qwen3-8b",
+        "gpt2",
+        "mistral-7b",
+        "gemma-7b",
+        "whisper-small-cross",
+    ] {
+        assert!(s.contains(model), "catalog lacks {model}: {s}");
+    }
+    assert!(s.contains("fwd_bf16_hd128_causal"), "{s}");
+}
+
+#[test]
+fn render_prints_sources_with_entry_names() {
+    let o = attn(&[
+        "render",
+        "--spec",
+        "self, heads=12, head_dim=64, mask=causal",
+    ]);
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let s = String::from_utf8_lossy(&o.stdout);
+    assert!(
+        s.contains("// ===== fwd_bf16_hd64_causal"),
+        "{}",
+        &s[..s.len().min(500)]
+    );
+    assert!(s.contains("__global__") && !s.contains("#include"));
+    // Without a head dim in the spec, --head-dim is required.
+    let o = attn(&["render", "--spec", "self, heads=12"]);
+    assert!(!o.status.success());
+    assert!(String::from_utf8_lossy(&o.stderr).contains("--head-dim"));
+}
