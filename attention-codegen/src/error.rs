@@ -18,6 +18,38 @@ impl SpecError {
     pub fn new(span: Span, kind: SpecErrorKind) -> Self {
         SpecError { span, kind }
     }
+
+    /// The message followed by the source line with the span underlined, for errors from
+    /// a spec string (`span` is then a byte range into `src`):
+    ///
+    /// ```text
+    /// unknown key `head`: did you mean `heads`?
+    ///   self, head = 32
+    ///         ^^^^
+    /// ```
+    pub fn with_source(&self, src: &str) -> String {
+        let start = floor_char_boundary(src, self.span.start);
+        let end = floor_char_boundary(src, self.span.end.max(self.span.start));
+        let width = src[start..end].chars().count().max(1);
+        let pad = src[..start].chars().count();
+        let line: String = src
+            .chars()
+            .map(|c| if c.is_whitespace() { ' ' } else { c })
+            .collect();
+        format!(
+            "{self}\n  {line}\n  {}{}",
+            " ".repeat(pad),
+            "^".repeat(width)
+        )
+    }
+}
+
+fn floor_char_boundary(s: &str, mut i: usize) -> usize {
+    i = i.min(s.len());
+    while !s.is_char_boundary(i) {
+        i -= 1;
+    }
+    i
 }
 
 /// What is wrong with a spec. Every message names the key, what was expected and what was
@@ -103,6 +135,38 @@ pub enum SpecErrorKind {
         mask: String,
         /// Why.
         why: String,
+    },
+    /// A key that only makes sense together with another one (`q_layernorm = T` without
+    /// `qk_layernorm`, `rotary_percent` without `rope`).
+    #[error("`{key}` requires `{needs}`: {why}")]
+    Requires {
+        /// The key given.
+        key: String,
+        /// The key it needs.
+        needs: String,
+        /// Why.
+        why: String,
+    },
+    /// `rotary_percent` that does not give an even, positive rotary dim for a head dim.
+    #[error(
+        "bad `rotary_percent` {percent}: head_dim {head_dim} * {percent} = {rot_dim}, expected \
+         an even integer > 0 (the rotated channels come in pairs)"
+    )]
+    RotaryDim {
+        /// The rotary percent given.
+        percent: f64,
+        /// The head dim it was applied to.
+        head_dim: usize,
+        /// `head_dim * percent`.
+        rot_dim: f64,
+    },
+    /// A value listed twice (`head_dim = [64, 64]`, `mask = [causal, causal]`).
+    #[error("duplicate value `{value}` in `{key}`: each value may be listed once")]
+    DuplicateValue {
+        /// The key.
+        key: String,
+        /// The repeated value.
+        value: String,
     },
     /// Dimensions that contradict each other (`hidden` vs heads * head_dim is allowed to
     /// differ; this is for e.g. a listed head dim twice or a bad rotary dim).

@@ -2,7 +2,7 @@
 //! means once it has been parsed and validated.
 //!
 //! The grammar that produces it lives in [`crate::grammar`], the rules that check it in
-//! [`crate::validate`]. Every field maps onto a Megatron-Core `TransformerConfig` field; the
+//! [`mod@crate::validate`]. Every field maps onto a Megatron-Core `TransformerConfig` field; the
 //! field docs name it.
 
 use std::fmt;
@@ -52,7 +52,11 @@ pub struct Rope {
 
 impl Default for Rope {
     fn default() -> Self {
-        Rope { mode: RopeMode::Half, rotary_percent: 1.0, rotary_base: 10000.0 }
+        Rope {
+            mode: RopeMode::Half,
+            rotary_percent: 1.0,
+            rotary_base: 10000.0,
+        }
     }
 }
 
@@ -103,12 +107,18 @@ impl MaskType {
 
     /// Whether the mask hides keys right of the (top-left or bottom-right) diagonal.
     pub fn is_causal(self) -> bool {
-        matches!(self, MaskType::Causal | MaskType::PaddingCausal | MaskType::CausalBottomRight)
+        matches!(
+            self,
+            MaskType::Causal | MaskType::PaddingCausal | MaskType::CausalBottomRight
+        )
     }
 
     /// Whether the caller supplies a boolean mask tensor at run time.
     pub fn takes_mask_tensor(self) -> bool {
-        matches!(self, MaskType::Padding | MaskType::PaddingCausal | MaskType::Arbitrary)
+        matches!(
+            self,
+            MaskType::Padding | MaskType::PaddingCausal | MaskType::Arbitrary
+        )
     }
 
     /// Whether a sliding window may be combined with this mask. `arbitrary` already states
@@ -283,7 +293,10 @@ impl AttentionSpec {
 
     /// The user type replacing `role`, if any.
     pub fn override_for(&self, role: Role) -> Option<&str> {
-        self.overrides.iter().find(|(r, _)| *r == role).map(|(_, p)| p.as_str())
+        self.overrides
+            .iter()
+            .find(|(r, _)| *r == role)
+            .map(|(_, p)| p.as_str())
     }
 }
 
@@ -315,7 +328,10 @@ impl fmt::Display for AttentionSpec {
             [d] => items.push(format!("head_dim = {d}")),
             ds => items.push(format!(
                 "head_dim = [{}]",
-                ds.iter().map(|d| d.to_string()).collect::<Vec<_>>().join(", ")
+                ds.iter()
+                    .map(|d| d.to_string())
+                    .collect::<Vec<_>>()
+                    .join(", ")
             )),
         }
         if let Some(h) = self.hidden {
