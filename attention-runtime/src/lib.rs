@@ -1,1 +1,35 @@
-//! Runtime.
+//! Runtime for generated attention layers.
+//!
+//! - [`tensor`]: host tensors and their layouts.
+//! - [`error`]: the typed errors every call returns.
+//! - [`config`]: a spec resolved against runtime dims ([`LayerConfig`]).
+//! - [`modules`]: submodule role traits and their default implementations.
+//! - [`layer`]: the layer forward shared by generated structs ([`AttentionLayer`]).
+//! - [`weights`]: safetensors weights under Megatron names ([`WeightStore`]).
+//! - [`reference`](mod@reference): the CPU reference math.
+
+pub mod config;
+pub mod device;
+pub mod error;
+pub mod jit;
+pub mod kv_cache;
+pub mod layer;
+pub mod modules;
+pub mod reference;
+pub mod spec_layer;
+pub mod tensor;
+pub mod weights;
+
+pub use config::{LayerConfig, RuntimeDims};
+pub use device::Device;
+pub use error::{AttnError, Result};
+pub use layer::{
+    AttentionLayer, CrossAttentionParts, ForwardArgs, LayerOutput, LayerParts, PackedSeqParams,
+    SelfAttentionParts,
+};
+pub use modules::{
+    CoreArgs, CoreAttentionModule, DotProductAttention, Linear, LinearModule, NormModule,
+    QkNormLayer, Submodule,
+};
+pub use tensor::Tensor;
+pub use weights::WeightStore;

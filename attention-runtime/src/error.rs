@@ -1,0 +1,138 @@
+//! The runtime's error type. Every variant names the argument, what was expected and what was
+//! given, so a caller can fix the call without reading the source.
+
+use thiserror::Error;
+
+/// Result alias for the runtime.
+pub type Result<T, E = AttnError> = std::result::Result<T, E>;
+
+/// Every way a runtime call can fail on bad input or a missing resource.
+///
+/// Helpers adding variants: append at the end, keep the "argument, expected, got" shape.
+#[derive(Debug, Error)]
+pub enum AttnError {
+    /// A tensor argument has the wrong shape.
+    #[error("`{arg}` has the wrong shape: expected {expected}, got {got:?}")]
+    Shape {
+        /// The argument's name.
+        arg: String,
+        /// The expected shape, in words (`[s, b, 4096]`).
+        expected: String,
+        /// The shape given.
+        got: Vec<usize>,
+    },
+    /// A tensor argument has the wrong element type.
+    #[error("`{arg}` has the wrong dtype: expected {expected}, got {got}")]
+    DType {
+        /// The argument's name.
+        arg: String,
+        /// Accepted dtypes.
+        expected: String,
+        /// The dtype given.
+        got: String,
+    },
+    /// A scalar or list argument is out of range or inconsistent.
+    #[error("invalid `{arg}`: expected {expected}, got {got}")]
+    InvalidArgument {
+        /// The argument's name.
+        arg: String,
+        /// What is accepted.
+        expected: String,
+        /// What was given.
+        got: String,
+    },
+    /// `cu_seqlens` is not a valid cumulative length list.
+    #[error("invalid `{arg}`: {expected}; got {got:?}")]
+    CuSeqlens {
+        /// The argument's name (`cu_seqlens_q`, ...).
+        arg: String,
+        /// The violated rule (first 0, non-decreasing, last == total tokens).
+        expected: String,
+        /// The list given.
+        got: Vec<i64>,
+    },
+    /// A KV-cache write would exceed its capacity. Nothing was written.
+    #[error("KV cache capacity exceeded for `{arg}`: capacity {capacity}, needed {needed}")]
+    CacheCapacity {
+        /// What ran out (`max_seq`, `max_batch`, `block_table row 3`).
+        arg: String,
+        /// The capacity.
+        capacity: usize,
+        /// What the call needed.
+        needed: usize,
+    },
+    /// The paged pool has too few free blocks. Nothing was allocated.
+    #[error("paged KV pool exhausted: requested {requested} blocks, {free} free of {total}")]
+    PoolExhausted {
+        /// Blocks asked for.
+        requested: usize,
+        /// Blocks free.
+        free: usize,
+        /// Pool size.
+        total: usize,
+    },
+    /// A block id outside the pool, or one not allocated.
+    #[error("invalid block id in `{arg}`: expected {expected}, got {got}")]
+    BlockId {
+        /// Where the id came from (`block_table[2][5]`).
+        arg: String,
+        /// The valid range or state.
+        expected: String,
+        /// The id given.
+        got: i64,
+    },
+    /// A weight is missing from a weights file.
+    #[error("missing weight `{key}` in {source_name}")]
+    MissingWeight {
+        /// The full (prefixed) tensor name.
+        key: String,
+        /// The file or store.
+        source_name: String,
+    },
+    /// A weight has the wrong shape.
+    #[error("weight `{key}` has the wrong shape: expected {expected:?}, got {got:?}")]
+    WeightShape {
+        /// The full (prefixed) tensor name.
+        key: String,
+        /// The expected shape.
+        expected: Vec<usize>,
+        /// The shape in the file.
+        got: Vec<usize>,
+    },
+    /// The spec is malformed.
+    #[error("invalid attention spec: {0}")]
+    Spec(#[from] attention_codegen::SpecError),
+    /// A dimension given both in the spec and in the runtime config disagrees, or is
+    /// missing from both.
+    #[error("config `{field}`: spec says {spec}, runtime config says {config}")]
+    ConfigMismatch {
+        /// The field (`heads`, `head_dim`, `hidden`).
+        field: String,
+        /// The spec's value (or "unset").
+        spec: String,
+        /// The config's value (or "unset").
+        config: String,
+    },
+    /// A file could not be read or written.
+    #[error("I/O error on {path}: {source}")]
+    Io {
+        /// The path.
+        path: String,
+        /// The OS error.
+        source: std::io::Error,
+    },
+    /// A safetensors file is malformed.
+    #[error("safetensors error in {path}: {msg}")]
+    Safetensors {
+        /// The path.
+        path: String,
+        /// The library's message.
+        msg: String,
+    },
+    /// The requested backend is not available on this machine.
+    #[error("backend unavailable: {0}")]
+    BackendUnavailable(String),
+    /// Kernel rendering failed.
+    #[error("kernel rendering failed: {0}")]
+    Render(String),
+}

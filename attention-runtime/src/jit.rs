@@ -1,0 +1,280 @@
+//! NVRTC compilation of rendered kernel sources straight to CUBIN.
+//!
+//! NVRTC is loaded at run time (cudarc's `dynamic-loading`). cudarc panics when a symbol is
+//! used without the library present, so every entry point here probes first
+//! ([`nvrtc_available`]) and returns [`JitError::NvrtcNotFound`] instead. On a machine
+//! without CUDA, `scripts/install-nvrtc.sh` installs the `nvidia-cuda-nvrtc` wheel into
+//! `.tools/nvrtc` and prints the directory to put on `LD_LIBRARY_PATH`.
+//!
+//! Options: `--gpu-architecture=<arch>`, `-std=c++17`, `-default-device`. No
+//! `--use_fast_math`: the kernels already use `exp2f` with the softmax scale folded in, and
+//! fast math would also flush denormals and approximate the divisions, `sincosf` and
+//! `powf` of the rope, which the CPU reference does not.
+
+use std::ffi::{c_char, c_int, CStr, CString};
+
+use cudarc::nvrtc::sys;
+use thiserror::Error;
+
+/// Errors of NVRTC compilation.
+#[derive(Debug, Error, Clone, PartialEq, Eq)]
+pub enum JitError {
+    /// libnvrtc could not be loaded.
+    #[error(
+        "NVRTC not found: libnvrtc could not be loaded. Run scripts/install-nvrtc.sh and put \
+         the directory it prints on LD_LIBRARY_PATH"
+    )]
+    NvrtcNotFound,
+    /// A kernel failed to compile; `log` is NVRTC's full program log.
+    #[error("NVRTC failed to compile kernel `{key}` for {arch} ({status}):\n{log}")]
+    Compile {
+        /// Kernel key (entry name).
+        key: String,
+        /// Target architecture, e.g. `sm_90a`.
+        arch: String,
+        /// NVRTC's status string.
+        status: String,
+        /// NVRTC's program log.
+        log: String,
+    },
+    /// An argument that cannot be passed to NVRTC.
+    #[error("argument `{arg}`: expected {expected}, got {got:?}")]
+    InvalidArgument {
+        /// Argument name.
+        arg: &'static str,
+        /// What was expected.
+        expected: &'static str,
+        /// The value given.
+        got: String,
+    },
+    /// Another NVRTC call failed.
+    #[error("NVRTC call {call} failed for kernel `{key}`: {status}")]
+    Nvrtc {
+        /// Kernel key.
+        key: String,
+        /// The NVRTC function.
+        call: &'static str,
+        /// NVRTC's status string.
+        status: String,
+    },
+}
+
+/// Whether libnvrtc can be loaded (safe to call on any machine).
+pub fn nvrtc_available() -> bool {
+    // SAFETY: only tries to dlopen the candidate library names.
+    unsafe { sys::is_culib_present() }
+}
+
+fn status_string(r: sys::nvrtcResult) -> String {
+    // SAFETY: only called after the library was found; NVRTC returns a static C string.
+    let p = unsafe { sys::nvrtcGetErrorString(r) };
+    if p.is_null() {
+        return format!("{r:?}");
+    }
+    // SAFETY: non-null, NUL-terminated static string from NVRTC.
+    unsafe { CStr::from_ptr(p) }.to_string_lossy().into_owned()
+}
+
+/// NVRTC's `(major, minor)` version.
+pub fn nvrtc_version() -> Result<(i32, i32), JitError> {
+    if !nvrtc_available() {
+        return Err(JitError::NvrtcNotFound);
+    }
+    let (mut major, mut minor): (c_int, c_int) = (0, 0);
+    // SAFETY: the library is present; both pointers are valid for writes.
+    let r = unsafe { sys::nvrtcVersion(&mut major, &mut minor) };
+    if r != sys::nvrtcResult::NVRTC_SUCCESS {
+        return Err(JitError::Nvrtc {
+            key: String::new(),
+            call: "nvrtcVersion",
+            status: status_string(r),
+        });
+    }
+    Ok((major, minor))
+}
+
+/// Destroys the program on drop.
+struct Program(sys::nvrtcProgram);
+
+impl Drop for Program {
+    fn drop(&mut self) {
+        if !self.0.is_null() {
+            // SAFETY: created by nvrtcCreateProgram and destroyed once.
+            unsafe {
+                sys::nvrtcDestroyProgram(&mut self.0);
+            }
+        }
+    }
+}
+
+fn program_log(prog: &Program) -> String {
+    let mut size: usize = 0;
+    // SAFETY: valid program, valid out pointer.
+    if unsafe { sys::nvrtcGetProgramLogSize(prog.0, &mut size) } != sys::nvrtcResult::NVRTC_SUCCESS
+        || size == 0
+    {
+        return String::new();
+    }
+    let mut buf = vec![0u8; size];
+    // SAFETY: the buffer holds `size` bytes as NVRTC asked.
+    if unsafe { sys::nvrtcGetProgramLog(prog.0, buf.as_mut_ptr() as *mut c_char) }
+        != sys::nvrtcResult::NVRTC_SUCCESS
+    {
+        return String::new();
+    }
+    while buf.last() == Some(&0) {
+        buf.pop();
+    }
+    String::from_utf8_lossy(&buf).into_owned()
+}
+
+fn check_arch(arch: &str) -> Result<(), JitError> {
+    let ok = arch
+        .strip_prefix("sm_")
+        .or_else(|| arch.strip_prefix("compute_"))
+        .is_some_and(|rest| {
+            let digits = rest.trim_end_matches(['a', 'f']);
+            !digits.is_empty()
+                && digits.len() + 1 >= rest.len()
+                && digits.bytes().all(|b| b.is_ascii_digit())
+        });
+    if ok {
+        Ok(())
+    } else {
+        Err(JitError::InvalidArgument {
+            arg: "arch",
+            expected: "a GPU architecture like `sm_80` or `sm_90a`",
+            got: arch.to_string(),
+        })
+    }
+}
+
+/// A successful compilation: the CUBIN image and NVRTC's log (warnings; usually empty).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Compiled {
+    /// CUBIN (ELF) image for the requested architecture.
+    pub cubin: Vec<u8>,
+    /// NVRTC's program log.
+    pub log: String,
+}
+
+/// Compile one rendered kernel (`source`, entry point named `key`) to CUBIN for `arch`
+/// (`"sm_80"`, `"sm_90a"`, ...). A compile failure returns [`JitError::Compile`] with the
+/// key and NVRTC's full log.
+pub fn compile_cubin(key: &str, source: &str, arch: &str) -> Result<Vec<u8>, JitError> {
+    compile_with_log(key, source, arch).map(|c| c.cubin)
+}
+
+/// [`compile_cubin`], also returning NVRTC's log of a successful compilation.
+pub fn compile_with_log(key: &str, source: &str, arch: &str) -> Result<Compiled, JitError> {
+    check_arch(arch)?;
+    let c_src = CString::new(source).map_err(|_| JitError::InvalidArgument {
+        arg: "source",
+        expected: "CUDA source without NUL bytes",
+        got: format!("source of `{key}` with a NUL byte"),
+    })?;
+    let c_name = CString::new(format!("{key}.cu")).map_err(|_| JitError::InvalidArgument {
+        arg: "key",
+        expected: "a kernel key without NUL bytes",
+        got: key.to_string(),
+    })?;
+    if !nvrtc_available() {
+        return Err(JitError::NvrtcNotFound);
+    }
+    let nvrtc_err = |call: &'static str, r: sys::nvrtcResult| JitError::Nvrtc {
+        key: key.to_string(),
+        call,
+        status: status_string(r),
+    };
+
+    let mut prog = Program(std::ptr::null_mut());
+    // SAFETY: the library is present; strings are NUL-terminated and outlive the call;
+    // no headers are passed.
+    let r = unsafe {
+        sys::nvrtcCreateProgram(
+            &mut prog.0,
+            c_src.as_ptr(),
+            c_name.as_ptr(),
+            0,
+            std::ptr::null(),
+            std::ptr::null(),
+        )
+    };
+    if r != sys::nvrtcResult::NVRTC_SUCCESS {
+        return Err(nvrtc_err("nvrtcCreateProgram", r));
+    }
+
+    // `arch` was checked to be ASCII letters, digits and `_`: no NUL in any option.
+    let opts: Vec<CString> = [
+        format!("--gpu-architecture={arch}"),
+        "-std=c++17".to_string(),
+        "-default-device".to_string(),
+    ]
+    .into_iter()
+    .filter_map(|o| CString::new(o).ok())
+    .collect();
+    let opt_ptrs: Vec<*const c_char> = opts.iter().map(|o| o.as_ptr()).collect();
+    // SAFETY: valid program; option pointers live until the call returns.
+    let r = unsafe { sys::nvrtcCompileProgram(prog.0, opt_ptrs.len() as c_int, opt_ptrs.as_ptr()) };
+    if r != sys::nvrtcResult::NVRTC_SUCCESS {
+        return Err(JitError::Compile {
+            key: key.to_string(),
+            arch: arch.to_string(),
+            status: status_string(r),
+            log: program_log(&prog),
+        });
+    }
+
+    let mut size: usize = 0;
+    // SAFETY: compiled program, valid out pointer.
+    let r = unsafe { sys::nvrtcGetCUBINSize(prog.0, &mut size) };
+    if r != sys::nvrtcResult::NVRTC_SUCCESS {
+        return Err(nvrtc_err("nvrtcGetCUBINSize", r));
+    }
+    let mut cubin = vec![0u8; size];
+    // SAFETY: the buffer holds `size` bytes as NVRTC asked.
+    let r = unsafe { sys::nvrtcGetCUBIN(prog.0, cubin.as_mut_ptr() as *mut c_char) };
+    if r != sys::nvrtcResult::NVRTC_SUCCESS {
+        return Err(nvrtc_err("nvrtcGetCUBIN", r));
+    }
+    if cubin.is_empty() {
+        return Err(JitError::Nvrtc {
+            key: key.to_string(),
+            call: "nvrtcGetCUBIN",
+            status: format!("empty CUBIN for {arch} (a virtual `compute_*` arch gives PTX only)"),
+        });
+    }
+    Ok(Compiled {
+        cubin,
+        log: program_log(&prog),
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn rejects_bad_arch() {
+        for bad in ["", "sm_", "90a", "sm_9x", "sm_90ab", "gfx90a"] {
+            assert!(
+                matches!(
+                    compile_cubin("k", "", bad),
+                    Err(JitError::InvalidArgument { arg: "arch", .. })
+                ),
+                "{bad}"
+            );
+        }
+        for good in ["sm_80", "sm_90a", "sm_100f", "compute_90"] {
+            assert!(check_arch(good).is_ok(), "{good}");
+        }
+    }
+
+    #[test]
+    fn rejects_nul_in_source() {
+        assert!(matches!(
+            compile_cubin("k", "a\0b", "sm_80"),
+            Err(JitError::InvalidArgument { arg: "source", .. })
+        ));
+    }
+}

@@ -1,0 +1,110 @@
+//! Host tensors: row-major f32 with an explicit shape.
+//!
+//! The CPU reference backend computes in f32 (accumulating in f64 where it matters). Layouts
+//! follow the reference system: hidden states are sequence-first `[s, b, h]`, packed (THD)
+//! hidden states are `[t, h]`, per-head tensors `[s, b, heads, head_dim]` or `[t, heads,
+//! head_dim]`. The last dimension is contiguous.
+
+use crate::error::{AttnError, Result};
+
+/// A row-major f32 tensor on the host.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Tensor {
+    shape: Vec<usize>,
+    data: Vec<f32>,
+}
+
+impl Tensor {
+    /// A tensor of `shape` over `data` (row-major). Errors when the lengths disagree.
+    pub fn new(shape: &[usize], data: Vec<f32>) -> Result<Self> {
+        let n: usize = shape.iter().product();
+        if n != data.len() {
+            return Err(AttnError::InvalidArgument {
+                arg: "data".into(),
+                expected: format!("{n} elements for shape {shape:?}"),
+                got: format!("{} elements", data.len()),
+            });
+        }
+        Ok(Tensor {
+            shape: shape.to_vec(),
+            data,
+        })
+    }
+
+    /// A tensor of zeros.
+    pub fn zeros(shape: &[usize]) -> Self {
+        let n = shape.iter().product();
+        Tensor {
+            shape: shape.to_vec(),
+            data: vec![0.0; n],
+        }
+    }
+
+    /// A tensor whose element at flat index `i` is `f(i)`.
+    pub fn from_fn(shape: &[usize], f: impl FnMut(usize) -> f32) -> Self {
+        let n = shape.iter().product();
+        Tensor {
+            shape: shape.to_vec(),
+            data: (0..n).map(f).collect(),
+        }
+    }
+
+    /// The shape.
+    pub fn shape(&self) -> &[usize] {
+        &self.shape
+    }
+
+    /// Number of dimensions.
+    pub fn rank(&self) -> usize {
+        self.shape.len()
+    }
+
+    /// Number of elements.
+    pub fn numel(&self) -> usize {
+        self.data.len()
+    }
+
+    /// The elements, row-major.
+    pub fn data(&self) -> &[f32] {
+        &self.data
+    }
+
+    /// The elements, row-major, mutable.
+    pub fn data_mut(&mut self) -> &mut [f32] {
+        &mut self.data
+    }
+
+    /// Take the elements.
+    pub fn into_data(self) -> Vec<f32> {
+        self.data
+    }
+
+    /// The same elements under a new shape with the same element count.
+    pub fn reshape(self, shape: &[usize]) -> Result<Self> {
+        Tensor::new(shape, self.data)
+    }
+
+    /// Check that the shape equals `expected`, naming `arg` in the error. `None` entries
+    /// match any size.
+    pub fn expect_shape(&self, arg: &str, expected: &[Option<usize>]) -> Result<()> {
+        let ok = self.shape.len() == expected.len()
+            && self
+                .shape
+                .iter()
+                .zip(expected)
+                .all(|(s, e)| e.is_none_or(|e| e == *s));
+        if ok {
+            Ok(())
+        } else {
+            let words: Vec<String> = expected
+                .iter()
+                .map(|e| e.map_or_else(|| "_".to_string(), |e| e.to_string()))
+                .collect();
+            Err(AttnError::Shape {
+                arg: arg.into(),
+                expected: format!("[{}]", words.join(", ")),
+                got: self.shape.clone(),
+            })
+        }
+    }
+}
