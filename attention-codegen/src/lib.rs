@@ -4,7 +4,7 @@
 //!
 //! - [`spec`]: the validated model ([`AttentionSpec`]).
 //! - [`grammar`]: the shared grammar ([`RawSpec`]) and the string parser.
-//! - [`validate`]: the rules, each with its own error.
+//! - [`mod@validate`]: the rules, each with its own error.
 //! - [`render`]: tera rendering of the CUDA templates into kernel sources.
 //! - [`catalog`]: the specs of real models rendered ahead of time into `kernels-generated/`.
 
@@ -18,3 +18,4 @@ pub mod validate;
 pub use error::{SpecError, SpecErrorKind};
 pub use grammar::{RawItem, RawSpec, RawValue, Span, Spanned};
 pub use spec::*;
+pub use validate::{parse_spec, validate, validate_all};

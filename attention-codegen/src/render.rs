@@ -1,1 +1,603 @@
-//! TODO(helper): render
+//! Tera rendering of the CUDA templates in `templates/` into kernel sources.
+//!
+//! Every kernel is described by a [`KernelConfig`]: the phase and every template parameter
+//! that changes the source. The kernel's key (also its `extern "C" __global__` entry name)
+//! is derived from the same config, so two configs with different sources never share a key.
+//! Rendering is deterministic: the same config always gives the same bytes.
+//!
+//! The rendered sources include no header at all (no CUDA toolkit headers): NVRTC alone
+//! compiles them. bf16/f16 are the templates' own 16-bit types with inline-PTX conversions.
+//!
+//! Kernel argument lists (row-major layouts, `elem_t` = the spec's dtype) are documented at
+//! the top of each template and on [`Phase`].
+
+use std::fmt;
+
+use tera::{Context, Tera};
+use thiserror::Error;
+
+use crate::spec::{
+    AttentionKind, AttentionSpec, DType, MaskType, QkNorm, RopeMode, Sinks, SUPPORTED_HEAD_DIMS,
+};
+
+/// The templates, embedded at compile time: `(tera name, text)`.
+const TEMPLATES: &[(&str, &str)] = &[
+    (
+        "partials/types.cu",
+        include_str!("../../templates/partials/types.cu"),
+    ),
+    (
+        "partials/mask.cu",
+        include_str!("../../templates/partials/mask.cu"),
+    ),
+    (
+        "partials/attend.cu",
+        include_str!("../../templates/partials/attend.cu"),
+    ),
+    ("fwd.cu", include_str!("../../templates/fwd.cu")),
+    ("decode.cu", include_str!("../../templates/decode.cu")),
+    ("paged.cu", include_str!("../../templates/paged.cu")),
+    ("qkv_prep.cu", include_str!("../../templates/qkv_prep.cu")),
+];
+
+/// Query rows (one warp each) per block of the attention kernels (`fwd`, `decode`, `paged`).
+pub const ATTENTION_BLOCK_ROWS: usize = 4;
+/// Warps per block of the `qkv_prep` kernel (one head vector per warp at a time).
+pub const PREP_WARPS: usize = 4;
+
+/// A kernel phase; the key prefix is [`Phase::prefix`].
+///
+/// Entry points (all `extern "C" __global__`, named by the key; see the templates for the
+/// full layout comments):
+/// - `Forward` (`fwd_*`): `(q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k, batch, num_heads,
+///   num_groups, seqlen_q, seqlen_k, softmax_scale, window_left, window_right, mask,
+///   mask_stride_b/h/q/k, bias, bias_stride_b/h/q/k, sinks, gate)`; padded
+///   `[s, b, heads, hn]` when `cu_seqlens_q` is null, packed `[t, heads, hn]` otherwise.
+/// - `Decode` (`decode_*`): `(q, k_cache, v_cache, out, lse, seqlens_k, batch, batch_offset,
+///   max_batch, num_heads, num_groups, seqlen_q, softmax_scale, window_left, window_right,
+///   sinks, gate)` over a static cache `[max_seq, max_batch, ng, hn]`.
+/// - `Paged` (`paged_*`): `(q, k_pool, v_pool, out, lse, cu_seqlens_q, seqlens_k, block_table,
+///   batch, num_heads, num_groups, block_size, max_blocks_per_seq, softmax_scale, window_left,
+///   window_right, sinks, gate)` over a pool `[num_blocks, block_size, ng, hn]`.
+/// - `QkvPrep` (`qkv_prep_*`): `(qkv, kv, q_out, k_out, v_out, gate_out, q_norm_weight,
+///   q_norm_bias, k_norm_weight, k_norm_bias, eps, positions, rotary_base, mscale, num_tokens,
+///   num_kv_tokens, num_heads, num_groups)`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub enum Phase {
+    /// Prefill / training forward over padded or packed q, k, v.
+    Forward,
+    /// New queries over a static KV cache, bottom-right causal.
+    Decode,
+    /// Packed queries over a paged KV cache (block pool + block table), bottom-right causal.
+    Paged,
+    /// Split of the qkv projection, q/k norm and rope.
+    QkvPrep,
+}
+
+impl Phase {
+    /// Every phase.
+    pub const ALL: [Phase; 4] = [Phase::Forward, Phase::Decode, Phase::Paged, Phase::QkvPrep];
+
+    /// Key prefix: `fwd`, `decode`, `paged`, `qkv_prep`.
+    pub fn prefix(self) -> &'static str {
+        match self {
+            Phase::Forward => "fwd",
+            Phase::Decode => "decode",
+            Phase::Paged => "paged",
+            Phase::QkvPrep => "qkv_prep",
+        }
+    }
+
+    fn template(self) -> &'static str {
+        match self {
+            Phase::Forward => "fwd.cu",
+            Phase::Decode => "decode.cu",
+            Phase::Paged => "paged.cu",
+            Phase::QkvPrep => "qkv_prep.cu",
+        }
+    }
+}
+
+impl fmt::Display for Phase {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.prefix())
+    }
+}
+
+/// One rendered kernel. The CUDA entry point's name equals `key`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct KernelSource {
+    /// Readable unique key, e.g. `fwd_bf16_hd128_causal_win_sinkl_w4`; also the entry name.
+    pub key: String,
+    /// Which phase the kernel implements.
+    pub phase: Phase,
+    /// Head dim the kernel is specialized for.
+    pub head_dim: usize,
+    /// The mask type (forward kernels only).
+    pub mask: Option<MaskType>,
+    /// Element type of activations.
+    pub dtype: DType,
+    /// CUDA C++ source, no `#include`.
+    pub source: String,
+}
+
+/// A kernel rendered at compile time (the macro emits tables of these).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct StaticKernel {
+    /// The kernel key and entry name.
+    pub key: &'static str,
+    /// CUDA C++ source.
+    pub source: &'static str,
+}
+
+/// Layout of the `qkv_prep` input.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum PrepLayout {
+    /// `linear_qkv` output, GQA-interleaved per group `[q heads | (gates) | k | v]`.
+    SelfAttention,
+    /// `linear_q` output plus `linear_kv` output (per head `[k_h | v_h]`).
+    CrossAttention,
+}
+
+/// Every template parameter of one kernel. The key and the tera context are both derived
+/// from it, so the key encodes everything that changes the source.
+#[derive(Debug, Clone, PartialEq)]
+pub struct KernelConfig {
+    /// Phase (template).
+    pub phase: Phase,
+    /// Element type.
+    pub dtype: DType,
+    /// Head dim; must be in [`SUPPORTED_HEAD_DIMS`].
+    pub head_dim: usize,
+    /// Mask type: required for `Forward`, ignored otherwise.
+    pub mask: Option<MaskType>,
+    /// `Decode`: whether new queries are bottom-right causal (self-attention) or see the
+    /// whole cache (cross-attention). `Paged` is always causal; ignored elsewhere.
+    pub causal: bool,
+    /// Attention kernels: a sliding window is applied (bounds are kernel arguments).
+    pub has_window: bool,
+    /// Attention kernels: sink column.
+    pub sinks: Option<Sinks>,
+    /// `Forward`: an additive attention bias tensor is read.
+    pub has_bias: bool,
+    /// Attention kernels multiply by `sigmoid(gate)`; `QkvPrep` splits the gate out.
+    pub output_gate: bool,
+    /// `QkvPrep`: input layout.
+    pub layout: PrepLayout,
+    /// `QkvPrep`: q/k norm.
+    pub qk_norm: Option<QkNorm>,
+    /// `QkvPrep`: rope mode and rotated channel count.
+    pub rope: Option<(RopeMode, usize)>,
+    /// Tile size: warps per block.
+    pub warps: usize,
+}
+
+/// Rendering failures; each names the offending value.
+#[derive(Debug, Error, Clone, PartialEq)]
+pub enum RenderError {
+    /// A head dim outside [`SUPPORTED_HEAD_DIMS`].
+    #[error("argument `head_dim`: expected one of {supported:?}, got {head_dim}")]
+    UnsupportedHeadDim {
+        /// The head dim given.
+        head_dim: usize,
+        /// The supported set.
+        supported: &'static [usize],
+    },
+    /// A head dim asked for at run time that the spec does not list.
+    #[error("argument `head_dim`: the spec lists head dims {spec:?}, got {head_dim}")]
+    HeadDimNotInSpec {
+        /// The head dim given.
+        head_dim: usize,
+        /// The spec's head dims.
+        spec: Vec<usize>,
+    },
+    /// The spec lists no mask type.
+    #[error("argument `spec.masks`: expected at least one mask type, got none")]
+    NoMasks,
+    /// A forward kernel without a mask type.
+    #[error("kernel config: phase `fwd` expects a mask type, got none")]
+    MissingMask,
+    /// A window on a mask that cannot take one.
+    #[error("argument `window`: mask `{mask}` cannot take a sliding window", mask = .mask.name())]
+    WindowOnMask {
+        /// The mask type.
+        mask: MaskType,
+    },
+    /// The rotated channel count is odd, zero or larger than the head dim.
+    #[error(
+        "argument `rotary_percent`: expected head_dim * rotary_percent to be an even number in \
+         2..={head_dim}, got {rotary_percent} * {head_dim} = {rot_dim}"
+    )]
+    RotaryDim {
+        /// Head dim.
+        head_dim: usize,
+        /// `rotary_percent`.
+        rotary_percent: f64,
+        /// The resulting rotated channel count.
+        rot_dim: usize,
+    },
+    /// A tile size that is zero or too large for one block (at most 32 warps).
+    #[error("kernel config `warps`: expected 1..=32, got {warps}")]
+    BadTile {
+        /// Warps per block given.
+        warps: usize,
+    },
+    /// A combination the kernels do not implement.
+    #[error("argument `{argument}`: {reason}")]
+    Unsupported {
+        /// The spec field or kernel parameter.
+        argument: &'static str,
+        /// What is not supported.
+        reason: &'static str,
+    },
+    /// Template parse or render error (a bug in the templates).
+    #[error("rendering kernel `{key}` failed: {message}")]
+    Template {
+        /// Kernel key (or the template name when parsing failed).
+        key: String,
+        /// Tera's message with its causes.
+        message: String,
+    },
+}
+
+fn tera_message(e: &tera::Error) -> String {
+    let mut msg = e.to_string();
+    let mut src = std::error::Error::source(e);
+    while let Some(s) = src {
+        msg.push_str(": ");
+        msg.push_str(&s.to_string());
+        src = s.source();
+    }
+    msg
+}
+
+/// The tera engine with every template loaded.
+fn engine() -> Result<Tera, RenderError> {
+    let mut tera = Tera::default();
+    tera.autoescape_on(vec![]);
+    tera.add_raw_templates(TEMPLATES.iter().copied())
+        .map_err(|e| RenderError::Template {
+            key: "templates/".into(),
+            message: tera_message(&e),
+        })?;
+    Ok(tera)
+}
+
+fn sinks_name(s: Option<Sinks>) -> &'static str {
+    match s {
+        None => "none",
+        Some(Sinks::OffByOne) => "off_by_one",
+        Some(Sinks::Learnable) => "learnable",
+    }
+}
+
+fn sinks_key(s: Option<Sinks>) -> &'static str {
+    match s {
+        None => "",
+        Some(Sinks::OffByOne) => "_sink1",
+        Some(Sinks::Learnable) => "_sinkl",
+    }
+}
+
+impl KernelConfig {
+    /// A config with no optional feature, for `phase`, `dtype` and `head_dim`.
+    pub fn new(phase: Phase, dtype: DType, head_dim: usize) -> Self {
+        KernelConfig {
+            phase,
+            dtype,
+            head_dim,
+            mask: None,
+            causal: true,
+            has_window: false,
+            sinks: None,
+            has_bias: false,
+            output_gate: false,
+            layout: PrepLayout::SelfAttention,
+            qk_norm: None,
+            rope: None,
+            warps: match phase {
+                Phase::QkvPrep => PREP_WARPS,
+                _ => ATTENTION_BLOCK_ROWS,
+            },
+        }
+    }
+
+    /// The causal alignment the attention templates apply: `none`, `top_left` or
+    /// `bottom_right`.
+    fn causal_mode(&self) -> &'static str {
+        match self.phase {
+            Phase::Forward => match self.mask {
+                Some(MaskType::Causal | MaskType::PaddingCausal) => "top_left",
+                Some(MaskType::CausalBottomRight) => "bottom_right",
+                _ => "none",
+            },
+            Phase::Decode if !self.causal => "none",
+            Phase::Decode | Phase::Paged => "bottom_right",
+            Phase::QkvPrep => "none",
+        }
+    }
+
+    /// The kernel key (and entry name). Encodes every parameter that changes the source:
+    ///
+    /// - `fwd_<dtype>_hd<D>_<mask>[_win][_sink1|_sinkl][_bias][_gate]_w<warps>`
+    /// - `decode_<dtype>_hd<D>_<causal|full>[_win][_sink1|_sinkl][_gate]_w<warps>`
+    /// - `paged_<dtype>_hd<D>_causal[_win][_sink1|_sinkl][_gate]_w<warps>`
+    /// - `qkv_prep_<dtype>_hd<D>_<self|cross>_<nonorm|layernorm|rmsnorm|l2norm>_<norope|ropehalf<R>|ropeinter<R>>[_gate]_w<warps>`
+    ///
+    /// `sink1` = off-by-one sink, `sinkl` = learnable sink, `R` = rotated channels.
+    pub fn key(&self) -> String {
+        let mut k = format!(
+            "{}_{}_hd{}",
+            self.phase.prefix(),
+            self.dtype.name(),
+            self.head_dim
+        );
+        match self.phase {
+            Phase::Forward => {
+                k.push('_');
+                k.push_str(self.mask.map(|m| m.name()).unwrap_or("nomask_missing"));
+            }
+            Phase::Decode => k.push_str(if self.causal { "_causal" } else { "_full" }),
+            Phase::Paged => k.push_str("_causal"),
+            Phase::QkvPrep => {
+                k.push_str(match self.layout {
+                    PrepLayout::SelfAttention => "_self",
+                    PrepLayout::CrossAttention => "_cross",
+                });
+                k.push_str(match self.qk_norm {
+                    None => "_nonorm",
+                    Some(QkNorm::Layer) => "_layernorm",
+                    Some(QkNorm::Rms) => "_rmsnorm",
+                    Some(QkNorm::L2) => "_l2norm",
+                });
+                match self.rope {
+                    None => k.push_str("_norope"),
+                    Some((RopeMode::Half, r)) => k.push_str(&format!("_ropehalf{r}")),
+                    Some((RopeMode::Interleaved, r)) => k.push_str(&format!("_ropeinter{r}")),
+                }
+            }
+        }
+        if self.phase != Phase::QkvPrep {
+            if self.has_window {
+                k.push_str("_win");
+            }
+            k.push_str(sinks_key(self.sinks));
+        }
+        if self.phase == Phase::Forward && self.has_bias {
+            k.push_str("_bias");
+        }
+        if self.output_gate {
+            k.push_str("_gate");
+        }
+        k.push_str(&format!("_w{}", self.warps));
+        k
+    }
+
+    fn check(&self) -> Result<(), RenderError> {
+        if !SUPPORTED_HEAD_DIMS.contains(&self.head_dim) {
+            return Err(RenderError::UnsupportedHeadDim {
+                head_dim: self.head_dim,
+                supported: SUPPORTED_HEAD_DIMS,
+            });
+        }
+        if self.warps == 0 || self.warps > 32 {
+            return Err(RenderError::BadTile { warps: self.warps });
+        }
+        if self.phase == Phase::Forward {
+            let mask = self.mask.ok_or(RenderError::MissingMask)?;
+            if self.has_window && !mask.accepts_window() {
+                return Err(RenderError::WindowOnMask { mask });
+            }
+        }
+        if self.phase == Phase::QkvPrep && self.layout == PrepLayout::CrossAttention {
+            if self.rope.is_some() {
+                return Err(RenderError::Unsupported {
+                    argument: "rope",
+                    reason: "cross-attention takes no rotary embedding",
+                });
+            }
+            if self.output_gate {
+                return Err(RenderError::Unsupported {
+                    argument: "output_gate",
+                    reason: "the output gate comes from linear_qkv, which cross-attention lacks",
+                });
+            }
+        }
+        if let (Phase::QkvPrep, Some((_, r))) = (self.phase, self.rope) {
+            if r == 0 || r & 1 == 1 || r > self.head_dim {
+                return Err(RenderError::RotaryDim {
+                    head_dim: self.head_dim,
+                    rotary_percent: r as f64 / self.head_dim as f64,
+                    rot_dim: r,
+                });
+            }
+        }
+        Ok(())
+    }
+
+    fn context(&self, key: &str) -> Context {
+        let mut c = Context::new();
+        c.insert("key", key);
+        c.insert("dtype", self.dtype.name());
+        c.insert(
+            "elem",
+            match self.dtype {
+                DType::Bf16 => "bf16_t",
+                DType::F16 => "f16_t",
+            },
+        );
+        c.insert("head_dim", &self.head_dim);
+        c.insert("mask", self.mask.map(|m| m.name()).unwrap_or("none"));
+        c.insert("causal_mode", self.causal_mode());
+        c.insert(
+            "mask_tensor",
+            &self.mask.is_some_and(|m| m.takes_mask_tensor()),
+        );
+        c.insert("has_window", &self.has_window);
+        c.insert("sinks", sinks_name(self.sinks));
+        c.insert("has_bias", &self.has_bias);
+        c.insert("has_gate", &self.output_gate);
+        c.insert("block_rows", &self.warps);
+        c.insert("prep_warps", &self.warps);
+        c.insert(
+            "layout",
+            match self.layout {
+                PrepLayout::SelfAttention => "self",
+                PrepLayout::CrossAttention => "cross",
+            },
+        );
+        c.insert(
+            "qk_norm",
+            match self.qk_norm {
+                None => "none",
+                Some(QkNorm::Layer) => "layer",
+                Some(QkNorm::Rms) => "rms",
+                Some(QkNorm::L2) => "l2",
+            },
+        );
+        let (rope, rot_dim) = match self.rope {
+            None => ("none", 0),
+            Some((RopeMode::Half, r)) => ("half", r),
+            Some((RopeMode::Interleaved, r)) => ("interleaved", r),
+        };
+        c.insert("rope", rope);
+        c.insert("rot_dim", &rot_dim);
+        c
+    }
+
+    fn render_with(&self, tera: &Tera) -> Result<KernelSource, RenderError> {
+        self.check()?;
+        let key = self.key();
+        let source = tera
+            .render(self.phase.template(), &self.context(&key))
+            .map_err(|e| RenderError::Template {
+                key: key.clone(),
+                message: tera_message(&e),
+            })?;
+        Ok(KernelSource {
+            key,
+            phase: self.phase,
+            head_dim: self.head_dim,
+            mask: if self.phase == Phase::Forward {
+                self.mask
+            } else {
+                None
+            },
+            dtype: self.dtype,
+            source,
+        })
+    }
+
+    /// Render this kernel.
+    pub fn render(&self) -> Result<KernelSource, RenderError> {
+        self.render_with(&engine()?)
+    }
+}
+
+/// Rotated channel count for `head_dim` (`int(head_dim * rotary_percent)`, as the reference).
+fn rot_dim(head_dim: usize, rotary_percent: f64) -> Result<usize, RenderError> {
+    let r = (head_dim as f64 * rotary_percent) as usize;
+    if r == 0 || r & 1 == 1 || r > head_dim || !rotary_percent.is_finite() {
+        return Err(RenderError::RotaryDim {
+            head_dim,
+            rotary_percent,
+            rot_dim: r,
+        });
+    }
+    Ok(r)
+}
+
+/// The kernel configs a spec needs for one head dim, in a fixed order: `qkv_prep`, then
+/// `fwd` per mask (without and with attention bias), `decode`, and `paged` (self-attention
+/// only).
+pub fn configs_for_head_dim(
+    spec: &AttentionSpec,
+    head_dim: usize,
+) -> Result<Vec<KernelConfig>, RenderError> {
+    if !SUPPORTED_HEAD_DIMS.contains(&head_dim) {
+        return Err(RenderError::UnsupportedHeadDim {
+            head_dim,
+            supported: SUPPORTED_HEAD_DIMS,
+        });
+    }
+    if spec.masks.is_empty() {
+        return Err(RenderError::NoMasks);
+    }
+    let is_self = spec.kind == AttentionKind::SelfAttention;
+    let mut out = Vec::new();
+
+    let mut prep = KernelConfig::new(Phase::QkvPrep, spec.dtype, head_dim);
+    prep.layout = if is_self {
+        PrepLayout::SelfAttention
+    } else {
+        PrepLayout::CrossAttention
+    };
+    prep.qk_norm = spec.qk_norm;
+    prep.output_gate = spec.output_gate;
+    prep.rope = match spec.rope {
+        Some(r) => Some((r.mode, rot_dim(head_dim, r.rotary_percent)?)),
+        None => None,
+    };
+    out.push(prep);
+
+    let attn = |phase: Phase| {
+        let mut c = KernelConfig::new(phase, spec.dtype, head_dim);
+        c.has_window = spec.window.is_some();
+        c.sinks = spec.sinks;
+        c.output_gate = spec.output_gate;
+        c.causal = is_self;
+        c
+    };
+    for &mask in &spec.masks {
+        for has_bias in [false, true] {
+            let mut c = attn(Phase::Forward);
+            c.mask = Some(mask);
+            c.has_bias = has_bias;
+            out.push(c);
+        }
+    }
+    out.push(attn(Phase::Decode));
+    if is_self {
+        out.push(attn(Phase::Paged));
+    }
+    let mut seen = std::collections::HashSet::new();
+    out.retain(|c| seen.insert(c.key()));
+    Ok(out)
+}
+
+/// Render every kernel the spec needs for one head dim (the runtime uses this when the
+/// head dim comes from the config). When the spec lists head dims, `head_dim` must be one
+/// of them.
+pub fn kernels_for_spec_with_head_dim(
+    spec: &AttentionSpec,
+    head_dim: usize,
+) -> Result<Vec<KernelSource>, RenderError> {
+    if !spec.head_dims.is_empty() && !spec.head_dims.contains(&head_dim) {
+        return Err(RenderError::HeadDimNotInSpec {
+            head_dim,
+            spec: spec.head_dims.clone(),
+        });
+    }
+    let tera = engine()?;
+    configs_for_head_dim(spec, head_dim)?
+        .iter()
+        .map(|c| c.render_with(&tera))
+        .collect()
+}
+
+/// Render every kernel the spec needs: one per phase × head dim (× mask × bias for `fwd`).
+/// A spec without head dims gives an empty list (the runtime renders with
+/// [`kernels_for_spec_with_head_dim`] once the config supplies the head dim).
+pub fn kernels_for_spec(spec: &AttentionSpec) -> Result<Vec<KernelSource>, RenderError> {
+    let tera = engine()?;
+    let mut out: Vec<KernelSource> = Vec::new();
+    for &hd in &spec.head_dims {
+        for c in configs_for_head_dim(spec, hd)? {
+            let k = c.render_with(&tera)?;
+            if !out.iter().any(|o| o.key == k.key) {
+                out.push(k);
+            }
+        }
+    }
+    Ok(out)
+}

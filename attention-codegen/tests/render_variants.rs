@@ -1,0 +1,387 @@
+//! Rendering: every head dim × mask × dtype variant renders, has no `#include`, is
+//! deterministic, and its key is unique and names its entry point.
+
+use std::collections::HashSet;
+
+use attention_codegen::render::{
+    configs_for_head_dim, kernels_for_spec, kernels_for_spec_with_head_dim, KernelConfig, Phase,
+    PrepLayout, RenderError,
+};
+use attention_codegen::{
+    AttentionKind, AttentionSpec, DType, MaskType, QkNorm, Rope, RopeMode, Sinks, Window,
+    SUPPORTED_HEAD_DIMS,
+};
+
+/// Every attention-kernel config over head dims × dtypes × masks × window × sinks × bias.
+fn all_attention_configs() -> Vec<KernelConfig> {
+    let mut out = Vec::new();
+    for &hd in SUPPORTED_HEAD_DIMS {
+        for dtype in [DType::Bf16, DType::F16] {
+            for sinks in [None, Some(Sinks::OffByOne), Some(Sinks::Learnable)] {
+                for has_window in [false, true] {
+                    for mask in MaskType::ALL {
+                        if has_window && !mask.accepts_window() {
+                            continue;
+                        }
+                        for has_bias in [false, true] {
+                            let mut c = KernelConfig::new(Phase::Forward, dtype, hd);
+                            c.mask = Some(mask);
+                            c.has_window = has_window;
+                            c.sinks = sinks;
+                            c.has_bias = has_bias;
+                            c.output_gate = has_bias; // exercise the gate too
+                            out.push(c);
+                        }
+                    }
+                    for (phase, causal) in [
+                        (Phase::Decode, true),
+                        (Phase::Decode, false),
+                        (Phase::Paged, true),
+                    ] {
+                        let mut c = KernelConfig::new(phase, dtype, hd);
+                        c.causal = causal;
+                        c.has_window = has_window;
+                        c.sinks = sinks;
+                        out.push(c);
+                    }
+                }
+            }
+            for layout in [PrepLayout::SelfAttention, PrepLayout::CrossAttention] {
+                for norm in [
+                    None,
+                    Some(QkNorm::Layer),
+                    Some(QkNorm::Rms),
+                    Some(QkNorm::L2),
+                ] {
+                    for rope in [
+                        None,
+                        Some((RopeMode::Half, hd)),
+                        Some((RopeMode::Interleaved, hd / 2)),
+                    ] {
+                        if layout == PrepLayout::CrossAttention && rope.is_some() {
+                            continue;
+                        }
+                        let gates: &[bool] = match layout {
+                            PrepLayout::SelfAttention => &[false, true],
+                            PrepLayout::CrossAttention => &[false],
+                        };
+                        for &gate in gates {
+                            let mut c = KernelConfig::new(Phase::QkvPrep, dtype, hd);
+                            c.layout = layout;
+                            c.qk_norm = norm;
+                            c.rope = rope;
+                            c.output_gate = gate;
+                            out.push(c);
+                        }
+                    }
+                }
+            }
+        }
+    }
+    out
+}
+
+#[test]
+fn every_variant_renders_without_includes_and_deterministically() {
+    let configs = all_attention_configs();
+    let mut keys = HashSet::new();
+    let mut sources = HashSet::new();
+    for c in &configs {
+        let a = c.render().unwrap_or_else(|e| panic!("{}: {e}", c.key()));
+        let b = c.render().unwrap();
+        assert_eq!(
+            a.source.as_bytes(),
+            b.source.as_bytes(),
+            "{} not deterministic",
+            a.key
+        );
+        assert!(!a.source.contains("#include"), "{} has an #include", a.key);
+        assert!(
+            !a.source.contains("{{") && !a.source.contains("{%"),
+            "{}: tera left",
+            a.key
+        );
+        let entry = "extern \"C\" __global__ void __launch_bounds__(";
+        assert!(a.source.contains(entry), "{}", a.key);
+        assert!(
+            a.source.contains(&format!(") {}(", a.key)),
+            "{}: entry not named by key",
+            a.key
+        );
+        assert_eq!(a.head_dim, c.head_dim);
+        assert_eq!(a.dtype, c.dtype);
+        assert!(a.key.starts_with(c.phase.prefix()), "{}", a.key);
+        assert!(keys.insert(a.key.clone()), "duplicate key {}", a.key);
+        // Different keys give different sources: the key encodes what changes the source.
+        assert!(
+            sources.insert(a.source.clone()),
+            "{}: same source as another key",
+            a.key
+        );
+    }
+    assert!(configs.len() > 500, "{} configs", configs.len());
+}
+
+#[test]
+fn sources_specialize_the_parameters() {
+    let mut c = KernelConfig::new(Phase::Forward, DType::F16, 192);
+    c.mask = Some(MaskType::Arbitrary);
+    c.sinks = Some(Sinks::Learnable);
+    let k = c.render().unwrap();
+    assert_eq!(k.key, "fwd_f16_hd192_arbitrary_sinkl_w4");
+    assert!(k.source.contains("constexpr int HEAD_DIM = 192;"));
+    assert!(k.source.contains("typedef f16_t elem_t;"));
+    assert!(k.source.contains("mask[b * mask_stride_b"));
+    assert!(k.source.contains("sinks[head] * LOG2E"));
+    assert_eq!(k.mask, Some(MaskType::Arbitrary));
+
+    let mut d = KernelConfig::new(Phase::Decode, DType::Bf16, 64);
+    d.causal = false;
+    let k = d.render().unwrap();
+    assert_eq!(k.key, "decode_bf16_hd64_full_w4");
+    assert!(!k
+        .source
+        .contains("hi_ = min(hi_, (long long)i + sk - sq + 1)"));
+    d.causal = true;
+    assert!(d
+        .render()
+        .unwrap()
+        .source
+        .contains("hi_ = min(hi_, (long long)i + sk - sq + 1)"));
+}
+
+fn llama() -> AttentionSpec {
+    AttentionSpec {
+        heads: Some(32),
+        gqa: Some(8),
+        head_dims: vec![128],
+        bias: false,
+        rope: Some(Rope::default()),
+        window: Some(Window {
+            left: 4095,
+            right: 0,
+        }),
+        sinks: Some(Sinks::Learnable),
+        masks: vec![MaskType::Causal, MaskType::Padding],
+        ..AttentionSpec::new(AttentionKind::SelfAttention)
+    }
+}
+
+#[test]
+fn kernels_for_spec_covers_phases_head_dims_and_masks() {
+    let mut spec = llama();
+    spec.head_dims = vec![64, 128];
+    let ks = kernels_for_spec(&spec).unwrap();
+    let keys: Vec<&str> = ks.iter().map(|k| k.key.as_str()).collect();
+    for hd in [64, 128] {
+        for want in [
+            format!("qkv_prep_bf16_hd{hd}_self_nonorm_ropehalf{hd}_w4"),
+            format!("fwd_bf16_hd{hd}_causal_win_sinkl_w4"),
+            format!("fwd_bf16_hd{hd}_causal_win_sinkl_bias_w4"),
+            format!("fwd_bf16_hd{hd}_padding_win_sinkl_w4"),
+            format!("fwd_bf16_hd{hd}_padding_win_sinkl_bias_w4"),
+            format!("decode_bf16_hd{hd}_causal_win_sinkl_w4"),
+            format!("paged_bf16_hd{hd}_causal_win_sinkl_w4"),
+        ] {
+            assert!(keys.contains(&want.as_str()), "missing {want} in {keys:?}");
+        }
+    }
+    assert_eq!(ks.len(), 14);
+    assert_eq!(ks.iter().filter(|k| k.phase == Phase::Forward).count(), 8);
+}
+
+#[test]
+fn cross_attention_has_no_paged_kernel_and_a_full_decode() {
+    let spec = AttentionSpec {
+        heads: Some(8),
+        head_dims: vec![64],
+        masks: vec![MaskType::NoMask],
+        ..AttentionSpec::new(AttentionKind::CrossAttention)
+    };
+    let keys: Vec<String> = kernels_for_spec(&spec)
+        .unwrap()
+        .into_iter()
+        .map(|k| k.key)
+        .collect();
+    assert_eq!(
+        keys,
+        [
+            "qkv_prep_bf16_hd64_cross_nonorm_norope_w4",
+            "fwd_bf16_hd64_no_mask_w4",
+            "fwd_bf16_hd64_no_mask_bias_w4",
+            "decode_bf16_hd64_full_w4"
+        ]
+    );
+}
+
+#[test]
+fn empty_head_dims_give_no_kernels_and_runtime_head_dim_renders() {
+    let mut spec = llama();
+    spec.head_dims.clear();
+    assert!(kernels_for_spec(&spec).unwrap().is_empty());
+    let ks = kernels_for_spec_with_head_dim(&spec, 96).unwrap();
+    assert!(!ks.is_empty());
+    assert!(ks
+        .iter()
+        .all(|k| k.head_dim == 96 && k.key.contains("_hd96_")));
+}
+
+#[test]
+fn duplicate_masks_are_rendered_once() {
+    let mut spec = llama();
+    spec.masks = vec![MaskType::Causal, MaskType::Causal];
+    let ks = kernels_for_spec(&spec).unwrap();
+    let keys: HashSet<&str> = ks.iter().map(|k| k.key.as_str()).collect();
+    assert_eq!(keys.len(), ks.len());
+}
+
+#[test]
+fn error_unsupported_head_dim() {
+    let mut spec = llama();
+    spec.head_dims = vec![80];
+    let e = kernels_for_spec(&spec).unwrap_err();
+    assert!(
+        matches!(e, RenderError::UnsupportedHeadDim { head_dim: 80, .. }),
+        "{e:?}"
+    );
+    assert!(e.to_string().contains("head_dim") && e.to_string().contains("80"));
+    let mut c = KernelConfig::new(Phase::Decode, DType::Bf16, 100);
+    c.causal = true;
+    assert!(matches!(
+        c.render(),
+        Err(RenderError::UnsupportedHeadDim { head_dim: 100, .. })
+    ));
+}
+
+#[test]
+fn error_head_dim_not_in_spec() {
+    let e = kernels_for_spec_with_head_dim(&llama(), 64).unwrap_err();
+    assert_eq!(
+        e,
+        RenderError::HeadDimNotInSpec {
+            head_dim: 64,
+            spec: vec![128]
+        }
+    );
+}
+
+#[test]
+fn error_no_masks() {
+    let mut spec = llama();
+    spec.masks.clear();
+    assert_eq!(kernels_for_spec(&spec).unwrap_err(), RenderError::NoMasks);
+    assert_eq!(
+        KernelConfig::new(Phase::Forward, DType::Bf16, 64)
+            .render()
+            .unwrap_err(),
+        RenderError::MissingMask
+    );
+}
+
+#[test]
+fn error_window_on_arbitrary_mask() {
+    let mut spec = llama();
+    spec.masks = vec![MaskType::Arbitrary];
+    let e = configs_for_head_dim(&spec, 128)
+        .and_then(|cs| cs.iter().map(|c| c.render()).collect::<Result<Vec<_>, _>>())
+        .unwrap_err();
+    assert_eq!(
+        e,
+        RenderError::WindowOnMask {
+            mask: MaskType::Arbitrary
+        }
+    );
+    assert!(e.to_string().contains("arbitrary"));
+}
+
+#[test]
+fn error_rotary_dim() {
+    let mut spec = llama();
+    spec.rope = Some(Rope {
+        rotary_percent: 0.3,
+        ..Rope::default()
+    }); // 128 * 0.3 = 38.4 -> 38 ok
+    assert!(kernels_for_spec(&spec).is_ok());
+    spec.head_dims = vec![96];
+    spec.rope = Some(Rope {
+        rotary_percent: 0.01,
+        ..Rope::default()
+    }); // 0
+    let e = kernels_for_spec(&spec).unwrap_err();
+    assert!(
+        matches!(
+            e,
+            RenderError::RotaryDim {
+                head_dim: 96,
+                rot_dim: 0,
+                ..
+            }
+        ),
+        "{e:?}"
+    );
+    spec.rope = Some(Rope {
+        rotary_percent: 0.05,
+        ..Rope::default()
+    }); // 4.8 -> 4 ok
+    assert!(kernels_for_spec(&spec).is_ok());
+    spec.rope = Some(Rope {
+        rotary_percent: 0.07,
+        ..Rope::default()
+    }); // 6.72 -> 6 ok
+    assert!(kernels_for_spec(&spec).is_ok());
+    spec.rope = Some(Rope {
+        rotary_percent: 0.08,
+        ..Rope::default()
+    }); // 7.68 -> 7 odd
+    assert!(matches!(
+        kernels_for_spec(&spec),
+        Err(RenderError::RotaryDim { rot_dim: 7, .. })
+    ));
+}
+
+#[test]
+fn error_bad_tile() {
+    let mut c = KernelConfig::new(Phase::QkvPrep, DType::Bf16, 64);
+    c.warps = 0;
+    assert_eq!(c.render().unwrap_err(), RenderError::BadTile { warps: 0 });
+    c.warps = 33;
+    assert_eq!(c.render().unwrap_err(), RenderError::BadTile { warps: 33 });
+    c.warps = 8;
+    assert_eq!(
+        c.render().unwrap().key,
+        "qkv_prep_bf16_hd64_self_nonorm_norope_w8"
+    );
+}
+
+#[test]
+fn error_cross_attention_with_rope_or_gate() {
+    let mut c = KernelConfig::new(Phase::QkvPrep, DType::Bf16, 64);
+    c.layout = PrepLayout::CrossAttention;
+    c.rope = Some((RopeMode::Half, 64));
+    assert!(matches!(
+        c.render(),
+        Err(RenderError::Unsupported {
+            argument: "rope",
+            ..
+        })
+    ));
+    c.rope = None;
+    c.output_gate = true;
+    assert!(matches!(
+        c.render(),
+        Err(RenderError::Unsupported {
+            argument: "output_gate",
+            ..
+        })
+    ));
+    let spec = AttentionSpec {
+        heads: Some(8),
+        head_dims: vec![64],
+        output_gate: true,
+        ..AttentionSpec::new(AttentionKind::CrossAttention)
+    };
+    assert!(matches!(
+        kernels_for_spec(&spec),
+        Err(RenderError::Unsupported { .. })
+    ));
+}

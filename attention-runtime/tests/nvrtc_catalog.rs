@@ -1,0 +1,157 @@
+//! Every catalog kernel compiles with NVRTC to CUBIN for sm_80 and sm_90a.
+//!
+//! Needs libnvrtc (13.x): run `scripts/install-nvrtc.sh` and put the directory it prints on
+//! `LD_LIBRARY_PATH`. Without NVRTC this test fails, unless `ATTN_SKIP_NVRTC=1` is set.
+
+use attention_codegen::catalog::catalog_kernels;
+use attention_codegen::render::{KernelConfig, Phase};
+use attention_codegen::DType;
+use attention_runtime::jit::{
+    compile_cubin, compile_with_log, nvrtc_available, nvrtc_version, JitError,
+};
+
+const ARCHS: &[&str] = &["sm_80", "sm_90a"];
+
+/// `false` when the test must be skipped explicitly; panics when NVRTC is missing otherwise.
+fn require_nvrtc() -> bool {
+    if std::env::var("ATTN_SKIP_NVRTC").as_deref() == Ok("1") {
+        eprintln!("ATTN_SKIP_NVRTC=1: skipping the NVRTC compile check");
+        return false;
+    }
+    assert!(
+        nvrtc_available(),
+        "NVRTC (libnvrtc) not found. Run `scripts/install-nvrtc.sh` and put the directory it \
+         prints on LD_LIBRARY_PATH, e.g.\n  export LD_LIBRARY_PATH=\"$(scripts/install-nvrtc.sh | \
+         tail -n1):$LD_LIBRARY_PATH\"\n(or set ATTN_SKIP_NVRTC=1 to skip this check explicitly)"
+    );
+    true
+}
+
+/// The ELF magic every CUBIN starts with.
+fn is_elf(bytes: &[u8]) -> bool {
+    bytes.starts_with(b"\x7fELF")
+}
+
+#[test]
+fn every_catalog_kernel_compiles_for_sm80_and_sm90a() {
+    if !require_nvrtc() {
+        return;
+    }
+    let (major, minor) = nvrtc_version().expect("nvrtcVersion");
+    eprintln!("NVRTC {major}.{minor}");
+    let kernels = catalog_kernels().expect("catalog renders");
+    assert!(!kernels.is_empty());
+    let mut failures = Vec::new();
+    for k in &kernels {
+        for arch in ARCHS {
+            match compile_with_log(&k.key, &k.source, arch) {
+                Ok(c) if c.log.contains("warning") => failures.push(format!(
+                    "kernel `{}` for {arch} compiled with warnings:\n{}",
+                    k.key, c.log
+                )),
+                Ok(c) => {
+                    let cubin = c.cubin;
+                    assert!(
+                        is_elf(&cubin),
+                        "{} for {arch}: CUBIN is not an ELF image",
+                        k.key
+                    );
+                    // The entry point keeps its (extern "C") name: the key.
+                    let needle = k.key.as_bytes();
+                    assert!(
+                        cubin.windows(needle.len()).any(|w| w == needle),
+                        "{} for {arch}: the CUBIN has no symbol named after the key",
+                        k.key
+                    );
+                }
+                Err(e) => failures.push(e.to_string()),
+            }
+        }
+    }
+    assert!(
+        failures.is_empty(),
+        "{} of {} compiles failed:\n{}",
+        failures.len(),
+        kernels.len() * ARCHS.len(),
+        failures.join("\n\n")
+    );
+}
+
+/// Kernels outside the catalog's choices still compile: f16, sinks, gate, every qkv_prep norm
+/// and rope mode, every mask with a window where allowed.
+#[test]
+fn feature_variants_compile() {
+    if !require_nvrtc() {
+        return;
+    }
+    use attention_codegen::render::PrepLayout;
+    use attention_codegen::{MaskType, QkNorm, RopeMode, Sinks};
+    let mut configs = Vec::new();
+    for mask in MaskType::ALL {
+        let mut c = KernelConfig::new(Phase::Forward, DType::F16, 96);
+        c.mask = Some(mask);
+        c.has_window = mask.accepts_window();
+        c.sinks = Some(Sinks::Learnable);
+        c.has_bias = true;
+        c.output_gate = true;
+        configs.push(c);
+    }
+    for phase in [Phase::Decode, Phase::Paged] {
+        let mut c = KernelConfig::new(phase, DType::F16, 192);
+        c.has_window = true;
+        c.sinks = Some(Sinks::OffByOne);
+        c.output_gate = true;
+        configs.push(c);
+    }
+    for (norm, rope) in [
+        (Some(QkNorm::Layer), Some((RopeMode::Interleaved, 64))),
+        (Some(QkNorm::L2), Some((RopeMode::Half, 48))),
+        (Some(QkNorm::Rms), None),
+    ] {
+        let mut c = KernelConfig::new(Phase::QkvPrep, DType::F16, 96);
+        c.qk_norm = norm;
+        c.rope = rope;
+        c.output_gate = true;
+        configs.push(c);
+    }
+    let mut cross = KernelConfig::new(Phase::QkvPrep, DType::F16, 128);
+    cross.layout = PrepLayout::CrossAttention;
+    cross.qk_norm = Some(QkNorm::Layer);
+    configs.push(cross);
+
+    let mut failures = Vec::new();
+    for c in &configs {
+        let k = c.render().expect("renders");
+        for arch in ARCHS {
+            match compile_with_log(&k.key, &k.source, arch) {
+                Ok(c) if c.log.contains("warning") => failures.push(format!(
+                    "kernel `{}` for {arch} compiled with warnings:\n{}",
+                    k.key, c.log
+                )),
+                Ok(_) => {}
+                Err(e) => failures.push(e.to_string()),
+            }
+        }
+    }
+    assert!(
+        failures.is_empty(),
+        "compiles failed:\n{}",
+        failures.join("\n\n")
+    );
+}
+
+#[test]
+fn a_broken_kernel_reports_key_and_log() {
+    if !require_nvrtc() {
+        return;
+    }
+    let src = "extern \"C\" __global__ void broken_kernel() { undeclared_thing = 1; }";
+    match compile_cubin("broken_kernel", src, "sm_80") {
+        Err(JitError::Compile { key, arch, log, .. }) => {
+            assert_eq!(key, "broken_kernel");
+            assert_eq!(arch, "sm_80");
+            assert!(log.contains("undeclared_thing"), "log: {log}");
+        }
+        other => panic!("expected a compile error, got {other:?}"),
+    }
+}

@@ -1,0 +1,198 @@
+// Kernel `{{ key }}`: q/k/v preparation, rendered from templates/qkv_prep.cu.
+// dtype {{ dtype }}, head dim {{ head_dim }}, layout {{ layout }}, q/k norm {{ qk_norm }},
+// rope {{ rope }} over the first {{ rot_dim }} channels, output gate {{ has_gate }},
+// {{ prep_warps }} warps per block.
+//
+// Launch: grid (num_tokens for self, max(num_tokens, num_kv_tokens) for cross), block ({{ prep_warps }} * 32).
+// One block per token, one warp per head vector. Norm and rope run in fp32.
+//
+{%- if layout == "self" %}
+// Input qkv: the linear_qkv output (bias already added), elem_t [num_tokens, W] with
+//   W = num_groups * (per{% if has_gate %} * 2{% endif %} + 2) * HEAD_DIM, per = num_heads / num_groups.
+//   Each group's columns, in order: its per query heads{% if has_gate %}, its per gate heads{% endif %}, then key, then value
+//   (GQA-interleaved). kv and num_kv_tokens are ignored.
+{%- else %}
+// Input qkv: the linear_q output, elem_t [num_tokens, num_heads * HEAD_DIM].
+// Input kv: the linear_kv output, elem_t [num_kv_tokens, num_heads * 2 * HEAD_DIM]; per head
+//   [k_h | v_h]. num_groups must equal num_heads.
+{%- endif %}
+// Outputs: q_out [num_tokens, num_heads, HEAD_DIM], k_out, v_out [num_kv_tokens, num_groups, HEAD_DIM]
+//   (self: num_kv_tokens == num_tokens), gate_out [num_tokens, num_heads, HEAD_DIM] (raw gate,
+//   the attention kernels apply sigmoid; used only with the output gate).
+// Norm weights: elem_t [HEAD_DIM] each (bias only for layer norm); eps: layernorm_epsilon.
+// positions: int32 [num_tokens], the rope position of each token; rotary_base; mscale
+//   multiplies cos and sin. Unused arguments are ignored (may be null / 0).
+
+{% include "partials/types.cu" %}
+
+constexpr int PREP_WARPS = {{ prep_warps }};
+/// Rotated channels (head_dim * rotary_percent); 0 = no rope.
+constexpr int ROT_DIM = {{ rot_dim }};
+static_assert(ROT_DIM % 2 == 0 && ROT_DIM <= HEAD_DIM, "rotary dim must be even and <= head dim");
+
+constexpr int KIND_Q = 0;
+constexpr int KIND_K = 1;
+constexpr int KIND_V = 2;
+{%- if layout == "self" %}
+constexpr int KIND_GATE = 3;
+{%- endif %}
+
+/// Normalize one head vector held across the warp (q/k norm `{{ qk_norm }}`).
+__device__ __forceinline__ void qk_normalize(float (&x)[LANE_D], const elem_t* __restrict__ weight,
+                                             const elem_t* __restrict__ bias, float eps, int lane) {
+{%- if qk_norm == "layer" %}
+    float s = 0.0f;
+#pragma unroll
+    for (int c = 0; c < LANE_D; ++c) s += x[c];
+    const float mean = warp_sum(s) / HEAD_DIM;
+    float s2 = 0.0f;
+#pragma unroll
+    for (int c = 0; c < LANE_D; ++c) s2 += (x[c] - mean) * (x[c] - mean);
+    const float r = rsqrtf(warp_sum(s2) / HEAD_DIM + eps);
+#pragma unroll
+    for (int c = 0; c < LANE_D; ++c) {
+        const int d = c * WARP_SIZE + lane;
+        x[c] = (x[c] - mean) * r * load_elem(weight + d) + load_elem(bias + d);
+    }
+{%- elif qk_norm == "rms" or qk_norm == "l2" %}
+    float s2 = 0.0f;
+#pragma unroll
+    for (int c = 0; c < LANE_D; ++c) s2 += x[c] * x[c];
+    const float r = rsqrtf(warp_sum(s2) / HEAD_DIM + eps);
+#pragma unroll
+    for (int c = 0; c < LANE_D; ++c) {
+{%- if qk_norm == "rms" %}
+        x[c] = x[c] * r * load_elem(weight + c * WARP_SIZE + lane);
+{%- else %}
+        x[c] = x[c] * r;
+{%- endif %}
+    }
+{%- if qk_norm == "l2" %}
+    (void)weight;
+{%- endif %}
+    (void)bias;
+{%- else %}
+    (void)x; (void)weight; (void)bias; (void)eps; (void)lane;
+{%- endif %}
+}
+
+extern "C" __global__ void __launch_bounds__(PREP_WARPS * WARP_SIZE) {{ key }}(
+    const elem_t* __restrict__ qkv,
+    const elem_t* __restrict__ kv,
+    elem_t* __restrict__ q_out,
+    elem_t* __restrict__ k_out,
+    elem_t* __restrict__ v_out,
+    elem_t* __restrict__ gate_out,
+    const elem_t* __restrict__ q_norm_weight,
+    const elem_t* __restrict__ q_norm_bias,
+    const elem_t* __restrict__ k_norm_weight,
+    const elem_t* __restrict__ k_norm_bias,
+    float eps,
+    const int* __restrict__ positions,
+    float rotary_base,
+    float mscale,
+    int num_tokens,
+    int num_kv_tokens,
+    int num_heads,
+    int num_groups)
+{
+    const int lane = threadIdx.x % WARP_SIZE;
+    const int warp = threadIdx.x / WARP_SIZE;
+    const long long t = blockIdx.x;
+{%- if rope != "none" %}
+    __shared__ float stage[PREP_WARPS][HEAD_DIM];
+    const float pos = t < num_tokens ? (float)positions[t] : 0.0f;
+{%- else %}
+    (void)positions; (void)rotary_base; (void)mscale;
+{%- endif %}
+{%- if layout == "self" %}
+    (void)kv; (void)num_kv_tokens;
+    const int per = num_heads / num_groups;
+    const int gate_heads = {% if has_gate %}num_heads{% else %}0{% endif %};
+    const long long group_width = (long long)(per * {% if has_gate %}2{% else %}1{% endif %} + 2) * HEAD_DIM;
+    const long long row_width = group_width * num_groups;
+    const int n_vec = num_heads + 2 * num_groups + gate_heads;
+{%- else %}
+    (void)num_groups; (void)gate_out;
+    const int n_vec = 3 * num_heads;
+{%- endif %}
+
+    for (int idx = warp; idx < n_vec; idx += PREP_WARPS) {
+        int kind, head;
+        const elem_t* src;
+        elem_t* dst;
+{%- if layout == "self" %}
+        if (t >= num_tokens) break;
+        if (idx < num_heads) {
+            kind = KIND_Q; head = idx;
+            src = qkv + t * row_width + (head / per) * group_width + (long long)(head % per) * HEAD_DIM;
+            dst = q_out + (t * num_heads + head) * HEAD_DIM;
+        } else if (idx < num_heads + num_groups) {
+            kind = KIND_K; head = idx - num_heads;
+            src = qkv + t * row_width + head * group_width + (long long)per * {% if has_gate %}2{% else %}1{% endif %} * HEAD_DIM;
+            dst = k_out + (t * num_groups + head) * HEAD_DIM;
+        } else if (idx < num_heads + 2 * num_groups) {
+            kind = KIND_V; head = idx - num_heads - num_groups;
+            src = qkv + t * row_width + head * group_width + ((long long)per * {% if has_gate %}2{% else %}1{% endif %} + 1) * HEAD_DIM;
+            dst = v_out + (t * num_groups + head) * HEAD_DIM;
+        } else {
+            kind = KIND_GATE; head = idx - num_heads - 2 * num_groups;
+            src = qkv + t * row_width + (head / per) * group_width + ((long long)per + head % per) * HEAD_DIM;
+            dst = gate_out + (t * num_heads + head) * HEAD_DIM;
+        }
+{%- else %}
+        if (idx < num_heads) {
+            if (t >= num_tokens) continue;
+            kind = KIND_Q; head = idx;
+            src = qkv + (t * num_heads + head) * HEAD_DIM;
+            dst = q_out + (t * num_heads + head) * HEAD_DIM;
+        } else {
+            if (t >= num_kv_tokens) continue;
+            const bool is_k = idx < 2 * num_heads;
+            kind = is_k ? KIND_K : KIND_V;
+            head = idx - (is_k ? num_heads : 2 * num_heads);
+            src = kv + (t * num_heads + head) * 2 * HEAD_DIM + (is_k ? 0 : HEAD_DIM);
+            dst = (is_k ? k_out : v_out) + (t * num_heads + head) * HEAD_DIM;
+        }
+{%- endif %}
+
+        float x[LANE_D];
+#pragma unroll
+        for (int c = 0; c < LANE_D; ++c) x[c] = load_elem(src + c * WARP_SIZE + lane);
+
+        if (kind == KIND_Q) qk_normalize(x, q_norm_weight, q_norm_bias, eps, lane);
+        else if (kind == KIND_K) qk_normalize(x, k_norm_weight, k_norm_bias, eps, lane);
+{%- if rope != "none" %}
+        if (kind == KIND_Q || kind == KIND_K) {
+#pragma unroll
+            for (int c = 0; c < LANE_D; ++c) stage[warp][c * WARP_SIZE + lane] = x[c];
+            __syncwarp();
+#pragma unroll
+            for (int c = 0; c < LANE_D; ++c) {
+                const int d = c * WARP_SIZE + lane;
+                if (d < ROT_DIM) {
+{%- if rope == "half" %}
+                    // out = t cos + rotate_half(t) sin, rotate_half(t) = cat(-t2, t1)
+                    const int half = ROT_DIM / 2;
+                    const int f = d < half ? d : d - half;
+                    const int partner = d < half ? d + half : d - half;
+                    const float sign = d < half ? -1.0f : 1.0f;
+{%- else %}
+                    // adjacent pairs: (t0, t1) -> (t0 cos - t1 sin, t1 cos + t0 sin)
+                    const int f = d / 2;
+                    const int partner = d ^ 1;
+                    const float sign = (d & 1) ? 1.0f : -1.0f;
+{%- endif %}
+                    const float inv_freq = 1.0f / powf(rotary_base, (float)(2 * f) / (float)ROT_DIM);
+                    float sn, cs;
+                    sincosf(pos * inv_freq, &sn, &cs);
+                    x[c] = x[c] * (cs * mscale) + sign * stage[warp][partner] * (sn * mscale);
+                }
+            }
+            __syncwarp();
+        }
+{%- endif %}
+#pragma unroll
+        for (int c = 0; c < LANE_D; ++c) store_elem(dst + c * WARP_SIZE + lane, x[c]);
+    }
+}
