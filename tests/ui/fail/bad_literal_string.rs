@@ -1,0 +1,6 @@
+use attention::attention;
+
+#[attention(self, heads = "x")]
+pub struct Layer;
+
+fn main() {}
