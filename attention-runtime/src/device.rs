@@ -41,7 +41,7 @@ impl CudaDevice {
 /// The NVRTC `--gpu-architecture` name for a compute capability. Hopper (9.0) and
 /// Blackwell datacenter parts get their arch-specific `a` variant.
 pub fn arch_for_capability((major, minor): (i32, i32)) -> String {
-    let suffix = if (major == 9 && minor == 0) || (major == 10 && minor == 0) {
+    let suffix = if minor == 0 && (major == 9 || major == 10) {
         "a"
     } else {
         ""

@@ -37,7 +37,7 @@ enum Command {
     ///
     /// Writes `output` [s, b, h] and, when the layer has one, `output_bias` [h] (not added to
     /// the output, as the reference system returns it), both f32.
-    Layer(LayerArgs),
+    Layer(Box<LayerArgs>),
     /// List the catalog's models and kernels.
     Catalog,
     /// Print the rendered kernel sources for one spec.

@@ -1,0 +1,64 @@
+#!/usr/bin/env bash
+# Build the GPU test binaries and the `attn` binary (with its bench) here, into gpu-bundle/
+# (git-ignored, at most 64 MiB), with a runner that executes them on a machine that has a
+# GPU, the driver and CUDA 13 libraries but no cargo.
+#
+#   scripts/gpu-bundle.sh [TEST_NAME_REGEX]     default: ^gpu_  (tests/gpu_*.rs)
+#   # then, on the GPU machine, from the repo root:
+#   gpu-bundle/run.sh [extra test args]         every bundled test with --include-ignored
+#
+# Integration tests that are bundled are the ones whose file name matches the regex; the
+# library unit tests of attention-runtime are always included. See CONTRIBUTING.md.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+pattern="${1:-^gpu_}"
+out=gpu-bundle
+rm -rf "$out"
+mkdir -p "$out/bin"
+
+echo "==> building test binaries (profile gpu)" >&2
+cargo test --workspace --profile gpu --no-run --message-format=json 2>/dev/null \
+  | python3 -c '
+import json, re, sys
+pat = re.compile(sys.argv[1])
+for line in sys.stdin:
+    try:
+        m = json.loads(line)
+    except ValueError:
+        continue
+    if m.get("reason") != "compiler-artifact" or not m.get("executable") or not m["profile"]["test"]:
+        continue
+    name = m["target"]["name"]; kind = m["target"]["kind"][0]
+    if (kind == "test" and pat.search(name)) or (kind == "lib" and name == "attention_runtime"):
+        print(name, m["executable"])
+' "$pattern" | while read -r name exe; do
+    cp "$exe" "$out/bin/test-$name"
+  done
+
+echo "==> building attn (profile gpu)" >&2
+cargo build -p attention-runtime --profile gpu --bin attn --quiet
+cp target/gpu/attn "$out/bin/attn"
+cp scripts/bench_sdpa.py "$out/" 2>/dev/null || true
+
+cat > "$out/run.sh" <<'RUN'
+#!/usr/bin/env bash
+# Run every bundled test binary with --include-ignored (GPU tests included). Extra arguments
+# go to each test binary (e.g. a name filter, --nocapture).
+set -uo pipefail
+here="$(cd "$(dirname "$0")" && pwd)"
+export ATTN_REPO_ROOT="${ATTN_REPO_ROOT:-$(dirname "$here")}"
+status=0
+for t in "$here"/bin/test-*; do
+  echo "==> $(basename "$t")"
+  "$t" --include-ignored --test-threads=1 "$@" || status=1
+done
+exit $status
+RUN
+chmod +x "$out/run.sh"
+du -sh "$out" >&2
+size=$(du -sm "$out" | cut -f1)
+if [ "$size" -gt 64 ]; then
+  echo "gpu-bundle is ${size} MiB, over the 64 MiB transfer limit" >&2
+  exit 1
+fi
+ls "$out/bin" >&2
