@@ -285,3 +285,77 @@ fn render_prints_sources_with_entry_names() {
     assert!(!o.status.success());
     assert!(String::from_utf8_lossy(&o.stderr).contains("--head-dim"));
 }
+
+#[test]
+fn mask_file_drives_padding_masks() {
+    // With mask = padding, an all-false mask equals no_mask; masking the last keys of batch 1
+    // changes batch 1 only; a mask on a causal layer is refused.
+    let d = fixtures().join("megatron");
+    let spec_of = |mask: &str| {
+        format!("self, heads=8, gqa=2, head_dim=64, qk_layernorm=rms, rope, mask={mask}")
+    };
+    let run = |mask: &str, file: Option<&Path>, tag: &str| -> std::process::Output {
+        let out = tmp(&format!("mask-{tag}.safetensors"));
+        let mut args: Vec<String> = [
+            "layer",
+            "--spec",
+            &spec_of(mask),
+            "--weights",
+            d.join("weights.safetensors").to_str().unwrap(),
+            "--prefix",
+            "decoder.layers.0.self_attention.",
+            "--input",
+            d.join("input.safetensors").to_str().unwrap(),
+            "--output",
+            out.to_str().unwrap(),
+        ]
+        .map(String::from)
+        .to_vec();
+        if let Some(f) = file {
+            args.push("--mask-file".into());
+            args.push(f.to_str().unwrap().into());
+        }
+        let refs: Vec<&str> = args.iter().map(String::as_str).collect();
+        attn(&refs)
+    };
+    let output = |tag: &str| {
+        load(
+            &tmp(&format!("mask-{tag}.safetensors")),
+            "output",
+            &[16, 2, 512],
+        )
+    };
+
+    let none_file = tmp("mask-none-input.safetensors");
+    let none = Tensor::zeros(&[2, 1, 1, 16]);
+    WeightStore::save(&none_file, &[("attention_mask".to_string(), none)]).unwrap();
+    let tail_file = tmp("mask-tail-input.safetensors");
+    // Batch 1 masks out its last 4 keys.
+    let tail = Tensor::from_fn(&[2, 1, 1, 16], |i| if i >= 16 + 12 { 1.0 } else { 0.0 });
+    WeightStore::save(&tail_file, &[("attention_mask".to_string(), tail)]).unwrap();
+
+    assert!(run("no_mask", None, "nomask").status.success());
+    let o = run("padding", Some(&none_file), "none");
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    assert!(rel_err(&output("none"), &output("nomask")) < 1e-6);
+    let o = run("padding", Some(&tail_file), "tail");
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let (tail_out, base) = (output("tail"), output("nomask"));
+    let (mut d0, mut d1) = (0f32, 0f32);
+    for (idx, (a, b)) in tail_out.data().iter().zip(base.data()).enumerate() {
+        let batch = (idx / 512) % 2;
+        let diff = (a - b).abs();
+        if batch == 0 {
+            d0 = d0.max(diff)
+        } else {
+            d1 = d1.max(diff)
+        }
+    }
+    assert!(d0 < 1e-5, "batch 0 must not change: {d0}");
+    assert!(d1 > 1e-3, "batch 1 must change: {d1}");
+
+    let o = run("causal", Some(&tail_file), "refused");
+    assert!(!o.status.success());
+    let e = String::from_utf8_lossy(&o.stderr);
+    assert!(e.contains("attention_mask"), "{e}");
+}
