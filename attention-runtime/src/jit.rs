@@ -47,6 +47,19 @@ pub enum JitError {
         /// The value given.
         got: String,
     },
+    /// `ATTN_JIT=off` forbids compiling and the kernel is not in the cache.
+    #[error(
+        "kernel `{key}` for {arch} is not in the kernel cache ({cache_dir}) and ATTN_JIT=off \
+         forbids compiling it; precompile it with `attn aot --arch {arch} ...` into that directory"
+    )]
+    JitDisabled {
+        /// Kernel key (entry name).
+        key: String,
+        /// Target architecture.
+        arch: String,
+        /// The cache directory searched, or a note that there is none.
+        cache_dir: String,
+    },
     /// Another NVRTC call failed.
     #[error("NVRTC call {call} failed for kernel `{key}`: {status}")]
     Nvrtc {
@@ -128,7 +141,7 @@ fn program_log(prog: &Program) -> String {
     String::from_utf8_lossy(&buf).into_owned()
 }
 
-fn check_arch(arch: &str) -> Result<(), JitError> {
+pub(crate) fn check_arch(arch: &str) -> Result<(), JitError> {
     let ok = arch
         .strip_prefix("sm_")
         .or_else(|| arch.strip_prefix("compute_"))
@@ -147,6 +160,16 @@ fn check_arch(arch: &str) -> Result<(), JitError> {
             got: arch.to_string(),
         })
     }
+}
+
+/// The NVRTC options [`compile_cubin`] passes for `arch`, in order. The kernel cache hashes
+/// them into its keys, so a change here invalidates every cached entry.
+pub fn nvrtc_options(arch: &str) -> Vec<String> {
+    vec![
+        format!("--gpu-architecture={arch}"),
+        "-std=c++17".to_string(),
+        "-default-device".to_string(),
+    ]
 }
 
 /// A successful compilation: the CUBIN image and NVRTC's log (warnings; usually empty).
@@ -205,14 +228,10 @@ pub fn compile_with_log(key: &str, source: &str, arch: &str) -> Result<Compiled,
     }
 
     // `arch` was checked to be ASCII letters, digits and `_`: no NUL in any option.
-    let opts: Vec<CString> = [
-        format!("--gpu-architecture={arch}"),
-        "-std=c++17".to_string(),
-        "-default-device".to_string(),
-    ]
-    .into_iter()
-    .filter_map(|o| CString::new(o).ok())
-    .collect();
+    let opts: Vec<CString> = nvrtc_options(arch)
+        .into_iter()
+        .filter_map(|o| CString::new(o).ok())
+        .collect();
     let opt_ptrs: Vec<*const c_char> = opts.iter().map(|o| o.as_ptr()).collect();
     // SAFETY: valid program; option pointers live until the call returns.
     let r = unsafe { sys::nvrtcCompileProgram(prog.0, opt_ptrs.len() as c_int, opt_ptrs.as_ptr()) };
