@@ -35,15 +35,34 @@ const TEMPLATES: &[(&str, &str)] = &[
         include_str!("../../templates/partials/attend.cu"),
     ),
     ("fwd.cu", include_str!("../../templates/fwd.cu")),
+    ("fwd_fast.cu", include_str!("../../templates/fwd_fast.cu")),
     ("decode.cu", include_str!("../../templates/decode.cu")),
     ("paged.cu", include_str!("../../templates/paged.cu")),
     ("qkv_prep.cu", include_str!("../../templates/qkv_prep.cu")),
+    (
+        "flash_decode.cu",
+        include_str!("../../templates/flash_decode.cu"),
+    ),
+    (
+        "paged_append.cu",
+        include_str!("../../templates/paged_append.cu"),
+    ),
 ];
 
 /// Query rows (one warp each) per block of the attention kernels (`fwd`, `decode`, `paged`).
 pub const ATTENTION_BLOCK_ROWS: usize = 4;
 /// Warps per block of the `qkv_prep` kernel (one head vector per warp at a time).
 pub const PREP_WARPS: usize = 4;
+/// Most warps (query heads of one group at a time) per block of the `flashdec` kernel.
+pub const FLASH_DECODE_MAX_WARPS: usize = 8;
+/// Keys per shared-memory tile of the `flashdec` kernel (K and V tiles stay within 32 KiB).
+pub const fn flash_decode_tile(head_dim: usize) -> usize {
+    if head_dim <= 128 {
+        32
+    } else {
+        16
+    }
+}
 
 /// A kernel phase; the key prefix is [`Phase::prefix`].
 ///
@@ -53,12 +72,25 @@ pub const PREP_WARPS: usize = 4;
 ///   num_groups, seqlen_q, seqlen_k, softmax_scale, window_left, window_right, mask,
 ///   mask_stride_b/h/q/k, bias, bias_stride_b/h/q/k, sinks, gate)`; padded
 ///   `[s, b, heads, hn]` when `cu_seqlens_q` is null, packed `[t, heads, hn]` otherwise.
+/// - `ForwardFast` (`fwdfast_*`): the `Forward` argument list followed by `max_logit` (f32
+///   `[num_heads]` or null); same layouts. Launch: grid `(ceil(max_seqlen_q / block_m),
+///   num_heads, batch)`, block `warps * 32`, dynamic shared memory [`FastTile::smem_bytes`].
+///   No mask tensor and no additive bias (those take `Forward`).
 /// - `Decode` (`decode_*`): `(q, k_cache, v_cache, out, lse, seqlens_k, batch, batch_offset,
 ///   max_batch, num_heads, num_groups, seqlen_q, softmax_scale, window_left, window_right,
 ///   sinks, gate)` over a static cache `[max_seq, max_batch, ng, hn]`.
 /// - `Paged` (`paged_*`): `(q, k_pool, v_pool, out, lse, cu_seqlens_q, seqlens_k, block_table,
 ///   batch, num_heads, num_groups, block_size, max_blocks_per_seq, softmax_scale, window_left,
 ///   window_right, sinks, gate)` over a pool `[num_blocks, block_size, ng, hn]`.
+/// - `FlashDecode` (`flashdec_*`): `(q, k_new, v_new, k_cache, v_cache, cache_seqlens,
+///   rope_cos, rope_sin, o_part, lse_part, batch, batch_offset, max_batch, num_heads,
+///   num_groups, num_splits, softmax_scale, window_left, window_right)`, grid `(num_splits,
+///   num_groups, batch)`, block `min(per, 8) * 32`; then `<key>_merge` `(o_part, lse_part, out,
+///   lse, sinks, gate, batch, num_heads, num_splits)`, grid `(batch, num_heads)`, block 32.
+///   Layouts in templates/flash_decode.cu.
+/// - `PagedAppend` (`kvappend_*`): `(k, v, k_dst, v_dst, cu_seqlens_q, seqlens_k, block_table,
+///   batch, num_groups, block_size, max_blocks_per_seq, batch_offset, max_batch)`, grid
+///   `(total_tokens)`, block 128; a null block table writes a static cache.
 /// - `QkvPrep` (`qkv_prep_*`): `(qkv, kv, q_out, k_out, v_out, gate_out, q_norm_weight,
 ///   q_norm_bias, k_norm_weight, k_norm_bias, eps, positions, rotary_base, mscale, num_tokens,
 ///   num_kv_tokens, num_heads, num_groups)`.
@@ -66,34 +98,56 @@ pub const PREP_WARPS: usize = 4;
 pub enum Phase {
     /// Prefill / training forward over padded or packed q, k, v.
     Forward,
+    /// FlashAttention-2 style tiled forward (tensor cores, cp.async pipeline) over the same
+    /// layouts as `Forward`; tiles in [`KernelConfig::tile`].
+    ForwardFast,
     /// New queries over a static KV cache, bottom-right causal.
     Decode,
     /// Packed queries over a paged KV cache (block pool + block table), bottom-right causal.
     Paged,
     /// Split of the qkv projection, q/k norm and rope.
     QkvPrep,
+    /// One fused decode step over a static cache: rope of the new q/k from cos/sin tables,
+    /// append, split-KV attention; plus its `<key>_merge` entry that merges the splits.
+    FlashDecode,
+    /// Append packed new k/v into a paged pool (through the block table) or a static cache.
+    PagedAppend,
 }
 
 impl Phase {
     /// Every phase.
-    pub const ALL: [Phase; 4] = [Phase::Forward, Phase::Decode, Phase::Paged, Phase::QkvPrep];
+    pub const ALL: [Phase; 7] = [
+        Phase::Forward,
+        Phase::ForwardFast,
+        Phase::Decode,
+        Phase::Paged,
+        Phase::QkvPrep,
+        Phase::FlashDecode,
+        Phase::PagedAppend,
+    ];
 
-    /// Key prefix: `fwd`, `decode`, `paged`, `qkv_prep`.
+    /// Key prefix: `fwd`, `fwdfast`, `decode`, `paged`, `qkv_prep`.
     pub fn prefix(self) -> &'static str {
         match self {
             Phase::Forward => "fwd",
+            Phase::ForwardFast => "fwdfast",
             Phase::Decode => "decode",
             Phase::Paged => "paged",
             Phase::QkvPrep => "qkv_prep",
+            Phase::FlashDecode => "flashdec",
+            Phase::PagedAppend => "kvappend",
         }
     }
 
     fn template(self) -> &'static str {
         match self {
             Phase::Forward => "fwd.cu",
+            Phase::ForwardFast => "fwd_fast.cu",
             Phase::Decode => "decode.cu",
             Phase::Paged => "paged.cu",
             Phase::QkvPrep => "qkv_prep.cu",
+            Phase::FlashDecode => "flash_decode.cu",
+            Phase::PagedAppend => "paged_append.cu",
         }
     }
 }
@@ -168,8 +222,66 @@ pub struct KernelConfig {
     pub qk_norm: Option<QkNorm>,
     /// `QkvPrep`: rope mode and rotated channel count.
     pub rope: Option<(RopeMode, usize)>,
-    /// Tile size: warps per block.
+    /// Tile size: warps per block (`ForwardFast` uses [`KernelConfig::tile`] instead).
     pub warps: usize,
+    /// `ForwardFast`: the tile; `None` = [`FastTile::for_head_dim`].
+    pub tile: Option<FastTile>,
+}
+
+/// Tile of the `ForwardFast` kernel: `block_m` query rows (`block_m / warps` per warp, a
+/// multiple of 16) against `block_n` keys per step, with `stages` K/V shared-memory buffers.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub struct FastTile {
+    /// Query rows per block.
+    pub block_m: usize,
+    /// Keys per step (multiple of 16).
+    pub block_n: usize,
+    /// Warps per block.
+    pub warps: usize,
+    /// K/V ring depth (at least 2).
+    pub stages: usize,
+}
+
+impl FastTile {
+    /// The default tile for a head dim: 128 x 64, two stages; 4 warps of 32 rows up to head
+    /// dim 128, 8 warps of 16 rows above (the f32 output accumulator grows with the head dim).
+    pub fn for_head_dim(head_dim: usize) -> FastTile {
+        FastTile {
+            block_m: 128,
+            block_n: 64,
+            warps: if head_dim <= 128 { 4 } else { 8 },
+            stages: 2,
+        }
+    }
+
+    /// Dynamic shared memory of one block: Q tile plus `stages` K and V tiles, rows padded
+    /// to `head_dim + 8` 16-bit elements.
+    pub fn smem_bytes(&self, head_dim: usize) -> usize {
+        (self.block_m + 2 * self.stages * self.block_n) * (head_dim + 8) * 2
+    }
+
+    /// Key suffix `m<block_m>n<block_n>w<warps>s<stages>`.
+    pub fn key(&self) -> String {
+        format!(
+            "m{}n{}w{}s{}",
+            self.block_m, self.block_n, self.warps, self.stages
+        )
+    }
+
+    fn check(&self) -> Result<(), RenderError> {
+        let ok = (1..=16).contains(&self.warps)
+            && self.block_m.is_multiple_of(16 * self.warps)
+            && self.block_m > 0
+            && self.block_n.is_multiple_of(16)
+            && self.block_n > 0
+            && self.block_n <= 256
+            && (2..=4).contains(&self.stages);
+        if ok {
+            Ok(())
+        } else {
+            Err(RenderError::BadFastTile { tile: *self })
+        }
+    }
 }
 
 /// Rendering failures; each names the offending value.
@@ -221,6 +333,15 @@ pub enum RenderError {
     BadTile {
         /// Warps per block given.
         warps: usize,
+    },
+    /// A `ForwardFast` tile the kernel cannot run.
+    #[error(
+        "kernel config `tile`: expected 1..=16 warps, block_m a multiple of 16 * warps, \
+         block_n a multiple of 16 in 16..=256 and 2..=4 stages, got {tile:?}"
+    )]
+    BadFastTile {
+        /// The tile given.
+        tile: FastTile,
     },
     /// A combination the kernels do not implement.
     #[error("argument `{argument}`: {reason}")]
@@ -297,8 +418,10 @@ impl KernelConfig {
             rope: None,
             warps: match phase {
                 Phase::QkvPrep => PREP_WARPS,
+                Phase::FlashDecode => FLASH_DECODE_MAX_WARPS,
                 _ => ATTENTION_BLOCK_ROWS,
             },
+            tile: None,
         }
     }
 
@@ -306,14 +429,14 @@ impl KernelConfig {
     /// `bottom_right`.
     fn causal_mode(&self) -> &'static str {
         match self.phase {
-            Phase::Forward => match self.mask {
+            Phase::Forward | Phase::ForwardFast => match self.mask {
                 Some(MaskType::Causal | MaskType::PaddingCausal) => "top_left",
                 Some(MaskType::CausalBottomRight) => "bottom_right",
                 _ => "none",
             },
             Phase::Decode if !self.causal => "none",
-            Phase::Decode | Phase::Paged => "bottom_right",
-            Phase::QkvPrep => "none",
+            Phase::Decode | Phase::Paged | Phase::FlashDecode => "bottom_right",
+            Phase::QkvPrep | Phase::PagedAppend => "none",
         }
     }
 
@@ -322,6 +445,9 @@ impl KernelConfig {
     /// - `fwd_<dtype>_hd<D>_<mask>[_win][_sink1|_sinkl][_bias][_gate]_w<warps>`
     /// - `decode_<dtype>_hd<D>_<causal|full>[_win][_sink1|_sinkl][_gate]_w<warps>`
     /// - `paged_<dtype>_hd<D>_causal[_win][_sink1|_sinkl][_gate]_w<warps>`
+    /// - `flashdec_<dtype>_hd<D>_<norope|ropehalf<R>|ropeinter<R>>[_win][_sink1|_sinkl][_gate]_w<warps>`
+    ///   (its merge entry is `<key>_merge`)
+    /// - `kvappend_<dtype>_hd<D>_w<warps>`
     /// - `qkv_prep_<dtype>_hd<D>_<self|cross>_<nonorm|layernorm|rmsnorm|l2norm>_<norope|ropehalf<R>|ropeinter<R>>[_gate]_w<warps>`
     ///
     /// `sink1` = off-by-one sink, `sinkl` = learnable sink, `R` = rotated channels.
@@ -333,12 +459,18 @@ impl KernelConfig {
             self.head_dim
         );
         match self.phase {
-            Phase::Forward => {
+            Phase::Forward | Phase::ForwardFast => {
                 k.push('_');
                 k.push_str(self.mask.map(|m| m.name()).unwrap_or("nomask_missing"));
             }
             Phase::Decode => k.push_str(if self.causal { "_causal" } else { "_full" }),
             Phase::Paged => k.push_str("_causal"),
+            Phase::PagedAppend => {}
+            Phase::FlashDecode => match self.rope {
+                None => k.push_str("_norope"),
+                Some((RopeMode::Half, r)) => k.push_str(&format!("_ropehalf{r}")),
+                Some((RopeMode::Interleaved, r)) => k.push_str(&format!("_ropeinter{r}")),
+            },
             Phase::QkvPrep => {
                 k.push_str(match self.layout {
                     PrepLayout::SelfAttention => "_self",
@@ -357,7 +489,7 @@ impl KernelConfig {
                 }
             }
         }
-        if self.phase != Phase::QkvPrep {
+        if !matches!(self.phase, Phase::QkvPrep | Phase::PagedAppend) {
             if self.has_window {
                 k.push_str("_win");
             }
@@ -369,7 +501,12 @@ impl KernelConfig {
         if self.output_gate {
             k.push_str("_gate");
         }
-        k.push_str(&format!("_w{}", self.warps));
+        if self.phase == Phase::ForwardFast {
+            k.push('_');
+            k.push_str(&self.fast_tile().key());
+        } else {
+            k.push_str(&format!("_w{}", self.warps));
+        }
         k
     }
 
@@ -383,10 +520,25 @@ impl KernelConfig {
         if self.warps == 0 || self.warps > 32 {
             return Err(RenderError::BadTile { warps: self.warps });
         }
-        if self.phase == Phase::Forward {
+        if matches!(self.phase, Phase::Forward | Phase::ForwardFast) {
             let mask = self.mask.ok_or(RenderError::MissingMask)?;
             if self.has_window && !mask.accepts_window() {
                 return Err(RenderError::WindowOnMask { mask });
+            }
+        }
+        if self.phase == Phase::ForwardFast {
+            self.fast_tile().check()?;
+            if self.mask.is_some_and(|m| m.takes_mask_tensor()) {
+                return Err(RenderError::Unsupported {
+                    argument: "mask",
+                    reason: "the fast forward kernel takes no mask tensor (use `fwd`)",
+                });
+            }
+            if self.has_bias {
+                return Err(RenderError::Unsupported {
+                    argument: "has_bias",
+                    reason: "the fast forward kernel takes no additive bias (use `fwd`)",
+                });
             }
         }
         if self.phase == Phase::QkvPrep && self.layout == PrepLayout::CrossAttention {
@@ -403,7 +555,7 @@ impl KernelConfig {
                 });
             }
         }
-        if let (Phase::QkvPrep, Some((_, r))) = (self.phase, self.rope) {
+        if let (Phase::QkvPrep | Phase::FlashDecode, Some((_, r))) = (self.phase, self.rope) {
             if r == 0 || r & 1 == 1 || r > self.head_dim {
                 return Err(RenderError::RotaryDim {
                     head_dim: self.head_dim,
@@ -439,6 +591,11 @@ impl KernelConfig {
         c.insert("has_gate", &self.output_gate);
         c.insert("block_rows", &self.warps);
         c.insert("prep_warps", &self.warps);
+        let tile = self.fast_tile();
+        c.insert("block_m", &tile.block_m);
+        c.insert("block_n", &tile.block_n);
+        c.insert("warps", &tile.warps);
+        c.insert("stages", &tile.stages);
         c.insert(
             "layout",
             match self.layout {
@@ -462,6 +619,7 @@ impl KernelConfig {
         };
         c.insert("rope", rope);
         c.insert("rot_dim", &rot_dim);
+        c.insert("decode_tile", &flash_decode_tile(self.head_dim));
         c
     }
 
@@ -478,7 +636,7 @@ impl KernelConfig {
             key,
             phase: self.phase,
             head_dim: self.head_dim,
-            mask: if self.phase == Phase::Forward {
+            mask: if matches!(self.phase, Phase::Forward | Phase::ForwardFast) {
                 self.mask
             } else {
                 None
@@ -486,6 +644,12 @@ impl KernelConfig {
             dtype: self.dtype,
             source,
         })
+    }
+
+    /// The `ForwardFast` tile: [`KernelConfig::tile`] or the head dim's default.
+    pub fn fast_tile(&self) -> FastTile {
+        self.tile
+            .unwrap_or_else(|| FastTile::for_head_dim(self.head_dim))
     }
 
     /// Render this kernel.
@@ -559,6 +723,11 @@ pub fn configs_for_head_dim(
     out.push(attn(Phase::Decode));
     if is_self {
         out.push(attn(Phase::Paged));
+        let mut fd = attn(Phase::FlashDecode);
+        fd.output_gate = spec.output_gate;
+        fd.rope = out[0].rope;
+        out.push(fd);
+        out.push(KernelConfig::new(Phase::PagedAppend, spec.dtype, head_dim));
     }
     let mut seen = std::collections::HashSet::new();
     out.retain(|c| seen.insert(c.key()));
@@ -600,4 +769,47 @@ pub fn kernels_for_spec(spec: &AttentionSpec) -> Result<Vec<KernelSource>, Rende
         }
     }
     Ok(out)
+}
+
+/// Whether the fast forward kernel implements `mask` with or without a bias: every mask
+/// without a mask tensor, and no additive bias. The rest falls back to `Forward`.
+pub fn fast_forward_supports(mask: MaskType, has_bias: bool) -> bool {
+    !mask.takes_mask_tensor() && !has_bias
+}
+
+/// The `ForwardFast` configs a spec needs (default tiles): one per head dim and per mask the
+/// fast kernel implements ([`fast_forward_supports`]), in spec order.
+pub fn fast_configs_for_spec(spec: &AttentionSpec) -> Result<Vec<KernelConfig>, RenderError> {
+    let mut out: Vec<KernelConfig> = Vec::new();
+    for &hd in &spec.head_dims {
+        if !SUPPORTED_HEAD_DIMS.contains(&hd) {
+            return Err(RenderError::UnsupportedHeadDim {
+                head_dim: hd,
+                supported: SUPPORTED_HEAD_DIMS,
+            });
+        }
+        for &mask in &spec.masks {
+            if !fast_forward_supports(mask, false) {
+                continue;
+            }
+            let mut c = KernelConfig::new(Phase::ForwardFast, spec.dtype, hd);
+            c.mask = Some(mask);
+            c.has_window = spec.window.is_some();
+            c.sinks = spec.sinks;
+            c.output_gate = spec.output_gate;
+            if !out.iter().any(|o| o.key() == c.key()) {
+                out.push(c);
+            }
+        }
+    }
+    Ok(out)
+}
+
+/// Render [`fast_configs_for_spec`].
+pub fn fast_kernels_for_spec(spec: &AttentionSpec) -> Result<Vec<KernelSource>, RenderError> {
+    let tera = engine()?;
+    fast_configs_for_spec(spec)?
+        .iter()
+        .map(|c| c.render_with(&tera))
+        .collect()
 }

@@ -135,4 +135,30 @@ pub enum AttnError {
     /// Kernel rendering failed.
     #[error("kernel rendering failed: {0}")]
     Render(String),
+    /// A device allocation failed (out of memory or a bad context).
+    #[error("device allocation of {bytes} bytes for `{arg}` failed: {msg}")]
+    DeviceAlloc {
+        /// What was being allocated (`linear_qkv output`, `q`, ...).
+        arg: String,
+        /// Bytes requested.
+        bytes: usize,
+        /// The driver's message (`CUDA_ERROR_OUT_OF_MEMORY`, ...).
+        msg: String,
+    },
+    /// A kernel launch (or the work it queued) failed.
+    #[error("launching kernel `{key}` failed: {msg}")]
+    KernelLaunch {
+        /// The kernel key (entry name), or the library call (`cublasLtMatmul linear_qkv`).
+        key: String,
+        /// The driver's or library's message.
+        msg: String,
+    },
+    /// Another CUDA driver, NVRTC or cuBLASLt call failed.
+    #[error("CUDA call `{call}` failed: {msg}")]
+    Cuda {
+        /// The operation (`memcpy_dtoh output`, `load_module fwd_bf16_...`).
+        call: String,
+        /// The driver's or library's message.
+        msg: String,
+    },
 }

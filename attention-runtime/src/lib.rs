@@ -8,10 +8,13 @@
 //! - [`weights`]: safetensors weights under Megatron names ([`WeightStore`]).
 //! - [`reference`](mod@reference): the CPU reference math.
 
+pub mod bench;
 pub mod config;
+pub mod cuda;
 pub mod device;
 pub mod error;
 pub mod jit;
+pub mod kernel_cache;
 pub mod kv_cache;
 pub mod layer;
 pub mod modules;

@@ -6,6 +6,7 @@
 //!            [--positions P.safetensors] [--mask-file M.safetensors] [--context C.safetensors]
 //! attn catalog
 //! attn render --spec "<spec>" [--head-dim D]
+//! attn aot --arch sm_90a[,sm_80,...] (--catalog | --spec "<spec>" [--head-dim D]) [--cache-dir DIR]
 //! ```
 
 use std::io::Write;
@@ -33,13 +34,18 @@ struct Cli {
 
 #[derive(Subcommand)]
 enum Command {
+    /// Precompile kernels into the on-disk kernel cache, so a deploy never runs NVRTC.
+    Aot(AotArgs),
     /// Run one layer's forward on weights stored under Megatron-Core names.
     ///
-    /// Writes `output` [s, b, h] and, when the layer has one, `output_bias` [h] (not added to
+    /// Writes `output` `[s, b, h]` and, when the layer has one, `output_bias` `[h]` (not added to
     /// the output, as the reference system returns it), both f32.
     Layer(Box<LayerArgs>),
     /// List the catalog's models and kernels.
     Catalog,
+    /// Benchmarks (GPU): `attn bench prefill [--json out.json]`.
+    #[command(subcommand)]
+    Bench(BenchCommand),
     /// Print the rendered kernel sources for one spec.
     Render {
         /// The spec, in the `#[attention]` grammar.
@@ -49,6 +55,79 @@ enum Command {
         #[arg(long)]
         head_dim: Option<usize>,
     },
+}
+
+/// `attn bench` subcommands.
+#[derive(Subcommand)]
+enum BenchCommand {
+    /// Time the fast forward kernel against PyTorch SDPA (flash, cuDNN) on the same shapes:
+    /// head dims x causal/non-causal x seqlens at a fixed token count, bf16, CUDA events,
+    /// median after warm-up, inputs rotated beyond L2. Prints a ratio table.
+    Prefill(BenchPrefillArgs),
+}
+
+#[derive(clap::Args)]
+struct BenchPrefillArgs {
+    /// Write the JSON report here.
+    #[arg(long)]
+    json: Option<std::path::PathBuf>,
+    /// Head dims, comma separated.
+    #[arg(long, value_delimiter = ',', default_value = "64,128,256")]
+    head_dims: Vec<usize>,
+    /// Sequence lengths, comma separated (each divides --total-tokens).
+    #[arg(
+        long,
+        value_delimiter = ',',
+        default_value = "512,1024,2048,4096,8192,16384"
+    )]
+    seqlens: Vec<usize>,
+    /// Tokens per launch (batch = total / seqlen).
+    #[arg(long, default_value_t = 16384)]
+    total_tokens: usize,
+    /// Timed launches per shape (median reported).
+    #[arg(long, default_value_t = 20)]
+    reps: usize,
+    /// Extra tiles to time, `<head_dim>:m<M>n<N>w<warps>s<stages>`, comma separated.
+    #[arg(long, value_delimiter = ',')]
+    tiles: Vec<String>,
+    /// The SDPA baseline script (`none` to skip).
+    #[arg(long, default_value = "scripts/bench_sdpa.py")]
+    sdpa_script: String,
+}
+
+fn run_bench(cmd: &BenchCommand) -> Result<()> {
+    let BenchCommand::Prefill(a) = cmd;
+    let mut extra = Vec::new();
+    for t in &a.tiles {
+        let (hd, tile) = t
+            .split_once(':')
+            .ok_or_else(|| AttnError::InvalidArgument {
+                arg: "tiles".into(),
+                expected: "<head_dim>:m<M>n<N>w<warps>s<stages>".into(),
+                got: t.clone(),
+            })?;
+        let hd = hd
+            .parse::<usize>()
+            .map_err(|_| AttnError::InvalidArgument {
+                arg: "tiles".into(),
+                expected: "a head dim before ':'".into(),
+                got: t.clone(),
+            })?;
+        extra.push((hd, attention_runtime::bench::parse_tile(tile)?));
+    }
+    let opts = attention_runtime::bench::PrefillOptions {
+        head_dims: a.head_dims.clone(),
+        seqlens: a.seqlens.clone(),
+        total_tokens: a.total_tokens,
+        reps: a.reps,
+        extra_tiles: extra,
+        sdpa_script: (a.sdpa_script != "none").then(|| a.sdpa_script.clone().into()),
+        json: a.json.clone(),
+        ..Default::default()
+    };
+    let table = attention_runtime::bench::run_prefill(&opts)?;
+    println!("{table}");
+    Ok(())
 }
 
 #[derive(clap::Args)]
@@ -62,7 +141,7 @@ struct LayerArgs {
     /// Prefix of the weight names, e.g. `decoder.layers.0.self_attention.`.
     #[arg(long, default_value = "")]
     prefix: String,
-    /// safetensors file with the input hidden states [s, b, h] (f32, bf16 or f16).
+    /// safetensors file with the input hidden states `[s, b, h]` (f32, bf16 or f16).
     #[arg(long)]
     input: PathBuf,
     /// Name of the input tensor.
@@ -74,14 +153,14 @@ struct LayerArgs {
     /// `cpu`, `cuda` or `cuda:N`.
     #[arg(long, default_value = "cpu")]
     device: String,
-    /// safetensors file with `positions` [s] (int or float): rope positions.
+    /// safetensors file with `positions` `[s]` (int or float): rope positions.
     #[arg(long)]
     positions: Option<PathBuf>,
     /// safetensors file with `attention_mask` (bool/uint8/float, nonzero = masked out),
-    /// broadcastable to [b, 1|np, sq, sk]: for padding and arbitrary masks.
+    /// broadcastable to `[b, 1|np, sq, sk]`: for padding and arbitrary masks.
     #[arg(long)]
     mask_file: Option<PathBuf>,
-    /// safetensors file with `context` [sk, b, h]: cross-attention key/value states.
+    /// safetensors file with `context` `[sk, b, h]`: cross-attention key/value states.
     #[arg(long)]
     context: Option<PathBuf>,
     /// Query heads, when the spec leaves them out.
@@ -156,11 +235,6 @@ fn read_tensor(path: &Path, name: &str, flag: &str) -> Result<Tensor> {
 
 fn run_layer(a: &LayerArgs) -> Result<()> {
     let device = Device::from_flag(&a.device)?;
-    if device.is_cuda() {
-        return Err(AttnError::BackendUnavailable(format!(
-            "{device} was found, but the CUDA layer backend is not implemented yet; use --device cpu"
-        )));
-    }
     eprintln!("attn: running on the {device}");
     let dims = RuntimeDims {
         heads: a.heads,
@@ -196,7 +270,12 @@ fn run_layer(a: &LayerArgs) -> Result<()> {
         positions: positions.as_deref(),
         ..ForwardArgs::default()
     };
-    let out = layer.forward(&input, &args)?;
+    let out = match &device {
+        Device::Cuda(d) => {
+            attention_runtime::cuda::CudaLayer::new(&layer, d)?.forward(&input, &args)?
+        }
+        Device::Cpu => layer.forward(&input, &args)?,
+    };
     let mut tensors = vec![("output".to_string(), out.output)];
     if let Some(b) = out.bias {
         tensors.push(("output_bias".to_string(), b));
@@ -257,6 +336,150 @@ fn run_render(spec: &str, head_dim: Option<usize>) -> Result<()> {
     Ok(())
 }
 
+/// Arguments of `attn aot`.
+#[derive(clap::Args)]
+struct AotArgs {
+    /// Target architectures, comma-separated, e.g. `sm_90a,sm_80`.
+    #[arg(long, value_delimiter = ',', required = true)]
+    arch: Vec<String>,
+    /// Precompile every kernel of the catalog.
+    #[arg(long, conflicts_with_all = ["spec", "head_dim"], required_unless_present = "spec")]
+    catalog: bool,
+    /// Precompile the kernels of this spec (the `#[attention]` grammar).
+    #[arg(long)]
+    spec: Option<String>,
+    /// Head dim, when the spec leaves it out (or to pick one of the spec's head dims).
+    #[arg(long, requires = "spec")]
+    head_dim: Option<usize>,
+    /// Cache directory; default `ATTN_CACHE_DIR`, else the user's cache dir
+    /// (`$XDG_CACHE_HOME` or `~/.cache`) + `/attention-kernels`.
+    #[arg(long)]
+    cache_dir: Option<PathBuf>,
+}
+
+fn aot_jit_err(e: attention_runtime::jit::JitError) -> AttnError {
+    AttnError::BackendUnavailable(format!("kernel compilation failed: {e}"))
+}
+
+/// `attn aot`: compile kernels × archs into the on-disk kernel cache (in parallel, one worker
+/// per core), with a progress bar on stderr and a one-line summary on stdout. `ATTN_JIT` is
+/// ignored: compiling is the point.
+fn run_aot(a: &AotArgs) -> Result<()> {
+    use attention_runtime::kernel_cache::{CacheConfig, CacheOrigin, KernelCache};
+    use std::sync::atomic::{AtomicUsize, Ordering};
+    use std::sync::Mutex;
+
+    let kernels = match &a.spec {
+        None => catalog::catalog_kernels(),
+        Some(s) => {
+            let spec = attention_codegen::parse_spec(s)?;
+            match (a.head_dim, spec.head_dims.is_empty()) {
+                (Some(hd), _) => render::kernels_for_spec_with_head_dim(&spec, hd),
+                (None, false) => render::kernels_for_spec(&spec),
+                (None, true) => {
+                    return Err(AttnError::InvalidArgument {
+                        arg: "--head-dim".into(),
+                        expected: "a head dim, since the spec leaves head_dim out".into(),
+                        got: "nothing".into(),
+                    })
+                }
+            }
+        }
+    }
+    .map_err(|e| AttnError::Render(e.to_string()))?;
+    let dir = a
+        .cache_dir
+        .clone()
+        .or_else(CacheConfig::default_dir)
+        .ok_or_else(|| AttnError::InvalidArgument {
+            arg: "--cache-dir".into(),
+            expected: "a cache directory (or ATTN_CACHE_DIR, XDG_CACHE_HOME or HOME set)".into(),
+            got: "nothing".into(),
+        })?;
+    // Fail early, with the OS error, when the directory cannot be written.
+    std::fs::create_dir_all(&dir).map_err(|e| io_err(&dir, e))?;
+    let probe = dir.join(format!(".aot-probe.{}", std::process::id()));
+    std::fs::write(&probe, b"").map_err(|e| io_err(&dir, e))?;
+    let _ = std::fs::remove_file(&probe);
+
+    let config = CacheConfig::new(Some(dir.clone()));
+    if config.nvrtc_version.is_none() {
+        return Err(aot_jit_err(attention_runtime::jit::JitError::NvrtcNotFound));
+    }
+    let cache = KernelCache::new(config);
+    let jobs: Vec<(&render::KernelSource, &str)> = a
+        .arch
+        .iter()
+        .flat_map(|arch| kernels.iter().map(move |k| (k, arch.as_str())))
+        .collect();
+    let bar = indicatif::ProgressBar::with_draw_target(
+        Some(jobs.len() as u64),
+        indicatif::ProgressDrawTarget::stderr(),
+    );
+    bar.set_style(
+        indicatif::ProgressStyle::with_template("{bar:40} {pos}/{len} {elapsed} {wide_msg}")
+            .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar()),
+    );
+    let start = std::time::Instant::now();
+    let next = AtomicUsize::new(0);
+    let (compiled, cached) = (AtomicUsize::new(0), AtomicUsize::new(0));
+    let first_err: Mutex<Option<attention_runtime::jit::JitError>> = Mutex::new(None);
+    let workers = std::thread::available_parallelism()
+        .map_or(1, |n| n.get())
+        .min(jobs.len().max(1));
+    std::thread::scope(|s| {
+        for _ in 0..workers {
+            s.spawn(|| loop {
+                let i = next.fetch_add(1, Ordering::Relaxed);
+                let Some(&(k, arch)) = jobs.get(i) else { break };
+                if first_err.lock().map_or(true, |e| e.is_some()) {
+                    break;
+                }
+                bar.set_message(format!("{} {arch}", k.key));
+                match cache.lookup(&k.key, &k.source, arch) {
+                    Ok((_, CacheOrigin::Compiled)) => compiled.fetch_add(1, Ordering::Relaxed),
+                    Ok(_) => cached.fetch_add(1, Ordering::Relaxed),
+                    Err(e) => {
+                        if let Ok(mut slot) = first_err.lock() {
+                            slot.get_or_insert(e);
+                        }
+                        break;
+                    }
+                };
+                bar.inc(1);
+            });
+        }
+    });
+    bar.finish_and_clear();
+    if let Some(e) = first_err.into_inner().ok().flatten() {
+        return Err(aot_jit_err(e));
+    }
+    let stats = cache.stats();
+    if stats.memory_only {
+        return Err(io_err(
+            &dir,
+            std::io::Error::other("writing a kernel cache entry failed (see the warning log)"),
+        ));
+    }
+    let mut out = std::io::stdout().lock();
+    emit(
+        &mut out,
+        format_args!(
+            "aot: kernels={} archs={} ({}) compiled={} already_cached={} corrupt_replaced={} \
+             compile_ms={:.0} wall_ms={:.0} dir={}",
+            kernels.len(),
+            a.arch.len(),
+            a.arch.join(","),
+            compiled.into_inner(),
+            cached.into_inner(),
+            stats.corrupt_entries,
+            stats.compile_ms,
+            start.elapsed().as_secs_f64() * 1e3,
+            dir.display()
+        ),
+    )
+}
+
 fn main() -> ExitCode {
     tracing_subscriber::fmt()
         .with_env_filter(tracing_subscriber::EnvFilter::from_default_env())
@@ -264,8 +487,10 @@ fn main() -> ExitCode {
         .init();
     let cli = Cli::parse();
     let result = match &cli.command {
+        Command::Aot(a) => run_aot(a),
         Command::Layer(a) => run_layer(a),
         Command::Catalog => run_catalog(),
+        Command::Bench(b) => run_bench(b),
         Command::Render { spec, head_dim } => run_render(spec, *head_dim),
     };
     match result {

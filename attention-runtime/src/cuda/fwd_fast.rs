@@ -1,0 +1,393 @@
+//! Host launcher of the FlashAttention-2 style forward kernel (`templates/fwd_fast.cu`, key
+//! prefix `fwdfast_`), straight on cudarc: render → NVRTC CUBIN for the device's arch (or a
+//! CUBIN the caller already has, e.g. from the kernel cache) → module → launch.
+//!
+//! Layouts (row-major, `T` = `half::bf16` or `half::f16`, matching the config's dtype):
+//! - padded (no `cu_seqlens`): q, out, gate `[seqlen_q, batch, num_heads, head_dim]`;
+//!   k, v `[seqlen_k, batch, num_groups, head_dim]`;
+//! - packed (`cu_seqlens_q`, `cu_seqlens_k` int32 `[batch + 1]`): q, out, gate
+//!   `[total_q, num_heads, head_dim]`; k, v `[total_k, num_groups, head_dim]`, and
+//!   `seqlen_q` is the longest query sequence;
+//! - lse: f32 `[num_heads, rows]` (natural log), rows = `seqlen_q * batch` (padded, row
+//!   `i * batch + b`) or `total_q` (packed);
+//! - max_logit: f32 `[num_heads]`, filled with `-inf` by the caller; the kernel raises it to
+//!   each head's largest visible `q·k * softmax_scale`.
+
+use std::sync::Arc;
+
+use attention_codegen::render::{FastTile, KernelConfig, Phase};
+use cudarc::driver::sys::CUfunction_attribute_enum;
+use cudarc::driver::{
+    CudaContext, CudaFunction, CudaSlice, CudaStream, DevicePtr, DevicePtrMut, DeviceRepr,
+    LaunchConfig, PushKernelArg,
+};
+use cudarc::nvrtc::Ptx;
+
+use crate::error::{AttnError, Result};
+
+/// A loaded fast forward kernel.
+pub struct FastForward {
+    key: String,
+    config: KernelConfig,
+    tile: FastTile,
+    smem_bytes: usize,
+    func: CudaFunction,
+}
+
+/// Sequence layout of one launch.
+#[derive(Clone, Copy)]
+pub enum FastLayout<'a> {
+    /// `[s, b, heads, hn]` with the same lengths for every sequence.
+    Padded {
+        /// Query length.
+        seqlen_q: usize,
+        /// Key length.
+        seqlen_k: usize,
+    },
+    /// Packed varlen: int32 `[batch + 1]` cumulative lengths on the device, and the longest
+    /// query sequence and the totals (token counts of q and k).
+    Packed {
+        /// Query offsets.
+        cu_seqlens_q: &'a CudaSlice<i32>,
+        /// Key offsets.
+        cu_seqlens_k: &'a CudaSlice<i32>,
+        /// Longest query sequence (grid size).
+        max_seqlen_q: usize,
+        /// Query tokens in all (rows of q).
+        total_q: usize,
+        /// Key tokens in all (rows of k).
+        total_k: usize,
+    },
+}
+
+/// Arguments of one launch (tensors on the launch stream's device).
+pub struct FastArgs<'a, T> {
+    /// Queries (see the module docs for the layout).
+    pub q: &'a CudaSlice<T>,
+    /// Keys.
+    pub k: &'a CudaSlice<T>,
+    /// Values.
+    pub v: &'a CudaSlice<T>,
+    /// Output, same layout as `q`.
+    pub out: &'a mut CudaSlice<T>,
+    /// LSE, f32 `[num_heads, rows]`.
+    pub lse: &'a mut CudaSlice<f32>,
+    /// Sequence count.
+    pub batch: usize,
+    /// Query heads.
+    pub num_heads: usize,
+    /// K/V groups (divides `num_heads`).
+    pub num_groups: usize,
+    /// Padded or packed.
+    pub layout: FastLayout<'a>,
+    /// Softmax scale (usually `1 / sqrt(head_dim)`).
+    pub softmax_scale: f32,
+    /// Sliding window `(left, right)`, `-1` = unbounded; ignored unless the config has one.
+    pub window: (i32, i32),
+    /// Learnable sink logits f32 `[num_heads]` (learnable sinks only).
+    pub sinks: Option<&'a CudaSlice<f32>>,
+    /// Output gate (output-gate configs only), layout of `q`.
+    pub gate: Option<&'a CudaSlice<T>>,
+    /// Per-head max logit f32 `[num_heads]` (pre-filled with `-inf`), or none.
+    pub max_logit: Option<&'a mut CudaSlice<f32>>,
+}
+
+fn invalid(arg: &str, expected: impl Into<String>, got: impl ToString) -> AttnError {
+    AttnError::InvalidArgument {
+        arg: arg.into(),
+        expected: expected.into(),
+        got: got.to_string(),
+    }
+}
+
+fn check_len<T>(arg: &str, s: &CudaSlice<T>, want: usize) -> Result<()> {
+    if s.len() < want {
+        return Err(AttnError::Shape {
+            arg: arg.into(),
+            expected: format!("at least {want} elements"),
+            got: vec![s.len()],
+        });
+    }
+    Ok(())
+}
+
+impl FastForward {
+    /// Render `config` (phase [`Phase::ForwardFast`]), compile it with NVRTC for the arch of
+    /// `ctx`'s device and load it.
+    pub fn compile(ctx: &Arc<CudaContext>, config: &KernelConfig) -> Result<FastForward> {
+        let src = config
+            .render()
+            .map_err(|e| AttnError::Render(e.to_string()))?;
+        let cc = ctx.compute_capability().map_err(|e| AttnError::Cuda {
+            call: "cuDeviceGetAttribute compute capability".into(),
+            msg: e.to_string(),
+        })?;
+        let arch = crate::device::arch_for_capability(cc);
+        let cubin = crate::jit::compile_cubin(&src.key, &src.source, &arch).map_err(|e| {
+            AttnError::Cuda {
+                call: format!("nvrtc {}", src.key),
+                msg: e.to_string(),
+            }
+        })?;
+        FastForward::from_cubin(ctx, config, cubin)
+    }
+
+    /// Load an already compiled CUBIN of `config` (e.g. from the kernel cache) and raise the
+    /// function's dynamic shared-memory limit when the tile needs more than 48 KiB.
+    pub fn from_cubin(
+        ctx: &Arc<CudaContext>,
+        config: &KernelConfig,
+        cubin: Vec<u8>,
+    ) -> Result<FastForward> {
+        if config.phase != Phase::ForwardFast {
+            return Err(invalid(
+                "config.phase",
+                "fwdfast",
+                config.phase.prefix().to_string(),
+            ));
+        }
+        let key = config.key();
+        let tile = config.fast_tile();
+        let smem_bytes = tile.smem_bytes(config.head_dim);
+        let module = ctx
+            .load_module(Ptx::from_binary(cubin))
+            .map_err(|e| AttnError::Cuda {
+                call: format!("cuModuleLoadData {key}"),
+                msg: e.to_string(),
+            })?;
+        let func = module.load_function(&key).map_err(|e| AttnError::Cuda {
+            call: format!("cuModuleGetFunction {key}"),
+            msg: e.to_string(),
+        })?;
+        let max_optin = ctx
+            .attribute(
+                cudarc::driver::sys::CUdevice_attribute::CU_DEVICE_ATTRIBUTE_MAX_SHARED_MEMORY_PER_BLOCK_OPTIN,
+            )
+            .map_err(|e| AttnError::Cuda {
+                call: "cuDeviceGetAttribute max shared memory per block (opt-in)".into(),
+                msg: e.to_string(),
+            })? as usize;
+        if smem_bytes > max_optin {
+            return Err(invalid(
+                "config.tile",
+                format!("a tile needing at most {max_optin} bytes of shared memory on this GPU"),
+                format!("{} ({smem_bytes} bytes)", tile.key()),
+            ));
+        }
+        if smem_bytes > 48 * 1024 {
+            func.set_attribute(
+                CUfunction_attribute_enum::CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES,
+                smem_bytes as i32,
+            )
+            .map_err(|e| AttnError::Cuda {
+                call: format!("cuFuncSetAttribute max dynamic shared memory {key}"),
+                msg: e.to_string(),
+            })?;
+        }
+        Ok(FastForward {
+            key,
+            config: config.clone(),
+            tile,
+            smem_bytes,
+            func,
+        })
+    }
+
+    /// The kernel key (entry name).
+    pub fn key(&self) -> &str {
+        &self.key
+    }
+
+    /// The tile the kernel was rendered with.
+    pub fn tile(&self) -> FastTile {
+        self.tile
+    }
+
+    /// Dynamic shared memory per block, bytes.
+    pub fn smem_bytes(&self) -> usize {
+        self.smem_bytes
+    }
+
+    /// Queue one forward on `stream`. Checks the dims and buffer sizes first (typed errors
+    /// naming the argument); a failed launch names the kernel key.
+    pub fn launch<T: DeviceRepr>(
+        &self,
+        stream: &Arc<CudaStream>,
+        a: FastArgs<'_, T>,
+    ) -> Result<()> {
+        let hd = self.config.head_dim;
+        if a.batch == 0 || a.num_heads == 0 || a.num_groups == 0 {
+            return Err(invalid(
+                "batch/num_heads/num_groups",
+                "positive values",
+                format!("{}/{}/{}", a.batch, a.num_heads, a.num_groups),
+            ));
+        }
+        if !a.num_heads.is_multiple_of(a.num_groups) {
+            return Err(invalid(
+                "num_groups",
+                format!("a divisor of num_heads = {}", a.num_heads),
+                a.num_groups,
+            ));
+        }
+        if a.batch > 65535 || a.num_heads > 65535 {
+            return Err(invalid(
+                "batch/num_heads",
+                "at most 65535 each (grid limits)",
+                format!("{}/{}", a.batch, a.num_heads),
+            ));
+        }
+        let (rows_q, rows_k, grid_q, seqlen_q, seqlen_k) = match a.layout {
+            FastLayout::Padded { seqlen_q, seqlen_k } => (
+                seqlen_q * a.batch,
+                seqlen_k * a.batch,
+                seqlen_q,
+                seqlen_q,
+                seqlen_k,
+            ),
+            FastLayout::Packed {
+                cu_seqlens_q,
+                cu_seqlens_k,
+                max_seqlen_q,
+                total_q,
+                total_k,
+            } => {
+                check_len("cu_seqlens_q", cu_seqlens_q, a.batch + 1)?;
+                check_len("cu_seqlens_k", cu_seqlens_k, a.batch + 1)?;
+                (total_q, total_k, max_seqlen_q, max_seqlen_q, 0)
+            }
+        };
+        if seqlen_q > i32::MAX as usize || seqlen_k > i32::MAX as usize {
+            return Err(invalid(
+                "seqlen",
+                "at most i32::MAX",
+                seqlen_q.max(seqlen_k),
+            ));
+        }
+        check_len("q", a.q, rows_q * a.num_heads * hd)?;
+        check_len("out", a.out, rows_q * a.num_heads * hd)?;
+        check_len("k", a.k, rows_k * a.num_groups * hd)?;
+        check_len("v", a.v, rows_k * a.num_groups * hd)?;
+        check_len("lse", a.lse, rows_q * a.num_heads)?;
+        if let Some(g) = a.gate {
+            check_len("gate", g, rows_q * a.num_heads * hd)?;
+        } else if self.config.output_gate {
+            return Err(invalid(
+                "gate",
+                "a gate tensor (the kernel has an output gate)",
+                "none",
+            ));
+        }
+        match (a.sinks, self.config.sinks) {
+            (Some(s), _) => check_len("sinks", s, a.num_heads)?,
+            (None, Some(attention_codegen::Sinks::Learnable)) => {
+                return Err(invalid(
+                    "sinks",
+                    "learnable sink logits [num_heads]",
+                    "none",
+                ))
+            }
+            _ => {}
+        }
+        if let Some(m) = a.max_logit.as_deref() {
+            check_len("max_logit", m, a.num_heads)?;
+        }
+        if grid_q == 0 {
+            return Ok(());
+        }
+
+        // Raw device pointers (0 = null); the guards keep cudarc's stream ordering.
+        let (q_ptr, _g1) = a.q.device_ptr(stream);
+        let (k_ptr, _g2) = a.k.device_ptr(stream);
+        let (v_ptr, _g3) = a.v.device_ptr(stream);
+        let (out_ptr, _g4) = a.out.device_ptr_mut(stream);
+        let (lse_ptr, _g5) = a.lse.device_ptr_mut(stream);
+        let (cuq, _g6, cuk, _g7) = match a.layout {
+            FastLayout::Packed {
+                cu_seqlens_q,
+                cu_seqlens_k,
+                ..
+            } => {
+                let (p, g) = cu_seqlens_q.device_ptr(stream);
+                let (p2, g2) = cu_seqlens_k.device_ptr(stream);
+                (p, Some(g), p2, Some(g2))
+            }
+            FastLayout::Padded { .. } => (0, None, 0, None),
+        };
+        let (sinks_ptr, _g8) = match a.sinks {
+            Some(s) => {
+                let (p, g) = s.device_ptr(stream);
+                (p, Some(g))
+            }
+            None => (0, None),
+        };
+        let (gate_ptr, _g9) = match a.gate {
+            Some(s) => {
+                let (p, g) = s.device_ptr(stream);
+                (p, Some(g))
+            }
+            None => (0, None),
+        };
+        let (ml_ptr, _g10) = match a.max_logit {
+            Some(s) => {
+                let (p, g) = s.device_ptr_mut(stream);
+                (p, Some(g))
+            }
+            None => (0, None),
+        };
+        let batch = a.batch as i32;
+        let heads = a.num_heads as i32;
+        let groups = a.num_groups as i32;
+        let sq = seqlen_q as i32;
+        let sk = seqlen_k as i32;
+        let (wl, wr) = a.window;
+        let null: u64 = 0;
+        let zero: i64 = 0;
+        let cfg = LaunchConfig {
+            grid_dim: (
+                grid_q.div_ceil(self.tile.block_m) as u32,
+                a.num_heads as u32,
+                a.batch as u32,
+            ),
+            block_dim: ((self.tile.warps * 32) as u32, 1, 1),
+            shared_mem_bytes: self.smem_bytes as u32,
+        };
+        let mut b = stream.launch_builder(&self.func);
+        b.arg(&q_ptr)
+            .arg(&k_ptr)
+            .arg(&v_ptr)
+            .arg(&out_ptr)
+            .arg(&lse_ptr)
+            .arg(&cuq)
+            .arg(&cuk)
+            .arg(&batch)
+            .arg(&heads)
+            .arg(&groups)
+            .arg(&sq)
+            .arg(&sk)
+            .arg(&a.softmax_scale)
+            .arg(&wl)
+            .arg(&wr)
+            .arg(&null) // mask
+            .arg(&zero)
+            .arg(&zero)
+            .arg(&zero)
+            .arg(&zero)
+            .arg(&null) // bias
+            .arg(&zero)
+            .arg(&zero)
+            .arg(&zero)
+            .arg(&zero)
+            .arg(&sinks_ptr)
+            .arg(&gate_ptr)
+            .arg(&ml_ptr);
+        // SAFETY: the argument list matches the kernel's signature (templates/fwd_fast.cu):
+        // 8-byte pointers (0 = null), i32 dims, f32 scale, i64 strides; every buffer was
+        // checked above to hold the elements the kernel indexes for these dims.
+        unsafe { b.launch(cfg) }.map_err(|e| AttnError::KernelLaunch {
+            key: self.key.clone(),
+            msg: e.to_string(),
+        })?;
+        Ok(())
+    }
+}

@@ -1,0 +1,57 @@
+//! Kernel compilation, loading and launch errors.
+//!
+//! A kernel is rendered from its [`KernelConfig`], fetched from the process-wide
+//! [`KernelCache`](crate::kernel_cache::KernelCache) (memory, then the on-disk cache, then
+//! NVRTC straight to a CUBIN) for the device's exact arch ([`CudaDevice::arch`](crate::device::CudaDevice::arch): `sm_90a`
+//! on H100/H200), loaded as a module, and cached per device under its key. The cache lock is
+//! held while compiling, so a kernel is compiled once even when several threads ask for it.
+
+use attention_codegen::render::KernelConfig;
+use cudarc::driver::{CudaFunction, DriverError};
+
+use super::CudaRuntime;
+use crate::error::{AttnError, Result};
+
+/// The loaded function for `config` on `rt`'s device, compiling it on first use.
+///
+/// Errors: [`AttnError::Render`] (template), [`AttnError::BackendUnavailable`] (NVRTC missing
+/// or the compile failed; the message names the key and holds NVRTC's log),
+/// [`AttnError::Cuda`] (module load).
+pub fn kernel(rt: &CudaRuntime, config: &KernelConfig) -> Result<(String, CudaFunction)> {
+    let key = config.key();
+    let mut cache = rt.kernels.lock().unwrap_or_else(|p| p.into_inner());
+    if let Some(f) = cache.get(&key) {
+        return Ok((key, f.clone()));
+    }
+    let src = config
+        .render()
+        .map_err(|e| AttnError::Render(e.to_string()))?;
+    let arch = rt.device().arch();
+    let jit_err = |e: crate::jit::JitError| AttnError::BackendUnavailable(e.to_string());
+    let cubin = crate::kernel_cache::KernelCache::global()
+        .map_err(jit_err)?
+        .get_or_compile(&src.key, &src.source, &arch)
+        .map_err(jit_err)?;
+    let module = rt
+        .device()
+        .context
+        .load_module(cudarc::nvrtc::Ptx::from_binary(cubin.bytes.clone()))
+        .map_err(|e| AttnError::Cuda {
+            call: format!("cuModuleLoadData {key} ({arch})"),
+            msg: e.to_string(),
+        })?;
+    let f = module.load_function(&key).map_err(|e| AttnError::Cuda {
+        call: format!("cuModuleGetFunction {key}"),
+        msg: e.to_string(),
+    })?;
+    cache.insert(key.clone(), f.clone());
+    Ok((key, f))
+}
+
+/// Map a launch failure to [`AttnError::KernelLaunch`] naming `key`.
+pub fn launch_err(key: &str) -> impl FnOnce(DriverError) -> AttnError + '_ {
+    move |e| AttnError::KernelLaunch {
+        key: key.to_string(),
+        msg: e.to_string(),
+    }
+}

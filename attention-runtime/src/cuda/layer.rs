@@ -1,0 +1,667 @@
+//! [`CudaLayer`]: any [`AttentionLayer`] on a CUDA GPU.
+//!
+//! Self-attention: `linear_qkv` (cuBLASLt, bias fused) -> `qkv_prep` kernel (GQA-interleaved
+//! split, q/k norm, rope at explicit positions with mscale, output-gate split) -> `fwd` kernel
+//! (padded `[s, b]` or packed cu_seqlens, every mask type, window, bias, sinks, gate) ->
+//! `linear_proj` (cuBLASLt; its bias returned unadded).
+//!
+//! Cross-attention: `linear_q(hidden)`, `linear_kv(context)` -> `qkv_prep` (cross layout:
+//! per head `[k_h | v_h]`) -> `fwd` -> `linear_proj`.
+//!
+//! Kernels are rendered from the layer's spec for its config's head dim and compiled by
+//! NVRTC for the device's exact arch on first use, then cached per device
+//! ([`launch::kernel`](super::launch::kernel)). Activations and weights use the spec's dtype
+//! (bf16 or f16); norms, softmax and rope run in f32 inside the kernels.
+
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+
+use attention_codegen::render::{configs_for_head_dim, KernelConfig, Phase};
+use attention_codegen::{AttentionKind, MaskType, Role, Sinks, SUPPORTED_HEAD_DIMS};
+use cudarc::driver::{CudaSlice, DevicePtr, LaunchConfig, PushKernelArg};
+use half::{bf16, f16};
+
+use super::launch::{kernel, launch_err};
+use super::linear::{linear_kv, linear_proj_into, linear_q, linear_qkv_into, DeviceLinear};
+use super::tensor::{upload, DeviceElem, DeviceTensor, ElemType};
+use super::CudaRuntime;
+use crate::config::LayerConfig;
+use crate::device::CudaDevice;
+use crate::error::{AttnError, Result};
+use crate::layer::{AttentionLayer, ForwardArgs, LayerOutput};
+use crate::modules::check_cu_seqlens;
+use crate::tensor::Tensor;
+
+/// The layer's projections on the device.
+#[derive(Debug)]
+enum Projections {
+    SelfAttention {
+        qkv: Box<DeviceLinear>,
+    },
+    CrossAttention {
+        q: Box<DeviceLinear>,
+        kv: Box<DeviceLinear>,
+    },
+}
+
+/// A layer whose forward runs on a CUDA GPU, built from any [`AttentionLayer`] by copying its
+/// parameters (its `state_dict`, Megatron names) to the device in the spec's dtype.
+///
+/// Inputs and outputs of [`forward`](Self::forward) are host tensors with the CPU layer's
+/// layouts: hidden `[s, b, h]` (packed `[t, h]`), output the same shape, bias `[h]` unadded.
+#[derive(Debug)]
+pub struct CudaLayer {
+    rt: Arc<CudaRuntime>,
+    config: LayerConfig,
+    elem: ElemType,
+    proj_in: Projections,
+    q_norm: (Option<DeviceTensor>, Option<DeviceTensor>),
+    k_norm: (Option<DeviceTensor>, Option<DeviceTensor>),
+    sinks: Option<CudaSlice<f32>>,
+    proj: DeviceLinear,
+    proj_bias_host: Option<Tensor>,
+    prep: KernelConfig,
+    fwd: KernelConfig,
+    poison: AtomicBool,
+}
+
+fn bad(arg: &str, expected: impl Into<String>, got: impl Into<String>) -> AttnError {
+    AttnError::InvalidArgument {
+        arg: arg.into(),
+        expected: expected.into(),
+        got: got.into(),
+    }
+}
+
+/// A raw device pointer for a kernel argument (0 = null).
+fn dptr<T>(s: &CudaSlice<T>, rt: &CudaRuntime) -> u64 {
+    let (p, _sync) = s.device_ptr(rt.stream());
+    p
+}
+
+fn tptr(t: &DeviceTensor, rt: &CudaRuntime) -> u64 {
+    match t.data() {
+        super::DeviceData::Bf16(s) => dptr(s, rt),
+        super::DeviceData::F16(s) => dptr(s, rt),
+        super::DeviceData::F32(s) => dptr(s, rt),
+    }
+}
+
+fn opt_ptr(t: Option<&DeviceTensor>, rt: &CudaRuntime) -> u64 {
+    t.map_or(0, |t| tptr(t, rt))
+}
+
+/// Element strides of a tensor broadcast (right-aligned, size-1 dims repeat) to `target`.
+fn bcast_strides(arg: &str, shape: &[usize], target: [usize; 4]) -> Result<[i64; 4]> {
+    let err = || AttnError::Shape {
+        arg: arg.into(),
+        expected: format!("broadcastable to {target:?}"),
+        got: shape.to_vec(),
+    };
+    if shape.len() > 4 {
+        return Err(err());
+    }
+    let mut full = [1usize; 4];
+    full[4 - shape.len()..].copy_from_slice(shape);
+    let mut strides = [0i64; 4];
+    let mut s = 1i64;
+    for d in (0..4).rev() {
+        if full[d] == target[d] && full[d] != 1 {
+            strides[d] = s;
+        } else if full[d] != 1 {
+            return Err(err());
+        }
+        s *= full[d] as i64;
+    }
+    Ok(strides)
+}
+
+fn to_i32(arg: &str, v: i64) -> Result<i32> {
+    i32::try_from(v).map_err(|_| bad(arg, "a value that fits in int32", v.to_string()))
+}
+
+/// Sequence geometry of one forward.
+struct Geometry {
+    /// Rows (tokens) of the queries and the keys.
+    nq: usize,
+    nk: usize,
+    /// `batch` argument: b (padded) or the number of sequences (packed).
+    batch: usize,
+    /// `seqlen_q` / `seqlen_k` (padded), longest sequences (packed).
+    sq: usize,
+    sk: usize,
+    /// Device cu_seqlens (packed only).
+    cu_q: Option<CudaSlice<i32>>,
+    cu_k: Option<CudaSlice<i32>>,
+}
+
+impl CudaLayer {
+    /// Copy `layer`'s parameters to `device` and prepare its kernels' configs.
+    ///
+    /// Errors: [`AttnError::MissingWeight`] when the layer's `state_dict` lacks a parameter
+    /// (a user submodule that does not expose its weights), [`AttnError::WeightShape`],
+    /// [`AttnError::InvalidArgument`] for a head dim the kernels do not support,
+    /// [`AttnError::Render`], [`AttnError::DeviceAlloc`].
+    pub fn new(layer: &dyn AttentionLayer, device: &CudaDevice) -> Result<Self> {
+        let config = layer.config().clone();
+        let hd = config.head_dim;
+        if !SUPPORTED_HEAD_DIMS.contains(&hd) {
+            return Err(bad(
+                "head_dim",
+                format!("one of {SUPPORTED_HEAD_DIMS:?} on CUDA"),
+                hd.to_string(),
+            ));
+        }
+        let rt = CudaRuntime::get(device)?;
+        let elem = ElemType::from(config.dtype);
+        let sd: HashMap<String, Tensor> = layer.state_dict("").into_iter().collect();
+        let get = |key: String, shape: &[usize]| -> Result<Tensor> {
+            let t = sd.get(&key).ok_or_else(|| AttnError::MissingWeight {
+                key: key.clone(),
+                source_name: "the layer's state_dict".into(),
+            })?;
+            if t.shape() != shape {
+                return Err(AttnError::WeightShape {
+                    key,
+                    expected: shape.to_vec(),
+                    got: t.shape().to_vec(),
+                });
+            }
+            Ok(t.clone())
+        };
+        let st = rt.stream().clone();
+        let linear = |role: Role, out: usize, inp: usize, has_bias: bool| -> Result<DeviceLinear> {
+            let w = get(format!("{}.weight", role.name()), &[out, inp])?;
+            let b = has_bias
+                .then(|| get(format!("{}.bias", role.name()), &[out]))
+                .transpose()?;
+            DeviceLinear::from_host(&st, role.name(), &w, b.as_ref(), elem)
+        };
+        let (np, hn, h) = (config.heads, hd, config.hidden);
+        let is_self = config.kind == AttentionKind::SelfAttention;
+        let proj_in = if is_self {
+            Projections::SelfAttention {
+                qkv: Box::new(linear(
+                    Role::LinearQkv,
+                    config.qkv_out_features(),
+                    h,
+                    config.qkv_bias,
+                )?),
+            }
+        } else {
+            Projections::CrossAttention {
+                q: Box::new(linear(Role::LinearQ, np * hn, h, config.qkv_bias)?),
+                kv: Box::new(linear(Role::LinearKv, 2 * np * hn, h, config.qkv_bias)?),
+            }
+        };
+        let proj = linear(Role::LinearProj, h, np * hn, config.proj_bias)?;
+        let proj_bias_host = config
+            .proj_bias
+            .then(|| get(format!("{}.bias", Role::LinearProj.name()), &[h]))
+            .transpose()?;
+        let norm = |role: Role| -> Result<(Option<DeviceTensor>, Option<DeviceTensor>)> {
+            use attention_codegen::QkNorm;
+            let Some(kind) = config.qk_norm.filter(|_| is_self) else {
+                return Ok((None, None));
+            };
+            let w = (kind != QkNorm::L2)
+                .then(|| get(format!("{}.weight", role.name()), &[hn]))
+                .transpose()?;
+            let b = (kind == QkNorm::Layer)
+                .then(|| get(format!("{}.bias", role.name()), &[hn]))
+                .transpose()?;
+            Ok((
+                w.map(|w| DeviceTensor::from_host(&st, &w, elem))
+                    .transpose()?,
+                b.map(|b| DeviceTensor::from_host(&st, &b, elem))
+                    .transpose()?,
+            ))
+        };
+        let q_norm = norm(Role::QLayernorm)?;
+        let k_norm = norm(Role::KLayernorm)?;
+        let sinks = if config.sinks == Some(Sinks::Learnable) {
+            let t = get(
+                format!("{}.softmax_offset", Role::CoreAttention.name()),
+                &[np],
+            )?;
+            Some(upload(&st, t.data(), "core_attention.softmax_offset")?)
+        } else {
+            None
+        };
+        let configs =
+            configs_for_head_dim(&config.spec, hd).map_err(|e| AttnError::Render(e.to_string()))?;
+        let find = |p: Phase| {
+            configs
+                .iter()
+                .find(|c| c.phase == p)
+                .cloned()
+                .ok_or_else(|| AttnError::Render(format!("the spec gives no `{p}` kernel")))
+        };
+        let prep = find(Phase::QkvPrep)?;
+        let fwd = find(Phase::Forward)?;
+        Ok(CudaLayer {
+            rt,
+            config,
+            elem,
+            proj_in,
+            q_norm,
+            k_norm,
+            sinks,
+            proj,
+            proj_bias_host,
+            prep,
+            fwd,
+            poison: AtomicBool::new(false),
+        })
+    }
+
+    /// When on, every intermediate and output buffer of a forward is filled with NaN before
+    /// the GEMM or kernel that should write it runs, so an element left unwritten shows up
+    /// as NaN in the output (tests use this; it costs one extra copy per buffer).
+    pub fn set_poison_outputs(&self, on: bool) {
+        self.poison.store(on, Ordering::Relaxed);
+    }
+
+    fn alloc(&self, shape: &[usize], arg: &str) -> Result<DeviceTensor> {
+        let mut t = DeviceTensor::uninit(self.rt.stream(), self.elem, shape, arg)?;
+        if self.poison.load(Ordering::Relaxed) {
+            t.fill_nan()?;
+        }
+        Ok(t)
+    }
+
+    /// The resolved config.
+    pub fn config(&self) -> &LayerConfig {
+        &self.config
+    }
+
+    /// The device runtime (stream, cuBLASLt, kernel cache).
+    pub fn runtime(&self) -> &Arc<CudaRuntime> {
+        &self.rt
+    }
+
+    /// The key of the forward kernel a call with `args` uses.
+    pub fn forward_kernel_key(&self, args: &ForwardArgs<'_>) -> String {
+        self.fwd_config(args).key()
+    }
+
+    /// The key of the `qkv_prep` kernel.
+    pub fn prep_kernel_key(&self) -> String {
+        self.prep.key()
+    }
+
+    fn fwd_config(&self, args: &ForwardArgs<'_>) -> KernelConfig {
+        let mut c = self.fwd.clone();
+        c.mask = Some(args.mask_type.unwrap_or(self.config.mask));
+        c.has_bias = args.attention_bias.is_some();
+        c
+    }
+
+    /// Forward on the GPU with host tensors in and out; same contract and errors as the CPU
+    /// layer's `forward` (`hidden` `[s, b, h]`, or `[t, h]` with `args.packed`; returns the
+    /// output of the same shape and `linear_proj`'s bias unadded).
+    pub fn forward(&self, hidden: &Tensor, args: &ForwardArgs<'_>) -> Result<LayerOutput> {
+        let x = DeviceTensor::from_host(self.rt.stream(), hidden, self.elem)?;
+        let (y, _) = self.forward_device(&x, args)?;
+        let out = y.to_host()?.reshape(hidden.shape())?;
+        Ok(LayerOutput {
+            output: out,
+            bias: self.proj_bias_host.clone(),
+        })
+    }
+
+    /// Forward over device-resident hidden states (`[s, b, h]` or packed `[t, h]`, in the
+    /// spec's dtype). Returns the output `[rows, h]` (rows = `s * b` or `t`) in the spec's
+    /// dtype (the stream is synchronized), and `linear_proj`'s device bias `[h]`. Mask, bias and
+    /// context tensors in `args` are uploaded per call.
+    pub fn forward_device(
+        &self,
+        hidden: &DeviceTensor,
+        args: &ForwardArgs<'_>,
+    ) -> Result<(DeviceTensor, Option<&DeviceTensor>)> {
+        match self.elem {
+            ElemType::Bf16 => self.forward_typed::<bf16>(hidden, args),
+            ElemType::F16 => self.forward_typed::<f16>(hidden, args),
+            ElemType::F32 => Err(AttnError::DType {
+                arg: "spec dtype".into(),
+                expected: "bf16 or f16".into(),
+                got: "f32".into(),
+            }),
+        }
+    }
+
+    fn geometry(
+        &self,
+        hidden: &DeviceTensor,
+        ctx: Option<&DeviceTensor>,
+        args: &ForwardArgs<'_>,
+    ) -> Result<Geometry> {
+        let h = self.config.hidden;
+        let packed = args.packed.is_some();
+        let shape_of = |arg: &str, t: &DeviceTensor| -> Result<(usize, usize, usize)> {
+            match (t.shape(), packed) {
+                ([s, b, hh], false) if *hh == h => Ok((s * b, *s, *b)),
+                ([t, hh], true) if *hh == h => Ok((*t, *t, 1)),
+                (s, _) => Err(AttnError::Shape {
+                    arg: arg.into(),
+                    expected: if packed {
+                        format!("[t, {h}] (packed)")
+                    } else {
+                        format!("[s, b, {h}]")
+                    },
+                    got: s.to_vec(),
+                }),
+            }
+        };
+        let (nq, sq, b) = shape_of("hidden", hidden)?;
+        let (nk, sk, bk) = match ctx {
+            Some(c) => shape_of("key_value_states", c)?,
+            None => (nq, sq, b),
+        };
+        if bk != b {
+            return Err(AttnError::Shape {
+                arg: "key_value_states".into(),
+                expected: format!("[sk, {b}, {h}]"),
+                got: ctx.map(|c| c.shape().to_vec()).unwrap_or_default(),
+            });
+        }
+        match &args.packed {
+            None => Ok(Geometry {
+                nq,
+                nk,
+                batch: b,
+                sq,
+                sk,
+                cu_q: None,
+                cu_k: None,
+            }),
+            Some(pk) => {
+                let cq = check_cu_seqlens("cu_seqlens_q", pk.cu_seqlens_q, nq)?;
+                let cu_kv: &[i32] = if ctx.is_none() {
+                    if !pk.cu_seqlens_kv.is_empty() && pk.cu_seqlens_kv != pk.cu_seqlens_q {
+                        return Err(AttnError::CuSeqlens {
+                            arg: "cu_seqlens_kv".into(),
+                            expected: "equal to cu_seqlens_q (or empty) for self-attention".into(),
+                            got: pk.cu_seqlens_kv.iter().map(|&x| x as i64).collect(),
+                        });
+                    }
+                    pk.cu_seqlens_q
+                } else {
+                    pk.cu_seqlens_kv
+                };
+                let ck = check_cu_seqlens("cu_seqlens_kv", cu_kv, nk)?;
+                if cq.len() != ck.len() {
+                    return Err(AttnError::CuSeqlens {
+                        arg: "cu_seqlens_kv".into(),
+                        expected: format!("{} entries, as cu_seqlens_q", cq.len()),
+                        got: cu_kv.iter().map(|&x| x as i64).collect(),
+                    });
+                }
+                let n = cq.len() - 1;
+                let mq = (0..n).map(|s| cq[s + 1] - cq[s]).max().unwrap_or(0);
+                let mk = (0..n).map(|s| ck[s + 1] - ck[s]).max().unwrap_or(0);
+                Ok(Geometry {
+                    nq,
+                    nk,
+                    batch: n,
+                    sq: mq.max(pk.max_seqlen_q),
+                    sk: mk.max(pk.max_seqlen_kv),
+                    cu_q: Some(upload(self.rt.stream(), pk.cu_seqlens_q, "cu_seqlens_q")?),
+                    cu_k: Some(upload(self.rt.stream(), cu_kv, "cu_seqlens_kv")?),
+                })
+            }
+        }
+    }
+
+    /// Rope position of every query row, as the CPU layer computes them.
+    fn positions(&self, g: &Geometry, args: &ForwardArgs<'_>) -> Result<Vec<i32>> {
+        let packed = args.packed.is_some();
+        let s = if packed { g.nq } else { g.sq };
+        let b = if packed { 1 } else { g.batch };
+        let pos: Vec<i64> = match (args.positions, &args.packed) {
+            (Some(p), _) if p.len() != s => {
+                return Err(AttnError::Shape {
+                    arg: "positions".into(),
+                    expected: format!(
+                        "[{s}] (one per {})",
+                        if packed {
+                            "packed token"
+                        } else {
+                            "sequence position"
+                        }
+                    ),
+                    got: vec![p.len()],
+                })
+            }
+            (Some(p), None) => (0..g.nq).map(|r| p[r / b]).collect(),
+            (Some(p), Some(_)) => p.to_vec(),
+            (None, None) => (0..g.nq).map(|r| (r / b) as i64).collect(),
+            (None, Some(pk)) => {
+                let mut pos = vec![0i64; g.nq];
+                for w in pk.cu_seqlens_q.windows(2) {
+                    for (i, t) in (w[0]..w[1]).enumerate() {
+                        pos[t as usize] = i as i64;
+                    }
+                }
+                pos
+            }
+        };
+        pos.into_iter().map(|p| to_i32("positions", p)).collect()
+    }
+
+    fn forward_typed<T: DeviceElem>(
+        &self,
+        hidden: &DeviceTensor,
+        args: &ForwardArgs<'_>,
+    ) -> Result<(DeviceTensor, Option<&DeviceTensor>)>
+    where
+        cudarc::cublaslt::CudaBlasLT: cudarc::cublaslt::Matmul<T>,
+    {
+        let rt = &*self.rt;
+        let st = rt.stream();
+        let c = &self.config;
+        let (np, ng, hn) = (c.heads, c.groups, c.head_dim);
+        let is_self = c.kind == AttentionKind::SelfAttention;
+        if hidden.elem() != self.elem {
+            return Err(AttnError::DType {
+                arg: "hidden".into(),
+                expected: self.elem.name().into(),
+                got: hidden.elem().name().into(),
+            });
+        }
+        let ctx = match (is_self, args.key_value_states) {
+            (true, Some(_)) => {
+                return Err(bad(
+                    "key_value_states",
+                    "none for self-attention",
+                    "a tensor",
+                ))
+            }
+            (false, None) => {
+                return Err(bad(
+                    "key_value_states",
+                    "the context [sk, b, h] for cross-attention",
+                    "none",
+                ))
+            }
+            (true, None) => None,
+            (false, Some(t)) => Some(DeviceTensor::from_host(st, t, self.elem)?),
+        };
+        let g = self.geometry(hidden, ctx.as_ref(), args)?;
+        let fcfg = self.fwd_config(args);
+        let mask_type = fcfg.mask.unwrap_or(MaskType::NoMask);
+        if args.attention_mask.is_some() && !mask_type.takes_mask_tensor() {
+            return Err(bad(
+                "attention_mask",
+                "none for this mask type (only padding, padding_causal, arbitrary take a mask)",
+                format!("a mask tensor with mask type {}", mask_type.name()),
+            ));
+        }
+        let target = [g.batch, np, g.sq, g.sk];
+        // Mask: uint8 (nonzero = masked out) in the tensor's own layout, broadcast by strides.
+        let (mask_buf, mask_strides) = match args.attention_mask {
+            Some(m) if mask_type.takes_mask_tensor() => {
+                let s = bcast_strides("attention_mask", m.shape(), target)?;
+                let v: Vec<u8> = m.data().iter().map(|&x| u8::from(x != 0.0)).collect();
+                (Some(upload(st, &v, "attention_mask")?), s)
+            }
+            _ if mask_type.takes_mask_tensor() => {
+                (Some(upload(st, &[0u8], "attention_mask")?), [0; 4])
+            }
+            _ => (None, [0; 4]),
+        };
+        let (bias_buf, bias_strides) = match args.attention_bias {
+            Some(bt) => {
+                let s = bcast_strides("attention_bias", bt.shape(), target)?;
+                (Some(upload(st, bt.data(), "attention_bias")?), s)
+            }
+            None => (None, [0; 4]),
+        };
+        if g.batch > 65535 || np > 65535 {
+            return Err(bad(
+                "batch / heads",
+                "at most 65535 each (grid y/z limits)",
+                format!("batch {} heads {np}", g.batch),
+            ));
+        }
+        let mut out = self.alloc(&[g.nq, c.hidden], "output")?;
+        if g.nq == 0 {
+            return Ok((out, self.proj.bias.as_ref()));
+        }
+
+        // 1. Projections.
+        let (a, kv_in) = match (&self.proj_in, &ctx) {
+            (Projections::SelfAttention { qkv }, _) => {
+                let mut a = self.alloc(&[g.nq, qkv.out_features()], "linear_qkv output")?;
+                linear_qkv_into(rt, hidden, qkv, &mut a)?;
+                (a, None)
+            }
+            (Projections::CrossAttention { q, kv }, Some(cx)) => {
+                (linear_q(rt, hidden, q)?, Some(linear_kv(rt, cx, kv)?))
+            }
+            (Projections::CrossAttention { .. }, None) => unreachable!("checked above"),
+        };
+
+        // 2. qkv_prep.
+        let q = self.alloc(&[g.nq, np, hn], "q")?;
+        let k = self.alloc(&[g.nk, ng, hn], "k")?;
+        let v = self.alloc(&[g.nk, ng, hn], "v")?;
+        let gate = if c.output_gate {
+            Some(self.alloc(&[g.nq, np, hn], "gate")?)
+        } else {
+            None
+        };
+        let positions = if self.prep.rope.is_some() {
+            Some(upload(st, &self.positions(&g, args)?, "positions")?)
+        } else {
+            None
+        };
+        {
+            let (key, f) = kernel(rt, &self.prep)?;
+            let grid = if is_self { g.nq } else { g.nq.max(g.nk) };
+            let cfg = LaunchConfig {
+                grid_dim: (to_i32("rows", grid as i64)? as u32, 1, 1),
+                block_dim: ((self.prep.warps * 32) as u32, 1, 1),
+                shared_mem_bytes: 0,
+            };
+            let p_qkv = tptr(&a, rt);
+            let p_kv = opt_ptr(kv_in.as_ref(), rt);
+            let (p_q, p_k, p_v) = (tptr(&q, rt), tptr(&k, rt), tptr(&v, rt));
+            let p_gate = opt_ptr(gate.as_ref(), rt);
+            let p_qw = opt_ptr(self.q_norm.0.as_ref(), rt);
+            let p_qb = opt_ptr(self.q_norm.1.as_ref(), rt);
+            let p_kw = opt_ptr(self.k_norm.0.as_ref(), rt);
+            let p_kb = opt_ptr(self.k_norm.1.as_ref(), rt);
+            let eps = c.eps;
+            let p_pos = positions.as_ref().map_or(0, |p| dptr(p, rt));
+            let base = c.rope.map_or(10000.0, |r| r.rotary_base as f32);
+            let mscale = args.rope_mscale;
+            let (nt, nkt) = (g.nq as i32, g.nk as i32);
+            let (nh, ngr) = (np as i32, ng as i32);
+            let mut b = st.launch_builder(&f);
+            b.arg(&p_qkv)
+                .arg(&p_kv)
+                .arg(&p_q)
+                .arg(&p_k)
+                .arg(&p_v)
+                .arg(&p_gate);
+            b.arg(&p_qw).arg(&p_qb).arg(&p_kw).arg(&p_kb).arg(&eps);
+            b.arg(&p_pos).arg(&base).arg(&mscale);
+            b.arg(&nt).arg(&nkt).arg(&nh).arg(&ngr);
+            // SAFETY: the argument list matches the qkv_prep entry point (render.rs docs):
+            // every pointer is a live device buffer of the documented shape or null where the
+            // variant ignores it; grid covers every token row.
+            unsafe { b.launch(cfg) }.map_err(launch_err(&key))?;
+        }
+
+        // 3. Attention forward.
+        let o = self.alloc(&[g.nq, np, hn], "attention output")?;
+        let lse = super::tensor::alloc_uninit::<f32>(st, np * g.nq, "lse")?;
+        {
+            let (key, f) = kernel(rt, &fcfg)?;
+            let rows = fcfg.warps;
+            let cfg = LaunchConfig {
+                grid_dim: (
+                    g.sq.div_ceil(rows).max(1) as u32,
+                    np as u32,
+                    g.batch.max(1) as u32,
+                ),
+                block_dim: ((rows * 32) as u32, 1, 1),
+                shared_mem_bytes: 0,
+            };
+            let (p_q, p_k, p_v, p_o) = (tptr(&q, rt), tptr(&k, rt), tptr(&v, rt), tptr(&o, rt));
+            let p_lse = dptr(&lse, rt);
+            let p_cq = g.cu_q.as_ref().map_or(0, |s| dptr(s, rt));
+            let p_ck = g.cu_k.as_ref().map_or(0, |s| dptr(s, rt));
+            let batch = g.batch as i32;
+            let (nh, ngr) = (np as i32, ng as i32);
+            let (sq, sk) = (
+                to_i32("seqlen_q", g.sq as i64)?,
+                to_i32("seqlen_k", g.sk as i64)?,
+            );
+            let scale = c.softmax_scale;
+            let (wl, wr) = match c.window {
+                Some(w) => (to_i32("window", w.left)?, to_i32("window", w.right)?),
+                None => (-1, -1),
+            };
+            let p_mask = mask_buf.as_ref().map_or(0, |s| dptr(s, rt));
+            let p_bias = bias_buf.as_ref().map_or(0, |s| dptr(s, rt));
+            let p_sinks = self.sinks.as_ref().map_or(0, |s| dptr(s, rt));
+            let p_gate = opt_ptr(gate.as_ref(), rt);
+            let [mb, mh, mq, mk] = mask_strides;
+            let [bb, bh, bq, bk] = bias_strides;
+            let mut b = st.launch_builder(&f);
+            b.arg(&p_q).arg(&p_k).arg(&p_v).arg(&p_o).arg(&p_lse);
+            b.arg(&p_cq).arg(&p_ck).arg(&batch).arg(&nh).arg(&ngr);
+            b.arg(&sq).arg(&sk).arg(&scale).arg(&wl).arg(&wr);
+            b.arg(&p_mask).arg(&mb).arg(&mh).arg(&mq).arg(&mk);
+            b.arg(&p_bias).arg(&bb).arg(&bh).arg(&bq).arg(&bk);
+            b.arg(&p_sinks).arg(&p_gate);
+            // SAFETY: the argument list matches the fwd entry point (render.rs docs); q/o/gate
+            // are [nq, np, hn], k/v [nk, ng, hn] (padded rows are s-major, b-minor, as the
+            // kernel indexes them), lse [np, nq], cu_seqlens [batch + 1], mask/bias broadcast
+            // by the strides computed above; grid covers every (row block, head, sequence).
+            unsafe { b.launch(cfg) }.map_err(launch_err(&key))?;
+        }
+
+        // 4. Output projection (bias returned, not added).
+        let o = o.view(&[g.nq, np * hn])?;
+        let bias = linear_proj_into(rt, &o, &self.proj, &mut out)?;
+        // Keep every input buffer alive until the queued work is done.
+        rt.synchronize(&format!(
+            "{} -> {} -> {} -> linear_proj",
+            if is_self {
+                "linear_qkv"
+            } else {
+                "linear_q/linear_kv"
+            },
+            self.prep.key(),
+            fcfg.key()
+        ))?;
+        drop((
+            a, kv_in, q, k, v, gate, positions, lse, mask_buf, bias_buf, g,
+        ));
+        Ok((out, bias))
+    }
+}

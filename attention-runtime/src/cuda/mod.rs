@@ -1,0 +1,124 @@
+//! The CUDA backend: device tensors, cuBLASLt linears, NVRTC-compiled kernels and the layer.
+//!
+//! - [`tensor`]: [`DeviceTensor`] (bf16 / f16 / f32, row-major, host round trips).
+//! - [`linear`]: `linear_qkv`, `linear_q`, `linear_kv`, `linear_proj` through cuBLASLt.
+//! - [`launch`]: the per-device kernel cache (render -> NVRTC CUBIN for the exact arch ->
+//!   module) and launch helpers whose errors name the kernel key.
+//! - [`layer`]: [`CudaLayer`], any [`AttentionLayer`](crate::AttentionLayer) on the GPU.
+//!
+//! Everything runs on one stream per device ([`CudaRuntime::stream`]); a forward synchronizes
+//! once, when its result is read back.
+
+pub mod fwd_fast;
+pub mod launch;
+pub mod layer;
+pub mod linear;
+pub mod tensor;
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex, OnceLock};
+
+use cudarc::cublaslt::CudaBlasLT;
+use cudarc::driver::{CudaFunction, CudaStream};
+
+use crate::device::CudaDevice;
+use crate::error::{AttnError, Result};
+
+pub use layer::CudaLayer;
+pub use linear::DeviceLinear;
+pub use tensor::{DeviceData, DeviceElem, DeviceTensor, ElemType};
+
+/// Bytes cuBLASLt's workspace takes on Hopper (cudarc allocates it and panics if it cannot,
+/// so [`CudaRuntime::get`] checks free memory first).
+const BLASLT_WORKSPACE: usize = 32 << 20;
+
+/// Per-device state shared by every layer on that device: the stream, the cuBLASLt handle
+/// and the in-memory kernel cache (key -> loaded function).
+pub struct CudaRuntime {
+    device: CudaDevice,
+    stream: Arc<CudaStream>,
+    blas: CudaBlasLT,
+    pub(crate) kernels: Mutex<HashMap<String, CudaFunction>>,
+}
+
+impl std::fmt::Debug for CudaRuntime {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("CudaRuntime")
+            .field("device", &self.device)
+            .finish()
+    }
+}
+
+fn runtimes() -> &'static Mutex<HashMap<usize, Arc<CudaRuntime>>> {
+    static R: OnceLock<Mutex<HashMap<usize, Arc<CudaRuntime>>>> = OnceLock::new();
+    R.get_or_init(|| Mutex::new(HashMap::new()))
+}
+
+impl CudaRuntime {
+    /// The runtime of `device` (created once per ordinal, then shared).
+    ///
+    /// Errors: [`AttnError::DeviceAlloc`] when the device lacks memory for cuBLASLt's
+    /// workspace, [`AttnError::Cuda`] when the handle cannot be created.
+    pub fn get(device: &CudaDevice) -> Result<Arc<CudaRuntime>> {
+        let mut map = runtimes().lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(r) = map.get(&device.ordinal) {
+            return Ok(r.clone());
+        }
+        let ctx = &device.context;
+        ctx.bind_to_thread()
+            .map_err(tensor::cuda_err("bind_to_thread"))?;
+        let (free, _) = ctx
+            .mem_get_info()
+            .map_err(tensor::cuda_err("mem_get_info"))?;
+        if free < BLASLT_WORKSPACE {
+            return Err(AttnError::DeviceAlloc {
+                arg: "cuBLASLt workspace".into(),
+                bytes: BLASLT_WORKSPACE,
+                msg: format!("only {free} bytes free"),
+            });
+        }
+        let stream = ctx.default_stream();
+        let blas = CudaBlasLT::new(stream.clone()).map_err(|e| AttnError::Cuda {
+            call: "cublasLtCreate".into(),
+            msg: e.to_string(),
+        })?;
+        let rt = Arc::new(CudaRuntime {
+            device: device.clone(),
+            stream,
+            blas,
+            kernels: Mutex::new(HashMap::new()),
+        });
+        map.insert(device.ordinal, rt.clone());
+        Ok(rt)
+    }
+
+    /// The device.
+    pub fn device(&self) -> &CudaDevice {
+        &self.device
+    }
+
+    /// The stream every operation of this runtime is queued on.
+    pub fn stream(&self) -> &Arc<CudaStream> {
+        &self.stream
+    }
+
+    /// The cuBLASLt handle.
+    pub fn blas(&self) -> &CudaBlasLT {
+        &self.blas
+    }
+
+    /// Wait for the stream; a failure names `what` (the kernels queued since the last sync).
+    pub fn synchronize(&self, what: &str) -> Result<()> {
+        self.stream
+            .synchronize()
+            .map_err(|e| AttnError::KernelLaunch {
+                key: what.to_string(),
+                msg: e.to_string(),
+            })
+    }
+
+    /// Number of kernels compiled and loaded in this process for this device.
+    pub fn cached_kernels(&self) -> usize {
+        self.kernels.lock().map(|m| m.len()).unwrap_or(0)
+    }
+}
