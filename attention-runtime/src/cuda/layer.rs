@@ -283,7 +283,34 @@ impl CudaLayer {
 
     /// The key of the forward kernel a call with `args` uses.
     pub fn forward_kernel_key(&self, args: &ForwardArgs<'_>) -> String {
-        self.fwd_config(args).key()
+        let fcfg = self.fwd_config(args);
+        self.fast_config(&fcfg).unwrap_or(fcfg).key()
+    }
+
+    /// The FlashAttention-2 style kernel (`fwdfast_*`) for a forward, when it covers the
+    /// call: masks `causal`, `causal_bottom_right` or `no_mask` (window, sinks and the output
+    /// gate included), no additive bias, and a tile whose shared memory fits this GPU. Other
+    /// calls (padding/arbitrary mask tensors, attention bias) run the general `fwd` kernel.
+    fn fast_config(&self, fcfg: &KernelConfig) -> Option<KernelConfig> {
+        let fast_mask = matches!(
+            fcfg.mask,
+            Some(MaskType::Causal | MaskType::CausalBottomRight | MaskType::NoMask)
+        );
+        if fcfg.has_bias || !fast_mask {
+            return None;
+        }
+        let mut c = fcfg.clone();
+        c.phase = Phase::ForwardFast;
+        let smem = c.fast_tile().smem_bytes(c.head_dim);
+        let optin = self
+            .rt
+            .device()
+            .context
+            .attribute(
+                cudarc::driver::sys::CUdevice_attribute::CU_DEVICE_ATTRIBUTE_MAX_SHARED_MEMORY_PER_BLOCK_OPTIN,
+            )
+            .ok()? as usize;
+        (smem <= optin).then_some(c)
     }
 
     /// The key of the `qkv_prep` kernel.
@@ -598,17 +625,45 @@ impl CudaLayer {
         // 3. Attention forward.
         let o = self.alloc(&[g.nq, np, hn], "attention output")?;
         let lse = super::tensor::alloc_uninit::<f32>(st, np * g.nq, "lse")?;
-        {
-            let (key, f) = kernel(rt, &fcfg)?;
-            let rows = fcfg.warps;
+        let fwd_key = {
+            // The fast kernel when it covers the call; the general one otherwise (and when the
+            // fast one fails to build, which is logged).
+            let fast = self.fast_config(&fcfg).and_then(|c| match kernel(rt, &c) {
+                Ok(kf) => Some((c, kf)),
+                Err(e) => {
+                    tracing::warn!("{}: falling back to {} ({e})", c.key(), fcfg.key());
+                    None
+                }
+            });
+            let (is_fast, (key, f)) = match fast {
+                Some((c, kf)) => {
+                    let smem = c.fast_tile().smem_bytes(hn);
+                    if smem > 48 * 1024 {
+                        kf.1.set_attribute(
+                            cudarc::driver::sys::CUfunction_attribute_enum::CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES,
+                            smem as i32,
+                        )
+                        .map_err(|e| AttnError::Cuda {
+                            call: format!("cuFuncSetAttribute max dynamic shared memory {}", kf.0),
+                            msg: e.to_string(),
+                        })?;
+                    }
+                    (Some(c.fast_tile()), kf)
+                }
+                None => (None, kernel(rt, &fcfg)?),
+            };
+            let (rows, threads, smem) = match is_fast {
+                Some(t) => (t.block_m, t.warps * 32, t.smem_bytes(hn)),
+                None => (fcfg.warps, fcfg.warps * 32, 0),
+            };
             let cfg = LaunchConfig {
                 grid_dim: (
                     g.sq.div_ceil(rows).max(1) as u32,
                     np as u32,
                     g.batch.max(1) as u32,
                 ),
-                block_dim: ((rows * 32) as u32, 1, 1),
-                shared_mem_bytes: 0,
+                block_dim: (threads as u32, 1, 1),
+                shared_mem_bytes: smem as u32,
             };
             let (p_q, p_k, p_v, p_o) = (tptr(&q, rt), tptr(&k, rt), tptr(&v, rt), tptr(&o, rt));
             let p_lse = dptr(&lse, rt);
@@ -638,12 +693,18 @@ impl CudaLayer {
             b.arg(&p_mask).arg(&mb).arg(&mh).arg(&mq).arg(&mk);
             b.arg(&p_bias).arg(&bb).arg(&bh).arg(&bq).arg(&bk);
             b.arg(&p_sinks).arg(&p_gate);
-            // SAFETY: the argument list matches the fwd entry point (render.rs docs); q/o/gate
+            // fwdfast_* takes the same list plus the per-head max-logit record (null: off).
+            let p_max_logit: u64 = 0;
+            if is_fast.is_some() {
+                b.arg(&p_max_logit);
+            }
+            // SAFETY: the argument list matches the fwd / fwdfast entry point (render.rs docs); q/o/gate
             // are [nq, np, hn], k/v [nk, ng, hn] (padded rows are s-major, b-minor, as the
             // kernel indexes them), lse [np, nq], cu_seqlens [batch + 1], mask/bias broadcast
             // by the strides computed above; grid covers every (row block, head, sequence).
             unsafe { b.launch(cfg) }.map_err(launch_err(&key))?;
-        }
+            key
+        };
 
         // 4. Output projection (bias returned, not added).
         let o = o.view(&[g.nq, np * hn])?;
@@ -657,7 +718,7 @@ impl CudaLayer {
                 "linear_q/linear_kv"
             },
             self.prep.key(),
-            fcfg.key()
+            fwd_key
         ))?;
         drop((
             a, kv_in, q, k, v, gate, positions, lse, mask_buf, bias_buf, g,
