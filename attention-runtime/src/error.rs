@@ -161,4 +161,8 @@ pub enum AttnError {
         /// The driver's or library's message.
         msg: String,
     },
+    /// Kernel compilation or the kernel cache failed: NVRTC missing, a compile error (with
+    /// the kernel key and NVRTC's log), or `ATTN_JIT=off` and a cache miss (naming the key).
+    #[error(transparent)]
+    Jit(#[from] crate::jit::JitError),
 }

@@ -358,7 +358,7 @@ struct AotArgs {
 }
 
 fn aot_jit_err(e: attention_runtime::jit::JitError) -> AttnError {
-    AttnError::BackendUnavailable(format!("kernel compilation failed: {e}"))
+    AttnError::Jit(e)
 }
 
 /// `attn aot`: compile kernels × archs into the on-disk kernel cache (in parallel, one worker

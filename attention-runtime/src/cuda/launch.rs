@@ -27,11 +27,8 @@ pub fn kernel(rt: &CudaRuntime, config: &KernelConfig) -> Result<(String, CudaFu
         .render()
         .map_err(|e| AttnError::Render(e.to_string()))?;
     let arch = rt.device().arch();
-    let jit_err = |e: crate::jit::JitError| AttnError::BackendUnavailable(e.to_string());
-    let cubin = crate::kernel_cache::KernelCache::global()
-        .map_err(jit_err)?
-        .get_or_compile(&src.key, &src.source, &arch)
-        .map_err(jit_err)?;
+    let cubin =
+        crate::kernel_cache::KernelCache::global()?.get_or_compile(&src.key, &src.source, &arch)?;
     let module = rt
         .device()
         .context
