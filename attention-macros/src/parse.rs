@@ -1,14 +1,15 @@
 //! From the attribute's tokens to an [`attention_codegen::RawSpec`].
 //!
-//! The macro and the string parser share one grammar (see `attention_codegen::grammar`):
-//! this module walks the `proc_macro2` token trees and produces the same [`RawSpec`] the
-//! string parser would. Spans in the [`RawSpec`] are indices into a table of
-//! [`proc_macro2::Span`]s ([`SpanTable`]), one entry per source token (a `::` takes two
-//! entries, a group takes one for its opening and one for its closing delimiter), so any
-//! error reported by validation maps back to the exact token(s) it is about.
+//! The macro and the string parser share one grammar, `attention_codegen::grammar`: this
+//! module only flattens the `proc_macro2` token trees into grammar [`Token`]s and hands them
+//! to [`grammar::parse_tokens`], which produces the same [`RawSpec`] the string parser
+//! would. Spans in the [`RawSpec`] are indices into a table of [`proc_macro2::Span`]s
+//! ([`SpanTable`]), one entry per source token (a `::` takes two entries, a group takes one
+//! for its opening and one for its closing delimiter), so any error reported by the grammar
+//! or by validation maps back to the exact token(s) it is about.
 
-use attention_codegen::grammar::{RawItem, RawSpec, RawValue, Span, Spanned};
-use attention_codegen::{SpecError, SpecErrorKind};
+use attention_codegen::grammar::{self, NumberToken, RawSpec, Source, Span, Token};
+use attention_codegen::SpecError;
 use proc_macro2::{Delimiter, Spacing, TokenStream, TokenTree};
 
 /// Token spans, indexed by the `start..end` indices stored in a [`RawSpec`]'s [`Span`]s.
@@ -53,96 +54,58 @@ impl SpanTable {
     }
 }
 
-/// A flattened token. Groups become their delimiters; `::` is one token.
-#[derive(Debug, Clone)]
-enum Tok {
-    Ident(String),
-    Lit(proc_macro2::Literal),
-    Eq,
-    Comma,
-    LBracket,
-    RBracket,
-    LParen,
-    RParen,
-    PathSep,
-    Minus,
-    /// Anything the grammar has no place for, described for the error message.
-    Other(String),
-    Eof,
-}
-
-impl Tok {
-    fn describe(&self) -> String {
-        match self {
-            Tok::Ident(s) => format!("`{s}`"),
-            Tok::Lit(l) => describe_literal(l),
-            Tok::Eq => "`=`".into(),
-            Tok::Comma => "`,`".into(),
-            Tok::LBracket => "`[`".into(),
-            Tok::RBracket => "`]`".into(),
-            Tok::LParen => "`(`".into(),
-            Tok::RParen => "`)`".into(),
-            Tok::PathSep => "`::`".into(),
-            Tok::Minus => "`-`".into(),
-            Tok::Other(s) => s.clone(),
-            Tok::Eof => "end of the attribute".into(),
-        }
-    }
-
-    fn same(&self, other: &Tok) -> bool {
-        std::mem::discriminant(self) == std::mem::discriminant(other)
-    }
-}
-
-fn describe_literal(l: &proc_macro2::Literal) -> String {
+/// A `proc_macro2` literal as a grammar token: numbers become [`Token::Number`] (with
+/// syn's base-10 digits and any type suffix, which the grammar rejects), other literals
+/// [`Token::Literal`] with their description.
+fn literal_token(l: &proc_macro2::Literal) -> Token {
+    let number = |digits: &str, is_float: bool, suffix: &str| {
+        Token::Number(NumberToken {
+            written: l.to_string(),
+            digits: digits.to_string(),
+            is_float,
+            suffix: suffix.to_string(),
+        })
+    };
     match syn::Lit::new(l.clone()) {
+        syn::Lit::Int(i) => number(i.base10_digits(), false, i.suffix()),
+        syn::Lit::Float(f) => number(f.base10_digits(), true, f.suffix()),
         syn::Lit::Str(_) | syn::Lit::ByteStr(_) | syn::Lit::CStr(_) => {
-            format!("string literal `{l}`")
+            Token::Literal(format!("string literal `{l}`"))
         }
-        syn::Lit::Char(_) | syn::Lit::Byte(_) => format!("character literal `{l}`"),
-        _ => format!("`{l}`"),
+        syn::Lit::Char(_) | syn::Lit::Byte(_) => Token::Literal(format!("character literal `{l}`")),
+        _ => Token::Literal(format!("`{l}`")),
     }
-}
-
-fn syntax(span: Span, expected: impl Into<String>, found: impl Into<String>) -> SpecError {
-    SpecError::new(
-        span,
-        SpecErrorKind::Syntax {
-            expected: expected.into(),
-            found: found.into(),
-        },
-    )
 }
 
 /// Flatten `stream` into tokens, recording one table entry per source token.
-fn flatten(stream: TokenStream, table: &mut SpanTable, out: &mut Vec<(Tok, Span)>) {
+fn flatten(stream: TokenStream, table: &mut SpanTable, out: &mut Vec<(Token, Span)>) {
     let mut iter = stream.into_iter().peekable();
     while let Some(tt) = iter.next() {
         match tt {
             TokenTree::Ident(i) => {
                 let k = table.push(i.span());
-                out.push((Tok::Ident(i.to_string()), Span::new(k, k + 1)));
+                out.push((Token::Ident(i.to_string()), Span::new(k, k + 1)));
             }
             TokenTree::Literal(l) => {
                 let k = table.push(l.span());
-                out.push((Tok::Lit(l), Span::new(k, k + 1)));
+                out.push((literal_token(&l), Span::new(k, k + 1)));
             }
             TokenTree::Punct(p) => {
                 let k = table.push(p.span());
                 let tok = match p.as_char() {
-                    '=' => Tok::Eq,
-                    ',' => Tok::Comma,
-                    '-' => Tok::Minus,
+                    '=' => Token::Eq,
+                    ',' => Token::Comma,
+                    '-' => Token::Minus,
                     ':' if p.spacing() == Spacing::Joint
                         && matches!(iter.peek(), Some(TokenTree::Punct(q)) if q.as_char() == ':') =>
                     {
                         if let Some(TokenTree::Punct(q)) = iter.next() {
                             table.push(q.span());
                         }
-                        out.push((Tok::PathSep, Span::new(k, k + 2)));
+                        out.push((Token::PathSep, Span::new(k, k + 2)));
                         continue;
                     }
-                    c => Tok::Other(format!("`{c}`")),
+                    c => Token::Other(format!("`{c}`")),
                 };
                 out.push((tok, Span::new(k, k + 1)));
             }
@@ -150,9 +113,9 @@ fn flatten(stream: TokenStream, table: &mut SpanTable, out: &mut Vec<(Tok, Span)
                 Delimiter::None => flatten(g.stream(), table, out),
                 Delimiter::Bracket | Delimiter::Parenthesis => {
                     let (open, close) = if g.delimiter() == Delimiter::Bracket {
-                        (Tok::LBracket, Tok::RBracket)
+                        (Token::OpenBracket, Token::CloseBracket)
                     } else {
-                        (Tok::LParen, Tok::RParen)
+                        (Token::OpenParen, Token::CloseParen)
                     };
                     let k = table.push(g.span_open());
                     out.push((open, Span::new(k, k + 1)));
@@ -163,269 +126,36 @@ fn flatten(stream: TokenStream, table: &mut SpanTable, out: &mut Vec<(Tok, Span)
                 Delimiter::Brace => {
                     let k = table.push(g.span_open());
                     let end = table.push(g.span_close());
-                    out.push((Tok::Other("a `{...}` block".into()), Span::new(k, end + 1)));
-                }
-            },
-        }
-    }
-}
-
-struct Parser {
-    toks: Vec<(Tok, Span)>,
-    pos: usize,
-}
-
-impl Parser {
-    fn peek(&self) -> &(Tok, Span) {
-        &self.toks[self.pos.min(self.toks.len() - 1)]
-    }
-
-    fn peek_at(&self, ahead: usize) -> &(Tok, Span) {
-        &self.toks[(self.pos + ahead).min(self.toks.len() - 1)]
-    }
-
-    fn bump(&mut self) -> (Tok, Span) {
-        let t = self.peek().clone();
-        if self.pos < self.toks.len() - 1 {
-            self.pos += 1;
-        }
-        t
-    }
-
-    fn err_here(&self, expected: &str) -> SpecError {
-        let (t, s) = self.peek();
-        syntax(*s, expected, t.describe())
-    }
-
-    fn spec(&mut self) -> Result<RawSpec, SpecError> {
-        let kind = match self.peek().clone() {
-            (Tok::Ident(name), span) => {
-                if matches!(self.peek_at(1).0, Tok::Eq) {
-                    let end = self.peek_at(1).1;
-                    return Err(syntax(
-                        span.join(end),
-                        "the attention kind (`self` or `cross`) as the first item",
-                        format!("`{name} =`"),
+                    out.push((
+                        Token::Other("a `{...}` block".into()),
+                        Span::new(k, end + 1),
                     ));
                 }
-                self.bump();
-                Spanned::new(name, span)
-            }
-            _ => return Err(self.err_here("the attention kind `self` or `cross`")),
-        };
-        let mut items = Vec::new();
-        loop {
-            match self.peek().0 {
-                Tok::Eof => break,
-                Tok::Comma => {
-                    self.bump();
-                }
-                _ => return Err(self.err_here("`,` or the end of the attribute")),
-            }
-            // A trailing comma is allowed.
-            if matches!(self.peek().0, Tok::Eof) {
-                break;
-            }
-            items.push(self.item()?);
-        }
-        Ok(RawSpec { kind, items })
-    }
-
-    fn item(&mut self) -> Result<RawItem, SpecError> {
-        let key = match self.peek().clone() {
-            (Tok::Ident(name), span) => {
-                self.bump();
-                Spanned::new(name, span)
-            }
-            _ => return Err(self.err_here("a key (like `heads` or `rope`)")),
-        };
-        let value = if matches!(self.peek().0, Tok::Eq) {
-            self.bump();
-            Some(self.value()?)
-        } else {
-            None
-        };
-        Ok(RawItem { key, value })
-    }
-
-    fn value(&mut self) -> Result<Spanned<RawValue>, SpecError> {
-        let (tok, span) = self.peek().clone();
-        match tok {
-            Tok::LBracket => {
-                self.bump();
-                let (elems, end) = self.seq(Tok::RBracket, "`]`")?;
-                Ok(Spanned::new(RawValue::List(elems), span.join(end)))
-            }
-            Tok::LParen => {
-                self.bump();
-                let (elems, end) = self.seq(Tok::RParen, "`)`")?;
-                Ok(Spanned::new(RawValue::Tuple(elems), span.join(end)))
-            }
-            Tok::Minus => {
-                self.bump();
-                match self.peek().clone() {
-                    (Tok::Lit(lit), lspan) => {
-                        self.bump();
-                        number(&lit, true, span.join(lspan))
-                    }
-                    _ => Err(self.err_here("a number after `-`")),
-                }
-            }
-            Tok::Lit(lit) => {
-                self.bump();
-                number(&lit, false, span)
-            }
-            Tok::Ident(_) | Tok::PathSep => self.path_or_ident(),
-            _ => Err(self.err_here(
-                "a value (a number, `true`/`false`, a name, a path, `[...]` or `(...)`)",
-            )),
-        }
-    }
-
-    /// Comma-separated values up to `close`; a trailing comma is allowed, an empty sequence
-    /// is not.
-    fn seq(
-        &mut self,
-        close: Tok,
-        close_name: &str,
-    ) -> Result<(Vec<Spanned<RawValue>>, Span), SpecError> {
-        let mut elems = Vec::new();
-        loop {
-            if self.peek().0.same(&close) {
-                if elems.is_empty() {
-                    return Err(self.err_here("a value"));
-                }
-                let (_, end) = self.bump();
-                return Ok((elems, end));
-            }
-            elems.push(self.value()?);
-            match &self.peek().0 {
-                Tok::Comma => {
-                    self.bump();
-                }
-                t if t.same(&close) => {}
-                _ => return Err(self.err_here(&format!("`,` or {close_name}"))),
-            }
-        }
-    }
-
-    fn path_or_ident(&mut self) -> Result<Spanned<RawValue>, SpecError> {
-        let start = self.peek().1;
-        let mut text = String::new();
-        let mut end;
-        let mut segments = 0;
-        if matches!(self.peek().0, Tok::PathSep) {
-            self.bump();
-            text.push_str("::");
-        }
-        loop {
-            match self.peek().clone() {
-                (Tok::Ident(name), s) => {
-                    self.bump();
-                    text.push_str(&name);
-                    end = s;
-                    segments += 1;
-                }
-                _ => return Err(self.err_here("a name after `::`")),
-            }
-            if matches!(self.peek().0, Tok::PathSep) {
-                self.bump();
-                text.push_str("::");
-            } else {
-                break;
-            }
-        }
-        let span = start.join(end);
-        let value = if segments == 1 && !text.starts_with("::") {
-            match text.as_str() {
-                "true" => RawValue::Bool(true),
-                "false" => RawValue::Bool(false),
-                _ => RawValue::Ident(text),
-            }
-        } else {
-            RawValue::Path(text)
-        };
-        Ok(Spanned::new(value, span))
-    }
-}
-
-/// A numeric literal token (with a leading `-` when `negative`) as an int or a float.
-fn number(
-    lit: &proc_macro2::Literal,
-    negative: bool,
-    span: Span,
-) -> Result<Spanned<RawValue>, SpecError> {
-    let sign = if negative { "-" } else { "" };
-    let number_expected = "a number (an integer like `64` or a float like `0.5`, `1e-6`)";
-    match syn::Lit::new(lit.clone()) {
-        syn::Lit::Int(i) => {
-            if !i.suffix().is_empty() {
-                return Err(syntax(
-                    span,
-                    "a number without a type suffix",
-                    format!("`{sign}{i}`"),
-                ));
-            }
-            let text = format!("{sign}{}", i.base10_digits());
-            text.parse::<i64>()
-                .map(|n| Spanned::new(RawValue::Int(n), span))
-                .map_err(|_| {
-                    syntax(
-                        span,
-                        "an integer within the 64-bit range",
-                        format!("`{sign}{i}`"),
-                    )
-                })
-        }
-        syn::Lit::Float(f) => {
-            if !f.suffix().is_empty() {
-                return Err(syntax(
-                    span,
-                    "a number without a type suffix",
-                    format!("`{sign}{f}`"),
-                ));
-            }
-            let text = format!("{sign}{}", f.base10_digits());
-            match text.parse::<f64>() {
-                Ok(x) if x.is_finite() => Ok(Spanned::new(RawValue::Float(x), span)),
-                _ => Err(syntax(
-                    span,
-                    "a finite float literal",
-                    format!("`{sign}{f}`"),
-                )),
-            }
-        }
-        _ => Err(syntax(
-            span,
-            if negative {
-                number_expected
-            } else {
-                "a value (a number, `true`/`false`, a name, a path, `[...]` or `(...)`)"
             },
-            describe_literal(lit),
-        )),
+        }
     }
 }
 
 /// Parse the attribute's tokens into a [`RawSpec`] and the span table its spans index.
 ///
 /// # Errors
-/// A [`SpecErrorKind::Syntax`] error at the offending token when the tokens do not follow
-/// the grammar; its span indexes the returned table.
+/// A [`attention_codegen::SpecErrorKind::Syntax`] error from
+/// [`grammar::parse_tokens`] at the offending token when the tokens do not follow the
+/// grammar; its span indexes the returned table.
 pub fn parse_tokens(stream: TokenStream) -> (SpanTable, Result<RawSpec, SpecError>) {
     let mut table = SpanTable::default();
     let mut toks = Vec::new();
     flatten(stream, &mut table, &mut toks);
     let n = table.spans.len();
-    toks.push((Tok::Eof, Span::new(n, n)));
-    let mut p = Parser { toks, pos: 0 };
-    let result = p.spec();
+    toks.push((Token::Eof, Span::new(n, n)));
+    let result = grammar::parse_tokens(toks, Source::Attribute);
     (table, result)
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+    use attention_codegen::grammar::{RawValue, Spanned};
     use quote::quote;
 
     fn parse(ts: TokenStream) -> RawSpec {
