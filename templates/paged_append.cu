@@ -7,7 +7,8 @@
 //     + p % block_size of a pool [num_blocks, block_size, num_groups, HEAD_DIM].
 //   Static (block_table null): cache row p * max_batch + batch_offset + r of a cache
 //     [max_seq, max_batch, num_groups, HEAD_DIM] (block_size, max_blocks_per_seq ignored).
-// Every offset is 64-bit. The host validates ids and capacity before launching.
+// A null cu_seqlens_q means padded rows [s, batch] (token t = position t / batch of request
+// t % batch, s = total_tokens / batch). Every offset is 64-bit. The host validates ids and capacity before launching.
 //
 // Launch: grid (total_tokens), block 128.
 //
@@ -33,16 +34,26 @@ extern "C" __global__ void __launch_bounds__(128) {{ key }}(
     int max_batch)
 {
     const long long t = blockIdx.x;
-    // Request of token t: the last r with cu_seqlens_q[r] <= t (binary search).
-    int lo = 0, hi = batch;  // invariant: cu[lo] <= t < cu[hi]
-    while (hi - lo > 1) {
-        const int mid = (lo + hi) / 2;
-        if (cu_seqlens_q[mid] <= t) lo = mid; else hi = mid;
+    int r;
+    long long i, n;
+    if (cu_seqlens_q != nullptr) {
+        // Request of token t: the last r with cu_seqlens_q[r] <= t (binary search).
+        int lo = 0, hi = batch;  // invariant: cu[lo] <= t < cu[hi]
+        while (hi - lo > 1) {
+            const int mid = (lo + hi) / 2;
+            if (cu_seqlens_q[mid] <= t) lo = mid; else hi = mid;
+        }
+        r = lo;
+        const long long q0 = cu_seqlens_q[r];
+        n = cu_seqlens_q[r + 1] - q0;
+        i = t - q0;
+    } else {
+        // Padded [s, batch] rows: token t is position t / batch of request t % batch.
+        r = (int)(t % batch);
+        i = t / batch;
+        n = gridDim.x / batch;
     }
-    const int r = lo;
-    const long long q0 = cu_seqlens_q[r];
-    const long long n = cu_seqlens_q[r + 1] - q0;
-    const long long p = (long long)seqlens_k[r] - n + (t - q0);
+    const long long p = (long long)seqlens_k[r] - n + i;
     long long dst_row;
     if (block_table != nullptr) {
         const long long blk = block_table[(long long)r * max_blocks_per_seq + p / block_size];

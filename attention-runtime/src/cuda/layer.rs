@@ -726,3 +726,359 @@ impl CudaLayer {
         Ok((out, bias))
     }
 }
+
+/// q, k, v, gate and buffers that must outlive the queued kernels.
+type Prepped = (
+    DeviceTensor,
+    DeviceTensor,
+    DeviceTensor,
+    Option<DeviceTensor>,
+    Vec<CudaSlice<i32>>,
+);
+
+/// KV-cache inference on the GPU (static cache): same semantics as the CPU layer's
+/// `prefill` / `decode`.
+impl CudaLayer {
+    fn kv_config(&self, phase: Phase) -> Result<KernelConfig> {
+        let configs = configs_for_head_dim(&self.config.spec, self.config.head_dim)
+            .map_err(|e| AttnError::Render(e.to_string()))?;
+        configs
+            .into_iter()
+            .find(|c| c.phase == phase)
+            .ok_or_else(|| AttnError::Render(format!("the spec gives no `{phase}` kernel")))
+    }
+
+    fn check_kv_step(
+        &self,
+        cache: &super::DeviceStaticKvCache,
+        args: &ForwardArgs<'_>,
+    ) -> Result<()> {
+        let c = &self.config;
+        if c.kind != AttentionKind::SelfAttention {
+            return Err(bad(
+                "config.kind",
+                "self-attention for a KV-cache step",
+                "cross-attention",
+            ));
+        }
+        if args.attention_mask.is_some()
+            || args.attention_bias.is_some()
+            || args.packed.is_some()
+            || args.key_value_states.is_some()
+        {
+            return Err(bad(
+                "args",
+                "only positions and rope_mscale for a KV-cache step",
+                "mask, bias, packed or key_value_states",
+            ));
+        }
+        if cache.groups() != c.groups || cache.head_dim() != c.head_dim {
+            return Err(bad(
+                "cache",
+                format!("groups {} and head_dim {}", c.groups, c.head_dim),
+                format!(
+                    "groups {} and head_dim {}",
+                    cache.groups(),
+                    cache.head_dim()
+                ),
+            ));
+        }
+        Ok(())
+    }
+
+    /// linear_qkv + qkv_prep (`prep`, with rope at `positions` when it has rope).
+    fn project_and_prep(
+        &self,
+        x: &DeviceTensor,
+        n: usize,
+        prep: &KernelConfig,
+        positions: Option<&[i32]>,
+        mscale: f32,
+    ) -> Result<Prepped> {
+        let rt = &*self.rt;
+        let st = rt.stream();
+        let c = &self.config;
+        let (np, ng, hn) = (c.heads, c.groups, c.head_dim);
+        let Projections::SelfAttention { qkv } = &self.proj_in else {
+            return Err(bad("config.kind", "self-attention", "cross-attention"));
+        };
+        let mut a = self.alloc(&[n, qkv.out_features()], "linear_qkv output")?;
+        linear_qkv_into(rt, x, qkv, &mut a)?;
+        let q = self.alloc(&[n, np, hn], "q")?;
+        let k = self.alloc(&[n, ng, hn], "k")?;
+        let v = self.alloc(&[n, ng, hn], "v")?;
+        let gate = if c.output_gate {
+            Some(self.alloc(&[n, np, hn], "gate")?)
+        } else {
+            None
+        };
+        let mut keep = Vec::new();
+        let p_pos = match positions {
+            Some(p) if prep.rope.is_some() => {
+                let buf = upload(st, p, "positions")?;
+                let ptr = dptr(&buf, rt);
+                keep.push(buf);
+                ptr
+            }
+            _ => 0,
+        };
+        let (key, f) = kernel(rt, prep)?;
+        let cfg = LaunchConfig {
+            grid_dim: (to_i32("rows", n as i64)? as u32, 1, 1),
+            block_dim: ((prep.warps * 32) as u32, 1, 1),
+            shared_mem_bytes: 0,
+        };
+        let p_qkv = tptr(&a, rt);
+        let p_kv = 0u64;
+        let (p_q, p_k, p_v) = (tptr(&q, rt), tptr(&k, rt), tptr(&v, rt));
+        let p_gate = opt_ptr(gate.as_ref(), rt);
+        let p_qw = opt_ptr(self.q_norm.0.as_ref(), rt);
+        let p_qb = opt_ptr(self.q_norm.1.as_ref(), rt);
+        let p_kw = opt_ptr(self.k_norm.0.as_ref(), rt);
+        let p_kb = opt_ptr(self.k_norm.1.as_ref(), rt);
+        let eps = c.eps;
+        let base = c.rope.map_or(10000.0, |r| r.rotary_base as f32);
+        let (nt, nkt) = (n as i32, n as i32);
+        let (nh, ngr) = (np as i32, ng as i32);
+        let mut b = st.launch_builder(&f);
+        b.arg(&p_qkv)
+            .arg(&p_kv)
+            .arg(&p_q)
+            .arg(&p_k)
+            .arg(&p_v)
+            .arg(&p_gate);
+        b.arg(&p_qw).arg(&p_qb).arg(&p_kw).arg(&p_kb).arg(&eps);
+        b.arg(&p_pos).arg(&base).arg(&mscale);
+        b.arg(&nt).arg(&nkt).arg(&nh).arg(&ngr);
+        // SAFETY: matches the qkv_prep entry point; buffers allocated above with the
+        // documented shapes; positions has n entries when rope is on.
+        unsafe { b.launch(cfg) }.map_err(launch_err(&key))?;
+        rt.synchronize(&key)?;
+        drop(a);
+        Ok((q, k, v, gate, keep))
+    }
+
+    fn finish_proj(&self, o: DeviceTensor, n: usize, out_shape: &[usize]) -> Result<LayerOutput> {
+        let c = &self.config;
+        let o = o.view(&[n, c.heads * c.head_dim])?;
+        let mut out = self.alloc(&[n, c.hidden], "output")?;
+        linear_proj_into(&self.rt, &o, &self.proj, &mut out)?;
+        self.rt.synchronize("linear_proj")?;
+        Ok(LayerOutput {
+            output: out.to_host()?.reshape(out_shape)?,
+            bias: self.proj_bias_host.clone(),
+        })
+    }
+
+    /// Prefill (or any step of `s` tokens) over a device static cache: `hidden` `[s, b, h]`
+    /// for slots `batch_offset .. batch_offset + b`; new k/v are appended at each slot's
+    /// visible length (rope positions from there, or `args.positions`), then the tokens
+    /// attend to `[0, len + s)` bottom-right causal. Errors as the CPU layer's `prefill`;
+    /// on error nothing is written to the cache.
+    pub fn prefill(
+        &self,
+        hidden: &Tensor,
+        cache: &mut super::DeviceStaticKvCache,
+        layer: usize,
+        batch_offset: usize,
+        args: &ForwardArgs<'_>,
+    ) -> Result<LayerOutput> {
+        self.check_kv_step(cache, args)?;
+        let c = &self.config;
+        let h = c.hidden;
+        let [s, b, hh] = hidden.shape() else {
+            return Err(AttnError::Shape {
+                arg: "hidden".into(),
+                expected: format!("[s, b, {h}]"),
+                got: hidden.shape().to_vec(),
+            });
+        };
+        let (s, b) = (*s, *b);
+        if *hh != h {
+            return Err(AttnError::Shape {
+                arg: "hidden".into(),
+                expected: format!("[s, b, {h}]"),
+                got: hidden.shape().to_vec(),
+            });
+        }
+        let n = s * b;
+        let starts = cache.check_append(layer, batch_offset, b, s)?;
+        let positions: Vec<i32> = match args.positions {
+            Some(p) if p.len() != s => {
+                return Err(AttnError::Shape {
+                    arg: "positions".into(),
+                    expected: format!("[{s}]"),
+                    got: vec![p.len()],
+                })
+            }
+            Some(p) => (0..n)
+                .map(|r| to_i32("positions", p[r / b]))
+                .collect::<Result<_>>()?,
+            None => (0..n)
+                .map(|r| to_i32("positions", (starts[r % b] + r / b) as i64))
+                .collect::<Result<_>>()?,
+        };
+        let rt = &*self.rt;
+        let st = rt.stream();
+        let x = DeviceTensor::from_host(st, hidden, self.elem)?;
+        let (q, k, v, gate, _keep) =
+            self.project_and_prep(&x, n, &self.prep, Some(&positions), args.rope_mscale)?;
+        let lens: Vec<i32> = starts.iter().map(|&l| (l + s) as i32).collect();
+        let lens_d = upload(st, &lens, "seqlens_k")?;
+        let (kc, vc) = (cache.layer_k(layer)?, cache.layer_v(layer)?);
+        // Append (padded [s, b] rows, static layout).
+        {
+            let acfg = self.kv_config(Phase::PagedAppend)?;
+            let (key, f) = kernel(rt, &acfg)?;
+            let (pk, pv, pkc, pvc) = (tptr(&k, rt), tptr(&v, rt), tptr(kc, rt), tptr(vc, rt));
+            let (null, pl) = (0u64, dptr(&lens_d, rt));
+            let (bi, ngi, one, zero) = (b as i32, c.groups as i32, 1i32, 0i32);
+            let (bo, mb) = (batch_offset as i32, cache.max_batch() as i32);
+            let cfg = LaunchConfig {
+                grid_dim: (n as u32, 1, 1),
+                block_dim: (128, 1, 1),
+                shared_mem_bytes: 0,
+            };
+            let mut lb = st.launch_builder(&f);
+            lb.arg(&pk)
+                .arg(&pv)
+                .arg(&pkc)
+                .arg(&pvc)
+                .arg(&null)
+                .arg(&pl)
+                .arg(&null);
+            lb.arg(&bi).arg(&ngi).arg(&one).arg(&zero).arg(&bo).arg(&mb);
+            // SAFETY: matches the kvappend entry point; capacity validated by check_append.
+            unsafe { lb.launch(cfg) }.map_err(launch_err(&key))?;
+        }
+        // Attention over the cache (decode kernel handles any number of new queries).
+        let o = self.alloc(&[n, c.heads, c.head_dim], "attention output")?;
+        let lse = super::tensor::alloc_uninit::<f32>(st, c.heads * n, "lse")?;
+        {
+            let dcfg = self.kv_config(Phase::Decode)?;
+            let (key, f) = kernel(rt, &dcfg)?;
+            let cfg = LaunchConfig {
+                grid_dim: (s.div_ceil(dcfg.warps) as u32, c.heads as u32, b as u32),
+                block_dim: ((dcfg.warps * 32) as u32, 1, 1),
+                shared_mem_bytes: 0,
+            };
+            let (pq, pkc, pvc, po, plse) = (
+                tptr(&q, rt),
+                tptr(kc, rt),
+                tptr(vc, rt),
+                tptr(&o, rt),
+                dptr(&lse, rt),
+            );
+            let pl = dptr(&lens_d, rt);
+            let (bi, bo, mb) = (b as i32, batch_offset as i32, cache.max_batch() as i32);
+            let (nh, ngr, sq) = (c.heads as i32, c.groups as i32, s as i32);
+            let scale = c.softmax_scale;
+            let (wl, wr) = match c.window {
+                Some(w) => (to_i32("window", w.left)?, to_i32("window", w.right)?),
+                None => (-1, -1),
+            };
+            let p_sinks = self.sinks.as_ref().map_or(0, |x| dptr(x, rt));
+            let p_gate = opt_ptr(gate.as_ref(), rt);
+            let mut lb = st.launch_builder(&f);
+            lb.arg(&pq).arg(&pkc).arg(&pvc).arg(&po).arg(&plse).arg(&pl);
+            lb.arg(&bi).arg(&bo).arg(&mb).arg(&nh).arg(&ngr).arg(&sq);
+            lb.arg(&scale).arg(&wl).arg(&wr).arg(&p_sinks).arg(&p_gate);
+            // SAFETY: matches the decode entry point; q/o/gate [s, b, np, hn], cache layer
+            // [max_seq, max_batch, ng, hn], seqlens_k [b].
+            unsafe { lb.launch(cfg) }.map_err(launch_err(&key))?;
+        }
+        cache.mark_appended(layer, batch_offset, b, s);
+        let r = self.finish_proj(o, n, hidden.shape());
+        drop((q, k, v, gate, lens_d, lse));
+        r
+    }
+
+    /// One decode step (`hidden` `[1, b, h]`) through the fused `flashdec` kernel: rope of
+    /// the new q/k from cos/sin tables at each slot's own position, append, split-KV
+    /// attention, LSE merge. With `args.positions` it takes the [`prefill`](Self::prefill)
+    /// path (explicit positions). Errors as the CPU layer's `decode`; on error nothing is
+    /// written to the cache.
+    pub fn decode(
+        &self,
+        hidden: &Tensor,
+        cache: &mut super::DeviceStaticKvCache,
+        layer: usize,
+        batch_offset: usize,
+        args: &ForwardArgs<'_>,
+    ) -> Result<LayerOutput> {
+        hidden.expect_shape("hidden", &[Some(1), None, Some(self.config.hidden)])?;
+        if args.positions.is_some() {
+            return self.prefill(hidden, cache, layer, batch_offset, args);
+        }
+        self.check_kv_step(cache, args)?;
+        let b = hidden.shape()[1];
+        let starts = cache.check_append(layer, batch_offset, b, 1)?;
+        let rt = &*self.rt;
+        let st = rt.stream();
+        let c = &self.config;
+        let x = DeviceTensor::from_host(st, hidden, self.elem)?;
+        let mut prep = self.prep.clone();
+        prep.rope = None;
+        let (q, k, v, gate, _keep) = self.project_and_prep(&x, b, &prep, None, 1.0)?;
+        let fcfg = self.kv_config(Phase::FlashDecode)?;
+        let tables = match c.rope {
+            Some(r) => {
+                let t = crate::reference::rope::RopeTable::new(&r, c.head_dim)?;
+                let (cs, sn) = t.cos_sin(cache.max_seq(), args.rope_mscale);
+                Some(super::decode::RopeTables::new(
+                    st,
+                    &cs,
+                    &sn,
+                    cache.max_seq(),
+                    args.rope_mscale,
+                )?)
+            }
+            None => None,
+        };
+        let lens: Vec<i32> = starts.iter().map(|&l| l as i32).collect();
+        let lens_d = upload(st, &lens, "cache_seqlens")?;
+        let max_len = starts.iter().max().copied().unwrap_or(0) + 1;
+        let splits = super::decode::num_splits(super::decode::sm_count(rt)?, b, c.groups, max_len);
+        let (np, hn) = (c.heads, c.head_dim);
+        let o_part = super::tensor::alloc_uninit::<f32>(st, splits * b * np * hn, "o_part")?;
+        let lse_part = super::tensor::alloc_uninit::<f32>(st, splits * b * np, "lse_part")?;
+        let lse = super::tensor::alloc_uninit::<f32>(st, np * b, "lse")?;
+        let o = self.alloc(&[b, np, hn], "attention output")?;
+        let (kc, vc) = (cache.layer_k(layer)?, cache.layer_v(layer)?);
+        let (wl, wr) = match c.window {
+            Some(w) => (to_i32("window", w.left)?, to_i32("window", w.right)?),
+            None => (-1, -1),
+        };
+        let a = super::decode::FlashDecodeArgs {
+            q: tptr(&q, rt),
+            k_new: tptr(&k, rt),
+            v_new: tptr(&v, rt),
+            k_cache: tptr(kc, rt),
+            v_cache: tptr(vc, rt),
+            cache_seqlens: dptr(&lens_d, rt),
+            rope_cos: tables.as_ref().map_or(0, |t| dptr(&t.cos, rt)),
+            rope_sin: tables.as_ref().map_or(0, |t| dptr(&t.sin, rt)),
+            o_part: dptr(&o_part, rt),
+            lse_part: dptr(&lse_part, rt),
+            out: tptr(&o, rt),
+            lse: dptr(&lse, rt),
+            sinks: self.sinks.as_ref().map_or(0, |x| dptr(x, rt)),
+            gate: opt_ptr(gate.as_ref(), rt),
+            batch: b as i32,
+            batch_offset: batch_offset as i32,
+            max_batch: cache.max_batch() as i32,
+            num_heads: np as i32,
+            num_groups: c.groups as i32,
+            num_splits: splits as i32,
+            softmax_scale: c.softmax_scale,
+            window_left: wl,
+            window_right: wr,
+        };
+        let (key, split_f, merge_f) = super::decode::flash_decode_kernels(rt, &fcfg)?;
+        super::decode::launch_flash_decode(st, &key, &split_f, &merge_f, &a)?;
+        cache.mark_appended(layer, batch_offset, b, 1);
+        let r = self.finish_proj(o, b, hidden.shape());
+        drop((q, k, v, gate, lens_d, o_part, lse_part, lse, tables));
+        r
+    }
+}

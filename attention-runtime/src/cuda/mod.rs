@@ -9,7 +9,9 @@
 //! Everything runs on one stream per device ([`CudaRuntime::stream`]); a forward synchronizes
 //! once, when its result is read back.
 
+pub mod decode;
 pub mod fwd_fast;
+pub mod kv_cache;
 pub mod launch;
 pub mod layer;
 pub mod linear;
@@ -24,6 +26,7 @@ use cudarc::driver::{CudaFunction, CudaStream};
 use crate::device::CudaDevice;
 use crate::error::{AttnError, Result};
 
+pub use kv_cache::{DevicePagedKvCache, DeviceStaticKvCache};
 pub use layer::CudaLayer;
 pub use linear::DeviceLinear;
 pub use tensor::{DeviceData, DeviceElem, DeviceTensor, ElemType};

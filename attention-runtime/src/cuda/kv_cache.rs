@@ -1,0 +1,451 @@
+//! Device-side KV caches mirroring [`crate::kv_cache`]: the same layouts, the same length
+//! bookkeeping and the same validate-before-write guarantees, with storage in GPU memory in
+//! the layer's dtype.
+//!
+//! - [`DeviceStaticKvCache`]: per layer K and V `[max_seq, max_batch, ng, hn]`.
+//! - [`DevicePagedKvCache`]: per layer pools `[num_blocks, block_size, ng, hn]` for K and V,
+//!   a reference-counted [`BlockAllocator`]; offsets are 64-bit in the kernels.
+//!
+//! Writes happen in kernels (`flashdec`, `kvappend`); every host-side check (capacity, block
+//! ids, shared blocks, lengths) runs before the launch, so a failing call writes nothing.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+
+use cudarc::driver::CudaStream;
+
+use super::tensor::{alloc_err, DeviceElem, DeviceTensor, ElemType};
+use crate::error::{AttnError, Result};
+use crate::kv_cache::{BlockAllocator, PagedBatch, PagedRequest, MIN_BLOCK_SIZE};
+use crate::tensor::Tensor;
+
+fn zeros(stream: &Arc<CudaStream>, elem: ElemType, shape: &[usize]) -> Result<DeviceTensor> {
+    fn z<T: DeviceElem>(stream: &Arc<CudaStream>, shape: &[usize]) -> Result<DeviceTensor> {
+        let n: usize = shape.iter().product();
+        let s = stream
+            .alloc_zeros::<T>(n)
+            .map_err(alloc_err("kv cache", n * std::mem::size_of::<T>()))?;
+        DeviceTensor::from_slice(s, shape)
+    }
+    match elem {
+        ElemType::Bf16 => z::<half::bf16>(stream, shape),
+        ElemType::F16 => z::<half::f16>(stream, shape),
+        ElemType::F32 => z::<f32>(stream, shape),
+    }
+}
+
+fn check_dims(dims: &[(&str, usize)]) -> Result<()> {
+    crate::kv_cache::checked_product(dims).map(|_| ())
+}
+
+/// A contiguous KV cache on the device for a stack of `num_layers` layers.
+///
+/// Layout per layer: K and V each `[max_seq, max_batch, ng, hn]` row-major in the layer's
+/// dtype (position `p` of batch slot `s` at row `p * max_batch + s`). Lengths follow
+/// [`StaticKvCache`](crate::kv_cache::StaticKvCache): a layer's append is *pending* until
+/// [`advance`](Self::advance) commits the step for every layer.
+#[derive(Debug)]
+pub struct DeviceStaticKvCache {
+    max_seq: usize,
+    max_batch: usize,
+    groups: usize,
+    head_dim: usize,
+    k: Vec<DeviceTensor>,
+    v: Vec<DeviceTensor>,
+    seqlens: Vec<usize>,
+    /// `[num_layers][max_batch]`.
+    pending: Vec<usize>,
+}
+
+impl DeviceStaticKvCache {
+    /// A zeroed cache. Errors (`InvalidArgument`) on a zero dimension or overflow,
+    /// `DeviceAlloc` when the device lacks memory.
+    pub fn new(
+        stream: &Arc<CudaStream>,
+        elem: ElemType,
+        num_layers: usize,
+        max_seq: usize,
+        max_batch: usize,
+        groups: usize,
+        head_dim: usize,
+    ) -> Result<Self> {
+        check_dims(&[
+            ("num_layers", num_layers),
+            ("max_seq", max_seq),
+            ("max_batch", max_batch),
+            ("groups", groups),
+            ("head_dim", head_dim),
+        ])?;
+        let shape = [max_seq, max_batch, groups, head_dim];
+        let mut k = Vec::with_capacity(num_layers);
+        let mut v = Vec::with_capacity(num_layers);
+        for _ in 0..num_layers {
+            k.push(zeros(stream, elem, &shape)?);
+            v.push(zeros(stream, elem, &shape)?);
+        }
+        Ok(DeviceStaticKvCache {
+            max_seq,
+            max_batch,
+            groups,
+            head_dim,
+            k,
+            v,
+            seqlens: vec![0; max_batch],
+            pending: vec![0; num_layers * max_batch],
+        })
+    }
+
+    /// Number of layers.
+    pub fn num_layers(&self) -> usize {
+        self.k.len()
+    }
+    /// Positions per sequence.
+    pub fn max_seq(&self) -> usize {
+        self.max_seq
+    }
+    /// Batch slots.
+    pub fn max_batch(&self) -> usize {
+        self.max_batch
+    }
+    /// Key/value groups.
+    pub fn groups(&self) -> usize {
+        self.groups
+    }
+    /// Head dim.
+    pub fn head_dim(&self) -> usize {
+        self.head_dim
+    }
+    /// Committed length per batch slot.
+    pub fn seqlens(&self) -> &[usize] {
+        &self.seqlens
+    }
+
+    fn check_layer(&self, layer: usize) -> Result<()> {
+        crate::kv_cache::check_layer(layer, self.num_layers())
+    }
+
+    /// Length `layer` sees in `slot` (committed plus this layer's pending tokens).
+    pub fn visible_len(&self, layer: usize, slot: usize) -> Result<usize> {
+        self.check_layer(layer)?;
+        if slot >= self.max_batch {
+            return Err(AttnError::CacheCapacity {
+                arg: "max_batch".into(),
+                capacity: self.max_batch,
+                needed: slot + 1,
+            });
+        }
+        Ok(self.seqlens[slot] + self.pending[layer * self.max_batch + slot])
+    }
+
+    /// Layer `layer`'s K `[max_seq, max_batch, ng, hn]`.
+    pub fn layer_k(&self, layer: usize) -> Result<&DeviceTensor> {
+        self.check_layer(layer)?;
+        Ok(&self.k[layer])
+    }
+    /// Layer `layer`'s V `[max_seq, max_batch, ng, hn]`.
+    pub fn layer_v(&self, layer: usize) -> Result<&DeviceTensor> {
+        self.check_layer(layer)?;
+        Ok(&self.v[layer])
+    }
+    /// Check that `sq` new tokens fit in slots `batch_offset .. batch_offset + b` of `layer`
+    /// and return each slot's start position. Nothing changes. Errors: `CacheCapacity`
+    /// (`max_batch`, or `max_seq` naming the layer and slot), `InvalidArgument` (`layer`).
+    pub fn check_append(
+        &self,
+        layer: usize,
+        batch_offset: usize,
+        b: usize,
+        sq: usize,
+    ) -> Result<Vec<usize>> {
+        self.check_layer(layer)?;
+        if batch_offset + b > self.max_batch {
+            return Err(AttnError::CacheCapacity {
+                arg: "max_batch".into(),
+                capacity: self.max_batch,
+                needed: batch_offset + b,
+            });
+        }
+        let mut starts = Vec::with_capacity(b);
+        for slot in batch_offset..batch_offset + b {
+            let cur = self.visible_len(layer, slot)?;
+            if cur + sq > self.max_seq {
+                return Err(AttnError::CacheCapacity {
+                    arg: format!("max_seq (layer {layer}, batch slot {slot} holds {cur})"),
+                    capacity: self.max_seq,
+                    needed: cur + sq,
+                });
+            }
+            starts.push(cur);
+        }
+        Ok(starts)
+    }
+
+    /// Record `sq` tokens appended by `layer` (after a successful launch).
+    pub(crate) fn mark_appended(&mut self, layer: usize, batch_offset: usize, b: usize, sq: usize) {
+        for slot in batch_offset..batch_offset + b {
+            self.pending[layer * self.max_batch + slot] += sq;
+        }
+    }
+
+    /// Commit a step (every layer appended exactly `sq` tokens to each slot of the range).
+    /// Errors (nothing changes) as [`StaticKvCache::advance`](crate::kv_cache::StaticKvCache::advance).
+    pub fn advance(&mut self, batch_offset: usize, b: usize, sq: usize) -> Result<()> {
+        if batch_offset + b > self.max_batch {
+            return Err(AttnError::CacheCapacity {
+                arg: "max_batch".into(),
+                capacity: self.max_batch,
+                needed: batch_offset + b,
+            });
+        }
+        for layer in 0..self.num_layers() {
+            for slot in batch_offset..batch_offset + b {
+                let p = self.pending[layer * self.max_batch + slot];
+                if p != sq {
+                    return Err(AttnError::InvalidArgument {
+                        arg: "advance".into(),
+                        expected: format!(
+                            "every layer to have appended {sq} tokens to batch slot {slot}"
+                        ),
+                        got: format!("layer {layer} appended {p}"),
+                    });
+                }
+            }
+        }
+        for slot in batch_offset..batch_offset + b {
+            self.seqlens[slot] += sq;
+            for layer in 0..self.num_layers() {
+                self.pending[layer * self.max_batch + slot] = 0;
+            }
+        }
+        Ok(())
+    }
+
+    /// Drop every pending token.
+    pub fn rollback(&mut self) {
+        self.pending.fill(0);
+    }
+
+    /// Forget every sequence (lengths to 0; contents are overwritten by later appends).
+    pub fn reset(&mut self) {
+        self.seqlens.fill(0);
+        self.pending.fill(0);
+    }
+
+    /// Keys and values `[len, ng, hn]` (f32, host) of positions `0..len` of `slot` in `layer`.
+    pub fn gather_kv_host(
+        &self,
+        layer: usize,
+        slot: usize,
+        len: usize,
+    ) -> Result<(Tensor, Tensor)> {
+        let vis = self.visible_len(layer, slot)?;
+        if len > vis {
+            return Err(AttnError::InvalidArgument {
+                arg: "len".into(),
+                expected: format!("at most the slot's visible length {vis}"),
+                got: len.to_string(),
+            });
+        }
+        let row = self.groups * self.head_dim;
+        let pick = |t: &DeviceTensor| -> Result<Tensor> {
+            let h = t.to_host()?;
+            let mut out = Vec::with_capacity(len * row);
+            for p in 0..len {
+                let off = (p * self.max_batch + slot) * row;
+                out.extend_from_slice(&h.data()[off..off + row]);
+            }
+            Tensor::new(&[len, self.groups, self.head_dim], out)
+        };
+        Ok((pick(&self.k[layer])?, pick(&self.v[layer])?))
+    }
+}
+
+/// A paged KV cache on the device for a stack of `num_layers` layers.
+///
+/// Layout per layer: K and V pools `[num_blocks, block_size, ng, hn]` in the layer's dtype;
+/// position `p` of a request with block-table row `row` lives at pool row
+/// `row[p / block_size] * block_size + p % block_size` (64-bit in the kernels). Block ids are
+/// shared by every layer and handed out by the cache's [`BlockAllocator`].
+#[derive(Debug)]
+pub struct DevicePagedKvCache {
+    block_size: usize,
+    groups: usize,
+    head_dim: usize,
+    k: Vec<DeviceTensor>,
+    v: Vec<DeviceTensor>,
+    allocator: BlockAllocator,
+}
+
+impl DevicePagedKvCache {
+    /// A zeroed pool. Errors (`InvalidArgument`) for a block size that is not a power of two
+    /// `>= 16`, a zero dimension or overflow; `DeviceAlloc` when the device lacks memory.
+    #[allow(clippy::too_many_arguments)]
+    pub fn new(
+        stream: &Arc<CudaStream>,
+        elem: ElemType,
+        num_layers: usize,
+        num_blocks: usize,
+        block_size: usize,
+        groups: usize,
+        head_dim: usize,
+    ) -> Result<Self> {
+        if block_size < MIN_BLOCK_SIZE || !block_size.is_power_of_two() {
+            return Err(AttnError::InvalidArgument {
+                arg: "block_size".into(),
+                expected: format!("a power of two >= {MIN_BLOCK_SIZE}"),
+                got: block_size.to_string(),
+            });
+        }
+        check_dims(&[
+            ("num_layers", num_layers),
+            ("num_blocks", num_blocks),
+            ("block_size", block_size),
+            ("groups", groups),
+            ("head_dim", head_dim),
+        ])?;
+        let shape = [num_blocks, block_size, groups, head_dim];
+        let mut k = Vec::with_capacity(num_layers);
+        let mut v = Vec::with_capacity(num_layers);
+        for _ in 0..num_layers {
+            k.push(zeros(stream, elem, &shape)?);
+            v.push(zeros(stream, elem, &shape)?);
+        }
+        Ok(DevicePagedKvCache {
+            block_size,
+            groups,
+            head_dim,
+            k,
+            v,
+            allocator: BlockAllocator::new(num_blocks)?,
+        })
+    }
+
+    /// Number of layers.
+    pub fn num_layers(&self) -> usize {
+        self.k.len()
+    }
+    /// Keys per block.
+    pub fn block_size(&self) -> usize {
+        self.block_size
+    }
+    /// Key/value groups.
+    pub fn groups(&self) -> usize {
+        self.groups
+    }
+    /// Head dim.
+    pub fn head_dim(&self) -> usize {
+        self.head_dim
+    }
+    /// The block allocator.
+    pub fn allocator(&self) -> &BlockAllocator {
+        &self.allocator
+    }
+    /// The block allocator, mutably.
+    pub fn allocator_mut(&mut self) -> &mut BlockAllocator {
+        &mut self.allocator
+    }
+    /// Layer `layer`'s K and V pools.
+    pub fn layer_kv(&self, layer: usize) -> Result<(&DeviceTensor, &DeviceTensor)> {
+        crate::kv_cache::check_layer(layer, self.num_layers())?;
+        Ok((&self.k[layer], &self.v[layer]))
+    }
+
+    /// Validate a step of `num_tokens` new tokens as
+    /// [`PagedBatch::validate`] does, plus the write checks of
+    /// [`PagedKvCache::append_paged`](crate::kv_cache::PagedKvCache::append_paged): a block
+    /// written by this step must be held once and by one request. Nothing changes.
+    pub fn validate(&self, batch: &PagedBatch<'_>, num_tokens: usize) -> Result<Vec<PagedRequest>> {
+        let cu = batch.cu_seqlens_q;
+        let cu_err = |expected: &str| AttnError::CuSeqlens {
+            arg: "cu_seqlens_q".into(),
+            expected: expected.into(),
+            got: cu.iter().map(|&x| x as i64).collect(),
+        };
+        if cu.is_empty() {
+            return Err(cu_err("at least one entry (n + 1 for n requests)"));
+        }
+        if cu[0] != 0 {
+            return Err(cu_err("first entry 0"));
+        }
+        if cu.windows(2).any(|w| w[1] < w[0]) {
+            return Err(cu_err("non-decreasing entries"));
+        }
+        if cu[cu.len() - 1] as i64 != num_tokens as i64 {
+            return Err(cu_err(&format!(
+                "last entry {num_tokens} (the packed token count)"
+            )));
+        }
+        let n = cu.len() - 1;
+        if batch.seqlens_k.len() != n {
+            return Err(AttnError::InvalidArgument {
+                arg: "seqlens_k".into(),
+                expected: format!("{n} entries (one per request in cu_seqlens_q)"),
+                got: format!("{} entries", batch.seqlens_k.len()),
+            });
+        }
+        let table = batch.block_table;
+        if table.batch() < n {
+            return Err(AttnError::InvalidArgument {
+                arg: "block_table".into(),
+                expected: format!("at least {n} rows (one per request)"),
+                got: format!("{} rows", table.batch()),
+            });
+        }
+        let bs = self.block_size;
+        let mut reqs = Vec::with_capacity(n);
+        let mut writer: HashMap<u32, usize> = HashMap::new();
+        for i in 0..n {
+            let q_len = (cu[i + 1] - cu[i]) as usize;
+            let sk = batch.seqlens_k[i];
+            if sk < 0 || (sk as usize) < q_len {
+                return Err(AttnError::InvalidArgument {
+                    arg: format!("seqlens_k[{i}]"),
+                    expected: format!("at least the request's {q_len} new tokens"),
+                    got: sk.to_string(),
+                });
+            }
+            let k_len = sk as usize;
+            let needed = k_len.div_ceil(bs);
+            let have = table.row_len(i)?;
+            if have < needed {
+                return Err(AttnError::CacheCapacity {
+                    arg: format!("block_table row {i} ({have} blocks of {bs})"),
+                    capacity: have * bs,
+                    needed: k_len,
+                });
+            }
+            for c in 0..needed {
+                let id = table.check_entry(&self.allocator, i, c)?;
+                let written = q_len > 0 && c >= (k_len - q_len) / bs;
+                if written {
+                    let rc = self.allocator.refcount(id)?;
+                    if rc > 1 {
+                        return Err(AttnError::BlockId {
+                            arg: format!("block_table[{i}][{c}]"),
+                            expected: format!(
+                                "a block held once to write into (it has {rc} holders)"
+                            ),
+                            got: id as i64,
+                        });
+                    }
+                    if let Some(&j) = writer.get(&id) {
+                        if j != i {
+                            return Err(AttnError::BlockId {
+                                arg: format!("block_table[{i}][{c}]"),
+                                expected: format!("a block written by one request only (request {j} also writes it)"),
+                                got: id as i64,
+                            });
+                        }
+                    }
+                    writer.insert(id, i);
+                }
+            }
+            reqs.push(PagedRequest {
+                q_start: cu[i] as usize,
+                q_len,
+                k_len,
+            });
+        }
+        Ok(reqs)
+    }
+}
