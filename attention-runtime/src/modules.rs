@@ -366,30 +366,9 @@ struct Bcast<'a> {
 
 impl<'a> Bcast<'a> {
     fn new(arg: &str, t: &'a Tensor, target: [usize; 4]) -> Result<Self> {
-        let shape = t.shape();
-        let err = || AttnError::Shape {
-            arg: arg.into(),
-            expected: format!("broadcastable to {target:?}"),
-            got: shape.to_vec(),
-        };
-        if shape.len() > 4 {
-            return Err(err());
-        }
-        let mut full = [1usize; 4];
-        full[4 - shape.len()..].copy_from_slice(shape);
-        let mut strides = [0usize; 4];
-        let mut s = 1;
-        for d in (0..4).rev() {
-            if full[d] == target[d] && full[d] != 1 {
-                strides[d] = s;
-            } else if full[d] != 1 {
-                return Err(err());
-            }
-            s *= full[d];
-        }
         Ok(Bcast {
             data: t.data(),
-            strides,
+            strides: crate::tensor::broadcast_strides(arg, t.shape(), target)?,
         })
     }
     fn at(&self, b: usize, h: usize, i: usize, j: usize) -> f32 {

@@ -108,3 +108,65 @@ impl Tensor {
         }
     }
 }
+
+/// Element strides of a tensor of `shape` broadcast to the 4-d `target` (right-aligned, as in
+/// PyTorch: missing leading dims and size-1 dims repeat with stride 0). Errors, naming `arg`,
+/// when a dim is neither 1 nor the target's.
+pub fn broadcast_strides(arg: &str, shape: &[usize], target: [usize; 4]) -> Result<[usize; 4]> {
+    let err = || AttnError::Shape {
+        arg: arg.into(),
+        expected: format!("broadcastable to {target:?}"),
+        got: shape.to_vec(),
+    };
+    if shape.len() > 4 {
+        return Err(err());
+    }
+    let mut full = [1usize; 4];
+    full[4 - shape.len()..].copy_from_slice(shape);
+    let mut strides = [0usize; 4];
+    let mut s = 1;
+    for d in (0..4).rev() {
+        if full[d] == target[d] && full[d] != 1 {
+            strides[d] = s;
+        } else if full[d] != 1 {
+            return Err(err());
+        }
+        s *= full[d];
+    }
+    Ok(strides)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn broadcast_strides_right_aligned() {
+        // [b, 1, 1, sk] padding mask against [b, np, sq, sk].
+        assert_eq!(
+            broadcast_strides("m", &[2, 1, 1, 5], [2, 4, 3, 5]).unwrap(),
+            [5, 0, 0, 1]
+        );
+        // A bias without the batch dim: [np, sq, sk].
+        assert_eq!(
+            broadcast_strides("b", &[4, 3, 5], [2, 4, 3, 5]).unwrap(),
+            [0, 15, 5, 1]
+        );
+        // Full shape.
+        assert_eq!(
+            broadcast_strides("b", &[2, 4, 3, 5], [2, 4, 3, 5]).unwrap(),
+            [60, 15, 5, 1]
+        );
+    }
+
+    #[test]
+    fn broadcast_strides_errors_name_the_argument() {
+        let e = broadcast_strides("attention_bias", &[3, 5], [2, 4, 3, 6]).unwrap_err();
+        let msg = e.to_string();
+        assert!(
+            msg.contains("attention_bias") && msg.contains("[3, 5]"),
+            "{msg}"
+        );
+        assert!(broadcast_strides("m", &[1, 1, 1, 1, 1], [1, 1, 1, 1]).is_err());
+    }
+}

@@ -92,29 +92,9 @@ fn opt_ptr(t: Option<&DeviceTensor>, rt: &CudaRuntime) -> u64 {
     t.map_or(0, |t| tptr(t, rt))
 }
 
-/// Element strides of a tensor broadcast (right-aligned, size-1 dims repeat) to `target`.
+/// [`crate::tensor::broadcast_strides`] as the kernels' i64 strides.
 fn bcast_strides(arg: &str, shape: &[usize], target: [usize; 4]) -> Result<[i64; 4]> {
-    let err = || AttnError::Shape {
-        arg: arg.into(),
-        expected: format!("broadcastable to {target:?}"),
-        got: shape.to_vec(),
-    };
-    if shape.len() > 4 {
-        return Err(err());
-    }
-    let mut full = [1usize; 4];
-    full[4 - shape.len()..].copy_from_slice(shape);
-    let mut strides = [0i64; 4];
-    let mut s = 1i64;
-    for d in (0..4).rev() {
-        if full[d] == target[d] && full[d] != 1 {
-            strides[d] = s;
-        } else if full[d] != 1 {
-            return Err(err());
-        }
-        s *= full[d] as i64;
-    }
-    Ok(strides)
+    Ok(crate::tensor::broadcast_strides(arg, shape, target)?.map(|s| s as i64))
 }
 
 fn to_i32(arg: &str, v: i64) -> Result<i32> {
