@@ -27,9 +27,11 @@
 // Per block: Q tile -> shared memory (cp.async), K/V tiles stream through a STAGES-deep
 // cp.async ring (K and V in separate commit groups, so QK^T starts when K lands). S = Q K^T
 // and O += P V run on mma.sync m16n8k16 (bf16 in, f32 accumulate), operands through
-// ldmatrix (.trans for V). Rows are padded by 16 bytes in shared memory, so the 8 row addresses
-// of every ldmatrix phase fall into distinct banks. Online softmax in base 2 with
-// softmax_scale * log2(e) folded into the logits. KV tiles that no row of the block can see are
+// ldmatrix (.trans for V), double-buffered in registers: the fragments of the next MMA step
+// load before the current step's MMAs issue. Rows are padded by 16 bytes in shared memory, so
+// the 8 row addresses of every ldmatrix phase fall into distinct banks. Online softmax in base 2
+// with softmax_scale * log2(e) folded into the exponent's FFMA; O and l are rescaled only when
+// some row's running max grows by more than RESCALE_SLACK (lazy rescale, exact at the end). KV tiles that no row of the block can see are
 // never visited; per-element masking runs only on tiles some row sees partially (the diagonal
 // and window edges, and the ragged last tile).
 
@@ -130,6 +132,8 @@ static_assert(LANE_D * WARP_SIZE == HEAD_DIM, "types.cu's per-lane split (unused
 
 constexpr float FAST_LOG2E = 1.4426950408889634f;
 constexpr float FAST_LN2 = 0.6931471805599453f;
+// Lazy rescale threshold (log2 units): probabilities stay <= 2^8 between running-max moves.
+constexpr float RESCALE_SLACK = 8.0f;
 
 __device__ __forceinline__ unsigned smem_addr(const void* p) {
     unsigned r;
@@ -157,7 +161,7 @@ __device__ __forceinline__ void ldmatrix_x4_trans(unsigned (&r)[4], unsigned add
 
 /// d += a (16x16, row) * b (16x8, col), f32 accumulate.
 __device__ __forceinline__ void mma16816(float (&d)[4], const unsigned (&a)[4], unsigned b0, unsigned b1) {
-    asm volatile(
+    asm(
         "mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 "
         "{ %0,%1,%2,%3}, { %4,%5,%6,%7}, { %8,%9}, { %0,%1,%2,%3};\n"
         : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
@@ -367,27 +371,47 @@ extern "C" __global__ void __launch_bounds__(THREADS) fwdfast_bf16_hd64_causal_m
             }
         }
         const unsigned k_stage = sK_addr + (unsigned)(stage * KV_ELEMS * 2);
+        // Fragments of step f + 1 (Q per k16 step, K per 16-key pair) load before step f's MMAs.
+        constexpr int QK_STEPS = KD * (NI / 2);
+        unsigned qa[2][MI][4];
+        unsigned kb[2][4];
+#pragma unroll
+        for (int mi = 0; mi < MI; ++mi) {
+            const int r = warp_row0 + mi * 16 + (lane % 16);
+            const int c = (lane / 16) * 8;
+            ldmatrix_x4(qa[0][mi], sQ_addr + (unsigned)((r * SROW + c) * 2));
+        }
+        {
+            const int r = (lane % 8) + (lane / 16) * 8;
+            const int c = ((lane / 8) % 2) * 8;
+            ldmatrix_x4(kb[0], k_stage + (unsigned)((r * SROW + c) * 2));
+        }
 #pragma unroll
         for (int kk = 0; kk < KD; ++kk) {
-            unsigned qa[MI][4];
+#pragma unroll
+        for (int nj = 0; nj < NI / 2; ++nj) {
+            const int f = kk * (NI / 2) + nj;
+            if (f + 1 < QK_STEPS) {
+                const int kk1 = (f + 1) / (NI / 2);
+                const int nj1 = (f + 1) % (NI / 2);
+                if (nj1 == 0) {
+#pragma unroll
+                    for (int mi = 0; mi < MI; ++mi) {
+                        const int r = warp_row0 + mi * 16 + (lane % 16);
+                        const int c = kk1 * 16 + (lane / 16) * 8;
+                        ldmatrix_x4(qa[kk1 & 1][mi], sQ_addr + (unsigned)((r * SROW + c) * 2));
+                    }
+                }
+                const int r = nj1 * 16 + (lane % 8) + (lane / 16) * 8;
+                const int c = kk1 * 16 + ((lane / 8) % 2) * 8;
+                ldmatrix_x4(kb[(f + 1) & 1], k_stage + (unsigned)((r * SROW + c) * 2));
+            }
 #pragma unroll
             for (int mi = 0; mi < MI; ++mi) {
-                const int r = warp_row0 + mi * 16 + (lane % 16);
-                const int c = kk * 16 + (lane / 16) * 8;
-                ldmatrix_x4(qa[mi], sQ_addr + (unsigned)((r * SROW + c) * 2));
+                mma16816(s[mi][2 * nj], qa[kk & 1][mi], kb[f & 1][0], kb[f & 1][1]);
+                mma16816(s[mi][2 * nj + 1], qa[kk & 1][mi], kb[f & 1][2], kb[f & 1][3]);
             }
-#pragma unroll
-            for (int nj = 0; nj < NI / 2; ++nj) {
-                unsigned kb[4];
-                const int r = nj * 16 + (lane % 8) + (lane / 16) * 8;
-                const int c = kk * 16 + ((lane / 8) % 2) * 8;
-                ldmatrix_x4(kb, k_stage + (unsigned)((r * SROW + c) * 2));
-#pragma unroll
-                for (int mi = 0; mi < MI; ++mi) {
-                    mma16816(s[mi][2 * nj], qa[mi], kb[0], kb[1]);
-                    mma16816(s[mi][2 * nj + 1], qa[mi], kb[2], kb[3]);
-                }
-            }
+        }
         }
 
         // Mask elements only where some row sees the tile partially (raw logits; the scale
@@ -415,7 +439,13 @@ extern "C" __global__ void __launch_bounds__(THREADS) fwdfast_bf16_hd64_causal_m
             }
         }
 
-        // Online softmax update.
+        // Online softmax update, with lazy rescaling: the running max m_run (log2 units) only
+        // moves when some row of the warp sees a logit more than RESCALE_SLACK above it (a
+        // warp-uniform vote, so the branch skips the O/l rescale for the whole warp). Between
+        // moves p = 2^(logit - m_run) <= 2^RESCALE_SLACK, harmless in f32 and exact in the end:
+        // O, l and lse all use the same m_run.
+        float mx_row[MI][2];
+        bool grow = false;
 #pragma unroll
         for (int mi = 0; mi < MI; ++mi) {
 #pragma unroll
@@ -428,10 +458,33 @@ extern "C" __global__ void __launch_bounds__(THREADS) fwdfast_bf16_hd64_causal_m
                 mx = fmaxf(mx, __shfl_xor_sync(FULL_WARP, mx, 2));
                 mx *= scale_log2;  // log2 units (-inf stays -inf)
                 m_vis[mi][hh] = fmaxf(m_vis[mi][hh], mx);
-                const float m_new = fmaxf(m_run[mi][hh], mx);
-                const float m_use = m_new == neg_inf() ? 0.0f : m_new;
-                const float corr = fast_exp2(m_run[mi][hh] - m_use);
-                m_run[mi][hh] = m_new;
+                mx_row[mi][hh] = mx;
+                grow |= mx > m_run[mi][hh] + RESCALE_SLACK;
+            }
+        }
+        if (__any_sync(FULL_WARP, grow)) {
+#pragma unroll
+            for (int mi = 0; mi < MI; ++mi) {
+#pragma unroll
+                for (int hh = 0; hh < 2; ++hh) {
+                    const float m_new = fmaxf(m_run[mi][hh], mx_row[mi][hh]);
+                    const float m_use = m_new == neg_inf() ? 0.0f : m_new;
+                    const float corr = fast_exp2(m_run[mi][hh] - m_use);
+                    m_run[mi][hh] = m_new;
+                    l_part[mi][hh] *= corr;
+#pragma unroll
+                    for (int dn = 0; dn < DN; ++dn) {
+                        o[mi][dn][2 * hh] *= corr;
+                        o[mi][dn][2 * hh + 1] *= corr;
+                    }
+                }
+            }
+        }
+#pragma unroll
+        for (int mi = 0; mi < MI; ++mi) {
+#pragma unroll
+            for (int hh = 0; hh < 2; ++hh) {
+                const float m_use = m_run[mi][hh] == neg_inf() ? 0.0f : m_run[mi][hh];
                 float sum = 0.0f;
 #pragma unroll
                 for (int ni = 0; ni < NI; ++ni) {
@@ -442,12 +495,7 @@ extern "C" __global__ void __launch_bounds__(THREADS) fwdfast_bf16_hd64_causal_m
                         sum += p;
                     }
                 }
-                l_part[mi][hh] = l_part[mi][hh] * corr + sum;
-#pragma unroll
-                for (int dn = 0; dn < DN; ++dn) {
-                    o[mi][dn][2 * hh] *= corr;
-                    o[mi][dn][2 * hh + 1] *= corr;
-                }
+                l_part[mi][hh] += sum;
             }
         }
 
@@ -457,28 +505,42 @@ extern "C" __global__ void __launch_bounds__(THREADS) fwdfast_bf16_hd64_causal_m
 
         // O += P V.
         const unsigned v_stage = sV_addr + (unsigned)(stage * KV_ELEMS * 2);
+        // V fragments of step f + 1 load before step f's MMAs; P fragments pack per k16 step.
+        constexpr int PV_STEPS = KN * (DN / 2);
+        unsigned vb[2][4];
+        unsigned pa[MI][4];
+        {
+            const int r = (lane % 8) + ((lane / 8) % 2) * 8;
+            const int c = (lane / 16) * 8;
+            ldmatrix_x4_trans(vb[0], v_stage + (unsigned)((r * SROW + c) * 2));
+        }
 #pragma unroll
         for (int kk = 0; kk < KN; ++kk) {
-            unsigned pa[MI][4];
 #pragma unroll
-            for (int mi = 0; mi < MI; ++mi) {
-                pa[mi][0] = pack2(s[mi][2 * kk][0], s[mi][2 * kk][1]);
-                pa[mi][1] = pack2(s[mi][2 * kk][2], s[mi][2 * kk][3]);
-                pa[mi][2] = pack2(s[mi][2 * kk + 1][0], s[mi][2 * kk + 1][1]);
-                pa[mi][3] = pack2(s[mi][2 * kk + 1][2], s[mi][2 * kk + 1][3]);
+        for (int dj = 0; dj < DN / 2; ++dj) {
+            const int f = kk * (DN / 2) + dj;
+            if (f + 1 < PV_STEPS) {
+                const int kk1 = (f + 1) / (DN / 2);
+                const int dj1 = (f + 1) % (DN / 2);
+                const int r = kk1 * 16 + (lane % 8) + ((lane / 8) % 2) * 8;
+                const int c = dj1 * 16 + (lane / 16) * 8;
+                ldmatrix_x4_trans(vb[(f + 1) & 1], v_stage + (unsigned)((r * SROW + c) * 2));
             }
-#pragma unroll
-            for (int dj = 0; dj < DN / 2; ++dj) {
-                unsigned vb[4];
-                const int r = kk * 16 + (lane % 8) + ((lane / 8) % 2) * 8;
-                const int c = dj * 16 + (lane / 16) * 8;
-                ldmatrix_x4_trans(vb, v_stage + (unsigned)((r * SROW + c) * 2));
+            if (dj == 0) {
 #pragma unroll
                 for (int mi = 0; mi < MI; ++mi) {
-                    mma16816(o[mi][2 * dj], pa[mi], vb[0], vb[1]);
-                    mma16816(o[mi][2 * dj + 1], pa[mi], vb[2], vb[3]);
+                    pa[mi][0] = pack2(s[mi][2 * kk][0], s[mi][2 * kk][1]);
+                    pa[mi][1] = pack2(s[mi][2 * kk][2], s[mi][2 * kk][3]);
+                    pa[mi][2] = pack2(s[mi][2 * kk + 1][0], s[mi][2 * kk + 1][1]);
+                    pa[mi][3] = pack2(s[mi][2 * kk + 1][2], s[mi][2 * kk + 1][3]);
                 }
             }
+#pragma unroll
+            for (int mi = 0; mi < MI; ++mi) {
+                mma16816(o[mi][2 * dj], pa[mi], vb[f & 1][0], vb[f & 1][1]);
+                mma16816(o[mi][2 * dj + 1], pa[mi], vb[f & 1][2], vb[f & 1][3]);
+            }
+        }
         }
     }
     cp_async_wait<0>();
