@@ -56,6 +56,7 @@ cat > "$out/run.sh" <<'RUN'
 set -uo pipefail
 here="$(cd "$(dirname "$0")" && pwd)"
 export ATTN_REPO_ROOT="${ATTN_REPO_ROOT:-$(dirname "$here")}"
+export ATTN_BIN="${ATTN_BIN:-$here/bin/attn}"
 status=0
 for t in "$here"/bin/test-*; do
   echo "==> $(basename "$t")"

@@ -1,0 +1,91 @@
+//! `attn layer --device cuda` end to end on the GPU: the same Megatron-Core fixture through
+//! the CPU backend and through the CUDA backend (bf16), each compared with the reference
+//! system's output.
+//!
+//! On the GPU machine the binary comes from the bundle: `gpu-bundle/run.sh` sets `ATTN_BIN`
+//! and `ATTN_REPO_ROOT`; under cargo the test uses the freshly built `attn`.
+
+use std::path::PathBuf;
+use std::process::Command;
+
+use attention_runtime::{Tensor, WeightStore};
+
+fn repo_root() -> PathBuf {
+    std::env::var_os("ATTN_REPO_ROOT")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| PathBuf::from(env!("CARGO_MANIFEST_DIR")).join(".."))
+}
+
+fn attn_bin() -> PathBuf {
+    std::env::var_os("ATTN_BIN")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| PathBuf::from(env!("CARGO_BIN_EXE_attn")))
+}
+
+fn rel_err(a: &Tensor, b: &Tensor) -> f64 {
+    assert_eq!(a.shape(), b.shape());
+    let (mut num, mut den) = (0f64, 0f64);
+    for (x, y) in a.data().iter().zip(b.data()) {
+        assert!(x.is_finite(), "NaN/inf in output");
+        num += ((x - y) as f64).powi(2);
+        den += (*y as f64).powi(2);
+    }
+    (num / den).sqrt()
+}
+
+fn run_layer(device: &str) -> Tensor {
+    let d = repo_root().join("tests/fixtures/megatron");
+    let out = std::env::temp_dir().join(format!(
+        "gpu-cli-{device}-{}.safetensors",
+        std::process::id()
+    ));
+    let o = Command::new(attn_bin())
+        .args([
+            "layer",
+            "--spec",
+            "self, heads=8, gqa=2, head_dim=64, qk_layernorm=rms, rope, mask=causal",
+            "--weights",
+            d.join("weights.safetensors").to_str().unwrap(),
+            "--prefix",
+            "decoder.layers.0.self_attention.",
+            "--input",
+            d.join("input.safetensors").to_str().unwrap(),
+            "--output",
+            out.to_str().unwrap(),
+            "--device",
+            device,
+        ])
+        .output()
+        .expect("attn runs");
+    let stderr = String::from_utf8_lossy(&o.stderr);
+    assert!(
+        o.status.success(),
+        "attn --device {device} failed: {stderr}"
+    );
+    println!("{stderr}");
+    WeightStore::from_file(&out)
+        .unwrap()
+        .get("output", &[16, 2, 512])
+        .unwrap()
+}
+
+#[test]
+#[ignore = "requires a CUDA GPU"]
+fn attn_layer_cuda_matches_cpu_and_megatron() {
+    let expected =
+        WeightStore::from_file(repo_root().join("tests/fixtures/megatron/expected.safetensors"))
+            .unwrap()
+            .get("output", &[16, 2, 512])
+            .unwrap();
+    let cpu = run_layer("cpu");
+    let cuda = run_layer("cuda");
+    let (e_cpu, e_cuda, e_cc) = (
+        rel_err(&cpu, &expected),
+        rel_err(&cuda, &expected),
+        rel_err(&cuda, &cpu),
+    );
+    println!("rel err: cpu vs megatron {e_cpu:.2e}, cuda vs megatron {e_cuda:.2e}, cuda vs cpu {e_cc:.2e}");
+    assert!(e_cpu < 1e-5, "cpu vs Megatron-Core: {e_cpu}");
+    assert!(e_cuda < 1e-2, "cuda (bf16) vs Megatron-Core: {e_cuda}");
+    assert!(e_cc < 1e-2, "cuda vs cpu: {e_cc}");
+}
