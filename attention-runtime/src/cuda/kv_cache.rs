@@ -14,7 +14,7 @@ use std::sync::Arc;
 
 use cudarc::driver::CudaStream;
 
-use super::tensor::{alloc_err, DeviceElem, DeviceTensor, ElemType};
+use super::tensor::{alloc_err, cuda_err, DeviceElem, DeviceTensor, ElemType};
 use crate::error::{AttnError, Result};
 use crate::kv_cache::{BlockAllocator, PagedBatch, PagedRequest, MIN_BLOCK_SIZE};
 use crate::tensor::Tensor;
@@ -225,6 +225,106 @@ impl DeviceStaticKvCache {
         self.pending.fill(0);
     }
 
+    /// Reorder batch slots for beam search on the device: new slot `i` takes the contents
+    /// and committed length of old slot `src[i]` in every layer, for `i < src.len()`; slots
+    /// at or beyond `src.len()` are unchanged; entries may repeat (a beam with several
+    /// children). Each layer's K and V are snapshotted first (so repeated sources read old
+    /// data), then every moved slot is one strided 2D copy (`max_seq` rows of `ng * hn`
+    /// elements, pitch `max_batch * ng * hn`). `stream` is synchronized before returning.
+    ///
+    /// Errors (nothing changes): `InvalidArgument` (`perm`) when `src` is longer than
+    /// `max_batch` or names a slot outside it, or (`reorder`) while a step is pending;
+    /// `DeviceAlloc` / `Cuda` from the device.
+    pub fn reorder(&mut self, stream: &Arc<CudaStream>, src: &[usize]) -> Result<()> {
+        if src.len() > self.max_batch {
+            return Err(AttnError::InvalidArgument {
+                arg: "perm".into(),
+                expected: format!("at most {} entries (max_batch)", self.max_batch),
+                got: format!("{} entries", src.len()),
+            });
+        }
+        if let Some((i, &s)) = src.iter().enumerate().find(|(_, &s)| s >= self.max_batch) {
+            return Err(AttnError::InvalidArgument {
+                arg: format!("perm[{i}]"),
+                expected: format!("a batch slot in 0..{}", self.max_batch),
+                got: s.to_string(),
+            });
+        }
+        if self.pending.iter().any(|&p| p != 0) {
+            return Err(AttnError::InvalidArgument {
+                arg: "reorder".into(),
+                expected: "no pending appends (call advance or rollback first)".into(),
+                got: "a step with pending appends".into(),
+            });
+        }
+        if src.iter().enumerate().all(|(i, &s)| i == s) {
+            return Ok(());
+        }
+        fn permute<T: DeviceElem>(
+            stream: &Arc<CudaStream>,
+            t: &mut DeviceTensor,
+            src: &[usize],
+            row_bytes: usize,
+            pitch: usize,
+            height: usize,
+        ) -> Result<()> {
+            use cudarc::driver::{sys, DevicePtr, DevicePtrMut};
+            let slice = t.typed_mut::<T>("cache")?;
+            let old = stream
+                .clone_dtod(&*slice)
+                .map_err(cuda_err("reorder (snapshot)"))?;
+            {
+                let (sp, _gs) = old.device_ptr(stream);
+                let (dp, _gd) = slice.device_ptr_mut(stream);
+                for (i, &s) in src.iter().enumerate().filter(|(i, s)| i != *s) {
+                    let p = sys::CUDA_MEMCPY2D_st {
+                        srcXInBytes: s * row_bytes,
+                        srcY: 0,
+                        srcMemoryType: sys::CUmemorytype::CU_MEMORYTYPE_DEVICE,
+                        srcHost: std::ptr::null(),
+                        srcDevice: sp,
+                        srcArray: std::ptr::null_mut(),
+                        srcPitch: pitch,
+                        dstXInBytes: i * row_bytes,
+                        dstY: 0,
+                        dstMemoryType: sys::CUmemorytype::CU_MEMORYTYPE_DEVICE,
+                        dstHost: std::ptr::null_mut(),
+                        dstDevice: dp,
+                        dstArray: std::ptr::null_mut(),
+                        dstPitch: pitch,
+                        WidthInBytes: row_bytes,
+                        Height: height,
+                    };
+                    // SAFETY: both pointers are live device buffers of `height * pitch`
+                    // bytes (the layer's cache and its snapshot); slot columns `s` and `i`
+                    // are below `max_batch`, so every row read and written is in bounds.
+                    unsafe { sys::cuMemcpy2DAsync_v2(&p, stream.cu_stream()) }
+                        .result()
+                        .map_err(cuda_err("cuMemcpy2DAsync (reorder)"))?;
+                }
+            }
+            stream
+                .synchronize()
+                .map_err(cuda_err("reorder synchronize"))
+        }
+        let (max_seq, max_batch) = (self.max_seq, self.max_batch);
+        let width = self.groups * self.head_dim;
+        for t in self.k.iter_mut().chain(self.v.iter_mut()) {
+            let row_bytes = width * t.elem().size();
+            let pitch = max_batch * row_bytes;
+            match t.elem() {
+                ElemType::Bf16 => permute::<half::bf16>(stream, t, src, row_bytes, pitch, max_seq)?,
+                ElemType::F16 => permute::<half::f16>(stream, t, src, row_bytes, pitch, max_seq)?,
+                ElemType::F32 => permute::<f32>(stream, t, src, row_bytes, pitch, max_seq)?,
+            }
+        }
+        let old = self.seqlens.clone();
+        for (i, &s) in src.iter().enumerate() {
+            self.seqlens[i] = old[s];
+        }
+        Ok(())
+    }
+
     /// Forget every sequence (lengths to 0; contents are overwritten by later appends).
     pub fn reset(&mut self) {
         self.seqlens.fill(0);
@@ -348,6 +448,91 @@ impl DevicePagedKvCache {
     pub fn layer_kv(&self, layer: usize) -> Result<(&DeviceTensor, &DeviceTensor)> {
         crate::kv_cache::check_layer(layer, self.num_layers())?;
         Ok((&self.k[layer], &self.v[layer]))
+    }
+
+    /// Number of blocks in the pool.
+    pub fn num_blocks(&self) -> usize {
+        self.allocator.num_blocks()
+    }
+
+    /// Copy block `src` to block `dst` in every layer's K and V pools (copy-on-write of a
+    /// shared block, or moving blocks around the pool), queued on `stream` (synchronized
+    /// before returning). Errors (`BlockId`, nothing copied) unless both are allocated.
+    pub fn copy_block(&mut self, stream: &Arc<CudaStream>, src: u32, dst: u32) -> Result<()> {
+        self.allocator.check_allocated("src", src as i64)?;
+        self.allocator.check_allocated("dst", dst as i64)?;
+        if src == dst {
+            return Ok(());
+        }
+        let n = self.block_size * self.groups * self.head_dim;
+        let (s, d) = (src as usize * n, dst as usize * n);
+        fn copy<T: DeviceElem>(
+            stream: &Arc<CudaStream>,
+            t: &mut DeviceTensor,
+            s: usize,
+            d: usize,
+            n: usize,
+        ) -> Result<()> {
+            let slice = t.typed_mut::<T>("pool")?;
+            let tmp = stream
+                .clone_dtod(&slice.slice(s..s + n))
+                .map_err(cuda_err("copy_block (read)"))?;
+            stream
+                .memcpy_dtod(&tmp, &mut slice.slice_mut(d..d + n))
+                .map_err(cuda_err("copy_block (write)"))?;
+            stream
+                .synchronize()
+                .map_err(cuda_err("copy_block synchronize"))
+        }
+        for t in self.k.iter_mut().chain(self.v.iter_mut()) {
+            match t.elem() {
+                ElemType::Bf16 => copy::<half::bf16>(stream, t, s, d, n)?,
+                ElemType::F16 => copy::<half::f16>(stream, t, s, d, n)?,
+                ElemType::F32 => copy::<f32>(stream, t, s, d, n)?,
+            }
+        }
+        Ok(())
+    }
+
+    /// Keys and values `[len, ng, hn]` (f32, host) of positions `0..len` of the request whose
+    /// block-table row is `row` (`-1` for unused entries), in `layer`.
+    ///
+    /// Errors: `InvalidArgument` (`layer`); `CacheCapacity` (`row`) when the row has fewer
+    /// than `ceil(len / block_size)` blocks; `BlockId` (`row[c]`) for an entry outside the
+    /// pool or free.
+    pub fn gather_kv_host(
+        &self,
+        layer: usize,
+        row: &[i32],
+        len: usize,
+    ) -> Result<(Tensor, Tensor)> {
+        crate::kv_cache::check_layer(layer, self.num_layers())?;
+        let bs = self.block_size;
+        let needed = len.div_ceil(bs);
+        let have = row.iter().take_while(|&&id| id >= 0).count();
+        if have < needed {
+            return Err(AttnError::CacheCapacity {
+                arg: format!("row ({have} blocks of {bs})"),
+                capacity: have * bs,
+                needed: len,
+            });
+        }
+        for (c, &id) in row.iter().enumerate().take(needed) {
+            self.allocator
+                .check_allocated(&format!("row[{c}]"), id as i64)?;
+        }
+        let width = self.groups * self.head_dim;
+        let pick = |t: &DeviceTensor| -> Result<Tensor> {
+            let h = t.to_host()?;
+            let mut out = Vec::with_capacity(len * width);
+            for (c, &id) in row.iter().enumerate().take(needed) {
+                let m = (len - c * bs).min(bs) * width;
+                let o = id as usize * bs * width;
+                out.extend_from_slice(&h.data()[o..o + m]);
+            }
+            Tensor::new(&[len, self.groups, self.head_dim], out)
+        };
+        Ok((pick(&self.k[layer])?, pick(&self.v[layer])?))
     }
 
     /// Validate a step of `num_tokens` new tokens as

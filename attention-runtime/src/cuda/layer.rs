@@ -1061,4 +1061,163 @@ impl CudaLayer {
         drop((q, k, v, gate, lens_d, o_part, lse_part, lse, tables));
         r
     }
+    /// Mixed decode + prefill over a device paged cache, with the CPU layer's
+    /// `forward_paged` semantics: `hidden` is packed `[T, h]`; request `i` owns rows
+    /// `cu_seqlens_q[i] .. cu_seqlens_q[i + 1]` (decode requests first, then prefill chunks,
+    /// though any order works), attends to its `seqlens_k[i]` cached keys (the new ones
+    /// included, at positions `seqlens_k[i] - new_i ..`) bottom-right causal, with the
+    /// spec's window, sinks and GQA. Returns `[T, h]` and `linear_proj`'s bias unadded.
+    ///
+    /// Launches: `linear_qkv` -> `qkv_prep` (rope at each token's own position) ->
+    /// `kvappend` (rotated k and v into their pool blocks through `block_table`) -> `paged`
+    /// (every request in one launch) -> `linear_proj`.
+    ///
+    /// Everything (layer, shapes, cu_seqlens, lengths, block ids, capacity, blocks shared or
+    /// written by two requests) is validated on the host first: on error nothing is written.
+    pub fn forward_paged(
+        &self,
+        hidden: &Tensor,
+        cache: &mut super::DevicePagedKvCache,
+        layer: usize,
+        batch: &crate::kv_cache::PagedBatch<'_>,
+    ) -> Result<LayerOutput> {
+        let c = &self.config;
+        if c.kind != AttentionKind::SelfAttention {
+            return Err(bad(
+                "config.kind",
+                "self-attention for a KV-cache step",
+                "cross-attention",
+            ));
+        }
+        let h = c.hidden;
+        let [n, hh] = hidden.shape() else {
+            return Err(AttnError::Shape {
+                arg: "hidden".into(),
+                expected: format!("[t, {h}] (packed)"),
+                got: hidden.shape().to_vec(),
+            });
+        };
+        let n = *n;
+        if *hh != h {
+            return Err(AttnError::Shape {
+                arg: "hidden".into(),
+                expected: format!("[t, {h}] (packed)"),
+                got: hidden.shape().to_vec(),
+            });
+        }
+        if cache.groups() != c.groups || cache.head_dim() != c.head_dim {
+            return Err(bad(
+                "cache",
+                format!("groups {} and head_dim {}", c.groups, c.head_dim),
+                format!(
+                    "groups {} and head_dim {}",
+                    cache.groups(),
+                    cache.head_dim()
+                ),
+            ));
+        }
+        let (kc, vc) = cache.layer_kv(layer)?;
+        if kc.elem() != self.elem {
+            return Err(AttnError::DType {
+                arg: "cache".into(),
+                expected: self.elem.name().into(),
+                got: kc.elem().name().into(),
+            });
+        }
+        let reqs = cache.validate(batch, n)?;
+        let table = batch.block_table;
+        let (bs, max_blocks) = (cache.block_size(), table.max_blocks());
+        to_i32("block_size", bs as i64)?;
+        to_i32("block_table max_blocks", max_blocks as i64)?;
+        to_i32("hidden rows", n as i64)?;
+        if n == 0 {
+            return Ok(LayerOutput {
+                output: Tensor::new(&[0, h], Vec::new())?,
+                bias: self.proj_bias_host.clone(),
+            });
+        }
+        let mut positions = vec![0i32; n];
+        for r in &reqs {
+            for i in 0..r.q_len {
+                positions[r.q_start + i] = (r.k_len - r.q_len + i) as i32;
+            }
+        }
+        let max_q = reqs.iter().map(|r| r.q_len).max().unwrap_or(0);
+        let nreq = reqs.len();
+        let rt = &*self.rt;
+        let st = rt.stream();
+        let x = DeviceTensor::from_host(st, hidden, self.elem)?;
+        let (q, k, v, gate, _keep) =
+            self.project_and_prep(&x, n, &self.prep, Some(&positions), 1.0)?;
+        let cu_d = upload(st, batch.cu_seqlens_q, "cu_seqlens_q")?;
+        let lens_d = upload(st, batch.seqlens_k, "seqlens_k")?;
+        let table_d = upload(st, table.as_slice(), "block_table")?;
+        let (p_cu, p_lens, p_table) = (dptr(&cu_d, rt), dptr(&lens_d, rt), dptr(&table_d, rt));
+        let (nr, ngr, bsi, mbi) = (nreq as i32, c.groups as i32, bs as i32, max_blocks as i32);
+        let (pkc, pvc) = (tptr(kc, rt), tptr(vc, rt));
+        {
+            let acfg = self.kv_config(Phase::PagedAppend)?;
+            let (key, f) = kernel(rt, &acfg)?;
+            let (pk, pv) = (tptr(&k, rt), tptr(&v, rt));
+            let zero = 0i32;
+            let cfg = LaunchConfig {
+                grid_dim: (n as u32, 1, 1),
+                block_dim: (128, 1, 1),
+                shared_mem_bytes: 0,
+            };
+            let mut lb = st.launch_builder(&f);
+            lb.arg(&pk)
+                .arg(&pv)
+                .arg(&pkc)
+                .arg(&pvc)
+                .arg(&p_cu)
+                .arg(&p_lens)
+                .arg(&p_table);
+            lb.arg(&nr)
+                .arg(&ngr)
+                .arg(&bsi)
+                .arg(&mbi)
+                .arg(&zero)
+                .arg(&zero);
+            // SAFETY: matches the kvappend entry point; k/v [n, ng, hn]; cu_seqlens_q
+            // [nreq + 1], seqlens_k [nreq], block_table [rows, max_blocks] with rows >= nreq;
+            // every written block id was validated against the pool by `cache.validate`.
+            unsafe { lb.launch(cfg) }.map_err(launch_err(&key))?;
+        }
+        let o = self.alloc(&[n, c.heads, c.head_dim], "attention output")?;
+        let lse = super::tensor::alloc_uninit::<f32>(st, c.heads * n, "lse")?;
+        {
+            let pcfg = self.kv_config(Phase::Paged)?;
+            let (key, f) = kernel(rt, &pcfg)?;
+            let cfg = LaunchConfig {
+                grid_dim: (
+                    max_q.div_ceil(pcfg.warps) as u32,
+                    c.heads as u32,
+                    nreq as u32,
+                ),
+                block_dim: ((pcfg.warps * 32) as u32, 1, 1),
+                shared_mem_bytes: 0,
+            };
+            let (pq, po, plse) = (tptr(&q, rt), tptr(&o, rt), dptr(&lse, rt));
+            let nh = c.heads as i32;
+            let scale = c.softmax_scale;
+            let (wl, wr) = match c.window {
+                Some(w) => (to_i32("window", w.left)?, to_i32("window", w.right)?),
+                None => (-1, -1),
+            };
+            let p_sinks = self.sinks.as_ref().map_or(0, |x| dptr(x, rt));
+            let p_gate = opt_ptr(gate.as_ref(), rt);
+            let mut lb = st.launch_builder(&f);
+            lb.arg(&pq).arg(&pkc).arg(&pvc).arg(&po).arg(&plse);
+            lb.arg(&p_cu).arg(&p_lens).arg(&p_table);
+            lb.arg(&nr).arg(&nh).arg(&ngr).arg(&bsi).arg(&mbi);
+            lb.arg(&scale).arg(&wl).arg(&wr).arg(&p_sinks).arg(&p_gate);
+            // SAFETY: matches the paged entry point; q/o/gate [n, np, hn] packed, lse
+            // [np, n], pools [num_blocks, block_size, ng, hn], lengths validated on the host.
+            unsafe { lb.launch(cfg) }.map_err(launch_err(&key))?;
+        }
+        let r = self.finish_proj(o, n, hidden.shape());
+        drop((q, k, v, gate, cu_d, lens_d, table_d, lse));
+        r
+    }
 }
