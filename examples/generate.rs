@@ -12,13 +12,17 @@
 //! when they finish. There is no embedding or MLP: a token's "hidden state" is random for
 //! prompts and, when decoding, the normalized output of the last layer.
 //!
-//! It runs on the CPU reference backend (the CUDA paged kernels land with the inference work).
+//! It runs on the GPU (`CudaLayer::forward_paged` over a device block pool, bf16) when one is
+//! present, and otherwise on the CPU reference backend; it says which.
 
 use std::time::Instant;
 
-use attention::runtime::kv_cache::{BlockTable, PagedBatch, PagedKvCache};
+use attention::runtime::cuda::{CudaLayer, CudaRuntime, DevicePagedKvCache};
+use attention::runtime::kv_cache::{BlockAllocator, BlockTable, PagedBatch, PagedKvCache};
 use attention::runtime::spec_layer::SpecLayer;
-use attention::runtime::{AttentionLayer, Device, RuntimeDims, Tensor, WeightStore};
+use attention::runtime::{
+    AttentionLayer, Device, LayerConfig, Result, RuntimeDims, Tensor, WeightStore,
+};
 use clap::Parser;
 use indicatif::{ProgressBar, ProgressStyle};
 
@@ -69,6 +73,76 @@ struct Request {
     next_hidden: Vec<f32>,
 }
 
+/// The layer stack and its paged KV cache, on the CPU or on a GPU.
+enum Stack {
+    Cpu(Vec<SpecLayer>, PagedKvCache),
+    Cuda(Vec<CudaLayer>, DevicePagedKvCache),
+}
+
+impl Stack {
+    fn new(device: &Device, layers: Vec<SpecLayer>, cfg: &LayerConfig, a: &Args) -> Result<Self> {
+        let (n, ng, hn) = (layers.len(), cfg.groups, cfg.head_dim);
+        Ok(match device {
+            Device::Cuda(d) => {
+                let stream = CudaRuntime::get(d)?.stream().clone();
+                let cache = DevicePagedKvCache::new(
+                    &stream,
+                    cfg.dtype.into(),
+                    n,
+                    a.num_blocks,
+                    a.block_size,
+                    ng,
+                    hn,
+                )?;
+                let gpu = layers
+                    .iter()
+                    .map(|l| CudaLayer::new(l, d))
+                    .collect::<Result<_>>()?;
+                Stack::Cuda(gpu, cache)
+            }
+            Device::Cpu => {
+                let cache = PagedKvCache::new(n, a.num_blocks, a.block_size, ng, hn)?;
+                Stack::Cpu(layers, cache)
+            }
+        })
+    }
+
+    fn allocator(&self) -> &BlockAllocator {
+        match self {
+            Stack::Cpu(_, c) => c.allocator(),
+            Stack::Cuda(_, c) => c.allocator(),
+        }
+    }
+
+    fn allocator_mut(&mut self) -> &mut BlockAllocator {
+        match self {
+            Stack::Cpu(_, c) => c.allocator_mut(),
+            Stack::Cuda(_, c) => c.allocator_mut(),
+        }
+    }
+
+    /// Every layer over the packed step `x` `[T, h]`, with a residual connection so deeper
+    /// layers see the tokens too.
+    fn step(&mut self, mut x: Tensor, batch: &PagedBatch<'_>) -> Result<Tensor> {
+        let n = match self {
+            Stack::Cpu(l, _) => l.len(),
+            Stack::Cuda(l, _) => l.len(),
+        };
+        for l in 0..n {
+            let out = match self {
+                Stack::Cpu(layers, cache) => layers[l].forward_paged(&x, cache, l, batch)?,
+                Stack::Cuda(layers, cache) => layers[l].forward_paged(&x, cache, l, batch)?,
+            };
+            let mut y = out.output;
+            for (o, i) in y.data_mut().iter_mut().zip(x.data()) {
+                *o += i;
+            }
+            x = y;
+        }
+        Ok(x)
+    }
+}
+
 fn rng(state: &mut u64) -> f32 {
     *state ^= *state << 13;
     *state ^= *state >> 7;
@@ -79,7 +153,7 @@ fn rng(state: &mut u64) -> f32 {
 fn main() -> Result<(), Box<dyn std::error::Error>> {
     let a = Args::parse();
     let device = Device::best();
-    println!("device: {device}; the layers run on the CPU reference backend");
+    println!("device: the layers run on the {device}");
 
     let config = SpecLayer::config_from_str(&a.spec, &RuntimeDims::default())?;
     let store = a.weights.as_ref().map(WeightStore::from_file).transpose()?;
@@ -89,8 +163,8 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
             None => SpecLayer::init(config.clone(), 1000 + i as u64),
         })
         .collect::<Result<_, _>>()?;
-    let (h, ng, hn) = (config.hidden, config.groups, config.head_dim);
-    let mut cache = PagedKvCache::new(a.layers, a.num_blocks, a.block_size, ng, hn)?;
+    let h = config.hidden;
+    let mut stack = Stack::new(&device, layers, &config, &a)?;
 
     let mut seed = 0x2545f4914f6cdd1du64;
     let mut reqs: Vec<Request> = (0..a.requests)
@@ -136,7 +210,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
             }
             let need = (r.cached + new).div_ceil(a.block_size);
             if need > r.blocks.len() {
-                let more = cache.allocator_mut().alloc(need - r.blocks.len())?;
+                let more = stack.allocator_mut().alloc(need - r.blocks.len())?;
                 r.blocks.extend(more);
             }
             cu_q.push(cu_q.last().unwrap() + new as i32);
@@ -157,16 +231,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
             block_table: &table,
         };
         let t = *cu_q.last().unwrap() as usize;
-        let mut x = Tensor::new(&[t, h], hidden)?;
-        for (l, layer) in layers.iter().enumerate() {
-            let out = layer.forward_paged(&x, &mut cache, l, &batch)?;
-            // Residual connection, so deeper layers see the tokens too.
-            let mut y = out.output;
-            for (o, i) in y.data_mut().iter_mut().zip(x.data()) {
-                *o += i;
-            }
-            x = y;
-        }
+        let x = stack.step(Tensor::new(&[t, h], hidden)?, &batch)?;
         for (row, &i) in order.iter().enumerate() {
             let r = &mut reqs[i];
             let (s, e) = (cu_q[row] as usize, cu_q[row + 1] as usize);
@@ -183,7 +248,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
                 }
             }
             if r.generated == a.new_tokens {
-                cache.allocator_mut().release_all(&r.blocks)?;
+                stack.allocator_mut().release_all(&r.blocks)?;
                 r.blocks.clear();
             }
         }
@@ -193,7 +258,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         bar.set_message(format!(
             "step {steps}, {} in batch, {} free blocks",
             order.len(),
-            cache.allocator().num_free()
+            stack.allocator().num_free()
         ));
     }
     bar.finish();
@@ -205,8 +270,8 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         a.layers,
         processed as f64 / secs,
         decoded as f64 / secs,
-        cache.allocator().num_free(),
-        cache.num_blocks(),
+        stack.allocator().num_free(),
+        stack.allocator().num_blocks(),
     );
     Ok(())
 }

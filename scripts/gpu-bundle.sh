@@ -43,9 +43,9 @@ echo "==> building attn (profile gpu)" >&2
 cargo build -p attention-runtime --profile gpu --bin attn --quiet
 cp target/gpu/attn "$out/bin/attn"
 if [ "${GPU_BUNDLE_EXAMPLES:-1}" = "1" ]; then
-  echo "==> building the quickstart example (profile gpu)" >&2
-  cargo build --profile gpu --example quickstart --quiet
-  cp target/gpu/examples/quickstart "$out/bin/quickstart"
+  echo "==> building the quickstart and generate examples (profile gpu)" >&2
+  cargo build --profile gpu --example quickstart --example generate --quiet
+  cp target/gpu/examples/quickstart target/gpu/examples/generate "$out/bin/"
 fi
 cp scripts/bench_sdpa.py "$out/" 2>/dev/null || true
 
