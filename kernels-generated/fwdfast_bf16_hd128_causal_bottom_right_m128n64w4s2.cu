@@ -10,8 +10,12 @@
 //   (q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k, batch, num_heads, num_groups, seqlen_q,
 //    seqlen_k, softmax_scale, window_left, window_right, mask, mask_stride_b/h/q/k, bias,
 //    bias_stride_b/h/q/k, sinks, gate, max_logit)
-// `mask`/`bias` are not read (a mask tensor or an additive bias needs the simple kernel; the
-// renderer refuses those configs). `max_logit`: f32 [num_heads], or null; when given, the
+// Mask tensor false, additive bias false (as the simple kernel): `mask` uint8,
+// nonzero = masked out, element (b, h, i, j) at b * mask_stride_b + h * mask_stride_h +
+// i * mask_stride_q + j * mask_stride_k (stride 0 broadcasts; b = sequence index, i, j =
+// positions within the sequence, also for packed input); `bias` f32 post-scale additive logit
+// term at the same kind of strides. Variants without them ignore the pointers (may be null).
+// With either, every visited KV tile is masked per element. `max_logit`: f32 [num_heads], or null; when given, the
 // caller fills it with -inf and the kernel raises each head's entry to the largest visible
 // logit q.k * softmax_scale (order-independent atomic max: deterministic).
 //
@@ -32,8 +36,8 @@
 // the 8 row addresses of every ldmatrix phase fall into distinct banks. Online softmax in base 2
 // with softmax_scale * log2(e) folded into the exponent's FFMA; O and l are rescaled only when
 // some row's running max grows by more than RESCALE_SLACK (lazy rescale, exact at the end). KV tiles that no row of the block can see are
-// never visited; per-element masking runs only on tiles some row sees partially (the diagonal
-// and window edges, and the ragged last tile).
+// never visited; the range mask runs per element only on tiles some row sees partially (the
+// diagonal and window edges, and the ragged last tile); a mask tensor or bias on every tile.
 
 // ---------------------------------------------------------------------------------------
 // Element types and conversions. No CUDA toolkit header is included: NVRTC alone compiles

@@ -10,8 +10,12 @@
 //   (q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k, batch, num_heads, num_groups, seqlen_q,
 //    seqlen_k, softmax_scale, window_left, window_right, mask, mask_stride_b/h/q/k, bias,
 //    bias_stride_b/h/q/k, sinks, gate, max_logit)
-// `mask`/`bias` are not read (a mask tensor or an additive bias needs the simple kernel; the
-// renderer refuses those configs). `max_logit`: f32 [num_heads], or null; when given, the
+// Mask tensor {{ mask_tensor }}, additive bias {{ has_bias }} (as the simple kernel): `mask` uint8,
+// nonzero = masked out, element (b, h, i, j) at b * mask_stride_b + h * mask_stride_h +
+// i * mask_stride_q + j * mask_stride_k (stride 0 broadcasts; b = sequence index, i, j =
+// positions within the sequence, also for packed input); `bias` f32 post-scale additive logit
+// term at the same kind of strides. Variants without them ignore the pointers (may be null).
+// With either, every visited KV tile is masked per element. `max_logit`: f32 [num_heads], or null; when given, the
 // caller fills it with -inf and the kernel raises each head's entry to the largest visible
 // logit q.k * softmax_scale (order-independent atomic max: deterministic).
 //
@@ -32,8 +36,8 @@
 // the 8 row addresses of every ldmatrix phase fall into distinct banks. Online softmax in base 2
 // with softmax_scale * log2(e) folded into the exponent's FFMA; O and l are rescaled only when
 // some row's running max grows by more than RESCALE_SLACK (lazy rescale, exact at the end). KV tiles that no row of the block can see are
-// never visited; per-element masking runs only on tiles some row sees partially (the diagonal
-// and window edges, and the ragged last tile).
+// never visited; the range mask runs per element only on tiles some row sees partially (the
+// diagonal and window edges, and the ragged last tile); a mask tensor or bias on every tile.
 
 {% include "partials/types.cu" %}
 {% include "partials/mask.cu" %}
@@ -165,8 +169,12 @@ extern "C" __global__ void __launch_bounds__(THREADS) {{ key }}(
     const elem_t* __restrict__ gate,
     float* __restrict__ max_logit)
 {
+{%- if not mask_tensor %}
     (void)mask; (void)mask_stride_b; (void)mask_stride_h; (void)mask_stride_q; (void)mask_stride_k;
+{%- endif %}
+{%- if not has_bias %}
     (void)bias; (void)bias_stride_b; (void)bias_stride_h; (void)bias_stride_q; (void)bias_stride_k;
+{%- endif %}
     extern __shared__ uint4 smem_raw[];
     elem_t* sQ = reinterpret_cast<elem_t*>(smem_raw);
     elem_t* sK = sQ + Q_ELEMS;
@@ -222,6 +230,10 @@ extern "C" __global__ void __launch_bounds__(THREADS) {{ key }}(
     const int ntiles = tile_hi - tile_lo;
 
     const float scale_log2 = softmax_scale * FAST_LOG2E;
+{%- if has_bias %}
+    // S holds raw q.k until the exponent; the post-scale bias enters divided by the scale.
+    const float inv_scale = 1.0f / softmax_scale;
+{%- endif %}
 
     // Per-row state: rows (mi, hh) = warp * WARP_ROWS + mi * 16 + gq + 8 * hh.
     float o[MI][DN][4];
@@ -377,6 +389,45 @@ extern "C" __global__ void __launch_bounds__(THREADS) {{ key }}(
                 }
             }
         }
+
+{%- if mask_tensor or has_bias %}
+        // Mask tensor / additive bias, per element on every tile. Rows at or past sq and keys
+        // at or past sk are never read (those keys are already -inf from the range mask).
+#pragma unroll
+        for (int mi = 0; mi < MI; ++mi) {
+#pragma unroll
+            for (int hh = 0; hh < 2; ++hh) {
+                const int i = m0 + warp_row0 + mi * 16 + gq + 8 * hh;
+                if (i < sq) {
+{%- if mask_tensor %}
+                    const unsigned char* mrow = mask + (long long)b * mask_stride_b +
+                                                (long long)h * mask_stride_h + (long long)i * mask_stride_q;
+{%- endif %}
+{%- if has_bias %}
+                    const float* brow = bias + (long long)b * bias_stride_b + (long long)h * bias_stride_h +
+                                        (long long)i * bias_stride_q;
+{%- endif %}
+#pragma unroll
+                    for (int ni = 0; ni < NI; ++ni) {
+#pragma unroll
+                        for (int e = 0; e < 2; ++e) {
+                            const int j = n0 + ni * 8 + 2 * tq + e;
+                            if (j < sk) {
+                                float x = s[mi][ni][2 * hh + e];
+{%- if has_bias %}
+                                x = fmaf(brow[(long long)j * bias_stride_k], inv_scale, x);
+{%- endif %}
+{%- if mask_tensor %}
+                                if (mrow[(long long)j * mask_stride_k] != 0) x = neg_inf();
+{%- endif %}
+                                s[mi][ni][2 * hh + e] = x;
+                            }
+                        }
+                    }
+                }
+            }
+        }
+{%- endif %}
 
         // Online softmax update, with lazy rescaling: the running max m_run (log2 units) only
         // moves when some row of the warp sees a logit more than RESCALE_SLACK above it (a

@@ -11,7 +11,9 @@ use std::sync::Arc;
 
 use attention_codegen::render::{FastTile, KernelConfig, Phase};
 use attention_codegen::{DType, MaskType, Sinks, Window};
-use attention_runtime::cuda::fwd_fast::{FastArgs, FastForward, FastLayout};
+use attention_runtime::cuda::fwd_fast::{
+    FastArgs, FastExtras, FastForward, FastLayout, FastStrided,
+};
 use attention_runtime::modules::SplitMix64;
 use attention_runtime::reference::attention::{attend_sequence, AttendParams, SeqDims, SinkLogits};
 use cudarc::driver::{CudaContext, CudaSlice, CudaStream};
@@ -46,6 +48,12 @@ struct Case {
     seqs: Vec<(usize, usize)>,
     packed: bool,
     tile: Option<FastTile>,
+    /// Mask tensor of this logical shape (1 = broadcast dim, else the full
+    /// `[batch, heads, max_sq, max_sk]` dim); `[b, 1, 1, sk]` is a key-padding mask (sequence
+    /// 0 fully masked when batch > 1), others random with a fully masked row.
+    mask_shape: Option<[usize; 4]>,
+    /// Additive f32 bias of this logical shape (same convention), values in [-2, 2].
+    bias_shape: Option<[usize; 4]>,
 }
 
 impl Case {
@@ -61,6 +69,8 @@ impl Case {
             seqs: vec![(sq, sk); batch],
             packed: false,
             tile: None,
+            mask_shape: None,
+            bias_shape: None,
         }
     }
 }
@@ -135,18 +145,69 @@ fn run<T: Elem>(case: &Case, seed: u64) {
     let k_h = gen(total_k * ng * hd);
     let v_h = gen(total_k * ng * hd);
     let sink_h: Vec<f32> = (0..np).map(|h| 0.5 * h as f32 - 0.7).collect();
+    let full = [batch, np, max_q, max_k];
+    let strides_of = |shape: [usize; 4]| -> [i64; 4] {
+        let mut st = [0i64; 4];
+        let mut acc = 1i64;
+        for d in (0..4).rev() {
+            assert!(
+                shape[d] == 1 || shape[d] == full[d],
+                "bad test shape {shape:?}"
+            );
+            st[d] = if shape[d] == 1 { 0 } else { acc };
+            acc *= shape[d] as i64;
+        }
+        st
+    };
+    let mask_h: Option<(Vec<u8>, [i64; 4])> = case.mask_shape.map(|shape| {
+        let n: usize = shape.iter().product();
+        let st = strides_of(shape);
+        let v: Vec<u8> = if shape == [batch, 1, 1, max_k] {
+            // Key padding: sequence b keeps its first len_b keys (none for b = 0).
+            let mut v = vec![0u8; n];
+            for (b, &(_, sk)) in case.seqs.iter().enumerate() {
+                let keep = if b == 0 && batch > 1 {
+                    0
+                } else {
+                    odd(&mut rng, sk / 2, sk / 2 + 1).min(sk)
+                };
+                for j in keep..max_k {
+                    v[b * max_k + j] = 1;
+                }
+            }
+            v
+        } else {
+            let mut v: Vec<u8> = (0..n).map(|_| u8::from(rng.uniform() > 0.4)).collect();
+            // One fully masked row (sequence 0, head 0, row 3) where rows are not broadcast.
+            if shape[2] > 3 {
+                for j in 0..shape[3] {
+                    v[3 * st[2] as usize + j * st[3] as usize] = 1;
+                }
+            }
+            v
+        };
+        (v, st)
+    });
+    let bias_h: Option<(Vec<f32>, [i64; 4])> = case.bias_shape.map(|shape| {
+        let n: usize = shape.iter().product();
+        let v: Vec<f32> = (0..n).map(|_| rng.uniform() * 2.0).collect();
+        (v, strides_of(shape))
+    });
 
     let mut config = KernelConfig::new(Phase::ForwardFast, case.dtype, hd);
     config.mask = Some(case.mask);
     config.has_window = case.window.is_some();
     config.sinks = case.sinks;
     config.tile = case.tile;
+    config.has_bias = case.bias_shape.is_some();
     let kernel = FastForward::compile(&ctx, &config).expect("compile");
 
     let q = stream.clone_htod(&q_h).unwrap();
     let k = stream.clone_htod(&k_h).unwrap();
     let v = stream.clone_htod(&v_h).unwrap();
     let sinks = stream.clone_htod(&sink_h).unwrap();
+    let mask_d = mask_h.as_ref().map(|(v, _)| stream.clone_htod(v).unwrap());
+    let bias_d = bias_h.as_ref().map(|(v, _)| stream.clone_htod(v).unwrap());
     let mut cu_q = vec![0i32];
     let mut cu_k = vec![0i32];
     for (a, b) in &case.seqs {
@@ -177,8 +238,20 @@ fn run<T: Elem>(case: &Case, seed: u64) {
                 seqlen_k: max_k,
             }
         };
+        let extras = FastExtras {
+            mask: mask_d.as_ref().map(|d| FastStrided {
+                data: d,
+                strides: mask_h.as_ref().unwrap().1,
+                extent: full,
+            }),
+            bias: bias_d.as_ref().map(|d| FastStrided {
+                data: d,
+                strides: bias_h.as_ref().unwrap().1,
+                extent: full,
+            }),
+        };
         kernel
-            .launch(
+            .launch_with(
                 &stream,
                 FastArgs {
                     q: &q,
@@ -196,6 +269,7 @@ fn run<T: Elem>(case: &Case, seed: u64) {
                     gate: None,
                     max_logit: Some(&mut ml),
                 },
+                extras,
             )
             .expect("launch");
         stream.synchronize().expect("kernel run");
@@ -256,7 +330,23 @@ fn run<T: Elem>(case: &Case, seed: u64) {
             ks.extend_from_slice(&kf[ktok(j) * ng * hd..(ktok(j) + 1) * ng * hd]);
             vs.extend_from_slice(&vf[ktok(j) * ng * hd..(ktok(j) + 1) * ng * hd]);
         }
+        let mask_fn = |h: usize, i: usize, j: usize| -> bool {
+            let (v, st) = mask_h.as_ref().unwrap();
+            let off = b as i64 * st[0] + h as i64 * st[1] + i as i64 * st[2] + j as i64 * st[3];
+            v[off as usize] != 0
+        };
+        let bias_fn = |h: usize, i: usize, j: usize| -> f32 {
+            let (v, st) = bias_h.as_ref().unwrap();
+            let off = b as i64 * st[0] + h as i64 * st[1] + i as i64 * st[2] + j as i64 * st[3];
+            v[off as usize]
+        };
         let mut p = AttendParams::new(scale, case.mask);
+        if mask_h.is_some() {
+            p.mask_fn = Some(&mask_fn);
+        }
+        if bias_h.is_some() {
+            p.bias_fn = Some(&bias_fn);
+        }
         p.window = case.window.map(|(l, r)| Window {
             left: l as i64,
             right: r as i64,
@@ -318,14 +408,16 @@ fn run<T: Elem>(case: &Case, seed: u64) {
         }
     }
     eprintln!(
-        "ok {} {:?} hd{} seqs {:?} packed {} win {:?} sinks {:?}: rel err {err:.2e}",
+        "ok {} {:?} hd{} seqs {:?} packed {} win {:?} sinks {:?} mask {:?} bias {:?}: rel err {err:.2e}",
         kernel.key(),
         case.mask,
         hd,
         &case.seqs[..case.seqs.len().min(3)],
         case.packed,
         case.window,
-        case.sinks
+        case.sinks,
+        case.mask_shape,
+        case.bias_shape
     );
 }
 
@@ -439,4 +531,143 @@ fn other_tiles() {
         });
         check(c);
     }
+}
+
+#[test]
+#[ignore = "requires a CUDA GPU"]
+fn mask_tensors_and_bias() {
+    let mut rng = SplitMix64::new(fresh_seed());
+    let (np, b) = (4, 3);
+    // Key-padding mask [b, 1, 1, sk] (sequence 0 fully masked: zeros and LSE -inf).
+    for (hd, mask) in [(64, MaskType::Padding), (128, MaskType::PaddingCausal)] {
+        let s = odd(&mut rng, 150, 100);
+        let mut c = Case::new(hd, mask, s, s, b);
+        c.mask_shape = Some([b, 1, 1, s]);
+        check(c);
+    }
+    // Arbitrary [b, h, sq, sk], cross lengths, GQA.
+    let (sq, sk) = (odd(&mut rng, 70, 60), odd(&mut rng, 190, 80));
+    let mut c = Case::new(128, MaskType::Arbitrary, sq, sk, b);
+    c.mask_shape = Some([b, np, sq, sk]);
+    check(c);
+    let mut c = Case::new(256, MaskType::Arbitrary, 133, 133, 2);
+    c.mask_shape = Some([2, np, 133, 133]);
+    check(c);
+    // Additive bias [1, h, sq, sk] with causal, no mask and a window.
+    let s = odd(&mut rng, 140, 90);
+    for (hd, mask, window) in [
+        (128, MaskType::Causal, None),
+        (64, MaskType::NoMask, None),
+        (128, MaskType::Causal, Some((40, 0))),
+    ] {
+        let mut c = Case::new(hd, mask, s, s, 2);
+        c.window = window;
+        c.bias_shape = Some([1, np, s, s]);
+        check(c);
+    }
+    // Mask tensor and bias together, with a learnable sink.
+    let mut c = Case::new(64, MaskType::PaddingCausal, 170, 170, 2);
+    c.mask_shape = Some([2, 1, 1, 170]);
+    c.bias_shape = Some([2, np, 170, 170]);
+    c.sinks = Some(Sinks::Learnable);
+    check(c);
+}
+
+#[test]
+#[ignore = "requires a CUDA GPU"]
+fn packed_with_mask_and_bias() {
+    let mut rng = SplitMix64::new(fresh_seed());
+    let a = odd(&mut rng, 100, 100);
+    let seqs = vec![(1, 1), (a, a + 7), (37, 37), (200, 150)];
+    let (mq, mk) = (200.max(a), 150.max(a + 7));
+    // Padding-causal key padding [n, 1, 1, max_sk], then arbitrary [n, h, max_sq, max_sk]
+    // with a bias [1, h, max_sq, max_sk].
+    let mut c = Case::new(128, MaskType::PaddingCausal, 1, 1, 1);
+    c.packed = true;
+    c.heads = 8;
+    c.groups = 2;
+    c.seqs = seqs.clone();
+    c.mask_shape = Some([4, 1, 1, mk]);
+    check(c);
+    let mut c = Case::new(64, MaskType::Arbitrary, 1, 1, 1);
+    c.packed = true;
+    c.heads = 4;
+    c.groups = 4;
+    c.seqs = seqs;
+    c.mask_shape = Some([4, 4, mq, mk]);
+    c.bias_shape = Some([1, 4, mq, mk]);
+    check(c);
+}
+
+#[test]
+#[ignore = "requires a CUDA GPU"]
+fn mask_and_bias_arguments_are_checked() {
+    let (ctx, stream) = gpu();
+    let mut config = KernelConfig::new(Phase::ForwardFast, DType::Bf16, 64);
+    config.mask = Some(MaskType::Padding);
+    let kernel = FastForward::compile(&ctx, &config).expect("compile");
+    let (b, np, s, hd) = (2, 2, 16, 64);
+    let x: CudaSlice<bf16> = stream.alloc_zeros(b * np * s * hd).unwrap();
+    let mut out: CudaSlice<bf16> = stream.alloc_zeros(b * np * s * hd).unwrap();
+    let mut lse: CudaSlice<f32> = stream.alloc_zeros(b * np * s).unwrap();
+    let short: CudaSlice<u8> = stream.alloc_zeros(b * s - 1).unwrap();
+    let good: CudaSlice<u8> = stream.alloc_zeros(b * s).unwrap();
+    let bias: CudaSlice<f32> = stream.alloc_zeros(np * s * s).unwrap();
+    let mut try_launch = |extras: FastExtras<'_>| {
+        kernel.launch_with(
+            &stream,
+            FastArgs {
+                q: &x,
+                k: &x,
+                v: &x,
+                out: &mut out,
+                lse: &mut lse,
+                batch: b,
+                num_heads: np,
+                num_groups: np,
+                layout: FastLayout::Padded {
+                    seqlen_q: s,
+                    seqlen_k: s,
+                },
+                softmax_scale: 0.125,
+                window: (-1, -1),
+                sinks: None,
+                gate: None,
+                max_logit: None,
+            },
+            extras,
+        )
+    };
+    let err = try_launch(FastExtras::default()).unwrap_err().to_string();
+    assert!(err.contains("mask"), "{err}");
+    let m = FastStrided {
+        data: &short,
+        strides: [s as i64, 0, 0, 1],
+        extent: [b, np, s, s],
+    };
+    let err = try_launch(FastExtras {
+        mask: Some(m),
+        bias: None,
+    })
+    .unwrap_err()
+    .to_string();
+    assert!(err.contains("mask"), "{err}");
+    let bi = FastStrided {
+        data: &bias,
+        strides: [0, (s * s) as i64, s as i64, 1],
+        extent: [b, np, s, s],
+    };
+    // A valid mask, but a bias the kernel does not read.
+    let m = FastStrided {
+        data: &good,
+        strides: [s as i64, 0, 0, 1],
+        extent: [b, np, s, s],
+    };
+    let err = try_launch(FastExtras {
+        mask: Some(m),
+        bias: Some(bi),
+    })
+    .unwrap_err()
+    .to_string();
+    assert!(err.contains("bias"), "{err}");
 }

@@ -11,7 +11,11 @@
 //! - lse: f32 `[num_heads, rows]` (natural log), rows = `seqlen_q * batch` (padded, row
 //!   `i * batch + b`) or `total_q` (packed);
 //! - max_logit: f32 `[num_heads]`, filled with `-inf` by the caller; the kernel raises it to
-//!   each head's largest visible `q·k * softmax_scale`.
+//!   each head's largest visible `q·k * softmax_scale` (plus the bias, when there is one);
+//! - mask (configs whose mask takes a tensor: padding, padding_causal, arbitrary): uint8,
+//!   nonzero = masked out; bias (configs with `has_bias`): f32, added to `q·k * scale`. Both
+//!   are indexed `[b, h, i, j]` through four element strides (0 broadcasts), `b` the
+//!   sequence, `i`/`j` positions within it (also for packed input); see [`FastStrided`].
 
 use std::sync::Arc;
 
@@ -90,6 +94,81 @@ pub struct FastArgs<'a, T> {
     pub gate: Option<&'a CudaSlice<T>>,
     /// Per-head max logit f32 `[num_heads]` (pre-filled with `-inf`), or none.
     pub max_logit: Option<&'a mut CudaSlice<f32>>,
+}
+
+/// A strided 4-d device tensor `[b, h, i, j]` (mask or bias) over `extent` with element
+/// strides `strides` (0 broadcasts a dim). The kernel reads element
+/// `b * strides[0] + h * strides[1] + i * strides[2] + j * strides[3]` for every sequence `b`,
+/// head `h`, query row `i` and visible key `j` of that sequence; `extent` must be
+/// `[batch, num_heads, seqlen_q, seqlen_k]` (packed: the longest query and key sequences).
+#[derive(Clone, Copy)]
+pub struct FastStrided<'a, E> {
+    /// Elements (uint8 mask, nonzero = masked out; or f32 bias).
+    pub data: &'a CudaSlice<E>,
+    /// Element strides of b, h, i, j (non-negative; 0 broadcasts).
+    pub strides: [i64; 4],
+    /// The logical shape the strides range over.
+    pub extent: [usize; 4],
+}
+
+/// The optional per-element tensors of a launch ([`FastForward::launch_with`]).
+#[derive(Clone, Copy, Default)]
+pub struct FastExtras<'a> {
+    /// Mask tensor; required exactly when the config's mask takes one.
+    pub mask: Option<FastStrided<'a, u8>>,
+    /// Additive attention bias; required exactly when the config has `has_bias`.
+    pub bias: Option<FastStrided<'a, f32>>,
+}
+
+fn check_strided<E>(
+    arg: &str,
+    t: &FastStrided<'_, E>,
+    want: [usize; 4],
+    packed: bool,
+) -> Result<()> {
+    // Padded: the exact extent; packed: batch and heads exact, i/j at least the longest
+    // query sequence (the key extent is the caller's max_seqlen_k, not known here).
+    let ok = t.extent[0] == want[0]
+        && t.extent[1] == want[1]
+        && if packed {
+            t.extent[2] >= want[2]
+        } else {
+            t.extent[2] == want[2] && t.extent[3] == want[3]
+        };
+    if !ok {
+        return Err(AttnError::Shape {
+            arg: format!("{arg}.extent"),
+            expected: format!("{want:?} (batch, num_heads, seqlen_q, seqlen_k)"),
+            got: t.extent.to_vec(),
+        });
+    }
+    if t.strides.iter().any(|&x| x < 0) {
+        return Err(invalid(
+            &format!("{arg}.strides"),
+            "non-negative element strides",
+            format!("{:?}", t.strides),
+        ));
+    }
+    let mut last: u128 = 0;
+    for (n, st) in t.extent.iter().zip(t.strides) {
+        if *n == 0 {
+            return Ok(());
+        }
+        last += (*n as u128 - 1) * st as u128;
+    }
+    if last >= t.data.len() as u128 {
+        return Err(AttnError::Shape {
+            arg: arg.into(),
+            expected: format!(
+                "at least {} elements for extent {:?} and strides {:?}",
+                last + 1,
+                t.extent,
+                t.strides
+            ),
+            got: vec![t.data.len()],
+        });
+    }
+    Ok(())
 }
 
 fn invalid(arg: &str, expected: impl Into<String>, got: impl ToString) -> AttnError {
@@ -208,12 +287,24 @@ impl FastForward {
         self.smem_bytes
     }
 
-    /// Queue one forward on `stream`. Checks the dims and buffer sizes first (typed errors
+    /// Queue one forward on `stream` (a config without mask tensor and bias; see
+    /// [`FastForward::launch_with`]). Checks the dims and buffer sizes first (typed errors
     /// naming the argument); a failed launch names the kernel key.
     pub fn launch<T: DeviceRepr>(
         &self,
         stream: &Arc<CudaStream>,
         a: FastArgs<'_, T>,
+    ) -> Result<()> {
+        self.launch_with(stream, a, FastExtras::default())
+    }
+
+    /// [`FastForward::launch`] with the mask tensor and / or additive bias the config takes
+    /// (each required exactly when the config reads it).
+    pub fn launch_with<T: DeviceRepr>(
+        &self,
+        stream: &Arc<CudaStream>,
+        a: FastArgs<'_, T>,
+        extras: FastExtras<'_>,
     ) -> Result<()> {
         let hd = self.config.head_dim;
         if a.batch == 0 || a.num_heads == 0 || a.num_groups == 0 {
@@ -292,6 +383,45 @@ impl FastForward {
         if let Some(m) = a.max_logit.as_deref() {
             check_len("max_logit", m, a.num_heads)?;
         }
+        let packed = matches!(a.layout, FastLayout::Packed { .. });
+        let want = [a.batch, a.num_heads, seqlen_q, seqlen_k];
+        let takes_mask = self.config.mask.is_some_and(|m| m.takes_mask_tensor());
+        match (&extras.mask, takes_mask) {
+            (Some(m), true) => check_strided("mask", m, want, packed)?,
+            (None, false) => {}
+            (Some(_), false) => {
+                return Err(invalid(
+                    "mask",
+                    format!("no mask tensor (kernel {} reads none)", self.key),
+                    "a mask tensor",
+                ))
+            }
+            (None, true) => {
+                return Err(invalid(
+                    "mask",
+                    format!("a uint8 mask tensor (kernel {} reads one)", self.key),
+                    "none",
+                ))
+            }
+        }
+        match (&extras.bias, self.config.has_bias) {
+            (Some(bi), true) => check_strided("bias", bi, want, packed)?,
+            (None, false) => {}
+            (Some(_), false) => {
+                return Err(invalid(
+                    "bias",
+                    format!("no bias tensor (kernel {} reads none)", self.key),
+                    "a bias tensor",
+                ))
+            }
+            (None, true) => {
+                return Err(invalid(
+                    "bias",
+                    format!("an f32 bias tensor (kernel {} reads one)", self.key),
+                    "none",
+                ))
+            }
+        }
         if grid_q == 0 {
             return Ok(());
         }
@@ -335,14 +465,26 @@ impl FastForward {
             }
             None => (0, None),
         };
+        let (mask_ptr, _g11, ms) = match &extras.mask {
+            Some(m) => {
+                let (p, g) = m.data.device_ptr(stream);
+                (p, Some(g), m.strides)
+            }
+            None => (0, None, [0; 4]),
+        };
+        let (bias_ptr, _g12, bs) = match &extras.bias {
+            Some(m) => {
+                let (p, g) = m.data.device_ptr(stream);
+                (p, Some(g), m.strides)
+            }
+            None => (0, None, [0; 4]),
+        };
         let batch = a.batch as i32;
         let heads = a.num_heads as i32;
         let groups = a.num_groups as i32;
         let sq = seqlen_q as i32;
         let sk = seqlen_k as i32;
         let (wl, wr) = a.window;
-        let null: u64 = 0;
-        let zero: i64 = 0;
         let cfg = LaunchConfig {
             grid_dim: (
                 grid_q.div_ceil(self.tile.block_m) as u32,
@@ -368,22 +510,23 @@ impl FastForward {
             .arg(&a.softmax_scale)
             .arg(&wl)
             .arg(&wr)
-            .arg(&null) // mask
-            .arg(&zero)
-            .arg(&zero)
-            .arg(&zero)
-            .arg(&zero)
-            .arg(&null) // bias
-            .arg(&zero)
-            .arg(&zero)
-            .arg(&zero)
-            .arg(&zero)
+            .arg(&mask_ptr)
+            .arg(&ms[0])
+            .arg(&ms[1])
+            .arg(&ms[2])
+            .arg(&ms[3])
+            .arg(&bias_ptr)
+            .arg(&bs[0])
+            .arg(&bs[1])
+            .arg(&bs[2])
+            .arg(&bs[3])
             .arg(&sinks_ptr)
             .arg(&gate_ptr)
             .arg(&ml_ptr);
         // SAFETY: the argument list matches the kernel's signature (templates/fwd_fast.cu):
         // 8-byte pointers (0 = null), i32 dims, f32 scale, i64 strides; every buffer was
-        // checked above to hold the elements the kernel indexes for these dims.
+        // checked above to hold the elements the kernel indexes for these dims (mask / bias:
+        // the largest strided offset over their extent).
         unsafe { b.launch(cfg) }.map_err(|e| AttnError::KernelLaunch {
             key: self.key.clone(),
             msg: e.to_string(),

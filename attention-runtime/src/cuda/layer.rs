@@ -267,18 +267,10 @@ impl CudaLayer {
         self.fast_config(&fcfg).unwrap_or(fcfg).key()
     }
 
-    /// The FlashAttention-2 style kernel (`fwdfast_*`) for a forward, when it covers the
-    /// call: masks `causal`, `causal_bottom_right` or `no_mask` (window, sinks and the output
-    /// gate included), no additive bias, and a tile whose shared memory fits this GPU. Other
-    /// calls (padding/arbitrary mask tensors, attention bias) run the general `fwd` kernel.
+    /// The FlashAttention-2 style kernel (`fwdfast_*`) for a forward: every mask (padding /
+    /// arbitrary mask tensors included), window, sinks, additive bias and output gate, when
+    /// its tile's shared memory fits this GPU (otherwise the general `fwd` kernel runs).
     fn fast_config(&self, fcfg: &KernelConfig) -> Option<KernelConfig> {
-        let fast_mask = matches!(
-            fcfg.mask,
-            Some(MaskType::Causal | MaskType::CausalBottomRight | MaskType::NoMask)
-        );
-        if fcfg.has_bias || !fast_mask {
-            return None;
-        }
         let mut c = fcfg.clone();
         c.phase = Phase::ForwardFast;
         let smem = c.fast_tile().smem_bytes(c.head_dim);

@@ -1,5 +1,5 @@
-// Kernel `fwdfast_bf16_hd64_causal_m128n64w4s2`: attention forward, FlashAttention-2 style, rendered from templates/fwd_fast.cu.
-// dtype bf16, head dim 64, mask causal, window false,
+// Kernel `fwdfast_bf16_hd128_padding_causal_win_m128n64w4s2`: attention forward, FlashAttention-2 style, rendered from templates/fwd_fast.cu.
+// dtype bf16, head dim 128, mask padding_causal, window true,
 // sinks none, output gate false.
 // Tile: BLOCK_M 128 query rows x BLOCK_N 64 keys per step, 4 warps
 // (128 / 4 rows each), 2 K/V shared-memory stages.
@@ -10,8 +10,12 @@
 //   (q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k, batch, num_heads, num_groups, seqlen_q,
 //    seqlen_k, softmax_scale, window_left, window_right, mask, mask_stride_b/h/q/k, bias,
 //    bias_stride_b/h/q/k, sinks, gate, max_logit)
-// `mask`/`bias` are not read (a mask tensor or an additive bias needs the simple kernel; the
-// renderer refuses those configs). `max_logit`: f32 [num_heads], or null; when given, the
+// Mask tensor true, additive bias false (as the simple kernel): `mask` uint8,
+// nonzero = masked out, element (b, h, i, j) at b * mask_stride_b + h * mask_stride_h +
+// i * mask_stride_q + j * mask_stride_k (stride 0 broadcasts; b = sequence index, i, j =
+// positions within the sequence, also for packed input); `bias` f32 post-scale additive logit
+// term at the same kind of strides. Variants without them ignore the pointers (may be null).
+// With either, every visited KV tile is masked per element. `max_logit`: f32 [num_heads], or null; when given, the
 // caller fills it with -inf and the kernel raises each head's entry to the largest visible
 // logit q.k * softmax_scale (order-independent atomic max: deterministic).
 //
@@ -32,8 +36,8 @@
 // the 8 row addresses of every ldmatrix phase fall into distinct banks. Online softmax in base 2
 // with softmax_scale * log2(e) folded into the exponent's FFMA; O and l are rescaled only when
 // some row's running max grows by more than RESCALE_SLACK (lazy rescale, exact at the end). KV tiles that no row of the block can see are
-// never visited; per-element masking runs only on tiles some row sees partially (the diagonal
-// and window edges, and the ragged last tile).
+// never visited; the range mask runs per element only on tiles some row sees partially (the
+// diagonal and window edges, and the ragged last tile); a mask tensor or bias on every tile.
 
 // ---------------------------------------------------------------------------------------
 // Element types and conversions. No CUDA toolkit header is included: NVRTC alone compiles
@@ -74,7 +78,7 @@ __device__ __forceinline__ void store_elem(elem_t* p, float f) { float_to_elem(f
 constexpr int WARP_SIZE = 32;
 constexpr unsigned int FULL_WARP = 0xffffffffu;
 /// Head dim (kv_channels) this kernel is specialized for.
-constexpr int HEAD_DIM = 64;
+constexpr int HEAD_DIM = 128;
 /// Channels held by each lane: channel `c * WARP_SIZE + lane`, `c < LANE_D`.
 constexpr int LANE_D = HEAD_DIM / WARP_SIZE;
 static_assert(HEAD_DIM % WARP_SIZE == 0, "head dim must be a multiple of the warp size");
@@ -88,7 +92,7 @@ __device__ __forceinline__ float warp_sum(float x) {
 }
 
 // ---------------------------------------------------------------------------------------
-// Mask predicate. Generated part: causal mode `top_left`, window false.
+// Mask predicate. Generated part: causal mode `top_left`, window true.
 // Query row i (0-based within its sequence of sq queries) sees key j (of sk keys) iff
 //   top_left causal:      j <= i
 //   bottom_right causal:  j <= i + sk - sq
@@ -102,6 +106,9 @@ __device__ __forceinline__ void visible_range(int i, int sq, int sk, int window_
     long long lo_ = 0;
     long long hi_ = sk;
     hi_ = min(hi_, (long long)i + 1);
+    const long long diag = (long long)i + sk - sq;
+    if (window_left >= 0) lo_ = max(lo_, diag - window_left);
+    if (window_right >= 0) hi_ = min(hi_, diag + window_right + 1);
     if (lo_ < 0) lo_ = 0;
     if (hi_ < lo_) hi_ = lo_;
     *lo = (int)lo_;
@@ -206,7 +213,7 @@ __device__ __forceinline__ void atomic_max_float(float* addr, float v) {
     }
 }
 
-extern "C" __global__ void __launch_bounds__(THREADS) fwdfast_bf16_hd64_causal_m128n64w4s2(
+extern "C" __global__ void __launch_bounds__(THREADS) fwdfast_bf16_hd128_padding_causal_win_m128n64w4s2(
     const elem_t* __restrict__ q,
     const elem_t* __restrict__ k,
     const elem_t* __restrict__ v,
@@ -236,7 +243,6 @@ extern "C" __global__ void __launch_bounds__(THREADS) fwdfast_bf16_hd64_causal_m
     const elem_t* __restrict__ gate,
     float* __restrict__ max_logit)
 {
-    (void)mask; (void)mask_stride_b; (void)mask_stride_h; (void)mask_stride_q; (void)mask_stride_k;
     (void)bias; (void)bias_stride_b; (void)bias_stride_h; (void)bias_stride_q; (void)bias_stride_k;
     extern __shared__ uint4 smem_raw[];
     elem_t* sQ = reinterpret_cast<elem_t*>(smem_raw);
@@ -433,6 +439,31 @@ extern "C" __global__ void __launch_bounds__(THREADS) fwdfast_bf16_hd64_causal_m
                         if (!full) {
                             const int j = n0 + ni * 8 + 2 * tq + e;
                             if (j < lo || j >= hi) s[mi][ni][2 * hh + e] = neg_inf();
+                        }
+                    }
+                }
+            }
+        }
+        // Mask tensor / additive bias, per element on every tile. Rows at or past sq and keys
+        // at or past sk are never read (those keys are already -inf from the range mask).
+#pragma unroll
+        for (int mi = 0; mi < MI; ++mi) {
+#pragma unroll
+            for (int hh = 0; hh < 2; ++hh) {
+                const int i = m0 + warp_row0 + mi * 16 + gq + 8 * hh;
+                if (i < sq) {
+                    const unsigned char* mrow = mask + (long long)b * mask_stride_b +
+                                                (long long)h * mask_stride_h + (long long)i * mask_stride_q;
+#pragma unroll
+                    for (int ni = 0; ni < NI; ++ni) {
+#pragma unroll
+                        for (int e = 0; e < 2; ++e) {
+                            const int j = n0 + ni * 8 + 2 * tq + e;
+                            if (j < sk) {
+                                float x = s[mi][ni][2 * hh + e];
+                                if (mrow[(long long)j * mask_stride_k] != 0) x = neg_inf();
+                                s[mi][ni][2 * hh + e] = x;
+                            }
                         }
                     }
                 }
