@@ -1,5 +1,7 @@
 //! Fused decode over a static KV cache (`flashdec` + `flashdec..._merge`), the KV append
-//! kernel (`kvappend`), rope tables and CUDA-graph capture of a decode step.
+//! kernel (`kvappend`), rope tables and CUDA-graph capture of a decode step: the attention
+//! kernels alone ([`DecodeGraph`]) or a whole layer step with its cuBLASLt linears
+//! ([`LayerDecodeGraph`], built by [`CudaLayer::capture_decode`](super::CudaLayer::capture_decode)).
 //!
 //! Split count ([`num_splits`]): enough blocks to cover the SMs twice when `batch * groups`
 //! alone cannot, never more than one split per 256 keys of the longest sequence, at most 64.
@@ -257,4 +259,488 @@ impl DecodeGraph {
             .synchronize()
             .map_err(cuda_err("graph replay synchronize"))
     }
+}
+
+/// Bytes of cuBLASLt workspace the runtime's handle offers its heuristic (cudarc's
+/// `Workspace`: 32 MiB from compute capability 9, else 4 MiB). A prepared GEMM asks the
+/// heuristic with the same limit, so it picks the algorithm the eager linears pick.
+fn blaslt_workspace_limit(rt: &CudaRuntime) -> Result<usize> {
+    let major = rt
+        .device()
+        .context
+        .attribute(sys::CUdevice_attribute::CU_DEVICE_ATTRIBUTE_COMPUTE_CAPABILITY_MAJOR)
+        .map_err(cuda_err("cuDeviceGetAttribute(COMPUTE_CAPABILITY_MAJOR)"))?;
+    Ok(if major >= 9 { 33_554_432 } else { 4_194_304 })
+}
+
+fn blas_err(call: &str) -> impl FnOnce(cudarc::cublaslt::result::CublasError) -> AttnError + '_ {
+    move |e| AttnError::Cuda {
+        call: call.to_string(),
+        msg: e.to_string(),
+    }
+}
+
+/// One linear `y [rows, out] = x [rows, in] · W^T (+ bias)` prepared for stream capture:
+/// descriptors, layouts and the heuristic's algorithm are chosen up front (the same ones
+/// [`linear`](super::linear) uses, so results are bitwise equal), device pointers are raw
+/// and fixed, and the workspace is this GEMM's own buffer of the size the algorithm needs.
+/// [`launch`](Self::launch) only queues `cublasLtMatmul`, which is legal while capturing.
+pub(crate) struct PreparedGemm {
+    handle: cudarc::cublaslt::sys::cublasLtHandle_t,
+    desc: cudarc::cublaslt::sys::cublasLtMatmulDesc_t,
+    layouts: [cudarc::cublaslt::sys::cublasLtMatrixLayout_t; 3],
+    algo: cudarc::cublaslt::sys::cublasLtMatmulAlgo_t,
+    workspace: Option<CudaSlice<u8>>,
+    ws_ptr: u64,
+    ws_size: usize,
+    w: u64,
+    x: u64,
+    y: u64,
+}
+
+impl PreparedGemm {
+    /// Prepare `y = x · W^T (+ bias)` for `rows` rows, `W [out, inp]`, all buffers raw
+    /// pointers of `elem` (`bias [out]` or 0). The caller keeps every buffer alive as long
+    /// as the GEMM (or a graph that captured it) may run.
+    #[allow(clippy::too_many_arguments)]
+    pub(crate) fn new(
+        rt: &CudaRuntime,
+        elem: super::ElemType,
+        rows: usize,
+        out: usize,
+        inp: usize,
+        w: u64,
+        x: u64,
+        y: u64,
+        bias: u64,
+    ) -> Result<Self> {
+        use cudarc::cublaslt::result as lt;
+        use cudarc::cublaslt::sys as ls;
+        use cudarc::cublaslt::{CudaBlasLT, Matmul, MatmulShared};
+        let (mtype, ctype) = match elem {
+            super::ElemType::Bf16 => (
+                <CudaBlasLT as Matmul<half::bf16>>::matrix_type(),
+                <CudaBlasLT as Matmul<half::bf16>>::compute_type(),
+            ),
+            super::ElemType::F16 => (
+                <CudaBlasLT as Matmul<half::f16>>::matrix_type(),
+                <CudaBlasLT as Matmul<half::f16>>::compute_type(),
+            ),
+            super::ElemType::F32 => (
+                <CudaBlasLT as Matmul<f32>>::matrix_type(),
+                <CudaBlasLT as Matmul<f32>>::compute_type(),
+            ),
+        };
+        let handle = *rt.blas().handle();
+        let desc = lt::create_matmul_desc(ctype, ls::cudaDataType_t::CUDA_R_32F)
+            .map_err(blas_err("cublasLtMatmulDescCreate"))?;
+        // From here on `g` owns every descriptor (its Drop frees what was created).
+        let mut g = PreparedGemm {
+            handle,
+            desc,
+            layouts: [std::ptr::null_mut(); 3],
+            // SAFETY: a plain-old-data struct; overwritten by the heuristic below.
+            algo: unsafe { std::mem::zeroed() },
+            workspace: None,
+            ws_ptr: 0,
+            ws_size: 0,
+            w,
+            x,
+            y,
+        };
+        let (m, n, k) = (out as u64, rows as u64, inp as u64);
+        let dims = [(k, m, inp as i64), (k, n, inp as i64), (m, n, out as i64)];
+        for (i, (r, c, ld)) in dims.into_iter().enumerate() {
+            g.layouts[i] = lt::create_matrix_layout(mtype, r, c, ld)
+                .map_err(blas_err("cublasLtMatrixLayoutCreate"))?;
+        }
+        let set = |attr: ls::cublasLtMatmulDescAttributes_t, p: *const std::ffi::c_void, n| {
+            // SAFETY: `desc` is live; `p` points at `n` bytes of the attribute's type.
+            unsafe { lt::set_matmul_desc_attribute(desc, attr, p, n) }
+                .map_err(blas_err("cublasLtMatmulDescSetAttribute"))
+        };
+        let (t, nt) = (1i32, 0i32);
+        use ls::cublasLtMatmulDescAttributes_t as A;
+        set(A::CUBLASLT_MATMUL_DESC_TRANSA, (&t as *const i32).cast(), 4)?;
+        set(
+            A::CUBLASLT_MATMUL_DESC_TRANSB,
+            (&nt as *const i32).cast(),
+            4,
+        )?;
+        set(
+            A::CUBLASLT_MATMUL_DESC_TRANSC,
+            (&nt as *const i32).cast(),
+            4,
+        )?;
+        let epilogue = if bias != 0 {
+            set(
+                A::CUBLASLT_MATMUL_DESC_BIAS_POINTER,
+                (&bias as *const u64).cast(),
+                std::mem::size_of::<u64>(),
+            )?;
+            ls::cublasLtEpilogue_t::CUBLASLT_EPILOGUE_BIAS
+        } else {
+            ls::cublasLtEpilogue_t::CUBLASLT_EPILOGUE_DEFAULT
+        };
+        set(
+            A::CUBLASLT_MATMUL_DESC_EPILOGUE,
+            (&epilogue as *const ls::cublasLtEpilogue_t).cast(),
+            std::mem::size_of::<ls::cublasLtEpilogue_t>(),
+        )?;
+        let pref = lt::create_matmul_pref().map_err(blas_err("cublasLtMatmulPreferenceCreate"))?;
+        let limit = blaslt_workspace_limit(rt)?;
+        // SAFETY: `pref` is live; the attribute is a usize.
+        let heur = unsafe {
+            lt::set_matmul_pref_attribute(
+                pref,
+                ls::cublasLtMatmulPreferenceAttributes_t::CUBLASLT_MATMUL_PREF_MAX_WORKSPACE_BYTES,
+                (&limit as *const usize).cast(),
+                std::mem::size_of::<usize>(),
+            )
+            .and_then(|()| {
+                lt::get_matmul_algo_heuristic(
+                    handle,
+                    desc,
+                    g.layouts[0],
+                    g.layouts[1],
+                    g.layouts[2],
+                    g.layouts[2],
+                    pref,
+                )
+            })
+        };
+        // SAFETY: created above, not used afterwards.
+        let _ = unsafe { lt::destroy_matmul_pref(pref) };
+        let heur = heur.map_err(blas_err("cublasLtMatmulAlgoGetHeuristic"))?;
+        g.algo = heur.algo;
+        if heur.workspaceSize > 0 {
+            let ws = super::tensor::alloc_uninit::<u8>(
+                rt.stream(),
+                heur.workspaceSize,
+                "cuBLASLt workspace",
+            )?;
+            g.ws_ptr = {
+                use cudarc::driver::DevicePtr;
+                let (p, _sync) = ws.device_ptr(rt.stream());
+                p
+            };
+            g.ws_size = heur.workspaceSize;
+            g.workspace = Some(ws);
+        }
+        Ok(g)
+    }
+
+    /// Queue the GEMM on `stream` (legal while `stream` is capturing).
+    pub(crate) fn launch(&self, stream: &CudaStream, what: &str) -> Result<()> {
+        let (alpha, beta) = (1.0f32, 0.0f32);
+        // SAFETY: descriptors are live (owned by self); pointers are the fixed buffers the
+        // caller keeps alive, of the shapes the layouts describe; the workspace holds
+        // `ws_size` bytes as the chosen algorithm requires.
+        unsafe {
+            cudarc::cublaslt::result::matmul(
+                self.handle,
+                self.desc,
+                (&alpha as *const f32).cast(),
+                (&beta as *const f32).cast(),
+                self.w as *const std::ffi::c_void,
+                self.layouts[0],
+                self.x as *const std::ffi::c_void,
+                self.layouts[1],
+                self.y as *const std::ffi::c_void,
+                self.layouts[2],
+                self.y as *mut std::ffi::c_void,
+                self.layouts[2],
+                &self.algo,
+                self.ws_ptr as *mut std::ffi::c_void,
+                self.ws_size,
+                stream.cu_stream() as _,
+            )
+        }
+        .map_err(|e| AttnError::KernelLaunch {
+            key: format!("cublasLtMatmul {what}"),
+            msg: e.to_string(),
+        })
+    }
+}
+
+impl Drop for PreparedGemm {
+    fn drop(&mut self) {
+        use cudarc::cublaslt::result as lt;
+        // SAFETY: each handle was created by `new` and is destroyed once; null ones skipped.
+        unsafe {
+            for l in self.layouts {
+                if !l.is_null() {
+                    let _ = lt::destroy_matrix_layout(l);
+                }
+            }
+            if !self.desc.is_null() {
+                let _ = lt::destroy_matmul_desc(self.desc);
+            }
+        }
+        let _ = self.workspace.take();
+    }
+}
+
+/// Copy host f32 values into a device tensor of any element type on `stream` (rounded to
+/// nearest even). `dst` must hold at least `src.len()` elements.
+pub(crate) fn copy_into(
+    stream: &Arc<CudaStream>,
+    src: &[f32],
+    dst: &mut super::DeviceTensor,
+    arg: &str,
+) -> Result<()> {
+    fn put<T: super::DeviceElem>(
+        stream: &Arc<CudaStream>,
+        src: &[f32],
+        dst: &mut super::DeviceTensor,
+        arg: &str,
+    ) -> Result<()> {
+        let v: Vec<T> = src.iter().map(|&x| T::from_f32(x)).collect();
+        let s = dst.typed_mut::<T>(arg)?;
+        stream
+            .memcpy_htod(&v, s)
+            .map_err(cuda_err(&format!("memcpy_htod {arg}")))
+    }
+    if dst.numel() < src.len() {
+        return Err(AttnError::InvalidArgument {
+            arg: arg.into(),
+            expected: format!("at most {} values", dst.numel()),
+            got: format!("{} values", src.len()),
+        });
+    }
+    match dst.elem() {
+        super::ElemType::Bf16 => put::<half::bf16>(stream, src, dst, arg),
+        super::ElemType::F16 => put::<half::f16>(stream, src, dst, arg),
+        super::ElemType::F32 => put::<f32>(stream, src, dst, arg),
+    }
+}
+
+/// Copy a device tensor back to host f32 values on `stream` (and wait for it).
+fn copy_out(stream: &Arc<CudaStream>, src: &super::DeviceTensor) -> Result<Vec<f32>> {
+    fn get<T: super::DeviceElem>(
+        stream: &Arc<CudaStream>,
+        s: &CudaSlice<T>,
+        n: usize,
+    ) -> Result<Vec<f32>> {
+        let v = stream
+            .clone_dtoh(&s.slice(..n))
+            .map_err(cuda_err("memcpy_dtoh"))?;
+        stream
+            .synchronize()
+            .map_err(cuda_err("graph output synchronize"))?;
+        Ok(v.into_iter().map(T::to_f32).collect())
+    }
+    let n = src.numel();
+    match src.data() {
+        super::DeviceData::Bf16(s) => get(stream, s, n),
+        super::DeviceData::F16(s) => get(stream, s, n),
+        super::DeviceData::F32(s) => get(stream, s, n),
+    }
+}
+
+/// The fixed device buffers of a captured layer decode step (see [`LayerDecodeGraph`]).
+pub(crate) struct DecodeBuffers {
+    /// hidden in, `[b, h]`.
+    pub x: super::DeviceTensor,
+    /// linear_qkv output `[b, qkv_out]`.
+    pub qkv: super::DeviceTensor,
+    /// q `[b, np, hn]`, k/v `[b, ng, hn]`, gate `[b, np, hn]` (output gate only).
+    pub q: super::DeviceTensor,
+    /// See `q`.
+    pub k: super::DeviceTensor,
+    /// See `q`.
+    pub v: super::DeviceTensor,
+    /// See `q`.
+    pub gate: Option<super::DeviceTensor>,
+    /// int32 `[b]`: each slot's position (visible length before the append).
+    pub seqlens: CudaSlice<i32>,
+    /// Rope tables `[max_seq, rot/2]` (rope only).
+    pub rope: Option<RopeTables>,
+    /// f32 `[splits, b, np, hn]`, `[splits, b, np]`, `[np, b]`.
+    pub o_part: CudaSlice<f32>,
+    /// See `o_part`.
+    pub lse_part: CudaSlice<f32>,
+    /// See `o_part`.
+    pub lse: CudaSlice<f32>,
+    /// attention output `[b, np, hn]`.
+    pub o: super::DeviceTensor,
+    /// layer output `[b, h]` (linear_proj without its bias).
+    pub out: super::DeviceTensor,
+}
+
+/// Which cache (and which part of it) a [`LayerDecodeGraph`] was captured against.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) struct CacheBinding {
+    /// Raw pointers of the layer's K and V storage.
+    pub k: u64,
+    /// See `k`.
+    pub v: u64,
+    /// The cache's `max_seq` and `max_batch`.
+    pub max_seq: usize,
+    /// See `max_seq`.
+    pub max_batch: usize,
+    /// Layer index, first batch slot, sequences.
+    pub layer: usize,
+    /// See `layer`.
+    pub batch_offset: usize,
+    /// See `layer`.
+    pub batch: usize,
+}
+
+/// A whole layer decode step (`linear_qkv` -> `qkv_prep` -> `flashdec` split + merge ->
+/// `linear_proj`) captured in one CUDA graph over fixed device buffers, for `b` sequences in
+/// slots `batch_offset .. batch_offset + b` of one layer of one [`DeviceStaticKvCache`](super::DeviceStaticKvCache).
+///
+/// Built by [`CudaLayer::capture_decode`](super::CudaLayer::capture_decode). Each
+/// [`replay`](Self::replay) copies the hidden states `[1, b, h]` and each slot's position
+/// (an int32 device array the kernels read, so no kernel argument changes between replays)
+/// into the fixed buffers, launches the graph on its own stream and reads back the output
+/// `[1, b, h]`. The split count is fixed at capture; an eager
+/// [`CudaLayer::decode`](super::CudaLayer::decode) with the same split count
+/// ([`CudaLayer::set_decode_splits`](super::CudaLayer::set_decode_splits)) gives bitwise
+/// equal outputs and cache contents.
+pub struct LayerDecodeGraph {
+    pub(crate) rt: Arc<CudaRuntime>,
+    pub(crate) stream: Arc<CudaStream>,
+    pub(crate) graph: CudaGraph,
+    pub(crate) bufs: DecodeBuffers,
+    /// The captured GEMMs' descriptors and workspaces, alive as long as the graph.
+    pub(crate) _gemms: [PreparedGemm; 2],
+    pub(crate) binding: CacheBinding,
+    pub(crate) hidden: usize,
+    pub(crate) splits: usize,
+    pub(crate) proj_bias_host: Option<crate::tensor::Tensor>,
+    pub(crate) poison: bool,
+}
+
+impl std::fmt::Debug for LayerDecodeGraph {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("LayerDecodeGraph")
+            .field("binding", &self.binding)
+            .field("splits", &self.splits)
+            .finish_non_exhaustive()
+    }
+}
+
+impl LayerDecodeGraph {
+    /// Capture the queued work of `body` on a fresh non-blocking stream (the runtime's
+    /// stream is synchronized first so every fixed buffer is ready).
+    pub(crate) fn capture_on(
+        rt: &CudaRuntime,
+        body: impl FnOnce(&Arc<CudaStream>) -> Result<()>,
+    ) -> Result<(Arc<CudaStream>, CudaGraph)> {
+        rt.synchronize("before graph capture")?;
+        let stream = rt
+            .device()
+            .context
+            .new_stream()
+            .map_err(cuda_err("cuStreamCreate"))?;
+        stream
+            .begin_capture(sys::CUstreamCaptureMode::CU_STREAM_CAPTURE_MODE_THREAD_LOCAL)
+            .map_err(cuda_err("cuStreamBeginCapture"))?;
+        let queued = body(&stream);
+        let ended = stream.end_capture(sys::CUgraphInstantiate_flags(0));
+        queued?;
+        let graph = ended
+            .map_err(cuda_err("cuStreamEndCapture"))?
+            .ok_or_else(|| AttnError::Cuda {
+                call: "cuStreamEndCapture".into(),
+                msg: "the capture recorded no graph".into(),
+            })?;
+        Ok((stream, graph))
+    }
+
+    /// KV splits of the captured `flashdec` launch.
+    pub fn num_splits(&self) -> usize {
+        self.splits
+    }
+
+    /// Sequences per replay.
+    pub fn batch(&self) -> usize {
+        self.binding.batch
+    }
+
+    /// When on, the attention and layer output buffers are filled with NaN before each
+    /// replay, so an element the graph leaves unwritten shows up as NaN (tests).
+    pub fn set_poison_outputs(&mut self, on: bool) {
+        self.poison = on;
+    }
+
+    /// One decode step: `hidden` `[1, b, h]` for the captured slots of `cache` (which must be
+    /// the cache the graph was captured against). Appends each slot's new k/v at its visible
+    /// length (the layer's pending append, as eager decode; commit with
+    /// [`DeviceStaticKvCache::advance`](super::DeviceStaticKvCache::advance)) and returns the
+    /// output `[1, b, h]` with `linear_proj`'s bias unadded.
+    ///
+    /// Errors (nothing is written, the graph is not launched): `Shape` (`hidden`),
+    /// `InvalidArgument` (`cache`: another cache, or one whose layer storage moved),
+    /// `CacheCapacity` (a slot is full); `Cuda` / `KernelLaunch` from the device.
+    pub fn replay(
+        &mut self,
+        hidden: &crate::tensor::Tensor,
+        cache: &mut super::DeviceStaticKvCache,
+    ) -> Result<crate::layer::LayerOutput> {
+        let bd = self.binding;
+        hidden.expect_shape("hidden", &[Some(1), Some(bd.batch), Some(self.hidden)])?;
+        let now = cache_binding(&self.rt, cache, bd.layer, bd.batch_offset, bd.batch)?;
+        if now != bd {
+            return Err(AttnError::InvalidArgument {
+                arg: "cache".into(),
+                expected: "the cache this decode graph was captured against".into(),
+                got: "another cache (or different storage)".into(),
+            });
+        }
+        let starts = cache.check_append(bd.layer, bd.batch_offset, bd.batch, 1)?;
+        let lens: Vec<i32> = starts.iter().map(|&l| l as i32).collect();
+        let st = self.stream.clone();
+        st.join(self.rt.stream())
+            .map_err(cuda_err("cuStreamWaitEvent (runtime stream)"))?;
+        st.memcpy_htod(&lens, &mut self.bufs.seqlens)
+            .map_err(cuda_err("memcpy_htod cache_seqlens"))?;
+        copy_into(&st, hidden.data(), &mut self.bufs.x, "hidden")?;
+        if self.poison {
+            let nan = vec![f32::NAN; self.bufs.out.numel().max(self.bufs.o.numel())];
+            copy_into(&st, &nan[..self.bufs.o.numel()], &mut self.bufs.o, "o")?;
+            copy_into(
+                &st,
+                &nan[..self.bufs.out.numel()],
+                &mut self.bufs.out,
+                "out",
+            )?;
+        }
+        self.graph.launch().map_err(cuda_err("cuGraphLaunch"))?;
+        let out = copy_out(&st, &self.bufs.out)?;
+        cache.mark_appended(bd.layer, bd.batch_offset, bd.batch, 1);
+        Ok(crate::layer::LayerOutput {
+            output: crate::tensor::Tensor::new(&[1, bd.batch, self.hidden], out)?,
+            bias: self.proj_bias_host.clone(),
+        })
+    }
+}
+
+/// The binding of `layer`, slots `batch_offset .. + batch` of `cache`.
+pub(crate) fn cache_binding(
+    rt: &CudaRuntime,
+    cache: &super::DeviceStaticKvCache,
+    layer: usize,
+    batch_offset: usize,
+    batch: usize,
+) -> Result<CacheBinding> {
+    let ptr = |t: &super::DeviceTensor| -> u64 {
+        use cudarc::driver::DevicePtr;
+        match t.data() {
+            super::DeviceData::Bf16(s) => s.device_ptr(rt.stream()).0,
+            super::DeviceData::F16(s) => s.device_ptr(rt.stream()).0,
+            super::DeviceData::F32(s) => s.device_ptr(rt.stream()).0,
+        }
+    };
+    Ok(CacheBinding {
+        k: ptr(cache.layer_k(layer)?),
+        v: ptr(cache.layer_v(layer)?),
+        max_seq: cache.max_seq(),
+        max_batch: cache.max_batch(),
+        layer,
+        batch_offset,
+        batch,
+    })
 }

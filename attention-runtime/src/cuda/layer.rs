@@ -14,7 +14,7 @@
 //! (bf16 or f16); norms, softmax and rope run in f32 inside the kernels.
 
 use std::collections::HashMap;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::Arc;
 
 use attention_codegen::render::{configs_for_head_dim, KernelConfig, Phase};
@@ -64,6 +64,8 @@ pub struct CudaLayer {
     prep: KernelConfig,
     fwd: KernelConfig,
     poison: AtomicBool,
+    /// Pinned `flashdec` split count of eager decode (0: chosen per step).
+    decode_splits: AtomicUsize,
 }
 
 fn bad(arg: &str, expected: impl Into<String>, got: impl Into<String>) -> AttnError {
@@ -233,6 +235,7 @@ impl CudaLayer {
             prep,
             fwd,
             poison: AtomicBool::new(false),
+            decode_splits: AtomicUsize::new(0),
         })
     }
 
@@ -708,6 +711,17 @@ type Prepped = (
     Vec<CudaSlice<i32>>,
 );
 
+/// Raw pointers of one `qkv_prep` launch (0 = null): `qkv [n, qkv_out]` in, q `[n, np, hn]`,
+/// k/v `[n, ng, hn]`, gate `[n, np, hn]` out, int32 positions `[n]`.
+struct PrepPtrs {
+    qkv: u64,
+    q: u64,
+    k: u64,
+    v: u64,
+    gate: u64,
+    positions: u64,
+}
+
 /// KV-cache inference on the GPU (static cache): same semantics as the CPU layer's
 /// `prefill` / `decode`.
 impl CudaLayer {
@@ -794,16 +808,39 @@ impl CudaLayer {
             }
             _ => 0,
         };
+        let p = PrepPtrs {
+            qkv: tptr(&a, rt),
+            q: tptr(&q, rt),
+            k: tptr(&k, rt),
+            v: tptr(&v, rt),
+            gate: opt_ptr(gate.as_ref(), rt),
+            positions: p_pos,
+        };
+        let key = self.launch_prep(st, prep, n, &p, mscale)?;
+        rt.synchronize(&key)?;
+        drop(a);
+        Ok((q, k, v, gate, keep))
+    }
+
+    /// Queue the `qkv_prep` kernel `prep` over `n` rows on `stream` (raw pointers, so it
+    /// can be captured in a graph). Returns the kernel key.
+    fn launch_prep(
+        &self,
+        stream: &Arc<cudarc::driver::CudaStream>,
+        prep: &KernelConfig,
+        n: usize,
+        p: &PrepPtrs,
+        mscale: f32,
+    ) -> Result<String> {
+        let rt = &*self.rt;
+        let c = &self.config;
         let (key, f) = kernel(rt, prep)?;
         let cfg = LaunchConfig {
             grid_dim: (to_i32("rows", n as i64)? as u32, 1, 1),
             block_dim: ((prep.warps * 32) as u32, 1, 1),
             shared_mem_bytes: 0,
         };
-        let p_qkv = tptr(&a, rt);
         let p_kv = 0u64;
-        let (p_q, p_k, p_v) = (tptr(&q, rt), tptr(&k, rt), tptr(&v, rt));
-        let p_gate = opt_ptr(gate.as_ref(), rt);
         let p_qw = opt_ptr(self.q_norm.0.as_ref(), rt);
         let p_qb = opt_ptr(self.q_norm.1.as_ref(), rt);
         let p_kw = opt_ptr(self.k_norm.0.as_ref(), rt);
@@ -811,23 +848,213 @@ impl CudaLayer {
         let eps = c.eps;
         let base = c.rope.map_or(10000.0, |r| r.rotary_base as f32);
         let (nt, nkt) = (n as i32, n as i32);
-        let (nh, ngr) = (np as i32, ng as i32);
-        let mut b = st.launch_builder(&f);
-        b.arg(&p_qkv)
+        let (nh, ngr) = (c.heads as i32, c.groups as i32);
+        let mut b = stream.launch_builder(&f);
+        b.arg(&p.qkv)
             .arg(&p_kv)
-            .arg(&p_q)
-            .arg(&p_k)
-            .arg(&p_v)
-            .arg(&p_gate);
+            .arg(&p.q)
+            .arg(&p.k)
+            .arg(&p.v)
+            .arg(&p.gate);
         b.arg(&p_qw).arg(&p_qb).arg(&p_kw).arg(&p_kb).arg(&eps);
-        b.arg(&p_pos).arg(&base).arg(&mscale);
+        b.arg(&p.positions).arg(&base).arg(&mscale);
         b.arg(&nt).arg(&nkt).arg(&nh).arg(&ngr);
-        // SAFETY: matches the qkv_prep entry point; buffers allocated above with the
-        // documented shapes; positions has n entries when rope is on.
+        // SAFETY: matches the qkv_prep entry point; the caller's buffers have the
+        // documented shapes for `n` rows; positions has n entries when rope is on.
         unsafe { b.launch(cfg) }.map_err(launch_err(&key))?;
-        rt.synchronize(&key)?;
-        drop(a);
-        Ok((q, k, v, gate, keep))
+        Ok(key)
+    }
+
+    /// Pin the KV split count of eager [`decode`](Self::decode) (`None`: chosen per step
+    /// from the batch, the groups and the longest sequence, see
+    /// [`num_splits`](super::decode::num_splits)). A [`LayerDecodeGraph`](super::decode::LayerDecodeGraph)
+    /// fixes its split count at capture; eager decode pinned to the same count gives
+    /// bitwise equal results. Errors: `InvalidArgument` (`decode_splits`) outside 1..=64.
+    pub fn set_decode_splits(&self, splits: Option<usize>) -> Result<()> {
+        match splits {
+            Some(n) if !(1..=64).contains(&n) => Err(bad(
+                "decode_splits",
+                "a split count in 1..=64",
+                n.to_string(),
+            )),
+            _ => {
+                self.decode_splits
+                    .store(splits.unwrap_or(0), Ordering::Relaxed);
+                Ok(())
+            }
+        }
+    }
+
+    /// Capture one decode step of this layer for `b` sequences in slots
+    /// `batch_offset .. batch_offset + b` of `cache`'s layer `layer` in a CUDA graph
+    /// (`linear_qkv` and `linear_proj` through cuBLASLt with their algorithms chosen before
+    /// capture, `qkv_prep`, `flashdec` split + merge with rope from cos/sin tables at each
+    /// slot's position, read from a device int32 array). The split count is the pinned
+    /// one ([`set_decode_splits`](Self::set_decode_splits)) or the one that covers the
+    /// cache's full `max_seq`. `args` takes only `rope_mscale` (no positions, masks, bias,
+    /// packing or context). Nothing is written to the cache.
+    ///
+    /// Errors: `InvalidArgument` (`config.kind` for cross-attention, `args`, `cache` for
+    /// other groups or head dim, `b` of 0), `CacheCapacity` (`max_batch`), `DType`
+    /// (`cache`), `DeviceAlloc`, `Render`, `BackendUnavailable`, `Cuda`.
+    pub fn capture_decode(
+        &self,
+        cache: &super::DeviceStaticKvCache,
+        layer: usize,
+        batch_offset: usize,
+        b: usize,
+        args: &ForwardArgs<'_>,
+    ) -> Result<super::decode::LayerDecodeGraph> {
+        use super::decode::{DecodeBuffers, LayerDecodeGraph, PreparedGemm, RopeTables};
+        self.check_kv_step(cache, args)?;
+        if args.positions.is_some() {
+            return Err(bad(
+                "args.positions",
+                "none for a captured decode step (each slot decodes at its own length)",
+                "explicit positions",
+            ));
+        }
+        if b == 0 {
+            return Err(bad("b", "at least one sequence", "0"));
+        }
+        cache.check_append(layer, batch_offset, b, 0)?;
+        let kc = cache.layer_k(layer)?;
+        if kc.elem() != self.elem {
+            return Err(AttnError::DType {
+                arg: "cache".into(),
+                expected: self.elem.name().into(),
+                got: kc.elem().name().into(),
+            });
+        }
+        let rt = &*self.rt;
+        let st = rt.stream();
+        let c = &self.config;
+        let (np, ng, hn, h) = (c.heads, c.groups, c.head_dim, c.hidden);
+        let Projections::SelfAttention { qkv } = &self.proj_in else {
+            return Err(bad("config.kind", "self-attention", "cross-attention"));
+        };
+        let mut prep = self.prep.clone();
+        prep.rope = None;
+        let fcfg = self.kv_config(Phase::FlashDecode)?;
+        let splits = match self.decode_splits.load(Ordering::Relaxed) {
+            0 => super::decode::num_splits(super::decode::sm_count(rt)?, b, ng, cache.max_seq()),
+            n => n,
+        };
+        let un = |shape: &[usize], arg: &str| DeviceTensor::uninit(st, self.elem, shape, arg);
+        let f32buf = |n: usize, arg: &str| super::tensor::alloc_uninit::<f32>(st, n, arg);
+        let rope = match c.rope {
+            Some(r) => {
+                let t = crate::reference::rope::RopeTable::new(&r, hn)?;
+                let (cs, sn) = t.cos_sin(cache.max_seq(), args.rope_mscale);
+                Some(RopeTables::new(
+                    st,
+                    &cs,
+                    &sn,
+                    cache.max_seq(),
+                    args.rope_mscale,
+                )?)
+            }
+            None => None,
+        };
+        let bufs = DecodeBuffers {
+            x: un(&[b, h], "graph hidden")?,
+            qkv: un(&[b, qkv.out_features()], "graph linear_qkv output")?,
+            q: un(&[b, np, hn], "graph q")?,
+            k: un(&[b, ng, hn], "graph k")?,
+            v: un(&[b, ng, hn], "graph v")?,
+            gate: if c.output_gate {
+                Some(un(&[b, np, hn], "graph gate")?)
+            } else {
+                None
+            },
+            seqlens: super::tensor::alloc_uninit::<i32>(st, b, "graph cache_seqlens")?,
+            rope,
+            o_part: f32buf(splits * b * np * hn, "graph o_part")?,
+            lse_part: f32buf(splits * b * np, "graph lse_part")?,
+            lse: f32buf(np * b, "graph lse")?,
+            o: un(&[b, np, hn], "graph attention output")?,
+            out: un(&[b, h], "graph output")?,
+        };
+        let gemm_qkv = PreparedGemm::new(
+            rt,
+            self.elem,
+            b,
+            qkv.out_features(),
+            h,
+            tptr(&qkv.weight, rt),
+            tptr(&bufs.x, rt),
+            tptr(&bufs.qkv, rt),
+            opt_ptr(qkv.bias.as_ref(), rt),
+        )?;
+        let gemm_proj = PreparedGemm::new(
+            rt,
+            self.elem,
+            b,
+            h,
+            np * hn,
+            tptr(&self.proj.weight, rt),
+            tptr(&bufs.o, rt),
+            tptr(&bufs.out, rt),
+            0,
+        )?;
+        let pp = PrepPtrs {
+            qkv: tptr(&bufs.qkv, rt),
+            q: tptr(&bufs.q, rt),
+            k: tptr(&bufs.k, rt),
+            v: tptr(&bufs.v, rt),
+            gate: opt_ptr(bufs.gate.as_ref(), rt),
+            positions: 0,
+        };
+        let (wl, wr) = match c.window {
+            Some(w) => (to_i32("window", w.left)?, to_i32("window", w.right)?),
+            None => (-1, -1),
+        };
+        let a = super::decode::FlashDecodeArgs {
+            q: pp.q,
+            k_new: pp.k,
+            v_new: pp.v,
+            k_cache: tptr(kc, rt),
+            v_cache: tptr(cache.layer_v(layer)?, rt),
+            cache_seqlens: dptr(&bufs.seqlens, rt),
+            rope_cos: bufs.rope.as_ref().map_or(0, |t| dptr(&t.cos, rt)),
+            rope_sin: bufs.rope.as_ref().map_or(0, |t| dptr(&t.sin, rt)),
+            o_part: dptr(&bufs.o_part, rt),
+            lse_part: dptr(&bufs.lse_part, rt),
+            out: tptr(&bufs.o, rt),
+            lse: dptr(&bufs.lse, rt),
+            sinks: self.sinks.as_ref().map_or(0, |x| dptr(x, rt)),
+            gate: pp.gate,
+            batch: to_i32("b", b as i64)?,
+            batch_offset: to_i32("batch_offset", batch_offset as i64)?,
+            max_batch: to_i32("max_batch", cache.max_batch() as i64)?,
+            num_heads: np as i32,
+            num_groups: ng as i32,
+            num_splits: splits as i32,
+            softmax_scale: c.softmax_scale,
+            window_left: wl,
+            window_right: wr,
+        };
+        // Compile and load every kernel before capturing.
+        let (key, split_f, merge_f) = super::decode::flash_decode_kernels(rt, &fcfg)?;
+        kernel(rt, &prep)?;
+        let (stream, graph) = LayerDecodeGraph::capture_on(rt, |cs| {
+            gemm_qkv.launch(cs, "linear_qkv (graph)")?;
+            self.launch_prep(cs, &prep, b, &pp, 1.0)?;
+            super::decode::launch_flash_decode(cs, &key, &split_f, &merge_f, &a)?;
+            gemm_proj.launch(cs, "linear_proj (graph)")
+        })?;
+        Ok(LayerDecodeGraph {
+            rt: self.rt.clone(),
+            stream,
+            graph,
+            bufs,
+            _gemms: [gemm_qkv, gemm_proj],
+            binding: super::decode::cache_binding(rt, cache, layer, batch_offset, b)?,
+            hidden: h,
+            splits,
+            proj_bias_host: self.proj_bias_host.clone(),
+            poison: self.poison.load(Ordering::Relaxed),
+        })
     }
 
     fn finish_proj(&self, o: DeviceTensor, n: usize, out_shape: &[usize]) -> Result<LayerOutput> {
@@ -1010,7 +1237,10 @@ impl CudaLayer {
         let lens: Vec<i32> = starts.iter().map(|&l| l as i32).collect();
         let lens_d = upload(st, &lens, "cache_seqlens")?;
         let max_len = starts.iter().max().copied().unwrap_or(0) + 1;
-        let splits = super::decode::num_splits(super::decode::sm_count(rt)?, b, c.groups, max_len);
+        let splits = match self.decode_splits.load(Ordering::Relaxed) {
+            0 => super::decode::num_splits(super::decode::sm_count(rt)?, b, c.groups, max_len),
+            n => n,
+        };
         let (np, hn) = (c.heads, c.head_dim);
         let o_part = super::tensor::alloc_uninit::<f32>(st, splits * b * np * hn, "o_part")?;
         let lse_part = super::tensor::alloc_uninit::<f32>(st, splits * b * np, "lse_part")?;

@@ -1,0 +1,214 @@
+//! A whole layer decode step captured in a CUDA graph (`CudaLayer::capture_decode`):
+//! replays against eager decode (bitwise: outputs and cache contents) and the CPU reference
+//! (relative Frobenius error <= 1e-2, bf16), capacity and binding errors.
+//! `#[ignore = "requires a CUDA GPU"]`; run through `scripts/gpu-bundle.sh` (CONTRIBUTING.md).
+//! Fresh random inputs (seed printed), NaN-poisoned outputs before each replay.
+
+use attention_runtime::cuda::{CudaLayer, DeviceStaticKvCache, ElemType};
+use attention_runtime::device::CudaDevice;
+use attention_runtime::kv_cache::StaticKvCache;
+use attention_runtime::modules::SplitMix64;
+use attention_runtime::spec_layer::SpecLayer;
+use attention_runtime::{AttentionLayer, AttnError, Device, ForwardArgs, RuntimeDims, Tensor};
+
+const TOL: f64 = 1e-2;
+
+fn gpu() -> CudaDevice {
+    match Device::cuda(0) {
+        Ok(Device::Cuda(d)) => d,
+        other => panic!("a CUDA GPU is required: {other:?}"),
+    }
+}
+
+fn seed() -> u64 {
+    let t = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_nanos() as u64;
+    t ^ ((std::process::id() as u64) << 32)
+}
+
+fn rel_err(got: &Tensor, want: &Tensor) -> f64 {
+    assert_eq!(got.shape(), want.shape());
+    let (mut num, mut den) = (0f64, 0f64);
+    for (x, y) in got.data().iter().zip(want.data()) {
+        assert!(x.is_finite(), "NaN/inf in the GPU output");
+        num += ((x - y) as f64).powi(2);
+        den += (*y as f64).powi(2);
+    }
+    (num / den.max(1e-30)).sqrt()
+}
+
+fn assert_bitwise(what: &str, a: &Tensor, b: &Tensor) {
+    assert_eq!(a.shape(), b.shape(), "{what}: shapes");
+    let diff = a
+        .data()
+        .iter()
+        .zip(b.data())
+        .filter(|(x, y)| x.to_bits() != y.to_bits())
+        .count();
+    assert_eq!(diff, 0, "{what}: {diff} of {} elements differ", a.numel());
+}
+
+/// Prefill `s` tokens into two identical device caches (and a CPU cache), then `steps`
+/// decode steps: eager on the first, graph replays on the second, CPU on the third.
+fn graph_matches_eager_and_cpu(spec: &str, b: usize, s: usize, steps: usize, pin: bool) {
+    let sd = seed();
+    eprintln!("seed {sd} spec {spec}");
+    let mut rng = SplitMix64::new(sd);
+    let config = SpecLayer::config_from_str(spec, &RuntimeDims::default()).unwrap();
+    let layer = SpecLayer::init(config.clone(), sd ^ 0x5eed).unwrap();
+    let cuda = CudaLayer::new(&layer, &gpu()).unwrap();
+    cuda.set_poison_outputs(true);
+    let (ng, hn, h) = (config.groups, config.head_dim, config.hidden);
+    let (max_seq, max_batch, off) = (s + steps + 2, b + 1, 1);
+    let elem = ElemType::from(config.dtype);
+    let st = cuda.runtime().stream();
+    let mut cpu = StaticKvCache::new(1, max_seq, max_batch, ng, hn).unwrap();
+    let mut eager = DeviceStaticKvCache::new(st, elem, 1, max_seq, max_batch, ng, hn).unwrap();
+    let mut graphed = DeviceStaticKvCache::new(st, elem, 1, max_seq, max_batch, ng, hn).unwrap();
+    let args = ForwardArgs::default();
+    let x = Tensor::from_fn(&[s, b, h], |_| rng.uniform() * 1.7);
+    layer.prefill(&x, &mut cpu, 0, off, &args).unwrap();
+    cuda.prefill(&x, &mut eager, 0, off, &args).unwrap();
+    cuda.prefill(&x, &mut graphed, 0, off, &args).unwrap();
+    cpu.advance(off, b, s).unwrap();
+    eager.advance(off, b, s).unwrap();
+    graphed.advance(off, b, s).unwrap();
+    if pin {
+        cuda.set_decode_splits(Some(3)).unwrap();
+    }
+    let mut graph = cuda.capture_decode(&graphed, 0, off, b, &args).unwrap();
+    graph.set_poison_outputs(true);
+    assert_eq!(graph.batch(), b);
+    // Eager decode with the graph's split count computes the same sums in the same order.
+    cuda.set_decode_splits(Some(graph.num_splits())).unwrap();
+    for step in 0..steps {
+        let x = Tensor::from_fn(&[1, b, h], |_| rng.uniform() * 1.7);
+        let want = layer.decode(&x, &mut cpu, 0, off, &args).unwrap();
+        let e_out = cuda.decode(&x, &mut eager, 0, off, &args).unwrap();
+        let g_out = graph.replay(&x, &mut graphed).unwrap();
+        assert_bitwise(&format!("step {step} output"), &g_out.output, &e_out.output);
+        let e = rel_err(&g_out.output, &want.output);
+        assert!(e <= TOL, "step {step}: graph vs CPU rel err {e}");
+        assert_eq!(g_out.bias.is_some(), want.bias.is_some());
+        cpu.advance(off, b, 1).unwrap();
+        eager.advance(off, b, 1).unwrap();
+        graphed.advance(off, b, 1).unwrap();
+    }
+    assert_eq!(eager.seqlens(), graphed.seqlens());
+    assert_eq!(graphed.seqlens()[off], s + steps);
+    let kv = |c: &DeviceStaticKvCache| {
+        (
+            c.layer_k(0).unwrap().to_host().unwrap(),
+            c.layer_v(0).unwrap().to_host().unwrap(),
+        )
+    };
+    let ((ek, ev), (gk, gv)) = (kv(&eager), kv(&graphed));
+    assert_bitwise("K cache", &gk, &ek);
+    assert_bitwise("V cache", &gv, &ev);
+    for slot in off..off + b {
+        let len = s + steps;
+        let (gk, gv) = graphed.gather_kv_host(0, slot, len).unwrap();
+        let (ck, cv) = cpu.gather_kv(0, slot, len).unwrap();
+        assert!(rel_err(&gk, &Tensor::new(&[len, ng, hn], ck).unwrap()) <= TOL);
+        assert!(rel_err(&gv, &Tensor::new(&[len, ng, hn], cv).unwrap()) <= TOL);
+    }
+}
+
+#[test]
+#[ignore = "requires a CUDA GPU"]
+fn graph_decode_gqa_rope_qknorm_matches_eager_bitwise_and_cpu() {
+    graph_matches_eager_and_cpu(
+        "self, heads=8, gqa=2, head_dim=128, qk_layernorm=rms, rope, mask=causal",
+        3,
+        37,
+        5,
+        false,
+    );
+}
+
+#[test]
+#[ignore = "requires a CUDA GPU"]
+fn graph_decode_window_sinks_mqa_bias_gate_matches_eager_bitwise_and_cpu() {
+    graph_matches_eager_and_cpu(
+        "self, heads=6, gqa=1, head_dim=64, hidden=320, qkv_bias, output_gate, rope, window=(20, 0), sinks=learnable, mask=causal",
+        2,
+        300,
+        4,
+        true,
+    );
+}
+
+#[test]
+#[ignore = "requires a CUDA GPU"]
+fn graph_decode_errors_write_nothing() {
+    let config = SpecLayer::config_from_str(
+        "self, heads=4, gqa=2, head_dim=64, rope, mask=causal",
+        &RuntimeDims::default(),
+    )
+    .unwrap();
+    let layer = SpecLayer::init(config.clone(), 7).unwrap();
+    let cuda = CudaLayer::new(&layer, &gpu()).unwrap();
+    let elem = ElemType::from(config.dtype);
+    let st = cuda.runtime().stream();
+    let h = config.hidden;
+    let args = ForwardArgs::default();
+    assert!(matches!(
+        cuda.set_decode_splits(Some(0)).unwrap_err(),
+        AttnError::InvalidArgument { .. }
+    ));
+    assert!(matches!(
+        cuda.set_decode_splits(Some(65)).unwrap_err(),
+        AttnError::InvalidArgument { .. }
+    ));
+    let mut cache = DeviceStaticKvCache::new(st, elem, 1, 5, 2, 2, 64).unwrap();
+    // Capture errors: slots beyond max_batch, zero sequences, explicit positions.
+    let e = cuda.capture_decode(&cache, 0, 1, 2, &args).unwrap_err();
+    assert!(matches!(e, AttnError::CacheCapacity { .. }), "{e}");
+    let e = cuda.capture_decode(&cache, 0, 0, 0, &args).unwrap_err();
+    assert!(matches!(e, AttnError::InvalidArgument { .. }), "{e}");
+    let pos = [0i64];
+    let pargs = ForwardArgs {
+        positions: Some(&pos),
+        ..ForwardArgs::default()
+    };
+    let e = cuda.capture_decode(&cache, 0, 0, 2, &pargs).unwrap_err();
+    assert!(matches!(e, AttnError::InvalidArgument { .. }), "{e}");
+
+    let x = Tensor::from_fn(&[4, 2, h], |i| (i % 7) as f32 * 0.1);
+    cuda.prefill(&x, &mut cache, 0, 0, &args).unwrap();
+    cache.advance(0, 2, 4).unwrap();
+    let mut graph = cuda.capture_decode(&cache, 0, 0, 2, &args).unwrap();
+    // Wrong hidden shape.
+    let bad = Tensor::from_fn(&[1, 3, h], |_| 0.5);
+    let e = graph.replay(&bad, &mut cache).unwrap_err();
+    assert!(matches!(e, AttnError::Shape { .. }), "{e}");
+    // Another cache of the same geometry.
+    let mut other = DeviceStaticKvCache::new(st, elem, 1, 5, 2, 2, 64).unwrap();
+    let x1 = Tensor::from_fn(&[1, 2, h], |i| (i % 5) as f32 * 0.3);
+    let e = graph.replay(&x1, &mut other).unwrap_err();
+    assert!(matches!(e, AttnError::InvalidArgument { .. }), "{e}");
+    assert_eq!(other.visible_len(0, 0).unwrap(), 0);
+    // One step fits, the next overflows max_seq and writes nothing.
+    graph.replay(&x1, &mut cache).unwrap();
+    cache.advance(0, 2, 1).unwrap();
+    let before = (
+        cache.layer_k(0).unwrap().to_host().unwrap(),
+        cache.layer_v(0).unwrap().to_host().unwrap(),
+    );
+    let e = graph.replay(&x1, &mut cache).unwrap_err();
+    assert!(matches!(e, AttnError::CacheCapacity { .. }), "{e}");
+    assert_eq!(cache.visible_len(0, 0).unwrap(), 5);
+    assert_eq!(cache.visible_len(0, 1).unwrap(), 5);
+    assert_bitwise(
+        "K after overflow",
+        &cache.layer_k(0).unwrap().to_host().unwrap(),
+        &before.0,
+    );
+    assert_bitwise(
+        "V after overflow",
+        &cache.layer_v(0).unwrap().to_host().unwrap(),
+        &before.1,
+    );
+}
