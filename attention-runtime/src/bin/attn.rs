@@ -43,7 +43,7 @@ enum Command {
     Layer(Box<LayerArgs>),
     /// List the catalog's models and kernels.
     Catalog,
-    /// Benchmarks (GPU): `attn bench prefill [--json out.json]`.
+    /// Benchmarks (GPU): `attn bench prefill|decode [--json out.json]`.
     #[command(subcommand)]
     Bench(BenchCommand),
     /// Print the rendered kernel sources for one spec.
@@ -64,6 +64,42 @@ enum BenchCommand {
     /// head dims x causal/non-causal x seqlens at a fixed token count, bf16, CUDA events,
     /// median after warm-up, inputs rotated beyond L2. Prints a ratio table.
     Prefill(BenchPrefillArgs),
+    /// Time the fused decode step (flashdec: rope + KV append + split-KV attention + merge)
+    /// against PyTorch SDPA's flash backend: bf16, one new token per sequence over a filled
+    /// cache, contexts x batches, GB/s of the K/V read once, CUDA events, median after
+    /// warm-up, caches rotated beyond L2, plus the card's device-to-device copy bandwidth.
+    Decode(BenchDecodeArgs),
+}
+
+#[derive(clap::Args)]
+struct BenchDecodeArgs {
+    /// Write the JSON report here.
+    #[arg(long)]
+    json: Option<std::path::PathBuf>,
+    /// Cached tokens per sequence, comma separated.
+    #[arg(long, value_delimiter = ',', default_value = "8192,32768")]
+    contexts: Vec<usize>,
+    /// Sequences per step, comma separated.
+    #[arg(long, value_delimiter = ',', default_value = "1,4,16")]
+    batches: Vec<usize>,
+    /// Query heads.
+    #[arg(long, default_value_t = 32)]
+    heads: usize,
+    /// KV groups.
+    #[arg(long, default_value_t = 8)]
+    groups: usize,
+    /// Head dim.
+    #[arg(long, default_value_t = 128)]
+    head_dim: usize,
+    /// Skip shapes whose K+V cache exceeds this many GiB.
+    #[arg(long, default_value_t = 8)]
+    max_cache_gib: usize,
+    /// Timed steps per shape (median reported).
+    #[arg(long, default_value_t = 50)]
+    reps: usize,
+    /// The SDPA baseline script (`none` to skip).
+    #[arg(long, default_value = "scripts/bench_sdpa.py")]
+    sdpa_script: String,
 }
 
 #[derive(clap::Args)]
@@ -96,7 +132,25 @@ struct BenchPrefillArgs {
 }
 
 fn run_bench(cmd: &BenchCommand) -> Result<()> {
-    let BenchCommand::Prefill(a) = cmd;
+    let a = match cmd {
+        BenchCommand::Prefill(a) => a,
+        BenchCommand::Decode(d) => {
+            let opts = attention_runtime::bench::DecodeOptions {
+                contexts: d.contexts.clone(),
+                batches: d.batches.clone(),
+                heads: d.heads,
+                groups: d.groups,
+                head_dim: d.head_dim,
+                max_cache_bytes: d.max_cache_gib << 30,
+                reps: d.reps,
+                sdpa_script: (d.sdpa_script != "none").then(|| d.sdpa_script.clone().into()),
+                json: d.json.clone(),
+                ..Default::default()
+            };
+            println!("{}", attention_runtime::bench::run_decode(&opts)?);
+            return Ok(());
+        }
+    };
     let mut extra = Vec::new();
     for t in &a.tiles {
         let (hd, tile) = t
