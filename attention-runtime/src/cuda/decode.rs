@@ -3,12 +3,16 @@
 //! kernels alone ([`DecodeGraph`]) or a whole layer step with its cuBLASLt linears
 //! ([`LayerDecodeGraph`], built by [`CudaLayer::capture_decode`](super::CudaLayer::capture_decode)).
 //!
-//! Split count ([`num_splits`]): enough blocks to cover the SMs twice when `batch * groups`
-//! alone cannot, never more than one split per 256 keys of the longest sequence, at most 64.
+//! Split count ([`num_splits`]): enough blocks for four per SM when `batch * groups` alone
+//! cannot (the split kernel is bandwidth-bound and needs many K/V tiles in flight), never
+//! more than one split per 128 keys of the longest sequence (so the merge stays small), at
+//! most 128.
 
 use std::sync::Arc;
 
-use attention_codegen::render::{KernelConfig, FLASH_DECODE_MAX_WARPS};
+use attention_codegen::render::{
+    flash_decode_smem_bytes, KernelConfig, FLASH_DECODE_MAX_WARPS, FLASH_DECODE_MERGE_WARPS,
+};
 use cudarc::driver::{
     sys, CudaFunction, CudaGraph, CudaSlice, CudaStream, LaunchConfig, PushKernelArg,
 };
@@ -53,6 +57,15 @@ pub fn flash_decode_kernels(
         })
     };
     let (f, m) = (load(&key)?, load(&merge_key)?);
+    let smem = flash_decode_smem_bytes(config.head_dim);
+    f.set_attribute(
+        sys::CUfunction_attribute_enum::CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES,
+        smem as i32,
+    )
+    .map_err(|e| AttnError::Cuda {
+        call: format!("cuFuncSetAttribute max dynamic shared memory {key} ({smem} B)"),
+        msg: e.to_string(),
+    })?;
     cache.insert(key.clone(), f.clone());
     cache.insert(merge_key, m.clone());
     Ok((key, f, m))
@@ -62,8 +75,8 @@ pub fn flash_decode_kernels(
 /// longest visible length is `max_len`, on a device of `sms` SMs.
 pub fn num_splits(sms: usize, batch: usize, groups: usize, max_len: usize) -> usize {
     let blocks = (batch * groups).max(1);
-    let want = (2 * sms).div_ceil(blocks);
-    want.min(max_len.div_ceil(256)).clamp(1, 64)
+    let want = (4 * sms).div_ceil(blocks);
+    want.min(max_len.div_ceil(128)).clamp(1, 128)
 }
 
 /// Number of SMs of the runtime's device.
@@ -169,10 +182,19 @@ pub fn launch_flash_decode(
 ) -> Result<()> {
     let per = (a.num_heads / a.num_groups.max(1)).max(1) as usize;
     let warps = per.min(FLASH_DECODE_MAX_WARPS);
+    // The ring size [`flash_decode_kernels`] allowed for this function (its head dim's
+    // `flash_decode_smem_bytes`).
+    let smem = split
+        .get_attribute(
+            sys::CUfunction_attribute_enum::CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES,
+        )
+        .map_err(cuda_err(
+            "cuFuncGetAttribute(MAX_DYNAMIC_SHARED_SIZE_BYTES)",
+        ))?;
     let cfg = LaunchConfig {
         grid_dim: (a.num_splits as u32, a.num_groups as u32, a.batch as u32),
         block_dim: ((warps * 32) as u32, 1, 1),
-        shared_mem_bytes: 0,
+        shared_mem_bytes: smem.max(0) as u32,
     };
     let mut b = stream.launch_builder(split);
     b.arg(&a.q)
@@ -193,7 +215,7 @@ pub fn launch_flash_decode(
     unsafe { b.launch(cfg) }.map_err(launch_err(key))?;
     let cfg = LaunchConfig {
         grid_dim: (a.batch as u32, a.num_heads as u32, 1),
-        block_dim: (32, 1, 1),
+        block_dim: ((FLASH_DECODE_MERGE_WARPS * 32) as u32, 1, 1),
         shared_mem_bytes: 0,
     };
     let mut b = stream.launch_builder(merge);
