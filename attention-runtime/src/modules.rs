@@ -377,6 +377,52 @@ impl<'a> Bcast<'a> {
     }
 }
 
+/// The optional attention mask (nonzero = masked out) and additive bias of a call, each
+/// broadcast to `[N, np, sq, sk]` (`N` batch entries or packed sequences).
+struct EntryMasks<'a> {
+    mask: Option<Bcast<'a>>,
+    bias: Option<Bcast<'a>>,
+}
+
+impl<'a> EntryMasks<'a> {
+    /// Broadcast `mask` (`attention_mask`) then `bias` (`attention_bias`) to `target`.
+    fn new(mask: Option<&'a Tensor>, bias: Option<&'a Tensor>, target: [usize; 4]) -> Result<Self> {
+        Ok(EntryMasks {
+            mask: mask
+                .map(|m| Bcast::new("attention_mask", m, target))
+                .transpose()?,
+            bias: bias
+                .map(|m| Bcast::new("attention_bias", m, target))
+                .transpose()?,
+        })
+    }
+
+    /// [`reference::attend_sequence`] of entry `n` (`q`, `k`, `v` its rows), with `p` plus
+    /// entry `n`'s slice of the mask and bias.
+    fn attend(
+        &self,
+        n: usize,
+        q: &[f32],
+        k: &[f32],
+        v: &[f32],
+        dims: SeqDims,
+        p: &AttendParams<'_>,
+    ) -> Result<reference::AttendOutput> {
+        let mf = self
+            .mask
+            .as_ref()
+            .map(|m| move |h: usize, i: usize, j: usize| m.at(n, h, i, j) != 0.0);
+        let bf = self
+            .bias
+            .as_ref()
+            .map(|m| move |h: usize, i: usize, j: usize| m.at(n, h, i, j));
+        let mut pn = *p;
+        pn.mask_fn = mf.as_ref().map(|f| f as reference::MaskFn<'_>);
+        pn.bias_fn = bf.as_ref().map(|f| f as reference::BiasFn<'_>);
+        reference::attend_sequence(q, k, v, dims, &pn)
+    }
+}
+
 /// Validate a cumulative length list against `total` tokens, naming `arg`: length `n + 1 >= 2`,
 /// first 0, non-decreasing, last == `total`. Returns it as `usize`.
 pub fn check_cu_seqlens(arg: &str, cu: &[i32], total: usize) -> Result<Vec<usize>> {
@@ -447,13 +493,7 @@ impl CoreAttentionModule for DotProductAttention {
                 k.expect_shape("k", &[None, Some(b), Some(ng), Some(hn)])?;
                 let sk = k.shape()[0];
                 v.expect_shape("v", &[Some(sk), Some(b), Some(ng), Some(hn)])?;
-                let mask = mask_t
-                    .map(|m| Bcast::new("attention_mask", m, [b, np, sq, sk]))
-                    .transpose()?;
-                let bias = args
-                    .attention_bias
-                    .map(|m| Bcast::new("attention_bias", m, [b, np, sq, sk]))
-                    .transpose()?;
+                let masks = EntryMasks::new(mask_t, args.attention_bias, [b, np, sq, sk])?;
                 let dims = SeqDims {
                     sq,
                     sk,
@@ -470,16 +510,7 @@ impl CoreAttentionModule for DotProductAttention {
                             .collect()
                     };
                     let (qb, kb, vb) = (gather(q, sq, qw), gather(k, sk, kw), gather(v, sk, kw));
-                    let mf = mask
-                        .as_ref()
-                        .map(|m| move |h: usize, i: usize, j: usize| m.at(bi, h, i, j) != 0.0);
-                    let bf = bias
-                        .as_ref()
-                        .map(|m| move |h: usize, i: usize, j: usize| m.at(bi, h, i, j));
-                    let mut pb = p;
-                    pb.mask_fn = mf.as_ref().map(|f| f as reference::MaskFn<'_>);
-                    pb.bias_fn = bf.as_ref().map(|f| f as reference::BiasFn<'_>);
-                    let r = reference::attend_sequence(&qb, &kb, &vb, dims, &pb)?;
+                    let r = masks.attend(bi, &qb, &kb, &vb, dims, &p)?;
                     for i in 0..sq {
                         out.data_mut()[(i * b + bi) * qw..][..qw]
                             .copy_from_slice(&r.out[i * qw..][..qw]);
@@ -512,13 +543,7 @@ impl CoreAttentionModule for DotProductAttention {
                     .max()
                     .unwrap_or(0)
                     .max(pk.max_seqlen_kv);
-                let mask = mask_t
-                    .map(|m| Bcast::new("attention_mask", m, [n, np, mq, mk]))
-                    .transpose()?;
-                let bias = args
-                    .attention_bias
-                    .map(|m| Bcast::new("attention_bias", m, [n, np, mq, mk]))
-                    .transpose()?;
+                let masks = EntryMasks::new(mask_t, args.attention_bias, [n, np, mq, mk])?;
                 let mut out = Tensor::zeros(q.shape());
                 let (qw, kw) = (np * hn, ng * hn);
                 for s in 0..n {
@@ -530,21 +555,13 @@ impl CoreAttentionModule for DotProductAttention {
                         groups: ng,
                         head_dim: hn,
                     };
-                    let mf = mask
-                        .as_ref()
-                        .map(|m| move |h: usize, i: usize, j: usize| m.at(s, h, i, j) != 0.0);
-                    let bf = bias
-                        .as_ref()
-                        .map(|m| move |h: usize, i: usize, j: usize| m.at(s, h, i, j));
-                    let mut ps = p;
-                    ps.mask_fn = mf.as_ref().map(|f| f as reference::MaskFn<'_>);
-                    ps.bias_fn = bf.as_ref().map(|f| f as reference::BiasFn<'_>);
-                    let r = reference::attend_sequence(
+                    let r = masks.attend(
+                        s,
                         &q.data()[q0 * qw..q1 * qw],
                         &k.data()[k0 * kw..k1 * kw],
                         &v.data()[k0 * kw..k1 * kw],
                         dims,
-                        &ps,
+                        &p,
                     )?;
                     out.data_mut()[q0 * qw..q1 * qw].copy_from_slice(&r.out);
                 }

@@ -16,6 +16,8 @@ use cudarc::driver::CudaStream;
 
 use super::tensor::{alloc_err, cuda_err, DeviceElem, DeviceTensor, ElemType};
 use crate::error::{AttnError, Result};
+use crate::kv_cache::paged::check_row_covers;
+use crate::kv_cache::static_cache::CacheLengths;
 use crate::kv_cache::{BlockAllocator, PagedBatch, PagedRequest, MIN_BLOCK_SIZE};
 use crate::tensor::Tensor;
 
@@ -52,9 +54,7 @@ pub struct DeviceStaticKvCache {
     head_dim: usize,
     k: Vec<DeviceTensor>,
     v: Vec<DeviceTensor>,
-    seqlens: Vec<usize>,
-    /// `[num_layers][max_batch]`.
-    pending: Vec<usize>,
+    lengths: CacheLengths,
 }
 
 impl DeviceStaticKvCache {
@@ -90,8 +90,7 @@ impl DeviceStaticKvCache {
             head_dim,
             k,
             v,
-            seqlens: vec![0; max_batch],
-            pending: vec![0; num_layers * max_batch],
+            lengths: CacheLengths::new(num_layers, max_batch),
         })
     }
 
@@ -117,11 +116,23 @@ impl DeviceStaticKvCache {
     }
     /// Committed length per batch slot.
     pub fn seqlens(&self) -> &[usize] {
-        &self.seqlens
+        self.lengths.seqlens()
     }
 
     fn check_layer(&self, layer: usize) -> Result<()> {
         crate::kv_cache::check_layer(layer, self.num_layers())
+    }
+
+    /// Errors (`CacheCapacity`, `max_batch`) unless `batch_offset + b <= max_batch`.
+    fn check_batch_range(&self, batch_offset: usize, b: usize) -> Result<()> {
+        if batch_offset + b > self.max_batch {
+            return Err(AttnError::CacheCapacity {
+                arg: "max_batch".into(),
+                capacity: self.max_batch,
+                needed: batch_offset + b,
+            });
+        }
+        Ok(())
     }
 
     /// Length `layer` sees in `slot` (committed plus this layer's pending tokens).
@@ -134,7 +145,7 @@ impl DeviceStaticKvCache {
                 needed: slot + 1,
             });
         }
-        Ok(self.seqlens[slot] + self.pending[layer * self.max_batch + slot])
+        Ok(self.lengths.visible(layer, slot))
     }
 
     /// Layer `layer`'s K `[max_seq, max_batch, ng, hn]`.
@@ -158,71 +169,26 @@ impl DeviceStaticKvCache {
         sq: usize,
     ) -> Result<Vec<usize>> {
         self.check_layer(layer)?;
-        if batch_offset + b > self.max_batch {
-            return Err(AttnError::CacheCapacity {
-                arg: "max_batch".into(),
-                capacity: self.max_batch,
-                needed: batch_offset + b,
-            });
-        }
-        let mut starts = Vec::with_capacity(b);
-        for slot in batch_offset..batch_offset + b {
-            let cur = self.visible_len(layer, slot)?;
-            if cur + sq > self.max_seq {
-                return Err(AttnError::CacheCapacity {
-                    arg: format!("max_seq (layer {layer}, batch slot {slot} holds {cur})"),
-                    capacity: self.max_seq,
-                    needed: cur + sq,
-                });
-            }
-            starts.push(cur);
-        }
-        Ok(starts)
+        self.check_batch_range(batch_offset, b)?;
+        self.lengths
+            .starts(layer, batch_offset, b, sq, self.max_seq)
     }
 
     /// Record `sq` tokens appended by `layer` (after a successful launch).
     pub(crate) fn mark_appended(&mut self, layer: usize, batch_offset: usize, b: usize, sq: usize) {
-        for slot in batch_offset..batch_offset + b {
-            self.pending[layer * self.max_batch + slot] += sq;
-        }
+        self.lengths.add_pending(layer, batch_offset, b, sq);
     }
 
     /// Commit a step (every layer appended exactly `sq` tokens to each slot of the range).
     /// Errors (nothing changes) as [`StaticKvCache::advance`](crate::kv_cache::StaticKvCache::advance).
     pub fn advance(&mut self, batch_offset: usize, b: usize, sq: usize) -> Result<()> {
-        if batch_offset + b > self.max_batch {
-            return Err(AttnError::CacheCapacity {
-                arg: "max_batch".into(),
-                capacity: self.max_batch,
-                needed: batch_offset + b,
-            });
-        }
-        for layer in 0..self.num_layers() {
-            for slot in batch_offset..batch_offset + b {
-                let p = self.pending[layer * self.max_batch + slot];
-                if p != sq {
-                    return Err(AttnError::InvalidArgument {
-                        arg: "advance".into(),
-                        expected: format!(
-                            "every layer to have appended {sq} tokens to batch slot {slot}"
-                        ),
-                        got: format!("layer {layer} appended {p}"),
-                    });
-                }
-            }
-        }
-        for slot in batch_offset..batch_offset + b {
-            self.seqlens[slot] += sq;
-            for layer in 0..self.num_layers() {
-                self.pending[layer * self.max_batch + slot] = 0;
-            }
-        }
-        Ok(())
+        self.check_batch_range(batch_offset, b)?;
+        self.lengths.advance(batch_offset, b, sq)
     }
 
     /// Drop every pending token.
     pub fn rollback(&mut self) {
-        self.pending.fill(0);
+        self.lengths.rollback();
     }
 
     /// Reorder batch slots for beam search on the device: new slot `i` takes the contents
@@ -236,27 +202,7 @@ impl DeviceStaticKvCache {
     /// `max_batch` or names a slot outside it, or (`reorder`) while a step is pending;
     /// `DeviceAlloc` / `Cuda` from the device.
     pub fn reorder(&mut self, stream: &Arc<CudaStream>, src: &[usize]) -> Result<()> {
-        if src.len() > self.max_batch {
-            return Err(AttnError::InvalidArgument {
-                arg: "perm".into(),
-                expected: format!("at most {} entries (max_batch)", self.max_batch),
-                got: format!("{} entries", src.len()),
-            });
-        }
-        if let Some((i, &s)) = src.iter().enumerate().find(|(_, &s)| s >= self.max_batch) {
-            return Err(AttnError::InvalidArgument {
-                arg: format!("perm[{i}]"),
-                expected: format!("a batch slot in 0..{}", self.max_batch),
-                got: s.to_string(),
-            });
-        }
-        if self.pending.iter().any(|&p| p != 0) {
-            return Err(AttnError::InvalidArgument {
-                arg: "reorder".into(),
-                expected: "no pending appends (call advance or rollback first)".into(),
-                got: "a step with pending appends".into(),
-            });
-        }
+        self.lengths.check_reorder(src)?;
         if src.iter().enumerate().all(|(i, &s)| i == s) {
             return Ok(());
         }
@@ -318,17 +264,13 @@ impl DeviceStaticKvCache {
                 ElemType::F32 => permute::<f32>(stream, t, src, row_bytes, pitch, max_seq)?,
             }
         }
-        let old = self.seqlens.clone();
-        for (i, &s) in src.iter().enumerate() {
-            self.seqlens[i] = old[s];
-        }
+        self.lengths.reorder(src);
         Ok(())
     }
 
     /// Forget every sequence (lengths to 0; contents are overwritten by later appends).
     pub fn reset(&mut self) {
-        self.seqlens.fill(0);
-        self.pending.fill(0);
+        self.lengths.reset();
     }
 
     /// Keys and values `[len, ng, hn]` (f32, host) of positions `0..len` of `slot` in `layer`.
@@ -508,19 +450,7 @@ impl DevicePagedKvCache {
     ) -> Result<(Tensor, Tensor)> {
         crate::kv_cache::check_layer(layer, self.num_layers())?;
         let bs = self.block_size;
-        let needed = len.div_ceil(bs);
-        let have = row.iter().take_while(|&&id| id >= 0).count();
-        if have < needed {
-            return Err(AttnError::CacheCapacity {
-                arg: format!("row ({have} blocks of {bs})"),
-                capacity: have * bs,
-                needed: len,
-            });
-        }
-        for (c, &id) in row.iter().enumerate().take(needed) {
-            self.allocator
-                .check_allocated(&format!("row[{c}]"), id as i64)?;
-        }
+        let needed = check_row_covers(&self.allocator, bs, row, len, |c| format!("row[{c}]"))?;
         let width = self.groups * self.head_dim;
         let pick = |t: &DeviceTensor| -> Result<Tensor> {
             let h = t.to_host()?;
@@ -540,97 +470,34 @@ impl DevicePagedKvCache {
     /// [`PagedKvCache::append_paged`](crate::kv_cache::PagedKvCache::append_paged): a block
     /// written by this step must be held once and by one request. Nothing changes.
     pub fn validate(&self, batch: &PagedBatch<'_>, num_tokens: usize) -> Result<Vec<PagedRequest>> {
-        let cu = batch.cu_seqlens_q;
-        let cu_err = |expected: &str| AttnError::CuSeqlens {
-            arg: "cu_seqlens_q".into(),
-            expected: expected.into(),
-            got: cu.iter().map(|&x| x as i64).collect(),
-        };
-        if cu.is_empty() {
-            return Err(cu_err("at least one entry (n + 1 for n requests)"));
-        }
-        if cu[0] != 0 {
-            return Err(cu_err("first entry 0"));
-        }
-        if cu.windows(2).any(|w| w[1] < w[0]) {
-            return Err(cu_err("non-decreasing entries"));
-        }
-        if cu[cu.len() - 1] as i64 != num_tokens as i64 {
-            return Err(cu_err(&format!(
-                "last entry {num_tokens} (the packed token count)"
-            )));
-        }
-        let n = cu.len() - 1;
-        if batch.seqlens_k.len() != n {
-            return Err(AttnError::InvalidArgument {
-                arg: "seqlens_k".into(),
-                expected: format!("{n} entries (one per request in cu_seqlens_q)"),
-                got: format!("{} entries", batch.seqlens_k.len()),
-            });
-        }
-        let table = batch.block_table;
-        if table.batch() < n {
-            return Err(AttnError::InvalidArgument {
-                arg: "block_table".into(),
-                expected: format!("at least {n} rows (one per request)"),
-                got: format!("{} rows", table.batch()),
-            });
-        }
         let bs = self.block_size;
-        let mut reqs = Vec::with_capacity(n);
         let mut writer: HashMap<u32, usize> = HashMap::new();
-        for i in 0..n {
-            let q_len = (cu[i + 1] - cu[i]) as usize;
-            let sk = batch.seqlens_k[i];
-            if sk < 0 || (sk as usize) < q_len {
-                return Err(AttnError::InvalidArgument {
-                    arg: format!("seqlens_k[{i}]"),
-                    expected: format!("at least the request's {q_len} new tokens"),
-                    got: sk.to_string(),
+        batch.validate_with(bs, &self.allocator, num_tokens, |i, c, id, r| {
+            let written = r.q_len > 0 && c >= (r.k_len - r.q_len) / bs;
+            if !written {
+                return Ok(());
+            }
+            let rc = self.allocator.refcount(id)?;
+            if rc > 1 {
+                return Err(AttnError::BlockId {
+                    arg: format!("block_table[{i}][{c}]"),
+                    expected: format!("a block held once to write into (it has {rc} holders)"),
+                    got: id as i64,
                 });
             }
-            let k_len = sk as usize;
-            let needed = k_len.div_ceil(bs);
-            let have = table.row_len(i)?;
-            if have < needed {
-                return Err(AttnError::CacheCapacity {
-                    arg: format!("block_table row {i} ({have} blocks of {bs})"),
-                    capacity: have * bs,
-                    needed: k_len,
-                });
-            }
-            for c in 0..needed {
-                let id = table.check_entry(&self.allocator, i, c)?;
-                let written = q_len > 0 && c >= (k_len - q_len) / bs;
-                if written {
-                    let rc = self.allocator.refcount(id)?;
-                    if rc > 1 {
-                        return Err(AttnError::BlockId {
-                            arg: format!("block_table[{i}][{c}]"),
-                            expected: format!(
-                                "a block held once to write into (it has {rc} holders)"
-                            ),
-                            got: id as i64,
-                        });
-                    }
-                    if let Some(&j) = writer.get(&id) {
-                        if j != i {
-                            return Err(AttnError::BlockId {
-                                arg: format!("block_table[{i}][{c}]"),
-                                expected: format!("a block written by one request only (request {j} also writes it)"),
-                                got: id as i64,
-                            });
-                        }
-                    }
-                    writer.insert(id, i);
+            if let Some(&j) = writer.get(&id) {
+                if j != i {
+                    return Err(AttnError::BlockId {
+                        arg: format!("block_table[{i}][{c}]"),
+                        expected: format!(
+                            "a block written by one request only (request {j} also writes it)"
+                        ),
+                        got: id as i64,
+                    });
                 }
             }
-            reqs.push(PagedRequest {
-                q_start: cu[i] as usize,
-                q_len,
-                k_len,
-            });
-        }
-        Ok(reqs)
+            writer.insert(id, i);
+            Ok(())
+        })
     }
 }

@@ -39,6 +39,35 @@ pub fn paged_offset(
         .checked_mul(head_dim)
 }
 
+/// Check that block-table row `row` (`-1` for unused entries) of a pool of `block_size`-token
+/// blocks from `allocator` covers `len` keys, and return how many blocks do
+/// (`ceil(len / block_size)`).
+///
+/// Errors: `CacheCapacity` (`row`) when the row has fewer blocks; `BlockId` (named by
+/// `name(c)`) for a covering entry outside the pool or free.
+pub(crate) fn check_row_covers(
+    allocator: &BlockAllocator,
+    block_size: usize,
+    row: &[i32],
+    len: usize,
+    name: impl Fn(usize) -> String,
+) -> Result<usize> {
+    let bs = block_size;
+    let needed = len.div_ceil(bs);
+    let have = row.iter().take_while(|&&id| id >= 0).count();
+    if have < needed {
+        return Err(AttnError::CacheCapacity {
+            arg: format!("row ({have} blocks of {bs})"),
+            capacity: have * bs,
+            needed: len,
+        });
+    }
+    for (c, &id) in row.iter().enumerate().take(needed) {
+        allocator.check_allocated(&name(c), id as i64)?;
+    }
+    Ok(needed)
+}
+
 /// One request of a validated [`PagedBatch`].
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct PagedRequest {
@@ -82,6 +111,27 @@ impl PagedBatch<'_> {
     /// `CacheCapacity` (`block_table row i`) when a row has too few blocks; `BlockId`
     /// (`block_table[i][c]`) for an entry outside the pool or free.
     pub fn validate(&self, cache: &PagedKvCache, num_tokens: usize) -> Result<Vec<PagedRequest>> {
+        self.validate_with(
+            cache.block_size(),
+            cache.allocator(),
+            num_tokens,
+            |_, _, _, _| Ok(()),
+        )
+    }
+
+    /// [`validate`](Self::validate) against any pool of `block_size`-token blocks handed out
+    /// by `allocator` (the CPU cache and its device mirror share it).
+    ///
+    /// `on_block(i, c, id, request)` runs right after entry `block_table[i][c]` (block `id`)
+    /// of request `i` is checked, before the next entry, so extra per-block checks (the
+    /// device cache's write checks) keep their place in the error order. Nothing changes.
+    pub(crate) fn validate_with(
+        &self,
+        block_size: usize,
+        allocator: &BlockAllocator,
+        num_tokens: usize,
+        mut on_block: impl FnMut(usize, usize, u32, &PagedRequest) -> Result<()>,
+    ) -> Result<Vec<PagedRequest>> {
         let cu = self.cu_seqlens_q;
         let cu_err = |expected: &str| AttnError::CuSeqlens {
             arg: "cu_seqlens_q".into(),
@@ -118,7 +168,7 @@ impl PagedBatch<'_> {
                 got: format!("{} rows", table.batch()),
             });
         }
-        let bs = cache.block_size();
+        let bs = block_size;
         let mut reqs = Vec::with_capacity(n);
         for i in 0..n {
             let q_start = cu[i] as usize;
@@ -141,14 +191,16 @@ impl PagedBatch<'_> {
                     needed: k_len,
                 });
             }
-            for c in 0..needed {
-                table.check_entry(cache.allocator(), i, c)?;
-            }
-            reqs.push(PagedRequest {
+            let req = PagedRequest {
                 q_start,
                 q_len,
                 k_len,
-            });
+            };
+            for c in 0..needed {
+                let id = table.check_entry(allocator, i, c)?;
+                on_block(i, c, id, &req)?;
+            }
+            reqs.push(req);
         }
         Ok(reqs)
     }
@@ -387,18 +439,7 @@ impl PagedKvCache {
     ) -> Result<(Vec<f32>, Vec<f32>)> {
         check_layer(layer, self.num_layers)?;
         let bs = self.block_size;
-        let needed = len.div_ceil(bs);
-        let have = row.iter().take_while(|&&id| id >= 0).count();
-        if have < needed {
-            return Err(AttnError::CacheCapacity {
-                arg: format!("row ({have} blocks of {bs})"),
-                capacity: have * bs,
-                needed: len,
-            });
-        }
-        for (c, &id) in row.iter().enumerate().take(needed) {
-            self.allocator.check_allocated(&name(c), id as i64)?;
-        }
+        let needed = check_row_covers(&self.allocator, bs, row, len, name)?;
         let width = self.groups * self.head_dim;
         let mut k = Vec::with_capacity(len * width);
         let mut v = Vec::with_capacity(len * width);

@@ -39,10 +39,169 @@ pub struct StaticKvCache {
     k: Vec<f32>,
     /// `[num_layers][max_seq, max_batch, ng, hn]`.
     v: Vec<f32>,
-    /// Committed length per batch slot.
+    /// Committed and pending lengths.
+    lengths: CacheLengths,
+}
+
+/// Length bookkeeping of a static cache, shared by [`StaticKvCache`] and its device mirror
+/// (`DeviceStaticKvCache`): the committed length per batch slot (`[max_batch]`) and the
+/// appended-but-uncommitted tokens per layer and slot (`[num_layers][max_batch]`).
+///
+/// Range checks whose errors differ between the two caches (`layer`, `slot`, the batch
+/// range) stay with the callers; the methods here take `layer < num_layers` and slots below
+/// `max_batch` as given.
+#[derive(Debug, Clone, PartialEq)]
+pub(crate) struct CacheLengths {
+    num_layers: usize,
+    max_batch: usize,
     seqlens: Vec<usize>,
-    /// Appended-but-uncommitted tokens, `[num_layers][max_batch]`.
     pending: Vec<usize>,
+}
+
+impl CacheLengths {
+    /// Every length 0. `num_layers * max_batch` must fit in `usize` (the caches check their
+    /// whole size first).
+    pub(crate) fn new(num_layers: usize, max_batch: usize) -> Self {
+        CacheLengths {
+            num_layers,
+            max_batch,
+            seqlens: vec![0; max_batch],
+            pending: vec![0; num_layers * max_batch],
+        }
+    }
+
+    /// Committed length per batch slot (`[max_batch]`).
+    pub(crate) fn seqlens(&self) -> &[usize] {
+        &self.seqlens
+    }
+
+    /// Tokens `layer` has appended to `slot` in the current step.
+    pub(crate) fn pending(&self, layer: usize, slot: usize) -> usize {
+        self.pending[layer * self.max_batch + slot]
+    }
+
+    /// Committed plus `layer`'s pending tokens in `slot`.
+    pub(crate) fn visible(&self, layer: usize, slot: usize) -> usize {
+        self.seqlens[slot] + self.pending(layer, slot)
+    }
+
+    /// Each slot's start position for `sq` new tokens of `layer` in slots `batch_offset ..
+    /// batch_offset + b`. Errors (`CacheCapacity`, `max_seq` naming the layer and slot) when a
+    /// slot would grow past `max_seq`.
+    pub(crate) fn starts(
+        &self,
+        layer: usize,
+        batch_offset: usize,
+        b: usize,
+        sq: usize,
+        max_seq: usize,
+    ) -> Result<Vec<usize>> {
+        let mut starts = Vec::with_capacity(b);
+        for slot in batch_offset..batch_offset + b {
+            let cur = self.visible(layer, slot);
+            if cur + sq > max_seq {
+                return Err(AttnError::CacheCapacity {
+                    arg: format!("max_seq (layer {layer}, batch slot {slot} holds {cur})"),
+                    capacity: max_seq,
+                    needed: cur + sq,
+                });
+            }
+            starts.push(cur);
+        }
+        Ok(starts)
+    }
+
+    /// Record `sq` tokens appended by `layer` to slots `batch_offset .. batch_offset + b`.
+    pub(crate) fn add_pending(&mut self, layer: usize, batch_offset: usize, b: usize, sq: usize) {
+        for slot in batch_offset..batch_offset + b {
+            self.pending[layer * self.max_batch + slot] += sq;
+        }
+    }
+
+    /// Commit a step over a checked slot range (see [`StaticKvCache::advance`]). Errors
+    /// (`InvalidArgument`, `advance`, nothing changes) naming the first layer and slot whose
+    /// pending count is not `sq`.
+    pub(crate) fn advance(&mut self, batch_offset: usize, b: usize, sq: usize) -> Result<()> {
+        for layer in 0..self.num_layers {
+            for slot in batch_offset..batch_offset + b {
+                let p = self.pending(layer, slot);
+                if p != sq {
+                    return Err(AttnError::InvalidArgument {
+                        arg: "advance".into(),
+                        expected: format!(
+                            "every layer to have appended {sq} tokens to batch slot {slot}"
+                        ),
+                        got: format!("layer {layer} appended {p}"),
+                    });
+                }
+            }
+        }
+        for slot in batch_offset..batch_offset + b {
+            self.seqlens[slot] += sq;
+            for layer in 0..self.num_layers {
+                self.pending[layer * self.max_batch + slot] = 0;
+            }
+        }
+        Ok(())
+    }
+
+    /// Drop every pending token.
+    pub(crate) fn rollback(&mut self) {
+        self.pending.fill(0);
+    }
+
+    /// Every length back to 0.
+    pub(crate) fn reset(&mut self) {
+        self.seqlens.fill(0);
+        self.pending.fill(0);
+    }
+
+    /// Lengths of the checked slot range `batch_offset .. batch_offset + b` back to 0.
+    pub(crate) fn reset_slots(&mut self, batch_offset: usize, b: usize) {
+        for slot in batch_offset..batch_offset + b {
+            self.seqlens[slot] = 0;
+            for layer in 0..self.num_layers {
+                self.pending[layer * self.max_batch + slot] = 0;
+            }
+        }
+    }
+
+    /// Check a beam-search reorder `src` (see [`StaticKvCache::reorder`]). Errors
+    /// (`InvalidArgument`): `perm` when `src` is longer than `max_batch`, `perm[i]` for a slot
+    /// outside it, `reorder` while a step is pending.
+    pub(crate) fn check_reorder(&self, src: &[usize]) -> Result<()> {
+        if src.len() > self.max_batch {
+            return Err(AttnError::InvalidArgument {
+                arg: "perm".into(),
+                expected: format!("at most {} entries (max_batch)", self.max_batch),
+                got: format!("{} entries", src.len()),
+            });
+        }
+        if let Some((i, &s)) = src.iter().enumerate().find(|(_, &s)| s >= self.max_batch) {
+            return Err(AttnError::InvalidArgument {
+                arg: format!("perm[{i}]"),
+                expected: format!("a batch slot in 0..{}", self.max_batch),
+                got: s.to_string(),
+            });
+        }
+        if self.pending.iter().any(|&p| p != 0) {
+            return Err(AttnError::InvalidArgument {
+                arg: "reorder".into(),
+                expected: "no pending appends (call advance or rollback first)".into(),
+                got: "a step with pending appends".into(),
+            });
+        }
+        Ok(())
+    }
+
+    /// New slot `i` takes the committed length of old slot `src[i]` (`src` checked by
+    /// [`check_reorder`](Self::check_reorder)).
+    pub(crate) fn reorder(&mut self, src: &[usize]) {
+        let old = self.seqlens.clone();
+        for (i, &s) in src.iter().enumerate() {
+            self.seqlens[i] = old[s];
+        }
+    }
 }
 
 impl StaticKvCache {
@@ -67,7 +226,6 @@ impl StaticKvCache {
         ];
         let layer_elems = checked_product(&dims[1..])?;
         let total = checked_product(&dims)?;
-        let pending_len = checked_product(&[("num_layers", num_layers), ("max_batch", max_batch)])?;
         Ok(StaticKvCache {
             num_layers,
             max_seq,
@@ -77,8 +235,7 @@ impl StaticKvCache {
             layer_elems,
             k: alloc_zeroed(total)?,
             v: alloc_zeroed(total)?,
-            seqlens: vec![0; max_batch],
-            pending: vec![0; pending_len],
+            lengths: CacheLengths::new(num_layers, max_batch),
         })
     }
 
@@ -109,21 +266,21 @@ impl StaticKvCache {
 
     /// Committed length of every batch slot (`[max_batch]`).
     pub fn seqlens(&self) -> &[usize] {
-        &self.seqlens
+        self.lengths.seqlens()
     }
 
     /// Tokens `layer` has appended to `slot` in the current (uncommitted) step.
     pub fn pending(&self, layer: usize, slot: usize) -> Result<usize> {
         check_layer(layer, self.num_layers)?;
         self.check_slot(slot)?;
-        Ok(self.pending[layer * self.max_batch + slot])
+        Ok(self.lengths.pending(layer, slot))
     }
 
     /// Length `layer` sees in `slot`: committed plus this layer's pending tokens. Attention
     /// after an append covers keys `[0, visible_len)`.
     pub fn visible_len(&self, layer: usize, slot: usize) -> Result<usize> {
-        let pending = self.pending(layer, slot)?;
-        Ok(self.seqlens[slot] + pending)
+        self.pending(layer, slot)?;
+        Ok(self.lengths.visible(layer, slot))
     }
 
     /// Layer `layer`'s whole K buffer `[max_seq, max_batch, ng, hn]`.
@@ -165,28 +322,20 @@ impl StaticKvCache {
         let (sq, b) = (k.shape()[0], k.shape()[1]);
         v.expect_shape("v", &[Some(sq), Some(b), ng, hn])?;
         self.check_batch_range(batch_offset, b)?;
-        for slot in batch_offset..batch_offset + b {
-            let cur = self.visible_len(layer, slot)?;
-            if cur + sq > self.max_seq {
-                return Err(AttnError::CacheCapacity {
-                    arg: format!("max_seq (layer {layer}, batch slot {slot} holds {cur})"),
-                    capacity: self.max_seq,
-                    needed: cur + sq,
-                });
-            }
-        }
+        let starts = self
+            .lengths
+            .starts(layer, batch_offset, b, sq, self.max_seq)?;
         let row = self.groups * self.head_dim;
-        for i in 0..b {
+        for (i, &start) in starts.iter().enumerate() {
             let slot = batch_offset + i;
-            let start = self.visible_len(layer, slot)?;
             for t in 0..sq {
                 let dst = self.offset(layer, start + t, slot);
                 let src = (t * b + i) * row;
                 self.k[dst..dst + row].copy_from_slice(&k.data()[src..src + row]);
                 self.v[dst..dst + row].copy_from_slice(&v.data()[src..src + row]);
             }
-            self.pending[layer * self.max_batch + slot] += sq;
         }
+        self.lengths.add_pending(layer, batch_offset, b, sq);
         Ok(())
     }
 
@@ -199,33 +348,13 @@ impl StaticKvCache {
     /// not `sq`.
     pub fn advance(&mut self, batch_offset: usize, b: usize, sq: usize) -> Result<()> {
         self.check_batch_range(batch_offset, b)?;
-        for layer in 0..self.num_layers {
-            for slot in batch_offset..batch_offset + b {
-                let p = self.pending[layer * self.max_batch + slot];
-                if p != sq {
-                    return Err(AttnError::InvalidArgument {
-                        arg: "advance".into(),
-                        expected: format!(
-                            "every layer to have appended {sq} tokens to batch slot {slot}"
-                        ),
-                        got: format!("layer {layer} appended {p}"),
-                    });
-                }
-            }
-        }
-        for slot in batch_offset..batch_offset + b {
-            self.seqlens[slot] += sq;
-            for layer in 0..self.num_layers {
-                self.pending[layer * self.max_batch + slot] = 0;
-            }
-        }
-        Ok(())
+        self.lengths.advance(batch_offset, b, sq)
     }
 
     /// Drop every pending (appended but uncommitted) token of every layer and slot. The
     /// committed lengths and their contents are untouched.
     pub fn rollback(&mut self) {
-        self.pending.fill(0);
+        self.lengths.rollback();
     }
 
     /// Keys and values `[len, ng, hn]` of positions `0..len` of batch slot `slot` in `layer`.
@@ -267,29 +396,8 @@ impl StaticKvCache {
     /// Errors (nothing changes): `InvalidArgument` (`perm`) when `src` is longer than
     /// `max_batch` or names a slot outside it, or (`reorder`) while a step is pending.
     pub fn reorder(&mut self, src: &[usize]) -> Result<()> {
-        if src.len() > self.max_batch {
-            return Err(AttnError::InvalidArgument {
-                arg: "perm".into(),
-                expected: format!("at most {} entries (max_batch)", self.max_batch),
-                got: format!("{} entries", src.len()),
-            });
-        }
-        if let Some((i, &s)) = src.iter().enumerate().find(|(_, &s)| s >= self.max_batch) {
-            return Err(AttnError::InvalidArgument {
-                arg: format!("perm[{i}]"),
-                expected: format!("a batch slot in 0..{}", self.max_batch),
-                got: s.to_string(),
-            });
-        }
-        if self.pending.iter().any(|&p| p != 0) {
-            return Err(AttnError::InvalidArgument {
-                arg: "reorder".into(),
-                expected: "no pending appends (call advance or rollback first)".into(),
-                got: "a step with pending appends".into(),
-            });
-        }
+        self.lengths.check_reorder(src)?;
         let row = self.groups * self.head_dim;
-        let old_lens = self.seqlens.clone();
         for buf in [&mut self.k, &mut self.v] {
             for layer in 0..self.num_layers {
                 let base = layer * self.layer_elems;
@@ -304,17 +412,14 @@ impl StaticKvCache {
                 }
             }
         }
-        for (i, &s) in src.iter().enumerate() {
-            self.seqlens[i] = old_lens[s];
-        }
+        self.lengths.reorder(src);
         Ok(())
     }
 
     /// Forget every sequence: lengths and pending counts return to 0. Stored values are left
     /// in place (they are unreachable until overwritten).
     pub fn reset(&mut self) {
-        self.seqlens.fill(0);
-        self.pending.fill(0);
+        self.lengths.reset();
     }
 
     /// Forget slots `batch_offset .. batch_offset + b` only (a finished request).
@@ -322,12 +427,7 @@ impl StaticKvCache {
     /// Errors (`CacheCapacity`, `max_batch`) for a bad range.
     pub fn reset_slots(&mut self, batch_offset: usize, b: usize) -> Result<()> {
         self.check_batch_range(batch_offset, b)?;
-        for slot in batch_offset..batch_offset + b {
-            self.seqlens[slot] = 0;
-            for layer in 0..self.num_layers {
-                self.pending[layer * self.max_batch + slot] = 0;
-            }
-        }
+        self.lengths.reset_slots(batch_offset, b);
         Ok(())
     }
 
