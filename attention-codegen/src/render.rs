@@ -53,21 +53,22 @@ const TEMPLATES: &[(&str, &str)] = &[
 pub const ATTENTION_BLOCK_ROWS: usize = 4;
 /// Warps per block of the `qkv_prep` kernel (one head vector per warp at a time).
 pub const PREP_WARPS: usize = 4;
-/// Most warps (query heads of one group at a time) per block of the `flashdec` kernel.
-pub const FLASH_DECODE_MAX_WARPS: usize = 8;
-/// Keys per shared-memory tile of the `flashdec` kernel (one score per lane of a warp after
-/// its q.k reduction, for every head dim).
+/// Warps per block of the `flashdec` split kernel (each owns 16 keys of every tile and runs
+/// its q.k and P.V on tensor cores for up to 16 query heads of the group at once).
+pub const FLASH_DECODE_MAX_WARPS: usize = 4;
+/// Keys per shared-memory tile of the `flashdec` kernel: 16 per warp, for every head dim.
 pub const fn flash_decode_tile(_head_dim: usize) -> usize {
-    32
+    16 * FLASH_DECODE_MAX_WARPS
 }
 /// Depth of the `flashdec` kernel's cp.async ring of K/V tiles.
 pub const FLASH_DECODE_STAGES: usize = 3;
 /// Warps per block of the `flashdec` `<key>_merge` kernel.
 pub const FLASH_DECODE_MERGE_WARPS: usize = 4;
 /// Dynamic shared memory (bytes) of the `flashdec` split kernel: `STAGES × {K, V} × tile ×
-/// head_dim` 2-byte elements (24 KiB at hd 64, 48 KiB at 128, 96 KiB at 256).
+/// (head_dim + 8)` 2-byte elements (rows padded by 8 elements for conflict-free ldmatrix:
+/// 54 KiB at hd 64, 102 KiB at 128, 198 KiB at 256).
 pub const fn flash_decode_smem_bytes(head_dim: usize) -> usize {
-    FLASH_DECODE_STAGES * 2 * flash_decode_tile(head_dim) * head_dim * 2
+    FLASH_DECODE_STAGES * 2 * flash_decode_tile(head_dim) * (head_dim + 8) * 2
 }
 
 /// A kernel phase; the key prefix is [`Phase::prefix`].
@@ -91,7 +92,7 @@ pub const fn flash_decode_smem_bytes(head_dim: usize) -> usize {
 /// - `FlashDecode` (`flashdec_*`): `(q, k_new, v_new, k_cache, v_cache, cache_seqlens,
 ///   rope_cos, rope_sin, o_part, lse_part, batch, batch_offset, max_batch, num_heads,
 ///   num_groups, num_splits, softmax_scale, window_left, window_right)`, grid `(num_splits,
-///   num_groups, batch)`, block `min(per, 8) * 32`, dynamic shared memory
+///   num_groups, batch)`, block [`FLASH_DECODE_MAX_WARPS`]` * 32`, dynamic shared memory
 ///   [`flash_decode_smem_bytes`]; then `<key>_merge` `(o_part, lse_part, out, lse, sinks, gate,
 ///   batch, num_heads, num_splits)`, grid `(batch, num_heads)`, block
 ///   [`FLASH_DECODE_MERGE_WARPS`]` * 32`.
@@ -620,6 +621,7 @@ impl KernelConfig {
         c.insert("rot_dim", &rot_dim);
         c.insert("decode_tile", &flash_decode_tile(self.head_dim));
         c.insert("decode_stages", &FLASH_DECODE_STAGES);
+        c.insert("decode_warps", &FLASH_DECODE_MAX_WARPS);
         c.insert("merge_warps", &FLASH_DECODE_MERGE_WARPS);
         c
     }

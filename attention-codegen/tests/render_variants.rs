@@ -182,7 +182,7 @@ fn kernels_for_spec_covers_phases_head_dims_and_masks() {
             format!("fwd_bf16_hd{hd}_padding_win_sinkl_bias_w4"),
             format!("decode_bf16_hd{hd}_causal_win_sinkl_w4"),
             format!("paged_bf16_hd{hd}_causal_win_sinkl_w4"),
-            format!("flashdec_bf16_hd{hd}_ropehalf{hd}_win_sinkl_w8"),
+            format!("flashdec_bf16_hd{hd}_ropehalf{hd}_win_sinkl_w4"),
             format!("kvappend_bf16_hd{hd}_w4"),
         ] {
             assert!(keys.contains(&want.as_str()), "missing {want} in {keys:?}");

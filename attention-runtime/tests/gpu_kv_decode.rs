@@ -108,6 +108,30 @@ fn kv_decode_long_split_interleaved_matches_cpu() {
 
 #[test]
 #[ignore = "requires a CUDA GPU"]
+fn kv_decode_hd256_gate_matches_cpu() {
+    // The largest head dim (widest smem rows), GQA 4:1, partial rope, output gate, long
+    // enough for several splits.
+    prefill_then_decode(
+        "self, heads=8, gqa=2, head_dim=256, rope, rotary_percent=0.5, output_gate, mask=causal",
+        2,
+        300,
+        3,
+    );
+}
+
+#[test]
+#[ignore = "requires a CUDA GPU"]
+fn kv_decode_f16_matches_cpu() {
+    prefill_then_decode(
+        "self, heads=8, gqa=2, head_dim=128, qk_layernorm=rms, rope, dtype=f16, mask=causal",
+        3,
+        260,
+        3,
+    );
+}
+
+#[test]
+#[ignore = "requires a CUDA GPU"]
 fn kv_decode_window_sinks_mqa_matches_cpu() {
     prefill_then_decode(
         "self, heads=6, gqa=1, head_dim=64, hidden=320, rope, window=(20, 0), sinks=learnable, mask=causal",

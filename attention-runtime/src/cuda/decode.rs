@@ -180,8 +180,7 @@ pub fn launch_flash_decode(
     merge: &CudaFunction,
     a: &FlashDecodeArgs,
 ) -> Result<()> {
-    let per = (a.num_heads / a.num_groups.max(1)).max(1) as usize;
-    let warps = per.min(FLASH_DECODE_MAX_WARPS);
+    let warps = FLASH_DECODE_MAX_WARPS;
     // The ring size [`flash_decode_kernels`] allowed for this function (its head dim's
     // `flash_decode_smem_bytes`).
     let smem = split

@@ -1,27 +1,28 @@
-// Kernel `flashdec_bf16_hd128_ropehalf128_w8`: one decode step over a static KV cache (flash-decoding), rendered from
+// Kernel `flashdec_bf16_hd128_ropehalf128_win_w4`: one decode step over a static KV cache (flash-decoding), rendered from
 // templates/flash_decode.cu. dtype bf16, head dim 128, causal bottom_right,
-// window false, rope half over 128 channels, 32 keys per tile,
-// 3-stage cp.async ring.
+// window true, rope half over 128 channels, 64 keys per tile,
+// 3-stage cp.async ring, 4 warps per block.
 //
-// `flashdec_bf16_hd128_ropehalf128_w8` (split kernel), one block per (split, group, sequence), one warp per query head
-// of the group (heads h_local = warp + r * warps, r = 0, 1, ...): for sequence b at position
-// pos = cache_seqlens[b] it
-//   1. rotates the new k (and each warp its q) with the cos/sin tables at row pos,
+// `flashdec_bf16_hd128_ropehalf128_win_w4` (split kernel), one block of WARPS warps per (split, group, sequence): for sequence
+// b at position pos = cache_seqlens[b] it
+//   1. rotates the new k and the group's q heads with the cos/sin tables at row pos,
 //   2. appends the rotated k and v at cache row pos (the block whose split owns pos writes;
 //      every block takes row pos from its shared-memory copy, never from the cache),
 //   3. attends over keys [lo, hi) of its split of the visible range [0, pos + 1) (bottom-right
-//      causal, window): K/V tiles of TILE keys stream through a STAGES-deep ring of 16-byte
-//      cp.async copies shared by all heads of the group (each K/V element read once per
-//      group); q.k with LPK lanes per key (16-byte shared reads) and a transposed shuffle
-//      reduction that leaves one key's score per lane; online softmax in exp2; P.V with each
-//      lane owning HEAD_DIM / 32 contiguous output dims,
+//      causal, window) on tensor cores: the group's query heads, 16 at a time (zero rows past
+//      the group), are the rows of an m16 A operand; K/V tiles of TILE keys stream through a
+//      STAGES-deep ring of 16-byte cp.async copies (rows padded to HEAD_DIM + 8 elements so
+//      ldmatrix phases hit distinct banks; each K/V element read once per group); warp w takes
+//      keys [16 w, 16 w + 16) of every tile: S = Q K^T and O += P V with mma.sync m16n8k16
+//      (bf16 in, f32 accumulate, P rounded to bf16), online softmax in exp2 per
+//      warp; the warps' (m, l, O) are merged through shared memory at the end,
 //   and writes the split's normalized partial output and its LSE (log2 units, -inf = no key).
-// `flashdec_bf16_hd128_ropehalf128_w8_merge`: one block of MERGE_WARPS warps per (sequence, head), each warp a strided
+// `flashdec_bf16_hd128_ropehalf128_win_w4_merge`: one block of MERGE_WARPS warps per (sequence, head), each warp a strided
 // subset of the splits; merges the splits by their LSEs, adds the sink column, applies the
 // output gate and writes out and lse.
 //
-// Launch: split kernel grid (num_splits, num_groups, batch), block min(per, 8) * 32, dynamic
-//         shared memory STAGES * 2 * TILE * HEAD_DIM * sizeof(elem_t) bytes;
+// Launch: split kernel grid (num_splits, num_groups, batch), block WARPS * 32, dynamic shared
+//         memory STAGES * 2 * TILE * (HEAD_DIM + 8) * sizeof(elem_t) bytes;
 //         merge kernel grid (batch, num_heads), block MERGE_WARPS * 32.
 //
 // Layouts (row-major):
@@ -86,7 +87,7 @@ __device__ __forceinline__ float warp_sum(float x) {
 }
 
 // ---------------------------------------------------------------------------------------
-// Mask predicate. Generated part: causal mode `bottom_right`, window false.
+// Mask predicate. Generated part: causal mode `bottom_right`, window true.
 // Query row i (0-based within its sequence of sq queries) sees key j (of sk keys) iff
 //   top_left causal:      j <= i
 //   bottom_right causal:  j <= i + sk - sq
@@ -100,6 +101,9 @@ __device__ __forceinline__ void visible_range(int i, int sq, int sk, int window_
     long long lo_ = 0;
     long long hi_ = sk;
     hi_ = min(hi_, (long long)i + sk - sq + 1);
+    const long long diag = (long long)i + sk - sq;
+    if (window_left >= 0) lo_ = max(lo_, diag - window_left);
+    if (window_right >= 0) hi_ = min(hi_, diag + window_right + 1);
     if (lo_ < 0) lo_ = 0;
     if (hi_ < lo_) hi_ = lo_;
     *lo = (int)lo_;
@@ -110,21 +114,23 @@ __device__ __forceinline__ void visible_range(int i, int sq, int sk, int window_
 constexpr float LOG2E = 1.4426950408889634f;
 constexpr float LN2 = 0.6931471805599453f;
 constexpr int ROT_DIM = 128;
-/// Keys per shared-memory tile: one score per lane after the transposed reduction.
-constexpr int TILE = 32;
+/// Warps per block of the split kernel; warp w owns keys [16 w, 16 w + 16) of every tile.
+constexpr int WARPS = 4;
+/// Keys per shared-memory tile.
+constexpr int TILE = 64;
 /// Depth of the cp.async ring (tiles in flight while one is consumed: STAGES - 1).
 constexpr int STAGES = 3;
-constexpr int MAX_WARPS = 8;
+/// Query heads per MMA row block (the m of m16n8k16).
+constexpr int MROWS = 16;
+/// Shared-memory row of K, V and Q tiles, in elements (8 of padding).
+constexpr int SROW = HEAD_DIM + 8;
 /// 16-byte chunks per K/V row.
 constexpr int CHUNKS = HEAD_DIM / 8;
-/// Lanes sharing one key in q.k (each holds CPL chunks of it), keys per warp step.
-constexpr int LPK = CHUNKS < 16 ? CHUNKS : 16;
-constexpr int CPL = CHUNKS / LPK;
-constexpr int KPW = WARP_SIZE / LPK;
-constexpr int LOG_LPK = LPK == 16 ? 4 : LPK == 8 ? 3 : LPK == 4 ? 2 : LPK == 2 ? 1 : 0;
-static_assert((1 << LOG_LPK) == LPK, "LPK must be a power of two up to 16");
-static_assert(TILE == KPW * LPK, "one score per lane after the reduction");
-static_assert(LANE_D % 2 == 0, "each lane owns whole 32-bit pairs of V");
+/// n8 tiles of one output row block; k16 steps of one q.k.
+constexpr int NT = HEAD_DIM / 8;
+constexpr int KSTEPS = HEAD_DIM / 16;
+static_assert(TILE == 16 * WARPS, "each warp owns 16 keys of a tile");
+static_assert(HEAD_DIM % 16 == 0, "head dim must be a multiple of 16");
 
 __device__ __forceinline__ unsigned smem_addr(const void* p) {
     unsigned r;
@@ -138,21 +144,29 @@ __device__ __forceinline__ void cp_async_commit() { asm volatile("cp.async.commi
 template <int N>
 __device__ __forceinline__ void cp_async_wait() { asm volatile("cp.async.wait_group %0;\n" ::"n"(N)); }
 
-/// The two elements of a 32-bit word (low half first) as floats.
-__device__ __forceinline__ void unpack2(bf16_t*, unsigned w, float& a, float& b) {
-    a = __uint_as_float(w << 16);
-    b = __uint_as_float(w & 0xffff0000u);
+__device__ __forceinline__ void ldmatrix_x4(unsigned (&r)[4], unsigned addr) {
+    asm volatile("ldmatrix.sync.aligned.m8n8.x4.shared.b16 { %0,%1,%2,%3}, [%4];\n"
+                 : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3]) : "r"(addr));
 }
-__device__ __forceinline__ void unpack2(f16_t*, unsigned w, float& a, float& b) {
-    const unsigned short lo = (unsigned short)(w & 0xffffu), hi = (unsigned short)(w >> 16);
-    asm("cvt.f32.f16 %0, %1;" : "=f"(a) : "h"(lo));
-    asm("cvt.f32.f16 %0, %1;" : "=f"(b) : "h"(hi));
+__device__ __forceinline__ void ldmatrix_x4_trans(unsigned (&r)[4], unsigned addr) {
+    asm volatile("ldmatrix.sync.aligned.m8n8.x4.trans.shared.b16 { %0,%1,%2,%3}, [%4];\n"
+                 : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3]) : "r"(addr));
 }
 
-__device__ __forceinline__ float warp_max(float x) {
-#pragma unroll
-    for (int o = WARP_SIZE / 2; o > 0; o >>= 1) x = fmaxf(x, __shfl_xor_sync(FULL_WARP, x, o));
-    return x;
+/// d += a (16x16, row) * b (16x8, col), f32 accumulate.
+__device__ __forceinline__ void mma16816(float (&d)[4], const unsigned (&a)[4], unsigned b0, unsigned b1) {
+    asm(
+        "mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 "
+        "{ %0,%1,%2,%3}, { %4,%5,%6,%7}, { %8,%9}, { %0,%1,%2,%3};\n"
+        : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
+        : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
+}
+
+/// Two floats -> packed pair of elem_t (`lo` in the low half), round to nearest even.
+__device__ __forceinline__ unsigned pack2(float lo, float hi) {
+    unsigned r;
+    asm("cvt.rn.bf16x2.f32 %0, %1, %2;" : "=r"(r) : "f"(hi), "f"(lo));
+    return r;
 }
 
 /// Rotate the row held in `stage` (f32 [HEAD_DIM]) into x (lane's channels) at table row `pos`.
@@ -174,29 +188,13 @@ __device__ __forceinline__ void rope_row(float (&x)[LANE_D], const float* stage,
     }
 }
 
-/// acc[c] += p * v[c] over this lane's LANE_D contiguous elements of one V row.
-__device__ __forceinline__ void pv_step(float p, const elem_t* v, float (&acc)[LANE_D]) {
-    unsigned w[LANE_D / 2];
-    if constexpr (LANE_D == 8) {
-        const uint4 x = *reinterpret_cast<const uint4*>(v);
-        w[0] = x.x; w[1] = x.y; w[2] = x.z; w[3] = x.w;
-    } else if constexpr (LANE_D == 4) {
-        const uint2 x = *reinterpret_cast<const uint2*>(v);
-        w[0] = x.x; w[1] = x.y;
-    } else {
+__device__ __forceinline__ float warp_max(float x) {
 #pragma unroll
-        for (int k = 0; k < LANE_D / 2; ++k) w[k] = reinterpret_cast<const unsigned*>(v)[k];
-    }
-#pragma unroll
-    for (int k = 0; k < LANE_D / 2; ++k) {
-        float a, b;
-        unpack2((elem_t*)nullptr, w[k], a, b);
-        acc[2 * k] = fmaf(p, a, acc[2 * k]);
-        acc[2 * k + 1] = fmaf(p, b, acc[2 * k + 1]);
-    }
+    for (int o = WARP_SIZE / 2; o > 0; o >>= 1) x = fmaxf(x, __shfl_xor_sync(FULL_WARP, x, o));
+    return x;
 }
 
-extern "C" __global__ void __launch_bounds__(MAX_WARPS * WARP_SIZE) flashdec_bf16_hd128_ropehalf128_w8(
+extern "C" __global__ void __launch_bounds__(WARPS * WARP_SIZE) flashdec_bf16_hd128_ropehalf128_win_w4(
     const elem_t* __restrict__ q,
     const elem_t* __restrict__ k_new,
     const elem_t* __restrict__ v_new,
@@ -217,16 +215,18 @@ extern "C" __global__ void __launch_bounds__(MAX_WARPS * WARP_SIZE) flashdec_bf1
     int window_left,
     int window_right)
 {
-    // Ring of STAGES x {K, V} tiles, each elem_t [TILE][HEAD_DIM].
+    // Ring of STAGES x {K, V} tiles, each elem_t [TILE][SROW]; after the last tile of a row
+    // block it holds the warps' partial outputs, f32 [WARPS][MROWS][HEAD_DIM].
     extern __shared__ __align__(16) unsigned char kv_ring[];
     __shared__ __align__(16) elem_t k_row[HEAD_DIM];
     __shared__ __align__(16) elem_t v_row[HEAD_DIM];
-    __shared__ float stage[MAX_WARPS][HEAD_DIM];
-    __shared__ float p_s[MAX_WARPS][TILE];
+    __shared__ __align__(16) elem_t q_s[MROWS * SROW];
+    __shared__ float stage[WARPS][HEAD_DIM];
+    __shared__ float ml_s[WARPS][MROWS][2];
 
-    const int lane = threadIdx.x % WARP_SIZE;
-    const int warp = threadIdx.x / WARP_SIZE;
-    const int warps = blockDim.x / WARP_SIZE;
+    const int tid = threadIdx.x;
+    const int lane = tid % WARP_SIZE;
+    const int warp = tid / WARP_SIZE;
     const int split = blockIdx.x;
     const int g = blockIdx.y;
     const int b = blockIdx.z;
@@ -265,7 +265,7 @@ extern "C" __global__ void __launch_bounds__(MAX_WARPS * WARP_SIZE) flashdec_bf1
     // 2. Append (the owning split only; every block reads the new row from smem).
     if (split == owner) {
         const long long off = ((pos * max_batch + slot) * num_groups + g) * HEAD_DIM;
-        for (int d = threadIdx.x; d < HEAD_DIM; d += blockDim.x) {
+        for (int d = tid; d < HEAD_DIM; d += WARPS * WARP_SIZE) {
             k_cache[off + d] = k_row[d];
             v_cache[off + d] = v_row[d];
         }
@@ -277,19 +277,23 @@ extern "C" __global__ void __launch_bounds__(MAX_WARPS * WARP_SIZE) flashdec_bf1
     const elem_t* k_base = k_cache + (slot * num_groups + g) * HEAD_DIM;
     const elem_t* v_base = v_cache + (slot * num_groups + g) * HEAD_DIM;
     elem_t* ring = reinterpret_cast<elem_t*>(kv_ring);
-    // Queue tile t's copies into ring slot t % STAGES (row pos from smem) and commit a group
-    // (an empty one past the last tile, so the wait counts stay uniform).
+    // Queue tile t's copies into ring slot t % STAGES (row pos from smem, rows past the range
+    // zeroed) and commit a group (an empty one past the last tile, so the wait counts stay
+    // uniform).
     auto load_tile = [&](int t) {
         if (t < n_tiles) {
             const int t0 = s_lo + t * TILE;
             const int n = min(TILE, s_hi - t0);
-            elem_t* ks = ring + (t % STAGES) * (2 * TILE * HEAD_DIM);
-            elem_t* vs = ks + TILE * HEAD_DIM;
-            for (int e = threadIdx.x; e < n * CHUNKS; e += blockDim.x) {
+            elem_t* ks = ring + (t % STAGES) * (2 * TILE * SROW);
+            elem_t* vs = ks + TILE * SROW;
+            for (int e = tid; e < TILE * CHUNKS; e += WARPS * WARP_SIZE) {
                 const int jj = e / CHUNKS, c = e % CHUNKS;
                 const long long j = t0 + jj;
-                const int so = jj * HEAD_DIM + c * 8;
-                if (j == pos) {
+                const int so = jj * SROW + c * 8;
+                if (jj >= n) {
+                    *reinterpret_cast<uint4*>(ks + so) = make_uint4(0u, 0u, 0u, 0u);
+                    *reinterpret_cast<uint4*>(vs + so) = make_uint4(0u, 0u, 0u, 0u);
+                } else if (j == pos) {
                     *reinterpret_cast<uint4*>(ks + so) = *reinterpret_cast<const uint4*>(k_row + c * 8);
                     *reinterpret_cast<uint4*>(vs + so) = *reinterpret_cast<const uint4*>(v_row + c * 8);
                 } else {
@@ -303,117 +307,171 @@ extern "C" __global__ void __launch_bounds__(MAX_WARPS * WARP_SIZE) flashdec_bf1
     };
 
     const float scale_log2 = softmax_scale * LOG2E;
-    const int sub = lane / LPK;          // key of the lane's group within a warp step
-    const int ql = lane % LPK;           // lane within its key group
-    const int my_key = sub + KPW * ql;   // tile row whose score the lane holds after reduction
-    for (int r0 = 0; r0 < per; r0 += warps) {
-        const int hl = r0 + warp;
-        const bool active = hl < per;
-        const int h = g * per + (active ? hl : 0);
-        float qc[CPL * 8];
-        {
-            const elem_t* qr = q + ((long long)b * num_heads + h) * HEAD_DIM;
-            float qv[LANE_D];
-#pragma unroll
-            for (int c = 0; c < LANE_D; ++c) {
-                qv[c] = load_elem(qr + c * WARP_SIZE + lane);
-                stage[warp][c * WARP_SIZE + lane] = qv[c];
-            }
-            __syncwarp();
-            rope_row(qv, stage[warp], rope_cos, rope_sin, pos, lane);
-            __syncwarp();
-#pragma unroll
-            for (int c = 0; c < LANE_D; ++c) stage[warp][c * WARP_SIZE + lane] = qv[c];
-            __syncwarp();
-#pragma unroll
-            for (int cc = 0; cc < CPL; ++cc)
-#pragma unroll
-                for (int e = 0; e < 8; ++e) qc[cc * 8 + e] = stage[warp][(ql + LPK * cc) * 8 + e] * scale_log2;
-        }
-        float acc[LANE_D];
-#pragma unroll
-        for (int c = 0; c < LANE_D; ++c) acc[c] = 0.0f;
-        float m = neg_inf(), l = 0.0f;   // l: this lane's part of the row sum
+    const unsigned q_addr = smem_addr(q_s);
+    const unsigned ring_addr = smem_addr(kv_ring);
+    // ldmatrix row addresses of this lane (matrix lm = lane / 8, row lr = lane % 8), in bytes:
+    // Q (A operand): rows (lm & 1) * 8 + lr, dims (lm >> 1) * 8 of a k16 step;
+    // K (B, keys as n): keys (lm >> 1) * 8 + lr, dims (lm & 1) * 8;
+    // V (B via .trans, keys as k): keys (lm & 1) * 8 + lr, dims (lm >> 1) * 8 of an n16 pair.
+    const int lm = lane / 8, lr = lane % 8;
+    const unsigned qa_off = (unsigned)((((lm & 1) * 8 + lr) * SROW + (lm >> 1) * 8) * 2);
+    const unsigned kb_off = (unsigned)((((lm >> 1) * 8 + lr) * SROW + (lm & 1) * 8) * 2);
+    const unsigned vb_off = qa_off;
+    const int kw0 = warp * 16;           // the warp's first key of each tile
+    const int qd = lane / 4, qc = 2 * (lane % 4);   // fragment row / first column
+    float* red = reinterpret_cast<float*>(kv_ring);
 
-        __syncthreads();   // the previous round is done with every ring slot
+    for (int h0 = 0; h0 < per; h0 += MROWS) {
+        const int rows = min(MROWS, per - h0);
+        __syncthreads();   // the previous row block is done with q_s, ml_s and the ring
+        // The block's query heads, rotated, as rows of q_s (zero rows past the group).
+        for (int r = warp; r < MROWS; r += WARPS) {
+            if (r < rows) {
+                const elem_t* qr = q + ((long long)b * num_heads + g * per + h0 + r) * HEAD_DIM;
+                float qv[LANE_D];
+#pragma unroll
+                for (int c = 0; c < LANE_D; ++c) {
+                    qv[c] = load_elem(qr + c * WARP_SIZE + lane);
+                    stage[warp][c * WARP_SIZE + lane] = qv[c];
+                }
+                __syncwarp();
+                rope_row(qv, stage[warp], rope_cos, rope_sin, pos, lane);
+                __syncwarp();
+#pragma unroll
+                for (int c = 0; c < LANE_D; ++c) store_elem(&q_s[r * SROW + c * WARP_SIZE + lane], qv[c]);
+            } else {
+#pragma unroll
+                for (int c = 0; c < LANE_D; ++c) store_elem(&q_s[r * SROW + c * WARP_SIZE + lane], 0.0f);
+            }
+        }
+
+        float acc[NT][4];
+#pragma unroll
+        for (int nt = 0; nt < NT; ++nt)
+#pragma unroll
+            for (int e = 0; e < 4; ++e) acc[nt][e] = 0.0f;
+        // Rows qd and qd + 8: running max (log2 units) and this lane's part of the row sum.
+        float m[2] = {neg_inf(), neg_inf()}, l[2] = {0.0f, 0.0f};
+
 #pragma unroll
         for (int t = 0; t < STAGES - 1; ++t) load_tile(t);
         for (int t = 0; t < n_tiles; ++t) {
             cp_async_wait<STAGES - 2>();
-            __syncthreads();   // tile t landed for all threads; slot (t - 1) % STAGES is free
+            __syncthreads();   // tile t (and q_s) visible to all threads; slot (t - 1) % STAGES is free
             load_tile(t + STAGES - 1);
-            if (!active) continue;
             const int n = min(TILE, s_hi - (s_lo + t * TILE));
-            const elem_t* ks = ring + (t % STAGES) * (2 * TILE * HEAD_DIM);
-            const elem_t* vs = ks + TILE * HEAD_DIM;
-            float s[LPK];
+            if (kw0 >= n) continue;
+            const unsigned k_addr =
+                ring_addr + (unsigned)(((t % STAGES) * (2 * TILE * SROW) + kw0 * SROW) * 2);
+            const unsigned v_addr = k_addr + (unsigned)(TILE * SROW * 2);
+            float s[2][4];
 #pragma unroll
-            for (int i = 0; i < LPK; ++i) {
-                const elem_t* kr = ks + (sub + KPW * i) * HEAD_DIM;
-                float d = 0.0f;
+            for (int j = 0; j < 2; ++j)
 #pragma unroll
-                for (int cc = 0; cc < CPL; ++cc) {
-                    const uint4 w = *reinterpret_cast<const uint4*>(kr + (ql + LPK * cc) * 8);
-                    const unsigned ws[4] = {w.x, w.y, w.z, w.w};
+                for (int e = 0; e < 4; ++e) s[j][e] = 0.0f;
 #pragma unroll
-                    for (int k = 0; k < 4; ++k) {
-                        float a, bb;
-                        unpack2((elem_t*)nullptr, ws[k], a, bb);
-                        d = fmaf(qc[cc * 8 + 2 * k], a, d);
-                        d = fmaf(qc[cc * 8 + 2 * k + 1], bb, d);
-                    }
+            for (int kk = 0; kk < KSTEPS; ++kk) {
+                unsigned qa[4], kb[4];
+                ldmatrix_x4(qa, q_addr + qa_off + kk * 32);
+                ldmatrix_x4(kb, k_addr + kb_off + kk * 32);
+                mma16816(s[0], qa, kb[0], kb[1]);
+                mma16816(s[1], qa, kb[2], kb[3]);
+            }
+            float mx[2] = {m[0], m[1]};
+#pragma unroll
+            for (int j = 0; j < 2; ++j)
+#pragma unroll
+                for (int e = 0; e < 4; ++e) {
+                    const int key = kw0 + 8 * j + qc + (e & 1);
+                    const float v = key < n ? s[j][e] * scale_log2 : neg_inf();
+                    s[j][e] = v;
+                    mx[e >> 1] = fmaxf(mx[e >> 1], v);
                 }
-                s[i] = d;
+            float base[2], corr[2];
+#pragma unroll
+            for (int i = 0; i < 2; ++i) {
+                mx[i] = fmaxf(mx[i], __shfl_xor_sync(FULL_WARP, mx[i], 1));
+                mx[i] = fmaxf(mx[i], __shfl_xor_sync(FULL_WARP, mx[i], 2));
+                base[i] = mx[i] == neg_inf() ? 0.0f : mx[i];
+                corr[i] = exp2f(m[i] - base[i]);
+                m[i] = mx[i];
+                l[i] *= corr[i];
             }
-            // Transposed reduction over the LPK lanes of each key group: each step halves the
-            // values per lane; the lane ends with the full score of tile row my_key.
 #pragma unroll
-            for (int step = 0; step < LOG_LPK; ++step) {
-                const int nv = LPK >> step;
-                const int o = nv / 2;
-                const bool upper = (lane & o) != 0;
+            for (int j = 0; j < 2; ++j)
 #pragma unroll
-                for (int k = 0; k < nv / 2; ++k) {
-                    const float keep = upper ? s[k + nv / 2] : s[k];
-                    const float send = upper ? s[k] : s[k + nv / 2];
-                    s[k] = keep + __shfl_xor_sync(FULL_WARP, send, o);
+                for (int e = 0; e < 4; ++e) {
+                    s[j][e] = exp2f(s[j][e] - base[e >> 1]);
+                    l[e >> 1] += s[j][e];
                 }
-            }
-            const float sc = my_key < n ? s[0] : neg_inf();
-            const float m_new = fmaxf(m, warp_max(sc));
-            const float corr = exp2f(m - m_new);
-            const float p = exp2f(sc - m_new);
-            l = l * corr + p;
 #pragma unroll
-            for (int c = 0; c < LANE_D; ++c) acc[c] *= corr;
-            m = m_new;
-            p_s[warp][my_key] = p;
-            __syncwarp();
-            const elem_t* vr = vs + lane * LANE_D;
-            if (n == TILE) {
-#pragma unroll
-                for (int jj = 0; jj < TILE; ++jj) pv_step(p_s[warp][jj], vr + jj * HEAD_DIM, acc);
-            } else {
-                for (int jj = 0; jj < n; ++jj) pv_step(p_s[warp][jj], vr + jj * HEAD_DIM, acc);
+            for (int nt = 0; nt < NT; ++nt) {
+                acc[nt][0] *= corr[0];
+                acc[nt][1] *= corr[0];
+                acc[nt][2] *= corr[1];
+                acc[nt][3] *= corr[1];
             }
-            __syncwarp();
+            const unsigned pa[4] = {pack2(s[0][0], s[0][1]), pack2(s[0][2], s[0][3]),
+                                    pack2(s[1][0], s[1][1]), pack2(s[1][2], s[1][3])};
+#pragma unroll
+            for (int np = 0; np < NT / 2; ++np) {
+                unsigned vb[4];
+                ldmatrix_x4_trans(vb, v_addr + vb_off + np * 32);
+                mma16816(acc[2 * np], pa, vb[0], vb[1]);
+                mma16816(acc[2 * np + 1], pa, vb[2], vb[3]);
+            }
         }
-        l = warp_sum(l);
-        if (active) {
-            const long long row = ((long long)split * batch + b) * num_heads + h;
-            const float inv_l = l > 0.0f ? 1.0f / l : 0.0f;
+        cp_async_wait<0>();
+
+        // Merge the warps' row states: (m, l) through ml_s, scaled partial outputs through red.
 #pragma unroll
-            for (int c = 0; c < LANE_D; ++c) o_part[row * HEAD_DIM + lane * LANE_D + c] = acc[c] * inv_l;
-            if (lane == 0) lse_part[row] = l > 0.0f ? m + log2f(l) : neg_inf();
+        for (int i = 0; i < 2; ++i) {
+            l[i] += __shfl_xor_sync(FULL_WARP, l[i], 1);
+            l[i] += __shfl_xor_sync(FULL_WARP, l[i], 2);
+        }
+        if ((lane & 3) == 0) {
+            ml_s[warp][qd][0] = m[0];
+            ml_s[warp][qd][1] = l[0];
+            ml_s[warp][qd + 8][0] = m[1];
+            ml_s[warp][qd + 8][1] = l[1];
+        }
+        __syncthreads();   // every warp is done with the ring; ml_s complete
+#pragma unroll
+        for (int i = 0; i < 2; ++i) {
+            const int row = qd + 8 * i;
+            float mm = neg_inf();
+#pragma unroll
+            for (int w = 0; w < WARPS; ++w) mm = fmaxf(mm, ml_s[w][row][0]);
+            const float f = m[i] == neg_inf() ? 0.0f : exp2f(m[i] - mm);
+            float* dst = red + (warp * MROWS + row) * HEAD_DIM + qc;
+#pragma unroll
+            for (int nt = 0; nt < NT; ++nt)
+                *reinterpret_cast<float2*>(dst + nt * 8) = make_float2(acc[nt][2 * i] * f, acc[nt][2 * i + 1] * f);
+        }
+        __syncthreads();
+        for (int idx = tid; idx < rows * HEAD_DIM; idx += WARPS * WARP_SIZE) {
+            const int row = idx / HEAD_DIM, d = idx % HEAD_DIM;
+            float mm = neg_inf();
+#pragma unroll
+            for (int w = 0; w < WARPS; ++w) mm = fmaxf(mm, ml_s[w][row][0]);
+            float ll = 0.0f, o = 0.0f;
+#pragma unroll
+            for (int w = 0; w < WARPS; ++w) {
+                const float mw = ml_s[w][row][0];
+                ll += mw == neg_inf() ? 0.0f : ml_s[w][row][1] * exp2f(mw - mm);
+                o += red[(w * MROWS + row) * HEAD_DIM + d];
+            }
+            const long long orow = ((long long)split * batch + b) * num_heads + g * per + h0 + row;
+            o_part[orow * HEAD_DIM + d] = ll > 0.0f ? o / ll : 0.0f;
+            if (d == 0) lse_part[orow] = ll > 0.0f ? mm + log2f(ll) : neg_inf();
         }
     }
-    cp_async_wait<0>();
 }
 
 /// Warps per block of the merge kernel (each a strided subset of the splits).
 constexpr int MERGE_WARPS = 4;
 
-extern "C" __global__ void __launch_bounds__(MERGE_WARPS * WARP_SIZE) flashdec_bf16_hd128_ropehalf128_w8_merge(
+extern "C" __global__ void __launch_bounds__(MERGE_WARPS * WARP_SIZE) flashdec_bf16_hd128_ropehalf128_win_w4_merge(
     const float* __restrict__ o_part,
     const float* __restrict__ lse_part,
     elem_t* __restrict__ out,
