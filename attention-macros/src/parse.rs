@@ -27,14 +27,22 @@ impl SpanTable {
     /// The first and last source span covered by `span` (`end` exclusive). An empty span
     /// (end of input) maps to the last token; an empty table maps to the call site.
     pub fn resolve(&self, span: Span) -> (proc_macro2::Span, proc_macro2::Span) {
-        let n = self.spans.len();
-        if n == 0 {
-            let s = proc_macro2::Span::call_site();
-            return (s, s);
+        match self.token_range(span) {
+            Some((first, last)) => (self.spans[first], self.spans[last]),
+            None => {
+                let s = proc_macro2::Span::call_site();
+                (s, s)
+            }
         }
-        let first = span.start.min(n - 1);
-        let last = span.end.saturating_sub(1).max(span.start).min(n - 1);
-        (self.spans[first], self.spans[last])
+    }
+
+    /// The indices of the first and last token `span` covers, clamped into the table;
+    /// `None` for an empty table.
+    fn token_range(&self, span: Span) -> Option<(usize, usize)> {
+        let max = self.spans.len().checked_sub(1)?;
+        let first = span.start.min(max);
+        let last = span.end.saturating_sub(1).max(span.start).min(max);
+        Some((first, last))
     }
 
     /// A `syn::Error` with `msg` covering `span`'s tokens (first through last).
@@ -290,10 +298,18 @@ mod tests {
     fn resolve_clamps_to_the_table() {
         let (table, r) = parse_tokens(quote!(self, rope));
         assert!(r.is_ok());
-        // End of input maps onto the last token without panicking.
-        let _ = table.resolve(Span::new(3, 3));
-        let _ = table.resolve(Span::new(100, 200));
+        // `self , rope`: three tokens.
+        assert_eq!(table.spans.len(), 3);
+        assert_eq!(table.token_range(Span::new(0, 1)), Some((0, 0)));
+        assert_eq!(table.token_range(Span::new(0, 3)), Some((0, 2)));
+        // End of input maps onto the last token.
+        assert_eq!(table.token_range(Span::new(3, 3)), Some((2, 2)));
+        // Out of range clamps to the last token.
+        assert_eq!(table.token_range(Span::new(100, 200)), Some((2, 2)));
+        // An empty table falls back to the call site (and does not panic).
         let empty = SpanTable::default();
+        assert_eq!(empty.token_range(Span::new(0, 1)), None);
         let _ = empty.resolve(Span::new(0, 1));
+        let _ = table.resolve(Span::new(100, 200));
     }
 }
