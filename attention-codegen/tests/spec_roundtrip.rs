@@ -141,7 +141,9 @@ proptest! {
     fn never_panics_and_spans_are_in_bounds(src in "(self|cross)?[ a-z_0-9=,\\[\\]():.+-]{0,60}") {
         if let Err(e) = parse_spec(&src) {
             prop_assert!(e.span.start <= e.span.end && e.span.end <= src.len(), "{:?} {:?}", src, e);
-            let _ = e.with_source(&src);
+            let shown = e.with_source(&src);
+            prop_assert!(shown.starts_with(&e.to_string()), "{:?}", shown);
+            prop_assert!(shown.lines().last().is_some_and(|l| l.trim_start().starts_with('^')), "{:?}", shown);
         }
     }
 

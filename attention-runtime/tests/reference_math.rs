@@ -444,11 +444,14 @@ proptest! {
         p.window = Some(Window { left, right: -1 });
         let full = run(&q, &k, &v, dims(s, s, np, ng, hn), &p);
         let mha = run(&q, &repeat_kv(&k, s, ng, per, hn), &repeat_kv(&v, s, ng, per, hn), dims(s, s, np, np, hn), &p);
+        prop_assert_eq!(full.len(), s * np * hn);
+        prop_assert_eq!(mha.len(), full.len());
         for (a, b) in full.iter().zip(&mha) { prop_assert!((a - b).abs() < 1e-5); }
         let mut pb = p;
         pb.mask = MaskType::CausalBottomRight;
         let w = np * hn;
         let chunk = run(&q[(s - m) * w..], &k, &v, dims(m, s, np, ng, hn), &pb);
+        prop_assert_eq!(chunk.len(), m * w);
         for (a, b) in full[(s - m) * w..].iter().zip(&chunk) { prop_assert!((a - b).abs() < 1e-6); }
         prop_assert!(full.iter().all(|x| x.is_finite()));
     }
