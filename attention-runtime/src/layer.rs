@@ -139,7 +139,10 @@ impl LayerParts<'_> {
         }
     }
 
-    /// See [`SelfAttentionParts::forward`] / [`CrossAttentionParts::forward`].
+    /// Forward over `hidden`: `[s, b, h]` (sequence-first, padded), or `[t, h]` with
+    /// `args.packed`; cross-attention also reads `args.key_value_states` `[sk, b, h]` (packed:
+    /// `[tk, h]`). Returns [`LayerOutput`] with `output` in `hidden`'s layout. Details and
+    /// errors: [`SelfAttentionParts::forward`] / [`CrossAttentionParts::forward`].
     pub fn forward(&self, hidden: &Tensor, args: &ForwardArgs<'_>) -> Result<LayerOutput> {
         match self {
             LayerParts::SelfAttention(p) => p.forward(hidden, args),
@@ -158,7 +161,8 @@ impl LayerParts<'_> {
         }
     }
 
-    /// Every parameter under its Megatron name, `{prefix}{role}.{param}`.
+    /// Every parameter under its Megatron name, `{prefix}{role}.{param}`, each tensor in
+    /// Megatron's layout, row-major (a linear's `weight` `[out, in]` and `bias` `[out]`).
     pub fn state_dict(&self, prefix: &str) -> Vec<(String, Tensor)> {
         let mut out = Vec::new();
         let mut add = |role: Role, sd: Vec<(String, Tensor)>| {

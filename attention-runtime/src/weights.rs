@@ -77,7 +77,8 @@ impl WeightStore {
         Ok(WeightStore { source, tensors })
     }
 
-    /// A store over in-memory tensors.
+    /// A store over in-memory tensors, keyed by name; each tensor keeps its own shape
+    /// (row-major f32), checked against the expected one by [`get`](Self::get).
     pub fn from_tensors(tensors: Vec<(String, Tensor)>) -> Self {
         WeightStore {
             source: "<memory>".into(),
