@@ -17,7 +17,7 @@ use cudarc::driver::{
     sys, CudaFunction, CudaGraph, CudaSlice, CudaStream, LaunchConfig, PushKernelArg,
 };
 
-use super::launch::launch_err;
+use super::launch::{launch_err, load_function, load_module};
 use super::tensor::{cuda_err, upload};
 use super::CudaRuntime;
 use crate::error::{AttnError, Result};
@@ -33,30 +33,11 @@ pub fn flash_decode_kernels(
     if let (Some(f), Some(m)) = (cache.get(&key), cache.get(&merge_key)) {
         return Ok((key, f.clone(), m.clone()));
     }
-    let src = config
-        .render()
-        .map_err(|e| AttnError::Render(e.to_string()))?;
-    let arch = rt.device().arch();
-    let jit_err = |e: crate::jit::JitError| AttnError::BackendUnavailable(e.to_string());
-    let cubin = crate::kernel_cache::KernelCache::global()
-        .map_err(jit_err)?
-        .get_or_compile(&src.key, &src.source, &arch)
-        .map_err(jit_err)?;
-    let module = rt
-        .device()
-        .context
-        .load_module(cudarc::nvrtc::Ptx::from_binary(cubin.bytes.clone()))
-        .map_err(|e| AttnError::Cuda {
-            call: format!("cuModuleLoadData {key} ({arch})"),
-            msg: e.to_string(),
-        })?;
-    let load = |name: &str| {
-        module.load_function(name).map_err(|e| AttnError::Cuda {
-            call: format!("cuModuleGetFunction {name}"),
-            msg: e.to_string(),
-        })
-    };
-    let (f, m) = (load(&key)?, load(&merge_key)?);
+    let module = load_module(rt, config)?;
+    let (f, m) = (
+        load_function(&module, &key)?,
+        load_function(&module, &merge_key)?,
+    );
     let smem = flash_decode_smem_bytes(config.head_dim);
     f.set_attribute(
         sys::CUfunction_attribute_enum::CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES,

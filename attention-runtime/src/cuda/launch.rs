@@ -7,42 +7,58 @@
 //! held while compiling, so a kernel is compiled once even when several threads ask for it.
 
 use attention_codegen::render::KernelConfig;
-use cudarc::driver::{CudaFunction, DriverError};
+use std::sync::Arc;
+
+use cudarc::driver::{CudaFunction, CudaModule, DriverError};
 
 use super::CudaRuntime;
 use crate::error::{AttnError, Result};
 
 /// The loaded function for `config` on `rt`'s device, compiling it on first use.
 ///
-/// Errors: [`AttnError::Render`] (template), [`AttnError::BackendUnavailable`] (NVRTC missing
-/// or the compile failed; the message names the key and holds NVRTC's log),
-/// [`AttnError::Cuda`] (module load).
+/// Errors: [`AttnError::Render`] (template), [`AttnError::Jit`] (NVRTC missing, a compile
+/// error with the key and NVRTC's log, or `ATTN_JIT=off` and a cache miss), [`AttnError::Cuda`]
+/// (module load or function lookup).
 pub fn kernel(rt: &CudaRuntime, config: &KernelConfig) -> Result<(String, CudaFunction)> {
     let key = config.key();
     let mut cache = rt.kernels.lock().unwrap_or_else(|p| p.into_inner());
     if let Some(f) = cache.get(&key) {
         return Ok((key, f.clone()));
     }
+    let module = load_module(rt, config)?;
+    let f = load_function(&module, &key)?;
+    cache.insert(key.clone(), f.clone());
+    Ok((key, f))
+}
+
+/// Render `config`, get its CUBIN for the device's arch from the kernel cache (compiling on a
+/// miss) and load it as a module. Callers keep the functions they take from it in
+/// `rt.kernels`.
+///
+/// Errors: [`AttnError::Render`], [`AttnError::Jit`] (NVRTC missing, a compile error with
+/// the key and log, or `ATTN_JIT=off` and a miss), [`AttnError::Cuda`] (module load).
+pub(crate) fn load_module(rt: &CudaRuntime, config: &KernelConfig) -> Result<Arc<CudaModule>> {
     let src = config
         .render()
         .map_err(|e| AttnError::Render(e.to_string()))?;
     let arch = rt.device().arch();
     let cubin =
         crate::kernel_cache::KernelCache::global()?.get_or_compile(&src.key, &src.source, &arch)?;
-    let module = rt
-        .device()
+    rt.device()
         .context
         .load_module(cudarc::nvrtc::Ptx::from_binary(cubin.bytes.clone()))
         .map_err(|e| AttnError::Cuda {
-            call: format!("cuModuleLoadData {key} ({arch})"),
+            call: format!("cuModuleLoadData {} ({arch})", src.key),
             msg: e.to_string(),
-        })?;
-    let f = module.load_function(&key).map_err(|e| AttnError::Cuda {
-        call: format!("cuModuleGetFunction {key}"),
+        })
+}
+
+/// The entry point `name` of a loaded module.
+pub(crate) fn load_function(module: &Arc<CudaModule>, name: &str) -> Result<CudaFunction> {
+    module.load_function(name).map_err(|e| AttnError::Cuda {
+        call: format!("cuModuleGetFunction {name}"),
         msg: e.to_string(),
-    })?;
-    cache.insert(key.clone(), f.clone());
-    Ok((key, f))
+    })
 }
 
 /// Map a launch failure to [`AttnError::KernelLaunch`] naming `key`.
