@@ -77,8 +77,9 @@ impl<'a> AttendParams<'a> {
 pub struct AttendOutput {
     /// `[sq, np, hn]`; a fully masked row is all zeros.
     pub out: Vec<f32>,
-    /// Log-sum-exp of each softmax row (sink column included), `[np, sq]`; `-inf` for a
-    /// fully masked row.
+    /// Log-sum-exp of each softmax row (sink column included), `[np, sq]`. A fully masked
+    /// row (by the mask, the window, causality or a `-inf` bias) has `-inf`, or the sink
+    /// logit when a sink column keeps the row non-empty.
     pub lse: Vec<f32>,
     /// Per query head the max pre-softmax logit `q k^T * scale + bias` over visible
     /// positions (QK-Clip statistic), `[np]`; `-inf` when nothing is visible.
@@ -119,7 +120,9 @@ fn check_len(arg: &str, got: usize, shape: [usize; 3]) -> Result<()> {
 ///
 /// - `q`: `[sq, np, hn]`, `k`/`v`: `[sk, ng, hn]` (row-major).
 /// - Key `j` is visible to query `i` when the generated mask, the window and `mask_fn` all
-///   allow it (see [`super::mask::visible`]).
+///   allow it (see [`super::mask::visible`]) and its bias is not `-inf`. Masked keys are never
+///   read: whatever K, V or the bias hold there (NaN, Inf, stale data) changes nothing.
+/// - A fully masked row gives zeros (semantics.md), never NaN.
 /// - Returns `out [sq, np, hn]`, `lse [np, sq]`, `max_logit [np]`.
 ///
 /// Errors ([`AttnError::Shape`] / [`AttnError::InvalidArgument`]) when a slice length does not
@@ -179,23 +182,33 @@ pub fn attend_sequence(
             for j in 0..sk {
                 let ok = visible(p.mask, p.window, sq, sk, i, j)
                     && !p.mask_fn.is_some_and(|f| f(h, i, j));
-                vis[j] = ok;
+                vis[j] = false;
                 if !ok {
                     continue;
                 }
+                // A `-inf` bias masks the key like the mask does: it is skipped, so whatever
+                // K and V hold there never meets a zero weight (0 * NaN).
+                let b = p.bias_fn.map_or(0.0, |f| f(h, i, j) as f64);
+                if b == f64::NEG_INFINITY {
+                    continue;
+                }
+                vis[j] = true;
                 any = true;
                 let krow = &k[(j * groups + g) * hn..][..hn];
-                let mut l = dot(qrow, krow) * scale;
-                if let Some(b) = p.bias_fn {
-                    l += b(h, i, j) as f64;
-                }
+                // f64: a finite bias (even f32::MIN) stays a finite logit.
+                let l = dot(qrow, krow) * scale + b;
                 logits[j] = l;
                 if l > m {
                     m = l;
                 }
             }
             if !any {
-                continue; // zeros, lse -inf
+                // Fully masked: zeros; the LSE is the sink column's logit when there is one
+                // (it alone is left in the softmax), else -inf.
+                if let Some(s) = sink {
+                    lse[h * sq + i] = s as f32;
+                }
+                continue;
             }
             if (m as f32) > max_logit[h] {
                 max_logit[h] = m as f32;
