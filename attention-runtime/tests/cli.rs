@@ -359,3 +359,71 @@ fn mask_file_drives_padding_masks() {
     let e = String::from_utf8_lossy(&o.stderr);
     assert!(e.contains("attention_mask"), "{e}");
 }
+
+#[test]
+fn bias_file_masks_a_row_and_is_checked() {
+    // The case: heads = 2, head_dim = 64, no mask, hidden [4, 1, 128]; bias row 1 is
+    // -inf on every key: row 1 of the output is zeros (not NaN), the other rows unchanged.
+    use attention_runtime::spec_layer::SpecLayer;
+    use attention_runtime::{AttentionLayer, RuntimeDims};
+    let spec = "self, heads = 2, head_dim = 64, mask = no_mask";
+    let config = SpecLayer::config_from_str(spec, &RuntimeDims::default()).unwrap();
+    let layer = SpecLayer::init(config, 9).unwrap();
+    let weights = tmp("bias-weights.safetensors");
+    WeightStore::save(&weights, &layer.state_dict("")).unwrap();
+    let input = tmp("bias-input.safetensors");
+    let x = Tensor::from_fn(&[4, 1, 128], |i| ((i * 37 % 101) as f32 / 50.0) - 1.0);
+    WeightStore::save(&input, &[("input".to_string(), x)]).unwrap();
+    let bias_file = tmp("bias-bias.safetensors");
+    let bias = Tensor::from_fn(&[1, 1, 4, 4], |i| {
+        if (4..8).contains(&i) {
+            f32::NEG_INFINITY
+        } else {
+            0.0
+        }
+    });
+    WeightStore::save(&bias_file, &[("attention_bias".to_string(), bias)]).unwrap();
+    let run = |bias: Option<&Path>, tag: &str| {
+        let out = tmp(&format!("bias-out-{tag}.safetensors"));
+        let mut args = vec![
+            "layer",
+            "--spec",
+            spec,
+            "--weights",
+            weights.to_str().unwrap(),
+            "--input",
+            input.to_str().unwrap(),
+            "--output",
+            out.to_str().unwrap(),
+        ];
+        if let Some(b) = bias {
+            args.extend(["--bias-file", b.to_str().unwrap()]);
+        }
+        (attn(&args), out)
+    };
+    let (o, biased) = run(Some(&bias_file), "biased");
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let (o, plain) = run(None, "plain");
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let (got, base) = (
+        load(&biased, "output", &[4, 1, 128]),
+        load(&plain, "output", &[4, 1, 128]),
+    );
+    assert!(got.data().iter().all(|v| v.is_finite()));
+    assert!(got.data()[128..256].iter().all(|&v| v == 0.0));
+    for r in [0, 2, 3] {
+        assert_eq!(
+            got.data()[r * 128..][..128],
+            base.data()[r * 128..][..128],
+            "row {r}"
+        );
+    }
+    // A file without `attention_bias` is an error naming the tensor and the flag.
+    let (o, _) = run(Some(&input), "missing");
+    assert!(!o.status.success());
+    let e = String::from_utf8_lossy(&o.stderr);
+    assert!(
+        e.contains("attention_bias") && e.contains("--bias-file"),
+        "{e}"
+    );
+}

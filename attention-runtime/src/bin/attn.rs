@@ -3,7 +3,8 @@
 //! ```text
 //! attn layer --spec "<spec>" --weights W.safetensors [--prefix P] --input X.safetensors
 //!            [--input-name input] --output O.safetensors [--device cpu|cuda]
-//!            [--positions P.safetensors] [--mask-file M.safetensors] [--context C.safetensors]
+//!            [--positions P.safetensors] [--mask-file M.safetensors] [--bias-file B.safetensors]
+//!            [--context C.safetensors]
 //! attn catalog
 //! attn render --spec "<spec>" [--head-dim D]
 //! attn aot --arch sm_90a[,sm_80,...] (--catalog | --spec "<spec>" [--head-dim D]) [--cache-dir DIR]
@@ -214,6 +215,11 @@ struct LayerArgs {
     /// broadcastable to `[b, 1|np, sq, sk]`: for padding and arbitrary masks.
     #[arg(long)]
     mask_file: Option<PathBuf>,
+    /// safetensors file with `attention_bias` (f32; f64/bf16/f16 are converted), an additive
+    /// post-scale bias broadcastable to `[b, np, sq, sk]` (`-inf` masks a key; a row masked
+    /// entirely gives zeros).
+    #[arg(long)]
+    bias_file: Option<PathBuf>,
     /// safetensors file with `context` `[sk, b, h]`: cross-attention key/value states.
     #[arg(long)]
     context: Option<PathBuf>,
@@ -312,6 +318,11 @@ fn run_layer(a: &LayerArgs) -> Result<()> {
         .as_deref()
         .map(|p| read_tensor(p, "attention_mask", "--mask-file"))
         .transpose()?;
+    let bias = a
+        .bias_file
+        .as_deref()
+        .map(|p| read_tensor(p, "attention_bias", "--bias-file"))
+        .transpose()?;
     let context = a
         .context
         .as_deref()
@@ -320,6 +331,7 @@ fn run_layer(a: &LayerArgs) -> Result<()> {
 
     let args = ForwardArgs {
         attention_mask: mask.as_ref(),
+        attention_bias: bias.as_ref(),
         key_value_states: context.as_ref(),
         positions: positions.as_deref(),
         ..ForwardArgs::default()
