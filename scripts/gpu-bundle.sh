@@ -41,11 +41,11 @@ for line in sys.stdin:
 
 echo "==> building attn (profile gpu)" >&2
 cargo build -p attention-runtime --profile gpu --bin attn --quiet
-cp target/gpu/attn "$out/bin/attn"
+cp "${CARGO_TARGET_DIR:-target}/gpu/attn" "$out/bin/attn"
 if [ "${GPU_BUNDLE_EXAMPLES:-1}" = "1" ]; then
   echo "==> building the quickstart and generate examples (profile gpu)" >&2
   cargo build --profile gpu --example quickstart --example generate --quiet
-  cp target/gpu/examples/quickstart target/gpu/examples/generate "$out/bin/"
+  cp "${CARGO_TARGET_DIR:-target}/gpu/examples/quickstart" "${CARGO_TARGET_DIR:-target}/gpu/examples/generate" "$out/bin/"
 fi
 cp scripts/bench_sdpa.py "$out/" 2>/dev/null || true
 

@@ -22,7 +22,10 @@ echo "==> cargo clippy --all-targets -D warnings"
 cargo clippy --workspace --all-targets --quiet -- -D warnings
 
 echo "==> cargo test"
-cargo test --workspace --all-targets --quiet 2>&1 | tee target/test-output.log
+# The log goes where cargo builds (CARGO_TARGET_DIR when set), created if missing.
+target_dir="${CARGO_TARGET_DIR:-target}"
+mkdir -p "$target_dir"
+cargo test --workspace --all-targets --quiet 2>&1 | tee "$target_dir/test-output.log"
 # Doc tests run separately: --all-targets skips them.
 cargo test --workspace --doc --quiet
 
