@@ -98,6 +98,38 @@ __device__ __forceinline__ void visible_range(int i, int sq, int sk, int window_
 }
 
 // ---------------------------------------------------------------------------------------
+// Additive bias. A finite bias is a finite logit: the post-scale logit `qk_scaled + bias`
+// (natural units) saturates at +-BIAS_LOGIT_LIMIT (2^126) before it is multiplied by log2(e),
+// so biases near f32::MIN (Hugging Face's `finfo(float32).min` masks) never overflow to -inf;
+// a row of equal such biases is a uniform softmax, and such a bias beside 0 masks the key. A
+// -inf bias masks the key (returns -inf); NaN propagates.
+// ---------------------------------------------------------------------------------------
+
+constexpr float BIAS_LOGIT_LIMIT = 8.5070591730234616e37f;  // 2^126
+constexpr float BIAS_LOG2E = 1.4426950408889634f;
+
+/// `qk_scaled + bias` in log2 units, saturated (see above); -inf when `bias` is -inf.
+__device__ __forceinline__ float biased_logit_log2(float qk_scaled, float bias) {
+    if (bias == __int_as_float(0xff800000)) return bias;
+    float x = qk_scaled + bias;
+    x = x < -BIAS_LOGIT_LIMIT ? -BIAS_LOGIT_LIMIT : x;  // comparisons keep NaN
+    x = x > BIAS_LOGIT_LIMIT ? BIAS_LOGIT_LIMIT : x;
+    return x * BIAS_LOG2E;
+}
+
+/// Whether any of the eight 16-bit elements (bf16 or f16) of a 16-byte chunk is NaN or +-Inf
+/// (its exponent bits all ones).
+__device__ __forceinline__ bool chunk_has_nonfinite(uint4 w) {
+    constexpr unsigned EXP2 = 0x7F807F80u;
+    // x has a zero 16-bit half exactly where an element's exponent is all ones.
+    const unsigned a = (w.x & EXP2) ^ EXP2, b = (w.y & EXP2) ^ EXP2;
+    const unsigned c = (w.z & EXP2) ^ EXP2, d = (w.w & EXP2) ^ EXP2;
+    const unsigned z = ((a - 0x00010001u) & ~a) | ((b - 0x00010001u) & ~b) |
+                       ((c - 0x00010001u) & ~c) | ((d - 0x00010001u) & ~d);
+    return (z & 0x80008000u) != 0u;
+}
+
+// ---------------------------------------------------------------------------------------
 // One warp computes one query row against keys [lo, hi) of its K/V group: online softmax in
 // fp32, base-2 exponentials with softmax_scale * log2(e) folded into the logits.
 // Sinks: `none`. A row with no visible key gives zeros and LSE -inf.
@@ -242,7 +274,7 @@ extern "C" __global__ void __launch_bounds__(BLOCK_ROWS * WARP_SIZE) fwd_bf16_hd
     for (int j = lo; j < hi; ++j) {
         (void)mask; (void)mask_stride_b; (void)mask_stride_h; (void)mask_stride_q; (void)mask_stride_k;
         const long long kv_off = ((k_base + (long long)j * k_step) * num_groups + g) * HEAD_DIM;
-        float s = row_dot(qv, k + kv_off, lane) * scale_log2;
+        const float s = row_dot(qv, k + kv_off, lane) * scale_log2;
         (void)bias; (void)bias_stride_b; (void)bias_stride_h; (void)bias_stride_q; (void)bias_stride_k;
         row_update(st, s, v + kv_off, lane);
     }

@@ -9,13 +9,15 @@
 // Argument list = the simple `fwd_*` kernel's (templates/fwd.cu), then `max_logit`:
 //   (q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k, batch, num_heads, num_groups, seqlen_q,
 //    seqlen_k, softmax_scale, window_left, window_right, mask, mask_stride_b/h/q/k, bias,
-//    bias_stride_b/h/q/k, sinks, gate, max_logit)
+//    bias_stride_b/h/q/k, sinks, gate, max_logit, v_nonfinite, cache_seqlens_k,
+//    cache_batch_offset, cache_max_batch)
 // Mask tensor false, additive bias true (as the simple kernel): `mask` uint8,
 // nonzero = masked out, element (b, h, i, j) at b * mask_stride_b + h * mask_stride_h +
 // i * mask_stride_q + j * mask_stride_k (stride 0 broadcasts; b = sequence index, i, j =
 // positions within the sequence, also for packed input); `bias` f32 post-scale additive logit
 // term at the same kind of strides. Variants without them ignore the pointers (may be null).
-// With either, every visited KV tile is masked per element. `max_logit`: f32 [num_heads], or null; when given, the
+// With either, every visited KV tile is masked per element; a bias enters through
+// biased_logit_log2 (partials/mask.cu: -inf masks, a finite bias never overflows). `max_logit`: f32 [num_heads], or null; when given, the
 // caller fills it with -inf and the kernel raises each head's entry to the largest visible
 // logit q.k * softmax_scale (order-independent atomic max: deterministic).
 //
@@ -24,6 +26,10 @@
 //                                    k, v [seqlen_k, batch, num_groups, HEAD_DIM]
 //   packed (cu_seqlens_q, cu_seqlens_k int32 [batch + 1]): q, out, gate [total_q, num_heads,
 //        HEAD_DIM]; k, v [total_k, num_groups, HEAD_DIM]; seqlen_q = max query length.
+//   static KV cache (padded q, cache_seqlens_k int32 [batch] given): k, v are one layer of a
+//        cache [max_seq, cache_max_batch, num_groups, HEAD_DIM]; sequence b reads slot
+//        cache_batch_offset + b, keys 0 .. cache_seqlens_k[b] (seqlen_k is ignored). Prefill
+//        over the cache uses the bottom-right causal mask (the queries are the last keys).
 //   lse: f32 [num_heads, rows] natural log, rows = seqlen_q * batch (padded, row = i * batch + b)
 //        or total_q (packed, row = token index); -inf for a row that sees no key.
 // GQA by indexing: head h reads group h / (num_heads / num_groups).
@@ -38,6 +44,15 @@
 // some row's running max grows by more than RESCALE_SLACK (lazy rescale, exact at the end). KV tiles that no row of the block can see are
 // never visited; the range mask runs per element only on tiles some row sees partially (the
 // diagonal and window edges, and the ragged last tile); a mask tensor or bias on every tile.
+//
+// Masked positions: a masked logit is selected to -inf whatever K or the bias hold there, but
+// in O += P V a masked key's P = 0 times a NaN or Inf of its V is NaN. `v_nonfinite` (int32,
+// or null) is the flag the producer of V raised when some V element is not finite (qkv_prep
+// does); when it is set, variants that can mask keys inside a tile (any mask, window, mask
+// tensor or bias) compute their rows with the exact one-warp-per-row loop of
+// partials/attend.cu instead, which never reads a masked key: rows that see a non-finite V
+// are non-finite, rows that do not are exact. A row that sees no key writes zeros and LSE
+// -inf (the sink logit with a sink column).
 
 // ---------------------------------------------------------------------------------------
 // Element types and conversions. No CUDA toolkit header is included: NVRTC alone compiles
@@ -110,6 +125,109 @@ __device__ __forceinline__ void visible_range(int i, int sq, int sk, int window_
     if (hi_ < lo_) hi_ = lo_;
     *lo = (int)lo_;
     *hi = (int)hi_;
+}
+
+// ---------------------------------------------------------------------------------------
+// Additive bias. A finite bias is a finite logit: the post-scale logit `qk_scaled + bias`
+// (natural units) saturates at +-BIAS_LOGIT_LIMIT (2^126) before it is multiplied by log2(e),
+// so biases near f32::MIN (Hugging Face's `finfo(float32).min` masks) never overflow to -inf;
+// a row of equal such biases is a uniform softmax, and such a bias beside 0 masks the key. A
+// -inf bias masks the key (returns -inf); NaN propagates.
+// ---------------------------------------------------------------------------------------
+
+constexpr float BIAS_LOGIT_LIMIT = 8.5070591730234616e37f;  // 2^126
+constexpr float BIAS_LOG2E = 1.4426950408889634f;
+
+/// `qk_scaled + bias` in log2 units, saturated (see above); -inf when `bias` is -inf.
+__device__ __forceinline__ float biased_logit_log2(float qk_scaled, float bias) {
+    if (bias == __int_as_float(0xff800000)) return bias;
+    float x = qk_scaled + bias;
+    x = x < -BIAS_LOGIT_LIMIT ? -BIAS_LOGIT_LIMIT : x;  // comparisons keep NaN
+    x = x > BIAS_LOGIT_LIMIT ? BIAS_LOGIT_LIMIT : x;
+    return x * BIAS_LOG2E;
+}
+
+/// Whether any of the eight 16-bit elements (bf16 or f16) of a 16-byte chunk is NaN or +-Inf
+/// (its exponent bits all ones).
+__device__ __forceinline__ bool chunk_has_nonfinite(uint4 w) {
+    constexpr unsigned EXP2 = 0x7F807F80u;
+    // x has a zero 16-bit half exactly where an element's exponent is all ones.
+    const unsigned a = (w.x & EXP2) ^ EXP2, b = (w.y & EXP2) ^ EXP2;
+    const unsigned c = (w.z & EXP2) ^ EXP2, d = (w.w & EXP2) ^ EXP2;
+    const unsigned z = ((a - 0x00010001u) & ~a) | ((b - 0x00010001u) & ~b) |
+                       ((c - 0x00010001u) & ~c) | ((d - 0x00010001u) & ~d);
+    return (z & 0x80008000u) != 0u;
+}
+
+// ---------------------------------------------------------------------------------------
+// One warp computes one query row against keys [lo, hi) of its K/V group: online softmax in
+// fp32, base-2 exponentials with softmax_scale * log2(e) folded into the logits.
+// Sinks: `none`. A row with no visible key gives zeros and LSE -inf.
+// ---------------------------------------------------------------------------------------
+
+constexpr float LOG2E = 1.4426950408889634f;
+constexpr float LN2 = 0.6931471805599453f;
+
+struct RowState {
+    float acc[LANE_D];  // unnormalized output, channel c * WARP_SIZE + lane
+    float m;            // running max of the logits (log2 units)
+    float l;            // running sum of exp2(logit - m)
+    bool any;           // whether any key was visible
+};
+
+/// Start a row: the sink column, when there is one, is an extra logit with no value.
+__device__ __forceinline__ void row_init(RowState& st, const float* __restrict__ sinks, int head) {
+#pragma unroll
+    for (int c = 0; c < LANE_D; ++c) st.acc[c] = 0.0f;
+    st.any = false;
+    (void)sinks; (void)head;
+    st.m = neg_inf();
+    st.l = 0.0f;
+}
+
+/// Fold key/value row (k_row, v_row) with logit `s` (log2 units, -inf = masked) into the row.
+__device__ __forceinline__ void row_update(RowState& st, float s, const elem_t* __restrict__ v_row,
+                                           int lane) {
+    if (s == neg_inf()) return;
+    const float m_new = fmaxf(st.m, s);
+    const float corr = exp2f(st.m - m_new);
+    const float p = exp2f(s - m_new);
+    st.l = st.l * corr + p;
+#pragma unroll
+    for (int c = 0; c < LANE_D; ++c)
+        st.acc[c] = st.acc[c] * corr + p * load_elem(v_row + c * WARP_SIZE + lane);
+    st.m = m_new;
+    st.any = true;
+}
+
+/// Dot product of the lane's query channels with a key row, reduced over the warp.
+__device__ __forceinline__ float row_dot(const float (&qv)[LANE_D], const elem_t* __restrict__ k_row,
+                                         int lane) {
+    float d = 0.0f;
+#pragma unroll
+    for (int c = 0; c < LANE_D; ++c) d += qv[c] * load_elem(k_row + c * WARP_SIZE + lane);
+    return warp_sum(d);
+}
+
+/// Load the lane's channels of a query row.
+__device__ __forceinline__ void load_q(float (&qv)[LANE_D], const elem_t* __restrict__ q_row, int lane) {
+#pragma unroll
+    for (int c = 0; c < LANE_D; ++c) qv[c] = load_elem(q_row + c * WARP_SIZE + lane);
+}
+
+/// Write the normalized output row (times sigmoid(gate) when gated) and the row's LSE
+/// (natural log, including the sink column; -inf when no key was visible).
+__device__ __forceinline__ void row_finish(const RowState& st, elem_t* __restrict__ out_row,
+                                           const elem_t* __restrict__ gate_row,
+                                           float* __restrict__ lse_slot, int lane) {
+    const float inv_l = st.any ? 1.0f / st.l : 0.0f;
+#pragma unroll
+    for (int c = 0; c < LANE_D; ++c) {
+        float o = st.any ? st.acc[c] * inv_l : 0.0f;
+        store_elem(out_row + c * WARP_SIZE + lane, o);
+    }
+    (void)gate_row;
+    if (lane == 0) *lse_slot = st.any ? (st.m + log2f(st.l)) * LN2 : neg_inf();
 }
 
 
@@ -218,6 +336,49 @@ __device__ __forceinline__ void atomic_max_float(float* addr, float v) {
         atomicMin((unsigned int*)addr, __float_as_uint(v));
     }
 }
+/// The block's rows computed exactly, one warp per row, never reading a masked key (the
+/// path taken when `v_nonfinite` is set; see the header). Out of line, so the main loop's
+/// registers stay as they are.
+__device__ __noinline__ void exact_rows(
+    const elem_t* __restrict__ q, const elem_t* __restrict__ k, const elem_t* __restrict__ v,
+    elem_t* __restrict__ out, float* __restrict__ lse, long long q_tok0, long long q_step,
+    long long k_tok0, long long k_step, long long total_q, int m0, int m_valid, int sq, int sk,
+    int h, int grp, int b, int num_heads, int num_groups, float softmax_scale, int window_left,
+    int window_right, const unsigned char* __restrict__ mask, long long mask_stride_b,
+    long long mask_stride_h, long long mask_stride_q, long long mask_stride_k,
+    const float* __restrict__ bias, long long bias_stride_b, long long bias_stride_h,
+    long long bias_stride_q, long long bias_stride_k, const float* __restrict__ sinks,
+    const elem_t* __restrict__ gate, float* __restrict__ max_logit)
+{
+    const int lane = threadIdx.x % WARP_SIZE;
+    const int warp = threadIdx.x / WARP_SIZE;
+    const float scale_log2 = softmax_scale * LOG2E;
+    float head_max = neg_inf();
+    for (int r = warp; r < m_valid; r += WARPS) {
+        const int i = m0 + r;
+        const long long tok = q_tok0 + (long long)i * q_step;
+        const long long q_off = (tok * num_heads + h) * HEAD_DIM;
+        float qv[LANE_D];
+        load_q(qv, q + q_off, lane);
+        int lo, hi;
+        visible_range(i, sq, sk, window_left, window_right, &lo, &hi);
+        RowState st;
+        row_init(st, sinks, h);
+        for (int j = lo; j < hi; ++j) {
+            const long long kv_off = ((k_tok0 + (long long)j * k_step) * num_groups + grp) * HEAD_DIM;
+            const float bj = bias[(long long)b * bias_stride_b + (long long)h * bias_stride_h +
+                                  (long long)i * bias_stride_q + (long long)j * bias_stride_k];
+            if (bj == neg_inf()) continue;
+            const float s = biased_logit_log2(row_dot(qv, k + kv_off, lane) * softmax_scale, bj);
+            head_max = fmaxf(head_max, s);
+            row_update(st, s, v + kv_off, lane);
+        }
+        row_finish(st, out + q_off, gate + q_off, lse + (long long)h * total_q + tok, lane);
+    }
+    if (max_logit != nullptr && lane == 0 && head_max != neg_inf())
+        atomic_max_float(max_logit + h, head_max * LN2);
+    (void)mask; (void)mask_stride_b; (void)mask_stride_h; (void)mask_stride_q; (void)mask_stride_k;
+}
 
 extern "C" __global__ void __launch_bounds__(THREADS) fwdfast_bf16_hd64_causal_bias_m128n128w4s2(
     const elem_t* __restrict__ q,
@@ -247,7 +408,11 @@ extern "C" __global__ void __launch_bounds__(THREADS) fwdfast_bf16_hd64_causal_b
     long long bias_stride_k,
     const float* __restrict__ sinks,
     const elem_t* __restrict__ gate,
-    float* __restrict__ max_logit)
+    float* __restrict__ max_logit,
+    const int* __restrict__ v_nonfinite,
+    const int* __restrict__ cache_seqlens_k,
+    int cache_batch_offset,
+    int cache_max_batch)
 {
     (void)mask; (void)mask_stride_b; (void)mask_stride_h; (void)mask_stride_q; (void)mask_stride_k;
     extern __shared__ uint4 smem_raw[];
@@ -286,10 +451,24 @@ extern "C" __global__ void __launch_bounds__(THREADS) fwdfast_bf16_hd64_causal_b
         q_step = batch;
         k_step = batch;
         total_q = (long long)seqlen_q * batch;
+        if (cache_seqlens_k != nullptr) {
+            // Static KV cache: sequence b is cache slot cache_batch_offset + b of a
+            // [max_seq, cache_max_batch, num_groups, HEAD_DIM] layer with cache_seqlens_k[b] keys.
+            sk = cache_seqlens_k[b];
+            k_tok0 = (long long)cache_batch_offset + b;
+            k_step = cache_max_batch;
+        }
     }
     const int m0 = m_block * BLOCK_M;
     if (m0 >= sq) return;
     const int m_valid = min(BLOCK_M, sq - m0);
+    if (v_nonfinite != nullptr && *v_nonfinite != 0) {
+        exact_rows(q, k, v, out, lse, q_tok0, q_step, k_tok0, k_step, total_q, m0, m_valid, sq, sk,
+                   h, grp, b, num_heads, num_groups, softmax_scale, window_left, window_right, mask,
+                   mask_stride_b, mask_stride_h, mask_stride_q, mask_stride_k, bias, bias_stride_b,
+                   bias_stride_h, bias_stride_q, bias_stride_k, sinks, gate, max_logit);
+        return;
+    }
 
     const long long q_row_stride = q_step * num_heads * HEAD_DIM;
     const long long kv_row_stride = k_step * num_groups * HEAD_DIM;
@@ -305,8 +484,9 @@ extern "C" __global__ void __launch_bounds__(THREADS) fwdfast_bf16_hd64_causal_b
     const int ntiles = tile_hi - tile_lo;
 
     const float scale_log2 = softmax_scale * FAST_LOG2E;
-    // S holds raw q.k until the exponent; the post-scale bias enters divided by the scale.
-    const float inv_scale = 1.0f / softmax_scale;
+    // With a bias, S holds finished logits in log2 units (biased_logit_log2: a finite bias
+    // never overflows); without one, raw q.k with the scale folded into the exponent's FFMA.
+    const float s_mul = 1.0f;
 
     // Per-row state: rows (mi, hh) = warp * WARP_ROWS + mi * 16 + gq + 8 * hh.
     float o[MI][DN][4];
@@ -472,7 +652,9 @@ extern "C" __global__ void __launch_bounds__(THREADS) fwdfast_bf16_hd64_causal_b
                             const int j = n0 + ni * 8 + 2 * tq + e;
                             if (j < sk) {
                                 float x = s[mi][ni][2 * hh + e];
-                                x = fmaf(brow[(long long)j * bias_stride_k], inv_scale, x);
+                                // Range-masked keys stay -inf whatever the bias holds there.
+                                x = x == neg_inf() ? x
+                                    : biased_logit_log2(x * softmax_scale, brow[(long long)j * bias_stride_k]);
                                 s[mi][ni][2 * hh + e] = x;
                             }
                         }
@@ -498,7 +680,7 @@ extern "C" __global__ void __launch_bounds__(THREADS) fwdfast_bf16_hd64_causal_b
                     mx = fmaxf(mx, fmaxf(s[mi][ni][2 * hh], s[mi][ni][2 * hh + 1]));
                 mx = fmaxf(mx, __shfl_xor_sync(FULL_WARP, mx, 1));
                 mx = fmaxf(mx, __shfl_xor_sync(FULL_WARP, mx, 2));
-                mx *= scale_log2;  // log2 units (-inf stays -inf)
+                mx *= s_mul;  // log2 units (-inf stays -inf)
                 m_vis[mi][hh] = fmaxf(m_vis[mi][hh], mx);
                 mx_row[mi][hh] = mx;
                 grow |= mx > m_run[mi][hh] + RESCALE_SLACK;
@@ -532,7 +714,7 @@ extern "C" __global__ void __launch_bounds__(THREADS) fwdfast_bf16_hd64_causal_b
                 for (int ni = 0; ni < NI; ++ni) {
 #pragma unroll
                     for (int e = 0; e < 2; ++e) {
-                        const float p = fast_exp2(fmaf(s[mi][ni][2 * hh + e], scale_log2, -m_use));
+                        const float p = fast_exp2(fmaf(s[mi][ni][2 * hh + e], s_mul, -m_use));
                         s[mi][ni][2 * hh + e] = p;
                         sum += p;
                     }

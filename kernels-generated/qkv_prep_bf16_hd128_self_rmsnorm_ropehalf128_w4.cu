@@ -16,6 +16,9 @@
 // Norm weights: elem_t [HEAD_DIM] each (bias only for layer norm); eps: layernorm_epsilon.
 // positions: int32 [num_tokens], the rope position of each token; rotary_base; mscale
 //   multiplies cos and sin. Unused arguments are ignored (may be null / 0).
+// v_nonfinite: int32 flag or null; set to 1 when any value written to v_out is NaN or +-Inf
+//   (the attention kernels then take their exact path, see templates/fwd_fast.cu). The
+//   caller zeroes it before the launch.
 
 // ---------------------------------------------------------------------------------------
 // Element types and conversions. No CUDA toolkit header is included: NVRTC alone compiles
@@ -112,7 +115,8 @@ extern "C" __global__ void __launch_bounds__(PREP_WARPS * WARP_SIZE) qkv_prep_bf
     int num_tokens,
     int num_kv_tokens,
     int num_heads,
-    int num_groups)
+    int num_groups,
+    int* __restrict__ v_nonfinite)
 {
     const int lane = threadIdx.x % WARP_SIZE;
     const int warp = threadIdx.x / WARP_SIZE;
@@ -176,7 +180,16 @@ extern "C" __global__ void __launch_bounds__(PREP_WARPS * WARP_SIZE) qkv_prep_bf
             }
             __syncwarp();
         }
+        bool bad = false;
 #pragma unroll
-        for (int c = 0; c < LANE_D; ++c) store_elem(dst + c * WARP_SIZE + lane, x[c]);
+        for (int c = 0; c < LANE_D; ++c) {
+            elem_t e;
+            float_to_elem(x[c], &e);
+            // Non-finite after rounding to elem_t (a large finite f32 can round to Inf).
+            bad |= (__float_as_uint(elem_to_float(e)) & 0x7f800000u) == 0x7f800000u;
+            dst[c * WARP_SIZE + lane] = e;
+        }
+        if (kind == KIND_V && v_nonfinite != nullptr && __any_sync(FULL_WARP, bad) && lane == 0)
+            atomicOr(v_nonfinite, 1);
     }
 }

@@ -482,5 +482,6 @@ extern "C" __global__ void __launch_bounds__(MERGE_WARPS * WARP_SIZE) {{ key }}_
 {%- if not has_gate %}
     (void)gate;
 {%- endif %}
-    if (lane == 0) lse[(long long)h * batch + b] = any ? (m + log2f(total)) * LN2 : neg_inf();
+    // A sink column keeps the row non-empty (LSE = the sink logit when no key is visible).
+    if (lane == 0) lse[(long long)h * batch + b] = any || sink != neg_inf() ? (m + log2f(total)) * LN2 : neg_inf();
 }

@@ -102,10 +102,14 @@ extern "C" __global__ void __launch_bounds__(BLOCK_ROWS * WARP_SIZE) {{ key }}(
         (void)mask; (void)mask_stride_b; (void)mask_stride_h; (void)mask_stride_q; (void)mask_stride_k;
 {%- endif %}
         const long long kv_off = ((k_base + (long long)j * k_step) * num_groups + g) * HEAD_DIM;
-        float s = row_dot(qv, k + kv_off, lane) * scale_log2;
 {%- if has_bias %}
-        s += bias[b * bias_stride_b + h * bias_stride_h + i * bias_stride_q + j * bias_stride_k] * LOG2E;
+        // A -inf bias skips the key (row_update); a finite one stays finite (biased_logit_log2).
+        const float bj = bias[b * bias_stride_b + h * bias_stride_h + i * bias_stride_q + j * bias_stride_k];
+        if (bj == neg_inf()) continue;
+        const float s = biased_logit_log2(row_dot(qv, k + kv_off, lane) * softmax_scale, bj);
+        (void)scale_log2;
 {%- else %}
+        const float s = row_dot(qv, k + kv_off, lane) * scale_log2;
         (void)bias; (void)bias_stride_b; (void)bias_stride_h; (void)bias_stride_q; (void)bias_stride_k;
 {%- endif %}
         row_update(st, s, v + kv_off, lane);

@@ -80,9 +80,13 @@ pub const fn flash_decode_smem_bytes(head_dim: usize) -> usize {
 ///   mask_stride_b/h/q/k, bias, bias_stride_b/h/q/k, sinks, gate)`; padded
 ///   `[s, b, heads, hn]` when `cu_seqlens_q` is null, packed `[t, heads, hn]` otherwise.
 /// - `ForwardFast` (`fwdfast_*`): the `Forward` argument list followed by `max_logit` (f32
-///   `[num_heads]` or null); same layouts. Launch: grid `(ceil(max_seqlen_q / block_m),
-///   num_heads, batch)`, block `warps * 32`, dynamic shared memory [`FastTile::smem_bytes`].
-///   Every mask (mask tensors included) and the additive bias, as `Forward`.
+///   `[num_heads]` or null), `v_nonfinite` (int32 flag or null: set when some V element is
+///   not finite; the kernel then computes its rows exactly, never reading a masked key),
+///   `cache_seqlens_k` (int32 `[batch]` or null), `cache_batch_offset`, `cache_max_batch`
+///   (with `cache_seqlens_k`, k/v are one layer of a static cache `[max_seq, max_batch, ng,
+///   hn]`); same layouts otherwise. Launch: grid `(ceil(max_seqlen_q / block_m), num_heads,
+///   batch)`, block `warps * 32`, dynamic shared memory [`FastTile::smem_bytes`]. Every mask
+///   (mask tensors included) and the additive bias, as `Forward`.
 /// - `Decode` (`decode_*`): `(q, k_cache, v_cache, out, lse, seqlens_k, batch, batch_offset,
 ///   max_batch, num_heads, num_groups, seqlen_q, softmax_scale, window_left, window_right,
 ///   sinks, gate)` over a static cache `[max_seq, max_batch, ng, hn]`.
@@ -102,7 +106,8 @@ pub const fn flash_decode_smem_bytes(head_dim: usize) -> usize {
 ///   `(total_tokens)`, block 128; a null block table writes a static cache.
 /// - `QkvPrep` (`qkv_prep_*`): `(qkv, kv, q_out, k_out, v_out, gate_out, q_norm_weight,
 ///   q_norm_bias, k_norm_weight, k_norm_bias, eps, positions, rotary_base, mscale, num_tokens,
-///   num_kv_tokens, num_heads, num_groups)`.
+///   num_kv_tokens, num_heads, num_groups, v_nonfinite)`; `v_nonfinite` (int32 or null) is
+///   set to 1 when a value written to `v_out` is not finite.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub enum Phase {
     /// Prefill / training forward over padded or packed q, k, v.

@@ -58,6 +58,10 @@ pub struct ForwardArgs<'a> {
     /// per sequence when packed; for a KV-cache step, each sequence's cached length onwards.
     pub positions: Option<&'a [i64]>,
     /// Additive post-scale bias broadcastable to `[b, np, sq, sk]` (packed: as the mask).
+    /// `-inf` masks a key like the mask does (a row masked entirely gives zeros, LSE `-inf`);
+    /// a finite bias, even `f32::MIN` (Hugging Face's `finfo(float32).min` masks), stays a
+    /// finite logit (the CUDA kernels saturate logits at +-2^126 so nothing overflows).
+    /// Whatever the bias holds at masked positions is never used.
     pub attention_bias: Option<&'a Tensor>,
     /// Packed (THD) input `[t, h]` when set.
     pub packed: Option<PackedSeqParams<'a>>,

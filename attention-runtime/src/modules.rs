@@ -56,6 +56,10 @@ pub struct CoreArgs<'a> {
     /// take a tensor (`padding`, `padding_causal`, `arbitrary`).
     pub attention_mask: Option<&'a Tensor>,
     /// Additive post-scale bias broadcastable to `[b, np, sq, sk]` (packed: as the mask).
+    /// `-inf` masks a key like the mask does (a row masked entirely gives zeros, LSE `-inf`);
+    /// a finite bias, even `f32::MIN` (Hugging Face's `finfo(float32).min` masks), stays a
+    /// finite logit (the CUDA kernels saturate logits at +-2^126 so nothing overflows).
+    /// Whatever the bias holds at masked positions is never used.
     pub attention_bias: Option<&'a Tensor>,
     /// Packed (THD) layout: q `[t, np, hn]`, k/v `[tk, ng, hn]` split by `cu_seqlens_q` /
     /// `cu_seqlens_kv`.

@@ -249,6 +249,7 @@ fn run<T: Elem>(case: &Case, seed: u64) {
                 strides: bias_h.as_ref().unwrap().1,
                 extent: full,
             }),
+            v_nonfinite: None,
         };
         kernel
             .launch_with(
@@ -648,6 +649,7 @@ fn mask_and_bias_arguments_are_checked() {
     let err = try_launch(FastExtras {
         mask: Some(m),
         bias: None,
+        v_nonfinite: None,
     })
     .unwrap_err()
     .to_string();
@@ -666,6 +668,7 @@ fn mask_and_bias_arguments_are_checked() {
     let err = try_launch(FastExtras {
         mask: Some(m),
         bias: Some(bi),
+        v_nonfinite: None,
     })
     .unwrap_err()
     .to_string();

@@ -81,5 +81,10 @@ __device__ __forceinline__ void row_finish(const RowState& st, elem_t* __restric
 {%- if not has_gate %}
     (void)gate_row;
 {%- endif %}
+{%- if sinks == "none" %}
     if (lane == 0) *lse_slot = st.any ? (st.m + log2f(st.l)) * LN2 : neg_inf();
+{%- else %}
+    // The sink column keeps even a fully masked row non-empty: LSE = its logit then.
+    if (lane == 0) *lse_slot = (st.m + log2f(st.l)) * LN2;
+{%- endif %}
 }

@@ -300,6 +300,12 @@ pub(crate) struct PreparedGemm {
     y: u64,
 }
 
+// SAFETY: the descriptors, layouts and algorithm are host objects owned by this value alone
+// and never mutated after `new`; the handle is the runtime's, which cuBLASLt lets any thread
+// use. A PreparedGemm is only ever used by one thread at a time (behind `&mut`, a graph
+// that owns it, or the layer's plan mutex), so moving it between threads is sound.
+unsafe impl Send for PreparedGemm {}
+
 impl PreparedGemm {
     /// Prepare `y = x · W^T (+ bias)` for `rows` rows, `W [out, inp]`, all buffers raw
     /// pointers of `elem` (`bias [out]` or 0). The caller keeps every buffer alive as long

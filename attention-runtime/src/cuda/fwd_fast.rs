@@ -118,6 +118,11 @@ pub struct FastExtras<'a> {
     pub mask: Option<FastStrided<'a, u8>>,
     /// Additive attention bias; required exactly when the config has `has_bias`.
     pub bias: Option<FastStrided<'a, f32>>,
+    /// int32 flag, nonzero when some element of `v` is NaN or +-Inf (as `qkv_prep` raises
+    /// it). When set, kernels whose masks can hide keys inside a tile compute exactly, one
+    /// warp per row, so a masked key's V never meets a zero weight (0 * NaN = NaN). `None`:
+    /// the caller guarantees V is finite wherever a key can be masked.
+    pub v_nonfinite: Option<&'a CudaSlice<i32>>,
 }
 
 fn check_strided<E>(
@@ -479,6 +484,14 @@ impl FastForward {
             }
             None => (0, None, [0; 4]),
         };
+        let (vflag_ptr, _g13) = match extras.v_nonfinite {
+            Some(f) => {
+                check_len("v_nonfinite", f, 1)?;
+                let (p, g) = f.device_ptr(stream);
+                (p, Some(g))
+            }
+            None => (0, None),
+        };
         let batch = a.batch as i32;
         let heads = a.num_heads as i32;
         let groups = a.num_groups as i32;
@@ -522,7 +535,11 @@ impl FastForward {
             .arg(&bs[3])
             .arg(&sinks_ptr)
             .arg(&gate_ptr)
-            .arg(&ml_ptr);
+            .arg(&ml_ptr)
+            .arg(&vflag_ptr);
+        // Static-cache mode off (the layer's prefill uses it through its own launch).
+        let (no_cache, zero) = (0u64, 0i32);
+        b.arg(&no_cache).arg(&zero).arg(&zero);
         // SAFETY: the argument list matches the kernel's signature (templates/fwd_fast.cu):
         // 8-byte pointers (0 = null), i32 dims, f32 scale, i64 strides; every buffer was
         // checked above to hold the elements the kernel indexes for these dims (mask / bias:

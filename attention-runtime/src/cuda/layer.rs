@@ -26,6 +26,7 @@ use super::launch::{kernel, launch_err};
 use super::linear::{linear_kv, linear_proj_into, linear_q, linear_qkv_into, DeviceLinear};
 use super::tensor::{upload, DeviceElem, DeviceTensor, ElemType};
 use super::CudaRuntime;
+use super::DeviceStaticKvCache;
 use crate::config::LayerConfig;
 use crate::device::CudaDevice;
 use crate::error::{AttnError, Result};
@@ -66,7 +67,11 @@ pub struct CudaLayer {
     poison: AtomicBool,
     /// Pinned `flashdec` split count of eager decode (0: chosen per step).
     decode_splits: AtomicUsize,
+    /// Decode-step plans, reused across steps (see [`decode_step`]).
+    decode_plans: std::sync::Mutex<Vec<decode_step::DecodePlan>>,
 }
+
+mod decode_step;
 
 fn bad(arg: &str, expected: impl Into<String>, got: impl Into<String>) -> AttnError {
     AttnError::InvalidArgument {
@@ -236,6 +241,7 @@ impl CudaLayer {
             fwd,
             poison: AtomicBool::new(false),
             decode_splits: AtomicUsize::new(0),
+            decode_plans: std::sync::Mutex::new(Vec::new()),
         })
     }
 
@@ -286,6 +292,33 @@ impl CudaLayer {
             )
             .ok()? as usize;
         (smem <= optin).then_some(c)
+    }
+
+    /// The tensor-core forward config of attention over a static cache (prefill): the
+    /// layer's forward kernel with the bottom-right causal mask, no mask tensor or bias;
+    /// `None` when its tile does not fit this GPU (prefill then runs the `decode` kernel).
+    pub fn cache_prefill_config(&self) -> Option<KernelConfig> {
+        let mut c = self.fwd.clone();
+        c.mask = Some(MaskType::CausalBottomRight);
+        c.has_bias = false;
+        self.fast_config(&c)
+    }
+
+    /// Load a `fwdfast` kernel and allow its dynamic shared memory.
+    fn load_fast(&self, c: &KernelConfig) -> Result<(String, cudarc::driver::CudaFunction)> {
+        let (key, f) = kernel(&self.rt, c)?;
+        let smem = c.fast_tile().smem_bytes(c.head_dim);
+        if smem > 48 * 1024 {
+            f.set_attribute(
+                cudarc::driver::sys::CUfunction_attribute_enum::CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES,
+                smem as i32,
+            )
+            .map_err(|e| AttnError::Cuda {
+                call: format!("cuFuncSetAttribute max dynamic shared memory {key}"),
+                msg: e.to_string(),
+            })?;
+        }
+        Ok((key, f))
     }
 
     /// The key of the `qkv_prep` kernel.
@@ -559,6 +592,12 @@ impl CudaLayer {
         } else {
             None
         };
+        // Raised by qkv_prep when a value it writes to v is not finite; the attention kernel
+        // then takes its exact path, so junk at masked keys (padding) never reaches a row.
+        let v_flag = st
+            .alloc_zeros::<i32>(1)
+            .map_err(super::tensor::alloc_err("v_nonfinite", 4))?;
+        let p_vflag = dptr(&v_flag, rt);
         {
             let (key, f) = kernel(rt, &self.prep)?;
             let grid = if is_self { g.nq } else { g.nq.max(g.nk) };
@@ -590,7 +629,7 @@ impl CudaLayer {
                 .arg(&p_gate);
             b.arg(&p_qw).arg(&p_qb).arg(&p_kw).arg(&p_kb).arg(&eps);
             b.arg(&p_pos).arg(&base).arg(&mscale);
-            b.arg(&nt).arg(&nkt).arg(&nh).arg(&ngr);
+            b.arg(&nt).arg(&nkt).arg(&nh).arg(&ngr).arg(&p_vflag);
             // SAFETY: the argument list matches the qkv_prep entry point (render.rs docs):
             // every pointer is a live device buffer of the documented shape or null where the
             // variant ignores it; grid covers every token row.
@@ -668,10 +707,13 @@ impl CudaLayer {
             b.arg(&p_mask).arg(&mb).arg(&mh).arg(&mq).arg(&mk);
             b.arg(&p_bias).arg(&bb).arg(&bh).arg(&bq).arg(&bk);
             b.arg(&p_sinks).arg(&p_gate);
-            // fwdfast_* takes the same list plus the per-head max-logit record (null: off).
+            // fwdfast_* takes the same list plus the per-head max-logit record (null: off)
+            // and the v_nonfinite flag.
             let p_max_logit: u64 = 0;
+            let (no_cache, zero) = (0u64, 0i32);
             if is_fast.is_some() {
-                b.arg(&p_max_logit);
+                b.arg(&p_max_logit).arg(&p_vflag);
+                b.arg(&no_cache).arg(&zero).arg(&zero);
             }
             // SAFETY: the argument list matches the fwd / fwdfast entry point (render.rs docs); q/o/gate
             // are [nq, np, hn], k/v [nk, ng, hn] (padded rows are s-major, b-minor, as the
@@ -696,7 +738,7 @@ impl CudaLayer {
             fwd_key
         ))?;
         drop((
-            a, kv_in, q, k, v, gate, positions, lse, mask_buf, bias_buf, g,
+            a, kv_in, q, k, v, gate, positions, lse, mask_buf, bias_buf, g, v_flag,
         ));
         Ok((out, bias))
     }
@@ -849,6 +891,9 @@ impl CudaLayer {
         let base = c.rope.map_or(10000.0, |r| r.rotary_base as f32);
         let (nt, nkt) = (n as i32, n as i32);
         let (nh, ngr) = (c.heads as i32, c.groups as i32);
+        // Cache paths never read a masked key (exact per-row kernels, range-exact decode):
+        // no v_nonfinite flag.
+        let p_vflag = 0u64;
         let mut b = stream.launch_builder(&f);
         b.arg(&p.qkv)
             .arg(&p_kv)
@@ -858,7 +903,7 @@ impl CudaLayer {
             .arg(&p.gate);
         b.arg(&p_qw).arg(&p_qb).arg(&p_kw).arg(&p_kb).arg(&eps);
         b.arg(&p.positions).arg(&base).arg(&mscale);
-        b.arg(&nt).arg(&nkt).arg(&nh).arg(&ngr);
+        b.arg(&nt).arg(&nkt).arg(&nh).arg(&ngr).arg(&p_vflag);
         // SAFETY: matches the qkv_prep entry point; the caller's buffers have the
         // documented shapes for `n` rows; positions has n entries when rope is on.
         unsafe { b.launch(cfg) }.map_err(launch_err(&key))?;
@@ -905,7 +950,7 @@ impl CudaLayer {
         b: usize,
         args: &ForwardArgs<'_>,
     ) -> Result<super::decode::LayerDecodeGraph> {
-        use super::decode::{DecodeBuffers, LayerDecodeGraph, PreparedGemm, RopeTables};
+        use super::decode::LayerDecodeGraph;
         self.check_kv_step(cache, args)?;
         if args.positions.is_some() {
             return Err(bad(
@@ -914,143 +959,19 @@ impl CudaLayer {
                 "explicit positions",
             ));
         }
-        if b == 0 {
-            return Err(bad("b", "at least one sequence", "0"));
-        }
-        cache.check_append(layer, batch_offset, b, 0)?;
-        let kc = cache.layer_k(layer)?;
-        if kc.elem() != self.elem {
-            return Err(AttnError::DType {
-                arg: "cache".into(),
-                expected: self.elem.name().into(),
-                got: kc.elem().name().into(),
-            });
-        }
-        let rt = &*self.rt;
-        let st = rt.stream();
-        let c = &self.config;
-        let (np, ng, hn, h) = (c.heads, c.groups, c.head_dim, c.hidden);
-        let Projections::SelfAttention { qkv } = &self.proj_in else {
-            return Err(bad("config.kind", "self-attention", "cross-attention"));
-        };
-        let mut prep = self.prep.clone();
-        prep.rope = None;
-        let fcfg = self.kv_config(Phase::FlashDecode)?;
-        let splits = match self.decode_splits.load(Ordering::Relaxed) {
-            0 => super::decode::num_splits(super::decode::sm_count(rt)?, b, ng, cache.max_seq()),
-            n => n,
-        };
-        let un = |shape: &[usize], arg: &str| DeviceTensor::uninit(st, self.elem, shape, arg);
-        let f32buf = |n: usize, arg: &str| super::tensor::alloc_uninit::<f32>(st, n, arg);
-        let rope = match c.rope {
-            Some(r) => {
-                let t = crate::reference::rope::RopeTable::new(&r, hn)?;
-                let (cs, sn) = t.cos_sin(cache.max_seq(), args.rope_mscale);
-                Some(RopeTables::new(
-                    st,
-                    &cs,
-                    &sn,
-                    cache.max_seq(),
-                    args.rope_mscale,
-                )?)
-            }
-            None => None,
-        };
-        let bufs = DecodeBuffers {
-            x: un(&[b, h], "graph hidden")?,
-            qkv: un(&[b, qkv.out_features()], "graph linear_qkv output")?,
-            q: un(&[b, np, hn], "graph q")?,
-            k: un(&[b, ng, hn], "graph k")?,
-            v: un(&[b, ng, hn], "graph v")?,
-            gate: if c.output_gate {
-                Some(un(&[b, np, hn], "graph gate")?)
-            } else {
-                None
-            },
-            seqlens: super::tensor::alloc_uninit::<i32>(st, b, "graph cache_seqlens")?,
-            rope,
-            o_part: f32buf(splits * b * np * hn, "graph o_part")?,
-            lse_part: f32buf(splits * b * np, "graph lse_part")?,
-            lse: f32buf(np * b, "graph lse")?,
-            o: un(&[b, np, hn], "graph attention output")?,
-            out: un(&[b, h], "graph output")?,
-        };
-        let gemm_qkv = PreparedGemm::new(
-            rt,
-            self.elem,
-            b,
-            qkv.out_features(),
-            h,
-            tptr(&qkv.weight, rt),
-            tptr(&bufs.x, rt),
-            tptr(&bufs.qkv, rt),
-            opt_ptr(qkv.bias.as_ref(), rt),
-        )?;
-        let gemm_proj = PreparedGemm::new(
-            rt,
-            self.elem,
-            b,
-            h,
-            np * hn,
-            tptr(&self.proj.weight, rt),
-            tptr(&bufs.o, rt),
-            tptr(&bufs.out, rt),
-            0,
-        )?;
-        let pp = PrepPtrs {
-            qkv: tptr(&bufs.qkv, rt),
-            q: tptr(&bufs.q, rt),
-            k: tptr(&bufs.k, rt),
-            v: tptr(&bufs.v, rt),
-            gate: opt_ptr(bufs.gate.as_ref(), rt),
-            positions: 0,
-        };
-        let (wl, wr) = match c.window {
-            Some(w) => (to_i32("window", w.left)?, to_i32("window", w.right)?),
-            None => (-1, -1),
-        };
-        let a = super::decode::FlashDecodeArgs {
-            q: pp.q,
-            k_new: pp.k,
-            v_new: pp.v,
-            k_cache: tptr(kc, rt),
-            v_cache: tptr(cache.layer_v(layer)?, rt),
-            cache_seqlens: dptr(&bufs.seqlens, rt),
-            rope_cos: bufs.rope.as_ref().map_or(0, |t| dptr(&t.cos, rt)),
-            rope_sin: bufs.rope.as_ref().map_or(0, |t| dptr(&t.sin, rt)),
-            o_part: dptr(&bufs.o_part, rt),
-            lse_part: dptr(&bufs.lse_part, rt),
-            out: tptr(&bufs.o, rt),
-            lse: dptr(&bufs.lse, rt),
-            sinks: self.sinks.as_ref().map_or(0, |x| dptr(x, rt)),
-            gate: pp.gate,
-            batch: to_i32("b", b as i64)?,
-            batch_offset: to_i32("batch_offset", batch_offset as i64)?,
-            max_batch: to_i32("max_batch", cache.max_batch() as i64)?,
-            num_heads: np as i32,
-            num_groups: ng as i32,
-            num_splits: splits as i32,
-            softmax_scale: c.softmax_scale,
-            window_left: wl,
-            window_right: wr,
-        };
-        // Compile and load every kernel before capturing.
-        let (key, split_f, merge_f) = super::decode::flash_decode_kernels(rt, &fcfg)?;
-        kernel(rt, &prep)?;
-        let (stream, graph) = LayerDecodeGraph::capture_on(rt, |cs| {
-            gemm_qkv.launch(cs, "linear_qkv (graph)")?;
-            self.launch_prep(cs, &prep, b, &pp, 1.0)?;
-            super::decode::launch_flash_decode(cs, &key, &split_f, &merge_f, &a)?;
-            gemm_proj.launch(cs, "linear_proj (graph)")
-        })?;
+        let plan = self.plan_decode(cache, layer, batch_offset, b, args.rope_mscale)?;
+        let splits = plan.max_splits;
+        let (stream, graph) =
+            LayerDecodeGraph::capture_on(&self.rt, |cs| self.enqueue_decode(&plan, cs, splits))?;
+        let (bufs, gemms, binding) = plan.into_graph_parts();
         Ok(LayerDecodeGraph {
             rt: self.rt.clone(),
             stream,
             graph,
             bufs,
-            _gemms: [gemm_qkv, gemm_proj],
-            binding: super::decode::cache_binding(rt, cache, layer, batch_offset, b)?,
-            hidden: h,
+            _gemms: gemms,
+            binding,
+            hidden: self.config.hidden,
             splits,
             proj_bias_host: self.proj_bias_host.clone(),
             poison: self.poison.load(Ordering::Relaxed),
@@ -1150,10 +1071,58 @@ impl CudaLayer {
             // SAFETY: matches the kvappend entry point; capacity validated by check_append.
             unsafe { lb.launch(cfg) }.map_err(launch_err(&key))?;
         }
-        // Attention over the cache (decode kernel handles any number of new queries).
+        // Attention over the cache: the tensor-core forward kernel reading the cache slots
+        // in place (bottom-right causal), or, when its tile does not fit this GPU, the
+        // one-warp-per-row `decode` kernel (the named fallback).
         let o = self.alloc(&[n, c.heads, c.head_dim], "attention output")?;
         let lse = super::tensor::alloc_uninit::<f32>(st, c.heads * n, "lse")?;
-        {
+        let (wl, wr) = match c.window {
+            Some(w) => (to_i32("window", w.left)?, to_i32("window", w.right)?),
+            None => (-1, -1),
+        };
+        let p_sinks = self.sinks.as_ref().map_or(0, |x| dptr(x, rt));
+        let p_gate = opt_ptr(gate.as_ref(), rt);
+        let (pq, pkc, pvc, po, plse) = (
+            tptr(&q, rt),
+            tptr(kc, rt),
+            tptr(vc, rt),
+            tptr(&o, rt),
+            dptr(&lse, rt),
+        );
+        let pl = dptr(&lens_d, rt);
+        let (bi, bo, mb) = (b as i32, batch_offset as i32, cache.max_batch() as i32);
+        let (nh, ngr, sq) = (c.heads as i32, c.groups as i32, s as i32);
+        let scale = c.softmax_scale;
+        if let Some(fc) = self.cache_prefill_config() {
+            let (key, f) = self.load_fast(&fc)?;
+            let tile = fc.fast_tile();
+            let cfg = LaunchConfig {
+                grid_dim: (s.div_ceil(tile.block_m) as u32, c.heads as u32, b as u32),
+                block_dim: ((tile.warps * 32) as u32, 1, 1),
+                shared_mem_bytes: tile.smem_bytes(c.head_dim) as u32,
+            };
+            let (null, zero_i, zero_l) = (0u64, 0i32, 0i64);
+            let mut lb = st.launch_builder(&f);
+            lb.arg(&pq).arg(&pkc).arg(&pvc).arg(&po).arg(&plse);
+            lb.arg(&null).arg(&null).arg(&bi).arg(&nh).arg(&ngr);
+            lb.arg(&sq).arg(&zero_i).arg(&scale).arg(&wl).arg(&wr);
+            lb.arg(&null)
+                .arg(&zero_l)
+                .arg(&zero_l)
+                .arg(&zero_l)
+                .arg(&zero_l);
+            lb.arg(&null)
+                .arg(&zero_l)
+                .arg(&zero_l)
+                .arg(&zero_l)
+                .arg(&zero_l);
+            lb.arg(&p_sinks).arg(&p_gate).arg(&null).arg(&null);
+            lb.arg(&pl).arg(&bo).arg(&mb);
+            // SAFETY: matches the fwdfast entry point in its static-cache mode (templates/
+            // fwd_fast.cu): q/o/gate [s, b, np, hn], cache layer [max_seq, max_batch, ng, hn]
+            // with slots batch_offset..+b, cache_seqlens_k [b] <= max_seq (check_append).
+            unsafe { lb.launch(cfg) }.map_err(launch_err(&key))?;
+        } else {
             let dcfg = self.kv_config(Phase::Decode)?;
             let (key, f) = kernel(rt, &dcfg)?;
             let cfg = LaunchConfig {
@@ -1161,23 +1130,6 @@ impl CudaLayer {
                 block_dim: ((dcfg.warps * 32) as u32, 1, 1),
                 shared_mem_bytes: 0,
             };
-            let (pq, pkc, pvc, po, plse) = (
-                tptr(&q, rt),
-                tptr(kc, rt),
-                tptr(vc, rt),
-                tptr(&o, rt),
-                dptr(&lse, rt),
-            );
-            let pl = dptr(&lens_d, rt);
-            let (bi, bo, mb) = (b as i32, batch_offset as i32, cache.max_batch() as i32);
-            let (nh, ngr, sq) = (c.heads as i32, c.groups as i32, s as i32);
-            let scale = c.softmax_scale;
-            let (wl, wr) = match c.window {
-                Some(w) => (to_i32("window", w.left)?, to_i32("window", w.right)?),
-                None => (-1, -1),
-            };
-            let p_sinks = self.sinks.as_ref().map_or(0, |x| dptr(x, rt));
-            let p_gate = opt_ptr(gate.as_ref(), rt);
             let mut lb = st.launch_builder(&f);
             lb.arg(&pq).arg(&pkc).arg(&pvc).arg(&po).arg(&plse).arg(&pl);
             lb.arg(&bi).arg(&bo).arg(&mb).arg(&nh).arg(&ngr).arg(&sq);
@@ -1192,9 +1144,11 @@ impl CudaLayer {
         r
     }
 
-    /// One decode step (`hidden` `[1, b, h]`) through the fused `flashdec` kernel: rope of
-    /// the new q/k from cos/sin tables at each slot's own position, append, split-KV
-    /// attention, LSE merge. With `args.positions` it takes the [`prefill`](Self::prefill)
+    /// One decode step (`hidden` `[1, b, h]`, host tensors in and out) through the fused
+    /// `flashdec` kernel: rope of the new q/k from cos/sin tables at each slot's own
+    /// position, append, split-KV attention, LSE merge. A convenience over
+    /// [`decode_device`](Self::decode_device) (the same plan and kernels, then a copy back
+    /// that synchronizes). With `args.positions` it takes the [`prefill`](Self::prefill)
     /// path (explicit positions). Errors as the CPU layer's `decode`; on error nothing is
     /// written to the cache.
     pub fn decode(
@@ -1211,78 +1165,15 @@ impl CudaLayer {
         }
         self.check_kv_step(cache, args)?;
         let b = hidden.shape()[1];
-        let starts = cache.check_append(layer, batch_offset, b, 1)?;
-        let rt = &*self.rt;
-        let st = rt.stream();
-        let c = &self.config;
-        let x = DeviceTensor::from_host(st, hidden, self.elem)?;
-        let mut prep = self.prep.clone();
-        prep.rope = None;
-        let (q, k, v, gate, _keep) = self.project_and_prep(&x, b, &prep, None, 1.0)?;
-        let fcfg = self.kv_config(Phase::FlashDecode)?;
-        let tables = match c.rope {
-            Some(r) => {
-                let t = crate::reference::rope::RopeTable::new(&r, c.head_dim)?;
-                let (cs, sn) = t.cos_sin(cache.max_seq(), args.rope_mscale);
-                Some(super::decode::RopeTables::new(
-                    st,
-                    &cs,
-                    &sn,
-                    cache.max_seq(),
-                    args.rope_mscale,
-                )?)
-            }
-            None => None,
-        };
-        let lens: Vec<i32> = starts.iter().map(|&l| l as i32).collect();
-        let lens_d = upload(st, &lens, "cache_seqlens")?;
-        let max_len = starts.iter().max().copied().unwrap_or(0) + 1;
-        let splits = match self.decode_splits.load(Ordering::Relaxed) {
-            0 => super::decode::num_splits(super::decode::sm_count(rt)?, b, c.groups, max_len),
-            n => n,
-        };
-        let (np, hn) = (c.heads, c.head_dim);
-        let o_part = super::tensor::alloc_uninit::<f32>(st, splits * b * np * hn, "o_part")?;
-        let lse_part = super::tensor::alloc_uninit::<f32>(st, splits * b * np, "lse_part")?;
-        let lse = super::tensor::alloc_uninit::<f32>(st, np * b, "lse")?;
-        let o = self.alloc(&[b, np, hn], "attention output")?;
-        let (kc, vc) = (cache.layer_k(layer)?, cache.layer_v(layer)?);
-        let (wl, wr) = match c.window {
-            Some(w) => (to_i32("window", w.left)?, to_i32("window", w.right)?),
-            None => (-1, -1),
-        };
-        let a = super::decode::FlashDecodeArgs {
-            q: tptr(&q, rt),
-            k_new: tptr(&k, rt),
-            v_new: tptr(&v, rt),
-            k_cache: tptr(kc, rt),
-            v_cache: tptr(vc, rt),
-            cache_seqlens: dptr(&lens_d, rt),
-            rope_cos: tables.as_ref().map_or(0, |t| dptr(&t.cos, rt)),
-            rope_sin: tables.as_ref().map_or(0, |t| dptr(&t.sin, rt)),
-            o_part: dptr(&o_part, rt),
-            lse_part: dptr(&lse_part, rt),
-            out: tptr(&o, rt),
-            lse: dptr(&lse, rt),
-            sinks: self.sinks.as_ref().map_or(0, |x| dptr(x, rt)),
-            gate: opt_ptr(gate.as_ref(), rt),
-            batch: b as i32,
-            batch_offset: batch_offset as i32,
-            max_batch: cache.max_batch() as i32,
-            num_heads: np as i32,
-            num_groups: c.groups as i32,
-            num_splits: splits as i32,
-            softmax_scale: c.softmax_scale,
-            window_left: wl,
-            window_right: wr,
-        };
-        let (key, split_f, merge_f) = super::decode::flash_decode_kernels(rt, &fcfg)?;
-        super::decode::launch_flash_decode(st, &key, &split_f, &merge_f, &a)?;
-        cache.mark_appended(layer, batch_offset, b, 1);
-        let r = self.finish_proj(o, b, hidden.shape());
-        drop((q, k, v, gate, lens_d, o_part, lse_part, lse, tables));
-        r
+        cache.check_append(layer, batch_offset, b, 1)?;
+        let x = DeviceTensor::from_host(self.rt.stream(), hidden, self.elem)?;
+        let out = self.decode_device(&x, cache, layer, batch_offset, args)?;
+        Ok(LayerOutput {
+            output: out.to_host()?.reshape(hidden.shape())?,
+            bias: self.proj_bias_host.clone(),
+        })
     }
+
     /// Mixed decode + prefill over a device paged cache, with the CPU layer's
     /// `forward_paged` semantics: `hidden` is packed `[T, h]`; request `i` owns rows
     /// `cu_seqlens_q[i] .. cu_seqlens_q[i + 1]` (decode requests first, then prefill chunks,

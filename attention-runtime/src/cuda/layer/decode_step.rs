@@ -1,0 +1,375 @@
+//! One decode step of a [`CudaLayer`] over a static KV cache, planned once and enqueued per
+//! step (plan, then run): the eager device-resident step ([`CudaLayer::decode_device`]) and
+//! the CUDA graph ([`CudaLayer::capture_decode`]) launch the same plan, so they run the
+//! same kernels on the same buffers and give bitwise equal results.
+//!
+//! A plan ([`DecodePlan`]) holds everything that does not change from step to step: the
+//! fixed device buffers, the cuBLASLt GEMMs with their algorithms chosen, the rope cos/sin
+//! tables for the cache's whole position range, the loaded kernels and the `flashdec`
+//! arguments. A step then costs the host a lookup, the capacity check, one small upload
+//! (each slot's position, int32 `[b]`) and six launches; nothing is allocated (with
+//! [`CudaLayer::decode_device_into`]) and nothing synchronizes.
+
+use cudarc::driver::{CudaFunction, CudaStream};
+
+use super::*;
+use crate::cuda::decode::{
+    cache_binding, flash_decode_kernels, launch_flash_decode, num_splits, sm_count, CacheBinding,
+    DecodeBuffers, FlashDecodeArgs, PreparedGemm, RopeTables,
+};
+use crate::cuda::tensor::cuda_err;
+
+/// How many decode plans a layer keeps (one per distinct cache binding, batch and mscale;
+/// a serving loop with a few batch sizes stays within it, others evict the oldest).
+const MAX_PLANS: usize = 8;
+
+/// The fixed part of one layer decode step (see the module docs).
+pub(crate) struct DecodePlan {
+    pub(crate) bufs: DecodeBuffers,
+    pub(crate) gemms: [PreparedGemm; 2],
+    prep: KernelConfig,
+    pp: PrepPtrs,
+    /// `flashdec` arguments with `num_splits` = the plan's capacity (`max_splits`).
+    flash: FlashDecodeArgs,
+    kernels: (String, CudaFunction, CudaFunction),
+    pub(crate) binding: CacheBinding,
+    mscale_bits: u32,
+    /// Split count `o_part` / `lse_part` are sized for, and the pinned count (0 = none) the
+    /// plan was made under.
+    pub(crate) max_splits: usize,
+    pinned: usize,
+    sms: usize,
+}
+
+impl std::fmt::Debug for DecodePlan {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("DecodePlan")
+            .field("binding", &self.binding)
+            .field("max_splits", &self.max_splits)
+            .finish_non_exhaustive()
+    }
+}
+
+impl DecodePlan {
+    /// The buffers, GEMMs and binding a captured graph keeps alive.
+    pub(crate) fn into_graph_parts(self) -> (DecodeBuffers, [PreparedGemm; 2], CacheBinding) {
+        (self.bufs, self.gemms, self.binding)
+    }
+
+    /// The split count of a step whose longest visible length (after the append) is
+    /// `max_len`: the pinned count, else [`num_splits`] (never above the plan's capacity:
+    /// `num_splits` grows with `max_len <= max_seq`).
+    pub(crate) fn splits_for(&self, max_len: usize) -> usize {
+        if self.pinned > 0 {
+            self.pinned
+        } else {
+            let b = self.binding.batch;
+            num_splits(self.sms, b, self.flash.num_groups as usize, max_len).min(self.max_splits)
+        }
+    }
+}
+
+/// Copy `src` into `dst` (same element type, `dst.numel()` elements) on `stream`.
+pub(crate) fn copy_dtod(
+    stream: &Arc<CudaStream>,
+    src: &DeviceTensor,
+    dst: &mut DeviceTensor,
+) -> Result<()> {
+    fn go<T: DeviceElem>(
+        st: &Arc<CudaStream>,
+        src: &DeviceTensor,
+        dst: &mut DeviceTensor,
+    ) -> Result<()> {
+        let n = dst.numel();
+        let s = src.typed::<T>("hidden")?;
+        let d = dst.typed_mut::<T>("out")?;
+        st.memcpy_dtod(&s.slice(..n), &mut d.slice_mut(..n))
+            .map_err(cuda_err("memcpy_dtod"))
+    }
+    match dst.elem() {
+        ElemType::Bf16 => go::<bf16>(stream, src, dst),
+        ElemType::F16 => go::<f16>(stream, src, dst),
+        ElemType::F32 => go::<f32>(stream, src, dst),
+    }
+}
+
+impl CudaLayer {
+    /// Build the plan of a decode step for `b` sequences in slots
+    /// `batch_offset .. batch_offset + b` of layer `layer` of `cache`, rope tables scaled by
+    /// `mscale`. Checks as [`capture_decode`](Self::capture_decode).
+    pub(crate) fn plan_decode(
+        &self,
+        cache: &DeviceStaticKvCache,
+        layer: usize,
+        batch_offset: usize,
+        b: usize,
+        mscale: f32,
+    ) -> Result<DecodePlan> {
+        if b == 0 {
+            return Err(bad("b", "at least one sequence", "0"));
+        }
+        cache.check_append(layer, batch_offset, b, 0)?;
+        let kc = cache.layer_k(layer)?;
+        if kc.elem() != self.elem {
+            return Err(AttnError::DType {
+                arg: "cache".into(),
+                expected: self.elem.name().into(),
+                got: kc.elem().name().into(),
+            });
+        }
+        let rt = &*self.rt;
+        let st = rt.stream();
+        let c = &self.config;
+        let (np, ng, hn, h) = (c.heads, c.groups, c.head_dim, c.hidden);
+        let Projections::SelfAttention { qkv } = &self.proj_in else {
+            return Err(bad("config.kind", "self-attention", "cross-attention"));
+        };
+        let mut prep = self.prep.clone();
+        prep.rope = None;
+        let fcfg = self.kv_config(Phase::FlashDecode)?;
+        let sms = sm_count(rt)?;
+        let pinned = self.decode_splits.load(Ordering::Relaxed);
+        let max_splits = match pinned {
+            0 => num_splits(sms, b, ng, cache.max_seq()),
+            n => n,
+        };
+        let un = |shape: &[usize], arg: &str| DeviceTensor::uninit(st, self.elem, shape, arg);
+        let f32buf = |n: usize, arg: &str| crate::cuda::tensor::alloc_uninit::<f32>(st, n, arg);
+        let rope = match c.rope {
+            Some(r) => {
+                let t = crate::reference::rope::RopeTable::new(&r, hn)?;
+                let (cs, sn) = t.cos_sin(cache.max_seq(), mscale);
+                Some(RopeTables::new(st, &cs, &sn, cache.max_seq(), mscale)?)
+            }
+            None => None,
+        };
+        let bufs = DecodeBuffers {
+            x: un(&[b, h], "decode hidden")?,
+            qkv: un(&[b, qkv.out_features()], "decode linear_qkv output")?,
+            q: un(&[b, np, hn], "decode q")?,
+            k: un(&[b, ng, hn], "decode k")?,
+            v: un(&[b, ng, hn], "decode v")?,
+            gate: if c.output_gate {
+                Some(un(&[b, np, hn], "decode gate")?)
+            } else {
+                None
+            },
+            seqlens: crate::cuda::tensor::alloc_uninit::<i32>(st, b, "decode cache_seqlens")?,
+            rope,
+            o_part: f32buf(max_splits * b * np * hn, "decode o_part")?,
+            lse_part: f32buf(max_splits * b * np, "decode lse_part")?,
+            lse: f32buf(np * b, "decode lse")?,
+            o: un(&[b, np, hn], "decode attention output")?,
+            out: un(&[b, h], "decode output")?,
+        };
+        let gemm_qkv = PreparedGemm::new(
+            rt,
+            self.elem,
+            b,
+            qkv.out_features(),
+            h,
+            tptr(&qkv.weight, rt),
+            tptr(&bufs.x, rt),
+            tptr(&bufs.qkv, rt),
+            opt_ptr(qkv.bias.as_ref(), rt),
+        )?;
+        let gemm_proj = PreparedGemm::new(
+            rt,
+            self.elem,
+            b,
+            h,
+            np * hn,
+            tptr(&self.proj.weight, rt),
+            tptr(&bufs.o, rt),
+            tptr(&bufs.out, rt),
+            0,
+        )?;
+        let pp = PrepPtrs {
+            qkv: tptr(&bufs.qkv, rt),
+            q: tptr(&bufs.q, rt),
+            k: tptr(&bufs.k, rt),
+            v: tptr(&bufs.v, rt),
+            gate: opt_ptr(bufs.gate.as_ref(), rt),
+            positions: 0,
+        };
+        let (wl, wr) = match c.window {
+            Some(w) => (to_i32("window", w.left)?, to_i32("window", w.right)?),
+            None => (-1, -1),
+        };
+        let flash = FlashDecodeArgs {
+            q: pp.q,
+            k_new: pp.k,
+            v_new: pp.v,
+            k_cache: tptr(kc, rt),
+            v_cache: tptr(cache.layer_v(layer)?, rt),
+            cache_seqlens: dptr(&bufs.seqlens, rt),
+            rope_cos: bufs.rope.as_ref().map_or(0, |t| dptr(&t.cos, rt)),
+            rope_sin: bufs.rope.as_ref().map_or(0, |t| dptr(&t.sin, rt)),
+            o_part: dptr(&bufs.o_part, rt),
+            lse_part: dptr(&bufs.lse_part, rt),
+            out: tptr(&bufs.o, rt),
+            lse: dptr(&bufs.lse, rt),
+            sinks: self.sinks.as_ref().map_or(0, |x| dptr(x, rt)),
+            gate: pp.gate,
+            batch: to_i32("b", b as i64)?,
+            batch_offset: to_i32("batch_offset", batch_offset as i64)?,
+            max_batch: to_i32("max_batch", cache.max_batch() as i64)?,
+            num_heads: np as i32,
+            num_groups: ng as i32,
+            num_splits: max_splits as i32,
+            softmax_scale: c.softmax_scale,
+            window_left: wl,
+            window_right: wr,
+        };
+        // Compile and load every kernel now, so a step (or a capture) only launches.
+        let kernels = flash_decode_kernels(rt, &fcfg)?;
+        kernel(rt, &prep)?;
+        Ok(DecodePlan {
+            bufs,
+            gemms: [gemm_qkv, gemm_proj],
+            prep,
+            pp,
+            flash,
+            kernels,
+            binding: cache_binding(rt, cache, layer, batch_offset, b)?,
+            mscale_bits: mscale.to_bits(),
+            max_splits,
+            pinned,
+            sms,
+        })
+    }
+
+    /// Queue one step of `plan` on `stream` with `splits` KV splits: `linear_qkv`,
+    /// `qkv_prep` (no rope: `flashdec` rotates), `flashdec` split + merge, `linear_proj`.
+    /// Reads `plan.bufs.x` and the positions in `plan.bufs.seqlens`; writes `plan.bufs.out`.
+    pub(crate) fn enqueue_decode(
+        &self,
+        plan: &DecodePlan,
+        stream: &Arc<CudaStream>,
+        splits: usize,
+    ) -> Result<()> {
+        let b = plan.binding.batch;
+        plan.gemms[0].launch(stream, "linear_qkv (decode)")?;
+        self.launch_prep(stream, &plan.prep, b, &plan.pp, 1.0)?;
+        let mut a = plan.flash;
+        a.num_splits = splits.clamp(1, plan.max_splits) as i32;
+        let (key, split_f, merge_f) = &plan.kernels;
+        launch_flash_decode(stream, key, split_f, merge_f, &a)?;
+        plan.gemms[1].launch(stream, "linear_proj (decode)")
+    }
+
+    /// One decode step on device tensors, asynchronous: `hidden` `[1, b, h]` or `[b, h]` (the
+    /// layer's dtype, on this layer's device) for slots `batch_offset .. batch_offset + b` of
+    /// `cache`'s layer `layer`; the result `[b, h]` (`linear_proj`'s bias unadded) is written
+    /// into `out`. The new k/v are appended at each slot's visible length (rope at that
+    /// position from tables built once per plan); commit with
+    /// [`DeviceStaticKvCache::advance`].
+    ///
+    /// Everything is queued on the runtime's stream ([`CudaRuntime::stream`]) and nothing
+    /// synchronizes: a serving loop enqueues every layer and synchronizes once. Host-side
+    /// checks (shapes, dtypes, capacity) fail before anything is queued and leave the cache
+    /// untouched; an error of the device itself (a faulting kernel) surfaces at the next
+    /// synchronizing call (`to_host`, [`CudaRuntime::synchronize`]) as [`AttnError::Cuda`].
+    /// In steady state nothing is allocated: the plan for this (cache, layer, slots, b,
+    /// mscale) is built on first use and kept (up to 8 per layer).
+    ///
+    /// Errors: `Shape` (`hidden`, `out`), `DType` (`hidden`, `out`, `cache`),
+    /// `InvalidArgument` (cross-attention, `args` with positions/masks/bias/packing, a cache
+    /// of other groups or head dim), `CacheCapacity` (a slot is full), `DeviceAlloc`,
+    /// `Render`, `Cuda`.
+    pub fn decode_device_into(
+        &self,
+        hidden: &DeviceTensor,
+        out: &mut DeviceTensor,
+        cache: &mut DeviceStaticKvCache,
+        layer: usize,
+        batch_offset: usize,
+        args: &ForwardArgs<'_>,
+    ) -> Result<()> {
+        let h = self.config.hidden;
+        let b = match hidden.shape() {
+            [1, b, hh] | [b, hh] if *hh == h => *b,
+            other => {
+                return Err(AttnError::Shape {
+                    arg: "hidden".into(),
+                    expected: format!("[1, b, {h}] or [b, {h}]"),
+                    got: other.to_vec(),
+                })
+            }
+        };
+        if out.numel() != b * h {
+            return Err(AttnError::Shape {
+                arg: "out".into(),
+                expected: format!("[b, {h}] with b = {b} (or [1, {b}, {h}])"),
+                got: out.shape().to_vec(),
+            });
+        }
+        for (arg, t) in [("hidden", hidden.elem()), ("out", out.elem())] {
+            if t != self.elem {
+                return Err(AttnError::DType {
+                    arg: arg.into(),
+                    expected: self.elem.name().into(),
+                    got: t.name().into(),
+                });
+            }
+        }
+        if args.positions.is_some() {
+            return Err(bad(
+                "args.positions",
+                "none for a device decode step (each slot decodes at its own length; use prefill)",
+                "explicit positions",
+            ));
+        }
+        self.check_kv_step(cache, args)?;
+        let starts = cache.check_append(layer, batch_offset, b, 1)?;
+        let st = self.rt.stream();
+        let mut plans = self.decode_plans.lock().unwrap_or_else(|p| p.into_inner());
+        let binding = cache_binding(&self.rt, cache, layer, batch_offset, b)?;
+        let pinned = self.decode_splits.load(Ordering::Relaxed);
+        let mscale_bits = args.rope_mscale.to_bits();
+        let idx = match plans.iter().position(|p| {
+            p.binding == binding && p.mscale_bits == mscale_bits && p.pinned == pinned
+        }) {
+            Some(i) => i,
+            None => {
+                let plan = self.plan_decode(cache, layer, batch_offset, b, args.rope_mscale)?;
+                if plans.len() == MAX_PLANS {
+                    plans.remove(0);
+                }
+                plans.push(plan);
+                plans.len() - 1
+            }
+        };
+        let plan = &mut plans[idx];
+        let lens: Vec<i32> = starts.iter().map(|&l| l as i32).collect();
+        st.memcpy_htod(&lens, &mut plan.bufs.seqlens)
+            .map_err(cuda_err("memcpy_htod cache_seqlens"))?;
+        copy_dtod(st, hidden, &mut plan.bufs.x)?;
+        if self.poison.load(Ordering::Relaxed) {
+            plan.bufs.o.fill_nan()?;
+            plan.bufs.out.fill_nan()?;
+        }
+        let max_len = starts.iter().max().copied().unwrap_or(0) + 1;
+        let splits = plan.splits_for(max_len);
+        self.enqueue_decode(plan, st, splits)?;
+        copy_dtod(st, &plan.bufs.out, out)?;
+        cache.mark_appended(layer, batch_offset, b, 1);
+        Ok(())
+    }
+
+    /// [`decode_device_into`](Self::decode_device_into) into a new tensor `[1, b, h]` (one
+    /// small stream-ordered allocation per call).
+    pub fn decode_device(
+        &self,
+        hidden: &DeviceTensor,
+        cache: &mut DeviceStaticKvCache,
+        layer: usize,
+        batch_offset: usize,
+        args: &ForwardArgs<'_>,
+    ) -> Result<DeviceTensor> {
+        let b = hidden.numel() / self.config.hidden.max(1);
+        let mut out = self.alloc(&[1, b, self.config.hidden], "output")?;
+        self.decode_device_into(hidden, &mut out, cache, layer, batch_offset, args)?;
+        Ok(out)
+    }
+}

@@ -1,0 +1,241 @@
+//! Device-resident decode (`CudaLayer::decode_device` / `decode_device_into`): device tensors
+//! in and out, no synchronization inside, one plan per (cache, slots, batch) reused across
+//! steps. Checked against the CPU reference, against the host-tensor `decode` and the CUDA
+//! graph (bitwise, same split count), and for its typed errors (raised before anything is
+//! queued, the cache untouched).
+//! `#[ignore = "requires a CUDA GPU"]`; run through `scripts/gpu-bundle.sh` (CONTRIBUTING.md).
+
+use attention_runtime::cuda::{CudaLayer, DeviceStaticKvCache, DeviceTensor, ElemType};
+use attention_runtime::device::CudaDevice;
+use attention_runtime::kv_cache::StaticKvCache;
+use attention_runtime::modules::SplitMix64;
+use attention_runtime::spec_layer::SpecLayer;
+use attention_runtime::{AttentionLayer, AttnError, Device, ForwardArgs, RuntimeDims, Tensor};
+
+const TOL: f64 = 1e-2;
+
+fn gpu() -> CudaDevice {
+    match Device::cuda(0) {
+        Ok(Device::Cuda(d)) => d,
+        other => panic!("a CUDA GPU is required: {other:?}"),
+    }
+}
+
+fn seed() -> u64 {
+    let t = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_nanos() as u64;
+    t ^ ((std::process::id() as u64) << 32)
+}
+
+fn rel_err(got: &Tensor, want: &Tensor) -> f64 {
+    assert_eq!(got.numel(), want.numel());
+    let (mut num, mut den) = (0f64, 0f64);
+    for (x, y) in got.data().iter().zip(want.data()) {
+        assert!(x.is_finite(), "NaN/inf in the GPU output");
+        num += ((x - y) as f64).powi(2);
+        den += (*y as f64).powi(2);
+    }
+    (num / den.max(1e-30)).sqrt()
+}
+
+fn bitwise(a: &Tensor, b: &Tensor) -> bool {
+    a.numel() == b.numel()
+        && a.data()
+            .iter()
+            .zip(b.data())
+            .all(|(x, y)| x.to_bits() == y.to_bits())
+}
+
+struct Fixture {
+    layer: SpecLayer,
+    cuda: CudaLayer,
+    elem: ElemType,
+    h: usize,
+    ng: usize,
+    hn: usize,
+}
+
+fn fixture(spec: &str, sd: u64) -> Fixture {
+    let config = SpecLayer::config_from_str(spec, &RuntimeDims::default()).unwrap();
+    let layer = SpecLayer::init(config.clone(), sd ^ 0x5eed).unwrap();
+    let cuda = CudaLayer::new(&layer, &gpu()).unwrap();
+    cuda.set_poison_outputs(true);
+    Fixture {
+        layer,
+        cuda,
+        elem: ElemType::from(config.dtype),
+        h: config.hidden,
+        ng: config.groups,
+        hn: config.head_dim,
+    }
+}
+
+/// Prefill then `steps` decode steps with device tensors, every step enqueued without a
+/// synchronization in between; the outputs are read back at the end and compared with the
+/// CPU reference step by step. A second device cache decoded through the host-tensor
+/// `decode` and a third through a captured graph give bitwise the same outputs.
+fn device_decode_matches(spec: &str, b: usize, s: usize, steps: usize) {
+    let sd = seed();
+    eprintln!("seed {sd} spec {spec}");
+    let f = fixture(spec, sd);
+    let mut rng = SplitMix64::new(sd);
+    let st = f.cuda.runtime().stream().clone();
+    let max_seq = s + steps + 2;
+    let mut cpu = StaticKvCache::new(1, max_seq, b, f.ng, f.hn).unwrap();
+    let new_dev = || DeviceStaticKvCache::new(&st, f.elem, 1, max_seq, b, f.ng, f.hn).unwrap();
+    let (mut dev, mut dev_host, mut dev_graph) = (new_dev(), new_dev(), new_dev());
+    let args = ForwardArgs::default();
+    let x = Tensor::from_fn(&[s, b, f.h], |_| rng.uniform() * 1.7);
+    f.layer.prefill(&x, &mut cpu, 0, 0, &args).unwrap();
+    for d in [&mut dev, &mut dev_host, &mut dev_graph] {
+        f.cuda.prefill(&x, d, 0, 0, &args).unwrap();
+        d.advance(0, b, s).unwrap();
+    }
+    cpu.advance(0, b, s).unwrap();
+    // The graph fixes its split count at capture: pin the eager paths to it.
+    let mut graph = f.cuda.capture_decode(&dev_graph, 0, 0, b, &args).unwrap();
+    f.cuda.set_decode_splits(Some(graph.num_splits())).unwrap();
+    let xs: Vec<Tensor> = (0..steps)
+        .map(|_| Tensor::from_fn(&[1, b, f.h], |_| rng.uniform() * 1.7))
+        .collect();
+    let xd: Vec<DeviceTensor> = xs
+        .iter()
+        .map(|x| DeviceTensor::from_host(&st, x, f.elem).unwrap())
+        .collect();
+    // All steps queued back to back, no synchronization.
+    let mut outs = Vec::new();
+    for x in &xd {
+        outs.push(f.cuda.decode_device(x, &mut dev, 0, 0, &args).unwrap());
+        dev.advance(0, b, 1).unwrap();
+    }
+    for (step, x) in xs.iter().enumerate() {
+        let want = f.layer.decode(x, &mut cpu, 0, 0, &args).unwrap().output;
+        cpu.advance(0, b, 1).unwrap();
+        let got = outs[step].to_host().unwrap();
+        assert_eq!(got.shape(), &[1, b, f.h]);
+        let e = rel_err(&got, &want);
+        assert!(e <= TOL, "step {step}: rel err {e}");
+        let host = f.cuda.decode(x, &mut dev_host, 0, 0, &args).unwrap().output;
+        dev_host.advance(0, b, 1).unwrap();
+        assert!(
+            bitwise(&host, &got),
+            "step {step}: host decode != device decode"
+        );
+        let g = graph.replay(x, &mut dev_graph).unwrap().output;
+        dev_graph.advance(0, b, 1).unwrap();
+        assert!(
+            bitwise(&g, &got),
+            "step {step}: graph replay != device decode"
+        );
+    }
+    f.cuda.set_decode_splits(None).unwrap();
+}
+
+#[test]
+#[ignore = "requires a CUDA GPU"]
+fn device_decode_gqa_rope_qknorm() {
+    device_decode_matches(
+        "self, heads=8, gqa=2, head_dim=128, qk_layernorm=rms, rope, mask=causal",
+        3,
+        70,
+        6,
+    );
+}
+
+#[test]
+#[ignore = "requires a CUDA GPU"]
+fn device_decode_window_sinks_gate_mqa() {
+    device_decode_matches(
+        "self, heads=4, gqa=1, head_dim=64, rope=interleaved, window=(20, 0), sinks=learnable, output_gate, mask=causal",
+        2,
+        45,
+        5,
+    );
+}
+
+/// `decode_device_into` writes into the caller's buffer; its shape and dtype, the hidden
+/// states' shape and dtype, and a full cache are typed errors raised before anything is
+/// queued: the cache's lengths and contents stay as they were.
+#[test]
+#[ignore = "requires a CUDA GPU"]
+fn device_decode_errors_leave_cache_untouched() {
+    let sd = seed();
+    let spec = "self, heads=4, gqa=2, head_dim=64, rope, mask=causal";
+    let f = fixture(spec, sd);
+    let st = f.cuda.runtime().stream().clone();
+    let (b, s) = (2, 5);
+    let mut dev = DeviceStaticKvCache::new(&st, f.elem, 1, s + 1, b, f.ng, f.hn).unwrap();
+    let args = ForwardArgs::default();
+    let x = Tensor::from_fn(&[s, b, f.h], |i| (i % 13) as f32 * 0.05);
+    f.cuda.prefill(&x, &mut dev, 0, 0, &args).unwrap();
+    dev.advance(0, b, s).unwrap();
+    let before = dev.gather_kv_host(0, 0, s).unwrap();
+    let step = Tensor::from_fn(&[1, b, f.h], |i| (i % 7) as f32 * 0.1);
+    let xd = DeviceTensor::from_host(&st, &step, f.elem).unwrap();
+    let mut out = DeviceTensor::uninit(&st, f.elem, &[b, f.h], "out").unwrap();
+    // Wrong output shape.
+    let mut small = DeviceTensor::uninit(&st, f.elem, &[b, f.h - 1], "out").unwrap();
+    let e = f
+        .cuda
+        .decode_device_into(&xd, &mut small, &mut dev, 0, 0, &args)
+        .unwrap_err();
+    assert!(
+        matches!(e, AttnError::Shape { ref arg, .. } if arg == "out"),
+        "{e}"
+    );
+    // Wrong hidden dtype.
+    let xf = DeviceTensor::from_host(&st, &step, ElemType::F32).unwrap();
+    let e = f
+        .cuda
+        .decode_device_into(&xf, &mut out, &mut dev, 0, 0, &args)
+        .unwrap_err();
+    assert!(
+        matches!(e, AttnError::DType { ref arg, .. } if arg == "hidden"),
+        "{e}"
+    );
+    // Wrong hidden shape.
+    let bad = DeviceTensor::uninit(&st, f.elem, &[2, b, f.h], "x").unwrap();
+    let e = f
+        .cuda
+        .decode_device_into(&bad, &mut out, &mut dev, 0, 0, &args)
+        .unwrap_err();
+    assert!(
+        matches!(e, AttnError::Shape { ref arg, .. } if arg == "hidden"),
+        "{e}"
+    );
+    // Explicit positions are refused (prefill takes them).
+    let pos = [0i64, 1];
+    let with_pos = ForwardArgs {
+        positions: Some(&pos),
+        ..ForwardArgs::default()
+    };
+    let e = f
+        .cuda
+        .decode_device_into(&xd, &mut out, &mut dev, 0, 0, &with_pos)
+        .unwrap_err();
+    assert!(matches!(e, AttnError::InvalidArgument { .. }), "{e}");
+    // One step fits, the next one does not.
+    f.cuda
+        .decode_device_into(&xd, &mut out, &mut dev, 0, 0, &args)
+        .unwrap();
+    dev.advance(0, b, 1).unwrap();
+    let full = dev.gather_kv_host(0, 0, s + 1).unwrap();
+    let e = f
+        .cuda
+        .decode_device_into(&xd, &mut out, &mut dev, 0, 0, &args)
+        .unwrap_err();
+    assert!(matches!(e, AttnError::CacheCapacity { .. }), "{e}");
+    assert_eq!(dev.seqlens()[..b], [s + 1, s + 1]);
+    let after = dev.gather_kv_host(0, 0, s + 1).unwrap();
+    assert!(bitwise(&after.0, &full.0) && bitwise(&after.1, &full.1));
+    assert!(bitwise(
+        &Tensor::new(
+            &[before.0.numel()],
+            full.0.data()[..before.0.numel()].to_vec()
+        )
+        .unwrap(),
+        &before.0
+    ));
+}

@@ -1,0 +1,127 @@
+//! Prefill over a static KV cache on tensor cores: the `fwdfast` kernel reading the cache
+//! slots in place (its static-cache mode), against the CPU reference, for chunks after
+//! cached tokens of different lengths per slot, GQA, windows, sinks and the output gate.
+//! `#[ignore = "requires a CUDA GPU"]`; run through `scripts/gpu-bundle.sh` (CONTRIBUTING.md).
+//! Fresh random inputs (seed printed), NaN-poisoned outputs, relative Frobenius error
+//! <= 1e-2 (bf16); a NaN fails.
+
+use attention_runtime::cuda::{CudaLayer, DeviceStaticKvCache, ElemType};
+use attention_runtime::device::CudaDevice;
+use attention_runtime::kv_cache::StaticKvCache;
+use attention_runtime::modules::SplitMix64;
+use attention_runtime::spec_layer::SpecLayer;
+use attention_runtime::{AttentionLayer, Device, ForwardArgs, RuntimeDims, Tensor};
+
+const TOL: f64 = 1e-2;
+
+fn gpu() -> CudaDevice {
+    match Device::cuda(0) {
+        Ok(Device::Cuda(d)) => d,
+        other => panic!("a CUDA GPU is required: {other:?}"),
+    }
+}
+
+fn seed() -> u64 {
+    let t = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_nanos() as u64;
+    t ^ ((std::process::id() as u64) << 32)
+}
+
+fn rel_err(got: &Tensor, want: &Tensor) -> f64 {
+    assert_eq!(got.shape(), want.shape());
+    let (mut num, mut den) = (0f64, 0f64);
+    for (x, y) in got.data().iter().zip(want.data()) {
+        assert!(x.is_finite(), "NaN/inf in the GPU output");
+        num += ((x - y) as f64).powi(2);
+        den += (*y as f64).powi(2);
+    }
+    (num / den.max(1e-30)).sqrt()
+}
+
+/// Slots get different cached lengths (slot i: `first[i]` tokens), then every slot takes
+/// `chunks` prefill chunks of `chunk` tokens and two decode steps; each step is compared
+/// with the CPU layer over its own cache.
+fn chunked_prefill(spec: &str, first: &[usize], chunk: usize, chunks: usize) {
+    let sd = seed();
+    eprintln!("seed {sd} spec {spec}");
+    let mut rng = SplitMix64::new(sd);
+    let config = SpecLayer::config_from_str(spec, &RuntimeDims::default()).unwrap();
+    let layer = SpecLayer::init(config.clone(), sd ^ 0x5eed).unwrap();
+    let cuda = CudaLayer::new(&layer, &gpu()).unwrap();
+    cuda.set_poison_outputs(true);
+    let fast = cuda
+        .cache_prefill_config()
+        .expect("the tensor-core prefill kernel fits this GPU");
+    eprintln!("prefill kernel {}", fast.key());
+    let (ng, hn, h) = (config.groups, config.head_dim, config.hidden);
+    let b = first.len();
+    let max_seq = first.iter().max().unwrap() + chunk * chunks + 4;
+    let elem = ElemType::from(config.dtype);
+    let mut cpu = StaticKvCache::new(1, max_seq, b, ng, hn).unwrap();
+    let mut dev =
+        DeviceStaticKvCache::new(cuda.runtime().stream(), elem, 1, max_seq, b, ng, hn).unwrap();
+    let args = ForwardArgs::default();
+    // Different cached lengths: prefill slot by slot.
+    for (slot, &len) in first.iter().enumerate() {
+        let x = Tensor::from_fn(&[len, 1, h], |_| rng.uniform() * 1.7);
+        let want = layer.prefill(&x, &mut cpu, 0, slot, &args).unwrap();
+        let got = cuda.prefill(&x, &mut dev, 0, slot, &args).unwrap();
+        let e = rel_err(&got.output, &want.output);
+        assert!(e <= TOL, "first prefill of slot {slot} ({len} tokens): rel err {e}");
+        cpu.advance(slot, 1, len).unwrap();
+        dev.advance(slot, 1, len).unwrap();
+    }
+    for c in 0..chunks {
+        let x = Tensor::from_fn(&[chunk, b, h], |_| rng.uniform() * 1.7);
+        let want = layer.prefill(&x, &mut cpu, 0, 0, &args).unwrap();
+        let got = cuda.prefill(&x, &mut dev, 0, 0, &args).unwrap();
+        let e = rel_err(&got.output, &want.output);
+        assert!(e <= TOL, "chunk {c}: rel err {e}");
+        cpu.advance(0, b, chunk).unwrap();
+        dev.advance(0, b, chunk).unwrap();
+    }
+    for step in 0..2 {
+        let x = Tensor::from_fn(&[1, b, h], |_| rng.uniform() * 1.7);
+        let want = layer.decode(&x, &mut cpu, 0, 0, &args).unwrap();
+        let got = cuda.decode(&x, &mut dev, 0, 0, &args).unwrap();
+        let e = rel_err(&got.output, &want.output);
+        assert!(e <= TOL, "decode {step}: rel err {e}");
+        cpu.advance(0, b, 1).unwrap();
+        dev.advance(0, b, 1).unwrap();
+    }
+}
+
+#[test]
+#[ignore = "requires a CUDA GPU"]
+fn cache_prefill_gqa_rope_qknorm() {
+    chunked_prefill(
+        "self, heads=8, gqa=2, head_dim=128, qk_layernorm=rms, rope, mask=causal",
+        &[5, 130, 300],
+        97,
+        3,
+    );
+}
+
+#[test]
+#[ignore = "requires a CUDA GPU"]
+fn cache_prefill_window_sinks_gate() {
+    chunked_prefill(
+        "self, heads=4, gqa=1, head_dim=64, rope=interleaved, window=(70, 0), sinks=learnable, output_gate, mask=causal",
+        &[200, 1],
+        150,
+        2,
+    );
+}
+
+#[test]
+#[ignore = "requires a CUDA GPU"]
+fn cache_prefill_hd256_off_by_one() {
+    chunked_prefill(
+        "self, heads=4, gqa=2, head_dim=256, rope, sinks=off_by_one, mask=causal",
+        &[64, 129],
+        65,
+        2,
+    );
+}
