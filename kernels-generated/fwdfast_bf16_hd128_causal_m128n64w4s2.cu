@@ -481,9 +481,7 @@ extern "C" __global__ void __launch_bounds__(THREADS) fwdfast_bf16_hd128_causal_
     const int tile_lo = lo_first / BLOCK_N;
     const int tile_hi = hi_last > lo_first ? (hi_last + BLOCK_N - 1) / BLOCK_N : tile_lo;
     const int ntiles = tile_hi - tile_lo;
-
-    const float scale_log2 = softmax_scale * FAST_LOG2E;
-    const float s_mul = scale_log2;
+    const float s_mul = softmax_scale * FAST_LOG2E;
 
     // Per-row state: rows (mi, hh) = warp * WARP_ROWS + mi * 16 + gq + 8 * hh.
     float o[MI][DN][4];

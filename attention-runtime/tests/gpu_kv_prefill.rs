@@ -69,7 +69,10 @@ fn chunked_prefill(spec: &str, first: &[usize], chunk: usize, chunks: usize) {
         let want = layer.prefill(&x, &mut cpu, 0, slot, &args).unwrap();
         let got = cuda.prefill(&x, &mut dev, 0, slot, &args).unwrap();
         let e = rel_err(&got.output, &want.output);
-        assert!(e <= TOL, "first prefill of slot {slot} ({len} tokens): rel err {e}");
+        assert!(
+            e <= TOL,
+            "first prefill of slot {slot} ({len} tokens): rel err {e}"
+        );
         cpu.advance(slot, 1, len).unwrap();
         dev.advance(slot, 1, len).unwrap();
     }

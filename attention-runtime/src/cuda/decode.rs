@@ -726,6 +726,75 @@ impl LayerDecodeGraph {
     }
 }
 
+impl LayerDecodeGraph {
+    /// One decode step on device tensors, asynchronous: `hidden` `[1, b, h]` or `[b, h]` (the
+    /// layer's dtype) for the captured slots of `cache` (the cache the graph was captured
+    /// against); the output `[b, h]` (`linear_proj`'s bias unadded) is written into `out`.
+    /// The graph runs on its own stream, ordered after the work already queued on the
+    /// runtime's stream, and the runtime's stream waits for it: a caller that only uses the
+    /// runtime's stream sees plain stream order. Nothing synchronizes; the append is pending
+    /// as with [`replay`](Self::replay).
+    ///
+    /// Errors (before anything is queued): `Shape` (`hidden`, `out`), `DType`,
+    /// `InvalidArgument` (another cache), `CacheCapacity` (a slot is full), `Cuda`.
+    pub fn replay_device(
+        &mut self,
+        hidden: &super::DeviceTensor,
+        out: &mut super::DeviceTensor,
+        cache: &mut super::DeviceStaticKvCache,
+    ) -> Result<()> {
+        let bd = self.binding;
+        let want = bd.batch * self.hidden;
+        if hidden.numel() != want || !matches!(hidden.shape().last(), Some(&h) if h == self.hidden)
+        {
+            return Err(AttnError::Shape {
+                arg: "hidden".into(),
+                expected: format!("[1, {}, {}] or [{0}, {1}]", bd.batch, self.hidden),
+                got: hidden.shape().to_vec(),
+            });
+        }
+        if out.numel() != want {
+            return Err(AttnError::Shape {
+                arg: "out".into(),
+                expected: format!("[{}, {}]", bd.batch, self.hidden),
+                got: out.shape().to_vec(),
+            });
+        }
+        for (arg, e) in [("hidden", hidden.elem()), ("out", out.elem())] {
+            if e != self.bufs.x.elem() {
+                return Err(AttnError::DType {
+                    arg: arg.into(),
+                    expected: self.bufs.x.elem().name().into(),
+                    got: e.name().into(),
+                });
+            }
+        }
+        let now = cache_binding(&self.rt, cache, bd.layer, bd.batch_offset, bd.batch)?;
+        if now != bd {
+            return Err(AttnError::InvalidArgument {
+                arg: "cache".into(),
+                expected: "the cache this decode graph was captured against".into(),
+                got: "another cache (or different storage)".into(),
+            });
+        }
+        let starts = cache.check_append(bd.layer, bd.batch_offset, bd.batch, 1)?;
+        let lens: Vec<i32> = starts.iter().map(|&l| l as i32).collect();
+        let st = self.stream.clone();
+        let main = self.rt.stream().clone();
+        st.join(&main)
+            .map_err(cuda_err("cuStreamWaitEvent (runtime stream)"))?;
+        st.memcpy_htod(&lens, &mut self.bufs.seqlens)
+            .map_err(cuda_err("memcpy_htod cache_seqlens"))?;
+        super::tensor::copy_dtod(&st, hidden, &mut self.bufs.x)?;
+        self.graph.launch().map_err(cuda_err("cuGraphLaunch"))?;
+        super::tensor::copy_dtod(&st, &self.bufs.out, out)?;
+        main.join(&st)
+            .map_err(cuda_err("cuStreamWaitEvent (graph stream)"))?;
+        cache.mark_appended(bd.layer, bd.batch_offset, bd.batch, 1);
+        Ok(())
+    }
+}
+
 /// The binding of `layer`, slots `batch_offset .. + batch` of `cache`.
 pub(crate) fn cache_binding(
     rt: &CudaRuntime,

@@ -348,8 +348,13 @@ impl CudaLayer {
 
     /// Forward over device-resident hidden states (`[s, b, h]` or packed `[t, h]`, in the
     /// spec's dtype). Returns the output `[rows, h]` (rows = `s * b` or `t`) in the spec's
-    /// dtype (the stream is synchronized), and `linear_proj`'s device bias `[h]`. Mask, bias and
-    /// context tensors in `args` are uploaded per call.
+    /// dtype, and `linear_proj`'s device bias `[h]`.
+    ///
+    /// Asynchronous: the work is queued on the runtime's stream ([`CudaRuntime::stream`]) and
+    /// nothing waits for it; read the output (`to_host`) or synchronize to wait. Host-side
+    /// checks fail before anything is queued; a fault of a queued kernel surfaces at the next
+    /// synchronizing call as [`AttnError::Cuda`]. Mask, bias, positions and context tensors
+    /// in `args` are host tensors, uploaded per call (small per-step metadata).
     pub fn forward_device(
         &self,
         hidden: &DeviceTensor,
@@ -726,17 +731,13 @@ impl CudaLayer {
         // 4. Output projection (bias returned, not added).
         let o = o.view(&[g.nq, np * hn])?;
         let bias = linear_proj_into(rt, &o, &self.proj, &mut out)?;
-        // Keep every input buffer alive until the queued work is done.
-        rt.synchronize(&format!(
-            "{} -> {} -> {} -> linear_proj",
-            if is_self {
-                "linear_qkv"
-            } else {
-                "linear_q/linear_kv"
-            },
+        // No synchronization: the buffers below are freed in stream order (cudarc frees on
+        // the stream the work was queued on), so they live until the queued kernels are done.
+        tracing::trace!(
+            "forward queued: {} -> {} -> linear_proj",
             self.prep.key(),
             fwd_key
-        ))?;
+        );
         drop((
             a, kv_in, q, k, v, gate, positions, lse, mask_buf, bias_buf, g, v_flag,
         ));
@@ -858,8 +859,8 @@ impl CudaLayer {
             gate: opt_ptr(gate.as_ref(), rt),
             positions: p_pos,
         };
-        let key = self.launch_prep(st, prep, n, &p, mscale)?;
-        rt.synchronize(&key)?;
+        // Queued only: `a` and the positions are freed in stream order after the kernel.
+        self.launch_prep(st, prep, n, &p, mscale)?;
         drop(a);
         Ok((q, k, v, gate, keep))
     }
@@ -990,11 +991,10 @@ impl CudaLayer {
         })
     }
 
-    /// Prefill (or any step of `s` tokens) over a device static cache: `hidden` `[s, b, h]`
-    /// for slots `batch_offset .. batch_offset + b`; new k/v are appended at each slot's
-    /// visible length (rope positions from there, or `args.positions`), then the tokens
-    /// attend to `[0, len + s)` bottom-right causal. Errors as the CPU layer's `prefill`;
-    /// on error nothing is written to the cache.
+    /// Prefill (or any step of `s` tokens) over a device static cache with host tensors in
+    /// and out: [`prefill_device`](Self::prefill_device) plus the copies (the read-back
+    /// synchronizes). Errors as the CPU layer's `prefill`; on error nothing is written to
+    /// the cache.
     pub fn prefill(
         &self,
         hidden: &Tensor,
@@ -1003,6 +1003,51 @@ impl CudaLayer {
         batch_offset: usize,
         args: &ForwardArgs<'_>,
     ) -> Result<LayerOutput> {
+        self.check_kv_step(cache, args)?;
+        let h = self.config.hidden;
+        let [s, b, hh] = hidden.shape() else {
+            return Err(AttnError::Shape {
+                arg: "hidden".into(),
+                expected: format!("[s, b, {h}]"),
+                got: hidden.shape().to_vec(),
+            });
+        };
+        if *hh != h {
+            return Err(AttnError::Shape {
+                arg: "hidden".into(),
+                expected: format!("[s, b, {h}]"),
+                got: hidden.shape().to_vec(),
+            });
+        }
+        cache.check_append(layer, batch_offset, *b, *s)?;
+        let x = DeviceTensor::from_host(self.rt.stream(), hidden, self.elem)?;
+        let out = self.prefill_device(&x, cache, layer, batch_offset, args)?;
+        Ok(LayerOutput {
+            output: out.to_host()?.reshape(hidden.shape())?,
+            bias: self.proj_bias_host.clone(),
+        })
+    }
+
+    /// Prefill (or any step of `s` tokens) over a device static cache, on device tensors and
+    /// asynchronous: `hidden` `[s, b, h]` (the layer's dtype) for slots
+    /// `batch_offset .. batch_offset + b`; new k/v are appended at each slot's visible length
+    /// (rope positions from there, or `args.positions` `[s]`), then the tokens attend to
+    /// `[0, len + s)` bottom-right causal on the tensor-core forward kernel reading the cache
+    /// in place. Returns the output `[s, b, h]` (`linear_proj`'s bias unadded); commit the
+    /// append with [`DeviceStaticKvCache::advance`]. Queued on the runtime's stream, nothing
+    /// synchronizes (see [`forward_device`](Self::forward_device) for when errors surface).
+    ///
+    /// Errors (before anything is queued, the cache untouched): `Shape` (`hidden`,
+    /// `positions`), `DType` (`hidden`), `InvalidArgument` (cross-attention, masks/bias/packing
+    /// in `args`, a cache of other groups or head dim), `CacheCapacity`.
+    pub fn prefill_device(
+        &self,
+        hidden: &DeviceTensor,
+        cache: &mut super::DeviceStaticKvCache,
+        layer: usize,
+        batch_offset: usize,
+        args: &ForwardArgs<'_>,
+    ) -> Result<DeviceTensor> {
         self.check_kv_step(cache, args)?;
         let c = &self.config;
         let h = c.hidden;
@@ -1019,6 +1064,13 @@ impl CudaLayer {
                 arg: "hidden".into(),
                 expected: format!("[s, b, {h}]"),
                 got: hidden.shape().to_vec(),
+            });
+        }
+        if hidden.elem() != self.elem {
+            return Err(AttnError::DType {
+                arg: "hidden".into(),
+                expected: self.elem.name().into(),
+                got: hidden.elem().name().into(),
             });
         }
         let n = s * b;
@@ -1040,9 +1092,8 @@ impl CudaLayer {
         };
         let rt = &*self.rt;
         let st = rt.stream();
-        let x = DeviceTensor::from_host(st, hidden, self.elem)?;
         let (q, k, v, gate, _keep) =
-            self.project_and_prep(&x, n, &self.prep, Some(&positions), args.rope_mscale)?;
+            self.project_and_prep(hidden, n, &self.prep, Some(&positions), args.rope_mscale)?;
         let lens: Vec<i32> = starts.iter().map(|&l| (l + s) as i32).collect();
         let lens_d = upload(st, &lens, "seqlens_k")?;
         let (kc, vc) = (cache.layer_k(layer)?, cache.layer_v(layer)?);
@@ -1139,9 +1190,12 @@ impl CudaLayer {
             unsafe { lb.launch(cfg) }.map_err(launch_err(&key))?;
         }
         cache.mark_appended(layer, batch_offset, b, s);
-        let r = self.finish_proj(o, n, hidden.shape());
+        let o = o.view(&[n, c.heads * c.head_dim])?;
+        let mut out = self.alloc(&[n, h], "output")?;
+        linear_proj_into(rt, &o, &self.proj, &mut out)?;
+        // Freed in stream order after the queued kernels.
         drop((q, k, v, gate, lens_d, lse));
-        r
+        out.view(&[s, b, h])
     }
 
     /// One decode step (`hidden` `[1, b, h]`, host tensors in and out) through the fused

@@ -350,3 +350,27 @@ impl DeviceTensor {
         }
     }
 }
+
+/// Copy `src` into `dst` (same element type, `dst.numel()` elements) on `stream`.
+pub(crate) fn copy_dtod(
+    stream: &Arc<CudaStream>,
+    src: &DeviceTensor,
+    dst: &mut DeviceTensor,
+) -> Result<()> {
+    fn go<T: DeviceElem>(
+        st: &Arc<CudaStream>,
+        src: &DeviceTensor,
+        dst: &mut DeviceTensor,
+    ) -> Result<()> {
+        let n = dst.numel();
+        let s = src.typed::<T>("hidden")?;
+        let d = dst.typed_mut::<T>("out")?;
+        st.memcpy_dtod(&s.slice(..n), &mut d.slice_mut(..n))
+            .map_err(cuda_err("memcpy_dtod"))
+    }
+    match dst.elem() {
+        ElemType::Bf16 => go::<bf16>(stream, src, dst),
+        ElemType::F16 => go::<f16>(stream, src, dst),
+        ElemType::F32 => go::<f32>(stream, src, dst),
+    }
+}

@@ -17,7 +17,7 @@ use crate::cuda::decode::{
     cache_binding, flash_decode_kernels, launch_flash_decode, num_splits, sm_count, CacheBinding,
     DecodeBuffers, FlashDecodeArgs, PreparedGemm, RopeTables,
 };
-use crate::cuda::tensor::cuda_err;
+use crate::cuda::tensor::{copy_dtod, cuda_err};
 
 /// How many decode plans a layer keeps (one per distinct cache binding, batch and mscale;
 /// a serving loop with a few batch sizes stays within it, others evict the oldest).
@@ -66,30 +66,6 @@ impl DecodePlan {
             let b = self.binding.batch;
             num_splits(self.sms, b, self.flash.num_groups as usize, max_len).min(self.max_splits)
         }
-    }
-}
-
-/// Copy `src` into `dst` (same element type, `dst.numel()` elements) on `stream`.
-pub(crate) fn copy_dtod(
-    stream: &Arc<CudaStream>,
-    src: &DeviceTensor,
-    dst: &mut DeviceTensor,
-) -> Result<()> {
-    fn go<T: DeviceElem>(
-        st: &Arc<CudaStream>,
-        src: &DeviceTensor,
-        dst: &mut DeviceTensor,
-    ) -> Result<()> {
-        let n = dst.numel();
-        let s = src.typed::<T>("hidden")?;
-        let d = dst.typed_mut::<T>("out")?;
-        st.memcpy_dtod(&s.slice(..n), &mut d.slice_mut(..n))
-            .map_err(cuda_err("memcpy_dtod"))
-    }
-    match dst.elem() {
-        ElemType::Bf16 => go::<bf16>(stream, src, dst),
-        ElemType::F16 => go::<f16>(stream, src, dst),
-        ElemType::F32 => go::<f32>(stream, src, dst),
     }
 }
 
