@@ -406,7 +406,7 @@ struct AotArgs {
     #[arg(long, requires = "spec")]
     head_dim: Option<usize>,
     /// Cache directory; default `ATTN_CACHE_DIR`, else the user's cache dir
-    /// (`$XDG_CACHE_HOME` or `~/.cache`) + `/attention-kernels`.
+    /// (on Linux `$XDG_CACHE_HOME` or `~/.cache`) + `/attention-kernels`.
     #[arg(long)]
     cache_dir: Option<PathBuf>,
 }
@@ -452,9 +452,7 @@ fn run_aot(a: &AotArgs) -> Result<()> {
         })?;
     // Fail early, with the OS error, when the directory cannot be written.
     std::fs::create_dir_all(&dir).map_err(|e| io_err(&dir, e))?;
-    let probe = dir.join(format!(".aot-probe.{}", std::process::id()));
-    std::fs::write(&probe, b"").map_err(|e| io_err(&dir, e))?;
-    let _ = std::fs::remove_file(&probe);
+    tempfile::NamedTempFile::new_in(&dir).map_err(|e| io_err(&dir, e))?;
 
     let config = CacheConfig::new(Some(dir.clone()));
     if config.nvrtc_version.is_none() {
