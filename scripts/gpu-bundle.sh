@@ -40,7 +40,9 @@ for line in sys.stdin:
   done
 
 echo "==> building attn (profile gpu)" >&2
-cargo build -p attention-runtime --profile gpu --bin attn --quiet
+# The binary needs attention-runtime's `cli` feature (the test build above has it on too,
+# through the crate's dev-dependency on itself, so the library is not rebuilt).
+cargo build -p attention-runtime --profile gpu --features cli --bin attn --quiet
 cp target/gpu/attn "$out/bin/attn"
 if [ "${GPU_BUNDLE_EXAMPLES:-1}" = "1" ]; then
   echo "==> building the quickstart and generate examples (profile gpu)" >&2
