@@ -40,14 +40,16 @@ for line in sys.stdin:
   done
 
 echo "==> building attn (profile gpu)" >&2
-cargo build -p attention-runtime --profile gpu --bin attn --quiet
+# The binary needs attention-runtime's `cli` feature (the test build above has it on too,
+# through the crate's dev-dependency on itself, so the library is not rebuilt).
+cargo build -p attention-runtime --profile gpu --features cli --bin attn --quiet
 cp "${CARGO_TARGET_DIR:-target}/gpu/attn" "$out/bin/attn"
 if [ "${GPU_BUNDLE_EXAMPLES:-1}" = "1" ]; then
   echo "==> building the quickstart and generate examples (profile gpu)" >&2
   cargo build --profile gpu --example quickstart --example generate --quiet
   cp "${CARGO_TARGET_DIR:-target}/gpu/examples/quickstart" "${CARGO_TARGET_DIR:-target}/gpu/examples/generate" "$out/bin/"
 fi
-cp scripts/bench_sdpa.py "$out/" 2>/dev/null || true
+cp scripts/bench_sdpa.py scripts/bench_layer.py "$out/" 2>/dev/null || true
 
 cat > "$out/run.sh" <<'RUN'
 #!/usr/bin/env bash

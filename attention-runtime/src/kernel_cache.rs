@@ -15,11 +15,12 @@
 //! locked only to find or insert a slot, never during a compile.
 //!
 //! # On-disk format
-//! Directory: `ATTN_CACHE_DIR` if set, else `$XDG_CACHE_HOME/attention-kernels`, else
-//! `$HOME/.cache/attention-kernels` ([`CacheConfig::default_dir`]).
+//! Directory: `ATTN_CACHE_DIR` if set, else the user's cache directory (from the `dirs`
+//! crate: `$XDG_CACHE_HOME`, else `$HOME/.cache` on Linux) + `/attention-kernels`
+//! ([`CacheConfig::default_dir`]).
 //!
 //! File name: `<key>.<arch>.<hash16>.cubin`, where `<key>` is the kernel key (characters other
-//! than `[A-Za-z0-9_-]` become `_`) and `<hash16>` is 16 hex digits of a 64-bit hash of
+//! than `[A-Za-z0-9_-]` become `_`) and `<hash16>` is the first 16 hex digits of a SHA-256 of
 //! the key, the source, the NVRTC options, the arch and the NVRTC version.
 //!
 //! Every entry is a header followed by the CUBIN (all integers little-endian):
@@ -31,24 +32,24 @@
 //! | 4 + K | key length, key (UTF-8) |
 //! | 4 + A | arch length, arch |
 //! | 4 + 4 | NVRTC major, minor (i32) |
-//! | 8 | source hash: hash of key, source, options and arch (no NVRTC version) |
+//! | 32 | source hash: SHA-256 of key, source, options and arch (no NVRTC version) |
 //! | 8 | payload length |
-//! | 8 | payload checksum (FNV-1a 64 of the CUBIN) |
+//! | 32 | payload checksum (SHA-256 of the CUBIN) |
 //! | N | payload: the CUBIN |
 //!
-//! An entry is written to a temp file in the same directory and renamed over the final name,
-//! so readers (other processes sharing the directory) see either no entry or a whole one.
+//! An entry is written to a temp file in the same directory (`tempfile`) and renamed over the
+//! final name, so readers (other processes sharing the directory) see either no entry or a whole one.
 //! An entry whose header or checksum does not match (truncated, corrupted, written by another
 //! version) is logged with `tracing::warn`, recompiled and replaced. When the directory
 //! cannot be written (read-only, full, or not creatable), the cache warns once and continues
 //! in memory only; existing entries are still read.
 //!
 //! # Hash
-//! Both hashes are FNV-1a 64 (implemented here; no new dependency). It is not cryptographic:
-//! the cache trusts its directory. Fields are length-prefixed so that no two field lists hash
-//! the same byte stream; a single changed byte always changes an FNV-1a hash (each step is a
-//! bijection of the state), so the checksum catches every single-byte flip, and the header
-//! repeats the key, arch, NVRTC version and source hash, which are checked on every load.
+//! Both hashes are SHA-256 (the `sha2` crate). Fields are length-prefixed so that no two
+//! field lists hash the same byte stream. The checksum catches any corruption of the payload
+//! (not only single-byte flips), and the header repeats the key, arch, NVRTC version and the
+//! full source hash, which are checked on every load; the file name carries only 64 bits of
+//! the hash, enough to keep entries apart, since the header is what a load trusts.
 //!
 //! # Machines without NVRTC
 //! When libnvrtc cannot be loaded ([`CacheConfig::nvrtc_version`] is `None`), the file name's
@@ -64,6 +65,8 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, OnceLock};
 use std::time::Instant;
 
+use sha2::{Digest, Sha256};
+
 use crate::jit::{self, JitError};
 
 /// Environment variable overriding the cache directory.
@@ -71,7 +74,9 @@ pub const CACHE_DIR_ENV: &str = "ATTN_CACHE_DIR";
 /// Environment variable that forbids compiling when set to `off` (or `0`, `false`, `no`).
 pub const JIT_ENV: &str = "ATTN_JIT";
 /// Version of the on-disk entry format; entries of another version are recompiled.
-pub const FORMAT_VERSION: u32 = 1;
+///
+/// Version 1 used 64-bit FNV-1a hashes; version 2 uses SHA-256.
+pub const FORMAT_VERSION: u32 = 2;
 /// Sub-directory of the user's cache directory.
 pub const CACHE_SUBDIR: &str = "attention-kernels";
 
@@ -79,72 +84,70 @@ const MAGIC: [u8; 8] = *b"ATTNCUBN";
 const EXTENSION: &str = "cubin";
 const MAX_KEY_IN_NAME: usize = 120;
 
-/// FNV-1a 64 hasher (offset basis 0xcbf29ce484222325, prime 0x100000001b3).
-#[derive(Debug, Clone, Copy)]
-pub struct Fnv1a64(u64);
+/// A SHA-256 digest: the source hash and the payload checksum of an entry.
+type Digest256 = [u8; 32];
 
-impl Default for Fnv1a64 {
-    fn default() -> Self {
-        Self::new()
-    }
-}
+/// SHA-256 fed with length-prefixed fields, so that no two field lists hash the same byte
+/// stream.
+struct FieldHasher(Sha256);
 
-impl Fnv1a64 {
-    /// A hasher in its initial state.
-    pub const fn new() -> Self {
-        Self(0xcbf2_9ce4_8422_2325)
-    }
-
-    /// Feed raw bytes.
-    pub fn write(&mut self, bytes: &[u8]) {
-        for &b in bytes {
-            self.0 ^= u64::from(b);
-            self.0 = self.0.wrapping_mul(0x0000_0100_0000_01b3);
-        }
+impl FieldHasher {
+    fn new() -> Self {
+        Self(Sha256::new())
     }
 
     /// Feed one field: its length (u64 LE), then its bytes.
-    pub fn write_field(&mut self, bytes: &[u8]) {
-        self.write(&(bytes.len() as u64).to_le_bytes());
-        self.write(bytes);
+    fn field(&mut self, bytes: &[u8]) {
+        self.0.update((bytes.len() as u64).to_le_bytes());
+        self.0.update(bytes);
     }
 
-    /// The hash.
-    pub const fn finish(&self) -> u64 {
-        self.0
+    fn finish(self) -> Digest256 {
+        self.0.finalize().into()
     }
 }
 
-/// FNV-1a 64 of `bytes`.
-pub fn fnv1a64(bytes: &[u8]) -> u64 {
-    let mut h = Fnv1a64::new();
-    h.write(bytes);
-    h.finish()
+/// SHA-256 of `bytes`: the payload checksum.
+fn checksum(bytes: &[u8]) -> Digest256 {
+    Sha256::digest(bytes).into()
+}
+
+/// Lower-case hex of `bytes`.
+fn hex(bytes: &[u8]) -> String {
+    use std::fmt::Write as _;
+    bytes
+        .iter()
+        .fold(String::with_capacity(2 * bytes.len()), |mut s, b| {
+            let _ = write!(s, "{b:02x}");
+            s
+        })
 }
 
 /// Hash of the key, source, NVRTC options and arch: identifies a kernel build independently
 /// of the NVRTC version.
-fn source_hash(key: &str, source: &str, arch: &str) -> u64 {
-    let mut h = Fnv1a64::new();
-    h.write_field(b"attn-kernel-cache");
-    h.write_field(key.as_bytes());
-    h.write_field(source.as_bytes());
+fn source_hash(key: &str, source: &str, arch: &str) -> Digest256 {
+    let mut h = FieldHasher::new();
+    h.field(b"attn-kernel-cache");
+    h.field(key.as_bytes());
+    h.field(source.as_bytes());
     let opts = jit::nvrtc_options(arch);
-    h.write(&(opts.len() as u64).to_le_bytes());
+    h.field(&(opts.len() as u64).to_le_bytes());
     for o in &opts {
-        h.write_field(o.as_bytes());
+        h.field(o.as_bytes());
     }
-    h.write_field(arch.as_bytes());
+    h.field(arch.as_bytes());
     h.finish()
 }
 
-/// The file name's hash: the source hash and the NVRTC version.
-fn entry_hash(source_hash: u64, nvrtc: (i32, i32)) -> u64 {
-    let mut h = Fnv1a64::new();
-    h.write(&source_hash.to_le_bytes());
-    h.write(&nvrtc.0.to_le_bytes());
-    h.write(&nvrtc.1.to_le_bytes());
-    h.finish()
+/// The file name's hash: the first 64 bits of a SHA-256 of the source hash and the NVRTC
+/// version.
+fn entry_hash(source_hash: &Digest256, nvrtc: (i32, i32)) -> u64 {
+    let mut h = FieldHasher::new();
+    h.field(source_hash);
+    h.field(&nvrtc.0.to_le_bytes());
+    h.field(&nvrtc.1.to_le_bytes());
+    let d = h.finish();
+    u64::from_be_bytes([d[0], d[1], d[2], d[3], d[4], d[5], d[6], d[7]])
 }
 
 /// The key as it appears in file names.
@@ -224,20 +227,15 @@ impl CacheConfig {
         self
     }
 
-    /// The default directory: `ATTN_CACHE_DIR` if set and non-empty, else
-    /// `$XDG_CACHE_HOME/attention-kernels` (if absolute), else `$HOME/.cache/attention-kernels`;
-    /// `None` when none of these is set.
+    /// The default directory: `ATTN_CACHE_DIR` if set and non-empty, else the user's cache
+    /// directory ([`dirs::cache_dir`]) + `/attention-kernels`. On Linux that is
+    /// `$XDG_CACHE_HOME/attention-kernels` (if absolute), else `~/.cache/attention-kernels`;
+    /// on macOS `~/Library/Caches/attention-kernels`. `None` when no home directory is known.
     pub fn default_dir() -> Option<PathBuf> {
-        let var = |name: &str| std::env::var_os(name).filter(|v| !v.is_empty());
-        if let Some(d) = var(CACHE_DIR_ENV) {
-            return Some(PathBuf::from(d));
+        match std::env::var_os(CACHE_DIR_ENV).filter(|v| !v.is_empty()) {
+            Some(d) => Some(PathBuf::from(d)),
+            None => dirs::cache_dir().map(|d| d.join(CACHE_SUBDIR)),
         }
-        if let Some(x) = var("XDG_CACHE_HOME").map(PathBuf::from) {
-            if x.is_absolute() {
-                return Some(x.join(CACHE_SUBDIR));
-            }
-        }
-        var("HOME").map(|h| PathBuf::from(h).join(".cache").join(CACHE_SUBDIR))
     }
 
     /// Read `ATTN_CACHE_DIR` (see [`default_dir`](Self::default_dir)) and `ATTN_JIT`
@@ -311,7 +309,7 @@ type Slot = Arc<Mutex<Option<Arc<Cubin>>>>;
 /// Thread-safe cache of compiled kernels, in memory and on disk (see the module docs).
 pub struct KernelCache {
     config: CacheConfig,
-    slots: Mutex<HashMap<(String, String, u64), Slot>>,
+    slots: Mutex<HashMap<(String, String, Digest256), Slot>>,
     counters: Counters,
     writable: AtomicBool,
 }
@@ -348,7 +346,7 @@ struct Expect<'a> {
     arch: &'a str,
     /// `None`: any NVRTC version (machines without NVRTC).
     nvrtc: Option<(i32, i32)>,
-    source_hash: u64,
+    source_hash: Digest256,
 }
 
 struct Cursor<'a>(&'a [u8]);
@@ -377,6 +375,9 @@ impl<'a> Cursor<'a> {
             self.take(8, what)?.try_into().unwrap_or_default(),
         ))
     }
+    fn digest(&mut self, what: &str) -> Result<Digest256, String> {
+        Ok(self.take(32, what)?.try_into().unwrap_or_default())
+    }
     fn string(&mut self, what: &str) -> Result<&'a [u8], String> {
         let n = self.u32(what)? as usize;
         self.take(n, what)
@@ -388,10 +389,10 @@ fn encode_entry(
     key: &str,
     arch: &str,
     nvrtc: (i32, i32),
-    source_hash: u64,
+    source_hash: &Digest256,
     cubin: &[u8],
 ) -> Vec<u8> {
-    let mut out = Vec::with_capacity(64 + key.len() + arch.len() + cubin.len());
+    let mut out = Vec::with_capacity(112 + key.len() + arch.len() + cubin.len());
     out.extend_from_slice(&MAGIC);
     out.extend_from_slice(&FORMAT_VERSION.to_le_bytes());
     for s in [key, arch] {
@@ -400,9 +401,9 @@ fn encode_entry(
     }
     out.extend_from_slice(&nvrtc.0.to_le_bytes());
     out.extend_from_slice(&nvrtc.1.to_le_bytes());
-    out.extend_from_slice(&source_hash.to_le_bytes());
+    out.extend_from_slice(source_hash);
     out.extend_from_slice(&(cubin.len() as u64).to_le_bytes());
-    out.extend_from_slice(&fnv1a64(cubin).to_le_bytes());
+    out.extend_from_slice(&checksum(cubin));
     out.extend_from_slice(cubin);
     out
 }
@@ -441,15 +442,16 @@ fn decode_entry(mut bytes: Vec<u8>, want: &Expect<'_>) -> Result<(Vec<u8>, (i32,
             return Err(format!("built by NVRTC {nvrtc:?}, expected {v:?}"));
         }
     }
-    let sh = c.u64("source hash")?;
+    let sh = c.digest("source hash")?;
     if sh != want.source_hash {
         return Err(format!(
-            "source hash {sh:016x}, expected {:016x}",
-            want.source_hash
+            "source hash {}, expected {}",
+            hex(&sh),
+            hex(&want.source_hash)
         ));
     }
     let len = c.u64("payload length")?;
-    let sum = c.u64("payload checksum")?;
+    let sum = c.digest("payload checksum")?;
     let rest = c.0.len() as u64;
     if rest != len {
         return Err(format!(
@@ -460,10 +462,12 @@ fn decode_entry(mut bytes: Vec<u8>, want: &Expect<'_>) -> Result<(Vec<u8>, (i32,
         return Err("empty payload".into());
     }
     let header_len = bytes.len() - c.0.len();
-    let got = fnv1a64(c.0);
+    let got = checksum(c.0);
     if got != sum {
         return Err(format!(
-            "payload checksum {got:016x}, header says {sum:016x} (corrupted)"
+            "payload checksum {}, header says {} (corrupted)",
+            hex(&got),
+            hex(&sum)
         ));
     }
     bytes.drain(..header_len);
@@ -481,30 +485,24 @@ fn read_entry(path: &Path, want: &Expect<'_>) -> Read {
     }
 }
 
-static TMP_COUNTER: AtomicU64 = AtomicU64::new(0);
-
-/// Write `data` to `dir/name` atomically: a unique temp file in `dir`, then a rename.
+/// Write `data` to `dir/name` atomically: a temp file in `dir` ([`tempfile`]), then a rename
+/// over the final name. The temp file is removed if anything fails.
 fn write_atomic(dir: &Path, name: &str, data: &[u8]) -> std::io::Result<()> {
     fs::create_dir_all(dir)?;
-    let tmp = dir.join(format!(
-        ".{name}.{}.{}.tmp",
-        std::process::id(),
-        TMP_COUNTER.fetch_add(1, Ordering::Relaxed)
-    ));
-    let result = (|| {
-        let mut f = fs::OpenOptions::new()
-            .write(true)
-            .create_new(true)
-            .open(&tmp)?;
-        f.write_all(data)?;
-        f.flush()?;
-        drop(f);
-        fs::rename(&tmp, dir.join(name))
-    })();
-    if result.is_err() {
-        let _ = fs::remove_file(&tmp);
+    let mut builder = tempfile::Builder::new();
+    builder.prefix(".").suffix(".tmp");
+    // Same mode as `fs::write` (0o666 less the umask), not tempfile's private 0o600: a
+    // cache built by `attn aot` may be read by another user at deploy.
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::PermissionsExt;
+        builder.permissions(fs::Permissions::from_mode(0o666));
     }
-    result
+    let mut tmp = builder.tempfile_in(dir)?;
+    tmp.write_all(data)?;
+    tmp.flush()?;
+    tmp.persist(dir.join(name)).map_err(|e| e.error)?;
+    Ok(())
 }
 
 impl KernelCache {
@@ -583,7 +581,7 @@ impl KernelCache {
     pub fn entry_path(&self, key: &str, source: &str, arch: &str) -> Option<PathBuf> {
         let dir = self.config.dir.as_ref()?;
         let v = self.config.nvrtc_version?;
-        let h = entry_hash(source_hash(key, source, arch), v);
+        let h = entry_hash(&source_hash(key, source, arch), v);
         Some(dir.join(file_name(key, arch, h)))
     }
 
@@ -609,7 +607,7 @@ impl KernelCache {
         key: &str,
         source: &str,
         arch: &str,
-        sh: u64,
+        sh: Digest256,
     ) -> Result<(Cubin, CacheOrigin), JitError> {
         let make = |bytes: Vec<u8>| Cubin {
             key: key.to_string(),
@@ -649,14 +647,14 @@ impl KernelCache {
             "NVRTC compiled kernel"
         );
         if let (Some(dir), Some(v)) = (&self.config.dir, self.config.nvrtc_version) {
-            let name = file_name(key, arch, entry_hash(sh, v));
-            self.store(dir, &name, &encode_entry(key, arch, v, sh, &bytes));
+            let name = file_name(key, arch, entry_hash(&sh, v));
+            self.store(dir, &name, &encode_entry(key, arch, v, &sh, &bytes));
         }
         Ok((make(bytes), CacheOrigin::Compiled))
     }
 
     /// A valid on-disk entry's payload, or `None` (missing, unreadable or invalid: logged).
-    fn load(&self, key: &str, arch: &str, sh: u64) -> Option<Vec<u8>> {
+    fn load(&self, key: &str, arch: &str, sh: Digest256) -> Option<Vec<u8>> {
         let dir = self.config.dir.as_ref()?;
         let want = Expect {
             key,
@@ -665,7 +663,7 @@ impl KernelCache {
             source_hash: sh,
         };
         let candidates: Vec<PathBuf> = match self.config.nvrtc_version {
-            Some(v) => vec![dir.join(file_name(key, arch, entry_hash(sh, v)))],
+            Some(v) => vec![dir.join(file_name(key, arch, entry_hash(&sh, v)))],
             None => {
                 // No NVRTC: any version's entry for this source will do; scan for them.
                 let prefix = format!("{}.{arch}.", file_key(key));
@@ -743,11 +741,27 @@ mod tests {
     use super::*;
 
     #[test]
-    fn fnv_known_values() {
-        // Published FNV-1a 64 test vectors.
-        assert_eq!(fnv1a64(b""), 0xcbf2_9ce4_8422_2325);
-        assert_eq!(fnv1a64(b"a"), 0xaf63_dc4c_8601_ec8c);
-        assert_eq!(fnv1a64(b"foobar"), 0x8594_4171_f739_67e8);
+    fn checksum_is_sha256() {
+        // Published SHA-256 test vector ("abc", FIPS 180-2).
+        assert_eq!(
+            hex(&checksum(b"abc")),
+            "ba7816bf8f01cfea414140de5dae2223b00361a396177a9cb410ff61f20015ad"
+        );
+    }
+
+    #[test]
+    fn hashes_separate_fields_and_versions() {
+        // Length prefixes: moving a byte between key and source changes the hash.
+        assert_ne!(
+            source_hash("ab", "c", "sm_80"),
+            source_hash("a", "bc", "sm_80")
+        );
+        assert_ne!(
+            source_hash("k", "s", "sm_80"),
+            source_hash("k", "s", "sm_90a")
+        );
+        let sh = source_hash("k", "s", "sm_80");
+        assert_ne!(entry_hash(&sh, (13, 0)), entry_hash(&sh, (13, 1)));
     }
 
     #[test]
@@ -770,9 +784,9 @@ mod tests {
             key: "k",
             arch: "sm_80",
             nvrtc: Some((13, 0)),
-            source_hash: 7,
+            source_hash: [7; 32],
         };
-        let e = encode_entry("k", "sm_80", (13, 0), 7, b"\x7fELFpayload");
+        let e = encode_entry("k", "sm_80", (13, 0), &[7; 32], b"\x7fELFpayload");
         assert_eq!(decode_entry(e.clone(), &want).unwrap().0, b"\x7fELFpayload");
         // Every truncation and every single-byte flip is rejected.
         for n in 0..e.len() {

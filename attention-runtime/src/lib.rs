@@ -8,7 +8,6 @@
 //! - [`weights`]: safetensors weights under Megatron names ([`WeightStore`]).
 //! - [`reference`](mod@reference): the CPU reference math.
 
-pub mod bench;
 pub mod config;
 pub mod cuda;
 pub mod device;

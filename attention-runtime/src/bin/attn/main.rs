@@ -8,7 +8,12 @@
 //! attn catalog
 //! attn render --spec "<spec>" [--head-dim D]
 //! attn aot --arch sm_90a[,sm_80,...] (--catalog | --spec "<spec>" [--head-dim D]) [--cache-dir DIR]
+//! attn bench prefill|decode [--json out.json]          (GPU; see the `bench` module)
 //! ```
+//!
+//! Built with the `cli` feature of `attention-runtime` (its dependencies, clap, indicatif
+//! and tracing-subscriber, stay out of what a library user compiles):
+//! `cargo run -p attention-runtime --features cli --bin attn -- ...`.
 
 use std::io::Write;
 use std::path::{Path, PathBuf};
@@ -21,6 +26,8 @@ use attention_runtime::{
 };
 use clap::{Parser, Subcommand};
 use safetensors::{Dtype, SafeTensors};
+
+mod bench;
 
 #[derive(Parser)]
 #[command(
@@ -46,7 +53,7 @@ enum Command {
     Catalog,
     /// Benchmarks (GPU): `attn bench prefill|decode [--json out.json]`.
     #[command(subcommand)]
-    Bench(BenchCommand),
+    Bench(bench::BenchCommand),
     /// Print the rendered kernel sources for one spec.
     Render {
         /// The spec, in the `#[attention]` grammar.
@@ -56,133 +63,6 @@ enum Command {
         #[arg(long)]
         head_dim: Option<usize>,
     },
-}
-
-/// `attn bench` subcommands.
-#[derive(Subcommand)]
-enum BenchCommand {
-    /// Time the fast forward kernel against PyTorch SDPA (flash, cuDNN) on the same shapes:
-    /// head dims x causal/non-causal x seqlens at a fixed token count, bf16, CUDA events,
-    /// median after warm-up, inputs rotated beyond L2. Prints a ratio table.
-    Prefill(BenchPrefillArgs),
-    /// Time the fused decode step (flashdec: rope + KV append + split-KV attention + merge)
-    /// against PyTorch SDPA's flash backend: bf16, one new token per sequence over a filled
-    /// cache, contexts x batches, GB/s of the K/V read once, CUDA events, median after
-    /// warm-up, caches rotated beyond L2, plus the card's device-to-device copy bandwidth.
-    Decode(BenchDecodeArgs),
-}
-
-#[derive(clap::Args)]
-struct BenchDecodeArgs {
-    /// Write the JSON report here.
-    #[arg(long)]
-    json: Option<std::path::PathBuf>,
-    /// Cached tokens per sequence, comma separated.
-    #[arg(long, value_delimiter = ',', default_value = "8192,32768")]
-    contexts: Vec<usize>,
-    /// Sequences per step, comma separated.
-    #[arg(long, value_delimiter = ',', default_value = "1,4,16")]
-    batches: Vec<usize>,
-    /// Query heads.
-    #[arg(long, default_value_t = 32)]
-    heads: usize,
-    /// KV groups.
-    #[arg(long, default_value_t = 8)]
-    groups: usize,
-    /// Head dim.
-    #[arg(long, default_value_t = 128)]
-    head_dim: usize,
-    /// Skip shapes whose K+V cache exceeds this many GiB.
-    #[arg(long, default_value_t = 8)]
-    max_cache_gib: usize,
-    /// Timed steps per shape (median reported).
-    #[arg(long, default_value_t = 50)]
-    reps: usize,
-    /// The SDPA baseline script (`none` to skip).
-    #[arg(long, default_value = "scripts/bench_sdpa.py")]
-    sdpa_script: String,
-}
-
-#[derive(clap::Args)]
-struct BenchPrefillArgs {
-    /// Write the JSON report here.
-    #[arg(long)]
-    json: Option<std::path::PathBuf>,
-    /// Head dims, comma separated.
-    #[arg(long, value_delimiter = ',', default_value = "64,128,256")]
-    head_dims: Vec<usize>,
-    /// Sequence lengths, comma separated (each divides --total-tokens).
-    #[arg(
-        long,
-        value_delimiter = ',',
-        default_value = "512,1024,2048,4096,8192,16384"
-    )]
-    seqlens: Vec<usize>,
-    /// Tokens per launch (batch = total / seqlen).
-    #[arg(long, default_value_t = 16384)]
-    total_tokens: usize,
-    /// Timed launches per shape (median reported).
-    #[arg(long, default_value_t = 20)]
-    reps: usize,
-    /// Extra tiles to time, `<head_dim>:m<M>n<N>w<warps>s<stages>`, comma separated.
-    #[arg(long, value_delimiter = ',')]
-    tiles: Vec<String>,
-    /// The SDPA baseline script (`none` to skip).
-    #[arg(long, default_value = "scripts/bench_sdpa.py")]
-    sdpa_script: String,
-}
-
-fn run_bench(cmd: &BenchCommand) -> Result<()> {
-    let a = match cmd {
-        BenchCommand::Prefill(a) => a,
-        BenchCommand::Decode(d) => {
-            let opts = attention_runtime::bench::DecodeOptions {
-                contexts: d.contexts.clone(),
-                batches: d.batches.clone(),
-                heads: d.heads,
-                groups: d.groups,
-                head_dim: d.head_dim,
-                max_cache_bytes: d.max_cache_gib << 30,
-                reps: d.reps,
-                sdpa_script: (d.sdpa_script != "none").then(|| d.sdpa_script.clone().into()),
-                json: d.json.clone(),
-                ..Default::default()
-            };
-            println!("{}", attention_runtime::bench::run_decode(&opts)?);
-            return Ok(());
-        }
-    };
-    let mut extra = Vec::new();
-    for t in &a.tiles {
-        let (hd, tile) = t
-            .split_once(':')
-            .ok_or_else(|| AttnError::InvalidArgument {
-                arg: "tiles".into(),
-                expected: "<head_dim>:m<M>n<N>w<warps>s<stages>".into(),
-                got: t.clone(),
-            })?;
-        let hd = hd
-            .parse::<usize>()
-            .map_err(|_| AttnError::InvalidArgument {
-                arg: "tiles".into(),
-                expected: "a head dim before ':'".into(),
-                got: t.clone(),
-            })?;
-        extra.push((hd, attention_runtime::bench::parse_tile(tile)?));
-    }
-    let opts = attention_runtime::bench::PrefillOptions {
-        head_dims: a.head_dims.clone(),
-        seqlens: a.seqlens.clone(),
-        total_tokens: a.total_tokens,
-        reps: a.reps,
-        extra_tiles: extra,
-        sdpa_script: (a.sdpa_script != "none").then(|| a.sdpa_script.clone().into()),
-        json: a.json.clone(),
-        ..Default::default()
-    };
-    let table = attention_runtime::bench::run_prefill(&opts)?;
-    println!("{table}");
-    Ok(())
 }
 
 #[derive(clap::Args)]
@@ -418,7 +298,7 @@ struct AotArgs {
     #[arg(long, requires = "spec")]
     head_dim: Option<usize>,
     /// Cache directory; default `ATTN_CACHE_DIR`, else the user's cache dir
-    /// (`$XDG_CACHE_HOME` or `~/.cache`) + `/attention-kernels`.
+    /// (on Linux `$XDG_CACHE_HOME` or `~/.cache`) + `/attention-kernels`.
     #[arg(long)]
     cache_dir: Option<PathBuf>,
 }
@@ -464,9 +344,7 @@ fn run_aot(a: &AotArgs) -> Result<()> {
         })?;
     // Fail early, with the OS error, when the directory cannot be written.
     std::fs::create_dir_all(&dir).map_err(|e| io_err(&dir, e))?;
-    let probe = dir.join(format!(".aot-probe.{}", std::process::id()));
-    std::fs::write(&probe, b"").map_err(|e| io_err(&dir, e))?;
-    let _ = std::fs::remove_file(&probe);
+    tempfile::NamedTempFile::new_in(&dir).map_err(|e| io_err(&dir, e))?;
 
     let config = CacheConfig::new(Some(dir.clone()));
     if config.nvrtc_version.is_none() {
@@ -556,7 +434,7 @@ fn main() -> ExitCode {
         Command::Aot(a) => run_aot(a),
         Command::Layer(a) => run_layer(a),
         Command::Catalog => run_catalog(),
-        Command::Bench(b) => run_bench(b),
+        Command::Bench(b) => bench::run(b),
         Command::Render { spec, head_dim } => run_render(spec, *head_dim),
     };
     match result {

@@ -1,0 +1,434 @@
+//! `attn bench decode`: times the fused decode step (`flashdec`: rope + KV append + split-KV
+//! attention + merge) against PyTorch SDPA's flash backend (`scripts/bench_sdpa.py --mode
+//! decode`), one new token per sequence over a filled cache; reports GB/s of the K/V read
+//! once, next to the card's device-to-device copy bandwidth.
+
+use std::path::PathBuf;
+use std::process::Command;
+use std::sync::Arc;
+
+use attention_codegen::render::{KernelConfig, Phase};
+use attention_codegen::DType;
+use attention_runtime::modules::SplitMix64;
+use attention_runtime::{AttnError, Result};
+use cudarc::driver::{CudaSlice, CudaStream};
+use half::bf16;
+
+use super::common::{cuda_device, cuda_err, join, median, random_bf16};
+use super::decode_report::{
+    decode_json, decode_table, parse_sdpa_decode, CopyCeiling, DecodeTiming,
+};
+
+/// Options of `attn bench decode`: the fused decode step (`flashdec` split + merge: rope of
+/// the new q/k, KV append, split-KV attention, LSE merge) against PyTorch SDPA's flash
+/// backend, one new token per sequence over a cache already holding `ctx` tokens.
+#[derive(Debug, Clone)]
+pub struct DecodeOptions {
+    /// Cached tokens per sequence (the new token goes at position `ctx`).
+    pub contexts: Vec<usize>,
+    /// Sequences per step.
+    pub batches: Vec<usize>,
+    /// Query heads.
+    pub heads: usize,
+    /// KV groups.
+    pub groups: usize,
+    /// Head dim.
+    pub head_dim: usize,
+    /// Shapes whose K+V cache (one set) exceeds this many bytes are skipped.
+    pub max_cache_bytes: usize,
+    /// Timed steps per shape (median reported).
+    pub reps: usize,
+    /// Untimed steps first.
+    pub warmup: usize,
+    /// Steps queued behind one blocker copy (see [`run_decode`]).
+    pub chunk: usize,
+    /// Run `python3 <sdpa_script> --mode decode` for the SDPA flash baseline (None = skip).
+    pub sdpa_script: Option<PathBuf>,
+    /// Write the JSON report here.
+    pub json: Option<PathBuf>,
+}
+
+impl Default for DecodeOptions {
+    fn default() -> Self {
+        DecodeOptions {
+            contexts: vec![8192, 32768],
+            batches: vec![1, 4, 16],
+            heads: 32,
+            groups: 8,
+            head_dim: 128,
+            max_cache_bytes: 8 << 30,
+            reps: 50,
+            warmup: 10,
+            chunk: 10,
+            sdpa_script: Some(PathBuf::from("scripts/bench_sdpa.py")),
+            json: None,
+        }
+    }
+}
+
+/// Bytes one decode step must move (bf16): the K and V cache read once
+/// (`ctx · groups · hd · 2 B` each per sequence) plus q and out (`heads · hd` each) and the
+/// new k and v (`groups · hd` each) per sequence.
+pub fn decode_bytes(batch: usize, ctx: usize, heads: usize, groups: usize, hd: usize) -> f64 {
+    let per_seq = 2 * ctx * groups * hd * 2 + (2 * heads + 2 * groups) * hd * 2;
+    (batch * per_seq) as f64
+}
+
+/// Queue `n` steps in chunks of `chunk`, each chunk behind `blocker` (long device work, so
+/// the GPU runs the chunk's steps back to back while the host queues them), with an event
+/// between steps; returns per-step ms and the number of chunks where the blocker had already
+/// finished when the last step was queued (the host fell behind).
+fn time_queued(
+    stream: &Arc<CudaStream>,
+    n: usize,
+    chunk: usize,
+    blocker: &mut dyn FnMut() -> Result<()>,
+    step: &mut dyn FnMut(usize) -> Result<()>,
+) -> Result<(Vec<f64>, usize)> {
+    let ctx = stream.context();
+    let flag = Some(cudarc::driver::sys::CUevent_flags::CU_EVENT_DEFAULT);
+    let chunk = chunk.max(1);
+    let (mut times, mut behind, mut i) = (Vec::with_capacity(n), 0usize, 0usize);
+    while i < n {
+        let m = chunk.min(n - i);
+        let events = (0..=m)
+            .map(|_| ctx.new_event(flag))
+            .collect::<std::result::Result<Vec<_>, _>>()
+            .map_err(cuda_err("cuEventCreate"))?;
+        blocker()?;
+        events[0].record(stream).map_err(cuda_err("record event"))?;
+        for j in 0..m {
+            step(i + j)?;
+            events[j + 1]
+                .record(stream)
+                .map_err(cuda_err("record event"))?;
+        }
+        if events[0]
+            .try_is_complete()
+            .map_err(cuda_err("cuEventQuery"))?
+        {
+            behind += 1;
+        }
+        for w in events.windows(2) {
+            times.push(w[0].elapsed_ms(&w[1]).map_err(cuda_err("decode step"))? as f64);
+        }
+        i += m;
+    }
+    Ok((times, behind))
+}
+
+/// Fill `dst` with copies of pieces of `src` starting at offsets drawn from `seed` (random
+/// contents that differ between buffers, without a host round trip of the whole cache).
+fn fill_from(
+    stream: &Arc<CudaStream>,
+    src: &CudaSlice<bf16>,
+    dst: &mut CudaSlice<bf16>,
+    seed: u64,
+) -> Result<()> {
+    let piece = src.len() / 2;
+    let mut rng = SplitMix64::new(seed);
+    let mut at = 0;
+    while at < dst.len() {
+        let len = piece.min(dst.len() - at);
+        let off = ((rng.uniform().abs() * piece as f32) as usize).min(src.len() - len);
+        stream
+            .memcpy_dtod(&src.slice(off..off + len), &mut dst.slice_mut(at..at + len))
+            .map_err(cuda_err("memcpy_dtod cache fill"))?;
+        at += len;
+    }
+    Ok(())
+}
+
+fn raw<T>(s: &CudaSlice<T>, stream: &Arc<CudaStream>) -> u64 {
+    use cudarc::driver::DevicePtr;
+    let (p, _sync) = s.device_ptr(stream);
+    p
+}
+
+struct DecodeSet {
+    q: CudaSlice<bf16>,
+    k_new: CudaSlice<bf16>,
+    v_new: CudaSlice<bf16>,
+    k_cache: CudaSlice<bf16>,
+    v_cache: CudaSlice<bf16>,
+}
+
+/// Time the fused decode step on every shape (rope half over all channels, bf16, cache
+/// layout `[ctx + 1, batch, groups, hd]`, every sequence at position `ctx`), then run the
+/// SDPA script in decode mode; prints the ratio table and writes the JSON.
+///
+/// Timing: each chunk of `chunk` steps is queued behind two 1 GiB device-to-device copies,
+/// so the steps run back to back on the GPU (launch cost hidden, as under graph replay or a
+/// busy serving loop); CUDA events between steps; median of `reps` after `warmup`; the step
+/// rotates over enough cache sets (at least 2) that 4 × L2 is touched between reuses.
+pub fn run_decode(opts: &DecodeOptions) -> Result<String> {
+    use attention_codegen::RopeMode;
+    use attention_runtime::cuda::decode::{flash_decode_kernels, launch_flash_decode, num_splits};
+    use attention_runtime::cuda::decode::{FlashDecodeArgs, RopeTables};
+
+    let bad = |arg: &str, expected: &str, got: String| AttnError::InvalidArgument {
+        arg: arg.into(),
+        expected: expected.into(),
+        got,
+    };
+    if opts.groups == 0 || opts.heads == 0 || !opts.heads.is_multiple_of(opts.groups) {
+        return Err(bad(
+            "heads",
+            "a positive multiple of groups",
+            format!("heads {} groups {}", opts.heads, opts.groups),
+        ));
+    }
+    if opts.contexts.contains(&0) || opts.batches.contains(&0) {
+        return Err(bad(
+            "contexts/batches",
+            "positive values",
+            format!("{:?} / {:?}", opts.contexts, opts.batches),
+        ));
+    }
+    if opts.reps == 0 {
+        return Err(bad("reps", "at least 1", "0".into()));
+    }
+    let dev = cuda_device()?;
+    let rt = attention_runtime::cuda::CudaRuntime::get(&dev)?;
+    let stream = rt.stream().clone();
+    let ctx = dev.context.clone();
+    let (heads, groups, hd) = (opts.heads, opts.groups, opts.head_dim);
+    let l2 = ctx
+        .attribute(cudarc::driver::sys::CUdevice_attribute::CU_DEVICE_ATTRIBUTE_L2_CACHE_SIZE)
+        .map_err(cuda_err("L2 size"))? as usize;
+    let sms = attention_runtime::cuda::decode::sm_count(&rt)?;
+
+    // Copy ceiling + blocker buffers: 1 GiB each.
+    let cn = 1usize << 29;
+    let csrc = random_bf16(&stream, 1 << 24, 7)?;
+    let mut big_src: CudaSlice<bf16> = stream.alloc_zeros(cn).map_err(cuda_err("alloc copy"))?;
+    fill_from(&stream, &csrc, &mut big_src, 8)?;
+    let mut big_dst: CudaSlice<bf16> = stream.alloc_zeros(cn).map_err(cuda_err("alloc copy"))?;
+    let copy_once = |dst: &mut CudaSlice<bf16>| {
+        stream
+            .memcpy_dtod(&big_src, dst)
+            .map_err(cuda_err("memcpy_dtod copy ceiling"))
+    };
+    // The blocker and the copy measurement share `big_dst`; a RefCell lets both closures
+    // write it (they never run at the same time).
+    let big_dst_cell = std::cell::RefCell::new(&mut big_dst);
+    let mut blocker = || -> Result<()> {
+        let mut d = big_dst_cell.borrow_mut();
+        copy_once(&mut d)?;
+        copy_once(&mut d)
+    };
+    let (ct, _) = time_queued(
+        &stream,
+        opts.warmup + opts.reps,
+        opts.chunk,
+        &mut || -> Result<()> {
+            let mut d = big_dst_cell.borrow_mut();
+            copy_once(&mut d)
+        },
+        &mut |_| -> Result<()> {
+            let mut d = big_dst_cell.borrow_mut();
+            copy_once(&mut d)
+        },
+    )?;
+    let cms = median(ct[opts.warmup.min(ct.len())..].to_vec());
+    let mut ceilings = vec![CopyCeiling {
+        source: "cuMemcpyDtoD".into(),
+        bytes: 2 * cn * 2,
+        ms: cms,
+        gbps: (2 * cn * 2) as f64 / (cms * 1e-3) / 1e9,
+    }];
+
+    // Rope tables (half, all channels, theta 10000) for every position used.
+    let max_ctx = opts.contexts.iter().copied().max().unwrap_or(1);
+    let rows = max_ctx + 1;
+    let half = hd / 2;
+    let (mut cs, mut sn) = (vec![0f32; rows * half], vec![0f32; rows * half]);
+    for p in 0..rows {
+        for f in 0..half {
+            let a = p as f64 * 10000f64.powf(-2.0 * f as f64 / hd as f64);
+            cs[p * half + f] = a.cos() as f32;
+            sn[p * half + f] = a.sin() as f32;
+        }
+    }
+    let tables = RopeTables::new(&stream, &cs, &sn, rows, 1.0)?;
+    drop((cs, sn));
+
+    let mut cfg = KernelConfig::new(Phase::FlashDecode, DType::Bf16, hd);
+    cfg.rope = Some((RopeMode::Half, hd));
+    let (key, split_f, merge_f) = flash_decode_kernels(&rt, &cfg)?;
+
+    let mut timings: Vec<DecodeTiming> = Vec::new();
+    for &c in &opts.contexts {
+        for &b in &opts.batches {
+            let cache_elems = (c + 1) * b * groups * hd;
+            let cache_bytes = 2 * cache_elems * 2;
+            if cache_bytes > opts.max_cache_bytes {
+                eprintln!(
+                    "skipping ctx {c} batch {b}: K+V cache {cache_bytes} B > {} B",
+                    opts.max_cache_bytes
+                );
+                continue;
+            }
+            let sets = (4 * l2).div_ceil(cache_bytes).max(2);
+            let mut data = Vec::with_capacity(sets);
+            for i in 0..sets as u64 {
+                let mut k_cache: CudaSlice<bf16> = stream
+                    .alloc_zeros(cache_elems)
+                    .map_err(cuda_err("alloc k cache"))?;
+                let mut v_cache: CudaSlice<bf16> = stream
+                    .alloc_zeros(cache_elems)
+                    .map_err(cuda_err("alloc v cache"))?;
+                fill_from(&stream, &csrc, &mut k_cache, 100 + 2 * i)?;
+                fill_from(&stream, &csrc, &mut v_cache, 101 + 2 * i)?;
+                data.push(DecodeSet {
+                    q: random_bf16(&stream, b * heads * hd, 10 * i + 1)?,
+                    k_new: random_bf16(&stream, b * groups * hd, 10 * i + 2)?,
+                    v_new: random_bf16(&stream, b * groups * hd, 10 * i + 3)?,
+                    k_cache,
+                    v_cache,
+                });
+            }
+            let splits = num_splits(sms, b, groups, c + 1);
+            let lens = stream
+                .clone_htod(&vec![c as i32; b])
+                .map_err(cuda_err("clone_htod cache_seqlens"))?;
+            let o_part: CudaSlice<f32> = stream
+                .alloc_zeros(splits * b * heads * hd)
+                .map_err(cuda_err("alloc o_part"))?;
+            let lse_part: CudaSlice<f32> = stream
+                .alloc_zeros(splits * b * heads)
+                .map_err(cuda_err("alloc lse_part"))?;
+            let lse: CudaSlice<f32> = stream
+                .alloc_zeros(heads * b)
+                .map_err(cuda_err("alloc lse"))?;
+            // Poisoned output: every element must be written by the merge kernel.
+            let out = stream
+                .clone_htod(&vec![bf16::from_f32(f32::NAN); b * heads * hd])
+                .map_err(cuda_err("clone_htod out"))?;
+            let args: Vec<FlashDecodeArgs> = data
+                .iter()
+                .map(|d| FlashDecodeArgs {
+                    q: raw(&d.q, &stream),
+                    k_new: raw(&d.k_new, &stream),
+                    v_new: raw(&d.v_new, &stream),
+                    k_cache: raw(&d.k_cache, &stream),
+                    v_cache: raw(&d.v_cache, &stream),
+                    cache_seqlens: raw(&lens, &stream),
+                    rope_cos: raw(&tables.cos, &stream),
+                    rope_sin: raw(&tables.sin, &stream),
+                    o_part: raw(&o_part, &stream),
+                    lse_part: raw(&lse_part, &stream),
+                    out: raw(&out, &stream),
+                    lse: raw(&lse, &stream),
+                    sinks: 0,
+                    gate: 0,
+                    batch: b as i32,
+                    batch_offset: 0,
+                    max_batch: b as i32,
+                    num_heads: heads as i32,
+                    num_groups: groups as i32,
+                    num_splits: splits as i32,
+                    softmax_scale: 1.0 / (hd as f32).sqrt(),
+                    window_left: -1,
+                    window_right: -1,
+                })
+                .collect();
+            let mut step =
+                |i: usize| launch_flash_decode(&stream, &key, &split_f, &merge_f, &args[i % sets]);
+            step(0)?;
+            let host_out = stream
+                .clone_dtoh(&out)
+                .map_err(cuda_err("clone_dtoh out"))?;
+            stream.synchronize().map_err(cuda_err("decode check"))?;
+            if host_out.iter().any(|x| !x.to_f32().is_finite()) {
+                return Err(AttnError::Cuda {
+                    call: format!("{key} (ctx {c}, batch {b})"),
+                    msg: "the output holds NaN/inf or unwritten elements".into(),
+                });
+            }
+            let (t, behind) = time_queued(
+                &stream,
+                opts.warmup + opts.reps,
+                opts.chunk,
+                &mut blocker,
+                &mut step,
+            )?;
+            let ms = median(t[opts.warmup.min(t.len())..].to_vec());
+            timings.push(DecodeTiming {
+                implementation: "flashdec".into(),
+                batch: b,
+                ctx: c,
+                bytes: decode_bytes(b, c, heads, groups, hd),
+                us: ms * 1e3,
+                gbps: decode_bytes(b, c, heads, groups, hd) / (ms * 1e-3) / 1e9,
+                splits,
+                gqa: String::new(),
+                host_behind: behind,
+            });
+            drop(args);
+            drop(data);
+        }
+    }
+    drop((big_src, big_dst, csrc, tables));
+    stream.synchronize().map_err(cuda_err("synchronize"))?;
+
+    let mut sdpa_note = String::new();
+    if let Some(script) = &opts.sdpa_script {
+        let res = Command::new("python3")
+            .arg(script)
+            .args(["--mode", "decode"])
+            .args(["--contexts", &join(&opts.contexts)])
+            .args(["--batches", &join(&opts.batches)])
+            .args(["--heads", &heads.to_string()])
+            .args(["--groups", &groups.to_string()])
+            .args(["--head-dim", &hd.to_string()])
+            .args(["--max-cache-bytes", &opts.max_cache_bytes.to_string()])
+            .args(["--reps", &opts.reps.to_string()])
+            .args(["--warmup", &opts.warmup.to_string()])
+            .args(["--chunk", &opts.chunk.to_string()])
+            .output();
+        match res {
+            Ok(o) => {
+                let text = String::from_utf8_lossy(&o.stdout);
+                let (t, c) = parse_sdpa_decode(&text);
+                timings.extend(t);
+                ceilings.extend(c);
+                let err = String::from_utf8_lossy(&o.stderr).trim().to_string();
+                if !o.status.success() {
+                    sdpa_note = format!("bench_sdpa.py failed ({}): {err}", o.status);
+                } else if !err.is_empty() {
+                    sdpa_note = err;
+                }
+            }
+            Err(e) => sdpa_note = format!("could not run python3 {}: {e}", script.display()),
+        }
+        if !sdpa_note.is_empty() {
+            eprintln!("{sdpa_note}");
+        }
+    }
+    let table = decode_table(&timings, &ceilings, &dev.name);
+    if let Some(path) = &opts.json {
+        std::fs::write(
+            path,
+            decode_json(&timings, &ceilings, &dev.name, &sdpa_note),
+        )
+        .map_err(|e| AttnError::Io {
+            path: path.display().to_string(),
+            source: e,
+        })?;
+    }
+    Ok(table)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn decode_bytes_formula() {
+        // K+V: 2 * 8192 * 8 * 128 * 2 B; q, out: 32 * 128 * 2 B each; new k, v: 8 * 128 * 2 B each.
+        let per = 2.0 * 8192.0 * 8.0 * 128.0 * 2.0 + (64.0 + 16.0) * 128.0 * 2.0;
+        assert_eq!(decode_bytes(1, 8192, 32, 8, 128), per);
+        assert_eq!(decode_bytes(4, 8192, 32, 8, 128), 4.0 * per);
+    }
+}

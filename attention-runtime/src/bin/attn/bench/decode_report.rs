@@ -1,0 +1,221 @@
+//! `attn bench decode`'s results: the timings and copy ceilings, the SDPA script's output
+//! parsed, the table and the JSON report.
+
+use std::fmt::Write as _;
+
+use super::common::{json_field, json_num, json_str};
+
+/// One timed decode shape of one implementation (`flashdec` or `sdpa_flash`).
+#[derive(Debug, Clone, PartialEq)]
+pub struct DecodeTiming {
+    /// `flashdec` or `sdpa_flash`.
+    pub implementation: String,
+    /// Sequences.
+    pub batch: usize,
+    /// Cached tokens per sequence.
+    pub ctx: usize,
+    /// Bytes counted for one step ([`decode_bytes`](super::decode::decode_bytes)).
+    pub bytes: f64,
+    /// Median microseconds per step (NaN when the implementation failed).
+    pub us: f64,
+    /// [`decode_bytes`](super::decode::decode_bytes) over the median time, GB/s (1e9 B/s).
+    pub gbps: f64,
+    /// KV splits (`flashdec`; 0 otherwise).
+    pub splits: usize,
+    /// `native` / `repeat_interleave` (SDPA's GQA path), empty for ours.
+    pub gqa: String,
+    /// Chunks where the host had not queued every step before the blocker finished (their
+    /// numbers then include host gaps); 0 expected.
+    pub host_behind: usize,
+}
+
+/// A device-to-device copy measurement (bytes read + written).
+#[derive(Debug, Clone, PartialEq)]
+pub struct CopyCeiling {
+    /// Who measured it (`cuMemcpyDtoD` here, `torch copy_` from the script).
+    pub source: String,
+    /// Bytes read + written per copy.
+    pub bytes: usize,
+    /// Median ms per copy.
+    pub ms: f64,
+    /// GB/s.
+    pub gbps: f64,
+}
+
+/// Parse the script's decode output: one flat JSON object per line; `"backend": "copy"`
+/// lines give a [`CopyCeiling`] (`bytes`, `ms`, `gbps`), `"backend": "flash"` lines a
+/// [`DecodeTiming`] (`batch`, `ctx`, `us`, `gbps`, `gqa`, `host_behind`; null numbers become
+/// NaN / 0). Lines that do not parse are skipped.
+pub fn parse_sdpa_decode(text: &str) -> (Vec<DecodeTiming>, Vec<CopyCeiling>) {
+    let (mut t, mut c) = (Vec::new(), Vec::new());
+    for l in text.lines() {
+        let num = |n: &str| json_field(l, n).and_then(|x| x.parse::<f64>().ok());
+        let int = |n: &str| json_field(l, n).and_then(|x| x.parse::<usize>().ok());
+        match json_field(l, "backend").as_deref() {
+            Some("copy") => {
+                if let (Some(bytes), Some(ms)) = (int("bytes"), num("ms")) {
+                    c.push(CopyCeiling {
+                        source: "torch copy_".into(),
+                        bytes,
+                        ms,
+                        gbps: num("gbps").unwrap_or(f64::NAN),
+                    });
+                }
+            }
+            Some(be) => {
+                if let (Some(batch), Some(ctx)) = (int("batch"), int("ctx")) {
+                    t.push(DecodeTiming {
+                        implementation: format!("sdpa_{be}"),
+                        batch,
+                        ctx,
+                        bytes: num("bytes").unwrap_or(f64::NAN),
+                        us: num("us").unwrap_or(f64::NAN),
+                        gbps: num("gbps").unwrap_or(f64::NAN),
+                        splits: 0,
+                        gqa: json_field(l, "gqa").unwrap_or_default(),
+                        host_behind: int("host_behind").unwrap_or(0),
+                    });
+                }
+            }
+            None => {}
+        }
+    }
+    (t, c)
+}
+
+/// The decode table: per (ctx, batch), ours and SDPA flash in µs and GB/s, ours / SDPA, and
+/// each as a share of the measured copy bandwidth.
+pub fn decode_table(t: &[DecodeTiming], ceilings: &[CopyCeiling], device: &str) -> String {
+    let mut s = String::new();
+    let _ = writeln!(s, "device: {device}");
+    for c in ceilings {
+        let _ = writeln!(
+            s,
+            "copy ceiling ({}, {} MiB read+written): {:.0} GB/s ({:.3} ms)",
+            c.source,
+            c.bytes >> 20,
+            c.gbps,
+            c.ms
+        );
+    }
+    let ceil = ceilings.first().map_or(f64::NAN, |c| c.gbps);
+    let _ = writeln!(
+        s,
+        "| ctx | batch | MB moved | flashdec µs | flashdec GB/s | splits | sdpa flash µs | sdpa flash GB/s | sdpa gqa | ours/sdpa | ours % copy | sdpa % copy |"
+    );
+    let _ = writeln!(s, "|---|---|---|---|---|---|---|---|---|---|---|---|");
+    let mut shapes: Vec<(usize, usize)> = t.iter().map(|x| (x.ctx, x.batch)).collect();
+    shapes.sort();
+    shapes.dedup();
+    for (c, b) in shapes {
+        let get = |imp: &str| {
+            t.iter()
+                .find(|x| x.implementation == imp && x.ctx == c && x.batch == b)
+        };
+        let ours = get("flashdec");
+        let sd = get("sdpa_flash");
+        let (ou, og, sp) = ours.map_or((f64::NAN, f64::NAN, 0), |x| (x.us, x.gbps, x.splits));
+        let (su, sg) = sd.map_or((f64::NAN, f64::NAN), |x| (x.us, x.gbps));
+        let gqa = sd.map_or("-", |x| x.gqa.as_str());
+        let behind: usize = ours.map_or(0, |x| x.host_behind) + sd.map_or(0, |x| x.host_behind);
+        let mb = ours.or(sd).map_or(f64::NAN, |x| x.bytes / 1e6);
+        let _ = writeln!(
+            s,
+            "| {c} | {b} | {mb:.1} | {ou:.1} | {og:.0} | {sp} | {su:.1} | {sg:.0} | {gqa} | {:.2} | {:.0}% | {:.0}% |{}",
+            og / sg,
+            100.0 * og / ceil,
+            100.0 * sg / ceil,
+            if behind > 0 {
+                format!(" (host behind in {behind} chunks)")
+            } else {
+                String::new()
+            }
+        );
+    }
+    s
+}
+
+/// The decode JSON report: `{device, copy: [...], timings: [...], sdpa_note}`.
+pub fn decode_json(
+    t: &[DecodeTiming],
+    ceilings: &[CopyCeiling],
+    device: &str,
+    note: &str,
+) -> String {
+    let mut s = String::from("{\n");
+    let _ = writeln!(s, "  \"device\": {},", json_str(device));
+    s.push_str("  \"copy\": [\n");
+    for (i, c) in ceilings.iter().enumerate() {
+        let _ = write!(
+            s,
+            "    {{\"source\": {}, \"bytes\": {}, \"ms\": {}, \"gbps\": {}}}",
+            json_str(&c.source),
+            c.bytes,
+            json_num(c.ms),
+            json_num(c.gbps)
+        );
+        s.push_str(if i + 1 < ceilings.len() { ",\n" } else { "\n" });
+    }
+    s.push_str("  ],\n  \"timings\": [\n");
+    for (i, x) in t.iter().enumerate() {
+        let _ = write!(
+            s,
+            "    {{\"implementation\": {}, \"ctx\": {}, \"batch\": {}, \"bytes\": {}, \"us\": {}, \"gbps\": {}, \"splits\": {}, \"gqa\": {}, \"host_behind\": {}}}",
+            json_str(&x.implementation),
+            x.ctx,
+            x.batch,
+            json_num(x.bytes),
+            json_num(x.us),
+            json_num(x.gbps),
+            x.splits,
+            json_str(&x.gqa),
+            x.host_behind
+        );
+        s.push_str(if i + 1 < t.len() { ",\n" } else { "\n" });
+    }
+    let _ = writeln!(s, "  ],\n  \"sdpa_note\": {}\n}}", json_str(note));
+    s
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::bench::decode::decode_bytes;
+
+    #[test]
+    fn sdpa_decode_lines_parse() {
+        let text = "warn\n{\"backend\": \"copy\", \"bytes\": 2147483648, \"ms\": 0.7, \"gbps\": 3067.8, \"host_behind\": 0}\n{\"backend\": \"flash\", \"batch\": 4, \"ctx\": 8192, \"heads\": 32, \"groups\": 8, \"head_dim\": 128, \"gqa\": \"native\", \"us\": 52.5, \"gbps\": 2557.1, \"host_behind\": 0, \"bytes\": 134299648}\n{\"backend\": \"flash\", \"batch\": 16, \"ctx\": 32768, \"heads\": 32, \"groups\": 8, \"head_dim\": 128, \"gqa\": \"native\", \"us\": null, \"gbps\": null, \"host_behind\": null, \"bytes\": 1}\n";
+        let (t, c) = parse_sdpa_decode(text);
+        assert_eq!(c.len(), 1);
+        assert_eq!(c[0].bytes, 2147483648);
+        assert_eq!(c[0].gbps, 3067.8);
+        assert_eq!(t.len(), 2);
+        assert_eq!(t[0].implementation, "sdpa_flash");
+        assert_eq!((t[0].batch, t[0].ctx, t[0].us), (4, 8192, 52.5));
+        assert_eq!(t[0].gqa, "native");
+        assert!(t[1].us.is_nan() && t[1].gbps.is_nan());
+        let ours = DecodeTiming {
+            implementation: "flashdec".into(),
+            batch: 4,
+            ctx: 8192,
+            bytes: decode_bytes(4, 8192, 32, 8, 128),
+            us: 45.0,
+            gbps: decode_bytes(4, 8192, 32, 8, 128) / 45e-6 / 1e9,
+            splits: 9,
+            gqa: String::new(),
+            host_behind: 0,
+        };
+        let mut all = t.clone();
+        all.push(ours);
+        let table = decode_table(&all, &c, "dev");
+        let row = table
+            .lines()
+            .find(|l| l.starts_with("| 8192 | 4 |"))
+            .unwrap();
+        let ratio = all[2].gbps / all[0].gbps;
+        assert!(row.contains(&format!("| {ratio:.2} |")), "{row}");
+        let j = decode_json(&all, &c, "dev", "note");
+        assert!(j.contains("\"implementation\": \"flashdec\""));
+        assert!(j.contains("\"us\": null"));
+    }
+}

@@ -1,0 +1,147 @@
+//! `attn bench prefill|decode`: GPU benchmarks of the library's kernels against PyTorch SDPA.
+//!
+//! - [`prefill`]: the fast forward kernel over head dims x causal x seqlens (TFLOP/s), plus the
+//!   kernel cache's cold compile and warm start; its results in [`prefill_report`].
+//! - [`decode`]: the fused decode step over contexts x batches (GB/s), next to the card's copy
+//!   bandwidth; its results in [`decode_report`].
+//! - [`common`]: CUDA timing helpers and the reports' JSON, shared by both.
+//!
+//! Part of the CLI, not of the library: it needs only the library's public API.
+
+mod common;
+mod decode;
+mod decode_report;
+mod prefill;
+mod prefill_report;
+
+use clap::Subcommand;
+
+use attention_runtime::{AttnError, Result};
+
+/// `attn bench` subcommands.
+#[derive(Subcommand)]
+pub enum BenchCommand {
+    /// Time the fast forward kernel against PyTorch SDPA (flash, cuDNN) on the same shapes:
+    /// head dims x causal/non-causal x seqlens at a fixed token count, bf16, CUDA events,
+    /// median after warm-up, inputs rotated beyond L2. Prints a ratio table.
+    Prefill(BenchPrefillArgs),
+    /// Time the fused decode step (flashdec: rope + KV append + split-KV attention + merge)
+    /// against PyTorch SDPA's flash backend: bf16, one new token per sequence over a filled
+    /// cache, contexts x batches, GB/s of the K/V read once, CUDA events, median after
+    /// warm-up, caches rotated beyond L2, plus the card's device-to-device copy bandwidth.
+    Decode(BenchDecodeArgs),
+}
+
+#[derive(clap::Args)]
+pub struct BenchDecodeArgs {
+    /// Write the JSON report here.
+    #[arg(long)]
+    json: Option<std::path::PathBuf>,
+    /// Cached tokens per sequence, comma separated.
+    #[arg(long, value_delimiter = ',', default_value = "8192,32768")]
+    contexts: Vec<usize>,
+    /// Sequences per step, comma separated.
+    #[arg(long, value_delimiter = ',', default_value = "1,4,16")]
+    batches: Vec<usize>,
+    /// Query heads.
+    #[arg(long, default_value_t = 32)]
+    heads: usize,
+    /// KV groups.
+    #[arg(long, default_value_t = 8)]
+    groups: usize,
+    /// Head dim.
+    #[arg(long, default_value_t = 128)]
+    head_dim: usize,
+    /// Skip shapes whose K+V cache exceeds this many GiB.
+    #[arg(long, default_value_t = 8)]
+    max_cache_gib: usize,
+    /// Timed steps per shape (median reported).
+    #[arg(long, default_value_t = 50)]
+    reps: usize,
+    /// The SDPA baseline script (`none` to skip).
+    #[arg(long, default_value = "scripts/bench_sdpa.py")]
+    sdpa_script: String,
+}
+
+#[derive(clap::Args)]
+pub struct BenchPrefillArgs {
+    /// Write the JSON report here.
+    #[arg(long)]
+    json: Option<std::path::PathBuf>,
+    /// Head dims, comma separated.
+    #[arg(long, value_delimiter = ',', default_value = "64,128,256")]
+    head_dims: Vec<usize>,
+    /// Sequence lengths, comma separated (each divides --total-tokens).
+    #[arg(
+        long,
+        value_delimiter = ',',
+        default_value = "512,1024,2048,4096,8192,16384"
+    )]
+    seqlens: Vec<usize>,
+    /// Tokens per launch (batch = total / seqlen).
+    #[arg(long, default_value_t = 16384)]
+    total_tokens: usize,
+    /// Timed launches per shape (median reported).
+    #[arg(long, default_value_t = 20)]
+    reps: usize,
+    /// Extra tiles to time, `<head_dim>:m<M>n<N>w<warps>s<stages>`, comma separated.
+    #[arg(long, value_delimiter = ',')]
+    tiles: Vec<String>,
+    /// The SDPA baseline script (`none` to skip).
+    #[arg(long, default_value = "scripts/bench_sdpa.py")]
+    sdpa_script: String,
+}
+
+/// Run one `attn bench` subcommand and print its table.
+pub fn run(cmd: &BenchCommand) -> Result<()> {
+    let a = match cmd {
+        BenchCommand::Prefill(a) => a,
+        BenchCommand::Decode(d) => {
+            let opts = decode::DecodeOptions {
+                contexts: d.contexts.clone(),
+                batches: d.batches.clone(),
+                heads: d.heads,
+                groups: d.groups,
+                head_dim: d.head_dim,
+                max_cache_bytes: d.max_cache_gib << 30,
+                reps: d.reps,
+                sdpa_script: (d.sdpa_script != "none").then(|| d.sdpa_script.clone().into()),
+                json: d.json.clone(),
+                ..Default::default()
+            };
+            println!("{}", decode::run_decode(&opts)?);
+            return Ok(());
+        }
+    };
+    let mut extra = Vec::new();
+    for t in &a.tiles {
+        let (hd, tile) = t
+            .split_once(':')
+            .ok_or_else(|| AttnError::InvalidArgument {
+                arg: "tiles".into(),
+                expected: "<head_dim>:m<M>n<N>w<warps>s<stages>".into(),
+                got: t.clone(),
+            })?;
+        let hd = hd
+            .parse::<usize>()
+            .map_err(|_| AttnError::InvalidArgument {
+                arg: "tiles".into(),
+                expected: "a head dim before ':'".into(),
+                got: t.clone(),
+            })?;
+        extra.push((hd, prefill::parse_tile(tile)?));
+    }
+    let opts = prefill::PrefillOptions {
+        head_dims: a.head_dims.clone(),
+        seqlens: a.seqlens.clone(),
+        total_tokens: a.total_tokens,
+        reps: a.reps,
+        extra_tiles: extra,
+        sdpa_script: (a.sdpa_script != "none").then(|| a.sdpa_script.clone().into()),
+        json: a.json.clone(),
+        ..Default::default()
+    };
+    let table = prefill::run_prefill(&opts)?;
+    println!("{table}");
+    Ok(())
+}
