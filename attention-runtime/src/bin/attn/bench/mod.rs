@@ -4,13 +4,15 @@
 //!   kernel cache's cold compile and warm start; its results in [`prefill_report`].
 //! - [`decode`]: the fused decode step over contexts x batches (GB/s), next to the card's copy
 //!   bandwidth; its results in [`decode_report`].
-//! - [`common`]: CUDA timing helpers and the reports' JSON, shared by both.
+//! - [`layer`]: the whole layer through the public API against the same layer in PyTorch.
+//! - [`common`]: CUDA timing helpers and the reports' JSON, shared by all.
 //!
 //! Part of the CLI, not of the library: it needs only the library's public API.
 
 mod common;
 mod decode;
 mod decode_report;
+mod layer;
 mod prefill;
 mod prefill_report;
 
@@ -30,6 +32,51 @@ pub enum BenchCommand {
     /// cache, contexts x batches, GB/s of the K/V read once, CUDA events, median after
     /// warm-up, caches rotated beyond L2, plus the card's device-to-device copy bandwidth.
     Decode(BenchDecodeArgs),
+    /// Time the whole layer as users call it (device tensors: forward, prefill over a static
+    /// cache, a chunk after cached tokens, eager and graph decode steps; Llama-3-8B shape by
+    /// default) against the same layer in PyTorch (SDPA flash and cuDNN) in the same run.
+    Layer(BenchLayerArgs),
+}
+
+/// Options of `attn bench layer` (see [`layer`]).
+#[derive(clap::Args)]
+pub struct BenchLayerArgs {
+    /// Hidden size.
+    #[arg(long, default_value_t = 4096)]
+    hidden: usize,
+    /// Query heads.
+    #[arg(long, default_value_t = 32)]
+    heads: usize,
+    /// KV groups.
+    #[arg(long, default_value_t = 8)]
+    groups: usize,
+    /// Head dim.
+    #[arg(long, default_value_t = 128)]
+    head_dim: usize,
+    /// Prefill lengths (one sequence), comma separated.
+    #[arg(long, value_delimiter = ',', default_value = "2048,8192,16384")]
+    seqlens: Vec<usize>,
+    /// Tokens of the chunk prefilled after `--ctx-before` cached tokens (0 = skip).
+    #[arg(long, default_value_t = 2048)]
+    chunk: usize,
+    /// Cached tokens before the chunk.
+    #[arg(long, default_value_t = 6144)]
+    ctx_before: usize,
+    /// Decode batches, comma separated.
+    #[arg(long, value_delimiter = ',', default_value = "1,16,64,128")]
+    batches: Vec<usize>,
+    /// Decode contexts (cached tokens per sequence), comma separated.
+    #[arg(long, value_delimiter = ',', default_value = "8192,32768")]
+    contexts: Vec<usize>,
+    /// Skip decode shapes whose K+V cache exceeds this many GiB.
+    #[arg(long, default_value_t = 24)]
+    max_cache_gib: usize,
+    /// Timed calls per case (median, or mean of queued decode steps).
+    #[arg(long, default_value_t = 20)]
+    reps: usize,
+    /// The PyTorch layer script (`none` to skip).
+    #[arg(long, default_value = "scripts/bench_layer.py")]
+    torch_script: String,
 }
 
 #[derive(clap::Args)]
@@ -96,6 +143,25 @@ pub struct BenchPrefillArgs {
 pub fn run(cmd: &BenchCommand) -> Result<()> {
     let a = match cmd {
         BenchCommand::Prefill(a) => a,
+        BenchCommand::Layer(l) => {
+            let opts = layer::LayerOptions {
+                hidden: l.hidden,
+                heads: l.heads,
+                groups: l.groups,
+                head_dim: l.head_dim,
+                seqlens: l.seqlens.clone(),
+                chunk: l.chunk,
+                ctx_before: l.ctx_before,
+                batches: l.batches.clone(),
+                contexts: l.contexts.clone(),
+                max_cache_bytes: l.max_cache_gib << 30,
+                warmup: 5,
+                reps: l.reps,
+                torch_script: (l.torch_script != "none").then(|| l.torch_script.clone().into()),
+            };
+            println!("{}", layer::run_layer(&opts)?);
+            return Ok(());
+        }
         BenchCommand::Decode(d) => {
             let opts = decode::DecodeOptions {
                 contexts: d.contexts.clone(),

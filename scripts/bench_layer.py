@@ -1,0 +1,182 @@
+#!/usr/bin/env python3
+"""The PyTorch layer baseline of `attn bench layer`: the same attention layer as the Rust
+bench (linear_qkv -> per-head RMS norm of q and k -> rope (half) -> attention ->
+linear_proj; bf16), written the way a PyTorch serving or training stack writes it, with
+SDPA's FLASH_ATTENTION and CUDNN_ATTENTION backends.
+
+Cases (one flat JSON object per line on stdout; a failing backend prints ms null and the
+reason on stderr):
+  prefill: one sequence of --seqlens tokens, causal.
+  decode:  one step of --batches sequences, each with --contexts cached tokens in a static
+           cache [b, groups, max_seq, hd]: linear_qkv, norm, rope at the position, the new
+           k/v written into the cache, attention over the cache, linear_proj. Timed eager
+           and as a CUDA graph replay.
+Timing: CUDA events, --warmup calls, median of --reps (decode: calls queued back to back
+behind a long copy, so the host launch cost shows only where it exceeds the device time).
+"""
+import argparse
+import json
+import statistics
+import sys
+
+try:
+    import torch
+    import torch.nn.functional as F
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+except ImportError:  # pragma: no cover
+    torch = None
+
+
+def rope_tables(max_pos, rot, base, dev):
+    inv = 1.0 / (base ** (torch.arange(0, rot, 2, device=dev, dtype=torch.float32) / rot))
+    ang = torch.arange(max_pos, device=dev, dtype=torch.float32)[:, None] * inv[None, :]
+    ang = torch.cat([ang, ang], dim=-1)
+    return ang.cos().to(torch.bfloat16), ang.sin().to(torch.bfloat16)
+
+
+def rotate_half(t):
+    t1, t2 = t.chunk(2, dim=-1)
+    return torch.cat([-t2, t1], dim=-1)
+
+
+class Layer:
+    def __init__(self, hidden, heads, groups, hd, dev):
+        g = torch.Generator(device=dev).manual_seed(0)
+        self.h, self.np, self.ng, self.hd = hidden, heads, groups, hd
+        s = hidden ** -0.5
+        self.w_qkv = (torch.randn((heads + 2 * groups) * hd, hidden, device=dev, generator=g) * s).to(torch.bfloat16)
+        self.w_proj = (torch.randn(hidden, heads * hd, device=dev, generator=g) * s).to(torch.bfloat16)
+        self.qn = torch.ones(hd, device=dev, dtype=torch.bfloat16)
+        self.kn = torch.ones(hd, device=dev, dtype=torch.bfloat16)
+
+    def qkv(self, x, pos, cos, sin):
+        """x [b, t, h] -> q [b, np, t, hd], k, v [b, ng, t, hd] (normed, rotated)."""
+        b, t, _ = x.shape
+        y = F.linear(x, self.w_qkv)
+        q, k, v = y.split([self.np * self.hd, self.ng * self.hd, self.ng * self.hd], dim=-1)
+        q = F.rms_norm(q.view(b, t, self.np, self.hd), (self.hd,), self.qn, 1e-5)
+        k = F.rms_norm(k.view(b, t, self.ng, self.hd), (self.hd,), self.kn, 1e-5)
+        c, s = cos[pos][:, :, None, :], sin[pos][:, :, None, :]
+        q = q * c + rotate_half(q) * s
+        k = k * c + rotate_half(k) * s
+        v = v.view(b, t, self.ng, self.hd)
+        return q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
+
+    def proj(self, o):
+        b, _, t, _ = o.shape
+        return F.linear(o.transpose(1, 2).reshape(b, t, self.np * self.hd), self.w_proj)
+
+
+def prefill_flops(s, heads, groups, hd, hidden):
+    lin = 2 * s * hidden * ((heads + 2 * groups) * hd) + 2 * s * heads * hd * hidden
+    att = 4 * s * s * heads * hd / 2
+    return lin + att
+
+
+def timed(fn, warmup, reps):
+    for _ in range(warmup):
+        fn()
+    torch.cuda.synchronize()
+    ts = []
+    for _ in range(reps):
+        a = torch.cuda.Event(enable_timing=True)
+        e = torch.cuda.Event(enable_timing=True)
+        a.record()
+        fn()
+        e.record()
+        e.synchronize()
+        ts.append(a.elapsed_time(e))
+    return statistics.median(ts)
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--hidden", type=int, default=4096)
+    ap.add_argument("--heads", type=int, default=32)
+    ap.add_argument("--groups", type=int, default=8)
+    ap.add_argument("--head-dim", type=int, default=128)
+    ap.add_argument("--seqlens", default="2048,8192,16384")
+    ap.add_argument("--batches", default="1,16,64,128")
+    ap.add_argument("--contexts", default="8192,32768")
+    ap.add_argument("--max-cache-bytes", type=int, default=24 << 30)
+    ap.add_argument("--warmup", type=int, default=5)
+    ap.add_argument("--reps", type=int, default=20)
+    a = ap.parse_args()
+    if torch is None:
+        sys.exit("bench_layer.py: PyTorch is not installed")
+    dev = torch.device("cuda")
+    L = Layer(a.hidden, a.heads, a.groups, a.head_dim, dev)
+    shape = {"hidden": a.hidden, "heads": a.heads, "groups": a.groups, "head_dim": a.head_dim}
+    backends = [("flash", SDPBackend.FLASH_ATTENTION), ("cudnn", SDPBackend.CUDNN_ATTENTION)]
+    max_ctx = max(int(c) for c in a.contexts.split(",")) + 1
+    max_pos = max(max_ctx, max(int(s) for s in a.seqlens.split(",")))
+    cos, sin = rope_tables(max_pos, a.head_dim, 10000.0, dev)
+    for s in [int(x) for x in a.seqlens.split(",")]:
+        x = (torch.rand(1, s, a.hidden, device=dev) * 2 - 1).to(torch.bfloat16)
+        pos = torch.arange(s, device=dev)[None, :]
+        for name, be in backends:
+            rec = dict(case="prefill", backend=name, tokens=s, ms=None, tflops=None, **shape)
+            try:
+                with sdpa_kernel([be]):
+                    def step():
+                        q, k, v = L.qkv(x, pos, cos, sin)
+                        o = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True)
+                        return L.proj(o)
+                    out = step()
+                    torch.cuda.synchronize()
+                    if not bool(torch.isfinite(out).all()):
+                        raise RuntimeError("non-finite output")
+                    ms = timed(step, a.warmup, a.reps)
+                rec["ms"] = ms
+                rec["tflops"] = prefill_flops(s, a.heads, a.groups, a.head_dim, a.hidden) / (ms * 1e-3) / 1e12
+            except Exception as e:
+                print(f"bench_layer prefill {name} s{s}: {e}", file=sys.stderr)
+            print(json.dumps(rec), flush=True)
+    for ctx in [int(c) for c in a.contexts.split(",")]:
+        for b in [int(x) for x in a.batches.split(",")]:
+            cache_bytes = 2 * b * a.groups * (ctx + 1) * a.head_dim * 2
+            if cache_bytes > a.max_cache_bytes:
+                print(f"bench_layer decode b{b} ctx{ctx}: skipped ({cache_bytes} B)", file=sys.stderr)
+                continue
+            kc = (torch.rand(b, a.groups, ctx + 1, a.head_dim, device=dev) * 2 - 1).to(torch.bfloat16)
+            vc = (torch.rand(b, a.groups, ctx + 1, a.head_dim, device=dev) * 2 - 1).to(torch.bfloat16)
+            x = (torch.rand(b, 1, a.hidden, device=dev) * 2 - 1).to(torch.bfloat16)
+            pos = torch.full((b, 1), ctx, device=dev, dtype=torch.long)
+            nbytes = cache_bytes + 2 * (L.w_qkv.numel() + L.w_proj.numel())
+            for name, be in backends[:1]:
+                with sdpa_kernel([be]):
+                    def step():
+                        q, k, v = L.qkv(x, pos, cos, sin)
+                        kc[:, :, ctx:ctx + 1] = k
+                        vc[:, :, ctx:ctx + 1] = v
+                        o = F.scaled_dot_product_attention(q, kc, vc, enable_gqa=True)
+                        return L.proj(o)
+                    for mode in ("eager", "graph"):
+                        rec = dict(case="decode", backend=name, mode=mode, batch=b, ctx=ctx,
+                                   ms=None, gbps=None, **shape)
+                        try:
+                            if mode == "eager":
+                                fn = step
+                            else:
+                                s_ = torch.cuda.Stream()
+                                s_.wait_stream(torch.cuda.current_stream())
+                                with torch.cuda.stream(s_):
+                                    for _ in range(3):
+                                        step()
+                                torch.cuda.current_stream().wait_stream(s_)
+                                g = torch.cuda.CUDAGraph()
+                                with torch.cuda.graph(g):
+                                    step()
+                                fn = g.replay
+                            ms = timed(fn, a.warmup, a.reps)
+                            rec["ms"] = ms
+                            rec["gbps"] = nbytes / (ms * 1e-3) / 1e9
+                        except Exception as e:
+                            print(f"bench_layer decode {name} {mode} b{b} ctx{ctx}: {e}", file=sys.stderr)
+                        print(json.dumps(rec), flush=True)
+            del kc, vc
+            torch.cuda.empty_cache()
+
+
+if __name__ == "__main__":
+    main()
