@@ -194,12 +194,18 @@ pub fn run_layer(o: &LayerOptions) -> Result<String> {
             }
             let mut cache = DeviceStaticKvCache::new(&st, ElemType::Bf16, 1, ctx + 1, b, ng, hn)?;
             // Fill the cache with real keys: prefill in chunks of at most 64k tokens.
+            // (One random chunk reused: the keys differ by position through rope.)
             let step = (65536 / b).clamp(1, ctx);
+            let xf = random_hidden(&st, &[step, b, h], b as u64)?;
             let mut done = 0;
             while done < ctx {
                 let n = step.min(ctx - done);
-                let x = random_hidden(&st, &[n, b, h], (done + b) as u64)?;
-                cuda.prefill_device(&x, &mut cache, 0, 0, &args)?;
+                let x = if n == step {
+                    None
+                } else {
+                    Some(random_hidden(&st, &[n, b, h], (done + b) as u64)?)
+                };
+                cuda.prefill_device(x.as_ref().unwrap_or(&xf), &mut cache, 0, 0, &args)?;
                 cache.advance(0, b, n)?;
                 done += n;
             }
