@@ -197,7 +197,10 @@ fn kernels_for_spec_covers_phases_head_dims_and_masks() {
     }
     assert_eq!(ks.len(), 28);
     assert_eq!(ks.iter().filter(|k| k.phase == Phase::Forward).count(), 8);
-    assert_eq!(ks.iter().filter(|k| k.phase == Phase::ForwardFast).count(), 8);
+    assert_eq!(
+        ks.iter().filter(|k| k.phase == Phase::ForwardFast).count(),
+        8
+    );
 }
 
 #[test]
