@@ -680,8 +680,8 @@ pub(crate) fn rot_dim(head_dim: usize, rotary_percent: f64) -> Result<usize, Ren
 }
 
 /// The kernel configs a spec needs for one head dim on any device:
-/// [`registry::kernels_for`](crate::registry::kernels_for) with
-/// [`Target::AnyDevice`](crate::registry::Target::AnyDevice).
+/// [`registry::kernels_for`] with
+/// [`Target::AnyDevice`].
 pub fn configs_for_head_dim(
     spec: &AttentionSpec,
     head_dim: usize,
@@ -706,7 +706,7 @@ pub fn kernels_for_spec_with_head_dim(
 }
 
 /// Render every kernel the spec needs on any device, for every head dim it lists
-/// ([`registry::kernels_for_spec_head_dims`](crate::registry::kernels_for_spec_head_dims)).
+/// ([`registry::kernels_for_spec_head_dims`]).
 /// A spec without head dims gives an empty list (the runtime renders with
 /// [`kernels_for_spec_with_head_dim`] once the config supplies the head dim).
 pub fn kernels_for_spec(spec: &AttentionSpec) -> Result<Vec<KernelSource>, RenderError> {
@@ -723,7 +723,7 @@ pub fn render_all(configs: &[KernelConfig]) -> Result<Vec<KernelSource>, RenderE
 }
 
 /// The `ForwardFast` configs a spec needs (default tiles): the registry's
-/// ([`registry::kernels_for_spec_head_dims`](crate::registry::kernels_for_spec_head_dims))
+/// ([`registry::kernels_for_spec_head_dims`])
 /// fast forward kernels, one per head dim, per mask and without / with the additive
 /// attention bias, in spec order. The fast kernel implements every mask, mask tensors
 /// included.
