@@ -32,7 +32,9 @@
 //! - `Name::SPEC: &str`, the canonical spec string, and `Name::spec() -> AttentionSpec`
 //!   (`codegen::validate::parse_spec(Name::SPEC) == Name::spec()`);
 //! - `Name::KERNELS: &[StaticKernel]`, the CUDA sources rendered at compile time for every
-//!   phase × head dim × mask the spec needs, each under a readable key such as
+//!   kernel the layer can launch on any GPU (`codegen::registry::kernels_for` per head dim:
+//!   fast and fallback forward per mask and bias, prep, cache kernels), each under a readable
+//!   key such as
 //!   `fwd_bf16_hd128_causal_...`; empty when the spec leaves `head_dim` to the runtime;
 //! - constructors: `new(dims, seed)` (fresh weights), `from_config(config, seed)`,
 //!   `from_weights(&WeightStore, prefix, dims)` and `from_safetensors(path, prefix, dims)`

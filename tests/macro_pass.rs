@@ -432,6 +432,78 @@ fn kernel_tables_cover_every_head_dim_and_mask() {
     }
 }
 
+/// Every kernel key the CUDA layer launches for `spec` at `hd` on `target`, following its call
+/// sites (attention-runtime/src/cuda/layer.rs): the forward's prep; per mask type × bias the
+/// fast kernel when the device runs it and `fwd` (its fallback); prefill's append, its fast
+/// kernel and decode,
+/// the fused decode step's rope-less prep and `flashdec`, paged prefill's append + paged
+/// (self-attention only).
+fn launched_keys(
+    spec: &attention::codegen::AttentionSpec,
+    hd: usize,
+    target: attention::codegen::registry::Target,
+) -> Vec<String> {
+    use attention::codegen::registry;
+    let mut keys = vec![registry::qkv_prep(spec, hd).unwrap().key()];
+    for &mask in &spec.masks {
+        for bias in [false, true] {
+            let fwd = registry::forward(spec, hd, mask, bias);
+            if let Some(fast) = registry::fast_forward(&fwd, target) {
+                keys.push(fast.key());
+            }
+            keys.push(fwd.key());
+        }
+    }
+    if spec.kind == AttentionKind::SelfAttention {
+        keys.push(registry::kv_append(spec, hd).key());
+        keys.push(registry::decode(spec, hd).key());
+        keys.extend(registry::cache_prefill(spec, hd, target).map(|c| c.key()));
+        keys.push(registry::qkv_prep_for_flash_decode(spec, hd).unwrap().key());
+        keys.push(registry::flash_decode(spec, hd).unwrap().key());
+        keys.push(registry::paged(spec, hd).key());
+    }
+    keys
+}
+
+#[test]
+fn kernels_table_has_every_kernel_the_layer_launches() {
+    use attention::codegen::registry::Target;
+    use attention::codegen::render::StaticKernel;
+    let tables: [(&str, attention::codegen::AttentionSpec, &[StaticKernel]); 7] = [
+        ("Gqa", Gqa::spec(), Gqa::KERNELS),
+        ("Mha", Mha::spec(), Mha::KERNELS),
+        ("Mqa", Mqa::spec(), Mqa::KERNELS),
+        ("MultiHeadDim", MultiHeadDim::spec(), MultiHeadDim::KERNELS),
+        ("Gated", Gated::spec(), Gated::KERNELS),
+        ("Cross", Cross::spec(), Cross::KERNELS),
+        (
+            "CrossOverridden",
+            CrossOverridden::spec(),
+            CrossOverridden::KERNELS,
+        ),
+    ];
+    let mut fast = 0;
+    for (name, spec, table) in tables {
+        let keys: Vec<&str> = table.iter().map(|k| k.key).collect();
+        for &hd in &spec.head_dims {
+            for target in [
+                Target::AnyDevice,
+                Target::from_arch("sm_90a").unwrap(),
+                Target::from_arch("sm_86").unwrap(),
+            ] {
+                for want in launched_keys(&spec, hd, target) {
+                    assert!(
+                        keys.contains(&want.as_str()),
+                        "{name}: KERNELS lacks {want} (launched on {target:?}): {keys:?}"
+                    );
+                    fast += usize::from(want.starts_with("fwdfast_"));
+                }
+            }
+        }
+    }
+    assert!(fast > 0, "no layer launches a fast forward kernel");
+}
+
 #[test]
 fn weights_round_trip_through_safetensors_under_megatron_names() {
     let prefix = "decoder.layers.0.self_attention.";

@@ -6,11 +6,13 @@
 //! - [`grammar`]: the shared grammar ([`RawSpec`]) and the string parser.
 //! - [`mod@validate`]: the rules, each with its own error.
 //! - [`render`]: tera rendering of the CUDA templates into kernel sources.
+//! - [`registry`]: the one list of kernels a (spec, head dim, device) needs.
 //! - [`catalog`]: the specs of real models rendered ahead of time into `kernels-generated/`.
 
 pub mod catalog;
 pub mod error;
 pub mod grammar;
+pub mod registry;
 pub mod render;
 pub mod spec;
 pub mod validate;

@@ -16,9 +16,8 @@ use std::fmt;
 use tera::{Context, Tera};
 use thiserror::Error;
 
-use crate::spec::{
-    AttentionKind, AttentionSpec, DType, MaskType, QkNorm, RopeMode, Sinks, SUPPORTED_HEAD_DIMS,
-};
+use crate::registry::{self, Target};
+use crate::spec::{AttentionSpec, DType, MaskType, QkNorm, RopeMode, Sinks, SUPPORTED_HEAD_DIMS};
 
 /// The templates, embedded at compile time: `(tera name, text)`.
 const TEMPLATES: &[(&str, &str)] = &[
@@ -367,6 +366,12 @@ pub enum RenderError {
         /// What is not supported.
         reason: &'static str,
     },
+    /// An arch name that is not `sm_<digits>[a|f]` or `compute_<digits>[a|f]`.
+    #[error("argument `arch`: expected a GPU architecture like `sm_80` or `sm_90a`, got {arch:?}")]
+    BadArch {
+        /// The arch given.
+        arch: String,
+    },
     /// Template parse or render error (a bug in the templates).
     #[error("rendering kernel `{key}` failed: {message}")]
     Template {
@@ -667,7 +672,7 @@ impl KernelConfig {
 }
 
 /// Rotated channel count for `head_dim` (`int(head_dim * rotary_percent)`, as the reference).
-fn rot_dim(head_dim: usize, rotary_percent: f64) -> Result<usize, RenderError> {
+pub(crate) fn rot_dim(head_dim: usize, rotary_percent: f64) -> Result<usize, RenderError> {
     let r = (head_dim as f64 * rotary_percent) as usize;
     if r == 0 || r & 1 == 1 || r > head_dim || !rotary_percent.is_finite() {
         return Err(RenderError::RotaryDim {
@@ -679,67 +684,14 @@ fn rot_dim(head_dim: usize, rotary_percent: f64) -> Result<usize, RenderError> {
     Ok(r)
 }
 
-/// The kernel configs a spec needs for one head dim, in a fixed order: `qkv_prep`, then
-/// `fwd` per mask (without and with attention bias), `decode`, and `paged` (self-attention
-/// only).
+/// The kernel configs a spec needs for one head dim on any device:
+/// [`registry::kernels_for`] with
+/// [`Target::AnyDevice`].
 pub fn configs_for_head_dim(
     spec: &AttentionSpec,
     head_dim: usize,
 ) -> Result<Vec<KernelConfig>, RenderError> {
-    if !SUPPORTED_HEAD_DIMS.contains(&head_dim) {
-        return Err(RenderError::UnsupportedHeadDim {
-            head_dim,
-            supported: SUPPORTED_HEAD_DIMS,
-        });
-    }
-    if spec.masks.is_empty() {
-        return Err(RenderError::NoMasks);
-    }
-    let is_self = spec.kind == AttentionKind::SelfAttention;
-    let mut out = Vec::new();
-
-    let mut prep = KernelConfig::new(Phase::QkvPrep, spec.dtype, head_dim);
-    prep.layout = if is_self {
-        PrepLayout::SelfAttention
-    } else {
-        PrepLayout::CrossAttention
-    };
-    prep.qk_norm = spec.qk_norm;
-    prep.output_gate = spec.output_gate;
-    prep.rope = match spec.rope {
-        Some(r) => Some((r.mode, rot_dim(head_dim, r.rotary_percent)?)),
-        None => None,
-    };
-    out.push(prep);
-
-    let attn = |phase: Phase| {
-        let mut c = KernelConfig::new(phase, spec.dtype, head_dim);
-        c.has_window = spec.window.is_some();
-        c.sinks = spec.sinks;
-        c.output_gate = spec.output_gate;
-        c.causal = is_self;
-        c
-    };
-    for &mask in &spec.masks {
-        for has_bias in [false, true] {
-            let mut c = attn(Phase::Forward);
-            c.mask = Some(mask);
-            c.has_bias = has_bias;
-            out.push(c);
-        }
-    }
-    out.push(attn(Phase::Decode));
-    if is_self {
-        out.push(attn(Phase::Paged));
-        let mut fd = attn(Phase::FlashDecode);
-        fd.output_gate = spec.output_gate;
-        fd.rope = out[0].rope;
-        out.push(fd);
-        out.push(KernelConfig::new(Phase::PagedAppend, spec.dtype, head_dim));
-    }
-    let mut seen = std::collections::HashSet::new();
-    out.retain(|c| seen.insert(c.key()));
-    Ok(out)
+    registry::kernels_for(spec, head_dim, Target::AnyDevice)
 }
 
 /// Render every kernel the spec needs for one head dim (the runtime uses this when the
@@ -755,71 +707,46 @@ pub fn kernels_for_spec_with_head_dim(
             spec: spec.head_dims.clone(),
         });
     }
-    let tera = engine()?;
-    configs_for_head_dim(spec, head_dim)?
-        .iter()
-        .map(|c| c.render_with(&tera))
-        .collect()
+    render_all(&configs_for_head_dim(spec, head_dim)?)
 }
 
-/// Render every kernel the spec needs: one per phase × head dim (× mask × bias for `fwd`).
+/// Render every kernel the spec needs on any device, for every head dim it lists
+/// ([`registry::kernels_for_spec_head_dims`]).
 /// A spec without head dims gives an empty list (the runtime renders with
 /// [`kernels_for_spec_with_head_dim`] once the config supplies the head dim).
 pub fn kernels_for_spec(spec: &AttentionSpec) -> Result<Vec<KernelSource>, RenderError> {
-    let tera = engine()?;
-    let mut out: Vec<KernelSource> = Vec::new();
-    for &hd in &spec.head_dims {
-        for c in configs_for_head_dim(spec, hd)? {
-            let k = c.render_with(&tera)?;
-            if !out.iter().any(|o| o.key == k.key) {
-                out.push(k);
-            }
-        }
-    }
-    Ok(out)
+    render_all(&registry::kernels_for_spec_head_dims(
+        spec,
+        Target::AnyDevice,
+    )?)
 }
 
-/// The `ForwardFast` configs a spec needs (default tiles): one per head dim, per mask and
-/// without / with the additive attention bias (as `Forward`), in spec order. The fast kernel
-/// implements every mask, mask tensors included.
+/// Render a list of configs (one tera engine for all of them).
+pub fn render_all(configs: &[KernelConfig]) -> Result<Vec<KernelSource>, RenderError> {
+    let tera = engine()?;
+    configs.iter().map(|c| c.render_with(&tera)).collect()
+}
+
+/// The `ForwardFast` configs a spec needs (default tiles): the registry's
+/// ([`registry::kernels_for_spec_head_dims`])
+/// fast forward kernels, one per head dim, per mask and without / with the additive
+/// attention bias, in spec order. The fast kernel implements every mask, mask tensors
+/// included.
 pub fn fast_configs_for_spec(spec: &AttentionSpec) -> Result<Vec<KernelConfig>, RenderError> {
-    let mut out: Vec<KernelConfig> = Vec::new();
-    for &hd in &spec.head_dims {
-        if !SUPPORTED_HEAD_DIMS.contains(&hd) {
-            return Err(RenderError::UnsupportedHeadDim {
-                head_dim: hd,
-                supported: SUPPORTED_HEAD_DIMS,
-            });
-        }
-        for &mask in &spec.masks {
-            for has_bias in [false, true] {
-                let mut c = KernelConfig::new(Phase::ForwardFast, spec.dtype, hd);
-                c.mask = Some(mask);
-                c.has_bias = has_bias;
-                c.has_window = spec.window.is_some();
-                c.sinks = spec.sinks;
-                c.output_gate = spec.output_gate;
-                if !out.iter().any(|o| o.key() == c.key()) {
-                    out.push(c);
-                }
-            }
-        }
-    }
-    Ok(out)
+    let mut all = registry::kernels_for_spec_head_dims(spec, Target::AnyDevice)?;
+    all.retain(|c| c.phase == Phase::ForwardFast);
+    Ok(all)
 }
 
 /// Render [`fast_configs_for_spec`].
 pub fn fast_kernels_for_spec(spec: &AttentionSpec) -> Result<Vec<KernelSource>, RenderError> {
-    let tera = engine()?;
-    fast_configs_for_spec(spec)?
-        .iter()
-        .map(|c| c.render_with(&tera))
-        .collect()
+    render_all(&fast_configs_for_spec(spec)?)
 }
 
 #[cfg(test)]
 mod fast_forward_tests {
     use super::*;
+    use crate::spec::AttentionKind;
 
     fn fast(mask: MaskType, has_bias: bool) -> KernelConfig {
         let mut c = KernelConfig::new(Phase::ForwardFast, DType::Bf16, 128);

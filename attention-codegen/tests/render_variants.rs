@@ -174,8 +174,15 @@ fn kernels_for_spec_covers_phases_head_dims_and_masks() {
     let ks = kernels_for_spec(&spec).unwrap();
     let keys: Vec<&str> = ks.iter().map(|k| k.key.as_str()).collect();
     for hd in [64, 128] {
+        let tile = attention_codegen::render::FastTile::for_head_dim(hd).key();
         for want in [
             format!("qkv_prep_bf16_hd{hd}_self_nonorm_ropehalf{hd}_w4"),
+            // The decode step's prep: flashdec applies the rope itself.
+            format!("qkv_prep_bf16_hd{hd}_self_nonorm_norope_w4"),
+            format!("fwdfast_bf16_hd{hd}_causal_win_sinkl_{tile}"),
+            format!("fwdfast_bf16_hd{hd}_causal_win_sinkl_bias_{tile}"),
+            format!("fwdfast_bf16_hd{hd}_padding_win_sinkl_{tile}"),
+            format!("fwdfast_bf16_hd{hd}_padding_win_sinkl_bias_{tile}"),
             format!("fwd_bf16_hd{hd}_causal_win_sinkl_w4"),
             format!("fwd_bf16_hd{hd}_causal_win_sinkl_bias_w4"),
             format!("fwd_bf16_hd{hd}_padding_win_sinkl_w4"),
@@ -188,8 +195,12 @@ fn kernels_for_spec_covers_phases_head_dims_and_masks() {
             assert!(keys.contains(&want.as_str()), "missing {want} in {keys:?}");
         }
     }
-    assert_eq!(ks.len(), 18);
+    assert_eq!(ks.len(), 28);
     assert_eq!(ks.iter().filter(|k| k.phase == Phase::Forward).count(), 8);
+    assert_eq!(
+        ks.iter().filter(|k| k.phase == Phase::ForwardFast).count(),
+        8
+    );
 }
 
 #[test]
@@ -209,7 +220,9 @@ fn cross_attention_has_no_paged_kernel_and_a_full_decode() {
         keys,
         [
             "qkv_prep_bf16_hd64_cross_nonorm_norope_w4",
+            "fwdfast_bf16_hd64_no_mask_m128n128w4s2",
             "fwd_bf16_hd64_no_mask_w4",
+            "fwdfast_bf16_hd64_no_mask_bias_m128n128w4s2",
             "fwd_bf16_hd64_no_mask_bias_w4",
             "decode_bf16_hd64_full_w4"
         ]

@@ -321,17 +321,23 @@ fn spec_tokens(spec: &AttentionSpec) -> TokenStream {
     }
 }
 
-/// The `KERNELS` table: every kernel the spec needs, rendered now.
+/// The `KERNELS` table: every kernel the spec needs on any device (the registry's
+/// [`kernels_for_spec_head_dims`](attention_codegen::registry::kernels_for_spec_head_dims)
+/// with `Target::AnyDevice`: fast and fallback forward kernels, prep, cache kernels), rendered
+/// now.
 fn kernels_tokens(spec: &AttentionSpec) -> Result<TokenStream, syn::Error> {
+    use attention_codegen::registry::{kernels_for_spec_head_dims, Target};
     let entries = if spec.head_dims.is_empty() {
         Vec::new()
     } else {
-        attention_codegen::render::kernels_for_spec(spec).map_err(|e| {
-            syn::Error::new(
-                Span::call_site(),
-                format!("rendering the spec's kernels failed: {e}"),
-            )
-        })?
+        kernels_for_spec_head_dims(spec, Target::AnyDevice)
+            .and_then(|cs| attention_codegen::render::render_all(&cs))
+            .map_err(|e| {
+                syn::Error::new(
+                    Span::call_site(),
+                    format!("rendering the spec's kernels failed: {e}"),
+                )
+            })?
     };
     let rows = entries.iter().map(|k| {
         let key = &k.key;

@@ -13,6 +13,7 @@ use cudarc::driver::{CudaFunction, CudaModule, DriverError};
 
 use super::CudaRuntime;
 use crate::error::{AttnError, Result};
+use crate::jit::JitError;
 
 /// The loaded function for `config` on `rt`'s device, compiling it on first use.
 ///
@@ -51,6 +52,37 @@ pub(crate) fn load_module(rt: &CudaRuntime, config: &KernelConfig) -> Result<Arc
             call: format!("cuModuleLoadData {} ({arch})", src.key),
             msg: e.to_string(),
         })
+}
+
+/// Pick and load the forward kernel: `fast` (the registry's
+/// [`fast_forward`](attention_codegen::registry::fast_forward), `None` where this GPU does not
+/// run it) when it loads, else `fallback` (the general `fwd` kernel). `load` loads one config
+/// ([`kernel`] on a device).
+///
+/// A fast kernel that fails to load falls back with a `tracing` warning naming both kernels
+/// and the error, except for [`JitError::JitDisabled`] (`ATTN_JIT=off` and the kernel is not in
+/// the cache): that error is returned, naming the fast kernel's key, so a deploy cache that
+/// lacks it fails loudly instead of running the slow kernel.
+///
+/// Errors: `JitDisabled` for the fast kernel, or `fallback`'s load error.
+pub fn select_forward<T>(
+    fast: Option<&KernelConfig>,
+    fallback: &KernelConfig,
+    mut load: impl FnMut(&KernelConfig) -> Result<T>,
+) -> Result<(KernelConfig, T)> {
+    if let Some(c) = fast {
+        match load(c) {
+            Ok(t) => return Ok((c.clone(), t)),
+            Err(e @ AttnError::Jit(JitError::JitDisabled { .. })) => return Err(e),
+            Err(e) => tracing::warn!(
+                "fast forward kernel {} unavailable, falling back to {} ({e})",
+                c.key(),
+                fallback.key()
+            ),
+        }
+    }
+    let t = load(fallback)?;
+    Ok((fallback.clone(), t))
 }
 
 /// The entry point `name` of a loaded module.

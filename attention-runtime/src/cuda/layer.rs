@@ -17,12 +17,13 @@ use std::collections::HashMap;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::Arc;
 
-use attention_codegen::render::{configs_for_head_dim, KernelConfig, Phase};
+use attention_codegen::registry::{self, Target};
+use attention_codegen::render::{KernelConfig, Phase};
 use attention_codegen::{AttentionKind, MaskType, Role, Sinks, SUPPORTED_HEAD_DIMS};
 use cudarc::driver::{CudaSlice, DevicePtr, LaunchConfig, PushKernelArg};
 use half::{bf16, f16};
 
-use super::launch::{kernel, launch_err};
+use super::launch::{kernel, launch_err, select_forward};
 use super::linear::{linear_kv, linear_proj_into, linear_q, linear_qkv_into, DeviceLinear};
 use super::tensor::{upload, DeviceElem, DeviceTensor, ElemType};
 use super::CudaRuntime;
@@ -62,8 +63,10 @@ pub struct CudaLayer {
     sinks: Option<CudaSlice<f32>>,
     proj: DeviceLinear,
     proj_bias_host: Option<Tensor>,
+    /// The forward / prefill `qkv_prep` kernel ([`registry::qkv_prep`]).
     prep: KernelConfig,
-    fwd: KernelConfig,
+    /// This device, for the registry's choice of forward kernel.
+    target: Target,
     poison: AtomicBool,
     /// Pinned `flashdec` split count of eager decode (0: chosen per step).
     decode_splits: AtomicUsize,
@@ -79,6 +82,29 @@ fn bad(arg: &str, expected: impl Into<String>, got: impl Into<String>) -> AttnEr
         expected: expected.into(),
         got: got.into(),
     }
+}
+
+fn render_err(e: attention_codegen::render::RenderError) -> AttnError {
+    AttnError::Render(e.to_string())
+}
+
+/// The registry target of this GPU: its SM version and opt-in shared memory per block.
+fn device_target(rt: &CudaRuntime) -> Result<Target> {
+    let dev = rt.device();
+    let (major, minor) = dev.compute_capability;
+    let optin = dev
+        .context
+        .attribute(
+            cudarc::driver::sys::CUdevice_attribute::CU_DEVICE_ATTRIBUTE_MAX_SHARED_MEMORY_PER_BLOCK_OPTIN,
+        )
+        .map_err(|e| AttnError::Cuda {
+            call: "cuDeviceGetAttribute MAX_SHARED_MEMORY_PER_BLOCK_OPTIN".into(),
+            msg: e.to_string(),
+        })?;
+    Ok(Target::Device {
+        sm: (major * 10 + minor).max(0) as u32,
+        smem_optin: optin.max(0) as usize,
+    })
 }
 
 /// A raw device pointer for a kernel argument (0 = null).
@@ -216,17 +242,11 @@ impl CudaLayer {
         } else {
             None
         };
-        let configs =
-            configs_for_head_dim(&config.spec, hd).map_err(|e| AttnError::Render(e.to_string()))?;
-        let find = |p: Phase| {
-            configs
-                .iter()
-                .find(|c| c.phase == p)
-                .cloned()
-                .ok_or_else(|| AttnError::Render(format!("the spec gives no `{p}` kernel")))
-        };
-        let prep = find(Phase::QkvPrep)?;
-        let fwd = find(Phase::Forward)?;
+        let target = device_target(&rt)?;
+        // Every config the layer builds comes from the registry's per-family functions; asking
+        // for the whole list here reports a spec the kernels cannot serve at construction.
+        registry::kernels_for(&config.spec, hd, target).map_err(render_err)?;
+        let prep = registry::qkv_prep(&config.spec, hd).map_err(render_err)?;
         Ok(CudaLayer {
             rt,
             config,
@@ -238,7 +258,7 @@ impl CudaLayer {
             proj,
             proj_bias_host,
             prep,
-            fwd,
+            target,
             poison: AtomicBool::new(false),
             decode_splits: AtomicUsize::new(0),
             decode_plans: std::sync::Mutex::new(Vec::new()),
@@ -278,30 +298,17 @@ impl CudaLayer {
 
     /// The FlashAttention-2 style kernel (`fwdfast_*`) for a forward: every mask (padding /
     /// arbitrary mask tensors included), window, sinks, additive bias and output gate, when
-    /// its tile's shared memory fits this GPU (otherwise the general `fwd` kernel runs).
+    /// this GPU runs it ([`registry::fast_forward`]: sm_80+ and the tile's shared memory
+    /// fits; otherwise the general `fwd` kernel runs).
     fn fast_config(&self, fcfg: &KernelConfig) -> Option<KernelConfig> {
-        let mut c = fcfg.clone();
-        c.phase = Phase::ForwardFast;
-        let smem = c.fast_tile().smem_bytes(c.head_dim);
-        let optin = self
-            .rt
-            .device()
-            .context
-            .attribute(
-                cudarc::driver::sys::CUdevice_attribute::CU_DEVICE_ATTRIBUTE_MAX_SHARED_MEMORY_PER_BLOCK_OPTIN,
-            )
-            .ok()? as usize;
-        (smem <= optin).then_some(c)
+        registry::fast_forward(fcfg, self.target)
     }
 
     /// The tensor-core forward config of attention over a static cache (prefill): the
     /// layer's forward kernel with the bottom-right causal mask, no mask tensor or bias;
     /// `None` when its tile does not fit this GPU (prefill then runs the `decode` kernel).
     pub fn cache_prefill_config(&self) -> Option<KernelConfig> {
-        let mut c = self.fwd.clone();
-        c.mask = Some(MaskType::CausalBottomRight);
-        c.has_bias = false;
-        self.fast_config(&c)
+        registry::cache_prefill(&self.config.spec, self.config.head_dim, self.target)
     }
 
     /// Load a `fwdfast` kernel and allow its dynamic shared memory.
@@ -326,11 +333,14 @@ impl CudaLayer {
         self.prep.key()
     }
 
+    /// The general forward kernel of a call ([`registry::forward`]).
     fn fwd_config(&self, args: &ForwardArgs<'_>) -> KernelConfig {
-        let mut c = self.fwd.clone();
-        c.mask = Some(args.mask_type.unwrap_or(self.config.mask));
-        c.has_bias = args.attention_bias.is_some();
-        c
+        registry::forward(
+            &self.config.spec,
+            self.config.head_dim,
+            args.mask_type.unwrap_or(self.config.mask),
+            args.attention_bias.is_some(),
+        )
     }
 
     /// Forward on the GPU with host tensors in and out; same contract and errors as the CPU
@@ -645,17 +655,14 @@ impl CudaLayer {
         let o = self.alloc(&[g.nq, np, hn], "attention output")?;
         let lse = super::tensor::alloc_uninit::<f32>(st, np * g.nq, "lse")?;
         let fwd_key = {
-            // The fast kernel when it covers the call; the general one otherwise (and when the
-            // fast one fails to build, which is logged).
-            let fast = self.fast_config(&fcfg).and_then(|c| match kernel(rt, &c) {
-                Ok(kf) => Some((c, kf)),
-                Err(e) => {
-                    tracing::warn!("{}: falling back to {} ({e})", c.key(), fcfg.key());
-                    None
-                }
-            });
-            let (is_fast, (key, f)) = match fast {
-                Some((c, kf)) => {
+            // The fast kernel when this GPU runs it; the general one otherwise. A fast kernel
+            // that fails to build falls back with a warning, except under ATTN_JIT=off, where
+            // its absence from the cache is an error naming it (select_forward).
+            let (chosen, kf) =
+                select_forward(self.fast_config(&fcfg).as_ref(), &fcfg, |c| kernel(rt, c))?;
+            let (is_fast, (key, f)) = match chosen.phase {
+                Phase::ForwardFast => {
+                    let c = chosen;
                     let smem = c.fast_tile().smem_bytes(hn);
                     if smem > 48 * 1024 {
                         kf.1.set_attribute(
@@ -669,7 +676,7 @@ impl CudaLayer {
                     }
                     (Some(c.fast_tile()), kf)
                 }
-                None => (None, kernel(rt, &fcfg)?),
+                _ => (None, kf),
             };
             let (rows, threads, smem) = match is_fast {
                 Some(t) => (t.block_m, t.warps * 32, t.smem_bytes(hn)),
@@ -768,13 +775,22 @@ struct PrepPtrs {
 /// KV-cache inference on the GPU (static cache): same semantics as the CPU layer's
 /// `prefill` / `decode`.
 impl CudaLayer {
+    /// The KV-cache kernel of `phase`, from the registry's family function.
     fn kv_config(&self, phase: Phase) -> Result<KernelConfig> {
-        let configs = configs_for_head_dim(&self.config.spec, self.config.head_dim)
-            .map_err(|e| AttnError::Render(e.to_string()))?;
-        configs
-            .into_iter()
-            .find(|c| c.phase == phase)
-            .ok_or_else(|| AttnError::Render(format!("the spec gives no `{phase}` kernel")))
+        let (spec, hd) = (&self.config.spec, self.config.head_dim);
+        match phase {
+            Phase::Decode => Ok(registry::decode(spec, hd)),
+            Phase::Paged => Ok(registry::paged(spec, hd)),
+            Phase::PagedAppend => Ok(registry::kv_append(spec, hd)),
+            Phase::FlashDecode => registry::flash_decode(spec, hd).map_err(render_err),
+            p => Err(AttnError::Render(format!("`{p}` is not a KV-cache kernel"))),
+        }
+    }
+
+    /// The `qkv_prep` kernel of a fused decode step (no rope: `flashdec` applies it).
+    fn flash_decode_prep(&self) -> Result<KernelConfig> {
+        registry::qkv_prep_for_flash_decode(&self.config.spec, self.config.head_dim)
+            .map_err(render_err)
     }
 
     fn check_kv_step(

@@ -7,8 +7,8 @@
 //!            [--context C.safetensors]
 //! attn catalog
 //! attn render --spec "<spec>" [--head-dim D]
-//! attn aot --arch sm_90a[,sm_80,...] (--catalog | --spec "<spec>" [--head-dim D]) [--cache-dir DIR]
-//! attn bench prefill|decode [--json out.json]          (GPU; see the `bench` module)
+//! attn aot --arch sm_90a[,sm_80,...] (--catalog | --spec "<spec>" [--head-dim D]) [--cache-dir DIR] [--list]
+//! attn bench prefill|decode|layer [...]                 (GPU; see the `bench` module)
 //! ```
 //!
 //! Built with the `cli` feature of `attention-runtime` (its dependencies, clap, indicatif
@@ -19,7 +19,7 @@ use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 
-use attention_codegen::{catalog, render};
+use attention_codegen::{catalog, registry, render};
 use attention_runtime::spec_layer::SpecLayer;
 use attention_runtime::{
     AttentionLayer, AttnError, Device, ForwardArgs, Result, RuntimeDims, Tensor, WeightStore,
@@ -297,31 +297,32 @@ struct AotArgs {
     /// Head dim, when the spec leaves it out (or to pick one of the spec's head dims).
     #[arg(long, requires = "spec")]
     head_dim: Option<usize>,
+    /// Print `<arch> <kernel key>` for every kernel it would compile (the kernel registry's
+    /// list for each arch) and exit, compiling nothing.
+    #[arg(long)]
+    list: bool,
     /// Cache directory; default `ATTN_CACHE_DIR`, else the user's cache dir
     /// (on Linux `$XDG_CACHE_HOME` or `~/.cache`) + `/attention-kernels`.
     #[arg(long)]
     cache_dir: Option<PathBuf>,
 }
 
-fn aot_jit_err(e: attention_runtime::jit::JitError) -> AttnError {
-    AttnError::Jit(e)
-}
-
-/// `attn aot`: compile kernels × archs into the on-disk kernel cache (in parallel, one worker
-/// per core), with a progress bar on stderr and a one-line summary on stdout. `ATTN_JIT` is
-/// ignored: compiling is the point.
-fn run_aot(a: &AotArgs) -> Result<()> {
-    use attention_runtime::kernel_cache::{CacheConfig, CacheOrigin, KernelCache};
-    use std::sync::atomic::{AtomicUsize, Ordering};
-    use std::sync::Mutex;
-
-    let kernels = match &a.spec {
-        None => catalog::catalog_kernels(),
+/// The registry's kernel configs `attn aot` compiles for one target: the catalog's, or the
+/// spec's for its head dims (or `--head-dim`).
+fn aot_configs(a: &AotArgs, target: registry::Target) -> Result<Vec<render::KernelConfig>> {
+    let configs = match &a.spec {
+        None => catalog::catalog_configs(target),
         Some(s) => {
             let spec = attention_codegen::parse_spec(s)?;
             match (a.head_dim, spec.head_dims.is_empty()) {
-                (Some(hd), _) => render::kernels_for_spec_with_head_dim(&spec, hd),
-                (None, false) => render::kernels_for_spec(&spec),
+                (Some(hd), _) if !spec.head_dims.is_empty() && !spec.head_dims.contains(&hd) => {
+                    Err(render::RenderError::HeadDimNotInSpec {
+                        head_dim: hd,
+                        spec: spec.head_dims.clone(),
+                    })
+                }
+                (Some(hd), _) => registry::kernels_for(&spec, hd, target),
+                (None, false) => registry::kernels_for_spec_head_dims(&spec, target),
                 (None, true) => {
                     return Err(AttnError::InvalidArgument {
                         arg: "--head-dim".into(),
@@ -331,8 +332,49 @@ fn run_aot(a: &AotArgs) -> Result<()> {
                 }
             }
         }
+    };
+    configs.map_err(|e| AttnError::Render(e.to_string()))
+}
+
+fn aot_jit_err(e: attention_runtime::jit::JitError) -> AttnError {
+    AttnError::Jit(e)
+}
+
+/// `attn aot`: compile, for each arch, the kernel registry's kernels for that arch
+/// ([`registry::kernels_for`]: exactly those the runtime can launch there) into the on-disk
+/// kernel cache (in parallel, one worker per core), with a progress bar on stderr and a one-line summary on stdout. `ATTN_JIT` is
+/// ignored: compiling is the point.
+fn run_aot(a: &AotArgs) -> Result<()> {
+    use attention_runtime::kernel_cache::{CacheConfig, CacheOrigin, KernelCache};
+    use std::sync::atomic::{AtomicUsize, Ordering};
+    use std::sync::Mutex;
+
+    // Per arch, the registry's kernels for that device (the fast forward kernel only where
+    // the runtime would launch it), each rendered once.
+    let mut kernels: Vec<render::KernelSource> = Vec::new();
+    let mut jobs_idx: Vec<(usize, &str)> = Vec::new();
+    for arch in &a.arch {
+        let target =
+            registry::Target::from_arch(arch).map_err(|e| AttnError::Render(e.to_string()))?;
+        for c in aot_configs(a, target)? {
+            let key = c.key();
+            let i = match kernels.iter().position(|k| k.key == key) {
+                Some(i) => i,
+                None => {
+                    kernels.push(c.render().map_err(|e| AttnError::Render(e.to_string()))?);
+                    kernels.len() - 1
+                }
+            };
+            jobs_idx.push((i, arch.as_str()));
+        }
     }
-    .map_err(|e| AttnError::Render(e.to_string()))?;
+    if a.list {
+        let mut out = std::io::stdout().lock();
+        for &(i, arch) in &jobs_idx {
+            emit(&mut out, format_args!("{arch} {}", kernels[i].key))?;
+        }
+        return Ok(());
+    }
     let dir = a
         .cache_dir
         .clone()
@@ -351,10 +393,9 @@ fn run_aot(a: &AotArgs) -> Result<()> {
         return Err(aot_jit_err(attention_runtime::jit::JitError::NvrtcNotFound));
     }
     let cache = KernelCache::new(config);
-    let jobs: Vec<(&render::KernelSource, &str)> = a
-        .arch
+    let jobs: Vec<(&render::KernelSource, &str)> = jobs_idx
         .iter()
-        .flat_map(|arch| kernels.iter().map(move |k| (k, arch.as_str())))
+        .map(|&(i, arch)| (&kernels[i], arch))
         .collect();
     let bar = indicatif::ProgressBar::with_draw_target(
         Some(jobs.len() as u64),
@@ -409,9 +450,10 @@ fn run_aot(a: &AotArgs) -> Result<()> {
     emit(
         &mut out,
         format_args!(
-            "aot: kernels={} archs={} ({}) compiled={} already_cached={} corrupt_replaced={} \
-             compile_ms={:.0} wall_ms={:.0} dir={}",
+            "aot: kernels={} jobs={} archs={} ({}) compiled={} already_cached={} \
+             corrupt_replaced={} compile_ms={:.0} wall_ms={:.0} dir={}",
             kernels.len(),
+            jobs.len(),
             a.arch.len(),
             a.arch.join(","),
             compiled.into_inner(),

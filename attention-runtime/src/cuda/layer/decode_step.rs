@@ -100,8 +100,7 @@ impl CudaLayer {
         let Projections::SelfAttention { qkv } = &self.proj_in else {
             return Err(bad("config.kind", "self-attention", "cross-attention"));
         };
-        let mut prep = self.prep.clone();
-        prep.rope = None;
+        let prep = self.flash_decode_prep()?;
         let fcfg = self.kv_config(Phase::FlashDecode)?;
         let sms = sm_count(rt)?;
         let pinned = self.decode_splits.load(Ordering::Relaxed);

@@ -1,0 +1,321 @@
+//! The kernel registry: the one answer to "which kernels does a layer with this spec launch?".
+//!
+//! [`kernels_for`] lists, for a spec, a head dim and a [`Target`], every [`KernelConfig`] the
+//! runtime's CUDA layer can launch. It is built from one function per kernel family
+//! ([`qkv_prep`], [`qkv_prep_for_flash_decode`], [`forward`], [`fast_forward`], [`decode`],
+//! [`paged`], [`flash_decode`], [`kv_append`]); the runtime builds its launch configs with
+//! the same functions, so the two cannot drift. Everything that lists kernels uses it: the
+//! macro's `KERNELS` table, `attn render`, `attn aot --spec` and `--catalog`, the catalog
+//! (`kernels-generated/`) and the runtime.
+//!
+//! Runtime choices it covers:
+//! - forward (prefill / training): every mask type the spec lists, each without and with an
+//!   additive attention bias (the bias tensor is a per-call argument), both the tensor-core
+//!   kernel (`fwdfast_*`, launched first when the [`Target`] can run it) and the general
+//!   kernel (`fwd_*`, its fallback, always listed);
+//! - `qkv_prep` with the spec's rope (forward, prefill, paged prefill) and, for
+//!   self-attention with rope, without it (the fused decode step applies rope itself);
+//! - static-cache prefill (`kvappend_*` + `decode_*`) and decode steps (`flashdec_*`, whose
+//!   module also holds `<key>_merge`), paged prefill (`kvappend_*` + `paged_*`):
+//!   self-attention only; cross-attention lists its `decode_*_full` kernel.
+//!
+//! Not covered: a per-call `mask_type` that the spec does not list (such a kernel is compiled
+//! on demand, and with `ATTN_JIT=off` its absence is an error naming it) and hand-built
+//! configs with other tiles (benchmarks).
+
+use crate::render::{rot_dim, KernelConfig, Phase, PrepLayout, RenderError};
+use crate::spec::{AttentionKind, AttentionSpec, MaskType, SUPPORTED_HEAD_DIMS};
+
+/// The lowest SM version the tensor-core forward kernel (`fwdfast_*`) runs on: it uses
+/// `mma.sync` m16n8k16 on bf16/f16 and `cp.async`, both sm_80 and later.
+pub const FAST_FORWARD_MIN_SM: u32 = 80;
+
+/// The device a kernel list is for. It only decides whether the tensor-core forward kernel
+/// can run (its SM version and its tile's shared memory); every other kernel runs anywhere.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Target {
+    /// Any device: the union over devices (the macro's `KERNELS`, the catalog, `attn render`).
+    AnyDevice,
+    /// One device.
+    Device {
+        /// SM version, `major * 10 + minor` (`90` for `sm_90a`).
+        sm: u32,
+        /// Opt-in shared memory per block in bytes
+        /// (`CU_DEVICE_ATTRIBUTE_MAX_SHARED_MEMORY_PER_BLOCK_OPTIN`).
+        smem_optin: usize,
+    },
+}
+
+/// Opt-in shared memory per block of an SM version (CUDA programming guide, "Technical
+/// Specifications per Compute Capability"); `None` for a version this table does not know.
+pub fn smem_optin_for_sm(sm: u32) -> Option<usize> {
+    let kib = match sm {
+        70 | 72 => 96,
+        75 => 64,
+        80 | 87 => 163,
+        86 | 89 | 120 | 121 => 99,
+        90 | 100 | 101 | 103 | 110 => 227,
+        _ => return None,
+    };
+    Some(kib * 1024)
+}
+
+impl Target {
+    /// The target of an NVRTC arch name (`sm_90a`, `sm_80`, `compute_86`). An SM version
+    /// [`smem_optin_for_sm`] does not know gives [`Target::AnyDevice`] (list every kernel:
+    /// compiling one too many beats missing one under `ATTN_JIT=off`).
+    pub fn from_arch(arch: &str) -> Result<Target, RenderError> {
+        let sm = arch
+            .strip_prefix("sm_")
+            .or_else(|| arch.strip_prefix("compute_"))
+            .map(|rest| rest.trim_end_matches(['a', 'f']))
+            .filter(|d| !d.is_empty() && d.bytes().all(|b| b.is_ascii_digit()))
+            .and_then(|d| d.parse::<u32>().ok())
+            .ok_or_else(|| RenderError::BadArch {
+                arch: arch.to_string(),
+            })?;
+        Ok(match smem_optin_for_sm(sm) {
+            Some(smem_optin) => Target::Device { sm, smem_optin },
+            None => Target::AnyDevice,
+        })
+    }
+
+    /// Whether the fast forward config `fast` (phase [`Phase::ForwardFast`]) runs here: SM
+    /// version at least [`FAST_FORWARD_MIN_SM`] and its tile's shared memory within the
+    /// opt-in limit.
+    pub fn runs_fast_forward(&self, fast: &KernelConfig) -> bool {
+        match *self {
+            Target::AnyDevice => true,
+            Target::Device { sm, smem_optin } => {
+                sm >= FAST_FORWARD_MIN_SM
+                    && fast.fast_tile().smem_bytes(fast.head_dim) <= smem_optin
+            }
+        }
+    }
+}
+
+fn check_head_dim(head_dim: usize) -> Result<(), RenderError> {
+    if SUPPORTED_HEAD_DIMS.contains(&head_dim) {
+        Ok(())
+    } else {
+        Err(RenderError::UnsupportedHeadDim {
+            head_dim,
+            supported: SUPPORTED_HEAD_DIMS,
+        })
+    }
+}
+
+fn is_self(spec: &AttentionSpec) -> bool {
+    spec.kind == AttentionKind::SelfAttention
+}
+
+/// The `qkv_prep` kernel of the forward, prefill and paged prefill: the spec's layout, q/k
+/// norm, output gate and rope. Errors: a rotary fraction that gives no valid channel count.
+pub fn qkv_prep(spec: &AttentionSpec, head_dim: usize) -> Result<KernelConfig, RenderError> {
+    let mut prep = KernelConfig::new(Phase::QkvPrep, spec.dtype, head_dim);
+    prep.layout = if is_self(spec) {
+        PrepLayout::SelfAttention
+    } else {
+        PrepLayout::CrossAttention
+    };
+    prep.qk_norm = spec.qk_norm;
+    prep.output_gate = spec.output_gate;
+    prep.rope = match spec.rope {
+        Some(r) => Some((r.mode, rot_dim(head_dim, r.rotary_percent)?)),
+        None => None,
+    };
+    Ok(prep)
+}
+
+/// The `qkv_prep` kernel of a fused decode step ([`flash_decode`]): [`qkv_prep`] without
+/// rope, which the `flashdec` kernel applies from its cos/sin tables.
+pub fn qkv_prep_for_flash_decode(
+    spec: &AttentionSpec,
+    head_dim: usize,
+) -> Result<KernelConfig, RenderError> {
+    let mut prep = qkv_prep(spec, head_dim)?;
+    prep.rope = None;
+    Ok(prep)
+}
+
+/// An attention-phase config with the spec's window, sinks, gate and causality.
+fn attention(spec: &AttentionSpec, head_dim: usize, phase: Phase) -> KernelConfig {
+    let mut c = KernelConfig::new(phase, spec.dtype, head_dim);
+    c.has_window = spec.window.is_some();
+    c.sinks = spec.sinks;
+    c.output_gate = spec.output_gate;
+    c.causal = is_self(spec);
+    c
+}
+
+/// The general forward kernel (`fwd_*`) for a call with mask type `mask` and, when
+/// `has_bias`, an additive attention bias tensor. It is the fallback of [`fast_forward`].
+pub fn forward(
+    spec: &AttentionSpec,
+    head_dim: usize,
+    mask: MaskType,
+    has_bias: bool,
+) -> KernelConfig {
+    let mut c = attention(spec, head_dim, Phase::Forward);
+    c.mask = Some(mask);
+    c.has_bias = has_bias;
+    c
+}
+
+/// The tensor-core forward kernel (`fwdfast_*`, default tile) the runtime launches instead
+/// of the general kernel `fwd` (a [`forward`] config) when `target` can run it; `None`
+/// when it cannot (then `fwd` runs).
+pub fn fast_forward(fwd: &KernelConfig, target: Target) -> Option<KernelConfig> {
+    let mut c = fwd.clone();
+    c.phase = Phase::ForwardFast;
+    c.tile = None;
+    target.runs_fast_forward(&c).then_some(c)
+}
+
+/// The tensor-core attention of a prefill over a static cache: the forward kernel with the
+/// bottom-right causal mask and no bias, which `fwdfast` runs in its static-cache mode
+/// (reading the cache slots in place). `None` when `target` cannot run it; the
+/// [`decode`] kernel runs then.
+pub fn cache_prefill(spec: &AttentionSpec, head_dim: usize, target: Target) -> Option<KernelConfig> {
+    fast_forward(
+        &forward(spec, head_dim, MaskType::CausalBottomRight, false),
+        target,
+    )
+}
+
+/// The static-cache attention kernel (`decode_*`) of a prefill step (any number of new
+/// queries); bottom-right causal for self-attention, over the whole cache for cross.
+pub fn decode(spec: &AttentionSpec, head_dim: usize) -> KernelConfig {
+    attention(spec, head_dim, Phase::Decode)
+}
+
+/// The paged-cache attention kernel (`paged_*`) of a paged prefill.
+pub fn paged(spec: &AttentionSpec, head_dim: usize) -> KernelConfig {
+    attention(spec, head_dim, Phase::Paged)
+}
+
+/// The fused decode-step kernel (`flashdec_*`, plus `<key>_merge` in the same module), with
+/// the spec's rope. Errors as [`qkv_prep`].
+pub fn flash_decode(spec: &AttentionSpec, head_dim: usize) -> Result<KernelConfig, RenderError> {
+    let mut c = attention(spec, head_dim, Phase::FlashDecode);
+    c.rope = qkv_prep(spec, head_dim)?.rope;
+    Ok(c)
+}
+
+/// The k/v append kernel (`kvappend_*`) of static-cache and paged prefill.
+pub fn kv_append(spec: &AttentionSpec, head_dim: usize) -> KernelConfig {
+    KernelConfig::new(Phase::PagedAppend, spec.dtype, head_dim)
+}
+
+/// Every kernel a layer with `spec` at `head_dim` can launch on `target`, deduplicated by
+/// key, in a fixed order: `qkv_prep` (then its rope-less decode-step variant), per mask
+/// type × (no bias, bias) the fast forward kernel (when `target` runs it) then `fwd`, then
+/// `decode`, and for self-attention the static-cache prefill's fast kernel
+/// ([`cache_prefill`]), `paged`, `flashdec` and `kvappend`. See the module docs
+/// for the runtime choices covered.
+///
+/// `head_dim` need not be one the spec lists (the runtime may take it from its config).
+/// Errors: a head dim outside [`SUPPORTED_HEAD_DIMS`], a spec without mask types, a rotary
+/// fraction without a valid channel count.
+pub fn kernels_for(
+    spec: &AttentionSpec,
+    head_dim: usize,
+    target: Target,
+) -> Result<Vec<KernelConfig>, RenderError> {
+    check_head_dim(head_dim)?;
+    if spec.masks.is_empty() {
+        return Err(RenderError::NoMasks);
+    }
+    let mut out = vec![qkv_prep(spec, head_dim)?];
+    if is_self(spec) {
+        out.push(qkv_prep_for_flash_decode(spec, head_dim)?);
+    }
+    for &mask in &spec.masks {
+        for has_bias in [false, true] {
+            let fwd = forward(spec, head_dim, mask, has_bias);
+            out.extend(fast_forward(&fwd, target));
+            out.push(fwd);
+        }
+    }
+    out.push(decode(spec, head_dim));
+    if is_self(spec) {
+        out.extend(cache_prefill(spec, head_dim, target));
+        out.push(paged(spec, head_dim));
+        out.push(flash_decode(spec, head_dim)?);
+        out.push(kv_append(spec, head_dim));
+    }
+    let mut seen = std::collections::HashSet::new();
+    out.retain(|c| seen.insert(c.key()));
+    Ok(out)
+}
+
+/// [`kernels_for`] over every head dim the spec lists, deduplicated by key (empty when the
+/// spec lists none: the head dim then comes from the runtime config).
+pub fn kernels_for_spec_head_dims(
+    spec: &AttentionSpec,
+    target: Target,
+) -> Result<Vec<KernelConfig>, RenderError> {
+    let mut out: Vec<KernelConfig> = Vec::new();
+    for &hd in &spec.head_dims {
+        for c in kernels_for(spec, hd, target)? {
+            if !out.iter().any(|o| o.key() == c.key()) {
+                out.push(c);
+            }
+        }
+    }
+    Ok(out)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn arch_targets() {
+        assert_eq!(
+            Target::from_arch("sm_90a").unwrap(),
+            Target::Device {
+                sm: 90,
+                smem_optin: 227 * 1024
+            }
+        );
+        assert_eq!(
+            Target::from_arch("compute_86").unwrap(),
+            Target::Device {
+                sm: 86,
+                smem_optin: 99 * 1024
+            }
+        );
+        assert_eq!(Target::from_arch("sm_999").unwrap(), Target::AnyDevice);
+        for bad in ["", "sm_", "90", "sm_9x", "gfx90a"] {
+            assert!(
+                matches!(Target::from_arch(bad), Err(RenderError::BadArch { .. })),
+                "{bad}"
+            );
+        }
+    }
+
+    #[test]
+    fn fast_forward_needs_sm80_and_the_tile_smem() {
+        let spec = AttentionSpec {
+            head_dims: vec![256],
+            ..AttentionSpec::new(AttentionKind::SelfAttention)
+        };
+        let fwd = forward(&spec, 256, MaskType::Causal, false);
+        // 198 KiB tile at head dim 256: Hopper yes, Ampere consumer parts and Turing no.
+        assert!(fast_forward(&fwd, Target::from_arch("sm_90a").unwrap()).is_some());
+        assert!(fast_forward(&fwd, Target::from_arch("sm_86").unwrap()).is_none());
+        assert!(fast_forward(&fwd, Target::AnyDevice).is_some());
+        let fwd64 = forward(&spec, 64, MaskType::Causal, false);
+        assert!(fast_forward(&fwd64, Target::from_arch("sm_86").unwrap()).is_some());
+        // Volta has the shared memory for head dim 64 but not the instructions.
+        assert!(fast_forward(&fwd64, Target::from_arch("sm_70").unwrap()).is_none());
+        let keys: Vec<String> = kernels_for(&spec, 256, Target::from_arch("sm_86").unwrap())
+            .unwrap()
+            .iter()
+            .map(|c| c.key())
+            .collect();
+        assert!(!keys.iter().any(|k| k.starts_with("fwdfast_")), "{keys:?}");
+        assert!(keys.iter().any(|k| k.starts_with("fwd_")), "{keys:?}");
+    }
+}
