@@ -470,3 +470,55 @@ fn paged_pool_junk_does_not_leak() {
     let e = rel_err_rows(&as3(&got), &as3(&want), |_, _| true);
     assert!(e <= TOL, "step 2 rel err {e}");
 }
+
+/// Packed (THD) input with a key-padding mask per sequence `[n, 1, 1, max_len]`: junk at the
+/// masked tokens of each sequence stays out of every other row (and every other sequence).
+#[test]
+#[ignore = "requires a CUDA GPU"]
+fn junk_in_packed_masked_tokens_does_not_leak() {
+    let sd = seed();
+    let spec = "self, heads = 8, gqa = 2, head_dim = 128, mask = padding_causal, rope";
+    eprintln!("seed {sd} spec {spec}");
+    let (layer, cuda) = setup(spec, sd);
+    let h = layer.config().hidden;
+    let mut rng = SplitMix64::new(sd);
+    let lens = [150usize, 37, 260];
+    let keep = [120usize, 37, 200]; // valid tokens at the front of each sequence
+    let mut cu = vec![0i32];
+    for l in lens {
+        cu.push(cu.last().unwrap() + l as i32);
+    }
+    let t = *cu.last().unwrap() as usize;
+    let max_len = *lens.iter().max().unwrap();
+    let mut x = Tensor::from_fn(&[t, h], |_| rng.uniform());
+    let mut mask = Tensor::zeros(&[lens.len(), 1, 1, max_len]);
+    let mut valid = vec![false; t];
+    for (n, (&l, &k)) in lens.iter().zip(&keep).enumerate() {
+        for i in 0..l {
+            let tok = cu[n] as usize + i;
+            if i < k {
+                valid[tok] = true;
+            } else {
+                mask.data_mut()[n * max_len + i] = 1.0;
+                for d in 0..h {
+                    x.data_mut()[tok * h + d] = junk(&mut rng);
+                }
+            }
+        }
+    }
+    let args = ForwardArgs {
+        attention_mask: Some(&mask),
+        packed: Some(attention_runtime::PackedSeqParams {
+            cu_seqlens_q: &cu,
+            cu_seqlens_kv: &[],
+            max_seqlen_q: 0,
+            max_seqlen_kv: 0,
+        }),
+        ..ForwardArgs::default()
+    };
+    let want = layer.forward(&x, &args).unwrap().output;
+    let got = cuda.forward(&x, &args).unwrap().output;
+    let as3 = |o: &Tensor| Tensor::new(&[t, 1, h], o.data().to_vec()).unwrap();
+    let e = rel_err_rows(&as3(&got), &as3(&want), |i, _| valid[i]);
+    assert!(e <= TOL, "rel err {e}");
+}

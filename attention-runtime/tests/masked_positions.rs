@@ -379,3 +379,56 @@ fn layer_junk_padding_rows_bitwise() {
         }
     }
 }
+
+/// Packed (THD) input with a key-padding mask per sequence: junk at masked tokens leaves
+/// every valid token's output bitwise unchanged (CPU).
+#[test]
+fn packed_junk_masked_tokens_bitwise() {
+    let l = layer(
+        "self, heads = 4, gqa = 2, head_dim = 64, mask = padding_causal, rope",
+        5,
+    );
+    let h = l.config().hidden;
+    let mut rng = SplitMix64::new(77);
+    let (lens, keep) = ([9usize, 4, 12], [6usize, 4, 7]);
+    let mut cu = vec![0i32];
+    for n in lens {
+        cu.push(cu.last().unwrap() + n as i32);
+    }
+    let t = *cu.last().unwrap() as usize;
+    let x = uniform(&mut rng, &[t, h]);
+    let (mut dirty, mut zeroed) = (x.clone(), x.clone());
+    let mut mask = Tensor::zeros(&[3, 1, 1, 12]);
+    let mut valid = vec![false; t];
+    for n in 0..3 {
+        for i in 0..lens[n] {
+            let tok = cu[n] as usize + i;
+            if i < keep[n] {
+                valid[tok] = true;
+                continue;
+            }
+            mask.data_mut()[n * 12 + i] = 1.0;
+            for d in 0..h {
+                dirty.data_mut()[tok * h + d] = junk(&mut rng);
+                zeroed.data_mut()[tok * h + d] = 0.0;
+            }
+        }
+    }
+    let args = ForwardArgs {
+        attention_mask: Some(&mask),
+        packed: Some(attention_runtime::PackedSeqParams {
+            cu_seqlens_q: &cu,
+            cu_seqlens_kv: &[],
+            max_seqlen_q: 0,
+            max_seqlen_kv: 0,
+        }),
+        ..ForwardArgs::default()
+    };
+    let got = l.forward(&dirty, &args).unwrap().output;
+    let want = l.forward(&zeroed, &args).unwrap().output;
+    for tok in (0..t).filter(|&i| valid[i]) {
+        let (g, w) = (&got.data()[tok * h..][..h], &want.data()[tok * h..][..h]);
+        assert!(g.iter().all(|v| v.is_finite()), "token {tok}");
+        assert_eq!(bits(g), bits(w), "token {tok}");
+    }
+}
