@@ -10,7 +10,7 @@
 //   (q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k, batch, num_heads, num_groups, seqlen_q,
 //    seqlen_k, softmax_scale, window_left, window_right, mask, mask_stride_b/h/q/k, bias,
 //    bias_stride_b/h/q/k, sinks, gate, max_logit, v_nonfinite, cache_seqlens_k,
-//    cache_batch_offset, cache_max_batch)
+//    cache_batch_offset, cache_max_batch, block_table, block_size, max_blocks_per_seq)
 // Mask tensor false, additive bias false (as the simple kernel): `mask` uint8,
 // nonzero = masked out, element (b, h, i, j) at b * mask_stride_b + h * mask_stride_h +
 // i * mask_stride_q + j * mask_stride_k (stride 0 broadcasts; b = sequence index, i, j =
@@ -30,6 +30,11 @@
 //        cache [max_seq, cache_max_batch, num_groups, HEAD_DIM]; sequence b reads slot
 //        cache_batch_offset + b, keys 0 .. cache_seqlens_k[b] (seqlen_k is ignored). Prefill
 //        over the cache uses the bottom-right causal mask (the queries are the last keys).
+//   paged KV cache (paged variants, `_paged` keys; packed q with cu_seqlens_q): k, v are one
+//        layer of a pool [num_blocks, block_size, num_groups, HEAD_DIM]; request b attends to
+//        its cache_seqlens_k[b] keys, key j in block block_table[b * max_blocks_per_seq +
+//        j / block_size], row j % block_size (tiles may straddle blocks; 64-bit offsets);
+//        cu_seqlens_k is ignored. Paged: false.
 //   lse: f32 [num_heads, rows] natural log, rows = seqlen_q * batch (padded, row = i * batch + b)
 //        or total_q (packed, row = token index); -inf for a row that sees no key.
 // GQA by indexing: head h reads group h / (num_heads / num_groups).
@@ -410,7 +415,10 @@ extern "C" __global__ void __launch_bounds__(THREADS) fwdfast_bf16_hd256_causal_
     const int* __restrict__ v_nonfinite,
     const int* __restrict__ cache_seqlens_k,
     int cache_batch_offset,
-    int cache_max_batch)
+    int cache_max_batch,
+    const int* __restrict__ block_table,
+    int block_size,
+    int max_blocks_per_seq)
 {
     (void)mask; (void)mask_stride_b; (void)mask_stride_h; (void)mask_stride_q; (void)mask_stride_k;
     (void)bias; (void)bias_stride_b; (void)bias_stride_h; (void)bias_stride_q; (void)bias_stride_k;
@@ -434,8 +442,8 @@ extern "C" __global__ void __launch_bounds__(THREADS) fwdfast_bf16_hd256_causal_
     long long q_tok0, k_tok0, q_step, k_step, total_q;
     if (packed) {
         const int q0 = cu_seqlens_q[b];
-        const int k0 = cu_seqlens_k[b];
         sq = cu_seqlens_q[b + 1] - q0;
+        const int k0 = cu_seqlens_k[b];
         sk = cu_seqlens_k[b + 1] - k0;
         q_tok0 = q0;
         k_tok0 = k0;
@@ -501,21 +509,21 @@ extern "C" __global__ void __launch_bounds__(THREADS) fwdfast_bf16_hd256_causal_
         }
     }
     (void)sinks;
+    (void)block_table; (void)block_size; (void)max_blocks_per_seq;
+    auto load_kv = [&](elem_t* dst, const elem_t* __restrict__ src, int n0) {
+        load_tile<BLOCK_N>(dst, src + kv_base + (long long)n0 * kv_row_stride, kv_row_stride, sk - n0, tid);
+    };
 
     // Prologue: group 0 = Q + K(tile 0), group 1 = V(tile 0), then K/V of tiles 1..STAGES-2.
     load_tile<BLOCK_M>(sQ, q + q_base, q_row_stride, m_valid, tid);
 #pragma unroll
     for (int s = 0; s < STAGES - 1; ++s) {
         if (s < ntiles) {
-            const int n0 = (tile_lo + s) * BLOCK_N;
-            load_tile<BLOCK_N>(sK + s * KV_ELEMS, k + kv_base + (long long)n0 * kv_row_stride,
-                               kv_row_stride, sk - n0, tid);
+            load_kv(sK + s * KV_ELEMS, k, (tile_lo + s) * BLOCK_N);
         }
         cp_async_commit();
         if (s < ntiles) {
-            const int n0 = (tile_lo + s) * BLOCK_N;
-            load_tile<BLOCK_N>(sV + s * KV_ELEMS, v + kv_base + (long long)n0 * kv_row_stride,
-                               kv_row_stride, sk - n0, tid);
+            load_kv(sV + s * KV_ELEMS, v, (tile_lo + s) * BLOCK_N);
         }
         cp_async_commit();
     }
@@ -536,15 +544,11 @@ extern "C" __global__ void __launch_bounds__(THREADS) fwdfast_bf16_hd256_causal_
             const int tn = t + STAGES - 1;
             const int st = tn % STAGES;
             if (tn < ntiles) {
-                const int nn = (tile_lo + tn) * BLOCK_N;
-                load_tile<BLOCK_N>(sK + st * KV_ELEMS, k + kv_base + (long long)nn * kv_row_stride,
-                                   kv_row_stride, sk - nn, tid);
+                load_kv(sK + st * KV_ELEMS, k, (tile_lo + tn) * BLOCK_N);
             }
             cp_async_commit();
             if (tn < ntiles) {
-                const int nn = (tile_lo + tn) * BLOCK_N;
-                load_tile<BLOCK_N>(sV + st * KV_ELEMS, v + kv_base + (long long)nn * kv_row_stride,
-                                   kv_row_stride, sk - nn, tid);
+                load_kv(sV + st * KV_ELEMS, v, (tile_lo + tn) * BLOCK_N);
             }
             cp_async_commit();
         }

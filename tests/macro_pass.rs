@@ -458,6 +458,7 @@ fn launched_keys(
         keys.push(registry::kv_append(spec, hd).key());
         keys.push(registry::decode(spec, hd).key());
         keys.extend(registry::cache_prefill(spec, hd, target).map(|c| c.key()));
+        keys.extend(registry::paged_prefill(spec, hd, target).map(|c| c.key()));
         keys.push(registry::qkv_prep_for_flash_decode(spec, hd).unwrap().key());
         keys.push(registry::flash_decode(spec, hd).unwrap().key());
         keys.push(registry::paged(spec, hd).key());

@@ -176,11 +176,28 @@ pub fn fast_forward(fwd: &KernelConfig, target: Target) -> Option<KernelConfig> 
 /// bottom-right causal mask and no bias, which `fwdfast` runs in its static-cache mode
 /// (reading the cache slots in place). `None` when `target` cannot run it; the
 /// [`decode`] kernel runs then.
-pub fn cache_prefill(spec: &AttentionSpec, head_dim: usize, target: Target) -> Option<KernelConfig> {
+pub fn cache_prefill(
+    spec: &AttentionSpec,
+    head_dim: usize,
+    target: Target,
+) -> Option<KernelConfig> {
     fast_forward(
         &forward(spec, head_dim, MaskType::CausalBottomRight, false),
         target,
     )
+}
+
+/// The tensor-core attention of a paged mixed batch (decode rows and prefill chunks in one
+/// launch): the forward kernel with the bottom-right causal mask reading K/V through the
+/// block table (`_paged`). `None` when `target` cannot run it; the [`paged`] kernel runs then.
+pub fn paged_prefill(
+    spec: &AttentionSpec,
+    head_dim: usize,
+    target: Target,
+) -> Option<KernelConfig> {
+    let mut c = cache_prefill(spec, head_dim, target)?;
+    c.paged_kv = true;
+    Some(c)
 }
 
 /// The static-cache attention kernel (`decode_*`) of a prefill step (any number of new
@@ -211,7 +228,8 @@ pub fn kv_append(spec: &AttentionSpec, head_dim: usize) -> KernelConfig {
 /// key, in a fixed order: `qkv_prep` (then its rope-less decode-step variant), per mask
 /// type × (no bias, bias) the fast forward kernel (when `target` runs it) then `fwd`, then
 /// `decode`, and for self-attention the static-cache prefill's fast kernel
-/// ([`cache_prefill`]), `paged`, `flashdec` and `kvappend`. See the module docs
+/// ([`cache_prefill`]), the paged batch's ([`paged_prefill`]), `paged`, `flashdec` and
+/// `kvappend`. See the module docs
 /// for the runtime choices covered.
 ///
 /// `head_dim` need not be one the spec lists (the runtime may take it from its config).
@@ -240,6 +258,7 @@ pub fn kernels_for(
     out.push(decode(spec, head_dim));
     if is_self(spec) {
         out.extend(cache_prefill(spec, head_dim, target));
+        out.extend(paged_prefill(spec, head_dim, target));
         out.push(paged(spec, head_dim));
         out.push(flash_decode(spec, head_dim)?);
         out.push(kv_append(spec, head_dim));

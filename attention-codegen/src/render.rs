@@ -239,6 +239,9 @@ pub struct KernelConfig {
     pub warps: usize,
     /// `ForwardFast`: the tile; `None` = [`FastTile::for_head_dim`].
     pub tile: Option<FastTile>,
+    /// `ForwardFast`: K/V are read from a paged pool through a block table (the prefill of
+    /// a paged mixed batch; key suffix `_paged`); packed queries only.
+    pub paged_kv: bool,
 }
 
 /// Tile of the `ForwardFast` kernel: `block_m` query rows (`block_m / warps` per warp, a
@@ -443,6 +446,7 @@ impl KernelConfig {
                 _ => ATTENTION_BLOCK_ROWS,
             },
             tile: None,
+            paged_kv: false,
         }
     }
 
@@ -519,6 +523,9 @@ impl KernelConfig {
         }
         if matches!(self.phase, Phase::Forward | Phase::ForwardFast) && self.has_bias {
             k.push_str("_bias");
+        }
+        if self.phase == Phase::ForwardFast && self.paged_kv {
+            k.push_str("_paged");
         }
         if self.output_gate {
             k.push_str("_gate");
@@ -598,6 +605,7 @@ impl KernelConfig {
         c.insert("has_window", &self.has_window);
         c.insert("sinks", sinks_name(self.sinks));
         c.insert("has_bias", &self.has_bias);
+        c.insert("paged_kv", &self.paged_kv);
         c.insert("has_gate", &self.output_gate);
         c.insert("block_rows", &self.warps);
         c.insert("prep_warps", &self.warps);

@@ -143,6 +143,7 @@ fn launched(spec: &AttentionSpec, hd: usize, target: Target) -> Vec<String> {
         keys.push(registry::decode(spec, hd).key());
         // Static-cache prefill: the tensor-core kernel when the device runs it (else decode).
         keys.extend(registry::cache_prefill(spec, hd, target).map(|c| c.key()));
+        keys.extend(registry::paged_prefill(spec, hd, target).map(|c| c.key()));
         keys.push(registry::qkv_prep_for_flash_decode(spec, hd).unwrap().key());
         keys.push(registry::flash_decode(spec, hd).unwrap().key());
         keys.push(registry::paged(spec, hd).key());

@@ -540,6 +540,8 @@ impl FastForward {
         // Static-cache mode off (the layer's prefill uses it through its own launch).
         let (no_cache, zero) = (0u64, 0i32);
         b.arg(&no_cache).arg(&zero).arg(&zero);
+        // Paged mode off (the layer's forward_paged uses it through its own launch).
+        b.arg(&no_cache).arg(&zero).arg(&zero);
         // SAFETY: the argument list matches the kernel's signature (templates/fwd_fast.cu):
         // 8-byte pointers (0 = null), i32 dims, f32 scale, i64 strides; every buffer was
         // checked above to hold the elements the kernel indexes for these dims (mask / bias:

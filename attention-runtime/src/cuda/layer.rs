@@ -311,6 +311,13 @@ impl CudaLayer {
         registry::cache_prefill(&self.config.spec, self.config.head_dim, self.target)
     }
 
+    /// The tensor-core config of a paged mixed batch ([`forward_paged`](Self::forward_paged)):
+    /// the forward kernel reading K/V through the block table; `None` when this GPU cannot
+    /// run it (the one-warp-per-row `paged` kernel runs then).
+    pub fn paged_prefill_config(&self) -> Option<KernelConfig> {
+        registry::paged_prefill(&self.config.spec, self.config.head_dim, self.target)
+    }
+
     /// Load a `fwdfast` kernel and allow its dynamic shared memory.
     fn load_fast(&self, c: &KernelConfig) -> Result<(String, cudarc::driver::CudaFunction)> {
         let (key, f) = kernel(&self.rt, c)?;
@@ -725,6 +732,7 @@ impl CudaLayer {
             let (no_cache, zero) = (0u64, 0i32);
             if is_fast.is_some() {
                 b.arg(&p_max_logit).arg(&p_vflag);
+                b.arg(&no_cache).arg(&zero).arg(&zero);
                 b.arg(&no_cache).arg(&zero).arg(&zero);
             }
             // SAFETY: the argument list matches the fwd / fwdfast entry point (render.rs docs); q/o/gate
@@ -1185,6 +1193,7 @@ impl CudaLayer {
                 .arg(&zero_l);
             lb.arg(&p_sinks).arg(&p_gate).arg(&null).arg(&null);
             lb.arg(&pl).arg(&bo).arg(&mb);
+            lb.arg(&null).arg(&zero_i).arg(&zero_i);
             // SAFETY: matches the fwdfast entry point in its static-cache mode (templates/
             // fwd_fast.cu): q/o/gate [s, b, np, hn], cache layer [max_seq, max_batch, ng, hn]
             // with slots batch_offset..+b, cache_seqlens_k [b] <= max_seq (check_append).
@@ -1369,7 +1378,54 @@ impl CudaLayer {
         }
         let o = self.alloc(&[n, c.heads, c.head_dim], "attention output")?;
         let lse = super::tensor::alloc_uninit::<f32>(st, c.heads * n, "lse")?;
-        {
+        let (pq, po, plse) = (tptr(&q, rt), tptr(&o, rt), dptr(&lse, rt));
+        let nh = c.heads as i32;
+        let scale = c.softmax_scale;
+        let (wl, wr) = match c.window {
+            Some(w) => (to_i32("window", w.left)?, to_i32("window", w.right)?),
+            None => (-1, -1),
+        };
+        let p_sinks = self.sinks.as_ref().map_or(0, |x| dptr(x, rt));
+        let p_gate = opt_ptr(gate.as_ref(), rt);
+        if let Some(fc) = self.paged_prefill_config() {
+            // Every request (decode rows and prefill chunks) on the tensor-core kernel,
+            // K/V through the block table.
+            let (key, f) = self.load_fast(&fc)?;
+            let tile = fc.fast_tile();
+            let cfg = LaunchConfig {
+                grid_dim: (
+                    max_q.div_ceil(tile.block_m).max(1) as u32,
+                    c.heads as u32,
+                    nreq as u32,
+                ),
+                block_dim: ((tile.warps * 32) as u32, 1, 1),
+                shared_mem_bytes: tile.smem_bytes(c.head_dim) as u32,
+            };
+            let (null, zero_i, zero_l) = (0u64, 0i32, 0i64);
+            let mq = to_i32("max_seqlen_q", max_q as i64)?;
+            let mut lb = st.launch_builder(&f);
+            lb.arg(&pq).arg(&pkc).arg(&pvc).arg(&po).arg(&plse);
+            lb.arg(&p_cu).arg(&null).arg(&nr).arg(&nh).arg(&ngr);
+            lb.arg(&mq).arg(&zero_i).arg(&scale).arg(&wl).arg(&wr);
+            lb.arg(&null)
+                .arg(&zero_l)
+                .arg(&zero_l)
+                .arg(&zero_l)
+                .arg(&zero_l);
+            lb.arg(&null)
+                .arg(&zero_l)
+                .arg(&zero_l)
+                .arg(&zero_l)
+                .arg(&zero_l);
+            lb.arg(&p_sinks).arg(&p_gate).arg(&null).arg(&null);
+            lb.arg(&p_lens).arg(&zero_i).arg(&zero_i);
+            lb.arg(&p_table).arg(&bsi).arg(&mbi);
+            // SAFETY: matches the fwdfast entry point in its paged mode (templates/
+            // fwd_fast.cu): q/o/gate [n, np, hn] packed by cu_seqlens_q [nreq + 1], lse
+            // [np, n], pools [num_blocks, block_size, ng, hn], seqlens_k [nreq] and every
+            // block id validated on the host (`cache.validate`).
+            unsafe { lb.launch(cfg) }.map_err(launch_err(&key))?;
+        } else if nreq > 0 {
             let pcfg = self.kv_config(Phase::Paged)?;
             let (key, f) = kernel(rt, &pcfg)?;
             let cfg = LaunchConfig {
@@ -1381,15 +1437,6 @@ impl CudaLayer {
                 block_dim: ((pcfg.warps * 32) as u32, 1, 1),
                 shared_mem_bytes: 0,
             };
-            let (pq, po, plse) = (tptr(&q, rt), tptr(&o, rt), dptr(&lse, rt));
-            let nh = c.heads as i32;
-            let scale = c.softmax_scale;
-            let (wl, wr) = match c.window {
-                Some(w) => (to_i32("window", w.left)?, to_i32("window", w.right)?),
-                None => (-1, -1),
-            };
-            let p_sinks = self.sinks.as_ref().map_or(0, |x| dptr(x, rt));
-            let p_gate = opt_ptr(gate.as_ref(), rt);
             let mut lb = st.launch_builder(&f);
             lb.arg(&pq).arg(&pkc).arg(&pvc).arg(&po).arg(&plse);
             lb.arg(&p_cu).arg(&p_lens).arg(&p_table);

@@ -166,6 +166,42 @@ pub fn run_layer(o: &LayerOptions) -> Result<String> {
             torch: t,
         });
     }
+    // One prefill chunk through the paged pool (block 64) against the plain forward on the
+    // same tokens, both through the host-tensor API (upload, layer, read-back).
+    if let Some(&s) = o.seqlens.iter().find(|&&s| s == 8192).or(o.seqlens.first()) {
+        use attention_runtime::cuda::DevicePagedKvCache;
+        use attention_runtime::kv_cache::{BlockTable, PagedBatch};
+        let bs = 64;
+        let nb = s.div_ceil(bs);
+        let mut pool = DevicePagedKvCache::new(&st, ElemType::Bf16, 1, nb, bs, ng, hn)?;
+        let mut table = BlockTable::new(1, nb)?;
+        let ids = pool.allocator_mut().alloc(nb)?;
+        table.set_row(0, &ids)?;
+        let mut rng = SplitMix64::new(5);
+        let xh = Tensor::from_fn(&[s, h], |_| rng.uniform());
+        let (cu, lens) = ([0, s as i32], [s as i32]);
+        let batch = PagedBatch {
+            cu_seqlens_q: &cu,
+            seqlens_k: &lens,
+            block_table: &table,
+        };
+        let paged = time_each(&cuda, o.warmup, o.reps, || {
+            cuda.forward_paged(&xh, &mut pool, 0, &batch).map(|_| ())
+        })?;
+        let x3 = Tensor::new(&[s, 1, h], xh.data().to_vec())?;
+        let plain = time_each(&cuda, o.warmup, o.reps, || {
+            cuda.forward(&x3, &args).map(|_| ())
+        })?;
+        rows.push(Row {
+            case: format!("paged prefill {s} (block {bs}, host tensors)"),
+            ours_ms: paged,
+            rate: format!(
+                "{:.2}x forward (host tensors, {plain:.3} ms)",
+                plain / paged
+            ),
+            torch: Vec::new(),
+        });
+    }
     if o.chunk > 0 {
         let (c, before) = (o.chunk, o.ctx_before);
         let mut cache = DeviceStaticKvCache::new(&st, ElemType::Bf16, 1, before + c, 1, ng, hn)?;
