@@ -397,6 +397,7 @@ extern "C" __global__ void __launch_bounds__(THREADS) fwdfast_bf16_hd128_causal_
     // K/V rows through the block table: row j of the pool layer [num_blocks, block_size,
     // num_groups, HEAD_DIM] (64-bit offsets); rows at or past sk are zero-filled.
     const int* __restrict__ bt_row = block_table + (long long)b * max_blocks_per_seq;
+    const int bs_shift = __ffs(block_size) - 1;  // block_size is a power of two (>= 16)
     auto load_kv = [&](elem_t* dst, const elem_t* __restrict__ pool, int n0) {
         const unsigned base = smem_addr(dst);
 #pragma unroll
@@ -407,7 +408,8 @@ extern "C" __global__ void __launch_bounds__(THREADS) fwdfast_bf16_hd128_causal_
             const bool ok = j < sk;
             const elem_t* g = pool;
             if (ok) {
-                const long long row = (long long)bt_row[j / block_size] * block_size + j % block_size;
+                const long long row =
+                    ((long long)bt_row[j >> bs_shift] << bs_shift) + (j & (block_size - 1));
                 g = pool + (row * num_groups + grp) * HEAD_DIM + ch * 8;
             }
             cp_async16(base + (unsigned)((r * SROW + ch * 8) * 2), g, ok);

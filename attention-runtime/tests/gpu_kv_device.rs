@@ -239,3 +239,56 @@ fn device_decode_errors_leave_cache_untouched() {
         &before.0
     ));
 }
+
+/// `forward_paged_device` (device tensors, asynchronous) equals the host-tensor
+/// `forward_paged` bitwise on a mixed batch (a decode row and a prefill chunk straddling
+/// blocks), and rejects a hidden tensor of the wrong dtype before touching the pool.
+#[test]
+#[ignore = "requires a CUDA GPU"]
+fn paged_device_equals_host() {
+    use attention_runtime::cuda::DevicePagedKvCache;
+    use attention_runtime::kv_cache::{BlockTable, PagedBatch};
+    let sd = seed();
+    let spec = "self, heads=8, gqa=2, head_dim=128, qk_layernorm=rms, rope, mask=causal";
+    eprintln!("seed {sd} spec {spec}");
+    let f = fixture(spec, sd);
+    let st = f.cuda.runtime().stream().clone();
+    let (bs, blocks) = (16, 32);
+    let pool = || DevicePagedKvCache::new(&st, f.elem, 1, blocks, bs, f.ng, f.hn).unwrap();
+    let (mut a, mut b) = (pool(), pool());
+    let mut table = BlockTable::new(2, 8).unwrap();
+    for r in 0..2 {
+        let ids = a.allocator_mut().alloc(4).unwrap();
+        assert_eq!(b.allocator_mut().alloc(4).unwrap(), ids);
+        table.set_row(r, &ids).unwrap();
+    }
+    let mut rng = SplitMix64::new(sd);
+    // Step 1: prefill 21 and 40 tokens; step 2: a decode row and a 13-token chunk.
+    for (cu, lens) in [([0, 21, 61], [21, 40]), ([0, 1, 14], [22, 53])] {
+        let t = cu[2] as usize;
+        let x = Tensor::from_fn(&[t, f.h], |_| rng.uniform() * 1.7);
+        let batch = PagedBatch {
+            cu_seqlens_q: &cu,
+            seqlens_k: &lens,
+            block_table: &table,
+        };
+        let host = f.cuda.forward_paged(&x, &mut a, 0, &batch).unwrap().output;
+        let xd = DeviceTensor::from_host(&st, &x, f.elem).unwrap();
+        let dev = f
+            .cuda
+            .forward_paged_device(&xd, &mut b, 0, &batch)
+            .unwrap()
+            .to_host()
+            .unwrap();
+        assert!(bitwise(&host, &dev), "device paged != host paged");
+        let xf = DeviceTensor::from_host(&st, &x, ElemType::F32).unwrap();
+        let e = f
+            .cuda
+            .forward_paged_device(&xf, &mut b, 0, &batch)
+            .unwrap_err();
+        assert!(
+            matches!(e, AttnError::DType { ref arg, .. } if arg == "hidden"),
+            "{e}"
+        );
+    }
+}

@@ -1003,18 +1003,6 @@ impl CudaLayer {
         })
     }
 
-    fn finish_proj(&self, o: DeviceTensor, n: usize, out_shape: &[usize]) -> Result<LayerOutput> {
-        let c = &self.config;
-        let o = o.view(&[n, c.heads * c.head_dim])?;
-        let mut out = self.alloc(&[n, c.hidden], "output")?;
-        linear_proj_into(&self.rt, &o, &self.proj, &mut out)?;
-        self.rt.synchronize("linear_proj")?;
-        Ok(LayerOutput {
-            output: out.to_host()?.reshape(out_shape)?,
-            bias: self.proj_bias_host.clone(),
-        })
-    }
-
     /// Prefill (or any step of `s` tokens) over a device static cache with host tensors in
     /// and out: [`prefill_device`](Self::prefill_device) plus the copies (the read-back
     /// synchronizes). Errors as the CPU layer's `prefill`; on error nothing is written to
@@ -1273,7 +1261,50 @@ impl CudaLayer {
         layer: usize,
         batch: &crate::kv_cache::PagedBatch<'_>,
     ) -> Result<LayerOutput> {
+        let h = self.config.hidden;
+        if !matches!(hidden.shape(), [_, hh] if *hh == h) {
+            return Err(AttnError::Shape {
+                arg: "hidden".into(),
+                expected: format!("[t, {h}] (packed)"),
+                got: hidden.shape().to_vec(),
+            });
+        }
+        let x = DeviceTensor::from_host(self.rt.stream(), hidden, self.elem)?;
+        let out = self.forward_paged_device(&x, cache, layer, batch)?;
+        let output = if hidden.shape()[0] == 0 {
+            Tensor::new(&[0, h], Vec::new())?
+        } else {
+            out.to_host()?.reshape(hidden.shape())?
+        };
+        Ok(LayerOutput {
+            output,
+            bias: self.proj_bias_host.clone(),
+        })
+    }
+
+    /// [`forward_paged`](Self::forward_paged) on device tensors, asynchronous: `hidden`
+    /// packed `[T, h]` in the layer's dtype; returns the output `[T, h]` (`linear_proj`'s bias
+    /// unadded). Queued on the runtime's stream, nothing synchronizes (see
+    /// [`forward_device`](Self::forward_device) for when errors surface); the small per-step
+    /// metadata (positions, cu_seqlens, lengths, block table) is uploaded per call.
+    ///
+    /// Errors (before anything is queued, the pool untouched): as `forward_paged`, plus
+    /// `DType` (`hidden`).
+    pub fn forward_paged_device(
+        &self,
+        hidden: &DeviceTensor,
+        cache: &mut super::DevicePagedKvCache,
+        layer: usize,
+        batch: &crate::kv_cache::PagedBatch<'_>,
+    ) -> Result<DeviceTensor> {
         let c = &self.config;
+        if hidden.elem() != self.elem {
+            return Err(AttnError::DType {
+                arg: "hidden".into(),
+                expected: self.elem.name().into(),
+                got: hidden.elem().name().into(),
+            });
+        }
         if c.kind != AttentionKind::SelfAttention {
             return Err(bad(
                 "config.kind",
@@ -1323,10 +1354,7 @@ impl CudaLayer {
         to_i32("block_table max_blocks", max_blocks as i64)?;
         to_i32("hidden rows", n as i64)?;
         if n == 0 {
-            return Ok(LayerOutput {
-                output: Tensor::new(&[0, h], Vec::new())?,
-                bias: self.proj_bias_host.clone(),
-            });
+            return self.alloc(&[0, h], "output");
         }
         let mut positions = vec![0i32; n];
         for r in &reqs {
@@ -1338,9 +1366,8 @@ impl CudaLayer {
         let nreq = reqs.len();
         let rt = &*self.rt;
         let st = rt.stream();
-        let x = DeviceTensor::from_host(st, hidden, self.elem)?;
         let (q, k, v, gate, _keep) =
-            self.project_and_prep(&x, n, &self.prep, Some(&positions), 1.0)?;
+            self.project_and_prep(hidden, n, &self.prep, Some(&positions), 1.0)?;
         let cu_d = upload(st, batch.cu_seqlens_q, "cu_seqlens_q")?;
         let lens_d = upload(st, batch.seqlens_k, "seqlens_k")?;
         let table_d = upload(st, table.as_slice(), "block_table")?;
@@ -1446,8 +1473,11 @@ impl CudaLayer {
             // [np, n], pools [num_blocks, block_size, ng, hn], lengths validated on the host.
             unsafe { lb.launch(cfg) }.map_err(launch_err(&key))?;
         }
-        let r = self.finish_proj(o, n, hidden.shape());
+        let o = o.view(&[n, c.heads * c.head_dim])?;
+        let mut out = self.alloc(&[n, h], "output")?;
+        linear_proj_into(rt, &o, &self.proj, &mut out)?;
+        // Freed in stream order after the queued kernels.
         drop((q, k, v, gate, cu_d, lens_d, table_d, lse));
-        r
+        Ok(out)
     }
 }

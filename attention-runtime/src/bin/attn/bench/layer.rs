@@ -201,6 +201,21 @@ pub fn run_layer(o: &LayerOptions) -> Result<String> {
             ),
             torch: Vec::new(),
         });
+        let xd = DeviceTensor::from_host(&st, &xh, ElemType::Bf16)?;
+        let x3d = DeviceTensor::from_host(&st, &x3, ElemType::Bf16)?;
+        let paged_d = time_each(&cuda, o.warmup, o.reps, || {
+            cuda.forward_paged_device(&xd, &mut pool, 0, &batch)
+                .map(|_| ())
+        })?;
+        let plain_d = time_each(&cuda, o.warmup, o.reps, || {
+            cuda.forward_device(&x3d, &args).map(|_| ())
+        })?;
+        rows.push(Row {
+            case: format!("paged prefill {s} (block {bs}, device tensors)"),
+            ours_ms: paged_d,
+            rate: format!("{:.2}x forward_device ({plain_d:.3} ms)", plain_d / paged_d),
+            torch: Vec::new(),
+        });
     }
     if o.chunk > 0 {
         let (c, before) = (o.chunk, o.ctx_before);
