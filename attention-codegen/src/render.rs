@@ -812,6 +812,9 @@ mod fast_forward_tests {
                 format!("fwdfast_bf16_hd64_causal_bias_{tile}"),
                 format!("fwdfast_bf16_hd64_padding_{tile}"),
                 format!("fwdfast_bf16_hd64_padding_bias_{tile}"),
+                // Static-cache prefill, then the paged batch (self-attention).
+                format!("fwdfast_bf16_hd64_causal_bottom_right_{tile}"),
+                format!("fwdfast_bf16_hd64_causal_bottom_right_paged_{tile}"),
             ]
         );
     }

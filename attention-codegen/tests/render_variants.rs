@@ -191,15 +191,18 @@ fn kernels_for_spec_covers_phases_head_dims_and_masks() {
             format!("paged_bf16_hd{hd}_causal_win_sinkl_w4"),
             format!("flashdec_bf16_hd{hd}_ropehalf{hd}_win_sinkl_w4"),
             format!("kvappend_bf16_hd{hd}_w4"),
+            // Static-cache prefill and the paged batch on tensor cores.
+            format!("fwdfast_bf16_hd{hd}_causal_bottom_right_win_sinkl_{tile}"),
+            format!("fwdfast_bf16_hd{hd}_causal_bottom_right_win_sinkl_paged_{tile}"),
         ] {
             assert!(keys.contains(&want.as_str()), "missing {want} in {keys:?}");
         }
     }
-    assert_eq!(ks.len(), 28);
+    assert_eq!(ks.len(), 32);
     assert_eq!(ks.iter().filter(|k| k.phase == Phase::Forward).count(), 8);
     assert_eq!(
         ks.iter().filter(|k| k.phase == Phase::ForwardFast).count(),
-        8
+        12
     );
 }
 
