@@ -292,3 +292,30 @@ fn paged_device_equals_host() {
         );
     }
 }
+
+/// A static cache of another element type is a typed error naming `cache` on every cache
+/// path (prefill, device prefill, decode), raised before anything is written.
+#[test]
+#[ignore = "requires a CUDA GPU"]
+fn cache_of_another_dtype_is_refused() {
+    let sd = seed();
+    let f = fixture("self, heads=4, gqa=2, head_dim=64, rope, mask=causal", sd);
+    let st = f.cuda.runtime().stream().clone();
+    let mut cache = DeviceStaticKvCache::new(&st, ElemType::F16, 1, 8, 1, f.ng, f.hn).unwrap();
+    let args = ForwardArgs::default();
+    let x = Tensor::from_fn(&[2, 1, f.h], |i| (i % 5) as f32 * 0.1);
+    let is_cache_dtype =
+        |e: &AttnError| matches!(e, AttnError::DType { arg, .. } if arg == "cache");
+    let e = f.cuda.prefill(&x, &mut cache, 0, 0, &args).unwrap_err();
+    assert!(is_cache_dtype(&e), "{e}");
+    let xd = DeviceTensor::from_host(&st, &x, f.elem).unwrap();
+    let e = f
+        .cuda
+        .prefill_device(&xd, &mut cache, 0, 0, &args)
+        .unwrap_err();
+    assert!(is_cache_dtype(&e), "{e}");
+    let step = Tensor::from_fn(&[1, 1, f.h], |i| (i % 3) as f32 * 0.1);
+    let e = f.cuda.decode(&step, &mut cache, 0, 0, &args).unwrap_err();
+    assert!(is_cache_dtype(&e), "{e}");
+    assert_eq!(cache.seqlens()[0], 0);
+}

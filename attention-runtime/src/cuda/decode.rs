@@ -736,7 +736,8 @@ impl LayerDecodeGraph {
     /// as with [`replay`](Self::replay).
     ///
     /// Errors (before anything is queued): `Shape` (`hidden`, `out`), `DType`,
-    /// `InvalidArgument` (another cache), `CacheCapacity` (a slot is full), `Cuda`.
+    /// `InvalidArgument` (another cache), `CacheCapacity` (a slot is full); `Cuda` from the
+    /// driver (copies, the graph launch).
     pub fn replay_device(
         &mut self,
         hidden: &super::DeviceTensor,
@@ -786,6 +787,10 @@ impl LayerDecodeGraph {
         st.memcpy_htod(&lens, &mut self.bufs.seqlens)
             .map_err(cuda_err("memcpy_htod cache_seqlens"))?;
         super::tensor::copy_dtod(&st, hidden, &mut self.bufs.x)?;
+        if self.poison {
+            self.bufs.o.fill_nan()?;
+            self.bufs.out.fill_nan()?;
+        }
         self.graph.launch().map_err(cuda_err("cuGraphLaunch"))?;
         super::tensor::copy_dtod(&st, &self.bufs.out, out)?;
         main.join(&st)

@@ -836,6 +836,15 @@ impl CudaLayer {
                 ),
             ));
         }
+        // The cache's element type must be the layer's: the kernels write and read it raw.
+        let kc = cache.layer_k(0)?;
+        if kc.elem() != self.elem {
+            return Err(AttnError::DType {
+                arg: "cache".into(),
+                expected: self.elem.name().into(),
+                got: kc.elem().name().into(),
+            });
+        }
         Ok(())
     }
 
@@ -1049,9 +1058,12 @@ impl CudaLayer {
     /// append with [`DeviceStaticKvCache::advance`]. Queued on the runtime's stream, nothing
     /// synchronizes (see [`forward_device`](Self::forward_device) for when errors surface).
     ///
-    /// Errors (before anything is queued, the cache untouched): `Shape` (`hidden`,
-    /// `positions`), `DType` (`hidden`), `InvalidArgument` (cross-attention, masks/bias/packing
-    /// in `args`, a cache of other groups or head dim), `CacheCapacity`.
+    /// Errors (before anything is queued, the cache untouched; every kernel is loaded
+    /// first): `Shape` (`hidden`, `positions`), `DType` (`hidden`, `cache`),
+    /// `InvalidArgument` (cross-attention, masks/bias/packing in `args`, a cache of other
+    /// groups or head dim), `CacheCapacity`, `Jit` (a kernel that cannot be loaded, e.g.
+    /// `ATTN_JIT=off` and a cache without it), `DeviceAlloc`; `KernelLaunch` / `Cuda` from
+    /// the device. `s == 0` or `b == 0` returns an empty `[s, b, h]` tensor.
     pub fn prefill_device(
         &self,
         hidden: &DeviceTensor,
@@ -1087,6 +1099,18 @@ impl CudaLayer {
         }
         let n = s * b;
         let starts = cache.check_append(layer, batch_offset, b, s)?;
+        if n == 0 {
+            return self.alloc(&[s, b, h], "output");
+        }
+        // Resolve every kernel before anything is queued: one that cannot be loaded
+        // (ATTN_JIT=off with a cache that lacks it) fails with the cache untouched.
+        let append_kernel = kernel(&self.rt, &self.kv_config(Phase::PagedAppend)?)?;
+        kernel(&self.rt, &self.prep)?;
+        let fast = self.cache_prefill_config();
+        let attn_kernel = match &fast {
+            Some(fc) => self.load_fast(fc)?,
+            None => kernel(&self.rt, &self.kv_config(Phase::Decode)?)?,
+        };
         let positions: Vec<i32> = match args.positions {
             Some(p) if p.len() != s => {
                 return Err(AttnError::Shape {
@@ -1111,8 +1135,7 @@ impl CudaLayer {
         let (kc, vc) = (cache.layer_k(layer)?, cache.layer_v(layer)?);
         // Append (padded [s, b] rows, static layout).
         {
-            let acfg = self.kv_config(Phase::PagedAppend)?;
-            let (key, f) = kernel(rt, &acfg)?;
+            let (key, f) = append_kernel;
             let (pk, pv, pkc, pvc) = (tptr(&k, rt), tptr(&v, rt), tptr(kc, rt), tptr(vc, rt));
             let (null, pl) = (0u64, dptr(&lens_d, rt));
             let (bi, ngi, one, zero) = (b as i32, c.groups as i32, 1i32, 0i32);
@@ -1156,8 +1179,8 @@ impl CudaLayer {
         let (bi, bo, mb) = (b as i32, batch_offset as i32, cache.max_batch() as i32);
         let (nh, ngr, sq) = (c.heads as i32, c.groups as i32, s as i32);
         let scale = c.softmax_scale;
-        if let Some(fc) = self.cache_prefill_config() {
-            let (key, f) = self.load_fast(&fc)?;
+        let (key, f) = attn_kernel;
+        if let Some(fc) = fast {
             let tile = fc.fast_tile();
             let cfg = LaunchConfig {
                 grid_dim: (s.div_ceil(tile.block_m) as u32, c.heads as u32, b as u32),
@@ -1188,7 +1211,6 @@ impl CudaLayer {
             unsafe { lb.launch(cfg) }.map_err(launch_err(&key))?;
         } else {
             let dcfg = self.kv_config(Phase::Decode)?;
-            let (key, f) = kernel(rt, &dcfg)?;
             let cfg = LaunchConfig {
                 grid_dim: (s.div_ceil(dcfg.warps) as u32, c.heads as u32, b as u32),
                 block_dim: ((dcfg.warps * 32) as u32, 1, 1),
@@ -1249,11 +1271,17 @@ impl CudaLayer {
     /// spec's window, sinks and GQA. Returns `[T, h]` and `linear_proj`'s bias unadded.
     ///
     /// Launches: `linear_qkv` -> `qkv_prep` (rope at each token's own position) ->
-    /// `kvappend` (rotated k and v into their pool blocks through `block_table`) -> `paged`
-    /// (every request in one launch) -> `linear_proj`.
+    /// `kvappend` (rotated k and v into their pool blocks through `block_table`) -> the
+    /// tensor-core forward kernel in its paged mode (every request in one launch, K/V through
+    /// the block table; the one-warp-per-row `paged` kernel when its tile does not fit) ->
+    /// `linear_proj`.
     ///
     /// Everything (layer, shapes, cu_seqlens, lengths, block ids, capacity, blocks shared or
-    /// written by two requests) is validated on the host first: on error nothing is written.
+    /// written by two requests) is validated and every kernel loaded on the host first: on
+    /// error nothing is written. Errors: `Shape` (`hidden`), `DType` (`cache`; `hidden` for
+    /// the device call), `InvalidArgument` (cross-attention, a pool of other groups or head
+    /// dim, `layer`), `CuSeqlens`, `BlockId`, `CacheCapacity`, `DeviceAlloc`, `Jit`,
+    /// `KernelLaunch`, `Cuda`.
     pub fn forward_paged(
         &self,
         hidden: &Tensor,
@@ -1356,6 +1384,14 @@ impl CudaLayer {
         if n == 0 {
             return self.alloc(&[0, h], "output");
         }
+        // Resolve every kernel before anything is queued (see prefill_device).
+        let append_kernel = kernel(&self.rt, &self.kv_config(Phase::PagedAppend)?)?;
+        kernel(&self.rt, &self.prep)?;
+        let fast = self.paged_prefill_config();
+        let attn_kernel = match &fast {
+            Some(fc) => self.load_fast(fc)?,
+            None => kernel(&self.rt, &self.kv_config(Phase::Paged)?)?,
+        };
         let mut positions = vec![0i32; n];
         for r in &reqs {
             for i in 0..r.q_len {
@@ -1375,8 +1411,7 @@ impl CudaLayer {
         let (nr, ngr, bsi, mbi) = (nreq as i32, c.groups as i32, bs as i32, max_blocks as i32);
         let (pkc, pvc) = (tptr(kc, rt), tptr(vc, rt));
         {
-            let acfg = self.kv_config(Phase::PagedAppend)?;
-            let (key, f) = kernel(rt, &acfg)?;
+            let (key, f) = append_kernel;
             let (pk, pv) = (tptr(&k, rt), tptr(&v, rt));
             let zero = 0i32;
             let cfg = LaunchConfig {
@@ -1414,10 +1449,10 @@ impl CudaLayer {
         };
         let p_sinks = self.sinks.as_ref().map_or(0, |x| dptr(x, rt));
         let p_gate = opt_ptr(gate.as_ref(), rt);
-        if let Some(fc) = self.paged_prefill_config() {
+        let (key, f) = attn_kernel;
+        if let Some(fc) = fast {
             // Every request (decode rows and prefill chunks) on the tensor-core kernel,
             // K/V through the block table.
-            let (key, f) = self.load_fast(&fc)?;
             let tile = fc.fast_tile();
             let cfg = LaunchConfig {
                 grid_dim: (
@@ -1454,7 +1489,6 @@ impl CudaLayer {
             unsafe { lb.launch(cfg) }.map_err(launch_err(&key))?;
         } else if nreq > 0 {
             let pcfg = self.kv_config(Phase::Paged)?;
-            let (key, f) = kernel(rt, &pcfg)?;
             let cfg = LaunchConfig {
                 grid_dim: (
                     max_q.div_ceil(pcfg.warps) as u32,

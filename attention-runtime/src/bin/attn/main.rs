@@ -51,7 +51,7 @@ enum Command {
     Layer(Box<LayerArgs>),
     /// List the catalog's models and kernels.
     Catalog,
-    /// Benchmarks (GPU): `attn bench prefill|decode [--json out.json]`.
+    /// Benchmarks (GPU): `attn bench prefill|decode|layer` (see `attn bench --help`).
     #[command(subcommand)]
     Bench(bench::BenchCommand),
     /// Print the rendered kernel sources for one spec.

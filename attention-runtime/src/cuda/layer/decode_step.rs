@@ -7,8 +7,9 @@
 //! fixed device buffers, the cuBLASLt GEMMs with their algorithms chosen, the rope cos/sin
 //! tables for the cache's whole position range, the loaded kernels and the `flashdec`
 //! arguments. A step then costs the host a lookup, the capacity check, one small upload
-//! (each slot's position, int32 `[b]`) and six launches; nothing is allocated (with
-//! [`CudaLayer::decode_device_into`]) and nothing synchronizes.
+//! (each slot's position, int32 `[b]`), two device-to-device copies (hidden in, output out)
+//! and five kernels (two cuBLASLt GEMMs, `qkv_prep`, `flashdec` split and merge); with
+//! [`CudaLayer::decode_device_into`] nothing is allocated, and nothing synchronizes.
 
 use cudarc::driver::{CudaFunction, CudaStream};
 
@@ -251,7 +252,8 @@ impl CudaLayer {
     /// Errors: `Shape` (`hidden`, `out`), `DType` (`hidden`, `out`, `cache`),
     /// `InvalidArgument` (cross-attention, `args` with positions/masks/bias/packing, a cache
     /// of other groups or head dim), `CacheCapacity` (a slot is full), `DeviceAlloc`,
-    /// `Render`, `Cuda`.
+    /// `Render` / `Jit` (building the plan's kernels, first call only), `KernelLaunch`,
+    /// `Cuda`.
     pub fn decode_device_into(
         &self,
         hidden: &DeviceTensor,

@@ -1,4 +1,4 @@
-//! `attn bench prefill|decode`: GPU benchmarks of the library's kernels against PyTorch SDPA.
+//! `attn bench prefill|decode|layer`: GPU benchmarks of the library's kernels against PyTorch SDPA.
 //!
 //! - [`prefill`]: the fast forward kernel over head dims x causal x seqlens (TFLOP/s), plus the
 //!   kernel cache's cold compile and warm start; its results in [`prefill_report`].
