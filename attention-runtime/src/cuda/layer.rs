@@ -555,6 +555,19 @@ impl CudaLayer {
                 format!("a mask tensor with mask type {}", mask_type.name()),
             ));
         }
+        if g.batch > 65535 || np > 65535 {
+            return Err(bad(
+                "batch / heads",
+                "at most 65535 each (grid y/z limits)",
+                format!("batch {} heads {np}", g.batch),
+            ));
+        }
+        // Positions are checked (shape, int32 range) before anything is queued.
+        let pos_host = if self.prep.rope.is_some() && g.nq > 0 {
+            Some(self.positions(&g, args)?)
+        } else {
+            None
+        };
         let target = [g.batch, np, g.sq, g.sk];
         // Mask: uint8 (nonzero = masked out) in the tensor's own layout, broadcast by strides.
         let (mask_buf, mask_strides) = match args.attention_mask {
@@ -575,13 +588,6 @@ impl CudaLayer {
             }
             None => (None, [0; 4]),
         };
-        if g.batch > 65535 || np > 65535 {
-            return Err(bad(
-                "batch / heads",
-                "at most 65535 each (grid y/z limits)",
-                format!("batch {} heads {np}", g.batch),
-            ));
-        }
         let mut out = self.alloc(&[g.nq, c.hidden], "output")?;
         if g.nq == 0 {
             return Ok((out, self.proj.bias.as_ref()));
@@ -609,10 +615,9 @@ impl CudaLayer {
         } else {
             None
         };
-        let positions = if self.prep.rope.is_some() {
-            Some(upload(st, &self.positions(&g, args)?, "positions")?)
-        } else {
-            None
+        let positions = match &pos_host {
+            Some(p) => Some(upload(st, p, "positions")?),
+            None => None,
         };
         // Raised by qkv_prep when a value it writes to v is not finite; the attention kernel
         // then takes its exact path, so junk at masked keys (padding) never reaches a row.
