@@ -13,6 +13,7 @@
 
 use cudarc::driver::{CudaFunction, CudaStream};
 
+use super::kv_step::PrepPtrs;
 use super::*;
 use crate::cuda::decode::{
     cache_binding, flash_decode_kernels, launch_flash_decode, num_splits, sm_count, CacheBinding,
@@ -348,5 +349,105 @@ impl CudaLayer {
         let mut out = self.alloc(&[1, b, self.config.hidden], "output")?;
         self.decode_device_into(hidden, &mut out, cache, layer, batch_offset, args)?;
         Ok(out)
+    }
+}
+
+impl CudaLayer {
+    /// Pin the KV split count of eager [`decode`](Self::decode) (`None`: chosen per step
+    /// from the batch, the groups and the longest sequence, see
+    /// [`num_splits`](crate::cuda::decode::num_splits)). A [`LayerDecodeGraph`](crate::cuda::decode::LayerDecodeGraph)
+    /// fixes its split count at capture; eager decode pinned to the same count gives
+    /// bitwise equal results. Errors: `InvalidArgument` (`decode_splits`) outside 1..=64.
+    pub fn set_decode_splits(&self, splits: Option<usize>) -> Result<()> {
+        match splits {
+            Some(n) if !(1..=64).contains(&n) => Err(bad(
+                "decode_splits",
+                "a split count in 1..=64",
+                n.to_string(),
+            )),
+            _ => {
+                self.decode_splits
+                    .store(splits.unwrap_or(0), Ordering::Relaxed);
+                Ok(())
+            }
+        }
+    }
+
+    /// Capture one decode step of this layer for `b` sequences in slots
+    /// `batch_offset .. batch_offset + b` of `cache`'s layer `layer` in a CUDA graph
+    /// (`linear_qkv` and `linear_proj` through cuBLASLt with their algorithms chosen before
+    /// capture, `qkv_prep`, `flashdec` split + merge with rope from cos/sin tables at each
+    /// slot's position, read from a device int32 array). The split count is the pinned
+    /// one ([`set_decode_splits`](Self::set_decode_splits)) or the one that covers the
+    /// cache's full `max_seq`. `args` takes only `rope_mscale` (no positions, masks, bias,
+    /// packing or context). Nothing is written to the cache.
+    ///
+    /// Errors: `InvalidArgument` (`config.kind` for cross-attention, `args`, `cache` for
+    /// other groups or head dim, `b` of 0), `CacheCapacity` (`max_batch`), `DType`
+    /// (`cache`), `DeviceAlloc`, `Render`, `BackendUnavailable`, `Cuda`.
+    pub fn capture_decode(
+        &self,
+        cache: &crate::cuda::DeviceStaticKvCache,
+        layer: usize,
+        batch_offset: usize,
+        b: usize,
+        args: &ForwardArgs<'_>,
+    ) -> Result<crate::cuda::decode::LayerDecodeGraph> {
+        use crate::cuda::decode::LayerDecodeGraph;
+        self.check_kv_step(cache, args)?;
+        if args.positions.is_some() {
+            return Err(bad(
+                "args.positions",
+                "none for a captured decode step (each slot decodes at its own length)",
+                "explicit positions",
+            ));
+        }
+        let plan = self.plan_decode(cache, layer, batch_offset, b, args.rope_mscale)?;
+        let splits = plan.max_splits;
+        let (stream, graph) =
+            LayerDecodeGraph::capture_on(&self.rt, |cs| self.enqueue_decode(&plan, cs, splits))?;
+        let (bufs, gemms, binding) = plan.into_graph_parts();
+        Ok(LayerDecodeGraph {
+            rt: self.rt.clone(),
+            stream,
+            graph,
+            bufs,
+            _gemms: gemms,
+            binding,
+            hidden: self.config.hidden,
+            splits,
+            proj_bias_host: self.proj_bias_host.clone(),
+            poison: self.poison.load(Ordering::Relaxed),
+        })
+    }
+
+    /// One decode step (`hidden` `[1, b, h]`, host tensors in and out) through the fused
+    /// `flashdec` kernel: rope of the new q/k from cos/sin tables at each slot's own
+    /// position, append, split-KV attention, LSE merge. A convenience over
+    /// [`decode_device`](Self::decode_device) (the same plan and kernels, then a copy back
+    /// that synchronizes). With `args.positions` it takes the [`prefill`](Self::prefill)
+    /// path (explicit positions). Errors as the CPU layer's `decode`; on error nothing is
+    /// written to the cache.
+    pub fn decode(
+        &self,
+        hidden: &Tensor,
+        cache: &mut crate::cuda::DeviceStaticKvCache,
+        layer: usize,
+        batch_offset: usize,
+        args: &ForwardArgs<'_>,
+    ) -> Result<LayerOutput> {
+        hidden.expect_shape("hidden", &[Some(1), None, Some(self.config.hidden)])?;
+        if args.positions.is_some() {
+            return self.prefill(hidden, cache, layer, batch_offset, args);
+        }
+        self.check_kv_step(cache, args)?;
+        let b = hidden.shape()[1];
+        cache.check_append(layer, batch_offset, b, 1)?;
+        let x = DeviceTensor::from_host(self.rt.stream(), hidden, self.elem)?;
+        let out = self.decode_device(&x, cache, layer, batch_offset, args)?;
+        Ok(LayerOutput {
+            output: out.to_host()?.reshape(hidden.shape())?,
+            bias: self.proj_bias_host.clone(),
+        })
     }
 }

@@ -1,0 +1,189 @@
+//! What every KV-cache step shares: kernel configs, argument checks, the projection and
+//! `qkv_prep` launch.
+
+use super::*;
+
+/// q, k, v, gate and buffers that must outlive the queued kernels.
+pub(super) type Prepped = (
+    DeviceTensor,
+    DeviceTensor,
+    DeviceTensor,
+    Option<DeviceTensor>,
+    Vec<CudaSlice<i32>>,
+);
+
+/// Raw pointers of one `qkv_prep` launch (0 = null): `qkv [n, qkv_out]` in, q `[n, np, hn]`,
+/// k/v `[n, ng, hn]`, gate `[n, np, hn]` out, int32 positions `[n]`.
+pub(super) struct PrepPtrs {
+    pub(super) qkv: u64,
+    pub(super) q: u64,
+    pub(super) k: u64,
+    pub(super) v: u64,
+    pub(super) gate: u64,
+    pub(super) positions: u64,
+}
+
+/// KV-cache inference on the GPU (static cache): same semantics as the CPU layer's
+/// `prefill` / `decode`.
+impl CudaLayer {
+    /// The KV-cache kernel of `phase`, from the registry's family function.
+    pub(super) fn kv_config(&self, phase: Phase) -> Result<KernelConfig> {
+        let (spec, hd) = (&self.config.spec, self.config.head_dim);
+        match phase {
+            Phase::Decode => Ok(registry::decode(spec, hd)),
+            Phase::Paged => Ok(registry::paged(spec, hd)),
+            Phase::PagedAppend => Ok(registry::kv_append(spec, hd)),
+            Phase::FlashDecode => registry::flash_decode(spec, hd).map_err(render_err),
+            p => Err(AttnError::Render(format!("`{p}` is not a KV-cache kernel"))),
+        }
+    }
+
+    /// The `qkv_prep` kernel of a fused decode step (no rope: `flashdec` applies it).
+    pub(super) fn flash_decode_prep(&self) -> Result<KernelConfig> {
+        registry::qkv_prep_for_flash_decode(&self.config.spec, self.config.head_dim)
+            .map_err(render_err)
+    }
+
+    pub(super) fn check_kv_step(
+        &self,
+        cache: &crate::cuda::DeviceStaticKvCache,
+        args: &ForwardArgs<'_>,
+    ) -> Result<()> {
+        let c = &self.config;
+        if c.kind != AttentionKind::SelfAttention {
+            return Err(bad(
+                "config.kind",
+                "self-attention for a KV-cache step",
+                "cross-attention",
+            ));
+        }
+        if args.attention_mask.is_some()
+            || args.attention_bias.is_some()
+            || args.packed.is_some()
+            || args.key_value_states.is_some()
+        {
+            return Err(bad(
+                "args",
+                "only positions and rope_mscale for a KV-cache step",
+                "mask, bias, packed or key_value_states",
+            ));
+        }
+        if cache.groups() != c.groups || cache.head_dim() != c.head_dim {
+            return Err(bad(
+                "cache",
+                format!("groups {} and head_dim {}", c.groups, c.head_dim),
+                format!(
+                    "groups {} and head_dim {}",
+                    cache.groups(),
+                    cache.head_dim()
+                ),
+            ));
+        }
+        // The cache's element type must be the layer's: the kernels write and read it raw.
+        let kc = cache.layer_k(0)?;
+        if kc.elem() != self.elem {
+            return Err(AttnError::DType {
+                arg: "cache".into(),
+                expected: self.elem.name().into(),
+                got: kc.elem().name().into(),
+            });
+        }
+        Ok(())
+    }
+
+    /// linear_qkv + qkv_prep (`prep`, with rope at `positions` when it has rope).
+    pub(super) fn project_and_prep(
+        &self,
+        x: &DeviceTensor,
+        n: usize,
+        prep: &KernelConfig,
+        positions: Option<&[i32]>,
+        mscale: f32,
+    ) -> Result<Prepped> {
+        let rt = &*self.rt;
+        let st = rt.stream();
+        let c = &self.config;
+        let (np, ng, hn) = (c.heads, c.groups, c.head_dim);
+        let Projections::SelfAttention { qkv } = &self.proj_in else {
+            return Err(bad("config.kind", "self-attention", "cross-attention"));
+        };
+        let mut a = self.alloc(&[n, qkv.out_features()], "linear_qkv output")?;
+        linear_qkv_into(rt, x, qkv, &mut a)?;
+        let q = self.alloc(&[n, np, hn], "q")?;
+        let k = self.alloc(&[n, ng, hn], "k")?;
+        let v = self.alloc(&[n, ng, hn], "v")?;
+        let gate = if c.output_gate {
+            Some(self.alloc(&[n, np, hn], "gate")?)
+        } else {
+            None
+        };
+        let mut keep = Vec::new();
+        let p_pos = match positions {
+            Some(p) if prep.rope.is_some() => {
+                let buf = upload(st, p, "positions")?;
+                let ptr = dptr(&buf, rt);
+                keep.push(buf);
+                ptr
+            }
+            _ => 0,
+        };
+        let p = PrepPtrs {
+            qkv: tptr(&a, rt),
+            q: tptr(&q, rt),
+            k: tptr(&k, rt),
+            v: tptr(&v, rt),
+            gate: opt_ptr(gate.as_ref(), rt),
+            positions: p_pos,
+        };
+        // Queued only: `a` and the positions are freed in stream order after the kernel.
+        self.launch_prep(st, prep, n, &p, mscale)?;
+        drop(a);
+        Ok((q, k, v, gate, keep))
+    }
+
+    /// Queue the `qkv_prep` kernel `prep` over `n` rows on `stream` (raw pointers, so it
+    /// can be captured in a graph). Returns the kernel key.
+    pub(super) fn launch_prep(
+        &self,
+        stream: &Arc<cudarc::driver::CudaStream>,
+        prep: &KernelConfig,
+        n: usize,
+        p: &PrepPtrs,
+        mscale: f32,
+    ) -> Result<String> {
+        let rt = &*self.rt;
+        let c = &self.config;
+        let (key, f) = kernel(rt, prep)?;
+        let cfg = LaunchConfig {
+            grid_dim: (to_i32("rows", n as i64)? as u32, 1, 1),
+            block_dim: ((prep.warps * 32) as u32, 1, 1),
+            shared_mem_bytes: 0,
+        };
+        let p_kv = 0u64;
+        let p_qw = opt_ptr(self.q_norm.0.as_ref(), rt);
+        let p_qb = opt_ptr(self.q_norm.1.as_ref(), rt);
+        let p_kw = opt_ptr(self.k_norm.0.as_ref(), rt);
+        let p_kb = opt_ptr(self.k_norm.1.as_ref(), rt);
+        let eps = c.eps;
+        let base = c.rope.map_or(10000.0, |r| r.rotary_base as f32);
+        let (nt, nkt) = (n as i32, n as i32);
+        let (nh, ngr) = (c.heads as i32, c.groups as i32);
+        // Cache paths never read a masked key (exact per-row kernels, range-exact decode):
+        // no v_nonfinite flag.
+        let p_vflag = 0u64;
+        let mut b = stream.launch_builder(&f);
+        b.arg(&p.qkv)
+            .arg(&p_kv)
+            .arg(&p.q)
+            .arg(&p.k)
+            .arg(&p.v)
+            .arg(&p.gate);
+        b.arg(&p_qw).arg(&p_qb).arg(&p_kw).arg(&p_kb).arg(&eps);
+        b.arg(&p.positions).arg(&base).arg(&mscale);
+        b.arg(&nt).arg(&nkt).arg(&nh).arg(&ngr).arg(&p_vflag);
+        // SAFETY: matches the qkv_prep entry point; the caller's buffers have the
+        // documented shapes for `n` rows; positions has n entries when rope is on.
+        unsafe { b.launch(cfg) }.map_err(launch_err(&key))?;
+        Ok(key)
+    }
+}
