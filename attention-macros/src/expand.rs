@@ -699,6 +699,41 @@ fn expand(
             pub fn state_dict(&self, prefix: &str) -> ::std::vec::Vec<(::std::string::String, #rt::Tensor)> {
                 <Self as #rt::layer::AttentionLayer>::state_dict(self, prefix)
             }
+
+            /// This layer on the CPU reference backend, for code written over
+            /// `attention::runtime::backend::BackendLayer` (the same calls run on a GPU with
+            /// [`Self::to_cuda`]).
+            pub fn on_cpu(self) -> #rt::backend::CpuLayer<Self> {
+                #rt::backend::CpuLayer::new(self)
+            }
+
+            /// A copy of this layer on a CUDA GPU (its parameters in the spec's dtype), with the
+            /// same calls through `attention::runtime::backend::BackendLayer` on device tensors.
+            ///
+            /// # Errors
+            /// `NoBackendImpl` when a user submodule has no CUDA implementation (it must
+            /// implement `attention::runtime::modules::CudaSubmodule`); those of
+            /// `CudaLayer::new` (head dim, device memory, kernels).
+            pub fn to_cuda(
+                &self,
+                device: &#rt::device::CudaDevice,
+            ) -> #rt::Result<#rt::cuda::CudaLayer> {
+                #rt::cuda::CudaLayer::new(self, device)
+            }
+
+            /// Load the weights from a safetensors file straight onto a CUDA GPU:
+            /// [`Self::from_safetensors`] then [`Self::to_cuda`].
+            ///
+            /// # Errors
+            /// Those of both.
+            pub fn cuda_from_safetensors(
+                path: impl ::core::convert::AsRef<::std::path::Path>,
+                prefix: ::core::option::Option<&str>,
+                dims: #rt::config::RuntimeDims,
+                device: &#rt::device::CudaDevice,
+            ) -> #rt::Result<#rt::cuda::CudaLayer> {
+                Self::from_safetensors(path, prefix, dims)?.to_cuda(device)
+            }
         }
 
         impl #rt::layer::AttentionLayer for #name {

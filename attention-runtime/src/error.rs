@@ -165,4 +165,16 @@ pub enum AttnError {
     /// the kernel key and NVRTC's log), or `ATTN_JIT=off` and a cache miss (naming the key).
     #[error(transparent)]
     Jit(#[from] crate::jit::JitError),
+    /// A submodule has no implementation on the backend the layer is moved to (a user
+    /// override that does not implement that backend's trait, e.g.
+    /// [`CudaSubmodule`](crate::modules::CudaSubmodule)).
+    #[error("submodule `{role}` has no {backend} implementation: {hint}")]
+    NoBackendImpl {
+        /// The role (`linear_proj`, `q_layernorm`, ...).
+        role: String,
+        /// The backend (`cuda`).
+        backend: String,
+        /// What the submodule must implement.
+        hint: String,
+    },
 }

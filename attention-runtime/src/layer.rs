@@ -134,7 +134,7 @@ fn bad(arg: &str, expected: impl Into<String>, got: impl Into<String>) -> AttnEr
     }
 }
 
-impl LayerParts<'_> {
+impl<'a> LayerParts<'a> {
     /// The config.
     pub fn config(&self) -> &LayerConfig {
         match self {
@@ -158,11 +158,65 @@ impl LayerParts<'_> {
         match self {
             LayerParts::SelfAttention(p) => Ok(p),
             LayerParts::CrossAttention(_) => Err(bad(
-                "layer",
-                format!("self-attention for {what}"),
+                "config.kind",
+                format!("self-attention for {what} (a KV-cache step)"),
                 "cross-attention",
             )),
         }
+    }
+
+    /// `linear_proj`'s bias `[h]`, which the layer returns unadded.
+    pub fn output_bias(&self) -> Option<&'a Tensor> {
+        match self {
+            LayerParts::SelfAttention(p) => p.linear_proj.bias(),
+            LayerParts::CrossAttention(p) => p.linear_proj.bias(),
+        }
+    }
+
+    /// The parameters the CUDA backend runs with, under the names of
+    /// [`state_dict`](Self::state_dict): each submodule's
+    /// [`CudaSubmodule::cuda_state_dict`](crate::modules::CudaSubmodule).
+    ///
+    /// Errors: [`AttnError::NoBackendImpl`] naming the first submodule (in Megatron order)
+    /// without a CUDA implementation; the submodule's own errors.
+    pub fn cuda_state_dict(&self, prefix: &str) -> Result<Vec<(String, Tensor)>> {
+        use crate::modules::CudaSubmodule;
+        let mut out = Vec::new();
+        let mut add = |role: Role, m: Option<&dyn CudaSubmodule>| -> Result<()> {
+            let m = m.ok_or_else(|| AttnError::NoBackendImpl {
+                role: role.name().into(),
+                backend: "cuda".into(),
+                hint: "implement attention::runtime::modules::CudaSubmodule for the \
+                       submodule's type and return it from its role trait's `cuda()`"
+                    .into(),
+            })?;
+            out.extend(
+                m.cuda_state_dict()?
+                    .into_iter()
+                    .map(|(k, t)| (format!("{prefix}{}.{k}", role.name()), t)),
+            );
+            Ok(())
+        };
+        match self {
+            LayerParts::SelfAttention(p) => {
+                add(Role::LinearQkv, p.linear_qkv.cuda())?;
+                if let Some(n) = p.q_layernorm {
+                    add(Role::QLayernorm, n.cuda())?;
+                }
+                if let Some(n) = p.k_layernorm {
+                    add(Role::KLayernorm, n.cuda())?;
+                }
+                add(Role::CoreAttention, p.core_attention.cuda())?;
+                add(Role::LinearProj, p.linear_proj.cuda())?;
+            }
+            LayerParts::CrossAttention(p) => {
+                add(Role::LinearQ, p.linear_q.cuda())?;
+                add(Role::LinearKv, p.linear_kv.cuda())?;
+                add(Role::CoreAttention, p.core_attention.cuda())?;
+                add(Role::LinearProj, p.linear_proj.cuda())?;
+            }
+        }
+        Ok(out)
     }
 
     /// Every parameter under its Megatron name, `{prefix}{role}.{param}`, each tensor in
@@ -542,51 +596,9 @@ impl SelfAttentionParts<'_> {
     ) -> Result<LayerOutput> {
         self.check_parts()?;
         let c = self.config;
-        if args.attention_mask.is_some()
-            || args.attention_bias.is_some()
-            || args.packed.is_some()
-            || args.key_value_states.is_some()
-        {
-            return Err(bad(
-                "args",
-                "only positions and rope_mscale for a KV-cache step",
-                "mask, bias, packed or key_value_states",
-            ));
-        }
-        let (n, s, b) = hidden_rows("hidden", hidden, c.hidden, false)?;
-        if cache.groups() != c.groups || cache.head_dim() != c.head_dim {
-            return Err(bad(
-                "cache",
-                format!("groups {} and head_dim {}", c.groups, c.head_dim),
-                format!(
-                    "groups {} and head_dim {}",
-                    cache.groups(),
-                    cache.head_dim()
-                ),
-            ));
-        }
-        if batch_offset + b > cache.max_batch() {
-            return Err(AttnError::CacheCapacity {
-                arg: "max_batch".into(),
-                capacity: cache.max_batch(),
-                needed: batch_offset + b,
-            });
-        }
-        let mut start = Vec::with_capacity(b);
-        for slot in batch_offset..batch_offset + b {
-            start.push(cache.visible_len(layer, slot)?);
-        }
-        let positions: Vec<i64> = match args.positions {
-            Some(p) if p.len() != s => {
-                return Err(AttnError::Shape {
-                    arg: "positions".into(),
-                    expected: format!("[{s}]"),
-                    got: vec![p.len()],
-                })
-            }
-            Some(p) => (0..n).map(|r| p[r / b]).collect(),
-            None => (0..n).map(|r| (start[r % b] + r / b) as i64).collect(),
-        };
+        let plan = crate::plan::static_step(c, hidden.shape(), &*cache, layer, batch_offset, args)?;
+        let (s, b, n) = (plan.s, plan.b, plan.rows());
+        let (start, positions) = (plan.starts, plan.positions);
         let x = Tensor::new(&[n, c.hidden], hidden.data().to_vec())?;
         let mut t = self.qkv(&x)?;
         self.rope(&mut t, &positions, args.rope_mscale)?;
@@ -652,25 +664,8 @@ impl SelfAttentionParts<'_> {
     ) -> Result<LayerOutput> {
         self.check_parts()?;
         let c = self.config;
-        let (n, _, _) = hidden_rows("hidden", hidden, c.hidden, true)?;
-        if cache.groups() != c.groups || cache.head_dim() != c.head_dim {
-            return Err(bad(
-                "cache",
-                format!("groups {} and head_dim {}", c.groups, c.head_dim),
-                format!(
-                    "groups {} and head_dim {}",
-                    cache.groups(),
-                    cache.head_dim()
-                ),
-            ));
-        }
-        let reqs = batch.validate(cache, n)?;
-        let mut positions = vec![0i64; n];
-        for r in &reqs {
-            for i in 0..r.q_len {
-                positions[r.q_start + i] = (r.k_len - r.q_len + i) as i64;
-            }
-        }
+        let plan = crate::plan::paged_step(c, hidden.shape(), &*cache, batch)?;
+        let (n, reqs, positions) = (plan.rows, plan.requests, plan.positions);
         let x = Tensor::new(&[n, c.hidden], hidden.data().to_vec())?;
         let mut t = self.qkv(&x)?;
         self.rope(&mut t, &positions, 1.0)?;

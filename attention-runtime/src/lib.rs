@@ -5,9 +5,12 @@
 //! - [`config`]: a spec resolved against runtime dims ([`LayerConfig`]).
 //! - [`modules`]: submodule role traits and their default implementations.
 //! - [`layer`]: the layer forward shared by generated structs ([`AttentionLayer`]).
+//! - [`backend`]: the backend seam ([`backend::BackendLayer`] over the CPU reference and CUDA).
+//! - [`plan`]: step planning (checks, positions, batch geometry) shared by every backend.
 //! - [`weights`]: safetensors weights under Megatron names ([`WeightStore`]).
 //! - [`reference`](mod@reference): the CPU reference math.
 
+pub mod backend;
 pub mod config;
 pub mod cuda;
 pub mod device;
@@ -17,6 +20,7 @@ pub mod kernel_cache;
 pub mod kv_cache;
 pub mod layer;
 pub mod modules;
+pub mod plan;
 pub mod reference;
 pub mod spec_layer;
 pub mod tensor;

@@ -16,6 +16,26 @@ use crate::reference::{self, AttendParams, SeqDims, SinkLogits};
 use crate::tensor::Tensor;
 use crate::weights::WeightStore;
 
+/// How a submodule runs on the CUDA backend: as the device's kernels for its role (cuBLASLt
+/// GEMMs for linears, the fused `qkv_prep` norm, the attention kernels), fed with these
+/// parameters.
+///
+/// The default submodules implement it with their own parameters. A user submodule that
+/// overrides a role runs on a GPU only when it implements this trait and returns it from
+/// its role trait's `cuda()` method; otherwise moving the layer to a GPU
+/// ([`CudaLayer::new`](crate::cuda::CudaLayer::new)) is an
+/// [`AttnError::NoBackendImpl`](crate::AttnError::NoBackendImpl) naming the role, never a
+/// silent run of the default math. A module whose CPU math differs from its role's default
+/// (quantized weights, adapters, ...) implements it by returning the parameters in the default
+/// layout that reproduce its math (e.g. dequantized or merged weights), or does not implement
+/// it at all.
+pub trait CudaSubmodule {
+    /// The parameters under their names relative to the module, in the default module's
+    /// layout: linears `weight` `[out, in]` and `bias` `[out]`; norms `weight` / `bias`
+    /// `[hn]`; core attention `softmax_offset` `[np]` (learnable sinks only).
+    fn cuda_state_dict(&self) -> Result<Vec<(String, Tensor)>>;
+}
+
 /// A linear projection `y = x W^T`, its bias kept apart (the layer adds it where the reference
 /// system does, and returns `linear_proj`'s bias unadded).
 pub trait LinearModule: Send + Sync {
@@ -32,6 +52,11 @@ pub trait LinearModule: Send + Sync {
     fn state_dict(&self) -> Vec<(String, Tensor)> {
         Vec::new()
     }
+    /// This module's CUDA implementation, if it has one (see [`CudaSubmodule`]). Default:
+    /// none, so a layer holding it cannot move to a GPU.
+    fn cuda(&self) -> Option<&dyn CudaSubmodule> {
+        None
+    }
 }
 
 /// A norm over the last dim.
@@ -41,6 +66,11 @@ pub trait NormModule: Send + Sync {
     /// The parameters under their names relative to the module. Default: none.
     fn state_dict(&self) -> Vec<(String, Tensor)> {
         Vec::new()
+    }
+    /// This module's CUDA implementation, if it has one (see [`CudaSubmodule`]). Default:
+    /// none, so a layer holding it cannot move to a GPU.
+    fn cuda(&self) -> Option<&dyn CudaSubmodule> {
+        None
     }
 }
 
@@ -87,6 +117,11 @@ pub trait CoreAttentionModule: Send + Sync {
     /// The parameters under their names relative to the module. Default: none.
     fn state_dict(&self) -> Vec<(String, Tensor)> {
         Vec::new()
+    }
+    /// This module's CUDA implementation, if it has one (see [`CudaSubmodule`]). Default:
+    /// none, so a layer holding it cannot move to a GPU.
+    fn cuda(&self) -> Option<&dyn CudaSubmodule> {
+        None
     }
 }
 
@@ -173,6 +208,9 @@ impl Linear {
 }
 
 impl LinearModule for Linear {
+    fn cuda(&self) -> Option<&dyn CudaSubmodule> {
+        Some(self)
+    }
     fn in_features(&self) -> usize {
         self.weight.shape()[1]
     }
@@ -248,6 +286,9 @@ fn norm_kind(cfg: &LayerConfig, role: Role) -> Result<QkNorm> {
 }
 
 impl NormModule for QkNormLayer {
+    fn cuda(&self) -> Option<&dyn CudaSubmodule> {
+        Some(self)
+    }
     fn forward(&self, x: &Tensor) -> Result<Tensor> {
         x.expect_shape("x", &[None, Some(self.head_dim)])?;
         let mut y = x.clone();
@@ -470,6 +511,9 @@ impl DotProductAttention {
 }
 
 impl CoreAttentionModule for DotProductAttention {
+    fn cuda(&self) -> Option<&dyn CudaSubmodule> {
+        Some(self)
+    }
     fn forward(&self, q: &Tensor, k: &Tensor, v: &Tensor, args: &CoreArgs<'_>) -> Result<Tensor> {
         let (np, ng, hn) = (self.heads, self.groups, self.head_dim);
         let sinks = self.sink_logits()?;
@@ -578,5 +622,23 @@ impl CoreAttentionModule for DotProductAttention {
             .iter()
             .map(|t| ("softmax_offset".to_string(), t.clone()))
             .collect()
+    }
+}
+
+impl CudaSubmodule for Linear {
+    fn cuda_state_dict(&self) -> Result<Vec<(String, Tensor)>> {
+        Ok(<Self as LinearModule>::state_dict(self))
+    }
+}
+
+impl CudaSubmodule for QkNormLayer {
+    fn cuda_state_dict(&self) -> Result<Vec<(String, Tensor)>> {
+        Ok(<Self as NormModule>::state_dict(self))
+    }
+}
+
+impl CudaSubmodule for DotProductAttention {
+    fn cuda_state_dict(&self) -> Result<Vec<(String, Tensor)>> {
+        Ok(<Self as CoreAttentionModule>::state_dict(self))
     }
 }

@@ -21,7 +21,11 @@ use crate::kv_cache::static_cache::CacheLengths;
 use crate::kv_cache::{BlockAllocator, PagedBatch, PagedRequest, MIN_BLOCK_SIZE};
 use crate::tensor::Tensor;
 
-fn zeros(stream: &Arc<CudaStream>, elem: ElemType, shape: &[usize]) -> Result<DeviceTensor> {
+pub(crate) fn zeros(
+    stream: &Arc<CudaStream>,
+    elem: ElemType,
+    shape: &[usize],
+) -> Result<DeviceTensor> {
     fn z<T: DeviceElem>(stream: &Arc<CudaStream>, shape: &[usize]) -> Result<DeviceTensor> {
         let n: usize = shape.iter().product();
         let s = stream

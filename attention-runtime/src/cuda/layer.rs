@@ -155,9 +155,11 @@ impl CudaLayer {
                 hd.to_string(),
             ));
         }
+        // Every submodule must have a CUDA implementation (a user override without one is
+        // an error here, before the device is touched).
+        let sd: HashMap<String, Tensor> = layer.parts().cuda_state_dict("")?.into_iter().collect();
         let rt = CudaRuntime::get(device)?;
         let elem = ElemType::from(config.dtype);
-        let sd: HashMap<String, Tensor> = layer.state_dict("").into_iter().collect();
         let get = |key: String, shape: &[usize]| -> Result<Tensor> {
             let t = sd.get(&key).ok_or_else(|| AttnError::MissingWeight {
                 key: key.clone(),
@@ -267,6 +269,16 @@ impl CudaLayer {
             t.fill_nan()?;
         }
         Ok(t)
+    }
+
+    /// The element type of its weights and activations (the spec's dtype).
+    pub fn elem(&self) -> ElemType {
+        self.elem
+    }
+
+    /// `linear_proj`'s bias `[h]` (host copy), which every call returns unadded.
+    pub fn output_bias(&self) -> Option<&Tensor> {
+        self.proj_bias_host.as_ref()
     }
 
     /// The resolved config.

@@ -351,6 +351,70 @@ impl DeviceTensor {
     }
 }
 
+impl DeviceTensor {
+    /// Copy `rows` rows of `src` starting at row `src_row` into `self` at row `dst_row`,
+    /// queued on `stream` (device to device, asynchronous). Both tensors are row-major with
+    /// the same element type and the same row width (the product of every dim after the
+    /// first).
+    ///
+    /// Errors: `DType` (`src`), `Shape` (`src` of another row width, or a row range outside
+    /// either tensor), `Cuda`.
+    pub fn copy_rows_from(
+        &mut self,
+        stream: &Arc<CudaStream>,
+        dst_row: usize,
+        src: &DeviceTensor,
+        src_row: usize,
+        rows: usize,
+    ) -> Result<()> {
+        if src.elem() != self.elem() {
+            return Err(AttnError::DType {
+                arg: "src".into(),
+                expected: self.elem().name().into(),
+                got: src.elem().name().into(),
+            });
+        }
+        let width = |t: &DeviceTensor| t.shape().iter().skip(1).product::<usize>();
+        let (w, rows_dst, rows_src) = (
+            width(self),
+            self.shape().first().copied().unwrap_or(0),
+            src.shape().first().copied().unwrap_or(0),
+        );
+        if width(src) != w || src_row + rows > rows_src || dst_row + rows > rows_dst {
+            return Err(AttnError::Shape {
+                arg: "src".into(),
+                expected: format!(
+                    "rows {src_row}..{} of width {w} into rows {dst_row}..{} of {:?}",
+                    src_row + rows,
+                    dst_row + rows,
+                    self.shape()
+                ),
+                got: src.shape().to_vec(),
+            });
+        }
+        if rows == 0 || w == 0 {
+            return Ok(());
+        }
+        fn go<T: DeviceElem>(
+            st: &Arc<CudaStream>,
+            src: &DeviceTensor,
+            dst: &mut DeviceTensor,
+            (s0, d0, n): (usize, usize, usize),
+        ) -> Result<()> {
+            let s = src.typed::<T>("src")?;
+            let d = dst.typed_mut::<T>("dst")?;
+            st.memcpy_dtod(&s.slice(s0..s0 + n), &mut d.slice_mut(d0..d0 + n))
+                .map_err(cuda_err("memcpy_dtod"))
+        }
+        let r = (src_row * w, dst_row * w, rows * w);
+        match self.elem() {
+            ElemType::Bf16 => go::<bf16>(stream, src, self, r),
+            ElemType::F16 => go::<f16>(stream, src, self, r),
+            ElemType::F32 => go::<f32>(stream, src, self, r),
+        }
+    }
+}
+
 /// Copy `src` into `dst` (same element type, `dst.numel()` elements) on `stream`.
 pub(crate) fn copy_dtod(
     stream: &Arc<CudaStream>,

@@ -283,6 +283,23 @@ impl StaticKvCache {
         Ok(self.lengths.visible(layer, slot))
     }
 
+    /// Check that `sq` new tokens fit in slots `batch_offset .. batch_offset + b` of `layer`
+    /// and return each slot's start (its [`visible_len`](Self::visible_len)). Nothing
+    /// changes. Errors: `InvalidArgument` (`layer`), `CacheCapacity` (`max_batch`; `max_seq`
+    /// naming the layer and slot).
+    pub fn check_append(
+        &self,
+        layer: usize,
+        batch_offset: usize,
+        b: usize,
+        sq: usize,
+    ) -> Result<Vec<usize>> {
+        check_layer(layer, self.num_layers)?;
+        self.check_batch_range(batch_offset, b)?;
+        self.lengths
+            .starts(layer, batch_offset, b, sq, self.max_seq)
+    }
+
     /// Layer `layer`'s whole K buffer `[max_seq, max_batch, ng, hn]`.
     pub fn layer_k(&self, layer: usize) -> Result<&[f32]> {
         check_layer(layer, self.num_layers)?;

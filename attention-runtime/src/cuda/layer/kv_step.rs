@@ -44,41 +44,14 @@ impl CudaLayer {
             .map_err(render_err)
     }
 
+    /// The checks of [`crate::plan`] every static-cache step shares, plus the cache's dtype.
     pub(super) fn check_kv_step(
         &self,
         cache: &crate::cuda::DeviceStaticKvCache,
         args: &ForwardArgs<'_>,
     ) -> Result<()> {
-        let c = &self.config;
-        if c.kind != AttentionKind::SelfAttention {
-            return Err(bad(
-                "config.kind",
-                "self-attention for a KV-cache step",
-                "cross-attention",
-            ));
-        }
-        if args.attention_mask.is_some()
-            || args.attention_bias.is_some()
-            || args.packed.is_some()
-            || args.key_value_states.is_some()
-        {
-            return Err(bad(
-                "args",
-                "only positions and rope_mscale for a KV-cache step",
-                "mask, bias, packed or key_value_states",
-            ));
-        }
-        if cache.groups() != c.groups || cache.head_dim() != c.head_dim {
-            return Err(bad(
-                "cache",
-                format!("groups {} and head_dim {}", c.groups, c.head_dim),
-                format!(
-                    "groups {} and head_dim {}",
-                    cache.groups(),
-                    cache.head_dim()
-                ),
-            ));
-        }
+        crate::plan::check_kv_args(&self.config, args)?;
+        crate::plan::check_cache_geometry(&self.config, cache.groups(), cache.head_dim())?;
         // The cache's element type must be the layer's: the kernels write and read it raw.
         let kc = cache.layer_k(0)?;
         if kc.elem() != self.elem {

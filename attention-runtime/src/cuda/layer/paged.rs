@@ -73,40 +73,9 @@ impl CudaLayer {
                 got: hidden.elem().name().into(),
             });
         }
-        if c.kind != AttentionKind::SelfAttention {
-            return Err(bad(
-                "config.kind",
-                "self-attention for a KV-cache step",
-                "cross-attention",
-            ));
-        }
+        let plan = crate::plan::paged_step(c, hidden.shape(), &*cache, batch)?;
         let h = c.hidden;
-        let [n, hh] = hidden.shape() else {
-            return Err(AttnError::Shape {
-                arg: "hidden".into(),
-                expected: format!("[t, {h}] (packed)"),
-                got: hidden.shape().to_vec(),
-            });
-        };
-        let n = *n;
-        if *hh != h {
-            return Err(AttnError::Shape {
-                arg: "hidden".into(),
-                expected: format!("[t, {h}] (packed)"),
-                got: hidden.shape().to_vec(),
-            });
-        }
-        if cache.groups() != c.groups || cache.head_dim() != c.head_dim {
-            return Err(bad(
-                "cache",
-                format!("groups {} and head_dim {}", c.groups, c.head_dim),
-                format!(
-                    "groups {} and head_dim {}",
-                    cache.groups(),
-                    cache.head_dim()
-                ),
-            ));
-        }
+        let n = plan.rows;
         let (kc, vc) = cache.layer_kv(layer)?;
         if kc.elem() != self.elem {
             return Err(AttnError::DType {
@@ -115,7 +84,6 @@ impl CudaLayer {
                 got: kc.elem().name().into(),
             });
         }
-        let reqs = cache.validate(batch, n)?;
         let table = batch.block_table;
         let (bs, max_blocks) = (cache.block_size(), table.max_blocks());
         to_i32("block_size", bs as i64)?;
@@ -132,13 +100,12 @@ impl CudaLayer {
             Some(fc) => self.load_fast(fc)?,
             None => kernel(&self.rt, &self.kv_config(Phase::Paged)?)?,
         };
-        let mut positions = vec![0i32; n];
-        for r in &reqs {
-            for i in 0..r.q_len {
-                positions[r.q_start + i] = (r.k_len - r.q_len + i) as i32;
-            }
-        }
-        let max_q = reqs.iter().map(|r| r.q_len).max().unwrap_or(0);
+        let positions: Vec<i32> = plan
+            .positions
+            .iter()
+            .map(|&p| to_i32("seqlens_k", p))
+            .collect::<Result<_>>()?;
+        let (reqs, max_q) = (&plan.requests, plan.max_q);
         let nreq = reqs.len();
         let rt = &*self.rt;
         let st = rt.stream();

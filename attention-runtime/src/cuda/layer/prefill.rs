@@ -15,23 +15,16 @@ impl CudaLayer {
         batch_offset: usize,
         args: &ForwardArgs<'_>,
     ) -> Result<LayerOutput> {
+        // Plan first (nothing is uploaded for a call that cannot run).
+        crate::plan::static_step(
+            &self.config,
+            hidden.shape(),
+            &*cache,
+            layer,
+            batch_offset,
+            args,
+        )?;
         self.check_kv_step(cache, args)?;
-        let h = self.config.hidden;
-        let [s, b, hh] = hidden.shape() else {
-            return Err(AttnError::Shape {
-                arg: "hidden".into(),
-                expected: format!("[s, b, {h}]"),
-                got: hidden.shape().to_vec(),
-            });
-        };
-        if *hh != h {
-            return Err(AttnError::Shape {
-                arg: "hidden".into(),
-                expected: format!("[s, b, {h}]"),
-                got: hidden.shape().to_vec(),
-            });
-        }
-        cache.check_append(layer, batch_offset, *b, *s)?;
         let x = DeviceTensor::from_host(self.rt.stream(), hidden, self.elem)?;
         let out = self.prefill_device(&x, cache, layer, batch_offset, args)?;
         Ok(LayerOutput {
@@ -63,24 +56,10 @@ impl CudaLayer {
         batch_offset: usize,
         args: &ForwardArgs<'_>,
     ) -> Result<DeviceTensor> {
-        self.check_kv_step(cache, args)?;
         let c = &self.config;
         let h = c.hidden;
-        let [s, b, hh] = hidden.shape() else {
-            return Err(AttnError::Shape {
-                arg: "hidden".into(),
-                expected: format!("[s, b, {h}]"),
-                got: hidden.shape().to_vec(),
-            });
-        };
-        let (s, b) = (*s, *b);
-        if *hh != h {
-            return Err(AttnError::Shape {
-                arg: "hidden".into(),
-                expected: format!("[s, b, {h}]"),
-                got: hidden.shape().to_vec(),
-            });
-        }
+        let plan = crate::plan::static_step(c, hidden.shape(), &*cache, layer, batch_offset, args)?;
+        self.check_kv_step(cache, args)?;
         if hidden.elem() != self.elem {
             return Err(AttnError::DType {
                 arg: "hidden".into(),
@@ -88,8 +67,9 @@ impl CudaLayer {
                 got: hidden.elem().name().into(),
             });
         }
+        let (s, b) = (plan.s, plan.b);
         let n = s * b;
-        let starts = cache.check_append(layer, batch_offset, b, s)?;
+        let starts = &plan.starts;
         if n == 0 {
             return self.alloc(&[s, b, h], "output");
         }
@@ -102,21 +82,11 @@ impl CudaLayer {
             Some(fc) => self.load_fast(fc)?,
             None => kernel(&self.rt, &self.kv_config(Phase::Decode)?)?,
         };
-        let positions: Vec<i32> = match args.positions {
-            Some(p) if p.len() != s => {
-                return Err(AttnError::Shape {
-                    arg: "positions".into(),
-                    expected: format!("[{s}]"),
-                    got: vec![p.len()],
-                })
-            }
-            Some(p) => (0..n)
-                .map(|r| to_i32("positions", p[r / b]))
-                .collect::<Result<_>>()?,
-            None => (0..n)
-                .map(|r| to_i32("positions", (starts[r % b] + r / b) as i64))
-                .collect::<Result<_>>()?,
-        };
+        let positions: Vec<i32> = plan
+            .positions
+            .iter()
+            .map(|&p| to_i32("positions", p))
+            .collect::<Result<_>>()?;
         let rt = &*self.rt;
         let st = rt.stream();
         let (q, k, v, gate, _keep) =
