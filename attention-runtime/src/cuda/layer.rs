@@ -271,6 +271,28 @@ impl CudaLayer {
         Ok(t)
     }
 
+    /// Queue this layer's work on `rt` from now on: a runtime of the same device, usually on
+    /// a caller's stream ([`CudaRuntime::with_stream`]). Weights stay where they are (their
+    /// uses are ordered across streams by cudarc's events); decode plans made for the old
+    /// runtime are dropped and remade on the next step (captured graphs keep their own).
+    ///
+    /// Errors: `InvalidArgument` (`rt`) for a runtime of another device.
+    pub fn set_runtime(&mut self, rt: Arc<CudaRuntime>) -> Result<()> {
+        if rt.device().ordinal != self.rt.device().ordinal {
+            return Err(bad(
+                "rt",
+                format!("a runtime of device {}", self.rt.device().ordinal),
+                format!("device {}", rt.device().ordinal),
+            ));
+        }
+        self.rt = rt;
+        self.decode_plans
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .clear();
+        Ok(())
+    }
+
     /// The element type of its weights and activations (the spec's dtype).
     pub fn elem(&self) -> ElemType {
         self.elem

@@ -6,8 +6,11 @@
 //!   module) and launch helpers whose errors name the kernel key.
 //! - [`layer`]: [`CudaLayer`], any [`AttentionLayer`](crate::AttentionLayer) on the GPU.
 //!
-//! Everything runs on one stream per device ([`CudaRuntime::stream`]); a forward synchronizes
-//! once, when its result is read back.
+//! Everything a layer does is queued on its runtime's stream ([`CudaRuntime::stream`]: the
+//! device's default one, or a caller's through [`CudaRuntime::with_stream`] and
+//! [`CudaLayer::set_runtime`]); device calls never synchronize, host-tensor conveniences do
+//! when they read the result back. [`wrap`] lets the device calls read and write a caller's
+//! cudarc buffers without copies.
 
 pub mod decode;
 pub mod fwd_fast;
@@ -16,6 +19,7 @@ pub mod launch;
 pub mod layer;
 pub mod linear;
 pub mod tensor;
+pub mod wrap;
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex, OnceLock};
@@ -30,6 +34,7 @@ pub use kv_cache::{DevicePagedKvCache, DeviceStaticKvCache};
 pub use layer::CudaLayer;
 pub use linear::DeviceLinear;
 pub use tensor::{DeviceData, DeviceElem, DeviceTensor, ElemType};
+pub use wrap::{DeviceTensorMut, DeviceTensorRef};
 
 /// Bytes cuBLASLt's workspace takes on Hopper (cudarc allocates it and panics if it cannot,
 /// so [`CudaRuntime::get`] checks free memory first).
@@ -41,7 +46,8 @@ pub struct CudaRuntime {
     device: CudaDevice,
     stream: Arc<CudaStream>,
     blas: CudaBlasLT,
-    pub(crate) kernels: Mutex<HashMap<String, CudaFunction>>,
+    /// Shared by every runtime of the device (see [`CudaRuntime::with_stream`]).
+    pub(crate) kernels: Arc<Mutex<HashMap<String, CudaFunction>>>,
 }
 
 impl std::fmt::Debug for CudaRuntime {
@@ -89,10 +95,52 @@ impl CudaRuntime {
             device: device.clone(),
             stream,
             blas,
-            kernels: Mutex::new(HashMap::new()),
+            kernels: Arc::new(Mutex::new(HashMap::new())),
         });
         map.insert(device.ordinal, rt.clone());
         Ok(rt)
+    }
+
+    /// A runtime of the same device whose work is queued on `stream`, a caller's stream of
+    /// this device's context (e.g. `device.context.new_stream()`, or an engine's own). It
+    /// shares the device's kernel cache and has its own cuBLASLt handle (and 32 MiB
+    /// workspace), so make one per stream and hand it to every layer
+    /// ([`CudaLayer::set_runtime`]). Buffers made on other streams stay usable: cudarc's event
+    /// tracking orders their uses across streams.
+    ///
+    /// Errors: `InvalidArgument` (`stream`) for a stream of another context; `DeviceAlloc` /
+    /// `Cuda` as [`get`](Self::get).
+    pub fn with_stream(&self, stream: Arc<CudaStream>) -> Result<Arc<CudaRuntime>> {
+        if !Arc::ptr_eq(stream.context(), &self.device.context) {
+            return Err(AttnError::InvalidArgument {
+                arg: "stream".into(),
+                expected: format!("a stream of device {}'s context", self.device.ordinal),
+                got: "a stream of another context".into(),
+            });
+        }
+        let ctx = &self.device.context;
+        ctx.bind_to_thread()
+            .map_err(tensor::cuda_err("bind_to_thread"))?;
+        let (free, _) = ctx
+            .mem_get_info()
+            .map_err(tensor::cuda_err("mem_get_info"))?;
+        if free < BLASLT_WORKSPACE {
+            return Err(AttnError::DeviceAlloc {
+                arg: "cuBLASLt workspace".into(),
+                bytes: BLASLT_WORKSPACE,
+                msg: format!("only {free} bytes free"),
+            });
+        }
+        let blas = CudaBlasLT::new(stream.clone()).map_err(|e| AttnError::Cuda {
+            call: "cublasLtCreate".into(),
+            msg: e.to_string(),
+        })?;
+        Ok(Arc::new(CudaRuntime {
+            device: self.device.clone(),
+            stream,
+            blas,
+            kernels: self.kernels.clone(),
+        }))
     }
 
     /// The device.

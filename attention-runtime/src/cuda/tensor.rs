@@ -236,6 +236,11 @@ impl DeviceTensor {
         })
     }
 
+    /// The storage, taken out of the tensor.
+    pub(crate) fn into_data(self) -> DeviceData {
+        self.data
+    }
+
     /// Copy back to a host f32 tensor (synchronizes the tensor's stream).
     pub fn to_host(&self) -> Result<Tensor> {
         fn down<T: DeviceElem>(s: &CudaSlice<T>, n: usize) -> Result<Vec<f32>> {
