@@ -552,7 +552,7 @@ impl BackendLayer for CudaLayer {
         self.output_bias()
     }
     fn forward(&self, hidden: &DeviceTensor, args: &ForwardArgs<'_>) -> Result<DeviceTensor> {
-        Ok(self.forward_device(hidden, args)?.0)
+        self.forward_device(hidden, args)?.0.view(hidden.shape())
     }
     fn prefill(
         &self,
@@ -562,7 +562,8 @@ impl BackendLayer for CudaLayer {
         batch_offset: usize,
         args: &ForwardArgs<'_>,
     ) -> Result<DeviceTensor> {
-        self.prefill_device(hidden, cache, layer, batch_offset, args)
+        self.prefill_device(hidden, cache, layer, batch_offset, args)?
+            .view(hidden.shape())
     }
     fn decode(
         &self,
@@ -572,7 +573,8 @@ impl BackendLayer for CudaLayer {
         batch_offset: usize,
         args: &ForwardArgs<'_>,
     ) -> Result<DeviceTensor> {
-        self.decode_device(hidden, cache, layer, batch_offset, args)
+        self.decode_device(hidden, cache, layer, batch_offset, args)?
+            .view(hidden.shape())
     }
     fn forward_paged(
         &self,

@@ -166,4 +166,8 @@ fn a_caller_s_views_are_read_and_written_in_place() {
         Err(e) => panic!("expected InvalidArgument, got {e}"),
         Ok(_) => panic!("expected an error"),
     };
+    // The refused wrap left the caller's buffer alone (not freed, unchanged).
+    let back = st.clone_dtoh(&buf).unwrap();
+    assert_eq!(&back[h..], &host_bf16[..]);
+    st.synchronize().unwrap();
 }

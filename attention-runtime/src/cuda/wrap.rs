@@ -24,7 +24,7 @@ use cudarc::driver::{CudaStream, CudaView, CudaViewMut, DevicePtr, DevicePtrMut}
 
 use super::tensor::{DeviceData, DeviceElem, DeviceTensor};
 use super::CudaRuntime;
-use crate::error::Result;
+use crate::error::{AttnError, Result};
 
 /// A read-only [`DeviceTensor`] over a caller's `CudaView` (no copy); see the module docs.
 pub struct DeviceTensorRef<'a, 'v, T: DeviceElem> {
@@ -52,10 +52,20 @@ unsafe fn borrowed<T: DeviceElem>(
     len: usize,
     shape: &[usize],
 ) -> Result<ManuallyDrop<DeviceTensor>> {
+    let n: usize = shape.iter().product();
+    if len < n {
+        // Checked before the upgrade: a slice dropped on this error path would free the
+        // caller's memory.
+        return Err(AttnError::InvalidArgument {
+            arg: "slice".into(),
+            expected: format!("at least {n} elements for shape {shape:?}"),
+            got: format!("{len} elements"),
+        });
+    }
     let slice = stream.upgrade_device_ptr::<T>(ptr, len);
     match DeviceTensor::from_slice(slice, shape) {
         Ok(t) => Ok(ManuallyDrop::new(t)),
-        Err(e) => Err(e),
+        Err(_) => unreachable!("the length was checked above"),
     }
 }
 
