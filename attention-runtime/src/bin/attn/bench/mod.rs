@@ -5,10 +5,12 @@
 //! - [`decode`]: the fused decode step over contexts x batches (GB/s), next to the card's copy
 //!   bandwidth; its results in [`decode_report`].
 //! - [`layer`]: the whole layer through the public API against the same layer in PyTorch.
+//! - [`chart`]: the SVG chart every bench writes beside its JSON.
 //! - [`common`]: CUDA timing helpers and the reports' JSON, shared by all.
 //!
 //! Part of the CLI, not of the library: it needs only the library's public API.
 
+mod chart;
 mod common;
 mod decode;
 mod decode_report;
@@ -81,7 +83,7 @@ pub struct BenchLayerArgs {
 
 #[derive(clap::Args)]
 pub struct BenchDecodeArgs {
-    /// Write the JSON report here.
+    /// Write the JSON report here, and the SVG chart beside it (same name, `.svg`).
     #[arg(long)]
     json: Option<std::path::PathBuf>,
     /// Cached tokens per sequence, comma separated.
@@ -112,7 +114,7 @@ pub struct BenchDecodeArgs {
 
 #[derive(clap::Args)]
 pub struct BenchPrefillArgs {
-    /// Write the JSON report here.
+    /// Write the JSON report here, and the SVG chart beside it (same name, `.svg`).
     #[arg(long)]
     json: Option<std::path::PathBuf>,
     /// Head dims, comma separated.
