@@ -111,8 +111,9 @@ pub struct BenchLayerArgs {
     /// names go to this file. No timing, no PyTorch. See scripts/bench-all.sh.
     #[arg(long, value_name = "MANIFEST")]
     profile_once: Option<std::path::PathBuf>,
-    /// The `ncu --csv` log of a --profile-once run: report each call's kernel sum and its
-    /// overhead `(call - kernels) / call`. Needs --ncu-manifest.
+    /// `ncu --csv` output of a --profile-once run (`ncu --import R.ncu-rep --csv`): report
+    /// each call's kernel sum and its overhead `(call - kernels) / call`. Needs
+    /// --ncu-manifest.
     #[arg(long, requires = "ncu_manifest")]
     ncu_csv: Option<std::path::PathBuf>,
     /// The manifest that --profile-once wrote for --ncu-csv.

@@ -8,8 +8,9 @@
 //! [`MARKER`] kernel, and writes the case names in order to `MANIFEST`. Under
 //!
 //! ```text
-//! ncu --csv --log-file K.csv --metrics gpu__time_duration.sum --cache-control none \
-//!     --clock-control none --profile-from-start off attn bench layer --profile-once M ...
+//! ncu --export R --metrics gpu__time_duration.sum --cache-control none --clock-control none \
+//!     --profile-from-start off attn bench layer --profile-once M ...
+//! ncu --import R.ncu-rep --csv > K.csv
 //! ```
 //!
 //! only those windows are profiled (every kernel, CUDA-graph nodes included, each timed on
@@ -110,7 +111,8 @@ fn number(s: &str) -> Option<f64> {
     s.trim().replace(',', "").parse::<f64>().ok()
 }
 
-/// The [`METRIC`] of every kernel in an `ncu --csv` log, sorted by ID. Lines before the
+/// The [`METRIC`] of every kernel in `ncu --csv` output (`ncu --import R.ncu-rep --csv`,
+/// or a `--csv --log-file` log), sorted by ID. Lines before the
 /// header (ncu's `==PROF==` messages, the program's output) are skipped. Both layouts are
 /// read: the default details page (`"Metric Name"`, `"Metric Unit"`, `"Metric Value"`
 /// columns, one row per kernel and metric) and `--page raw` (a `gpu__time_duration.sum`
