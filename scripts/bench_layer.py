@@ -5,14 +5,21 @@ linear_proj; bf16), written the way a PyTorch serving or training stack writes i
 SDPA's FLASH_ATTENTION and CUDNN_ATTENTION backends.
 
 Cases (one flat JSON object per line on stdout; a failing backend prints ms null and the
-reason on stderr):
+reason on stderr; an empty list skips a case):
   prefill: one sequence of --seqlens tokens, causal.
+  chunk:   --chunk new tokens after --ctx-before cached ones in a static cache
+           [1, groups, ctx_before + chunk, hd]: the new k/v written into the cache, then
+           attention of the chunk over the whole cache, bottom-right causal
+           (torch.nn.attention.bias.causal_lower_right; where a backend refuses it, an
+           explicit boolean mask, and the line says which in "mask").
   decode:  one step of --batches sequences, each with --contexts cached tokens in a static
-           cache [b, groups, max_seq, hd]: linear_qkv, norm, rope at the position, the new
+           cache [b, groups, ctx + 1, hd]: linear_qkv, norm, rope at the position, the new
            k/v written into the cache, attention over the cache, linear_proj. Timed eager
-           and as a CUDA graph replay.
-Timing: CUDA events, --warmup calls, median of --reps (decode: calls queued back to back
-behind a long copy, so the host launch cost shows only where it exceeds the device time).
+           and as a CUDA graph replay, for each backend (graph only where eager worked).
+Timing: CUDA events. prefill and chunk: --warmup calls, then the median of --reps calls,
+each timed on its own. decode: --warmup steps, then --reps steps queued back to back
+between two events, time per step = span / reps (as `attn bench layer` times its steps: the
+host launch cost shows only where it exceeds the device time).
 """
 import argparse
 import json
@@ -89,6 +96,26 @@ def timed(fn, warmup, reps):
     return statistics.median(ts)
 
 
+def timed_queued(fn, warmup, reps):
+    """Milliseconds per call of fn queued reps times back to back (after warmup calls)."""
+    for _ in range(warmup):
+        fn()
+    torch.cuda.synchronize()
+    a = torch.cuda.Event(enable_timing=True)
+    e = torch.cuda.Event(enable_timing=True)
+    a.record()
+    for _ in range(reps):
+        fn()
+    e.record()
+    e.synchronize()
+    return a.elapsed_time(e) / max(reps, 1)
+
+
+def ints(text):
+    """A comma-separated list of ints; an empty string is an empty list."""
+    return [int(x) for x in text.split(",") if x.strip()]
+
+
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--hidden", type=int, default=4096)
@@ -96,6 +123,8 @@ def main():
     ap.add_argument("--groups", type=int, default=8)
     ap.add_argument("--head-dim", type=int, default=128)
     ap.add_argument("--seqlens", default="2048,8192,16384")
+    ap.add_argument("--chunk", type=int, default=2048, help="chunk tokens after the cache (0: skip)")
+    ap.add_argument("--ctx-before", type=int, default=6144, help="cached tokens before the chunk")
     ap.add_argument("--batches", default="1,16,64,128")
     ap.add_argument("--contexts", default="8192,32768")
     ap.add_argument("--max-cache-bytes", type=int, default=24 << 30)
@@ -108,14 +137,14 @@ def main():
     L = Layer(a.hidden, a.heads, a.groups, a.head_dim, dev)
     shape = {"hidden": a.hidden, "heads": a.heads, "groups": a.groups, "head_dim": a.head_dim}
     backends = [("flash", SDPBackend.FLASH_ATTENTION), ("cudnn", SDPBackend.CUDNN_ATTENTION)]
-    max_ctx = max(int(c) for c in a.contexts.split(",")) + 1
-    max_pos = max(max_ctx, max(int(s) for s in a.seqlens.split(",")))
+    seqlens, batches, contexts = ints(a.seqlens), ints(a.batches), ints(a.contexts)
+    max_pos = max([c + 1 for c in contexts] + seqlens + [a.ctx_before + a.chunk, 1])
     cos, sin = rope_tables(max_pos, a.head_dim, 10000.0, dev)
-    for s in [int(x) for x in a.seqlens.split(",")]:
+    for s in seqlens:
         x = (torch.rand(1, s, a.hidden, device=dev) * 2 - 1).to(torch.bfloat16)
         pos = torch.arange(s, device=dev)[None, :]
         for name, be in backends:
-            rec = dict(case="prefill", backend=name, tokens=s, ms=None, tflops=None, **shape)
+            rec = dict(case="prefill", backend=name, tokens=s, ctx=0, batch=1, ms=None, tflops=None, **shape)
             try:
                 with sdpa_kernel([be]):
                     def step():
@@ -132,18 +161,20 @@ def main():
             except Exception as e:
                 print(f"bench_layer prefill {name} s{s}: {e}", file=sys.stderr)
             print(json.dumps(rec), flush=True)
-    for ctx in [int(c) for c in a.contexts.split(",")]:
-        for b in [int(x) for x in a.batches.split(",")]:
+    if a.chunk > 0:
+        run_chunk(a, L, cos, sin, backends, shape, dev)
+    for ctx in contexts:
+        for b in batches:
             cache_bytes = 2 * b * a.groups * (ctx + 1) * a.head_dim * 2
             if cache_bytes > a.max_cache_bytes:
                 print(f"bench_layer decode b{b} ctx{ctx}: skipped ({cache_bytes} B)", file=sys.stderr)
                 continue
-            kc = (torch.rand(b, a.groups, ctx + 1, a.head_dim, device=dev) * 2 - 1).to(torch.bfloat16)
-            vc = (torch.rand(b, a.groups, ctx + 1, a.head_dim, device=dev) * 2 - 1).to(torch.bfloat16)
+            kc = torch.empty(b, a.groups, ctx + 1, a.head_dim, device=dev, dtype=torch.bfloat16).uniform_(-1, 1)
+            vc = torch.empty(b, a.groups, ctx + 1, a.head_dim, device=dev, dtype=torch.bfloat16).uniform_(-1, 1)
             x = (torch.rand(b, 1, a.hidden, device=dev) * 2 - 1).to(torch.bfloat16)
             pos = torch.full((b, 1), ctx, device=dev, dtype=torch.long)
             nbytes = cache_bytes + 2 * (L.w_qkv.numel() + L.w_proj.numel())
-            for name, be in backends[:1]:
+            for name, be in backends:
                 with sdpa_kernel([be]):
                     def step():
                         q, k, v = L.qkv(x, pos, cos, sin)
@@ -151,12 +182,19 @@ def main():
                         vc[:, :, ctx:ctx + 1] = v
                         o = F.scaled_dot_product_attention(q, kc, vc, enable_gqa=True)
                         return L.proj(o)
+                    eager_ok = False
                     for mode in ("eager", "graph"):
-                        rec = dict(case="decode", backend=name, mode=mode, batch=b, ctx=ctx,
+                        rec = dict(case="decode", backend=name, mode=mode, tokens=1, batch=b, ctx=ctx,
                                    ms=None, gbps=None, **shape)
                         try:
                             if mode == "eager":
+                                out = step()
+                                torch.cuda.synchronize()
+                                if not bool(torch.isfinite(out).all()):
+                                    raise RuntimeError("non-finite output")
                                 fn = step
+                            elif not eager_ok:
+                                raise RuntimeError("not captured: the eager step failed")
                             else:
                                 s_ = torch.cuda.Stream()
                                 s_.wait_stream(torch.cuda.current_stream())
@@ -168,15 +206,54 @@ def main():
                                 with torch.cuda.graph(g):
                                     step()
                                 fn = g.replay
-                            ms = timed(fn, a.warmup, a.reps)
+                            ms = timed_queued(fn, a.warmup, a.reps)
                             rec["ms"] = ms
                             rec["gbps"] = nbytes / (ms * 1e-3) / 1e9
+                            eager_ok = eager_ok or mode == "eager"
                         except Exception as e:
                             print(f"bench_layer decode {name} {mode} b{b} ctx{ctx}: {e}", file=sys.stderr)
                         print(json.dumps(rec), flush=True)
             del kc, vc
             torch.cuda.empty_cache()
 
+
+def run_chunk(a, L, cos, sin, backends, shape, dev):
+    """--chunk new tokens after --ctx-before cached ones, static cache, bottom-right causal."""
+    from torch.nn.attention.bias import causal_lower_right
+    c, before = a.chunk, a.ctx_before
+    total = before + c
+    kc = torch.empty(1, a.groups, total, a.head_dim, device=dev, dtype=torch.bfloat16).uniform_(-1, 1)
+    vc = torch.empty_like(kc).uniform_(-1, 1)
+    x = (torch.rand(1, c, a.hidden, device=dev) * 2 - 1).to(torch.bfloat16)
+    pos = torch.arange(before, total, device=dev)[None, :]
+    # Key j is visible to query i when j <= before + i.
+    bool_mask = (torch.arange(total, device=dev)[None, :] <= (before + torch.arange(c, device=dev))[:, None])
+    flops = (2 * c * a.hidden * (a.heads + 2 * a.groups) * a.head_dim + 2 * c * a.heads * a.head_dim * a.hidden
+             + 4 * a.heads * a.head_dim * (c * before + c * c / 2))
+    for name, be in backends:
+        rec = dict(case="chunk", backend=name, tokens=c, ctx=before, batch=1, mask=None, ms=None,
+                   tflops=None, **shape)
+        for mask_name, mask in (("lower_right", causal_lower_right(c, total)), ("bool", bool_mask)):
+            try:
+                with sdpa_kernel([be]):
+                    def step():
+                        q, k, v = L.qkv(x, pos, cos, sin)
+                        kc[:, :, before:] = k
+                        vc[:, :, before:] = v
+                        o = F.scaled_dot_product_attention(q, kc, vc, attn_mask=mask, enable_gqa=True)
+                        return L.proj(o)
+                    out = step()
+                    torch.cuda.synchronize()
+                    if not bool(torch.isfinite(out).all()):
+                        raise RuntimeError("non-finite output")
+                    ms = timed(step, a.warmup, a.reps)
+                rec.update(mask=mask_name, ms=ms, tflops=flops / (ms * 1e-3) / 1e12)
+                break
+            except Exception as e:
+                print(f"bench_layer chunk {name} ({mask_name} mask) c{c} after {before}: {e}", file=sys.stderr)
+        print(json.dumps(rec), flush=True)
+    del kc, vc
+    torch.cuda.empty_cache()
 
 if __name__ == "__main__":
     main()

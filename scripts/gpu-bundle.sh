@@ -49,7 +49,7 @@ if [ "${GPU_BUNDLE_EXAMPLES:-1}" = "1" ]; then
   cargo build --profile gpu --example quickstart --example generate --quiet
   cp "${CARGO_TARGET_DIR:-target}/gpu/examples/quickstart" "${CARGO_TARGET_DIR:-target}/gpu/examples/generate" "$out/bin/"
 fi
-cp scripts/bench_sdpa.py scripts/bench_layer.py "$out/" 2>/dev/null || true
+cp scripts/bench_sdpa.py scripts/bench_layer.py scripts/bench-all.sh "$out/"
 
 cat > "$out/run.sh" <<'RUN'
 #!/usr/bin/env bash

@@ -14,9 +14,10 @@ use attention_runtime::{AttnError, Result};
 use cudarc::driver::{CudaSlice, CudaStream};
 use half::bf16;
 
+use super::chart::{svg_path_for, write_svg};
 use super::common::{cuda_device, cuda_err, join, median, random_bf16};
 use super::decode_report::{
-    decode_json, decode_table, parse_sdpa_decode, CopyCeiling, DecodeTiming,
+    decode_json, decode_table, panels, parse_sdpa_decode, CopyCeiling, DecodeTiming,
 };
 
 /// Options of `attn bench decode`: the fused decode step (`flashdec` split + merge: rope of
@@ -44,7 +45,7 @@ pub struct DecodeOptions {
     pub chunk: usize,
     /// Run `python3 <sdpa_script> --mode decode` for the SDPA flash baseline (None = skip).
     pub sdpa_script: Option<PathBuf>,
-    /// Write the JSON report here.
+    /// Write the JSON report here, and the SVG chart beside it.
     pub json: Option<PathBuf>,
 }
 
@@ -416,6 +417,15 @@ pub fn run_decode(opts: &DecodeOptions) -> Result<String> {
             path: path.display().to_string(),
             source: e,
         })?;
+        let p = panels(&timings, &ceilings);
+        if !p.is_empty() {
+            write_svg(
+                &svg_path_for(path),
+                &format!("attn bench decode: flashdec vs SDPA ({})", dev.name),
+                &p,
+                p.len().min(3),
+            )?;
+        }
     }
     Ok(table)
 }

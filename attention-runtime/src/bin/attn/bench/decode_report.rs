@@ -3,6 +3,7 @@
 
 use std::fmt::Write as _;
 
+use super::chart::{Panel, Series};
 use super::common::{json_field, json_num, json_str};
 
 /// One timed decode shape of one implementation (`flashdec` or `sdpa_flash`).
@@ -177,6 +178,53 @@ pub fn decode_json(
     s
 }
 
+/// The chart's panels: one per context, GB/s over batch for ours, each SDPA backend, and
+/// the copy ceilings as flat lines.
+pub fn panels(t: &[DecodeTiming], ceilings: &[CopyCeiling]) -> Vec<Panel> {
+    let mut ctxs: Vec<usize> = t.iter().map(|x| x.ctx).collect();
+    ctxs.sort();
+    ctxs.dedup();
+    let mut imps: Vec<&str> = t.iter().map(|x| x.implementation.as_str()).collect();
+    imps.sort_by_key(|i| (*i != "flashdec", *i));
+    imps.dedup();
+    ctxs.into_iter()
+        .map(|c| {
+            let mut batches: Vec<usize> =
+                t.iter().filter(|x| x.ctx == c).map(|x| x.batch).collect();
+            batches.sort();
+            batches.dedup();
+            let mut series: Vec<Series> = imps
+                .iter()
+                .map(|imp| {
+                    let name = match *imp {
+                        "flashdec" => "ours (flashdec)".to_string(),
+                        other => other.replace("sdpa_", "SDPA "),
+                    };
+                    Series::new(
+                        name,
+                        t.iter()
+                            .filter(|x| x.ctx == c && x.implementation == *imp)
+                            .map(|x| (x.batch as f64, x.gbps))
+                            .collect(),
+                    )
+                })
+                .collect();
+            for cc in ceilings {
+                series.push(Series::new(
+                    format!("copy ceiling ({})", cc.source),
+                    batches.iter().map(|&b| (b as f64, cc.gbps)).collect(),
+                ));
+            }
+            Panel {
+                title: format!("decode step, ctx {}", super::chart::size_label(c as f64)),
+                x_label: "batch".into(),
+                y_label: "GB/s (K/V read once)".into(),
+                series,
+            }
+        })
+        .collect()
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -217,5 +265,19 @@ mod tests {
         let j = decode_json(&all, &c, "dev", "note");
         assert!(j.contains("\"implementation\": \"flashdec\""));
         assert!(j.contains("\"us\": null"));
+        let p = panels(&all, &c);
+        assert_eq!(p.len(), 2); // ctx 8192 and 32768
+        let names: Vec<&str> = p[0].series.iter().map(|s| s.name.as_str()).collect();
+        assert_eq!(
+            names,
+            [
+                "ours (flashdec)",
+                "SDPA flash",
+                "copy ceiling (torch copy_)"
+            ]
+        );
+        let svg = crate::bench::chart::render_svg("decode", &p, 2).unwrap();
+        crate::bench::chart::tests::assert_well_formed(&svg);
+        assert!(svg.contains("ours (flashdec)") && svg.contains("SDPA flash"));
     }
 }

@@ -4,17 +4,24 @@
 //!   kernel cache's cold compile and warm start; its results in [`prefill_report`].
 //! - [`decode`]: the fused decode step over contexts x batches (GB/s), next to the card's copy
 //!   bandwidth; its results in [`decode_report`].
-//! - [`layer`]: the whole layer through the public API against the same layer in PyTorch.
+//! - [`layer`]: the whole layer through the public API against the same layer in PyTorch;
+//!   its results in [`layer_report`]; per-call kernel times and API overhead from an Nsight
+//!   Compute profile of a [`profile`] run in [`ncu`].
+//! - [`chart`]: the SVG chart every bench writes beside its JSON.
 //! - [`common`]: CUDA timing helpers and the reports' JSON, shared by all.
 //!
 //! Part of the CLI, not of the library: it needs only the library's public API.
 
+mod chart;
 mod common;
 mod decode;
 mod decode_report;
 mod layer;
+mod layer_report;
+mod ncu;
 mod prefill;
 mod prefill_report;
+mod profile;
 
 use clap::Subcommand;
 
@@ -33,24 +40,36 @@ pub enum BenchCommand {
     /// warm-up, caches rotated beyond L2, plus the card's device-to-device copy bandwidth.
     Decode(BenchDecodeArgs),
     /// Time the whole layer as users call it (device tensors: forward, prefill over a static
-    /// cache, a chunk after cached tokens, eager and graph decode steps; Llama-3-8B shape by
-    /// default) against the same layer in PyTorch (SDPA flash and cuDNN) in the same run.
-    Layer(BenchLayerArgs),
+    /// cache and a paged pool, a chunk after cached tokens through both, eager and graph
+    /// decode steps; Llama-3-8B and a head-dim-64 layer by default) against the same layer
+    /// in PyTorch (SDPA flash and cuDNN) in the same run; with an Nsight Compute profile
+    /// (--profile-once, then --ncu-csv), each call's overhead over its kernels.
+    Layer(Box<BenchLayerArgs>),
 }
 
 /// Options of `attn bench layer` (see [`layer`]).
 #[derive(clap::Args)]
 pub struct BenchLayerArgs {
-    /// Hidden size.
+    /// Layer shapes, comma separated: `llama3-8b` (hidden 4096, 32 heads x 128, 8 groups),
+    /// `llama3.2-1b` or `hd64` (hidden 2048, 32 heads x 64, 8 groups), `custom` (the
+    /// --hidden/--heads/--groups/--head-dim below).
+    #[arg(long, value_delimiter = ',', default_value = "llama3-8b,llama3.2-1b")]
+    presets: Vec<String>,
+    /// Which calls to time, comma separated: prefill (from empty: forward, static cache),
+    /// chunk (after cached tokens, static cache), paged (the paged-pool variants of both),
+    /// decode (eager and graph steps), or all.
+    #[arg(long, value_delimiter = ',', default_value = "all")]
+    cases: Vec<String>,
+    /// Hidden size of the `custom` preset.
     #[arg(long, default_value_t = 4096)]
     hidden: usize,
-    /// Query heads.
+    /// Query heads of the `custom` preset.
     #[arg(long, default_value_t = 32)]
     heads: usize,
-    /// KV groups.
+    /// KV groups of the `custom` preset.
     #[arg(long, default_value_t = 8)]
     groups: usize,
-    /// Head dim.
+    /// Head dim of the `custom` preset.
     #[arg(long, default_value_t = 128)]
     head_dim: usize,
     /// Prefill lengths (one sequence), comma separated.
@@ -62,26 +81,49 @@ pub struct BenchLayerArgs {
     /// Cached tokens before the chunk.
     #[arg(long, default_value_t = 6144)]
     ctx_before: usize,
+    /// Block size of the paged pool (a power of two >= 16).
+    #[arg(long, default_value_t = 64)]
+    block_size: usize,
     /// Decode batches, comma separated.
     #[arg(long, value_delimiter = ',', default_value = "1,16,64,128")]
     batches: Vec<usize>,
     /// Decode contexts (cached tokens per sequence), comma separated.
     #[arg(long, value_delimiter = ',', default_value = "8192,32768")]
     contexts: Vec<usize>,
-    /// Skip decode shapes whose K+V cache exceeds this many GiB.
-    #[arg(long, default_value_t = 24)]
-    max_cache_gib: usize,
+    /// Skip (with a note) decode shapes whose K+V cache exceeds this many bytes (suffixes
+    /// K, M, G, T: powers of 1024).
+    #[arg(long, default_value = "24G", value_parser = layer_report::parse_bytes)]
+    max_cache_bytes: usize,
+    /// Untimed calls before each case.
+    #[arg(long, default_value_t = 5)]
+    warmup: usize,
     /// Timed calls per case (median, or mean of queued decode steps).
     #[arg(long, default_value_t = 20)]
     reps: usize,
     /// The PyTorch layer script (`none` to skip).
     #[arg(long, default_value = "scripts/bench_layer.py")]
     torch_script: String,
+    /// Write the JSON report here, and the SVG chart beside it (same name, `.svg`).
+    #[arg(long)]
+    json: Option<std::path::PathBuf>,
+    /// Profile mode (run under Nsight Compute with --profile-from-start off): each call
+    /// once after its warm-up, in a profiler window opened by a marker kernel; the case
+    /// names go to this file. No timing, no PyTorch. See scripts/bench-all.sh.
+    #[arg(long, value_name = "MANIFEST")]
+    profile_once: Option<std::path::PathBuf>,
+    /// `ncu --csv` output of a --profile-once run (`ncu --import R.ncu-rep --csv`): report
+    /// each call's kernel sum and its overhead `(call - kernels) / call`. Needs
+    /// --ncu-manifest.
+    #[arg(long, requires = "ncu_manifest")]
+    ncu_csv: Option<std::path::PathBuf>,
+    /// The manifest that --profile-once wrote for --ncu-csv.
+    #[arg(long, requires = "ncu_csv")]
+    ncu_manifest: Option<std::path::PathBuf>,
 }
 
 #[derive(clap::Args)]
 pub struct BenchDecodeArgs {
-    /// Write the JSON report here.
+    /// Write the JSON report here, and the SVG chart beside it (same name, `.svg`).
     #[arg(long)]
     json: Option<std::path::PathBuf>,
     /// Cached tokens per sequence, comma separated.
@@ -112,7 +154,7 @@ pub struct BenchDecodeArgs {
 
 #[derive(clap::Args)]
 pub struct BenchPrefillArgs {
-    /// Write the JSON report here.
+    /// Write the JSON report here, and the SVG chart beside it (same name, `.svg`).
     #[arg(long)]
     json: Option<std::path::PathBuf>,
     /// Head dims, comma separated.
@@ -144,20 +186,42 @@ pub fn run(cmd: &BenchCommand) -> Result<()> {
     let a = match cmd {
         BenchCommand::Prefill(a) => a,
         BenchCommand::Layer(l) => {
+            let mut shapes = Vec::new();
+            for p in &l.presets {
+                let shape = match p.as_str() {
+                    "custom" => layer_report::LayerShape {
+                        name: format!("h{}-{}x{}-g{}", l.hidden, l.heads, l.head_dim, l.groups),
+                        hidden: l.hidden,
+                        heads: l.heads,
+                        groups: l.groups,
+                        head_dim: l.head_dim,
+                    },
+                    name => layer_report::LayerShape::preset(name).ok_or_else(|| {
+                        AttnError::InvalidArgument {
+                            arg: "presets".into(),
+                            expected: "llama3-8b, llama3.2-1b (hd64) or custom".into(),
+                            got: name.into(),
+                        }
+                    })?,
+                };
+                shapes.push(shape);
+            }
             let opts = layer::LayerOptions {
-                hidden: l.hidden,
-                heads: l.heads,
-                groups: l.groups,
-                head_dim: l.head_dim,
+                shapes,
+                cases: layer::Cases::parse(&l.cases)?,
                 seqlens: l.seqlens.clone(),
                 chunk: l.chunk,
                 ctx_before: l.ctx_before,
+                block_size: l.block_size,
                 batches: l.batches.clone(),
                 contexts: l.contexts.clone(),
-                max_cache_bytes: l.max_cache_gib << 30,
-                warmup: 5,
+                max_cache_bytes: l.max_cache_bytes,
+                warmup: l.warmup,
                 reps: l.reps,
                 torch_script: (l.torch_script != "none").then(|| l.torch_script.clone().into()),
+                json: l.json.clone(),
+                profile_once: l.profile_once.clone(),
+                ncu: l.ncu_csv.clone().zip(l.ncu_manifest.clone()),
             };
             println!("{}", layer::run_layer(&opts)?);
             return Ok(());

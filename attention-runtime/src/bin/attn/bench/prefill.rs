@@ -26,8 +26,9 @@ use attention_runtime::{AttnError, Result};
 use cudarc::driver::{CudaContext, CudaSlice};
 use half::bf16;
 
+use super::chart::{svg_path_for, write_svg};
 use super::common::{cuda_device, cuda_err, join, median, random_bf16};
-use super::prefill_report::{parse_sdpa, table, to_json, CompileTiming, Timing};
+use super::prefill_report::{panels, parse_sdpa, table, to_json, CompileTiming, Timing};
 
 /// Options of `attn bench prefill`.
 #[derive(Debug, Clone)]
@@ -48,7 +49,7 @@ pub struct PrefillOptions {
     pub extra_tiles: Vec<(usize, FastTile)>,
     /// Run `python3 <sdpa_script>` for the SDPA baselines (None = skip).
     pub sdpa_script: Option<PathBuf>,
-    /// Write the JSON report here.
+    /// Write the JSON report here, and the SVG chart beside it.
     pub json: Option<PathBuf>,
 }
 
@@ -342,6 +343,15 @@ pub fn run_prefill(opts: &PrefillOptions) -> Result<String> {
                 source: e,
             }
         })?;
+        let p = panels(&timings);
+        if !p.is_empty() {
+            write_svg(
+                &svg_path_for(path),
+                &format!("attn bench prefill: fwdfast vs SDPA ({})", dev.name),
+                &p,
+                2,
+            )?;
+        }
     }
     Ok(table)
 }

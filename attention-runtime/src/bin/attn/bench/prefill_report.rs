@@ -5,6 +5,7 @@ use std::fmt::Write as _;
 
 use attention_codegen::render::FastTile;
 
+use super::chart::{Panel, Series};
 use super::common::{json_field, json_num, json_str};
 
 /// One timed shape of one implementation.
@@ -178,6 +179,65 @@ pub fn to_json(t: &[Timing], compile: &[CompileTiming], device: &str, note: &str
     s
 }
 
+/// The chart's panels: one per (head dim, causal), TFLOP/s over seqlen for our default
+/// tile, our best tile where extra tiles were timed, SDPA flash and SDPA cuDNN.
+pub fn panels(t: &[Timing]) -> Vec<Panel> {
+    let mut shapes: Vec<(usize, bool)> = t.iter().map(|x| (x.head_dim, x.causal)).collect();
+    shapes.sort_by_key(|x| (x.0, !x.1));
+    shapes.dedup();
+    shapes
+        .into_iter()
+        .map(|(hd, causal)| {
+            let of = |pred: &dyn Fn(&Timing) -> bool| -> Vec<&Timing> {
+                t.iter()
+                    .filter(|x| x.head_dim == hd && x.causal == causal && pred(x))
+                    .collect()
+            };
+            let def = format!("fwdfast:{}", FastTile::for_head_dim(hd).key());
+            let mut series = vec![Series::new(
+                format!("ours ({})", def.trim_start_matches("fwdfast:")),
+                of(&|x| x.implementation == def)
+                    .iter()
+                    .map(|x| (x.seqlen as f64, x.tflops))
+                    .collect(),
+            )];
+            let ours = of(&|x| x.implementation.starts_with("fwdfast"));
+            if ours.iter().any(|x| x.implementation != def) {
+                let mut lens: Vec<usize> = ours.iter().map(|x| x.seqlen).collect();
+                lens.sort();
+                lens.dedup();
+                let best = lens
+                    .iter()
+                    .map(|&s| {
+                        let b = ours
+                            .iter()
+                            .filter(|x| x.seqlen == s)
+                            .map(|x| x.tflops)
+                            .fold(f64::NAN, f64::max);
+                        (s as f64, b)
+                    })
+                    .collect();
+                series.push(Series::new("ours (best tile)", best));
+            }
+            for (imp, name) in [("sdpa_flash", "SDPA flash"), ("sdpa_cudnn", "SDPA cuDNN")] {
+                let pts: Vec<(f64, f64)> = of(&|x| x.implementation == imp)
+                    .iter()
+                    .map(|x| (x.seqlen as f64, x.tflops))
+                    .collect();
+                if !pts.is_empty() {
+                    series.push(Series::new(name, pts));
+                }
+            }
+            Panel {
+                title: format!("hd {hd}, {}", if causal { "causal" } else { "no mask" }),
+                x_label: "seqlen (batch = tokens / seqlen)".into(),
+                y_label: "TFLOP/s".into(),
+                series,
+            }
+        })
+        .collect()
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -193,5 +253,32 @@ mod tests {
         let j = to_json(&t, &[], "dev \"x\"", "");
         assert!(j.contains("\"implementation\": \"sdpa_flash\""));
         assert!(j.contains("dev \\\"x\\\""));
+    }
+
+    #[test]
+    fn chart_has_ours_and_both_baselines() {
+        let mut t = parse_sdpa("{\"backend\": \"flash\", \"head_dim\": 64, \"causal\": true, \"seqlen\": 2048, \"batch\": 8, \"heads\": 32, \"ms\": 1.5, \"tflops\": 250.0}\n{\"backend\": \"cudnn\", \"head_dim\": 64, \"causal\": true, \"seqlen\": 2048, \"batch\": 8, \"heads\": 32, \"ms\": null, \"tflops\": null}\n");
+        let def = format!("fwdfast:{}", FastTile::for_head_dim(64).key());
+        for (imp, tf) in [(def.as_str(), 240.0), ("fwdfast:m64n64w4s2", 260.0)] {
+            t.push(Timing {
+                implementation: imp.into(),
+                head_dim: 64,
+                causal: true,
+                seqlen: 2048,
+                batch: 8,
+                heads: 32,
+                ms: 1.0,
+                tflops: tf,
+            });
+        }
+        let p = panels(&t);
+        assert_eq!(p.len(), 1);
+        let names: Vec<&str> = p[0].series.iter().map(|s| s.name.as_str()).collect();
+        assert_eq!(names.len(), 4, "{names:?}");
+        assert!(names.contains(&"ours (best tile)") && names.contains(&"SDPA cuDNN"));
+        assert_eq!(p[0].series[1].points, vec![(2048.0, 260.0)]);
+        let svg = crate::bench::chart::render_svg("prefill", &p, 2).unwrap();
+        crate::bench::chart::tests::assert_well_formed(&svg);
+        assert!(svg.contains("SDPA flash") && svg.contains("SDPA cuDNN (no data)"));
     }
 }

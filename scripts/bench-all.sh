@@ -1,0 +1,99 @@
+#!/usr/bin/env bash
+# Run the `attn bench`es on a GPU machine and write each one's JSON, SVG chart and log under
+# OUT (the machine needs the driver, the CUDA 13 libraries, python3 with torch; for the API
+# overhead column, Nsight Compute's `ncu`):
+#
+#   bench-all.sh OUT [SECTION ...]        default sections: prefill decode layer
+#
+#   prefill            attn bench prefill  -> OUT/prefill.{json,svg,log}
+#   decode             attn bench decode   -> OUT/decode.{json,svg,log}
+#   layer              attn bench layer, every preset          -> OUT/layer.{json,svg,log}
+#   layer:P1[,P2]      only those presets (llama3-8b, llama3.2-1b) -> OUT/layer-P1[-P2].{...}
+#
+# The layer sections run twice: first under ncu with --profile-once (each call once; the
+# report in OUT/<name>.ncu-rep, its kernels' device times as CSV in OUT/<name>.ncu.csv, the
+# case names in OUT/<name>.manifest, ncu's and attn's output in OUT/<name>.profile.log),
+# then the timing run against PyTorch, which reads the CSV and the manifest and reports per
+# call the kernel sum and the overhead (call - kernels) / call. Without ncu (NCU=none, or not found) the timing run
+# alone runs and the overhead column stays empty.
+#
+# Environment: ATTN (the attn binary; default bin/attn beside this script, as in
+# gpu-bundle/, else target/release/attn), NCU (default: `ncu` on PATH, else
+# /usr/local/cuda/bin/ncu), LAYER_ARGS / PREFILL_ARGS / DECODE_ARGS (extra arguments, word
+# split, e.g. LAYER_ARGS="--cases prefill,decode --batches 1,16").
+set -uo pipefail
+here="$(cd "$(dirname "$0")" && pwd)"
+out="${1:?usage: bench-all.sh OUT [prefill] [decode] [layer[:PRESETS]] ...}"
+shift
+mkdir -p "$out"
+if [ -x "$here/bin/attn" ]; then
+  attn_default="$here/bin/attn"
+else
+  attn_default="${CARGO_TARGET_DIR:-$here/../target}/release/attn"
+fi
+ATTN="${ATTN:-$attn_default}"
+NCU="${NCU:-$(command -v ncu || echo /usr/local/cuda/bin/ncu)}"
+read -r -a layer_args <<<"${LAYER_ARGS:-}"
+read -r -a prefill_args <<<"${PREFILL_ARGS:-}"
+read -r -a decode_args <<<"${DECODE_ARGS:-}"
+sections=("$@")
+[ ${#sections[@]} -eq 0 ] && sections=(prefill decode layer)
+status=0
+stamp() { echo "==> [$(date +%T)] $*" >&2; }
+
+for s in "${sections[@]}"; do
+  start=$SECONDS
+  case "$s" in
+    prefill)
+      stamp "attn bench prefill"
+      "$ATTN" bench prefill --sdpa-script "$here/bench_sdpa.py" --json "$out/prefill.json" \
+        "${prefill_args[@]}" 2>&1 | tee "$out/prefill.log" || status=1
+      ;;
+    decode)
+      stamp "attn bench decode"
+      "$ATTN" bench decode --sdpa-script "$here/bench_sdpa.py" --json "$out/decode.json" \
+        "${decode_args[@]}" 2>&1 | tee "$out/decode.log" || status=1
+      ;;
+    layer | layer:*)
+      presets="${s#layer}"
+      presets="${presets#:}"
+      if [ -n "$presets" ]; then
+        name="layer-${presets//,/-}"
+        preset_args=(--presets "$presets")
+      else
+        name="layer"
+        preset_args=()
+      fi
+      ncu_args=()
+      if [ "$NCU" != "none" ] && [ -x "$NCU" ]; then
+        stamp "ncu: attn bench layer --profile-once ($name)"
+        rm -f "$out/$name.ncu.csv" "$out/$name.manifest" "$out/$name.ncu-rep"
+        if "$NCU" --export "$out/$name" --force-overwrite --metrics gpu__time_duration.sum \
+          --cache-control none --clock-control none --profile-from-start off \
+          "$ATTN" bench layer "${preset_args[@]}" --profile-once "$out/$name.manifest" \
+          "${layer_args[@]}" >"$out/$name.profile.log" 2>&1 &&
+          "$NCU" --import "$out/$name.ncu-rep" --csv >"$out/$name.ncu.csv" 2>>"$out/$name.profile.log"; then
+          ncu_args=(--ncu-csv "$out/$name.ncu.csv" --ncu-manifest "$out/$name.manifest")
+        else
+          echo "ncu profile failed (see $out/$name.profile.log); timing without kernel sums" >&2
+          tail -5 "$out/$name.profile.log" >&2
+          status=1
+        fi
+        stamp "ncu pass done in $((SECONDS - start)) s"
+      else
+        echo "no ncu ($NCU): timing without kernel sums" >&2
+      fi
+      stamp "attn bench layer ($name)"
+      "$ATTN" bench layer "${preset_args[@]}" --torch-script "$here/bench_layer.py" \
+        --json "$out/$name.json" "${ncu_args[@]}" "${layer_args[@]}" 2>&1 | tee "$out/$name.log" || status=1
+      ;;
+    *)
+      echo "unknown section $s (prefill, decode, layer, layer:PRESETS)" >&2
+      status=1
+      continue
+      ;;
+  esac
+  stamp "$s done in $((SECONDS - start)) s"
+done
+ls -la "$out" >&2
+exit $status
