@@ -74,6 +74,7 @@ pub struct CudaLayer {
     decode_plans: std::sync::Mutex<Vec<decode_step::DecodePlan>>,
 }
 
+mod cross_cache;
 mod decode_step;
 
 fn bad(arg: &str, expected: impl Into<String>, got: impl Into<String>) -> AttnError {

@@ -5,10 +5,12 @@
 //! - [`launch`]: the per-device kernel cache (render -> NVRTC CUBIN for the exact arch ->
 //!   module) and launch helpers whose errors name the kernel key.
 //! - [`layer`]: [`CudaLayer`], any [`AttentionLayer`](crate::AttentionLayer) on the GPU.
+//! - [`cross_cache`]: [`DeviceCrossKvCache`], cross-attention's cached encoder context.
 //!
 //! Everything runs on one stream per device ([`CudaRuntime::stream`]); a forward synchronizes
 //! once, when its result is read back.
 
+pub mod cross_cache;
 pub mod decode;
 pub mod fwd_fast;
 pub mod kv_cache;
@@ -26,6 +28,7 @@ use cudarc::driver::{CudaFunction, CudaStream};
 use crate::device::CudaDevice;
 use crate::error::{AttnError, Result};
 
+pub use cross_cache::DeviceCrossKvCache;
 pub use kv_cache::{DevicePagedKvCache, DeviceStaticKvCache};
 pub use layer::CudaLayer;
 pub use linear::DeviceLinear;
