@@ -290,8 +290,20 @@ fn cross_attention_layers_run_forward() {
         attention_mask: Some(&mask),
         ..ForwardArgs::default()
     };
-    let out = co.forward(&input(&[2, 1, 256], 11), &args).unwrap();
+    let x = input(&[2, 1, 256], 11);
+    let out = co.forward(&x, &args).unwrap();
     check_output(&out, &[2, 1, 256], 256, true);
+    // The same through a context cache (the user linear_proj included): the context
+    // projected once, its 4th position padding.
+    let mut cache = attention::runtime::kv_cache::CrossKvCache::new(1, 4, 1, 2, 128).unwrap();
+    co.parts()
+        .set_context(&ctx, &mut cache, 0, 0, Some(&[3]))
+        .unwrap();
+    let step = co.parts().cross_step(&x, &cache, 0, 0).unwrap();
+    assert_eq!(step.output.shape(), out.output.shape());
+    for (a, b) in step.output.data().iter().zip(out.output.data()) {
+        assert!((a - b).abs() <= 1e-4 * (1.0 + b.abs()), "{a} vs {b}");
+    }
 }
 
 #[test]
@@ -437,7 +449,7 @@ fn kernel_tables_cover_every_head_dim_and_mask() {
 /// fast kernel when the device runs it and `fwd` (its fallback); prefill's append, its fast
 /// kernel and decode,
 /// the fused decode step's rope-less prep and `flashdec`, paged prefill's append + paged
-/// (self-attention only).
+/// (self-attention only); the context cache's append and step kernel (cross-attention).
 fn launched_keys(
     spec: &attention::codegen::AttentionSpec,
     hd: usize,
@@ -462,6 +474,14 @@ fn launched_keys(
         keys.push(registry::qkv_prep_for_flash_decode(spec, hd).unwrap().key());
         keys.push(registry::flash_decode(spec, hd).unwrap().key());
         keys.push(registry::paged(spec, hd).key());
+    } else {
+        // The context cache of encoder-decoder decoding: filled by kvappend, attended by
+        // the mask-free tensor-core kernel (decode_*_full where it cannot run).
+        keys.push(registry::kv_append(spec, hd).key());
+        match registry::cross_cache_step(spec, hd, target) {
+            Some(c) => keys.push(c.key()),
+            None => keys.push(registry::decode(spec, hd).key()),
+        }
     }
     keys
 }

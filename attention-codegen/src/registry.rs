@@ -3,10 +3,10 @@
 //! [`kernels_for`] lists, for a spec, a head dim and a [`Target`], every [`KernelConfig`] the
 //! runtime's CUDA layer can launch. It is built from one function per kernel family
 //! ([`qkv_prep`], [`qkv_prep_for_flash_decode`], [`forward`], [`fast_forward`], [`decode`],
-//! [`paged`], [`flash_decode`], [`kv_append`]); the runtime builds its launch configs with
-//! the same functions, so the two cannot drift. Everything that lists kernels uses it: the
-//! macro's `KERNELS` table, `attn render`, `attn aot --spec` and `--catalog`, the catalog
-//! (`kernels-generated/`) and the runtime.
+//! [`paged`], [`flash_decode`], [`kv_append`], [`cross_cache_step`]); the runtime builds its
+//! launch configs with the same functions, so the two cannot drift. Everything that lists
+//! kernels uses it: the macro's `KERNELS` table, `attn render`, `attn aot --spec` and
+//! `--catalog`, the catalog (`kernels-generated/`) and the runtime.
 //!
 //! Runtime choices it covers:
 //! - forward (prefill / training): every mask type the spec lists, each without and with an
@@ -17,7 +17,11 @@
 //!   self-attention with rope, without it (the fused decode step applies rope itself);
 //! - static-cache prefill (`kvappend_*` + `decode_*`) and decode steps (`flashdec_*`, whose
 //!   module also holds `<key>_merge`), paged prefill (`kvappend_*` + `paged_*`):
-//!   self-attention only; cross-attention lists its `decode_*_full` kernel.
+//!   self-attention only;
+//! - cross-attention over a context cache (encoder-decoder decoding): `qkv_prep` (cross
+//!   layout) + `kvappend_*` fill the cache once per request, then every step attends over it
+//!   with the tensor-core kernel without mask ([`cross_cache_step`]) or, where the device
+//!   cannot run it, `decode_*_full`.
 //!
 //! Not covered: a per-call `mask_type` that the spec does not list (such a kernel is compiled
 //! on demand, and with `ATTN_JIT=off` its absence is an error naming it) and hand-built
@@ -206,6 +210,19 @@ pub fn decode(spec: &AttentionSpec, head_dim: usize) -> KernelConfig {
     attention(spec, head_dim, Phase::Decode)
 }
 
+/// The tensor-core attention of a cross-attention step over a context cache: the forward
+/// kernel without mask or bias (`no_mask`), which `fwdfast` runs in its static-cache mode
+/// (each slot's keys `0 .. context length`; keys past it, padding, are never visible) with
+/// the spec's window and sinks. `None` when `target` cannot run it; the [`decode`] kernel
+/// (`decode_*_full` for cross-attention: no causal mask) runs then.
+pub fn cross_cache_step(
+    spec: &AttentionSpec,
+    head_dim: usize,
+    target: Target,
+) -> Option<KernelConfig> {
+    fast_forward(&forward(spec, head_dim, MaskType::NoMask, false), target)
+}
+
 /// The paged-cache attention kernel (`paged_*`) of a paged prefill.
 pub fn paged(spec: &AttentionSpec, head_dim: usize) -> KernelConfig {
     attention(spec, head_dim, Phase::Paged)
@@ -226,11 +243,13 @@ pub fn kv_append(spec: &AttentionSpec, head_dim: usize) -> KernelConfig {
 
 /// Every kernel a layer with `spec` at `head_dim` can launch on `target`, deduplicated by
 /// key, in a fixed order: `qkv_prep` (then its rope-less decode-step variant), per mask
-/// type × (no bias, bias) the fast forward kernel (when `target` runs it) then `fwd`, then
-/// `decode`, and for self-attention the static-cache prefill's fast kernel
+/// type × (no bias, bias) the fast forward kernel (when `target` runs it) then `fwd`; then
+/// for self-attention `decode`, the static-cache prefill's fast kernel
 /// ([`cache_prefill`]), the paged batch's ([`paged_prefill`]), `paged`, `flashdec` and
-/// `kvappend`. See the module docs
-/// for the runtime choices covered.
+/// `kvappend`; for cross-attention the context-cache step's kernel ([`cross_cache_step`];
+/// `decode_*_full` where the target cannot run it, both for [`Target::AnyDevice`]) and
+/// `kvappend`. See the module docs for the runtime choices
+/// covered.
 ///
 /// `head_dim` need not be one the spec lists (the runtime may take it from its config).
 /// Errors: a head dim outside [`SUPPORTED_HEAD_DIMS`], a spec without mask types, a rotary
@@ -255,12 +274,21 @@ pub fn kernels_for(
             out.push(fwd);
         }
     }
-    out.push(decode(spec, head_dim));
     if is_self(spec) {
+        out.push(decode(spec, head_dim));
         out.extend(cache_prefill(spec, head_dim, target));
         out.extend(paged_prefill(spec, head_dim, target));
         out.push(paged(spec, head_dim));
         out.push(flash_decode(spec, head_dim)?);
+        out.push(kv_append(spec, head_dim));
+    } else {
+        // The context-cache step: the fast kernel, or `decode_*_full` where it cannot run
+        // (both for AnyDevice, the union over devices).
+        let step = cross_cache_step(spec, head_dim, target);
+        if step.is_none() || target == Target::AnyDevice {
+            out.push(decode(spec, head_dim));
+        }
+        out.extend(step);
         out.push(kv_append(spec, head_dim));
     }
     let mut seen = std::collections::HashSet::new();
@@ -336,5 +364,46 @@ mod tests {
             .collect();
         assert!(!keys.iter().any(|k| k.starts_with("fwdfast_")), "{keys:?}");
         assert!(keys.iter().any(|k| k.starts_with("fwd_")), "{keys:?}");
+    }
+
+    #[test]
+    fn cross_lists_its_context_cache_step() {
+        let spec = AttentionSpec {
+            heads: Some(4),
+            head_dims: vec![64],
+            masks: vec![MaskType::Padding],
+            ..AttentionSpec::new(AttentionKind::CrossAttention)
+        };
+        let keys = |target| -> Vec<String> {
+            kernels_for(&spec, 64, target)
+                .unwrap()
+                .iter()
+                .map(|c| c.key())
+                .collect()
+        };
+        let step = cross_cache_step(&spec, 64, Target::AnyDevice).unwrap();
+        assert_eq!(step.mask, Some(MaskType::NoMask));
+        assert!(!step.causal && !step.has_bias && !step.paged_kv);
+        let any = keys(Target::AnyDevice);
+        // Listed although the spec's only mask is padding: the step masks by lengths.
+        for want in [
+            step.key(),
+            decode(&spec, 64).key(),
+            kv_append(&spec, 64).key(),
+        ] {
+            assert!(any.contains(&want), "{want} not in {any:?}");
+        }
+        assert!(decode(&spec, 64).key().contains("_full"));
+        // No self-attention cache kernels.
+        assert!(!any.iter().any(|k| k.starts_with("paged_")
+            || k.starts_with("flashdec_")
+            || k.contains("causal")));
+        // A device without tensor cores runs decode_*_full instead; one with them never does.
+        let volta = keys(Target::from_arch("sm_70").unwrap());
+        assert!(!volta.contains(&step.key()), "{volta:?}");
+        assert!(volta.contains(&decode(&spec, 64).key()));
+        let hopper = keys(Target::from_arch("sm_90a").unwrap());
+        assert!(hopper.contains(&step.key()), "{hopper:?}");
+        assert!(!hopper.contains(&decode(&spec, 64).key()), "{hopper:?}");
     }
 }

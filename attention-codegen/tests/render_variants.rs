@@ -207,7 +207,7 @@ fn kernels_for_spec_covers_phases_head_dims_and_masks() {
 }
 
 #[test]
-fn cross_attention_has_no_paged_kernel_and_a_full_decode() {
+fn cross_attention_has_no_paged_kernel_and_a_context_cache_step() {
     let spec = AttentionSpec {
         heads: Some(8),
         head_dims: vec![64],
@@ -227,7 +227,10 @@ fn cross_attention_has_no_paged_kernel_and_a_full_decode() {
             "fwd_bf16_hd64_no_mask_w4",
             "fwdfast_bf16_hd64_no_mask_bias_m128n128w4s2",
             "fwd_bf16_hd64_no_mask_bias_w4",
-            "decode_bf16_hd64_full_w4"
+            // The context-cache step: fwdfast_*_no_mask above, or this where it cannot run.
+            "decode_bf16_hd64_full_w4",
+            // Fills the context cache.
+            "kvappend_bf16_hd64_w4"
         ]
     );
 }

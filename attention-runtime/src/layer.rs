@@ -9,7 +9,10 @@
 //! attention -> `* sigmoid(gate)` -> `linear_proj` (bias returned, not added).
 //!
 //! cross-attention: `linear_q(hidden)`, `linear_kv(context)` viewed `[sk, b, np, 2 hn]` and
-//! split per head `[k_h | v_h]` -> core attention -> `linear_proj`.
+//! split per head `[k_h | v_h]` -> core attention -> `linear_proj`. For encoder-decoder
+//! decoding the context is projected once into a [`CrossKvCache`](crate::kv_cache::CrossKvCache)
+//! ([`CrossAttentionParts::set_context`]) and each step attends over it
+//! ([`CrossAttentionParts::cross_step`]).
 
 use attention_codegen::{AttentionKind, MaskType, Role};
 
@@ -19,6 +22,8 @@ use crate::kv_cache::{PagedBatch, PagedKvCache, StaticKvCache};
 use crate::modules::{check_cu_seqlens, CoreArgs, CoreAttentionModule, LinearModule, NormModule};
 use crate::reference::RopeTable;
 use crate::tensor::Tensor;
+
+mod cross_cache;
 
 /// What a layer returns: the output and, beside it, `linear_proj`'s bias (NOT added).
 #[derive(Debug, Clone, PartialEq)]

@@ -126,7 +126,8 @@ fn stdout_of(o: &Output) -> String {
 /// sites (cuda/layer.rs): the forward's prep; per mask type × bias the fast kernel when the
 /// device runs it, else `fwd`, and `fwd` too as the fallback when the fast one cannot load;
 /// prefill's append + its fast kernel (or decode), the fused decode step's rope-less prep and `flashdec`, paged
-/// prefill's append + paged (self-attention only).
+/// prefill's append + paged (self-attention only); cross-attention's context cache: append
+/// + the step's fast kernel (or decode).
 fn launched(spec: &AttentionSpec, hd: usize, target: Target) -> Vec<String> {
     let mut keys = vec![registry::qkv_prep(spec, hd).unwrap().key()];
     for &mask in &spec.masks {
@@ -147,6 +148,14 @@ fn launched(spec: &AttentionSpec, hd: usize, target: Target) -> Vec<String> {
         keys.push(registry::qkv_prep_for_flash_decode(spec, hd).unwrap().key());
         keys.push(registry::flash_decode(spec, hd).unwrap().key());
         keys.push(registry::paged(spec, hd).key());
+    } else {
+        // The context cache (cuda/layer/cross_cache.rs): filled by the cross prep and
+        // kvappend, attended by the tensor-core kernel without mask (else decode_*_full).
+        keys.push(registry::kv_append(spec, hd).key());
+        match registry::cross_cache_step(spec, hd, target) {
+            Some(c) => keys.push(c.key()),
+            None => keys.push(registry::decode(spec, hd).key()),
+        }
     }
     keys
 }
@@ -184,9 +193,7 @@ fn aot_list_and_render_carry_every_kernel_the_layer_launches() {
             // fail to compile on old archs or waste the deploy's compile time).
             for key in &listed {
                 assert!(
-                    want_all.iter().any(|w| w == key)
-                        || (key.starts_with("decode_")
-                            && spec.kind == AttentionKind::CrossAttention),
+                    want_all.iter().any(|w| w == key),
                     "{s} on {arch}: aot --list has {key}, which the layer never launches"
                 );
             }

@@ -118,6 +118,23 @@ fn feature_variants_compile() {
     cross.layout = PrepLayout::CrossAttention;
     cross.qk_norm = Some(QkNorm::Layer);
     configs.push(cross);
+    // Cross-attention's context-cache step with a window and sinks (gpu_kv_cross.rs runs
+    // these): the mask-free tensor-core kernel in its static-cache mode and its fallback.
+    for (spec, hd) in [
+        (
+            "cross, heads=2, head_dim=256, window=(16, 0), sinks=off_by_one, mask=no_mask",
+            256,
+        ),
+        (
+            "cross, heads=2, head_dim=128, sinks=learnable, dtype=f16",
+            128,
+        ),
+    ] {
+        use attention_codegen::registry::{self, Target};
+        let spec = attention_codegen::parse_spec(spec).expect("spec");
+        configs.extend(registry::cross_cache_step(&spec, hd, Target::AnyDevice));
+        configs.push(registry::decode(&spec, hd));
+    }
 
     let mut failures = Vec::new();
     for c in &configs {

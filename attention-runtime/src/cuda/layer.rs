@@ -74,6 +74,7 @@ pub struct CudaLayer {
     decode_plans: std::sync::Mutex<Vec<decode_step::DecodePlan>>,
 }
 
+mod cross_cache;
 mod decode_step;
 mod forward;
 mod kv_step;

@@ -201,6 +201,26 @@ pub fn linear_qkv_into(
     gemm_into(rt, "linear_qkv", x, lin, true, out)
 }
 
+/// [`linear_q`] into `out` `[rows, np * hn]` (e.g. a poisoned buffer in tests).
+pub fn linear_q_into(
+    rt: &CudaRuntime,
+    x: &DeviceTensor,
+    lin: &DeviceLinear,
+    out: &mut DeviceTensor,
+) -> Result<()> {
+    gemm_into(rt, "linear_q", x, lin, true, out)
+}
+
+/// [`linear_kv`] into `out` `[rows, 2 * np * hn]` (e.g. a poisoned buffer in tests).
+pub fn linear_kv_into(
+    rt: &CudaRuntime,
+    x: &DeviceTensor,
+    lin: &DeviceLinear,
+    out: &mut DeviceTensor,
+) -> Result<()> {
+    gemm_into(rt, "linear_kv", x, lin, true, out)
+}
+
 /// [`linear_proj`] into `out` `[rows, h]`; returns the bias `[h]`, unadded.
 pub fn linear_proj_into<'a>(
     rt: &CudaRuntime,

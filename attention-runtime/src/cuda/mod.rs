@@ -5,6 +5,7 @@
 //! - [`launch`]: the per-device kernel cache (render -> NVRTC CUBIN for the exact arch ->
 //!   module) and launch helpers whose errors name the kernel key.
 //! - [`layer`]: [`CudaLayer`], any [`AttentionLayer`](crate::AttentionLayer) on the GPU.
+//! - [`cross_cache`]: [`DeviceCrossKvCache`], cross-attention's cached encoder context.
 //!
 //! Everything a layer does is queued on its runtime's stream ([`CudaRuntime::stream`]: the
 //! device's default one, or a caller's through [`CudaRuntime::with_stream`] and
@@ -12,6 +13,7 @@
 //! when they read the result back. [`wrap`] lets the device calls read and write a caller's
 //! cudarc buffers without copies.
 
+pub mod cross_cache;
 pub mod decode;
 pub mod fwd_fast;
 pub mod kv_cache;
@@ -30,6 +32,7 @@ use cudarc::driver::{CudaFunction, CudaStream};
 use crate::device::CudaDevice;
 use crate::error::{AttnError, Result};
 
+pub use cross_cache::DeviceCrossKvCache;
 pub use kv_cache::{DevicePagedKvCache, DeviceStaticKvCache};
 pub use layer::CudaLayer;
 pub use linear::DeviceLinear;

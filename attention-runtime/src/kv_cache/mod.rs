@@ -6,17 +6,22 @@
 //! - [`PagedKvCache`]: a block pool per layer stack, `[num_layers][num_blocks, block_size, ng,
 //!   hn]` for K and for V, with a reference-counted [`BlockAllocator`] and an int32
 //!   [`BlockTable`]; [`PagedBatch`] describes one mixed decode + prefill step.
+//! - [`CrossKvCache`]: a cross-attention layer's projected encoder context per request slot,
+//!   `[max_ctx, max_batch, heads, hn]` per layer with a context length per slot, filled once
+//!   per request and read by every decoder step (encoder-decoder decoding).
 //!
 //! Attention over these caches lives in [`crate::reference::paged`].
 //! All offsets are 64-bit (`usize`); a failing call never changes what is stored.
 
 pub mod allocator;
 pub mod block_table;
+pub mod cross;
 pub mod paged;
 pub mod static_cache;
 
 pub use allocator::BlockAllocator;
 pub use block_table::{BlockTable, UNUSED_BLOCK};
+pub use cross::CrossKvCache;
 pub use paged::{
     paged_offset, PagedBatch, PagedKvCache, PagedRequest, DEFAULT_BLOCK_SIZE, MIN_BLOCK_SIZE,
 };
