@@ -5,7 +5,8 @@
 //! - [`config`]: a spec resolved against runtime dims ([`LayerConfig`]).
 //! - [`modules`]: submodule role traits and their default implementations.
 //! - [`layer`]: the layer forward shared by generated structs ([`AttentionLayer`]).
-//! - [`weights`]: safetensors weights under Megatron names ([`WeightStore`]).
+//! - [`weights`]: safetensors weights ([`WeightStore`]) under Megatron or Hugging Face names
+//!   ([`WeightNames`], [`weights::hf`]).
 //! - [`reference`](mod@reference): the CPU reference math.
 
 pub mod config;
@@ -34,4 +35,6 @@ pub use modules::{
     QkNormLayer, Submodule,
 };
 pub use tensor::Tensor;
+pub use weights::hf::HfFamily;
+pub use weights::names::WeightNames;
 pub use weights::WeightStore;
