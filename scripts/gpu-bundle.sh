@@ -50,6 +50,12 @@ if [ "${GPU_BUNDLE_EXAMPLES:-1}" = "1" ]; then
   cp "${CARGO_TARGET_DIR:-target}/gpu/examples/quickstart" "${CARGO_TARGET_DIR:-target}/gpu/examples/generate" "$out/bin/"
 fi
 cp scripts/bench_sdpa.py scripts/bench_layer.py "$out/" 2>/dev/null || true
+# all-MiniLM-L6-v2's attention tensors (14 MB; the whole model is 87 MB) for gpu_minilm.rs.
+if minilm_dir=$(scripts/install-minilm.sh | tail -n1); then
+  python3 scripts/minilm_golden.py attention-only --model-dir "$minilm_dir" --out "$out/minilm" >&2
+else
+  echo "gpu-bundle: all-MiniLM-L6-v2 could not be installed; gpu_minilm will fail" >&2
+fi
 
 cat > "$out/run.sh" <<'RUN'
 #!/usr/bin/env bash
