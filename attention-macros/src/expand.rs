@@ -676,9 +676,9 @@ fn expand(
             /// [`Self::from_weights`] reads them, or Hugging Face names (Llama/Mistral/Qwen2/Qwen3,
             /// GPT-2, BERT; `WeightNames::Hf` detects the family) under `prefix`, the attention
             /// module's (`model.layers.0.self_attn.`) or, when detecting, the block's
-            /// (`model.layers.0.`), mapped into this layer's layout (q/k/v fused into
-            /// `linear_qkv`'s per-group rows). `attention_runtime::weights::hf::detect` reports
-            /// which family a store holds.
+            /// (`model.layers.0.`), mapped into this layer's own layout (separate q/k/v fused
+            /// per group; self-attention only). `attention_runtime::weights::hf::detect`
+            /// reports which family a store holds.
             ///
             /// # Errors
             /// Those of [`Self::from_weights`]; for Hugging Face names `HfMissingWeight`,
