@@ -50,6 +50,12 @@ if [ "${GPU_BUNDLE_EXAMPLES:-1}" = "1" ]; then
   cp "${CARGO_TARGET_DIR:-target}/gpu/examples/quickstart" "${CARGO_TARGET_DIR:-target}/gpu/examples/generate" "$out/bin/"
 fi
 cp scripts/bench_sdpa.py scripts/bench_layer.py scripts/bench-all.sh "$out/"
+# all-MiniLM-L6-v2's attention tensors (14 MB; the whole model is 87 MB) for gpu_minilm.rs.
+if minilm_dir=$(scripts/install-minilm.sh | tail -n1); then
+  python3 scripts/minilm_golden.py attention-only --model-dir "$minilm_dir" --out "$out/minilm" >&2
+else
+  echo "gpu-bundle: all-MiniLM-L6-v2 could not be installed; gpu_minilm will fail" >&2
+fi
 
 cat > "$out/run.sh" <<'RUN'
 #!/usr/bin/env bash
@@ -68,9 +74,14 @@ exit $status
 RUN
 chmod +x "$out/run.sh"
 du -sh "$out" >&2
-size=$(du -sm "$out" | cut -f1)
-if [ "$size" -gt 64 ]; then
-  echo "gpu-bundle is ${size} MiB, over the 64 MiB transfer limit" >&2
+ls "$out/bin" >&2
+# The device tool carries at most 64 MiB with the working tree: ship the bundle compressed
+# (carry gpu-bundle-pack, then `tar xzf gpu-bundle-pack/gb.tgz` there; see CONTRIBUTING.md).
+mkdir -p gpu-bundle-pack
+tar czf gpu-bundle-pack/gb.tgz "$out"
+size=$(du -sm gpu-bundle-pack/gb.tgz | cut -f1)
+echo "gpu-bundle-pack/gb.tgz: ${size} MiB" >&2
+if [ "$size" -gt 52 ]; then
+  echo "gpu-bundle-pack/gb.tgz is ${size} MiB: with the working tree it would pass the 64 MiB transfer limit" >&2
   exit 1
 fi
-ls "$out/bin" >&2

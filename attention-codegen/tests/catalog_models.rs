@@ -36,6 +36,17 @@ fn catalog_has_the_named_models() {
             right: 0
         })
     );
+    let minilm = get("all-minilm-l6-v2");
+    assert_eq!(
+        (
+            minilm.heads,
+            minilm.gqa,
+            minilm.head_dims.clone(),
+            minilm.hidden
+        ),
+        (Some(12), Some(12), vec![32], Some(384))
+    );
+    assert!(minilm.rope.is_none() && minilm.bias && minilm.default_mask() == MaskType::Padding);
     assert!(cat.iter().any(|e| e.spec.head_dims.contains(&256)));
     assert!(cat
         .iter()

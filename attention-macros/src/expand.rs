@@ -133,6 +133,26 @@ fn fallback(item: &syn::ItemStruct) -> TokenStream {
                 dims: #rt::config::RuntimeDims,
             ) -> #rt::Result<Self> { #stub }
             /// Unavailable: the spec has an error.
+            pub fn from_weights_named(
+                weights: &#rt::weights::WeightStore,
+                prefix: ::core::option::Option<&str>,
+                dims: #rt::config::RuntimeDims,
+                names: #rt::weights::names::WeightNames,
+            ) -> #rt::Result<Self> { #stub }
+            /// Unavailable: the spec has an error.
+            pub fn from_safetensors_named(
+                path: impl ::core::convert::AsRef<::std::path::Path>,
+                prefix: ::core::option::Option<&str>,
+                dims: #rt::config::RuntimeDims,
+                names: #rt::weights::names::WeightNames,
+            ) -> #rt::Result<Self> { #stub }
+            /// Unavailable: the spec has an error.
+            pub fn state_dict_named(
+                &self,
+                prefix: &str,
+                names: #rt::weights::names::WeightNames,
+            ) -> #rt::Result<::std::vec::Vec<(::std::string::String, #rt::Tensor)>> { #stub }
+            /// Unavailable: the spec has an error.
             pub fn forward(
                 &self,
                 hidden: &#rt::Tensor,
@@ -649,10 +669,53 @@ fn expand(
                 prefix: ::core::option::Option<&str>,
                 dims: #rt::config::RuntimeDims,
             ) -> #rt::Result<Self> {
+                Self::from_weights_named(weights, prefix, dims, #rt::weights::names::WeightNames::Megatron)
+            }
+
+            /// Load the weights from a store named as `names` says: Megatron-Core names as
+            /// [`Self::from_weights`] reads them, or Hugging Face names (Llama/Mistral/Qwen2/Qwen3,
+            /// GPT-2, BERT; `WeightNames::Hf` detects the family) under `prefix`, the attention
+            /// module's (`model.layers.0.self_attn.`) or, when detecting, the block's
+            /// (`model.layers.0.`), mapped into this layer's own layout (separate q/k/v fused
+            /// per group; self-attention only). `attention_runtime::weights::hf::detect`
+            /// reports which family a store holds.
+            ///
+            /// # Errors
+            /// Those of [`Self::from_weights`]; for Hugging Face names `HfMissingWeight`,
+            /// `HfExtraWeight`, `HfWeightShape` naming the key and the family,
+            /// `HfFamilyNotFound`, and `InvalidArgument` for a spec the family cannot express.
+            pub fn from_weights_named(
+                weights: &#rt::weights::WeightStore,
+                prefix: ::core::option::Option<&str>,
+                dims: #rt::config::RuntimeDims,
+                names: #rt::weights::names::WeightNames,
+            ) -> #rt::Result<Self> {
                 let config = Self::config_for(&dims)?;
-                let prefix = prefix.unwrap_or("");
+                let view = #rt::weights::names::megatron_view(
+                    weights,
+                    prefix.unwrap_or(""),
+                    names,
+                    &config,
+                )?;
+                let (weights, prefix) = (view.store(), view.prefix());
                 #(#loads)*
                 ::core::result::Result::Ok(Self { #(#field_names,)* config })
+            }
+
+            /// Load the weights from a safetensors file named as `names` says; see
+            /// [`Self::from_weights_named`].
+            ///
+            /// # Errors
+            /// I/O and safetensors errors naming the path, and those of
+            /// [`Self::from_weights_named`].
+            pub fn from_safetensors_named(
+                path: impl ::core::convert::AsRef<::std::path::Path>,
+                prefix: ::core::option::Option<&str>,
+                dims: #rt::config::RuntimeDims,
+                names: #rt::weights::names::WeightNames,
+            ) -> #rt::Result<Self> {
+                let weights = #rt::weights::WeightStore::from_file(path)?;
+                Self::from_weights_named(&weights, prefix, dims, names)
             }
 
             /// Load the weights from a safetensors file; see [`Self::from_weights`].
@@ -733,6 +796,21 @@ fn expand(
                 device: &#rt::device::CudaDevice,
             ) -> #rt::Result<#rt::cuda::CudaLayer> {
                 Self::from_safetensors(path, prefix, dims)?.to_cuda(device)
+            }
+
+            /// Every parameter under `names` with `prefix`: Megatron names (as
+            /// [`Self::state_dict`]) or a Hugging Face family's (`WeightNames::HfFamily`,
+            /// `prefix` the attention module's), loadable by [`Self::from_weights_named`].
+            ///
+            /// # Errors
+            /// `InvalidArgument` for `WeightNames::Hf` (saving needs a family), a spec the
+            /// family cannot express, or a parameter it has no name for.
+            pub fn state_dict_named(
+                &self,
+                prefix: &str,
+                names: #rt::weights::names::WeightNames,
+            ) -> #rt::Result<::std::vec::Vec<(::std::string::String, #rt::Tensor)>> {
+                #rt::weights::names::state_dict_as(self, prefix, names)
             }
         }
 

@@ -177,4 +177,52 @@ pub enum AttnError {
         /// What the submodule must implement.
         hint: String,
     },
+    /// A Hugging Face weight the layer needs is missing from the weights file.
+    #[error("missing weight `{key}` ({family} names) in {source_name}")]
+    HfMissingWeight {
+        /// The family whose names were read.
+        family: crate::weights::hf::HfFamily,
+        /// The full (prefixed) tensor name.
+        key: String,
+        /// The file or store.
+        source_name: String,
+    },
+    /// A tensor under the layer's Hugging Face prefix that the spec has no use for (a bias
+    /// the spec lacks, a q/k norm without `qk_layernorm`, an unknown tensor).
+    #[error("unexpected weight `{key}` ({family} names): expected {expected}")]
+    HfExtraWeight {
+        /// The family whose names were read.
+        family: crate::weights::hf::HfFamily,
+        /// The full (prefixed) tensor name.
+        key: String,
+        /// What the spec allows there.
+        expected: String,
+    },
+    /// A Hugging Face weight has the wrong shape (shapes in the checkpoint's own layout:
+    /// GPT-2's Conv1D weights are `[in, out]`).
+    #[error(
+        "weight `{key}` ({family} names) has the wrong shape: expected {expected:?}, got {got:?}"
+    )]
+    HfWeightShape {
+        /// The family whose names were read.
+        family: crate::weights::hf::HfFamily,
+        /// The full (prefixed) tensor name.
+        key: String,
+        /// The shape the spec implies.
+        expected: Vec<usize>,
+        /// The shape in the file.
+        got: Vec<usize>,
+    },
+    /// No Hugging Face family's attention weights under the prefix.
+    #[error("no Hugging Face attention weights under prefix `{prefix}` in {source_name}: expected one of {expected}; keys there: {got}")]
+    HfFamilyNotFound {
+        /// The prefix searched.
+        prefix: String,
+        /// The file or store.
+        source_name: String,
+        /// The keys that would identify a family, relative to the prefix.
+        expected: String,
+        /// The keys found under the prefix (the first few).
+        got: String,
+    },
 }

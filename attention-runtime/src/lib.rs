@@ -7,7 +7,8 @@
 //! - [`layer`]: the layer forward shared by generated structs ([`AttentionLayer`]).
 //! - [`backend`]: the backend seam ([`backend::BackendLayer`] over the CPU reference and CUDA).
 //! - [`plan`]: step planning (checks, positions, batch geometry) shared by every backend.
-//! - [`weights`]: safetensors weights under Megatron names ([`WeightStore`]).
+//! - [`weights`]: safetensors weights ([`WeightStore`]) under Megatron or Hugging Face names
+//!   ([`WeightNames`], [`weights::hf`]).
 //! - [`reference`](mod@reference): the CPU reference math.
 
 pub mod backend;
@@ -38,4 +39,6 @@ pub use modules::{
     QkNormLayer, Submodule,
 };
 pub use tensor::Tensor;
+pub use weights::hf::HfFamily;
+pub use weights::names::WeightNames;
 pub use weights::WeightStore;

@@ -8,6 +8,8 @@ use crate::config::{LayerConfig, RuntimeDims};
 use crate::error::{AttnError, Result};
 use crate::layer::{AttentionLayer, CrossAttentionParts, LayerParts, SelfAttentionParts};
 use crate::modules::{DotProductAttention, Linear, QkNormLayer, Submodule};
+use crate::weights::hf::HfLayout;
+use crate::weights::names::{megatron_view, state_dict_as, WeightNames};
 use crate::weights::WeightStore;
 
 /// A self- or cross-attention layer with the default submodules
@@ -64,6 +66,42 @@ impl SpecLayer {
             |cfg, role| QkNormLayer::load(cfg, role, weights, prefix),
             |cfg| DotProductAttention::load(cfg, Role::CoreAttention, weights, prefix),
         )
+    }
+
+    /// Load the layer's weights from `weights` named as `names` says: Megatron names with
+    /// `prefix` as [`load`](Self::load) does, or Hugging Face names with `prefix` the attention
+    /// module's (`model.layers.0.self_attn.`; [`WeightNames::Hf`] also takes the block's,
+    /// `model.layers.0.`), mapped into the layer's layout
+    /// ([`crate::weights::hf`]). Returns the layer and, for Hugging Face names, the family and
+    /// prefix found.
+    ///
+    /// Errors: those of [`load`](Self::load); for Hugging Face names a missing, extra or
+    /// misshaped key naming the key and the family ([`AttnError::HfMissingWeight`],
+    /// [`AttnError::HfExtraWeight`], [`AttnError::HfWeightShape`]), no family found
+    /// ([`AttnError::HfFamilyNotFound`]), a spec the family cannot express
+    /// ([`AttnError::InvalidArgument`]).
+    pub fn load_named(
+        config: LayerConfig,
+        weights: &WeightStore,
+        prefix: &str,
+        names: WeightNames,
+    ) -> Result<(Self, Option<HfLayout>)> {
+        let view = megatron_view(weights, prefix, names, &config)?;
+        let layer = Self::load(config, view.store(), view.prefix())?;
+        Ok((layer, view.hf_layout().cloned()))
+    }
+
+    /// Every parameter under `names` with `prefix` (see [`state_dict_as`]): Megatron names,
+    /// or a Hugging Face family's, loadable again by [`load_named`](Self::load_named).
+    ///
+    /// Errors: [`AttnError::InvalidArgument`] for [`WeightNames::Hf`] without a family, or a
+    /// spec the family cannot express.
+    pub fn state_dict_named(
+        &self,
+        prefix: &str,
+        names: WeightNames,
+    ) -> Result<Vec<(String, crate::tensor::Tensor)>> {
+        state_dict_as(self, prefix, names)
     }
 
     fn build(

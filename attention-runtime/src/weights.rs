@@ -3,7 +3,11 @@
 //! Names follow Megatron-Core's state dict of one attention layer (`linear_qkv.weight`
 //! `[(np + 2 ng) hn, h]`, `linear_qkv.bias`, `q_layernorm.weight` `[hn]`, `linear_proj.weight`
 //! `[h, np hn]`, ...), optionally under a model prefix such as
-//! `decoder.layers.0.self_attention.`.
+//! `decoder.layers.0.self_attention.`. Hugging Face names ([`hf`]) are converted to these at
+//! load time and back when saving; [`names::WeightNames`] chooses between the two.
+
+pub mod hf;
+pub mod names;
 
 use std::collections::BTreeMap;
 use std::path::Path;

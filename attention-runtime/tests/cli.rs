@@ -259,6 +259,7 @@ fn catalog_lists_models_and_kernels() {
         "mistral-7b",
         "gemma-7b",
         "whisper-small-cross",
+        "all-minilm-l6-v2",
     ] {
         assert!(s.contains(model), "catalog lacks {model}: {s}");
     }

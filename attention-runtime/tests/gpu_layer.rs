@@ -188,6 +188,32 @@ fn mqa_l2_no_rope_no_mask_qkv_bias() {
     );
 }
 
+/// The head dims of real checkpoints added with issue 9: 32 (MiniLM; rope rotates channel
+/// pairs 16 lanes apart), 160 and 224 (8-warp fast-forward tiles), with q/k norms.
+#[test]
+#[ignore = "requires a CUDA GPU"]
+fn head_dims_32_160_224() {
+    check(
+        "self, heads=12, head_dim=32, hidden=384, mask=padding",
+        Extras {
+            mask: 1,
+            ..Extras::default()
+        },
+    );
+    check(
+        "self, heads=4, gqa=2, head_dim=32, qk_layernorm=layer, rope, mask=causal",
+        Extras::default(),
+    );
+    check(
+        "self, heads=4, gqa=2, head_dim=160, qk_layernorm=rms, rope, mask=causal",
+        Extras::default(),
+    );
+    check(
+        "self, heads=2, head_dim=224, rope=interleaved, mask=causal, dtype=f16",
+        Extras::default(),
+    );
+}
+
 #[test]
 #[ignore = "requires a CUDA GPU"]
 fn gqa_head_dim_256_and_96() {

@@ -1,7 +1,8 @@
 //! `attn`: run one attention layer from safetensors, list the kernel catalog, render kernels.
 //!
 //! ```text
-//! attn layer --spec "<spec>" --weights W.safetensors [--prefix P] --input X.safetensors
+//! attn layer --spec "<spec>" --weights W.safetensors [--prefix P] [--names megatron|hf|hf:FAMILY]
+//!            --input X.safetensors
 //!            [--input-name input] --output O.safetensors [--device cpu|cuda]
 //!            [--positions P.safetensors] [--mask-file M.safetensors] [--bias-file B.safetensors]
 //!            [--context C.safetensors]
@@ -22,7 +23,8 @@ use std::process::ExitCode;
 use attention_codegen::{catalog, registry, render};
 use attention_runtime::spec_layer::SpecLayer;
 use attention_runtime::{
-    AttentionLayer, AttnError, Device, ForwardArgs, Result, RuntimeDims, Tensor, WeightStore,
+    AttentionLayer, AttnError, Device, ForwardArgs, Result, RuntimeDims, Tensor, WeightNames,
+    WeightStore,
 };
 use clap::{Parser, Subcommand};
 use safetensors::{Dtype, SafeTensors};
@@ -44,7 +46,7 @@ struct Cli {
 enum Command {
     /// Precompile kernels into the on-disk kernel cache, so a deploy never runs NVRTC.
     Aot(AotArgs),
-    /// Run one layer's forward on weights stored under Megatron-Core names.
+    /// Run one layer's forward on weights stored under Megatron-Core or Hugging Face names.
     ///
     /// Writes `output` `[s, b, h]` and, when the layer has one, `output_bias` `[h]` (not added to
     /// the output, as the reference system returns it), both f32.
@@ -73,9 +75,14 @@ struct LayerArgs {
     /// safetensors file with the layer's weights.
     #[arg(long)]
     weights: PathBuf,
-    /// Prefix of the weight names, e.g. `decoder.layers.0.self_attention.`.
+    /// Prefix of the weight names, e.g. `decoder.layers.0.self_attention.` (Hugging Face:
+    /// the attention module's, `model.layers.0.self_attn.`, or the block's, `model.layers.0.`).
     #[arg(long, default_value = "")]
     prefix: String,
+    /// How the weights are named: `megatron`, `hf` (Llama/Mistral/Qwen2/Qwen3, GPT-2 or BERT,
+    /// detected from the keys under --prefix) or `hf:llama|hf:gpt2|hf:bert`.
+    #[arg(long, default_value = "megatron", value_parser = parse_names)]
+    names: WeightNames,
     /// safetensors file with the input hidden states `[s, b, h]` (f32, bf16 or f16).
     #[arg(long)]
     input: PathBuf,
@@ -115,6 +122,10 @@ struct LayerArgs {
     /// Hidden size, when the spec leaves it out.
     #[arg(long)]
     hidden: Option<usize>,
+}
+
+fn parse_names(s: &str) -> std::result::Result<WeightNames, String> {
+    s.parse().map_err(|e: AttnError| e.to_string())
 }
 
 fn io_err(path: &Path, source: std::io::Error) -> AttnError {
@@ -184,7 +195,10 @@ fn run_layer(a: &LayerArgs) -> Result<()> {
     };
     let config = SpecLayer::config_from_str(&a.spec, &dims)?;
     let weights = WeightStore::from_file(&a.weights)?;
-    let layer = SpecLayer::load(config, &weights, &a.prefix)?;
+    let (layer, hf) = SpecLayer::load_named(config, &weights, &a.prefix, a.names)?;
+    if let Some(layout) = hf {
+        eprintln!("attn: weights: {layout}");
+    }
 
     let input = read_tensor(&a.input, &a.input_name, "--input")?;
     let positions: Option<Vec<i64>> = a
