@@ -7,6 +7,10 @@
 // i + seqlens_k[b] - seqlen_q.
 //
 // Launch: grid (ceil(seqlen_q / {{ block_rows }}), num_heads, batch), block ({{ block_rows }} * 32).
+// Parameters: one `const FwdParams p` (partials/params.cu); read: q, k / v
+// (the cache layer), out, lse, batch, num_heads, num_groups, seqlen_q, softmax_scale,
+// window_left/right, sinks, gate, cache_seqlens_k (seqlens_k below), cache_batch_offset
+// (batch_offset), cache_max_batch (max_batch).
 //
 // Layouts (row-major):
 //   q, out, gate: elem_t [seqlen_q, batch, num_heads, HEAD_DIM]
@@ -19,28 +23,16 @@
 {% include "partials/types.cu" %}
 {% include "partials/mask.cu" %}
 {% include "partials/attend.cu" %}
+{% include "partials/params.cu" %}
 
 constexpr int BLOCK_ROWS = {{ block_rows }};
 
-extern "C" __global__ void __launch_bounds__(BLOCK_ROWS * WARP_SIZE) {{ key }}(
-    const elem_t* __restrict__ q,
-    const elem_t* __restrict__ k_cache,
-    const elem_t* __restrict__ v_cache,
-    elem_t* __restrict__ out,
-    float* __restrict__ lse,
-    const int* __restrict__ seqlens_k,
-    int batch,
-    int batch_offset,
-    int max_batch,
-    int num_heads,
-    int num_groups,
-    int seqlen_q,
-    float softmax_scale,
-    int window_left,
-    int window_right,
-    const float* __restrict__ sinks,
-    const elem_t* __restrict__ gate)
+extern "C" __global__ void __launch_bounds__(BLOCK_ROWS * WARP_SIZE) {{ key }}(const FwdParams p)
 {
+    const elem_t* __restrict__ k_cache = p.k;
+    const elem_t* __restrict__ v_cache = p.v;
+    const int batch = p.batch, num_heads = p.num_heads, num_groups = p.num_groups;
+    const int seqlen_q = p.seqlen_q, max_batch = p.cache_max_batch;
     const int lane = threadIdx.x % WARP_SIZE;
     const int warp = threadIdx.x / WARP_SIZE;
     const int h = blockIdx.y;
@@ -48,24 +40,24 @@ extern "C" __global__ void __launch_bounds__(BLOCK_ROWS * WARP_SIZE) {{ key }}(
     const int i = blockIdx.x * BLOCK_ROWS + warp;
     const int g = h / (num_heads / num_groups);
     if (i >= seqlen_q) return;
-    const int sk = seqlens_k[b];
+    const int sk = p.cache_seqlens_k[b];
 
     const long long q_tok = (long long)i * batch + b;
     const long long q_off = (q_tok * num_heads + h) * HEAD_DIM;
     float qv[LANE_D];
-    load_q(qv, q + q_off, lane);
+    load_q(qv, p.q + q_off, lane);
 
     int lo, hi;
-    visible_range(i, seqlen_q, sk, window_left, window_right, &lo, &hi);
-    const float scale_log2 = softmax_scale * LOG2E;
-    const long long slot = (long long)batch_offset + b;
+    visible_range(i, seqlen_q, sk, p.window_left, p.window_right, &lo, &hi);
+    const float scale_log2 = p.softmax_scale * LOG2E;
+    const long long slot = (long long)p.cache_batch_offset + b;
 
     RowState st;
-    row_init(st, sinks, h);
+    row_init(st, p.sinks, h);
     for (int j = lo; j < hi; ++j) {
         const long long kv_off = (((long long)j * max_batch + slot) * num_groups + g) * HEAD_DIM;
         const float s = row_dot(qv, k_cache + kv_off, lane) * scale_log2;
         row_update(st, s, v_cache + kv_off, lane);
     }
-    row_finish(st, out + q_off, gate + q_off, lse + (long long)h * seqlen_q * batch + q_tok, lane);
+    row_finish(st, p.out + q_off, p.gate + q_off, p.lse + (long long)h * seqlen_q * batch + q_tok, lane);
 }

@@ -33,9 +33,24 @@
 //   cache_seqlens: int32 [batch]; rope_cos, rope_sin: f32 [rope_rows, ROT_DIM / 2]
 //   o_part: f32 [num_splits, batch, num_heads, HEAD_DIM]; lse_part: f32 [num_splits, batch, num_heads]
 //   lse: f32 [num_heads, batch] (natural log); sinks: f32 [num_heads] (learnable sinks only)
+//
+// Paged mode ({{ paged_kv }}; `_paged` keys, no rope): the decode rows (one new token each) of a
+// paged mixed batch, after qkv_prep rotated q/k and kvappend wrote the new k/v into the pool.
+// Both entries take one `const PagedDecodeParams p` (partials/params.cu). Block b of the split
+// kernel serves decode request req = p.requests[b] of the batch: its query row is packed token
+// cu_seqlens_q[req] of q [total_q, num_heads, HEAD_DIM]; it attends to keys [0,
+// seqlens_k[req]) (bottom-right causal, window) read from the pools [num_blocks, block_size,
+// num_groups, HEAD_DIM] through block_table[req, j / block_size] (block_size a power of two;
+// tiles straddle blocks; 64-bit offsets); nothing is rotated or appended. o_part / lse_part
+// are indexed by b as above; the merge writes out and gate at the packed token row and lse
+// [num_heads, total_q] at (h, token). Keys past seqlens_k, other requests' blocks and unused
+// pool blocks are never read.
 
 {% include "partials/types.cu" %}
 {% include "partials/mask.cu" %}
+{%- if paged_kv %}
+{% include "partials/params.cu" %}
+{%- endif %}
 
 constexpr float LOG2E = 1.4426950408889634f;
 constexpr float LN2 = 0.6931471805599453f;
@@ -132,6 +147,17 @@ __device__ __forceinline__ float warp_max(float x) {
     return x;
 }
 
+{%- if paged_kv %}
+extern "C" __global__ void __launch_bounds__(WARPS * WARP_SIZE) {{ key }}(const PagedDecodeParams p)
+{
+    const elem_t* __restrict__ q = p.q;
+    float* __restrict__ o_part = p.o_part;
+    float* __restrict__ lse_part = p.lse_part;
+    const int batch = p.batch, num_heads = p.num_heads, num_groups = p.num_groups;
+    const int num_splits = p.num_splits;
+    const float softmax_scale = p.softmax_scale;
+    const int window_left = p.window_left, window_right = p.window_right;
+{%- else %}
 extern "C" __global__ void __launch_bounds__(WARPS * WARP_SIZE) {{ key }}(
     const elem_t* __restrict__ q,
     const elem_t* __restrict__ k_new,
@@ -153,13 +179,18 @@ extern "C" __global__ void __launch_bounds__(WARPS * WARP_SIZE) {{ key }}(
     int window_left,
     int window_right)
 {
+{%- endif %}
     // Ring of STAGES x {K, V} tiles, each elem_t [TILE][SROW]; after the last tile of a row
     // block it holds the warps' partial outputs, f32 [WARPS][MROWS][HEAD_DIM].
     extern __shared__ __align__(16) unsigned char kv_ring[];
+{%- if not paged_kv %}
     __shared__ __align__(16) elem_t k_row[HEAD_DIM];
     __shared__ __align__(16) elem_t v_row[HEAD_DIM];
+{%- endif %}
     __shared__ __align__(16) elem_t q_s[MROWS * SROW];
+{%- if not paged_kv %}
     __shared__ float stage[WARPS][HEAD_DIM];
+{%- endif %}
     __shared__ float ml_s[WARPS][MROWS][2];
 
     const int tid = threadIdx.x;
@@ -169,6 +200,20 @@ extern "C" __global__ void __launch_bounds__(WARPS * WARP_SIZE) {{ key }}(
     const int g = blockIdx.y;
     const int b = blockIdx.z;
     const int per = num_heads / num_groups;
+{%- if paged_kv %}
+    // Decode request p.requests[b] of the paged batch: its one (already rotated) query row is
+    // token cu_seqlens_q[req]; its keys 0 .. seqlens_k[req] (the new one already appended)
+    // live in pool blocks block_table[req, j / block_size], rows j % block_size.
+    const int req = p.requests[b];
+    const int sk = p.seqlens_k[req];
+    const long long tok = p.cu_seqlens_q[req];
+    const int* __restrict__ bt_row = p.block_table + (long long)req * p.max_blocks_per_seq;
+    const int bs_shift = __ffs(p.block_size) - 1;  // block_size is a power of two
+    const int bs_mask = p.block_size - 1;
+    const elem_t* __restrict__ k_pool = p.k_pool + (long long)g * HEAD_DIM;
+    const elem_t* __restrict__ v_pool = p.v_pool + (long long)g * HEAD_DIM;
+    const long long pool_row = (long long)num_groups * HEAD_DIM;  // elements per pool row
+{%- else %}
     const long long pos = cache_seqlens[b];
     const int sk = (int)pos + 1;
     const long long slot = (long long)batch_offset + b;
@@ -192,12 +237,14 @@ extern "C" __global__ void __launch_bounds__(WARPS * WARP_SIZE) {{ key }}(
         }
     }
     __syncthreads();
+{%- endif %}
 
     int lo, hi;
     visible_range(0, 1, sk, window_left, window_right, &lo, &hi);
     const int chunk = (hi - lo + num_splits - 1) / num_splits;
     const int s_lo = min(hi, lo + split * chunk);
     const int s_hi = min(hi, s_lo + chunk);
+{%- if not paged_kv %}
     const int owner = (pos >= lo && pos < hi && chunk > 0) ? (int)((pos - lo) / chunk) : 0;
 
     // 2. Append (the owning split only; every block reads the new row from smem).
@@ -208,12 +255,15 @@ extern "C" __global__ void __launch_bounds__(WARPS * WARP_SIZE) {{ key }}(
             v_cache[off + d] = v_row[d];
         }
     }
+{%- endif %}
 
     // 3. Attention over [s_lo, s_hi).
     const int n_tiles = (s_hi - s_lo + TILE - 1) / TILE;
+{%- if not paged_kv %}
     const long long row_stride = (long long)max_batch * num_groups * HEAD_DIM;
     const elem_t* k_base = k_cache + (slot * num_groups + g) * HEAD_DIM;
     const elem_t* v_base = v_cache + (slot * num_groups + g) * HEAD_DIM;
+{%- endif %}
     elem_t* ring = reinterpret_cast<elem_t*>(kv_ring);
     // Queue tile t's copies into ring slot t % STAGES (row pos from smem, rows past the range
     // zeroed) and commit a group (an empty one past the last tile, so the wait counts stay
@@ -231,6 +281,14 @@ extern "C" __global__ void __launch_bounds__(WARPS * WARP_SIZE) {{ key }}(
                 if (jj >= n) {
                     *reinterpret_cast<uint4*>(ks + so) = make_uint4(0u, 0u, 0u, 0u);
                     *reinterpret_cast<uint4*>(vs + so) = make_uint4(0u, 0u, 0u, 0u);
+{%- if paged_kv %}
+                } else {
+                    const long long row = ((long long)bt_row[j >> bs_shift] << bs_shift) + (j & bs_mask);
+                    const long long go = row * pool_row + c * 8;
+                    cp_async16(smem_addr(ks + so), k_pool + go);
+                    cp_async16(smem_addr(vs + so), v_pool + go);
+                }
+{%- else %}
                 } else if (j == pos) {
                     *reinterpret_cast<uint4*>(ks + so) = *reinterpret_cast<const uint4*>(k_row + c * 8);
                     *reinterpret_cast<uint4*>(vs + so) = *reinterpret_cast<const uint4*>(v_row + c * 8);
@@ -239,6 +297,7 @@ extern "C" __global__ void __launch_bounds__(WARPS * WARP_SIZE) {{ key }}(
                     cp_async16(smem_addr(ks + so), k_base + go);
                     cp_async16(smem_addr(vs + so), v_base + go);
                 }
+{%- endif %}
             }
         }
         cp_async_commit();
@@ -265,6 +324,12 @@ extern "C" __global__ void __launch_bounds__(WARPS * WARP_SIZE) {{ key }}(
         // The block's query heads, rotated, as rows of q_s (zero rows past the group).
         for (int r = warp; r < MROWS; r += WARPS) {
             if (r < rows) {
+{%- if paged_kv %}
+                const elem_t* qr = q + (tok * num_heads + g * per + h0 + r) * HEAD_DIM;
+                float qv[LANE_D];
+#pragma unroll
+                for (int c = 0; c < LANE_D; ++c) qv[c] = load_elem(qr + c * WARP_SIZE + lane);
+{%- else %}
                 const elem_t* qr = q + ((long long)b * num_heads + g * per + h0 + r) * HEAD_DIM;
                 float qv[LANE_D];
 #pragma unroll
@@ -275,6 +340,7 @@ extern "C" __global__ void __launch_bounds__(WARPS * WARP_SIZE) {{ key }}(
                 __syncwarp();
                 rope_row(qv, stage[warp], rope_cos, rope_sin, pos, lane);
                 __syncwarp();
+{%- endif %}
 #pragma unroll
                 for (int c = 0; c < LANE_D; ++c) store_elem(&q_s[r * SROW + c * WARP_SIZE + lane], qv[c]);
             } else {
@@ -409,6 +475,21 @@ extern "C" __global__ void __launch_bounds__(WARPS * WARP_SIZE) {{ key }}(
 /// Warps per block of the merge kernel (each a strided subset of the splits).
 constexpr int MERGE_WARPS = {{ merge_warps }};
 
+{%- if paged_kv %}
+extern "C" __global__ void __launch_bounds__(MERGE_WARPS * WARP_SIZE) {{ key }}_merge(const PagedDecodeParams p)
+{
+    const float* __restrict__ o_part = p.o_part;
+    const float* __restrict__ lse_part = p.lse_part;
+    elem_t* __restrict__ out = p.out;
+    float* __restrict__ lse = p.lse;
+{%- if sinks == "learnable" %}
+    const float* __restrict__ sinks = p.sinks;
+{%- endif %}
+{%- if has_gate %}
+    const elem_t* __restrict__ gate = p.gate;
+{%- endif %}
+    const int batch = p.batch, num_heads = p.num_heads, num_splits = p.num_splits;
+{%- else %}
 extern "C" __global__ void __launch_bounds__(MERGE_WARPS * WARP_SIZE) {{ key }}_merge(
     const float* __restrict__ o_part,
     const float* __restrict__ lse_part,
@@ -420,6 +501,7 @@ extern "C" __global__ void __launch_bounds__(MERGE_WARPS * WARP_SIZE) {{ key }}_
     int num_heads,
     int num_splits)
 {
+{%- endif %}
     __shared__ float part[MERGE_WARPS][HEAD_DIM];
     __shared__ float part_total[MERGE_WARPS];
     const int lane = threadIdx.x % WARP_SIZE;
@@ -434,12 +516,16 @@ extern "C" __global__ void __launch_bounds__(MERGE_WARPS * WARP_SIZE) {{ key }}_
     mx = warp_max(mx);
     const bool any = mx != neg_inf();
 {%- if sinks == "off_by_one" %}
+{%- if not paged_kv %}
     (void)sinks;
+{%- endif %}
     const float sink = 0.0f;
 {%- elif sinks == "learnable" %}
     const float sink = sinks[h] * LOG2E;
 {%- else %}
+{%- if not paged_kv %}
     (void)sinks;
+{%- endif %}
     const float sink = neg_inf();
 {%- endif %}
     const float m = fmaxf(mx, sink);
@@ -463,6 +549,15 @@ extern "C" __global__ void __launch_bounds__(MERGE_WARPS * WARP_SIZE) {{ key }}_
     if (lane == 0) part_total[warp] = total;
     __syncthreads();
     if (warp != 0) return;
+{%- if paged_kv %}
+    // Output row: the decode request's token in the packed batch; lse [num_heads, total_q].
+    const long long tok = p.cu_seqlens_q[p.requests[b]];
+    const long long orow = tok * num_heads + h;
+    const long long lse_at = (long long)h * p.total_q + tok;
+{%- else %}
+    const long long orow = row;
+    const long long lse_at = (long long)h * batch + b;
+{%- endif %}
     total = any || sink != neg_inf() ? exp2f(sink - m) : 0.0f;
 #pragma unroll
     for (int w = 0; w < MERGE_WARPS; ++w) total += part_total[w];
@@ -474,14 +569,14 @@ extern "C" __global__ void __launch_bounds__(MERGE_WARPS * WARP_SIZE) {{ key }}_
         for (int w = 0; w < MERGE_WARPS; ++w) a += part[w][c * WARP_SIZE + lane];
         float o = a * inv;
 {%- if has_gate %}
-        const float gt = load_elem(gate + row * HEAD_DIM + c * WARP_SIZE + lane);
+        const float gt = load_elem(gate + orow * HEAD_DIM + c * WARP_SIZE + lane);
         o *= 1.0f / (1.0f + expf(-gt));
 {%- endif %}
-        store_elem(out + row * HEAD_DIM + c * WARP_SIZE + lane, o);
+        store_elem(out + orow * HEAD_DIM + c * WARP_SIZE + lane, o);
     }
-{%- if not has_gate %}
+{%- if not has_gate and not paged_kv %}
     (void)gate;
 {%- endif %}
     // A sink column keeps the row non-empty (LSE = the sink logit when no key is visible).
-    if (lane == 0) lse[(long long)h * batch + b] = any || sink != neg_inf() ? (m + log2f(total)) * LN2 : neg_inf();
+    if (lane == 0) lse[lse_at] = any || sink != neg_inf() ? (m + log2f(total)) * LN2 : neg_inf();
 }

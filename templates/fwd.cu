@@ -19,43 +19,27 @@
 //        (stride 0 broadcasts; i, j are positions within the sequence).
 //   bias: f32 additive post-scale bias, element (b, h, i, j) at the same kind of strides.
 //   sinks: f32 [num_heads] learned sink logits (learnable sinks only).
-// Arguments a variant does not use are ignored (may be null / 0).
+// Parameters: one `const FwdParams p` (partials/params.cu), fields q, k, v,
+// out, lse, cu_seqlens_q, cu_seqlens_k, batch, num_heads, num_groups, seqlen_q, seqlen_k,
+// softmax_scale, window_left, window_right, mask + strides, bias + strides, sinks, gate; the
+// others (max_logit .. max_blocks_per_seq) are ignored, as are fields a variant does not use
+// (null / 0).
 
 {% include "partials/types.cu" %}
 {% include "partials/mask.cu" %}
 {% include "partials/attend.cu" %}
+{% include "partials/params.cu" %}
 
 constexpr int BLOCK_ROWS = {{ block_rows }};
 
-extern "C" __global__ void __launch_bounds__(BLOCK_ROWS * WARP_SIZE) {{ key }}(
-    const elem_t* __restrict__ q,
-    const elem_t* __restrict__ k,
-    const elem_t* __restrict__ v,
-    elem_t* __restrict__ out,
-    float* __restrict__ lse,
-    const int* __restrict__ cu_seqlens_q,
-    const int* __restrict__ cu_seqlens_k,
-    int batch,
-    int num_heads,
-    int num_groups,
-    int seqlen_q,
-    int seqlen_k,
-    float softmax_scale,
-    int window_left,
-    int window_right,
-    const unsigned char* __restrict__ mask,
-    long long mask_stride_b,
-    long long mask_stride_h,
-    long long mask_stride_q,
-    long long mask_stride_k,
-    const float* __restrict__ bias,
-    long long bias_stride_b,
-    long long bias_stride_h,
-    long long bias_stride_q,
-    long long bias_stride_k,
-    const float* __restrict__ sinks,
-    const elem_t* __restrict__ gate)
+extern "C" __global__ void __launch_bounds__(BLOCK_ROWS * WARP_SIZE) {{ key }}(const FwdParams p)
 {
+    const elem_t* __restrict__ q = p.q;
+    const elem_t* __restrict__ k = p.k;
+    const elem_t* __restrict__ v = p.v;
+    const int* __restrict__ cu_seqlens_q = p.cu_seqlens_q;
+    const int* __restrict__ cu_seqlens_k = p.cu_seqlens_k;
+    const int batch = p.batch, num_heads = p.num_heads, num_groups = p.num_groups;
     const int lane = threadIdx.x % WARP_SIZE;
     const int warp = threadIdx.x / WARP_SIZE;
     const int h = blockIdx.y;
@@ -76,12 +60,12 @@ extern "C" __global__ void __launch_bounds__(BLOCK_ROWS * WARP_SIZE) {{ key }}(
         k_step = 1;
         total_q = cu_seqlens_q[batch];
     } else {
-        sq = seqlen_q;
-        sk = seqlen_k;
+        sq = p.seqlen_q;
+        sk = p.seqlen_k;
         q_tok = (long long)i * batch + b;
         k_base = b;
         k_step = batch;
-        total_q = (long long)seqlen_q * batch;
+        total_q = (long long)p.seqlen_q * batch;
     }
     if (i >= sq) return;
 
@@ -90,29 +74,26 @@ extern "C" __global__ void __launch_bounds__(BLOCK_ROWS * WARP_SIZE) {{ key }}(
     load_q(qv, q + q_off, lane);
 
     int lo, hi;
-    visible_range(i, sq, sk, window_left, window_right, &lo, &hi);
-    const float scale_log2 = softmax_scale * LOG2E;
+    visible_range(i, sq, sk, p.window_left, p.window_right, &lo, &hi);
+    const float scale_log2 = p.softmax_scale * LOG2E;
 
     RowState st;
-    row_init(st, sinks, h);
+    row_init(st, p.sinks, h);
     for (int j = lo; j < hi; ++j) {
 {%- if mask_tensor %}
-        if (mask[b * mask_stride_b + h * mask_stride_h + i * mask_stride_q + j * mask_stride_k] != 0) continue;
-{%- else %}
-        (void)mask; (void)mask_stride_b; (void)mask_stride_h; (void)mask_stride_q; (void)mask_stride_k;
+        if (p.mask[b * p.mask_stride_b + h * p.mask_stride_h + i * p.mask_stride_q + j * p.mask_stride_k] != 0) continue;
 {%- endif %}
         const long long kv_off = ((k_base + (long long)j * k_step) * num_groups + g) * HEAD_DIM;
 {%- if has_bias %}
         // A -inf bias skips the key (row_update); a finite one stays finite (biased_logit_log2).
-        const float bj = bias[b * bias_stride_b + h * bias_stride_h + i * bias_stride_q + j * bias_stride_k];
+        const float bj = p.bias[b * p.bias_stride_b + h * p.bias_stride_h + i * p.bias_stride_q + j * p.bias_stride_k];
         if (bj == neg_inf()) continue;
-        const float s = biased_logit_log2(row_dot(qv, k + kv_off, lane) * softmax_scale, bj);
+        const float s = biased_logit_log2(row_dot(qv, k + kv_off, lane) * p.softmax_scale, bj);
         (void)scale_log2;
 {%- else %}
         const float s = row_dot(qv, k + kv_off, lane) * scale_log2;
-        (void)bias; (void)bias_stride_b; (void)bias_stride_h; (void)bias_stride_q; (void)bias_stride_k;
 {%- endif %}
         row_update(st, s, v + kv_off, lane);
     }
-    row_finish(st, out + q_off, gate + q_off, lse + (long long)h * total_q + q_tok, lane);
+    row_finish(st, p.out + q_off, p.gate + q_off, p.lse + (long long)h * total_q + q_tok, lane);
 }

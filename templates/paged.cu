@@ -8,6 +8,10 @@
 // are 64-bit.
 //
 // Launch: grid (ceil(max_seqlen_q / {{ block_rows }}), num_heads, batch), block ({{ block_rows }} * 32).
+// Parameters: one `const FwdParams p` (partials/params.cu); read: q, k / v
+// (the pools), out, lse, cu_seqlens_q, cache_seqlens_k (seqlens_k below), block_table,
+// batch, num_heads, num_groups, block_size, max_blocks_per_seq, softmax_scale,
+// window_left/right, sinks, gate.
 //
 // Layouts (row-major):
 //   q, out, gate: elem_t [total_q, num_heads, HEAD_DIM] (packed)
@@ -20,29 +24,17 @@
 {% include "partials/types.cu" %}
 {% include "partials/mask.cu" %}
 {% include "partials/attend.cu" %}
+{% include "partials/params.cu" %}
 
 constexpr int BLOCK_ROWS = {{ block_rows }};
 
-extern "C" __global__ void __launch_bounds__(BLOCK_ROWS * WARP_SIZE) {{ key }}(
-    const elem_t* __restrict__ q,
-    const elem_t* __restrict__ k_pool,
-    const elem_t* __restrict__ v_pool,
-    elem_t* __restrict__ out,
-    float* __restrict__ lse,
-    const int* __restrict__ cu_seqlens_q,
-    const int* __restrict__ seqlens_k,
-    const int* __restrict__ block_table,
-    int batch,
-    int num_heads,
-    int num_groups,
-    int block_size,
-    int max_blocks_per_seq,
-    float softmax_scale,
-    int window_left,
-    int window_right,
-    const float* __restrict__ sinks,
-    const elem_t* __restrict__ gate)
+extern "C" __global__ void __launch_bounds__(BLOCK_ROWS * WARP_SIZE) {{ key }}(const FwdParams p)
 {
+    const elem_t* __restrict__ k_pool = p.k;
+    const elem_t* __restrict__ v_pool = p.v;
+    const int* __restrict__ cu_seqlens_q = p.cu_seqlens_q;
+    const int batch = p.batch, num_heads = p.num_heads, num_groups = p.num_groups;
+    const int block_size = p.block_size;
     const int lane = threadIdx.x % WARP_SIZE;
     const int warp = threadIdx.x / WARP_SIZE;
     const int h = blockIdx.y;
@@ -52,21 +44,21 @@ extern "C" __global__ void __launch_bounds__(BLOCK_ROWS * WARP_SIZE) {{ key }}(
     const int q0 = cu_seqlens_q[b];
     const int sq = cu_seqlens_q[b + 1] - q0;
     if (i >= sq) return;
-    const int sk = seqlens_k[b];
+    const int sk = p.cache_seqlens_k[b];
     const long long total_q = cu_seqlens_q[batch];
 
     const long long q_tok = (long long)q0 + i;
     const long long q_off = (q_tok * num_heads + h) * HEAD_DIM;
     float qv[LANE_D];
-    load_q(qv, q + q_off, lane);
+    load_q(qv, p.q + q_off, lane);
 
     int lo, hi;
-    visible_range(i, sq, sk, window_left, window_right, &lo, &hi);
-    const float scale_log2 = softmax_scale * LOG2E;
-    const int* __restrict__ table = block_table + (long long)b * max_blocks_per_seq;
+    visible_range(i, sq, sk, p.window_left, p.window_right, &lo, &hi);
+    const float scale_log2 = p.softmax_scale * LOG2E;
+    const int* __restrict__ table = p.block_table + (long long)b * p.max_blocks_per_seq;
 
     RowState st;
-    row_init(st, sinks, h);
+    row_init(st, p.sinks, h);
     for (int j = lo; j < hi; ++j) {
         const long long block = table[j / block_size];
         const long long row = block * block_size + (j % block_size);
@@ -74,5 +66,5 @@ extern "C" __global__ void __launch_bounds__(BLOCK_ROWS * WARP_SIZE) {{ key }}(
         const float s = row_dot(qv, k_pool + kv_off, lane) * scale_log2;
         row_update(st, s, v_pool + kv_off, lane);
     }
-    row_finish(st, out + q_off, gate + q_off, lse + (long long)h * total_q + q_tok, lane);
+    row_finish(st, p.out + q_off, p.gate + q_off, p.lse + (long long)h * total_q + q_tok, lane);
 }

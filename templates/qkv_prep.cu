@@ -19,6 +19,8 @@
 // Outputs: q_out [num_tokens, num_heads, HEAD_DIM], k_out, v_out [num_kv_tokens, num_groups, HEAD_DIM]
 //   (self: num_kv_tokens == num_tokens), gate_out [num_tokens, num_heads, HEAD_DIM] (raw gate,
 //   the attention kernels apply sigmoid; used only with the output gate).
+// Parameters: one `const PrepParams p` (partials/params.cu), fields named
+// as below.
 // Norm weights: elem_t [HEAD_DIM] each (bias only for layer norm); eps: layernorm_epsilon.
 // positions: int32 [num_tokens], the rope position of each token; rotary_base; mscale
 //   multiplies cos and sin. Unused arguments are ignored (may be null / 0).
@@ -27,6 +29,7 @@
 //   caller zeroes it before the launch.
 
 {% include "partials/types.cu" %}
+{% include "partials/params.cu" %}
 
 constexpr int PREP_WARPS = {{ prep_warps }};
 /// Rotated channels (head_dim * rotary_percent); 0 = no rope.
@@ -79,45 +82,38 @@ __device__ __forceinline__ void qk_normalize(float (&x)[LANE_D], const elem_t* _
 {%- endif %}
 }
 
-extern "C" __global__ void __launch_bounds__(PREP_WARPS * WARP_SIZE) {{ key }}(
-    const elem_t* __restrict__ qkv,
-    const elem_t* __restrict__ kv,
-    elem_t* __restrict__ q_out,
-    elem_t* __restrict__ k_out,
-    elem_t* __restrict__ v_out,
-    elem_t* __restrict__ gate_out,
-    const elem_t* __restrict__ q_norm_weight,
-    const elem_t* __restrict__ q_norm_bias,
-    const elem_t* __restrict__ k_norm_weight,
-    const elem_t* __restrict__ k_norm_bias,
-    float eps,
-    const int* __restrict__ positions,
-    float rotary_base,
-    float mscale,
-    int num_tokens,
-    int num_kv_tokens,
-    int num_heads,
-    int num_groups,
-    int* __restrict__ v_nonfinite)
+extern "C" __global__ void __launch_bounds__(PREP_WARPS * WARP_SIZE) {{ key }}(const PrepParams p)
 {
+    const elem_t* __restrict__ qkv = p.qkv;
+    elem_t* __restrict__ q_out = p.q_out;
+    elem_t* __restrict__ k_out = p.k_out;
+    elem_t* __restrict__ v_out = p.v_out;
+    const float eps = p.eps;
+    const int num_tokens = p.num_tokens, num_heads = p.num_heads;
+{%- if layout == "self" %}
+    const int num_groups = p.num_groups;
+    elem_t* __restrict__ gate_out = p.gate_out;
+{%- else %}
+    const elem_t* __restrict__ kv = p.kv;
+    const int num_kv_tokens = p.num_kv_tokens;
+{%- endif %}
+{%- if rope != "none" %}
+    const float rotary_base = p.rotary_base, mscale = p.mscale;
+{%- endif %}
     const int lane = threadIdx.x % WARP_SIZE;
     const int warp = threadIdx.x / WARP_SIZE;
     const long long t = blockIdx.x;
 {%- if rope != "none" %}
     __shared__ float stage[PREP_WARPS][HEAD_DIM];
-    const float pos = t < num_tokens ? (float)positions[t] : 0.0f;
-{%- else %}
-    (void)positions; (void)rotary_base; (void)mscale;
+    const float pos = t < num_tokens ? (float)p.positions[t] : 0.0f;
 {%- endif %}
 {%- if layout == "self" %}
-    (void)kv; (void)num_kv_tokens;
     const int per = num_heads / num_groups;
     const int gate_heads = {% if has_gate %}num_heads{% else %}0{% endif %};
     const long long group_width = (long long)(per * {% if has_gate %}2{% else %}1{% endif %} + 2) * HEAD_DIM;
     const long long row_width = group_width * num_groups;
     const int n_vec = num_heads + 2 * num_groups + gate_heads;
 {%- else %}
-    (void)num_groups; (void)gate_out;
     const int n_vec = 3 * num_heads;
 {%- endif %}
 
@@ -164,8 +160,8 @@ extern "C" __global__ void __launch_bounds__(PREP_WARPS * WARP_SIZE) {{ key }}(
 #pragma unroll
         for (int c = 0; c < LANE_D; ++c) x[c] = load_elem(src + c * WARP_SIZE + lane);
 
-        if (kind == KIND_Q) qk_normalize(x, q_norm_weight, q_norm_bias, eps, lane);
-        else if (kind == KIND_K) qk_normalize(x, k_norm_weight, k_norm_bias, eps, lane);
+        if (kind == KIND_Q) qk_normalize(x, p.q_norm_weight, p.q_norm_bias, eps, lane);
+        else if (kind == KIND_K) qk_normalize(x, p.k_norm_weight, p.k_norm_bias, eps, lane);
 {%- if rope != "none" %}
         if (kind == KIND_Q || kind == KIND_K) {
 #pragma unroll
@@ -205,7 +201,7 @@ extern "C" __global__ void __launch_bounds__(PREP_WARPS * WARP_SIZE) {{ key }}(
             bad |= (__float_as_uint(elem_to_float(e)) & 0x7f800000u) == 0x7f800000u;
             dst[c * WARP_SIZE + lane] = e;
         }
-        if (kind == KIND_V && v_nonfinite != nullptr && __any_sync(FULL_WARP, bad) && lane == 0)
-            atomicOr(v_nonfinite, 1);
+        if (kind == KIND_V && p.v_nonfinite != nullptr && __any_sync(FULL_WARP, bad) && lane == 0)
+            atomicOr(p.v_nonfinite, 1);
     }
 }

@@ -3,10 +3,10 @@
 //! [`kernels_for`] lists, for a spec, a head dim and a [`Target`], every [`KernelConfig`] the
 //! runtime's CUDA layer can launch. It is built from one function per kernel family
 //! ([`qkv_prep`], [`qkv_prep_for_flash_decode`], [`forward`], [`fast_forward`], [`decode`],
-//! [`paged`], [`flash_decode`], [`kv_append`], [`cross_cache_step`]); the runtime builds its
-//! launch configs with the same functions, so the two cannot drift. Everything that lists
-//! kernels uses it: the macro's `KERNELS` table, `attn render`, `attn aot --spec` and
-//! `--catalog`, the catalog (`kernels-generated/`) and the runtime.
+//! [`paged`], [`paged_decode`], [`flash_decode`], [`kv_append`], [`cross_cache_step`]); the
+//! runtime builds its launch configs with the same functions, so the two cannot drift.
+//! Everything that lists kernels uses it: the macro's `KERNELS` table, `attn render`,
+//! `attn aot --spec` and `--catalog`, the catalog (`kernels-generated/`) and the runtime.
 //!
 //! Runtime choices it covers:
 //! - forward (prefill / training): every mask type the spec lists, each without and with an
@@ -16,7 +16,8 @@
 //! - `qkv_prep` with the spec's rope (forward, prefill, paged prefill) and, for
 //!   self-attention with rope, without it (the fused decode step applies rope itself);
 //! - static-cache prefill (`kvappend_*` + `decode_*`) and decode steps (`flashdec_*`, whose
-//!   module also holds `<key>_merge`), paged prefill (`kvappend_*` + `paged_*`):
+//!   module also holds `<key>_merge`), paged mixed batches (`kvappend_*`, the prefill chunks
+//!   on `fwdfast_*_paged` or `paged_*`, the decode rows on `flashdec_*_paged` and its merge):
 //!   self-attention only;
 //! - cross-attention over a context cache (encoder-decoder decoding): `qkv_prep` (cross
 //!   layout) + `kvappend_*` fill the cache once per request, then every step attends over it
@@ -27,7 +28,9 @@
 //! on demand, and with `ATTN_JIT=off` its absence is an error naming it) and hand-built
 //! configs with other tiles (benchmarks).
 
-use crate::render::{rot_dim, KernelConfig, Phase, PrepLayout, RenderError};
+use crate::render::{
+    flash_decode_smem_bytes, rot_dim, KernelConfig, Phase, PrepLayout, RenderError,
+};
 use crate::spec::{AttentionKind, AttentionSpec, MaskType, SUPPORTED_HEAD_DIMS};
 
 /// The lowest SM version the tensor-core forward kernel (`fwdfast_*`) runs on: it uses
@@ -204,6 +207,24 @@ pub fn paged_prefill(
     Some(c)
 }
 
+/// The split-KV decode of a paged mixed batch's decode rows (one new token each): the
+/// `flashdec` kernel and its merge in their paged mode (`_paged`, no rope: `qkv_prep` rotated
+/// q and k, `kvappend` wrote the new k/v), reading K/V through the block table. The batch's
+/// other requests (prefill chunks) run [`paged_prefill`]. `None` when `target` cannot run it
+/// (sm_80+ and [`flash_decode_smem_bytes`] within its opt-in shared memory); every request
+/// then runs the prefill kernel.
+pub fn paged_decode(spec: &AttentionSpec, head_dim: usize, target: Target) -> Option<KernelConfig> {
+    let runs = match target {
+        Target::AnyDevice => true,
+        Target::Device { sm, smem_optin } => {
+            sm >= FAST_FORWARD_MIN_SM && flash_decode_smem_bytes(head_dim) <= smem_optin
+        }
+    };
+    let mut c = attention(spec, head_dim, Phase::FlashDecode);
+    c.paged_kv = true;
+    runs.then_some(c)
+}
+
 /// The static-cache attention kernel (`decode_*`) of a prefill step (any number of new
 /// queries); bottom-right causal for self-attention, over the whole cache for cross.
 pub fn decode(spec: &AttentionSpec, head_dim: usize) -> KernelConfig {
@@ -245,11 +266,11 @@ pub fn kv_append(spec: &AttentionSpec, head_dim: usize) -> KernelConfig {
 /// key, in a fixed order: `qkv_prep` (then its rope-less decode-step variant), per mask
 /// type × (no bias, bias) the fast forward kernel (when `target` runs it) then `fwd`; then
 /// for self-attention `decode`, the static-cache prefill's fast kernel
-/// ([`cache_prefill`]), the paged batch's ([`paged_prefill`]), `paged`, `flashdec` and
-/// `kvappend`; for cross-attention the context-cache step's kernel ([`cross_cache_step`];
-/// `decode_*_full` where the target cannot run it, both for [`Target::AnyDevice`]) and
-/// `kvappend`. See the module docs for the runtime choices
-/// covered.
+/// ([`cache_prefill`]), the paged batch's prefill and decode kernels ([`paged_prefill`],
+/// [`paged_decode`]), `paged`, `flashdec` and `kvappend`; for cross-attention the
+/// context-cache step's kernel ([`cross_cache_step`]; `decode_*_full` where the target cannot
+/// run it, both for [`Target::AnyDevice`]) and `kvappend`. See the module docs for the
+/// runtime choices covered.
 ///
 /// `head_dim` need not be one the spec lists (the runtime may take it from its config).
 /// Errors: a head dim outside [`SUPPORTED_HEAD_DIMS`], a spec without mask types, a rotary
@@ -278,6 +299,7 @@ pub fn kernels_for(
         out.push(decode(spec, head_dim));
         out.extend(cache_prefill(spec, head_dim, target));
         out.extend(paged_prefill(spec, head_dim, target));
+        out.extend(paged_decode(spec, head_dim, target));
         out.push(paged(spec, head_dim));
         out.push(flash_decode(spec, head_dim)?);
         out.push(kv_append(spec, head_dim));

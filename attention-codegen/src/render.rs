@@ -33,6 +33,14 @@ const TEMPLATES: &[(&str, &str)] = &[
         "partials/attend.cu",
         include_str!("../../templates/partials/attend.cu"),
     ),
+    (
+        "partials/params.cu",
+        include_str!("../../templates/partials/params.cu"),
+    ),
+    (
+        "params_probe.cu",
+        "{% include \"partials/types.cu\" %}\n{% include \"partials/params.cu\" %}\n",
+    ),
     ("fwd.cu", include_str!("../../templates/fwd.cu")),
     ("fwd_fast.cu", include_str!("../../templates/fwd_fast.cu")),
     ("decode.cu", include_str!("../../templates/decode.cu")),
@@ -73,25 +81,31 @@ pub const fn flash_decode_smem_bytes(head_dim: usize) -> usize {
 /// A kernel phase; the key prefix is [`Phase::prefix`].
 ///
 /// Entry points (all `extern "C" __global__`, named by the key; see the templates for the
-/// full layout comments):
-/// - `Forward` (`fwd_*`): `(q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k, batch, num_heads,
-///   num_groups, seqlen_q, seqlen_k, softmax_scale, window_left, window_right, mask,
-///   mask_stride_b/h/q/k, bias, bias_stride_b/h/q/k, sinks, gate)`; padded
-///   `[s, b, heads, hn]` when `cu_seqlens_q` is null, packed `[t, heads, hn]` otherwise.
-/// - `ForwardFast` (`fwdfast_*`): the `Forward` argument list followed by `max_logit` (f32
-///   `[num_heads]` or null), `v_nonfinite` (int32 flag or null: set when some V element is
-///   not finite; the kernel then computes its rows exactly, never reading a masked key),
-///   `cache_seqlens_k` (int32 `[batch]` or null), `cache_batch_offset`, `cache_max_batch`
-///   (with `cache_seqlens_k`, k/v are one layer of a static cache `[max_seq, max_batch, ng,
-///   hn]`); same layouts otherwise. Launch: grid `(ceil(max_seqlen_q / block_m), num_heads,
-///   batch)`, block `warps * 32`, dynamic shared memory [`FastTile::smem_bytes`]. Every mask
-///   (mask tensors included) and the additive bias, as `Forward`.
-/// - `Decode` (`decode_*`): `(q, k_cache, v_cache, out, lse, seqlens_k, batch, batch_offset,
-///   max_batch, num_heads, num_groups, seqlen_q, softmax_scale, window_left, window_right,
-///   sinks, gate)` over a static cache `[max_seq, max_batch, ng, hn]`.
-/// - `Paged` (`paged_*`): `(q, k_pool, v_pool, out, lse, cu_seqlens_q, seqlens_k, block_table,
-///   batch, num_heads, num_groups, block_size, max_blocks_per_seq, softmax_scale, window_left,
-///   window_right, sinks, gate)` over a pool `[num_blocks, block_size, ng, hn]`.
+/// full layout comments). Parameters come as one struct per family
+/// (`templates/partials/params.cu`, mirrored by the runtime's `cuda::params`), queued as the
+/// kernel's whole parameter buffer:
+/// - `Forward` (`fwd_*`): one `FwdParams` (q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k,
+///   batch, num_heads, num_groups, seqlen_q, seqlen_k, softmax_scale, window, mask and
+///   strides, bias and strides, sinks, gate; then max_logit, v_nonfinite and the cache fields,
+///   unused here); padded `[s, b, heads, hn]` when `cu_seqlens_q` is null, packed
+///   `[t, heads, hn]` otherwise.
+/// - `ForwardFast` (`fwdfast_*`): `FwdParams`'s fields as positional parameters in its order
+///   (the same parameter buffer; the struct parameter costs the hot variants spills):
+///   `max_logit` (f32 `[num_heads]` or null), `v_nonfinite` (int32 flag or null: set when
+///   some V element is not finite; the kernel then computes its rows exactly, never reading a
+///   masked key), `cache_seqlens_k` (int32 `[batch]` or null), `cache_batch_offset`,
+///   `cache_max_batch` (with `cache_seqlens_k`, k/v are one layer of a static cache
+///   `[max_seq, max_batch, ng, hn]`), `block_table`, `block_size`, `max_blocks_per_seq` (paged
+///   variants); same layouts as `Forward` otherwise. Launch: grid `(ceil(max_seqlen_q /
+///   block_m), num_heads, batch)`, block `warps * 32`, dynamic shared memory
+///   [`FastTile::smem_bytes`]. Every mask (mask tensors included) and the additive bias.
+/// - `Decode` (`decode_*`): one `FwdParams` (q, k / v = the cache layer, out, lse, batch,
+///   num_heads, num_groups, seqlen_q, softmax_scale, window, sinks, gate, cache_seqlens_k,
+///   cache_batch_offset, cache_max_batch) over a static cache `[max_seq, max_batch, ng, hn]`.
+/// - `Paged` (`paged_*`): one `FwdParams` (q, k / v = the pools, out, lse, cu_seqlens_q,
+///   cache_seqlens_k, block_table, batch, num_heads, num_groups, block_size,
+///   max_blocks_per_seq, softmax_scale, window, sinks, gate) over a pool `[num_blocks,
+///   block_size, ng, hn]`.
 /// - `FlashDecode` (`flashdec_*`): `(q, k_new, v_new, k_cache, v_cache, cache_seqlens,
 ///   rope_cos, rope_sin, o_part, lse_part, batch, batch_offset, max_batch, num_heads,
 ///   num_groups, num_splits, softmax_scale, window_left, window_right)`, grid `(num_splits,
@@ -99,14 +113,18 @@ pub const fn flash_decode_smem_bytes(head_dim: usize) -> usize {
 ///   [`flash_decode_smem_bytes`]; then `<key>_merge` `(o_part, lse_part, out, lse, sinks, gate,
 ///   batch, num_heads, num_splits)`, grid `(batch, num_heads)`, block
 ///   [`FLASH_DECODE_MERGE_WARPS`]` * 32`.
-///   Layouts in templates/flash_decode.cu.
-/// - `PagedAppend` (`kvappend_*`): `(k, v, k_dst, v_dst, cu_seqlens_q, seqlens_k, block_table,
-///   batch, num_groups, block_size, max_blocks_per_seq, batch_offset, max_batch)`, grid
-///   `(total_tokens)`, block 128; a null block table writes a static cache.
-/// - `QkvPrep` (`qkv_prep_*`): `(qkv, kv, q_out, k_out, v_out, gate_out, q_norm_weight,
-///   q_norm_bias, k_norm_weight, k_norm_bias, eps, positions, rotary_base, mscale, num_tokens,
-///   num_kv_tokens, num_heads, num_groups, v_nonfinite)`; `v_nonfinite` (int32 or null) is
-///   set to 1 when a value written to `v_out` is not finite.
+///   Layouts in templates/flash_decode.cu. With [`KernelConfig::paged_kv`] (`_paged`), both
+///   entries take one `PagedDecodeParams` struct (templates/partials/params.cu): the decode
+///   rows of a paged mixed batch, reading K/V through the block table, same grids with
+///   `batch` = the decode requests.
+/// - `PagedAppend` (`kvappend_*`): one `AppendParams` (k, v, k_dst, v_dst, cu_seqlens_q,
+///   seqlens_k, block_table, batch, num_groups, block_size, max_blocks_per_seq,
+///   cache_batch_offset, cache_max_batch), grid `(total_tokens)`, block 128; a null block
+///   table writes a static cache.
+/// - `QkvPrep` (`qkv_prep_*`): one `PrepParams` (qkv, kv, q_out, k_out, v_out, gate_out,
+///   q_norm_weight, q_norm_bias, k_norm_weight, k_norm_bias, eps, positions, rotary_base,
+///   mscale, num_tokens, num_kv_tokens, num_heads, num_groups, v_nonfinite); `v_nonfinite`
+///   (int32 or null) is set to 1 when a value written to `v_out` is not finite.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub enum Phase {
     /// Prefill / training forward over padded or packed q, k, v.
@@ -184,6 +202,8 @@ pub struct KernelSource {
     pub mask: Option<MaskType>,
     /// Element type of activations.
     pub dtype: DType,
+    /// The paged-pool variant ([`KernelConfig::paged_kv`] of `fwdfast` / `flashdec`).
+    pub paged_kv: bool,
     /// CUDA C++ source, no `#include`.
     pub source: String,
 }
@@ -240,7 +260,9 @@ pub struct KernelConfig {
     /// `ForwardFast`: the tile; `None` = [`FastTile::for_head_dim`].
     pub tile: Option<FastTile>,
     /// `ForwardFast`: K/V are read from a paged pool through a block table (the prefill of
-    /// a paged mixed batch; key suffix `_paged`); packed queries only.
+    /// a paged mixed batch; key suffix `_paged`); packed queries only. `FlashDecode`: the
+    /// split-KV decode of a paged batch's decode rows (key suffix `_paged`, no rope: q and k
+    /// come rotated from `qkv_prep`; parameters `PagedDecodeParams`). Ignored elsewhere.
     pub paged_kv: bool,
 }
 
@@ -468,11 +490,11 @@ impl KernelConfig {
     /// The kernel key (and entry name). Encodes every parameter that changes the source:
     ///
     /// - `fwd_<dtype>_hd<D>_<mask>[_win][_sink1|_sinkl][_bias][_gate]_w<warps>`
-    /// - `fwdfast_<dtype>_hd<D>_<mask>[_win][_sink1|_sinkl][_bias][_gate]_m<M>n<N>w<W>s<S>`
+    /// - `fwdfast_<dtype>_hd<D>_<mask>[_win][_sink1|_sinkl][_bias][_paged][_gate]_m<M>n<N>w<W>s<S>`
     /// - `decode_<dtype>_hd<D>_<causal|full>[_win][_sink1|_sinkl][_gate]_w<warps>`
     /// - `paged_<dtype>_hd<D>_causal[_win][_sink1|_sinkl][_gate]_w<warps>`
-    /// - `flashdec_<dtype>_hd<D>_<norope|ropehalf<R>|ropeinter<R>>[_win][_sink1|_sinkl][_gate]_w<warps>`
-    ///   (its merge entry is `<key>_merge`)
+    /// - `flashdec_<dtype>_hd<D>_<norope|ropehalf<R>|ropeinter<R>>[_win][_sink1|_sinkl][_paged][_gate]_w<warps>`
+    ///   (its merge entry is `<key>_merge`; `_paged` is always `_norope`)
     /// - `kvappend_<dtype>_hd<D>_w<warps>`
     /// - `qkv_prep_<dtype>_hd<D>_<self|cross>_<nonorm|layernorm|rmsnorm|l2norm>_<norope|ropehalf<R>|ropeinter<R>>[_gate]_w<warps>`
     ///
@@ -524,7 +546,7 @@ impl KernelConfig {
         if matches!(self.phase, Phase::Forward | Phase::ForwardFast) && self.has_bias {
             k.push_str("_bias");
         }
-        if self.phase == Phase::ForwardFast && self.paged_kv {
+        if matches!(self.phase, Phase::ForwardFast | Phase::FlashDecode) && self.paged_kv {
             k.push_str("_paged");
         }
         if self.output_gate {
@@ -571,6 +593,12 @@ impl KernelConfig {
                     reason: "the output gate comes from linear_qkv, which cross-attention lacks",
                 });
             }
+        }
+        if self.phase == Phase::FlashDecode && self.paged_kv && self.rope.is_some() {
+            return Err(RenderError::Unsupported {
+                argument: "rope",
+                reason: "the paged decode kernel reads q and k already rotated by qkv_prep",
+            });
         }
         if let (Phase::QkvPrep | Phase::FlashDecode, Some((_, r))) = (self.phase, self.rope) {
             if r == 0 || r & 1 == 1 || r > self.head_dim {
@@ -663,6 +691,8 @@ impl KernelConfig {
                 None
             },
             dtype: self.dtype,
+            paged_kv: self.paged_kv
+                && matches!(self.phase, Phase::ForwardFast | Phase::FlashDecode),
             source,
         })
     }
@@ -677,6 +707,19 @@ impl KernelConfig {
     pub fn render(&self) -> Result<KernelSource, RenderError> {
         self.render_with(&engine()?)
     }
+}
+
+/// The kernel parameter structs (`templates/partials/params.cu`) after the element types of
+/// `dtype`, compilable on their own: what tests append layout `static_assert`s to.
+pub fn params_source(dtype: DType) -> Result<String, RenderError> {
+    let mut c = KernelConfig::new(Phase::Forward, dtype, 64).context("params_probe");
+    c.insert("head_dim", &64);
+    engine()?
+        .render("params_probe.cu", &c)
+        .map_err(|e| RenderError::Template {
+            key: "params_probe".into(),
+            message: tera_message(&e),
+        })
 }
 
 /// Rotated channel count for `head_dim` (`int(head_dim * rotary_percent)`, as the reference).

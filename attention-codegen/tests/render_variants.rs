@@ -131,7 +131,7 @@ fn sources_specialize_the_parameters() {
     assert_eq!(k.key, "fwd_f16_hd192_arbitrary_sinkl_w4");
     assert!(k.source.contains("constexpr int HEAD_DIM = 192;"));
     assert!(k.source.contains("typedef f16_t elem_t;"));
-    assert!(k.source.contains("mask[b * mask_stride_b"));
+    assert!(k.source.contains("p.mask[b * p.mask_stride_b"));
     assert!(k.source.contains("sinks[head] * LOG2E"));
     assert_eq!(k.mask, Some(MaskType::Arbitrary));
 
@@ -194,11 +194,13 @@ fn kernels_for_spec_covers_phases_head_dims_and_masks() {
             // Static-cache prefill and the paged batch on tensor cores.
             format!("fwdfast_bf16_hd{hd}_causal_bottom_right_win_sinkl_{tile}"),
             format!("fwdfast_bf16_hd{hd}_causal_bottom_right_win_sinkl_paged_{tile}"),
+            // The paged batch's decode rows on the split-KV decode kernel.
+            format!("flashdec_bf16_hd{hd}_norope_win_sinkl_paged_w4"),
         ] {
             assert!(keys.contains(&want.as_str()), "missing {want} in {keys:?}");
         }
     }
-    assert_eq!(ks.len(), 32);
+    assert_eq!(ks.len(), 34);
     assert_eq!(ks.iter().filter(|k| k.phase == Phase::Forward).count(), 8);
     assert_eq!(
         ks.iter().filter(|k| k.phase == Phase::ForwardFast).count(),

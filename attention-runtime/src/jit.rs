@@ -188,8 +188,8 @@ pub fn compile_cubin(key: &str, source: &str, arch: &str) -> Result<Vec<u8>, Jit
     compile_with_log(key, source, arch).map(|c| c.cubin)
 }
 
-/// [`compile_cubin`], also returning NVRTC's log of a successful compilation.
-pub fn compile_with_log(key: &str, source: &str, arch: &str) -> Result<Compiled, JitError> {
+/// Compile `source` for `arch` and return the program (errors as [`compile_with_log`]).
+fn compile_program(key: &str, source: &str, arch: &str) -> Result<Program, JitError> {
     check_arch(arch)?;
     let c_src = CString::new(source).map_err(|_| JitError::InvalidArgument {
         arg: "source",
@@ -243,7 +243,42 @@ pub fn compile_with_log(key: &str, source: &str, arch: &str) -> Result<Compiled,
             log: program_log(&prog),
         });
     }
+    Ok(prog)
+}
 
+/// Compile one source to PTX for the virtual architecture `arch` (`"compute_80"`): the
+/// parameter accesses tests read offsets from. Errors as [`compile_with_log`].
+pub fn compile_ptx(key: &str, source: &str, arch: &str) -> Result<String, JitError> {
+    let prog = compile_program(key, source, arch)?;
+    let nvrtc_err = |call: &'static str, r: sys::nvrtcResult| JitError::Nvrtc {
+        key: key.to_string(),
+        call,
+        status: status_string(r),
+    };
+    let mut size: usize = 0;
+    // SAFETY: compiled program, valid out pointer.
+    let r = unsafe { sys::nvrtcGetPTXSize(prog.0, &mut size) };
+    if r != sys::nvrtcResult::NVRTC_SUCCESS {
+        return Err(nvrtc_err("nvrtcGetPTXSize", r));
+    }
+    let mut ptx = vec![0u8; size];
+    // SAFETY: the buffer holds `size` bytes as NVRTC asked.
+    let r = unsafe { sys::nvrtcGetPTX(prog.0, ptx.as_mut_ptr() as *mut c_char) };
+    if r != sys::nvrtcResult::NVRTC_SUCCESS {
+        return Err(nvrtc_err("nvrtcGetPTX", r));
+    }
+    let end = ptx.iter().position(|&b| b == 0).unwrap_or(ptx.len());
+    Ok(String::from_utf8_lossy(&ptx[..end]).into_owned())
+}
+
+/// [`compile_cubin`], also returning NVRTC's log of a successful compilation.
+pub fn compile_with_log(key: &str, source: &str, arch: &str) -> Result<Compiled, JitError> {
+    let prog = compile_program(key, source, arch)?;
+    let nvrtc_err = |call: &'static str, r: sys::nvrtcResult| JitError::Nvrtc {
+        key: key.to_string(),
+        call,
+        status: status_string(r),
+    };
     let mut size: usize = 0;
     // SAFETY: compiled program, valid out pointer.
     let r = unsafe { sys::nvrtcGetCUBINSize(prog.0, &mut size) };
@@ -267,6 +302,88 @@ pub fn compile_with_log(key: &str, source: &str, arch: &str) -> Result<Compiled,
         cubin,
         log: program_log(&prog),
     })
+}
+
+/// One kernel parameter as a CUBIN records it: position, byte offset in the parameter
+/// buffer, byte size.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct CubinParam {
+    /// Position in the parameter list (0-based).
+    pub ordinal: u16,
+    /// Byte offset in the parameter buffer.
+    pub offset: u16,
+    /// Byte size.
+    pub size: u16,
+}
+
+/// The parameter list of entry point `entry` of a CUBIN, in ordinal order, from the
+/// `EIATTR_KPARAM_INFO` records of its `.nv.info.<entry>` section (what the driver uses to
+/// lay out a launch's parameter buffer). `None` when the image is not a 64-bit ELF or has no
+/// such section. Used by the tests that hold the host's parameter structs to the kernels.
+pub fn cubin_params(cubin: &[u8], entry: &str) -> Option<Vec<CubinParam>> {
+    let u16_at = |o: usize| -> Option<u16> {
+        Some(u16::from_le_bytes(cubin.get(o..o + 2)?.try_into().ok()?))
+    };
+    let u32_at = |o: usize| -> Option<u32> {
+        Some(u32::from_le_bytes(cubin.get(o..o + 4)?.try_into().ok()?))
+    };
+    let u64_at = |o: usize| -> Option<u64> {
+        Some(u64::from_le_bytes(cubin.get(o..o + 8)?.try_into().ok()?))
+    };
+    if !cubin.starts_with(b"\x7fELF") || cubin.get(4) != Some(&2) {
+        return None;
+    }
+    let shoff = u64_at(0x28)? as usize;
+    let (shentsize, shnum, shstrndx) = (
+        u16_at(0x3A)? as usize,
+        u16_at(0x3C)? as usize,
+        u16_at(0x3E)? as usize,
+    );
+    // (name offset, file offset, size) of section i.
+    let section = |i: usize| -> Option<(usize, usize, usize)> {
+        let h = shoff + i * shentsize;
+        Some((
+            u32_at(h)? as usize,
+            u64_at(h + 0x18)? as usize,
+            u64_at(h + 0x20)? as usize,
+        ))
+    };
+    let (_, stroff, strsize) = section(shstrndx)?;
+    let names = cubin.get(stroff..stroff + strsize)?;
+    let want = format!(".nv.info.{entry}");
+    let data = (0..shnum).find_map(|i| {
+        let (name, off, size) = section(i)?;
+        let end = names.get(name..)?.iter().position(|&c| c == 0)?;
+        (names.get(name..name + end)? == want.as_bytes()).then(|| cubin.get(off..off + size))?
+    })?;
+    // Records: format byte, attribute byte, then a 2-byte value (formats 1-3) or a 2-byte
+    // length and that many bytes (format 4, EIFMT_SVAL). KPARAM_INFO (0x17): u32 index,
+    // u16 ordinal, u16 offset, u32 flags whose bits 18.. hold the size.
+    const EIATTR_KPARAM_INFO: u8 = 0x17;
+    let mut params = Vec::new();
+    let mut i = 0;
+    while i + 4 <= data.len() {
+        let (fmt, attr) = (data[i], data[i + 1]);
+        let len = u16::from_le_bytes([data[i + 2], data[i + 3]]) as usize;
+        match fmt {
+            4 => {
+                let val = data.get(i + 4..i + 4 + len)?;
+                if attr == EIATTR_KPARAM_INFO && val.len() >= 12 {
+                    let flags = u32::from_le_bytes(val[8..12].try_into().ok()?);
+                    params.push(CubinParam {
+                        ordinal: u16::from_le_bytes([val[4], val[5]]),
+                        offset: u16::from_le_bytes([val[6], val[7]]),
+                        size: ((flags >> 18) & 0x3fff) as u16,
+                    });
+                }
+                i += 4 + len;
+            }
+            1..=3 => i += 4,
+            _ => break,
+        }
+    }
+    params.sort_by_key(|p| p.ordinal);
+    Some(params)
 }
 
 #[cfg(test)]

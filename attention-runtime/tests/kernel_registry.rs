@@ -125,9 +125,10 @@ fn stdout_of(o: &Output) -> String {
 /// Every kernel key the CUDA layer launches for `spec` at `hd` on `target`, following its call
 /// sites (cuda/layer.rs): the forward's prep; per mask type × bias the fast kernel when the
 /// device runs it, else `fwd`, and `fwd` too as the fallback when the fast one cannot load;
-/// prefill's append + its fast kernel (or decode), the fused decode step's rope-less prep and `flashdec`, paged
-/// prefill's append + paged (self-attention only); cross-attention's context cache: append
-/// + the step's fast kernel (or decode).
+/// prefill's append + its fast kernel (or decode), the fused decode step's rope-less prep and
+/// `flashdec`, paged batches' append + the prefill chunks' fast kernel (or paged) + the decode
+/// rows' paged `flashdec` (self-attention only); cross-attention's context cache: append + the
+/// step's fast kernel (or decode).
 fn launched(spec: &AttentionSpec, hd: usize, target: Target) -> Vec<String> {
     let mut keys = vec![registry::qkv_prep(spec, hd).unwrap().key()];
     for &mask in &spec.masks {
@@ -145,6 +146,8 @@ fn launched(spec: &AttentionSpec, hd: usize, target: Target) -> Vec<String> {
         // Static-cache prefill: the tensor-core kernel when the device runs it (else decode).
         keys.extend(registry::cache_prefill(spec, hd, target).map(|c| c.key()));
         keys.extend(registry::paged_prefill(spec, hd, target).map(|c| c.key()));
+        // Paged batches' decode rows: the split-KV decode kernel when the device runs it.
+        keys.extend(registry::paged_decode(spec, hd, target).map(|c| c.key()));
         keys.push(registry::qkv_prep_for_flash_decode(spec, hd).unwrap().key());
         keys.push(registry::flash_decode(spec, hd).unwrap().key());
         keys.push(registry::paged(spec, hd).key());

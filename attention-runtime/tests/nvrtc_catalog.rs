@@ -1,4 +1,5 @@
-//! Every catalog kernel compiles with NVRTC to CUBIN for sm_80 and sm_90a.
+//! Every catalog kernel compiles with NVRTC to CUBIN for sm_80 and sm_90a, and its compiled
+//! parameter list is the layout of the host struct it is launched with (`cuda::params`).
 //!
 //! Needs libnvrtc (13.x): run `scripts/install-nvrtc.sh` and put the directory it prints on
 //! `LD_LIBRARY_PATH`. Without NVRTC this test fails, unless `ATTN_SKIP_NVRTC=1` is set.
@@ -6,8 +7,9 @@
 use attention_codegen::catalog::catalog_kernels;
 use attention_codegen::render::{KernelConfig, Phase};
 use attention_codegen::DType;
+use attention_runtime::cuda::params::param_layout;
 use attention_runtime::jit::{
-    compile_cubin, compile_with_log, nvrtc_available, nvrtc_version, JitError,
+    compile_cubin, compile_with_log, cubin_params, nvrtc_available, nvrtc_version, JitError,
 };
 
 const ARCHS: &[&str] = &["sm_80", "sm_90a"];
@@ -63,6 +65,29 @@ fn every_catalog_kernel_compiles_for_sm80_and_sm90a() {
                         "{} for {arch}: the CUBIN has no symbol named after the key",
                         k.key
                     );
+                    // The compiled parameter list is the host struct the kernel is launched
+                    // with (cuda::params), offset for offset.
+                    // (Paged flashdec: its `_merge` entry takes the same struct.)
+                    let mut entries = vec![k.key.clone()];
+                    if k.phase == Phase::FlashDecode && k.paged_kv {
+                        entries.push(format!("{}_merge", k.key));
+                    }
+                    for (entry, want) in entries
+                        .iter()
+                        .filter_map(|e| Some((e, param_layout(k.phase, k.paged_kv)?)))
+                    {
+                        let got: Vec<(usize, usize)> = cubin_params(&cubin, entry)
+                            .unwrap_or_else(|| panic!("{entry} for {arch}: no parameter table"))
+                            .iter()
+                            .map(|p| (p.offset as usize, p.size as usize))
+                            .collect();
+                        if got != want {
+                            failures.push(format!(
+                                "kernel `{entry}` for {arch}: parameters (offset, size) \
+                                 {got:?}, the host launches {want:?}"
+                            ));
+                        }
+                    }
                 }
                 Err(e) => failures.push(e.to_string()),
             }

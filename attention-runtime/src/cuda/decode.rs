@@ -210,6 +210,45 @@ pub fn launch_flash_decode(
     Ok(())
 }
 
+/// Queue the split and merge kernels of a paged batch's decode rows (`flashdec` in its paged
+/// mode, loaded with [`flash_decode_kernels`]): split grid `(num_splits, num_groups,
+/// batch)`, merge grid `(batch, num_heads)`, both launched with `p` as their parameters.
+///
+/// # Safety
+/// Every pointer in `p` is a live device buffer of the shape `templates/flash_decode.cu`
+/// documents for its paged mode, `requests` lists `batch` requests of the paged batch with
+/// one query row each, and their block ids and lengths were validated against the pool.
+pub unsafe fn launch_paged_decode(
+    stream: &Arc<CudaStream>,
+    key: &str,
+    split: &CudaFunction,
+    merge: &CudaFunction,
+    p: &super::params::PagedDecodeParams,
+) -> Result<()> {
+    let smem = split
+        .get_attribute(
+            sys::CUfunction_attribute_enum::CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES,
+        )
+        .map_err(cuda_err(
+            "cuFuncGetAttribute(MAX_DYNAMIC_SHARED_SIZE_BYTES)",
+        ))?;
+    let cfg = LaunchConfig {
+        grid_dim: (p.num_splits as u32, p.num_groups as u32, p.batch as u32),
+        block_dim: ((FLASH_DECODE_MAX_WARPS * 32) as u32, 1, 1),
+        shared_mem_bytes: smem.max(0) as u32,
+    };
+    // SAFETY: PagedDecodeParams is the parameter layout of both paged entries
+    // (tests/nvrtc_catalog.rs); the buffers are the caller's guarantee.
+    unsafe { super::params::launch(stream, split, cfg, p) }.map_err(launch_err(key))?;
+    let cfg = LaunchConfig {
+        grid_dim: (p.batch as u32, p.num_heads as u32, 1),
+        block_dim: ((FLASH_DECODE_MERGE_WARPS * 32) as u32, 1, 1),
+        shared_mem_bytes: 0,
+    };
+    // SAFETY: as above.
+    unsafe { super::params::launch(stream, merge, cfg, p) }.map_err(launch_err(key))
+}
+
 /// A decode step captured in a CUDA graph on its own stream: replaying it re-runs the same
 /// kernels on the same fixed buffers (the caller updates their contents between replays).
 pub struct DecodeGraph {

@@ -23,10 +23,10 @@ use attention_codegen::render::{FastTile, KernelConfig, Phase};
 use cudarc::driver::sys::CUfunction_attribute_enum;
 use cudarc::driver::{
     CudaContext, CudaFunction, CudaSlice, CudaStream, DevicePtr, DevicePtrMut, DeviceRepr,
-    LaunchConfig, PushKernelArg,
 };
 use cudarc::nvrtc::Ptx;
 
+use crate::cuda::params::FwdParams;
 use crate::error::{AttnError, Result};
 
 /// A loaded fast forward kernel.
@@ -492,63 +492,45 @@ impl FastForward {
             }
             None => (0, None),
         };
-        let batch = a.batch as i32;
-        let heads = a.num_heads as i32;
-        let groups = a.num_groups as i32;
-        let sq = seqlen_q as i32;
-        let sk = seqlen_k as i32;
         let (wl, wr) = a.window;
-        let cfg = LaunchConfig {
-            grid_dim: (
-                grid_q.div_ceil(self.tile.block_m) as u32,
-                a.num_heads as u32,
-                a.batch as u32,
-            ),
-            block_dim: ((self.tile.warps * 32) as u32, 1, 1),
-            shared_mem_bytes: self.smem_bytes as u32,
+        let params = FwdParams {
+            q: q_ptr,
+            k: k_ptr,
+            v: v_ptr,
+            out: out_ptr,
+            lse: lse_ptr,
+            cu_seqlens_q: cuq,
+            cu_seqlens_k: cuk,
+            batch: a.batch as i32,
+            num_heads: a.num_heads as i32,
+            num_groups: a.num_groups as i32,
+            seqlen_q: seqlen_q as i32,
+            seqlen_k: seqlen_k as i32,
+            softmax_scale: a.softmax_scale,
+            window_left: wl,
+            window_right: wr,
+            mask: mask_ptr,
+            mask_strides: ms,
+            bias: bias_ptr,
+            bias_strides: bs,
+            sinks: sinks_ptr,
+            gate: gate_ptr,
+            max_logit: ml_ptr,
+            v_nonfinite: vflag_ptr,
+            // Static-cache and paged modes off (the layer's prefill and forward_paged use
+            // them through their own launches).
+            ..FwdParams::default()
         };
-        let mut b = stream.launch_builder(&self.func);
-        b.arg(&q_ptr)
-            .arg(&k_ptr)
-            .arg(&v_ptr)
-            .arg(&out_ptr)
-            .arg(&lse_ptr)
-            .arg(&cuq)
-            .arg(&cuk)
-            .arg(&batch)
-            .arg(&heads)
-            .arg(&groups)
-            .arg(&sq)
-            .arg(&sk)
-            .arg(&a.softmax_scale)
-            .arg(&wl)
-            .arg(&wr)
-            .arg(&mask_ptr)
-            .arg(&ms[0])
-            .arg(&ms[1])
-            .arg(&ms[2])
-            .arg(&ms[3])
-            .arg(&bias_ptr)
-            .arg(&bs[0])
-            .arg(&bs[1])
-            .arg(&bs[2])
-            .arg(&bs[3])
-            .arg(&sinks_ptr)
-            .arg(&gate_ptr)
-            .arg(&ml_ptr)
-            .arg(&vflag_ptr);
-        // Static-cache mode off (the layer's prefill uses it through its own launch).
-        let (no_cache, zero) = (0u64, 0i32);
-        b.arg(&no_cache).arg(&zero).arg(&zero);
-        // Paged mode off (the layer's forward_paged uses it through its own launch).
-        b.arg(&no_cache).arg(&zero).arg(&zero);
-        // SAFETY: the argument list matches the kernel's signature (templates/fwd_fast.cu):
-        // 8-byte pointers (0 = null), i32 dims, f32 scale, i64 strides; every buffer was
-        // checked above to hold the elements the kernel indexes for these dims (mask / bias:
-        // the largest strided offset over their extent).
-        unsafe { b.launch(cfg) }.map_err(|e| AttnError::KernelLaunch {
-            key: self.key.clone(),
-            msg: e.to_string(),
+        let cfg =
+            crate::cuda::params::fwd_launch_config(&self.config, grid_q, a.num_heads, a.batch);
+        // SAFETY: FwdParams is the fwdfast parameter layout (tests/nvrtc_params_layout.rs);
+        // every buffer was checked above to hold the elements the kernel indexes for these
+        // dims (mask / bias: the largest strided offset over their extent).
+        unsafe { crate::cuda::params::launch(stream, &self.func, cfg, &params) }.map_err(|e| {
+            AttnError::KernelLaunch {
+                key: self.key.clone(),
+                msg: e.to_string(),
+            }
         })?;
         Ok(())
     }

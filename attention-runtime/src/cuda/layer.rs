@@ -20,11 +20,14 @@ use std::sync::Arc;
 use attention_codegen::registry::{self, Target};
 use attention_codegen::render::{KernelConfig, Phase};
 use attention_codegen::{AttentionKind, MaskType, Role, Sinks, SUPPORTED_HEAD_DIMS};
-use cudarc::driver::{CudaSlice, DevicePtr, LaunchConfig, PushKernelArg};
+use cudarc::driver::{CudaSlice, DevicePtr, LaunchConfig};
 use half::{bf16, f16};
 
 use super::launch::{kernel, launch_err, select_forward};
 use super::linear::{linear_kv, linear_proj_into, linear_q, linear_qkv_into, DeviceLinear};
+use super::params::{
+    fwd_launch_config, launch as launch_params, AppendParams, FwdParams, PrepParams,
+};
 use super::tensor::{upload, DeviceElem, DeviceTensor, ElemType};
 use super::CudaRuntime;
 use super::DeviceStaticKvCache;
@@ -340,6 +343,31 @@ impl CudaLayer {
     /// run it (the one-warp-per-row `paged` kernel runs then).
     pub fn paged_prefill_config(&self) -> Option<KernelConfig> {
         registry::paged_prefill(&self.config.spec, self.config.head_dim, self.target)
+    }
+
+    /// The split-KV decode config of a paged mixed batch's decode rows
+    /// ([`registry::paged_decode`]: `flashdec` in its paged mode); `None` when this GPU
+    /// cannot run it (the decode rows then run on the prefill kernel).
+    pub fn paged_decode_config(&self) -> Option<KernelConfig> {
+        registry::paged_decode(&self.config.spec, self.config.head_dim, self.target)
+    }
+
+    /// Load an attention kernel: [`load_fast`](Self::load_fast) for a `fwdfast` config,
+    /// [`kernel`] otherwise.
+    fn load_attention(&self, c: &KernelConfig) -> Result<(String, cudarc::driver::CudaFunction)> {
+        if c.phase == Phase::ForwardFast {
+            self.load_fast(c)
+        } else {
+            kernel(&self.rt, c)
+        }
+    }
+
+    /// The spec's sliding window as kernel arguments (`-1, -1` without one).
+    fn window(&self) -> Result<(i32, i32)> {
+        match self.config.window {
+            Some(w) => Ok((to_i32("window", w.left)?, to_i32("window", w.right)?)),
+            None => Ok((-1, -1)),
+        }
     }
 
     /// Load a `fwdfast` kernel and allow its dynamic shared memory.

@@ -4,6 +4,8 @@
 //! - [`linear`]: `linear_qkv`, `linear_q`, `linear_kv`, `linear_proj` through cuBLASLt.
 //! - [`launch`]: the per-device kernel cache (render -> NVRTC CUBIN for the exact arch ->
 //!   module) and launch helpers whose errors name the kernel key.
+//! - [`params`]: the kernel families' typed parameter structs ([`params::FwdParams`]) and
+//!   their launch.
 //! - [`layer`]: [`CudaLayer`], any [`AttentionLayer`](crate::AttentionLayer) on the GPU.
 //! - [`cross_cache`]: [`DeviceCrossKvCache`], cross-attention's cached encoder context.
 //!
@@ -20,6 +22,7 @@ pub mod kv_cache;
 pub mod launch;
 pub mod layer;
 pub mod linear;
+pub mod params;
 pub mod tensor;
 pub mod wrap;
 

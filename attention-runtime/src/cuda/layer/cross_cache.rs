@@ -158,61 +158,55 @@ impl CudaLayer {
         let v = self.alloc(&[nk, np, hn], "v")?;
         let (pa, pk, pv) = (tptr(&a, rt), tptr(&k, rt), tptr(&v, rt));
         let nki = to_i32("key_value_states rows", nk as i64)?;
-        let (nh, null, zero_i) = (np as i32, 0u64, 0i32);
+        let nh = np as i32;
         {
             let cfg = LaunchConfig {
                 grid_dim: (nki as u32, 1, 1),
                 block_dim: ((self.prep.warps * 32) as u32, 1, 1),
                 shared_mem_bytes: 0,
             };
-            let (eps, base, mscale) = (c.eps, 10000.0f32, 1.0f32);
-            let mut lb = st.launch_builder(&prep_f);
-            lb.arg(&null)
-                .arg(&pa)
-                .arg(&null)
-                .arg(&pk)
-                .arg(&pv)
-                .arg(&null);
-            lb.arg(&null).arg(&null).arg(&null).arg(&null).arg(&eps);
-            lb.arg(&null).arg(&base).arg(&mscale);
-            lb.arg(&zero_i).arg(&nki).arg(&nh).arg(&nh).arg(&null);
-            // SAFETY: matches the qkv_prep entry point in its cross layout with no query
-            // rows (num_tokens 0: qkv, q_out never touched): kv [nk, np * 2 * hn] (per head
-            // [k_h | v_h]), k_out / v_out [nk, np, hn]; no norm, rope or gate (cross specs
-            // have none); grid covers every context row.
-            unsafe { lb.launch(cfg) }.map_err(launch_err(&prep_key))?;
+            // The cross layout with no query rows (num_tokens 0: qkv and q_out never
+            // touched): kv [nk, np * 2 * hn] (per head [k_h | v_h]) -> k / v [nk, np, hn];
+            // no norm, rope or gate (cross specs have none).
+            let p = PrepParams {
+                kv: pa,
+                k_out: pk,
+                v_out: pv,
+                eps: c.eps,
+                rotary_base: 10000.0,
+                mscale: 1.0,
+                num_tokens: 0,
+                num_kv_tokens: nki,
+                num_heads: nh,
+                num_groups: nh,
+                ..PrepParams::default()
+            };
+            // SAFETY: PrepParams is the qkv_prep parameter layout (tests/
+            // nvrtc_params_layout.rs); the grid covers every context row, buffers as above.
+            unsafe { launch_params(st, &prep_f, cfg, &p) }.map_err(launch_err(&prep_key))?;
         }
         let seq: Vec<i32> = vec![sk as i32; b];
         let seq_d = upload(st, &seq, "context seqlens")?;
         {
             let (kc, vc) = (cache.layer_k(layer)?, cache.layer_v(layer)?);
-            let (pkc, pvc, ps) = (tptr(kc, rt), tptr(vc, rt), dptr(&seq_d, rt));
-            let (bi, one) = (b as i32, 1i32);
-            let (bo, mb) = (batch_offset as i32, cache.max_batch() as i32);
-            let cfg = LaunchConfig {
-                grid_dim: (nki as u32, 1, 1),
-                block_dim: (128, 1, 1),
-                shared_mem_bytes: 0,
+            let append = AppendParams {
+                k: pk,
+                v: pv,
+                k_dst: tptr(kc, rt),
+                v_dst: tptr(vc, rt),
+                seqlens_k: dptr(&seq_d, rt),
+                batch: b as i32,
+                num_groups: nh,
+                block_size: 1,
+                cache_batch_offset: batch_offset as i32,
+                cache_max_batch: cache.max_batch() as i32,
+                ..AppendParams::default()
             };
-            let mut lb = st.launch_builder(&app_f);
-            lb.arg(&pk)
-                .arg(&pv)
-                .arg(&pkc)
-                .arg(&pvc)
-                .arg(&null)
-                .arg(&ps)
-                .arg(&null);
-            lb.arg(&bi)
-                .arg(&nh)
-                .arg(&one)
-                .arg(&zero_i)
-                .arg(&bo)
-                .arg(&mb);
-            // SAFETY: matches the kvappend entry point in its static mode (null block
-            // table, padded [sk, b] rows): row t goes to position t / b of slot
-            // batch_offset + t % b, positions < sk <= max_ctx and slots < max_batch
-            // (check_context), cache layer [max_ctx, max_batch, np, hn].
-            unsafe { lb.launch(cfg) }.map_err(launch_err(&app_key))?;
+            // SAFETY: kvappend in its static mode (null block table, padded [sk, b] rows):
+            // row t goes to position t / b of slot batch_offset + t % b, positions < sk <=
+            // max_ctx and slots < max_batch (check_context), cache layer [max_ctx, max_batch,
+            // np, hn].
+            unsafe { self.launch_append(&(app_key, app_f), nk, &append) }?;
         }
         cache.commit_lens(st, layer, batch_offset, &lens)?;
         // Freed in stream order after the queued kernels.
@@ -293,16 +287,14 @@ impl CudaLayer {
         if n == 0 {
             return self.alloc(&[s, b, h], "output");
         }
-        let (wl, wr) = match c.window {
-            Some(w) => (to_i32("window", w.left)?, to_i32("window", w.right)?),
-            None => (-1, -1),
+        let (wl, wr) = self.window()?;
+        // Resolve the attention kernel before anything is queued: the tensor-core kernel in
+        // its static-cache mode, mask none, or `decode_*_full` where it cannot run.
+        let attn_config = match self.cross_cache_step_config() {
+            Some(fc) => fc,
+            None => self.kv_config(Phase::Decode)?,
         };
-        // Resolve the attention kernel before anything is queued.
-        let fast = self.cross_cache_step_config();
-        let (key, f) = match &fast {
-            Some(fc) => self.load_fast(fc)?,
-            None => kernel(&self.rt, &self.kv_config(Phase::Decode)?)?,
-        };
+        let (key, f) = self.load_attention(&attn_config)?;
         let rt = &*self.rt;
         let st = rt.stream();
         let mut q = self.alloc(&[n, np * hn], "linear_q output")?;
@@ -310,64 +302,32 @@ impl CudaLayer {
         let o = self.alloc(&[n, np, hn], "attention output")?;
         let lse = crate::cuda::tensor::alloc_uninit::<f32>(st, np * n, "lse")?;
         let (kc, vc) = (cache.layer_k(layer)?, cache.layer_v(layer)?);
-        let (pq, pkc, pvc, po, plse) = (
-            tptr(&q, rt),
-            tptr(kc, rt),
-            tptr(vc, rt),
-            tptr(&o, rt),
-            dptr(&lse, rt),
-        );
-        let pl = cache.lens_ptr(st, layer, batch_offset);
-        let p_sinks = self.sinks.as_ref().map_or(0, |x| dptr(x, rt));
-        let (bi, bo, mb) = (b as i32, batch_offset as i32, cache.max_batch() as i32);
-        let (nh, sq, scale) = (np as i32, s as i32, c.softmax_scale);
-        let (null, zero_i, zero_l) = (0u64, 0i32, 0i64);
-        if let Some(fc) = fast {
-            let tile = fc.fast_tile();
-            let cfg = LaunchConfig {
-                grid_dim: (s.div_ceil(tile.block_m) as u32, np as u32, b as u32),
-                block_dim: ((tile.warps * 32) as u32, 1, 1),
-                shared_mem_bytes: tile.smem_bytes(hn) as u32,
-            };
-            let mut lb = st.launch_builder(&f);
-            lb.arg(&pq).arg(&pkc).arg(&pvc).arg(&po).arg(&plse);
-            lb.arg(&null).arg(&null).arg(&bi).arg(&nh).arg(&nh);
-            lb.arg(&sq).arg(&zero_i).arg(&scale).arg(&wl).arg(&wr);
-            lb.arg(&null)
-                .arg(&zero_l)
-                .arg(&zero_l)
-                .arg(&zero_l)
-                .arg(&zero_l);
-            lb.arg(&null)
-                .arg(&zero_l)
-                .arg(&zero_l)
-                .arg(&zero_l)
-                .arg(&zero_l);
-            lb.arg(&p_sinks).arg(&null).arg(&null).arg(&null);
-            lb.arg(&pl).arg(&bo).arg(&mb);
-            lb.arg(&null).arg(&zero_i).arg(&zero_i);
-            // SAFETY: matches the fwdfast entry point in its static-cache mode (templates/
-            // fwd_fast.cu), mask none: q/o [s, b, np, hn], cache layer [max_ctx, max_batch,
-            // np, hn] with slots batch_offset..+b, cache_seqlens_k = the cache's device
-            // lengths of those slots, each in 1..=max_ctx (step_lens checked the host copy
-            // they mirror); lse [np, s * b].
-            unsafe { lb.launch(cfg) }.map_err(launch_err(&key))?;
-        } else {
-            let dcfg = self.kv_config(Phase::Decode)?;
-            let cfg = LaunchConfig {
-                grid_dim: (s.div_ceil(dcfg.warps) as u32, np as u32, b as u32),
-                block_dim: ((dcfg.warps * 32) as u32, 1, 1),
-                shared_mem_bytes: 0,
-            };
-            let mut lb = st.launch_builder(&f);
-            lb.arg(&pq).arg(&pkc).arg(&pvc).arg(&po).arg(&plse).arg(&pl);
-            lb.arg(&bi).arg(&bo).arg(&mb).arg(&nh).arg(&nh).arg(&sq);
-            lb.arg(&scale).arg(&wl).arg(&wr).arg(&p_sinks).arg(&null);
-            // SAFETY: matches the decode entry point (full: no causal mask); q/o
-            // [s, b, np, hn], cache layer [max_ctx, max_batch, np, hn], seqlens_k the
-            // cache's device lengths of slots batch_offset..+b.
-            unsafe { lb.launch(cfg) }.map_err(launch_err(&key))?;
-        }
+        let params = FwdParams {
+            q: tptr(&q, rt),
+            k: tptr(kc, rt),
+            v: tptr(vc, rt),
+            out: tptr(&o, rt),
+            lse: dptr(&lse, rt),
+            batch: b as i32,
+            num_heads: np as i32,
+            num_groups: np as i32,
+            seqlen_q: s as i32,
+            softmax_scale: c.softmax_scale,
+            window_left: wl,
+            window_right: wr,
+            sinks: self.sinks.as_ref().map_or(0, |x| dptr(x, rt)),
+            cache_seqlens_k: cache.lens_ptr(st, layer, batch_offset),
+            cache_batch_offset: batch_offset as i32,
+            cache_max_batch: cache.max_batch() as i32,
+            ..FwdParams::default()
+        };
+        let cfg = fwd_launch_config(&attn_config, s, np, b);
+        // SAFETY: FwdParams is the parameter layout of fwdfast and decode (tests/
+        // nvrtc_params_layout.rs): q/o [s, b, np, hn], cache layer [max_ctx, max_batch, np,
+        // hn] with slots batch_offset..+b, cache_seqlens_k the cache's device lengths of those
+        // slots, each in 1..=max_ctx (step_lens checked the host copy they mirror); lse
+        // [np, s * b].
+        unsafe { launch_params(st, &f, cfg, &params) }.map_err(launch_err(&key))?;
         let o = o.view(&[n, np * hn])?;
         let mut out = self.alloc(&[n, h], "output")?;
         linear_proj_into(rt, &o, &self.proj, &mut out)?;

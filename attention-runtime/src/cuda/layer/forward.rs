@@ -257,6 +257,12 @@ impl CudaLayer {
             }
             None => (None, [0; 4]),
         };
+        // Scalar kernel arguments, checked before anything is queued.
+        let (wl, wr) = self.window()?;
+        let (sq_i, sk_i) = (
+            to_i32("seqlen_q", g.sq as i64)?,
+            to_i32("seqlen_k", g.sk as i64)?,
+        );
         let mut out = self.alloc(&[g.nq, c.hidden], "output")?;
         if g.nq == 0 {
             return Ok((out, self.proj.bias.as_ref()));
@@ -302,34 +308,24 @@ impl CudaLayer {
                 block_dim: ((self.prep.warps * 32) as u32, 1, 1),
                 shared_mem_bytes: 0,
             };
-            let p_qkv = tptr(&a, rt);
-            let p_kv = opt_ptr(kv_in.as_ref(), rt);
-            let (p_q, p_k, p_v) = (tptr(&q, rt), tptr(&k, rt), tptr(&v, rt));
-            let p_gate = opt_ptr(gate.as_ref(), rt);
-            let p_qw = opt_ptr(self.q_norm.0.as_ref(), rt);
-            let p_qb = opt_ptr(self.q_norm.1.as_ref(), rt);
-            let p_kw = opt_ptr(self.k_norm.0.as_ref(), rt);
-            let p_kb = opt_ptr(self.k_norm.1.as_ref(), rt);
-            let eps = c.eps;
-            let p_pos = positions.as_ref().map_or(0, |p| dptr(p, rt));
-            let base = c.rope.map_or(10000.0, |r| r.rotary_base as f32);
-            let mscale = args.rope_mscale;
-            let (nt, nkt) = (g.nq as i32, g.nk as i32);
-            let (nh, ngr) = (np as i32, ng as i32);
-            let mut b = st.launch_builder(&f);
-            b.arg(&p_qkv)
-                .arg(&p_kv)
-                .arg(&p_q)
-                .arg(&p_k)
-                .arg(&p_v)
-                .arg(&p_gate);
-            b.arg(&p_qw).arg(&p_qb).arg(&p_kw).arg(&p_kb).arg(&eps);
-            b.arg(&p_pos).arg(&base).arg(&mscale);
-            b.arg(&nt).arg(&nkt).arg(&nh).arg(&ngr).arg(&p_vflag);
-            // SAFETY: the argument list matches the qkv_prep entry point (render.rs docs):
-            // every pointer is a live device buffer of the documented shape or null where the
-            // variant ignores it; grid covers every token row.
-            unsafe { b.launch(cfg) }.map_err(launch_err(&key))?;
+            let params = PrepParams {
+                qkv: tptr(&a, rt),
+                kv: opt_ptr(kv_in.as_ref(), rt),
+                q_out: tptr(&q, rt),
+                k_out: tptr(&k, rt),
+                v_out: tptr(&v, rt),
+                gate_out: opt_ptr(gate.as_ref(), rt),
+                positions: positions.as_ref().map_or(0, |p| dptr(p, rt)),
+                num_tokens: g.nq as i32,
+                num_kv_tokens: g.nk as i32,
+                v_nonfinite: p_vflag,
+                ..self.prep_params(args.rope_mscale)
+            };
+            // SAFETY: PrepParams is the qkv_prep parameter layout (tests/
+            // nvrtc_params_layout.rs); every pointer is a live device buffer of the
+            // documented shape or null where the variant ignores it; the grid covers every
+            // token row.
+            unsafe { launch_params(st, &f, cfg, &params) }.map_err(launch_err(&key))?;
         }
 
         // 3. Attention forward.
@@ -339,81 +335,43 @@ impl CudaLayer {
             // The fast kernel when this GPU runs it; the general one otherwise. A fast kernel
             // that fails to build falls back with a warning, except under ATTN_JIT=off, where
             // its absence from the cache is an error naming it (select_forward).
-            let (chosen, kf) =
-                select_forward(self.fast_config(&fcfg).as_ref(), &fcfg, |c| kernel(rt, c))?;
-            let (is_fast, (key, f)) = match chosen.phase {
-                Phase::ForwardFast => {
-                    let c = chosen;
-                    let smem = c.fast_tile().smem_bytes(hn);
-                    if smem > 48 * 1024 {
-                        kf.1.set_attribute(
-                            cudarc::driver::sys::CUfunction_attribute_enum::CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES,
-                            smem as i32,
-                        )
-                        .map_err(|e| AttnError::Cuda {
-                            call: format!("cuFuncSetAttribute max dynamic shared memory {}", kf.0),
-                            msg: e.to_string(),
-                        })?;
-                    }
-                    (Some(c.fast_tile()), kf)
-                }
-                _ => (None, kf),
+            let (chosen, (key, f)) =
+                select_forward(self.fast_config(&fcfg).as_ref(), &fcfg, |c| {
+                    self.load_attention(c)
+                })?;
+            let cfg = fwd_launch_config(&chosen, g.sq, np, g.batch);
+            let params = FwdParams {
+                q: tptr(&q, rt),
+                k: tptr(&k, rt),
+                v: tptr(&v, rt),
+                out: tptr(&o, rt),
+                lse: dptr(&lse, rt),
+                cu_seqlens_q: g.cu_q.as_ref().map_or(0, |s| dptr(s, rt)),
+                cu_seqlens_k: g.cu_k.as_ref().map_or(0, |s| dptr(s, rt)),
+                batch: g.batch as i32,
+                num_heads: np as i32,
+                num_groups: ng as i32,
+                seqlen_q: sq_i,
+                seqlen_k: sk_i,
+                softmax_scale: c.softmax_scale,
+                window_left: wl,
+                window_right: wr,
+                mask: mask_buf.as_ref().map_or(0, |s| dptr(s, rt)),
+                mask_strides,
+                bias: bias_buf.as_ref().map_or(0, |s| dptr(s, rt)),
+                bias_strides,
+                sinks: self.sinks.as_ref().map_or(0, |s| dptr(s, rt)),
+                gate: opt_ptr(gate.as_ref(), rt),
+                // fwdfast reads the v_nonfinite flag (fwd ignores it); no max-logit record.
+                v_nonfinite: p_vflag,
+                ..FwdParams::default()
             };
-            let (rows, threads, smem) = match is_fast {
-                Some(t) => (t.block_m, t.warps * 32, t.smem_bytes(hn)),
-                None => (fcfg.warps, fcfg.warps * 32, 0),
-            };
-            let cfg = LaunchConfig {
-                grid_dim: (
-                    g.sq.div_ceil(rows).max(1) as u32,
-                    np as u32,
-                    g.batch.max(1) as u32,
-                ),
-                block_dim: (threads as u32, 1, 1),
-                shared_mem_bytes: smem as u32,
-            };
-            let (p_q, p_k, p_v, p_o) = (tptr(&q, rt), tptr(&k, rt), tptr(&v, rt), tptr(&o, rt));
-            let p_lse = dptr(&lse, rt);
-            let p_cq = g.cu_q.as_ref().map_or(0, |s| dptr(s, rt));
-            let p_ck = g.cu_k.as_ref().map_or(0, |s| dptr(s, rt));
-            let batch = g.batch as i32;
-            let (nh, ngr) = (np as i32, ng as i32);
-            let (sq, sk) = (
-                to_i32("seqlen_q", g.sq as i64)?,
-                to_i32("seqlen_k", g.sk as i64)?,
-            );
-            let scale = c.softmax_scale;
-            let (wl, wr) = match c.window {
-                Some(w) => (to_i32("window", w.left)?, to_i32("window", w.right)?),
-                None => (-1, -1),
-            };
-            let p_mask = mask_buf.as_ref().map_or(0, |s| dptr(s, rt));
-            let p_bias = bias_buf.as_ref().map_or(0, |s| dptr(s, rt));
-            let p_sinks = self.sinks.as_ref().map_or(0, |s| dptr(s, rt));
-            let p_gate = opt_ptr(gate.as_ref(), rt);
-            let [mb, mh, mq, mk] = mask_strides;
-            let [bb, bh, bq, bk] = bias_strides;
-            let mut b = st.launch_builder(&f);
-            b.arg(&p_q).arg(&p_k).arg(&p_v).arg(&p_o).arg(&p_lse);
-            b.arg(&p_cq).arg(&p_ck).arg(&batch).arg(&nh).arg(&ngr);
-            b.arg(&sq).arg(&sk).arg(&scale).arg(&wl).arg(&wr);
-            b.arg(&p_mask).arg(&mb).arg(&mh).arg(&mq).arg(&mk);
-            b.arg(&p_bias).arg(&bb).arg(&bh).arg(&bq).arg(&bk);
-            b.arg(&p_sinks).arg(&p_gate);
-            // fwdfast_* takes the same list plus the per-head max-logit record (null: off)
-            // and the v_nonfinite flag.
-            let p_max_logit: u64 = 0;
-            let (no_cache, zero) = (0u64, 0i32);
-            if is_fast.is_some() {
-                b.arg(&p_max_logit).arg(&p_vflag);
-                b.arg(&no_cache).arg(&zero).arg(&zero);
-                b.arg(&no_cache).arg(&zero).arg(&zero);
-            }
-            // SAFETY: the argument list matches the fwd / fwdfast entry point (render.rs docs); q/o/gate
-            // are [nq, np, hn], k/v [nk, ng, hn] (padded rows are s-major, b-minor, as the
-            // kernel indexes them), lse [np, nq], cu_seqlens [batch + 1], mask/bias broadcast
-            // by the strides computed above; grid covers every (row block, head, sequence).
-            unsafe { b.launch(cfg) }.map_err(launch_err(&key))?;
+            // SAFETY: FwdParams is the parameter layout of fwd and fwdfast
+            // (tests/nvrtc_params_layout.rs); q/o/gate are [nq, np, hn], k/v [nk, ng, hn]
+            // (padded rows are s-major, b-minor, as the kernel indexes them), lse [np, nq],
+            // cu_seqlens [batch + 1], mask/bias broadcast by the strides computed above; the
+            // grid covers every (row block, head, sequence).
+            unsafe { launch_params(st, &f, cfg, &params) }.map_err(launch_err(&key))?;
             key
         };
 

@@ -114,6 +114,47 @@ impl CudaLayer {
         Ok((q, k, v, gate, keep))
     }
 
+    /// The layer's part of every `qkv_prep` launch: norm weights, eps, rope base, `mscale`,
+    /// head counts; buffers, token counts and the flag stay null / 0 for the caller to set.
+    pub(super) fn prep_params(&self, mscale: f32) -> PrepParams {
+        let rt = &*self.rt;
+        let c = &self.config;
+        PrepParams {
+            q_norm_weight: opt_ptr(self.q_norm.0.as_ref(), rt),
+            q_norm_bias: opt_ptr(self.q_norm.1.as_ref(), rt),
+            k_norm_weight: opt_ptr(self.k_norm.0.as_ref(), rt),
+            k_norm_bias: opt_ptr(self.k_norm.1.as_ref(), rt),
+            eps: c.eps,
+            rotary_base: c.rope.map_or(10000.0, |r| r.rotary_base as f32),
+            mscale,
+            num_heads: c.heads as i32,
+            num_groups: c.groups as i32,
+            ..PrepParams::default()
+        }
+    }
+
+    /// Queue the `kvappend` kernel (`kernel`, loaded from [`kv_config`](Self::kv_config))
+    /// over `rows` new token rows: one block per row.
+    ///
+    /// # Safety
+    /// `p`'s buffers hold `rows` rows and destinations with room for them (the caller
+    /// validated capacity and block ids on the host).
+    pub(super) unsafe fn launch_append(
+        &self,
+        kernel: &(String, cudarc::driver::CudaFunction),
+        rows: usize,
+        p: &AppendParams,
+    ) -> Result<()> {
+        let cfg = LaunchConfig {
+            grid_dim: (rows as u32, 1, 1),
+            block_dim: (128, 1, 1),
+            shared_mem_bytes: 0,
+        };
+        // SAFETY: AppendParams is the kvappend parameter layout (tests/
+        // nvrtc_params_layout.rs); buffers as the caller guarantees.
+        unsafe { launch_params(self.rt.stream(), &kernel.1, cfg, p) }.map_err(launch_err(&kernel.0))
+    }
+
     /// Queue the `qkv_prep` kernel `prep` over `n` rows on `stream` (raw pointers, so it
     /// can be captured in a graph). Returns the kernel key.
     pub(super) fn launch_prep(
@@ -124,39 +165,29 @@ impl CudaLayer {
         p: &PrepPtrs,
         mscale: f32,
     ) -> Result<String> {
-        let rt = &*self.rt;
-        let c = &self.config;
-        let (key, f) = kernel(rt, prep)?;
+        let (key, f) = kernel(&self.rt, prep)?;
         let cfg = LaunchConfig {
             grid_dim: (to_i32("rows", n as i64)? as u32, 1, 1),
             block_dim: ((prep.warps * 32) as u32, 1, 1),
             shared_mem_bytes: 0,
         };
-        let p_kv = 0u64;
-        let p_qw = opt_ptr(self.q_norm.0.as_ref(), rt);
-        let p_qb = opt_ptr(self.q_norm.1.as_ref(), rt);
-        let p_kw = opt_ptr(self.k_norm.0.as_ref(), rt);
-        let p_kb = opt_ptr(self.k_norm.1.as_ref(), rt);
-        let eps = c.eps;
-        let base = c.rope.map_or(10000.0, |r| r.rotary_base as f32);
-        let (nt, nkt) = (n as i32, n as i32);
-        let (nh, ngr) = (c.heads as i32, c.groups as i32);
         // Cache paths never read a masked key (exact per-row kernels, range-exact decode):
         // no v_nonfinite flag.
-        let p_vflag = 0u64;
-        let mut b = stream.launch_builder(&f);
-        b.arg(&p.qkv)
-            .arg(&p_kv)
-            .arg(&p.q)
-            .arg(&p.k)
-            .arg(&p.v)
-            .arg(&p.gate);
-        b.arg(&p_qw).arg(&p_qb).arg(&p_kw).arg(&p_kb).arg(&eps);
-        b.arg(&p.positions).arg(&base).arg(&mscale);
-        b.arg(&nt).arg(&nkt).arg(&nh).arg(&ngr).arg(&p_vflag);
-        // SAFETY: matches the qkv_prep entry point; the caller's buffers have the
-        // documented shapes for `n` rows; positions has n entries when rope is on.
-        unsafe { b.launch(cfg) }.map_err(launch_err(&key))?;
+        let params = PrepParams {
+            qkv: p.qkv,
+            q_out: p.q,
+            k_out: p.k,
+            v_out: p.v,
+            gate_out: p.gate,
+            positions: p.positions,
+            num_tokens: n as i32,
+            num_kv_tokens: n as i32,
+            ..self.prep_params(mscale)
+        };
+        // SAFETY: PrepParams is the qkv_prep parameter layout (tests/nvrtc_params_layout.rs);
+        // the caller's buffers have the documented shapes for `n` rows; positions has n
+        // entries when rope is on.
+        unsafe { launch_params(stream, &f, cfg, &params) }.map_err(launch_err(&key))?;
         Ok(key)
     }
 }

@@ -1,6 +1,8 @@
 //! Mixed decode + prefill over a device paged cache.
 
 use super::*;
+use crate::cuda::decode::{flash_decode_kernels, launch_paged_decode, num_splits, sm_count};
+use crate::cuda::params::PagedDecodeParams;
 
 impl CudaLayer {
     /// Mixed decode + prefill over a device paged cache, with the CPU layer's
@@ -11,10 +13,13 @@ impl CudaLayer {
     /// spec's window, sinks and GQA. Returns `[T, h]` and `linear_proj`'s bias unadded.
     ///
     /// Launches: `linear_qkv` -> `qkv_prep` (rope at each token's own position) ->
-    /// `kvappend` (rotated k and v into their pool blocks through `block_table`) -> the
-    /// tensor-core forward kernel in its paged mode (every request in one launch, K/V through
-    /// the block table; the one-warp-per-row `paged` kernel when its tile does not fit) ->
-    /// `linear_proj`.
+    /// `kvappend` (rotated k and v into their pool blocks through `block_table`) ->
+    /// attention, K/V read through the block table: the prefill chunks on the tensor-core
+    /// forward kernel in its paged mode (one launch per run of consecutive prefill requests,
+    /// so one launch when the decode requests come first; the one-warp-per-row `paged` kernel
+    /// when its tile does not fit), the decode requests (one new token each) on the split-KV
+    /// decode kernel `flashdec` in its paged mode plus its merge (when this GPU runs it;
+    /// otherwise they join the prefill launches) -> `linear_proj`.
     ///
     /// Everything (layer, shapes, cu_seqlens, lengths, block ids, capacity, blocks shared or
     /// written by two requests) is validated and every kernel loaded on the host first: on
@@ -73,9 +78,9 @@ impl CudaLayer {
                 got: hidden.elem().name().into(),
             });
         }
-        let plan = crate::plan::paged_step(c, hidden.shape(), &*cache, batch)?;
+        let step = crate::plan::paged_step(c, hidden.shape(), &*cache, batch)?;
         let h = c.hidden;
-        let n = plan.rows;
+        let n = step.rows;
         let (kc, vc) = cache.layer_kv(layer)?;
         if kc.elem() != self.elem {
             return Err(AttnError::DType {
@@ -95,17 +100,32 @@ impl CudaLayer {
         // Resolve every kernel before anything is queued (see prefill_device).
         let append_kernel = kernel(&self.rt, &self.kv_config(Phase::PagedAppend)?)?;
         kernel(&self.rt, &self.prep)?;
-        let fast = self.paged_prefill_config();
-        let attn_kernel = match &fast {
-            Some(fc) => self.load_fast(fc)?,
-            None => kernel(&self.rt, &self.kv_config(Phase::Paged)?)?,
+        let attn_config = match self.paged_prefill_config() {
+            Some(fc) => fc,
+            None => self.kv_config(Phase::Paged)?,
         };
-        let positions: Vec<i32> = plan
+        let (attn_key, attn_f) = self.load_attention(&attn_config)?;
+        let decode_kernels = match self.paged_decode_config() {
+            Some(dc) => Some(flash_decode_kernels(&self.rt, &dc)?),
+            None => None,
+        };
+        let (wl, wr) = self.window()?;
+        let reqs = step.requests;
+        let plan = PagedPlan::new(&reqs, decode_kernels.is_some());
+        let splits = match plan.decode.is_empty() {
+            true => 0,
+            false => num_splits(
+                sm_count(&self.rt)?,
+                plan.decode.len(),
+                c.groups,
+                plan.decode_max_k,
+            ),
+        };
+        let positions: Vec<i32> = step
             .positions
             .iter()
             .map(|&p| to_i32("seqlens_k", p))
             .collect::<Result<_>>()?;
-        let (reqs, max_q) = (&plan.requests, plan.max_q);
         let nreq = reqs.len();
         let rt = &*self.rt;
         let st = rt.stream();
@@ -117,108 +137,233 @@ impl CudaLayer {
         let (p_cu, p_lens, p_table) = (dptr(&cu_d, rt), dptr(&lens_d, rt), dptr(&table_d, rt));
         let (nr, ngr, bsi, mbi) = (nreq as i32, c.groups as i32, bs as i32, max_blocks as i32);
         let (pkc, pvc) = (tptr(kc, rt), tptr(vc, rt));
-        {
-            let (key, f) = append_kernel;
-            let (pk, pv) = (tptr(&k, rt), tptr(&v, rt));
-            let zero = 0i32;
-            let cfg = LaunchConfig {
-                grid_dim: (n as u32, 1, 1),
-                block_dim: (128, 1, 1),
-                shared_mem_bytes: 0,
-            };
-            let mut lb = st.launch_builder(&f);
-            lb.arg(&pk)
-                .arg(&pv)
-                .arg(&pkc)
-                .arg(&pvc)
-                .arg(&p_cu)
-                .arg(&p_lens)
-                .arg(&p_table);
-            lb.arg(&nr)
-                .arg(&ngr)
-                .arg(&bsi)
-                .arg(&mbi)
-                .arg(&zero)
-                .arg(&zero);
-            // SAFETY: matches the kvappend entry point; k/v [n, ng, hn]; cu_seqlens_q
-            // [nreq + 1], seqlens_k [nreq], block_table [rows, max_blocks] with rows >= nreq;
-            // every written block id was validated against the pool by `cache.validate`.
-            unsafe { lb.launch(cfg) }.map_err(launch_err(&key))?;
-        }
+        let append = AppendParams {
+            k: tptr(&k, rt),
+            v: tptr(&v, rt),
+            k_dst: pkc,
+            v_dst: pvc,
+            cu_seqlens_q: p_cu,
+            seqlens_k: p_lens,
+            block_table: p_table,
+            batch: nr,
+            num_groups: ngr,
+            block_size: bsi,
+            max_blocks_per_seq: mbi,
+            ..AppendParams::default()
+        };
+        // SAFETY: k/v [n, ng, hn]; cu_seqlens_q [nreq + 1], seqlens_k [nreq], block_table
+        // [rows, max_blocks] with rows >= nreq; every written block id was validated
+        // against the pool by `cache.validate`.
+        unsafe { self.launch_append(&append_kernel, n, &append) }?;
         let o = self.alloc(&[n, c.heads, c.head_dim], "attention output")?;
         let lse = crate::cuda::tensor::alloc_uninit::<f32>(st, c.heads * n, "lse")?;
-        let (pq, po, plse) = (tptr(&q, rt), tptr(&o, rt), dptr(&lse, rt));
-        let nh = c.heads as i32;
-        let scale = c.softmax_scale;
-        let (wl, wr) = match c.window {
-            Some(w) => (to_i32("window", w.left)?, to_i32("window", w.right)?),
-            None => (-1, -1),
+        // Paged mode of fwdfast (and the fields the `paged` fallback reads): packed q by
+        // cu_seqlens_q, request r's cache_seqlens_k[r] keys through its block table row.
+        let params = FwdParams {
+            q: tptr(&q, rt),
+            k: pkc,
+            v: pvc,
+            out: tptr(&o, rt),
+            lse: dptr(&lse, rt),
+            cu_seqlens_q: p_cu,
+            batch: nr,
+            num_heads: c.heads as i32,
+            num_groups: ngr,
+            softmax_scale: c.softmax_scale,
+            window_left: wl,
+            window_right: wr,
+            sinks: self.sinks.as_ref().map_or(0, |x| dptr(x, rt)),
+            gate: opt_ptr(gate.as_ref(), rt),
+            cache_seqlens_k: p_lens,
+            block_table: p_table,
+            block_size: bsi,
+            max_blocks_per_seq: mbi,
+            ..FwdParams::default()
         };
-        let p_sinks = self.sinks.as_ref().map_or(0, |x| dptr(x, rt));
-        let p_gate = opt_ptr(gate.as_ref(), rt);
-        let (key, f) = attn_kernel;
-        if let Some(fc) = fast {
-            // Every request (decode rows and prefill chunks) on the tensor-core kernel,
-            // K/V through the block table.
-            let tile = fc.fast_tile();
-            let cfg = LaunchConfig {
-                grid_dim: (
-                    max_q.div_ceil(tile.block_m).max(1) as u32,
-                    c.heads as u32,
-                    nreq as u32,
-                ),
-                block_dim: ((tile.warps * 32) as u32, 1, 1),
-                shared_mem_bytes: tile.smem_bytes(c.head_dim) as u32,
+        // Prefill chunks: one launch per run of consecutive requests that are not decode rows
+        // (one run when the decode requests come first), the request arrays offset to the
+        // run's first request. The paged-path LSE is scratch (only the output is returned):
+        // a run that is not the batch's last strides it by its own token count.
+        for run in &plan.prefill_runs {
+            let r0 = run.first as u64;
+            let params = FwdParams {
+                cu_seqlens_q: p_cu + 4 * r0,
+                cache_seqlens_k: p_lens + 4 * r0,
+                block_table: p_table + 4 * r0 * max_blocks as u64,
+                batch: run.count as i32,
+                seqlen_q: run.max_q as i32,
+                ..params
             };
-            let (null, zero_i, zero_l) = (0u64, 0i32, 0i64);
-            let mq = to_i32("max_seqlen_q", max_q as i64)?;
-            let mut lb = st.launch_builder(&f);
-            lb.arg(&pq).arg(&pkc).arg(&pvc).arg(&po).arg(&plse);
-            lb.arg(&p_cu).arg(&null).arg(&nr).arg(&nh).arg(&ngr);
-            lb.arg(&mq).arg(&zero_i).arg(&scale).arg(&wl).arg(&wr);
-            lb.arg(&null)
-                .arg(&zero_l)
-                .arg(&zero_l)
-                .arg(&zero_l)
-                .arg(&zero_l);
-            lb.arg(&null)
-                .arg(&zero_l)
-                .arg(&zero_l)
-                .arg(&zero_l)
-                .arg(&zero_l);
-            lb.arg(&p_sinks).arg(&p_gate).arg(&null).arg(&null);
-            lb.arg(&p_lens).arg(&zero_i).arg(&zero_i);
-            lb.arg(&p_table).arg(&bsi).arg(&mbi);
-            // SAFETY: matches the fwdfast entry point in its paged mode (templates/
-            // fwd_fast.cu): q/o/gate [n, np, hn] packed by cu_seqlens_q [nreq + 1], lse
-            // [np, n], pools [num_blocks, block_size, ng, hn], seqlens_k [nreq] and every
-            // block id validated on the host (`cache.validate`).
-            unsafe { lb.launch(cfg) }.map_err(launch_err(&key))?;
-        } else if nreq > 0 {
-            let pcfg = self.kv_config(Phase::Paged)?;
-            let cfg = LaunchConfig {
-                grid_dim: (
-                    max_q.div_ceil(pcfg.warps) as u32,
-                    c.heads as u32,
-                    nreq as u32,
-                ),
-                block_dim: ((pcfg.warps * 32) as u32, 1, 1),
-                shared_mem_bytes: 0,
+            let cfg = fwd_launch_config(&attn_config, run.max_q, c.heads, run.count);
+            // SAFETY: FwdParams is the parameter layout of fwdfast and paged
+            // (tests/nvrtc_params_layout.rs): q/o/gate [n, np, hn] packed by cu_seqlens_q
+            // [nreq + 1] (the run reads entries first .. first + count), lse [np, n] (indexed
+            // below h * cu_seqlens_q[first + count] + n), pools [num_blocks, block_size, ng,
+            // hn], seqlens_k [nreq] and every block id validated on the host
+            // (`cache.validate`).
+            unsafe { launch_params(st, &attn_f, cfg, &params) }.map_err(launch_err(&attn_key))?;
+        }
+        // Decode rows: the split-KV decode kernel and its merge over the block table.
+        let mut decode_bufs = None;
+        if let (Some((key, split_f, merge_f)), false) = (&decode_kernels, plan.decode.is_empty()) {
+            let nd = plan.decode.len();
+            let req_d = upload(st, &plan.decode, "decode requests")?;
+            let f32buf =
+                |len: usize, arg: &str| crate::cuda::tensor::alloc_uninit::<f32>(st, len, arg);
+            let o_part = f32buf(splits * nd * c.heads * c.head_dim, "decode o_part")?;
+            let lse_part = f32buf(splits * nd * c.heads, "decode lse_part")?;
+            let dp = PagedDecodeParams {
+                q: params.q,
+                k_pool: pkc,
+                v_pool: pvc,
+                o_part: dptr(&o_part, rt),
+                lse_part: dptr(&lse_part, rt),
+                out: params.out,
+                lse: params.lse,
+                sinks: params.sinks,
+                gate: params.gate,
+                requests: dptr(&req_d, rt),
+                cu_seqlens_q: p_cu,
+                seqlens_k: p_lens,
+                block_table: p_table,
+                batch: nd as i32,
+                num_heads: c.heads as i32,
+                num_groups: ngr,
+                num_splits: splits as i32,
+                total_q: n as i32,
+                block_size: bsi,
+                max_blocks_per_seq: mbi,
+                softmax_scale: c.softmax_scale,
+                window_left: wl,
+                window_right: wr,
             };
-            let mut lb = st.launch_builder(&f);
-            lb.arg(&pq).arg(&pkc).arg(&pvc).arg(&po).arg(&plse);
-            lb.arg(&p_cu).arg(&p_lens).arg(&p_table);
-            lb.arg(&nr).arg(&nh).arg(&ngr).arg(&bsi).arg(&mbi);
-            lb.arg(&scale).arg(&wl).arg(&wr).arg(&p_sinks).arg(&p_gate);
-            // SAFETY: matches the paged entry point; q/o/gate [n, np, hn] packed, lse
-            // [np, n], pools [num_blocks, block_size, ng, hn], lengths validated on the host.
-            unsafe { lb.launch(cfg) }.map_err(launch_err(&key))?;
+            // SAFETY: as the prefill launch; requests [nd] are decode requests of this batch
+            // (one query row each); o_part / lse_part hold `splits` splits of nd rows.
+            unsafe { launch_paged_decode(st, key, split_f, merge_f, &dp) }?;
+            decode_bufs = Some((req_d, o_part, lse_part));
         }
         let o = o.view(&[n, c.heads * c.head_dim])?;
         let mut out = self.alloc(&[n, h], "output")?;
         linear_proj_into(rt, &o, &self.proj, &mut out)?;
         // Freed in stream order after the queued kernels.
-        drop((q, k, v, gate, cu_d, lens_d, table_d, lse));
+        drop((q, k, v, gate, cu_d, lens_d, table_d, lse, decode_bufs));
         Ok(out)
+    }
+}
+
+/// Consecutive requests `first .. first + count` of a paged batch, launched together on the
+/// prefill kernel; `max_q` is their longest chunk.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct PrefillRun {
+    first: usize,
+    count: usize,
+    max_q: usize,
+}
+
+/// Which request of a paged batch runs on which kernel.
+#[derive(Debug, PartialEq, Eq)]
+struct PagedPlan {
+    /// Requests with one new token (decode rows), for the split-KV decode kernel.
+    decode: Vec<i32>,
+    /// Their longest key count.
+    decode_max_k: usize,
+    /// Maximal runs of the other requests with at least one new token.
+    prefill_runs: Vec<PrefillRun>,
+}
+
+impl PagedPlan {
+    /// With `split_decode`, requests with one new token go to the decode kernel; every
+    /// other request (and every request without it) to the prefill runs. Requests with no
+    /// new token join a run (the kernel skips them) but never start one.
+    fn new(reqs: &[crate::kv_cache::PagedRequest], split_decode: bool) -> PagedPlan {
+        let is_decode = |r: &crate::kv_cache::PagedRequest| split_decode && r.q_len == 1;
+        let decode: Vec<i32> = (0..reqs.len())
+            .filter(|&i| is_decode(&reqs[i]))
+            .map(|i| i as i32)
+            .collect();
+        let decode_max_k = reqs
+            .iter()
+            .filter(|r| is_decode(r))
+            .map(|r| r.k_len)
+            .max()
+            .unwrap_or(0);
+        let mut prefill_runs: Vec<PrefillRun> = Vec::new();
+        let mut open: Option<PrefillRun> = None;
+        for (i, r) in reqs.iter().enumerate() {
+            if is_decode(r) {
+                prefill_runs.extend(open.take().filter(|run| run.max_q > 0));
+                continue;
+            }
+            let run = open.get_or_insert(PrefillRun {
+                first: i,
+                count: 0,
+                max_q: 0,
+            });
+            run.count += 1;
+            run.max_q = run.max_q.max(r.q_len);
+        }
+        prefill_runs.extend(open.filter(|run| run.max_q > 0));
+        PagedPlan {
+            decode,
+            decode_max_k,
+            prefill_runs,
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::kv_cache::PagedRequest;
+
+    fn reqs(q_lens: &[usize]) -> Vec<PagedRequest> {
+        let mut at = 0;
+        q_lens
+            .iter()
+            .enumerate()
+            .map(|(i, &q)| {
+                let r = PagedRequest {
+                    q_start: at,
+                    q_len: q,
+                    k_len: 10 * (i + 1) + q,
+                };
+                at += q;
+                r
+            })
+            .collect()
+    }
+
+    fn run(first: usize, count: usize, max_q: usize) -> PrefillRun {
+        PrefillRun {
+            first,
+            count,
+            max_q,
+        }
+    }
+
+    #[test]
+    fn decode_first_batches_take_one_prefill_launch() {
+        let p = PagedPlan::new(&reqs(&[1, 1, 1, 30, 0, 7]), true);
+        assert_eq!(p.decode, [0, 1, 2]);
+        assert_eq!(p.decode_max_k, 31);
+        assert_eq!(p.prefill_runs, [run(3, 3, 30)]);
+    }
+
+    #[test]
+    fn any_order_splits_into_runs() {
+        let p = PagedPlan::new(&reqs(&[5, 1, 0, 1, 2, 3, 1]), true);
+        assert_eq!(p.decode, [1, 3, 6]);
+        assert_eq!(p.prefill_runs, [run(0, 1, 5), run(4, 2, 3)]);
+        // An empty request alone starts no launch.
+        let p = PagedPlan::new(&reqs(&[1, 0, 1]), true);
+        assert_eq!(p.prefill_runs, []);
+        assert_eq!(p.decode, [0, 2]);
+    }
+
+    #[test]
+    fn without_the_decode_kernel_everything_is_one_run() {
+        let p = PagedPlan::new(&reqs(&[1, 4, 1]), false);
+        assert!(p.decode.is_empty());
+        assert_eq!(p.prefill_runs, [run(0, 3, 4)]);
     }
 }

@@ -77,11 +77,12 @@ impl CudaLayer {
         // (ATTN_JIT=off with a cache that lacks it) fails with the cache untouched.
         let append_kernel = kernel(&self.rt, &self.kv_config(Phase::PagedAppend)?)?;
         kernel(&self.rt, &self.prep)?;
-        let fast = self.cache_prefill_config();
-        let attn_kernel = match &fast {
-            Some(fc) => self.load_fast(fc)?,
-            None => kernel(&self.rt, &self.kv_config(Phase::Decode)?)?,
+        let attn_config = match self.cache_prefill_config() {
+            Some(fc) => fc,
+            None => self.kv_config(Phase::Decode)?,
         };
+        let (attn_key, attn_f) = self.load_attention(&attn_config)?;
+        let (wl, wr) = self.window()?;
         let positions: Vec<i32> = plan
             .positions
             .iter()
@@ -95,96 +96,54 @@ impl CudaLayer {
         let lens_d = upload(st, &lens, "seqlens_k")?;
         let (kc, vc) = (cache.layer_k(layer)?, cache.layer_v(layer)?);
         // Append (padded [s, b] rows, static layout).
-        {
-            let (key, f) = append_kernel;
-            let (pk, pv, pkc, pvc) = (tptr(&k, rt), tptr(&v, rt), tptr(kc, rt), tptr(vc, rt));
-            let (null, pl) = (0u64, dptr(&lens_d, rt));
-            let (bi, ngi, one, zero) = (b as i32, c.groups as i32, 1i32, 0i32);
-            let (bo, mb) = (batch_offset as i32, cache.max_batch() as i32);
-            let cfg = LaunchConfig {
-                grid_dim: (n as u32, 1, 1),
-                block_dim: (128, 1, 1),
-                shared_mem_bytes: 0,
-            };
-            let mut lb = st.launch_builder(&f);
-            lb.arg(&pk)
-                .arg(&pv)
-                .arg(&pkc)
-                .arg(&pvc)
-                .arg(&null)
-                .arg(&pl)
-                .arg(&null);
-            lb.arg(&bi).arg(&ngi).arg(&one).arg(&zero).arg(&bo).arg(&mb);
-            // SAFETY: matches the kvappend entry point; capacity validated by check_append.
-            unsafe { lb.launch(cfg) }.map_err(launch_err(&key))?;
-        }
+        let append = AppendParams {
+            k: tptr(&k, rt),
+            v: tptr(&v, rt),
+            k_dst: tptr(kc, rt),
+            v_dst: tptr(vc, rt),
+            seqlens_k: dptr(&lens_d, rt),
+            batch: b as i32,
+            num_groups: c.groups as i32,
+            block_size: 1,
+            cache_batch_offset: batch_offset as i32,
+            cache_max_batch: cache.max_batch() as i32,
+            ..AppendParams::default()
+        };
+        // SAFETY: k/v [s, b, ng, hn] padded rows; capacity validated by check_append.
+        unsafe { self.launch_append(&append_kernel, n, &append) }?;
         // Attention over the cache: the tensor-core forward kernel reading the cache slots
         // in place (bottom-right causal), or, when its tile does not fit this GPU, the
         // one-warp-per-row `decode` kernel (the named fallback).
         let o = self.alloc(&[n, c.heads, c.head_dim], "attention output")?;
         let lse = crate::cuda::tensor::alloc_uninit::<f32>(st, c.heads * n, "lse")?;
-        let (wl, wr) = match c.window {
-            Some(w) => (to_i32("window", w.left)?, to_i32("window", w.right)?),
-            None => (-1, -1),
+        // Static-cache mode of fwdfast (and the fields the `decode` fallback reads): padded q
+        // [s, b], keys of sequence i in cache slot batch_offset + i, cache_seqlens_k of them.
+        let params = FwdParams {
+            q: tptr(&q, rt),
+            k: tptr(kc, rt),
+            v: tptr(vc, rt),
+            out: tptr(&o, rt),
+            lse: dptr(&lse, rt),
+            batch: b as i32,
+            num_heads: c.heads as i32,
+            num_groups: c.groups as i32,
+            seqlen_q: s as i32,
+            softmax_scale: c.softmax_scale,
+            window_left: wl,
+            window_right: wr,
+            sinks: self.sinks.as_ref().map_or(0, |x| dptr(x, rt)),
+            gate: opt_ptr(gate.as_ref(), rt),
+            cache_seqlens_k: dptr(&lens_d, rt),
+            cache_batch_offset: batch_offset as i32,
+            cache_max_batch: cache.max_batch() as i32,
+            ..FwdParams::default()
         };
-        let p_sinks = self.sinks.as_ref().map_or(0, |x| dptr(x, rt));
-        let p_gate = opt_ptr(gate.as_ref(), rt);
-        let (pq, pkc, pvc, po, plse) = (
-            tptr(&q, rt),
-            tptr(kc, rt),
-            tptr(vc, rt),
-            tptr(&o, rt),
-            dptr(&lse, rt),
-        );
-        let pl = dptr(&lens_d, rt);
-        let (bi, bo, mb) = (b as i32, batch_offset as i32, cache.max_batch() as i32);
-        let (nh, ngr, sq) = (c.heads as i32, c.groups as i32, s as i32);
-        let scale = c.softmax_scale;
-        let (key, f) = attn_kernel;
-        if let Some(fc) = fast {
-            let tile = fc.fast_tile();
-            let cfg = LaunchConfig {
-                grid_dim: (s.div_ceil(tile.block_m) as u32, c.heads as u32, b as u32),
-                block_dim: ((tile.warps * 32) as u32, 1, 1),
-                shared_mem_bytes: tile.smem_bytes(c.head_dim) as u32,
-            };
-            let (null, zero_i, zero_l) = (0u64, 0i32, 0i64);
-            let mut lb = st.launch_builder(&f);
-            lb.arg(&pq).arg(&pkc).arg(&pvc).arg(&po).arg(&plse);
-            lb.arg(&null).arg(&null).arg(&bi).arg(&nh).arg(&ngr);
-            lb.arg(&sq).arg(&zero_i).arg(&scale).arg(&wl).arg(&wr);
-            lb.arg(&null)
-                .arg(&zero_l)
-                .arg(&zero_l)
-                .arg(&zero_l)
-                .arg(&zero_l);
-            lb.arg(&null)
-                .arg(&zero_l)
-                .arg(&zero_l)
-                .arg(&zero_l)
-                .arg(&zero_l);
-            lb.arg(&p_sinks).arg(&p_gate).arg(&null).arg(&null);
-            lb.arg(&pl).arg(&bo).arg(&mb);
-            lb.arg(&null).arg(&zero_i).arg(&zero_i);
-            // SAFETY: matches the fwdfast entry point in its static-cache mode (templates/
-            // fwd_fast.cu): q/o/gate [s, b, np, hn], cache layer [max_seq, max_batch, ng, hn]
-            // with slots batch_offset..+b, cache_seqlens_k [b] <= max_seq (check_append).
-            unsafe { lb.launch(cfg) }.map_err(launch_err(&key))?;
-        } else {
-            let dcfg = self.kv_config(Phase::Decode)?;
-            let cfg = LaunchConfig {
-                grid_dim: (s.div_ceil(dcfg.warps) as u32, c.heads as u32, b as u32),
-                block_dim: ((dcfg.warps * 32) as u32, 1, 1),
-                shared_mem_bytes: 0,
-            };
-            let mut lb = st.launch_builder(&f);
-            lb.arg(&pq).arg(&pkc).arg(&pvc).arg(&po).arg(&plse).arg(&pl);
-            lb.arg(&bi).arg(&bo).arg(&mb).arg(&nh).arg(&ngr).arg(&sq);
-            lb.arg(&scale).arg(&wl).arg(&wr).arg(&p_sinks).arg(&p_gate);
-            // SAFETY: matches the decode entry point; q/o/gate [s, b, np, hn], cache layer
-            // [max_seq, max_batch, ng, hn], seqlens_k [b].
-            unsafe { lb.launch(cfg) }.map_err(launch_err(&key))?;
-        }
+        let cfg = fwd_launch_config(&attn_config, s, c.heads, b);
+        // SAFETY: FwdParams is the parameter layout of fwdfast and decode
+        // (tests/nvrtc_params_layout.rs): q/o/gate [s, b, np, hn], cache layer [max_seq,
+        // max_batch, ng, hn] with slots batch_offset..+b, cache_seqlens_k [b] <= max_seq
+        // (check_append).
+        unsafe { launch_params(st, &attn_f, cfg, &params) }.map_err(launch_err(&attn_key))?;
         cache.mark_appended(layer, batch_offset, b, s);
         let o = o.view(&[n, c.heads * c.head_dim])?;
         let mut out = self.alloc(&[n, h], "output")?;

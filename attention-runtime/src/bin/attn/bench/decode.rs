@@ -1,7 +1,9 @@
 //! `attn bench decode`: times the fused decode step (`flashdec`: rope + KV append + split-KV
 //! attention + merge) against PyTorch SDPA's flash backend (`scripts/bench_sdpa.py --mode
 //! decode`), one new token per sequence over a filled cache; reports GB/s of the K/V read
-//! once, next to the card's device-to-device copy bandwidth.
+//! once, next to the card's device-to-device copy bandwidth; and the split-KV decode of a
+//! paged batch's decode rows (`flashdec` in its paged mode) on the same shapes, K/V in a pool
+//! behind a shuffled block table, against the static step.
 
 use std::path::PathBuf;
 use std::process::Command;
@@ -47,6 +49,8 @@ pub struct DecodeOptions {
     pub sdpa_script: Option<PathBuf>,
     /// Write the JSON report here, and the SVG chart beside it.
     pub json: Option<PathBuf>,
+    /// Pool block sizes of the paged decode timing (empty: skip it).
+    pub paged_block_sizes: Vec<usize>,
 }
 
 impl Default for DecodeOptions {
@@ -63,6 +67,7 @@ impl Default for DecodeOptions {
             chunk: 10,
             sdpa_script: Some(PathBuf::from("scripts/bench_sdpa.py")),
             json: None,
+            paged_block_sizes: vec![16, 64],
         }
     }
 }
@@ -152,6 +157,149 @@ struct DecodeSet {
     v_new: CudaSlice<bf16>,
     k_cache: CudaSlice<bf16>,
     v_cache: CudaSlice<bf16>,
+}
+
+/// One paged decode shape: `batch` decode rows with `ctx + 1` keys each in a pool of `bs`-row
+/// blocks, `splits` KV splits, `sets` pools rotated over.
+struct PagedShape {
+    ctx: usize,
+    batch: usize,
+    bs: usize,
+    splits: usize,
+    sets: usize,
+}
+
+/// Time the paged batch's decode kernel (`flashdec` paged mode + merge) on one shape: each
+/// sequence's `ctx + 1` keys in pool blocks of `bs` rows at shuffled block ids, q already
+/// rotated (the paged batch's qkv_prep does it), timed as [`run_decode`] times the static
+/// step. Returns the timing with `bytes` / `gbps` left for the caller.
+fn time_paged(
+    rt: &attention_runtime::cuda::CudaRuntime,
+    stream: &Arc<CudaStream>,
+    opts: &DecodeOptions,
+    shape: PagedShape,
+    csrc: &CudaSlice<bf16>,
+    blocker: &mut dyn FnMut() -> Result<()>,
+) -> Result<DecodeTiming> {
+    use attention_runtime::cuda::decode::{flash_decode_kernels, launch_paged_decode};
+    use attention_runtime::cuda::params::PagedDecodeParams;
+    let PagedShape {
+        ctx: c,
+        batch: b,
+        bs,
+        splits,
+        sets,
+    } = shape;
+    let (heads, groups, hd) = (opts.heads, opts.groups, opts.head_dim);
+    let mut cfg = KernelConfig::new(Phase::FlashDecode, DType::Bf16, hd);
+    cfg.paged_kv = true;
+    let (key, split_f, merge_f) = flash_decode_kernels(rt, &cfg)?;
+    let per_seq = (c + 1).div_ceil(bs);
+    let blocks = b * per_seq;
+    let pool_elems = blocks * bs * groups * hd;
+    // Block ids shuffled (Fisher-Yates), so consecutive blocks of a sequence are scattered.
+    let mut ids: Vec<i32> = (0..blocks as i32).collect();
+    let mut rng = SplitMix64::new(0x9a9ed ^ (c * 31 + b * 7 + bs) as u64);
+    for i in (1..ids.len()).rev() {
+        let j = ((rng.uniform().abs() * (i + 1) as f32) as usize).min(i);
+        ids.swap(i, j);
+    }
+    let up = |v: &[i32], what: &str| {
+        stream
+            .clone_htod(v)
+            .map_err(cuda_err(&format!("clone_htod {what}")))
+    };
+    let table = up(&ids, "block table")?;
+    let cu = up(&(0..=b as i32).collect::<Vec<_>>(), "cu_seqlens_q")?;
+    let lens = up(&vec![(c + 1) as i32; b], "seqlens_k")?;
+    let requests = up(&(0..b as i32).collect::<Vec<_>>(), "requests")?;
+    let f32s = |n: usize, what: &str| -> Result<CudaSlice<f32>> {
+        stream
+            .alloc_zeros(n)
+            .map_err(cuda_err(&format!("alloc {what}")))
+    };
+    let o_part = f32s(splits * b * heads * hd, "o_part")?;
+    let lse_part = f32s(splits * b * heads, "lse_part")?;
+    let lse = f32s(heads * b, "lse")?;
+    let out = stream
+        .clone_htod(&vec![bf16::from_f32(f32::NAN); b * heads * hd])
+        .map_err(cuda_err("clone_htod out"))?;
+    let mut pools = Vec::with_capacity(sets);
+    for i in 0..sets as u64 {
+        let mut k: CudaSlice<bf16> = stream
+            .alloc_zeros(pool_elems)
+            .map_err(cuda_err("alloc k pool"))?;
+        let mut v: CudaSlice<bf16> = stream
+            .alloc_zeros(pool_elems)
+            .map_err(cuda_err("alloc v pool"))?;
+        fill_from(stream, csrc, &mut k, 300 + 2 * i)?;
+        fill_from(stream, csrc, &mut v, 301 + 2 * i)?;
+        pools.push((random_bf16(stream, b * heads * hd, 20 * i + 5)?, k, v));
+    }
+    let params: Vec<PagedDecodeParams> = pools
+        .iter()
+        .map(|(q, k, v)| PagedDecodeParams {
+            q: raw(q, stream),
+            k_pool: raw(k, stream),
+            v_pool: raw(v, stream),
+            o_part: raw(&o_part, stream),
+            lse_part: raw(&lse_part, stream),
+            out: raw(&out, stream),
+            lse: raw(&lse, stream),
+            requests: raw(&requests, stream),
+            cu_seqlens_q: raw(&cu, stream),
+            seqlens_k: raw(&lens, stream),
+            block_table: raw(&table, stream),
+            batch: b as i32,
+            num_heads: heads as i32,
+            num_groups: groups as i32,
+            num_splits: splits as i32,
+            total_q: b as i32,
+            block_size: bs as i32,
+            max_blocks_per_seq: per_seq as i32,
+            softmax_scale: 1.0 / (hd as f32).sqrt(),
+            window_left: -1,
+            window_right: -1,
+            ..PagedDecodeParams::default()
+        })
+        .collect();
+    // SAFETY: every buffer above has the shape PagedDecodeParams documents for these dims;
+    // the block table holds each of the pool's blocks once.
+    let mut step = |i: usize| unsafe {
+        launch_paged_decode(stream, &key, &split_f, &merge_f, &params[i % sets])
+    };
+    step(0)?;
+    let host_out = stream
+        .clone_dtoh(&out)
+        .map_err(cuda_err("clone_dtoh out"))?;
+    stream
+        .synchronize()
+        .map_err(cuda_err("paged decode check"))?;
+    if host_out.iter().any(|x| !x.to_f32().is_finite()) {
+        return Err(AttnError::Cuda {
+            call: format!("{key} (ctx {c}, batch {b}, block {bs})"),
+            msg: "the output holds NaN/inf or unwritten elements".into(),
+        });
+    }
+    let (t, behind) = time_queued(
+        stream,
+        opts.warmup + opts.reps,
+        opts.chunk,
+        blocker,
+        &mut step,
+    )?;
+    let ms = median(t[opts.warmup.min(t.len())..].to_vec());
+    Ok(DecodeTiming {
+        implementation: format!("flashdec_paged_bs{bs}"),
+        batch: b,
+        ctx: c,
+        bytes: f64::NAN,
+        us: ms * 1e3,
+        gbps: f64::NAN,
+        splits,
+        gqa: String::new(),
+        host_behind: behind,
+    })
 }
 
 /// Time the fused decode step on every shape (rope half over all channels, bf16, cache
@@ -368,6 +516,25 @@ pub fn run_decode(opts: &DecodeOptions) -> Result<String> {
             });
             drop(args);
             drop(data);
+            for &bs in &opts.paged_block_sizes {
+                let mut t = time_paged(
+                    &rt,
+                    &stream,
+                    opts,
+                    PagedShape {
+                        ctx: c,
+                        batch: b,
+                        bs,
+                        splits,
+                        sets,
+                    },
+                    &csrc,
+                    &mut blocker,
+                )?;
+                t.bytes = decode_bytes(b, c, heads, groups, hd);
+                t.gbps = t.bytes / (t.us * 1e-6) / 1e9;
+                timings.push(t);
+            }
         }
     }
     drop((big_src, big_dst, csrc, tables));

@@ -6,7 +6,8 @@ use std::fmt::Write as _;
 use super::chart::{Panel, Series};
 use super::common::{json_field, json_num, json_str};
 
-/// One timed decode shape of one implementation (`flashdec` or `sdpa_flash`).
+/// One timed decode shape of one implementation (`flashdec`, `flashdec_paged_bs<N>` or
+/// `sdpa_flash`).
 #[derive(Debug, Clone, PartialEq)]
 pub struct DecodeTiming {
     /// `flashdec` or `sdpa_flash`.
@@ -132,6 +133,38 @@ pub fn decode_table(t: &[DecodeTiming], ceilings: &[CopyCeiling], device: &str) 
                 String::new()
             }
         );
+    }
+    let paged: Vec<&DecodeTiming> = t
+        .iter()
+        .filter(|x| x.implementation.starts_with("flashdec_paged"))
+        .collect();
+    if !paged.is_empty() {
+        let _ = writeln!(
+            s,
+            "\npaged decode rows (flashdec paged mode, shuffled block table) vs the static step:"
+        );
+        let _ = writeln!(
+            s,
+            "| ctx | batch | kernel | µs | GB/s | static GB/s | paged / static |"
+        );
+        let _ = writeln!(s, "|---|---|---|---|---|---|---|");
+        for p in paged {
+            let st = t
+                .iter()
+                .find(|x| x.implementation == "flashdec" && x.ctx == p.ctx && x.batch == p.batch)
+                .map_or(f64::NAN, |x| x.gbps);
+            let _ = writeln!(
+                s,
+                "| {} | {} | {} | {:.1} | {:.0} | {:.0} | {:.2} |",
+                p.ctx,
+                p.batch,
+                p.implementation,
+                p.us,
+                p.gbps,
+                st,
+                p.gbps / st
+            );
+        }
     }
     s
 }

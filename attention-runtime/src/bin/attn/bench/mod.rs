@@ -150,6 +150,11 @@ pub struct BenchDecodeArgs {
     /// The SDPA baseline script (`none` to skip).
     #[arg(long, default_value = "scripts/bench_sdpa.py")]
     sdpa_script: String,
+    /// Pool block sizes of the paged decode rows timed beside the static step (the paged
+    /// batch's split-KV decode kernel over a shuffled block table), comma separated; empty
+    /// to skip.
+    #[arg(long, value_delimiter = ',', default_value = "16,64")]
+    paged_block_sizes: Vec<usize>,
 }
 
 #[derive(clap::Args)]
@@ -237,6 +242,7 @@ pub fn run(cmd: &BenchCommand) -> Result<()> {
                 reps: d.reps,
                 sdpa_script: (d.sdpa_script != "none").then(|| d.sdpa_script.clone().into()),
                 json: d.json.clone(),
+                paged_block_sizes: d.paged_block_sizes.clone(),
                 ..Default::default()
             };
             println!("{}", decode::run_decode(&opts)?);

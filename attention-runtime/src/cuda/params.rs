@@ -1,0 +1,396 @@
+//! Typed kernel parameters: one `#[repr(C)]` struct per kernel family, the host twin of the
+//! struct its templates declare (`templates/partials/params.cu`), queued as the kernel's
+//! whole parameter buffer by [`launch`].
+//!
+//! A kernel of a family either takes the struct by value (`const FwdParams p`: `fwd`,
+//! `decode`, `paged`, `qkv_prep`, `kvappend`) or takes its fields as positional
+//! parameters in the same order (`fwdfast`, where the struct parameter costs the hot
+//! variants spills: 60 bytes of spill stores at hd128 causal, ptxas sm_90); both have the same
+//! parameter buffer, byte for byte, so one launch path serves both. The test
+//! `tests/nvrtc_params_layout.rs` checks, with NVRTC and no GPU, that the CUDA declaration has
+//! the offsets and sizes of each struct's [`KernelParams::FIELDS`] and that every kernel's
+//! compiled parameter list (the CUBIN's parameter table) is that layout.
+
+use std::ffi::c_void;
+use std::sync::Arc;
+
+use cudarc::driver::{sys, CudaFunction, CudaStream, DriverError, LaunchConfig};
+
+/// A kernel parameter struct: plain data whose bytes are a kernel's parameter buffer.
+///
+/// # Safety
+/// The type is `#[repr(C)]`, holds only integers, floats and raw device pointers (`u64`),
+/// and its layout is the CUDA declaration of the kernels it is launched with.
+pub unsafe trait KernelParams: Copy {
+    /// Every field: (name, byte offset, byte size), in declaration order.
+    const FIELDS: &'static [(&'static str, usize, usize)];
+}
+
+/// Declares a `#[repr(C)]` parameter struct and its [`KernelParams::FIELDS`] table.
+macro_rules! kernel_params {
+    (
+        $(#[$meta:meta])*
+        pub struct $name:ident {
+            $( $(#[$fmeta:meta])* pub $field:ident : $ty:ty, )*
+        }
+    ) => {
+        $(#[$meta])*
+        #[repr(C)]
+        #[derive(Debug, Clone, Copy, Default, PartialEq)]
+        pub struct $name {
+            $( $(#[$fmeta])* pub $field: $ty, )*
+        }
+
+        // SAFETY: #[repr(C)], every field an integer, a float or a raw device pointer (u64);
+        // the layout tests hold the CUDA declaration to FIELDS.
+        unsafe impl KernelParams for $name {
+            const FIELDS: &'static [(&'static str, usize, usize)] = &[
+                $( (
+                    stringify!($field),
+                    std::mem::offset_of!($name, $field),
+                    std::mem::size_of::<$ty>(),
+                ), )*
+            ];
+        }
+    };
+}
+
+kernel_params! {
+    /// Parameters of the attention family: `fwd`, `fwdfast` (padded, packed, static-cache and
+    /// paged modes) and the one-warp-per-row cache kernels `decode` and `paged`; the CUDA
+    /// declaration is `FwdParams` in `templates/partials/params.cu`. Pointers are raw device
+    /// addresses (0 = null). Each kernel reads the fields its template lists; leave the others
+    /// at their [`Default`] (0 / null). Layouts of the tensors: `templates/fwd_fast.cu`.
+    pub struct FwdParams {
+        /// Queries.
+        pub q: u64,
+        /// Keys: packed / padded k, a static-cache layer or a paged pool.
+        pub k: u64,
+        /// Values, as `k`.
+        pub v: u64,
+        /// Output, layout of `q`.
+        pub out: u64,
+        /// f32 `[num_heads, rows]` log-sum-exp (natural log).
+        pub lse: u64,
+        /// int32 `[batch + 1]` query offsets (packed and paged), or null (padded).
+        pub cu_seqlens_q: u64,
+        /// int32 `[batch + 1]` key offsets (packed), or null.
+        pub cu_seqlens_k: u64,
+        /// Sequences (requests); the grid's z extent.
+        pub batch: i32,
+        /// Query heads.
+        pub num_heads: i32,
+        /// K/V groups (divides `num_heads`).
+        pub num_groups: i32,
+        /// Padded query length; packed and paged: the longest query sequence.
+        pub seqlen_q: i32,
+        /// Padded key length; packed: the longest key sequence (unused by the kernels).
+        pub seqlen_k: i32,
+        /// Logit scale.
+        pub softmax_scale: f32,
+        /// Sliding window, left (-1 = unbounded).
+        pub window_left: i32,
+        /// Sliding window, right (-1 = unbounded).
+        pub window_right: i32,
+        /// uint8 mask, nonzero = masked out, `[b, h, i, j]` at `mask_strides`.
+        pub mask: u64,
+        /// Element strides of the mask's b, h, i, j (0 broadcasts).
+        pub mask_strides: [i64; 4],
+        /// f32 additive post-scale bias, `[b, h, i, j]` at `bias_strides`.
+        pub bias: u64,
+        /// Element strides of the bias's b, h, i, j (0 broadcasts).
+        pub bias_strides: [i64; 4],
+        /// f32 `[num_heads]` learnable sink logits.
+        pub sinks: u64,
+        /// Output gate, layout of `q`.
+        pub gate: u64,
+        /// f32 `[num_heads]` per-head max logit record (pre-filled with -inf), or null.
+        pub max_logit: u64,
+        /// int32 flag raised when some V element is not finite, or null.
+        pub v_nonfinite: u64,
+        /// int32 `[batch]` keys per sequence of a static cache or a paged pool.
+        pub cache_seqlens_k: u64,
+        /// Static cache: the first batch slot.
+        pub cache_batch_offset: i32,
+        /// Static cache: batch slots of the layer.
+        pub cache_max_batch: i32,
+        /// int32 `[batch, max_blocks_per_seq]` block table of a paged pool.
+        pub block_table: u64,
+        /// Pool rows per block (a power of two >= 16 for `fwdfast`).
+        pub block_size: i32,
+        /// Row stride of the block table.
+        pub max_blocks_per_seq: i32,
+    }
+}
+
+/// The fields of `P` as the CUDA declaration names them: (name, byte offset, byte size), a
+/// stride array `x_strides: [i64; 4]` as its four scalars `x_stride_b/h/q/k`.
+pub fn cuda_fields<P: KernelParams>() -> Vec<(String, usize, usize)> {
+    let mut out = Vec::new();
+    for &(name, off, size) in P::FIELDS {
+        match name.strip_suffix("_strides") {
+            Some(base) => {
+                for (i, d) in ["b", "h", "q", "k"].iter().enumerate() {
+                    out.push((format!("{base}_stride_{d}"), off + 8 * i, 8));
+                }
+            }
+            None => out.push((name.to_string(), off, size)),
+        }
+    }
+    out
+}
+
+kernel_params! {
+    /// Parameters of the `qkv_prep` kernel (the CUDA declaration is `PrepParams` in
+    /// `templates/partials/params.cu`; layouts in `templates/qkv_prep.cu`). Pointers are raw
+    /// device addresses (0 = null).
+    pub struct PrepParams {
+        /// `linear_qkv` output (self-attention) or `linear_q` output (cross).
+        pub qkv: u64,
+        /// `linear_kv` output (cross-attention), or null.
+        pub kv: u64,
+        /// q `[num_tokens, num_heads, hn]` out.
+        pub q_out: u64,
+        /// k `[num_kv_tokens, num_groups, hn]` out.
+        pub k_out: u64,
+        /// v, as k.
+        pub v_out: u64,
+        /// Raw gate `[num_tokens, num_heads, hn]` out (output gate), or null.
+        pub gate_out: u64,
+        /// q norm weight `[hn]`, or null.
+        pub q_norm_weight: u64,
+        /// q norm bias `[hn]` (layer norm), or null.
+        pub q_norm_bias: u64,
+        /// k norm weight, or null.
+        pub k_norm_weight: u64,
+        /// k norm bias, or null.
+        pub k_norm_bias: u64,
+        /// Norm epsilon.
+        pub eps: f32,
+        /// int32 `[num_tokens]` rope positions (rope variants), or null.
+        pub positions: u64,
+        /// Rope base.
+        pub rotary_base: f32,
+        /// Multiplies cos and sin.
+        pub mscale: f32,
+        /// Query tokens (grid rows of self-attention).
+        pub num_tokens: i32,
+        /// Key/value tokens (cross-attention; equal to `num_tokens` for self).
+        pub num_kv_tokens: i32,
+        /// Query heads.
+        pub num_heads: i32,
+        /// K/V groups.
+        pub num_groups: i32,
+        /// int32 flag raised when a written v is not finite, or null.
+        pub v_nonfinite: u64,
+    }
+}
+
+kernel_params! {
+    /// Parameters of the `kvappend` kernel (the CUDA declaration is `AppendParams` in
+    /// `templates/partials/params.cu`; layouts in `templates/paged_append.cu`).
+    pub struct AppendParams {
+        /// New (rotated) keys `[total_tokens, num_groups, hn]`.
+        pub k: u64,
+        /// New values, as `k`.
+        pub v: u64,
+        /// Destination: a paged pool layer or a static cache layer.
+        pub k_dst: u64,
+        /// See `k_dst`.
+        pub v_dst: u64,
+        /// int32 `[batch + 1]` (packed rows), or null (padded `[s, batch]` rows).
+        pub cu_seqlens_q: u64,
+        /// int32 `[batch]`: keys per request after the append.
+        pub seqlens_k: u64,
+        /// int32 `[batch, max_blocks_per_seq]` (paged), or null (static cache).
+        pub block_table: u64,
+        /// Requests.
+        pub batch: i32,
+        /// K/V groups.
+        pub num_groups: i32,
+        /// Pool rows per block (paged).
+        pub block_size: i32,
+        /// Block table row stride (paged).
+        pub max_blocks_per_seq: i32,
+        /// Static cache: first batch slot.
+        pub cache_batch_offset: i32,
+        /// Static cache: batch slots.
+        pub cache_max_batch: i32,
+    }
+}
+
+kernel_params! {
+    /// Parameters of the paged mode of `flashdec` (split and merge entries, `_paged` keys):
+    /// the decode rows of a paged mixed batch. The CUDA declaration is `PagedDecodeParams` in
+    /// `templates/partials/params.cu`; layouts in `templates/flash_decode.cu`.
+    pub struct PagedDecodeParams {
+        /// Packed q `[total_q, num_heads, hn]` of the whole batch, already rotated.
+        pub q: u64,
+        /// K pool layer `[num_blocks, block_size, num_groups, hn]`.
+        pub k_pool: u64,
+        /// V pool layer, as `k_pool`.
+        pub v_pool: u64,
+        /// f32 `[num_splits, batch, num_heads, hn]` partial outputs.
+        pub o_part: u64,
+        /// f32 `[num_splits, batch, num_heads]` partial LSEs (log2 units).
+        pub lse_part: u64,
+        /// Packed output, layout of `q` (the decode rows are written).
+        pub out: u64,
+        /// f32 `[num_heads, total_q]` (natural log).
+        pub lse: u64,
+        /// f32 `[num_heads]` learnable sink logits, or null.
+        pub sinks: u64,
+        /// Output gate, layout of `q`, or null.
+        pub gate: u64,
+        /// int32 `[batch]`: the decode requests' indices in the paged batch.
+        pub requests: u64,
+        /// int32 `[num_requests + 1]` of the whole batch.
+        pub cu_seqlens_q: u64,
+        /// int32 `[num_requests]`: keys per request, the new one included.
+        pub seqlens_k: u64,
+        /// int32 `[num_requests, max_blocks_per_seq]`.
+        pub block_table: u64,
+        /// Decode requests (the split kernel's grid z).
+        pub batch: i32,
+        /// Query heads.
+        pub num_heads: i32,
+        /// K/V groups.
+        pub num_groups: i32,
+        /// KV splits.
+        pub num_splits: i32,
+        /// Rows of `q` (the `lse` stride).
+        pub total_q: i32,
+        /// Pool rows per block (a power of two >= 16).
+        pub block_size: i32,
+        /// Block table row stride.
+        pub max_blocks_per_seq: i32,
+        /// Logit scale.
+        pub softmax_scale: f32,
+        /// Sliding window, left (-1 = unbounded).
+        pub window_left: i32,
+        /// Sliding window, right (-1 = unbounded).
+        pub window_right: i32,
+    }
+}
+
+/// The parameter list the kernels of `phase` (`paged`: the paged-pool variant, see
+/// [`KernelConfig::paged_kv`](attention_codegen::render::KernelConfig::paged_kv)) are
+/// launched with, as (byte offset, byte size) per parameter: one parameter of the struct's
+/// size for a kernel that takes its family's struct by value, the struct's fields for
+/// `fwdfast` (positional). `None` for the static-cache `flashdec`, whose split and merge
+/// entries take positional lists pushed from
+/// [`FlashDecodeArgs`](crate::cuda::decode::FlashDecodeArgs).
+pub fn param_layout(
+    phase: attention_codegen::render::Phase,
+    paged: bool,
+) -> Option<Vec<(usize, usize)>> {
+    use attention_codegen::render::Phase;
+    let by_value = |size: usize| Some(vec![(0, size)]);
+    match phase {
+        Phase::Forward | Phase::Decode | Phase::Paged => by_value(std::mem::size_of::<FwdParams>()),
+        Phase::ForwardFast => Some(
+            cuda_fields::<FwdParams>()
+                .into_iter()
+                .map(|(_, off, size)| (off, size))
+                .collect(),
+        ),
+        Phase::QkvPrep => by_value(std::mem::size_of::<PrepParams>()),
+        Phase::PagedAppend => by_value(std::mem::size_of::<AppendParams>()),
+        Phase::FlashDecode if paged => by_value(std::mem::size_of::<PagedDecodeParams>()),
+        Phase::FlashDecode => None,
+    }
+}
+
+/// The launch configuration of an attention-family kernel (`config`'s phase `fwd`,
+/// `fwdfast`, `decode` or `paged`) over `rows` query rows (the longest sequence's), `heads`
+/// heads and `batch` sequences: `fwdfast` takes `block_m` rows per block with its tile's
+/// warps and dynamic shared memory; the one-warp-per-row kernels `config.warps` rows.
+pub fn fwd_launch_config(
+    config: &attention_codegen::render::KernelConfig,
+    rows: usize,
+    heads: usize,
+    batch: usize,
+) -> LaunchConfig {
+    use attention_codegen::render::Phase;
+    let (per_block, warps, smem) = if config.phase == Phase::ForwardFast {
+        let t = config.fast_tile();
+        (t.block_m, t.warps, t.smem_bytes(config.head_dim))
+    } else {
+        (config.warps, config.warps, 0)
+    };
+    LaunchConfig {
+        grid_dim: (
+            rows.div_ceil(per_block).max(1) as u32,
+            heads as u32,
+            batch.max(1) as u32,
+        ),
+        block_dim: ((warps * 32) as u32, 1, 1),
+        shared_mem_bytes: smem as u32,
+    }
+}
+
+/// Queue `func` on `stream` with `params` as its whole parameter buffer
+/// (`CU_LAUNCH_PARAM_BUFFER_POINTER`): the launch of every kernel of a [`KernelParams`]
+/// family, whether it takes the struct by value or its fields positionally.
+///
+/// # Safety
+/// `P` must be the parameter layout of `func` (the layout tests check the crate's kernels),
+/// and every pointer in `params` must be live device memory holding what the kernel indexes
+/// under `cfg` (the callers' checks and SAFETY comments say how).
+pub unsafe fn launch<P: KernelParams>(
+    stream: &Arc<CudaStream>,
+    func: &CudaFunction,
+    cfg: LaunchConfig,
+    params: &P,
+) -> Result<(), DriverError> {
+    stream.context().bind_to_thread()?;
+    let mut size = std::mem::size_of::<P>();
+    let mut extra: [*mut c_void; 5] = [
+        sys::CU_LAUNCH_PARAM_BUFFER_POINTER_AS_INT as usize as *mut c_void,
+        params as *const P as *mut c_void,
+        sys::CU_LAUNCH_PARAM_BUFFER_SIZE_AS_INT as usize as *mut c_void,
+        &mut size as *mut usize as *mut c_void,
+        std::ptr::null_mut(), // CU_LAUNCH_PARAM_END
+    ];
+    // SAFETY: the function and stream are live; `extra` is a CU_LAUNCH_PARAM_END-terminated
+    // list whose buffer (`params`, `size` bytes) outlives the call (the driver copies it);
+    // the caller guarantees the layout and the pointers.
+    unsafe {
+        sys::cuLaunchKernel(
+            func.cu_function(),
+            cfg.grid_dim.0,
+            cfg.grid_dim.1,
+            cfg.grid_dim.2,
+            cfg.block_dim.0,
+            cfg.block_dim.1,
+            cfg.block_dim.2,
+            cfg.shared_mem_bytes,
+            stream.cu_stream(),
+            std::ptr::null_mut(),
+            extra.as_mut_ptr(),
+        )
+        .result()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn fwd_params_is_the_positional_layout() {
+        // Natural alignment and no padding: the fields back to back, as a positional
+        // parameter list lays them out (35 scalars, 232 bytes).
+        let fields = cuda_fields::<FwdParams>();
+        let mut at = 0;
+        for (name, off, size) in &fields {
+            assert_eq!(*off, at, "{name}");
+            assert_eq!(off % size, 0, "{name}");
+            at = off + size;
+        }
+        assert_eq!(fields.len(), 35);
+        assert_eq!(at, std::mem::size_of::<FwdParams>());
+        assert_eq!(at, 232);
+        assert_eq!(fields[24].0, "bias_stride_k");
+    }
+}
