@@ -171,3 +171,56 @@ fn a_caller_s_views_are_read_and_written_in_place() {
     assert_eq!(&back[h..], &host_bf16[..]);
     st.synchronize().unwrap();
 }
+
+/// Tensors and caches of another GPU are typed errors before anything is queued. Needs two
+/// GPUs (run on the two-GPU machine); with one it says so and checks nothing.
+#[test]
+#[ignore = "requires two CUDA GPUs"]
+fn tensors_and_caches_of_another_device_are_typed_errors() {
+    let Ok(Device::Cuda(other)) = Device::cuda(1) else {
+        eprintln!("SKIPPED: one GPU only; this test needs two");
+        return;
+    };
+    let dev = gpu();
+    let (layer, _) = layers(&dev);
+    let h = layer.config().hidden;
+    let st1 = CudaRuntime::get(&other).unwrap().stream().clone();
+    let x = DeviceTensor::from_host(&st1, &rand(&[4, 1, h], 5), ElemType::Bf16).unwrap();
+    let wrong_device = |e: AttnError, arg: &str| match e {
+        AttnError::InvalidArgument { arg: a, got, .. } => {
+            assert_eq!(a, arg);
+            assert!(got.contains("device 1"), "{got}");
+        }
+        e => panic!("expected InvalidArgument on {arg}, got {e}"),
+    };
+    wrong_device(
+        layer
+            .forward_device(&x, &ForwardArgs::default())
+            .unwrap_err(),
+        "hidden",
+    );
+    let st0 = layer.runtime().stream().clone();
+    let mut cache0 = DeviceStaticKvCache::new(&st0, ElemType::Bf16, 1, 16, 1, 2, 128).unwrap();
+    wrong_device(
+        layer
+            .prefill_device(&x, &mut cache0, 0, 0, &ForwardArgs::default())
+            .unwrap_err(),
+        "hidden",
+    );
+    assert_eq!(cache0.seqlens(), &[0]);
+    let mut cache1 = DeviceStaticKvCache::new(&st1, ElemType::Bf16, 1, 16, 1, 2, 128).unwrap();
+    let x0 = DeviceTensor::from_host(&st0, &rand(&[4, 1, h], 6), ElemType::Bf16).unwrap();
+    wrong_device(
+        layer
+            .prefill_device(&x0, &mut cache1, 0, 0, &ForwardArgs::default())
+            .unwrap_err(),
+        "cache",
+    );
+    let d1 = DeviceTensor::from_host(&st1, &rand(&[1, 1, h], 7), ElemType::Bf16).unwrap();
+    wrong_device(
+        layer
+            .decode_device(&d1, &mut cache0, 0, 0, &ForwardArgs::default())
+            .unwrap_err(),
+        "hidden",
+    );
+}

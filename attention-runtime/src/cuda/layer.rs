@@ -297,6 +297,27 @@ impl CudaLayer {
         Ok(())
     }
 
+    /// Errors unless `t` is on this layer's device (`InvalidArgument` naming `arg`, both
+    /// devices) and holds the layer's dtype (`DType`).
+    pub(crate) fn check_input(&self, arg: &str, t: &DeviceTensor) -> Result<()> {
+        let mine = &self.rt.device().context;
+        if !Arc::ptr_eq(t.context(), mine) {
+            return Err(bad(
+                arg,
+                format!("a tensor on CUDA device {}", mine.ordinal()),
+                format!("a tensor on CUDA device {}", t.context().ordinal()),
+            ));
+        }
+        if t.elem() != self.elem {
+            return Err(AttnError::DType {
+                arg: arg.into(),
+                expected: self.elem.name().into(),
+                got: t.elem().name().into(),
+            });
+        }
+        Ok(())
+    }
+
     /// The element type of its weights and activations (the spec's dtype).
     pub fn elem(&self) -> ElemType {
         self.elem

@@ -236,6 +236,15 @@ impl DeviceTensor {
         })
     }
 
+    /// The CUDA context (device) that holds the tensor.
+    pub fn context(&self) -> &Arc<cudarc::driver::CudaContext> {
+        match &self.data {
+            DeviceData::Bf16(s) => s.context(),
+            DeviceData::F16(s) => s.context(),
+            DeviceData::F32(s) => s.context(),
+        }
+    }
+
     /// The storage, taken out of the tensor.
     pub(crate) fn into_data(self) -> DeviceData {
         self.data

@@ -64,13 +64,7 @@ impl CudaLayer {
                 })
             }
         };
-        if x.elem() != self.elem {
-            return Err(AttnError::DType {
-                arg: arg.into(),
-                expected: self.elem.name().into(),
-                got: x.elem().name().into(),
-            });
-        }
+        self.check_input(arg, x)?;
         if cache.heads() != c.heads || cache.head_dim() != c.head_dim {
             return Err(bad(
                 "cache",

@@ -282,15 +282,8 @@ impl CudaLayer {
                 got: out.shape().to_vec(),
             });
         }
-        for (arg, t) in [("hidden", hidden.elem()), ("out", out.elem())] {
-            if t != self.elem {
-                return Err(AttnError::DType {
-                    arg: arg.into(),
-                    expected: self.elem.name().into(),
-                    got: t.name().into(),
-                });
-            }
-        }
+        self.check_input("hidden", hidden)?;
+        self.check_input("out", out)?;
         if args.positions.is_some() {
             return Err(bad(
                 "args.positions",

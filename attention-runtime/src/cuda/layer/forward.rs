@@ -189,13 +189,7 @@ impl CudaLayer {
         let c = &self.config;
         let (np, ng, hn) = (c.heads, c.groups, c.head_dim);
         let is_self = c.kind == AttentionKind::SelfAttention;
-        if hidden.elem() != self.elem {
-            return Err(AttnError::DType {
-                arg: "hidden".into(),
-                expected: self.elem.name().into(),
-                got: hidden.elem().name().into(),
-            });
-        }
+        self.check_input("hidden", hidden)?;
         let ctx = match (is_self, args.key_value_states) {
             (true, Some(_)) => {
                 return Err(bad(

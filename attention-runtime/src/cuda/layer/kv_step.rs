@@ -54,6 +54,13 @@ impl CudaLayer {
         crate::plan::check_cache_geometry(&self.config, cache.groups(), cache.head_dim())?;
         // The cache's element type must be the layer's: the kernels write and read it raw.
         let kc = cache.layer_k(0)?;
+        if !Arc::ptr_eq(kc.context(), &self.rt.device().context) {
+            return Err(bad(
+                "cache",
+                format!("a cache on CUDA device {}", self.rt.device().ordinal),
+                format!("a cache on CUDA device {}", kc.context().ordinal()),
+            ));
+        }
         if kc.elem() != self.elem {
             return Err(AttnError::DType {
                 arg: "cache".into(),

@@ -71,17 +71,18 @@ impl CudaLayer {
         batch: &crate::kv_cache::PagedBatch<'_>,
     ) -> Result<DeviceTensor> {
         let c = &self.config;
-        if hidden.elem() != self.elem {
-            return Err(AttnError::DType {
-                arg: "hidden".into(),
-                expected: self.elem.name().into(),
-                got: hidden.elem().name().into(),
-            });
-        }
+        self.check_input("hidden", hidden)?;
         let step = crate::plan::paged_step(c, hidden.shape(), &*cache, batch)?;
         let h = c.hidden;
         let n = step.rows;
         let (kc, vc) = cache.layer_kv(layer)?;
+        if !Arc::ptr_eq(kc.context(), &self.rt.device().context) {
+            return Err(bad(
+                "cache",
+                format!("a pool on CUDA device {}", self.rt.device().ordinal),
+                format!("a pool on CUDA device {}", kc.context().ordinal()),
+            ));
+        }
         if kc.elem() != self.elem {
             return Err(AttnError::DType {
                 arg: "cache".into(),

@@ -60,13 +60,7 @@ impl CudaLayer {
         let h = c.hidden;
         let plan = crate::plan::static_step(c, hidden.shape(), &*cache, layer, batch_offset, args)?;
         self.check_kv_step(cache, args)?;
-        if hidden.elem() != self.elem {
-            return Err(AttnError::DType {
-                arg: "hidden".into(),
-                expected: self.elem.name().into(),
-                got: hidden.elem().name().into(),
-            });
-        }
+        self.check_input("hidden", hidden)?;
         let (s, b) = (plan.s, plan.b);
         let n = s * b;
         let starts = &plan.starts;
