@@ -348,7 +348,7 @@ impl CudaLayer {
 impl CudaLayer {
     /// Pin the KV split count of eager [`decode`](Self::decode) (`None`: chosen per step
     /// from the batch, the groups and the longest sequence, see
-    /// [`num_splits`](crate::cuda::decode::num_splits)). A [`LayerDecodeGraph`](crate::cuda::decode::LayerDecodeGraph)
+    /// [`num_splits`]). A [`LayerDecodeGraph`](crate::cuda::decode::LayerDecodeGraph)
     /// fixes its split count at capture; eager decode pinned to the same count gives
     /// bitwise equal results. Errors: `InvalidArgument` (`decode_splits`) outside 1..=64.
     pub fn set_decode_splits(&self, splits: Option<usize>) -> Result<()> {
