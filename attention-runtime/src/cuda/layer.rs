@@ -301,7 +301,7 @@ impl CudaLayer {
     /// devices) and holds the layer's dtype (`DType`).
     pub(crate) fn check_input(&self, arg: &str, t: &DeviceTensor) -> Result<()> {
         let mine = &self.rt.device().context;
-        if !Arc::ptr_eq(t.context(), mine) {
+        if t.context().ordinal() != mine.ordinal() {
             return Err(bad(
                 arg,
                 format!("a tensor on CUDA device {}", mine.ordinal()),

@@ -114,10 +114,11 @@ impl CudaRuntime {
     /// ([`CudaLayer::set_runtime`]). Buffers made on other streams stay usable: cudarc's event
     /// tracking orders their uses across streams.
     ///
-    /// Errors: `InvalidArgument` (`stream`) for a stream of another context; `DeviceAlloc` /
+    /// Errors: `InvalidArgument` (`stream`) for a stream of another device (devices are
+    /// compared by ordinal: cudarc opens each device's primary context); `DeviceAlloc` /
     /// `Cuda` as [`get`](Self::get).
     pub fn with_stream(&self, stream: Arc<CudaStream>) -> Result<Arc<CudaRuntime>> {
-        if !Arc::ptr_eq(stream.context(), &self.device.context) {
+        if stream.context().ordinal() != self.device.ordinal {
             return Err(AttnError::InvalidArgument {
                 arg: "stream".into(),
                 expected: format!("a stream of device {}'s context", self.device.ordinal),

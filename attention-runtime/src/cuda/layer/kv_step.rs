@@ -54,7 +54,7 @@ impl CudaLayer {
         crate::plan::check_cache_geometry(&self.config, cache.groups(), cache.head_dim())?;
         // The cache's element type must be the layer's: the kernels write and read it raw.
         let kc = cache.layer_k(0)?;
-        if !Arc::ptr_eq(kc.context(), &self.rt.device().context) {
+        if kc.context().ordinal() != self.rt.device().ordinal {
             return Err(bad(
                 "cache",
                 format!("a cache on CUDA device {}", self.rt.device().ordinal),

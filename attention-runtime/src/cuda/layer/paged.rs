@@ -76,7 +76,7 @@ impl CudaLayer {
         let h = c.hidden;
         let n = step.rows;
         let (kc, vc) = cache.layer_kv(layer)?;
-        if !Arc::ptr_eq(kc.context(), &self.rt.device().context) {
+        if kc.context().ordinal() != self.rt.device().ordinal {
             return Err(bad(
                 "cache",
                 format!("a pool on CUDA device {}", self.rt.device().ordinal),
