@@ -262,6 +262,27 @@ impl CudaLayer {
             return Ok((out, self.proj.bias.as_ref()));
         }
 
+        // Kernels resolved and metadata uploaded before the first GEMM is queued: a kernel
+        // that cannot load fails with nothing queued, and a copy from pageable host memory
+        // (which may wait for the stream) waits for no GEMM of this call.
+        let prep_kernel = kernel(rt, &self.prep)?;
+        // The fast kernel when this GPU runs it; the general one otherwise. A fast kernel
+        // that fails to build falls back with a warning, except under ATTN_JIT=off, where
+        // its absence from the cache is an error naming it (select_forward).
+        let (chosen, (fwd_key, fwd_f)) =
+            select_forward(self.fast_config(&fcfg).as_ref(), &fcfg, |c| {
+                self.load_attention(c)
+            })?;
+        let positions = match &pos_host {
+            Some(p) => Some(upload(st, p, "positions")?),
+            None => None,
+        };
+        // Raised by qkv_prep when a value it writes to v is not finite; the attention kernel
+        // then takes its exact path, so junk at masked keys (padding) never reaches a row.
+        let v_flag = st
+            .alloc_zeros::<i32>(1)
+            .map_err(crate::cuda::tensor::alloc_err("v_nonfinite", 4))?;
+
         // 1. Projections.
         let (a, kv_in) = match (&self.proj_in, &ctx) {
             (Projections::SelfAttention { qkv }, _) => {
@@ -284,18 +305,9 @@ impl CudaLayer {
         } else {
             None
         };
-        let positions = match &pos_host {
-            Some(p) => Some(upload(st, p, "positions")?),
-            None => None,
-        };
-        // Raised by qkv_prep when a value it writes to v is not finite; the attention kernel
-        // then takes its exact path, so junk at masked keys (padding) never reaches a row.
-        let v_flag = st
-            .alloc_zeros::<i32>(1)
-            .map_err(crate::cuda::tensor::alloc_err("v_nonfinite", 4))?;
         let p_vflag = dptr(&v_flag, rt);
         {
-            let (key, f) = kernel(rt, &self.prep)?;
+            let (key, f) = prep_kernel;
             let grid = if is_self { g.nq } else { g.nq.max(g.nk) };
             let cfg = LaunchConfig {
                 grid_dim: (to_i32("rows", grid as i64)? as u32, 1, 1),
@@ -326,13 +338,7 @@ impl CudaLayer {
         let o = self.alloc(&[g.nq, np, hn], "attention output")?;
         let lse = crate::cuda::tensor::alloc_uninit::<f32>(st, np * g.nq, "lse")?;
         let fwd_key = {
-            // The fast kernel when this GPU runs it; the general one otherwise. A fast kernel
-            // that fails to build falls back with a warning, except under ATTN_JIT=off, where
-            // its absence from the cache is an error naming it (select_forward).
-            let (chosen, (key, f)) =
-                select_forward(self.fast_config(&fcfg).as_ref(), &fcfg, |c| {
-                    self.load_attention(c)
-                })?;
+            let (key, f) = (fwd_key, fwd_f);
             let cfg = fwd_launch_config(&chosen, g.sq, np, g.batch);
             let params = FwdParams {
                 q: tptr(&q, rt),

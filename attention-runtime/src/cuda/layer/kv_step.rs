@@ -87,16 +87,8 @@ impl CudaLayer {
         let Projections::SelfAttention { qkv } = &self.proj_in else {
             return Err(bad("config.kind", "self-attention", "cross-attention"));
         };
-        let mut a = self.alloc(&[n, qkv.out_features()], "linear_qkv output")?;
-        linear_qkv_into(rt, x, qkv, &mut a)?;
-        let q = self.alloc(&[n, np, hn], "q")?;
-        let k = self.alloc(&[n, ng, hn], "k")?;
-        let v = self.alloc(&[n, ng, hn], "v")?;
-        let gate = if c.output_gate {
-            Some(self.alloc(&[n, np, hn], "gate")?)
-        } else {
-            None
-        };
+        // The positions go up before the GEMM is queued (a copy from pageable host memory
+        // may wait for the stream).
         let mut keep = Vec::new();
         let p_pos = match positions {
             Some(p) if prep.rope.is_some() => {
@@ -106,6 +98,16 @@ impl CudaLayer {
                 ptr
             }
             _ => 0,
+        };
+        let mut a = self.alloc(&[n, qkv.out_features()], "linear_qkv output")?;
+        linear_qkv_into(rt, x, qkv, &mut a)?;
+        let q = self.alloc(&[n, np, hn], "q")?;
+        let k = self.alloc(&[n, ng, hn], "k")?;
+        let v = self.alloc(&[n, ng, hn], "v")?;
+        let gate = if c.output_gate {
+            Some(self.alloc(&[n, np, hn], "gate")?)
+        } else {
+            None
         };
         let p = PrepPtrs {
             qkv: tptr(&a, rt),

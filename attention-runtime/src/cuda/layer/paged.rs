@@ -130,11 +130,17 @@ impl CudaLayer {
         let nreq = reqs.len();
         let rt = &*self.rt;
         let st = rt.stream();
-        let (q, k, v, gate, _keep) =
-            self.project_and_prep(hidden, n, &self.prep, Some(&positions), 1.0)?;
+        // Metadata up before the first GEMM is queued (a copy from pageable host memory may
+        // wait for the stream).
         let cu_d = upload(st, batch.cu_seqlens_q, "cu_seqlens_q")?;
         let lens_d = upload(st, batch.seqlens_k, "seqlens_k")?;
         let table_d = upload(st, table.as_slice(), "block_table")?;
+        let req_d = match (&decode_kernels, plan.decode.is_empty()) {
+            (Some(_), false) => Some(upload(st, &plan.decode, "decode requests")?),
+            _ => None,
+        };
+        let (q, k, v, gate, _keep) =
+            self.project_and_prep(hidden, n, &self.prep, Some(&positions), 1.0)?;
         let (p_cu, p_lens, p_table) = (dptr(&cu_d, rt), dptr(&lens_d, rt), dptr(&table_d, rt));
         let (nr, ngr, bsi, mbi) = (nreq as i32, c.groups as i32, bs as i32, max_blocks as i32);
         let (pkc, pvc) = (tptr(kc, rt), tptr(vc, rt));
@@ -206,9 +212,8 @@ impl CudaLayer {
         }
         // Decode rows: the split-KV decode kernel and its merge over the block table.
         let mut decode_bufs = None;
-        if let (Some((key, split_f, merge_f)), false) = (&decode_kernels, plan.decode.is_empty()) {
+        if let (Some((key, split_f, merge_f)), Some(req_d)) = (&decode_kernels, req_d.as_ref()) {
             let nd = plan.decode.len();
-            let req_d = upload(st, &plan.decode, "decode requests")?;
             let f32buf =
                 |len: usize, arg: &str| crate::cuda::tensor::alloc_uninit::<f32>(st, len, arg);
             let o_part = f32buf(splits * nd * c.heads * c.head_dim, "decode o_part")?;
@@ -241,13 +246,24 @@ impl CudaLayer {
             // SAFETY: as the prefill launch; requests [nd] are decode requests of this batch
             // (one query row each); o_part / lse_part hold `splits` splits of nd rows.
             unsafe { launch_paged_decode(st, key, split_f, merge_f, &dp) }?;
-            decode_bufs = Some((req_d, o_part, lse_part));
+            decode_bufs = Some((o_part, lse_part));
         }
         let o = o.view(&[n, c.heads * c.head_dim])?;
         let mut out = self.alloc(&[n, h], "output")?;
         linear_proj_into(rt, &o, &self.proj, &mut out)?;
         // Freed in stream order after the queued kernels.
-        drop((q, k, v, gate, cu_d, lens_d, table_d, lse, decode_bufs));
+        drop((
+            q,
+            k,
+            v,
+            gate,
+            cu_d,
+            lens_d,
+            table_d,
+            req_d,
+            lse,
+            decode_bufs,
+        ));
         Ok(out)
     }
 }

@@ -84,10 +84,12 @@ impl CudaLayer {
             .collect::<Result<_>>()?;
         let rt = &*self.rt;
         let st = rt.stream();
-        let (q, k, v, gate, _keep) =
-            self.project_and_prep(hidden, n, &self.prep, Some(&positions), args.rope_mscale)?;
+        // The lengths go up before the GEMM is queued (a copy from pageable host memory may
+        // wait for the stream).
         let lens: Vec<i32> = starts.iter().map(|&l| (l + s) as i32).collect();
         let lens_d = upload(st, &lens, "seqlens_k")?;
+        let (q, k, v, gate, _keep) =
+            self.project_and_prep(hidden, n, &self.prep, Some(&positions), args.rope_mscale)?;
         let (kc, vc) = (cache.layer_k(layer)?, cache.layer_v(layer)?);
         // Append (padded [s, b] rows, static layout).
         let append = AppendParams {
