@@ -228,7 +228,7 @@ impl CudaLayer {
                 lse: params.lse,
                 sinks: params.sinks,
                 gate: params.gate,
-                requests: dptr(&req_d, rt),
+                requests: dptr(req_d, rt),
                 cu_seqlens_q: p_cu,
                 seqlens_k: p_lens,
                 block_table: p_table,
