@@ -69,6 +69,39 @@ fn runtimes() -> &'static Mutex<HashMap<usize, Arc<CudaRuntime>>> {
     R.get_or_init(|| Mutex::new(HashMap::new()))
 }
 
+/// Keep freed memory in the device's default stream-ordered pool (release threshold: no
+/// limit) instead of returning it to the driver at every synchronization. Every call's
+/// intermediates come from that pool (cudarc allocates with `cuMemAllocAsync`); with the
+/// driver's default threshold of 0 a call that follows a synchronization maps its buffers
+/// afresh, which costs time proportional to their size (what the PyTorch caching allocator
+/// avoids the same way). Memory stays available to other pools and processes only through
+/// `cuMemPoolTrimTo`.
+fn keep_pool_memory(device: &CudaDevice) -> Result<()> {
+    use cudarc::driver::sys;
+    let dev = device.context.cu_device();
+    let mut pool: sys::CUmemoryPool = std::ptr::null_mut();
+    let mut threshold: u64 = u64::MAX;
+    // SAFETY: plain driver calls on a device the context was created for; `pool` and
+    // `threshold` outlive the calls, and the attribute takes a cuuint64_t.
+    let res = unsafe {
+        match sys::cuDeviceGetDefaultMemPool(&mut pool, dev) {
+            sys::CUresult::CUDA_SUCCESS => sys::cuMemPoolSetAttribute(
+                pool,
+                sys::CUmemPool_attribute::CU_MEMPOOL_ATTR_RELEASE_THRESHOLD,
+                (&mut threshold as *mut u64).cast(),
+            ),
+            e => e,
+        }
+    };
+    match res {
+        sys::CUresult::CUDA_SUCCESS => Ok(()),
+        e => Err(AttnError::Cuda {
+            call: "cuMemPoolSetAttribute RELEASE_THRESHOLD".into(),
+            msg: format!("{e:?}"),
+        }),
+    }
+}
+
 impl CudaRuntime {
     /// The runtime of `device` (created once per ordinal, then shared).
     ///
@@ -92,6 +125,7 @@ impl CudaRuntime {
                 msg: format!("only {free} bytes free"),
             });
         }
+        keep_pool_memory(device)?;
         let stream = ctx.default_stream();
         let blas = CudaBlasLT::new(stream.clone()).map_err(|e| AttnError::Cuda {
             call: "cublasLtCreate".into(),
