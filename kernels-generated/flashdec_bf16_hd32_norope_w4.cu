@@ -33,6 +33,18 @@
 //   cache_seqlens: int32 [batch]; rope_cos, rope_sin: f32 [rope_rows, ROT_DIM / 2]
 //   o_part: f32 [num_splits, batch, num_heads, HEAD_DIM]; lse_part: f32 [num_splits, batch, num_heads]
 //   lse: f32 [num_heads, batch] (natural log); sinks: f32 [num_heads] (learnable sinks only)
+//
+// Paged mode (false; `_paged` keys, no rope): the decode rows (one new token each) of a
+// paged mixed batch, after qkv_prep rotated q/k and kvappend wrote the new k/v into the pool.
+// Both entries take one `const PagedDecodeParams p` (partials/params.cu). Block b of the split
+// kernel serves decode request req = p.requests[b] of the batch: its query row is packed token
+// cu_seqlens_q[req] of q [total_q, num_heads, HEAD_DIM]; it attends to keys [0,
+// seqlens_k[req]) (bottom-right causal, window) read from the pools [num_blocks, block_size,
+// num_groups, HEAD_DIM] through block_table[req, j / block_size] (block_size a power of two;
+// tiles straddle blocks; 64-bit offsets); nothing is rotated or appended. o_part / lse_part
+// are indexed by b as above; the merge writes out and gate at the packed token row and lse
+// [num_heads, total_q] at (h, token). Keys past seqlens_k, other requests' blocks and unused
+// pool blocks are never read.
 
 // ---------------------------------------------------------------------------------------
 // Element types and conversions. No CUDA toolkit header is included: NVRTC alone compiles
@@ -209,7 +221,6 @@ __device__ __forceinline__ float warp_max(float x) {
     for (int o = WARP_SIZE / 2; o > 0; o >>= 1) x = fmaxf(x, __shfl_xor_sync(FULL_WARP, x, o));
     return x;
 }
-
 extern "C" __global__ void __launch_bounds__(WARPS * WARP_SIZE) flashdec_bf16_hd32_norope_w4(
     const elem_t* __restrict__ q,
     const elem_t* __restrict__ k_new,
@@ -486,7 +497,6 @@ extern "C" __global__ void __launch_bounds__(WARPS * WARP_SIZE) flashdec_bf16_hd
 
 /// Warps per block of the merge kernel (each a strided subset of the splits).
 constexpr int MERGE_WARPS = 4;
-
 extern "C" __global__ void __launch_bounds__(MERGE_WARPS * WARP_SIZE) flashdec_bf16_hd32_norope_w4_merge(
     const float* __restrict__ o_part,
     const float* __restrict__ lse_part,
@@ -534,6 +544,8 @@ extern "C" __global__ void __launch_bounds__(MERGE_WARPS * WARP_SIZE) flashdec_b
     if (lane == 0) part_total[warp] = total;
     __syncthreads();
     if (warp != 0) return;
+    const long long orow = row;
+    const long long lse_at = (long long)h * batch + b;
     total = any || sink != neg_inf() ? exp2f(sink - m) : 0.0f;
 #pragma unroll
     for (int w = 0; w < MERGE_WARPS; ++w) total += part_total[w];
@@ -544,9 +556,9 @@ extern "C" __global__ void __launch_bounds__(MERGE_WARPS * WARP_SIZE) flashdec_b
 #pragma unroll
         for (int w = 0; w < MERGE_WARPS; ++w) a += part[w][c * WARP_SIZE + lane];
         float o = a * inv;
-        store_elem(out + row * HEAD_DIM + c * WARP_SIZE + lane, o);
+        store_elem(out + orow * HEAD_DIM + c * WARP_SIZE + lane, o);
     }
     (void)gate;
     // A sink column keeps the row non-empty (LSE = the sink logit when no key is visible).
-    if (lane == 0) lse[(long long)h * batch + b] = any || sink != neg_inf() ? (m + log2f(total)) * LN2 : neg_inf();
+    if (lane == 0) lse[lse_at] = any || sink != neg_inf() ? (m + log2f(total)) * LN2 : neg_inf();
 }

@@ -19,7 +19,11 @@
 //        (stride 0 broadcasts; i, j are positions within the sequence).
 //   bias: f32 additive post-scale bias, element (b, h, i, j) at the same kind of strides.
 //   sinks: f32 [num_heads] learned sink logits (learnable sinks only).
-// Arguments a variant does not use are ignored (may be null / 0).
+// Parameters: one `const FwdParams p` (partials/params.cu), fields q, k, v,
+// out, lse, cu_seqlens_q, cu_seqlens_k, batch, num_heads, num_groups, seqlen_q, seqlen_k,
+// softmax_scale, window_left, window_right, mask + strides, bias + strides, sinks, gate; the
+// others (max_logit .. max_blocks_per_seq) are ignored, as are fields a variant does not use
+// (null / 0).
 
 // ---------------------------------------------------------------------------------------
 // Element types and conversions. No CUDA toolkit header is included: NVRTC alone compiles
@@ -196,38 +200,141 @@ __device__ __forceinline__ void row_finish(const RowState& st, elem_t* __restric
     if (lane == 0) *lse_slot = st.any ? (st.m + log2f(st.l)) * LN2 : neg_inf();
 }
 
+// ---------------------------------------------------------------------------------------
+// Kernel parameter structs, one per kernel family: the host fills one typed struct per
+// launch and queues it as the kernel's whole parameter buffer. Kernels take it by value
+// (`const FwdParams p`; never take its address, which would copy it to local memory), except
+// `fwdfast`, which declares the same fields positionally in the same order (the struct
+// parameter costs its hot variants spills) and so has the same parameter buffer. The host's
+// `#[repr(C)]` twins live in attention-runtime/src/cuda/params.rs with the same fields in the
+// same order; attention-runtime/tests/nvrtc_params_layout.rs compiles static_asserts of
+// every field's offset and size (taken from the Rust side) against these declarations, and
+// tests/nvrtc_catalog.rs checks every compiled kernel's parameter table, with NVRTC alone.
+// Pointers are 8 bytes (null = absent), int and float 4, long long 8.
+// ---------------------------------------------------------------------------------------
+
+/// Attention over q, k, v: the forward family (`fwd`, `fwdfast` with its static-cache and
+/// paged modes) and the one-warp-per-row cache kernels (`decode`, `paged`). Each kernel
+/// documents which fields it reads; the others may be null / 0.
+struct FwdParams {
+    const elem_t* q;               // queries (layout per kernel)
+    const elem_t* k;               // keys: packed/padded k, a static cache layer or a pool
+    const elem_t* v;               // values, as k
+    elem_t* out;                   // output, layout of q
+    float* lse;                    // f32 [num_heads, rows], natural log
+    const int* cu_seqlens_q;       // int32 [batch + 1] (packed / paged) or null (padded)
+    const int* cu_seqlens_k;       // int32 [batch + 1] (packed) or null
+    int batch;                     // sequences (requests)
+    int num_heads;                 // query heads
+    int num_groups;                // K/V groups (divides num_heads)
+    int seqlen_q;                  // padded query length; packed: the longest
+    int seqlen_k;                  // padded key length; packed: the longest
+    float softmax_scale;           // logit scale
+    int window_left;               // sliding window, -1 = unbounded
+    int window_right;
+    const unsigned char* mask;     // uint8 [b, h, i, j] at the strides below, nonzero = masked
+    long long mask_stride_b;
+    long long mask_stride_h;
+    long long mask_stride_q;
+    long long mask_stride_k;
+    const float* bias;             // f32 additive post-scale bias at the strides below
+    long long bias_stride_b;
+    long long bias_stride_h;
+    long long bias_stride_q;
+    long long bias_stride_k;
+    const float* sinks;            // f32 [num_heads] learnable sink logits
+    const elem_t* gate;            // output gate, layout of q
+    float* max_logit;              // f32 [num_heads] per-head max logit record, or null
+    const int* v_nonfinite;        // int32 flag: some V element is not finite, or null
+    const int* cache_seqlens_k;    // int32 [batch]: keys per sequence (static cache / pool)
+    int cache_batch_offset;        // static cache: first batch slot
+    int cache_max_batch;           // static cache: batch slots of the layer
+    const int* block_table;        // int32 [batch, max_blocks_per_seq] (paged pool)
+    int block_size;                // pool rows per block (a power of two >= 16)
+    int max_blocks_per_seq;        // block table row stride
+};
+
+/// The `qkv_prep` kernel: split of the projections into q, k, v (and the gate), q/k norm,
+/// rope at explicit positions (templates/qkv_prep.cu).
+struct PrepParams {
+    const elem_t* qkv;             // linear_qkv (self) or linear_q (cross) output
+    const elem_t* kv;              // linear_kv output (cross), or null
+    elem_t* q_out;                 // [num_tokens, num_heads, HEAD_DIM]
+    elem_t* k_out;                 // [num_kv_tokens, num_groups, HEAD_DIM]
+    elem_t* v_out;
+    elem_t* gate_out;              // [num_tokens, num_heads, HEAD_DIM] (output gate), or null
+    const elem_t* q_norm_weight;   // [HEAD_DIM] each, or null
+    const elem_t* q_norm_bias;
+    const elem_t* k_norm_weight;
+    const elem_t* k_norm_bias;
+    float eps;                     // norm epsilon
+    const int* positions;          // int32 [num_tokens] rope positions, or null
+    float rotary_base;
+    float mscale;                  // multiplies cos and sin
+    int num_tokens;
+    int num_kv_tokens;
+    int num_heads;
+    int num_groups;
+    int* v_nonfinite;              // int32 flag raised when a written v is not finite, or null
+};
+
+/// The `kvappend` kernel: new k/v rows into a paged pool or a static cache
+/// (templates/paged_append.cu).
+struct AppendParams {
+    const elem_t* k;               // [total_tokens, num_groups, HEAD_DIM]
+    const elem_t* v;
+    elem_t* k_dst;                 // pool [num_blocks, block_size, ...] or cache layer
+    elem_t* v_dst;
+    const int* cu_seqlens_q;       // int32 [batch + 1], or null (padded [s, batch] rows)
+    const int* seqlens_k;          // int32 [batch]: keys after the append
+    const int* block_table;        // int32 [batch, max_blocks_per_seq], or null (static)
+    int batch;
+    int num_groups;
+    int block_size;
+    int max_blocks_per_seq;
+    int cache_batch_offset;        // static cache: first batch slot
+    int cache_max_batch;           // static cache: batch slots
+};
+
+/// The paged mode of `flashdec` (split and merge entries): the decode rows of a paged mixed
+/// batch over the pool (templates/flash_decode.cu).
+struct PagedDecodeParams {
+    const elem_t* q;               // packed [total_q, num_heads, HEAD_DIM], already rotated
+    const elem_t* k_pool;          // [num_blocks, block_size, num_groups, HEAD_DIM]
+    const elem_t* v_pool;
+    float* o_part;                 // f32 [num_splits, batch, num_heads, HEAD_DIM]
+    float* lse_part;               // f32 [num_splits, batch, num_heads] (log2 units)
+    elem_t* out;                   // packed, layout of q (the decode rows are written)
+    float* lse;                    // f32 [num_heads, total_q] (natural log)
+    const float* sinks;            // f32 [num_heads] learnable sink logits
+    const elem_t* gate;            // output gate, layout of q
+    const int* requests;           // int32 [batch]: the decode requests' indices in the batch
+    const int* cu_seqlens_q;       // int32 [num_requests + 1] of the whole batch
+    const int* seqlens_k;          // int32 [num_requests]: keys per request (new one included)
+    const int* block_table;        // int32 [num_requests, max_blocks_per_seq]
+    int batch;                     // decode requests (grid z of the split kernel)
+    int num_heads;
+    int num_groups;
+    int num_splits;
+    int total_q;                   // rows of q (the lse stride)
+    int block_size;                // a power of two >= 16
+    int max_blocks_per_seq;
+    float softmax_scale;
+    int window_left;               // -1 = unbounded
+    int window_right;
+};
+
 
 constexpr int BLOCK_ROWS = 4;
 
-extern "C" __global__ void __launch_bounds__(BLOCK_ROWS * WARP_SIZE) fwd_bf16_hd32_padding_w4(
-    const elem_t* __restrict__ q,
-    const elem_t* __restrict__ k,
-    const elem_t* __restrict__ v,
-    elem_t* __restrict__ out,
-    float* __restrict__ lse,
-    const int* __restrict__ cu_seqlens_q,
-    const int* __restrict__ cu_seqlens_k,
-    int batch,
-    int num_heads,
-    int num_groups,
-    int seqlen_q,
-    int seqlen_k,
-    float softmax_scale,
-    int window_left,
-    int window_right,
-    const unsigned char* __restrict__ mask,
-    long long mask_stride_b,
-    long long mask_stride_h,
-    long long mask_stride_q,
-    long long mask_stride_k,
-    const float* __restrict__ bias,
-    long long bias_stride_b,
-    long long bias_stride_h,
-    long long bias_stride_q,
-    long long bias_stride_k,
-    const float* __restrict__ sinks,
-    const elem_t* __restrict__ gate)
+extern "C" __global__ void __launch_bounds__(BLOCK_ROWS * WARP_SIZE) fwd_bf16_hd32_padding_w4(const FwdParams p)
 {
+    const elem_t* __restrict__ q = p.q;
+    const elem_t* __restrict__ k = p.k;
+    const elem_t* __restrict__ v = p.v;
+    const int* __restrict__ cu_seqlens_q = p.cu_seqlens_q;
+    const int* __restrict__ cu_seqlens_k = p.cu_seqlens_k;
+    const int batch = p.batch, num_heads = p.num_heads, num_groups = p.num_groups;
     const int lane = threadIdx.x % WARP_SIZE;
     const int warp = threadIdx.x / WARP_SIZE;
     const int h = blockIdx.y;
@@ -248,12 +355,12 @@ extern "C" __global__ void __launch_bounds__(BLOCK_ROWS * WARP_SIZE) fwd_bf16_hd
         k_step = 1;
         total_q = cu_seqlens_q[batch];
     } else {
-        sq = seqlen_q;
-        sk = seqlen_k;
+        sq = p.seqlen_q;
+        sk = p.seqlen_k;
         q_tok = (long long)i * batch + b;
         k_base = b;
         k_step = batch;
-        total_q = (long long)seqlen_q * batch;
+        total_q = (long long)p.seqlen_q * batch;
     }
     if (i >= sq) return;
 
@@ -262,17 +369,16 @@ extern "C" __global__ void __launch_bounds__(BLOCK_ROWS * WARP_SIZE) fwd_bf16_hd
     load_q(qv, q + q_off, lane);
 
     int lo, hi;
-    visible_range(i, sq, sk, window_left, window_right, &lo, &hi);
-    const float scale_log2 = softmax_scale * LOG2E;
+    visible_range(i, sq, sk, p.window_left, p.window_right, &lo, &hi);
+    const float scale_log2 = p.softmax_scale * LOG2E;
 
     RowState st;
-    row_init(st, sinks, h);
+    row_init(st, p.sinks, h);
     for (int j = lo; j < hi; ++j) {
-        if (mask[b * mask_stride_b + h * mask_stride_h + i * mask_stride_q + j * mask_stride_k] != 0) continue;
+        if (p.mask[b * p.mask_stride_b + h * p.mask_stride_h + i * p.mask_stride_q + j * p.mask_stride_k] != 0) continue;
         const long long kv_off = ((k_base + (long long)j * k_step) * num_groups + g) * HEAD_DIM;
         const float s = row_dot(qv, k + kv_off, lane) * scale_log2;
-        (void)bias; (void)bias_stride_b; (void)bias_stride_h; (void)bias_stride_q; (void)bias_stride_k;
         row_update(st, s, v + kv_off, lane);
     }
-    row_finish(st, out + q_off, gate + q_off, lse + (long long)h * total_q + q_tok, lane);
+    row_finish(st, p.out + q_off, p.gate + q_off, p.lse + (long long)h * total_q + q_tok, lane);
 }

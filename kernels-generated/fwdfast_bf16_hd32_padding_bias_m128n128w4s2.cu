@@ -6,7 +6,11 @@
 //
 // Launch: grid (ceil(max_seqlen_q / BLOCK_M), num_heads, batch), block (WARPS * 32),
 // dynamic shared memory SMEM_BYTES = (BLOCK_M + 2 * STAGES * BLOCK_N) * (HEAD_DIM + 8) * 2.
-// Argument list = the simple `fwd_*` kernel's (templates/fwd.cu), then `max_logit`:
+// Parameters: the fields of `FwdParams` (partials/params.cu) as positional parameters, in
+// its order (so the parameter buffer is byte for byte a FwdParams; the host launches with
+// one `FwdParams` as that buffer, and tests/nvrtc_params_layout.rs checks the CUBIN's
+// parameter offsets against it). Positional rather than one struct parameter: the struct
+// costs the hot variants spills (hd128 causal: 0 -> 60 bytes of spill stores, ptxas sm_90).
 //   (q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k, batch, num_heads, num_groups, seqlen_q,
 //    seqlen_k, softmax_scale, window_left, window_right, mask, mask_stride_b/h/q/k, bias,
 //    bias_stride_b/h/q/k, sinks, gate, max_logit, v_nonfinite, cache_seqlens_k,

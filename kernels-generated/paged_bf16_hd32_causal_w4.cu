@@ -8,6 +8,10 @@
 // are 64-bit.
 //
 // Launch: grid (ceil(max_seqlen_q / 4), num_heads, batch), block (4 * 32).
+// Parameters: one `const FwdParams p` (partials/params.cu); read: q, k / v
+// (the pools), out, lse, cu_seqlens_q, cache_seqlens_k (seqlens_k below), block_table,
+// batch, num_heads, num_groups, block_size, max_blocks_per_seq, softmax_scale,
+// window_left/right, sinks, gate.
 //
 // Layouts (row-major):
 //   q, out, gate: elem_t [total_q, num_heads, HEAD_DIM] (packed)
@@ -193,29 +197,140 @@ __device__ __forceinline__ void row_finish(const RowState& st, elem_t* __restric
     if (lane == 0) *lse_slot = st.any ? (st.m + log2f(st.l)) * LN2 : neg_inf();
 }
 
+// ---------------------------------------------------------------------------------------
+// Kernel parameter structs, one per kernel family: the host fills one typed struct per
+// launch and queues it as the kernel's whole parameter buffer. Kernels take it by value
+// (`const FwdParams p`; never take its address, which would copy it to local memory), except
+// `fwdfast`, which declares the same fields positionally in the same order (the struct
+// parameter costs its hot variants spills) and so has the same parameter buffer. The host's
+// `#[repr(C)]` twins live in attention-runtime/src/cuda/params.rs with the same fields in the
+// same order; attention-runtime/tests/nvrtc_params_layout.rs compiles static_asserts of
+// every field's offset and size (taken from the Rust side) against these declarations, and
+// tests/nvrtc_catalog.rs checks every compiled kernel's parameter table, with NVRTC alone.
+// Pointers are 8 bytes (null = absent), int and float 4, long long 8.
+// ---------------------------------------------------------------------------------------
+
+/// Attention over q, k, v: the forward family (`fwd`, `fwdfast` with its static-cache and
+/// paged modes) and the one-warp-per-row cache kernels (`decode`, `paged`). Each kernel
+/// documents which fields it reads; the others may be null / 0.
+struct FwdParams {
+    const elem_t* q;               // queries (layout per kernel)
+    const elem_t* k;               // keys: packed/padded k, a static cache layer or a pool
+    const elem_t* v;               // values, as k
+    elem_t* out;                   // output, layout of q
+    float* lse;                    // f32 [num_heads, rows], natural log
+    const int* cu_seqlens_q;       // int32 [batch + 1] (packed / paged) or null (padded)
+    const int* cu_seqlens_k;       // int32 [batch + 1] (packed) or null
+    int batch;                     // sequences (requests)
+    int num_heads;                 // query heads
+    int num_groups;                // K/V groups (divides num_heads)
+    int seqlen_q;                  // padded query length; packed: the longest
+    int seqlen_k;                  // padded key length; packed: the longest
+    float softmax_scale;           // logit scale
+    int window_left;               // sliding window, -1 = unbounded
+    int window_right;
+    const unsigned char* mask;     // uint8 [b, h, i, j] at the strides below, nonzero = masked
+    long long mask_stride_b;
+    long long mask_stride_h;
+    long long mask_stride_q;
+    long long mask_stride_k;
+    const float* bias;             // f32 additive post-scale bias at the strides below
+    long long bias_stride_b;
+    long long bias_stride_h;
+    long long bias_stride_q;
+    long long bias_stride_k;
+    const float* sinks;            // f32 [num_heads] learnable sink logits
+    const elem_t* gate;            // output gate, layout of q
+    float* max_logit;              // f32 [num_heads] per-head max logit record, or null
+    const int* v_nonfinite;        // int32 flag: some V element is not finite, or null
+    const int* cache_seqlens_k;    // int32 [batch]: keys per sequence (static cache / pool)
+    int cache_batch_offset;        // static cache: first batch slot
+    int cache_max_batch;           // static cache: batch slots of the layer
+    const int* block_table;        // int32 [batch, max_blocks_per_seq] (paged pool)
+    int block_size;                // pool rows per block (a power of two >= 16)
+    int max_blocks_per_seq;        // block table row stride
+};
+
+/// The `qkv_prep` kernel: split of the projections into q, k, v (and the gate), q/k norm,
+/// rope at explicit positions (templates/qkv_prep.cu).
+struct PrepParams {
+    const elem_t* qkv;             // linear_qkv (self) or linear_q (cross) output
+    const elem_t* kv;              // linear_kv output (cross), or null
+    elem_t* q_out;                 // [num_tokens, num_heads, HEAD_DIM]
+    elem_t* k_out;                 // [num_kv_tokens, num_groups, HEAD_DIM]
+    elem_t* v_out;
+    elem_t* gate_out;              // [num_tokens, num_heads, HEAD_DIM] (output gate), or null
+    const elem_t* q_norm_weight;   // [HEAD_DIM] each, or null
+    const elem_t* q_norm_bias;
+    const elem_t* k_norm_weight;
+    const elem_t* k_norm_bias;
+    float eps;                     // norm epsilon
+    const int* positions;          // int32 [num_tokens] rope positions, or null
+    float rotary_base;
+    float mscale;                  // multiplies cos and sin
+    int num_tokens;
+    int num_kv_tokens;
+    int num_heads;
+    int num_groups;
+    int* v_nonfinite;              // int32 flag raised when a written v is not finite, or null
+};
+
+/// The `kvappend` kernel: new k/v rows into a paged pool or a static cache
+/// (templates/paged_append.cu).
+struct AppendParams {
+    const elem_t* k;               // [total_tokens, num_groups, HEAD_DIM]
+    const elem_t* v;
+    elem_t* k_dst;                 // pool [num_blocks, block_size, ...] or cache layer
+    elem_t* v_dst;
+    const int* cu_seqlens_q;       // int32 [batch + 1], or null (padded [s, batch] rows)
+    const int* seqlens_k;          // int32 [batch]: keys after the append
+    const int* block_table;        // int32 [batch, max_blocks_per_seq], or null (static)
+    int batch;
+    int num_groups;
+    int block_size;
+    int max_blocks_per_seq;
+    int cache_batch_offset;        // static cache: first batch slot
+    int cache_max_batch;           // static cache: batch slots
+};
+
+/// The paged mode of `flashdec` (split and merge entries): the decode rows of a paged mixed
+/// batch over the pool (templates/flash_decode.cu).
+struct PagedDecodeParams {
+    const elem_t* q;               // packed [total_q, num_heads, HEAD_DIM], already rotated
+    const elem_t* k_pool;          // [num_blocks, block_size, num_groups, HEAD_DIM]
+    const elem_t* v_pool;
+    float* o_part;                 // f32 [num_splits, batch, num_heads, HEAD_DIM]
+    float* lse_part;               // f32 [num_splits, batch, num_heads] (log2 units)
+    elem_t* out;                   // packed, layout of q (the decode rows are written)
+    float* lse;                    // f32 [num_heads, total_q] (natural log)
+    const float* sinks;            // f32 [num_heads] learnable sink logits
+    const elem_t* gate;            // output gate, layout of q
+    const int* requests;           // int32 [batch]: the decode requests' indices in the batch
+    const int* cu_seqlens_q;       // int32 [num_requests + 1] of the whole batch
+    const int* seqlens_k;          // int32 [num_requests]: keys per request (new one included)
+    const int* block_table;        // int32 [num_requests, max_blocks_per_seq]
+    int batch;                     // decode requests (grid z of the split kernel)
+    int num_heads;
+    int num_groups;
+    int num_splits;
+    int total_q;                   // rows of q (the lse stride)
+    int block_size;                // a power of two >= 16
+    int max_blocks_per_seq;
+    float softmax_scale;
+    int window_left;               // -1 = unbounded
+    int window_right;
+};
+
 
 constexpr int BLOCK_ROWS = 4;
 
-extern "C" __global__ void __launch_bounds__(BLOCK_ROWS * WARP_SIZE) paged_bf16_hd32_causal_w4(
-    const elem_t* __restrict__ q,
-    const elem_t* __restrict__ k_pool,
-    const elem_t* __restrict__ v_pool,
-    elem_t* __restrict__ out,
-    float* __restrict__ lse,
-    const int* __restrict__ cu_seqlens_q,
-    const int* __restrict__ seqlens_k,
-    const int* __restrict__ block_table,
-    int batch,
-    int num_heads,
-    int num_groups,
-    int block_size,
-    int max_blocks_per_seq,
-    float softmax_scale,
-    int window_left,
-    int window_right,
-    const float* __restrict__ sinks,
-    const elem_t* __restrict__ gate)
+extern "C" __global__ void __launch_bounds__(BLOCK_ROWS * WARP_SIZE) paged_bf16_hd32_causal_w4(const FwdParams p)
 {
+    const elem_t* __restrict__ k_pool = p.k;
+    const elem_t* __restrict__ v_pool = p.v;
+    const int* __restrict__ cu_seqlens_q = p.cu_seqlens_q;
+    const int batch = p.batch, num_heads = p.num_heads, num_groups = p.num_groups;
+    const int block_size = p.block_size;
     const int lane = threadIdx.x % WARP_SIZE;
     const int warp = threadIdx.x / WARP_SIZE;
     const int h = blockIdx.y;
@@ -225,21 +340,21 @@ extern "C" __global__ void __launch_bounds__(BLOCK_ROWS * WARP_SIZE) paged_bf16_
     const int q0 = cu_seqlens_q[b];
     const int sq = cu_seqlens_q[b + 1] - q0;
     if (i >= sq) return;
-    const int sk = seqlens_k[b];
+    const int sk = p.cache_seqlens_k[b];
     const long long total_q = cu_seqlens_q[batch];
 
     const long long q_tok = (long long)q0 + i;
     const long long q_off = (q_tok * num_heads + h) * HEAD_DIM;
     float qv[LANE_D];
-    load_q(qv, q + q_off, lane);
+    load_q(qv, p.q + q_off, lane);
 
     int lo, hi;
-    visible_range(i, sq, sk, window_left, window_right, &lo, &hi);
-    const float scale_log2 = softmax_scale * LOG2E;
-    const int* __restrict__ table = block_table + (long long)b * max_blocks_per_seq;
+    visible_range(i, sq, sk, p.window_left, p.window_right, &lo, &hi);
+    const float scale_log2 = p.softmax_scale * LOG2E;
+    const int* __restrict__ table = p.block_table + (long long)b * p.max_blocks_per_seq;
 
     RowState st;
-    row_init(st, sinks, h);
+    row_init(st, p.sinks, h);
     for (int j = lo; j < hi; ++j) {
         const long long block = table[j / block_size];
         const long long row = block * block_size + (j % block_size);
@@ -247,5 +362,5 @@ extern "C" __global__ void __launch_bounds__(BLOCK_ROWS * WARP_SIZE) paged_bf16_
         const float s = row_dot(qv, k_pool + kv_off, lane) * scale_log2;
         row_update(st, s, v_pool + kv_off, lane);
     }
-    row_finish(st, out + q_off, gate + q_off, lse + (long long)h * total_q + q_tok, lane);
+    row_finish(st, p.out + q_off, p.gate + q_off, p.lse + (long long)h * total_q + q_tok, lane);
 }
