@@ -24,7 +24,7 @@ use crate::weights::WeightStore;
 /// overrides a role runs on a GPU only when it implements this trait and returns it from
 /// its role trait's `cuda()` method; otherwise moving the layer to a GPU
 /// ([`CudaLayer::new`](crate::cuda::CudaLayer::new)) is an
-/// [`AttnError::NoBackendImpl`](crate::AttnError::NoBackendImpl) naming the role, never a
+/// [`crate::AttnError::NoBackendImpl`] naming the role, never a
 /// silent run of the default math. A module whose CPU math differs from its role's default
 /// (quantized weights, adapters, ...) implements it by returning the parameters in the default
 /// layout that reproduce its math (e.g. dequantized or merged weights), or does not implement
