@@ -19,7 +19,7 @@ mkdir -p "$out/bin"
 echo "==> building test binaries (profile gpu)" >&2
 # Packages whose tests are built: the runtime and the root package (its gpu_backend_seam runs a
 # generated struct on both backends). GPU_BUNDLE_PACKAGES="-p a -p b" to change; --workspace
-# builds every crate's tests, which is slow on a small machine).
+# builds every crate's tests, which is slow on a small machine.
 packages="${GPU_BUNDLE_PACKAGES:--p attention-runtime -p attention}"
 # shellcheck disable=SC2086
 cargo test $packages --profile gpu --no-run --message-format=json 2>/dev/null \
