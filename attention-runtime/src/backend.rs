@@ -25,7 +25,7 @@ use crate::config::LayerConfig;
 use crate::cuda::{
     CudaLayer, CudaRuntime, DevicePagedKvCache, DeviceStaticKvCache, DeviceTensor, ElemType,
 };
-use crate::error::{AttnError, Result};
+use crate::error::Result;
 use crate::kv_cache::{BlockAllocator, PagedBatch, PagedKvCache, PagedRequest, StaticKvCache};
 use crate::layer::{AttentionLayer, ForwardArgs};
 use crate::tensor::Tensor;
@@ -330,24 +330,7 @@ impl Backend for CpuBackend {
         src_row: usize,
         rows: usize,
     ) -> Result<()> {
-        let width = |t: &Tensor| t.shape().iter().skip(1).product::<usize>();
-        let w = width(dst);
-        let (nd, ns) = (
-            dst.shape().first().copied().unwrap_or(0),
-            src.shape().first().copied().unwrap_or(0),
-        );
-        if width(src) != w || src_row + rows > ns || dst_row + rows > nd {
-            return Err(AttnError::Shape {
-                arg: "src".into(),
-                expected: format!(
-                    "rows {src_row}..{} of width {w} into rows {dst_row}..{} of {:?}",
-                    src_row + rows,
-                    dst_row + rows,
-                    dst.shape()
-                ),
-                got: src.shape().to_vec(),
-            });
-        }
+        let w = crate::tensor::check_row_copy(dst.shape(), src.shape(), dst_row, src_row, rows)?;
         dst.data_mut()[dst_row * w..(dst_row + rows) * w]
             .copy_from_slice(&src.data()[src_row * w..(src_row + rows) * w]);
         Ok(())

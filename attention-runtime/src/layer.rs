@@ -480,35 +480,7 @@ impl SelfAttentionParts<'_> {
         let x = Tensor::new(&[n, c.hidden], hidden.data().to_vec())?;
         // Positions per row.
         let mut cu_kv_owned = None;
-        let positions: Vec<i64> = match (args.positions, &args.packed) {
-            (Some(p), _) if p.len() != s => {
-                return Err(AttnError::Shape {
-                    arg: "positions".into(),
-                    expected: format!(
-                        "[{s}] (one per {})",
-                        if packed {
-                            "packed token"
-                        } else {
-                            "sequence position"
-                        }
-                    ),
-                    got: vec![p.len()],
-                })
-            }
-            (Some(p), None) => (0..n).map(|r| p[r / b]).collect(),
-            (Some(p), Some(_)) => p.to_vec(),
-            (None, None) => (0..n).map(|r| (r / b) as i64).collect(),
-            (None, Some(pk)) => {
-                let cu = check_cu_seqlens("cu_seqlens_q", pk.cu_seqlens_q, n)?;
-                let mut pos = vec![0i64; n];
-                for w in cu.windows(2) {
-                    for (i, t) in (w[0]..w[1]).enumerate() {
-                        pos[t] = i as i64;
-                    }
-                }
-                pos
-            }
-        };
+        let positions = crate::plan::forward_positions(n, s, b, args)?;
         if let Some(pk) = &args.packed {
             check_cu_seqlens("cu_seqlens_q", pk.cu_seqlens_q, n)?;
             if !pk.cu_seqlens_kv.is_empty() && pk.cu_seqlens_kv != pk.cu_seqlens_q {

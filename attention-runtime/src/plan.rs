@@ -11,6 +11,7 @@ use crate::config::LayerConfig;
 use crate::error::{AttnError, Result};
 use crate::kv_cache::{PagedBatch, PagedRequest};
 use crate::layer::ForwardArgs;
+use crate::modules::check_cu_seqlens;
 
 fn bad(arg: &str, expected: impl Into<String>, got: impl Into<String>) -> AttnError {
     AttnError::InvalidArgument {
@@ -195,5 +196,48 @@ pub fn paged_step(
         requests,
         positions,
         max_q,
+    })
+}
+
+/// Rope position of every row of a forward over `rows` hidden rows: padded `[s, b]` rows
+/// (`row = si * b + bi`) at `args.positions[si]` or `si`; packed (`args.packed`, `s = rows`,
+/// `b = 1`) at `args.positions[t]` or each token's offset in its sequence.
+///
+/// Errors: `Shape` (`positions` not `[s]`), `CuSeqlens` (`cu_seqlens_q`).
+pub fn forward_positions(
+    rows: usize,
+    s: usize,
+    b: usize,
+    args: &ForwardArgs<'_>,
+) -> Result<Vec<i64>> {
+    let packed = args.packed.is_some();
+    Ok(match (args.positions, &args.packed) {
+        (Some(p), _) if p.len() != s => {
+            return Err(AttnError::Shape {
+                arg: "positions".into(),
+                expected: format!(
+                    "[{s}] (one per {})",
+                    if packed {
+                        "packed token"
+                    } else {
+                        "sequence position"
+                    }
+                ),
+                got: vec![p.len()],
+            })
+        }
+        (Some(p), None) => (0..rows).map(|r| p[r / b]).collect(),
+        (Some(p), Some(_)) => p.to_vec(),
+        (None, None) => (0..rows).map(|r| (r / b) as i64).collect(),
+        (None, Some(pk)) => {
+            let cu = check_cu_seqlens("cu_seqlens_q", pk.cu_seqlens_q, rows)?;
+            let mut pos = vec![0i64; rows];
+            for w in cu.windows(2) {
+                for (i, t) in (w[0]..w[1]).enumerate() {
+                    pos[t] = i as i64;
+                }
+            }
+            pos
+        }
     })
 }

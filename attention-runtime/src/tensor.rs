@@ -136,6 +136,37 @@ pub fn broadcast_strides(arg: &str, shape: &[usize], target: [usize; 4]) -> Resu
     Ok(strides)
 }
 
+/// Check a copy of rows `src_row .. src_row + rows` of a row-major tensor of `src` shape into
+/// rows `dst_row ..` of one of `dst` shape (a row: every dim after the first) and return the
+/// row width in elements. Errors: `Shape` (`src`) for another row width or a range outside
+/// either tensor.
+pub(crate) fn check_row_copy(
+    dst: &[usize],
+    src: &[usize],
+    dst_row: usize,
+    src_row: usize,
+    rows: usize,
+) -> Result<usize> {
+    let width = |s: &[usize]| s.iter().skip(1).product::<usize>();
+    let w = width(dst);
+    let (nd, ns) = (
+        dst.first().copied().unwrap_or(0),
+        src.first().copied().unwrap_or(0),
+    );
+    if width(src) != w || src_row + rows > ns || dst_row + rows > nd {
+        return Err(AttnError::Shape {
+            arg: "src".into(),
+            expected: format!(
+                "rows {src_row}..{} of width {w} into rows {dst_row}..{} of {dst:?}",
+                src_row + rows,
+                dst_row + rows,
+            ),
+            got: src.to_vec(),
+        });
+    }
+    Ok(w)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

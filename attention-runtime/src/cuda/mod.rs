@@ -102,6 +102,28 @@ fn keep_pool_memory(device: &CudaDevice) -> Result<()> {
     }
 }
 
+/// A cuBLASLt handle on `stream` of `device`, after checking that the device has room for
+/// its workspace (cudarc allocates it and panics if it cannot).
+fn blas_on(device: &CudaDevice, stream: &Arc<CudaStream>) -> Result<CudaBlasLT> {
+    let ctx = &device.context;
+    ctx.bind_to_thread()
+        .map_err(tensor::cuda_err("bind_to_thread"))?;
+    let (free, _) = ctx
+        .mem_get_info()
+        .map_err(tensor::cuda_err("mem_get_info"))?;
+    if free < BLASLT_WORKSPACE {
+        return Err(AttnError::DeviceAlloc {
+            arg: "cuBLASLt workspace".into(),
+            bytes: BLASLT_WORKSPACE,
+            msg: format!("only {free} bytes free"),
+        });
+    }
+    CudaBlasLT::new(stream.clone()).map_err(|e| AttnError::Cuda {
+        call: "cublasLtCreate".into(),
+        msg: e.to_string(),
+    })
+}
+
 impl CudaRuntime {
     /// The runtime of `device` (created once per ordinal, then shared).
     ///
@@ -112,25 +134,9 @@ impl CudaRuntime {
         if let Some(r) = map.get(&device.ordinal) {
             return Ok(r.clone());
         }
-        let ctx = &device.context;
-        ctx.bind_to_thread()
-            .map_err(tensor::cuda_err("bind_to_thread"))?;
-        let (free, _) = ctx
-            .mem_get_info()
-            .map_err(tensor::cuda_err("mem_get_info"))?;
-        if free < BLASLT_WORKSPACE {
-            return Err(AttnError::DeviceAlloc {
-                arg: "cuBLASLt workspace".into(),
-                bytes: BLASLT_WORKSPACE,
-                msg: format!("only {free} bytes free"),
-            });
-        }
+        let stream = device.context.default_stream();
+        let blas = blas_on(device, &stream)?;
         keep_pool_memory(device)?;
-        let stream = ctx.default_stream();
-        let blas = CudaBlasLT::new(stream.clone()).map_err(|e| AttnError::Cuda {
-            call: "cublasLtCreate".into(),
-            msg: e.to_string(),
-        })?;
         let rt = Arc::new(CudaRuntime {
             device: device.clone(),
             stream,
@@ -159,23 +165,7 @@ impl CudaRuntime {
                 got: "a stream of another context".into(),
             });
         }
-        let ctx = &self.device.context;
-        ctx.bind_to_thread()
-            .map_err(tensor::cuda_err("bind_to_thread"))?;
-        let (free, _) = ctx
-            .mem_get_info()
-            .map_err(tensor::cuda_err("mem_get_info"))?;
-        if free < BLASLT_WORKSPACE {
-            return Err(AttnError::DeviceAlloc {
-                arg: "cuBLASLt workspace".into(),
-                bytes: BLASLT_WORKSPACE,
-                msg: format!("only {free} bytes free"),
-            });
-        }
-        let blas = CudaBlasLT::new(stream.clone()).map_err(|e| AttnError::Cuda {
-            call: "cublasLtCreate".into(),
-            msg: e.to_string(),
-        })?;
+        let blas = blas_on(&self.device, &stream)?;
         Ok(Arc::new(CudaRuntime {
             device: self.device.clone(),
             stream,

@@ -388,24 +388,7 @@ impl DeviceTensor {
                 got: src.elem().name().into(),
             });
         }
-        let width = |t: &DeviceTensor| t.shape().iter().skip(1).product::<usize>();
-        let (w, rows_dst, rows_src) = (
-            width(self),
-            self.shape().first().copied().unwrap_or(0),
-            src.shape().first().copied().unwrap_or(0),
-        );
-        if width(src) != w || src_row + rows > rows_src || dst_row + rows > rows_dst {
-            return Err(AttnError::Shape {
-                arg: "src".into(),
-                expected: format!(
-                    "rows {src_row}..{} of width {w} into rows {dst_row}..{} of {:?}",
-                    src_row + rows,
-                    dst_row + rows,
-                    self.shape()
-                ),
-                got: src.shape().to_vec(),
-            });
-        }
+        let w = crate::tensor::check_row_copy(self.shape(), src.shape(), dst_row, src_row, rows)?;
         if rows == 0 || w == 0 {
             return Ok(());
         }

@@ -145,34 +145,7 @@ impl CudaLayer {
         let packed = args.packed.is_some();
         let s = if packed { g.nq } else { g.sq };
         let b = if packed { 1 } else { g.batch };
-        let pos: Vec<i64> = match (args.positions, &args.packed) {
-            (Some(p), _) if p.len() != s => {
-                return Err(AttnError::Shape {
-                    arg: "positions".into(),
-                    expected: format!(
-                        "[{s}] (one per {})",
-                        if packed {
-                            "packed token"
-                        } else {
-                            "sequence position"
-                        }
-                    ),
-                    got: vec![p.len()],
-                })
-            }
-            (Some(p), None) => (0..g.nq).map(|r| p[r / b]).collect(),
-            (Some(p), Some(_)) => p.to_vec(),
-            (None, None) => (0..g.nq).map(|r| (r / b) as i64).collect(),
-            (None, Some(pk)) => {
-                let mut pos = vec![0i64; g.nq];
-                for w in pk.cu_seqlens_q.windows(2) {
-                    for (i, t) in (w[0]..w[1]).enumerate() {
-                        pos[t as usize] = i as i64;
-                    }
-                }
-                pos
-            }
-        };
+        let pos = crate::plan::forward_positions(g.nq, s, b, args)?;
         pos.into_iter().map(|p| to_i32("positions", p)).collect()
     }
 

@@ -53,21 +53,7 @@ impl CudaLayer {
         crate::plan::check_kv_args(&self.config, args)?;
         crate::plan::check_cache_geometry(&self.config, cache.groups(), cache.head_dim())?;
         // The cache's element type must be the layer's: the kernels write and read it raw.
-        let kc = cache.layer_k(0)?;
-        if kc.context().ordinal() != self.rt.device().ordinal {
-            return Err(bad(
-                "cache",
-                format!("a cache on CUDA device {}", self.rt.device().ordinal),
-                format!("a cache on CUDA device {}", kc.context().ordinal()),
-            ));
-        }
-        if kc.elem() != self.elem {
-            return Err(AttnError::DType {
-                arg: "cache".into(),
-                expected: self.elem.name().into(),
-                got: kc.elem().name().into(),
-            });
-        }
+        self.check_input("cache", cache.layer_k(0)?)?;
         Ok(())
     }
 

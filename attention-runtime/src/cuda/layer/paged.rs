@@ -76,20 +76,7 @@ impl CudaLayer {
         let h = c.hidden;
         let n = step.rows;
         let (kc, vc) = cache.layer_kv(layer)?;
-        if kc.context().ordinal() != self.rt.device().ordinal {
-            return Err(bad(
-                "cache",
-                format!("a pool on CUDA device {}", self.rt.device().ordinal),
-                format!("a pool on CUDA device {}", kc.context().ordinal()),
-            ));
-        }
-        if kc.elem() != self.elem {
-            return Err(AttnError::DType {
-                arg: "cache".into(),
-                expected: self.elem.name().into(),
-                got: kc.elem().name().into(),
-            });
-        }
+        self.check_input("cache", kc)?;
         let table = batch.block_table;
         let (bs, max_blocks) = (cache.block_size(), table.max_blocks());
         to_i32("block_size", bs as i64)?;
