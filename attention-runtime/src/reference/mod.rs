@@ -3,6 +3,7 @@
 //! checked against.
 //!
 //! - [`attention`]: one sequence's core attention ([`attend_sequence`]).
+//! - [`attention_backward`]: its backward ([`attend_sequence_backward`]).
 //! - [`mask`]: the visibility predicate of every mask type and the window.
 //! - [`rope`]: rotary embedding.
 //! - [`norm`]: q/k norms.
@@ -10,6 +11,7 @@
 //! - [`paged`]: attention over the KV caches (owned by the kv-cache work).
 
 pub mod attention;
+pub mod attention_backward;
 pub mod linear;
 pub mod mask;
 pub mod norm;
@@ -19,6 +21,7 @@ pub mod rope;
 pub use attention::{
     attend_sequence, AttendOutput, AttendParams, BiasFn, MaskFn, SeqDims, SinkLogits,
 };
+pub use attention_backward::{attend_sequence_backward, AttendGrads};
 pub use linear::linear;
 pub use mask::visible;
 pub use norm::normalize_rows;
