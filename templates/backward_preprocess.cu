@@ -1,7 +1,7 @@
 // Kernel `{{ key }}`: attention backward preprocessing, rendered from
 // templates/backward_preprocess.cu. dtype {{ dtype }}, head dim {{ head_dim }}.
 //
-// Parameters: one `const BwdParams p` (partials/params.cu); read: out, dout, lse, sinks,
+// Parameters: one `const BwdParams p` (partials/params_bwd.cu); read: out, dout, lse, sinks,
 // num_heads, total_q; written: dpsum, dsinks. Layout-free: a row is a token (padded
 // [seqlen_q, batch] rows flattened, or packed tokens), out / dout [total_q, num_heads,
 // HEAD_DIM], lse / dpsum f32 [num_heads, total_q].
@@ -14,7 +14,7 @@
 //   (num_heads), block DSINK_THREADS; run after the first entry. Rows with LSE -inf add 0.
 
 {% include "partials/types.cu" %}
-{% include "partials/params.cu" %}
+{% include "partials/params_bwd.cu" %}
 
 constexpr int PRE_ROWS = 8;
 constexpr int DSINK_THREADS = 256;

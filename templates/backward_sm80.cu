@@ -3,7 +3,7 @@
 // mask {{ mask }}, window {{ has_window }}.
 // Tile: BLOCK_M {{ block_m }} queries x BLOCK_N {{ block_n }} keys, {{ warps }} warps.
 //
-// Parameters: one `const BwdParams p` (partials/params.cu). Layouts as the forward
+// Parameters: one `const BwdParams p` (partials/params_bwd.cu). Layouts as the forward
 // (templates/fwd_fast.cu): padded (cu_seqlens_q == nullptr) q, out, dout, dq
 // [seqlen_q, batch, num_heads, HEAD_DIM], k, v, dk, dv [seqlen_k, batch, num_groups, HEAD_DIM];
 // packed q... [total_q, num_heads, HEAD_DIM], k... [total_k, num_groups, HEAD_DIM] with
@@ -33,7 +33,7 @@
 
 {% include "partials/types.cu" %}
 {% include "partials/mask.cu" %}
-{% include "partials/params.cu" %}
+{% include "partials/params_bwd.cu" %}
 {% include "partials/mma_sm80.cu" %}
 
 constexpr int BLOCK_M = {{ block_m }};

@@ -38,8 +38,13 @@ const TEMPLATES: &[(&str, &str)] = &[
         include_str!("../../templates/partials/params.cu"),
     ),
     (
+        "partials/params_bwd.cu",
+        include_str!("../../templates/partials/params_bwd.cu"),
+    ),
+    (
         "params_probe.cu",
-        "{% include \"partials/types.cu\" %}\n{% include \"partials/params.cu\" %}\n",
+        "{% include \"partials/types.cu\" %}\n{% include \"partials/params.cu\" %}\n\
+         {% include \"partials/params_bwd.cu\" %}\n",
     ),
     ("fwd.cu", include_str!("../../templates/fwd.cu")),
     ("fwd_fast.cu", include_str!("../../templates/fwd_fast.cu")),
