@@ -16,12 +16,17 @@
 //   P = exp2(s * scale * log2e - lse * log2e)   (the forward's LSE, never recomputed; sinks,
 //       when the forward had them, are inside the LSE and need nothing here)
 //   dV = P^T dO, dP = dO V^T, dS = P o (dP - D), dK = scale * dS^T Q, dQ = scale * dS K.
+// Mask tensor {{ mask_tensor }} (padding, padding_causal, arbitrary): `mask` uint8, nonzero =
+// masked out, element (b, h, i, j) at b * mask_stride_b + h * mask_stride_h + i * mask_stride_q
+// + j * mask_stride_k (stride 0 broadcasts; i, j positions within the sequence, also packed),
+// applied per element on every tile, as the forward does.
 // Masked positions and query rows whose LSE is -inf (rows that see no key) get P = 0 (the
 // exponent is -inf), so they contribute exactly zero; rows / keys past the sequence are
 // zero-filled in shared memory and carry LSE +inf, D 0.
 //
 // {{ bwd_part }} == "dkdv": grid (ceil(max_seqlen_k / BLOCK_N), num_groups, batch), block
-//   WARPS * 32, each warp owns 16 keys of the block's KV tile and accumulates their dK, dV
+//   WARPS * 32, each warp owns 16 keys of the block's KV tile (with DSPLIT = 2, two warps
+//   share 16 keys and split the head dim of dK, dV between them) and accumulates their dK, dV
 //   in registers over every query head of the group (GQA) and every query tile that sees
 //   the KV tile (S^T = K Q^T, so the warp's fragments are its keys' rows and no warp needs
 //   another's P or dS). Dynamic shared memory (2 * BLOCK_N + 4 * BLOCK_M) * (HEAD_DIM + 8) * 2
@@ -30,6 +35,8 @@
 //   owns 16 query rows; dynamic shared memory (2 * BLOCK_M + 4 * BLOCK_N) * (HEAD_DIM + 8) * 2
 //   bytes: Q, dO and two buffers of the K, V tiles.
 // No atomics and a fixed loop order in both: the gradients are bitwise reproducible.
+// `__launch_bounds__(THREADS, 1)`: one block per SM is enough for ptxas to use all 255
+// registers; without the 1 it capped some variants at 168 and spilled.
 
 {% include "partials/types.cu" %}
 {% include "partials/mask.cu" %}
@@ -59,9 +66,17 @@ __device__ __forceinline__ float lse_log2(float lse) {
 {%- if bwd_part == "dkdv" %}
 constexpr int NM = BLOCK_M / 8;      // n8 tiles of S^T (query columns)
 constexpr int Q_ELEMS = BLOCK_M * SROW;
-static_assert(BLOCK_N == 16 * WARPS, "dkdv: each warp owns 16 keys");
+// DSPLIT warps share each 16 keys: each computes their whole S^T and dP^T (the contraction
+// runs over the head dim) but accumulates dK, dV for 1 / DSPLIT of the head dim (large head
+// dims: the accumulators would not fit in registers otherwise).
+constexpr int DSPLIT = WARPS * 16 / BLOCK_N;
+constexpr int KEY_WARPS = WARPS / DSPLIT;  // warps along the keys
+constexpr int DNW = DN / DSPLIT;           // n8 tiles of dK / dV per warp
+static_assert(DSPLIT * BLOCK_N == 16 * WARPS && (DSPLIT == 1 || DSPLIT == 2),
+              "dkdv: 16 keys per warp, or per pair of warps");
+static_assert(DNW * DSPLIT == DN && DNW % 2 == 0, "dkdv: the head dim splits in 16-column halves");
 
-extern "C" __global__ void __launch_bounds__(THREADS) {{ key }}(const BwdParams p) {
+extern "C" __global__ void __launch_bounds__(THREADS, 1) {{ key }}(const BwdParams p) {
     extern __shared__ uint4 smem_raw[];
     elem_t* sK = reinterpret_cast<elem_t*>(smem_raw);
     elem_t* sV = sK + BLOCK_N * SROW;
@@ -169,11 +184,12 @@ extern "C" __global__ void __launch_bounds__(THREADS) {{ key }}(const BwdParams 
     const unsigned sV_addr = smem_addr(sV);
     const unsigned sQ_addr = smem_addr(sQ);
     const unsigned sdO_addr = smem_addr(sdO);
-    const int key_row0 = warp * 16;  // this warp's keys within the tile
+    const int key_row0 = (warp % KEY_WARPS) * 16;  // this warp's keys within the tile
+    const int dn0 = (warp / KEY_WARPS) * DNW;      // its first n8 tile of dK / dV columns
 
-    float dk[DN][4], dv[DN][4];
+    float dk[DNW][4], dv[DNW][4];
 #pragma unroll
-    for (int dn = 0; dn < DN; ++dn) {
+    for (int dn = 0; dn < DNW; ++dn) {
 #pragma unroll
         for (int e = 0; e < 4; ++e) {
             dk[dn][e] = 0.0f;
@@ -190,6 +206,11 @@ extern "C" __global__ void __launch_bounds__(THREADS) {{ key }}(const BwdParams 
 
         const int buf = t & 1;
         const int m0 = (mt_begin + t % nm_tiles) * BLOCK_M;
+{%- if mask_tensor %}
+        const int h = grp * hpg + t / nm_tiles;
+        const unsigned char* mbase =
+            p.mask + (long long)b * p.mask_stride_b + (long long)h * p.mask_stride_h;
+{%- endif %}
         const unsigned q_addr = sQ_addr + (unsigned)(buf * Q_ELEMS * 2);
         const unsigned o_addr = sdO_addr + (unsigned)(buf * Q_ELEMS * 2);
         const float* lrow = sL + buf * BLOCK_M;
@@ -247,6 +268,16 @@ extern "C" __global__ void __launch_bounds__(THREADS) {{ key }}(const BwdParams 
                         const int j = n0 + key_row0 + gq + 8 * hh;
                         if (j < lo || j >= hi) x = neg_inf();
                     }
+{%- if mask_tensor %}
+                    // The mask tensor, per element on every tile (rows past sq and keys past
+                    // sk are never read: their P is already 0).
+                    {
+                        const int j = n0 + key_row0 + gq + 8 * hh;
+                        if (m0 + c < sq && j < sk &&
+                            mbase[(long long)(m0 + c) * p.mask_stride_q + (long long)j * p.mask_stride_k] != 0)
+                            x = neg_inf();
+                    }
+{%- endif %}
                     const float pr = fast_exp2(fmaf(x, sl2, -l2));
                     s[ni][2 * hh + e] = pr;
                     // P == 0 selects 0: a masked key's dP (finite or not) never enters dS.
@@ -268,10 +299,10 @@ extern "C" __global__ void __launch_bounds__(THREADS) {{ key }}(const BwdParams 
             da[2] = pack2(dp[2 * kq + 1][0], dp[2 * kq + 1][1]);
             da[3] = pack2(dp[2 * kq + 1][2], dp[2 * kq + 1][3]);
 #pragma unroll
-            for (int dj = 0; dj < DN / 2; ++dj) {
+            for (int dj = 0; dj < DNW / 2; ++dj) {
                 unsigned ob[4], qb[4];
-                const unsigned off =
-                    (unsigned)(((kq * 16 + lane % 8 + ((lane / 8) % 2) * 8) * SROW + dj * 16 + (lane / 16) * 8) * 2);
+                const unsigned off = (unsigned)(((kq * 16 + lane % 8 + ((lane / 8) % 2) * 8) * SROW +
+                                                 dn0 * 8 + dj * 16 + (lane / 16) * 8) * 2);
                 ldmatrix_x4_trans(ob, o_addr + off);
                 ldmatrix_x4_trans(qb, q_addr + off);
                 mma16816(dv[2 * dj], pa, ob[0], ob[1]);
@@ -289,9 +320,10 @@ extern "C" __global__ void __launch_bounds__(THREADS) {{ key }}(const BwdParams 
     for (int hh = 0; hh < 2; ++hh) {
         const int j = n0 + key_row0 + gq + 8 * hh;
         if (j < sk) {
-            const long long off = ((k_tok0 + (long long)j * k_step) * num_groups + grp) * HEAD_DIM + 2 * tq;
+            const long long off =
+                ((k_tok0 + (long long)j * k_step) * num_groups + grp) * HEAD_DIM + dn0 * 8 + 2 * tq;
 #pragma unroll
-            for (int dn = 0; dn < DN; ++dn) {
+            for (int dn = 0; dn < DNW; ++dn) {
                 *reinterpret_cast<unsigned*>(p.dk + off + dn * 8) =
                     pack2(dk[dn][2 * hh] * scale, dk[dn][2 * hh + 1] * scale);
                 *reinterpret_cast<unsigned*>(p.dv + off + dn * 8) = pack2(dv[dn][2 * hh], dv[dn][2 * hh + 1]);
@@ -304,7 +336,7 @@ constexpr int NB = BLOCK_N / 8;      // n8 tiles of S (key columns)
 constexpr int KV_ELEMS = BLOCK_N * SROW;
 static_assert(BLOCK_M == 16 * WARPS, "dq: each warp owns 16 query rows");
 
-extern "C" __global__ void __launch_bounds__(THREADS) {{ key }}(const BwdParams p) {
+extern "C" __global__ void __launch_bounds__(THREADS, 1) {{ key }}(const BwdParams p) {
     extern __shared__ uint4 smem_raw[];
     elem_t* sQ = reinterpret_cast<elem_t*>(smem_raw);
     elem_t* sdO = sQ + BLOCK_M * SROW;
@@ -449,6 +481,11 @@ extern "C" __global__ void __launch_bounds__(THREADS) {{ key }}(const BwdParams 
         for (int hh = 0; hh < 2; ++hh) {
             int lo = 0, hi = 0;
             if (!full) visible_range(m0 + warp * 16 + gq + 8 * hh, sq, sk, window_left, window_right, &lo, &hi);
+{%- if mask_tensor %}
+            const int mi_row = m0 + warp * 16 + gq + 8 * hh;
+            const unsigned char* mrow = p.mask + (long long)b * p.mask_stride_b + (long long)h * p.mask_stride_h +
+                                        (long long)mi_row * p.mask_stride_q;
+{%- endif %}
 #pragma unroll
             for (int ni = 0; ni < NB; ++ni) {
 #pragma unroll
@@ -458,6 +495,13 @@ extern "C" __global__ void __launch_bounds__(THREADS) {{ key }}(const BwdParams 
                         const int j = n0 + ni * 8 + 2 * tq + e;
                         if (j < lo || j >= hi) x = neg_inf();
                     }
+{%- if mask_tensor %}
+                    {
+                        // The mask tensor on every tile (rows past sq, keys past sk unread).
+                        const int j = n0 + ni * 8 + 2 * tq + e;
+                        if (mi_row < sq && j < sk && mrow[(long long)j * p.mask_stride_k] != 0) x = neg_inf();
+                    }
+{%- endif %}
                     const float pr = fast_exp2(fmaf(x, sl2, -l2[hh]));
                     // P == 0 selects 0: a masked key's dP (finite or not) never enters dS.
                     dp[ni][2 * hh + e] = pr > 0.0f ? pr * (dp[ni][2 * hh + e] - dd[hh]) : 0.0f;

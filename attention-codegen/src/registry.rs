@@ -264,8 +264,8 @@ pub fn kv_append(spec: &AttentionSpec, head_dim: usize) -> KernelConfig {
 
 /// The attention backward kernels of one training call: the preprocess (D = rowsum(dO ∘ O),
 /// and the learnable sinks' gradient), dK/dV and dQ, for mask `mask` with the spec's window,
-/// in launch order. Errors ([`RenderError::Unsupported`]): a mask that takes a tensor
-/// (padding, padding_causal, arbitrary), a head dim outside
+/// in launch order (mask tensors are per-call arguments of the variants whose mask takes
+/// one). Errors ([`RenderError::Unsupported`]): a head dim outside
 /// [`BACKWARD_HEAD_DIMS`](crate::render::BACKWARD_HEAD_DIMS), an output gate; and a `target`
 /// that cannot run them (below sm_80, or their shared memory over its opt-in limit).
 pub fn backward(
@@ -321,10 +321,9 @@ pub fn backward_configs(
 }
 
 /// The backward kernels a training run of `spec` at `head_dim` can launch on `target`: the
-/// preprocess, then dK/dV and dQ for every mask type the spec lists that the backward
-/// supports (masks that take a tensor are skipped: [`backward`] says why), deduplicated by
-/// key. A separate list from [`kernels_for`], so serving-only specs compile no training
-/// kernel. Errors: those of [`backward`] other than an unsupported mask.
+/// preprocess, then dK/dV and dQ for every mask type the spec lists, deduplicated by key.
+/// A separate list from [`kernels_for`], so serving-only specs compile no training kernel.
+/// (No additive bias: the backward has no dbias yet.) Errors: those of [`backward`].
 pub fn backward_kernels_for(
     spec: &AttentionSpec,
     head_dim: usize,
@@ -332,9 +331,6 @@ pub fn backward_kernels_for(
 ) -> Result<Vec<KernelConfig>, RenderError> {
     let mut out = Vec::new();
     for &mask in &spec.masks {
-        if mask.takes_mask_tensor() {
-            continue;
-        }
         out.extend(backward(spec, head_dim, mask, target)?);
     }
     let mut seen = std::collections::HashSet::new();

@@ -74,10 +74,11 @@ const TEMPLATES: &[(&str, &str)] = &[
 ];
 
 /// Head dims the backward kernels ([`Phase::BackwardDkdv`], [`Phase::BackwardDq`]) support:
-/// each warp keeps its 16 keys' dK and dV (2 × head_dim / 2 f32 registers per thread) plus
-/// a 16 × block_m tile of S and dP in registers, which fits the 255-register budget
-/// without spills up to head dim 128 (`tests/nvrtc_backward.rs` checks).
-pub const BACKWARD_HEAD_DIMS: &[usize] = &[32, 64, 96, 128];
+/// every one of [`SUPPORTED_HEAD_DIMS`]. Each warp keeps its 16 keys' dK and dV in registers
+/// (above head dim 128 two warps share the keys and split the head dim), plus a 16 × tile
+/// of S and dP, within the 255-register budget without spills (`tests/nvrtc_backward.rs`
+/// checks).
+pub const BACKWARD_HEAD_DIMS: &[usize] = SUPPORTED_HEAD_DIMS;
 
 /// Query rows (one warp each) per block of the attention kernels (`fwd`, `decode`, `paged`).
 pub const ATTENTION_BLOCK_ROWS: usize = 4;
@@ -348,24 +349,37 @@ impl FastTile {
     }
 
     /// The default tile of a backward phase ([`Phase::BackwardDkdv`]: `block_n` keys, 16 per
-    /// warp, against `block_m` queries per step; [`Phase::BackwardDq`]: `block_m` query rows,
-    /// 16 per warp, against `block_n` keys per step), two shared-memory buffers, 4 warps.
-    /// Sized to stay within 255 registers without spills (ptxas, NVRTC 13, sm_80 and
-    /// sm_90a): dK/dV steps over 64 queries up to head dim 64 and 32 above (64 at head dim
-    /// 128 spills 24-36 bytes); dQ over 128 keys at head dim 32 and 64 above (128 at head dim
-    /// 64 takes all 255 registers).
-    pub fn for_backward(phase: Phase, head_dim: usize) -> FastTile {
+    /// warp, or per pair of warps that split the head dim when `warps * 16 == 2 * block_n`,
+    /// against `block_m` queries per step; [`Phase::BackwardDq`]: `block_m` query rows, 16
+    /// per warp, against `block_n` keys per step), two shared-memory buffers. Sized to stay
+    /// within 255 registers without spills (ptxas, NVRTC 13, sm_80 and sm_90a): dK/dV steps
+    /// over 64 queries up to head dim 64 and 32 above (64 at head dim 128 spills 24-36
+    /// bytes), with 8 warps in pairs above head dim 128; dQ over 128 keys at head dim 32, 64
+    /// up to 128, 32 above (128 at head dim 64 takes all 255 registers).
+    ///
+    /// With a mask tensor (`mask_tensor`: its per-element reads cost registers) the steps
+    /// shrink: dK/dV over 32 queries up to head dim 64 and 16 above, dQ over 32 keys.
+    pub fn for_backward(phase: Phase, head_dim: usize, mask_tensor: bool) -> FastTile {
         match phase {
             Phase::BackwardDq => FastTile {
                 block_m: 64,
-                block_n: if head_dim <= 32 { 128 } else { 64 },
+                block_n: match head_dim {
+                    _ if mask_tensor => 32,
+                    0..=32 => 128,
+                    33..=128 => 64,
+                    _ => 32,
+                },
                 warps: 4,
                 stages: 2,
             },
             _ => FastTile {
-                block_m: if head_dim <= 64 { 64 } else { 32 },
+                block_m: match (head_dim <= 64, mask_tensor) {
+                    (true, false) => 64,
+                    (false, false) | (true, true) => 32,
+                    (false, true) => 16,
+                },
                 block_n: 64,
-                warps: 4,
+                warps: if head_dim <= 128 { 4 } else { 8 },
                 stages: 2,
             },
         }
@@ -721,15 +735,14 @@ impl KernelConfig {
         Ok(())
     }
 
-    /// The backward kernels' limits: head dims in [`BACKWARD_HEAD_DIMS`]; dK/dV and dQ: a
-    /// mask of the generated kinds (no mask tensor, no additive bias), no output gate or
+    /// The backward kernels' limits: head dims in [`BACKWARD_HEAD_DIMS`]; dK/dV and dQ: any
+    /// mask type (mask tensors included) but no additive bias, no output gate or
     /// paged K/V, 16 rows (keys for dK/dV, queries for dQ) per warp.
     fn check_backward(&self) -> Result<(), RenderError> {
         if !BACKWARD_HEAD_DIMS.contains(&self.head_dim) {
             return Err(RenderError::Unsupported {
                 argument: "head_dim",
-                reason: "the backward kernels support head dims 32, 64, 96 and 128 (dK/dV \
-                         accumulators live in registers)",
+                reason: "the backward kernels support the head dims of SUPPORTED_HEAD_DIMS",
             });
         }
         if self.output_gate || self.paged_kv {
@@ -742,13 +755,6 @@ impl KernelConfig {
             return Ok(());
         }
         let mask = self.mask.ok_or(RenderError::MissingMask)?;
-        if mask.takes_mask_tensor() {
-            return Err(RenderError::Unsupported {
-                argument: "mask",
-                reason: "the backward kernels do not read mask tensors yet (padding, \
-                         padding_causal, arbitrary)",
-            });
-        }
         if self.has_bias {
             return Err(RenderError::Unsupported {
                 argument: "has_bias",
@@ -759,8 +765,13 @@ impl KernelConfig {
             return Err(RenderError::WindowOnMask { mask });
         }
         let t = self.fast_tile();
+        // dK/dV: 16 keys per warp, or per pair of warps (splitting the head dim in two).
         let per_warp = if self.phase == Phase::BackwardDkdv {
-            t.block_n
+            if t.warps * 16 == 2 * t.block_n && self.head_dim.is_multiple_of(32) {
+                t.block_n * 2
+            } else {
+                t.block_n
+            }
         } else {
             t.block_m
         };
@@ -895,7 +906,8 @@ impl KernelConfig {
     pub fn fast_tile(&self) -> FastTile {
         self.tile.unwrap_or_else(|| {
             if self.phase.is_backward() {
-                FastTile::for_backward(self.phase, self.head_dim)
+                let mask_tensor = self.mask.is_some_and(|m| m.takes_mask_tensor());
+                FastTile::for_backward(self.phase, self.head_dim, mask_tensor)
             } else {
                 FastTile::for_head_dim(self.head_dim)
             }

@@ -21,7 +21,9 @@ use std::sync::Arc;
 use attention_codegen::render::{KernelConfig, Phase};
 use attention_codegen::{DType, MaskType, Sinks, Window};
 use attention_runtime::cuda::backward::{AttentionBackward, BwdArgs, BwdLayout};
-use attention_runtime::cuda::fwd_fast::{FastArgs, FastForward, FastLayout};
+use attention_runtime::cuda::fwd_fast::{
+    FastArgs, FastExtras, FastForward, FastLayout, FastStrided,
+};
 use attention_runtime::cuda::DeviceElem;
 use attention_runtime::modules::SplitMix64;
 use attention_runtime::reference::attend_sequence_backward;
@@ -58,6 +60,10 @@ struct Case {
     /// (sq, sk) per sequence; padded when all equal and `packed` is false.
     seqs: Vec<(usize, usize)>,
     packed: bool,
+    /// Mask tensor of this logical shape (1 = broadcast dim, else the full
+    /// `[batch, heads, max_sq, max_sk]` dim); `[b, 1, 1, sk]` is a key-padding mask (sequence
+    /// 0 fully masked when batch > 1), others random with a fully masked row.
+    mask_shape: Option<[usize; 4]>,
 }
 
 impl Case {
@@ -72,6 +78,7 @@ impl Case {
             groups: 2,
             seqs: vec![(sq, sk); batch],
             packed: false,
+            mask_shape: None,
         }
     }
 }
@@ -136,12 +143,57 @@ fn run<T: Elem>(case: &Case, seed: u64) {
     let v_h = gen(total_k * ng * hd, 1.7);
     let do_h = gen(total_q * np * hd, 1.0);
     let sink_h: Vec<f32> = (0..np).map(|h| 0.5 * h as f32 - 0.7).collect();
+    let full = [batch, np, max_q, max_k];
+    let mask_h: Option<(Vec<u8>, [i64; 4])> = case.mask_shape.map(|shape| {
+        let mut st = [0i64; 4];
+        let mut acc = 1i64;
+        for d in (0..4).rev() {
+            assert!(
+                shape[d] == 1 || shape[d] == full[d],
+                "bad test shape {shape:?}"
+            );
+            st[d] = if shape[d] == 1 { 0 } else { acc };
+            acc *= shape[d] as i64;
+        }
+        let n: usize = shape.iter().product();
+        let v: Vec<u8> = if shape == [batch, 1, 1, max_k] {
+            // Key padding: sequence b keeps its first len_b keys (none for b = 0).
+            let mut v = vec![0u8; n];
+            for (b, &(_, sk)) in case.seqs.iter().enumerate() {
+                let keep = if b == 0 && batch > 1 {
+                    0
+                } else {
+                    odd(&mut rng, sk / 2, sk / 2 + 1).min(sk)
+                };
+                for j in keep..max_k {
+                    v[b * max_k + j] = 1;
+                }
+            }
+            v
+        } else {
+            let mut v: Vec<u8> = (0..n).map(|_| u8::from(rng.uniform() > 0.4)).collect();
+            // One fully masked row (sequence 0, head 0, row 3) where rows are not broadcast.
+            if shape[2] > 3 {
+                for j in 0..shape[3] {
+                    v[3 * st[2] as usize + j * st[3] as usize] = 1;
+                }
+            }
+            v
+        };
+        (v, st)
+    });
 
     let q = stream.clone_htod(&q_h).unwrap();
     let k = stream.clone_htod(&k_h).unwrap();
     let v = stream.clone_htod(&v_h).unwrap();
     let dout = stream.clone_htod(&do_h).unwrap();
     let sinks = stream.clone_htod(&sink_h).unwrap();
+    let mask_d = mask_h.as_ref().map(|(v, _)| stream.clone_htod(v).unwrap());
+    let mask_arg = mask_d.as_ref().map(|d| FastStrided {
+        data: d,
+        strides: mask_h.as_ref().unwrap().1,
+        extent: full,
+    });
     let mut cu_q = vec![0i32];
     let mut cu_k = vec![0i32];
     for (a, b) in &case.seqs {
@@ -176,7 +228,7 @@ fn run<T: Elem>(case: &Case, seed: u64) {
             seqlen_k: max_k,
         }
     };
-    fwd.launch(
+    fwd.launch_with(
         &stream,
         FastArgs {
             q: &q,
@@ -193,6 +245,11 @@ fn run<T: Elem>(case: &Case, seed: u64) {
             sinks: learnable.then_some(&sinks),
             gate: None,
             max_logit: None,
+        },
+        FastExtras {
+            mask: mask_arg,
+            bias: None,
+            v_nonfinite: None,
         },
     )
     .expect("forward launch");
@@ -246,6 +303,7 @@ fn run<T: Elem>(case: &Case, seed: u64) {
                 window,
                 sinks: learnable.then_some(&sinks),
                 dsinks: if learnable { Some(&mut ds) } else { None },
+                mask: mask_arg,
             },
         )
         .expect("backward launch");
@@ -319,7 +377,15 @@ fn run<T: Elem>(case: &Case, seed: u64) {
                 }
             }
         }
+        let mask_fn = |h: usize, i: usize, j: usize| -> bool {
+            let (v, st) = mask_h.as_ref().unwrap();
+            let off = b as i64 * st[0] + h as i64 * st[1] + i as i64 * st[2] + j as i64 * st[3];
+            v[off as usize] != 0
+        };
         let mut p = AttendParams::new(scale, case.mask);
+        if mask_h.is_some() {
+            p.mask_fn = Some(&mask_fn);
+        }
         p.window = case.window.map(|(l, r)| Window {
             left: l as i64,
             right: r as i64,
@@ -413,10 +479,11 @@ fn run<T: Elem>(case: &Case, seed: u64) {
         }
     }
     eprintln!(
-        "ok {:?} hd{} {:?} win {:?} sinks {:?} heads {}/{} seqs {:?} packed {} ({} empty rows): {}",
+        "ok {:?} hd{} {:?} {:?} win {:?} sinks {:?} heads {}/{} seqs {:?} packed {} ({} empty rows): {}",
         case.dtype,
         hd,
         case.mask,
+        case.mask_shape,
         case.window,
         case.sinks,
         np,
@@ -553,29 +620,50 @@ fn backward_sinks() {
     }
 }
 
-/// The other supported head dims, 32 and 96.
+/// The other supported head dims: 32, 96, and 160 to 256 (where pairs of warps split dK/dV's
+/// head dim).
 #[test]
 #[ignore = "requires a CUDA GPU"]
-fn backward_head_dims_32_96() {
-    for hd in [32, 96] {
+fn backward_other_head_dims() {
+    for hd in [32, 96, 160, 192, 224, 256] {
         check(Case::new(hd, MaskType::Causal, 173, 173, 2));
         check(Case::new(hd, MaskType::NoMask, 66, 140, 1));
     }
+    let mut c = Case::new(256, MaskType::CausalBottomRight, 100, 130, 0);
+    c.packed = true;
+    c.seqs = vec![(100, 130), (17, 5)];
+    c.window = Some((40, 0));
+    c.heads = 8;
+    c.groups = 2;
+    check(c);
 }
 
-/// Typed errors: a mask tensor and a head dim over 128 at compile time; a dtype mismatch, a
-/// short buffer and dsinks without sinks at launch time.
+/// Typed errors: an additive bias (no dbias yet) and an output gate at compile time; a
+/// dtype mismatch, a short buffer, dsinks without sinks and a missing mask tensor at launch
+/// time.
 #[test]
 #[ignore = "requires a CUDA GPU"]
 fn backward_typed_errors() {
     let (ctx, stream) = gpu();
-    for (hd, mask) in [(64, MaskType::Padding), (256, MaskType::Causal)] {
-        match AttentionBackward::new(&ctx, DType::Bf16, hd, mask, false) {
+    for feature in ["bias", "gate"] {
+        let mut cs =
+            attention_codegen::registry::backward_configs(DType::Bf16, 64, MaskType::Causal, false);
+        match feature {
+            "bias" => cs[1].has_bias = true,
+            _ => cs[2].output_gate = true,
+        }
+        match AttentionBackward::compile(&ctx, &cs) {
             Err(AttnError::Render(msg)) => eprintln!("ok: {msg}"),
             Err(e) => panic!("expected a render error, got {e}"),
-            Ok(_) => panic!("hd {hd} {mask:?}: expected an error"),
+            Ok(_) => panic!("{feature}: expected an error"),
         }
     }
+    let padding = AttentionBackward::new(&ctx, DType::Bf16, 64, MaskType::Padding, false).unwrap();
+    let r = small_launch::<bf16>(&padding, &stream, false, false);
+    assert!(
+        matches!(&r, Err(AttnError::InvalidArgument { arg, .. }) if arg == "mask"),
+        "{r:?}"
+    );
     let bwd = AttentionBackward::new(&ctx, DType::Bf16, 64, MaskType::Causal, false).unwrap();
     let r = small_launch::<f16>(&bwd, &stream, false, false);
     assert!(matches!(r, Err(AttnError::DType { .. })), "{r:?}");
@@ -633,6 +721,32 @@ fn small_launch<T: Elem>(
             window: (-1, -1),
             sinks: None,
             dsinks: if dsinks_only { Some(&mut ds) } else { None },
+            mask: None,
         },
     )
+}
+
+/// Mask tensors (padding, padding_causal, arbitrary) as the forward takes them: key padding
+/// `[b, 1, 1, sk]` (sequence 0 fully masked), per-head random masks with a fully masked row,
+/// broadcast shapes; padded and packed; with a window on padding_causal.
+#[test]
+#[ignore = "requires a CUDA GPU"]
+fn backward_mask_tensors() {
+    let mut c = Case::new(64, MaskType::Padding, 97, 97, 3);
+    c.mask_shape = Some([3, 1, 1, 97]);
+    check(c.clone());
+    c.hd = 128;
+    c.mask = MaskType::PaddingCausal;
+    c.mask_shape = Some([3, 4, 97, 97]);
+    check(c.clone());
+    c.mask = MaskType::Arbitrary;
+    c.mask_shape = Some([1, 4, 97, 97]);
+    c.dtype = DType::F16;
+    check(c.clone());
+    let mut c = Case::new(64, MaskType::PaddingCausal, 0, 0, 0);
+    c.packed = true;
+    c.seqs = vec![(50, 50), (130, 130), (9, 9)];
+    c.mask_shape = Some([3, 1, 130, 130]);
+    c.window = Some((40, 0));
+    check(c);
 }

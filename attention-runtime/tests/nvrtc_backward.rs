@@ -1,8 +1,8 @@
 //! The attention backward kernels (`templates/backward_*.cu`) compile with NVRTC to CUBIN
 //! for sm_80 and sm_90a without warnings, take one `BwdParams` by value (the CUBIN's
 //! parameter table), and use no local memory for spills (ptxas `-v` through NVRTC); the
-//! register counts are printed (`--nocapture`). Unsupported features are refused when
-//! rendering, naming the feature.
+//! register counts are printed (`--nocapture`). Unsupported features (bias, output gate)
+//! are refused when rendering, naming the feature.
 //!
 //! Needs libnvrtc (see `nvrtc_catalog.rs`); `ATTN_SKIP_NVRTC=1` skips.
 
@@ -84,8 +84,8 @@ fn compile_one(c: &KernelConfig, arch: &str, failures: &mut Vec<String>) {
     }
 }
 
-/// Every mask and window variant at head dims 64 and 128 on both archs; f16 and head dims
-/// 32 and 96 on one arch each (a CPU machine compiles a backward kernel in ~2 s).
+/// Every mask and window variant at head dims 64 and 128 on both archs; f16 and the other
+/// head dims on one arch each (a CPU machine compiles a backward kernel in ~2 s).
 #[test]
 fn backward_kernels_compile_without_spills() {
     if !require_nvrtc() {
@@ -113,8 +113,24 @@ fn backward_kernels_compile_without_spills() {
         (DType::F16, 128, "sm_80"),
         (DType::Bf16, 32, "sm_90a"),
         (DType::Bf16, 96, "sm_80"),
+        (DType::Bf16, 160, "sm_90a"),
+        (DType::F16, 192, "sm_80"),
+        (DType::Bf16, 224, "sm_80"),
+        (DType::Bf16, 256, "sm_90a"),
     ] {
         for c in &backward_configs(dtype, hd, MaskType::Causal, true) {
+            compile_one(c, arch, &mut failures);
+            n += 1;
+        }
+    }
+    // Mask tensors (smaller steps: their per-element reads cost registers).
+    for (mask, win, hd, arch) in [
+        (MaskType::PaddingCausal, true, 64, "sm_80"),
+        (MaskType::PaddingCausal, true, 128, "sm_90a"),
+        (MaskType::Arbitrary, false, 128, "sm_80"),
+        (MaskType::Padding, false, 64, "sm_90a"),
+    ] {
+        for c in &backward_configs(DType::Bf16, hd, mask, win)[1..] {
             compile_one(c, arch, &mut failures);
             n += 1;
         }
@@ -144,33 +160,42 @@ fn backward_keys_and_unsupported_features() {
         assert_eq!(k.key, c.key());
         assert!(k.source.contains("const BwdParams p"), "{}", k.key);
     }
-    // Mask tensors, bias, gate, head dims over 128: refused, naming the feature.
+    // Bias (no dbias yet) and output gate: refused, naming the feature.
     let unsupported = |c: KernelConfig, arg: &str| match c.render() {
         Err(RenderError::Unsupported { argument, .. }) => {
             assert!(argument.contains(arg), "{argument}")
         }
         other => panic!("{}: expected Unsupported({arg}), got {other:?}", c.key()),
     };
+    // Mask tensors are read per element.
     for mask in [
         MaskType::Padding,
         MaskType::PaddingCausal,
         MaskType::Arbitrary,
     ] {
-        unsupported(
-            backward_configs(DType::Bf16, 64, mask, false)[1].clone(),
-            "mask",
-        );
+        for c in &backward_configs(DType::Bf16, 64, mask, false)[1..] {
+            let k = c.render().expect("renders");
+            assert!(k.source.contains("mask_stride_k] != 0"), "{}", k.key);
+        }
     }
+    assert!(!dq.render().unwrap().source.contains("mask_stride_k] != 0"));
     let mut c = dq.clone();
     c.has_bias = true;
     unsupported(c, "has_bias");
-    for hd in [160, 192, 224, 256] {
-        unsupported(
-            backward_configs(DType::F16, hd, MaskType::Causal, false)[2].clone(),
-            "head_dim",
-        );
+    let mut c = dq.clone();
+    c.output_gate = true;
+    unsupported(c, "output_gate");
+    // Every supported head dim renders (above 128 the dK/dV kernel pairs its 8 warps).
+    for &hd in attention_codegen::SUPPORTED_HEAD_DIMS {
+        for c in backward_configs(DType::F16, hd, MaskType::Causal, false) {
+            c.render().expect("renders");
+        }
     }
-    // The registry's lists: a separate backward list, mask tensors skipped, the device's limits.
+    assert_eq!(
+        backward_configs(DType::Bf16, 256, MaskType::Causal, false)[1].key(),
+        "backward_dkdv_bf16_hd256_causal_m32n64w8_sm80"
+    );
+    // The registry's lists: a separate backward list with every mask, the device's limits.
     let spec =
         parse_spec("self, heads = 8, gqa = 2, window = (63, 0), mask = [causal, padding]").unwrap();
     let keys: Vec<String> = backward_kernels_for(&spec, 64, Target::AnyDevice)
@@ -184,6 +209,8 @@ fn backward_keys_and_unsupported_features() {
             "backward_preprocess_bf16_hd64",
             "backward_dkdv_bf16_hd64_causal_win_m64n64w4_sm80",
             "backward_dq_bf16_hd64_causal_win_m64n64w4_sm80",
+            "backward_dkdv_bf16_hd64_padding_win_m64n64w4_sm80",
+            "backward_dq_bf16_hd64_padding_win_m64n64w4_sm80",
         ]
     );
     assert!(backward(

@@ -31,4 +31,9 @@ struct BwdParams {
     int window_right;
     int total_q;                   // query rows of every sequence (the lse / dpsum stride)
     int total_k;                   // key rows of every sequence
+    const unsigned char* mask;     // uint8 [b, h, i, j] at the strides below, nonzero = masked
+    long long mask_stride_b;       // (mask-tensor variants only; stride 0 broadcasts)
+    long long mask_stride_h;
+    long long mask_stride_q;
+    long long mask_stride_k;
 };

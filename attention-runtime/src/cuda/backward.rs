@@ -20,12 +20,13 @@
 //! k, v and the input dtype; lse is the forward's f32 `[num_heads, rows]` natural log.
 //!
 //! Supported: masks `no_mask`, `causal` (top-left), `causal_bottom_right`, a sliding window
-//! on them, GQA / MQA, padded and packed layouts, bf16 and f16, head dims
-//! [`BACKWARD_HEAD_DIMS`](attention_codegen::render::BACKWARD_HEAD_DIMS) (32, 64, 96, 128),
-//! off-by-one and learnable sinks (their gradient). Not yet: mask tensors (`padding`,
-//! `padding_causal`, `arbitrary`), an additive bias and its gradient, an output gate, head
-//! dims above 128: [`AttentionBackward::new`] returns [`AttnError::Render`] naming the
-//! feature for those configs.
+//! on them, GQA / MQA, padded and packed layouts, bf16 and f16, every head dim of
+//! [`SUPPORTED_HEAD_DIMS`](attention_codegen::SUPPORTED_HEAD_DIMS) (32 to 256; above 128 the
+//! dK/dV kernel pairs warps to split the head dim), off-by-one and learnable sinks (their
+//! gradient), mask tensors (`padding`, `padding_causal`, `arbitrary`, as the forward's).
+//! Not yet: an additive bias and its gradient (dbias; the launcher takes no bias, and
+//! configs with `has_bias` are refused), an output gate: [`AttentionBackward::compile`]
+//! returns [`AttnError::Render`] naming the feature for those configs.
 
 use std::sync::Arc;
 
@@ -38,6 +39,7 @@ use cudarc::driver::{
 };
 use cudarc::nvrtc::Ptx;
 
+use crate::cuda::fwd_fast::{check_strided, FastStrided};
 use crate::cuda::params::BwdParams;
 use crate::cuda::tensor::{DeviceElem, ElemType};
 use crate::error::{AttnError, Result};
@@ -122,6 +124,10 @@ pub struct BwdArgs<'a, T> {
     /// Their gradient f32 `[num_heads]` (written); needs `sinks`. Off-by-one sinks have no
     /// parameter: pass neither (their effect is in the forward's LSE).
     pub dsinks: Option<&'a mut CudaSlice<f32>>,
+    /// The forward's uint8 mask tensor (nonzero = masked out), required exactly when the
+    /// kernels' mask takes one (padding, padding_causal, arbitrary); indexed as the
+    /// forward's ([`FastStrided`]), extent `[batch, num_heads, seqlen_q, seqlen_k]`.
+    pub mask: Option<FastStrided<'a, u8>>,
 }
 
 fn invalid(arg: &str, expected: impl Into<String>, got: impl ToString) -> AttnError {
@@ -212,8 +218,7 @@ impl AttentionBackward {
     /// window when `has_window`; [`backward_configs`]), compile them with NVRTC for the arch
     /// of `ctx`'s device and load them.
     ///
-    /// Errors: [`AttnError::Render`] naming the feature for what the kernels do not support
-    /// (a mask tensor, a head dim above 128, ...); [`AttnError::InvalidArgument`] when a
+    /// Errors: [`AttnError::Render`] naming the feature for what the kernels do not support; [`AttnError::InvalidArgument`] when a
     /// tile's shared memory exceeds the device's; [`AttnError::Cuda`] on compile or load
     /// failures (a device below sm_80 fails to compile `mma.sync`).
     pub fn new(
@@ -393,6 +398,30 @@ impl AttentionBackward {
             }
             _ => {}
         }
+        let takes_mask = cfg.mask.is_some_and(|m| m.takes_mask_tensor());
+        match (&a.mask, takes_mask) {
+            (Some(m), true) => check_strided(
+                "mask",
+                m,
+                [a.batch, a.num_heads, seqlen_q, seqlen_k],
+                matches!(a.layout, BwdLayout::Packed { .. }),
+            )?,
+            (None, false) => {}
+            (Some(_), false) => {
+                return Err(invalid(
+                    "mask",
+                    format!("no mask tensor (kernel {} reads none)", self.keys[1]),
+                    "a mask tensor",
+                ))
+            }
+            (None, true) => {
+                return Err(invalid(
+                    "mask",
+                    format!("a uint8 mask tensor (kernel {} reads one)", self.keys[1]),
+                    "none",
+                ))
+            }
+        }
         // Every buffer on the stream's device.
         let dev = stream.context().ordinal();
         let mut ordinals = vec![
@@ -411,6 +440,9 @@ impl AttentionBackward {
         }
         if let Some(s) = a.dsinks.as_deref() {
             ordinals.push(("dsinks", s.ordinal()));
+        }
+        if let Some(m) = &a.mask {
+            ordinals.push(("mask", m.data.ordinal()));
         }
         if let BwdLayout::Packed {
             cu_seqlens_q,
@@ -475,6 +507,13 @@ impl AttentionBackward {
             }
             None => (0, None),
         };
+        let (mask_ptr, _g15, mask_strides) = match &a.mask {
+            Some(m) => {
+                let (p, g) = m.data.device_ptr(stream);
+                (p, Some(g), m.strides)
+            }
+            None => (0, None, [0; 4]),
+        };
         let (wl, wr) = if cfg.has_window { a.window } else { (-1, -1) };
         let params = BwdParams {
             q: q_ptr,
@@ -501,6 +540,8 @@ impl AttentionBackward {
             window_right: wr,
             total_q: rows_q as i32,
             total_k: rows_k as i32,
+            mask: mask_ptr,
+            mask_strides,
         };
         let launch = |f: &CudaFunction, key: String, lc: LaunchConfig| -> Result<()> {
             // SAFETY: BwdParams is the parameter layout of every backward entry

@@ -125,7 +125,7 @@ pub struct FastExtras<'a> {
     pub v_nonfinite: Option<&'a CudaSlice<i32>>,
 }
 
-fn check_strided<E>(
+pub(crate) fn check_strided<E>(
     arg: &str,
     t: &FastStrided<'_, E>,
     want: [usize; 4],

@@ -177,6 +177,11 @@ kernel_params! {
         pub total_q: i32,
         /// Key rows of all sequences.
         pub total_k: i32,
+        /// uint8 mask, nonzero = masked out, `[b, h, i, j]` at `mask_strides` (the
+        /// mask-tensor variants: padding, padding_causal, arbitrary).
+        pub mask: u64,
+        /// Element strides of the mask's b, h, i, j (0 broadcasts).
+        pub mask_strides: [i64; 4],
     }
 }
 
