@@ -20,6 +20,11 @@
 // masked out, element (b, h, i, j) at b * mask_stride_b + h * mask_stride_h + i * mask_stride_q
 // + j * mask_stride_k (stride 0 broadcasts; i, j positions within the sequence, also packed),
 // applied per element on every tile, as the forward does.
+// Additive bias {{ has_bias }}: `bias` f32 post-scale logit term at the same kind of strides,
+// entering through biased_logit_log2 as in the forward; the dQ kernel also writes
+// dbias = dS (when dbias is not null) into a dense f32 [batch, num_heads, seqlen_q, seqlen_k] (padded and packed:
+// positions within the sequence; the host zero-fills it first: masked positions and tiles
+// no row sees stay 0). Broadcast bias dims are summed by the caller.
 // Masked positions and query rows whose LSE is -inf (rows that see no key) get P = 0 (the
 // exponent is -inf), so they contribute exactly zero; rows / keys past the sequence are
 // zero-filled in shared memory and carry LSE +inf, D 0.
@@ -180,6 +185,10 @@ extern "C" __global__ void __launch_bounds__(THREADS, 1) {{ key }}(const BwdPara
     cp_async_commit();
 
     const float sl2 = p.softmax_scale * BWD_LOG2E;
+{%- if has_bias %}
+    const float scale_nat = p.softmax_scale;
+    (void)sl2;
+{%- endif %}
     const unsigned sK_addr = smem_addr(sK);
     const unsigned sV_addr = smem_addr(sV);
     const unsigned sQ_addr = smem_addr(sQ);
@@ -206,10 +215,15 @@ extern "C" __global__ void __launch_bounds__(THREADS, 1) {{ key }}(const BwdPara
 
         const int buf = t & 1;
         const int m0 = (mt_begin + t % nm_tiles) * BLOCK_M;
-{%- if mask_tensor %}
+{%- if mask_tensor or has_bias %}
         const int h = grp * hpg + t / nm_tiles;
+{%- endif %}
+{%- if mask_tensor %}
         const unsigned char* mbase =
             p.mask + (long long)b * p.mask_stride_b + (long long)h * p.mask_stride_h;
+{%- endif %}
+{%- if has_bias %}
+        const float* bbase = p.bias + (long long)b * p.bias_stride_b + (long long)h * p.bias_stride_h;
 {%- endif %}
         const unsigned q_addr = sQ_addr + (unsigned)(buf * Q_ELEMS * 2);
         const unsigned o_addr = sdO_addr + (unsigned)(buf * Q_ELEMS * 2);
@@ -278,7 +292,22 @@ extern "C" __global__ void __launch_bounds__(THREADS, 1) {{ key }}(const BwdPara
                             x = neg_inf();
                     }
 {%- endif %}
+{%- if has_bias %}
+                    // The logit with the bias, in log2 units (biased_logit_log2: saturated; a
+                    // -inf bias masks); masked stays -inf, rows past sq / keys past sk unread.
+                    {
+                        const int j = n0 + key_row0 + gq + 8 * hh;
+                        if (x != neg_inf() && m0 + c < sq && j < sk)
+                            x = biased_logit_log2(
+                                x * scale_nat,
+                                bbase[(long long)(m0 + c) * p.bias_stride_q + (long long)j * p.bias_stride_k]);
+                        else
+                            x = neg_inf();
+                    }
+                    const float pr = fast_exp2(x - l2);
+{%- else %}
                     const float pr = fast_exp2(fmaf(x, sl2, -l2));
+{%- endif %}
                     s[ni][2 * hh + e] = pr;
                     // P == 0 selects 0: a masked key's dP (finite or not) never enters dS.
                     dp[ni][2 * hh + e] = pr > 0.0f ? pr * (dp[ni][2 * hh + e] - dd) : 0.0f;
@@ -421,6 +450,10 @@ extern "C" __global__ void __launch_bounds__(THREADS, 1) {{ key }}(const BwdPara
     }
 
     const float sl2 = p.softmax_scale * BWD_LOG2E;
+{%- if has_bias %}
+    const float scale_nat = p.softmax_scale;
+    (void)sl2;
+{%- endif %}
     const unsigned sQ_addr = smem_addr(sQ);
     const unsigned sdO_addr = smem_addr(sdO);
     const unsigned sK_addr = smem_addr(sK);
@@ -481,10 +514,18 @@ extern "C" __global__ void __launch_bounds__(THREADS, 1) {{ key }}(const BwdPara
         for (int hh = 0; hh < 2; ++hh) {
             int lo = 0, hi = 0;
             if (!full) visible_range(m0 + warp * 16 + gq + 8 * hh, sq, sk, window_left, window_right, &lo, &hi);
-{%- if mask_tensor %}
+{%- if mask_tensor or has_bias %}
             const int mi_row = m0 + warp * 16 + gq + 8 * hh;
+{%- endif %}
+{%- if mask_tensor %}
             const unsigned char* mrow = p.mask + (long long)b * p.mask_stride_b + (long long)h * p.mask_stride_h +
                                         (long long)mi_row * p.mask_stride_q;
+{%- endif %}
+{%- if has_bias %}
+            const float* brow = p.bias + (long long)b * p.bias_stride_b + (long long)h * p.bias_stride_h +
+                                (long long)mi_row * p.bias_stride_q;
+            // dbias: dense f32 [batch, num_heads, seqlen_q, seqlen_k] (zero-filled by the host).
+            float* dbrow = p.dbias + (((long long)b * num_heads + h) * p.seqlen_q + mi_row) * p.seqlen_k;
 {%- endif %}
 #pragma unroll
             for (int ni = 0; ni < NB; ++ni) {
@@ -502,9 +543,22 @@ extern "C" __global__ void __launch_bounds__(THREADS, 1) {{ key }}(const BwdPara
                         if (mi_row < sq && j < sk && mrow[(long long)j * p.mask_stride_k] != 0) x = neg_inf();
                     }
 {%- endif %}
+{%- if has_bias %}
+                    const int jb = n0 + ni * 8 + 2 * tq + e;
+                    if (x != neg_inf() && mi_row < sq && jb < sk)
+                        x = biased_logit_log2(x * scale_nat, brow[(long long)jb * p.bias_stride_k]);
+                    else
+                        x = neg_inf();
+                    const float pr = fast_exp2(x - l2[hh]);
+{%- else %}
                     const float pr = fast_exp2(fmaf(x, sl2, -l2[hh]));
+{%- endif %}
                     // P == 0 selects 0: a masked key's dP (finite or not) never enters dS.
                     dp[ni][2 * hh + e] = pr > 0.0f ? pr * (dp[ni][2 * hh + e] - dd[hh]) : 0.0f;
+{%- if has_bias %}
+                    // dbias = dS (natural units), every visited position of the sequence.
+                    if (p.dbias != nullptr && mi_row < sq && jb < sk) dbrow[jb] = dp[ni][2 * hh + e];
+{%- endif %}
                 }
             }
         }

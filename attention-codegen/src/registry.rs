@@ -272,10 +272,11 @@ pub fn backward(
     spec: &AttentionSpec,
     head_dim: usize,
     mask: MaskType,
+    has_bias: bool,
     target: Target,
 ) -> Result<[KernelConfig; 3], RenderError> {
     check_head_dim(head_dim)?;
-    let mut out = backward_configs(spec.dtype, head_dim, mask, spec.window.is_some());
+    let mut out = backward_configs(spec.dtype, head_dim, mask, spec.window.is_some(), has_bias);
     for c in &mut out {
         // A gated forward's backward needs the gate's gradient: refused by the check below.
         c.output_gate = spec.output_gate;
@@ -297,19 +298,22 @@ pub fn backward(
 }
 
 /// The three backward configs (preprocess, dK/dV, dQ; default tiles) of one dtype, head
-/// dim, mask and window flag, unchecked ([`KernelConfig::render`] checks them; the
+/// dim, mask, window flag and bias flag (an additive bias, whose gradient dbias the dQ
+/// kernel writes), unchecked ([`KernelConfig::render`] checks them; the
 /// runtime's `cuda::backward` launcher compiles them).
 pub fn backward_configs(
     dtype: crate::spec::DType,
     head_dim: usize,
     mask: MaskType,
     has_window: bool,
+    has_bias: bool,
 ) -> [KernelConfig; 3] {
     let make = |phase: Phase| {
         let mut c = KernelConfig::new(phase, dtype, head_dim);
         if phase != Phase::BackwardPreprocess {
             c.mask = Some(mask);
             c.has_window = has_window;
+            c.has_bias = has_bias;
         }
         c
     };
@@ -321,9 +325,10 @@ pub fn backward_configs(
 }
 
 /// The backward kernels a training run of `spec` at `head_dim` can launch on `target`: the
-/// preprocess, then dK/dV and dQ for every mask type the spec lists, deduplicated by key.
-/// A separate list from [`kernels_for`], so serving-only specs compile no training kernel.
-/// (No additive bias: the backward has no dbias yet.) Errors: those of [`backward`].
+/// preprocess, then dK/dV and dQ for every mask type the spec lists, each without and with
+/// an additive bias (as the forward's list), deduplicated by key. A separate list from
+/// [`kernels_for`], so serving-only specs compile no training kernel. Errors: those of
+/// [`backward`].
 pub fn backward_kernels_for(
     spec: &AttentionSpec,
     head_dim: usize,
@@ -331,7 +336,9 @@ pub fn backward_kernels_for(
 ) -> Result<Vec<KernelConfig>, RenderError> {
     let mut out = Vec::new();
     for &mask in &spec.masks {
-        out.extend(backward(spec, head_dim, mask, target)?);
+        for has_bias in [false, true] {
+            out.extend(backward(spec, head_dim, mask, has_bias, target)?);
+        }
     }
     let mut seen = std::collections::HashSet::new();
     out.retain(|c| seen.insert(c.key()));

@@ -77,7 +77,8 @@ const TEMPLATES: &[(&str, &str)] = &[
 /// every one of [`SUPPORTED_HEAD_DIMS`]. Each warp keeps its 16 keys' dK and dV in registers
 /// (above head dim 128 two warps share the keys and split the head dim), plus a 16 × tile
 /// of S and dP, within the 255-register budget without spills (`tests/nvrtc_backward.rs`
-/// checks).
+/// checks; ptxas, NVRTC 13) except the mask-tensor variants at head dims 224 and 256 (16 to
+/// 36 bytes of spill stores).
 pub const BACKWARD_HEAD_DIMS: &[usize] = SUPPORTED_HEAD_DIMS;
 
 /// Query rows (one warp each) per block of the attention kernels (`fwd`, `decode`, `paged`).
@@ -357,8 +358,8 @@ impl FastTile {
     /// bytes), with 8 warps in pairs above head dim 128; dQ over 128 keys at head dim 32, 64
     /// up to 128, 32 above (128 at head dim 64 takes all 255 registers).
     ///
-    /// With a mask tensor (`mask_tensor`: its per-element reads cost registers) the steps
-    /// shrink: dK/dV over 32 queries up to head dim 64 and 16 above, dQ over 32 keys.
+    /// With a mask tensor or a bias (`mask_tensor`: their per-element reads cost registers)
+    /// the steps shrink: dK/dV over 32 queries up to head dim 64 and 16 above, dQ over 32 keys.
     pub fn for_backward(phase: Phase, head_dim: usize, mask_tensor: bool) -> FastTile {
         match phase {
             Phase::BackwardDq => FastTile {
@@ -591,8 +592,8 @@ impl KernelConfig {
     /// - `kvappend_<dtype>_hd<D>_w<warps>`
     /// - `qkv_prep_<dtype>_hd<D>_<self|cross>_<nonorm|layernorm|rmsnorm|l2norm>_<norope|ropehalf<R>|ropeinter<R>>[_gate]_w<warps>`
     /// - `backward_preprocess_<dtype>_hd<D>` (its sinks entry is `<key>_dsink`)
-    /// - `backward_dkdv_<dtype>_hd<D>_<mask>[_win]_m<M>n<N>w<W>_sm80`,
-    ///   `backward_dq_<dtype>_hd<D>_<mask>[_win]_m<M>n<N>w<W>_sm80` (sinks change neither
+    /// - `backward_dkdv_<dtype>_hd<D>_<mask>[_win][_bias]_m<M>n<N>w<W>_sm80`,
+    ///   `backward_dq_<dtype>_hd<D>_<mask>[_win][_bias]_m<M>n<N>w<W>_sm80` (sinks change neither
     ///   source: they enter through the forward's LSE)
     ///
     /// `sink1` = off-by-one sink, `sinkl` = learnable sink, `R` = rotated channels.
@@ -610,6 +611,9 @@ impl KernelConfig {
                 k.push_str(self.mask.map(|m| m.name()).unwrap_or("nomask_missing"));
                 if self.has_window {
                     k.push_str("_win");
+                }
+                if self.has_bias {
+                    k.push_str("_bias");
                 }
                 let t = self.fast_tile();
                 k.push_str(&format!("_m{}n{}w{}_sm80", t.block_m, t.block_n, t.warps));
@@ -736,7 +740,7 @@ impl KernelConfig {
     }
 
     /// The backward kernels' limits: head dims in [`BACKWARD_HEAD_DIMS`]; dK/dV and dQ: any
-    /// mask type (mask tensors included) but no additive bias, no output gate or
+    /// mask type (mask tensors included), with or without an additive bias, no output gate or
     /// paged K/V, 16 rows (keys for dK/dV, queries for dQ) per warp.
     fn check_backward(&self) -> Result<(), RenderError> {
         if !BACKWARD_HEAD_DIMS.contains(&self.head_dim) {
@@ -755,12 +759,6 @@ impl KernelConfig {
             return Ok(());
         }
         let mask = self.mask.ok_or(RenderError::MissingMask)?;
-        if self.has_bias {
-            return Err(RenderError::Unsupported {
-                argument: "has_bias",
-                reason: "the backward kernels do not take an additive bias (dbias) yet",
-            });
-        }
         if self.has_window && !mask.accepts_window() {
             return Err(RenderError::WindowOnMask { mask });
         }
@@ -906,7 +904,7 @@ impl KernelConfig {
     pub fn fast_tile(&self) -> FastTile {
         self.tile.unwrap_or_else(|| {
             if self.phase.is_backward() {
-                let mask_tensor = self.mask.is_some_and(|m| m.takes_mask_tensor());
+                let mask_tensor = self.mask.is_some_and(|m| m.takes_mask_tensor()) || self.has_bias;
                 FastTile::for_backward(self.phase, self.head_dim, mask_tensor)
             } else {
                 FastTile::for_head_dim(self.head_dim)

@@ -64,6 +64,9 @@ struct Case {
     /// `[batch, heads, max_sq, max_sk]` dim); `[b, 1, 1, sk]` is a key-padding mask (sequence
     /// 0 fully masked when batch > 1), others random with a fully masked row.
     mask_shape: Option<[usize; 4]>,
+    /// Additive f32 bias of this logical shape (same convention), values in [-2, 2]; dbias
+    /// is compared with the reference's.
+    bias_shape: Option<[usize; 4]>,
 }
 
 impl Case {
@@ -79,6 +82,7 @@ impl Case {
             seqs: vec![(sq, sk); batch],
             packed: false,
             mask_shape: None,
+            bias_shape: None,
         }
     }
 }
@@ -121,6 +125,7 @@ struct Grads {
     dk: Vec<f32>,
     dv: Vec<f32>,
     dsinks: Vec<f32>,
+    dbias: Vec<f32>,
 }
 
 fn run<T: Elem>(case: &Case, seed: u64) {
@@ -144,7 +149,7 @@ fn run<T: Elem>(case: &Case, seed: u64) {
     let do_h = gen(total_q * np * hd, 1.0);
     let sink_h: Vec<f32> = (0..np).map(|h| 0.5 * h as f32 - 0.7).collect();
     let full = [batch, np, max_q, max_k];
-    let mask_h: Option<(Vec<u8>, [i64; 4])> = case.mask_shape.map(|shape| {
+    let strides_of = |shape: [usize; 4]| -> [i64; 4] {
         let mut st = [0i64; 4];
         let mut acc = 1i64;
         for d in (0..4).rev() {
@@ -155,6 +160,10 @@ fn run<T: Elem>(case: &Case, seed: u64) {
             st[d] = if shape[d] == 1 { 0 } else { acc };
             acc *= shape[d] as i64;
         }
+        st
+    };
+    let mask_h: Option<(Vec<u8>, [i64; 4])> = case.mask_shape.map(|shape| {
+        let st = strides_of(shape);
         let n: usize = shape.iter().product();
         let v: Vec<u8> = if shape == [batch, 1, 1, max_k] {
             // Key padding: sequence b keeps its first len_b keys (none for b = 0).
@@ -182,6 +191,11 @@ fn run<T: Elem>(case: &Case, seed: u64) {
         };
         (v, st)
     });
+    let bias_h: Option<(Vec<f32>, [i64; 4])> = case.bias_shape.map(|shape| {
+        let n: usize = shape.iter().product();
+        let v: Vec<f32> = (0..n).map(|_| rng.uniform() * 2.0).collect();
+        (v, strides_of(shape))
+    });
 
     let q = stream.clone_htod(&q_h).unwrap();
     let k = stream.clone_htod(&k_h).unwrap();
@@ -194,6 +208,14 @@ fn run<T: Elem>(case: &Case, seed: u64) {
         strides: mask_h.as_ref().unwrap().1,
         extent: full,
     });
+    let bias_d = bias_h.as_ref().map(|(v, _)| stream.clone_htod(v).unwrap());
+    let bias_arg = bias_d.as_ref().map(|d| FastStrided {
+        data: d,
+        strides: bias_h.as_ref().unwrap().1,
+        extent: full,
+    });
+    let has_bias = bias_h.is_some();
+    let n_dbias = batch * np * max_q * max_k;
     let mut cu_q = vec![0i32];
     let mut cu_k = vec![0i32];
     for (a, b) in &case.seqs {
@@ -211,6 +233,7 @@ fn run<T: Elem>(case: &Case, seed: u64) {
     fwd.mask = Some(case.mask);
     fwd.has_window = case.window.is_some();
     fwd.sinks = case.sinks;
+    fwd.has_bias = has_bias;
     let fwd = FastForward::compile(&ctx, &fwd).expect("forward compiles");
     let mut out: CudaSlice<T> = stream.alloc_zeros(total_q * np * hd).unwrap();
     let mut lse: CudaSlice<f32> = stream.alloc_zeros(total_q * np).unwrap();
@@ -248,14 +271,21 @@ fn run<T: Elem>(case: &Case, seed: u64) {
         },
         FastExtras {
             mask: mask_arg,
-            bias: None,
+            bias: bias_arg,
             v_nonfinite: None,
         },
     )
     .expect("forward launch");
 
-    let bwd = AttentionBackward::new(&ctx, case.dtype, hd, case.mask, case.window.is_some())
-        .expect("backward compiles");
+    let bwd = AttentionBackward::new(
+        &ctx,
+        case.dtype,
+        hd,
+        case.mask,
+        case.window.is_some(),
+        has_bias,
+    )
+    .expect("backward compiles");
     let layout = if case.packed {
         BwdLayout::Packed {
             cu_seqlens_q: &cu_q_d,
@@ -283,6 +313,7 @@ fn run<T: Elem>(case: &Case, seed: u64) {
             .clone_htod(&vec![T::nan(); total_k * ng * hd])
             .unwrap();
         let mut ds = stream.clone_htod(&vec![f32::NAN; np]).unwrap();
+        let mut db = stream.clone_htod(&vec![f32::NAN; n_dbias.max(1)]).unwrap();
         bwd.launch(
             &stream,
             BwdArgs {
@@ -304,6 +335,8 @@ fn run<T: Elem>(case: &Case, seed: u64) {
                 sinks: learnable.then_some(&sinks),
                 dsinks: if learnable { Some(&mut ds) } else { None },
                 mask: mask_arg,
+                bias: bias_arg,
+                dbias: if has_bias { Some(&mut db) } else { None },
             },
         )
         .expect("backward launch");
@@ -313,6 +346,7 @@ fn run<T: Elem>(case: &Case, seed: u64) {
             dk: tof(stream.clone_dtoh(&dk).unwrap()),
             dv: tof(stream.clone_dtoh(&dv).unwrap()),
             dsinks: stream.clone_dtoh(&ds).unwrap(),
+            dbias: stream.clone_dtoh(&db).unwrap(),
         }
     };
     let g1 = launch();
@@ -321,7 +355,8 @@ fn run<T: Elem>(case: &Case, seed: u64) {
         bits_equal(&g1.dq, &g2.dq)
             && bits_equal(&g1.dk, &g2.dk)
             && bits_equal(&g1.dv, &g2.dv)
-            && (!learnable || bits_equal(&g1.dsinks, &g2.dsinks)),
+            && (!learnable || bits_equal(&g1.dsinks, &g2.dsinks))
+            && (!has_bias || bits_equal(&g1.dbias, &g2.dbias)),
         "{case:?} seed {seed}: two backward runs differ (not deterministic)"
     );
 
@@ -338,6 +373,7 @@ fn run<T: Elem>(case: &Case, seed: u64) {
     let mut ref_dk = vec![0f32; total_k * ng * hd];
     let mut ref_dv = vec![0f32; total_k * ng * hd];
     let mut ref_ds = vec![0f32; np];
+    let mut ref_db = vec![0f32; n_dbias.max(1)];
     let (rq, rk) = (np * hd, ng * hd);
     // Rows (token, head) whose LSE is -inf: their dq must be exactly 0.
     let mut empty_rows = Vec::new();
@@ -382,9 +418,17 @@ fn run<T: Elem>(case: &Case, seed: u64) {
             let off = b as i64 * st[0] + h as i64 * st[1] + i as i64 * st[2] + j as i64 * st[3];
             v[off as usize] != 0
         };
+        let bias_fn = |h: usize, i: usize, j: usize| -> f32 {
+            let (v, st) = bias_h.as_ref().unwrap();
+            let off = b as i64 * st[0] + h as i64 * st[1] + i as i64 * st[2] + j as i64 * st[3];
+            v[off as usize]
+        };
         let mut p = AttendParams::new(scale, case.mask);
         if mask_h.is_some() {
             p.mask_fn = Some(&mask_fn);
+        }
+        if has_bias {
+            p.bias_fn = Some(&bias_fn);
         }
         p.window = case.window.map(|(l, r)| Window {
             left: l as i64,
@@ -410,9 +454,20 @@ fn run<T: Elem>(case: &Case, seed: u64) {
                 head_dim: hd,
             },
             &p,
-            false,
+            has_bias,
         )
         .expect("reference backward");
+        if let Some(dbias) = &g.dbias {
+            // [np, sq, sk] per sequence into the dense [batch, np, max_q, max_k].
+            for h in 0..np {
+                for i in 0..sq {
+                    for j in 0..sk {
+                        ref_db[((b * np + h) * max_q + i) * max_k + j] =
+                            dbias[(h * sq + i) * sk + j];
+                    }
+                }
+            }
+        }
         for i in 0..sq {
             ref_dq[qtok(i) * rq..(qtok(i) + 1) * rq].copy_from_slice(&g.dq[i * rq..(i + 1) * rq]);
         }
@@ -445,6 +500,20 @@ fn run<T: Elem>(case: &Case, seed: u64) {
             "{case:?} seed {seed}: {what} rel. Frobenius error {err:.3e} > {TOL}"
         );
         errs.push(format!("{what} {err:.2e}"));
+    }
+    if has_bias {
+        if let Some(i) = g1.dbias.iter().position(|x| !x.is_finite()) {
+            panic!(
+                "{case:?} seed {seed}: dbias[{i}] = {} (NaN/Inf or unwritten)",
+                g1.dbias[i]
+            );
+        }
+        let err = rel_frob(&g1.dbias, &ref_db);
+        assert!(
+            err <= TOL,
+            "{case:?} seed {seed}: dbias rel. Frobenius error {err:.3e} > {TOL}"
+        );
+        errs.push(format!("dbias {err:.2e}"));
     }
     if learnable {
         assert!(
@@ -479,11 +548,12 @@ fn run<T: Elem>(case: &Case, seed: u64) {
         }
     }
     eprintln!(
-        "ok {:?} hd{} {:?} {:?} win {:?} sinks {:?} heads {}/{} seqs {:?} packed {} ({} empty rows): {}",
+        "ok {:?} hd{} {:?} {:?} bias {:?} win {:?} sinks {:?} heads {}/{} seqs {:?} packed {} ({} empty rows): {}",
         case.dtype,
         hd,
         case.mask,
         case.mask_shape,
+        case.bias_shape,
         case.window,
         case.sinks,
         np,
@@ -638,33 +708,34 @@ fn backward_other_head_dims() {
     check(c);
 }
 
-/// Typed errors: an additive bias (no dbias yet) and an output gate at compile time; a
-/// dtype mismatch, a short buffer, dsinks without sinks and a missing mask tensor at launch
-/// time.
+/// Typed errors: an output gate at compile time; a dtype mismatch, a short buffer, dsinks
+/// without sinks and a missing mask tensor at launch time.
 #[test]
 #[ignore = "requires a CUDA GPU"]
 fn backward_typed_errors() {
     let (ctx, stream) = gpu();
-    for feature in ["bias", "gate"] {
-        let mut cs =
-            attention_codegen::registry::backward_configs(DType::Bf16, 64, MaskType::Causal, false);
-        match feature {
-            "bias" => cs[1].has_bias = true,
-            _ => cs[2].output_gate = true,
-        }
-        match AttentionBackward::compile(&ctx, &cs) {
-            Err(AttnError::Render(msg)) => eprintln!("ok: {msg}"),
-            Err(e) => panic!("expected a render error, got {e}"),
-            Ok(_) => panic!("{feature}: expected an error"),
-        }
+    let mut cs = attention_codegen::registry::backward_configs(
+        DType::Bf16,
+        64,
+        MaskType::Causal,
+        false,
+        false,
+    );
+    cs[2].output_gate = true;
+    match AttentionBackward::compile(&ctx, &cs) {
+        Err(AttnError::Render(msg)) => eprintln!("ok: {msg}"),
+        Err(e) => panic!("expected a render error, got {e}"),
+        Ok(_) => panic!("output gate: expected an error"),
     }
-    let padding = AttentionBackward::new(&ctx, DType::Bf16, 64, MaskType::Padding, false).unwrap();
+    let padding =
+        AttentionBackward::new(&ctx, DType::Bf16, 64, MaskType::Padding, false, false).unwrap();
     let r = small_launch::<bf16>(&padding, &stream, false, false);
     assert!(
         matches!(&r, Err(AttnError::InvalidArgument { arg, .. }) if arg == "mask"),
         "{r:?}"
     );
-    let bwd = AttentionBackward::new(&ctx, DType::Bf16, 64, MaskType::Causal, false).unwrap();
+    let bwd =
+        AttentionBackward::new(&ctx, DType::Bf16, 64, MaskType::Causal, false, false).unwrap();
     let r = small_launch::<f16>(&bwd, &stream, false, false);
     assert!(matches!(r, Err(AttnError::DType { .. })), "{r:?}");
     let r = small_launch::<bf16>(&bwd, &stream, true, false);
@@ -722,6 +793,8 @@ fn small_launch<T: Elem>(
             sinks: None,
             dsinks: if dsinks_only { Some(&mut ds) } else { None },
             mask: None,
+            bias: None,
+            dbias: None,
         },
     )
 }
@@ -748,5 +821,31 @@ fn backward_mask_tensors() {
     c.seqs = vec![(50, 50), (130, 130), (9, 9)];
     c.mask_shape = Some([3, 1, 130, 130]);
     c.window = Some((40, 0));
+    check(c);
+}
+
+/// An additive bias (full, per-head broadcast over batch, key-only) and its gradient dbias
+/// (dense dS, compared with the reference's), with masks, a window, GQA, packed.
+#[test]
+#[ignore = "requires a CUDA GPU"]
+fn backward_bias_and_dbias() {
+    let mut c = Case::new(64, MaskType::Causal, 111, 111, 2);
+    c.bias_shape = Some([2, 4, 111, 111]);
+    check(c.clone());
+    c.hd = 128;
+    c.mask = MaskType::NoMask;
+    c.bias_shape = Some([1, 4, 111, 111]);
+    c.window = Some((30, 10));
+    check(c.clone());
+    c.mask = MaskType::Padding;
+    c.window = None;
+    c.mask_shape = Some([2, 1, 1, 111]);
+    c.bias_shape = Some([2, 1, 1, 111]);
+    c.dtype = DType::F16;
+    check(c);
+    let mut c = Case::new(64, MaskType::CausalBottomRight, 0, 0, 0);
+    c.packed = true;
+    c.seqs = vec![(60, 90), (100, 100), (5, 2)];
+    c.bias_shape = Some([3, 4, 100, 100]);
     check(c);
 }

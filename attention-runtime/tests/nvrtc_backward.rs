@@ -1,8 +1,8 @@
 //! The attention backward kernels (`templates/backward_*.cu`) compile with NVRTC to CUBIN
 //! for sm_80 and sm_90a without warnings, take one `BwdParams` by value (the CUBIN's
 //! parameter table), and use no local memory for spills (ptxas `-v` through NVRTC); the
-//! register counts are printed (`--nocapture`). Unsupported features (bias, output gate)
-//! are refused when rendering, naming the feature.
+//! register counts are printed (`--nocapture`). An output gate is refused when rendering,
+//! naming the feature.
 //!
 //! Needs libnvrtc (see `nvrtc_catalog.rs`); `ATTN_SKIP_NVRTC=1` skips.
 
@@ -99,7 +99,7 @@ fn backward_kernels_compile_without_spills() {
             (MaskType::Causal, false),
             (MaskType::CausalBottomRight, true),
         ] {
-            let cs = backward_configs(DType::Bf16, hd, mask, win);
+            let cs = backward_configs(DType::Bf16, hd, mask, win, false);
             for arch in ["sm_80", "sm_90a"] {
                 let from = if mask == MaskType::NoMask { 0 } else { 1 };
                 for c in &cs[from..] {
@@ -118,19 +118,21 @@ fn backward_kernels_compile_without_spills() {
         (DType::Bf16, 224, "sm_80"),
         (DType::Bf16, 256, "sm_90a"),
     ] {
-        for c in &backward_configs(dtype, hd, MaskType::Causal, true) {
+        for c in &backward_configs(dtype, hd, MaskType::Causal, true, false) {
             compile_one(c, arch, &mut failures);
             n += 1;
         }
     }
-    // Mask tensors (smaller steps: their per-element reads cost registers).
-    for (mask, win, hd, arch) in [
-        (MaskType::PaddingCausal, true, 64, "sm_80"),
-        (MaskType::PaddingCausal, true, 128, "sm_90a"),
-        (MaskType::Arbitrary, false, 128, "sm_80"),
-        (MaskType::Padding, false, 64, "sm_90a"),
+    // Mask tensors and bias (smaller steps: their per-element reads cost registers).
+    for (mask, win, bias, hd, arch) in [
+        (MaskType::PaddingCausal, true, false, 64, "sm_80"),
+        (MaskType::PaddingCausal, true, false, 128, "sm_90a"),
+        (MaskType::Arbitrary, false, false, 128, "sm_80"),
+        (MaskType::Padding, false, true, 64, "sm_90a"),
+        (MaskType::Causal, true, true, 128, "sm_80"),
+        (MaskType::NoMask, false, true, 128, "sm_90a"),
     ] {
-        for c in &backward_configs(DType::Bf16, hd, mask, win)[1..] {
+        for c in &backward_configs(DType::Bf16, hd, mask, win, bias)[1..] {
             compile_one(c, arch, &mut failures);
             n += 1;
         }
@@ -145,7 +147,8 @@ fn backward_kernels_compile_without_spills() {
 
 #[test]
 fn backward_keys_and_unsupported_features() {
-    let [pre, dkdv, dq] = backward_configs(DType::Bf16, 128, MaskType::CausalBottomRight, true);
+    let [pre, dkdv, dq] =
+        backward_configs(DType::Bf16, 128, MaskType::CausalBottomRight, true, false);
     assert_eq!(pre.key(), "backward_preprocess_bf16_hd128");
     assert_eq!(
         dkdv.key(),
@@ -160,7 +163,7 @@ fn backward_keys_and_unsupported_features() {
         assert_eq!(k.key, c.key());
         assert!(k.source.contains("const BwdParams p"), "{}", k.key);
     }
-    // Bias (no dbias yet) and output gate: refused, naming the feature.
+    // An output gate: refused, naming the feature.
     let unsupported = |c: KernelConfig, arg: &str| match c.render() {
         Err(RenderError::Unsupported { argument, .. }) => {
             assert!(argument.contains(arg), "{argument}")
@@ -173,26 +176,32 @@ fn backward_keys_and_unsupported_features() {
         MaskType::PaddingCausal,
         MaskType::Arbitrary,
     ] {
-        for c in &backward_configs(DType::Bf16, 64, mask, false)[1..] {
+        for c in &backward_configs(DType::Bf16, 64, mask, false, false)[1..] {
             let k = c.render().expect("renders");
             assert!(k.source.contains("mask_stride_k] != 0"), "{}", k.key);
         }
     }
     assert!(!dq.render().unwrap().source.contains("mask_stride_k] != 0"));
+    // A bias is read per element and dbias written.
     let mut c = dq.clone();
     c.has_bias = true;
-    unsupported(c, "has_bias");
+    let k = c.render().expect("renders");
+    assert!(
+        k.key.contains("_bias_") && k.source.contains("dbrow[jb]"),
+        "{}",
+        k.key
+    );
     let mut c = dq.clone();
     c.output_gate = true;
     unsupported(c, "output_gate");
     // Every supported head dim renders (above 128 the dK/dV kernel pairs its 8 warps).
     for &hd in attention_codegen::SUPPORTED_HEAD_DIMS {
-        for c in backward_configs(DType::F16, hd, MaskType::Causal, false) {
+        for c in backward_configs(DType::F16, hd, MaskType::Causal, false, false) {
             c.render().expect("renders");
         }
     }
     assert_eq!(
-        backward_configs(DType::Bf16, 256, MaskType::Causal, false)[1].key(),
+        backward_configs(DType::Bf16, 256, MaskType::Causal, false, false)[1].key(),
         "backward_dkdv_bf16_hd256_causal_m32n64w8_sm80"
     );
     // The registry's lists: a separate backward list with every mask, the device's limits.
@@ -209,14 +218,19 @@ fn backward_keys_and_unsupported_features() {
             "backward_preprocess_bf16_hd64",
             "backward_dkdv_bf16_hd64_causal_win_m64n64w4_sm80",
             "backward_dq_bf16_hd64_causal_win_m64n64w4_sm80",
-            "backward_dkdv_bf16_hd64_padding_win_m64n64w4_sm80",
-            "backward_dq_bf16_hd64_padding_win_m64n64w4_sm80",
+            "backward_dkdv_bf16_hd64_causal_win_bias_m32n64w4_sm80",
+            "backward_dq_bf16_hd64_causal_win_bias_m64n32w4_sm80",
+            "backward_dkdv_bf16_hd64_padding_win_m32n64w4_sm80",
+            "backward_dq_bf16_hd64_padding_win_m64n32w4_sm80",
+            "backward_dkdv_bf16_hd64_padding_win_bias_m32n64w4_sm80",
+            "backward_dq_bf16_hd64_padding_win_bias_m64n32w4_sm80",
         ]
     );
     assert!(backward(
         &spec,
         64,
         MaskType::Causal,
+        false,
         Target::from_arch("sm_75").unwrap()
     )
     .is_err());
@@ -224,9 +238,10 @@ fn backward_keys_and_unsupported_features() {
         &spec,
         128,
         MaskType::Causal,
+        true,
         Target::from_arch("sm_80").unwrap()
     )
     .is_ok());
     let gated = parse_spec("self, heads = 8, output_gate, mask = causal").unwrap();
-    assert!(backward(&gated, 64, MaskType::Causal, Target::AnyDevice).is_err());
+    assert!(backward(&gated, 64, MaskType::Causal, false, Target::AnyDevice).is_err());
 }

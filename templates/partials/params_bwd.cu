@@ -36,4 +36,11 @@ struct BwdParams {
     long long mask_stride_h;
     long long mask_stride_q;
     long long mask_stride_k;
+    const float* bias;             // f32 additive post-scale bias [b, h, i, j] at the strides below
+    long long bias_stride_b;       // (bias variants only; stride 0 broadcasts)
+    long long bias_stride_h;
+    long long bias_stride_q;
+    long long bias_stride_k;
+    float* dbias;                  // f32 [batch, num_heads, seqlen_q, seqlen_k] dense gradient of
+                                   // the bias (bias variants; zero-filled by the host), or null
 };

@@ -23,10 +23,10 @@
 //! on them, GQA / MQA, padded and packed layouts, bf16 and f16, every head dim of
 //! [`SUPPORTED_HEAD_DIMS`](attention_codegen::SUPPORTED_HEAD_DIMS) (32 to 256; above 128 the
 //! dK/dV kernel pairs warps to split the head dim), off-by-one and learnable sinks (their
-//! gradient), mask tensors (`padding`, `padding_causal`, `arbitrary`, as the forward's).
-//! Not yet: an additive bias and its gradient (dbias; the launcher takes no bias, and
-//! configs with `has_bias` are refused), an output gate: [`AttentionBackward::compile`]
-//! returns [`AttnError::Render`] naming the feature for those configs.
+//! gradient), mask tensors (`padding`, `padding_causal`, `arbitrary`, as the forward's), an
+//! additive bias and its gradient dbias (dense; the caller sums broadcast dims). Not yet:
+//! an output gate (its gradient): [`AttentionBackward::compile`] returns
+//! [`AttnError::Render`] naming the feature for such configs.
 
 use std::sync::Arc;
 
@@ -128,6 +128,15 @@ pub struct BwdArgs<'a, T> {
     /// kernels' mask takes one (padding, padding_causal, arbitrary); indexed as the
     /// forward's ([`FastStrided`]), extent `[batch, num_heads, seqlen_q, seqlen_k]`.
     pub mask: Option<FastStrided<'a, u8>>,
+    /// The forward's f32 additive post-scale bias, required exactly when the kernels were
+    /// built with one (`has_bias`); indexed as the forward's ([`FastStrided`]), extent
+    /// `[batch, num_heads, seqlen_q, seqlen_k]`.
+    pub bias: Option<FastStrided<'a, f32>>,
+    /// Its gradient dS (written; needs `bias`), dense f32 `[batch, num_heads, seqlen_q,
+    /// seqlen_k]` (packed: the longest sequences, positions within each sequence), zero
+    /// where masked and outside every sequence. A broadcast bias's gradient is this summed
+    /// over the broadcast dims (the caller's reduction).
+    pub dbias: Option<&'a mut CudaSlice<f32>>,
 }
 
 fn invalid(arg: &str, expected: impl Into<String>, got: impl ToString) -> AttnError {
@@ -215,7 +224,8 @@ fn set_smem(ctx: &Arc<CudaContext>, f: &CudaFunction, key: &str, bytes: usize) -
 
 impl AttentionBackward {
     /// Render the three backward kernels of `dtype`, `head_dim`, `mask` (with a sliding
-    /// window when `has_window`; [`backward_configs`]), compile them with NVRTC for the arch
+    /// window when `has_window`, an additive bias and its gradient when `has_bias`;
+    /// [`backward_configs`]), compile them with NVRTC for the arch
     /// of `ctx`'s device and load them.
     ///
     /// Errors: [`AttnError::Render`] naming the feature for what the kernels do not support; [`AttnError::InvalidArgument`] when a
@@ -227,8 +237,12 @@ impl AttentionBackward {
         head_dim: usize,
         mask: MaskType,
         has_window: bool,
+        has_bias: bool,
     ) -> Result<AttentionBackward> {
-        AttentionBackward::compile(ctx, &backward_configs(dtype, head_dim, mask, has_window))
+        AttentionBackward::compile(
+            ctx,
+            &backward_configs(dtype, head_dim, mask, has_window, has_bias),
+        )
     }
 
     /// [`AttentionBackward::new`] from the registry's configs (preprocess, dK/dV, dQ; e.g.
@@ -259,6 +273,7 @@ impl AttentionBackward {
             || configs[2].head_dim != configs[0].head_dim
             || configs[1].mask != configs[2].mask
             || configs[1].has_window != configs[2].has_window
+            || configs[1].has_bias != configs[2].has_bias
         {
             return Err(invalid(
                 "configs",
@@ -422,6 +437,36 @@ impl AttentionBackward {
                 ))
             }
         }
+        let want4 = [a.batch, a.num_heads, seqlen_q, seqlen_k];
+        match (&a.bias, cfg.has_bias) {
+            (Some(bi), true) => check_strided(
+                "bias",
+                bi,
+                want4,
+                matches!(a.layout, BwdLayout::Packed { .. }),
+            )?,
+            (None, false) => {}
+            (Some(_), false) => {
+                return Err(invalid(
+                    "bias",
+                    format!("no bias tensor (kernel {} reads none)", self.keys[1]),
+                    "a bias tensor",
+                ))
+            }
+            (None, true) => {
+                return Err(invalid(
+                    "bias",
+                    format!("an f32 bias tensor (kernel {} reads one)", self.keys[1]),
+                    "none",
+                ))
+            }
+        }
+        if let Some(db) = a.dbias.as_deref() {
+            if a.bias.is_none() {
+                return Err(invalid("bias", "the bias tensor (dbias was given)", "none"));
+            }
+            check_len("dbias", db, want4.iter().product())?;
+        }
         // Every buffer on the stream's device.
         let dev = stream.context().ordinal();
         let mut ordinals = vec![
@@ -443,6 +488,12 @@ impl AttentionBackward {
         }
         if let Some(m) = &a.mask {
             ordinals.push(("mask", m.data.ordinal()));
+        }
+        if let Some(bi) = &a.bias {
+            ordinals.push(("bias", bi.data.ordinal()));
+        }
+        if let Some(db) = a.dbias.as_deref() {
+            ordinals.push(("dbias", db.ordinal()));
         }
         if let BwdLayout::Packed {
             cu_seqlens_q,
@@ -514,6 +565,25 @@ impl AttentionBackward {
             }
             None => (0, None, [0; 4]),
         };
+        let (bias_ptr, _g16, bias_strides) = match &a.bias {
+            Some(bi) => {
+                let (p, g) = bi.data.device_ptr(stream);
+                (p, Some(g), bi.strides)
+            }
+            None => (0, None, [0; 4]),
+        };
+        let (dbias_ptr, _g17) = match a.dbias {
+            Some(db) => {
+                // Positions no visited tile covers (masked ranges, other sequences' padding)
+                // stay zero.
+                stream
+                    .memset_zeros(db)
+                    .map_err(cuda_err("cuMemsetD8Async dbias".into()))?;
+                let (p, g) = db.device_ptr_mut(stream);
+                (p, Some(g))
+            }
+            None => (0, None),
+        };
         let (wl, wr) = if cfg.has_window { a.window } else { (-1, -1) };
         let params = BwdParams {
             q: q_ptr,
@@ -542,6 +612,9 @@ impl AttentionBackward {
             total_k: rows_k as i32,
             mask: mask_ptr,
             mask_strides,
+            bias: bias_ptr,
+            bias_strides,
+            dbias: dbias_ptr,
         };
         let launch = |f: &CudaFunction, key: String, lc: LaunchConfig| -> Result<()> {
             // SAFETY: BwdParams is the parameter layout of every backward entry

@@ -182,6 +182,13 @@ kernel_params! {
         pub mask: u64,
         /// Element strides of the mask's b, h, i, j (0 broadcasts).
         pub mask_strides: [i64; 4],
+        /// f32 additive post-scale bias `[b, h, i, j]` at `bias_strides` (bias variants).
+        pub bias: u64,
+        /// Element strides of the bias's b, h, i, j (0 broadcasts).
+        pub bias_strides: [i64; 4],
+        /// f32 `[batch, num_heads, seqlen_q, seqlen_k]` dense bias gradient (zero-filled by
+        /// the host), or null.
+        pub dbias: u64,
     }
 }
 
