@@ -225,4 +225,17 @@ pub enum AttnError {
         /// The keys found under the prefix (the first few).
         got: String,
     },
+    /// A training call out of order on a saved forward context (crate::train): a backward on
+    /// a context whose activations an earlier backward consumed (no saved forward left),
+    /// `backward_dw` before `backward`, after a backward that did not delay the weight
+    /// gradients, or a second time. Nothing was computed or changed.
+    #[error("`{call}` out of order: expected {expected}, got {got}")]
+    TrainState {
+        /// The call (`backward`, `backward_dw`).
+        call: String,
+        /// The state the call needs.
+        expected: String,
+        /// The context's state.
+        got: String,
+    },
 }
