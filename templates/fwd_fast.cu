@@ -410,7 +410,18 @@ extern "C" __global__ void __launch_bounds__(THREADS) {{ key }}(
     // num_groups, HEAD_DIM] (64-bit offsets); rows at or past sk are zero-filled.
     const int* __restrict__ bt_row = block_table + (long long)b * max_blocks_per_seq;
     const int bs_shift = __ffs(block_size) - 1;  // block_size is a power of two (>= 16)
+    const long long pool_row_stride = (long long)num_groups * HEAD_DIM;
     auto load_kv = [&](elem_t* dst, const elem_t* __restrict__ pool, int n0) {
+        if (block_size >= BLOCK_N) {
+            // n0 is a multiple of BLOCK_N, so the whole tile lies in one block: one
+            // (broadcast) block-table read per tile, then the static tile load. Reading the
+            // table per row put a dependent global load before every cp.async.
+            const long long row0 =
+                ((long long)bt_row[n0 >> bs_shift] << bs_shift) + (n0 & (block_size - 1));
+            load_tile<BLOCK_N>(dst, pool + row0 * pool_row_stride + (long long)grp * HEAD_DIM,
+                               pool_row_stride, sk - n0, tid);
+            return;
+        }
         const unsigned base = smem_addr(dst);
 #pragma unroll
         for (int c = tid; c < BLOCK_N * CHUNKS; c += THREADS) {
