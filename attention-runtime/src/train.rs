@@ -595,6 +595,16 @@ impl Acts {
     }
 }
 
+/// Saved-activation bytes of one layer's forward in each [`Recompute`] mode
+/// ([`CpuSaved::activation_bytes`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ActivationBytes {
+    /// With [`Recompute::None`].
+    pub full: usize,
+    /// With [`Recompute::CoreAttention`].
+    pub selective: usize,
+}
+
 /// What [`forward_train`] saves for [`backward`]: the activations, the call's arguments
 /// (owned copies of mask, bias, packed metadata) and the state of the backward
 /// (activations consumed, weight gradients pending for [`backward_dw`]).
@@ -628,6 +638,34 @@ impl CpuSaved {
     /// `4 * (n np hn (1 + gate) + N np sq)` bytes (`N` entries).
     pub fn saved_bytes(&self) -> usize {
         self.acts.as_ref().map_or(0, Acts::bytes)
+    }
+
+    /// Bytes of activations a forward of this call's shape holds for the backward in each
+    /// mode (computed from the shapes, so also after a backward consumed them): what
+    /// selective recompute saves per layer is `full - selective` (core attention's output,
+    /// its gated copy with an output gate, and the LSE).
+    pub fn activation_bytes(&self) -> ActivationBytes {
+        let c = &self.config;
+        let (n, nk, h) = (self.n, self.nk, c.hidden);
+        let (qw, kw) = (c.heads * c.head_dim, c.kv_groups() * c.head_dim);
+        let is_self = c.kind == AttentionKind::SelfAttention;
+        let norm = c.qk_norm.is_some() && is_self;
+        let floats = n * h
+            + if is_self { 0 } else { nk * h }
+            + if norm { n * qw + nk * kw } else { 0 }
+            + n * qw
+            + 2 * nk * kw
+            + if c.output_gate { n * qw } else { 0 };
+        let positions = if is_self { n * 8 } else { 0 };
+        let lse: usize = self
+            .core
+            .entries
+            .iter()
+            .map(|e| c.heads * e.q_rows.len())
+            .sum();
+        let selective = floats * 4 + positions;
+        let full = selective + 4 * (n * qw * (1 + c.output_gate as usize) + lse);
+        ActivationBytes { full, selective }
     }
 
     /// The mode the forward ran in.

@@ -512,6 +512,17 @@ fn delayed_wgrad_and_selective_recompute_are_bitwise_the_same() {
         let (n, np, hn) = (12, c.heads, c.head_dim);
         let gate = c.output_gate as usize;
         assert_eq!(b0 - b2, 4 * (n * np * hn * (1 + gate) + 2 * np * 6));
+        // activation_bytes reports both modes from either context, before and after use.
+        for recompute in [Recompute::None, Recompute::CoreAttention] {
+            let (_, mut saved) = cpu
+                .forward_train(&x, &call.args(), &TrainOptions { recompute })
+                .unwrap();
+            let ab = saved.activation_bytes();
+            assert_eq!((ab.full, ab.selective), (b0, b2));
+            cpu.backward(&mut saved, &g, &BackwardOptions::default())
+                .unwrap();
+            assert_eq!(saved.activation_bytes(), ab);
+        }
     }
 }
 
@@ -684,4 +695,97 @@ fn qk_clip_running_max_clip_and_reset() {
         cross.clip_qk(&mut r, 10.0, 0.5).unwrap_err(),
         AttnError::InvalidArgument { .. }
     ));
+}
+
+/// A user `linear_qkv` that does not declare a training view (`train()` stays `None`).
+struct UserLinear(Linear);
+
+impl LinearModule for UserLinear {
+    fn in_features(&self) -> usize {
+        self.0.in_features()
+    }
+    fn out_features(&self) -> usize {
+        self.0.out_features()
+    }
+    fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        self.0.forward(x)
+    }
+    fn bias(&self) -> Option<&Tensor> {
+        LinearModule::bias(&self.0)
+    }
+}
+
+struct UserLayer {
+    cfg: LayerConfig,
+    qkv: UserLinear,
+    core: DotProductAttention,
+    proj: Linear,
+}
+
+impl AttentionLayer for UserLayer {
+    fn config(&self) -> &LayerConfig {
+        &self.cfg
+    }
+    fn parts(&self) -> LayerParts<'_> {
+        LayerParts::SelfAttention(SelfAttentionParts {
+            config: &self.cfg,
+            linear_qkv: &self.qkv,
+            q_layernorm: None,
+            k_layernorm: None,
+            core_attention: &self.core,
+            linear_proj: &self.proj,
+        })
+    }
+}
+
+#[test]
+fn a_user_submodule_without_a_training_view_is_refused_by_role() {
+    let l = layer("self, heads=2, head_dim=4, hidden=8, mask=causal", 61);
+    let cfg = l.config().clone();
+    let user = UserLayer {
+        qkv: UserLinear(Linear::init(&cfg, attention_codegen::Role::LinearQkv, 1).unwrap()),
+        core: DotProductAttention::init(&cfg, attention_codegen::Role::CoreAttention, 1).unwrap(),
+        proj: Linear::init(&cfg, attention_codegen::Role::LinearProj, 1).unwrap(),
+        cfg,
+    };
+    let x = padded(3, 1, 8, 62);
+    // The forward runs (the user module's own math) ...
+    user.forward(&x, &ForwardArgs::default()).unwrap();
+    // ... but a training forward cannot differentiate a module it cannot see into.
+    let e = CpuLayer::new(user)
+        .forward_train(&x, &ForwardArgs::default(), &TrainOptions::default())
+        .unwrap_err();
+    assert!(
+        matches!(&e, AttnError::NoBackendImpl { role, .. } if role == "linear_qkv"),
+        "{e}"
+    );
+}
+
+/// Selective recompute's cost on one layer of the `megatron` fixture's config at a longer
+/// sequence: activation bytes per mode and the time of forward + backward. Timing only:
+/// `cargo test -p attention-runtime --test layer_backward -- --ignored --nocapture recompute_cost`.
+#[test]
+#[ignore = "timing report, not a check"]
+fn recompute_cost() {
+    let spec = "self, heads=8, gqa=2, head_dim=64, hidden=512, qk_layernorm=rms, rope, mask=causal";
+    let cpu = CpuLayer::new(layer(spec, 71));
+    let (s, b) = (256, 2);
+    let (x, g) = (padded(s, b, 512, 72), padded(s, b, 512, 73));
+    for recompute in [Recompute::None, Recompute::CoreAttention] {
+        let t0 = std::time::Instant::now();
+        let (_, mut saved) = cpu
+            .forward_train(&x, &ForwardArgs::default(), &TrainOptions { recompute })
+            .unwrap();
+        let t1 = std::time::Instant::now();
+        let bytes = saved.saved_bytes();
+        cpu.backward(&mut saved, &g, &BackwardOptions::default())
+            .unwrap();
+        let t2 = std::time::Instant::now();
+        eprintln!(
+            "{recompute:?}: saved {bytes} bytes ({:?}), forward {:.1} ms, backward {:.1} ms",
+            saved.activation_bytes(),
+            (t1 - t0).as_secs_f64() * 1e3,
+            (t2 - t1).as_secs_f64() * 1e3
+        );
+    }
 }
