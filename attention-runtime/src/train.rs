@@ -1007,6 +1007,9 @@ fn check_layer(parts: &LayerParts<'_>, saved: &CpuSaved, call: &str) -> Result<(
 /// (`[s, b, h]` or packed `[t, h]`). Returns the gradients ([`LayerGrads`]); the saved
 /// activations are consumed (a second backward on the context is an error).
 ///
+/// The layer's parameters are read again here: they must be the ones the forward ran with
+/// (apply an optimizer step or [`QkClip::clip`] after the backward, as with autograd).
+///
 /// Errors (nothing consumed or changed): [`AttnError::Shape`] (`grad_output` of another
 /// shape), [`AttnError::TrainState`] (a context without saved activations: its backward
 /// already ran), [`AttnError::InvalidArgument`] (`saved`: a context of a layer with another
