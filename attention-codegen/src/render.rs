@@ -41,18 +41,18 @@ const TEMPLATES: &[(&str, &str)] = &[
         "params_probe.cu",
         "{% include \"partials/types.cu\" %}\n{% include \"partials/params.cu\" %}\n",
     ),
-    ("fwd.cu", include_str!("../../templates/fwd.cu")),
-    ("fwd_fast.cu", include_str!("../../templates/fwd_fast.cu")),
-    ("decode.cu", include_str!("../../templates/decode.cu")),
-    ("paged.cu", include_str!("../../templates/paged.cu")),
+    ("fwd.cu", include_str!("../../templates/prefill_rows.cu")),
+    ("fwd_fast.cu", include_str!("../../templates/prefill_sm80.cu")),
+    ("decode.cu", include_str!("../../templates/decode_rows.cu")),
+    ("paged.cu", include_str!("../../templates/decode_rows_paged.cu")),
     ("qkv_prep.cu", include_str!("../../templates/qkv_prep.cu")),
     (
         "flash_decode.cu",
-        include_str!("../../templates/flash_decode.cu"),
+        include_str!("../../templates/decode_splitkv.cu"),
     ),
     (
         "paged_append.cu",
-        include_str!("../../templates/paged_append.cu"),
+        include_str!("../../templates/append_kv.cu"),
     ),
 ];
 
@@ -113,7 +113,7 @@ pub const fn flash_decode_smem_bytes(head_dim: usize) -> usize {
 ///   [`flash_decode_smem_bytes`]; then `<key>_merge` `(o_part, lse_part, out, lse, sinks, gate,
 ///   batch, num_heads, num_splits)`, grid `(batch, num_heads)`, block
 ///   [`FLASH_DECODE_MERGE_WARPS`]` * 32`.
-///   Layouts in templates/flash_decode.cu. With [`KernelConfig::paged_kv`] (`_paged`), both
+///   Layouts in templates/decode_splitkv.cu. With [`KernelConfig::paged_kv`] (`_paged`), both
 ///   entries take one `PagedDecodeParams` struct (templates/partials/params.cu): the decode
 ///   rows of a paged mixed batch, reading K/V through the block table, same grids with
 ///   `batch` = the decode requests.
