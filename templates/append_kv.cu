@@ -1,5 +1,5 @@
 // Kernel `{{ key }}`: append new (already rotated) keys and values into a KV cache, rendered
-// from templates/paged_append.cu. dtype {{ dtype }}, head dim {{ head_dim }}.
+// from templates/append_kv.cu. dtype {{ dtype }}, head dim {{ head_dim }}.
 //
 // Request r owns packed rows cu_seqlens_q[r] .. cu_seqlens_q[r + 1]; its new token i goes to
 // position pos = seqlens_k[r] - new_r + i.

@@ -1,5 +1,5 @@
 // Kernel `{{ key }}`: attention over a static KV cache (decode / chunked prefill), rendered
-// from templates/decode.cu. dtype {{ dtype }}, head dim {{ head_dim }}, causal {{ causal_mode }},
+// from templates/decode_rows.cu. dtype {{ dtype }}, head dim {{ head_dim }}, causal {{ causal_mode }},
 // window {{ has_window }}, sinks {{ sinks }}, output gate {{ has_gate }}, {{ block_rows }} query rows per block.
 //
 // The seqlen_q new queries of sequence b attend to cache rows [0, seqlens_k[b]) (the new

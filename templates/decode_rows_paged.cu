@@ -1,5 +1,5 @@
 // Kernel `{{ key }}`: attention over a paged KV cache (mixed decode and prefill), rendered
-// from templates/paged.cu. dtype {{ dtype }}, head dim {{ head_dim }}, causal {{ causal_mode }},
+// from templates/decode_rows_paged.cu. dtype {{ dtype }}, head dim {{ head_dim }}, causal {{ causal_mode }},
 // window {{ has_window }}, sinks {{ sinks }}, output gate {{ has_gate }}, {{ block_rows }} query rows per block.
 //
 // Request b has cu_seqlens_q[b + 1] - cu_seqlens_q[b] new queries and attends to its

@@ -1,5 +1,5 @@
 // Kernel `{{ key }}`: one decode step over a static KV cache (flash-decoding), rendered from
-// templates/flash_decode.cu. dtype {{ dtype }}, head dim {{ head_dim }}, causal {{ causal_mode }},
+// templates/decode_splitkv.cu. dtype {{ dtype }}, head dim {{ head_dim }}, causal {{ causal_mode }},
 // window {{ has_window }}, rope {{ rope }} over {{ rot_dim }} channels, {{ decode_tile }} keys per tile,
 // {{ decode_stages }}-stage cp.async ring, {{ decode_warps }} warps per block.
 //
@@ -17,13 +17,13 @@
 //      ({{ dtype }} in, f32 accumulate, P rounded to {{ dtype }}), online softmax in exp2 per
 //      warp; the warps' (m, l, O) are merged through shared memory at the end,
 //   and writes the split's normalized partial output and its LSE (log2 units, -inf = no key).
-// `{{ key }}_merge`: one block of MERGE_WARPS warps per (sequence, head), each warp a strided
+// `{{ key }}_combine`: one block of MERGE_WARPS warps per (sequence, head), each warp a strided
 // subset of the splits; merges the splits by their LSEs, adds the sink column, applies the
 // output gate and writes out and lse.
 //
 // Launch: split kernel grid (num_splits, num_groups, batch), block WARPS * 32, dynamic shared
 //         memory STAGES * 2 * TILE * (HEAD_DIM + 8) * sizeof(elem_t) bytes;
-//         merge kernel grid (batch, num_heads), block MERGE_WARPS * 32.
+//         combine kernel grid (batch, num_heads), block MERGE_WARPS * 32.
 //
 // Layouts (row-major):
 //   q, out, gate: elem_t [batch, num_heads, HEAD_DIM]   (q not yet rotated)
@@ -35,7 +35,7 @@
 //   lse: f32 [num_heads, batch] (natural log); sinks: f32 [num_heads] (learnable sinks only)
 //
 // Paged mode ({{ paged_kv }}; `_paged` keys, no rope): the decode rows (one new token each) of a
-// paged mixed batch, after qkv_prep rotated q/k and kvappend wrote the new k/v into the pool.
+// paged mixed batch, after qkv_prep rotated q/k and append_kv wrote the new k/v into the pool.
 // Both entries take one `const PagedDecodeParams p` (partials/params.cu). Block b of the split
 // kernel serves decode request req = p.requests[b] of the batch: its query row is packed token
 // cu_seqlens_q[req] of q [total_q, num_heads, HEAD_DIM]; it attends to keys [0,
@@ -476,7 +476,7 @@ extern "C" __global__ void __launch_bounds__(WARPS * WARP_SIZE) {{ key }}(
 constexpr int MERGE_WARPS = {{ merge_warps }};
 
 {%- if paged_kv %}
-extern "C" __global__ void __launch_bounds__(MERGE_WARPS * WARP_SIZE) {{ key }}_merge(const PagedDecodeParams p)
+extern "C" __global__ void __launch_bounds__(MERGE_WARPS * WARP_SIZE) {{ key }}_combine(const PagedDecodeParams p)
 {
     const float* __restrict__ o_part = p.o_part;
     const float* __restrict__ lse_part = p.lse_part;
@@ -490,7 +490,7 @@ extern "C" __global__ void __launch_bounds__(MERGE_WARPS * WARP_SIZE) {{ key }}_
 {%- endif %}
     const int batch = p.batch, num_heads = p.num_heads, num_splits = p.num_splits;
 {%- else %}
-extern "C" __global__ void __launch_bounds__(MERGE_WARPS * WARP_SIZE) {{ key }}_merge(
+extern "C" __global__ void __launch_bounds__(MERGE_WARPS * WARP_SIZE) {{ key }}_combine(
     const float* __restrict__ o_part,
     const float* __restrict__ lse_part,
     elem_t* __restrict__ out,

@@ -1,4 +1,4 @@
-// Kernel `{{ key }}`: attention forward (prefill/training), rendered from templates/fwd.cu.
+// Kernel `{{ key }}`: attention forward (prefill/training), rendered from templates/prefill_rows.cu.
 // dtype {{ dtype }}, head dim {{ head_dim }}, mask {{ mask }}, window {{ has_window }},
 // sinks {{ sinks }}, bias {{ has_bias }}, output gate {{ has_gate }}, {{ block_rows }} query rows per block.
 //

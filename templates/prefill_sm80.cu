@@ -1,4 +1,4 @@
-// Kernel `{{ key }}`: attention forward, FlashAttention-2 style, rendered from templates/fwd_fast.cu.
+// Kernel `{{ key }}`: attention forward, FlashAttention-2 style, rendered from templates/prefill_sm80.cu.
 // dtype {{ dtype }}, head dim {{ head_dim }}, mask {{ mask }}, window {{ has_window }},
 // sinks {{ sinks }}, output gate {{ has_gate }}.
 // Tile: BLOCK_M {{ block_m }} query rows x BLOCK_N {{ block_n }} keys per step, {{ warps }} warps
