@@ -9,21 +9,47 @@
 //! table, `attn render`, `attn aot --spec` and `--catalog`, the catalog (`kernels-generated/`) and
 //! the runtime.
 //!
+//! The families, by key prefix ([`Phase`] in [`crate::render`]; a key's last part is the
+//! arch where the kernel needs one, `_sm80` = sm_80 and later):
+//!
+//! | family | what | runs on | where it cannot run |
+//! |---|---|---|---|
+//! | `prefill_*_sm80` ([`prefill_sm80`]) | FlashAttention-2 style prefill / forward on tensor cores: padded or packed, over a static cache in place ([`cache_prefill`], [`cross_cache_step`]) or a paged pool (`_paged`, [`paged_prefill`]) | sm_80+ and its tile's shared memory | `prefill_rows_*` (forward), `decode_rows_*` (static cache), `decode_rows_*_paged` (paged pool) |
+//! | `prefill_rows_*` ([`prefill_rows`]) | fallback: one warp per query row, padded or packed | any | — |
+//! | `decode_rows_*` ([`decode_rows`]) | fallback: one warp per query row over a static cache (`_full`: cross-attention, no causal mask) | any | — |
+//! | `decode_rows_*_paged` ([`decode_rows_paged`]) | fallback: one warp per query row over a paged pool, decode rows and prefill chunks alike | any | — |
+//! | `decode_splitkv_*` ([`decode_splitkv`], [`decode_splitkv_paged`]) | split-KV decode on tensor cores, the same module's `<key>_combine` combining the splits; static: fused rope + append; `_paged`: a paged batch's decode rows | sm_80+ | static: none; `_paged`: the rows join the batch's prefill launch (`prefill_*_paged_sm80` or `decode_rows_*_paged`) |
+//! | `append_kv_*` ([`append_kv`]) | new k/v rows into a static cache or a paged pool | any | — |
+//! | `qkv_prep_*` ([`qkv_prep`], [`qkv_prep_for_decode_splitkv`]) | q/k norm, rope, output-gate and layout split | any | — |
+//!
+//! [`kernels_for`] always lists `prefill_rows_*` (the forward also falls back to it when the
+//! `_sm80` kernel fails to build) and, for self-attention, `decode_rows_*` and
+//! `decode_rows_*_paged`; cross-attention's `decode_rows_*_full` only for [`Target::AnyDevice`]
+//! and where the device cannot run the tensor-core step. The tests that hold this:
+//! `prefill_sm80_needs_sm80_and_the_tile_smem` and `cross_lists_its_context_cache_step` (here);
+//! in attention-runtime/tests/kernel_registry.rs
+//! `aot_list_per_arch_drops_sm80_kernels_the_device_cannot_run`,
+//! `sm80_kernel_build_failure_falls_back_with_a_warning` (a `_sm80` kernel that fails to build
+//! falls back to `prefill_rows_*` with a warning) and
+//! `jit_off_without_the_sm80_kernel_is_an_error_naming_it` (under `ATTN_JIT=off` a missing
+//! `_sm80` kernel is an error, never a quiet fallback).
+//!
 //! Runtime choices it covers:
 //! - forward (prefill / training): every mask type the spec lists, each without and with an
-//!   additive attention bias (the bias tensor is a per-call argument), both the tensor-core
-//!   kernel (`prefill_*_sm80`, launched first when the [`Target`] can run it) and the general
-//!   kernel (`prefill_rows_*`, its fallback, always listed);
+//!   additive attention bias (the bias tensor is a per-call argument), both `prefill_*_sm80`
+//!   (launched first when the [`Target`] can run it) and `prefill_rows_*` (its fallback,
+//!   always listed);
 //! - `qkv_prep` with the spec's rope (forward, prefill, paged prefill) and, for
 //!   self-attention with rope, without it (the fused decode step applies rope itself);
-//! - static-cache prefill (`append_kv_*` + `decode_rows_*`) and decode steps (`decode_splitkv_*`,
-//!   whose module also holds `<key>_combine`), paged mixed batches (`append_kv_*`, the prefill
-//!   chunks on `prefill_*_paged_sm80` or `decode_rows_*_paged`, the decode rows on
-//!   `decode_splitkv_*_paged` and its combine step): self-attention only;
+//! - static-cache prefill (`append_kv_*` + `prefill_*_sm80` over the cache, or
+//!   `decode_rows_*`) and decode steps (`decode_splitkv_*` and its `<key>_combine`), paged
+//!   mixed batches (`append_kv_*`, the prefill chunks on `prefill_*_paged_sm80`, the decode rows
+//!   on `decode_splitkv_*_paged` and its combine step, or all of them on
+//!   `decode_rows_*_paged`): self-attention only;
 //! - cross-attention over a context cache (encoder-decoder decoding): `qkv_prep` (cross
 //!   layout) + `append_kv_*` fill the cache once per request, then every step attends over it
-//!   with the tensor-core kernel without mask ([`cross_cache_step`]) or, where the device
-//!   cannot run it, `decode_rows_*_full`.
+//!   with `prefill_*_no_mask_sm80` ([`cross_cache_step`]) or, where the device cannot run it,
+//!   `decode_rows_*_full`.
 //!
 //! Not covered: a per-call `mask_type` that the spec does not list (such a kernel is compiled
 //! on demand, and with `ATTN_JIT=off` its absence is an error naming it) and hand-built
@@ -375,7 +401,7 @@ mod tests {
     }
 
     #[test]
-    fn fast_forward_needs_sm80_and_the_tile_smem() {
+    fn prefill_sm80_needs_sm80_and_the_tile_smem() {
         let spec = AttentionSpec {
             head_dims: vec![256],
             ..AttentionSpec::new(AttentionKind::SelfAttention)

@@ -210,7 +210,7 @@ fn aot_list_and_render_carry_every_kernel_the_layer_launches() {
 }
 
 #[test]
-fn aot_list_per_arch_drops_fast_kernels_the_device_cannot_run() {
+fn aot_list_per_arch_drops_sm80_kernels_the_device_cannot_run() {
     let s = "self, heads=2, head_dim=256, mask=causal";
     let out = stdout_of(&attn(&[
         "aot",
@@ -249,7 +249,7 @@ fn load_from<'a>(
     }
 }
 
-fn fast_and_fallback() -> (KernelConfig, KernelConfig) {
+fn sm80_and_fallback() -> (KernelConfig, KernelConfig) {
     let spec = parse_spec("self, heads=4, gqa=2, head_dim=64, mask=causal").unwrap();
     let fwd = registry::prefill_rows(&spec, 64, spec.masks[0], false);
     let fast = registry::prefill_sm80(&fwd, Target::from_arch("sm_90a").unwrap()).unwrap();
@@ -257,8 +257,8 @@ fn fast_and_fallback() -> (KernelConfig, KernelConfig) {
 }
 
 #[test]
-fn jit_off_without_the_fast_kernel_is_an_error_naming_it() {
-    let (fast, fwd) = fast_and_fallback();
+fn jit_off_without_the_sm80_kernel_is_an_error_naming_it() {
+    let (fast, fwd) = sm80_and_fallback();
     let dir = TempDir::new("jitoff");
     // With NVRTC here, the cache holds the fallback: the old code quietly ran it.
     let have_fallback = nvrtc_available();
@@ -294,8 +294,8 @@ fn jit_off_without_the_fast_kernel_is_an_error_naming_it() {
 }
 
 #[test]
-fn fast_kernel_build_failure_falls_back_with_a_warning() {
-    let (fast, fwd) = fast_and_fallback();
+fn sm80_kernel_build_failure_falls_back_with_a_warning() {
+    let (fast, fwd) = sm80_and_fallback();
     let fast_key = fast.key();
     let (r, logs) = with_logs(|| {
         select_forward(Some(&fast), &fwd, |c| {
