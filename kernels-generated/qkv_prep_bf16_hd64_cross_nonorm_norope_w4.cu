@@ -18,7 +18,7 @@
 // positions: int32 [num_tokens], the rope position of each token; rotary_base; mscale
 //   multiplies cos and sin. Unused arguments are ignored (may be null / 0).
 // v_nonfinite: int32 flag or null; set to 1 when any value written to v_out is NaN or +-Inf
-//   (the attention kernels then take their exact path, see templates/fwd_fast.cu). The
+//   (the attention kernels then take their exact path, see templates/prefill_sm80.cu). The
 //   caller zeroes it before the launch.
 
 // ---------------------------------------------------------------------------------------
@@ -77,7 +77,7 @@ __device__ __forceinline__ float warp_sum(float x) {
 // Kernel parameter structs, one per kernel family: the host fills one typed struct per
 // launch and queues it as the kernel's whole parameter buffer. Kernels take it by value
 // (`const FwdParams p`; never take its address, which would copy it to local memory), except
-// `fwdfast`, which declares the same fields positionally in the same order (the struct
+// `prefill_sm80`, which declares the same fields positionally in the same order (the struct
 // parameter costs its hot variants spills) and so has the same parameter buffer. The host's
 // `#[repr(C)]` twins live in attention-runtime/src/cuda/params.rs with the same fields in the
 // same order; attention-runtime/tests/nvrtc_params_layout.rs compiles static_asserts of
@@ -86,9 +86,10 @@ __device__ __forceinline__ float warp_sum(float x) {
 // Pointers are 8 bytes (null = absent), int and float 4, long long 8.
 // ---------------------------------------------------------------------------------------
 
-/// Attention over q, k, v: the forward family (`fwd`, `fwdfast` with its static-cache and
-/// paged modes) and the one-warp-per-row cache kernels (`decode`, `paged`). Each kernel
-/// documents which fields it reads; the others may be null / 0.
+/// Attention over q, k, v: the prefill family (`prefill_rows`, `prefill_sm80` with its
+/// static-cache and paged modes) and the one-warp-per-row cache kernels (`decode_rows`,
+/// `decode_rows_paged`). Each kernel documents which fields it reads; the others may be
+/// null / 0.
 struct FwdParams {
     const elem_t* q;               // queries (layout per kernel)
     const elem_t* k;               // keys: packed/padded k, a static cache layer or a pool
@@ -151,8 +152,8 @@ struct PrepParams {
     int* v_nonfinite;              // int32 flag raised when a written v is not finite, or null
 };
 
-/// The `kvappend` kernel: new k/v rows into a paged pool or a static cache
-/// (templates/paged_append.cu).
+/// The `append_kv` kernel: new k/v rows into a paged pool or a static cache
+/// (templates/append_kv.cu).
 struct AppendParams {
     const elem_t* k;               // [total_tokens, num_groups, HEAD_DIM]
     const elem_t* v;
@@ -169,8 +170,8 @@ struct AppendParams {
     int cache_max_batch;           // static cache: batch slots
 };
 
-/// The paged mode of `flashdec` (split and merge entries): the decode rows of a paged mixed
-/// batch over the pool (templates/flash_decode.cu).
+/// The paged mode of `decode_splitkv` (split and combine entries): the decode rows of a paged
+/// mixed batch over the pool (templates/decode_splitkv.cu).
 struct PagedDecodeParams {
     const elem_t* q;               // packed [total_q, num_heads, HEAD_DIM], already rotated
     const elem_t* k_pool;          // [num_blocks, block_size, num_groups, HEAD_DIM]

@@ -25,7 +25,7 @@
 // positions: int32 [num_tokens], the rope position of each token; rotary_base; mscale
 //   multiplies cos and sin. Unused arguments are ignored (may be null / 0).
 // v_nonfinite: int32 flag or null; set to 1 when any value written to v_out is NaN or +-Inf
-//   (the attention kernels then take their exact path, see templates/fwd_fast.cu). The
+//   (the attention kernels then take their exact path, see templates/prefill_sm80.cu). The
 //   caller zeroes it before the launch.
 
 {% include "partials/types.cu" %}

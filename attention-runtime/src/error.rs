@@ -156,7 +156,7 @@ pub enum AttnError {
     /// Another CUDA driver, NVRTC or cuBLASLt call failed.
     #[error("CUDA call `{call}` failed: {msg}")]
     Cuda {
-        /// The operation (`memcpy_dtoh output`, `load_module fwd_bf16_...`).
+        /// The operation (`memcpy_dtoh output`, `load_module prefill_rows_bf16_...`).
         call: String,
         /// The driver's or library's message.
         msg: String,

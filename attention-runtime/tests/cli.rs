@@ -263,7 +263,7 @@ fn catalog_lists_models_and_kernels() {
     ] {
         assert!(s.contains(model), "catalog lacks {model}: {s}");
     }
-    assert!(s.contains("fwd_bf16_hd128_causal"), "{s}");
+    assert!(s.contains("prefill_rows_bf16_hd128_causal"), "{s}");
 }
 
 #[test]
@@ -276,7 +276,7 @@ fn render_prints_sources_with_entry_names() {
     assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
     let s = String::from_utf8_lossy(&o.stdout);
     assert!(
-        s.contains("// ===== fwd_bf16_hd64_causal"),
+        s.contains("// ===== prefill_rows_bf16_hd64_causal"),
         "{}",
         &s[..s.len().min(500)]
     );

@@ -223,7 +223,7 @@ fn cross_step_kernel_is_listed_for_the_device() {
         let key = ls[0].cuda.cross_step_kernel_key();
         assert!(listed.contains(&key), "{spec}: {key} not in {listed:?}");
         assert!(
-            listed.iter().any(|k| k.starts_with("kvappend_")),
+            listed.iter().any(|k| k.starts_with("append_kv_")),
             "{spec}: {listed:?}"
         );
     }

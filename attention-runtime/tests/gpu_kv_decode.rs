@@ -1,4 +1,4 @@
-//! GPU static KV cache, fused `flashdec` decode and prefill against the CPU reference.
+//! GPU static KV cache, fused `decode_splitkv` decode and prefill against the CPU reference.
 //! `#[ignore = "requires a CUDA GPU"]`; run through `scripts/gpu-bundle.sh` (CONTRIBUTING.md).
 //! Fresh random inputs (seed printed), NaN-poisoned outputs, relative Frobenius error
 //! <= 1e-2 (bf16).

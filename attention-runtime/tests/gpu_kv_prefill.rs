@@ -1,4 +1,4 @@
-//! Prefill over a static KV cache on tensor cores: the `fwdfast` kernel reading the cache
+//! Prefill over a static KV cache on tensor cores: the `prefill_sm80` kernel reading the cache
 //! slots in place (its static-cache mode), against the CPU reference, for chunks after
 //! cached tokens of different lengths per slot, GQA, windows, sinks and the output gate.
 //! `#[ignore = "requires a CUDA GPU"]`; run through `scripts/gpu-bundle.sh` (CONTRIBUTING.md).

@@ -351,7 +351,7 @@ fn junk_random_masks_and_bias() {
 }
 
 /// Static cache: NaN keys and values left in the cache by an earlier request (reset, not
-/// cleared) never reach the next one, in prefill (over the cache) or decode (flash_decode).
+/// cleared) never reach the next one, in prefill (over the cache) or decode (decode_splitkv).
 #[test]
 #[ignore = "requires a CUDA GPU"]
 fn stale_static_cache_rows_do_not_leak() {

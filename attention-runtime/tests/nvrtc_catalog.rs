@@ -67,10 +67,10 @@ fn every_catalog_kernel_compiles_for_sm80_and_sm90a() {
                     );
                     // The compiled parameter list is the host struct the kernel is launched
                     // with (cuda::params), offset for offset.
-                    // (Paged flashdec: its `_merge` entry takes the same struct.)
+                    // (Paged decode_splitkv: its `_combine` entry takes the same struct.)
                     let mut entries = vec![k.key.clone()];
-                    if k.phase == Phase::FlashDecode && k.paged_kv {
-                        entries.push(format!("{}_merge", k.key));
+                    if k.phase == Phase::DecodeSplitKv && k.paged_kv {
+                        entries.push(format!("{}_combine", k.key));
                     }
                     for (entry, want) in entries
                         .iter()
@@ -113,7 +113,7 @@ fn feature_variants_compile() {
     use attention_codegen::{MaskType, QkNorm, RopeMode, Sinks};
     let mut configs = Vec::new();
     for mask in MaskType::ALL {
-        let mut c = KernelConfig::new(Phase::Forward, DType::F16, 96);
+        let mut c = KernelConfig::new(Phase::PrefillRows, DType::F16, 96);
         c.mask = Some(mask);
         c.has_window = mask.accepts_window();
         c.sinks = Some(Sinks::Learnable);
@@ -121,7 +121,7 @@ fn feature_variants_compile() {
         c.output_gate = true;
         configs.push(c);
     }
-    for phase in [Phase::Decode, Phase::Paged] {
+    for phase in [Phase::DecodeRows, Phase::DecodeRowsPaged] {
         let mut c = KernelConfig::new(phase, DType::F16, 192);
         c.has_window = true;
         c.sinks = Some(Sinks::OffByOne);
@@ -158,7 +158,7 @@ fn feature_variants_compile() {
         use attention_codegen::registry::{self, Target};
         let spec = attention_codegen::parse_spec(spec).expect("spec");
         configs.extend(registry::cross_cache_step(&spec, hd, Target::AnyDevice));
-        configs.push(registry::decode(&spec, hd));
+        configs.push(registry::decode_rows(&spec, hd));
     }
 
     let mut failures = Vec::new();

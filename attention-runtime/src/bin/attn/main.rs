@@ -563,7 +563,7 @@ fn run_aot(a: &AotArgs) -> Result<()> {
     use std::sync::atomic::{AtomicUsize, Ordering};
     use std::sync::Mutex;
 
-    // Per arch, the registry's kernels for that device (the fast forward kernel only where
+    // Per arch, the registry's kernels for that device (the `prefill_*_sm80` kernel only where
     // the runtime would launch it), each rendered once.
     let mut kernels: Vec<render::KernelSource> = Vec::new();
     let mut jobs_idx: Vec<(usize, &str)> = Vec::new();
