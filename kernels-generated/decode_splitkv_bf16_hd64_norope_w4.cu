@@ -86,9 +86,27 @@ constexpr int WARP_SIZE = 32;
 constexpr unsigned int FULL_WARP = 0xffffffffu;
 /// Head dim (kv_channels) this kernel is specialized for.
 constexpr int HEAD_DIM = 64;
-/// Channels held by each lane: channel `c * WARP_SIZE + lane`, `c < LANE_D`.
-constexpr int LANE_D = HEAD_DIM / WARP_SIZE;
-static_assert(HEAD_DIM % WARP_SIZE == 0, "head dim must be a multiple of the warp size");
+/// Channels held by each lane: channel `c * WARP_SIZE + lane`, `c < LANE_D`. A head dim that
+/// is not a multiple of the warp size (80) pads the last chunk: its lanes past HEAD_DIM hold
+/// channels that do not exist, which load_ch reads as zero and store_ch never writes (so sums
+/// over the lanes and dot products stay exact). At a multiple of the warp size ch_ok is the
+/// constant true and the checks compile away.
+constexpr int LANE_D = (HEAD_DIM + WARP_SIZE - 1) / WARP_SIZE;
+static_assert(HEAD_DIM % 16 == 0, "head dim must be a multiple of 16");
+static_assert((LANE_D - 1) * WARP_SIZE < HEAD_DIM && LANE_D * WARP_SIZE >= HEAD_DIM, "LANE_D chunks cover the head dim");
+
+/// Whether the lane's channel `c * WARP_SIZE + lane` exists.
+__device__ __forceinline__ bool ch_ok(int c, int lane) {
+    return HEAD_DIM % WARP_SIZE == 0 || c * WARP_SIZE + lane < HEAD_DIM;
+}
+/// The lane's channel `c` of a row (zero past HEAD_DIM, never read there).
+__device__ __forceinline__ float load_ch(const elem_t* __restrict__ row, int c, int lane) {
+    return ch_ok(c, lane) ? load_elem(row + c * WARP_SIZE + lane) : 0.0f;
+}
+/// Store the lane's channel `c` of a row (nothing past HEAD_DIM).
+__device__ __forceinline__ void store_ch(elem_t* row, int c, int lane, float f) {
+    if (ch_ok(c, lane)) store_elem(row + c * WARP_SIZE + lane, f);
+}
 
 __device__ __forceinline__ float neg_inf() { return __int_as_float(0xff800000); }
 
@@ -269,15 +287,17 @@ extern "C" __global__ void __launch_bounds__(WARPS * WARP_SIZE) decode_splitkv_b
         float x[LANE_D];
 #pragma unroll
         for (int c = 0; c < LANE_D; ++c) {
-            x[c] = load_elem(kn + c * WARP_SIZE + lane);
-            stage[0][c * WARP_SIZE + lane] = x[c];
+            x[c] = load_ch(kn, c, lane);
+            if (ch_ok(c, lane)) stage[0][c * WARP_SIZE + lane] = x[c];
         }
         __syncwarp();
         rope_row(x, stage[0], rope_cos, rope_sin, pos, lane);
 #pragma unroll
         for (int c = 0; c < LANE_D; ++c) {
-            store_elem(&k_row[c * WARP_SIZE + lane], x[c]);
-            v_row[c * WARP_SIZE + lane] = vn[c * WARP_SIZE + lane];
+            if (ch_ok(c, lane)) {
+                store_elem(&k_row[c * WARP_SIZE + lane], x[c]);
+                v_row[c * WARP_SIZE + lane] = vn[c * WARP_SIZE + lane];
+            }
         }
     }
     __syncthreads();
@@ -358,17 +378,19 @@ extern "C" __global__ void __launch_bounds__(WARPS * WARP_SIZE) decode_splitkv_b
                 float qv[LANE_D];
 #pragma unroll
                 for (int c = 0; c < LANE_D; ++c) {
-                    qv[c] = load_elem(qr + c * WARP_SIZE + lane);
-                    stage[warp][c * WARP_SIZE + lane] = qv[c];
+                    qv[c] = load_ch(qr, c, lane);
+                    if (ch_ok(c, lane)) stage[warp][c * WARP_SIZE + lane] = qv[c];
                 }
                 __syncwarp();
                 rope_row(qv, stage[warp], rope_cos, rope_sin, pos, lane);
                 __syncwarp();
 #pragma unroll
-                for (int c = 0; c < LANE_D; ++c) store_elem(&q_s[r * SROW + c * WARP_SIZE + lane], qv[c]);
+                for (int c = 0; c < LANE_D; ++c)
+                    if (ch_ok(c, lane)) store_elem(&q_s[r * SROW + c * WARP_SIZE + lane], qv[c]);
             } else {
 #pragma unroll
-                for (int c = 0; c < LANE_D; ++c) store_elem(&q_s[r * SROW + c * WARP_SIZE + lane], 0.0f);
+                for (int c = 0; c < LANE_D; ++c)
+                    if (ch_ok(c, lane)) store_elem(&q_s[r * SROW + c * WARP_SIZE + lane], 0.0f);
             }
         }
 
@@ -536,11 +558,13 @@ extern "C" __global__ void __launch_bounds__(MERGE_WARPS * WARP_SIZE) decode_spl
             total += w;
 #pragma unroll
             for (int c = 0; c < LANE_D; ++c)
-                acc[c] = fmaf(w, o_part[(s * split_stride + row) * HEAD_DIM + c * WARP_SIZE + lane], acc[c]);
+                if (ch_ok(c, lane))
+                    acc[c] = fmaf(w, o_part[(s * split_stride + row) * HEAD_DIM + c * WARP_SIZE + lane], acc[c]);
         }
     }
 #pragma unroll
-    for (int c = 0; c < LANE_D; ++c) part[warp][c * WARP_SIZE + lane] = acc[c];
+    for (int c = 0; c < LANE_D; ++c)
+        if (ch_ok(c, lane)) part[warp][c * WARP_SIZE + lane] = acc[c];
     if (lane == 0) part_total[warp] = total;
     __syncthreads();
     if (warp != 0) return;
@@ -552,6 +576,7 @@ extern "C" __global__ void __launch_bounds__(MERGE_WARPS * WARP_SIZE) decode_spl
     const float inv = any ? 1.0f / total : 0.0f;
 #pragma unroll
     for (int c = 0; c < LANE_D; ++c) {
+        if (!ch_ok(c, lane)) continue;
         float a = 0.0f;
 #pragma unroll
         for (int w = 0; w < MERGE_WARPS; ++w) a += part[w][c * WARP_SIZE + lane];

@@ -103,9 +103,27 @@ constexpr int WARP_SIZE = 32;
 constexpr unsigned int FULL_WARP = 0xffffffffu;
 /// Head dim (kv_channels) this kernel is specialized for.
 constexpr int HEAD_DIM = 128;
-/// Channels held by each lane: channel `c * WARP_SIZE + lane`, `c < LANE_D`.
-constexpr int LANE_D = HEAD_DIM / WARP_SIZE;
-static_assert(HEAD_DIM % WARP_SIZE == 0, "head dim must be a multiple of the warp size");
+/// Channels held by each lane: channel `c * WARP_SIZE + lane`, `c < LANE_D`. A head dim that
+/// is not a multiple of the warp size (80) pads the last chunk: its lanes past HEAD_DIM hold
+/// channels that do not exist, which load_ch reads as zero and store_ch never writes (so sums
+/// over the lanes and dot products stay exact). At a multiple of the warp size ch_ok is the
+/// constant true and the checks compile away.
+constexpr int LANE_D = (HEAD_DIM + WARP_SIZE - 1) / WARP_SIZE;
+static_assert(HEAD_DIM % 16 == 0, "head dim must be a multiple of 16");
+static_assert((LANE_D - 1) * WARP_SIZE < HEAD_DIM && LANE_D * WARP_SIZE >= HEAD_DIM, "LANE_D chunks cover the head dim");
+
+/// Whether the lane's channel `c * WARP_SIZE + lane` exists.
+__device__ __forceinline__ bool ch_ok(int c, int lane) {
+    return HEAD_DIM % WARP_SIZE == 0 || c * WARP_SIZE + lane < HEAD_DIM;
+}
+/// The lane's channel `c` of a row (zero past HEAD_DIM, never read there).
+__device__ __forceinline__ float load_ch(const elem_t* __restrict__ row, int c, int lane) {
+    return ch_ok(c, lane) ? load_elem(row + c * WARP_SIZE + lane) : 0.0f;
+}
+/// Store the lane's channel `c` of a row (nothing past HEAD_DIM).
+__device__ __forceinline__ void store_ch(elem_t* row, int c, int lane, float f) {
+    if (ch_ok(c, lane)) store_elem(row + c * WARP_SIZE + lane, f);
+}
 
 __device__ __forceinline__ float neg_inf() { return __int_as_float(0xff800000); }
 
@@ -178,7 +196,7 @@ constexpr float LOG2E = 1.4426950408889634f;
 constexpr float LN2 = 0.6931471805599453f;
 
 struct RowState {
-    float acc[LANE_D];  // unnormalized output, channel c * WARP_SIZE + lane
+    float acc[LANE_D];  // unnormalized output, channel c * WARP_SIZE + lane (0 past HEAD_DIM)
     float m;            // running max of the logits (log2 units)
     float l;            // running sum of exp2(logit - m)
     bool any;           // whether any key was visible
@@ -204,7 +222,7 @@ __device__ __forceinline__ void row_update(RowState& st, float s, const elem_t* 
     st.l = st.l * corr + p;
 #pragma unroll
     for (int c = 0; c < LANE_D; ++c)
-        st.acc[c] = st.acc[c] * corr + p * load_elem(v_row + c * WARP_SIZE + lane);
+        st.acc[c] = st.acc[c] * corr + p * load_ch(v_row, c, lane);
     st.m = m_new;
     st.any = true;
 }
@@ -214,14 +232,14 @@ __device__ __forceinline__ float row_dot(const float (&qv)[LANE_D], const elem_t
                                          int lane) {
     float d = 0.0f;
 #pragma unroll
-    for (int c = 0; c < LANE_D; ++c) d += qv[c] * load_elem(k_row + c * WARP_SIZE + lane);
+    for (int c = 0; c < LANE_D; ++c) d += qv[c] * load_ch(k_row, c, lane);
     return warp_sum(d);
 }
 
 /// Load the lane's channels of a query row.
 __device__ __forceinline__ void load_q(float (&qv)[LANE_D], const elem_t* __restrict__ q_row, int lane) {
 #pragma unroll
-    for (int c = 0; c < LANE_D; ++c) qv[c] = load_elem(q_row + c * WARP_SIZE + lane);
+    for (int c = 0; c < LANE_D; ++c) qv[c] = load_ch(q_row, c, lane);
 }
 
 /// Write the normalized output row (times sigmoid(gate) when gated) and the row's LSE
@@ -233,7 +251,7 @@ __device__ __forceinline__ void row_finish(const RowState& st, elem_t* __restric
 #pragma unroll
     for (int c = 0; c < LANE_D; ++c) {
         float o = st.any ? st.acc[c] * inv_l : 0.0f;
-        store_elem(out_row + c * WARP_SIZE + lane, o);
+        store_ch(out_row, c, lane, o);
     }
     (void)gate_row;
     if (lane == 0) *lse_slot = st.any ? (st.m + log2f(st.l)) * LN2 : neg_inf();
@@ -259,7 +277,6 @@ static_assert(WARP_ROWS % 16 == 0 && MI >= 1, "each warp owns a multiple of 16 q
 static_assert(BLOCK_N % 16 == 0, "BLOCK_N must be a multiple of 16");
 static_assert(HEAD_DIM % 16 == 0, "head dim must be a multiple of 16");
 static_assert(STAGES >= 2, "the K/V ring needs at least two stages");
-static_assert(LANE_D * WARP_SIZE == HEAD_DIM, "types.cu's per-lane split (unused here) must hold");
 
 constexpr float FAST_LOG2E = 1.4426950408889634f;
 constexpr float FAST_LN2 = 0.6931471805599453f;

@@ -225,15 +225,17 @@ extern "C" __global__ void __launch_bounds__(WARPS * WARP_SIZE) {{ key }}(
         float x[LANE_D];
 #pragma unroll
         for (int c = 0; c < LANE_D; ++c) {
-            x[c] = load_elem(kn + c * WARP_SIZE + lane);
-            stage[0][c * WARP_SIZE + lane] = x[c];
+            x[c] = load_ch(kn, c, lane);
+            if (ch_ok(c, lane)) stage[0][c * WARP_SIZE + lane] = x[c];
         }
         __syncwarp();
         rope_row(x, stage[0], rope_cos, rope_sin, pos, lane);
 #pragma unroll
         for (int c = 0; c < LANE_D; ++c) {
-            store_elem(&k_row[c * WARP_SIZE + lane], x[c]);
-            v_row[c * WARP_SIZE + lane] = vn[c * WARP_SIZE + lane];
+            if (ch_ok(c, lane)) {
+                store_elem(&k_row[c * WARP_SIZE + lane], x[c]);
+                v_row[c * WARP_SIZE + lane] = vn[c * WARP_SIZE + lane];
+            }
         }
     }
     __syncthreads();
@@ -328,24 +330,26 @@ extern "C" __global__ void __launch_bounds__(WARPS * WARP_SIZE) {{ key }}(
                 const elem_t* qr = q + (tok * num_heads + g * per + h0 + r) * HEAD_DIM;
                 float qv[LANE_D];
 #pragma unroll
-                for (int c = 0; c < LANE_D; ++c) qv[c] = load_elem(qr + c * WARP_SIZE + lane);
+                for (int c = 0; c < LANE_D; ++c) qv[c] = load_ch(qr, c, lane);
 {%- else %}
                 const elem_t* qr = q + ((long long)b * num_heads + g * per + h0 + r) * HEAD_DIM;
                 float qv[LANE_D];
 #pragma unroll
                 for (int c = 0; c < LANE_D; ++c) {
-                    qv[c] = load_elem(qr + c * WARP_SIZE + lane);
-                    stage[warp][c * WARP_SIZE + lane] = qv[c];
+                    qv[c] = load_ch(qr, c, lane);
+                    if (ch_ok(c, lane)) stage[warp][c * WARP_SIZE + lane] = qv[c];
                 }
                 __syncwarp();
                 rope_row(qv, stage[warp], rope_cos, rope_sin, pos, lane);
                 __syncwarp();
 {%- endif %}
 #pragma unroll
-                for (int c = 0; c < LANE_D; ++c) store_elem(&q_s[r * SROW + c * WARP_SIZE + lane], qv[c]);
+                for (int c = 0; c < LANE_D; ++c)
+                    if (ch_ok(c, lane)) store_elem(&q_s[r * SROW + c * WARP_SIZE + lane], qv[c]);
             } else {
 #pragma unroll
-                for (int c = 0; c < LANE_D; ++c) store_elem(&q_s[r * SROW + c * WARP_SIZE + lane], 0.0f);
+                for (int c = 0; c < LANE_D; ++c)
+                    if (ch_ok(c, lane)) store_elem(&q_s[r * SROW + c * WARP_SIZE + lane], 0.0f);
             }
         }
 
@@ -541,11 +545,13 @@ extern "C" __global__ void __launch_bounds__(MERGE_WARPS * WARP_SIZE) {{ key }}_
             total += w;
 #pragma unroll
             for (int c = 0; c < LANE_D; ++c)
-                acc[c] = fmaf(w, o_part[(s * split_stride + row) * HEAD_DIM + c * WARP_SIZE + lane], acc[c]);
+                if (ch_ok(c, lane))
+                    acc[c] = fmaf(w, o_part[(s * split_stride + row) * HEAD_DIM + c * WARP_SIZE + lane], acc[c]);
         }
     }
 #pragma unroll
-    for (int c = 0; c < LANE_D; ++c) part[warp][c * WARP_SIZE + lane] = acc[c];
+    for (int c = 0; c < LANE_D; ++c)
+        if (ch_ok(c, lane)) part[warp][c * WARP_SIZE + lane] = acc[c];
     if (lane == 0) part_total[warp] = total;
     __syncthreads();
     if (warp != 0) return;
@@ -564,6 +570,7 @@ extern "C" __global__ void __launch_bounds__(MERGE_WARPS * WARP_SIZE) {{ key }}_
     const float inv = any ? 1.0f / total : 0.0f;
 #pragma unroll
     for (int c = 0; c < LANE_D; ++c) {
+        if (!ch_ok(c, lane)) continue;
         float a = 0.0f;
 #pragma unroll
         for (int w = 0; w < MERGE_WARPS; ++w) a += part[w][c * WARP_SIZE + lane];

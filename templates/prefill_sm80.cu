@@ -89,7 +89,6 @@ static_assert(WARP_ROWS % 16 == 0 && MI >= 1, "each warp owns a multiple of 16 q
 static_assert(BLOCK_N % 16 == 0, "BLOCK_N must be a multiple of 16");
 static_assert(HEAD_DIM % 16 == 0, "head dim must be a multiple of 16");
 static_assert(STAGES >= 2, "the K/V ring needs at least two stages");
-static_assert(LANE_D * WARP_SIZE == HEAD_DIM, "types.cu's per-lane split (unused here) must hold");
 
 constexpr float FAST_LOG2E = 1.4426950408889634f;
 constexpr float FAST_LN2 = 0.6931471805599453f;

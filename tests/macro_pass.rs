@@ -104,6 +104,10 @@ pub struct ProjOverridden;
 #[attention(self, heads = 4, gqa = 2, head_dim = 64, qk_layernorm = rms, rope)]
 pub struct NotOverridden;
 
+/// Phi-2's attention at 4 heads: head dim 80, partial rope over 32 channels, biases.
+#[attention(self, heads = 4, head_dim = 80, rope, rotary_percent = 0.4)]
+pub struct Phi2Shaped;
+
 /// Cross-attention (no GQA, no rope), no mask.
 #[attention(cross, heads = 4, head_dim = 64, mask = no_mask)]
 pub struct Cross;
@@ -204,6 +208,20 @@ fn self_attention_layers_run_forward() {
         .forward(&input(&[3, 2, 96], 4), &ForwardArgs::default())
         .unwrap();
     check_output(&out, &[3, 2, 96], 96, false);
+
+    let phi = Phi2Shaped::new(RuntimeDims::default(), 5).unwrap();
+    assert_eq!(
+        (
+            phi.config.head_dim,
+            phi.config.hidden,
+            phi.config.rotary_dim()
+        ),
+        (80, 320, 32)
+    );
+    let out = phi
+        .forward(&input(&[4, 2, 320], 5), &ForwardArgs::default())
+        .unwrap();
+    check_output(&out, &[4, 2, 320], 320, true);
 }
 
 #[test]

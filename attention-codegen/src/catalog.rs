@@ -115,6 +115,22 @@ pub fn catalog() -> Vec<CatalogEntry> {
                 ..self_attn(12, 12, 32)
             },
         },
+        // Phi-2: 32 heads of 80 (MHA), hidden 2560, partial rope (partial_rotary_factor 0.4:
+        // the first 32 channels, rotate_half), base 10000, biases on q/k/v and dense, no q/k
+        // norm, causal.
+        CatalogEntry {
+            name: "phi-2",
+            spec: AttentionSpec {
+                hidden: Some(2560),
+                rope: Some(Rope {
+                    mode: RopeMode::Half,
+                    rotary_percent: 0.4,
+                    rotary_base: 10000.0,
+                }),
+                masks: vec![MaskType::Causal],
+                ..self_attn(32, 32, 80)
+            },
+        },
         // Whisper-small style cross-attention: 12 heads of 64, no rope, encoder padding.
         CatalogEntry {
             name: "whisper-small-cross",

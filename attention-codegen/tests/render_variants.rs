@@ -264,13 +264,13 @@ fn duplicate_masks_are_rendered_once() {
 #[test]
 fn error_unsupported_head_dim() {
     let mut spec = llama();
-    spec.head_dims = vec![80];
+    spec.head_dims = vec![72];
     let e = kernels_for_spec(&spec).unwrap_err();
     assert!(
-        matches!(e, RenderError::UnsupportedHeadDim { head_dim: 80, .. }),
+        matches!(e, RenderError::UnsupportedHeadDim { head_dim: 72, .. }),
         "{e:?}"
     );
-    assert!(e.to_string().contains("head_dim") && e.to_string().contains("80"));
+    assert!(e.to_string().contains("head_dim") && e.to_string().contains("72"));
     let mut c = KernelConfig::new(Phase::DecodeRows, DType::Bf16, 100);
     c.causal = true;
     assert!(matches!(

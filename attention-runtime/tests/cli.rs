@@ -260,6 +260,7 @@ fn catalog_lists_models_and_kernels() {
         "gemma-7b",
         "whisper-small-cross",
         "all-minilm-l6-v2",
+        "phi-2",
     ] {
         assert!(s.contains(model), "catalog lacks {model}: {s}");
     }

@@ -197,6 +197,16 @@ fn paged_window_sinks_mqa_interleaved_matches_cpu() {
 
 #[test]
 #[ignore = "requires a CUDA GPU"]
+fn paged_mixed_batch_hd80_matches_cpu_block_16() {
+    // Head dim 80 (Phi-2's shape: MHA, biases, partial rope over 32 channels).
+    paged_matches_cpu(
+        "self, heads=4, head_dim=80, rope, rotary_percent=0.4, mask=causal",
+        16,
+    );
+}
+
+#[test]
+#[ignore = "requires a CUDA GPU"]
 fn paged_equals_static() {
     let sd = seed();
     let spec = "self, heads=8, gqa=4, head_dim=64, rope, mask=causal";
@@ -873,6 +883,17 @@ fn split_decode_rows_off_by_one_gate_match_cpu_block_256() {
     split_decode_matches_cpu(
         "self, heads=16, gqa=4, head_dim=128, rope, sinks=off_by_one, output_gate, mask=causal",
         256,
+    );
+}
+
+#[test]
+#[ignore = "requires a CUDA GPU"]
+fn split_decode_rows_hd80_match_cpu_block_64() {
+    // Head dim 80: the paged split-KV decode kernel's q staging and merge leave the empty
+    // lanes out; rope over all 80 channels (qkv_prep), GQA, gate, learnable sink.
+    split_decode_matches_cpu(
+        "self, heads=8, gqa=2, head_dim=80, qk_layernorm=rms, rope, sinks=learnable, output_gate, mask=causal",
+        64,
     );
 }
 

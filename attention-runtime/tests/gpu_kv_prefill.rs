@@ -128,3 +128,16 @@ fn cache_prefill_hd256_off_by_one() {
         2,
     );
 }
+
+#[test]
+#[ignore = "requires a CUDA GPU"]
+fn cache_prefill_hd80_partial_rope() {
+    // Head dim 80 (Phi-2: MHA, biases, partial rope over 32 channels): the tensor-core kernel
+    // over the static cache with 5 k16 steps per q.k.
+    chunked_prefill(
+        "self, heads=4, head_dim=80, rope, rotary_percent=0.4, mask=causal",
+        &[7, 130, 200],
+        97,
+        3,
+    );
+}

@@ -14,9 +14,10 @@ use attention_codegen::{DType, MaskType, Sinks, Window};
 use attention_runtime::cuda::prefill_sm80::{
     PrefillArgs, PrefillExtras, PrefillLayout, PrefillSm80Kernel, PrefillStrided,
 };
+use attention_runtime::cuda::params::{fwd_launch_config, launch, FwdParams};
 use attention_runtime::modules::SplitMix64;
 use attention_runtime::reference::attention::{attend_sequence, AttendParams, SeqDims, SinkLogits};
-use cudarc::driver::{CudaContext, CudaSlice, CudaStream};
+use cudarc::driver::{CudaContext, CudaFunction, CudaSlice, CudaStream, DevicePtr};
 use half::{bf16, f16};
 
 const TOL: f64 = 1e-2;
@@ -54,6 +55,9 @@ struct Case {
     mask_shape: Option<[usize; 4]>,
     /// Additive f32 bias of this logical shape (same convention), values in [-2, 2].
     bias_shape: Option<[usize; 4]>,
+    /// Run the general one-warp-per-row `fwd` kernel (the fallback where the tensor-core
+    /// kernel does not run) instead, launched with its `FwdParams`; it computes no max logit.
+    general: bool,
 }
 
 impl Case {
@@ -71,8 +75,41 @@ impl Case {
             tile: None,
             mask_shape: None,
             bias_shape: None,
+            general: false,
         }
     }
+}
+
+/// The kernel under test: the tensor-core kernel, or the general `fwd` kernel (key, entry).
+enum Kernel {
+    Fast(PrefillSm80Kernel),
+    General(KernelConfig, CudaFunction),
+}
+
+impl Kernel {
+    fn key(&self) -> String {
+        match self {
+            Kernel::Fast(k) => k.key().to_string(),
+            Kernel::General(c, _) => c.key(),
+        }
+    }
+}
+
+/// The raw device address of `s` (a kernel argument).
+fn dptr<T>(s: &CudaSlice<T>, stream: &Arc<CudaStream>) -> u64 {
+    let (p, _sync) = s.device_ptr(stream);
+    p
+}
+
+/// Compile the general `fwd` kernel of `config` (phase `Forward`) for `ctx`'s device.
+fn compile_general(ctx: &Arc<CudaContext>, config: &KernelConfig) -> CudaFunction {
+    let src = config.render().expect("renders");
+    let arch = attention_runtime::device::arch_for_capability(ctx.compute_capability().unwrap());
+    let cubin = attention_runtime::jit::compile_cubin(&src.key, &src.source, &arch).expect("nvrtc");
+    ctx.load_module(cudarc::nvrtc::Ptx::from_binary(cubin))
+        .expect("module")
+        .load_function(&src.key)
+        .expect("entry")
 }
 
 /// Elements round-tripped through the kernel's dtype.
@@ -194,13 +231,22 @@ fn run<T: Elem>(case: &Case, seed: u64) {
         (v, strides_of(shape))
     });
 
-    let mut config = KernelConfig::new(Phase::PrefillSm80, case.dtype, hd);
+    let phase = if case.general {
+        Phase::PrefillRows
+    } else {
+        Phase::PrefillSm80
+    };
+    let mut config = KernelConfig::new(phase, case.dtype, hd);
     config.mask = Some(case.mask);
     config.has_window = case.window.is_some();
     config.sinks = case.sinks;
     config.tile = case.tile;
     config.has_bias = case.bias_shape.is_some();
-    let kernel = PrefillSm80Kernel::compile(&ctx, &config).expect("compile");
+    let kernel = if case.general {
+        Kernel::General(config.clone(), compile_general(&ctx, &config))
+    } else {
+        Kernel::Fast(PrefillSm80Kernel::compile(&ctx, &config).expect("compile"))
+    };
 
     let q = stream.clone_htod(&q_h).unwrap();
     let k = stream.clone_htod(&k_h).unwrap();
@@ -224,6 +270,61 @@ fn run<T: Elem>(case: &Case, seed: u64) {
             .unwrap();
         let mut lse = stream.clone_htod(&vec![f32::NAN; total_q * np]).unwrap();
         let mut ml = stream.clone_htod(&vec![f32::NEG_INFINITY; np]).unwrap();
+        let kernel = match &kernel {
+            Kernel::Fast(k) => k,
+            Kernel::General(config, f) => {
+                let params = FwdParams {
+                    q: dptr(&q, &stream),
+                    k: dptr(&k, &stream),
+                    v: dptr(&v, &stream),
+                    out: dptr(&out, &stream),
+                    lse: dptr(&lse, &stream),
+                    cu_seqlens_q: if case.packed {
+                        dptr(&cu_q_d, &stream)
+                    } else {
+                        0
+                    },
+                    cu_seqlens_k: if case.packed {
+                        dptr(&cu_k_d, &stream)
+                    } else {
+                        0
+                    },
+                    batch: batch as i32,
+                    num_heads: np as i32,
+                    num_groups: ng as i32,
+                    seqlen_q: max_q as i32,
+                    seqlen_k: max_k as i32,
+                    softmax_scale: scale,
+                    window_left: case.window.map_or(-1, |w| w.0),
+                    window_right: case.window.map_or(-1, |w| w.1),
+                    mask: mask_d.as_ref().map_or(0, |d| dptr(d, &stream)),
+                    mask_strides: mask_h.as_ref().map_or([0; 4], |m| m.1),
+                    bias: bias_d.as_ref().map_or(0, |d| dptr(d, &stream)),
+                    bias_strides: bias_h.as_ref().map_or([0; 4], |b| b.1),
+                    sinks: if case.sinks == Some(Sinks::Learnable) {
+                        dptr(&sinks, &stream)
+                    } else {
+                        0
+                    },
+                    ..FwdParams::default()
+                };
+                let cfg = fwd_launch_config(config, max_q, np, batch);
+                // SAFETY: FwdParams is the `fwd` parameter layout (tests/nvrtc_params_layout.rs);
+                // every pointer is a live buffer of the documented shape, or null where unused.
+                unsafe { launch(&stream, f, cfg, &params) }.expect("launch");
+                stream.synchronize().expect("kernel run");
+                return GpuResult {
+                    out: stream
+                        .clone_dtoh(&out)
+                        .unwrap()
+                        .into_iter()
+                        .map(|x: T| x.to_f32())
+                        .collect(),
+                    lse: stream.clone_dtoh(&lse).unwrap(),
+                    max_logit: stream.clone_dtoh(&ml).unwrap(),
+                };
+            }
+        };
         let layout = if case.packed {
             PrefillLayout::Packed {
                 cu_seqlens_q: &cu_q_d,
@@ -392,10 +493,16 @@ fn run<T: Elem>(case: &Case, seed: u64) {
         err <= TOL,
         "{case:?} seed {seed}: rel. Frobenius error {err:.3e} > {TOL}"
     );
-    for (what, got, want) in [
-        ("lse", &r1.lse, &ref_lse),
-        ("max_logit", &r1.max_logit, &ref_ml),
-    ] {
+    // The general kernel computes no max logit (its buffer stays -inf).
+    let checks: &[(&str, &Vec<f32>, &Vec<f32>)] = if case.general {
+        &[("lse", &r1.lse, &ref_lse)]
+    } else {
+        &[
+            ("lse", &r1.lse, &ref_lse),
+            ("max_logit", &r1.max_logit, &ref_ml),
+        ]
+    };
+    for &(what, got, want) in checks {
         for (idx, (g, w)) in got.iter().zip(want.iter()).enumerate() {
             let ok = if w.is_infinite() {
                 g == w
@@ -446,6 +553,83 @@ fn every_head_dim_causal_and_full_padded() {
             check(Case::new(hd, mask, s, s, 2));
         }
     }
+}
+
+/// Head dim 80 (Phi-2): 5 k16 steps of q.k and 10 n8 tiles of O, rows of 160 bytes (176 with
+/// the shared-memory pad). Packed varlen with GQA, bottom-right with sq > sk, a window with a
+/// bias and a learnable sink, a key-padding mask, f16, and other tiles (128 keys per step,
+/// 3 stages, 8 warps).
+#[test]
+#[ignore = "requires a CUDA GPU"]
+fn head_dim_80_variants() {
+    let mut rng = SplitMix64::new(fresh_seed());
+    let mut c = Case::new(80, MaskType::Causal, 1, 1, 1);
+    c.packed = true;
+    c.heads = 8;
+    c.groups = 2;
+    let a = odd(&mut rng, 100, 100);
+    c.seqs = vec![(1, 1), (a, a + 7), (37, 37), (200, 150)];
+    check(c);
+    check(Case::new(80, MaskType::CausalBottomRight, 150, 61, 2));
+    let s = odd(&mut rng, 140, 90);
+    let mut c = Case::new(80, MaskType::Causal, s, s, 2);
+    c.window = Some((40, 0));
+    c.bias_shape = Some([1, 4, s, s]);
+    c.sinks = Some(Sinks::Learnable);
+    check(c);
+    let mut c = Case::new(80, MaskType::Padding, s, s, 3);
+    c.mask_shape = Some([3, 1, 1, s]);
+    check(c);
+    let mut c = Case::new(80, MaskType::Causal, 257, 257, 2);
+    c.dtype = DType::F16;
+    c.sinks = Some(Sinks::OffByOne);
+    check(c);
+    for (bm, bn, w, st) in [(128, 128, 4, 2), (64, 64, 4, 3), (128, 64, 8, 2)] {
+        let mut c = Case::new(80, MaskType::Causal, 211, 211, 2);
+        c.tile = Some(PrefillTile {
+            block_m: bm,
+            block_n: bn,
+            warps: w,
+            stages: st,
+        });
+        check(c);
+    }
+}
+
+/// The general one-warp-per-row `fwd` kernel (the fallback where the tensor-core kernel does
+/// not run: before sm_80, or a tile over the shared memory), which the layer never picks on
+/// an H100/H200: head dim 80 (lanes 16..31 of the third channel chunk hold no channel) next
+/// to 64 and 96, padded and packed, with a mask tensor, a bias, a window and sinks.
+#[test]
+#[ignore = "requires a CUDA GPU"]
+fn general_kernel_head_dims_80_64_96() {
+    let mut rng = SplitMix64::new(fresh_seed());
+    for hd in [80, 64, 96] {
+        let s = odd(&mut rng, 60, 50);
+        let mut c = Case::new(hd, MaskType::Causal, s, s, 2);
+        c.general = true;
+        check(c);
+        let mut c = Case::new(hd, MaskType::PaddingCausal, s, s, 3);
+        c.general = true;
+        c.mask_shape = Some([3, 1, 1, s]);
+        c.bias_shape = Some([1, 4, s, s]);
+        c.sinks = Some(Sinks::Learnable);
+        check(c);
+    }
+    let mut c = Case::new(80, MaskType::CausalBottomRight, 1, 1, 1);
+    c.general = true;
+    c.packed = true;
+    c.heads = 8;
+    c.groups = 2;
+    c.window = Some((20, 0));
+    c.sinks = Some(Sinks::OffByOne);
+    c.seqs = vec![(1, 1), (40, 47), (70, 33)];
+    check(c);
+    let mut c = Case::new(80, MaskType::Arbitrary, 37, 90, 2);
+    c.general = true;
+    c.dtype = DType::F16;
+    c.mask_shape = Some([2, 4, 37, 90]);
+    check(c);
 }
 
 #[test]
