@@ -18,7 +18,7 @@
 // positions: int32 [num_tokens], the rope position of each token; rotary_base; mscale
 //   multiplies cos and sin. Unused arguments are ignored (may be null / 0).
 // v_nonfinite: int32 flag or null; set to 1 when any value written to v_out is NaN or +-Inf
-//   (the attention kernels then take their exact path, see templates/fwd_fast.cu). The
+//   (the attention kernels then take their exact path, see templates/prefill_sm80.cu). The
 //   caller zeroes it before the launch.
 
 // ---------------------------------------------------------------------------------------
@@ -61,9 +61,27 @@ constexpr int WARP_SIZE = 32;
 constexpr unsigned int FULL_WARP = 0xffffffffu;
 /// Head dim (kv_channels) this kernel is specialized for.
 constexpr int HEAD_DIM = 64;
-/// Channels held by each lane: channel `c * WARP_SIZE + lane`, `c < LANE_D`.
-constexpr int LANE_D = HEAD_DIM / WARP_SIZE;
-static_assert(HEAD_DIM % WARP_SIZE == 0, "head dim must be a multiple of the warp size");
+/// Channels held by each lane: channel `c * WARP_SIZE + lane`, `c < LANE_D`. A head dim that
+/// is not a multiple of the warp size (80) pads the last chunk: its lanes past HEAD_DIM hold
+/// channels that do not exist, which load_ch reads as zero and store_ch never writes (so sums
+/// over the lanes and dot products stay exact). At a multiple of the warp size ch_ok is the
+/// constant true and the checks compile away.
+constexpr int LANE_D = (HEAD_DIM + WARP_SIZE - 1) / WARP_SIZE;
+static_assert(HEAD_DIM % 16 == 0, "head dim must be a multiple of 16");
+static_assert((LANE_D - 1) * WARP_SIZE < HEAD_DIM && LANE_D * WARP_SIZE >= HEAD_DIM, "LANE_D chunks cover the head dim");
+
+/// Whether the lane's channel `c * WARP_SIZE + lane` exists.
+__device__ __forceinline__ bool ch_ok(int c, int lane) {
+    return HEAD_DIM % WARP_SIZE == 0 || c * WARP_SIZE + lane < HEAD_DIM;
+}
+/// The lane's channel `c` of a row (zero past HEAD_DIM, never read there).
+__device__ __forceinline__ float load_ch(const elem_t* __restrict__ row, int c, int lane) {
+    return ch_ok(c, lane) ? load_elem(row + c * WARP_SIZE + lane) : 0.0f;
+}
+/// Store the lane's channel `c` of a row (nothing past HEAD_DIM).
+__device__ __forceinline__ void store_ch(elem_t* row, int c, int lane, float f) {
+    if (ch_ok(c, lane)) store_elem(row + c * WARP_SIZE + lane, f);
+}
 
 __device__ __forceinline__ float neg_inf() { return __int_as_float(0xff800000); }
 
@@ -77,7 +95,7 @@ __device__ __forceinline__ float warp_sum(float x) {
 // Kernel parameter structs, one per kernel family: the host fills one typed struct per
 // launch and queues it as the kernel's whole parameter buffer. Kernels take it by value
 // (`const FwdParams p`; never take its address, which would copy it to local memory), except
-// `fwdfast`, which declares the same fields positionally in the same order (the struct
+// `prefill_sm80`, which declares the same fields positionally in the same order (the struct
 // parameter costs its hot variants spills) and so has the same parameter buffer. The host's
 // `#[repr(C)]` twins live in attention-runtime/src/cuda/params.rs with the same fields in the
 // same order; attention-runtime/tests/nvrtc_params_layout.rs compiles static_asserts of
@@ -86,9 +104,10 @@ __device__ __forceinline__ float warp_sum(float x) {
 // Pointers are 8 bytes (null = absent), int and float 4, long long 8.
 // ---------------------------------------------------------------------------------------
 
-/// Attention over q, k, v: the forward family (`fwd`, `fwdfast` with its static-cache and
-/// paged modes) and the one-warp-per-row cache kernels (`decode`, `paged`). Each kernel
-/// documents which fields it reads; the others may be null / 0.
+/// Attention over q, k, v: the prefill family (`prefill_rows`, `prefill_sm80` with its
+/// static-cache and paged modes) and the one-warp-per-row cache kernels (`decode_rows`,
+/// `decode_rows_paged`). Each kernel documents which fields it reads; the others may be
+/// null / 0.
 struct FwdParams {
     const elem_t* q;               // queries (layout per kernel)
     const elem_t* k;               // keys: packed/padded k, a static cache layer or a pool
@@ -151,8 +170,8 @@ struct PrepParams {
     int* v_nonfinite;              // int32 flag raised when a written v is not finite, or null
 };
 
-/// The `kvappend` kernel: new k/v rows into a paged pool or a static cache
-/// (templates/paged_append.cu).
+/// The `append_kv` kernel: new k/v rows into a paged pool or a static cache
+/// (templates/append_kv.cu).
 struct AppendParams {
     const elem_t* k;               // [total_tokens, num_groups, HEAD_DIM]
     const elem_t* v;
@@ -169,8 +188,8 @@ struct AppendParams {
     int cache_max_batch;           // static cache: batch slots
 };
 
-/// The paged mode of `flashdec` (split and merge entries): the decode rows of a paged mixed
-/// batch over the pool (templates/flash_decode.cu).
+/// The paged mode of `decode_splitkv` (split and combine entries): the decode rows of a paged
+/// mixed batch over the pool (templates/decode_splitkv.cu).
 struct PagedDecodeParams {
     const elem_t* q;               // packed [total_q, num_heads, HEAD_DIM], already rotated
     const elem_t* k_pool;          // [num_blocks, block_size, num_groups, HEAD_DIM]
@@ -248,13 +267,14 @@ extern "C" __global__ void __launch_bounds__(PREP_WARPS * WARP_SIZE) qkv_prep_bf
 
         float x[LANE_D];
 #pragma unroll
-        for (int c = 0; c < LANE_D; ++c) x[c] = load_elem(src + c * WARP_SIZE + lane);
+        for (int c = 0; c < LANE_D; ++c) x[c] = load_ch(src, c, lane);
 
         if (kind == KIND_Q) qk_normalize(x, p.q_norm_weight, p.q_norm_bias, eps, lane);
         else if (kind == KIND_K) qk_normalize(x, p.k_norm_weight, p.k_norm_bias, eps, lane);
         bool bad = false;
 #pragma unroll
         for (int c = 0; c < LANE_D; ++c) {
+            if (!ch_ok(c, lane)) continue;
             elem_t e;
             float_to_elem(x[c], &e);
             // Non-finite after rounding to elem_t (a large finite f32 can round to Inf).

@@ -35,7 +35,7 @@
 //!   kernel the layer can launch on any GPU (`codegen::registry::kernels_for` per head dim:
 //!   fast and fallback forward per mask and bias, prep, cache kernels), each under a readable
 //!   key such as
-//!   `fwd_bf16_hd128_causal_...`; empty when the spec leaves `head_dim` to the runtime;
+//!   `prefill_rows_bf16_hd128_causal_...`; empty when the spec leaves `head_dim` to the runtime;
 //! - constructors: `new(dims, seed)` (fresh weights), `from_config(config, seed)`,
 //!   `from_weights(&WeightStore, prefix, dims)` and `from_safetensors(path, prefix, dims)`
 //!   (Megatron names `{prefix}linear_qkv.weight`, `{prefix}linear_qkv.bias`,

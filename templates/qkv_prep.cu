@@ -25,7 +25,7 @@
 // positions: int32 [num_tokens], the rope position of each token; rotary_base; mscale
 //   multiplies cos and sin. Unused arguments are ignored (may be null / 0).
 // v_nonfinite: int32 flag or null; set to 1 when any value written to v_out is NaN or +-Inf
-//   (the attention kernels then take their exact path, see templates/fwd_fast.cu). The
+//   (the attention kernels then take their exact path, see templates/prefill_sm80.cu). The
 //   caller zeroes it before the launch.
 
 {% include "partials/types.cu" %}
@@ -53,13 +53,11 @@ __device__ __forceinline__ void qk_normalize(float (&x)[LANE_D], const elem_t* _
     const float mean = warp_sum(s) / HEAD_DIM;
     float s2 = 0.0f;
 #pragma unroll
-    for (int c = 0; c < LANE_D; ++c) s2 += (x[c] - mean) * (x[c] - mean);
+    for (int c = 0; c < LANE_D; ++c)
+        if (ch_ok(c, lane)) s2 += (x[c] - mean) * (x[c] - mean);
     const float r = rsqrtf(warp_sum(s2) / HEAD_DIM + eps);
 #pragma unroll
-    for (int c = 0; c < LANE_D; ++c) {
-        const int d = c * WARP_SIZE + lane;
-        x[c] = (x[c] - mean) * r * load_elem(weight + d) + load_elem(bias + d);
-    }
+    for (int c = 0; c < LANE_D; ++c) x[c] = (x[c] - mean) * r * load_ch(weight, c, lane) + load_ch(bias, c, lane);
 {%- elif qk_norm == "rms" or qk_norm == "l2" %}
     float s2 = 0.0f;
 #pragma unroll
@@ -68,7 +66,7 @@ __device__ __forceinline__ void qk_normalize(float (&x)[LANE_D], const elem_t* _
 #pragma unroll
     for (int c = 0; c < LANE_D; ++c) {
 {%- if qk_norm == "rms" %}
-        x[c] = x[c] * r * load_elem(weight + c * WARP_SIZE + lane);
+        x[c] = x[c] * r * load_ch(weight, c, lane);
 {%- else %}
         x[c] = x[c] * r;
 {%- endif %}
@@ -158,14 +156,15 @@ extern "C" __global__ void __launch_bounds__(PREP_WARPS * WARP_SIZE) {{ key }}(c
 
         float x[LANE_D];
 #pragma unroll
-        for (int c = 0; c < LANE_D; ++c) x[c] = load_elem(src + c * WARP_SIZE + lane);
+        for (int c = 0; c < LANE_D; ++c) x[c] = load_ch(src, c, lane);
 
         if (kind == KIND_Q) qk_normalize(x, p.q_norm_weight, p.q_norm_bias, eps, lane);
         else if (kind == KIND_K) qk_normalize(x, p.k_norm_weight, p.k_norm_bias, eps, lane);
 {%- if rope != "none" %}
         if (kind == KIND_Q || kind == KIND_K) {
 #pragma unroll
-            for (int c = 0; c < LANE_D; ++c) stage[warp][c * WARP_SIZE + lane] = x[c];
+            for (int c = 0; c < LANE_D; ++c)
+                if (ch_ok(c, lane)) stage[warp][c * WARP_SIZE + lane] = x[c];
             __syncwarp();
 #pragma unroll
             for (int c = 0; c < LANE_D; ++c) {
@@ -195,6 +194,7 @@ extern "C" __global__ void __launch_bounds__(PREP_WARPS * WARP_SIZE) {{ key }}(c
         bool bad = false;
 #pragma unroll
         for (int c = 0; c < LANE_D; ++c) {
+            if (!ch_ok(c, lane)) continue;
             elem_t e;
             float_to_elem(x[c], &e);
             // Non-finite after rounding to elem_t (a large finite f32 can round to Inf).

@@ -104,6 +104,10 @@ pub struct ProjOverridden;
 #[attention(self, heads = 4, gqa = 2, head_dim = 64, qk_layernorm = rms, rope)]
 pub struct NotOverridden;
 
+/// Phi-2's attention at 4 heads: head dim 80, partial rope over 32 channels, biases.
+#[attention(self, heads = 4, head_dim = 80, rope, rotary_percent = 0.4)]
+pub struct Phi2Shaped;
+
 /// Cross-attention (no GQA, no rope), no mask.
 #[attention(cross, heads = 4, head_dim = 64, mask = no_mask)]
 pub struct Cross;
@@ -204,6 +208,20 @@ fn self_attention_layers_run_forward() {
         .forward(&input(&[3, 2, 96], 4), &ForwardArgs::default())
         .unwrap();
     check_output(&out, &[3, 2, 96], 96, false);
+
+    let phi = Phi2Shaped::new(RuntimeDims::default(), 5).unwrap();
+    assert_eq!(
+        (
+            phi.config.head_dim,
+            phi.config.hidden,
+            phi.config.rotary_dim()
+        ),
+        (80, 320, 32)
+    );
+    let out = phi
+        .forward(&input(&[4, 2, 320], 5), &ForwardArgs::default())
+        .unwrap();
+    check_output(&out, &[4, 2, 320], 320, true);
 }
 
 #[test]
@@ -426,8 +444,8 @@ fn kernel_tables_cover_every_head_dim_and_mask() {
         for mask in ["causal", "padding"] {
             assert!(
                 keys.iter()
-                    .any(|k| k.starts_with("fwd") && k.contains(hd) && k.contains(mask)),
-                "no fwd kernel for {hd} {mask} in {keys:?}"
+                    .any(|k| k.starts_with("prefill_rows_") && k.contains(hd) && k.contains(mask)),
+                "no prefill_rows kernel for {hd} {mask} in {keys:?}"
             );
         }
         assert!(
@@ -446,10 +464,10 @@ fn kernel_tables_cover_every_head_dim_and_mask() {
 
 /// Every kernel key the CUDA layer launches for `spec` at `hd` on `target`, following its call
 /// sites (attention-runtime/src/cuda/layer.rs): the forward's prep; per mask type × bias the
-/// fast kernel when the device runs it and `fwd` (its fallback); prefill's append, its fast
-/// kernel and decode,
-/// the fused decode step's rope-less prep and `flashdec`, paged prefill's append + paged
-/// (self-attention only); the context cache's append and step kernel (cross-attention).
+/// `prefill_sm80` kernel when the device runs it and `prefill_rows` (its fallback); prefill's
+/// append, its `prefill_sm80` kernel and `decode_rows`, the fused decode step's rope-less prep and
+/// `decode_splitkv`, paged prefill's append + `decode_rows_paged` (self-attention only); the
+/// context cache's append and step kernel (cross-attention).
 fn launched_keys(
     spec: &attention::codegen::AttentionSpec,
     hd: usize,
@@ -459,28 +477,32 @@ fn launched_keys(
     let mut keys = vec![registry::qkv_prep(spec, hd).unwrap().key()];
     for &mask in &spec.masks {
         for bias in [false, true] {
-            let fwd = registry::forward(spec, hd, mask, bias);
-            if let Some(fast) = registry::fast_forward(&fwd, target) {
+            let fwd = registry::prefill_rows(spec, hd, mask, bias);
+            if let Some(fast) = registry::prefill_sm80(&fwd, target) {
                 keys.push(fast.key());
             }
             keys.push(fwd.key());
         }
     }
     if spec.kind == AttentionKind::SelfAttention {
-        keys.push(registry::kv_append(spec, hd).key());
-        keys.push(registry::decode(spec, hd).key());
+        keys.push(registry::append_kv(spec, hd).key());
+        keys.push(registry::decode_rows(spec, hd).key());
         keys.extend(registry::cache_prefill(spec, hd, target).map(|c| c.key()));
         keys.extend(registry::paged_prefill(spec, hd, target).map(|c| c.key()));
-        keys.push(registry::qkv_prep_for_flash_decode(spec, hd).unwrap().key());
-        keys.push(registry::flash_decode(spec, hd).unwrap().key());
-        keys.push(registry::paged(spec, hd).key());
+        keys.push(
+            registry::qkv_prep_for_decode_splitkv(spec, hd)
+                .unwrap()
+                .key(),
+        );
+        keys.push(registry::decode_splitkv(spec, hd).unwrap().key());
+        keys.push(registry::decode_rows_paged(spec, hd).key());
     } else {
-        // The context cache of encoder-decoder decoding: filled by kvappend, attended by
-        // the mask-free tensor-core kernel (decode_*_full where it cannot run).
-        keys.push(registry::kv_append(spec, hd).key());
+        // The context cache of encoder-decoder decoding: filled by append_kv, attended by
+        // the mask-free tensor-core kernel (decode_rows_*_full where it cannot run).
+        keys.push(registry::append_kv(spec, hd).key());
         match registry::cross_cache_step(spec, hd, target) {
             Some(c) => keys.push(c.key()),
-            None => keys.push(registry::decode(spec, hd).key()),
+            None => keys.push(registry::decode_rows(spec, hd).key()),
         }
     }
     keys
@@ -517,12 +539,12 @@ fn kernels_table_has_every_kernel_the_layer_launches() {
                         keys.contains(&want.as_str()),
                         "{name}: KERNELS lacks {want} (launched on {target:?}): {keys:?}"
                     );
-                    fast += usize::from(want.starts_with("fwdfast_"));
+                    fast += usize::from(want.ends_with("_sm80"));
                 }
             }
         }
     }
-    assert!(fast > 0, "no layer launches a fast forward kernel");
+    assert!(fast > 0, "no layer launches a prefill_sm80 kernel");
 }
 
 #[test]

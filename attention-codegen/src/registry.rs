@@ -2,40 +2,68 @@
 //!
 //! [`kernels_for`] lists, for a spec, a head dim and a [`Target`], every [`KernelConfig`] the
 //! runtime's CUDA layer can launch. It is built from one function per kernel family
-//! ([`qkv_prep`], [`qkv_prep_for_flash_decode`], [`forward`], [`fast_forward`], [`decode`],
-//! [`paged`], [`paged_decode`], [`flash_decode`], [`kv_append`], [`cross_cache_step`]); the
-//! runtime builds its launch configs with the same functions, so the two cannot drift.
-//! Everything that lists kernels uses it: the macro's `KERNELS` table, `attn render`,
-//! `attn aot --spec` and `--catalog`, the catalog (`kernels-generated/`) and the runtime.
+//! ([`qkv_prep`], [`qkv_prep_for_decode_splitkv`], [`prefill_rows`], [`prefill_sm80`],
+//! [`decode_rows`], [`decode_rows_paged`], [`decode_splitkv_paged`], [`decode_splitkv`],
+//! [`append_kv`], [`cross_cache_step`]); the runtime builds its launch configs with the same
+//! functions, so the two cannot drift. Everything that lists kernels uses it: the macro's `KERNELS`
+//! table, `attn render`, `attn aot --spec` and `--catalog`, the catalog (`kernels-generated/`) and
+//! the runtime.
+//!
+//! The families, by key prefix ([`Phase`] in [`crate::render`]; a key's last part is the
+//! arch where the kernel needs one, `_sm80` = sm_80 and later):
+//!
+//! | family | what | runs on | where it cannot run |
+//! |---|---|---|---|
+//! | `prefill_*_sm80` ([`prefill_sm80`]) | FlashAttention-2 style prefill / forward on tensor cores: padded or packed, over a static cache in place ([`cache_prefill`], [`cross_cache_step`]) or a paged pool (`_paged`, [`paged_prefill`]) | sm_80+ and its tile's shared memory | `prefill_rows_*` (forward), `decode_rows_*` (static cache), `decode_rows_*_paged` (paged pool) |
+//! | `prefill_rows_*` ([`prefill_rows`]) | fallback: one warp per query row, padded or packed | any | — |
+//! | `decode_rows_*` ([`decode_rows`]) | fallback: one warp per query row over a static cache (`_full`: cross-attention, no causal mask) | any | — |
+//! | `decode_rows_*_paged` ([`decode_rows_paged`]) | fallback: one warp per query row over a paged pool, decode rows and prefill chunks alike | any | — |
+//! | `decode_splitkv_*` ([`decode_splitkv`], [`decode_splitkv_paged`]) | split-KV decode on tensor cores, the same module's `<key>_combine` combining the splits; static: fused rope + append; `_paged`: a paged batch's decode rows | sm_80+ | static: none; `_paged`: the rows join the batch's prefill launch (`prefill_*_paged_sm80` or `decode_rows_*_paged`) |
+//! | `append_kv_*` ([`append_kv`]) | new k/v rows into a static cache or a paged pool | any | — |
+//! | `qkv_prep_*` ([`qkv_prep`], [`qkv_prep_for_decode_splitkv`]) | q/k norm, rope, output-gate and layout split | any | — |
+//!
+//! [`kernels_for`] always lists `prefill_rows_*` (the forward also falls back to it when the
+//! `_sm80` kernel fails to build) and, for self-attention, `decode_rows_*` and
+//! `decode_rows_*_paged`; cross-attention's `decode_rows_*_full` only for [`Target::AnyDevice`]
+//! and where the device cannot run the tensor-core step. The tests that hold this:
+//! `prefill_sm80_needs_sm80_and_the_tile_smem` and `cross_lists_its_context_cache_step` (here);
+//! in attention-runtime/tests/kernel_registry.rs
+//! `aot_list_per_arch_drops_sm80_kernels_the_device_cannot_run`,
+//! `sm80_kernel_build_failure_falls_back_with_a_warning` (a `_sm80` kernel that fails to build
+//! falls back to `prefill_rows_*` with a warning) and
+//! `jit_off_without_the_sm80_kernel_is_an_error_naming_it` (under `ATTN_JIT=off` a missing
+//! `_sm80` kernel is an error, never a quiet fallback).
 //!
 //! Runtime choices it covers:
 //! - forward (prefill / training): every mask type the spec lists, each without and with an
-//!   additive attention bias (the bias tensor is a per-call argument), both the tensor-core
-//!   kernel (`fwdfast_*`, launched first when the [`Target`] can run it) and the general
-//!   kernel (`fwd_*`, its fallback, always listed);
+//!   additive attention bias (the bias tensor is a per-call argument), both `prefill_*_sm80`
+//!   (launched first when the [`Target`] can run it) and `prefill_rows_*` (its fallback,
+//!   always listed);
 //! - `qkv_prep` with the spec's rope (forward, prefill, paged prefill) and, for
 //!   self-attention with rope, without it (the fused decode step applies rope itself);
-//! - static-cache prefill (`kvappend_*` + `decode_*`) and decode steps (`flashdec_*`, whose
-//!   module also holds `<key>_merge`), paged mixed batches (`kvappend_*`, the prefill chunks
-//!   on `fwdfast_*_paged` or `paged_*`, the decode rows on `flashdec_*_paged` and its merge):
-//!   self-attention only;
+//! - static-cache prefill (`append_kv_*` + `prefill_*_sm80` over the cache, or
+//!   `decode_rows_*`) and decode steps (`decode_splitkv_*` and its `<key>_combine`), paged
+//!   mixed batches (`append_kv_*`, the prefill chunks on `prefill_*_paged_sm80`, the decode rows
+//!   on `decode_splitkv_*_paged` and its combine step, or all of them on
+//!   `decode_rows_*_paged`): self-attention only;
 //! - cross-attention over a context cache (encoder-decoder decoding): `qkv_prep` (cross
-//!   layout) + `kvappend_*` fill the cache once per request, then every step attends over it
-//!   with the tensor-core kernel without mask ([`cross_cache_step`]) or, where the device
-//!   cannot run it, `decode_*_full`.
+//!   layout) + `append_kv_*` fill the cache once per request, then every step attends over it
+//!   with `prefill_*_no_mask_sm80` ([`cross_cache_step`]) or, where the device cannot run it,
+//!   `decode_rows_*_full`.
 //!
 //! Not covered: a per-call `mask_type` that the spec does not list (such a kernel is compiled
 //! on demand, and with `ATTN_JIT=off` its absence is an error naming it) and hand-built
 //! configs with other tiles (benchmarks).
 
 use crate::render::{
-    flash_decode_smem_bytes, rot_dim, KernelConfig, Phase, PrepLayout, RenderError,
+    decode_splitkv_smem_bytes, rot_dim, KernelConfig, Phase, PrepLayout, RenderError,
 };
 use crate::spec::{AttentionKind, AttentionSpec, MaskType, SUPPORTED_HEAD_DIMS};
 
-/// The lowest SM version the tensor-core forward kernel (`fwdfast_*`) runs on: it uses
+/// The lowest SM version the tensor-core kernels (`_sm80` keys: `prefill_*_sm80`; and
+/// `decode_splitkv_*`, see [`decode_splitkv_paged`]) run on: they use
 /// `mma.sync` m16n8k16 on bf16/f16 and `cp.async`, both sm_80 and later.
-pub const FAST_FORWARD_MIN_SM: u32 = 80;
+pub const TENSOR_CORE_MIN_SM: u32 = 80;
 
 /// The device a kernel list is for. It only decides whether the tensor-core forward kernel
 /// can run (its SM version and its tile's shared memory); every other kernel runs anywhere.
@@ -87,15 +115,15 @@ impl Target {
         })
     }
 
-    /// Whether the fast forward config `fast` (phase [`Phase::ForwardFast`]) runs here: SM
-    /// version at least [`FAST_FORWARD_MIN_SM`] and its tile's shared memory within the
+    /// Whether the prefill config `fast` (phase [`Phase::PrefillSm80`]) runs here: SM
+    /// version at least [`TENSOR_CORE_MIN_SM`] and its tile's shared memory within the
     /// opt-in limit.
-    pub fn runs_fast_forward(&self, fast: &KernelConfig) -> bool {
+    pub fn runs_prefill_sm80(&self, fast: &KernelConfig) -> bool {
         match *self {
             Target::AnyDevice => true,
             Target::Device { sm, smem_optin } => {
-                sm >= FAST_FORWARD_MIN_SM
-                    && fast.fast_tile().smem_bytes(fast.head_dim) <= smem_optin
+                sm >= TENSOR_CORE_MIN_SM
+                    && fast.prefill_tile().smem_bytes(fast.head_dim) <= smem_optin
             }
         }
     }
@@ -134,9 +162,9 @@ pub fn qkv_prep(spec: &AttentionSpec, head_dim: usize) -> Result<KernelConfig, R
     Ok(prep)
 }
 
-/// The `qkv_prep` kernel of a fused decode step ([`flash_decode`]): [`qkv_prep`] without
-/// rope, which the `flashdec` kernel applies from its cos/sin tables.
-pub fn qkv_prep_for_flash_decode(
+/// The `qkv_prep` kernel of a fused decode step ([`decode_splitkv`]): [`qkv_prep`] without
+/// rope, which the `decode_splitkv` kernel applies from its cos/sin tables.
+pub fn qkv_prep_for_decode_splitkv(
     spec: &AttentionSpec,
     head_dim: usize,
 ) -> Result<KernelConfig, RenderError> {
@@ -155,48 +183,49 @@ fn attention(spec: &AttentionSpec, head_dim: usize, phase: Phase) -> KernelConfi
     c
 }
 
-/// The general forward kernel (`fwd_*`) for a call with mask type `mask` and, when
-/// `has_bias`, an additive attention bias tensor. It is the fallback of [`fast_forward`].
-pub fn forward(
+/// The general forward kernel (`prefill_rows_*`) for a call with mask type `mask` and, when
+/// `has_bias`, an additive attention bias tensor. It is the fallback of [`prefill_sm80`].
+pub fn prefill_rows(
     spec: &AttentionSpec,
     head_dim: usize,
     mask: MaskType,
     has_bias: bool,
 ) -> KernelConfig {
-    let mut c = attention(spec, head_dim, Phase::Forward);
+    let mut c = attention(spec, head_dim, Phase::PrefillRows);
     c.mask = Some(mask);
     c.has_bias = has_bias;
     c
 }
 
-/// The tensor-core forward kernel (`fwdfast_*`, default tile) the runtime launches instead
-/// of the general kernel `fwd` (a [`forward`] config) when `target` can run it; `None`
-/// when it cannot (then `fwd` runs).
-pub fn fast_forward(fwd: &KernelConfig, target: Target) -> Option<KernelConfig> {
+/// The tensor-core forward kernel (`prefill_*_sm80`, default tile) the runtime launches instead
+/// of the one-warp-per-row kernel `prefill_rows` (a [`prefill_rows`] config) when `target`
+/// can run it; `None` when it cannot (then `prefill_rows` runs).
+pub fn prefill_sm80(fwd: &KernelConfig, target: Target) -> Option<KernelConfig> {
     let mut c = fwd.clone();
-    c.phase = Phase::ForwardFast;
+    c.phase = Phase::PrefillSm80;
     c.tile = None;
-    target.runs_fast_forward(&c).then_some(c)
+    target.runs_prefill_sm80(&c).then_some(c)
 }
 
 /// The tensor-core attention of a prefill over a static cache: the forward kernel with the
-/// bottom-right causal mask and no bias, which `fwdfast` runs in its static-cache mode
+/// bottom-right causal mask and no bias, which `prefill_sm80` runs in its static-cache mode
 /// (reading the cache slots in place). `None` when `target` cannot run it; the
-/// [`decode`] kernel runs then.
+/// [`decode_rows`] kernel runs then.
 pub fn cache_prefill(
     spec: &AttentionSpec,
     head_dim: usize,
     target: Target,
 ) -> Option<KernelConfig> {
-    fast_forward(
-        &forward(spec, head_dim, MaskType::CausalBottomRight, false),
+    prefill_sm80(
+        &prefill_rows(spec, head_dim, MaskType::CausalBottomRight, false),
         target,
     )
 }
 
 /// The tensor-core attention of a paged mixed batch (decode rows and prefill chunks in one
 /// launch): the forward kernel with the bottom-right causal mask reading K/V through the
-/// block table (`_paged`). `None` when `target` cannot run it; the [`paged`] kernel runs then.
+/// block table (`_paged`). `None` when `target` cannot run it; the [`decode_rows_paged`] kernel
+/// runs then.
 pub fn paged_prefill(
     spec: &AttentionSpec,
     head_dim: usize,
@@ -208,58 +237,65 @@ pub fn paged_prefill(
 }
 
 /// The split-KV decode of a paged mixed batch's decode rows (one new token each): the
-/// `flashdec` kernel and its merge in their paged mode (`_paged`, no rope: `qkv_prep` rotated
-/// q and k, `kvappend` wrote the new k/v), reading K/V through the block table. The batch's
-/// other requests (prefill chunks) run [`paged_prefill`]. `None` when `target` cannot run it
-/// (sm_80+ and [`flash_decode_smem_bytes`] within its opt-in shared memory); every request
+/// `decode_splitkv` kernel and its combine step in their paged mode (`_paged`, no rope: `qkv_prep`
+/// rotated q and k, `append_kv` wrote the new k/v), reading K/V through the block table. The
+/// batch's other requests (prefill chunks) run [`paged_prefill`]. `None` when `target` cannot run
+/// it (sm_80+ and [`decode_splitkv_smem_bytes`] within its opt-in shared memory); every request
 /// then runs the prefill kernel.
-pub fn paged_decode(spec: &AttentionSpec, head_dim: usize, target: Target) -> Option<KernelConfig> {
+pub fn decode_splitkv_paged(
+    spec: &AttentionSpec,
+    head_dim: usize,
+    target: Target,
+) -> Option<KernelConfig> {
     let runs = match target {
         Target::AnyDevice => true,
         Target::Device { sm, smem_optin } => {
-            sm >= FAST_FORWARD_MIN_SM && flash_decode_smem_bytes(head_dim) <= smem_optin
+            sm >= TENSOR_CORE_MIN_SM && decode_splitkv_smem_bytes(head_dim) <= smem_optin
         }
     };
-    let mut c = attention(spec, head_dim, Phase::FlashDecode);
+    let mut c = attention(spec, head_dim, Phase::DecodeSplitKv);
     c.paged_kv = true;
     runs.then_some(c)
 }
 
-/// The static-cache attention kernel (`decode_*`) of a prefill step (any number of new
+/// The static-cache attention kernel (`decode_rows_*`) of a prefill step (any number of new
 /// queries); bottom-right causal for self-attention, over the whole cache for cross.
-pub fn decode(spec: &AttentionSpec, head_dim: usize) -> KernelConfig {
-    attention(spec, head_dim, Phase::Decode)
+pub fn decode_rows(spec: &AttentionSpec, head_dim: usize) -> KernelConfig {
+    attention(spec, head_dim, Phase::DecodeRows)
 }
 
 /// The tensor-core attention of a cross-attention step over a context cache: the forward
-/// kernel without mask or bias (`no_mask`), which `fwdfast` runs in its static-cache mode
+/// kernel without mask or bias (`no_mask`), which `prefill_sm80` runs in its static-cache mode
 /// (each slot's keys `0 .. context length`; keys past it, padding, are never visible) with
-/// the spec's window and sinks. `None` when `target` cannot run it; the [`decode`] kernel
-/// (`decode_*_full` for cross-attention: no causal mask) runs then.
+/// the spec's window and sinks. `None` when `target` cannot run it; the [`decode_rows`] kernel
+/// (`decode_rows_*_full` for cross-attention: no causal mask) runs then.
 pub fn cross_cache_step(
     spec: &AttentionSpec,
     head_dim: usize,
     target: Target,
 ) -> Option<KernelConfig> {
-    fast_forward(&forward(spec, head_dim, MaskType::NoMask, false), target)
+    prefill_sm80(
+        &prefill_rows(spec, head_dim, MaskType::NoMask, false),
+        target,
+    )
 }
 
-/// The paged-cache attention kernel (`paged_*`) of a paged prefill.
-pub fn paged(spec: &AttentionSpec, head_dim: usize) -> KernelConfig {
-    attention(spec, head_dim, Phase::Paged)
+/// The paged-cache attention kernel (`decode_rows_*_paged`) of a paged prefill.
+pub fn decode_rows_paged(spec: &AttentionSpec, head_dim: usize) -> KernelConfig {
+    attention(spec, head_dim, Phase::DecodeRowsPaged)
 }
 
-/// The fused decode-step kernel (`flashdec_*`, plus `<key>_merge` in the same module), with
+/// The fused decode-step kernel (`decode_splitkv_*`, plus `<key>_combine` in the same module), with
 /// the spec's rope. Errors as [`qkv_prep`].
-pub fn flash_decode(spec: &AttentionSpec, head_dim: usize) -> Result<KernelConfig, RenderError> {
-    let mut c = attention(spec, head_dim, Phase::FlashDecode);
+pub fn decode_splitkv(spec: &AttentionSpec, head_dim: usize) -> Result<KernelConfig, RenderError> {
+    let mut c = attention(spec, head_dim, Phase::DecodeSplitKv);
     c.rope = qkv_prep(spec, head_dim)?.rope;
     Ok(c)
 }
 
-/// The k/v append kernel (`kvappend_*`) of static-cache and paged prefill.
-pub fn kv_append(spec: &AttentionSpec, head_dim: usize) -> KernelConfig {
-    KernelConfig::new(Phase::PagedAppend, spec.dtype, head_dim)
+/// The k/v append kernel (`append_kv_*`) of static-cache and paged prefill.
+pub fn append_kv(spec: &AttentionSpec, head_dim: usize) -> KernelConfig {
+    KernelConfig::new(Phase::AppendKv, spec.dtype, head_dim)
 }
 
 /// The attention backward kernels of one training call: the preprocess (D = rowsum(dO ∘ O),
@@ -285,7 +321,7 @@ pub fn backward(
         // The render checks (head dim, mask, gate, tile) without rendering.
         c.check_config()?;
         if let Target::Device { sm, smem_optin } = target {
-            if sm < FAST_FORWARD_MIN_SM || c.backward_smem_bytes() > smem_optin {
+            if sm < TENSOR_CORE_MIN_SM || c.backward_smem_bytes() > smem_optin {
                 return Err(RenderError::Unsupported {
                     argument: "target",
                     reason: "the backward kernels need sm_80+ (mma.sync, cp.async) and their \
@@ -347,13 +383,13 @@ pub fn backward_kernels_for(
 
 /// Every kernel a layer with `spec` at `head_dim` can launch on `target`, deduplicated by
 /// key, in a fixed order: `qkv_prep` (then its rope-less decode-step variant), per mask
-/// type × (no bias, bias) the fast forward kernel (when `target` runs it) then `fwd`; then
-/// for self-attention `decode`, the static-cache prefill's fast kernel
+/// type × (no bias, bias) `prefill_sm80` (when `target` runs it) then `prefill_rows`; then
+/// for self-attention `decode_rows`, the static-cache prefill's `prefill_sm80` kernel
 /// ([`cache_prefill`]), the paged batch's prefill and decode kernels ([`paged_prefill`],
-/// [`paged_decode`]), `paged`, `flashdec` and `kvappend`; for cross-attention the
-/// context-cache step's kernel ([`cross_cache_step`]; `decode_*_full` where the target cannot
-/// run it, both for [`Target::AnyDevice`]) and `kvappend`. See the module docs for the
-/// runtime choices covered.
+/// [`decode_splitkv_paged`]), `decode_rows_paged`, `decode_splitkv` and `append_kv`; for
+/// cross-attention the context-cache step's kernel ([`cross_cache_step`]; `decode_rows_*_full`
+/// where the target cannot run it, both for [`Target::AnyDevice`]) and `append_kv`. See the module
+/// docs for the runtime choices covered.
 ///
 /// `head_dim` need not be one the spec lists (the runtime may take it from its config).
 /// Errors: a head dim outside [`SUPPORTED_HEAD_DIMS`], a spec without mask types, a rotary
@@ -369,32 +405,32 @@ pub fn kernels_for(
     }
     let mut out = vec![qkv_prep(spec, head_dim)?];
     if is_self(spec) {
-        out.push(qkv_prep_for_flash_decode(spec, head_dim)?);
+        out.push(qkv_prep_for_decode_splitkv(spec, head_dim)?);
     }
     for &mask in &spec.masks {
         for has_bias in [false, true] {
-            let fwd = forward(spec, head_dim, mask, has_bias);
-            out.extend(fast_forward(&fwd, target));
+            let fwd = prefill_rows(spec, head_dim, mask, has_bias);
+            out.extend(prefill_sm80(&fwd, target));
             out.push(fwd);
         }
     }
     if is_self(spec) {
-        out.push(decode(spec, head_dim));
+        out.push(decode_rows(spec, head_dim));
         out.extend(cache_prefill(spec, head_dim, target));
         out.extend(paged_prefill(spec, head_dim, target));
-        out.extend(paged_decode(spec, head_dim, target));
-        out.push(paged(spec, head_dim));
-        out.push(flash_decode(spec, head_dim)?);
-        out.push(kv_append(spec, head_dim));
+        out.extend(decode_splitkv_paged(spec, head_dim, target));
+        out.push(decode_rows_paged(spec, head_dim));
+        out.push(decode_splitkv(spec, head_dim)?);
+        out.push(append_kv(spec, head_dim));
     } else {
-        // The context-cache step: the fast kernel, or `decode_*_full` where it cannot run
+        // The context-cache step: prefill_sm80, or `decode_rows_*_full` where it cannot run
         // (both for AnyDevice, the union over devices).
         let step = cross_cache_step(spec, head_dim, target);
         if step.is_none() || target == Target::AnyDevice {
-            out.push(decode(spec, head_dim));
+            out.push(decode_rows(spec, head_dim));
         }
         out.extend(step);
-        out.push(kv_append(spec, head_dim));
+        out.push(append_kv(spec, head_dim));
     }
     let mut seen = std::collections::HashSet::new();
     out.retain(|c| seen.insert(c.key()));
@@ -448,27 +484,30 @@ mod tests {
     }
 
     #[test]
-    fn fast_forward_needs_sm80_and_the_tile_smem() {
+    fn prefill_sm80_needs_sm80_and_the_tile_smem() {
         let spec = AttentionSpec {
             head_dims: vec![256],
             ..AttentionSpec::new(AttentionKind::SelfAttention)
         };
-        let fwd = forward(&spec, 256, MaskType::Causal, false);
+        let fwd = prefill_rows(&spec, 256, MaskType::Causal, false);
         // 198 KiB tile at head dim 256: Hopper yes, Ampere consumer parts and Turing no.
-        assert!(fast_forward(&fwd, Target::from_arch("sm_90a").unwrap()).is_some());
-        assert!(fast_forward(&fwd, Target::from_arch("sm_86").unwrap()).is_none());
-        assert!(fast_forward(&fwd, Target::AnyDevice).is_some());
-        let fwd64 = forward(&spec, 64, MaskType::Causal, false);
-        assert!(fast_forward(&fwd64, Target::from_arch("sm_86").unwrap()).is_some());
+        assert!(prefill_sm80(&fwd, Target::from_arch("sm_90a").unwrap()).is_some());
+        assert!(prefill_sm80(&fwd, Target::from_arch("sm_86").unwrap()).is_none());
+        assert!(prefill_sm80(&fwd, Target::AnyDevice).is_some());
+        let fwd64 = prefill_rows(&spec, 64, MaskType::Causal, false);
+        assert!(prefill_sm80(&fwd64, Target::from_arch("sm_86").unwrap()).is_some());
         // Volta has the shared memory for head dim 64 but not the instructions.
-        assert!(fast_forward(&fwd64, Target::from_arch("sm_70").unwrap()).is_none());
+        assert!(prefill_sm80(&fwd64, Target::from_arch("sm_70").unwrap()).is_none());
         let keys: Vec<String> = kernels_for(&spec, 256, Target::from_arch("sm_86").unwrap())
             .unwrap()
             .iter()
             .map(|c| c.key())
             .collect();
-        assert!(!keys.iter().any(|k| k.starts_with("fwdfast_")), "{keys:?}");
-        assert!(keys.iter().any(|k| k.starts_with("fwd_")), "{keys:?}");
+        assert!(!keys.iter().any(|k| k.ends_with("_sm80")), "{keys:?}");
+        assert!(
+            keys.iter().any(|k| k.starts_with("prefill_rows_")),
+            "{keys:?}"
+        );
     }
 
     #[test]
@@ -493,22 +532,25 @@ mod tests {
         // Listed although the spec's only mask is padding: the step masks by lengths.
         for want in [
             step.key(),
-            decode(&spec, 64).key(),
-            kv_append(&spec, 64).key(),
+            decode_rows(&spec, 64).key(),
+            append_kv(&spec, 64).key(),
         ] {
             assert!(any.contains(&want), "{want} not in {any:?}");
         }
-        assert!(decode(&spec, 64).key().contains("_full"));
+        assert!(decode_rows(&spec, 64).key().contains("_full"));
         // No self-attention cache kernels.
-        assert!(!any.iter().any(|k| k.starts_with("paged_")
-            || k.starts_with("flashdec_")
+        assert!(!any.iter().any(|k| k.contains("_paged")
+            || k.starts_with("decode_splitkv_")
             || k.contains("causal")));
-        // A device without tensor cores runs decode_*_full instead; one with them never does.
+        // A device without tensor cores runs decode_rows_*_full instead; one with them never does.
         let volta = keys(Target::from_arch("sm_70").unwrap());
         assert!(!volta.contains(&step.key()), "{volta:?}");
-        assert!(volta.contains(&decode(&spec, 64).key()));
+        assert!(volta.contains(&decode_rows(&spec, 64).key()));
         let hopper = keys(Target::from_arch("sm_90a").unwrap());
         assert!(hopper.contains(&step.key()), "{hopper:?}");
-        assert!(!hopper.contains(&decode(&spec, 64).key()), "{hopper:?}");
+        assert!(
+            !hopper.contains(&decode_rows(&spec, 64).key()),
+            "{hopper:?}"
+        );
     }
 }

@@ -46,19 +46,28 @@ const TEMPLATES: &[(&str, &str)] = &[
         "{% include \"partials/types.cu\" %}\n{% include \"partials/params.cu\" %}\n\
          {% include \"partials/params_bwd.cu\" %}\n",
     ),
-    ("fwd.cu", include_str!("../../templates/fwd.cu")),
-    ("fwd_fast.cu", include_str!("../../templates/fwd_fast.cu")),
-    ("decode.cu", include_str!("../../templates/decode.cu")),
-    ("paged.cu", include_str!("../../templates/paged.cu")),
+    (
+        "prefill_rows.cu",
+        include_str!("../../templates/prefill_rows.cu"),
+    ),
+    (
+        "prefill_sm80.cu",
+        include_str!("../../templates/prefill_sm80.cu"),
+    ),
+    (
+        "decode_rows.cu",
+        include_str!("../../templates/decode_rows.cu"),
+    ),
+    (
+        "decode_rows_paged.cu",
+        include_str!("../../templates/decode_rows_paged.cu"),
+    ),
     ("qkv_prep.cu", include_str!("../../templates/qkv_prep.cu")),
     (
-        "flash_decode.cu",
-        include_str!("../../templates/flash_decode.cu"),
+        "decode_splitkv.cu",
+        include_str!("../../templates/decode_splitkv.cu"),
     ),
-    (
-        "paged_append.cu",
-        include_str!("../../templates/paged_append.cu"),
-    ),
+    ("append_kv.cu", include_str!("../../templates/append_kv.cu")),
     (
         "partials/mma_sm80.cu",
         include_str!("../../templates/partials/mma_sm80.cu"),
@@ -81,68 +90,70 @@ const TEMPLATES: &[(&str, &str)] = &[
 /// 36 bytes of spill stores).
 pub const BACKWARD_HEAD_DIMS: &[usize] = SUPPORTED_HEAD_DIMS;
 
-/// Query rows (one warp each) per block of the attention kernels (`fwd`, `decode`, `paged`).
+/// Query rows (one warp each) per block of the one-warp-per-row attention kernels
+/// (`prefill_rows`, `decode_rows`, `decode_rows_paged`).
 pub const ATTENTION_BLOCK_ROWS: usize = 4;
 /// Warps per block of the `qkv_prep` kernel (one head vector per warp at a time).
 pub const PREP_WARPS: usize = 4;
-/// Warps per block of the `flashdec` split kernel (each owns 16 keys of every tile and runs
+/// Warps per block of the `decode_splitkv` split kernel (each owns 16 keys of every tile and runs
 /// its q.k and P.V on tensor cores for up to 16 query heads of the group at once).
-pub const FLASH_DECODE_MAX_WARPS: usize = 4;
-/// Keys per shared-memory tile of the `flashdec` kernel: 16 per warp, for every head dim.
-pub const fn flash_decode_tile(_head_dim: usize) -> usize {
-    16 * FLASH_DECODE_MAX_WARPS
+pub const DECODE_SPLITKV_WARPS: usize = 4;
+/// Keys per shared-memory tile of the `decode_splitkv` kernel: 16 per warp, for every head dim.
+pub const fn decode_splitkv_tile(_head_dim: usize) -> usize {
+    16 * DECODE_SPLITKV_WARPS
 }
-/// Depth of the `flashdec` kernel's cp.async ring of K/V tiles.
-pub const FLASH_DECODE_STAGES: usize = 3;
-/// Warps per block of the `flashdec` `<key>_merge` kernel.
-pub const FLASH_DECODE_MERGE_WARPS: usize = 4;
-/// Dynamic shared memory (bytes) of the `flashdec` split kernel: `STAGES × {K, V} × tile ×
+/// Depth of the `decode_splitkv` kernel's cp.async ring of K/V tiles.
+pub const DECODE_SPLITKV_STAGES: usize = 3;
+/// Warps per block of the `decode_splitkv` `<key>_combine` kernel.
+pub const DECODE_SPLITKV_COMBINE_WARPS: usize = 4;
+/// Dynamic shared memory (bytes) of the `decode_splitkv` split kernel: `STAGES × {K, V} × tile ×
 /// (head_dim + 8)` 2-byte elements (rows padded by 8 elements for conflict-free ldmatrix:
 /// 54 KiB at hd 64, 102 KiB at 128, 198 KiB at 256).
-pub const fn flash_decode_smem_bytes(head_dim: usize) -> usize {
-    FLASH_DECODE_STAGES * 2 * flash_decode_tile(head_dim) * (head_dim + 8) * 2
+pub const fn decode_splitkv_smem_bytes(head_dim: usize) -> usize {
+    DECODE_SPLITKV_STAGES * 2 * decode_splitkv_tile(head_dim) * (head_dim + 8) * 2
 }
 
-/// A kernel phase; the key prefix is [`Phase::prefix`].
+/// A kernel phase (one template, one kernel family); the family name is [`Phase::name`], the
+/// key prefix [`Phase::prefix`].
 ///
 /// Entry points (all `extern "C" __global__`, named by the key; see the templates for the
 /// full layout comments). Parameters come as one struct per family
 /// (`templates/partials/params.cu`, mirrored by the runtime's `cuda::params`), queued as the
 /// kernel's whole parameter buffer:
-/// - `Forward` (`fwd_*`): one `FwdParams` (q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k,
-///   batch, num_heads, num_groups, seqlen_q, seqlen_k, softmax_scale, window, mask and
+/// - `PrefillRows` (`prefill_rows_*`): one `FwdParams` (q, k, v, out, lse, cu_seqlens_q,
+///   cu_seqlens_k, batch, num_heads, num_groups, seqlen_q, seqlen_k, softmax_scale, window, mask and
 ///   strides, bias and strides, sinks, gate; then max_logit, v_nonfinite and the cache fields,
 ///   unused here); padded `[s, b, heads, hn]` when `cu_seqlens_q` is null, packed
 ///   `[t, heads, hn]` otherwise.
-/// - `ForwardFast` (`fwdfast_*`): `FwdParams`'s fields as positional parameters in its order
+/// - `PrefillSm80` (`prefill_*_sm80`): `FwdParams`'s fields as positional parameters in its order
 ///   (the same parameter buffer; the struct parameter costs the hot variants spills):
 ///   `max_logit` (f32 `[num_heads]` or null), `v_nonfinite` (int32 flag or null: set when
 ///   some V element is not finite; the kernel then computes its rows exactly, never reading a
 ///   masked key), `cache_seqlens_k` (int32 `[batch]` or null), `cache_batch_offset`,
 ///   `cache_max_batch` (with `cache_seqlens_k`, k/v are one layer of a static cache
 ///   `[max_seq, max_batch, ng, hn]`), `block_table`, `block_size`, `max_blocks_per_seq` (paged
-///   variants); same layouts as `Forward` otherwise. Launch: grid `(ceil(max_seqlen_q /
+///   variants); same layouts as `PrefillRows` otherwise. Launch: grid `(ceil(max_seqlen_q /
 ///   block_m), num_heads, batch)`, block `warps * 32`, dynamic shared memory
-///   [`FastTile::smem_bytes`]. Every mask (mask tensors included) and the additive bias.
-/// - `Decode` (`decode_*`): one `FwdParams` (q, k / v = the cache layer, out, lse, batch,
+///   [`PrefillTile::smem_bytes`]. Every mask (mask tensors included) and the additive bias.
+/// - `DecodeRows` (`decode_rows_*`): one `FwdParams` (q, k / v = the cache layer, out, lse, batch,
 ///   num_heads, num_groups, seqlen_q, softmax_scale, window, sinks, gate, cache_seqlens_k,
 ///   cache_batch_offset, cache_max_batch) over a static cache `[max_seq, max_batch, ng, hn]`.
-/// - `Paged` (`paged_*`): one `FwdParams` (q, k / v = the pools, out, lse, cu_seqlens_q,
-///   cache_seqlens_k, block_table, batch, num_heads, num_groups, block_size,
+/// - `DecodeRowsPaged` (`decode_rows_*_paged`): one `FwdParams` (q, k / v = the pools, out, lse,
+///   cu_seqlens_q, cache_seqlens_k, block_table, batch, num_heads, num_groups, block_size,
 ///   max_blocks_per_seq, softmax_scale, window, sinks, gate) over a pool `[num_blocks,
 ///   block_size, ng, hn]`.
-/// - `FlashDecode` (`flashdec_*`): `(q, k_new, v_new, k_cache, v_cache, cache_seqlens,
+/// - `DecodeSplitKv` (`decode_splitkv_*`): `(q, k_new, v_new, k_cache, v_cache, cache_seqlens,
 ///   rope_cos, rope_sin, o_part, lse_part, batch, batch_offset, max_batch, num_heads,
 ///   num_groups, num_splits, softmax_scale, window_left, window_right)`, grid `(num_splits,
-///   num_groups, batch)`, block [`FLASH_DECODE_MAX_WARPS`]` * 32`, dynamic shared memory
-///   [`flash_decode_smem_bytes`]; then `<key>_merge` `(o_part, lse_part, out, lse, sinks, gate,
+///   num_groups, batch)`, block [`DECODE_SPLITKV_WARPS`]` * 32`, dynamic shared memory
+///   [`decode_splitkv_smem_bytes`]; then `<key>_combine` `(o_part, lse_part, out, lse, sinks, gate,
 ///   batch, num_heads, num_splits)`, grid `(batch, num_heads)`, block
-///   [`FLASH_DECODE_MERGE_WARPS`]` * 32`.
-///   Layouts in templates/flash_decode.cu. With [`KernelConfig::paged_kv`] (`_paged`), both
+///   [`DECODE_SPLITKV_COMBINE_WARPS`]` * 32`.
+///   Layouts in templates/decode_splitkv.cu. With [`KernelConfig::paged_kv`] (`_paged`), both
 ///   entries take one `PagedDecodeParams` struct (templates/partials/params.cu): the decode
 ///   rows of a paged mixed batch, reading K/V through the block table, same grids with
 ///   `batch` = the decode requests.
-/// - `PagedAppend` (`kvappend_*`): one `AppendParams` (k, v, k_dst, v_dst, cu_seqlens_q,
+/// - `AppendKv` (`append_kv_*`): one `AppendParams` (k, v, k_dst, v_dst, cu_seqlens_q,
 ///   seqlens_k, block_table, batch, num_groups, block_size, max_blocks_per_seq,
 ///   cache_batch_offset, cache_max_batch), grid `(total_tokens)`, block 128; a null block
 ///   table writes a static cache.
@@ -157,22 +168,27 @@ pub const fn flash_decode_smem_bytes(head_dim: usize) -> usize {
 ///   templates/backward_sm80.cu and [`KernelConfig::backward_smem_bytes`].
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub enum Phase {
-    /// Prefill / training forward over padded or packed q, k, v.
-    Forward,
-    /// FlashAttention-2 style tiled forward (tensor cores, cp.async pipeline) over the same
-    /// layouts as `Forward`; tiles in [`KernelConfig::tile`].
-    ForwardFast,
-    /// New queries over a static KV cache, bottom-right causal.
-    Decode,
-    /// Packed queries over a paged KV cache (block pool + block table), bottom-right causal.
-    Paged,
+    /// Prefill / training forward over padded or packed q, k, v, one warp per query row:
+    /// the fallback of `PrefillSm80`, runs on any arch.
+    PrefillRows,
+    /// FlashAttention-2 style tiled prefill / forward (tensor cores `mma.sync`, cp.async
+    /// pipeline; sm_80+) over the same layouts as `PrefillRows`; tiles in
+    /// [`KernelConfig::tile`].
+    PrefillSm80,
+    /// New queries over a static KV cache, one warp per query row, bottom-right causal: the
+    /// fallback of the static-cache prefill on `PrefillSm80`.
+    DecodeRows,
+    /// Packed queries over a paged KV cache (block pool + block table), one warp per query
+    /// row, bottom-right causal: the fallback of a paged mixed batch (`PrefillSm80` paged
+    /// and `DecodeSplitKv` paged).
+    DecodeRowsPaged,
     /// Split of the qkv projection, q/k norm and rope.
     QkvPrep,
     /// One fused decode step over a static cache: rope of the new q/k from cos/sin tables,
-    /// append, split-KV attention; plus its `<key>_merge` entry that merges the splits.
-    FlashDecode,
+    /// append, split-KV attention; plus its `<key>_combine` entry that combines the splits.
+    DecodeSplitKv,
     /// Append packed new k/v into a paged pool (through the block table) or a static cache.
-    PagedAppend,
+    AppendKv,
     /// Attention backward, step 1: D = rowsum(dO ∘ O) per query row and head (plus the
     /// learnable sinks' gradient in its `<key>_dsink` entry).
     BackwardPreprocess,
@@ -187,13 +203,13 @@ pub enum Phase {
 impl Phase {
     /// Every phase.
     pub const ALL: [Phase; 10] = [
-        Phase::Forward,
-        Phase::ForwardFast,
-        Phase::Decode,
-        Phase::Paged,
+        Phase::PrefillRows,
+        Phase::PrefillSm80,
+        Phase::DecodeRows,
+        Phase::DecodeRowsPaged,
         Phase::QkvPrep,
-        Phase::FlashDecode,
-        Phase::PagedAppend,
+        Phase::DecodeSplitKv,
+        Phase::AppendKv,
         Phase::BackwardPreprocess,
         Phase::BackwardDkdv,
         Phase::BackwardDq,
@@ -207,16 +223,35 @@ impl Phase {
         )
     }
 
-    /// Key prefix: `fwd`, `fwdfast`, `decode`, `paged`, `qkv_prep`.
+    /// Key prefix: `prefill_rows`, `prefill` (whose keys end in `_sm80`), `decode_rows` (the
+    /// paged family's keys carry `_paged`), `qkv_prep`, `decode_splitkv`, `append_kv`,
+    /// `backward_preprocess`, `backward_dkdv`, `backward_dq`.
     pub fn prefix(self) -> &'static str {
         match self {
-            Phase::Forward => "fwd",
-            Phase::ForwardFast => "fwdfast",
-            Phase::Decode => "decode",
-            Phase::Paged => "paged",
+            Phase::PrefillRows => "prefill_rows",
+            Phase::PrefillSm80 => "prefill",
+            Phase::DecodeRows | Phase::DecodeRowsPaged => "decode_rows",
             Phase::QkvPrep => "qkv_prep",
-            Phase::FlashDecode => "flashdec",
-            Phase::PagedAppend => "kvappend",
+            Phase::DecodeSplitKv => "decode_splitkv",
+            Phase::AppendKv => "append_kv",
+            Phase::BackwardPreprocess => "backward_preprocess",
+            Phase::BackwardDkdv => "backward_dkdv",
+            Phase::BackwardDq => "backward_dq",
+        }
+    }
+
+    /// Family name, also the template's file stem: `prefill_rows`, `prefill_sm80`,
+    /// `decode_rows`, `decode_rows_paged`, `qkv_prep`, `decode_splitkv`, `append_kv`,
+    /// `backward_preprocess`, `backward_dkdv` and `backward_dq` (both in `backward_sm80`).
+    pub fn name(self) -> &'static str {
+        match self {
+            Phase::PrefillRows => "prefill_rows",
+            Phase::PrefillSm80 => "prefill_sm80",
+            Phase::DecodeRows => "decode_rows",
+            Phase::DecodeRowsPaged => "decode_rows_paged",
+            Phase::QkvPrep => "qkv_prep",
+            Phase::DecodeSplitKv => "decode_splitkv",
+            Phase::AppendKv => "append_kv",
             Phase::BackwardPreprocess => "backward_preprocess",
             Phase::BackwardDkdv => "backward_dkdv",
             Phase::BackwardDq => "backward_dq",
@@ -225,13 +260,13 @@ impl Phase {
 
     fn template(self) -> &'static str {
         match self {
-            Phase::Forward => "fwd.cu",
-            Phase::ForwardFast => "fwd_fast.cu",
-            Phase::Decode => "decode.cu",
-            Phase::Paged => "paged.cu",
+            Phase::PrefillRows => "prefill_rows.cu",
+            Phase::PrefillSm80 => "prefill_sm80.cu",
+            Phase::DecodeRows => "decode_rows.cu",
+            Phase::DecodeRowsPaged => "decode_rows_paged.cu",
             Phase::QkvPrep => "qkv_prep.cu",
-            Phase::FlashDecode => "flash_decode.cu",
-            Phase::PagedAppend => "paged_append.cu",
+            Phase::DecodeSplitKv => "decode_splitkv.cu",
+            Phase::AppendKv => "append_kv.cu",
             Phase::BackwardPreprocess => "backward_preprocess.cu",
             Phase::BackwardDkdv | Phase::BackwardDq => "backward_sm80.cu",
         }
@@ -240,14 +275,15 @@ impl Phase {
 
 impl fmt::Display for Phase {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(self.prefix())
+        f.write_str(self.name())
     }
 }
 
 /// One rendered kernel. The CUDA entry point's name equals `key`.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct KernelSource {
-    /// Readable unique key, e.g. `fwd_bf16_hd128_causal_win_sinkl_w4`; also the entry name.
+    /// Readable unique key, e.g. `prefill_rows_bf16_hd128_causal_win_sinkl_w4`; also the entry
+    /// name.
     pub key: String,
     /// Which phase the kernel implements.
     pub phase: Phase,
@@ -257,7 +293,7 @@ pub struct KernelSource {
     pub mask: Option<MaskType>,
     /// Element type of activations.
     pub dtype: DType,
-    /// The paged-pool variant ([`KernelConfig::paged_kv`] of `fwdfast` / `flashdec`).
+    /// The paged-pool variant ([`KernelConfig::paged_kv`] of `prefill_sm80` / `decode_splitkv`).
     pub paged_kv: bool,
     /// CUDA C++ source, no `#include`.
     pub source: String,
@@ -291,16 +327,16 @@ pub struct KernelConfig {
     pub dtype: DType,
     /// Head dim; must be in [`SUPPORTED_HEAD_DIMS`].
     pub head_dim: usize,
-    /// Mask type: required for `Forward`, ignored otherwise.
+    /// Mask type: required for `PrefillRows` / `PrefillSm80`, ignored otherwise.
     pub mask: Option<MaskType>,
-    /// `Decode`: whether new queries are bottom-right causal (self-attention) or see the
-    /// whole cache (cross-attention). `Paged` is always causal; ignored elsewhere.
+    /// `DecodeRows`: whether new queries are bottom-right causal (self-attention) or see the
+    /// whole cache (cross-attention). `DecodeRowsPaged` is always causal; ignored elsewhere.
     pub causal: bool,
     /// Attention kernels: a sliding window is applied (bounds are kernel arguments).
     pub has_window: bool,
     /// Attention kernels: sink column.
     pub sinks: Option<Sinks>,
-    /// `Forward` / `ForwardFast`: an additive attention bias tensor is read.
+    /// `PrefillRows` / `PrefillSm80`: an additive attention bias tensor is read.
     pub has_bias: bool,
     /// Attention kernels multiply by `sigmoid(gate)`; `QkvPrep` splits the gate out.
     pub output_gate: bool,
@@ -310,21 +346,21 @@ pub struct KernelConfig {
     pub qk_norm: Option<QkNorm>,
     /// `QkvPrep`: rope mode and rotated channel count.
     pub rope: Option<(RopeMode, usize)>,
-    /// Tile size: warps per block (`ForwardFast` uses [`KernelConfig::tile`] instead).
+    /// Tile size: warps per block (`PrefillSm80` uses [`KernelConfig::tile`] instead).
     pub warps: usize,
-    /// `ForwardFast`: the tile; `None` = [`FastTile::for_head_dim`].
-    pub tile: Option<FastTile>,
-    /// `ForwardFast`: K/V are read from a paged pool through a block table (the prefill of
-    /// a paged mixed batch; key suffix `_paged`); packed queries only. `FlashDecode`: the
+    /// `PrefillSm80`: the tile; `None` = [`PrefillTile::for_head_dim`].
+    pub tile: Option<PrefillTile>,
+    /// `PrefillSm80`: K/V are read from a paged pool through a block table (the prefill of
+    /// a paged mixed batch; key suffix `_paged`); packed queries only. `DecodeSplitKv`: the
     /// split-KV decode of a paged batch's decode rows (key suffix `_paged`, no rope: q and k
     /// come rotated from `qkv_prep`; parameters `PagedDecodeParams`). Ignored elsewhere.
     pub paged_kv: bool,
 }
 
-/// Tile of the `ForwardFast` kernel: `block_m` query rows (`block_m / warps` per warp, a
+/// Tile of the `PrefillSm80` kernel: `block_m` query rows (`block_m / warps` per warp, a
 /// multiple of 16) against `block_n` keys per step, with `stages` K/V shared-memory buffers.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
-pub struct FastTile {
+pub struct PrefillTile {
     /// Query rows per block.
     pub block_m: usize,
     /// Keys per step (multiple of 16).
@@ -335,13 +371,13 @@ pub struct FastTile {
     pub stages: usize,
 }
 
-impl FastTile {
+impl PrefillTile {
     /// The default tile for a head dim: 128 query rows, two stages; 128 keys per step at
     /// head dim 64 and below (measured 0.3–2.6% faster than 64 there, H200), 64 above;
     /// 4 warps of 32 rows up to head dim 128, 8 warps of 16 rows above (the f32 output
     /// accumulator grows with the head dim).
-    pub fn for_head_dim(head_dim: usize) -> FastTile {
-        FastTile {
+    pub fn for_head_dim(head_dim: usize) -> PrefillTile {
+        PrefillTile {
             block_m: 128,
             block_n: if head_dim <= 64 { 128 } else { 64 },
             warps: if head_dim <= 128 { 4 } else { 8 },
@@ -360,9 +396,9 @@ impl FastTile {
     ///
     /// With a mask tensor or a bias (`mask_tensor`: their per-element reads cost registers)
     /// the steps shrink: dK/dV over 32 queries up to head dim 64 and 16 above, dQ over 32 keys.
-    pub fn for_backward(phase: Phase, head_dim: usize, mask_tensor: bool) -> FastTile {
+    pub fn for_backward(phase: Phase, head_dim: usize, mask_tensor: bool) -> PrefillTile {
         match phase {
-            Phase::BackwardDq => FastTile {
+            Phase::BackwardDq => PrefillTile {
                 block_m: 64,
                 block_n: match head_dim {
                     _ if mask_tensor => 32,
@@ -373,7 +409,7 @@ impl FastTile {
                 warps: 4,
                 stages: 2,
             },
-            _ => FastTile {
+            _ => PrefillTile {
                 block_m: match (head_dim <= 64, mask_tensor) {
                     (true, false) => 64,
                     (false, false) | (true, true) => 32,
@@ -411,7 +447,7 @@ impl FastTile {
         if ok {
             Ok(())
         } else {
-            Err(RenderError::BadFastTile { tile: *self })
+            Err(RenderError::BadPrefillTile { tile: *self })
         }
     }
 }
@@ -439,7 +475,7 @@ pub enum RenderError {
     #[error("argument `spec.masks`: expected at least one mask type, got none")]
     NoMasks,
     /// A forward kernel without a mask type.
-    #[error("kernel config: phase `fwd` expects a mask type, got none")]
+    #[error("kernel config: phase `prefill_rows` / `prefill_sm80` expects a mask type, got none")]
     MissingMask,
     /// A window on a mask that cannot take one.
     #[error("argument `window`: mask `{mask}` cannot take a sliding window", mask = .mask.name())]
@@ -466,14 +502,14 @@ pub enum RenderError {
         /// Warps per block given.
         warps: usize,
     },
-    /// A `ForwardFast` tile the kernel cannot run.
+    /// A `PrefillSm80` tile the kernel cannot run.
     #[error(
         "kernel config `tile`: expected 1..=16 warps, block_m a multiple of 16 * warps, \
          block_n a multiple of 16 in 16..=256 and 2..=4 stages, got {tile:?}"
     )]
-    BadFastTile {
+    BadPrefillTile {
         /// The tile given.
-        tile: FastTile,
+        tile: PrefillTile,
     },
     /// A combination the kernels do not implement.
     #[error("argument `{argument}`: {reason}")]
@@ -556,7 +592,7 @@ impl KernelConfig {
             rope: None,
             warps: match phase {
                 Phase::QkvPrep => PREP_WARPS,
-                Phase::FlashDecode => FLASH_DECODE_MAX_WARPS,
+                Phase::DecodeSplitKv => DECODE_SPLITKV_WARPS,
                 _ => ATTENTION_BLOCK_ROWS,
             },
             tile: None,
@@ -568,35 +604,37 @@ impl KernelConfig {
     /// `bottom_right`.
     fn causal_mode(&self) -> &'static str {
         match self.phase {
-            Phase::Forward | Phase::ForwardFast | Phase::BackwardDkdv | Phase::BackwardDq => {
+            Phase::PrefillRows | Phase::PrefillSm80 | Phase::BackwardDkdv | Phase::BackwardDq => {
                 match self.mask {
                     Some(MaskType::Causal | MaskType::PaddingCausal) => "top_left",
                     Some(MaskType::CausalBottomRight) => "bottom_right",
                     _ => "none",
                 }
             }
-            Phase::Decode if !self.causal => "none",
-            Phase::Decode | Phase::Paged | Phase::FlashDecode => "bottom_right",
-            Phase::QkvPrep | Phase::PagedAppend | Phase::BackwardPreprocess => "none",
+            Phase::DecodeRows if !self.causal => "none",
+            Phase::DecodeRows | Phase::DecodeRowsPaged | Phase::DecodeSplitKv => "bottom_right",
+            Phase::QkvPrep | Phase::AppendKv | Phase::BackwardPreprocess => "none",
         }
     }
 
     /// The kernel key (and entry name). Encodes every parameter that changes the source:
     ///
-    /// - `fwd_<dtype>_hd<D>_<mask>[_win][_sink1|_sinkl][_bias][_gate]_w<warps>`
-    /// - `fwdfast_<dtype>_hd<D>_<mask>[_win][_sink1|_sinkl][_bias][_paged][_gate]_m<M>n<N>w<W>s<S>`
-    /// - `decode_<dtype>_hd<D>_<causal|full>[_win][_sink1|_sinkl][_gate]_w<warps>`
-    /// - `paged_<dtype>_hd<D>_causal[_win][_sink1|_sinkl][_gate]_w<warps>`
-    /// - `flashdec_<dtype>_hd<D>_<norope|ropehalf<R>|ropeinter<R>>[_win][_sink1|_sinkl][_paged][_gate]_w<warps>`
-    ///   (its merge entry is `<key>_merge`; `_paged` is always `_norope`)
-    /// - `kvappend_<dtype>_hd<D>_w<warps>`
+    /// - `prefill_rows_<dtype>_hd<D>_<mask>[_win][_sink1|_sinkl][_bias][_gate]_w<warps>`
+    /// - `prefill_<dtype>_hd<D>_<mask>[_win][_sink1|_sinkl][_bias][_paged][_gate]_m<M>n<N>w<W>s<S>_sm80`
+    /// - `decode_rows_<dtype>_hd<D>_<causal|full>[_win][_sink1|_sinkl][_gate]_w<warps>`
+    /// - `decode_rows_<dtype>_hd<D>_causal[_win][_sink1|_sinkl]_paged[_gate]_w<warps>`
+    /// - `decode_splitkv_<dtype>_hd<D>_<norope|ropehalf<R>|ropeinter<R>>[_win][_sink1|_sinkl][_paged][_gate]_w<warps>`
+    ///   (its combine entry is `<key>_combine`; `_paged` is always `_norope`)
+    /// - `append_kv_<dtype>_hd<D>_w<warps>`
     /// - `qkv_prep_<dtype>_hd<D>_<self|cross>_<nonorm|layernorm|rmsnorm|l2norm>_<norope|ropehalf<R>|ropeinter<R>>[_gate]_w<warps>`
     /// - `backward_preprocess_<dtype>_hd<D>` (its sinks entry is `<key>_dsink`)
     /// - `backward_dkdv_<dtype>_hd<D>_<mask>[_win][_bias]_m<M>n<N>w<W>_sm80`,
     ///   `backward_dq_<dtype>_hd<D>_<mask>[_win][_bias]_m<M>n<N>w<W>_sm80` (sinks change neither
     ///   source: they enter through the forward's LSE)
     ///
-    /// `sink1` = off-by-one sink, `sinkl` = learnable sink, `R` = rotated channels.
+    /// `sink1` = off-by-one sink, `sinkl` = learnable sink, `R` = rotated channels. `_paged`
+    /// marks every kernel reading K/V from a paged pool; the arch suffix (`_sm80`: the lowest
+    /// SM version the kernel runs on) comes last, on the kernels that need one.
     pub fn key(&self) -> String {
         let mut k = format!(
             "{}_{}_hd{}",
@@ -615,24 +653,24 @@ impl KernelConfig {
                 if self.has_bias {
                     k.push_str("_bias");
                 }
-                let t = self.fast_tile();
+                let t = self.prefill_tile();
                 k.push_str(&format!("_m{}n{}w{}_sm80", t.block_m, t.block_n, t.warps));
                 return k;
             }
             _ => {}
         }
         match self.phase {
-            Phase::Forward | Phase::ForwardFast => {
+            Phase::PrefillRows | Phase::PrefillSm80 => {
                 k.push('_');
                 k.push_str(self.mask.map(|m| m.name()).unwrap_or("nomask_missing"));
             }
-            Phase::Decode => k.push_str(if self.causal { "_causal" } else { "_full" }),
-            Phase::Paged => k.push_str("_causal"),
-            Phase::PagedAppend
+            Phase::DecodeRows => k.push_str(if self.causal { "_causal" } else { "_full" }),
+            Phase::DecodeRowsPaged => k.push_str("_causal"),
+            Phase::AppendKv
             | Phase::BackwardPreprocess
             | Phase::BackwardDkdv
             | Phase::BackwardDq => {}
-            Phase::FlashDecode => match self.rope {
+            Phase::DecodeSplitKv => match self.rope {
                 None => k.push_str("_norope"),
                 Some((RopeMode::Half, r)) => k.push_str(&format!("_ropehalf{r}")),
                 Some((RopeMode::Interleaved, r)) => k.push_str(&format!("_ropeinter{r}")),
@@ -655,24 +693,27 @@ impl KernelConfig {
                 }
             }
         }
-        if !matches!(self.phase, Phase::QkvPrep | Phase::PagedAppend) {
+        if !matches!(self.phase, Phase::QkvPrep | Phase::AppendKv) {
             if self.has_window {
                 k.push_str("_win");
             }
             k.push_str(sinks_key(self.sinks));
         }
-        if matches!(self.phase, Phase::Forward | Phase::ForwardFast) && self.has_bias {
+        if matches!(self.phase, Phase::PrefillRows | Phase::PrefillSm80) && self.has_bias {
             k.push_str("_bias");
         }
-        if matches!(self.phase, Phase::ForwardFast | Phase::FlashDecode) && self.paged_kv {
+        if (matches!(self.phase, Phase::PrefillSm80 | Phase::DecodeSplitKv) && self.paged_kv)
+            || self.phase == Phase::DecodeRowsPaged
+        {
             k.push_str("_paged");
         }
         if self.output_gate {
             k.push_str("_gate");
         }
-        if self.phase == Phase::ForwardFast {
+        if self.phase == Phase::PrefillSm80 {
             k.push('_');
-            k.push_str(&self.fast_tile().key());
+            k.push_str(&self.prefill_tile().key());
+            k.push_str("_sm80");
         } else {
             k.push_str(&format!("_w{}", self.warps));
         }
@@ -695,14 +736,14 @@ impl KernelConfig {
         if self.warps == 0 || self.warps > 32 {
             return Err(RenderError::BadTile { warps: self.warps });
         }
-        if matches!(self.phase, Phase::Forward | Phase::ForwardFast) {
+        if matches!(self.phase, Phase::PrefillRows | Phase::PrefillSm80) {
             let mask = self.mask.ok_or(RenderError::MissingMask)?;
             if self.has_window && !mask.accepts_window() {
                 return Err(RenderError::WindowOnMask { mask });
             }
         }
-        if self.phase == Phase::ForwardFast {
-            self.fast_tile().check()?;
+        if self.phase == Phase::PrefillSm80 {
+            self.prefill_tile().check()?;
         }
         if self.phase.is_backward() {
             self.check_backward()?;
@@ -721,13 +762,13 @@ impl KernelConfig {
                 });
             }
         }
-        if self.phase == Phase::FlashDecode && self.paged_kv && self.rope.is_some() {
+        if self.phase == Phase::DecodeSplitKv && self.paged_kv && self.rope.is_some() {
             return Err(RenderError::Unsupported {
                 argument: "rope",
                 reason: "the paged decode kernel reads q and k already rotated by qkv_prep",
             });
         }
-        if let (Phase::QkvPrep | Phase::FlashDecode, Some((_, r))) = (self.phase, self.rope) {
+        if let (Phase::QkvPrep | Phase::DecodeSplitKv, Some((_, r))) = (self.phase, self.rope) {
             if r == 0 || r & 1 == 1 || r > self.head_dim {
                 return Err(RenderError::RotaryDim {
                     head_dim: self.head_dim,
@@ -762,7 +803,7 @@ impl KernelConfig {
         if self.has_window && !mask.accepts_window() {
             return Err(RenderError::WindowOnMask { mask });
         }
-        let t = self.fast_tile();
+        let t = self.prefill_tile();
         // dK/dV: 16 keys per warp, or per pair of warps (splitting the head dim in two).
         let per_warp = if self.phase == Phase::BackwardDkdv {
             if t.warps * 16 == 2 * t.block_n && self.head_dim.is_multiple_of(32) {
@@ -785,7 +826,7 @@ impl KernelConfig {
             || other > 128
             || t.stages != 2
         {
-            return Err(RenderError::BadFastTile { tile: t });
+            return Err(RenderError::BadPrefillTile { tile: t });
         }
         Ok(())
     }
@@ -795,7 +836,7 @@ impl KernelConfig {
     /// `head_dim + 8` 16-bit elements) and of their LSE and D (f32); dQ holds Q, dO and two
     /// buffers of the K, V tiles.
     pub fn backward_smem_bytes(&self) -> usize {
-        let t = self.fast_tile();
+        let t = self.prefill_tile();
         let row = (self.head_dim + 8) * 2;
         match self.phase {
             Phase::BackwardDkdv => (2 * t.block_n + 4 * t.block_m) * row + 16 * t.block_m,
@@ -829,7 +870,7 @@ impl KernelConfig {
         c.insert("has_gate", &self.output_gate);
         c.insert("block_rows", &self.warps);
         c.insert("prep_warps", &self.warps);
-        let tile = self.fast_tile();
+        let tile = self.prefill_tile();
         c.insert("block_m", &tile.block_m);
         c.insert("block_n", &tile.block_n);
         c.insert("warps", &tile.warps);
@@ -857,10 +898,10 @@ impl KernelConfig {
         };
         c.insert("rope", rope);
         c.insert("rot_dim", &rot_dim);
-        c.insert("decode_tile", &flash_decode_tile(self.head_dim));
-        c.insert("decode_stages", &FLASH_DECODE_STAGES);
-        c.insert("decode_warps", &FLASH_DECODE_MAX_WARPS);
-        c.insert("merge_warps", &FLASH_DECODE_MERGE_WARPS);
+        c.insert("decode_tile", &decode_splitkv_tile(self.head_dim));
+        c.insert("decode_stages", &DECODE_SPLITKV_STAGES);
+        c.insert("decode_warps", &DECODE_SPLITKV_WARPS);
+        c.insert("merge_warps", &DECODE_SPLITKV_COMBINE_WARPS);
         c.insert(
             "bwd_part",
             match self.phase {
@@ -887,7 +928,7 @@ impl KernelConfig {
             head_dim: self.head_dim,
             mask: if matches!(
                 self.phase,
-                Phase::Forward | Phase::ForwardFast | Phase::BackwardDkdv | Phase::BackwardDq
+                Phase::PrefillRows | Phase::PrefillSm80 | Phase::BackwardDkdv | Phase::BackwardDq
             ) {
                 self.mask
             } else {
@@ -895,19 +936,20 @@ impl KernelConfig {
             },
             dtype: self.dtype,
             paged_kv: self.paged_kv
-                && matches!(self.phase, Phase::ForwardFast | Phase::FlashDecode),
+                && matches!(self.phase, Phase::PrefillSm80 | Phase::DecodeSplitKv),
             source,
         })
     }
 
-    /// The `ForwardFast` tile: [`KernelConfig::tile`] or the head dim's default.
-    pub fn fast_tile(&self) -> FastTile {
+    /// The `PrefillSm80` tile (and the backward phases'): [`KernelConfig::tile`] or the
+    /// head dim's default.
+    pub fn prefill_tile(&self) -> PrefillTile {
         self.tile.unwrap_or_else(|| {
             if self.phase.is_backward() {
                 let mask_tensor = self.mask.is_some_and(|m| m.takes_mask_tensor()) || self.has_bias;
-                FastTile::for_backward(self.phase, self.head_dim, mask_tensor)
+                PrefillTile::for_backward(self.phase, self.head_dim, mask_tensor)
             } else {
-                FastTile::for_head_dim(self.head_dim)
+                PrefillTile::for_head_dim(self.head_dim)
             }
         })
     }
@@ -921,7 +963,7 @@ impl KernelConfig {
 /// The kernel parameter structs (`templates/partials/params.cu`) after the element types of
 /// `dtype`, compilable on their own: what tests append layout `static_assert`s to.
 pub fn params_source(dtype: DType) -> Result<String, RenderError> {
-    let mut c = KernelConfig::new(Phase::Forward, dtype, 64).context("params_probe");
+    let mut c = KernelConfig::new(Phase::PrefillRows, dtype, 64).context("params_probe");
     c.insert("head_dim", &64);
     engine()?
         .render("params_probe.cu", &c)
@@ -987,29 +1029,32 @@ pub fn render_all(configs: &[KernelConfig]) -> Result<Vec<KernelSource>, RenderE
     configs.iter().map(|c| c.render_with(&tera)).collect()
 }
 
-/// The `ForwardFast` configs a spec needs (default tiles): the registry's
+/// The `PrefillSm80` configs a spec needs (default tiles): the registry's
 /// ([`registry::kernels_for_spec_head_dims`])
-/// fast forward kernels, one per head dim, per mask and without / with the additive
-/// attention bias, in spec order. The fast kernel implements every mask, mask tensors
-/// included.
-pub fn fast_configs_for_spec(spec: &AttentionSpec) -> Result<Vec<KernelConfig>, RenderError> {
+/// `prefill_*_sm80` kernels, one per head dim, per mask and without / with the additive
+/// attention bias, in spec order. The kernel implements every mask, mask tensors included.
+pub fn prefill_sm80_configs_for_spec(
+    spec: &AttentionSpec,
+) -> Result<Vec<KernelConfig>, RenderError> {
     let mut all = registry::kernels_for_spec_head_dims(spec, Target::AnyDevice)?;
-    all.retain(|c| c.phase == Phase::ForwardFast);
+    all.retain(|c| c.phase == Phase::PrefillSm80);
     Ok(all)
 }
 
-/// Render [`fast_configs_for_spec`].
-pub fn fast_kernels_for_spec(spec: &AttentionSpec) -> Result<Vec<KernelSource>, RenderError> {
-    render_all(&fast_configs_for_spec(spec)?)
+/// Render [`prefill_sm80_configs_for_spec`].
+pub fn prefill_sm80_kernels_for_spec(
+    spec: &AttentionSpec,
+) -> Result<Vec<KernelSource>, RenderError> {
+    render_all(&prefill_sm80_configs_for_spec(spec)?)
 }
 
 #[cfg(test)]
-mod fast_forward_tests {
+mod prefill_sm80_tests {
     use super::*;
     use crate::spec::AttentionKind;
 
     fn fast(mask: MaskType, has_bias: bool) -> KernelConfig {
-        let mut c = KernelConfig::new(Phase::ForwardFast, DType::Bf16, 128);
+        let mut c = KernelConfig::new(Phase::PrefillSm80, DType::Bf16, 128);
         c.mask = Some(mask);
         c.has_bias = has_bias;
         c
@@ -1025,13 +1070,13 @@ mod fast_forward_tests {
             let k = fast(mask, false).render().expect("mask tensor renders");
             assert_eq!(
                 k.key,
-                format!("fwdfast_bf16_hd128_{}_m128n64w4s2", mask.name())
+                format!("prefill_bf16_hd128_{}_m128n64w4s2_sm80", mask.name())
             );
             assert!(k.source.contains("mask_stride_k] != 0"), "{}", k.key);
             assert!(!k.source.contains("bias_stride_k]"), "{}", k.key);
         }
         let k = fast(MaskType::Causal, true).render().expect("bias renders");
-        assert_eq!(k.key, "fwdfast_bf16_hd128_causal_bias_m128n64w4s2");
+        assert_eq!(k.key, "prefill_bf16_hd128_causal_bias_m128n64w4s2_sm80");
         assert!(k.source.contains("bias_stride_k]"));
         assert!(!k.source.contains("mask_stride_k] != 0"));
         // Without either, the kernel reads neither tensor.
@@ -1051,22 +1096,22 @@ mod fast_forward_tests {
             masks: vec![MaskType::Causal, MaskType::Padding],
             ..AttentionSpec::new(AttentionKind::SelfAttention)
         };
-        let keys: Vec<String> = fast_configs_for_spec(&spec)
+        let keys: Vec<String> = prefill_sm80_configs_for_spec(&spec)
             .unwrap()
             .iter()
             .map(|c| c.key())
             .collect();
-        let tile = FastTile::for_head_dim(64).key();
+        let tile = PrefillTile::for_head_dim(64).key();
         assert_eq!(
             keys,
             [
-                format!("fwdfast_bf16_hd64_causal_{tile}"),
-                format!("fwdfast_bf16_hd64_causal_bias_{tile}"),
-                format!("fwdfast_bf16_hd64_padding_{tile}"),
-                format!("fwdfast_bf16_hd64_padding_bias_{tile}"),
+                format!("prefill_bf16_hd64_causal_{tile}_sm80"),
+                format!("prefill_bf16_hd64_causal_bias_{tile}_sm80"),
+                format!("prefill_bf16_hd64_padding_{tile}_sm80"),
+                format!("prefill_bf16_hd64_padding_bias_{tile}_sm80"),
                 // Static-cache prefill, then the paged batch (self-attention).
-                format!("fwdfast_bf16_hd64_causal_bottom_right_{tile}"),
-                format!("fwdfast_bf16_hd64_causal_bottom_right_paged_{tile}"),
+                format!("prefill_bf16_hd64_causal_bottom_right_{tile}_sm80"),
+                format!("prefill_bf16_hd64_causal_bottom_right_paged_{tile}_sm80"),
             ]
         );
     }

@@ -8,7 +8,7 @@
 use std::fmt;
 
 /// Head dims the kernels are rendered for. The one place this set is defined.
-pub const SUPPORTED_HEAD_DIMS: &[usize] = &[32, 64, 96, 128, 160, 192, 224, 256];
+pub const SUPPORTED_HEAD_DIMS: &[usize] = &[32, 64, 80, 96, 128, 160, 192, 224, 256];
 
 /// Self- or cross-attention (`SelfAttention` / `CrossAttention` in the reference system).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]

@@ -47,6 +47,15 @@ fn catalog_has_the_named_models() {
         (Some(12), Some(12), vec![32], Some(384))
     );
     assert!(minilm.rope.is_none() && minilm.bias && minilm.default_mask() == MaskType::Padding);
+    // Phi-2: head dim 80 (not a multiple of 32), partial rope over 32 channels, biases.
+    let phi = get("phi-2");
+    assert_eq!(
+        (phi.heads, phi.gqa, phi.head_dims.clone(), phi.hidden),
+        (Some(32), Some(32), vec![80], Some(2560))
+    );
+    let rope = phi.rope.unwrap();
+    assert_eq!((rope.rotary_percent, rope.rotary_base), (0.4, 10000.0));
+    assert!(phi.bias && phi.qk_norm.is_none() && phi.default_mask() == MaskType::Causal);
     assert!(cat.iter().any(|e| e.spec.head_dims.contains(&256)));
     assert!(cat
         .iter()
@@ -64,8 +73,16 @@ fn catalog_kernels_are_unique_and_cover_every_model() {
     assert_eq!(keys.len(), ks.len());
     for e in catalog() {
         let mine = kernels_for_spec(&e.spec).unwrap();
-        assert!(mine.iter().any(|k| k.phase == Phase::Forward), "{}", e.name);
-        assert!(mine.iter().any(|k| k.phase == Phase::Decode), "{}", e.name);
+        assert!(
+            mine.iter().any(|k| k.phase == Phase::PrefillRows),
+            "{}",
+            e.name
+        );
+        assert!(
+            mine.iter().any(|k| k.phase == Phase::DecodeRows),
+            "{}",
+            e.name
+        );
         assert!(mine.iter().any(|k| k.phase == Phase::QkvPrep), "{}", e.name);
         for k in mine {
             assert!(

@@ -24,7 +24,7 @@ fn all_attention_configs() -> Vec<KernelConfig> {
                             continue;
                         }
                         for has_bias in [false, true] {
-                            let mut c = KernelConfig::new(Phase::Forward, dtype, hd);
+                            let mut c = KernelConfig::new(Phase::PrefillRows, dtype, hd);
                             c.mask = Some(mask);
                             c.has_window = has_window;
                             c.sinks = sinks;
@@ -34,9 +34,9 @@ fn all_attention_configs() -> Vec<KernelConfig> {
                         }
                     }
                     for (phase, causal) in [
-                        (Phase::Decode, true),
-                        (Phase::Decode, false),
-                        (Phase::Paged, true),
+                        (Phase::DecodeRows, true),
+                        (Phase::DecodeRows, false),
+                        (Phase::DecodeRowsPaged, true),
                     ] {
                         let mut c = KernelConfig::new(phase, dtype, hd);
                         c.causal = causal;
@@ -124,21 +124,21 @@ fn every_variant_renders_without_includes_and_deterministically() {
 
 #[test]
 fn sources_specialize_the_parameters() {
-    let mut c = KernelConfig::new(Phase::Forward, DType::F16, 192);
+    let mut c = KernelConfig::new(Phase::PrefillRows, DType::F16, 192);
     c.mask = Some(MaskType::Arbitrary);
     c.sinks = Some(Sinks::Learnable);
     let k = c.render().unwrap();
-    assert_eq!(k.key, "fwd_f16_hd192_arbitrary_sinkl_w4");
+    assert_eq!(k.key, "prefill_rows_f16_hd192_arbitrary_sinkl_w4");
     assert!(k.source.contains("constexpr int HEAD_DIM = 192;"));
     assert!(k.source.contains("typedef f16_t elem_t;"));
     assert!(k.source.contains("p.mask[b * p.mask_stride_b"));
     assert!(k.source.contains("sinks[head] * LOG2E"));
     assert_eq!(k.mask, Some(MaskType::Arbitrary));
 
-    let mut d = KernelConfig::new(Phase::Decode, DType::Bf16, 64);
+    let mut d = KernelConfig::new(Phase::DecodeRows, DType::Bf16, 64);
     d.causal = false;
     let k = d.render().unwrap();
-    assert_eq!(k.key, "decode_bf16_hd64_full_w4");
+    assert_eq!(k.key, "decode_rows_bf16_hd64_full_w4");
     assert!(!k
         .source
         .contains("hi_ = min(hi_, (long long)i + sk - sq + 1)"));
@@ -174,36 +174,39 @@ fn kernels_for_spec_covers_phases_head_dims_and_masks() {
     let ks = kernels_for_spec(&spec).unwrap();
     let keys: Vec<&str> = ks.iter().map(|k| k.key.as_str()).collect();
     for hd in [64, 128] {
-        let tile = attention_codegen::render::FastTile::for_head_dim(hd).key();
+        let tile = attention_codegen::render::PrefillTile::for_head_dim(hd).key();
         for want in [
             format!("qkv_prep_bf16_hd{hd}_self_nonorm_ropehalf{hd}_w4"),
-            // The decode step's prep: flashdec applies the rope itself.
+            // The decode step's prep: decode_splitkv applies the rope itself.
             format!("qkv_prep_bf16_hd{hd}_self_nonorm_norope_w4"),
-            format!("fwdfast_bf16_hd{hd}_causal_win_sinkl_{tile}"),
-            format!("fwdfast_bf16_hd{hd}_causal_win_sinkl_bias_{tile}"),
-            format!("fwdfast_bf16_hd{hd}_padding_win_sinkl_{tile}"),
-            format!("fwdfast_bf16_hd{hd}_padding_win_sinkl_bias_{tile}"),
-            format!("fwd_bf16_hd{hd}_causal_win_sinkl_w4"),
-            format!("fwd_bf16_hd{hd}_causal_win_sinkl_bias_w4"),
-            format!("fwd_bf16_hd{hd}_padding_win_sinkl_w4"),
-            format!("fwd_bf16_hd{hd}_padding_win_sinkl_bias_w4"),
-            format!("decode_bf16_hd{hd}_causal_win_sinkl_w4"),
-            format!("paged_bf16_hd{hd}_causal_win_sinkl_w4"),
-            format!("flashdec_bf16_hd{hd}_ropehalf{hd}_win_sinkl_w4"),
-            format!("kvappend_bf16_hd{hd}_w4"),
+            format!("prefill_bf16_hd{hd}_causal_win_sinkl_{tile}_sm80"),
+            format!("prefill_bf16_hd{hd}_causal_win_sinkl_bias_{tile}_sm80"),
+            format!("prefill_bf16_hd{hd}_padding_win_sinkl_{tile}_sm80"),
+            format!("prefill_bf16_hd{hd}_padding_win_sinkl_bias_{tile}_sm80"),
+            format!("prefill_rows_bf16_hd{hd}_causal_win_sinkl_w4"),
+            format!("prefill_rows_bf16_hd{hd}_causal_win_sinkl_bias_w4"),
+            format!("prefill_rows_bf16_hd{hd}_padding_win_sinkl_w4"),
+            format!("prefill_rows_bf16_hd{hd}_padding_win_sinkl_bias_w4"),
+            format!("decode_rows_bf16_hd{hd}_causal_win_sinkl_w4"),
+            format!("decode_rows_bf16_hd{hd}_causal_win_sinkl_paged_w4"),
+            format!("decode_splitkv_bf16_hd{hd}_ropehalf{hd}_win_sinkl_w4"),
+            format!("append_kv_bf16_hd{hd}_w4"),
             // Static-cache prefill and the paged batch on tensor cores.
-            format!("fwdfast_bf16_hd{hd}_causal_bottom_right_win_sinkl_{tile}"),
-            format!("fwdfast_bf16_hd{hd}_causal_bottom_right_win_sinkl_paged_{tile}"),
+            format!("prefill_bf16_hd{hd}_causal_bottom_right_win_sinkl_{tile}_sm80"),
+            format!("prefill_bf16_hd{hd}_causal_bottom_right_win_sinkl_paged_{tile}_sm80"),
             // The paged batch's decode rows on the split-KV decode kernel.
-            format!("flashdec_bf16_hd{hd}_norope_win_sinkl_paged_w4"),
+            format!("decode_splitkv_bf16_hd{hd}_norope_win_sinkl_paged_w4"),
         ] {
             assert!(keys.contains(&want.as_str()), "missing {want} in {keys:?}");
         }
     }
     assert_eq!(ks.len(), 34);
-    assert_eq!(ks.iter().filter(|k| k.phase == Phase::Forward).count(), 8);
     assert_eq!(
-        ks.iter().filter(|k| k.phase == Phase::ForwardFast).count(),
+        ks.iter().filter(|k| k.phase == Phase::PrefillRows).count(),
+        8
+    );
+    assert_eq!(
+        ks.iter().filter(|k| k.phase == Phase::PrefillSm80).count(),
         12
     );
 }
@@ -225,14 +228,14 @@ fn cross_attention_has_no_paged_kernel_and_a_context_cache_step() {
         keys,
         [
             "qkv_prep_bf16_hd64_cross_nonorm_norope_w4",
-            "fwdfast_bf16_hd64_no_mask_m128n128w4s2",
-            "fwd_bf16_hd64_no_mask_w4",
-            "fwdfast_bf16_hd64_no_mask_bias_m128n128w4s2",
-            "fwd_bf16_hd64_no_mask_bias_w4",
-            // The context-cache step: fwdfast_*_no_mask above, or this where it cannot run.
-            "decode_bf16_hd64_full_w4",
+            "prefill_bf16_hd64_no_mask_m128n128w4s2_sm80",
+            "prefill_rows_bf16_hd64_no_mask_w4",
+            "prefill_bf16_hd64_no_mask_bias_m128n128w4s2_sm80",
+            "prefill_rows_bf16_hd64_no_mask_bias_w4",
+            // The context-cache step: prefill_*_no_mask_sm80 above, or this where it cannot run.
+            "decode_rows_bf16_hd64_full_w4",
             // Fills the context cache.
-            "kvappend_bf16_hd64_w4"
+            "append_kv_bf16_hd64_w4"
         ]
     );
 }
@@ -261,14 +264,14 @@ fn duplicate_masks_are_rendered_once() {
 #[test]
 fn error_unsupported_head_dim() {
     let mut spec = llama();
-    spec.head_dims = vec![80];
+    spec.head_dims = vec![72];
     let e = kernels_for_spec(&spec).unwrap_err();
     assert!(
-        matches!(e, RenderError::UnsupportedHeadDim { head_dim: 80, .. }),
+        matches!(e, RenderError::UnsupportedHeadDim { head_dim: 72, .. }),
         "{e:?}"
     );
-    assert!(e.to_string().contains("head_dim") && e.to_string().contains("80"));
-    let mut c = KernelConfig::new(Phase::Decode, DType::Bf16, 100);
+    assert!(e.to_string().contains("head_dim") && e.to_string().contains("72"));
+    let mut c = KernelConfig::new(Phase::DecodeRows, DType::Bf16, 100);
     c.causal = true;
     assert!(matches!(
         c.render(),
@@ -294,7 +297,7 @@ fn error_no_masks() {
     spec.masks.clear();
     assert_eq!(kernels_for_spec(&spec).unwrap_err(), RenderError::NoMasks);
     assert_eq!(
-        KernelConfig::new(Phase::Forward, DType::Bf16, 64)
+        KernelConfig::new(Phase::PrefillRows, DType::Bf16, 64)
             .render()
             .unwrap_err(),
         RenderError::MissingMask

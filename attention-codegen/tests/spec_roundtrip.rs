@@ -45,7 +45,7 @@ fn arb_spec() -> impl Strategy<Value = AttentionSpec> {
         any::<bool>(),
         proptest::option::of((
             select(vec![RopeMode::Half, RopeMode::Interleaved]),
-            select(vec![1.0, 0.5, 0.25, 0.125, 0.0625]),
+            select(vec![1.0, 0.5, 0.4, 0.25, 0.125, 0.0625]),
             arb_float(1.0, 1e7, 10000.0),
         )),
     );
@@ -88,9 +88,18 @@ fn arb_spec() -> impl Strategy<Value = AttentionSpec> {
         s.rope = if cross {
             None
         } else {
+            // A fraction that rotates an even whole number of channels at every listed head
+            // dim (0.0625 of 80 is 5: fall back to 0.5 there, which every dim allows).
             rope.map(|(mode, rotary_percent, rotary_base)| Rope {
                 mode,
-                rotary_percent,
+                rotary_percent: if s.head_dims.iter().all(|&d| {
+                    let rot = d as f64 * rotary_percent;
+                    rot.fract() == 0.0 && (rot as usize).is_multiple_of(2)
+                }) {
+                    rotary_percent
+                } else {
+                    0.5
+                },
                 rotary_base,
             })
         };

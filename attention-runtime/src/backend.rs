@@ -7,6 +7,8 @@
 //!   over a static cache, mixed decode + prefill over a paged cache, each over the backend's
 //!   own tensors and caches. The CPU layer is any [`AttentionLayer`] wrapped in [`CpuLayer`];
 //!   the CUDA layer is [`CudaLayer`].
+//! - [`TrainLayer`]: training (forward with a saved context, backward, delayed weight
+//!   gradients), implemented for [`CpuLayer`]; the CUDA backward plugs in the same way.
 //! - [`StaticCache`] / [`PagedCache`]: the bookkeeping of both backends' caches.
 //!
 //! Validation, positions and batch geometry of the cache steps are computed above the seam,
@@ -19,6 +21,7 @@
 //! stream and returns (see [`CudaLayer::forward_device`] for when device errors surface);
 //! [`Backend::synchronize`] waits for it.
 
+use std::collections::BTreeMap;
 use std::sync::Arc;
 
 use crate::config::LayerConfig;
@@ -29,6 +32,7 @@ use crate::error::Result;
 use crate::kv_cache::{BlockAllocator, PagedBatch, PagedKvCache, PagedRequest, StaticKvCache};
 use crate::layer::{AttentionLayer, ForwardArgs};
 use crate::tensor::Tensor;
+use crate::train::{BackwardOptions, CpuSaved, LayerGrads, TrainOptions};
 
 /// The bookkeeping of a static KV cache, the same on every backend.
 pub trait StaticCache {
@@ -183,6 +187,83 @@ pub trait BackendLayer {
         layer: usize,
         batch: &PagedBatch<'_>,
     ) -> Result<BTensor<Self::Backend>>;
+}
+
+/// What a training forward saved, as every backend's context reports it.
+pub trait SavedForward {
+    /// Per query head the max pre-softmax logit of the forward, `[np]` (QK-Clip's statistic,
+    /// for [`crate::train::QkClip::observe`]).
+    fn max_logit(&self) -> &[f32];
+    /// Bytes of activations held for the backward (0 once consumed).
+    fn saved_bytes(&self) -> usize;
+}
+
+/// Training on a backend: a forward that saves what the backward needs, the backward of the
+/// whole layer, and the delayed weight gradients (Megatron's `backward_dw`). Implemented for
+/// [`CpuLayer`] by [`crate::train`]; a CUDA implementation plugs in with its own
+/// [`Saved`](Self::Saved) context. Shapes and semantics are [`crate::train`]'s.
+///
+/// Misuse is a typed error and changes nothing: a `grad_output` of another shape or dtype
+/// ([`crate::AttnError::Shape`] / [`crate::AttnError::DType`]), a backward on a context whose
+/// activations were consumed, `backward_dw` before `backward` or twice
+/// ([`crate::AttnError::TrainState`]).
+pub trait TrainLayer: BackendLayer {
+    /// The backend's saved-forward context.
+    type Saved: SavedForward;
+    /// Forward (as [`BackendLayer::forward`], bitwise the same output) that also returns the
+    /// context for [`backward`](Self::backward).
+    fn forward_train(
+        &self,
+        hidden: &BTensor<Self::Backend>,
+        args: &ForwardArgs<'_>,
+        opts: &TrainOptions,
+    ) -> Result<(BTensor<Self::Backend>, Self::Saved)>;
+    /// Backward from `grad_output` (the output's shape): the input gradient and the parameter
+    /// gradients under Megatron names ([`LayerGrads`]). Consumes the saved activations.
+    fn backward(
+        &self,
+        saved: &mut Self::Saved,
+        grad_output: &BTensor<Self::Backend>,
+        opts: &BackwardOptions,
+    ) -> Result<LayerGrads<BTensor<Self::Backend>>>;
+    /// The weight gradients a backward with [`BackwardOptions::delay_wgrad`] left pending,
+    /// under Megatron names; bitwise equal to the one-step backward's.
+    fn backward_dw(
+        &self,
+        saved: &mut Self::Saved,
+    ) -> Result<BTreeMap<String, BTensor<Self::Backend>>>;
+}
+
+impl SavedForward for CpuSaved {
+    fn max_logit(&self) -> &[f32] {
+        CpuSaved::max_logit(self)
+    }
+    fn saved_bytes(&self) -> usize {
+        CpuSaved::saved_bytes(self)
+    }
+}
+
+impl<L: AttentionLayer> TrainLayer for CpuLayer<L> {
+    type Saved = CpuSaved;
+    fn forward_train(
+        &self,
+        hidden: &Tensor,
+        args: &ForwardArgs<'_>,
+        opts: &TrainOptions,
+    ) -> Result<(Tensor, CpuSaved)> {
+        crate::train::forward_train(&self.0.parts(), hidden, args, opts)
+    }
+    fn backward(
+        &self,
+        saved: &mut CpuSaved,
+        grad_output: &Tensor,
+        opts: &BackwardOptions,
+    ) -> Result<LayerGrads<Tensor>> {
+        crate::train::backward(&self.0.parts(), saved, grad_output, opts)
+    }
+    fn backward_dw(&self, saved: &mut CpuSaved) -> Result<BTreeMap<String, Tensor>> {
+        crate::train::backward_dw(saved)
+    }
 }
 
 impl StaticCache for StaticKvCache {

@@ -156,7 +156,7 @@ pub enum AttnError {
     /// Another CUDA driver, NVRTC or cuBLASLt call failed.
     #[error("CUDA call `{call}` failed: {msg}")]
     Cuda {
-        /// The operation (`memcpy_dtoh output`, `load_module fwd_bf16_...`).
+        /// The operation (`memcpy_dtoh output`, `load_module prefill_rows_bf16_...`).
         call: String,
         /// The driver's or library's message.
         msg: String,
@@ -223,6 +223,19 @@ pub enum AttnError {
         /// The keys that would identify a family, relative to the prefix.
         expected: String,
         /// The keys found under the prefix (the first few).
+        got: String,
+    },
+    /// A training call out of order on a saved forward context (crate::train): a backward on
+    /// a context whose activations an earlier backward consumed (no saved forward left),
+    /// `backward_dw` before `backward`, after a backward that did not delay the weight
+    /// gradients, or a second time. Nothing was computed or changed.
+    #[error("`{call}` out of order: expected {expected}, got {got}")]
+    TrainState {
+        /// The call (`backward`, `backward_dw`).
+        call: String,
+        /// The state the call needs.
+        expected: String,
+        /// The context's state.
         got: String,
     },
 }

@@ -805,8 +805,8 @@ mod tests {
     #[test]
     fn file_names_keep_the_key() {
         assert_eq!(
-            file_name("fwd_bf16_hd128", "sm_90a", 0xab),
-            "fwd_bf16_hd128.sm_90a.00000000000000ab.cubin"
+            file_name("prefill_rows_bf16_hd128", "sm_90a", 0xab),
+            "prefill_rows_bf16_hd128.sm_90a.00000000000000ab.cubin"
         );
         assert_eq!(file_key("a/b.c"), "a_b_c");
         assert_eq!(file_key(""), "_");

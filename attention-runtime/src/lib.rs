@@ -10,6 +10,8 @@
 //! - [`weights`]: safetensors weights ([`WeightStore`]) under Megatron or Hugging Face names
 //!   ([`WeightNames`], [`weights::hf`]).
 //! - [`reference`](mod@reference): the CPU reference math.
+//! - [`train`]: training on the CPU reference (backward, delayed wgrad, selective recompute,
+//!   QK-Clip); the backend-neutral trait is [`backend::TrainLayer`].
 
 pub mod backend;
 pub mod config;
@@ -25,6 +27,7 @@ pub mod plan;
 pub mod reference;
 pub mod spec_layer;
 pub mod tensor;
+pub mod train;
 pub mod weights;
 
 pub use config::{LayerConfig, RuntimeDims};

@@ -36,6 +36,21 @@ pub trait CudaSubmodule {
     fn cuda_state_dict(&self) -> Result<Vec<(String, Tensor)>>;
 }
 
+/// How a submodule takes part in a backward (crate::train): its math IS its role's default
+/// math (the [`Linear`], [`QkNormLayer`], [`DotProductAttention`] formulas) over these
+/// parameters, which are its own trainable parameters, so their gradients are the module's.
+///
+/// The default submodules implement it. A user submodule with other math does not (a
+/// backward through it is an [`AttnError::NoBackendImpl`]): unlike
+/// [`CudaSubmodule`], equivalent parameters are not enough, the gradient must be of the
+/// module's own parameters.
+pub trait TrainSubmodule {
+    /// The trainable parameters under their names relative to the module, in the default
+    /// module's layout: linears `weight` `[out, in]` and `bias` `[out]`; norms `weight` /
+    /// `bias` `[hn]`; core attention `softmax_offset` `[np]` (learnable sinks only).
+    fn train_state_dict(&self) -> Result<Vec<(String, Tensor)>>;
+}
+
 /// A linear projection `y = x W^T`, its bias kept apart (the layer adds it where the reference
 /// system does, and returns `linear_proj`'s bias unadded).
 pub trait LinearModule: Send + Sync {
@@ -57,6 +72,12 @@ pub trait LinearModule: Send + Sync {
     fn cuda(&self) -> Option<&dyn CudaSubmodule> {
         None
     }
+    /// This module's training-side view, if it has one (see [`TrainSubmodule`]). Default:
+    /// none, so a backward through a layer holding it is an
+    /// [`AttnError::NoBackendImpl`] naming the role.
+    fn train(&self) -> Option<&dyn TrainSubmodule> {
+        None
+    }
 }
 
 /// A norm over the last dim.
@@ -70,6 +91,12 @@ pub trait NormModule: Send + Sync {
     /// This module's CUDA implementation, if it has one (see [`CudaSubmodule`]). Default:
     /// none, so a layer holding it cannot move to a GPU.
     fn cuda(&self) -> Option<&dyn CudaSubmodule> {
+        None
+    }
+    /// This module's training-side view, if it has one (see [`TrainSubmodule`]). Default:
+    /// none, so a backward through a layer holding it is an
+    /// [`AttnError::NoBackendImpl`] naming the role.
+    fn train(&self) -> Option<&dyn TrainSubmodule> {
         None
     }
 }
@@ -121,6 +148,12 @@ pub trait CoreAttentionModule: Send + Sync {
     /// This module's CUDA implementation, if it has one (see [`CudaSubmodule`]). Default:
     /// none, so a layer holding it cannot move to a GPU.
     fn cuda(&self) -> Option<&dyn CudaSubmodule> {
+        None
+    }
+    /// This module's training-side view, if it has one (see [`TrainSubmodule`]). Default:
+    /// none, so a backward through a layer holding it is an
+    /// [`AttnError::NoBackendImpl`] naming the role.
+    fn train(&self) -> Option<&dyn TrainSubmodule> {
         None
     }
 }
@@ -211,6 +244,9 @@ impl LinearModule for Linear {
     fn cuda(&self) -> Option<&dyn CudaSubmodule> {
         Some(self)
     }
+    fn train(&self) -> Option<&dyn TrainSubmodule> {
+        Some(self)
+    }
     fn in_features(&self) -> usize {
         self.weight.shape()[1]
     }
@@ -287,6 +323,9 @@ fn norm_kind(cfg: &LayerConfig, role: Role) -> Result<QkNorm> {
 
 impl NormModule for QkNormLayer {
     fn cuda(&self) -> Option<&dyn CudaSubmodule> {
+        Some(self)
+    }
+    fn train(&self) -> Option<&dyn TrainSubmodule> {
         Some(self)
     }
     fn forward(&self, x: &Tensor) -> Result<Tensor> {
@@ -514,6 +553,9 @@ impl CoreAttentionModule for DotProductAttention {
     fn cuda(&self) -> Option<&dyn CudaSubmodule> {
         Some(self)
     }
+    fn train(&self) -> Option<&dyn TrainSubmodule> {
+        Some(self)
+    }
     fn forward(&self, q: &Tensor, k: &Tensor, v: &Tensor, args: &CoreArgs<'_>) -> Result<Tensor> {
         let (np, ng, hn) = (self.heads, self.groups, self.head_dim);
         let sinks = self.sink_logits()?;
@@ -639,6 +681,24 @@ impl CudaSubmodule for QkNormLayer {
 
 impl CudaSubmodule for DotProductAttention {
     fn cuda_state_dict(&self) -> Result<Vec<(String, Tensor)>> {
+        Ok(<Self as CoreAttentionModule>::state_dict(self))
+    }
+}
+
+impl TrainSubmodule for Linear {
+    fn train_state_dict(&self) -> Result<Vec<(String, Tensor)>> {
+        Ok(<Self as LinearModule>::state_dict(self))
+    }
+}
+
+impl TrainSubmodule for QkNormLayer {
+    fn train_state_dict(&self) -> Result<Vec<(String, Tensor)>> {
+        Ok(<Self as NormModule>::state_dict(self))
+    }
+}
+
+impl TrainSubmodule for DotProductAttention {
+    fn train_state_dict(&self) -> Result<Vec<(String, Tensor)>> {
         Ok(<Self as CoreAttentionModule>::state_dict(self))
     }
 }

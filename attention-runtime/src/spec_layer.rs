@@ -104,6 +104,29 @@ impl SpecLayer {
         state_dict_as(self, prefix, names)
     }
 
+    /// QK-Clip on this layer's `linear_qkv.weight` with `record`'s running max (see
+    /// [`QkClip::clip`](crate::train::QkClip::clip): per group, query rows times
+    /// `eta^alpha`, key rows times `eta^(1 - alpha)`, `eta = threshold / m_g` when
+    /// `m_g > threshold`), then resets the record.
+    ///
+    /// Errors: those of [`QkClip::clip`](crate::train::QkClip::clip) (a cross-attention
+    /// layer, a bad threshold or alpha); nothing changes.
+    pub fn clip_qk(
+        &mut self,
+        record: &mut crate::train::QkClip,
+        threshold: f32,
+        alpha: f32,
+    ) -> Result<crate::train::QkClipReport> {
+        let Some(qkv) = self.linear_qkv.as_mut() else {
+            return Err(AttnError::InvalidArgument {
+                arg: "config.kind".into(),
+                expected: "self-attention (QK-Clip rescales linear_qkv)".into(),
+                got: "cross-attention".into(),
+            });
+        };
+        record.clip(&self.config, &mut qkv.weight, threshold, alpha)
+    }
+
     fn build(
         config: LayerConfig,
         linear: impl Fn(&LayerConfig, Role) -> Result<Linear>,

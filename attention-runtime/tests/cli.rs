@@ -260,10 +260,11 @@ fn catalog_lists_models_and_kernels() {
         "gemma-7b",
         "whisper-small-cross",
         "all-minilm-l6-v2",
+        "phi-2",
     ] {
         assert!(s.contains(model), "catalog lacks {model}: {s}");
     }
-    assert!(s.contains("fwd_bf16_hd128_causal"), "{s}");
+    assert!(s.contains("prefill_rows_bf16_hd128_causal"), "{s}");
 }
 
 #[test]
@@ -276,7 +277,7 @@ fn render_prints_sources_with_entry_names() {
     assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
     let s = String::from_utf8_lossy(&o.stdout);
     assert!(
-        s.contains("// ===== fwd_bf16_hd64_causal"),
+        s.contains("// ===== prefill_rows_bf16_hd64_causal"),
         "{}",
         &s[..s.len().min(500)]
     );
@@ -427,4 +428,148 @@ fn bias_file_masks_a_row_and_is_checked() {
         e.contains("attention_bias") && e.contains("--bias-file"),
         "{e}"
     );
+}
+
+fn bwd_fixture(case: &str) -> PathBuf {
+    fixtures().join("megatron_bwd").join(case)
+}
+
+fn backward_args(case: &str, spec: &str, prefix: &str, out: &Path) -> Vec<String> {
+    let d = bwd_fixture(case);
+    let input = d.join("input.safetensors").to_str().unwrap().to_string();
+    vec![
+        "backward".into(),
+        "--spec".into(),
+        spec.into(),
+        "--weights".into(),
+        d.join("weights.safetensors").to_str().unwrap().into(),
+        "--prefix".into(),
+        prefix.into(),
+        "--input".into(),
+        input.clone(),
+        "--grad-output".into(),
+        input,
+        "--output".into(),
+        out.to_str().unwrap().into(),
+    ]
+}
+
+/// `attn backward` writes `output`, `grad_input` and `grad.<name>` matching the reference
+/// system's autograd (tests/fixtures/megatron_bwd) to 1e-4, and nothing for linear_proj.bias.
+fn backward_golden(case: &str, spec: &str, prefix: &str, extra: &[&str]) {
+    let out = tmp(&format!("bwd-{case}.safetensors"));
+    let mut args = backward_args(case, spec, prefix, &out);
+    args.extend(extra.iter().map(|s| s.to_string()));
+    let o = attn(&args.iter().map(String::as_str).collect::<Vec<_>>());
+    let stderr = String::from_utf8_lossy(&o.stderr);
+    assert!(o.status.success(), "attn backward failed: {stderr}");
+    assert!(stderr.contains("CPU reference backend"), "{stderr}");
+    let got = WeightStore::from_file(&out).unwrap();
+    let want = WeightStore::from_file(bwd_fixture(case).join("expected.safetensors")).unwrap();
+    let mut want_keys: Vec<&str> = want.keys().collect();
+    want_keys.sort();
+    let mut got_keys: Vec<&str> = got.keys().collect();
+    got_keys.sort();
+    assert_eq!(got_keys, want_keys, "{case}: the tensors written");
+    assert!(!got.contains("grad.linear_proj.bias"));
+    let bytes = std::fs::read(bwd_fixture(case).join("expected.safetensors")).unwrap();
+    let st = safetensors::SafeTensors::deserialize(&bytes).unwrap();
+    for k in want_keys {
+        let shape = st.tensor(k).unwrap().shape().to_vec();
+        let (g, w) = (got.get(k, &shape).unwrap(), want.get(k, &shape).unwrap());
+        let e = rel_err(&g, &w);
+        assert!(
+            e < 1e-4,
+            "{case}: {k} rel. error {e} vs Megatron-Core autograd"
+        );
+    }
+}
+
+#[test]
+fn backward_matches_megatron_autograd() {
+    backward_golden(
+        "megatron",
+        "self, heads=8, gqa=2, head_dim=64, qk_layernorm=rms, rope, mask=causal",
+        "decoder.layers.0.self_attention.",
+        &["--device", "cpu"],
+    );
+}
+
+#[test]
+fn backward_cross_attention_delayed_and_recomputed() {
+    let input = bwd_fixture("megatron_cross").join("input.safetensors");
+    backward_golden(
+        "megatron_cross",
+        "cross, heads=4, head_dim=32, hidden=128, mask=no_mask",
+        "decoder.layers.0.cross_attention.",
+        &[
+            "--context",
+            input.to_str().unwrap(),
+            "--context-name",
+            "key_value_states",
+            "--delay-wgrad",
+            "--recompute",
+            "core_attention",
+        ],
+    );
+}
+
+#[test]
+fn backward_padding_mask_file() {
+    let input = bwd_fixture("megatron_padding").join("input.safetensors");
+    backward_golden(
+        "megatron_padding",
+        "self, heads=4, gqa=2, head_dim=64, hidden=256, bias=false, rope, mask=padding",
+        "decoder.layers.0.self_attention.",
+        &["--mask-file", input.to_str().unwrap()],
+    );
+}
+
+fn backward_err(case: &str, extra: &[&str], grad_output: Option<&Path>) -> String {
+    let out = tmp(&format!("bwd-err-{}.safetensors", extra.len()));
+    let _ = std::fs::remove_file(&out);
+    let mut args = backward_args(
+        case,
+        "self, heads=8, gqa=2, head_dim=64, qk_layernorm=rms, rope, mask=causal",
+        "decoder.layers.0.self_attention.",
+        &out,
+    );
+    if let Some(g) = grad_output {
+        let i = args.iter().position(|a| a == "--grad-output").unwrap();
+        args[i + 1] = g.to_str().unwrap().into();
+    }
+    args.extend(extra.iter().map(|s| s.to_string()));
+    let o = attn(&args.iter().map(String::as_str).collect::<Vec<_>>());
+    assert!(!o.status.success(), "expected failure for {args:?}");
+    assert!(!out.exists(), "nothing is written on an error");
+    String::from_utf8_lossy(&o.stderr).into_owned()
+}
+
+#[test]
+fn backward_bad_inputs_are_typed_errors() {
+    // grad_output of another shape (case 2's is [13, 3, 256]; the output is [16, 2, 512]).
+    let other = bwd_fixture("megatron_case2").join("input.safetensors");
+    let e = backward_err("megatron", &[], Some(&other));
+    assert!(
+        e.contains("grad_output") && e.contains("[13, 3, 256]"),
+        "{e}"
+    );
+    // grad_output of an integer dtype.
+    let bad = tmp("grad-u8.safetensors");
+    let data = vec![0u8; 16 * 2 * 512];
+    let view =
+        safetensors::tensor::TensorView::new(safetensors::Dtype::U8, vec![16, 2, 512], &data)
+            .unwrap();
+    safetensors::serialize_to_file([("grad_output", view)], &None, &bad).unwrap();
+    let e = backward_err("megatron", &[], Some(&bad));
+    assert!(
+        e.contains("dtype") && e.contains("grad_output") && e.contains("U8"),
+        "{e}"
+    );
+    // The CUDA backward does not exist yet.
+    let e = backward_err("megatron", &["--device", "cuda"], None);
+    assert!(e.contains("CUDA backward is not available yet"), "{e}");
+    // A bad recompute mode.
+    let e = backward_err("megatron", &["--recompute", "full"], None);
+    assert!(e.contains("--recompute") && e.contains("full"), "{e}");
 }

@@ -4,7 +4,7 @@
 //! then `gpu-bundle/run.sh` there.
 //!
 //! Each case draws fresh random q, k, v, dO (seed printed), runs the tensor-core forward
-//! (`cuda::fwd_fast`) for O and LSE, then the backward with dq, dk, dv (and dsinks)
+//! (`cuda::prefill_sm80`) for O and LSE, then the backward with dq, dk, dv (and dsinks)
 //! poisoned with NaN, twice: the two runs must be bitwise equal (the backward's one mode is
 //! deterministic). The reference gets the same rounded inputs and the GPU's O and LSE.
 //! Checks: no NaN / Inf anywhere; relative Frobenius error of dq, dk, dv (and dsinks) at
@@ -21,8 +21,8 @@ use std::sync::Arc;
 use attention_codegen::render::{KernelConfig, Phase};
 use attention_codegen::{DType, MaskType, Sinks, Window};
 use attention_runtime::cuda::backward::{AttentionBackward, BwdArgs, BwdLayout};
-use attention_runtime::cuda::fwd_fast::{
-    FastArgs, FastExtras, FastForward, FastLayout, FastStrided,
+use attention_runtime::cuda::prefill_sm80::{
+    PrefillArgs, PrefillExtras, PrefillLayout, PrefillSm80Kernel, PrefillStrided,
 };
 use attention_runtime::cuda::DeviceElem;
 use attention_runtime::modules::SplitMix64;
@@ -203,13 +203,13 @@ fn run<T: Elem>(case: &Case, seed: u64) {
     let dout = stream.clone_htod(&do_h).unwrap();
     let sinks = stream.clone_htod(&sink_h).unwrap();
     let mask_d = mask_h.as_ref().map(|(v, _)| stream.clone_htod(v).unwrap());
-    let mask_arg = mask_d.as_ref().map(|d| FastStrided {
+    let mask_arg = mask_d.as_ref().map(|d| PrefillStrided {
         data: d,
         strides: mask_h.as_ref().unwrap().1,
         extent: full,
     });
     let bias_d = bias_h.as_ref().map(|(v, _)| stream.clone_htod(v).unwrap());
-    let bias_arg = bias_d.as_ref().map(|d| FastStrided {
+    let bias_arg = bias_d.as_ref().map(|d| PrefillStrided {
         data: d,
         strides: bias_h.as_ref().unwrap().1,
         extent: full,
@@ -229,16 +229,16 @@ fn run<T: Elem>(case: &Case, seed: u64) {
     let learnable = case.sinks == Some(Sinks::Learnable);
 
     // Forward: O and LSE.
-    let mut fwd = KernelConfig::new(Phase::ForwardFast, case.dtype, hd);
+    let mut fwd = KernelConfig::new(Phase::PrefillSm80, case.dtype, hd);
     fwd.mask = Some(case.mask);
     fwd.has_window = case.window.is_some();
     fwd.sinks = case.sinks;
     fwd.has_bias = has_bias;
-    let fwd = FastForward::compile(&ctx, &fwd).expect("forward compiles");
+    let fwd = PrefillSm80Kernel::compile(&ctx, &fwd).expect("forward compiles");
     let mut out: CudaSlice<T> = stream.alloc_zeros(total_q * np * hd).unwrap();
     let mut lse: CudaSlice<f32> = stream.alloc_zeros(total_q * np).unwrap();
     let fwd_layout = if case.packed {
-        FastLayout::Packed {
+        PrefillLayout::Packed {
             cu_seqlens_q: &cu_q_d,
             cu_seqlens_k: &cu_k_d,
             max_seqlen_q: max_q,
@@ -246,14 +246,14 @@ fn run<T: Elem>(case: &Case, seed: u64) {
             total_k,
         }
     } else {
-        FastLayout::Padded {
+        PrefillLayout::Padded {
             seqlen_q: max_q,
             seqlen_k: max_k,
         }
     };
     fwd.launch_with(
         &stream,
-        FastArgs {
+        PrefillArgs {
             q: &q,
             k: &k,
             v: &v,
@@ -269,7 +269,7 @@ fn run<T: Elem>(case: &Case, seed: u64) {
             gate: None,
             max_logit: None,
         },
-        FastExtras {
+        PrefillExtras {
             mask: mask_arg,
             bias: bias_arg,
             v_nonfinite: None,
@@ -690,12 +690,12 @@ fn backward_sinks() {
     }
 }
 
-/// The other supported head dims: 32, 96, and 160 to 256 (where pairs of warps split dK/dV's
+/// The other supported head dims: 32, 80, 96, and 160 to 256 (where pairs of warps split dK/dV's
 /// head dim).
 #[test]
 #[ignore = "requires a CUDA GPU"]
 fn backward_other_head_dims() {
-    for hd in [32, 96, 160, 192, 224, 256] {
+    for hd in [32, 80, 96, 160, 192, 224, 256] {
         check(Case::new(hd, MaskType::Causal, 173, 173, 2));
         check(Case::new(hd, MaskType::NoMask, 66, 140, 1));
     }

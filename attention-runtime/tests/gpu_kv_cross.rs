@@ -202,6 +202,21 @@ fn cross_cache_hd256_window_off_by_one_sink() {
     );
 }
 
+#[test]
+#[ignore = "requires a CUDA GPU"]
+fn cross_cache_hd80_padded_contexts() {
+    // Head dim 80 (not a multiple of 32): qkv_prep's cross layout, the context append and the
+    // tensor-core step with 5 k16 steps per q.k.
+    cross_steps_match_cpu(
+        "cross, heads=4, head_dim=80, qk_layernorm=layer, mask=padding",
+        3,
+        1,
+        &[37, 5, 130],
+        70,
+        3,
+    );
+}
+
 /// The attention kernel a step launches is the registry's for this GPU (so a cache built by
 /// `attn aot` serves it under `ATTN_JIT=off`); a self-attention layer has none.
 #[test]
@@ -223,7 +238,7 @@ fn cross_step_kernel_is_listed_for_the_device() {
         let key = ls[0].cuda.cross_step_kernel_key();
         assert!(listed.contains(&key), "{spec}: {key} not in {listed:?}");
         assert!(
-            listed.iter().any(|k| k.starts_with("kvappend_")),
+            listed.iter().any(|k| k.starts_with("append_kv_")),
             "{spec}: {listed:?}"
         );
     }

@@ -1,4 +1,4 @@
-//! GPU static KV cache, fused `flashdec` decode and prefill against the CPU reference.
+//! GPU static KV cache, fused `decode_splitkv` decode and prefill against the CPU reference.
 //! `#[ignore = "requires a CUDA GPU"]`; run through `scripts/gpu-bundle.sh` (CONTRIBUTING.md).
 //! Fresh random inputs (seed printed), NaN-poisoned outputs, relative Frobenius error
 //! <= 1e-2 (bf16).
@@ -115,6 +115,28 @@ fn kv_decode_hd256_gate_matches_cpu() {
         "self, heads=8, gqa=2, head_dim=256, rope, rotary_percent=0.5, output_gate, mask=causal",
         2,
         300,
+        3,
+    );
+}
+
+#[test]
+#[ignore = "requires a CUDA GPU"]
+fn kv_decode_hd80_matches_cpu() {
+    // Head dim 80 (Phi-2; not a multiple of 32): the fused decode step's per-lane rope, q
+    // staging and merge leave the empty lanes out. Phi-2's partial rope (32 channels, MHA,
+    // biases), long enough for several splits; then rope over all 80 channels with GQA, a
+    // layer q/k norm, a window, a learnable sink and the output gate.
+    prefill_then_decode(
+        "self, heads=4, head_dim=80, rope, rotary_percent=0.4, mask=causal",
+        2,
+        300,
+        3,
+    );
+    prefill_then_decode(
+        "self, heads=8, gqa=2, head_dim=80, qk_layernorm=layer, rope, window=(40, 0), \
+         sinks=learnable, output_gate, mask=causal",
+        3,
+        90,
         3,
     );
 }

@@ -1,4 +1,4 @@
-//! GPU paged KV cache (`CudaLayer::forward_paged`: qkv_prep -> kvappend -> paged ->
+//! GPU paged KV cache (`CudaLayer::forward_paged`: qkv_prep -> append_kv -> paged ->
 //! linear_proj) against the CPU reference, the static cache and itself; and a CUDA-graph
 //! decode step replayed against eager runs.
 //! `#[ignore = "requires a CUDA GPU"]`; run through `scripts/gpu-bundle.sh` (CONTRIBUTING.md).
@@ -7,7 +7,7 @@
 
 use attention_codegen::render::{configs_for_head_dim, Phase};
 use attention_runtime::cuda::decode::{
-    flash_decode_kernels, launch_flash_decode, DecodeGraph, FlashDecodeArgs, RopeTables,
+    decode_splitkv_kernels, launch_decode_splitkv, DecodeGraph, DecodeSplitKvArgs, RopeTables,
 };
 use attention_runtime::cuda::{CudaLayer, DevicePagedKvCache, DeviceStaticKvCache, DeviceTensor};
 use attention_runtime::device::CudaDevice;
@@ -192,6 +192,16 @@ fn paged_window_sinks_mqa_interleaved_matches_cpu() {
     paged_matches_cpu(
         "self, heads=6, gqa=1, head_dim=64, hidden=320, rope=interleaved, window=(20, 0), sinks=learnable, mask=causal",
         32,
+    );
+}
+
+#[test]
+#[ignore = "requires a CUDA GPU"]
+fn paged_mixed_batch_hd80_matches_cpu_block_16() {
+    // Head dim 80 (Phi-2's shape: MHA, biases, partial rope over 32 channels).
+    paged_matches_cpu(
+        "self, heads=4, head_dim=80, rope, rotary_percent=0.4, mask=causal",
+        16,
     );
 }
 
@@ -550,7 +560,7 @@ fn paged_errors_leave_the_device_pool_unchanged() {
     assert!(snapshot(&c) != before);
 }
 
-/// A decode step (`flashdec` split + merge) captured in a CUDA graph over fixed buffers:
+/// A decode step (`decode_splitkv` split + combine) captured in a CUDA graph over fixed buffers:
 /// every replay gives the eager run's output bit for bit, and replays see buffer updates.
 #[test]
 #[ignore = "requires a CUDA GPU"]
@@ -597,7 +607,7 @@ fn decode_graph_replay_is_bitwise_equal_to_eager() {
         let (p, _g) = t.device_ptr(&stream);
         p
     };
-    let a = FlashDecodeArgs {
+    let a = DecodeSplitKvArgs {
         q: ptr_t(&q),
         k_new: ptr_t(&k),
         v_new: ptr_t(&v),
@@ -628,10 +638,10 @@ fn decode_graph_replay_is_bitwise_equal_to_eager() {
     let fcfg = configs_for_head_dim(&config.spec, hn)
         .unwrap()
         .into_iter()
-        .find(|c| c.phase == Phase::FlashDecode && !c.paged_kv)
+        .find(|c| c.phase == Phase::DecodeSplitKv && !c.paged_kv)
         .unwrap();
-    let (key, split_f, merge_f) = flash_decode_kernels(&rt, &fcfg).unwrap();
-    let graph = DecodeGraph::capture(&rt, &key, &split_f, &merge_f, &a).unwrap();
+    let (key, split_f, combine_f) = decode_splitkv_kernels(&rt, &fcfg).unwrap();
+    let graph = DecodeGraph::capture(&rt, &key, &split_f, &combine_f, &a).unwrap();
     let mut prev: Option<Vec<u32>> = None;
     for step in 0..steps {
         // New contents in the same buffers: q, k, v and the positions.
@@ -649,7 +659,7 @@ fn decode_graph_replay_is_bitwise_equal_to_eager() {
             .memcpy_htod(&vec![(s + step) as i32; b], &mut seqlens)
             .unwrap();
         out.fill_nan().unwrap();
-        launch_flash_decode(&stream, &key, &split_f, &merge_f, &a).unwrap();
+        launch_decode_splitkv(&stream, &key, &split_f, &combine_f, &a).unwrap();
         stream.synchronize().unwrap();
         let eager: Vec<u32> = out
             .to_host()
@@ -873,6 +883,17 @@ fn split_decode_rows_off_by_one_gate_match_cpu_block_256() {
     split_decode_matches_cpu(
         "self, heads=16, gqa=4, head_dim=128, rope, sinks=off_by_one, output_gate, mask=causal",
         256,
+    );
+}
+
+#[test]
+#[ignore = "requires a CUDA GPU"]
+fn split_decode_rows_hd80_match_cpu_block_64() {
+    // Head dim 80: the paged split-KV decode kernel's q staging and merge leave the empty
+    // lanes out; rope over all 80 channels (qkv_prep), GQA, gate, learnable sink.
+    split_decode_matches_cpu(
+        "self, heads=8, gqa=2, head_dim=80, qk_layernorm=rms, rope, sinks=learnable, output_gate, mask=causal",
+        64,
     );
 }
 

@@ -1,4 +1,4 @@
-//! Prefill over a static KV cache on tensor cores: the `fwdfast` kernel reading the cache
+//! Prefill over a static KV cache on tensor cores: the `prefill_sm80` kernel reading the cache
 //! slots in place (its static-cache mode), against the CPU reference, for chunks after
 //! cached tokens of different lengths per slot, GQA, windows, sinks and the output gate.
 //! `#[ignore = "requires a CUDA GPU"]`; run through `scripts/gpu-bundle.sh` (CONTRIBUTING.md).
@@ -126,5 +126,18 @@ fn cache_prefill_hd256_off_by_one() {
         &[64, 129],
         65,
         2,
+    );
+}
+
+#[test]
+#[ignore = "requires a CUDA GPU"]
+fn cache_prefill_hd80_partial_rope() {
+    // Head dim 80 (Phi-2: MHA, biases, partial rope over 32 channels): the tensor-core kernel
+    // over the static cache with 5 k16 steps per q.k.
+    chunked_prefill(
+        "self, heads=4, head_dim=80, rope, rotary_percent=0.4, mask=causal",
+        &[7, 130, 200],
+        97,
+        3,
     );
 }

@@ -214,6 +214,59 @@ fn head_dims_32_160_224() {
     );
 }
 
+/// Head dim 80 (Phi-2), not a multiple of 32: the one-warp-per-row code (qkv_prep, the fast
+/// kernel's exact path) leaves lanes 16..31 of the third channel chunk empty, the tensor-core
+/// kernel runs 5 k16 steps. Phi-2's own shape (MHA, biases, partial rope 0.4 = 32 channels)
+/// packed with explicit positions; rope over all 80 channels (pairs 40 apart) with layer and
+/// rms q/k norms, interleaved, f16; window, sinks and gate; mask tensors and a bias; cross.
+#[test]
+#[ignore = "requires a CUDA GPU"]
+fn head_dim_80() {
+    check(
+        "self, heads=4, head_dim=80, rope, rotary_percent=0.4, mask=causal",
+        Extras {
+            packed: true,
+            positions: true,
+            ..Extras::default()
+        },
+    );
+    check(
+        "self, heads=4, gqa=2, head_dim=80, qk_layernorm=layer, rope, mask=causal",
+        Extras::default(),
+    );
+    check(
+        "self, heads=4, gqa=1, head_dim=80, qk_layernorm=rms, rope=interleaved, mask=padding, \
+         dtype=f16",
+        Extras {
+            mask: 1,
+            ..Extras::default()
+        },
+    );
+    check(
+        "self, heads=4, gqa=2, head_dim=80, rope, rotary_percent=0.4, window=(5, 0), \
+         sinks=learnable, output_gate, mask=causal",
+        Extras {
+            mscale: true,
+            ..Extras::default()
+        },
+    );
+    check(
+        "self, heads=2, head_dim=80, qk_layernorm=l2, mask=arbitrary",
+        Extras {
+            mask: 2,
+            attention_bias: true,
+            ..Extras::default()
+        },
+    );
+    check(
+        "cross, heads=2, head_dim=80, mask=padding",
+        Extras {
+            mask: 1,
+            ..Extras::default()
+        },
+    );
+}
+
 #[test]
 #[ignore = "requires a CUDA GPU"]
 fn gqa_head_dim_256_and_96() {
@@ -370,7 +423,7 @@ fn cross_attention_padded_and_packed() {
 fn random_specs() {
     let mut rng = SplitMix64::new(fresh_seed());
     for _ in 0..8 {
-        let hd = [64, 128][(rng.next_u64() % 2) as usize];
+        let hd = [64, 80, 128][(rng.next_u64() % 3) as usize];
         let heads = [2, 4, 8][(rng.next_u64() % 3) as usize];
         let gqa = [1, 2, heads][(rng.next_u64() % 3) as usize];
         let norm = [

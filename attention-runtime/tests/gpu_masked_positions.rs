@@ -179,6 +179,12 @@ fn junk_in_padded_tokens_does_not_leak() {
             2,
         ),
         ("self, heads = 4, gqa = 1, head_dim = 256, mask = padding", 150, 2),
+        // Head dim 80: the exact one-warp-per-row path with a partly empty channel chunk.
+        (
+            "self, heads = 4, gqa = 2, head_dim = 80, mask = padding_causal, rope, rotary_percent = 0.4",
+            170,
+            3,
+        ),
     ] {
         let sd = seed();
         eprintln!("seed {sd} spec {spec}");
@@ -241,6 +247,11 @@ fn junk_future_tokens_under_causal_mask() {
             "self, heads = 4, head_dim = 256, mask = causal, sinks = off_by_one",
             70,
             5,
+        ),
+        (
+            "self, heads = 4, head_dim = 80, mask = causal, rope",
+            150,
+            7,
         ),
     ] {
         let sd = seed();
@@ -351,7 +362,7 @@ fn junk_random_masks_and_bias() {
 }
 
 /// Static cache: NaN keys and values left in the cache by an earlier request (reset, not
-/// cleared) never reach the next one, in prefill (over the cache) or decode (flash_decode).
+/// cleared) never reach the next one, in prefill (over the cache) or decode (decode_splitkv).
 #[test]
 #[ignore = "requires a CUDA GPU"]
 fn stale_static_cache_rows_do_not_leak() {

@@ -428,7 +428,7 @@ fn warm_start_calls_nvrtc_zero_times() {
         ]))
     };
     // What `aot --arch sm_90a` compiles: the catalog's kernels for that arch (not the
-    // union over devices: e.g. no decode_*_full, which runs only where the cross-attention
+    // union over devices: e.g. no decode_rows_*_full, which runs only where the cross-attention
     // step's tensor-core kernel cannot).
     let kernels: Vec<KernelSource> =
         catalog::catalog_configs(attention_codegen::registry::Target::from_arch("sm_90a").unwrap())

@@ -1,7 +1,7 @@
 //! The kernel registry against the runtime's choices, with no GPU: every kernel the CUDA layer
 //! can launch for a spec is in `attn aot --spec` (per arch) and `attn render`, a cache built by
 //! `attn aot --spec` serves every one of them under `ATTN_JIT=off`, and with `ATTN_JIT=off` a
-//! cache without the fast forward kernel is an error naming it, never a quiet fallback.
+//! cache without the `prefill_*_sm80` kernel is an error naming it, never a quiet fallback.
 
 use std::io::Write;
 use std::path::{Path, PathBuf};
@@ -124,40 +124,44 @@ fn stdout_of(o: &Output) -> String {
 
 /// Every kernel key the CUDA layer launches for `spec` at `hd` on `target`, following its call
 /// sites (cuda/layer.rs): the forward's prep; per mask type × bias the fast kernel when the
-/// device runs it, else `fwd`, and `fwd` too as the fallback when the fast one cannot load;
-/// prefill's append + its fast kernel (or decode), the fused decode step's rope-less prep and
-/// `flashdec`, paged batches' append + the prefill chunks' fast kernel (or paged) + the decode
-/// rows' paged `flashdec` (self-attention only); cross-attention's context cache: append + the
-/// step's fast kernel (or decode).
+/// device runs it, else `prefill_rows`, and `prefill_rows` too as the fallback when the fast one
+/// cannot load; prefill's append + its fast kernel (or `decode_rows`), the fused decode step's
+/// rope-less prep and `decode_splitkv`, paged batches' append + the prefill chunks' fast kernel (or
+/// `decode_rows_paged`) + the decode rows' paged `decode_splitkv` (self-attention only);
+/// cross-attention's context cache: append + the step's fast kernel (or `decode_rows`).
 fn launched(spec: &AttentionSpec, hd: usize, target: Target) -> Vec<String> {
     let mut keys = vec![registry::qkv_prep(spec, hd).unwrap().key()];
     for &mask in &spec.masks {
         for bias in [false, true] {
-            let fwd = registry::forward(spec, hd, mask, bias);
-            if let Some(fast) = registry::fast_forward(&fwd, target) {
+            let fwd = registry::prefill_rows(spec, hd, mask, bias);
+            if let Some(fast) = registry::prefill_sm80(&fwd, target) {
                 keys.push(fast.key());
             }
             keys.push(fwd.key());
         }
     }
     if spec.kind == AttentionKind::SelfAttention {
-        keys.push(registry::kv_append(spec, hd).key());
-        keys.push(registry::decode(spec, hd).key());
+        keys.push(registry::append_kv(spec, hd).key());
+        keys.push(registry::decode_rows(spec, hd).key());
         // Static-cache prefill: the tensor-core kernel when the device runs it (else decode).
         keys.extend(registry::cache_prefill(spec, hd, target).map(|c| c.key()));
         keys.extend(registry::paged_prefill(spec, hd, target).map(|c| c.key()));
         // Paged batches' decode rows: the split-KV decode kernel when the device runs it.
-        keys.extend(registry::paged_decode(spec, hd, target).map(|c| c.key()));
-        keys.push(registry::qkv_prep_for_flash_decode(spec, hd).unwrap().key());
-        keys.push(registry::flash_decode(spec, hd).unwrap().key());
-        keys.push(registry::paged(spec, hd).key());
+        keys.extend(registry::decode_splitkv_paged(spec, hd, target).map(|c| c.key()));
+        keys.push(
+            registry::qkv_prep_for_decode_splitkv(spec, hd)
+                .unwrap()
+                .key(),
+        );
+        keys.push(registry::decode_splitkv(spec, hd).unwrap().key());
+        keys.push(registry::decode_rows_paged(spec, hd).key());
     } else {
         // The context cache (cuda/layer/cross_cache.rs): filled by the cross prep and
-        // kvappend, attended by the tensor-core kernel without mask (else decode_*_full).
-        keys.push(registry::kv_append(spec, hd).key());
+        // append_kv, attended by the tensor-core kernel without mask (else decode_rows_*_full).
+        keys.push(registry::append_kv(spec, hd).key());
         match registry::cross_cache_step(spec, hd, target) {
             Some(c) => keys.push(c.key()),
-            None => keys.push(registry::decode(spec, hd).key()),
+            None => keys.push(registry::decode_rows(spec, hd).key()),
         }
     }
     keys
@@ -190,7 +194,7 @@ fn aot_list_and_render_carry_every_kernel_the_layer_launches() {
                     rendered.contains(&format!("// ===== {want} =====")),
                     "{s}: attn render lacks {want}"
                 );
-                fast_total += usize::from(want.starts_with("fwdfast_"));
+                fast_total += usize::from(want.ends_with("_sm80"));
             }
             // Nothing the layer never launches on this arch (a fast kernel it cannot run would
             // fail to compile on old archs or waste the deploy's compile time).
@@ -202,11 +206,11 @@ fn aot_list_and_render_carry_every_kernel_the_layer_launches() {
             }
         }
     }
-    assert!(fast_total > 0, "no spec launches a fast forward kernel");
+    assert!(fast_total > 0, "no spec launches a prefill_sm80 kernel");
 }
 
 #[test]
-fn aot_list_per_arch_drops_fast_kernels_the_device_cannot_run() {
+fn aot_list_per_arch_drops_sm80_kernels_the_device_cannot_run() {
     let s = "self, heads=2, head_dim=256, mask=causal";
     let out = stdout_of(&attn(&[
         "aot",
@@ -218,14 +222,14 @@ fn aot_list_per_arch_drops_fast_kernels_the_device_cannot_run() {
     ]));
     let fast = |arch: &str| {
         out.lines()
-            .any(|l| l.starts_with(&format!("{arch} fwdfast_bf16_hd256_causal_")))
+            .any(|l| l.starts_with(&format!("{arch} prefill_bf16_hd256_causal_")))
     };
     // 198 KiB tile: fits Hopper's 227 KiB, not sm_86's 99 KiB.
     assert!(fast("sm_90a"), "{out}");
     assert!(!fast("sm_86"), "{out}");
     assert!(out
         .lines()
-        .any(|l| l.starts_with("sm_86 fwd_bf16_hd256_causal_w")));
+        .any(|l| l.starts_with("sm_86 prefill_rows_bf16_hd256_causal_w")));
     let bad = attn(&["aot", "--arch", "sm_9x", "--spec", s, "--list"]);
     assert!(!bad.status.success());
     assert!(String::from_utf8_lossy(&bad.stderr).contains("sm_9x"));
@@ -245,16 +249,16 @@ fn load_from<'a>(
     }
 }
 
-fn fast_and_fallback() -> (KernelConfig, KernelConfig) {
+fn sm80_and_fallback() -> (KernelConfig, KernelConfig) {
     let spec = parse_spec("self, heads=4, gqa=2, head_dim=64, mask=causal").unwrap();
-    let fwd = registry::forward(&spec, 64, spec.masks[0], false);
-    let fast = registry::fast_forward(&fwd, Target::from_arch("sm_90a").unwrap()).unwrap();
+    let fwd = registry::prefill_rows(&spec, 64, spec.masks[0], false);
+    let fast = registry::prefill_sm80(&fwd, Target::from_arch("sm_90a").unwrap()).unwrap();
     (fast, fwd)
 }
 
 #[test]
-fn jit_off_without_the_fast_kernel_is_an_error_naming_it() {
-    let (fast, fwd) = fast_and_fallback();
+fn jit_off_without_the_sm80_kernel_is_an_error_naming_it() {
+    let (fast, fwd) = sm80_and_fallback();
     let dir = TempDir::new("jitoff");
     // With NVRTC here, the cache holds the fallback: the old code quietly ran it.
     let have_fallback = nvrtc_available();
@@ -290,8 +294,8 @@ fn jit_off_without_the_fast_kernel_is_an_error_naming_it() {
 }
 
 #[test]
-fn fast_kernel_build_failure_falls_back_with_a_warning() {
-    let (fast, fwd) = fast_and_fallback();
+fn sm80_kernel_build_failure_falls_back_with_a_warning() {
+    let (fast, fwd) = sm80_and_fallback();
     let fast_key = fast.key();
     let (r, logs) = with_logs(|| {
         select_forward(Some(&fast), &fwd, |c| {
@@ -348,8 +352,8 @@ fn cache_from_aot_spec_serves_every_launched_kernel_with_jit_off() {
         load(&c).unwrap_or_else(|e| panic!("{key}: {e}"));
     }
     // The forward picks the fast kernel from that cache.
-    let fwd = registry::forward(&spec, 64, spec.masks[0], false);
-    let fast = registry::fast_forward(&fwd, Target::from_arch("sm_90a").unwrap());
+    let fwd = registry::prefill_rows(&spec, 64, spec.masks[0], false);
+    let fast = registry::prefill_sm80(&fwd, Target::from_arch("sm_90a").unwrap());
     let (chosen, _) = select_forward(fast.as_ref(), &fwd, load_from(&off, "sm_90a")).unwrap();
-    assert!(chosen.key().starts_with("fwdfast_"), "{}", chosen.key());
+    assert!(chosen.key().ends_with("_sm80"), "{}", chosen.key());
 }

@@ -226,7 +226,8 @@ fn qkv_split_without_gate_gqa() {
     assert_eq!(r[2].data(), &[3., 7.]);
 }
 
-/// An independent naive self-attention layer (rms q/k norm, half rope, causal, GQA) in f64.
+/// An independent naive self-attention layer (rms q/k norm or none, half rope over the
+/// config's rotary dim, causal, GQA) in f64.
 fn naive_self(l: &SelfLayer, x: &Tensor) -> Vec<f32> {
     let c = &l.cfg;
     let (s, b, h) = (x.shape()[0], x.shape()[1], c.hidden);
@@ -239,8 +240,12 @@ fn naive_self(l: &SelfLayer, x: &Tensor) -> Vec<f32> {
         .as_ref()
         .map(|t| t.data().to_vec())
         .unwrap_or(vec![0.0; w.len() / h]);
-    let qw = l.qn.as_ref().unwrap().weight.as_ref().unwrap().data();
-    let kw = l.kn.as_ref().unwrap().weight.as_ref().unwrap().data();
+    let norm_w = |n: &Option<QkNormLayer>| {
+        n.as_ref()
+            .map(|n| n.weight.as_ref().unwrap().data().to_vec())
+    };
+    let (qw, kw) = (norm_w(&l.qn), norm_w(&l.kn));
+    let (rot, base) = (c.rotary_dim(), c.rope.map_or(0.0, |r| r.rotary_base));
     let col = |g: usize, off: usize| g * (per + 2) * hn + off;
     // get(t, bi, column) of the qkv output
     let y = |t: usize, bi: usize, o: usize| -> f64 {
@@ -249,17 +254,23 @@ fn naive_self(l: &SelfLayer, x: &Tensor) -> Vec<f32> {
             .sum::<f64>()
             + bias[o] as f64
     };
-    let norm_rope = |v: Vec<f64>, wt: &[f32], pos: usize| -> Vec<f64> {
-        let ms = v.iter().map(|a| a * a).sum::<f64>() / hn as f64;
-        let n: Vec<f64> = v
-            .iter()
-            .zip(wt)
-            .map(|(a, w)| a / (ms + c.eps as f64).sqrt() * *w as f64)
-            .collect();
-        let half = hn / 2;
+    // RMS norm (when the layer has one), then half rope on the first `rot` channels (pairs
+    // j, j + rot / 2); channels past `rot` pass through.
+    let norm_rope = |v: Vec<f64>, wt: &Option<Vec<f32>>, pos: usize| -> Vec<f64> {
+        let n: Vec<f64> = match wt {
+            Some(wt) => {
+                let ms = v.iter().map(|a| a * a).sum::<f64>() / hn as f64;
+                v.iter()
+                    .zip(wt)
+                    .map(|(a, w)| a / (ms + c.eps as f64).sqrt() * *w as f64)
+                    .collect()
+            }
+            None => v,
+        };
+        let half = rot / 2;
         let mut out = n.clone();
         for j in 0..half {
-            let a = pos as f64 / 10000f64.powf(2.0 * j as f64 / hn as f64);
+            let a = pos as f64 / base.powf(2.0 * j as f64 / rot as f64);
             out[j] = n[j] * a.cos() - n[j + half] * a.sin();
             out[j + half] = n[j + half] * a.cos() + n[j] * a.sin();
         }
@@ -274,14 +285,14 @@ fn naive_self(l: &SelfLayer, x: &Tensor) -> Vec<f32> {
                     (0..hn)
                         .map(|d| y(t, bi, col(g, (hh % per) * hn + d)))
                         .collect(),
-                    qw,
+                    &qw,
                     t,
                 )
             };
             let kv = |t: usize| {
                 norm_rope(
                     (0..hn).map(|d| y(t, bi, col(g, per * hn + d))).collect(),
-                    kw,
+                    &kw,
                     t,
                 )
             };
@@ -343,6 +354,39 @@ fn layer_matches_independent_naive_forward_and_bias_not_added() {
     let bias = out.bias.clone().expect("bias = true by default");
     assert_eq!(&bias, l.proj.bias.as_ref().unwrap());
     assert!(bias.data().iter().any(|b| b.abs() > 1e-3));
+}
+
+/// Head dim 80 (Phi-2; not a multiple of 32): a Phi-2-shaped layer (MHA, biases, no q/k
+/// norm, partial rope 0.4 = 32 rotated channels, base 10000) and a full rope over all 80
+/// channels (pairs j, j + 40) with an RMS q/k norm and GQA, against the naive f64 layer.
+#[test]
+fn head_dim_80_partial_and_full_rope_match_naive_forward() {
+    let mut phi2 = spec(4, 4, 80);
+    phi2.rope = Some(Rope {
+        mode: RopeMode::Half,
+        rotary_percent: 0.4,
+        rotary_base: 10000.0,
+    });
+    let mut full = spec(4, 2, 80);
+    full.qk_norm = Some(QkNorm::Rms);
+    full.rope = Some(Rope::default());
+    for (sp, rot) in [(phi2, 32), (full, 80)] {
+        let l = SelfLayer::init(
+            &sp,
+            &RuntimeDims {
+                hidden: Some(48),
+                ..Default::default()
+            },
+            8,
+        )
+        .unwrap();
+        assert_eq!((l.cfg.head_dim, l.cfg.rotary_dim()), (80, rot));
+        let mut rng = SplitMix64::new(12);
+        let x = rand_t(&mut rng, &[7, 2, 48]);
+        let out = l.forward(&x, &ForwardArgs::default()).unwrap();
+        assert_eq!(out.output.shape(), &[7, 2, 48]);
+        close(out.output.data(), &naive_self(&l, &x), 1e-4);
+    }
 }
 
 fn packed_vs_padded(sp: &AttentionSpec, lens: &[usize], seed: u64, tol: f32) {
@@ -676,17 +720,24 @@ fn weights_read_bf16_and_f16() {
 
 #[test]
 fn static_cache_prefill_then_decode_equals_full_forward() {
-    let mut sp = spec(4, 2, 4);
+    // Head dim 80 (Phi-2) as well: the cache rows are not a multiple of 32 channels.
+    for hd in [4, 80] {
+        static_cache_prefill_then_decode(hd);
+    }
+}
+
+fn static_cache_prefill_then_decode(hd: usize) {
+    let mut sp = spec(4, 2, hd);
     sp.qk_norm = Some(QkNorm::Rms);
     sp.rope = Some(Rope::default());
     sp.window = Some(Window { left: 2, right: 0 });
     sp.sinks = Some(Sinks::OffByOne);
     let l = SelfLayer::init(&sp, &RuntimeDims::default(), 5).unwrap();
-    let (s, b, h) = (6, 2, 16);
+    let (s, b, h) = (6, 2, 4 * hd);
     let mut rng = SplitMix64::new(2);
     let x = rand_t(&mut rng, &[s, b, h]);
     let full = l.forward(&x, &ForwardArgs::default()).unwrap();
-    let mut cache = StaticKvCache::new(1, 8, 3, 2, 4).unwrap();
+    let mut cache = StaticKvCache::new(1, 8, 3, 2, hd).unwrap();
     // Prefill 4 tokens into slots 1..3, then decode 2 steps.
     let pre = Tensor::new(&[4, b, h], x.data()[..4 * b * h].to_vec()).unwrap();
     let o = l
@@ -716,16 +767,26 @@ fn static_cache_prefill_then_decode_equals_full_forward() {
 
 #[test]
 fn paged_forward_equals_full_forward() {
-    let mut sp = spec(2, 1, 4);
-    sp.rope = Some(Rope::default());
+    // Head dim 80 (Phi-2, partial rope 0.4) as well.
+    for (hd, rotary_percent) in [(4, 1.0), (80, 0.4)] {
+        paged_forward(hd, rotary_percent);
+    }
+}
+
+fn paged_forward(hd: usize, rotary_percent: f64) {
+    let mut sp = spec(2, 1, hd);
+    sp.rope = Some(Rope {
+        rotary_percent,
+        ..Rope::default()
+    });
     let l = SelfLayer::init(&sp, &RuntimeDims::default(), 6).unwrap();
-    let h = 8;
+    let h = 2 * hd;
     let mut rng = SplitMix64::new(3);
     let a = rand_t(&mut rng, &[20, 1, h]);
     let bseq = rand_t(&mut rng, &[3, 1, h]);
     let fa = l.forward(&a, &ForwardArgs::default()).unwrap();
     let fb = l.forward(&bseq, &ForwardArgs::default()).unwrap();
-    let mut cache = PagedKvCache::new(1, 8, 16, 1, 4).unwrap();
+    let mut cache = PagedKvCache::new(1, 8, 16, 1, hd).unwrap();
     let mut table = BlockTable::new(2, 4).unwrap();
     let ids = cache.allocator_mut().alloc(3).unwrap();
     table.set_row(0, &ids[..2]).unwrap(); // a: 20 tokens

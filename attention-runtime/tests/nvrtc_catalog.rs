@@ -67,10 +67,10 @@ fn every_catalog_kernel_compiles_for_sm80_and_sm90a() {
                     );
                     // The compiled parameter list is the host struct the kernel is launched
                     // with (cuda::params), offset for offset.
-                    // (Paged flashdec: its `_merge` entry takes the same struct.)
+                    // (Paged decode_splitkv: its `_combine` entry takes the same struct.)
                     let mut entries = vec![k.key.clone()];
-                    if k.phase == Phase::FlashDecode && k.paged_kv {
-                        entries.push(format!("{}_merge", k.key));
+                    if k.phase == Phase::DecodeSplitKv && k.paged_kv {
+                        entries.push(format!("{}_combine", k.key));
                     }
                     for (entry, want) in entries
                         .iter()
@@ -113,7 +113,7 @@ fn feature_variants_compile() {
     use attention_codegen::{MaskType, QkNorm, RopeMode, Sinks};
     let mut configs = Vec::new();
     for mask in MaskType::ALL {
-        let mut c = KernelConfig::new(Phase::Forward, DType::F16, 96);
+        let mut c = KernelConfig::new(Phase::PrefillRows, DType::F16, 96);
         c.mask = Some(mask);
         c.has_window = mask.accepts_window();
         c.sinks = Some(Sinks::Learnable);
@@ -121,7 +121,7 @@ fn feature_variants_compile() {
         c.output_gate = true;
         configs.push(c);
     }
-    for phase in [Phase::Decode, Phase::Paged] {
+    for phase in [Phase::DecodeRows, Phase::DecodeRowsPaged] {
         let mut c = KernelConfig::new(phase, DType::F16, 192);
         c.has_window = true;
         c.sinks = Some(Sinks::OffByOne);
@@ -158,7 +158,7 @@ fn feature_variants_compile() {
         use attention_codegen::registry::{self, Target};
         let spec = attention_codegen::parse_spec(spec).expect("spec");
         configs.extend(registry::cross_cache_step(&spec, hd, Target::AnyDevice));
-        configs.push(registry::decode(&spec, hd));
+        configs.push(registry::decode_rows(&spec, hd));
     }
 
     let mut failures = Vec::new();
@@ -183,7 +183,7 @@ fn feature_variants_compile() {
 }
 
 /// Every kernel family renders and compiles at the head dims added for real checkpoints
-/// (32: MiniLM / small BERTs, 160, 224), where no catalog model exercises the rope, q/k norm,
+/// (32: MiniLM / small BERTs, 80: Phi-2, 160, 224), where no catalog model exercises the rope, q/k norm,
 /// sink, gate and window paths: a self-attention spec with every feature a kernel specializes
 /// on and a cross-attention spec, each kernel the registry lists for them. (Run over every
 /// supported head dim and both archs once, 2026-11-30: all compile; the list is kept short
@@ -205,7 +205,7 @@ fn every_kernel_family_compiles_at_the_new_head_dims() {
     ];
     let mut failures = Vec::new();
     let mut compiled = 0;
-    for hd in [32, 160, 224] {
+    for hd in [32, 80, 160, 224] {
         assert!(SUPPORTED_HEAD_DIMS.contains(&hd), "{hd} is supported");
         let mut seen = std::collections::HashSet::new();
         for spec in &specs {
@@ -226,7 +226,7 @@ fn every_kernel_family_compiles_at_the_new_head_dims() {
             }
         }
     }
-    assert!(compiled >= 30, "only {compiled} kernels listed");
+    assert!(compiled >= 40, "only {compiled} kernels listed");
     assert!(
         failures.is_empty(),
         "{} of {compiled} compiles failed:\n{}",
@@ -249,4 +249,58 @@ fn a_broken_kernel_reports_key_and_log() {
         }
         other => panic!("expected a compile error, got {other:?}"),
     }
+}
+
+/// Head dim 80 (Phi-2), the one supported dim that is not a multiple of 32, on both archs:
+/// the one-warp-per-row families with every variant that touches the partly empty third
+/// channel chunk (q/k norms, full and partial rope in both modes, gate, sinks, window, the
+/// general forward with a mask tensor and bias, f16) and the tensor-core families.
+#[test]
+fn head_dim_80_variants_compile_for_sm80_and_sm90a() {
+    if !require_nvrtc() {
+        return;
+    }
+    use attention_codegen::registry::{kernels_for, Target};
+    use attention_codegen::{parse_spec, MaskType, Sinks};
+    let mut configs = Vec::new();
+    for spec in [
+        "self, heads = 4, gqa = 2, qk_layernorm = layer, rope = interleaved, sinks = off_by_one, \
+         output_gate, window = (63, 0), mask = causal, dtype = f16",
+        "self, heads = 4, qk_layernorm = l2, rope, rotary_percent = 0.4, mask = padding_causal",
+        "cross, heads = 2, qk_layernorm = rms, sinks = learnable, mask = padding",
+    ] {
+        let spec = parse_spec(spec).expect("spec");
+        configs.extend(kernels_for(&spec, 80, Target::AnyDevice).expect("registry lists"));
+    }
+    let mut fwd = KernelConfig::new(Phase::PrefillRows, DType::Bf16, 80);
+    fwd.mask = Some(MaskType::Arbitrary);
+    fwd.has_bias = true;
+    fwd.sinks = Some(Sinks::Learnable);
+    fwd.output_gate = true;
+    configs.push(fwd);
+    let mut failures = Vec::new();
+    let mut seen = std::collections::HashSet::new();
+    for c in &configs {
+        let k = c.render().expect("renders");
+        if !seen.insert(k.key.clone()) {
+            continue;
+        }
+        for arch in ARCHS {
+            match compile_with_log(&k.key, &k.source, arch) {
+                Ok(c) if c.log.contains("warning") => failures.push(format!(
+                    "kernel `{}` for {arch} compiled with warnings:\n{}",
+                    k.key, c.log
+                )),
+                Ok(_) => {}
+                Err(e) => failures.push(e.to_string()),
+            }
+        }
+    }
+    assert!(seen.len() >= 20, "only {} kernels listed", seen.len());
+    assert!(
+        failures.is_empty(),
+        "{} compiles failed:\n{}",
+        failures.len(),
+        failures.join("\n\n")
+    );
 }

@@ -512,3 +512,152 @@ fn bad_lengths_are_typed_errors() {
     let err = attend_sequence_backward(&q, &kv, &kv, &q, &lse, &q, d, &p2, false).unwrap_err();
     assert!(matches!(err, AttnError::Shape { ref arg, .. } if arg == "sinks"));
 }
+
+mod pieces {
+    //! The layer pieces' backward: rope (the adjoint of the rotation), norms, linear, gate.
+
+    use attention_codegen::{QkNorm, Rope, RopeMode};
+    use attention_runtime::modules::SplitMix64;
+    use attention_runtime::reference::grad::{
+        gate_backward, linear_backward_input, linear_bias_grad, linear_weight_grad,
+        normalize_rows_backward,
+    };
+    use attention_runtime::reference::{normalize_rows, RopeTable};
+    use attention_runtime::AttnError;
+
+    use super::rand_vec;
+
+    fn dot(a: &[f32], b: &[f32]) -> f64 {
+        a.iter().zip(b).map(|(x, y)| *x as f64 * *y as f64).sum()
+    }
+
+    #[test]
+    fn rope_backward_is_the_adjoint() {
+        // <R x, y> == <x, R^T y> for half, interleaved, partial rope, any positions and mscale.
+        let mut rng = SplitMix64::new(1);
+        for (mode, pct) in [
+            (RopeMode::Half, 1.0),
+            (RopeMode::Interleaved, 1.0),
+            (RopeMode::Half, 0.5),
+            (RopeMode::Interleaved, 0.5),
+        ] {
+            let rope = Rope {
+                mode,
+                rotary_percent: pct,
+                rotary_base: 10000.0,
+            };
+            let t = RopeTable::new(&rope, 8).unwrap();
+            let pos = [0i64, 3, 17];
+            let x = rand_vec(&mut rng, 3 * 2 * 8, 1.0);
+            let y = rand_vec(&mut rng, 3 * 2 * 8, 1.0);
+            let (mut rx, mut rty) = (x.clone(), y.clone());
+            t.apply(&mut rx, 2, &pos, 1.3).unwrap();
+            t.apply_backward(&mut rty, 2, &pos, 1.3).unwrap();
+            let (a, b) = (dot(&rx, &y), dot(&x, &rty));
+            assert!(
+                (a - b).abs() < 1e-5 * (1.0 + a.abs()),
+                "{mode:?} {pct}: {a} vs {b}"
+            );
+            // Without mscale the rotation is orthogonal: R^T R = I.
+            t.apply_backward(&mut rx, 2, &pos, 1.0 / 1.3).unwrap();
+            for (p, q) in rx.iter().zip(&x) {
+                assert!((p - q).abs() < 1e-5, "{p} vs {q}");
+            }
+        }
+    }
+
+    #[test]
+    fn norm_backward_matches_finite_differences() {
+        let mut rng = SplitMix64::new(2);
+        let hn = 6;
+        for kind in [QkNorm::Layer, QkNorm::Rms, QkNorm::L2] {
+            let x = rand_vec(&mut rng, 3 * hn, 1.5);
+            let dy = rand_vec(&mut rng, 3 * hn, 1.0);
+            let w = rand_vec(&mut rng, hn, 0.5)
+                .into_iter()
+                .map(|v| v + 1.0)
+                .collect::<Vec<_>>();
+            let b = rand_vec(&mut rng, hn, 0.2);
+            let (wo, bo) = match kind {
+                QkNorm::Layer => (Some(&w[..]), Some(&b[..])),
+                QkNorm::Rms => (Some(&w[..]), None),
+                QkNorm::L2 => (None, None),
+            };
+            let loss = |x: &[f32], w: Option<&[f32]>, b: Option<&[f32]>| {
+                let mut y = x.to_vec();
+                normalize_rows(&mut y, hn, kind, 1e-5, w, b).unwrap();
+                dot(&y, &dy)
+            };
+            let g = normalize_rows_backward(&x, &dy, hn, kind, 1e-5, wo, bo).unwrap();
+            let eps = 1e-3f32;
+            let fd = |f: &dyn Fn(f32) -> f64| (f(eps) - f(-eps)) / (2.0 * eps as f64);
+            for e in 0..x.len() {
+                let d = fd(&|t| {
+                    let mut xp = x.clone();
+                    xp[e] += t;
+                    loss(&xp, wo, bo)
+                });
+                assert!(
+                    (d - g.dx[e] as f64).abs() < 2e-3,
+                    "{kind:?} dx[{e}]: {d} vs {}",
+                    g.dx[e]
+                );
+            }
+            if let Some(dw) = &g.dweight {
+                for c in 0..hn {
+                    let d = fd(&|t| {
+                        let mut wp = w.clone();
+                        wp[c] += t;
+                        loss(&x, Some(&wp), bo)
+                    });
+                    assert!((d - dw[c] as f64).abs() < 2e-3, "{kind:?} dw[{c}]");
+                }
+            }
+            if let Some(db) = &g.dbias {
+                for c in 0..hn {
+                    let s: f64 = (0..3).map(|r| dy[r * hn + c] as f64).sum();
+                    assert!((s - db[c] as f64).abs() < 1e-6, "{kind:?} db[{c}]");
+                }
+            }
+            assert_eq!(g.dweight.is_some(), kind != QkNorm::L2);
+            assert_eq!(g.dbias.is_some(), kind == QkNorm::Layer);
+        }
+    }
+
+    #[test]
+    fn linear_and_gate_backward_hand_checked() {
+        // y = x W^T, x [2, 3], W [2, 3].
+        let x = [1.0, 2.0, 3.0, -1.0, 0.5, 0.0];
+        let w = [0.5, -1.0, 2.0, 1.0, 1.0, 1.0];
+        let dy = [1.0, 2.0, -1.0, 0.5];
+        let dx = linear_backward_input(&dy, &w, 2, 3, 2).unwrap();
+        assert_eq!(dx, vec![2.5, 1.0, 4.0, 0.0, 1.5, -1.5]);
+        let dw = linear_weight_grad(&dy, &x, 2, 3, 2).unwrap();
+        assert_eq!(dw, vec![2.0, 1.5, 3.0, 1.5, 4.25, 6.0]);
+        assert_eq!(linear_bias_grad(&dy, 2, 2).unwrap(), vec![0.0, 2.5]);
+        // Gate: y = o sigmoid(g); at g = 0, sigmoid = 1/2, sigmoid' = 1/4.
+        let (d_o, d_g) = gate_backward(&[2.0], &[3.0], &[0.0]).unwrap();
+        assert_eq!((d_o[0], d_g[0]), (1.0, 1.5));
+        // Lengths are checked, naming the argument.
+        for (e, arg) in [
+            (
+                linear_backward_input(&dy, &w[..5], 2, 3, 2).unwrap_err(),
+                "weight",
+            ),
+            (
+                linear_weight_grad(&dy[..3], &x, 2, 3, 2).unwrap_err(),
+                "grad_output",
+            ),
+            (gate_backward(&[1.0], &[1.0, 2.0], &[0.0]).unwrap_err(), "o"),
+            (
+                normalize_rows_backward(&x, &dy, 3, QkNorm::Rms, 1e-5, None, None).unwrap_err(),
+                "dy",
+            ),
+        ] {
+            assert!(
+                matches!(&e, AttnError::Shape { arg: a, .. } if a == arg),
+                "{e}"
+            );
+        }
+    }
+}

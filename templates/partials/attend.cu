@@ -8,7 +8,7 @@ constexpr float LOG2E = 1.4426950408889634f;
 constexpr float LN2 = 0.6931471805599453f;
 
 struct RowState {
-    float acc[LANE_D];  // unnormalized output, channel c * WARP_SIZE + lane
+    float acc[LANE_D];  // unnormalized output, channel c * WARP_SIZE + lane (0 past HEAD_DIM)
     float m;            // running max of the logits (log2 units)
     float l;            // running sum of exp2(logit - m)
     bool any;           // whether any key was visible
@@ -43,7 +43,7 @@ __device__ __forceinline__ void row_update(RowState& st, float s, const elem_t* 
     st.l = st.l * corr + p;
 #pragma unroll
     for (int c = 0; c < LANE_D; ++c)
-        st.acc[c] = st.acc[c] * corr + p * load_elem(v_row + c * WARP_SIZE + lane);
+        st.acc[c] = st.acc[c] * corr + p * load_ch(v_row, c, lane);
     st.m = m_new;
     st.any = true;
 }
@@ -53,14 +53,14 @@ __device__ __forceinline__ float row_dot(const float (&qv)[LANE_D], const elem_t
                                          int lane) {
     float d = 0.0f;
 #pragma unroll
-    for (int c = 0; c < LANE_D; ++c) d += qv[c] * load_elem(k_row + c * WARP_SIZE + lane);
+    for (int c = 0; c < LANE_D; ++c) d += qv[c] * load_ch(k_row, c, lane);
     return warp_sum(d);
 }
 
 /// Load the lane's channels of a query row.
 __device__ __forceinline__ void load_q(float (&qv)[LANE_D], const elem_t* __restrict__ q_row, int lane) {
 #pragma unroll
-    for (int c = 0; c < LANE_D; ++c) qv[c] = load_elem(q_row + c * WARP_SIZE + lane);
+    for (int c = 0; c < LANE_D; ++c) qv[c] = load_ch(q_row, c, lane);
 }
 
 /// Write the normalized output row (times sigmoid(gate) when gated) and the row's LSE
@@ -73,10 +73,10 @@ __device__ __forceinline__ void row_finish(const RowState& st, elem_t* __restric
     for (int c = 0; c < LANE_D; ++c) {
         float o = st.any ? st.acc[c] * inv_l : 0.0f;
 {%- if has_gate %}
-        const float g = load_elem(gate_row + c * WARP_SIZE + lane);
+        const float g = load_ch(gate_row, c, lane);
         o *= 1.0f / (1.0f + expf(-g));
 {%- endif %}
-        store_elem(out_row + c * WARP_SIZE + lane, o);
+        store_ch(out_row, c, lane, o);
     }
 {%- if not has_gate %}
     (void)gate_row;

@@ -1,6 +1,6 @@
 // ---------------------------------------------------------------------------------------
 // sm_80 tensor-core helpers of the backward kernels (the same instructions as
-// templates/fwd_fast.cu): cp.async 16-byte copies, ldmatrix, mma.sync m16n8k16 with f32
+// templates/prefill_sm80.cu): cp.async 16-byte copies, ldmatrix, mma.sync m16n8k16 with f32
 // accumulate, f32 -> {{ dtype }} packing, ex2.approx. Fragment layouts (PTX ISA, m16n8k16):
 // A (16x16, row): a0 = (row g, cols 2t..2t+1), a1 = (g+8, 2t..), a2 = (g, 8+2t..),
 // a3 = (g+8, 8+2t..); B (16x8, col): b0 = (k 2t..2t+1, col g), b1 = (k 8+2t.., g);

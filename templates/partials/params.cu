@@ -2,7 +2,7 @@
 // Kernel parameter structs, one per kernel family: the host fills one typed struct per
 // launch and queues it as the kernel's whole parameter buffer. Kernels take it by value
 // (`const FwdParams p`; never take its address, which would copy it to local memory), except
-// `fwdfast`, which declares the same fields positionally in the same order (the struct
+// `prefill_sm80`, which declares the same fields positionally in the same order (the struct
 // parameter costs its hot variants spills) and so has the same parameter buffer. The host's
 // `#[repr(C)]` twins live in attention-runtime/src/cuda/params.rs with the same fields in the
 // same order; attention-runtime/tests/nvrtc_params_layout.rs compiles static_asserts of
@@ -11,9 +11,10 @@
 // Pointers are 8 bytes (null = absent), int and float 4, long long 8.
 // ---------------------------------------------------------------------------------------
 
-/// Attention over q, k, v: the forward family (`fwd`, `fwdfast` with its static-cache and
-/// paged modes) and the one-warp-per-row cache kernels (`decode`, `paged`). Each kernel
-/// documents which fields it reads; the others may be null / 0.
+/// Attention over q, k, v: the prefill family (`prefill_rows`, `prefill_sm80` with its
+/// static-cache and paged modes) and the one-warp-per-row cache kernels (`decode_rows`,
+/// `decode_rows_paged`). Each kernel documents which fields it reads; the others may be
+/// null / 0.
 struct FwdParams {
     const elem_t* q;               // queries (layout per kernel)
     const elem_t* k;               // keys: packed/padded k, a static cache layer or a pool
@@ -76,8 +77,8 @@ struct PrepParams {
     int* v_nonfinite;              // int32 flag raised when a written v is not finite, or null
 };
 
-/// The `kvappend` kernel: new k/v rows into a paged pool or a static cache
-/// (templates/paged_append.cu).
+/// The `append_kv` kernel: new k/v rows into a paged pool or a static cache
+/// (templates/append_kv.cu).
 struct AppendParams {
     const elem_t* k;               // [total_tokens, num_groups, HEAD_DIM]
     const elem_t* v;
@@ -94,8 +95,8 @@ struct AppendParams {
     int cache_max_batch;           // static cache: batch slots
 };
 
-/// The paged mode of `flashdec` (split and merge entries): the decode rows of a paged mixed
-/// batch over the pool (templates/flash_decode.cu).
+/// The paged mode of `decode_splitkv` (split and combine entries): the decode rows of a paged
+/// mixed batch over the pool (templates/decode_splitkv.cu).
 struct PagedDecodeParams {
     const elem_t* q;               // packed [total_q, num_heads, HEAD_DIM], already rotated
     const elem_t* k_pool;          // [num_blocks, block_size, num_groups, HEAD_DIM]

@@ -38,9 +38,27 @@ constexpr int WARP_SIZE = 32;
 constexpr unsigned int FULL_WARP = 0xffffffffu;
 /// Head dim (kv_channels) this kernel is specialized for.
 constexpr int HEAD_DIM = {{ head_dim }};
-/// Channels held by each lane: channel `c * WARP_SIZE + lane`, `c < LANE_D`.
-constexpr int LANE_D = HEAD_DIM / WARP_SIZE;
-static_assert(HEAD_DIM % WARP_SIZE == 0, "head dim must be a multiple of the warp size");
+/// Channels held by each lane: channel `c * WARP_SIZE + lane`, `c < LANE_D`. A head dim that
+/// is not a multiple of the warp size (80) pads the last chunk: its lanes past HEAD_DIM hold
+/// channels that do not exist, which load_ch reads as zero and store_ch never writes (so sums
+/// over the lanes and dot products stay exact). At a multiple of the warp size ch_ok is the
+/// constant true and the checks compile away.
+constexpr int LANE_D = (HEAD_DIM + WARP_SIZE - 1) / WARP_SIZE;
+static_assert(HEAD_DIM % 16 == 0, "head dim must be a multiple of 16");
+static_assert((LANE_D - 1) * WARP_SIZE < HEAD_DIM && LANE_D * WARP_SIZE >= HEAD_DIM, "LANE_D chunks cover the head dim");
+
+/// Whether the lane's channel `c * WARP_SIZE + lane` exists.
+__device__ __forceinline__ bool ch_ok(int c, int lane) {
+    return HEAD_DIM % WARP_SIZE == 0 || c * WARP_SIZE + lane < HEAD_DIM;
+}
+/// The lane's channel `c` of a row (zero past HEAD_DIM, never read there).
+__device__ __forceinline__ float load_ch(const elem_t* __restrict__ row, int c, int lane) {
+    return ch_ok(c, lane) ? load_elem(row + c * WARP_SIZE + lane) : 0.0f;
+}
+/// Store the lane's channel `c` of a row (nothing past HEAD_DIM).
+__device__ __forceinline__ void store_ch(elem_t* row, int c, int lane, float f) {
+    if (ch_ok(c, lane)) store_elem(row + c * WARP_SIZE + lane, f);
+}
 
 __device__ __forceinline__ float neg_inf() { return __int_as_float(0xff800000); }
 

@@ -16,13 +16,13 @@
 //! kernel's 5, about 40% more tensor-core work); a fused, atomicAdd-dQ fast mode is not
 //! implemented.
 //!
-//! Layouts are the forward's ([`crate::cuda::fwd_fast`]); dq, dk, dv have the layouts of q,
+//! Layouts are the forward's ([`crate::cuda::prefill_sm80`]); dq, dk, dv have the layouts of q,
 //! k, v and the input dtype; lse is the forward's f32 `[num_heads, rows]` natural log.
 //!
 //! Supported: masks `no_mask`, `causal` (top-left), `causal_bottom_right`, a sliding window
-//! on them, GQA / MQA, padded and packed layouts, bf16 and f16, every head dim of
-//! [`SUPPORTED_HEAD_DIMS`](attention_codegen::SUPPORTED_HEAD_DIMS) (32 to 256; above 128 the
-//! dK/dV kernel pairs warps to split the head dim), off-by-one and learnable sinks (their
+//! on them, GQA / MQA, padded and packed layouts, bf16 and f16, the head dims of
+//! [`BACKWARD_HEAD_DIMS`](attention_codegen::render::BACKWARD_HEAD_DIMS) (every supported
+//! one, 32 to 256; above 128 the dK/dV kernel pairs warps to split the head dim), off-by-one and learnable sinks (their
 //! gradient), mask tensors (`padding`, `padding_causal`, `arbitrary`, as the forward's), an
 //! additive bias and its gradient dbias (dense; the caller sums broadcast dims). Not yet:
 //! an output gate (its gradient): [`AttentionBackward::compile`] returns
@@ -39,8 +39,8 @@ use cudarc::driver::{
 };
 use cudarc::nvrtc::Ptx;
 
-use crate::cuda::fwd_fast::{check_strided, FastStrided};
 use crate::cuda::params::BwdParams;
+use crate::cuda::prefill_sm80::{check_strided, PrefillStrided};
 use crate::cuda::tensor::{DeviceElem, ElemType};
 use crate::error::{AttnError, Result};
 
@@ -126,12 +126,12 @@ pub struct BwdArgs<'a, T> {
     pub dsinks: Option<&'a mut CudaSlice<f32>>,
     /// The forward's uint8 mask tensor (nonzero = masked out), required exactly when the
     /// kernels' mask takes one (padding, padding_causal, arbitrary); indexed as the
-    /// forward's ([`FastStrided`]), extent `[batch, num_heads, seqlen_q, seqlen_k]`.
-    pub mask: Option<FastStrided<'a, u8>>,
+    /// forward's ([`PrefillStrided`]), extent `[batch, num_heads, seqlen_q, seqlen_k]`.
+    pub mask: Option<PrefillStrided<'a, u8>>,
     /// The forward's f32 additive post-scale bias, required exactly when the kernels were
-    /// built with one (`has_bias`); indexed as the forward's ([`FastStrided`]), extent
+    /// built with one (`has_bias`); indexed as the forward's ([`PrefillStrided`]), extent
     /// `[batch, num_heads, seqlen_q, seqlen_k]`.
-    pub bias: Option<FastStrided<'a, f32>>,
+    pub bias: Option<PrefillStrided<'a, f32>>,
     /// Its gradient dS (written; needs `bias`), dense f32 `[batch, num_heads, seqlen_q,
     /// seqlen_k]` (packed: the longest sequences, positions within each sequence), zero
     /// where masked and outside every sequence. A broadcast bias's gradient is this summed
@@ -651,7 +651,7 @@ impl AttentionBackward {
             }
         }
         if max_k > 0 {
-            let t = cfg.fast_tile();
+            let t = cfg.prefill_tile();
             launch(
                 &self.dkdv,
                 self.keys[1].clone(),
@@ -668,7 +668,7 @@ impl AttentionBackward {
         }
         if max_q > 0 {
             let c = &self.configs[2];
-            let t = c.fast_tile();
+            let t = c.prefill_tile();
             launch(
                 &self.dq,
                 self.keys[2].clone(),

@@ -1,17 +1,17 @@
-//! Fused decode over a static KV cache (`flashdec` + `flashdec..._merge`), the KV append
-//! kernel (`kvappend`), rope tables and CUDA-graph capture of a decode step: the attention
+//! Fused decode over a static KV cache (`decode_splitkv` + `decode_splitkv..._combine`), the KV
+//! append kernel (`append_kv`), rope tables and CUDA-graph capture of a decode step: the attention
 //! kernels alone ([`DecodeGraph`]) or a whole layer step with its cuBLASLt linears
 //! ([`LayerDecodeGraph`], built by [`CudaLayer::capture_decode`](super::CudaLayer::capture_decode)).
 //!
 //! Split count ([`num_splits`]): enough blocks for four per SM when `batch * groups` alone
 //! cannot (the split kernel is bandwidth-bound and needs many K/V tiles in flight), never
-//! more than one split per 128 keys of the longest sequence (so the merge stays small), at
+//! more than one split per 128 keys of the longest sequence (so the combine stays small), at
 //! most 128.
 
 use std::sync::Arc;
 
 use attention_codegen::render::{
-    flash_decode_smem_bytes, KernelConfig, FLASH_DECODE_MAX_WARPS, FLASH_DECODE_MERGE_WARPS,
+    decode_splitkv_smem_bytes, KernelConfig, DECODE_SPLITKV_COMBINE_WARPS, DECODE_SPLITKV_WARPS,
 };
 use cudarc::driver::{
     sys, CudaFunction, CudaGraph, CudaSlice, CudaStream, LaunchConfig, PushKernelArg,
@@ -22,23 +22,23 @@ use super::tensor::{cuda_err, upload};
 use super::CudaRuntime;
 use crate::error::{AttnError, Result};
 
-/// Loaded split and merge functions of a `flashdec` config (compiled on first use).
-pub fn flash_decode_kernels(
+/// Loaded split and combine functions of a `decode_splitkv` config (compiled on first use).
+pub fn decode_splitkv_kernels(
     rt: &CudaRuntime,
     config: &KernelConfig,
 ) -> Result<(String, CudaFunction, CudaFunction)> {
     let key = config.key();
-    let merge_key = format!("{key}_merge");
+    let combine_key = format!("{key}_combine");
     let mut cache = rt.kernels.lock().unwrap_or_else(|p| p.into_inner());
-    if let (Some(f), Some(m)) = (cache.get(&key), cache.get(&merge_key)) {
+    if let (Some(f), Some(m)) = (cache.get(&key), cache.get(&combine_key)) {
         return Ok((key, f.clone(), m.clone()));
     }
     let module = load_module(rt, config)?;
     let (f, m) = (
         load_function(&module, &key)?,
-        load_function(&module, &merge_key)?,
+        load_function(&module, &combine_key)?,
     );
-    let smem = flash_decode_smem_bytes(config.head_dim);
+    let smem = decode_splitkv_smem_bytes(config.head_dim);
     f.set_attribute(
         sys::CUfunction_attribute_enum::CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES,
         smem as i32,
@@ -48,7 +48,7 @@ pub fn flash_decode_kernels(
         msg: e.to_string(),
     })?;
     cache.insert(key.clone(), f.clone());
-    cache.insert(merge_key, m.clone());
+    cache.insert(combine_key, m.clone());
     Ok((key, f, m))
 }
 
@@ -102,9 +102,9 @@ impl RopeTables {
 
 /// Raw device pointers and sizes of one fused decode step (everything fixed-shape, so the
 /// same value can be launched eagerly or captured in a graph). Layouts: see
-/// templates/flash_decode.cu.
+/// templates/decode_splitkv.cu.
 #[derive(Debug, Clone, Copy)]
-pub struct FlashDecodeArgs {
+pub struct DecodeSplitKvArgs {
     /// q `[batch, np, hn]` (unrotated).
     pub q: u64,
     /// New k `[batch, ng, hn]` (unrotated).
@@ -153,17 +153,17 @@ pub struct FlashDecodeArgs {
     pub window_right: i32,
 }
 
-/// Queue the split and merge kernels of one decode step on `stream`.
-pub fn launch_flash_decode(
+/// Queue the split and combine kernels of one decode step on `stream`.
+pub fn launch_decode_splitkv(
     stream: &Arc<CudaStream>,
     key: &str,
     split: &CudaFunction,
-    merge: &CudaFunction,
-    a: &FlashDecodeArgs,
+    combine: &CudaFunction,
+    a: &DecodeSplitKvArgs,
 ) -> Result<()> {
-    let warps = FLASH_DECODE_MAX_WARPS;
-    // The ring size [`flash_decode_kernels`] allowed for this function (its head dim's
-    // `flash_decode_smem_bytes`).
+    let warps = DECODE_SPLITKV_WARPS;
+    // The ring size [`decode_splitkv_kernels`] allowed for this function (its head dim's
+    // `decode_splitkv_smem_bytes`).
     let smem = split
         .get_attribute(
             sys::CUfunction_attribute_enum::CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES,
@@ -189,40 +189,40 @@ pub fn launch_flash_decode(
     b.arg(&a.softmax_scale)
         .arg(&a.window_left)
         .arg(&a.window_right);
-    // SAFETY: the argument list matches the flashdec entry point (render.rs docs); the
+    // SAFETY: the argument list matches the decode_splitkv entry point (render.rs docs); the
     // caller guarantees every pointer is a live buffer of the documented shape and that the
     // cache has room at cache_seqlens[b] (validated on the host).
     unsafe { b.launch(cfg) }.map_err(launch_err(key))?;
     let cfg = LaunchConfig {
         grid_dim: (a.batch as u32, a.num_heads as u32, 1),
-        block_dim: ((FLASH_DECODE_MERGE_WARPS * 32) as u32, 1, 1),
+        block_dim: ((DECODE_SPLITKV_COMBINE_WARPS * 32) as u32, 1, 1),
         shared_mem_bytes: 0,
     };
-    let mut b = stream.launch_builder(merge);
+    let mut b = stream.launch_builder(combine);
     b.arg(&a.o_part).arg(&a.lse_part).arg(&a.out).arg(&a.lse);
     b.arg(&a.sinks)
         .arg(&a.gate)
         .arg(&a.batch)
         .arg(&a.num_heads)
         .arg(&a.num_splits);
-    // SAFETY: matches the `_merge` entry point; buffers as above.
+    // SAFETY: matches the `_combine` entry point; buffers as above.
     unsafe { b.launch(cfg) }.map_err(launch_err(key))?;
     Ok(())
 }
 
-/// Queue the split and merge kernels of a paged batch's decode rows (`flashdec` in its paged
-/// mode, loaded with [`flash_decode_kernels`]): split grid `(num_splits, num_groups,
-/// batch)`, merge grid `(batch, num_heads)`, both launched with `p` as their parameters.
+/// Queue the split and combine kernels of a paged batch's decode rows (`decode_splitkv` in its
+/// paged mode, loaded with [`decode_splitkv_kernels`]): split grid `(num_splits, num_groups,
+/// batch)`, combine grid `(batch, num_heads)`, both launched with `p` as their parameters.
 ///
 /// # Safety
-/// Every pointer in `p` is a live device buffer of the shape `templates/flash_decode.cu`
+/// Every pointer in `p` is a live device buffer of the shape `templates/decode_splitkv.cu`
 /// documents for its paged mode, `requests` lists `batch` requests of the paged batch with
 /// one query row each, and their block ids and lengths were validated against the pool.
-pub unsafe fn launch_paged_decode(
+pub unsafe fn launch_decode_splitkv_paged(
     stream: &Arc<CudaStream>,
     key: &str,
     split: &CudaFunction,
-    merge: &CudaFunction,
+    combine: &CudaFunction,
     p: &super::params::PagedDecodeParams,
 ) -> Result<()> {
     let smem = split
@@ -234,7 +234,7 @@ pub unsafe fn launch_paged_decode(
         ))?;
     let cfg = LaunchConfig {
         grid_dim: (p.num_splits as u32, p.num_groups as u32, p.batch as u32),
-        block_dim: ((FLASH_DECODE_MAX_WARPS * 32) as u32, 1, 1),
+        block_dim: ((DECODE_SPLITKV_WARPS * 32) as u32, 1, 1),
         shared_mem_bytes: smem.max(0) as u32,
     };
     // SAFETY: PagedDecodeParams is the parameter layout of both paged entries
@@ -242,11 +242,11 @@ pub unsafe fn launch_paged_decode(
     unsafe { super::params::launch(stream, split, cfg, p) }.map_err(launch_err(key))?;
     let cfg = LaunchConfig {
         grid_dim: (p.batch as u32, p.num_heads as u32, 1),
-        block_dim: ((FLASH_DECODE_MERGE_WARPS * 32) as u32, 1, 1),
+        block_dim: ((DECODE_SPLITKV_COMBINE_WARPS * 32) as u32, 1, 1),
         shared_mem_bytes: 0,
     };
     // SAFETY: as above.
-    unsafe { super::params::launch(stream, merge, cfg, p) }.map_err(launch_err(key))
+    unsafe { super::params::launch(stream, combine, cfg, p) }.map_err(launch_err(key))
 }
 
 /// A decode step captured in a CUDA graph on its own stream: replaying it re-runs the same
@@ -263,14 +263,14 @@ impl std::fmt::Debug for DecodeGraph {
 }
 
 impl DecodeGraph {
-    /// Capture `a`'s split + merge launches (the runtime's stream is synchronized first, so
+    /// Capture `a`'s split + combine launches (the runtime's stream is synchronized first, so
     /// every buffer is ready). Errors: `Cuda` when capture or instantiation fails.
     pub fn capture(
         rt: &CudaRuntime,
         key: &str,
         split: &CudaFunction,
-        merge: &CudaFunction,
-        a: &FlashDecodeArgs,
+        combine: &CudaFunction,
+        a: &DecodeSplitKvArgs,
     ) -> Result<Self> {
         rt.synchronize("before graph capture")?;
         let stream = rt
@@ -281,7 +281,7 @@ impl DecodeGraph {
         stream
             .begin_capture(sys::CUstreamCaptureMode::CU_STREAM_CAPTURE_MODE_THREAD_LOCAL)
             .map_err(cuda_err("cuStreamBeginCapture"))?;
-        let launched = launch_flash_decode(&stream, key, split, merge, a);
+        let launched = launch_decode_splitkv(&stream, key, split, combine, a);
         let ended = stream.end_capture(sys::CUgraphInstantiate_flags(0));
         launched?;
         let graph = ended
@@ -634,7 +634,7 @@ pub(crate) struct CacheBinding {
     pub batch: usize,
 }
 
-/// A whole layer decode step (`linear_qkv` -> `qkv_prep` -> `flashdec` split + merge ->
+/// A whole layer decode step (`linear_qkv` -> `qkv_prep` -> `decode_splitkv` split + combine ->
 /// `linear_proj`) captured in one CUDA graph over fixed device buffers, for `b` sequences in
 /// slots `batch_offset .. batch_offset + b` of one layer of one [`DeviceStaticKvCache`](super::DeviceStaticKvCache).
 ///
@@ -697,7 +697,7 @@ impl LayerDecodeGraph {
         Ok((stream, graph))
     }
 
-    /// KV splits of the captured `flashdec` launch.
+    /// KV splits of the captured `decode_splitkv` launch.
     pub fn num_splits(&self) -> usize {
         self.splits
     }

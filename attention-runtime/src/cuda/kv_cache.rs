@@ -6,7 +6,7 @@
 //! - [`DevicePagedKvCache`]: per layer pools `[num_blocks, block_size, ng, hn]` for K and V,
 //!   a reference-counted [`BlockAllocator`]; offsets are 64-bit in the kernels.
 //!
-//! Writes happen in kernels (`flashdec`, `kvappend`); every host-side check (capacity, block
+//! Writes happen in kernels (`decode_splitkv`, `append_kv`); every host-side check (capacity, block
 //! ids, shared blocks, lengths) runs before the launch, so a failing call writes nothing.
 
 use std::collections::HashMap;

@@ -55,9 +55,9 @@ pub(crate) fn load_module(rt: &CudaRuntime, config: &KernelConfig) -> Result<Arc
 }
 
 /// Pick and load the forward kernel: `fast` (the registry's
-/// [`fast_forward`](attention_codegen::registry::fast_forward), `None` where this GPU does not
-/// run it) when it loads, else `fallback` (the general `fwd` kernel). `load` loads one config
-/// ([`kernel`] on a device).
+/// [`prefill_sm80`](attention_codegen::registry::prefill_sm80), `None` where this GPU does not
+/// run it) when it loads, else `fallback` (the general `prefill_rows` kernel). `load` loads one
+/// config ([`kernel`] on a device).
 ///
 /// A fast kernel that fails to load falls back with a `tracing` warning naming both kernels
 /// and the error, except for [`JitError::JitDisabled`] (`ATTN_JIT=off` and the kernel is not in
@@ -75,7 +75,7 @@ pub fn select_forward<T>(
             Ok(t) => return Ok((c.clone(), t)),
             Err(e @ AttnError::Jit(JitError::JitDisabled { .. })) => return Err(e),
             Err(e) => tracing::warn!(
-                "fast forward kernel {} unavailable, falling back to {} ({e})",
+                "prefill_sm80 kernel {} unavailable, falling back to {} ({e})",
                 c.key(),
                 fallback.key()
             ),

@@ -1,12 +1,13 @@
 //! [`CudaLayer`]: any [`AttentionLayer`] on a CUDA GPU.
 //!
 //! Self-attention: `linear_qkv` (cuBLASLt, bias fused) -> `qkv_prep` kernel (GQA-interleaved
-//! split, q/k norm, rope at explicit positions with mscale, output-gate split) -> `fwd` kernel
-//! (padded `[s, b]` or packed cu_seqlens, every mask type, window, bias, sinks, gate) ->
+//! split, q/k norm, rope at explicit positions with mscale, output-gate split) -> prefill
+//! kernel (`prefill_*_sm80` where the GPU runs it, else `prefill_rows`; padded `[s, b]` or
+//! packed cu_seqlens, every mask type, window, bias, sinks, gate) ->
 //! `linear_proj` (cuBLASLt; its bias returned unadded).
 //!
 //! Cross-attention: `linear_q(hidden)`, `linear_kv(context)` -> `qkv_prep` (cross layout:
-//! per head `[k_h | v_h]`) -> `fwd` -> `linear_proj`.
+//! per head `[k_h | v_h]`) -> `prefill_*_sm80` / `prefill_rows` -> `linear_proj`.
 //!
 //! Kernels are rendered from the layer's spec for its config's head dim and compiled by
 //! NVRTC for the device's exact arch on first use, then cached per device
@@ -71,7 +72,7 @@ pub struct CudaLayer {
     /// This device, for the registry's choice of forward kernel.
     target: Target,
     poison: AtomicBool,
-    /// Pinned `flashdec` split count of eager decode (0: chosen per step).
+    /// Pinned `decode_splitkv` split count of eager decode (0: chosen per step).
     decode_splits: AtomicUsize,
     /// Decode-step plans, reused across steps (see [`decode_step`]).
     decode_plans: std::sync::Mutex<Vec<decode_step::DecodePlan>>,
@@ -344,40 +345,40 @@ impl CudaLayer {
         self.fast_config(&fcfg).unwrap_or(fcfg).key()
     }
 
-    /// The FlashAttention-2 style kernel (`fwdfast_*`) for a forward: every mask (padding /
+    /// The FlashAttention-2 style kernel (`prefill_*_sm80`) for a forward: every mask (padding /
     /// arbitrary mask tensors included), window, sinks, additive bias and output gate, when
-    /// this GPU runs it ([`registry::fast_forward`]: sm_80+ and the tile's shared memory
-    /// fits; otherwise the general `fwd` kernel runs).
+    /// this GPU runs it ([`registry::prefill_sm80`]: sm_80+ and the tile's shared memory
+    /// fits; otherwise the general `prefill_rows` kernel runs).
     fn fast_config(&self, fcfg: &KernelConfig) -> Option<KernelConfig> {
-        registry::fast_forward(fcfg, self.target)
+        registry::prefill_sm80(fcfg, self.target)
     }
 
     /// The tensor-core forward config of attention over a static cache (prefill): the
     /// layer's forward kernel with the bottom-right causal mask, no mask tensor or bias;
-    /// `None` when its tile does not fit this GPU (prefill then runs the `decode` kernel).
+    /// `None` when its tile does not fit this GPU (prefill then runs the `decode_rows` kernel).
     pub fn cache_prefill_config(&self) -> Option<KernelConfig> {
         registry::cache_prefill(&self.config.spec, self.config.head_dim, self.target)
     }
 
     /// The tensor-core config of a paged mixed batch ([`forward_paged`](Self::forward_paged)):
     /// the forward kernel reading K/V through the block table; `None` when this GPU cannot
-    /// run it (the one-warp-per-row `paged` kernel runs then).
+    /// run it (the one-warp-per-row `decode_rows_paged` kernel runs then).
     pub fn paged_prefill_config(&self) -> Option<KernelConfig> {
         registry::paged_prefill(&self.config.spec, self.config.head_dim, self.target)
     }
 
     /// The split-KV decode config of a paged mixed batch's decode rows
-    /// ([`registry::paged_decode`]: `flashdec` in its paged mode); `None` when this GPU
-    /// cannot run it (the decode rows then run on the prefill kernel).
+    /// ([`registry::decode_splitkv_paged`]: `decode_splitkv` in its paged mode); `None` when this
+    /// GPU cannot run it (the decode rows then run on the prefill kernel).
     pub fn paged_decode_config(&self) -> Option<KernelConfig> {
-        registry::paged_decode(&self.config.spec, self.config.head_dim, self.target)
+        registry::decode_splitkv_paged(&self.config.spec, self.config.head_dim, self.target)
     }
 
-    /// Load an attention kernel: [`load_fast`](Self::load_fast) for a `fwdfast` config,
-    /// [`kernel`] otherwise.
+    /// Load an attention kernel: [`load_prefill_sm80`](Self::load_prefill_sm80) for a
+    /// `prefill_sm80` config, [`kernel`] otherwise.
     fn load_attention(&self, c: &KernelConfig) -> Result<(String, cudarc::driver::CudaFunction)> {
-        if c.phase == Phase::ForwardFast {
-            self.load_fast(c)
+        if c.phase == Phase::PrefillSm80 {
+            self.load_prefill_sm80(c)
         } else {
             kernel(&self.rt, c)
         }
@@ -391,10 +392,13 @@ impl CudaLayer {
         }
     }
 
-    /// Load a `fwdfast` kernel and allow its dynamic shared memory.
-    fn load_fast(&self, c: &KernelConfig) -> Result<(String, cudarc::driver::CudaFunction)> {
+    /// Load a `prefill_sm80` kernel and allow its dynamic shared memory.
+    fn load_prefill_sm80(
+        &self,
+        c: &KernelConfig,
+    ) -> Result<(String, cudarc::driver::CudaFunction)> {
         let (key, f) = kernel(&self.rt, c)?;
-        let smem = c.fast_tile().smem_bytes(c.head_dim);
+        let smem = c.prefill_tile().smem_bytes(c.head_dim);
         if smem > 48 * 1024 {
             f.set_attribute(
                 cudarc::driver::sys::CUfunction_attribute_enum::CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES,
@@ -413,9 +417,9 @@ impl CudaLayer {
         self.prep.key()
     }
 
-    /// The general forward kernel of a call ([`registry::forward`]).
+    /// The general forward kernel of a call ([`registry::prefill_rows`]).
     fn fwd_config(&self, args: &ForwardArgs<'_>) -> KernelConfig {
-        registry::forward(
+        registry::prefill_rows(
             &self.config.spec,
             self.config.head_dim,
             args.mask_type.unwrap_or(self.config.mask),

@@ -18,12 +18,12 @@
 pub mod backward;
 pub mod cross_cache;
 pub mod decode;
-pub mod fwd_fast;
 pub mod kv_cache;
 pub mod launch;
 pub mod layer;
 pub mod linear;
 pub mod params;
+pub mod prefill_sm80;
 pub mod tensor;
 pub mod wrap;
 

@@ -2,10 +2,10 @@
 //! struct its templates declare (`templates/partials/params.cu`), queued as the kernel's
 //! whole parameter buffer by [`launch`].
 //!
-//! A kernel of a family either takes the struct by value (`const FwdParams p`: `fwd`,
-//! `decode`, `paged`, `qkv_prep`, `kvappend`) or takes its fields as positional
-//! parameters in the same order (`fwdfast`, where the struct parameter costs the hot
-//! variants spills: 60 bytes of spill stores at hd128 causal, ptxas sm_90); both have the same
+//! A kernel of a family either takes the struct by value (`const FwdParams p`:
+//! `prefill_rows`, `decode_rows`, `decode_rows_paged`, `qkv_prep`, `append_kv`) or takes its fields
+//! as positional parameters in the same order (`prefill_sm80`, where the struct parameter costs the
+//! hot variants spills: 60 bytes of spill stores at hd128 causal, ptxas sm_90); both have the same
 //! parameter buffer, byte for byte, so one launch path serves both. The test
 //! `tests/nvrtc_params_layout.rs` checks, with NVRTC and no GPU, that the CUDA declaration has
 //! the offsets and sizes of each struct's [`KernelParams::FIELDS`] and that every kernel's
@@ -56,11 +56,12 @@ macro_rules! kernel_params {
 }
 
 kernel_params! {
-    /// Parameters of the attention family: `fwd`, `fwdfast` (padded, packed, static-cache and
-    /// paged modes) and the one-warp-per-row cache kernels `decode` and `paged`; the CUDA
+    /// Parameters of the attention family: `prefill_rows`, `prefill_sm80` (padded, packed,
+    /// static-cache and paged modes) and the one-warp-per-row cache kernels `decode_rows` and
+    /// `decode_rows_paged`; the CUDA
     /// declaration is `FwdParams` in `templates/partials/params.cu`. Pointers are raw device
     /// addresses (0 = null). Each kernel reads the fields its template lists; leave the others
-    /// at their [`Default`] (0 / null). Layouts of the tensors: `templates/fwd_fast.cu`.
+    /// at their [`Default`] (0 / null). Layouts of the tensors: `templates/prefill_sm80.cu`.
     pub struct FwdParams {
         /// Queries.
         pub q: u64,
@@ -116,7 +117,7 @@ kernel_params! {
         pub cache_max_batch: i32,
         /// int32 `[batch, max_blocks_per_seq]` block table of a paged pool.
         pub block_table: u64,
-        /// Pool rows per block (a power of two >= 16 for `fwdfast`).
+        /// Pool rows per block (a power of two >= 16 for `prefill_sm80`).
         pub block_size: i32,
         /// Row stride of the block table.
         pub max_blocks_per_seq: i32,
@@ -256,8 +257,8 @@ kernel_params! {
 }
 
 kernel_params! {
-    /// Parameters of the `kvappend` kernel (the CUDA declaration is `AppendParams` in
-    /// `templates/partials/params.cu`; layouts in `templates/paged_append.cu`).
+    /// Parameters of the `append_kv` kernel (the CUDA declaration is `AppendParams` in
+    /// `templates/partials/params.cu`; layouts in `templates/append_kv.cu`).
     pub struct AppendParams {
         /// New (rotated) keys `[total_tokens, num_groups, hn]`.
         pub k: u64,
@@ -289,9 +290,9 @@ kernel_params! {
 }
 
 kernel_params! {
-    /// Parameters of the paged mode of `flashdec` (split and merge entries, `_paged` keys):
+    /// Parameters of the paged mode of `decode_splitkv` (split and combine entries, `_paged` keys):
     /// the decode rows of a paged mixed batch. The CUDA declaration is `PagedDecodeParams` in
-    /// `templates/partials/params.cu`; layouts in `templates/flash_decode.cu`.
+    /// `templates/partials/params.cu`; layouts in `templates/decode_splitkv.cu`.
     pub struct PagedDecodeParams {
         /// Packed q `[total_q, num_heads, hn]` of the whole batch, already rotated.
         pub q: u64,
@@ -346,9 +347,9 @@ kernel_params! {
 /// [`KernelConfig::paged_kv`](attention_codegen::render::KernelConfig::paged_kv)) are
 /// launched with, as (byte offset, byte size) per parameter: one parameter of the struct's
 /// size for a kernel that takes its family's struct by value, the struct's fields for
-/// `fwdfast` (positional). `None` for the static-cache `flashdec`, whose split and merge
-/// entries take positional lists pushed from
-/// [`FlashDecodeArgs`](crate::cuda::decode::FlashDecodeArgs).
+/// `prefill_sm80` (positional). `None` for the static-cache `decode_splitkv`, whose split and
+/// combine entries take positional lists pushed from
+/// [`DecodeSplitKvArgs`](crate::cuda::decode::DecodeSplitKvArgs).
 pub fn param_layout(
     phase: attention_codegen::render::Phase,
     paged: bool,
@@ -356,27 +357,30 @@ pub fn param_layout(
     use attention_codegen::render::Phase;
     let by_value = |size: usize| Some(vec![(0, size)]);
     match phase {
-        Phase::Forward | Phase::Decode | Phase::Paged => by_value(std::mem::size_of::<FwdParams>()),
-        Phase::ForwardFast => Some(
+        Phase::PrefillRows | Phase::DecodeRows | Phase::DecodeRowsPaged => {
+            by_value(std::mem::size_of::<FwdParams>())
+        }
+        Phase::PrefillSm80 => Some(
             cuda_fields::<FwdParams>()
                 .into_iter()
                 .map(|(_, off, size)| (off, size))
                 .collect(),
         ),
         Phase::QkvPrep => by_value(std::mem::size_of::<PrepParams>()),
-        Phase::PagedAppend => by_value(std::mem::size_of::<AppendParams>()),
-        Phase::FlashDecode if paged => by_value(std::mem::size_of::<PagedDecodeParams>()),
-        Phase::FlashDecode => None,
+        Phase::AppendKv => by_value(std::mem::size_of::<AppendParams>()),
+        Phase::DecodeSplitKv if paged => by_value(std::mem::size_of::<PagedDecodeParams>()),
+        Phase::DecodeSplitKv => None,
         Phase::BackwardPreprocess | Phase::BackwardDkdv | Phase::BackwardDq => {
             by_value(std::mem::size_of::<BwdParams>())
         }
     }
 }
 
-/// The launch configuration of an attention-family kernel (`config`'s phase `fwd`,
-/// `fwdfast`, `decode` or `paged`) over `rows` query rows (the longest sequence's), `heads`
-/// heads and `batch` sequences: `fwdfast` takes `block_m` rows per block with its tile's
-/// warps and dynamic shared memory; the one-warp-per-row kernels `config.warps` rows.
+/// The launch configuration of an attention-family kernel (`config`'s phase
+/// `prefill_rows`, `prefill_sm80`, `decode_rows` or `decode_rows_paged`) over `rows` query rows
+/// (the longest sequence's), `heads` heads and `batch` sequences: `prefill_sm80` takes `block_m`
+/// rows per block with its tile's warps and dynamic shared memory; the one-warp-per-row kernels
+/// `config.warps` rows.
 pub fn fwd_launch_config(
     config: &attention_codegen::render::KernelConfig,
     rows: usize,
@@ -384,8 +388,8 @@ pub fn fwd_launch_config(
     batch: usize,
 ) -> LaunchConfig {
     use attention_codegen::render::Phase;
-    let (per_block, warps, smem) = if config.phase == Phase::ForwardFast {
-        let t = config.fast_tile();
+    let (per_block, warps, smem) = if config.phase == Phase::PrefillSm80 {
+        let t = config.prefill_tile();
         (t.block_m, t.warps, t.smem_bytes(config.head_dim))
     } else {
         (config.warps, config.warps, 0)

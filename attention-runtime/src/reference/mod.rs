@@ -4,6 +4,7 @@
 //!
 //! - [`attention`]: one sequence's core attention ([`attend_sequence`]).
 //! - [`attention_backward`]: its backward ([`attend_sequence_backward`]).
+//! - [`grad`]: backward of linear, norms and the output gate.
 //! - [`mask`]: the visibility predicate of every mask type and the window.
 //! - [`rope`]: rotary embedding.
 //! - [`norm`]: q/k norms.
@@ -12,6 +13,7 @@
 
 pub mod attention;
 pub mod attention_backward;
+pub mod grad;
 pub mod linear;
 pub mod mask;
 pub mod norm;

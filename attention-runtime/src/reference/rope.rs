@@ -63,6 +63,33 @@ impl RopeTable {
     /// Rotate `x` (`[n, heads, hn]`, row-major) in place; token `t` is at `positions[t]`.
     /// Errors when `x` is not `positions.len() * heads * hn` long.
     pub fn apply(&self, x: &mut [f32], heads: usize, positions: &[i64], mscale: f32) -> Result<()> {
+        self.rotate(x, heads, positions, mscale, 1.0)
+    }
+
+    /// The backward of [`apply`](Self::apply): `x` holds the gradient of the rotated tensor
+    /// (`[n, heads, hn]`) and becomes the gradient of its input, in place. Rope is a rotation
+    /// `R(theta) * mscale` per channel pair, so its transpose is the rotation by `-theta`
+    /// times `mscale` (`(a, b) -> (a c + b s, b c - a s)`); channels past `rot_dim` pass
+    /// through. Errors as [`apply`](Self::apply).
+    pub fn apply_backward(
+        &self,
+        x: &mut [f32],
+        heads: usize,
+        positions: &[i64],
+        mscale: f32,
+    ) -> Result<()> {
+        self.rotate(x, heads, positions, mscale, -1.0)
+    }
+
+    /// Rotation by `sign * theta`, times `mscale`.
+    fn rotate(
+        &self,
+        x: &mut [f32],
+        heads: usize,
+        positions: &[i64],
+        mscale: f32,
+        sign: f64,
+    ) -> Result<()> {
         let hn = self.head_dim;
         if x.len() != positions.len() * heads * hn {
             return Err(AttnError::Shape {
@@ -80,7 +107,7 @@ impl RopeTable {
         for (t, &pos) in positions.iter().enumerate() {
             for (j, f) in self.inv_freq.iter().enumerate() {
                 let a = pos as f64 * f;
-                cs[j] = (a.cos() * ms, a.sin() * ms);
+                cs[j] = (a.cos() * ms, sign * a.sin() * ms);
             }
             for h in 0..heads {
                 let row = &mut x[(t * heads + h) * hn..][..hn];

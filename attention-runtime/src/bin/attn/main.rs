@@ -6,6 +6,10 @@
 //!            [--input-name input] --output O.safetensors [--device cpu|cuda]
 //!            [--positions P.safetensors] [--mask-file M.safetensors] [--bias-file B.safetensors]
 //!            [--context C.safetensors]
+//! attn backward --spec "<spec>" --weights W.safetensors [--prefix P] --input X.safetensors
+//!            --grad-output G.safetensors --output O.safetensors [--device cpu|cuda]
+//!            [--positions P] [--mask-file M] [--bias-file B] [--context C [--context-name N]]
+//!            [--delay-wgrad] [--recompute none|core_attention]
 //! attn catalog
 //! attn render --spec "<spec>" [--head-dim D]
 //! attn aot --arch sm_90a[,sm_80,...] (--catalog | --spec "<spec>" [--head-dim D]) [--cache-dir DIR] [--list]
@@ -51,6 +55,14 @@ enum Command {
     /// Writes `output` `[s, b, h]` and, when the layer has one, `output_bias` `[h]` (not added to
     /// the output, as the reference system returns it), both f32.
     Layer(Box<LayerArgs>),
+    /// Run one layer's forward and backward (training) on the CPU reference.
+    ///
+    /// Writes f32 tensors: `output` `[s, b, h]`, `output_bias` `[h]` (when the layer has one),
+    /// `grad_input` `[s, b, h]`, `grad.<name>` for every parameter that gets a gradient
+    /// (`<name>` the Megatron name without the prefix, e.g. `grad.linear_qkv.weight`;
+    /// `linear_proj.bias` gets none: it is returned unadded), `grad_key_value_states`
+    /// (cross-attention) and `grad_attention_bias` (with --bias-file).
+    Backward(Box<BackwardArgs>),
     /// List the catalog's models and kernels.
     Catalog,
     /// Benchmarks (GPU): `attn bench prefill|decode|layer` (see `attn bench --help`).
@@ -110,6 +122,68 @@ struct LayerArgs {
     /// safetensors file with `context` `[sk, b, h]`: cross-attention key/value states.
     #[arg(long)]
     context: Option<PathBuf>,
+    /// Query heads, when the spec leaves them out.
+    #[arg(long)]
+    heads: Option<usize>,
+    /// Key/value groups, when the spec leaves them out.
+    #[arg(long)]
+    groups: Option<usize>,
+    /// Head dim, when the spec leaves it out.
+    #[arg(long)]
+    head_dim: Option<usize>,
+    /// Hidden size, when the spec leaves it out.
+    #[arg(long)]
+    hidden: Option<usize>,
+}
+
+#[derive(clap::Args)]
+struct BackwardArgs {
+    /// The spec, in the `#[attention]` grammar.
+    #[arg(long)]
+    spec: String,
+    /// safetensors file with the layer's weights (Megatron names).
+    #[arg(long)]
+    weights: PathBuf,
+    /// Prefix of the weight names, e.g. `decoder.layers.0.self_attention.`.
+    #[arg(long, default_value = "")]
+    prefix: String,
+    /// safetensors file with `input` `[s, b, h]` (f32, bf16 or f16).
+    #[arg(long)]
+    input: PathBuf,
+    /// safetensors file with `grad_output`, the gradient of the output: the output's shape
+    /// (`[s, b, h]`), a float dtype (f32; f64, bf16, f16 are converted).
+    #[arg(long)]
+    grad_output: PathBuf,
+    /// Where to write `output`, `grad_input` and `grad.<name>`.
+    #[arg(long)]
+    output: PathBuf,
+    /// `cpu` (the CUDA backward is not available yet).
+    #[arg(long, default_value = "cpu")]
+    device: String,
+    /// safetensors file with `positions` `[s]`: rope positions.
+    #[arg(long)]
+    positions: Option<PathBuf>,
+    /// safetensors file with `attention_mask` (bool/uint8/float, nonzero = masked out).
+    #[arg(long)]
+    mask_file: Option<PathBuf>,
+    /// safetensors file with `attention_bias` (additive post-scale bias); its gradient is
+    /// written as `grad_attention_bias`.
+    #[arg(long)]
+    bias_file: Option<PathBuf>,
+    /// safetensors file with the cross-attention context `[sk, b, h]`.
+    #[arg(long)]
+    context: Option<PathBuf>,
+    /// Name of the context tensor in --context.
+    #[arg(long, default_value = "context")]
+    context_name: String,
+    /// Compute the linears' weight gradients in a second step (`backward_dw`); the result
+    /// is bitwise the same.
+    #[arg(long)]
+    delay_wgrad: bool,
+    /// `none` or `core_attention` (selective recompute: core attention runs again in the
+    /// backward); the result is bitwise the same.
+    #[arg(long, default_value = "none")]
+    recompute: String,
     /// Query heads, when the spec leaves them out.
     #[arg(long)]
     heads: Option<usize>,
@@ -245,6 +319,132 @@ fn run_layer(a: &LayerArgs) -> Result<()> {
     Ok(())
 }
 
+fn run_backward(a: &BackwardArgs) -> Result<()> {
+    use attention_runtime::backend::{CpuLayer, TrainLayer};
+    use attention_runtime::train::{BackwardOptions, Recompute, TrainOptions};
+    // The device first: a CUDA backward plugs in through `TrainLayer` once it exists.
+    match a.device.as_str() {
+        "cpu" => {}
+        d if d == "cuda" || d.starts_with("cuda:") => {
+            return Err(AttnError::BackendUnavailable(format!(
+                "the CUDA backward is not available yet (--device {d}); use --device cpu"
+            )))
+        }
+        other => {
+            return Err(AttnError::InvalidArgument {
+                arg: "--device".into(),
+                expected: "cpu (or cuda, once the CUDA backward exists)".into(),
+                got: other.into(),
+            })
+        }
+    }
+    let recompute = match a.recompute.as_str() {
+        "none" => Recompute::None,
+        "core_attention" => Recompute::CoreAttention,
+        other => {
+            return Err(AttnError::InvalidArgument {
+                arg: "--recompute".into(),
+                expected: "none or core_attention".into(),
+                got: other.into(),
+            })
+        }
+    };
+    eprintln!("attn: running on the {}", Device::Cpu);
+    let dims = RuntimeDims {
+        heads: a.heads,
+        groups: a.groups,
+        head_dim: a.head_dim,
+        hidden: a.hidden,
+    };
+    let config = SpecLayer::config_from_str(&a.spec, &dims)?;
+    let weights = WeightStore::from_file(&a.weights)?;
+    let layer = SpecLayer::load(config, &weights, &a.prefix)?;
+    let input = read_tensor(&a.input, "input", "--input")?;
+    let grad_output = read_float_tensor(&a.grad_output, "grad_output", "--grad-output")?;
+    let positions: Option<Vec<i64>> = a
+        .positions
+        .as_deref()
+        .map(|p| read_tensor(p, "positions", "--positions"))
+        .transpose()?
+        .map(|t| t.data().iter().map(|&x| x as i64).collect());
+    let mask = a
+        .mask_file
+        .as_deref()
+        .map(|p| read_tensor(p, "attention_mask", "--mask-file"))
+        .transpose()?;
+    let bias = a
+        .bias_file
+        .as_deref()
+        .map(|p| read_tensor(p, "attention_bias", "--bias-file"))
+        .transpose()?;
+    let context = a
+        .context
+        .as_deref()
+        .map(|p| read_tensor(p, &a.context_name, "--context"))
+        .transpose()?;
+    let args = ForwardArgs {
+        attention_mask: mask.as_ref(),
+        attention_bias: bias.as_ref(),
+        key_value_states: context.as_ref(),
+        positions: positions.as_deref(),
+        ..ForwardArgs::default()
+    };
+    let output_bias = layer.parts().output_bias().cloned();
+    let cpu = CpuLayer::new(layer);
+    let (output, mut saved) = cpu.forward_train(&input, &args, &TrainOptions { recompute })?;
+    let opts = BackwardOptions {
+        delay_wgrad: a.delay_wgrad,
+        want_bias_grad: bias.is_some(),
+    };
+    let mut grads = cpu.backward(&mut saved, &grad_output, &opts)?;
+    if a.delay_wgrad {
+        grads.params.extend(cpu.backward_dw(&mut saved)?);
+    }
+    let mut tensors = vec![("output".to_string(), output)];
+    if let Some(b) = output_bias {
+        tensors.push(("output_bias".to_string(), b));
+    }
+    tensors.push(("grad_input".to_string(), grads.grad_input));
+    if let Some(g) = grads.grad_key_value_states {
+        tensors.push(("grad_key_value_states".to_string(), g));
+    }
+    if let Some(g) = grads.grad_attention_bias {
+        tensors.push(("grad_attention_bias".to_string(), g));
+    }
+    tensors.extend(
+        grads
+            .params
+            .into_iter()
+            .map(|(k, t)| (format!("grad.{k}"), t)),
+    );
+    WeightStore::save(&a.output, &tensors)?;
+    eprintln!("attn: wrote {}", a.output.display());
+    Ok(())
+}
+
+/// [`read_tensor`] for a gradient: a float dtype only (an integer or bool gradient is a
+/// mistake, not something to convert).
+fn read_float_tensor(path: &Path, name: &str, flag: &str) -> Result<Tensor> {
+    let bytes = std::fs::read(path).map_err(|e| io_err(path, e))?;
+    let st = SafeTensors::deserialize(&bytes).map_err(|e| AttnError::Safetensors {
+        path: path.display().to_string(),
+        msg: e.to_string(),
+    })?;
+    if let Ok(view) = st.tensor(name) {
+        if !matches!(
+            view.dtype(),
+            Dtype::F32 | Dtype::F64 | Dtype::BF16 | Dtype::F16
+        ) {
+            return Err(AttnError::DType {
+                arg: format!("{flag} tensor `{name}`"),
+                expected: "a float dtype: f32 (f64, bf16, f16 are converted)".into(),
+                got: format!("{:?}", view.dtype()),
+            });
+        }
+    }
+    read_tensor(path, name, flag)
+}
+
 /// Write to stdout; a closed pipe (`attn catalog | head`) ends the output quietly.
 fn emit(out: &mut impl Write, text: std::fmt::Arguments<'_>) -> Result<()> {
     match out.write_fmt(text).and_then(|_| out.write_all(b"\n")) {
@@ -363,7 +563,7 @@ fn run_aot(a: &AotArgs) -> Result<()> {
     use std::sync::atomic::{AtomicUsize, Ordering};
     use std::sync::Mutex;
 
-    // Per arch, the registry's kernels for that device (the fast forward kernel only where
+    // Per arch, the registry's kernels for that device (the `prefill_*_sm80` kernel only where
     // the runtime would launch it), each rendered once.
     let mut kernels: Vec<render::KernelSource> = Vec::new();
     let mut jobs_idx: Vec<(usize, &str)> = Vec::new();
@@ -489,6 +689,7 @@ fn main() -> ExitCode {
     let result = match &cli.command {
         Command::Aot(a) => run_aot(a),
         Command::Layer(a) => run_layer(a),
+        Command::Backward(a) => run_backward(a),
         Command::Catalog => run_catalog(),
         Command::Bench(b) => bench::run(b),
         Command::Render { spec, head_dim } => run_render(spec, *head_dim),

@@ -3,11 +3,11 @@
 //! [`CrossAttentionParts::cross_step`](crate::CrossAttentionParts::cross_step)):
 //!
 //! - [`CudaLayer::set_context_device`], once per request and layer: `linear_kv` (cuBLASLt,
-//!   bias fused) -> `qkv_prep` (cross layout, keys and values only) -> `kvappend` into the
+//!   bias fused) -> `qkv_prep` (cross layout, keys and values only) -> `append_kv` into the
 //!   slots of a [`DeviceCrossKvCache`], whose device lengths are updated in stream order.
 //! - [`CudaLayer::cross_step_device`], per prefill or decode step: `linear_q` -> the
 //!   tensor-core forward kernel without mask in its static-cache mode (each slot's keys
-//!   `0 .. context length` read in place, padding never visited), or `decode_*_full` where
+//!   `0 .. context length` read in place, padding never visited), or `decode_rows_*_full` where
 //!   this GPU cannot run it -> `linear_proj`. No upload: the lengths live on the device.
 //!
 //! [`CrossAttentionParts::set_context`]: crate::CrossAttentionParts::set_context
@@ -19,7 +19,7 @@ use crate::cuda::DeviceCrossKvCache;
 impl CudaLayer {
     /// The tensor-core config of a step over a context cache
     /// ([`registry::cross_cache_step`]: the forward kernel without mask, in its
-    /// static-cache mode); `None` when this GPU cannot run it (the `decode_*_full` kernel
+    /// static-cache mode); `None` when this GPU cannot run it (the `decode_rows_*_full` kernel
     /// runs then) or for a self-attention layer.
     pub fn cross_cache_step_config(&self) -> Option<KernelConfig> {
         if self.config.kind != AttentionKind::CrossAttention {
@@ -33,7 +33,7 @@ impl CudaLayer {
     pub fn cross_step_kernel_key(&self) -> String {
         match self.cross_cache_step_config() {
             Some(c) => c.key(),
-            None => registry::decode(&self.config.spec, self.config.head_dim).key(),
+            None => registry::decode_rows(&self.config.spec, self.config.head_dim).key(),
         }
     }
 
@@ -111,7 +111,7 @@ impl CudaLayer {
     /// `key_value_states` `[sk, b, h]` (the encoder output, the layer's dtype);
     /// `context_lens` `[b]` each slot's real length in `1..=sk` (positions past it are
     /// padding, never attended to), `None` = `sk` for every slot. Launches `linear_kv`,
-    /// `qkv_prep` (cross layout, keys and values only) and `kvappend` (every `sk` row, the
+    /// `qkv_prep` (cross layout, keys and values only) and `append_kv` (every `sk` row, the
     /// padding included, to cache positions `0 .. sk`), then queues the copy of the new
     /// lengths to the device. Nothing synchronizes (see
     /// [`forward_device`](Self::forward_device) for when device errors surface).
@@ -143,7 +143,7 @@ impl CudaLayer {
         }
         // Resolve every kernel before anything is queued.
         let (prep_key, prep_f) = kernel(&self.rt, &self.prep)?;
-        let (app_key, app_f) = kernel(&self.rt, &self.kv_config(Phase::PagedAppend)?)?;
+        let (app_key, app_f) = kernel(&self.rt, &self.kv_config(Phase::AppendKv)?)?;
         let rt = &*self.rt;
         let st = rt.stream();
         let mut a = self.alloc(&[nk, kv_lin.out_features()], "linear_kv output")?;
@@ -196,7 +196,7 @@ impl CudaLayer {
                 cache_max_batch: cache.max_batch() as i32,
                 ..AppendParams::default()
             };
-            // SAFETY: kvappend in its static mode (null block table, padded [sk, b] rows):
+            // SAFETY: append_kv in its static mode (null block table, padded [sk, b] rows):
             // row t goes to position t / b of slot batch_offset + t % b, positions < sk <=
             // max_ctx and slots < max_batch (check_context), cache layer [max_ctx, max_batch,
             // np, hn].
@@ -245,7 +245,7 @@ impl CudaLayer {
     /// Runs `linear_q`, attention of each slot's queries over its context keys
     /// `0 .. context length` (no causal mask; the spec's window, bottom-right aligned to the
     /// slot's context, and sinks apply) on the tensor-core kernel reading the cache in place
-    /// (`decode_*_full` where this GPU cannot run it,
+    /// (`decode_rows_*_full` where this GPU cannot run it,
     /// [`cross_step_kernel_key`](Self::cross_step_kernel_key)), and `linear_proj`. Returns
     /// the output `[s, b, h]` (`linear_proj`'s bias unadded). The cache is only read;
     /// nothing is uploaded or synchronized.
@@ -283,10 +283,10 @@ impl CudaLayer {
         }
         let (wl, wr) = self.window()?;
         // Resolve the attention kernel before anything is queued: the tensor-core kernel in
-        // its static-cache mode, mask none, or `decode_*_full` where it cannot run.
+        // its static-cache mode, mask none, or `decode_rows_*_full` where it cannot run.
         let attn_config = match self.cross_cache_step_config() {
             Some(fc) => fc,
-            None => self.kv_config(Phase::Decode)?,
+            None => self.kv_config(Phase::DecodeRows)?,
         };
         let (key, f) = self.load_attention(&attn_config)?;
         let rt = &*self.rt;
@@ -316,7 +316,7 @@ impl CudaLayer {
             ..FwdParams::default()
         };
         let cfg = fwd_launch_config(&attn_config, s, np, b);
-        // SAFETY: FwdParams is the parameter layout of fwdfast and decode (tests/
+        // SAFETY: FwdParams is the parameter layout of prefill_sm80 and decode_rows (tests/
         // nvrtc_params_layout.rs): q/o [s, b, np, hn], cache layer [max_ctx, max_batch, np,
         // hn] with slots batch_offset..+b, cache_seqlens_k the cache's device lengths of those
         // slots, each in 1..=max_ctx (step_lens checked the host copy they mirror); lse

@@ -5,10 +5,10 @@
 //!
 //! A plan ([`DecodePlan`]) holds everything that does not change from step to step: the
 //! fixed device buffers, the cuBLASLt GEMMs with their algorithms chosen, the rope cos/sin
-//! tables for the cache's whole position range, the loaded kernels and the `flashdec`
+//! tables for the cache's whole position range, the loaded kernels and the `decode_splitkv`
 //! arguments. A step then costs the host a lookup, the capacity check, one small upload
 //! (each slot's position, int32 `[b]`), two device-to-device copies (hidden in, output out)
-//! and five kernels (two cuBLASLt GEMMs, `qkv_prep`, `flashdec` split and merge); with
+//! and five kernels (two cuBLASLt GEMMs, `qkv_prep`, `decode_splitkv` split and combine); with
 //! [`CudaLayer::decode_device_into`] nothing is allocated, and nothing synchronizes.
 
 use cudarc::driver::{CudaFunction, CudaStream};
@@ -16,8 +16,8 @@ use cudarc::driver::{CudaFunction, CudaStream};
 use super::kv_step::PrepPtrs;
 use super::*;
 use crate::cuda::decode::{
-    cache_binding, flash_decode_kernels, launch_flash_decode, num_splits, sm_count, CacheBinding,
-    DecodeBuffers, FlashDecodeArgs, PreparedGemm, RopeTables,
+    cache_binding, decode_splitkv_kernels, launch_decode_splitkv, num_splits, sm_count,
+    CacheBinding, DecodeBuffers, DecodeSplitKvArgs, PreparedGemm, RopeTables,
 };
 use crate::cuda::tensor::{copy_dtod, cuda_err};
 
@@ -31,8 +31,8 @@ pub(crate) struct DecodePlan {
     pub(crate) gemms: [PreparedGemm; 2],
     prep: KernelConfig,
     pp: PrepPtrs,
-    /// `flashdec` arguments with `num_splits` = the plan's capacity (`max_splits`).
-    flash: FlashDecodeArgs,
+    /// `decode_splitkv` arguments with `num_splits` = the plan's capacity (`max_splits`).
+    flash: DecodeSplitKvArgs,
     kernels: (String, CudaFunction, CudaFunction),
     pub(crate) binding: CacheBinding,
     mscale_bits: u32,
@@ -102,8 +102,8 @@ impl CudaLayer {
         let Projections::SelfAttention { qkv } = &self.proj_in else {
             return Err(bad("config.kind", "self-attention", "cross-attention"));
         };
-        let prep = self.flash_decode_prep()?;
-        let fcfg = self.kv_config(Phase::FlashDecode)?;
+        let prep = self.decode_splitkv_prep()?;
+        let fcfg = self.kv_config(Phase::DecodeSplitKv)?;
         let sms = sm_count(rt)?;
         let pinned = self.decode_splits.load(Ordering::Relaxed);
         let max_splits = match pinned {
@@ -173,7 +173,7 @@ impl CudaLayer {
             Some(w) => (to_i32("window", w.left)?, to_i32("window", w.right)?),
             None => (-1, -1),
         };
-        let flash = FlashDecodeArgs {
+        let flash = DecodeSplitKvArgs {
             q: pp.q,
             k_new: pp.k,
             v_new: pp.v,
@@ -199,7 +199,7 @@ impl CudaLayer {
             window_right: wr,
         };
         // Compile and load every kernel now, so a step (or a capture) only launches.
-        let kernels = flash_decode_kernels(rt, &fcfg)?;
+        let kernels = decode_splitkv_kernels(rt, &fcfg)?;
         kernel(rt, &prep)?;
         Ok(DecodePlan {
             bufs,
@@ -217,8 +217,9 @@ impl CudaLayer {
     }
 
     /// Queue one step of `plan` on `stream` with `splits` KV splits: `linear_qkv`,
-    /// `qkv_prep` (no rope: `flashdec` rotates), `flashdec` split + merge, `linear_proj`.
-    /// Reads `plan.bufs.x` and the positions in `plan.bufs.seqlens`; writes `plan.bufs.out`.
+    /// `qkv_prep` (no rope: `decode_splitkv` rotates), `decode_splitkv` split + combine,
+    /// `linear_proj`. Reads `plan.bufs.x` and the positions in `plan.bufs.seqlens`; writes
+    /// `plan.bufs.out`.
     pub(crate) fn enqueue_decode(
         &self,
         plan: &DecodePlan,
@@ -230,8 +231,8 @@ impl CudaLayer {
         self.launch_prep(stream, &plan.prep, b, &plan.pp, 1.0)?;
         let mut a = plan.flash;
         a.num_splits = splits.clamp(1, plan.max_splits) as i32;
-        let (key, split_f, merge_f) = &plan.kernels;
-        launch_flash_decode(stream, key, split_f, merge_f, &a)?;
+        let (key, split_f, combine_f) = &plan.kernels;
+        launch_decode_splitkv(stream, key, split_f, combine_f, &a)?;
         plan.gemms[1].launch(stream, "linear_proj (decode)")
     }
 
@@ -369,7 +370,7 @@ impl CudaLayer {
     /// Capture one decode step of this layer for `b` sequences in slots
     /// `batch_offset .. batch_offset + b` of `cache`'s layer `layer` in a CUDA graph
     /// (`linear_qkv` and `linear_proj` through cuBLASLt with their algorithms chosen before
-    /// capture, `qkv_prep`, `flashdec` split + merge with rope from cos/sin tables at each
+    /// capture, `qkv_prep`, `decode_splitkv` split + combine with rope from cos/sin tables at each
     /// slot's position, read from a device int32 array). The split count is the pinned
     /// one ([`set_decode_splits`](Self::set_decode_splits)) or the one that covers the
     /// cache's full `max_seq`. `args` takes only `rope_mscale` (no positions, masks, bias,
@@ -415,8 +416,8 @@ impl CudaLayer {
     }
 
     /// One decode step (`hidden` `[1, b, h]`, host tensors in and out) through the fused
-    /// `flashdec` kernel: rope of the new q/k from cos/sin tables at each slot's own
-    /// position, append, split-KV attention, LSE merge. A convenience over
+    /// `decode_splitkv` kernel: rope of the new q/k from cos/sin tables at each slot's own
+    /// position, append, split-KV attention, LSE combine. A convenience over
     /// [`decode_device`](Self::decode_device) (the same plan and kernels, then a copy back
     /// that synchronizes). With `args.positions` it takes the [`prefill`](Self::prefill)
     /// path (explicit positions). Errors as the CPU layer's `decode`; on error nothing is

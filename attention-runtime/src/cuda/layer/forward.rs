@@ -335,11 +335,12 @@ impl CudaLayer {
                 bias_strides,
                 sinks: self.sinks.as_ref().map_or(0, |s| dptr(s, rt)),
                 gate: opt_ptr(gate.as_ref(), rt),
-                // fwdfast reads the v_nonfinite flag (fwd ignores it); no max-logit record.
+                // prefill_sm80 reads the v_nonfinite flag (prefill_rows ignores it); no max-logit
+                // record.
                 v_nonfinite: p_vflag,
                 ..FwdParams::default()
             };
-            // SAFETY: FwdParams is the parameter layout of fwd and fwdfast
+            // SAFETY: FwdParams is the parameter layout of prefill_rows and prefill_sm80
             // (tests/nvrtc_params_layout.rs); q/o/gate are [nq, np, hn], k/v [nk, ng, hn]
             // (padded rows are s-major, b-minor, as the kernel indexes them), lse [np, nq],
             // cu_seqlens [batch + 1], mask/bias broadcast by the strides computed above; the

@@ -30,17 +30,17 @@ impl CudaLayer {
     pub(super) fn kv_config(&self, phase: Phase) -> Result<KernelConfig> {
         let (spec, hd) = (&self.config.spec, self.config.head_dim);
         match phase {
-            Phase::Decode => Ok(registry::decode(spec, hd)),
-            Phase::Paged => Ok(registry::paged(spec, hd)),
-            Phase::PagedAppend => Ok(registry::kv_append(spec, hd)),
-            Phase::FlashDecode => registry::flash_decode(spec, hd).map_err(render_err),
+            Phase::DecodeRows => Ok(registry::decode_rows(spec, hd)),
+            Phase::DecodeRowsPaged => Ok(registry::decode_rows_paged(spec, hd)),
+            Phase::AppendKv => Ok(registry::append_kv(spec, hd)),
+            Phase::DecodeSplitKv => registry::decode_splitkv(spec, hd).map_err(render_err),
             p => Err(AttnError::Render(format!("`{p}` is not a KV-cache kernel"))),
         }
     }
 
-    /// The `qkv_prep` kernel of a fused decode step (no rope: `flashdec` applies it).
-    pub(super) fn flash_decode_prep(&self) -> Result<KernelConfig> {
-        registry::qkv_prep_for_flash_decode(&self.config.spec, self.config.head_dim)
+    /// The `qkv_prep` kernel of a fused decode step (no rope: `decode_splitkv` applies it).
+    pub(super) fn decode_splitkv_prep(&self) -> Result<KernelConfig> {
+        registry::qkv_prep_for_decode_splitkv(&self.config.spec, self.config.head_dim)
             .map_err(render_err)
     }
 
@@ -128,7 +128,7 @@ impl CudaLayer {
         }
     }
 
-    /// Queue the `kvappend` kernel (`kernel`, loaded from [`kv_config`](Self::kv_config))
+    /// Queue the `append_kv` kernel (`kernel`, loaded from [`kv_config`](Self::kv_config))
     /// over `rows` new token rows: one block per row.
     ///
     /// # Safety
@@ -145,7 +145,7 @@ impl CudaLayer {
             block_dim: (128, 1, 1),
             shared_mem_bytes: 0,
         };
-        // SAFETY: AppendParams is the kvappend parameter layout (tests/
+        // SAFETY: AppendParams is the append_kv parameter layout (tests/
         // nvrtc_params_layout.rs); buffers as the caller guarantees.
         unsafe { launch_params(self.rt.stream(), &kernel.1, cfg, p) }.map_err(launch_err(&kernel.0))
     }

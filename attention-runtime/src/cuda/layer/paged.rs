@@ -1,7 +1,9 @@
 //! Mixed decode + prefill over a device paged cache.
 
 use super::*;
-use crate::cuda::decode::{flash_decode_kernels, launch_paged_decode, num_splits, sm_count};
+use crate::cuda::decode::{
+    decode_splitkv_kernels, launch_decode_splitkv_paged, num_splits, sm_count,
+};
 use crate::cuda::params::PagedDecodeParams;
 
 impl CudaLayer {
@@ -13,13 +15,13 @@ impl CudaLayer {
     /// spec's window, sinks and GQA. Returns `[T, h]` and `linear_proj`'s bias unadded.
     ///
     /// Launches: `linear_qkv` -> `qkv_prep` (rope at each token's own position) ->
-    /// `kvappend` (rotated k and v into their pool blocks through `block_table`) ->
+    /// `append_kv` (rotated k and v into their pool blocks through `block_table`) ->
     /// attention, K/V read through the block table: the prefill chunks on the tensor-core
     /// forward kernel in its paged mode (one launch per run of consecutive prefill requests,
-    /// so one launch when the decode requests come first; the one-warp-per-row `paged` kernel
-    /// when its tile does not fit), the decode requests (one new token each) on the split-KV
-    /// decode kernel `flashdec` in its paged mode plus its merge (when this GPU runs it;
-    /// otherwise they join the prefill launches) -> `linear_proj`.
+    /// so one launch when the decode requests come first; the one-warp-per-row `decode_rows_paged`
+    /// kernel when its tile does not fit), the decode requests (one new token each) on the split-KV
+    /// decode kernel `decode_splitkv` in its paged mode plus its combine step (when this GPU runs
+    /// it; otherwise they join the prefill launches) -> `linear_proj`.
     ///
     /// Everything (layer, shapes, cu_seqlens, lengths, block ids, capacity, blocks shared or
     /// written by two requests) is validated and every kernel loaded on the host first: on
@@ -86,15 +88,15 @@ impl CudaLayer {
             return self.alloc(&[0, h], "output");
         }
         // Resolve every kernel before anything is queued (see prefill_device).
-        let append_kernel = kernel(&self.rt, &self.kv_config(Phase::PagedAppend)?)?;
+        let append_kernel = kernel(&self.rt, &self.kv_config(Phase::AppendKv)?)?;
         kernel(&self.rt, &self.prep)?;
         let attn_config = match self.paged_prefill_config() {
             Some(fc) => fc,
-            None => self.kv_config(Phase::Paged)?,
+            None => self.kv_config(Phase::DecodeRowsPaged)?,
         };
         let (attn_key, attn_f) = self.load_attention(&attn_config)?;
         let decode_kernels = match self.paged_decode_config() {
-            Some(dc) => Some(flash_decode_kernels(&self.rt, &dc)?),
+            Some(dc) => Some(decode_splitkv_kernels(&self.rt, &dc)?),
             None => None,
         };
         let (wl, wr) = self.window()?;
@@ -151,8 +153,9 @@ impl CudaLayer {
         unsafe { self.launch_append(&append_kernel, n, &append) }?;
         let o = self.alloc(&[n, c.heads, c.head_dim], "attention output")?;
         let lse = crate::cuda::tensor::alloc_uninit::<f32>(st, c.heads * n, "lse")?;
-        // Paged mode of fwdfast (and the fields the `paged` fallback reads): packed q by
-        // cu_seqlens_q, request r's cache_seqlens_k[r] keys through its block table row.
+        // Paged mode of prefill_sm80 (and the fields the `decode_rows_paged` fallback reads):
+        // packed q by cu_seqlens_q, request r's cache_seqlens_k[r] keys through its block table
+        // row.
         let params = FwdParams {
             q: tptr(&q, rt),
             k: pkc,
@@ -189,7 +192,7 @@ impl CudaLayer {
                 ..params
             };
             let cfg = fwd_launch_config(&attn_config, run.max_q, c.heads, run.count);
-            // SAFETY: FwdParams is the parameter layout of fwdfast and paged
+            // SAFETY: FwdParams is the parameter layout of prefill_sm80 and decode_rows_paged
             // (tests/nvrtc_params_layout.rs): q/o/gate [n, np, hn] packed by cu_seqlens_q
             // [nreq + 1] (the run reads entries first .. first + count), lse [np, n] (indexed
             // below h * cu_seqlens_q[first + count] + n), pools [num_blocks, block_size, ng,
@@ -197,9 +200,9 @@ impl CudaLayer {
             // (`cache.validate`).
             unsafe { launch_params(st, &attn_f, cfg, &params) }.map_err(launch_err(&attn_key))?;
         }
-        // Decode rows: the split-KV decode kernel and its merge over the block table.
+        // Decode rows: the split-KV decode kernel and its combine step over the block table.
         let mut decode_bufs = None;
-        if let (Some((key, split_f, merge_f)), Some(req_d)) = (&decode_kernels, req_d.as_ref()) {
+        if let (Some((key, split_f, combine_f)), Some(req_d)) = (&decode_kernels, req_d.as_ref()) {
             let nd = plan.decode.len();
             let f32buf =
                 |len: usize, arg: &str| crate::cuda::tensor::alloc_uninit::<f32>(st, len, arg);
@@ -232,7 +235,7 @@ impl CudaLayer {
             };
             // SAFETY: as the prefill launch; requests [nd] are decode requests of this batch
             // (one query row each); o_part / lse_part hold `splits` splits of nd rows.
-            unsafe { launch_paged_decode(st, key, split_f, merge_f, &dp) }?;
+            unsafe { launch_decode_splitkv_paged(st, key, split_f, combine_f, &dp) }?;
             decode_bufs = Some((o_part, lse_part));
         }
         let o = o.view(&[n, c.heads * c.head_dim])?;

@@ -69,11 +69,11 @@ impl CudaLayer {
         }
         // Resolve every kernel before anything is queued: one that cannot be loaded
         // (ATTN_JIT=off with a cache that lacks it) fails with the cache untouched.
-        let append_kernel = kernel(&self.rt, &self.kv_config(Phase::PagedAppend)?)?;
+        let append_kernel = kernel(&self.rt, &self.kv_config(Phase::AppendKv)?)?;
         kernel(&self.rt, &self.prep)?;
         let attn_config = match self.cache_prefill_config() {
             Some(fc) => fc,
-            None => self.kv_config(Phase::Decode)?,
+            None => self.kv_config(Phase::DecodeRows)?,
         };
         let (attn_key, attn_f) = self.load_attention(&attn_config)?;
         let (wl, wr) = self.window()?;
@@ -109,11 +109,12 @@ impl CudaLayer {
         unsafe { self.launch_append(&append_kernel, n, &append) }?;
         // Attention over the cache: the tensor-core forward kernel reading the cache slots
         // in place (bottom-right causal), or, when its tile does not fit this GPU, the
-        // one-warp-per-row `decode` kernel (the named fallback).
+        // one-warp-per-row `decode_rows` kernel (the named fallback).
         let o = self.alloc(&[n, c.heads, c.head_dim], "attention output")?;
         let lse = crate::cuda::tensor::alloc_uninit::<f32>(st, c.heads * n, "lse")?;
-        // Static-cache mode of fwdfast (and the fields the `decode` fallback reads): padded q
-        // [s, b], keys of sequence i in cache slot batch_offset + i, cache_seqlens_k of them.
+        // Static-cache mode of prefill_sm80 (and the fields the `decode_rows` fallback reads):
+        // padded q [s, b], keys of sequence i in cache slot batch_offset + i, cache_seqlens_k of
+        // them.
         let params = FwdParams {
             q: tptr(&q, rt),
             k: tptr(kc, rt),
@@ -135,7 +136,7 @@ impl CudaLayer {
             ..FwdParams::default()
         };
         let cfg = fwd_launch_config(&attn_config, s, c.heads, b);
-        // SAFETY: FwdParams is the parameter layout of fwdfast and decode
+        // SAFETY: FwdParams is the parameter layout of prefill_sm80 and decode_rows
         // (tests/nvrtc_params_layout.rs): q/o/gate [s, b, np, hn], cache layer [max_seq,
         // max_batch, ng, hn] with slots batch_offset..+b, cache_seqlens_k [b] <= max_seq
         // (check_append).

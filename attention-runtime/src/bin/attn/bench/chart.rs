@@ -275,7 +275,10 @@ pub(crate) mod tests {
                 x_label: "seqlen".into(),
                 y_label: "TFLOP/s".into(),
                 series: vec![
-                    Series::new("ours <fwdfast>", vec![(2048.0, 300.0), (8192.0, 410.0)]),
+                    Series::new(
+                        "ours <prefill_sm80>",
+                        vec![(2048.0, 300.0), (8192.0, 410.0)],
+                    ),
                     Series::new("sdpa flash", vec![(2048.0, f64::NAN), (8192.0, 380.0)]),
                     Series::new("sdpa cudnn", vec![(2048.0, f64::NAN)]),
                 ],
@@ -290,7 +293,7 @@ pub(crate) mod tests {
         let svg = render_svg("bench & co", &panels, 2).unwrap();
         assert_well_formed(&svg);
         for name in [
-            "ours &lt;fwdfast&gt;",
+            "ours &lt;prefill_sm80&gt;",
             "sdpa flash",
             "sdpa cudnn (no data)",
             "graph",

@@ -1,8 +1,8 @@
-//! `attn bench decode`: times the fused decode step (`flashdec`: rope + KV append + split-KV
-//! attention + merge) against PyTorch SDPA's flash backend (`scripts/bench_sdpa.py --mode
+//! `attn bench decode`: times the fused decode step (`decode_splitkv`: rope + KV append + split-KV
+//! attention + combine) against PyTorch SDPA's flash backend (`scripts/bench_sdpa.py --mode
 //! decode`), one new token per sequence over a filled cache; reports GB/s of the K/V read
 //! once, next to the card's device-to-device copy bandwidth; and the split-KV decode of a
-//! paged batch's decode rows (`flashdec` in its paged mode) on the same shapes, K/V in a pool
+//! paged batch's decode rows (`decode_splitkv` in its paged mode) on the same shapes, K/V in a pool
 //! behind a shuffled block table, against the static step.
 
 use std::path::PathBuf;
@@ -22,8 +22,8 @@ use super::decode_report::{
     decode_json, decode_table, panels, parse_sdpa_decode, CopyCeiling, DecodeTiming,
 };
 
-/// Options of `attn bench decode`: the fused decode step (`flashdec` split + merge: rope of
-/// the new q/k, KV append, split-KV attention, LSE merge) against PyTorch SDPA's flash
+/// Options of `attn bench decode`: the fused decode step (`decode_splitkv` split + combine: rope of
+/// the new q/k, KV append, split-KV attention, LSE combine) against PyTorch SDPA's flash
 /// backend, one new token per sequence over a cache already holding `ctx` tokens.
 #[derive(Debug, Clone)]
 pub struct DecodeOptions {
@@ -169,7 +169,7 @@ struct PagedShape {
     sets: usize,
 }
 
-/// Time the paged batch's decode kernel (`flashdec` paged mode + merge) on one shape: each
+/// Time the paged batch's decode kernel (`decode_splitkv` paged mode + combine) on one shape: each
 /// sequence's `ctx + 1` keys in pool blocks of `bs` rows at shuffled block ids, q already
 /// rotated (the paged batch's qkv_prep does it), timed as [`run_decode`] times the static
 /// step. Returns the timing with `bytes` / `gbps` left for the caller.
@@ -181,7 +181,7 @@ fn time_paged(
     csrc: &CudaSlice<bf16>,
     blocker: &mut dyn FnMut() -> Result<()>,
 ) -> Result<DecodeTiming> {
-    use attention_runtime::cuda::decode::{flash_decode_kernels, launch_paged_decode};
+    use attention_runtime::cuda::decode::{decode_splitkv_kernels, launch_decode_splitkv_paged};
     use attention_runtime::cuda::params::PagedDecodeParams;
     let PagedShape {
         ctx: c,
@@ -191,9 +191,9 @@ fn time_paged(
         sets,
     } = shape;
     let (heads, groups, hd) = (opts.heads, opts.groups, opts.head_dim);
-    let mut cfg = KernelConfig::new(Phase::FlashDecode, DType::Bf16, hd);
+    let mut cfg = KernelConfig::new(Phase::DecodeSplitKv, DType::Bf16, hd);
     cfg.paged_kv = true;
-    let (key, split_f, merge_f) = flash_decode_kernels(rt, &cfg)?;
+    let (key, split_f, combine_f) = decode_splitkv_kernels(rt, &cfg)?;
     let per_seq = (c + 1).div_ceil(bs);
     let blocks = b * per_seq;
     let pool_elems = blocks * bs * groups * hd;
@@ -266,7 +266,7 @@ fn time_paged(
     // SAFETY: every buffer above has the shape PagedDecodeParams documents for these dims;
     // the block table holds each of the pool's blocks once.
     let mut step = |i: usize| unsafe {
-        launch_paged_decode(stream, &key, &split_f, &merge_f, &params[i % sets])
+        launch_decode_splitkv_paged(stream, &key, &split_f, &combine_f, &params[i % sets])
     };
     step(0)?;
     let host_out = stream
@@ -290,7 +290,7 @@ fn time_paged(
     )?;
     let ms = median(t[opts.warmup.min(t.len())..].to_vec());
     Ok(DecodeTiming {
-        implementation: format!("flashdec_paged_bs{bs}"),
+        implementation: format!("decode_splitkv_paged_bs{bs}"),
         batch: b,
         ctx: c,
         bytes: f64::NAN,
@@ -312,8 +312,10 @@ fn time_paged(
 /// rotates over enough cache sets (at least 2) that 4 × L2 is touched between reuses.
 pub fn run_decode(opts: &DecodeOptions) -> Result<String> {
     use attention_codegen::RopeMode;
-    use attention_runtime::cuda::decode::{flash_decode_kernels, launch_flash_decode, num_splits};
-    use attention_runtime::cuda::decode::{FlashDecodeArgs, RopeTables};
+    use attention_runtime::cuda::decode::{
+        decode_splitkv_kernels, launch_decode_splitkv, num_splits,
+    };
+    use attention_runtime::cuda::decode::{DecodeSplitKvArgs, RopeTables};
 
     let bad = |arg: &str, expected: &str, got: String| AttnError::InvalidArgument {
         arg: arg.into(),
@@ -402,9 +404,9 @@ pub fn run_decode(opts: &DecodeOptions) -> Result<String> {
     let tables = RopeTables::new(&stream, &cs, &sn, rows, 1.0)?;
     drop((cs, sn));
 
-    let mut cfg = KernelConfig::new(Phase::FlashDecode, DType::Bf16, hd);
+    let mut cfg = KernelConfig::new(Phase::DecodeSplitKv, DType::Bf16, hd);
     cfg.rope = Some((RopeMode::Half, hd));
-    let (key, split_f, merge_f) = flash_decode_kernels(&rt, &cfg)?;
+    let (key, split_f, combine_f) = decode_splitkv_kernels(&rt, &cfg)?;
 
     let mut timings: Vec<DecodeTiming> = Vec::new();
     for &c in &opts.contexts {
@@ -450,13 +452,13 @@ pub fn run_decode(opts: &DecodeOptions) -> Result<String> {
             let lse: CudaSlice<f32> = stream
                 .alloc_zeros(heads * b)
                 .map_err(cuda_err("alloc lse"))?;
-            // Poisoned output: every element must be written by the merge kernel.
+            // Poisoned output: every element must be written by the combine kernel.
             let out = stream
                 .clone_htod(&vec![bf16::from_f32(f32::NAN); b * heads * hd])
                 .map_err(cuda_err("clone_htod out"))?;
-            let args: Vec<FlashDecodeArgs> = data
+            let args: Vec<DecodeSplitKvArgs> = data
                 .iter()
-                .map(|d| FlashDecodeArgs {
+                .map(|d| DecodeSplitKvArgs {
                     q: raw(&d.q, &stream),
                     k_new: raw(&d.k_new, &stream),
                     v_new: raw(&d.v_new, &stream),
@@ -482,8 +484,9 @@ pub fn run_decode(opts: &DecodeOptions) -> Result<String> {
                     window_right: -1,
                 })
                 .collect();
-            let mut step =
-                |i: usize| launch_flash_decode(&stream, &key, &split_f, &merge_f, &args[i % sets]);
+            let mut step = |i: usize| {
+                launch_decode_splitkv(&stream, &key, &split_f, &combine_f, &args[i % sets])
+            };
             step(0)?;
             let host_out = stream
                 .clone_dtoh(&out)
@@ -504,7 +507,7 @@ pub fn run_decode(opts: &DecodeOptions) -> Result<String> {
             )?;
             let ms = median(t[opts.warmup.min(t.len())..].to_vec());
             timings.push(DecodeTiming {
-                implementation: "flashdec".into(),
+                implementation: "decode_splitkv".into(),
                 batch: b,
                 ctx: c,
                 bytes: decode_bytes(b, c, heads, groups, hd),
@@ -588,7 +591,7 @@ pub fn run_decode(opts: &DecodeOptions) -> Result<String> {
         if !p.is_empty() {
             write_svg(
                 &svg_path_for(path),
-                &format!("attn bench decode: flashdec vs SDPA ({})", dev.name),
+                &format!("attn bench decode: decode_splitkv vs SDPA ({})", dev.name),
                 &p,
                 p.len().min(3),
             )?;

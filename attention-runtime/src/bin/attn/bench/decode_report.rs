@@ -6,11 +6,11 @@ use std::fmt::Write as _;
 use super::chart::{Panel, Series};
 use super::common::{json_field, json_num, json_str};
 
-/// One timed decode shape of one implementation (`flashdec`, `flashdec_paged_bs<N>` or
+/// One timed decode shape of one implementation (`decode_splitkv`, `decode_splitkv_paged_bs<N>` or
 /// `sdpa_flash`).
 #[derive(Debug, Clone, PartialEq)]
 pub struct DecodeTiming {
-    /// `flashdec` or `sdpa_flash`.
+    /// `decode_splitkv` or `sdpa_flash`.
     pub implementation: String,
     /// Sequences.
     pub batch: usize,
@@ -22,7 +22,7 @@ pub struct DecodeTiming {
     pub us: f64,
     /// [`decode_bytes`](super::decode::decode_bytes) over the median time, GB/s (1e9 B/s).
     pub gbps: f64,
-    /// KV splits (`flashdec`; 0 otherwise).
+    /// KV splits (`decode_splitkv`; 0 otherwise).
     pub splits: usize,
     /// `native` / `repeat_interleave` (SDPA's GQA path), empty for ours.
     pub gqa: String,
@@ -103,7 +103,7 @@ pub fn decode_table(t: &[DecodeTiming], ceilings: &[CopyCeiling], device: &str) 
     let ceil = ceilings.first().map_or(f64::NAN, |c| c.gbps);
     let _ = writeln!(
         s,
-        "| ctx | batch | MB moved | flashdec µs | flashdec GB/s | splits | sdpa flash µs | sdpa flash GB/s | sdpa gqa | ours/sdpa | ours % copy | sdpa % copy |"
+        "| ctx | batch | MB moved | decode_splitkv µs | decode_splitkv GB/s | splits | sdpa flash µs | sdpa flash GB/s | sdpa gqa | ours/sdpa | ours % copy | sdpa % copy |"
     );
     let _ = writeln!(s, "|---|---|---|---|---|---|---|---|---|---|---|---|");
     let mut shapes: Vec<(usize, usize)> = t.iter().map(|x| (x.ctx, x.batch)).collect();
@@ -114,7 +114,7 @@ pub fn decode_table(t: &[DecodeTiming], ceilings: &[CopyCeiling], device: &str) 
             t.iter()
                 .find(|x| x.implementation == imp && x.ctx == c && x.batch == b)
         };
-        let ours = get("flashdec");
+        let ours = get("decode_splitkv");
         let sd = get("sdpa_flash");
         let (ou, og, sp) = ours.map_or((f64::NAN, f64::NAN, 0), |x| (x.us, x.gbps, x.splits));
         let (su, sg) = sd.map_or((f64::NAN, f64::NAN), |x| (x.us, x.gbps));
@@ -136,12 +136,12 @@ pub fn decode_table(t: &[DecodeTiming], ceilings: &[CopyCeiling], device: &str) 
     }
     let paged: Vec<&DecodeTiming> = t
         .iter()
-        .filter(|x| x.implementation.starts_with("flashdec_paged"))
+        .filter(|x| x.implementation.starts_with("decode_splitkv_paged"))
         .collect();
     if !paged.is_empty() {
         let _ = writeln!(
             s,
-            "\npaged decode rows (flashdec paged mode, shuffled block table) vs the static step:"
+            "\npaged decode rows (decode_splitkv paged mode, shuffled block table) vs the static step:"
         );
         let _ = writeln!(
             s,
@@ -151,7 +151,9 @@ pub fn decode_table(t: &[DecodeTiming], ceilings: &[CopyCeiling], device: &str) 
         for p in paged {
             let st = t
                 .iter()
-                .find(|x| x.implementation == "flashdec" && x.ctx == p.ctx && x.batch == p.batch)
+                .find(|x| {
+                    x.implementation == "decode_splitkv" && x.ctx == p.ctx && x.batch == p.batch
+                })
                 .map_or(f64::NAN, |x| x.gbps);
             let _ = writeln!(
                 s,
@@ -218,7 +220,7 @@ pub fn panels(t: &[DecodeTiming], ceilings: &[CopyCeiling]) -> Vec<Panel> {
     ctxs.sort();
     ctxs.dedup();
     let mut imps: Vec<&str> = t.iter().map(|x| x.implementation.as_str()).collect();
-    imps.sort_by_key(|i| (*i != "flashdec", *i));
+    imps.sort_by_key(|i| (*i != "decode_splitkv", *i));
     imps.dedup();
     ctxs.into_iter()
         .map(|c| {
@@ -230,7 +232,7 @@ pub fn panels(t: &[DecodeTiming], ceilings: &[CopyCeiling]) -> Vec<Panel> {
                 .iter()
                 .map(|imp| {
                     let name = match *imp {
-                        "flashdec" => "ours (flashdec)".to_string(),
+                        "decode_splitkv" => "ours (decode_splitkv)".to_string(),
                         other => other.replace("sdpa_", "SDPA "),
                     };
                     Series::new(
@@ -276,7 +278,7 @@ mod tests {
         assert_eq!(t[0].gqa, "native");
         assert!(t[1].us.is_nan() && t[1].gbps.is_nan());
         let ours = DecodeTiming {
-            implementation: "flashdec".into(),
+            implementation: "decode_splitkv".into(),
             batch: 4,
             ctx: 8192,
             bytes: decode_bytes(4, 8192, 32, 8, 128),
@@ -296,7 +298,7 @@ mod tests {
         let ratio = all[2].gbps / all[0].gbps;
         assert!(row.contains(&format!("| {ratio:.2} |")), "{row}");
         let j = decode_json(&all, &c, "dev", "note");
-        assert!(j.contains("\"implementation\": \"flashdec\""));
+        assert!(j.contains("\"implementation\": \"decode_splitkv\""));
         assert!(j.contains("\"us\": null"));
         let p = panels(&all, &c);
         assert_eq!(p.len(), 2); // ctx 8192 and 32768
@@ -304,13 +306,13 @@ mod tests {
         assert_eq!(
             names,
             [
-                "ours (flashdec)",
+                "ours (decode_splitkv)",
                 "SDPA flash",
                 "copy ceiling (torch copy_)"
             ]
         );
         let svg = crate::bench::chart::render_svg("decode", &p, 2).unwrap();
         crate::bench::chart::tests::assert_well_formed(&svg);
-        assert!(svg.contains("ours (flashdec)") && svg.contains("SDPA flash"));
+        assert!(svg.contains("ours (decode_splitkv)") && svg.contains("SDPA flash"));
     }
 }

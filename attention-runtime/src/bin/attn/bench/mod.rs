@@ -1,6 +1,6 @@
 //! `attn bench prefill|decode|layer`: GPU benchmarks of the library's kernels against PyTorch SDPA.
 //!
-//! - [`prefill`]: the fast forward kernel over head dims x causal x seqlens (TFLOP/s), plus the
+//! - [`prefill`]: the `prefill_*_sm80` kernel over head dims x causal x seqlens (TFLOP/s), plus the
 //!   kernel cache's cold compile and warm start; its results in [`prefill_report`].
 //! - [`decode`]: the fused decode step over contexts x batches (GB/s), next to the card's copy
 //!   bandwidth; its results in [`decode_report`].
@@ -30,11 +30,11 @@ use attention_runtime::{AttnError, Result};
 /// `attn bench` subcommands.
 #[derive(Subcommand)]
 pub enum BenchCommand {
-    /// Time the fast forward kernel against PyTorch SDPA (flash, cuDNN) on the same shapes:
+    /// Time the `prefill_*_sm80` kernel against PyTorch SDPA (flash, cuDNN) on the same shapes:
     /// head dims x causal/non-causal x seqlens at a fixed token count, bf16, CUDA events,
     /// median after warm-up, inputs rotated beyond L2. Prints a ratio table.
     Prefill(BenchPrefillArgs),
-    /// Time the fused decode step (flashdec: rope + KV append + split-KV attention + merge)
+    /// Time the fused decode step (decode_splitkv: rope + KV append + split-KV attention + combine)
     /// against PyTorch SDPA's flash backend: bf16, one new token per sequence over a filled
     /// cache, contexts x batches, GB/s of the K/V read once, CUDA events, median after
     /// warm-up, caches rotated beyond L2, plus the card's device-to-device copy bandwidth.

@@ -262,7 +262,7 @@ prefill 2048 ...
 "1","4242","attn","127.0.0.1","nvjet_sm90_tst_128x256","1","7","(384, 1, 1)","(16, 48, 1)","0","9.0","Command line profiler metrics","gpu__time_duration.sum","usecond","101.50"
 "2","4242","attn","127.0.0.1","qkv_prep_bf16","1","7","(128, 1, 1)","(2048, 1, 1)","0","9.0","Command line profiler metrics","gpu__time_duration.sum","nsecond","12,500"
 "3","4242","attn","127.0.0.1","attn_bench_marker","1","7","(1, 1, 1)","(1, 1, 1)","0","9.0","Command line profiler metrics","gpu__time_duration.sum","nsecond","900"
-"4","4242","attn","127.0.0.1","flashdec_split","1","7","(128, 1, 1)","(64, 1, 1)","0","9.0","Command line profiler metrics","gpu__time_duration.sum","msecond","0.2"
+"4","4242","attn","127.0.0.1","decode_splitkv_split","1","7","(128, 1, 1)","(64, 1, 1)","0","9.0","Command line profiler metrics","gpu__time_duration.sum","msecond","0.2"
 "#;
 
     #[test]
@@ -277,7 +277,7 @@ prefill 2048 ...
         assert_eq!(calls[0].case, "prefill 2048");
         assert_eq!(calls[0].kernels.len(), 2);
         assert!((calls[0].sum_ms() - 0.114).abs() < 1e-12);
-        assert_eq!(calls[1].kernels[0].name, "flashdec_split");
+        assert_eq!(calls[1].kernels[0].name, "decode_splitkv_split");
         assert!((calls[1].sum_ms() - 0.2).abs() < 1e-12);
         // A manifest of another run is refused.
         assert!(matches!(

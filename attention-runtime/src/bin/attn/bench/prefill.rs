@@ -1,5 +1,6 @@
-//! `attn bench prefill`: times the fast forward kernel ([`attention_runtime::cuda::fwd_fast`]) against
-//! PyTorch SDPA (flash and cuDNN backends, `scripts/bench_sdpa.py`) on the same shapes.
+//! `attn bench prefill`: times the `prefill_*_sm80` kernel
+//! ([`attention_runtime::cuda::prefill_sm80`]) against PyTorch SDPA (flash and cuDNN backends,
+//! `scripts/bench_sdpa.py`) on the same shapes.
 //!
 //! Shapes: head dims × {causal, non-causal} × seqlens at a fixed token count (batch =
 //! `total_tokens / seqlen`), `heads = 2048 / head_dim` (hidden 2048), bf16, padded layout
@@ -17,9 +18,9 @@ use std::process::Command;
 use std::sync::Arc;
 use std::time::Instant;
 
-use attention_codegen::render::{FastTile, KernelConfig, Phase};
+use attention_codegen::render::{KernelConfig, Phase, PrefillTile};
 use attention_codegen::{DType, MaskType};
-use attention_runtime::cuda::fwd_fast::{FastArgs, FastForward, FastLayout};
+use attention_runtime::cuda::prefill_sm80::{PrefillArgs, PrefillLayout, PrefillSm80Kernel};
 use attention_runtime::jit::JitError;
 use attention_runtime::kernel_cache::{CacheConfig, CacheOrigin, KernelCache};
 use attention_runtime::{AttnError, Result};
@@ -46,7 +47,7 @@ pub struct PrefillOptions {
     /// Untimed launches first.
     pub warmup: usize,
     /// Extra tiles to time per head dim (besides the default), `(head_dim, tile)`.
-    pub extra_tiles: Vec<(usize, FastTile)>,
+    pub extra_tiles: Vec<(usize, PrefillTile)>,
     /// Run `python3 <sdpa_script>` for the SDPA baselines (None = skip).
     pub sdpa_script: Option<PathBuf>,
     /// Write the JSON report here, and the SVG chart beside it.
@@ -70,7 +71,7 @@ impl Default for PrefillOptions {
 }
 
 /// Parse a tile spelled `m<block_m>n<block_n>w<warps>s<stages>` (the key suffix).
-pub fn parse_tile(s: &str) -> Result<FastTile> {
+pub fn parse_tile(s: &str) -> Result<PrefillTile> {
     let bad = || AttnError::InvalidArgument {
         arg: "tile".into(),
         expected: "m<block_m>n<block_n>w<warps>s<stages>, e.g. m128n64w4s2".into(),
@@ -81,7 +82,7 @@ pub fn parse_tile(s: &str) -> Result<FastTile> {
     let (n, rest) = rest.split_once('w').ok_or_else(bad)?;
     let (w, st) = rest.split_once('s').ok_or_else(bad)?;
     let num = |x: &str| x.parse::<usize>().map_err(|_| bad());
-    Ok(FastTile {
+    Ok(PrefillTile {
         block_m: num(m)?,
         block_n: num(n)?,
         warps: num(w)?,
@@ -99,8 +100,8 @@ pub fn flops(batch: usize, heads: usize, seqlen: usize, head_dim: usize, causal:
     }
 }
 
-fn config(head_dim: usize, causal: bool, tile: FastTile) -> KernelConfig {
-    let mut c = KernelConfig::new(Phase::ForwardFast, DType::Bf16, head_dim);
+fn config(head_dim: usize, causal: bool, tile: PrefillTile) -> KernelConfig {
+    let mut c = KernelConfig::new(Phase::PrefillSm80, DType::Bf16, head_dim);
     c.mask = Some(if causal {
         MaskType::Causal
     } else {
@@ -139,7 +140,7 @@ fn compile_report(
         let (cubin, warm_origin) = warm_cache
             .lookup(&src.key, &src.source, arch)
             .map_err(to_err)?;
-        let _kernel = FastForward::from_cubin(ctx, c, cubin.bytes.clone())?;
+        let _kernel = PrefillSm80Kernel::from_cubin(ctx, c, cubin.bytes.clone())?;
         let warm_ms = t1.elapsed().as_secs_f64() * 1e3;
         out.push(CompileTiming {
             key: src.key,
@@ -189,7 +190,7 @@ pub fn run_prefill(opts: &PrefillOptions) -> Result<String> {
     let mut default_cfgs = Vec::new();
     for &hd in &opts.head_dims {
         for causal in [true, false] {
-            default_cfgs.push(config(hd, causal, FastTile::for_head_dim(hd)));
+            default_cfgs.push(config(hd, causal, PrefillTile::for_head_dim(hd)));
         }
     }
     let scratch = std::env::temp_dir().join(format!("attn-bench-cache-{}", std::process::id()));
@@ -228,7 +229,7 @@ pub fn run_prefill(opts: &PrefillOptions) -> Result<String> {
     let mut timings: Vec<Timing> = Vec::new();
     for &hd in &opts.head_dims {
         let heads = opts.hidden / hd;
-        let mut tiles = vec![FastTile::for_head_dim(hd)];
+        let mut tiles = vec![PrefillTile::for_head_dim(hd)];
         for (h, t) in &opts.extra_tiles {
             if *h == hd && !tiles.contains(t) {
                 tiles.push(*t);
@@ -236,7 +237,7 @@ pub fn run_prefill(opts: &PrefillOptions) -> Result<String> {
         }
         for causal in [true, false] {
             for tile in &tiles {
-                let kernel = match FastForward::compile(&ctx, &config(hd, causal, *tile)) {
+                let kernel = match PrefillSm80Kernel::compile(&ctx, &config(hd, causal, *tile)) {
                     Ok(k) => k,
                     Err(e) => {
                         eprintln!("skipping tile {} for hd {hd}: {e}", tile.key());
@@ -255,7 +256,7 @@ pub fn run_prefill(opts: &PrefillOptions) -> Result<String> {
                             .map_err(cuda_err("record event"))?;
                         kernel.launch(
                             &stream,
-                            FastArgs {
+                            PrefillArgs {
                                 q: &set.q,
                                 k: &set.k,
                                 v: &set.v,
@@ -264,7 +265,7 @@ pub fn run_prefill(opts: &PrefillOptions) -> Result<String> {
                                 batch,
                                 num_heads: heads,
                                 num_groups: heads,
-                                layout: FastLayout::Padded {
+                                layout: PrefillLayout::Padded {
                                     seqlen_q: s,
                                     seqlen_k: s,
                                 },
@@ -287,7 +288,7 @@ pub fn run_prefill(opts: &PrefillOptions) -> Result<String> {
                     }
                     let m = median(ms);
                     timings.push(Timing {
-                        implementation: format!("fwdfast:{}", tile.key()),
+                        implementation: format!("prefill_sm80:{}", tile.key()),
                         head_dim: hd,
                         causal,
                         seqlen: s,
@@ -347,7 +348,7 @@ pub fn run_prefill(opts: &PrefillOptions) -> Result<String> {
         if !p.is_empty() {
             write_svg(
                 &svg_path_for(path),
-                &format!("attn bench prefill: fwdfast vs SDPA ({})", dev.name),
+                &format!("attn bench prefill: prefill_sm80 vs SDPA ({})", dev.name),
                 &p,
                 2,
             )?;
@@ -370,7 +371,7 @@ mod tests {
     fn tiles_parse_and_reject() {
         assert_eq!(
             parse_tile("m128n64w4s2").unwrap(),
-            FastTile {
+            PrefillTile {
                 block_m: 128,
                 block_n: 64,
                 warps: 4,

@@ -3,7 +3,7 @@
 
 use std::fmt::Write as _;
 
-use attention_codegen::render::FastTile;
+use attention_codegen::render::PrefillTile;
 
 use super::chart::{Panel, Series};
 use super::common::{json_field, json_num, json_str};
@@ -11,7 +11,7 @@ use super::common::{json_field, json_num, json_str};
 /// One timed shape of one implementation.
 #[derive(Debug, Clone, PartialEq)]
 pub struct Timing {
-    /// `fwdfast:<tile>`, `sdpa_flash` or `sdpa_cudnn`.
+    /// `prefill_sm80:<tile>`, `sdpa_flash` or `sdpa_cudnn`.
     pub implementation: String,
     /// Head dim.
     pub head_dim: usize,
@@ -93,21 +93,21 @@ pub fn table(t: &[Timing], compile: &[CompileTiming], device: &str) -> String {
     let _ = writeln!(s, "|---|---|---|---|---|---|---|---|---|---|");
     let mut shapes: Vec<(usize, bool, usize, usize)> = t
         .iter()
-        .filter(|x| x.implementation.starts_with("fwdfast"))
+        .filter(|x| x.implementation.starts_with("prefill_sm80"))
         .map(|x| (x.head_dim, x.causal, x.seqlen, x.batch))
         .collect();
     shapes.dedup();
     shapes.sort_by_key(|x| (x.0, !x.1, x.2));
     shapes.dedup();
     for (hd, causal, sl, batch) in shapes {
-        let def = format!("fwdfast:{}", FastTile::for_head_dim(hd).key());
+        let def = format!("prefill_sm80:{}", PrefillTile::for_head_dim(hd).key());
         let d = find(t, &def, hd, causal, sl)
             .map(|x| x.tflops)
             .unwrap_or(f64::NAN);
         let best = t
             .iter()
             .filter(|x| {
-                x.implementation.starts_with("fwdfast")
+                x.implementation.starts_with("prefill_sm80")
                     && x.head_dim == hd
                     && x.causal == causal
                     && x.seqlen == sl
@@ -121,7 +121,9 @@ pub fn table(t: &[Timing], compile: &[CompileTiming], device: &str) -> String {
             .map(|x| {
                 (
                     x.tflops,
-                    x.implementation.trim_start_matches("fwdfast:").to_string(),
+                    x.implementation
+                        .trim_start_matches("prefill_sm80:")
+                        .to_string(),
                 )
             })
             .unwrap_or((f64::NAN, String::new()));
@@ -193,15 +195,15 @@ pub fn panels(t: &[Timing]) -> Vec<Panel> {
                     .filter(|x| x.head_dim == hd && x.causal == causal && pred(x))
                     .collect()
             };
-            let def = format!("fwdfast:{}", FastTile::for_head_dim(hd).key());
+            let def = format!("prefill_sm80:{}", PrefillTile::for_head_dim(hd).key());
             let mut series = vec![Series::new(
-                format!("ours ({})", def.trim_start_matches("fwdfast:")),
+                format!("ours ({})", def.trim_start_matches("prefill_sm80:")),
                 of(&|x| x.implementation == def)
                     .iter()
                     .map(|x| (x.seqlen as f64, x.tflops))
                     .collect(),
             )];
-            let ours = of(&|x| x.implementation.starts_with("fwdfast"));
+            let ours = of(&|x| x.implementation.starts_with("prefill_sm80"));
             if ours.iter().any(|x| x.implementation != def) {
                 let mut lens: Vec<usize> = ours.iter().map(|x| x.seqlen).collect();
                 lens.sort();
@@ -258,8 +260,8 @@ mod tests {
     #[test]
     fn chart_has_ours_and_both_baselines() {
         let mut t = parse_sdpa("{\"backend\": \"flash\", \"head_dim\": 64, \"causal\": true, \"seqlen\": 2048, \"batch\": 8, \"heads\": 32, \"ms\": 1.5, \"tflops\": 250.0}\n{\"backend\": \"cudnn\", \"head_dim\": 64, \"causal\": true, \"seqlen\": 2048, \"batch\": 8, \"heads\": 32, \"ms\": null, \"tflops\": null}\n");
-        let def = format!("fwdfast:{}", FastTile::for_head_dim(64).key());
-        for (imp, tf) in [(def.as_str(), 240.0), ("fwdfast:m64n64w4s2", 260.0)] {
+        let def = format!("prefill_sm80:{}", PrefillTile::for_head_dim(64).key());
+        for (imp, tf) in [(def.as_str(), 240.0), ("prefill_sm80:m64n64w4s2", 260.0)] {
             t.push(Timing {
                 implementation: imp.into(),
                 head_dim: 64,

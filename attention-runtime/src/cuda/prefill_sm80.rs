@@ -1,0 +1,537 @@
+//! Host launcher of the FlashAttention-2 style prefill kernel (`templates/prefill_sm80.cu`, keys
+//! `prefill_*_sm80`), straight on cudarc: render → NVRTC CUBIN for the device's arch (or a
+//! CUBIN the caller already has, e.g. from the kernel cache) → module → launch.
+//!
+//! Layouts (row-major, `T` = `half::bf16` or `half::f16`, matching the config's dtype):
+//! - padded (no `cu_seqlens`): q, out, gate `[seqlen_q, batch, num_heads, head_dim]`;
+//!   k, v `[seqlen_k, batch, num_groups, head_dim]`;
+//! - packed (`cu_seqlens_q`, `cu_seqlens_k` int32 `[batch + 1]`): q, out, gate
+//!   `[total_q, num_heads, head_dim]`; k, v `[total_k, num_groups, head_dim]`, and
+//!   `seqlen_q` is the longest query sequence;
+//! - lse: f32 `[num_heads, rows]` (natural log), rows = `seqlen_q * batch` (padded, row
+//!   `i * batch + b`) or `total_q` (packed);
+//! - max_logit: f32 `[num_heads]`, filled with `-inf` by the caller; the kernel raises it to
+//!   each head's largest visible `q·k * softmax_scale` (plus the bias, when there is one);
+//! - mask (configs whose mask takes a tensor: padding, padding_causal, arbitrary): uint8,
+//!   nonzero = masked out; bias (configs with `has_bias`): f32, added to `q·k * scale`. Both
+//!   are indexed `[b, h, i, j]` through four element strides (0 broadcasts), `b` the
+//!   sequence, `i`/`j` positions within it (also for packed input); see [`PrefillStrided`].
+
+use std::sync::Arc;
+
+use attention_codegen::render::{KernelConfig, Phase, PrefillTile};
+use cudarc::driver::sys::CUfunction_attribute_enum;
+use cudarc::driver::{
+    CudaContext, CudaFunction, CudaSlice, CudaStream, DevicePtr, DevicePtrMut, DeviceRepr,
+};
+use cudarc::nvrtc::Ptx;
+
+use crate::cuda::params::FwdParams;
+use crate::error::{AttnError, Result};
+
+/// A loaded `prefill_*_sm80` kernel.
+pub struct PrefillSm80Kernel {
+    key: String,
+    config: KernelConfig,
+    tile: PrefillTile,
+    smem_bytes: usize,
+    func: CudaFunction,
+}
+
+/// Sequence layout of one launch.
+#[derive(Clone, Copy)]
+pub enum PrefillLayout<'a> {
+    /// `[s, b, heads, hn]` with the same lengths for every sequence.
+    Padded {
+        /// Query length.
+        seqlen_q: usize,
+        /// Key length.
+        seqlen_k: usize,
+    },
+    /// Packed varlen: int32 `[batch + 1]` cumulative lengths on the device, and the longest
+    /// query sequence and the totals (token counts of q and k).
+    Packed {
+        /// Query offsets.
+        cu_seqlens_q: &'a CudaSlice<i32>,
+        /// Key offsets.
+        cu_seqlens_k: &'a CudaSlice<i32>,
+        /// Longest query sequence (grid size).
+        max_seqlen_q: usize,
+        /// Query tokens in all (rows of q).
+        total_q: usize,
+        /// Key tokens in all (rows of k).
+        total_k: usize,
+    },
+}
+
+/// Arguments of one launch (tensors on the launch stream's device).
+pub struct PrefillArgs<'a, T> {
+    /// Queries (see the module docs for the layout).
+    pub q: &'a CudaSlice<T>,
+    /// Keys.
+    pub k: &'a CudaSlice<T>,
+    /// Values.
+    pub v: &'a CudaSlice<T>,
+    /// Output, same layout as `q`.
+    pub out: &'a mut CudaSlice<T>,
+    /// LSE, f32 `[num_heads, rows]`.
+    pub lse: &'a mut CudaSlice<f32>,
+    /// Sequence count.
+    pub batch: usize,
+    /// Query heads.
+    pub num_heads: usize,
+    /// K/V groups (divides `num_heads`).
+    pub num_groups: usize,
+    /// Padded or packed.
+    pub layout: PrefillLayout<'a>,
+    /// Softmax scale (usually `1 / sqrt(head_dim)`).
+    pub softmax_scale: f32,
+    /// Sliding window `(left, right)`, `-1` = unbounded; ignored unless the config has one.
+    pub window: (i32, i32),
+    /// Learnable sink logits f32 `[num_heads]` (learnable sinks only).
+    pub sinks: Option<&'a CudaSlice<f32>>,
+    /// Output gate (output-gate configs only), layout of `q`.
+    pub gate: Option<&'a CudaSlice<T>>,
+    /// Per-head max logit f32 `[num_heads]` (pre-filled with `-inf`), or none.
+    pub max_logit: Option<&'a mut CudaSlice<f32>>,
+}
+
+/// A strided 4-d device tensor `[b, h, i, j]` (mask or bias) over `extent` with element
+/// strides `strides` (0 broadcasts a dim). The kernel reads element
+/// `b * strides[0] + h * strides[1] + i * strides[2] + j * strides[3]` for every sequence `b`,
+/// head `h`, query row `i` and visible key `j` of that sequence; `extent` must be
+/// `[batch, num_heads, seqlen_q, seqlen_k]` (packed: the longest query and key sequences).
+#[derive(Clone, Copy)]
+pub struct PrefillStrided<'a, E> {
+    /// Elements (uint8 mask, nonzero = masked out; or f32 bias).
+    pub data: &'a CudaSlice<E>,
+    /// Element strides of b, h, i, j (non-negative; 0 broadcasts).
+    pub strides: [i64; 4],
+    /// The logical shape the strides range over.
+    pub extent: [usize; 4],
+}
+
+/// The optional per-element tensors of a launch ([`PrefillSm80Kernel::launch_with`]).
+#[derive(Clone, Copy, Default)]
+pub struct PrefillExtras<'a> {
+    /// Mask tensor; required exactly when the config's mask takes one.
+    pub mask: Option<PrefillStrided<'a, u8>>,
+    /// Additive attention bias; required exactly when the config has `has_bias`.
+    pub bias: Option<PrefillStrided<'a, f32>>,
+    /// int32 flag, nonzero when some element of `v` is NaN or +-Inf (as `qkv_prep` raises
+    /// it). When set, kernels whose masks can hide keys inside a tile compute exactly, one
+    /// warp per row, so a masked key's V never meets a zero weight (0 * NaN = NaN). `None`:
+    /// the caller guarantees V is finite wherever a key can be masked.
+    pub v_nonfinite: Option<&'a CudaSlice<i32>>,
+}
+
+pub(crate) fn check_strided<E>(
+    arg: &str,
+    t: &PrefillStrided<'_, E>,
+    want: [usize; 4],
+    packed: bool,
+) -> Result<()> {
+    // Padded: the exact extent; packed: batch and heads exact, i/j at least the longest
+    // query sequence (the key extent is the caller's max_seqlen_k, not known here).
+    let ok = t.extent[0] == want[0]
+        && t.extent[1] == want[1]
+        && if packed {
+            t.extent[2] >= want[2]
+        } else {
+            t.extent[2] == want[2] && t.extent[3] == want[3]
+        };
+    if !ok {
+        return Err(AttnError::Shape {
+            arg: format!("{arg}.extent"),
+            expected: format!("{want:?} (batch, num_heads, seqlen_q, seqlen_k)"),
+            got: t.extent.to_vec(),
+        });
+    }
+    if t.strides.iter().any(|&x| x < 0) {
+        return Err(invalid(
+            &format!("{arg}.strides"),
+            "non-negative element strides",
+            format!("{:?}", t.strides),
+        ));
+    }
+    let mut last: u128 = 0;
+    for (n, st) in t.extent.iter().zip(t.strides) {
+        if *n == 0 {
+            return Ok(());
+        }
+        last += (*n as u128 - 1) * st as u128;
+    }
+    if last >= t.data.len() as u128 {
+        return Err(AttnError::Shape {
+            arg: arg.into(),
+            expected: format!(
+                "at least {} elements for extent {:?} and strides {:?}",
+                last + 1,
+                t.extent,
+                t.strides
+            ),
+            got: vec![t.data.len()],
+        });
+    }
+    Ok(())
+}
+
+fn invalid(arg: &str, expected: impl Into<String>, got: impl ToString) -> AttnError {
+    AttnError::InvalidArgument {
+        arg: arg.into(),
+        expected: expected.into(),
+        got: got.to_string(),
+    }
+}
+
+fn check_len<T>(arg: &str, s: &CudaSlice<T>, want: usize) -> Result<()> {
+    if s.len() < want {
+        return Err(AttnError::Shape {
+            arg: arg.into(),
+            expected: format!("at least {want} elements"),
+            got: vec![s.len()],
+        });
+    }
+    Ok(())
+}
+
+impl PrefillSm80Kernel {
+    /// Render `config` (phase [`Phase::PrefillSm80`]), compile it with NVRTC for the arch of
+    /// `ctx`'s device and load it.
+    pub fn compile(ctx: &Arc<CudaContext>, config: &KernelConfig) -> Result<PrefillSm80Kernel> {
+        let src = config
+            .render()
+            .map_err(|e| AttnError::Render(e.to_string()))?;
+        let cc = ctx.compute_capability().map_err(|e| AttnError::Cuda {
+            call: "cuDeviceGetAttribute compute capability".into(),
+            msg: e.to_string(),
+        })?;
+        let arch = crate::device::arch_for_capability(cc);
+        let cubin = crate::jit::compile_cubin(&src.key, &src.source, &arch).map_err(|e| {
+            AttnError::Cuda {
+                call: format!("nvrtc {}", src.key),
+                msg: e.to_string(),
+            }
+        })?;
+        PrefillSm80Kernel::from_cubin(ctx, config, cubin)
+    }
+
+    /// Load an already compiled CUBIN of `config` (e.g. from the kernel cache) and raise the
+    /// function's dynamic shared-memory limit when the tile needs more than 48 KiB.
+    pub fn from_cubin(
+        ctx: &Arc<CudaContext>,
+        config: &KernelConfig,
+        cubin: Vec<u8>,
+    ) -> Result<PrefillSm80Kernel> {
+        if config.phase != Phase::PrefillSm80 {
+            return Err(invalid(
+                "config.phase",
+                "prefill_sm80",
+                config.phase.prefix().to_string(),
+            ));
+        }
+        let key = config.key();
+        let tile = config.prefill_tile();
+        let smem_bytes = tile.smem_bytes(config.head_dim);
+        let module = ctx
+            .load_module(Ptx::from_binary(cubin))
+            .map_err(|e| AttnError::Cuda {
+                call: format!("cuModuleLoadData {key}"),
+                msg: e.to_string(),
+            })?;
+        let func = module.load_function(&key).map_err(|e| AttnError::Cuda {
+            call: format!("cuModuleGetFunction {key}"),
+            msg: e.to_string(),
+        })?;
+        let max_optin = ctx
+            .attribute(
+                cudarc::driver::sys::CUdevice_attribute::CU_DEVICE_ATTRIBUTE_MAX_SHARED_MEMORY_PER_BLOCK_OPTIN,
+            )
+            .map_err(|e| AttnError::Cuda {
+                call: "cuDeviceGetAttribute max shared memory per block (opt-in)".into(),
+                msg: e.to_string(),
+            })? as usize;
+        if smem_bytes > max_optin {
+            return Err(invalid(
+                "config.tile",
+                format!("a tile needing at most {max_optin} bytes of shared memory on this GPU"),
+                format!("{} ({smem_bytes} bytes)", tile.key()),
+            ));
+        }
+        if smem_bytes > 48 * 1024 {
+            func.set_attribute(
+                CUfunction_attribute_enum::CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES,
+                smem_bytes as i32,
+            )
+            .map_err(|e| AttnError::Cuda {
+                call: format!("cuFuncSetAttribute max dynamic shared memory {key}"),
+                msg: e.to_string(),
+            })?;
+        }
+        Ok(PrefillSm80Kernel {
+            key,
+            config: config.clone(),
+            tile,
+            smem_bytes,
+            func,
+        })
+    }
+
+    /// The kernel key (entry name).
+    pub fn key(&self) -> &str {
+        &self.key
+    }
+
+    /// The tile the kernel was rendered with.
+    pub fn tile(&self) -> PrefillTile {
+        self.tile
+    }
+
+    /// Dynamic shared memory per block, bytes.
+    pub fn smem_bytes(&self) -> usize {
+        self.smem_bytes
+    }
+
+    /// Queue one forward on `stream` (a config without mask tensor and bias; see
+    /// [`PrefillSm80Kernel::launch_with`]). Checks the dims and buffer sizes first (typed errors
+    /// naming the argument); a failed launch names the kernel key.
+    pub fn launch<T: DeviceRepr>(
+        &self,
+        stream: &Arc<CudaStream>,
+        a: PrefillArgs<'_, T>,
+    ) -> Result<()> {
+        self.launch_with(stream, a, PrefillExtras::default())
+    }
+
+    /// [`PrefillSm80Kernel::launch`] with the mask tensor and / or additive bias the config takes
+    /// (each required exactly when the config reads it).
+    pub fn launch_with<T: DeviceRepr>(
+        &self,
+        stream: &Arc<CudaStream>,
+        a: PrefillArgs<'_, T>,
+        extras: PrefillExtras<'_>,
+    ) -> Result<()> {
+        let hd = self.config.head_dim;
+        if a.batch == 0 || a.num_heads == 0 || a.num_groups == 0 {
+            return Err(invalid(
+                "batch/num_heads/num_groups",
+                "positive values",
+                format!("{}/{}/{}", a.batch, a.num_heads, a.num_groups),
+            ));
+        }
+        if !a.num_heads.is_multiple_of(a.num_groups) {
+            return Err(invalid(
+                "num_groups",
+                format!("a divisor of num_heads = {}", a.num_heads),
+                a.num_groups,
+            ));
+        }
+        if a.batch > 65535 || a.num_heads > 65535 {
+            return Err(invalid(
+                "batch/num_heads",
+                "at most 65535 each (grid limits)",
+                format!("{}/{}", a.batch, a.num_heads),
+            ));
+        }
+        let (rows_q, rows_k, grid_q, seqlen_q, seqlen_k) = match a.layout {
+            PrefillLayout::Padded { seqlen_q, seqlen_k } => (
+                seqlen_q * a.batch,
+                seqlen_k * a.batch,
+                seqlen_q,
+                seqlen_q,
+                seqlen_k,
+            ),
+            PrefillLayout::Packed {
+                cu_seqlens_q,
+                cu_seqlens_k,
+                max_seqlen_q,
+                total_q,
+                total_k,
+            } => {
+                check_len("cu_seqlens_q", cu_seqlens_q, a.batch + 1)?;
+                check_len("cu_seqlens_k", cu_seqlens_k, a.batch + 1)?;
+                (total_q, total_k, max_seqlen_q, max_seqlen_q, 0)
+            }
+        };
+        if seqlen_q > i32::MAX as usize || seqlen_k > i32::MAX as usize {
+            return Err(invalid(
+                "seqlen",
+                "at most i32::MAX",
+                seqlen_q.max(seqlen_k),
+            ));
+        }
+        check_len("q", a.q, rows_q * a.num_heads * hd)?;
+        check_len("out", a.out, rows_q * a.num_heads * hd)?;
+        check_len("k", a.k, rows_k * a.num_groups * hd)?;
+        check_len("v", a.v, rows_k * a.num_groups * hd)?;
+        check_len("lse", a.lse, rows_q * a.num_heads)?;
+        if let Some(g) = a.gate {
+            check_len("gate", g, rows_q * a.num_heads * hd)?;
+        } else if self.config.output_gate {
+            return Err(invalid(
+                "gate",
+                "a gate tensor (the kernel has an output gate)",
+                "none",
+            ));
+        }
+        match (a.sinks, self.config.sinks) {
+            (Some(s), _) => check_len("sinks", s, a.num_heads)?,
+            (None, Some(attention_codegen::Sinks::Learnable)) => {
+                return Err(invalid(
+                    "sinks",
+                    "learnable sink logits [num_heads]",
+                    "none",
+                ))
+            }
+            _ => {}
+        }
+        if let Some(m) = a.max_logit.as_deref() {
+            check_len("max_logit", m, a.num_heads)?;
+        }
+        let packed = matches!(a.layout, PrefillLayout::Packed { .. });
+        let want = [a.batch, a.num_heads, seqlen_q, seqlen_k];
+        let takes_mask = self.config.mask.is_some_and(|m| m.takes_mask_tensor());
+        match (&extras.mask, takes_mask) {
+            (Some(m), true) => check_strided("mask", m, want, packed)?,
+            (None, false) => {}
+            (Some(_), false) => {
+                return Err(invalid(
+                    "mask",
+                    format!("no mask tensor (kernel {} reads none)", self.key),
+                    "a mask tensor",
+                ))
+            }
+            (None, true) => {
+                return Err(invalid(
+                    "mask",
+                    format!("a uint8 mask tensor (kernel {} reads one)", self.key),
+                    "none",
+                ))
+            }
+        }
+        match (&extras.bias, self.config.has_bias) {
+            (Some(bi), true) => check_strided("bias", bi, want, packed)?,
+            (None, false) => {}
+            (Some(_), false) => {
+                return Err(invalid(
+                    "bias",
+                    format!("no bias tensor (kernel {} reads none)", self.key),
+                    "a bias tensor",
+                ))
+            }
+            (None, true) => {
+                return Err(invalid(
+                    "bias",
+                    format!("an f32 bias tensor (kernel {} reads one)", self.key),
+                    "none",
+                ))
+            }
+        }
+        if grid_q == 0 {
+            return Ok(());
+        }
+
+        // Raw device pointers (0 = null); the guards keep cudarc's stream ordering.
+        let (q_ptr, _g1) = a.q.device_ptr(stream);
+        let (k_ptr, _g2) = a.k.device_ptr(stream);
+        let (v_ptr, _g3) = a.v.device_ptr(stream);
+        let (out_ptr, _g4) = a.out.device_ptr_mut(stream);
+        let (lse_ptr, _g5) = a.lse.device_ptr_mut(stream);
+        let (cuq, _g6, cuk, _g7) = match a.layout {
+            PrefillLayout::Packed {
+                cu_seqlens_q,
+                cu_seqlens_k,
+                ..
+            } => {
+                let (p, g) = cu_seqlens_q.device_ptr(stream);
+                let (p2, g2) = cu_seqlens_k.device_ptr(stream);
+                (p, Some(g), p2, Some(g2))
+            }
+            PrefillLayout::Padded { .. } => (0, None, 0, None),
+        };
+        let (sinks_ptr, _g8) = match a.sinks {
+            Some(s) => {
+                let (p, g) = s.device_ptr(stream);
+                (p, Some(g))
+            }
+            None => (0, None),
+        };
+        let (gate_ptr, _g9) = match a.gate {
+            Some(s) => {
+                let (p, g) = s.device_ptr(stream);
+                (p, Some(g))
+            }
+            None => (0, None),
+        };
+        let (ml_ptr, _g10) = match a.max_logit {
+            Some(s) => {
+                let (p, g) = s.device_ptr_mut(stream);
+                (p, Some(g))
+            }
+            None => (0, None),
+        };
+        let (mask_ptr, _g11, ms) = match &extras.mask {
+            Some(m) => {
+                let (p, g) = m.data.device_ptr(stream);
+                (p, Some(g), m.strides)
+            }
+            None => (0, None, [0; 4]),
+        };
+        let (bias_ptr, _g12, bs) = match &extras.bias {
+            Some(m) => {
+                let (p, g) = m.data.device_ptr(stream);
+                (p, Some(g), m.strides)
+            }
+            None => (0, None, [0; 4]),
+        };
+        let (vflag_ptr, _g13) = match extras.v_nonfinite {
+            Some(f) => {
+                check_len("v_nonfinite", f, 1)?;
+                let (p, g) = f.device_ptr(stream);
+                (p, Some(g))
+            }
+            None => (0, None),
+        };
+        let (wl, wr) = a.window;
+        let params = FwdParams {
+            q: q_ptr,
+            k: k_ptr,
+            v: v_ptr,
+            out: out_ptr,
+            lse: lse_ptr,
+            cu_seqlens_q: cuq,
+            cu_seqlens_k: cuk,
+            batch: a.batch as i32,
+            num_heads: a.num_heads as i32,
+            num_groups: a.num_groups as i32,
+            seqlen_q: seqlen_q as i32,
+            seqlen_k: seqlen_k as i32,
+            softmax_scale: a.softmax_scale,
+            window_left: wl,
+            window_right: wr,
+            mask: mask_ptr,
+            mask_strides: ms,
+            bias: bias_ptr,
+            bias_strides: bs,
+            sinks: sinks_ptr,
+            gate: gate_ptr,
+            max_logit: ml_ptr,
+            v_nonfinite: vflag_ptr,
+            // Static-cache and paged modes off (the layer's prefill and forward_paged use
+            // them through their own launches).
+            ..FwdParams::default()
+        };
+        let cfg =
+            crate::cuda::params::fwd_launch_config(&self.config, grid_q, a.num_heads, a.batch);
+        // SAFETY: FwdParams is the prefill_sm80 parameter layout (tests/nvrtc_params_layout.rs);
+        // every buffer was checked above to hold the elements the kernel indexes for these
+        // dims (mask / bias: the largest strided offset over their extent).
+        unsafe { crate::cuda::params::launch(stream, &self.func, cfg, &params) }.map_err(|e| {
+            AttnError::KernelLaunch {
+                key: self.key.clone(),
+                msg: e.to_string(),
+            }
+        })?;
+        Ok(())
+    }
+}
