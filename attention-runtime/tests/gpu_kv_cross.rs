@@ -208,7 +208,7 @@ fn cross_cache_hd80_padded_contexts() {
     // Head dim 80 (not a multiple of 32): qkv_prep's cross layout, the context append and the
     // tensor-core step with 5 k16 steps per q.k.
     cross_steps_match_cpu(
-        "cross, heads=4, head_dim=80, qk_layernorm=layer, mask=padding",
+        "cross, heads=4, head_dim=80, mask=padding",
         3,
         1,
         &[37, 5, 130],
