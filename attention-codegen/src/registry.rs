@@ -262,6 +262,86 @@ pub fn kv_append(spec: &AttentionSpec, head_dim: usize) -> KernelConfig {
     KernelConfig::new(Phase::PagedAppend, spec.dtype, head_dim)
 }
 
+/// The attention backward kernels of one training call: the preprocess (D = rowsum(dO ∘ O),
+/// and the learnable sinks' gradient), dK/dV and dQ, for mask `mask` with the spec's window,
+/// in launch order. Errors ([`RenderError::Unsupported`]): a mask that takes a tensor
+/// (padding, padding_causal, arbitrary), a head dim outside
+/// [`BACKWARD_HEAD_DIMS`](crate::render::BACKWARD_HEAD_DIMS), an output gate; and a `target`
+/// that cannot run them (below sm_80, or their shared memory over its opt-in limit).
+pub fn backward(
+    spec: &AttentionSpec,
+    head_dim: usize,
+    mask: MaskType,
+    target: Target,
+) -> Result<[KernelConfig; 3], RenderError> {
+    check_head_dim(head_dim)?;
+    let mut out = backward_configs(spec.dtype, head_dim, mask, spec.window.is_some());
+    for c in &mut out {
+        // A gated forward's backward needs the gate's gradient: refused by the check below.
+        c.output_gate = spec.output_gate;
+    }
+    for c in &out {
+        // The render checks (head dim, mask, gate, tile) without rendering.
+        c.check_config()?;
+        if let Target::Device { sm, smem_optin } = target {
+            if sm < FAST_FORWARD_MIN_SM || c.backward_smem_bytes() > smem_optin {
+                return Err(RenderError::Unsupported {
+                    argument: "target",
+                    reason: "the backward kernels need sm_80+ (mma.sync, cp.async) and their \
+                             tiles' shared memory",
+                });
+            }
+        }
+    }
+    Ok(out)
+}
+
+/// The three backward configs (preprocess, dK/dV, dQ; default tiles) of one dtype, head
+/// dim, mask and window flag, unchecked ([`KernelConfig::render`] checks them; the
+/// runtime's `cuda::backward` launcher compiles them).
+pub fn backward_configs(
+    dtype: crate::spec::DType,
+    head_dim: usize,
+    mask: MaskType,
+    has_window: bool,
+) -> [KernelConfig; 3] {
+    let make = |phase: Phase| {
+        let mut c = KernelConfig::new(phase, dtype, head_dim);
+        if phase != Phase::BackwardPreprocess {
+            c.mask = Some(mask);
+            c.has_window = has_window;
+        }
+        c
+    };
+    [
+        make(Phase::BackwardPreprocess),
+        make(Phase::BackwardDkdv),
+        make(Phase::BackwardDq),
+    ]
+}
+
+/// The backward kernels a training run of `spec` at `head_dim` can launch on `target`: the
+/// preprocess, then dK/dV and dQ for every mask type the spec lists that the backward
+/// supports (masks that take a tensor are skipped: [`backward`] says why), deduplicated by
+/// key. A separate list from [`kernels_for`], so serving-only specs compile no training
+/// kernel. Errors: those of [`backward`] other than an unsupported mask.
+pub fn backward_kernels_for(
+    spec: &AttentionSpec,
+    head_dim: usize,
+    target: Target,
+) -> Result<Vec<KernelConfig>, RenderError> {
+    let mut out = Vec::new();
+    for &mask in &spec.masks {
+        if mask.takes_mask_tensor() {
+            continue;
+        }
+        out.extend(backward(spec, head_dim, mask, target)?);
+    }
+    let mut seen = std::collections::HashSet::new();
+    out.retain(|c| seen.insert(c.key()));
+    Ok(out)
+}
+
 /// Every kernel a layer with `spec` at `head_dim` can launch on `target`, deduplicated by
 /// key, in a fixed order: `qkv_prep` (then its rope-less decode-step variant), per mask
 /// type × (no bias, bias) the fast forward kernel (when `target` runs it) then `fwd`; then

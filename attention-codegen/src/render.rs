@@ -38,8 +38,13 @@ const TEMPLATES: &[(&str, &str)] = &[
         include_str!("../../templates/partials/params.cu"),
     ),
     (
+        "partials/params_bwd.cu",
+        include_str!("../../templates/partials/params_bwd.cu"),
+    ),
+    (
         "params_probe.cu",
-        "{% include \"partials/types.cu\" %}\n{% include \"partials/params.cu\" %}\n",
+        "{% include \"partials/types.cu\" %}\n{% include \"partials/params.cu\" %}\n\
+         {% include \"partials/params_bwd.cu\" %}\n",
     ),
     ("fwd.cu", include_str!("../../templates/fwd.cu")),
     ("fwd_fast.cu", include_str!("../../templates/fwd_fast.cu")),
@@ -54,7 +59,25 @@ const TEMPLATES: &[(&str, &str)] = &[
         "paged_append.cu",
         include_str!("../../templates/paged_append.cu"),
     ),
+    (
+        "partials/mma_sm80.cu",
+        include_str!("../../templates/partials/mma_sm80.cu"),
+    ),
+    (
+        "backward_preprocess.cu",
+        include_str!("../../templates/backward_preprocess.cu"),
+    ),
+    (
+        "backward_sm80.cu",
+        include_str!("../../templates/backward_sm80.cu"),
+    ),
 ];
+
+/// Head dims the backward kernels ([`Phase::BackwardDkdv`], [`Phase::BackwardDq`]) support:
+/// each warp keeps its 16 keys' dK and dV (2 × head_dim / 2 f32 registers per thread) plus
+/// a 16 × block_m tile of S and dP in registers, which fits the 255-register budget
+/// without spills up to head dim 128 (`tests/nvrtc_backward.rs` checks).
+pub const BACKWARD_HEAD_DIMS: &[usize] = &[32, 64, 96, 128];
 
 /// Query rows (one warp each) per block of the attention kernels (`fwd`, `decode`, `paged`).
 pub const ATTENTION_BLOCK_ROWS: usize = 4;
@@ -125,6 +148,11 @@ pub const fn flash_decode_smem_bytes(head_dim: usize) -> usize {
 ///   q_norm_weight, q_norm_bias, k_norm_weight, k_norm_bias, eps, positions, rotary_base,
 ///   mscale, num_tokens, num_kv_tokens, num_heads, num_groups, v_nonfinite); `v_nonfinite`
 ///   (int32 or null) is set to 1 when a value written to `v_out` is not finite.
+/// - `BackwardPreprocess` (`backward_preprocess_*`), `BackwardDkdv` (`backward_dkdv_*_sm80`),
+///   `BackwardDq` (`backward_dq_*_sm80`): one `BwdParams` each (templates/backward_*.cu):
+///   D = rowsum(dO ∘ O) (and `<key>_dsink`, the learnable sinks' gradient), then dK, dV and
+///   dQ from q, k, v, the forward's out and LSE, and dO; grids and shared memory in
+///   templates/backward_sm80.cu and [`KernelConfig::backward_smem_bytes`].
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub enum Phase {
     /// Prefill / training forward over padded or packed q, k, v.
@@ -143,11 +171,20 @@ pub enum Phase {
     FlashDecode,
     /// Append packed new k/v into a paged pool (through the block table) or a static cache.
     PagedAppend,
+    /// Attention backward, step 1: D = rowsum(dO ∘ O) per query row and head (plus the
+    /// learnable sinks' gradient in its `<key>_dsink` entry).
+    BackwardPreprocess,
+    /// Attention backward, dK and dV: one block per KV tile, group and sequence (tensor
+    /// cores, sm_80+).
+    BackwardDkdv,
+    /// Attention backward, dQ: one block per query tile, head and sequence (tensor cores,
+    /// sm_80+).
+    BackwardDq,
 }
 
 impl Phase {
     /// Every phase.
-    pub const ALL: [Phase; 7] = [
+    pub const ALL: [Phase; 10] = [
         Phase::Forward,
         Phase::ForwardFast,
         Phase::Decode,
@@ -155,7 +192,18 @@ impl Phase {
         Phase::QkvPrep,
         Phase::FlashDecode,
         Phase::PagedAppend,
+        Phase::BackwardPreprocess,
+        Phase::BackwardDkdv,
+        Phase::BackwardDq,
     ];
+
+    /// Whether this is one of the backward (training) phases.
+    pub fn is_backward(self) -> bool {
+        matches!(
+            self,
+            Phase::BackwardPreprocess | Phase::BackwardDkdv | Phase::BackwardDq
+        )
+    }
 
     /// Key prefix: `fwd`, `fwdfast`, `decode`, `paged`, `qkv_prep`.
     pub fn prefix(self) -> &'static str {
@@ -167,6 +215,9 @@ impl Phase {
             Phase::QkvPrep => "qkv_prep",
             Phase::FlashDecode => "flashdec",
             Phase::PagedAppend => "kvappend",
+            Phase::BackwardPreprocess => "backward_preprocess",
+            Phase::BackwardDkdv => "backward_dkdv",
+            Phase::BackwardDq => "backward_dq",
         }
     }
 
@@ -179,6 +230,8 @@ impl Phase {
             Phase::QkvPrep => "qkv_prep.cu",
             Phase::FlashDecode => "flash_decode.cu",
             Phase::PagedAppend => "paged_append.cu",
+            Phase::BackwardPreprocess => "backward_preprocess.cu",
+            Phase::BackwardDkdv | Phase::BackwardDq => "backward_sm80.cu",
         }
     }
 }
@@ -291,6 +344,30 @@ impl FastTile {
             block_n: if head_dim <= 64 { 128 } else { 64 },
             warps: if head_dim <= 128 { 4 } else { 8 },
             stages: 2,
+        }
+    }
+
+    /// The default tile of a backward phase ([`Phase::BackwardDkdv`]: `block_n` keys, 16 per
+    /// warp, against `block_m` queries per step; [`Phase::BackwardDq`]: `block_m` query rows,
+    /// 16 per warp, against `block_n` keys per step), two shared-memory buffers, 4 warps.
+    /// Sized to stay within 255 registers without spills (ptxas, NVRTC 13, sm_80 and
+    /// sm_90a): dK/dV steps over 64 queries up to head dim 64 and 32 above (64 at head dim
+    /// 128 spills 24-36 bytes); dQ over 128 keys at head dim 32 and 64 above (128 at head dim
+    /// 64 takes all 255 registers).
+    pub fn for_backward(phase: Phase, head_dim: usize) -> FastTile {
+        match phase {
+            Phase::BackwardDq => FastTile {
+                block_m: 64,
+                block_n: if head_dim <= 32 { 128 } else { 64 },
+                warps: 4,
+                stages: 2,
+            },
+            _ => FastTile {
+                block_m: if head_dim <= 64 { 64 } else { 32 },
+                block_n: 64,
+                warps: 4,
+                stages: 2,
+            },
         }
     }
 
@@ -476,14 +553,16 @@ impl KernelConfig {
     /// `bottom_right`.
     fn causal_mode(&self) -> &'static str {
         match self.phase {
-            Phase::Forward | Phase::ForwardFast => match self.mask {
-                Some(MaskType::Causal | MaskType::PaddingCausal) => "top_left",
-                Some(MaskType::CausalBottomRight) => "bottom_right",
-                _ => "none",
-            },
+            Phase::Forward | Phase::ForwardFast | Phase::BackwardDkdv | Phase::BackwardDq => {
+                match self.mask {
+                    Some(MaskType::Causal | MaskType::PaddingCausal) => "top_left",
+                    Some(MaskType::CausalBottomRight) => "bottom_right",
+                    _ => "none",
+                }
+            }
             Phase::Decode if !self.causal => "none",
             Phase::Decode | Phase::Paged | Phase::FlashDecode => "bottom_right",
-            Phase::QkvPrep | Phase::PagedAppend => "none",
+            Phase::QkvPrep | Phase::PagedAppend | Phase::BackwardPreprocess => "none",
         }
     }
 
@@ -497,6 +576,10 @@ impl KernelConfig {
     ///   (its merge entry is `<key>_merge`; `_paged` is always `_norope`)
     /// - `kvappend_<dtype>_hd<D>_w<warps>`
     /// - `qkv_prep_<dtype>_hd<D>_<self|cross>_<nonorm|layernorm|rmsnorm|l2norm>_<norope|ropehalf<R>|ropeinter<R>>[_gate]_w<warps>`
+    /// - `backward_preprocess_<dtype>_hd<D>` (its sinks entry is `<key>_dsink`)
+    /// - `backward_dkdv_<dtype>_hd<D>_<mask>[_win]_m<M>n<N>w<W>_sm80`,
+    ///   `backward_dq_<dtype>_hd<D>_<mask>[_win]_m<M>n<N>w<W>_sm80` (sinks change neither
+    ///   source: they enter through the forward's LSE)
     ///
     /// `sink1` = off-by-one sink, `sinkl` = learnable sink, `R` = rotated channels.
     pub fn key(&self) -> String {
@@ -507,13 +590,30 @@ impl KernelConfig {
             self.head_dim
         );
         match self.phase {
+            Phase::BackwardPreprocess => return k,
+            Phase::BackwardDkdv | Phase::BackwardDq => {
+                k.push('_');
+                k.push_str(self.mask.map(|m| m.name()).unwrap_or("nomask_missing"));
+                if self.has_window {
+                    k.push_str("_win");
+                }
+                let t = self.fast_tile();
+                k.push_str(&format!("_m{}n{}w{}_sm80", t.block_m, t.block_n, t.warps));
+                return k;
+            }
+            _ => {}
+        }
+        match self.phase {
             Phase::Forward | Phase::ForwardFast => {
                 k.push('_');
                 k.push_str(self.mask.map(|m| m.name()).unwrap_or("nomask_missing"));
             }
             Phase::Decode => k.push_str(if self.causal { "_causal" } else { "_full" }),
             Phase::Paged => k.push_str("_causal"),
-            Phase::PagedAppend => {}
+            Phase::PagedAppend
+            | Phase::BackwardPreprocess
+            | Phase::BackwardDkdv
+            | Phase::BackwardDq => {}
             Phase::FlashDecode => match self.rope {
                 None => k.push_str("_norope"),
                 Some((RopeMode::Half, r)) => k.push_str(&format!("_ropehalf{r}")),
@@ -561,6 +661,12 @@ impl KernelConfig {
         k
     }
 
+    /// The checks [`KernelConfig::render`] makes before rendering (head dim, mask, tile,
+    /// feature combinations).
+    pub fn check_config(&self) -> Result<(), RenderError> {
+        self.check()
+    }
+
     fn check(&self) -> Result<(), RenderError> {
         if !SUPPORTED_HEAD_DIMS.contains(&self.head_dim) {
             return Err(RenderError::UnsupportedHeadDim {
@@ -579,6 +685,9 @@ impl KernelConfig {
         }
         if self.phase == Phase::ForwardFast {
             self.fast_tile().check()?;
+        }
+        if self.phase.is_backward() {
+            self.check_backward()?;
         }
         if self.phase == Phase::QkvPrep && self.layout == PrepLayout::CrossAttention {
             if self.rope.is_some() {
@@ -610,6 +719,80 @@ impl KernelConfig {
             }
         }
         Ok(())
+    }
+
+    /// The backward kernels' limits: head dims in [`BACKWARD_HEAD_DIMS`]; dK/dV and dQ: a
+    /// mask of the generated kinds (no mask tensor, no additive bias), no output gate or
+    /// paged K/V, 16 rows (keys for dK/dV, queries for dQ) per warp.
+    fn check_backward(&self) -> Result<(), RenderError> {
+        if !BACKWARD_HEAD_DIMS.contains(&self.head_dim) {
+            return Err(RenderError::Unsupported {
+                argument: "head_dim",
+                reason: "the backward kernels support head dims 32, 64, 96 and 128 (dK/dV \
+                         accumulators live in registers)",
+            });
+        }
+        if self.output_gate || self.paged_kv {
+            return Err(RenderError::Unsupported {
+                argument: "output_gate/paged_kv",
+                reason: "the backward kernels take neither an output gate nor a paged pool",
+            });
+        }
+        if self.phase == Phase::BackwardPreprocess {
+            return Ok(());
+        }
+        let mask = self.mask.ok_or(RenderError::MissingMask)?;
+        if mask.takes_mask_tensor() {
+            return Err(RenderError::Unsupported {
+                argument: "mask",
+                reason: "the backward kernels do not read mask tensors yet (padding, \
+                         padding_causal, arbitrary)",
+            });
+        }
+        if self.has_bias {
+            return Err(RenderError::Unsupported {
+                argument: "has_bias",
+                reason: "the backward kernels do not take an additive bias (dbias) yet",
+            });
+        }
+        if self.has_window && !mask.accepts_window() {
+            return Err(RenderError::WindowOnMask { mask });
+        }
+        let t = self.fast_tile();
+        let per_warp = if self.phase == Phase::BackwardDkdv {
+            t.block_n
+        } else {
+            t.block_m
+        };
+        let other = if self.phase == Phase::BackwardDkdv {
+            t.block_m
+        } else {
+            t.block_n
+        };
+        if !(1..=8).contains(&t.warps)
+            || per_warp != 16 * t.warps
+            || other == 0
+            || !other.is_multiple_of(16)
+            || other > 128
+            || t.stages != 2
+        {
+            return Err(RenderError::BadFastTile { tile: t });
+        }
+        Ok(())
+    }
+
+    /// Dynamic shared memory (bytes) of a backward dK/dV or dQ block (0 for the other
+    /// phases): dK/dV holds K, V and two buffers of the Q, dO tiles (rows padded to
+    /// `head_dim + 8` 16-bit elements) and of their LSE and D (f32); dQ holds Q, dO and two
+    /// buffers of the K, V tiles.
+    pub fn backward_smem_bytes(&self) -> usize {
+        let t = self.fast_tile();
+        let row = (self.head_dim + 8) * 2;
+        match self.phase {
+            Phase::BackwardDkdv => (2 * t.block_n + 4 * t.block_m) * row + 16 * t.block_m,
+            Phase::BackwardDq => (2 * t.block_m + 4 * t.block_n) * row,
+            _ => 0,
+        }
     }
 
     fn context(&self, key: &str) -> Context {
@@ -669,6 +852,14 @@ impl KernelConfig {
         c.insert("decode_stages", &FLASH_DECODE_STAGES);
         c.insert("decode_warps", &FLASH_DECODE_MAX_WARPS);
         c.insert("merge_warps", &FLASH_DECODE_MERGE_WARPS);
+        c.insert(
+            "bwd_part",
+            match self.phase {
+                Phase::BackwardDkdv => "dkdv",
+                Phase::BackwardDq => "dq",
+                _ => "none",
+            },
+        );
         c
     }
 
@@ -685,7 +876,10 @@ impl KernelConfig {
             key,
             phase: self.phase,
             head_dim: self.head_dim,
-            mask: if matches!(self.phase, Phase::Forward | Phase::ForwardFast) {
+            mask: if matches!(
+                self.phase,
+                Phase::Forward | Phase::ForwardFast | Phase::BackwardDkdv | Phase::BackwardDq
+            ) {
                 self.mask
             } else {
                 None
@@ -699,8 +893,13 @@ impl KernelConfig {
 
     /// The `ForwardFast` tile: [`KernelConfig::tile`] or the head dim's default.
     pub fn fast_tile(&self) -> FastTile {
-        self.tile
-            .unwrap_or_else(|| FastTile::for_head_dim(self.head_dim))
+        self.tile.unwrap_or_else(|| {
+            if self.phase.is_backward() {
+                FastTile::for_backward(self.phase, self.head_dim)
+            } else {
+                FastTile::for_head_dim(self.head_dim)
+            }
+        })
     }
 
     /// Render this kernel.

@@ -190,6 +190,16 @@ pub fn compile_cubin(key: &str, source: &str, arch: &str) -> Result<Vec<u8>, Jit
 
 /// Compile `source` for `arch` and return the program (errors as [`compile_with_log`]).
 fn compile_program(key: &str, source: &str, arch: &str) -> Result<Program, JitError> {
+    compile_program_with(key, source, arch, &[])
+}
+
+/// [`compile_program`] with `extra` NVRTC options after [`nvrtc_options`].
+fn compile_program_with(
+    key: &str,
+    source: &str,
+    arch: &str,
+    extra: &[&str],
+) -> Result<Program, JitError> {
     check_arch(arch)?;
     let c_src = CString::new(source).map_err(|_| JitError::InvalidArgument {
         arg: "source",
@@ -230,6 +240,7 @@ fn compile_program(key: &str, source: &str, arch: &str) -> Result<Program, JitEr
     // `arch` was checked to be ASCII letters, digits and `_`: no NUL in any option.
     let opts: Vec<CString> = nvrtc_options(arch)
         .into_iter()
+        .chain(extra.iter().map(|o| o.to_string()))
         .filter_map(|o| CString::new(o).ok())
         .collect();
     let opt_ptrs: Vec<*const c_char> = opts.iter().map(|o| o.as_ptr()).collect();
@@ -273,7 +284,66 @@ pub fn compile_ptx(key: &str, source: &str, arch: &str) -> Result<String, JitErr
 
 /// [`compile_cubin`], also returning NVRTC's log of a successful compilation.
 pub fn compile_with_log(key: &str, source: &str, arch: &str) -> Result<Compiled, JitError> {
-    let prog = compile_program(key, source, arch)?;
+    cubin_of(key, compile_program(key, source, arch)?, arch)
+}
+
+/// [`compile_with_log`] with ptxas's resource report in the log
+/// (`--ptxas-options=-v`: per entry "Used N registers" and "N bytes spill stores"); see
+/// [`PtxasUsage::parse`]. For tests and tuning: the kernel cache never uses it.
+pub fn compile_with_ptxas_info(key: &str, source: &str, arch: &str) -> Result<Compiled, JitError> {
+    let prog = compile_program_with(key, source, arch, &["--ptxas-options=-v"])?;
+    cubin_of(key, prog, arch)
+}
+
+/// Registers and spills of one compiled entry, from ptxas's `-v` report.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct PtxasUsage {
+    /// Registers per thread.
+    pub registers: u32,
+    /// Bytes of spill stores.
+    pub spill_stores: u32,
+    /// Bytes of spill loads.
+    pub spill_loads: u32,
+}
+
+impl PtxasUsage {
+    /// The usage of every entry in a [`compile_with_ptxas_info`] log, in order, as
+    /// (entry name, usage).
+    pub fn parse(log: &str) -> Vec<(String, PtxasUsage)> {
+        let num_before = |l: &str, unit: &str| -> Option<u32> {
+            let end = l.find(unit)?;
+            l[..end].split_whitespace().last()?.parse().ok()
+        };
+        let mut out = Vec::new();
+        let mut name = String::new();
+        let mut spills = (0, 0);
+        for l in log.lines() {
+            if let Some(rest) = l.split("Compiling entry function '").nth(1) {
+                name = rest.split('\'').next().unwrap_or("").to_string();
+                spills = (0, 0);
+            } else if l.contains("bytes spill stores") {
+                spills = (
+                    num_before(l, "bytes spill stores").unwrap_or(0),
+                    num_before(l, "bytes spill loads").unwrap_or(0),
+                );
+            } else if let Some(regs) = num_before(l, "registers") {
+                if l.contains("Used") {
+                    out.push((
+                        name.clone(),
+                        PtxasUsage {
+                            registers: regs,
+                            spill_stores: spills.0,
+                            spill_loads: spills.1,
+                        },
+                    ));
+                }
+            }
+        }
+        out
+    }
+}
+
+fn cubin_of(key: &str, prog: Program, arch: &str) -> Result<Compiled, JitError> {
     let nvrtc_err = |call: &'static str, r: sys::nvrtcResult| JitError::Nvrtc {
         key: key.to_string(),
         call,

@@ -10,7 +10,7 @@
 use attention_codegen::render::params_source;
 use attention_codegen::DType;
 use attention_runtime::cuda::params::{
-    cuda_fields, AppendParams, FwdParams, KernelParams, PagedDecodeParams, PrepParams,
+    cuda_fields, AppendParams, BwdParams, FwdParams, KernelParams, PagedDecodeParams, PrepParams,
 };
 use attention_runtime::jit::{
     compile_ptx, compile_with_log, cubin_params, nvrtc_available, CubinParam,
@@ -103,6 +103,7 @@ fn cuda_param_structs_have_the_rust_layouts() {
             "PagedDecodeParams",
             dtype,
         ));
+        failures.extend(check_struct::<BwdParams>("BwdParams", dtype));
     }
     assert!(failures.is_empty(), "{}", failures.join("\n"));
 }

@@ -15,6 +15,7 @@
 //! when they read the result back. [`wrap`] lets the device calls read and write a caller's
 //! cudarc buffers without copies.
 
+pub mod backward;
 pub mod cross_cache;
 pub mod decode;
 pub mod fwd_fast;

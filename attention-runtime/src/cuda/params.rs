@@ -123,6 +123,63 @@ kernel_params! {
     }
 }
 
+kernel_params! {
+    /// Parameters of the attention backward family (`backward_preprocess_*` and its
+    /// `_dsink` entry, `backward_dkdv_*`, `backward_dq_*`); the CUDA declaration is
+    /// `BwdParams` in `templates/partials/params.cu`. Pointers are raw device addresses
+    /// (0 = null). Layouts: `templates/backward_sm80.cu`.
+    pub struct BwdParams {
+        /// Queries, layout of the forward's q.
+        pub q: u64,
+        /// Keys.
+        pub k: u64,
+        /// Values.
+        pub v: u64,
+        /// The forward's output, layout of q.
+        pub out: u64,
+        /// Gradient of the output, layout of q.
+        pub dout: u64,
+        /// The forward's f32 `[num_heads, total_q]` LSE (natural log).
+        pub lse: u64,
+        /// f32 `[num_heads, total_q]` scratch: D = rowsum(dout ∘ out).
+        pub dpsum: u64,
+        /// Gradient of q, layout of q.
+        pub dq: u64,
+        /// Gradient of k, layout of k.
+        pub dk: u64,
+        /// Gradient of v, layout of v.
+        pub dv: u64,
+        /// int32 `[batch + 1]` query offsets (packed), or null (padded).
+        pub cu_seqlens_q: u64,
+        /// int32 `[batch + 1]` key offsets (packed), or null.
+        pub cu_seqlens_k: u64,
+        /// f32 `[num_heads]` learnable sink logits, or null.
+        pub sinks: u64,
+        /// f32 `[num_heads]` gradient of the sink logits, or null.
+        pub dsinks: u64,
+        /// Sequences.
+        pub batch: i32,
+        /// Query heads.
+        pub num_heads: i32,
+        /// K/V groups (divides `num_heads`).
+        pub num_groups: i32,
+        /// Padded query length; packed: the longest query sequence.
+        pub seqlen_q: i32,
+        /// Padded key length; packed: the longest key sequence.
+        pub seqlen_k: i32,
+        /// Logit scale.
+        pub softmax_scale: f32,
+        /// Sliding window, left (-1 = unbounded).
+        pub window_left: i32,
+        /// Sliding window, right (-1 = unbounded).
+        pub window_right: i32,
+        /// Query rows of all sequences (the lse / dpsum row stride).
+        pub total_q: i32,
+        /// Key rows of all sequences.
+        pub total_k: i32,
+    }
+}
+
 /// The fields of `P` as the CUDA declaration names them: (name, byte offset, byte size), a
 /// stride array `x_strides: [i64; 4]` as its four scalars `x_stride_b/h/q/k`.
 pub fn cuda_fields<P: KernelParams>() -> Vec<(String, usize, usize)> {
@@ -298,6 +355,9 @@ pub fn param_layout(
         Phase::PagedAppend => by_value(std::mem::size_of::<AppendParams>()),
         Phase::FlashDecode if paged => by_value(std::mem::size_of::<PagedDecodeParams>()),
         Phase::FlashDecode => None,
+        Phase::BackwardPreprocess | Phase::BackwardDkdv | Phase::BackwardDq => {
+            by_value(std::mem::size_of::<BwdParams>())
+        }
     }
 }
 

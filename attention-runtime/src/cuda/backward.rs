@@ -1,0 +1,574 @@
+//! Host launcher of the attention backward (training) kernels, FlashAttention-2 style
+//! (`templates/backward_preprocess.cu`, `templates/backward_sm80.cu`), straight on cudarc:
+//! render → NVRTC CUBIN for the device's arch → modules → three launches per call:
+//!
+//! 1. `backward_preprocess_<dtype>_hd<D>`: D = rowsum(dO ∘ O) (f32, one value per query row
+//!    and head, into a scratch buffer this launcher allocates), then, with learnable sinks,
+//!    its `_dsink` entry: `dsinks[h] = -Σ_rows exp(sinks[h] - lse) · D`;
+//! 2. `backward_dkdv_…_sm80`: dK, dV, one block per KV tile, group and sequence, looping
+//!    over the group's query heads (GQA) in registers;
+//! 3. `backward_dq_…_sm80`: dQ, one block per query tile, head and sequence.
+//!
+//! The forward's LSE is read, never recomputed. **Determinism:** there is one mode and it is
+//! deterministic: no atomics, a fixed summation order everywhere, so the gradients are
+//! bitwise equal from run to run (the GPU test checks). The cost is recomputing S = QKᵀ and
+//! dP = dO Vᵀ in the dQ kernel (7 matrix products per tile pair instead of the fused
+//! kernel's 5, about 40% more tensor-core work); a fused, atomicAdd-dQ fast mode is not
+//! implemented.
+//!
+//! Layouts are the forward's ([`crate::cuda::fwd_fast`]); dq, dk, dv have the layouts of q,
+//! k, v and the input dtype; lse is the forward's f32 `[num_heads, rows]` natural log.
+//!
+//! Supported: masks `no_mask`, `causal` (top-left), `causal_bottom_right`, a sliding window
+//! on them, GQA / MQA, padded and packed layouts, bf16 and f16, head dims
+//! [`BACKWARD_HEAD_DIMS`](attention_codegen::render::BACKWARD_HEAD_DIMS) (32, 64, 96, 128),
+//! off-by-one and learnable sinks (their gradient). Not yet: mask tensors (`padding`,
+//! `padding_causal`, `arbitrary`), an additive bias and its gradient, an output gate, head
+//! dims above 128: [`AttentionBackward::new`] returns [`AttnError::Render`] naming the
+//! feature for those configs.
+
+use std::sync::Arc;
+
+use attention_codegen::registry::backward_configs;
+use attention_codegen::render::{KernelConfig, Phase};
+use attention_codegen::{DType, MaskType};
+use cudarc::driver::sys::CUfunction_attribute_enum;
+use cudarc::driver::{
+    CudaContext, CudaFunction, CudaSlice, CudaStream, DevicePtr, DevicePtrMut, LaunchConfig,
+};
+use cudarc::nvrtc::Ptx;
+
+use crate::cuda::params::BwdParams;
+use crate::cuda::tensor::{DeviceElem, ElemType};
+use crate::error::{AttnError, Result};
+
+/// Rows (one warp each) per block of the preprocess entry (`PRE_ROWS` in its template).
+const PRE_ROWS: usize = 8;
+/// Threads of the `_dsink` entry (`DSINK_THREADS`).
+const DSINK_THREADS: usize = 256;
+
+/// The loaded backward kernels of one dtype, head dim, mask and window flag.
+pub struct AttentionBackward {
+    configs: [KernelConfig; 3],
+    keys: [String; 3],
+    preprocess: CudaFunction,
+    dsink: CudaFunction,
+    dkdv: CudaFunction,
+    dq: CudaFunction,
+}
+
+/// Sequence layout of one backward launch (as the forward's).
+#[derive(Clone, Copy)]
+pub enum BwdLayout<'a> {
+    /// `[s, b, heads, hn]` with the same lengths for every sequence.
+    Padded {
+        /// Query length.
+        seqlen_q: usize,
+        /// Key length.
+        seqlen_k: usize,
+    },
+    /// Packed varlen: int32 `[batch + 1]` cumulative lengths on the device.
+    Packed {
+        /// Query offsets.
+        cu_seqlens_q: &'a CudaSlice<i32>,
+        /// Key offsets.
+        cu_seqlens_k: &'a CudaSlice<i32>,
+        /// Longest query sequence (the dQ grid).
+        max_seqlen_q: usize,
+        /// Longest key sequence (the dK/dV grid).
+        max_seqlen_k: usize,
+        /// Query tokens in all (rows of q).
+        total_q: usize,
+        /// Key tokens in all (rows of k).
+        total_k: usize,
+    },
+}
+
+/// Arguments of one backward call (tensors on the launch stream's device, dtype `T`).
+pub struct BwdArgs<'a, T> {
+    /// Queries, the forward's layout.
+    pub q: &'a CudaSlice<T>,
+    /// Keys.
+    pub k: &'a CudaSlice<T>,
+    /// Values.
+    pub v: &'a CudaSlice<T>,
+    /// The forward's output (saved), layout of `q`.
+    pub out: &'a CudaSlice<T>,
+    /// The forward's LSE (saved), f32 `[num_heads, rows]`, natural log.
+    pub lse: &'a CudaSlice<f32>,
+    /// Gradient of the output, layout of `q`.
+    pub dout: &'a CudaSlice<T>,
+    /// Gradient of `q` (written), layout of `q`.
+    pub dq: &'a mut CudaSlice<T>,
+    /// Gradient of `k` (written).
+    pub dk: &'a mut CudaSlice<T>,
+    /// Gradient of `v` (written).
+    pub dv: &'a mut CudaSlice<T>,
+    /// Sequence count.
+    pub batch: usize,
+    /// Query heads.
+    pub num_heads: usize,
+    /// K/V groups (divides `num_heads`).
+    pub num_groups: usize,
+    /// Padded or packed.
+    pub layout: BwdLayout<'a>,
+    /// The forward's softmax scale.
+    pub softmax_scale: f32,
+    /// The forward's sliding window `(left, right)`, `-1` = unbounded; ignored unless the
+    /// kernels were built with a window.
+    pub window: (i32, i32),
+    /// Learnable sink logits f32 `[num_heads]` (with `dsinks`).
+    pub sinks: Option<&'a CudaSlice<f32>>,
+    /// Their gradient f32 `[num_heads]` (written); needs `sinks`. Off-by-one sinks have no
+    /// parameter: pass neither (their effect is in the forward's LSE).
+    pub dsinks: Option<&'a mut CudaSlice<f32>>,
+}
+
+fn invalid(arg: &str, expected: impl Into<String>, got: impl ToString) -> AttnError {
+    AttnError::InvalidArgument {
+        arg: arg.into(),
+        expected: expected.into(),
+        got: got.to_string(),
+    }
+}
+
+fn check_len<T>(arg: &str, s: &CudaSlice<T>, want: usize) -> Result<()> {
+    if s.len() < want {
+        return Err(AttnError::Shape {
+            arg: arg.into(),
+            expected: format!("at least {want} elements"),
+            got: vec![s.len()],
+        });
+    }
+    Ok(())
+}
+
+fn cuda_err(call: String) -> impl FnOnce(cudarc::driver::DriverError) -> AttnError {
+    move |e| AttnError::Cuda {
+        call,
+        msg: e.to_string(),
+    }
+}
+
+fn load(
+    ctx: &Arc<CudaContext>,
+    config: &KernelConfig,
+    entries: &[&str],
+) -> Result<Vec<CudaFunction>> {
+    let src = config
+        .render()
+        .map_err(|e| AttnError::Render(e.to_string()))?;
+    let cc = ctx
+        .compute_capability()
+        .map_err(cuda_err("cuDeviceGetAttribute compute capability".into()))?;
+    let arch = crate::device::arch_for_capability(cc);
+    let cubin =
+        crate::jit::compile_cubin(&src.key, &src.source, &arch).map_err(|e| AttnError::Cuda {
+            call: format!("nvrtc {}", src.key),
+            msg: e.to_string(),
+        })?;
+    let module = ctx
+        .load_module(Ptx::from_binary(cubin))
+        .map_err(cuda_err(format!("cuModuleLoadData {}", src.key)))?;
+    entries
+        .iter()
+        .map(|e| {
+            module
+                .load_function(e)
+                .map_err(cuda_err(format!("cuModuleGetFunction {e}")))
+        })
+        .collect()
+}
+
+fn set_smem(ctx: &Arc<CudaContext>, f: &CudaFunction, key: &str, bytes: usize) -> Result<()> {
+    let max_optin = ctx
+        .attribute(
+            cudarc::driver::sys::CUdevice_attribute::CU_DEVICE_ATTRIBUTE_MAX_SHARED_MEMORY_PER_BLOCK_OPTIN,
+        )
+        .map_err(cuda_err(
+            "cuDeviceGetAttribute max shared memory per block (opt-in)".into(),
+        ))? as usize;
+    if bytes > max_optin {
+        return Err(invalid(
+            "head_dim",
+            format!("kernels needing at most {max_optin} bytes of shared memory on this GPU"),
+            format!("{key} ({bytes} bytes)"),
+        ));
+    }
+    if bytes > 48 * 1024 {
+        f.set_attribute(
+            CUfunction_attribute_enum::CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES,
+            bytes as i32,
+        )
+        .map_err(cuda_err(format!(
+            "cuFuncSetAttribute max dynamic shared memory {key}"
+        )))?;
+    }
+    Ok(())
+}
+
+impl AttentionBackward {
+    /// Render the three backward kernels of `dtype`, `head_dim`, `mask` (with a sliding
+    /// window when `has_window`; [`backward_configs`]), compile them with NVRTC for the arch
+    /// of `ctx`'s device and load them.
+    ///
+    /// Errors: [`AttnError::Render`] naming the feature for what the kernels do not support
+    /// (a mask tensor, a head dim above 128, ...); [`AttnError::InvalidArgument`] when a
+    /// tile's shared memory exceeds the device's; [`AttnError::Cuda`] on compile or load
+    /// failures (a device below sm_80 fails to compile `mma.sync`).
+    pub fn new(
+        ctx: &Arc<CudaContext>,
+        dtype: DType,
+        head_dim: usize,
+        mask: MaskType,
+        has_window: bool,
+    ) -> Result<AttentionBackward> {
+        AttentionBackward::compile(ctx, &backward_configs(dtype, head_dim, mask, has_window))
+    }
+
+    /// [`AttentionBackward::new`] from the registry's configs (preprocess, dK/dV, dQ; e.g.
+    /// [`attention_codegen::registry::backward`]).
+    pub fn compile(
+        ctx: &Arc<CudaContext>,
+        configs: &[KernelConfig; 3],
+    ) -> Result<AttentionBackward> {
+        let want = [
+            Phase::BackwardPreprocess,
+            Phase::BackwardDkdv,
+            Phase::BackwardDq,
+        ];
+        for (c, p) in configs.iter().zip(want) {
+            if c.phase != p {
+                return Err(invalid(
+                    "configs",
+                    format!("phase {}", p.prefix()),
+                    c.phase.prefix(),
+                ));
+            }
+            c.check_config()
+                .map_err(|e| AttnError::Render(e.to_string()))?;
+        }
+        if configs[1].dtype != configs[0].dtype
+            || configs[2].dtype != configs[0].dtype
+            || configs[1].head_dim != configs[0].head_dim
+            || configs[2].head_dim != configs[0].head_dim
+            || configs[1].mask != configs[2].mask
+            || configs[1].has_window != configs[2].has_window
+        {
+            return Err(invalid(
+                "configs",
+                "one dtype and head dim, and one mask and window for dK/dV and dQ",
+                format!(
+                    "{} / {} / {}",
+                    configs[0].key(),
+                    configs[1].key(),
+                    configs[2].key()
+                ),
+            ));
+        }
+        let keys = configs.clone().map(|c| c.key());
+        let pre = load(ctx, &configs[0], &[&keys[0], &format!("{}_dsink", keys[0])])?;
+        let dkdv = load(ctx, &configs[1], &[&keys[1]])?.remove(0);
+        let dq = load(ctx, &configs[2], &[&keys[2]])?.remove(0);
+        set_smem(ctx, &dkdv, &keys[1], configs[1].backward_smem_bytes())?;
+        set_smem(ctx, &dq, &keys[2], configs[2].backward_smem_bytes())?;
+        let mut pre = pre.into_iter();
+        Ok(AttentionBackward {
+            configs: configs.clone(),
+            keys,
+            preprocess: pre.next().expect("two entries"),
+            dsink: pre.next().expect("two entries"),
+            dkdv,
+            dq,
+        })
+    }
+
+    /// The kernel keys: preprocess, dK/dV, dQ.
+    pub fn keys(&self) -> &[String; 3] {
+        &self.keys
+    }
+
+    /// Queue one backward on `stream`: D, then dK/dV, then dQ (and the sinks' gradient).
+    /// Checks dims, dtype, devices and buffer sizes first (typed errors naming the
+    /// argument); a failed launch names the kernel key. Allocates the f32 D scratch
+    /// (`num_heads × rows`) on `stream`.
+    pub fn launch<T: DeviceElem>(&self, stream: &Arc<CudaStream>, a: BwdArgs<'_, T>) -> Result<()> {
+        let cfg = &self.configs[1];
+        let hd = cfg.head_dim;
+        let want_elem = match cfg.dtype {
+            DType::Bf16 => ElemType::Bf16,
+            DType::F16 => ElemType::F16,
+        };
+        if T::ELEM != want_elem {
+            return Err(AttnError::DType {
+                arg: "q".into(),
+                expected: want_elem.name().into(),
+                got: T::ELEM.name().into(),
+            });
+        }
+        if a.batch == 0 || a.num_heads == 0 || a.num_groups == 0 {
+            return Err(invalid(
+                "batch/num_heads/num_groups",
+                "positive values",
+                format!("{}/{}/{}", a.batch, a.num_heads, a.num_groups),
+            ));
+        }
+        if !a.num_heads.is_multiple_of(a.num_groups) {
+            return Err(invalid(
+                "num_groups",
+                format!("a divisor of num_heads = {}", a.num_heads),
+                a.num_groups,
+            ));
+        }
+        if a.batch > 65535 || a.num_heads > 65535 {
+            return Err(invalid(
+                "batch/num_heads",
+                "at most 65535 each (grid limits)",
+                format!("{}/{}", a.batch, a.num_heads),
+            ));
+        }
+        if !(a.softmax_scale.is_finite() && a.softmax_scale > 0.0) {
+            return Err(invalid(
+                "softmax_scale",
+                "a positive finite scale",
+                a.softmax_scale,
+            ));
+        }
+        let (rows_q, rows_k, max_q, max_k, seqlen_q, seqlen_k) = match a.layout {
+            BwdLayout::Padded { seqlen_q, seqlen_k } => (
+                seqlen_q * a.batch,
+                seqlen_k * a.batch,
+                seqlen_q,
+                seqlen_k,
+                seqlen_q,
+                seqlen_k,
+            ),
+            BwdLayout::Packed {
+                cu_seqlens_q,
+                cu_seqlens_k,
+                max_seqlen_q,
+                max_seqlen_k,
+                total_q,
+                total_k,
+            } => {
+                check_len("cu_seqlens_q", cu_seqlens_q, a.batch + 1)?;
+                check_len("cu_seqlens_k", cu_seqlens_k, a.batch + 1)?;
+                (
+                    total_q,
+                    total_k,
+                    max_seqlen_q,
+                    max_seqlen_k,
+                    max_seqlen_q,
+                    max_seqlen_k,
+                )
+            }
+        };
+        if rows_q > i32::MAX as usize || rows_k > i32::MAX as usize {
+            return Err(invalid(
+                "rows",
+                "at most i32::MAX query and key rows",
+                rows_q.max(rows_k),
+            ));
+        }
+        check_len("q", a.q, rows_q * a.num_heads * hd)?;
+        check_len("out", a.out, rows_q * a.num_heads * hd)?;
+        check_len("dout", a.dout, rows_q * a.num_heads * hd)?;
+        check_len("dq", a.dq, rows_q * a.num_heads * hd)?;
+        check_len("lse", a.lse, rows_q * a.num_heads)?;
+        check_len("k", a.k, rows_k * a.num_groups * hd)?;
+        check_len("v", a.v, rows_k * a.num_groups * hd)?;
+        check_len("dk", a.dk, rows_k * a.num_groups * hd)?;
+        check_len("dv", a.dv, rows_k * a.num_groups * hd)?;
+        match (a.sinks, a.dsinks.as_deref()) {
+            (Some(s), Some(ds)) => {
+                check_len("sinks", s, a.num_heads)?;
+                check_len("dsinks", ds, a.num_heads)?;
+            }
+            (None, Some(_)) => {
+                return Err(invalid(
+                    "sinks",
+                    "the learnable sink logits (dsinks was given)",
+                    "none",
+                ))
+            }
+            _ => {}
+        }
+        // Every buffer on the stream's device.
+        let dev = stream.context().ordinal();
+        let mut ordinals = vec![
+            ("q", a.q.ordinal()),
+            ("k", a.k.ordinal()),
+            ("v", a.v.ordinal()),
+            ("out", a.out.ordinal()),
+            ("lse", a.lse.ordinal()),
+            ("dout", a.dout.ordinal()),
+            ("dq", a.dq.ordinal()),
+            ("dk", a.dk.ordinal()),
+            ("dv", a.dv.ordinal()),
+        ];
+        if let Some(s) = a.sinks {
+            ordinals.push(("sinks", s.ordinal()));
+        }
+        if let Some(s) = a.dsinks.as_deref() {
+            ordinals.push(("dsinks", s.ordinal()));
+        }
+        if let BwdLayout::Packed {
+            cu_seqlens_q,
+            cu_seqlens_k,
+            ..
+        } = a.layout
+        {
+            ordinals.push(("cu_seqlens_q", cu_seqlens_q.ordinal()));
+            ordinals.push(("cu_seqlens_k", cu_seqlens_k.ordinal()));
+        }
+        if let Some((arg, o)) = ordinals.into_iter().find(|&(_, o)| o != dev) {
+            return Err(invalid(
+                arg,
+                format!("a buffer on CUDA device {dev} (the stream's)"),
+                format!("a buffer on CUDA device {o}"),
+            ));
+        }
+
+        let n_dpsum = (rows_q * a.num_heads).max(1);
+        let dpsum = stream
+            .alloc_zeros::<f32>(n_dpsum)
+            .map_err(|e| AttnError::DeviceAlloc {
+                arg: "backward D scratch".into(),
+                bytes: n_dpsum * 4,
+                msg: e.to_string(),
+            })?;
+
+        // Raw device pointers (0 = null); the guards keep cudarc's stream ordering.
+        let (q_ptr, _g1) = a.q.device_ptr(stream);
+        let (k_ptr, _g2) = a.k.device_ptr(stream);
+        let (v_ptr, _g3) = a.v.device_ptr(stream);
+        let (out_ptr, _g4) = a.out.device_ptr(stream);
+        let (lse_ptr, _g5) = a.lse.device_ptr(stream);
+        let (dout_ptr, _g6) = a.dout.device_ptr(stream);
+        let (dpsum_ptr, _g7) = dpsum.device_ptr(stream);
+        let (dq_ptr, _g8) = a.dq.device_ptr_mut(stream);
+        let (dk_ptr, _g9) = a.dk.device_ptr_mut(stream);
+        let (dv_ptr, _g10) = a.dv.device_ptr_mut(stream);
+        let (cuq, _g11, cuk, _g12) = match a.layout {
+            BwdLayout::Packed {
+                cu_seqlens_q,
+                cu_seqlens_k,
+                ..
+            } => {
+                let (p, g) = cu_seqlens_q.device_ptr(stream);
+                let (p2, g2) = cu_seqlens_k.device_ptr(stream);
+                (p, Some(g), p2, Some(g2))
+            }
+            BwdLayout::Padded { .. } => (0, None, 0, None),
+        };
+        let (sinks_ptr, _g13) = match a.sinks {
+            Some(s) => {
+                let (p, g) = s.device_ptr(stream);
+                (p, Some(g))
+            }
+            None => (0, None),
+        };
+        let (dsinks_ptr, _g14) = match a.dsinks {
+            Some(s) => {
+                let (p, g) = s.device_ptr_mut(stream);
+                (p, Some(g))
+            }
+            None => (0, None),
+        };
+        let (wl, wr) = if cfg.has_window { a.window } else { (-1, -1) };
+        let params = BwdParams {
+            q: q_ptr,
+            k: k_ptr,
+            v: v_ptr,
+            out: out_ptr,
+            dout: dout_ptr,
+            lse: lse_ptr,
+            dpsum: dpsum_ptr,
+            dq: dq_ptr,
+            dk: dk_ptr,
+            dv: dv_ptr,
+            cu_seqlens_q: cuq,
+            cu_seqlens_k: cuk,
+            sinks: sinks_ptr,
+            dsinks: dsinks_ptr,
+            batch: a.batch as i32,
+            num_heads: a.num_heads as i32,
+            num_groups: a.num_groups as i32,
+            seqlen_q: seqlen_q as i32,
+            seqlen_k: seqlen_k as i32,
+            softmax_scale: a.softmax_scale,
+            window_left: wl,
+            window_right: wr,
+            total_q: rows_q as i32,
+            total_k: rows_k as i32,
+        };
+        let launch = |f: &CudaFunction, key: String, lc: LaunchConfig| -> Result<()> {
+            // SAFETY: BwdParams is the parameter layout of every backward entry
+            // (tests/nvrtc_params_layout.rs, tests/nvrtc_backward.rs); every buffer was checked
+            // above to hold the rows the kernels index for these dims (packed: the caller's
+            // cu_seqlens must be consistent with total_q / total_k, as for the forward).
+            unsafe { crate::cuda::params::launch(stream, f, lc, &params) }.map_err(|e| {
+                AttnError::KernelLaunch {
+                    key,
+                    msg: e.to_string(),
+                }
+            })
+        };
+        if rows_q > 0 {
+            launch(
+                &self.preprocess,
+                self.keys[0].clone(),
+                LaunchConfig {
+                    grid_dim: (rows_q.div_ceil(PRE_ROWS) as u32, a.num_heads as u32, 1),
+                    block_dim: ((PRE_ROWS * 32) as u32, 1, 1),
+                    shared_mem_bytes: 0,
+                },
+            )?;
+            if sinks_ptr != 0 && dsinks_ptr != 0 {
+                launch(
+                    &self.dsink,
+                    format!("{}_dsink", self.keys[0]),
+                    LaunchConfig {
+                        grid_dim: (a.num_heads as u32, 1, 1),
+                        block_dim: (DSINK_THREADS as u32, 1, 1),
+                        shared_mem_bytes: 0,
+                    },
+                )?;
+            }
+        }
+        if max_k > 0 {
+            let t = cfg.fast_tile();
+            launch(
+                &self.dkdv,
+                self.keys[1].clone(),
+                LaunchConfig {
+                    grid_dim: (
+                        max_k.div_ceil(t.block_n) as u32,
+                        a.num_groups as u32,
+                        a.batch as u32,
+                    ),
+                    block_dim: ((t.warps * 32) as u32, 1, 1),
+                    shared_mem_bytes: cfg.backward_smem_bytes() as u32,
+                },
+            )?;
+        }
+        if max_q > 0 {
+            let c = &self.configs[2];
+            let t = c.fast_tile();
+            launch(
+                &self.dq,
+                self.keys[2].clone(),
+                LaunchConfig {
+                    grid_dim: (
+                        max_q.div_ceil(t.block_m) as u32,
+                        a.num_heads as u32,
+                        a.batch as u32,
+                    ),
+                    block_dim: ((t.warps * 32) as u32, 1, 1),
+                    shared_mem_bytes: c.backward_smem_bytes() as u32,
+                },
+            )?;
+        }
+        Ok(())
+    }
+}

@@ -1,0 +1,638 @@
+//! The attention backward kernels (`cuda::backward`: preprocess, dK/dV, dQ) against the CPU
+//! reference (`reference::attend_sequence_backward`), on a GPU. Every test is
+//! `#[ignore = "requires a CUDA GPU"]` (always compiled); run with `scripts/gpu-bundle.sh`
+//! then `gpu-bundle/run.sh` there.
+//!
+//! Each case draws fresh random q, k, v, dO (seed printed), runs the tensor-core forward
+//! (`cuda::fwd_fast`) for O and LSE, then the backward with dq, dk, dv (and dsinks)
+//! poisoned with NaN, twice: the two runs must be bitwise equal (the backward's one mode is
+//! deterministic). The reference gets the same rounded inputs and the GPU's O and LSE.
+//! Checks: no NaN / Inf anywhere; relative Frobenius error of dq, dk, dv (and dsinks) at
+//! most `TOL` = 2e-2: P and dS enter the tensor cores rounded to bf16 (8 significant bits,
+//! relative rounding 2^-9), and the gradients are written in bf16, so per-element errors
+//! of a few 1e-3 are expected; sums of signed dS terms cancel, which raises the relative
+//! error of dK and dQ above the forward's (1e-2), and 2e-2 leaves room for that while
+//! still catching any indexing or masking error (those give O(1) errors). Query rows that
+//! see no key (LSE -inf) must have exactly zero dq, and keys that no query sees exactly
+//! zero dk and dv.
+
+use std::sync::Arc;
+
+use attention_codegen::render::{KernelConfig, Phase};
+use attention_codegen::{DType, MaskType, Sinks, Window};
+use attention_runtime::cuda::backward::{AttentionBackward, BwdArgs, BwdLayout};
+use attention_runtime::cuda::fwd_fast::{FastArgs, FastForward, FastLayout};
+use attention_runtime::cuda::DeviceElem;
+use attention_runtime::modules::SplitMix64;
+use attention_runtime::reference::attend_sequence_backward;
+use attention_runtime::reference::attention::{AttendParams, SeqDims, SinkLogits};
+use attention_runtime::AttnError;
+use cudarc::driver::{CudaContext, CudaSlice, CudaStream};
+use half::{bf16, f16};
+
+const TOL: f64 = 2e-2;
+
+fn fresh_seed() -> u64 {
+    let t = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_nanos() as u64;
+    t ^ ((std::process::id() as u64) << 32)
+}
+
+fn gpu() -> (Arc<CudaContext>, Arc<CudaStream>) {
+    let ctx = CudaContext::new(0).expect("a CUDA GPU is required");
+    let stream = ctx.default_stream();
+    (ctx, stream)
+}
+
+#[derive(Clone, Debug)]
+struct Case {
+    dtype: DType,
+    hd: usize,
+    mask: MaskType,
+    window: Option<(i32, i32)>,
+    sinks: Option<Sinks>,
+    heads: usize,
+    groups: usize,
+    /// (sq, sk) per sequence; padded when all equal and `packed` is false.
+    seqs: Vec<(usize, usize)>,
+    packed: bool,
+}
+
+impl Case {
+    fn new(hd: usize, mask: MaskType, sq: usize, sk: usize, batch: usize) -> Case {
+        Case {
+            dtype: DType::Bf16,
+            hd,
+            mask,
+            window: None,
+            sinks: None,
+            heads: 4,
+            groups: 2,
+            seqs: vec![(sq, sk); batch],
+            packed: false,
+        }
+    }
+}
+
+/// Elements round-tripped through the kernel's dtype.
+trait Elem: DeviceElem + Default + Unpin {
+    fn nan() -> Self;
+}
+impl Elem for bf16 {
+    fn nan() -> Self {
+        bf16::NAN
+    }
+}
+impl Elem for f16 {
+    fn nan() -> Self {
+        f16::NAN
+    }
+}
+
+fn rel_frob(a: &[f32], b: &[f32]) -> f64 {
+    let mut num = 0f64;
+    let mut den = 0f64;
+    for (x, y) in a.iter().zip(b) {
+        num += (*x as f64 - *y as f64).powi(2);
+        den += (*y as f64).powi(2);
+    }
+    if den == 0.0 {
+        num.sqrt()
+    } else {
+        (num / den).sqrt()
+    }
+}
+
+fn bits_equal(a: &[f32], b: &[f32]) -> bool {
+    a.len() == b.len() && a.iter().zip(b).all(|(x, y)| x.to_bits() == y.to_bits())
+}
+
+struct Grads {
+    dq: Vec<f32>,
+    dk: Vec<f32>,
+    dv: Vec<f32>,
+    dsinks: Vec<f32>,
+}
+
+fn run<T: Elem>(case: &Case, seed: u64) {
+    let (ctx, stream) = gpu();
+    let mut rng = SplitMix64::new(seed);
+    let (np, ng, hd) = (case.heads, case.groups, case.hd);
+    let batch = case.seqs.len();
+    let total_q: usize = case.seqs.iter().map(|s| s.0).sum();
+    let total_k: usize = case.seqs.iter().map(|s| s.1).sum();
+    let max_q = case.seqs.iter().map(|s| s.0).max().unwrap();
+    let max_k = case.seqs.iter().map(|s| s.1).max().unwrap();
+    if !case.packed {
+        assert!(case.seqs.iter().all(|s| *s == case.seqs[0]));
+    }
+    let mut gen = |n: usize, amp: f32| -> Vec<T> {
+        (0..n).map(|_| T::from_f32(rng.uniform() * amp)).collect()
+    };
+    let q_h = gen(total_q * np * hd, 1.7);
+    let k_h = gen(total_k * ng * hd, 1.7);
+    let v_h = gen(total_k * ng * hd, 1.7);
+    let do_h = gen(total_q * np * hd, 1.0);
+    let sink_h: Vec<f32> = (0..np).map(|h| 0.5 * h as f32 - 0.7).collect();
+
+    let q = stream.clone_htod(&q_h).unwrap();
+    let k = stream.clone_htod(&k_h).unwrap();
+    let v = stream.clone_htod(&v_h).unwrap();
+    let dout = stream.clone_htod(&do_h).unwrap();
+    let sinks = stream.clone_htod(&sink_h).unwrap();
+    let mut cu_q = vec![0i32];
+    let mut cu_k = vec![0i32];
+    for (a, b) in &case.seqs {
+        cu_q.push(cu_q.last().unwrap() + *a as i32);
+        cu_k.push(cu_k.last().unwrap() + *b as i32);
+    }
+    let cu_q_d = stream.clone_htod(&cu_q).unwrap();
+    let cu_k_d = stream.clone_htod(&cu_k).unwrap();
+    let scale = 1.0 / (hd as f32).sqrt();
+    let window = case.window.unwrap_or((-1, -1));
+    let learnable = case.sinks == Some(Sinks::Learnable);
+
+    // Forward: O and LSE.
+    let mut fwd = KernelConfig::new(Phase::ForwardFast, case.dtype, hd);
+    fwd.mask = Some(case.mask);
+    fwd.has_window = case.window.is_some();
+    fwd.sinks = case.sinks;
+    let fwd = FastForward::compile(&ctx, &fwd).expect("forward compiles");
+    let mut out: CudaSlice<T> = stream.alloc_zeros(total_q * np * hd).unwrap();
+    let mut lse: CudaSlice<f32> = stream.alloc_zeros(total_q * np).unwrap();
+    let fwd_layout = if case.packed {
+        FastLayout::Packed {
+            cu_seqlens_q: &cu_q_d,
+            cu_seqlens_k: &cu_k_d,
+            max_seqlen_q: max_q,
+            total_q,
+            total_k,
+        }
+    } else {
+        FastLayout::Padded {
+            seqlen_q: max_q,
+            seqlen_k: max_k,
+        }
+    };
+    fwd.launch(
+        &stream,
+        FastArgs {
+            q: &q,
+            k: &k,
+            v: &v,
+            out: &mut out,
+            lse: &mut lse,
+            batch,
+            num_heads: np,
+            num_groups: ng,
+            layout: fwd_layout,
+            softmax_scale: scale,
+            window,
+            sinks: learnable.then_some(&sinks),
+            gate: None,
+            max_logit: None,
+        },
+    )
+    .expect("forward launch");
+
+    let bwd = AttentionBackward::new(&ctx, case.dtype, hd, case.mask, case.window.is_some())
+        .expect("backward compiles");
+    let layout = if case.packed {
+        BwdLayout::Packed {
+            cu_seqlens_q: &cu_q_d,
+            cu_seqlens_k: &cu_k_d,
+            max_seqlen_q: max_q,
+            max_seqlen_k: max_k,
+            total_q,
+            total_k,
+        }
+    } else {
+        BwdLayout::Padded {
+            seqlen_q: max_q,
+            seqlen_k: max_k,
+        }
+    };
+    let tof = |x: Vec<T>| -> Vec<f32> { x.into_iter().map(|e| e.to_f32()).collect() };
+    let launch = || -> Grads {
+        let mut dq = stream
+            .clone_htod(&vec![T::nan(); total_q * np * hd])
+            .unwrap();
+        let mut dk = stream
+            .clone_htod(&vec![T::nan(); total_k * ng * hd])
+            .unwrap();
+        let mut dv = stream
+            .clone_htod(&vec![T::nan(); total_k * ng * hd])
+            .unwrap();
+        let mut ds = stream.clone_htod(&vec![f32::NAN; np]).unwrap();
+        bwd.launch(
+            &stream,
+            BwdArgs {
+                q: &q,
+                k: &k,
+                v: &v,
+                out: &out,
+                lse: &lse,
+                dout: &dout,
+                dq: &mut dq,
+                dk: &mut dk,
+                dv: &mut dv,
+                batch,
+                num_heads: np,
+                num_groups: ng,
+                layout,
+                softmax_scale: scale,
+                window,
+                sinks: learnable.then_some(&sinks),
+                dsinks: if learnable { Some(&mut ds) } else { None },
+            },
+        )
+        .expect("backward launch");
+        stream.synchronize().expect("backward run");
+        Grads {
+            dq: tof(stream.clone_dtoh(&dq).unwrap()),
+            dk: tof(stream.clone_dtoh(&dk).unwrap()),
+            dv: tof(stream.clone_dtoh(&dv).unwrap()),
+            dsinks: stream.clone_dtoh(&ds).unwrap(),
+        }
+    };
+    let g1 = launch();
+    let g2 = launch();
+    assert!(
+        bits_equal(&g1.dq, &g2.dq)
+            && bits_equal(&g1.dk, &g2.dk)
+            && bits_equal(&g1.dv, &g2.dv)
+            && (!learnable || bits_equal(&g1.dsinks, &g2.dsinks)),
+        "{case:?} seed {seed}: two backward runs differ (not deterministic)"
+    );
+
+    // Reference per sequence, from the same rounded inputs and the GPU's O and LSE.
+    let (qf, kf, vf, dof) = (
+        tof(q_h.clone()),
+        tof(k_h.clone()),
+        tof(v_h.clone()),
+        tof(do_h.clone()),
+    );
+    let of = tof(stream.clone_dtoh(&out).unwrap());
+    let lsef = stream.clone_dtoh(&lse).unwrap();
+    let mut ref_dq = vec![0f32; total_q * np * hd];
+    let mut ref_dk = vec![0f32; total_k * ng * hd];
+    let mut ref_dv = vec![0f32; total_k * ng * hd];
+    let mut ref_ds = vec![0f32; np];
+    let (rq, rk) = (np * hd, ng * hd);
+    // Rows (token, head) whose LSE is -inf: their dq must be exactly 0.
+    let mut empty_rows = Vec::new();
+    for (b, &(sq, sk)) in case.seqs.iter().enumerate() {
+        let qtok = |i: usize| {
+            if case.packed {
+                cu_q[b] as usize + i
+            } else {
+                i * batch + b
+            }
+        };
+        let ktok = |j: usize| {
+            if case.packed {
+                cu_k[b] as usize + j
+            } else {
+                j * batch + b
+            }
+        };
+        let gather = |src: &[f32], n: usize, w: usize, tok: &dyn Fn(usize) -> usize| {
+            let mut v = Vec::with_capacity(n * w);
+            for i in 0..n {
+                v.extend_from_slice(&src[tok(i) * w..(tok(i) + 1) * w]);
+            }
+            v
+        };
+        let qs = gather(&qf, sq, rq, &qtok);
+        let os = gather(&of, sq, rq, &qtok);
+        let dos = gather(&dof, sq, rq, &qtok);
+        let ks = gather(&kf, sk, rk, &ktok);
+        let vs = gather(&vf, sk, rk, &ktok);
+        let mut ls = vec![0f32; np * sq];
+        for h in 0..np {
+            for i in 0..sq {
+                ls[h * sq + i] = lsef[h * total_q + qtok(i)];
+                if ls[h * sq + i] == f32::NEG_INFINITY {
+                    empty_rows.push((qtok(i), h));
+                }
+            }
+        }
+        let mut p = AttendParams::new(scale, case.mask);
+        p.window = case.window.map(|(l, r)| Window {
+            left: l as i64,
+            right: r as i64,
+        });
+        p.sinks = match case.sinks {
+            None => None,
+            Some(Sinks::OffByOne) => Some(SinkLogits::OffByOne),
+            Some(Sinks::Learnable) => Some(SinkLogits::PerHead(&sink_h)),
+        };
+        let g = attend_sequence_backward(
+            &qs,
+            &ks,
+            &vs,
+            &os,
+            &ls,
+            &dos,
+            SeqDims {
+                sq,
+                sk,
+                heads: np,
+                groups: ng,
+                head_dim: hd,
+            },
+            &p,
+            false,
+        )
+        .expect("reference backward");
+        for i in 0..sq {
+            ref_dq[qtok(i) * rq..(qtok(i) + 1) * rq].copy_from_slice(&g.dq[i * rq..(i + 1) * rq]);
+        }
+        for j in 0..sk {
+            ref_dk[ktok(j) * rk..(ktok(j) + 1) * rk].copy_from_slice(&g.dk[j * rk..(j + 1) * rk]);
+            ref_dv[ktok(j) * rk..(ktok(j) + 1) * rk].copy_from_slice(&g.dv[j * rk..(j + 1) * rk]);
+        }
+        if let Some(ds) = g.dsinks {
+            for (a, d) in ref_ds.iter_mut().zip(ds) {
+                *a += d;
+            }
+        }
+    }
+
+    let mut errs = Vec::new();
+    for (what, got, want) in [
+        ("dq", &g1.dq, &ref_dq),
+        ("dk", &g1.dk, &ref_dk),
+        ("dv", &g1.dv, &ref_dv),
+    ] {
+        if let Some(i) = got.iter().position(|x| !x.is_finite()) {
+            panic!(
+                "{case:?} seed {seed}: {what}[{i}] = {} (NaN/Inf or unwritten)",
+                got[i]
+            );
+        }
+        let err = rel_frob(got, want);
+        assert!(
+            err <= TOL,
+            "{case:?} seed {seed}: {what} rel. Frobenius error {err:.3e} > {TOL}"
+        );
+        errs.push(format!("{what} {err:.2e}"));
+    }
+    if learnable {
+        assert!(
+            g1.dsinks.iter().all(|x| x.is_finite()),
+            "{case:?} seed {seed}: dsinks {:?}",
+            g1.dsinks
+        );
+        let err = rel_frob(&g1.dsinks, &ref_ds);
+        assert!(
+            err <= TOL,
+            "{case:?} seed {seed}: dsinks {:?} vs reference {ref_ds:?} (rel. error {err:.3e})",
+            g1.dsinks
+        );
+        errs.push(format!("dsinks {err:.2e}"));
+    }
+    for &(tok, h) in &empty_rows {
+        let row = &g1.dq[(tok * np + h) * hd..(tok * np + h + 1) * hd];
+        assert!(
+            row.iter().all(|x| *x == 0.0),
+            "{case:?} seed {seed}: dq of row {tok} head {h} (LSE -inf) is not zero"
+        );
+    }
+    // Keys the reference gives exactly zero gradients (no query sees them) are zero here too.
+    for (what, got, want) in [("dk", &g1.dk, &ref_dk), ("dv", &g1.dv, &ref_dv)] {
+        for (r, (gr, wr)) in got.chunks(hd).zip(want.chunks(hd)).enumerate() {
+            if wr.iter().all(|x| *x == 0.0) {
+                assert!(
+                    gr.iter().all(|x| *x == 0.0),
+                    "{case:?} seed {seed}: {what} row {r} should be zero (no query sees it)"
+                );
+            }
+        }
+    }
+    eprintln!(
+        "ok {:?} hd{} {:?} win {:?} sinks {:?} heads {}/{} seqs {:?} packed {} ({} empty rows): {}",
+        case.dtype,
+        hd,
+        case.mask,
+        case.window,
+        case.sinks,
+        np,
+        ng,
+        &case.seqs[..case.seqs.len().min(4)],
+        case.packed,
+        empty_rows.len(),
+        errs.join(", ")
+    );
+}
+
+fn check(case: Case) {
+    let seed = fresh_seed();
+    eprintln!("seed {seed}");
+    match case.dtype {
+        DType::Bf16 => run::<bf16>(&case, seed),
+        DType::F16 => run::<f16>(&case, seed),
+    }
+}
+
+fn odd(rng: &mut SplitMix64, lo: usize, span: usize) -> usize {
+    lo + ((rng.uniform().abs() * span as f32) as usize % span.max(1))
+}
+
+/// Each mask type at head dims 64 and 128, odd lengths (not multiples of any tile), GQA 4/2.
+#[test]
+#[ignore = "requires a CUDA GPU"]
+fn backward_every_mask_hd64_hd128() {
+    let mut rng = SplitMix64::new(fresh_seed());
+    for hd in [64, 128] {
+        for mask in [
+            MaskType::NoMask,
+            MaskType::Causal,
+            MaskType::CausalBottomRight,
+        ] {
+            let s = odd(&mut rng, 131, 90);
+            check(Case::new(hd, mask, s, s, 2));
+        }
+    }
+}
+
+/// GQA 8/2, MQA 8/1 and MHA 4/4; f16 as well as bf16.
+#[test]
+#[ignore = "requires a CUDA GPU"]
+fn backward_gqa_and_f16() {
+    let mut c = Case::new(128, MaskType::Causal, 203, 203, 2);
+    c.heads = 8;
+    c.groups = 2;
+    check(c.clone());
+    c.groups = 1;
+    c.hd = 64;
+    check(c.clone());
+    let mut c = Case::new(64, MaskType::Causal, 157, 157, 2);
+    c.heads = 4;
+    c.groups = 4;
+    c.dtype = DType::F16;
+    check(c.clone());
+    c.hd = 128;
+    c.mask = MaskType::NoMask;
+    c.heads = 8;
+    c.groups = 2;
+    check(c);
+}
+
+/// sq != sk: bottom-right causal both ways (sq > sk: the first rows see no key, LSE -inf,
+/// zero dq), top-left causal with sk > sq (keys past sq: zero dk, dv).
+#[test]
+#[ignore = "requires a CUDA GPU"]
+fn backward_cross_lengths_and_empty_rows() {
+    let mut rng = SplitMix64::new(fresh_seed());
+    let a = odd(&mut rng, 33, 40);
+    let b = odd(&mut rng, 150, 90);
+    check(Case::new(64, MaskType::CausalBottomRight, a, b, 2));
+    check(Case::new(128, MaskType::CausalBottomRight, b, a, 2));
+    check(Case::new(64, MaskType::Causal, a, b, 2));
+    check(Case::new(128, MaskType::NoMask, a, b, 3));
+}
+
+/// Sliding windows: causal with a left window, bottom-right with both sides, no_mask with
+/// both sides (keys outside every row's window, rows whose window is empty).
+#[test]
+#[ignore = "requires a CUDA GPU"]
+fn backward_sliding_window() {
+    let mut c = Case::new(128, MaskType::Causal, 301, 301, 2);
+    c.window = Some((37, 0));
+    c.heads = 8;
+    c.groups = 2;
+    check(c);
+    let mut c = Case::new(64, MaskType::CausalBottomRight, 90, 250, 2);
+    c.window = Some((70, 0));
+    check(c);
+    let mut c = Case::new(64, MaskType::NoMask, 260, 260, 1);
+    c.window = Some((20, 45));
+    check(c);
+    // sq > sk with a window: rows before the diagonal see nothing.
+    let mut c = Case::new(128, MaskType::NoMask, 200, 77, 1);
+    c.window = Some((5, 3));
+    check(c);
+}
+
+/// Packed (cu_seqlens) ragged sequences, one of length 1, one with sq > sk (empty rows).
+#[test]
+#[ignore = "requires a CUDA GPU"]
+fn backward_packed_ragged() {
+    let mut c = Case::new(64, MaskType::Causal, 0, 0, 0);
+    c.packed = true;
+    c.seqs = vec![(1, 1), (70, 70), (129, 129), (33, 33)];
+    check(c.clone());
+    c.hd = 128;
+    c.mask = MaskType::CausalBottomRight;
+    c.seqs = vec![(40, 100), (7, 3), (65, 65), (130, 200)];
+    c.heads = 8;
+    c.groups = 2;
+    check(c.clone());
+    c.mask = MaskType::NoMask;
+    c.window = Some((16, 16));
+    c.dtype = DType::F16;
+    check(c);
+}
+
+/// Off-by-one and learnable sinks (their gradient `dsinks`), with causal masks.
+#[test]
+#[ignore = "requires a CUDA GPU"]
+fn backward_sinks() {
+    for sinks in [Sinks::OffByOne, Sinks::Learnable] {
+        let mut c = Case::new(64, MaskType::Causal, 150, 150, 2);
+        c.sinks = Some(sinks);
+        check(c.clone());
+        // Rows that see no key but the sink: zero dq, dsinks from the sink alone.
+        c.hd = 128;
+        c.mask = MaskType::CausalBottomRight;
+        c.seqs = vec![(120, 50); 2];
+        check(c);
+    }
+}
+
+/// The other supported head dims, 32 and 96.
+#[test]
+#[ignore = "requires a CUDA GPU"]
+fn backward_head_dims_32_96() {
+    for hd in [32, 96] {
+        check(Case::new(hd, MaskType::Causal, 173, 173, 2));
+        check(Case::new(hd, MaskType::NoMask, 66, 140, 1));
+    }
+}
+
+/// Typed errors: a mask tensor and a head dim over 128 at compile time; a dtype mismatch, a
+/// short buffer and dsinks without sinks at launch time.
+#[test]
+#[ignore = "requires a CUDA GPU"]
+fn backward_typed_errors() {
+    let (ctx, stream) = gpu();
+    for (hd, mask) in [(64, MaskType::Padding), (256, MaskType::Causal)] {
+        match AttentionBackward::new(&ctx, DType::Bf16, hd, mask, false) {
+            Err(AttnError::Render(msg)) => eprintln!("ok: {msg}"),
+            Err(e) => panic!("expected a render error, got {e}"),
+            Ok(_) => panic!("hd {hd} {mask:?}: expected an error"),
+        }
+    }
+    let bwd = AttentionBackward::new(&ctx, DType::Bf16, 64, MaskType::Causal, false).unwrap();
+    let r = small_launch::<f16>(&bwd, &stream, false, false);
+    assert!(matches!(r, Err(AttnError::DType { .. })), "{r:?}");
+    let r = small_launch::<bf16>(&bwd, &stream, true, false);
+    assert!(
+        matches!(&r, Err(AttnError::Shape { arg, .. }) if arg == "dv"),
+        "{r:?}"
+    );
+    let r = small_launch::<bf16>(&bwd, &stream, false, true);
+    assert!(
+        matches!(&r, Err(AttnError::InvalidArgument { arg, .. }) if arg == "sinks"),
+        "{r:?}"
+    );
+    small_launch::<bf16>(&bwd, &stream, false, false).expect("a well-formed call runs");
+    stream.synchronize().unwrap();
+}
+
+/// One padded launch of 16 rows, 2 heads at head dim 64 on zeros; `short_dv` passes a dv one
+/// element short, `dsinks_only` a dsinks buffer without sinks.
+fn small_launch<T: Elem>(
+    bwd: &AttentionBackward,
+    stream: &Arc<CudaStream>,
+    short_dv: bool,
+    dsinks_only: bool,
+) -> Result<(), AttnError> {
+    let n = 16 * 2 * 64;
+    let x: CudaSlice<T> = stream.alloc_zeros(n).unwrap();
+    let lse: CudaSlice<f32> = stream.alloc_zeros(32).unwrap();
+    let mut dq: CudaSlice<T> = stream.alloc_zeros(n).unwrap();
+    let mut dk: CudaSlice<T> = stream.alloc_zeros(n).unwrap();
+    let mut dv: CudaSlice<T> = stream
+        .alloc_zeros(if short_dv { n - 1 } else { n })
+        .unwrap();
+    let mut ds: CudaSlice<f32> = stream.alloc_zeros(2).unwrap();
+    bwd.launch(
+        stream,
+        BwdArgs {
+            q: &x,
+            k: &x,
+            v: &x,
+            out: &x,
+            lse: &lse,
+            dout: &x,
+            dq: &mut dq,
+            dk: &mut dk,
+            dv: &mut dv,
+            batch: 1,
+            num_heads: 2,
+            num_groups: 2,
+            layout: BwdLayout::Padded {
+                seqlen_q: 16,
+                seqlen_k: 16,
+            },
+            softmax_scale: 0.125,
+            window: (-1, -1),
+            sinks: None,
+            dsinks: if dsinks_only { Some(&mut ds) } else { None },
+        },
+    )
+}

@@ -1,0 +1,503 @@
+// Kernel `{{ key }}`: attention backward, FlashAttention-2 style, rendered from
+// templates/backward_sm80.cu. Part `{{ bwd_part }}`, dtype {{ dtype }}, head dim {{ head_dim }},
+// mask {{ mask }}, window {{ has_window }}.
+// Tile: BLOCK_M {{ block_m }} queries x BLOCK_N {{ block_n }} keys, {{ warps }} warps.
+//
+// Parameters: one `const BwdParams p` (partials/params_bwd.cu). Layouts as the forward
+// (templates/fwd_fast.cu): padded (cu_seqlens_q == nullptr) q, out, dout, dq
+// [seqlen_q, batch, num_heads, HEAD_DIM], k, v, dk, dv [seqlen_k, batch, num_groups, HEAD_DIM];
+// packed q... [total_q, num_heads, HEAD_DIM], k... [total_k, num_groups, HEAD_DIM] with
+// cu_seqlens_q / cu_seqlens_k int32 [batch + 1]. lse (the forward's, natural log) and dpsum
+// (D = rowsum(dout * out), from the preprocess kernel) f32 [num_heads, total_q], row
+// i * batch + b (padded) or the token index (packed). GQA by indexing: head h reads group
+// h / (num_heads / num_groups).
+//
+// Math (per head, logits s = q.k, softmax_scale folded into base-2 exponents):
+//   P = exp2(s * scale * log2e - lse * log2e)   (the forward's LSE, never recomputed; sinks,
+//       when the forward had them, are inside the LSE and need nothing here)
+//   dV = P^T dO, dP = dO V^T, dS = P o (dP - D), dK = scale * dS^T Q, dQ = scale * dS K.
+// Masked positions and query rows whose LSE is -inf (rows that see no key) get P = 0 (the
+// exponent is -inf), so they contribute exactly zero; rows / keys past the sequence are
+// zero-filled in shared memory and carry LSE +inf, D 0.
+//
+// {{ bwd_part }} == "dkdv": grid (ceil(max_seqlen_k / BLOCK_N), num_groups, batch), block
+//   WARPS * 32, each warp owns 16 keys of the block's KV tile and accumulates their dK, dV
+//   in registers over every query head of the group (GQA) and every query tile that sees
+//   the KV tile (S^T = K Q^T, so the warp's fragments are its keys' rows and no warp needs
+//   another's P or dS). Dynamic shared memory (2 * BLOCK_N + 4 * BLOCK_M) * (HEAD_DIM + 8) * 2
+//   + 16 * BLOCK_M bytes: K, V, and two buffers of the Q, dO tiles and their LSE, D.
+// {{ bwd_part }} == "dq": grid (ceil(max_seqlen_q / BLOCK_M), num_heads, batch), each warp
+//   owns 16 query rows; dynamic shared memory (2 * BLOCK_M + 4 * BLOCK_N) * (HEAD_DIM + 8) * 2
+//   bytes: Q, dO and two buffers of the K, V tiles.
+// No atomics and a fixed loop order in both: the gradients are bitwise reproducible.
+
+{% include "partials/types.cu" %}
+{% include "partials/mask.cu" %}
+{% include "partials/params_bwd.cu" %}
+{% include "partials/mma_sm80.cu" %}
+
+constexpr int BLOCK_M = {{ block_m }};
+constexpr int BLOCK_N = {{ block_n }};
+constexpr int WARPS = {{ warps }};
+constexpr int THREADS = WARPS * WARP_SIZE;
+constexpr int SROW = HEAD_DIM + 8;  // shared-memory row stride (elements), 16 B pad
+constexpr int KD = HEAD_DIM / 16;   // k16 steps over the head dim
+constexpr int DN = HEAD_DIM / 8;    // n8 tiles over the head dim
+constexpr float BWD_LOG2E = 1.4426950408889634f;
+static_assert(HEAD_DIM % 16 == 0 && DN % 2 == 0, "head dim must be a multiple of 16");
+static_assert(BLOCK_M % 16 == 0 && BLOCK_N % 16 == 0, "tiles are multiples of 16");
+static_assert(LANE_D * WARP_SIZE == HEAD_DIM, "types.cu's per-lane split (unused here) must hold");
+
+__device__ __forceinline__ float pos_inf() { return __int_as_float(0x7f800000); }
+
+/// The forward's natural-log LSE in log2 units; -inf (a row that sees no key) becomes +inf,
+/// so every exponent of that row is -inf and its P is exactly 0.
+__device__ __forceinline__ float lse_log2(float lse) {
+    return lse == neg_inf() ? pos_inf() : lse * BWD_LOG2E;
+}
+
+{%- if bwd_part == "dkdv" %}
+constexpr int NM = BLOCK_M / 8;      // n8 tiles of S^T (query columns)
+constexpr int Q_ELEMS = BLOCK_M * SROW;
+static_assert(BLOCK_N == 16 * WARPS, "dkdv: each warp owns 16 keys");
+
+extern "C" __global__ void __launch_bounds__(THREADS) {{ key }}(const BwdParams p) {
+    extern __shared__ uint4 smem_raw[];
+    elem_t* sK = reinterpret_cast<elem_t*>(smem_raw);
+    elem_t* sV = sK + BLOCK_N * SROW;
+    elem_t* sQ = sV + BLOCK_N * SROW;      // 2 buffers
+    elem_t* sdO = sQ + 2 * Q_ELEMS;        // 2 buffers
+    float* sL = reinterpret_cast<float*>(sdO + 2 * Q_ELEMS);  // 2 x BLOCK_M, log2 units
+    float* sD = sL + 2 * BLOCK_M;                             // 2 x BLOCK_M
+
+    const int tid = threadIdx.x;
+    const int lane = tid % WARP_SIZE;
+    const int warp = tid / WARP_SIZE;
+    const int gq = lane / 4;
+    const int tq = lane % 4;
+    const int grp = blockIdx.y;
+    const int b = blockIdx.z;
+    const int num_heads = p.num_heads;
+    const int num_groups = p.num_groups;
+    const int hpg = num_heads / num_groups;
+    const int window_left = p.window_left;
+    const int window_right = p.window_right;
+
+    int sq, sk;
+    long long q_tok0, k_tok0, q_step, k_step;
+    if (p.cu_seqlens_q != nullptr) {
+        const int q0 = p.cu_seqlens_q[b];
+        const int k0 = p.cu_seqlens_k[b];
+        sq = p.cu_seqlens_q[b + 1] - q0;
+        sk = p.cu_seqlens_k[b + 1] - k0;
+        q_tok0 = q0;
+        k_tok0 = k0;
+        q_step = 1;
+        k_step = 1;
+    } else {
+        sq = p.seqlen_q;
+        sk = p.seqlen_k;
+        q_tok0 = b;
+        k_tok0 = b;
+        q_step = p.batch;
+        k_step = p.batch;
+    }
+    const long long total_q = p.total_q;
+    const int n0 = blockIdx.x * BLOCK_N;
+    if (n0 >= sk) return;
+    const int n_valid = min(BLOCK_N, sk - n0);
+    const int n1 = n0 + n_valid;
+
+    // Query rows that can see a key of [n0, n1): lo(i) and hi(i) are non-decreasing in i,
+    // so they are [i_begin, i_end), i_begin the first row with hi(i) > n0 and i_end the first
+    // with lo(i) >= n1 (rows inside that see nothing have LSE -inf or are masked per element).
+    int i_begin, i_end;
+    {
+        int a = 0, z = sq;
+        while (a < z) {
+            const int mid = (a + z) / 2;
+            int lo, hi;
+            visible_range(mid, sq, sk, window_left, window_right, &lo, &hi);
+            if (hi > n0) z = mid; else a = mid + 1;
+        }
+        i_begin = a;
+        z = sq;
+        while (a < z) {
+            const int mid = (a + z) / 2;
+            int lo, hi;
+            visible_range(mid, sq, sk, window_left, window_right, &lo, &hi);
+            if (lo >= n1) z = mid; else a = mid + 1;
+        }
+        i_end = a;
+    }
+    const int mt_begin = i_begin / BLOCK_M;
+    const int nm_tiles = i_end > i_begin ? (i_end + BLOCK_M - 1) / BLOCK_M - mt_begin : 0;
+    const int nsteps = nm_tiles * hpg;
+
+    const long long q_row_stride = q_step * num_heads * HEAD_DIM;
+    const long long kv_row_stride = k_step * num_groups * HEAD_DIM;
+    const long long kv_base = ((k_tok0 + (long long)n0 * k_step) * num_groups + grp) * HEAD_DIM;
+
+    // Step t: query head grp * hpg + t / nm_tiles, query tile mt_begin + t % nm_tiles.
+    auto load_step = [&](int t) {
+        const int buf = t & 1;
+        const int h = grp * hpg + t / nm_tiles;
+        const int m0 = (mt_begin + t % nm_tiles) * BLOCK_M;
+        const int m_valid = min(BLOCK_M, sq - m0);
+        const long long q_base = ((q_tok0 + (long long)m0 * q_step) * num_heads + h) * HEAD_DIM;
+        load_rows<BLOCK_M, THREADS, SROW>(sQ + buf * Q_ELEMS, p.q + q_base, q_row_stride, m_valid, tid);
+        load_rows<BLOCK_M, THREADS, SROW>(sdO + buf * Q_ELEMS, p.dout + q_base, q_row_stride, m_valid, tid);
+        for (int r = tid; r < BLOCK_M; r += THREADS) {
+            float l2 = pos_inf(), d = 0.0f;
+            if (r < m_valid) {
+                const long long row = (long long)h * total_q + q_tok0 + (long long)(m0 + r) * q_step;
+                l2 = lse_log2(p.lse[row]);
+                d = p.dpsum[row];
+            }
+            sL[buf * BLOCK_M + r] = l2;
+            sD[buf * BLOCK_M + r] = d;
+        }
+    };
+
+    load_rows<BLOCK_N, THREADS, SROW>(sK, p.k + kv_base, kv_row_stride, n_valid, tid);
+    load_rows<BLOCK_N, THREADS, SROW>(sV, p.v + kv_base, kv_row_stride, n_valid, tid);
+    if (nsteps > 0) load_step(0);
+    cp_async_commit();
+
+    const float sl2 = p.softmax_scale * BWD_LOG2E;
+    const unsigned sK_addr = smem_addr(sK);
+    const unsigned sV_addr = smem_addr(sV);
+    const unsigned sQ_addr = smem_addr(sQ);
+    const unsigned sdO_addr = smem_addr(sdO);
+    const int key_row0 = warp * 16;  // this warp's keys within the tile
+
+    float dk[DN][4], dv[DN][4];
+#pragma unroll
+    for (int dn = 0; dn < DN; ++dn) {
+#pragma unroll
+        for (int e = 0; e < 4; ++e) {
+            dk[dn][e] = 0.0f;
+            dv[dn][e] = 0.0f;
+        }
+    }
+
+    for (int t = 0; t < nsteps; ++t) {
+        // Step t's tiles landed, and every warp is done with step t - 1's buffer.
+        cp_async_wait<0>();
+        __syncthreads();
+        if (t + 1 < nsteps) load_step(t + 1);
+        cp_async_commit();
+
+        const int buf = t & 1;
+        const int m0 = (mt_begin + t % nm_tiles) * BLOCK_M;
+        const unsigned q_addr = sQ_addr + (unsigned)(buf * Q_ELEMS * 2);
+        const unsigned o_addr = sdO_addr + (unsigned)(buf * Q_ELEMS * 2);
+        const float* lrow = sL + buf * BLOCK_M;
+        const float* drow = sD + buf * BLOCK_M;
+
+        // S^T = K Q^T (this warp's 16 keys x BLOCK_M queries) and dP^T = V dO^T.
+        float s[NM][4], dp[NM][4];
+#pragma unroll
+        for (int ni = 0; ni < NM; ++ni) {
+#pragma unroll
+            for (int e = 0; e < 4; ++e) {
+                s[ni][e] = 0.0f;
+                dp[ni][e] = 0.0f;
+            }
+        }
+#pragma unroll
+        for (int kk = 0; kk < KD; ++kk) {
+            unsigned ka[4], va[4];
+            const unsigned a_off = (unsigned)(((key_row0 + lane % 16) * SROW + kk * 16 + (lane / 16) * 8) * 2);
+            ldmatrix_x4(ka, sK_addr + a_off);
+            ldmatrix_x4(va, sV_addr + a_off);
+#pragma unroll
+            for (int nj = 0; nj < NM / 2; ++nj) {
+                unsigned qb[4], ob[4];
+                const unsigned b_off =
+                    (unsigned)(((nj * 16 + lane % 8 + (lane / 16) * 8) * SROW + kk * 16 + ((lane / 8) % 2) * 8) * 2);
+                ldmatrix_x4(qb, q_addr + b_off);
+                ldmatrix_x4(ob, o_addr + b_off);
+                mma16816(s[2 * nj], ka, qb[0], qb[1]);
+                mma16816(s[2 * nj + 1], ka, qb[2], qb[3]);
+                mma16816(dp[2 * nj], va, ob[0], ob[1]);
+                mma16816(dp[2 * nj + 1], va, ob[2], ob[3]);
+            }
+        }
+
+        // P^T and dS^T = P^T o (dP^T - D). Fragment element (ni, 2 * hh + e): key
+        // n0 + key_row0 + gq + 8 * hh, query m0 + ni * 8 + 2 * tq + e.
+        int lo_last, hi_last, lo_first, hi_first;
+        visible_range(min(m0 + BLOCK_M, sq) - 1, sq, sk, window_left, window_right, &lo_last, &hi_last);
+        visible_range(m0, sq, sk, window_left, window_right, &lo_first, &hi_first);
+        const bool full = m0 + BLOCK_M <= sq && n0 + BLOCK_N <= sk && lo_last <= n0 && hi_first >= n0 + BLOCK_N;
+#pragma unroll
+        for (int ni = 0; ni < NM; ++ni) {
+#pragma unroll
+            for (int e = 0; e < 2; ++e) {
+                const int c = ni * 8 + 2 * tq + e;
+                const float l2 = lrow[c];
+                const float dd = drow[c];
+                int lo = 0, hi = 0;
+                if (!full) visible_range(m0 + c, sq, sk, window_left, window_right, &lo, &hi);
+#pragma unroll
+                for (int hh = 0; hh < 2; ++hh) {
+                    float x = s[ni][2 * hh + e];
+                    if (!full) {
+                        const int j = n0 + key_row0 + gq + 8 * hh;
+                        if (j < lo || j >= hi) x = neg_inf();
+                    }
+                    const float pr = fast_exp2(fmaf(x, sl2, -l2));
+                    s[ni][2 * hh + e] = pr;
+                    // P == 0 selects 0: a masked key's dP (finite or not) never enters dS.
+                    dp[ni][2 * hh + e] = pr > 0.0f ? pr * (dp[ni][2 * hh + e] - dd) : 0.0f;
+                }
+            }
+        }
+
+        // dV += P^T dO and dK += dS^T Q (k = the tile's queries; dO, Q through ldmatrix.trans).
+#pragma unroll
+        for (int kq = 0; kq < BLOCK_M / 16; ++kq) {
+            unsigned pa[4], da[4];
+            pa[0] = pack2(s[2 * kq][0], s[2 * kq][1]);
+            pa[1] = pack2(s[2 * kq][2], s[2 * kq][3]);
+            pa[2] = pack2(s[2 * kq + 1][0], s[2 * kq + 1][1]);
+            pa[3] = pack2(s[2 * kq + 1][2], s[2 * kq + 1][3]);
+            da[0] = pack2(dp[2 * kq][0], dp[2 * kq][1]);
+            da[1] = pack2(dp[2 * kq][2], dp[2 * kq][3]);
+            da[2] = pack2(dp[2 * kq + 1][0], dp[2 * kq + 1][1]);
+            da[3] = pack2(dp[2 * kq + 1][2], dp[2 * kq + 1][3]);
+#pragma unroll
+            for (int dj = 0; dj < DN / 2; ++dj) {
+                unsigned ob[4], qb[4];
+                const unsigned off =
+                    (unsigned)(((kq * 16 + lane % 8 + ((lane / 8) % 2) * 8) * SROW + dj * 16 + (lane / 16) * 8) * 2);
+                ldmatrix_x4_trans(ob, o_addr + off);
+                ldmatrix_x4_trans(qb, q_addr + off);
+                mma16816(dv[2 * dj], pa, ob[0], ob[1]);
+                mma16816(dv[2 * dj + 1], pa, ob[2], ob[3]);
+                mma16816(dk[2 * dj], da, qb[0], qb[1]);
+                mma16816(dk[2 * dj + 1], da, qb[2], qb[3]);
+            }
+        }
+    }
+    cp_async_wait<0>();
+
+    // dK * scale, dV: rows n0 + key_row0 + gq + 8 * hh (zeros for keys no query sees).
+    const float scale = p.softmax_scale;
+#pragma unroll
+    for (int hh = 0; hh < 2; ++hh) {
+        const int j = n0 + key_row0 + gq + 8 * hh;
+        if (j < sk) {
+            const long long off = ((k_tok0 + (long long)j * k_step) * num_groups + grp) * HEAD_DIM + 2 * tq;
+#pragma unroll
+            for (int dn = 0; dn < DN; ++dn) {
+                *reinterpret_cast<unsigned*>(p.dk + off + dn * 8) =
+                    pack2(dk[dn][2 * hh] * scale, dk[dn][2 * hh + 1] * scale);
+                *reinterpret_cast<unsigned*>(p.dv + off + dn * 8) = pack2(dv[dn][2 * hh], dv[dn][2 * hh + 1]);
+            }
+        }
+    }
+}
+{%- else %}
+constexpr int NB = BLOCK_N / 8;      // n8 tiles of S (key columns)
+constexpr int KV_ELEMS = BLOCK_N * SROW;
+static_assert(BLOCK_M == 16 * WARPS, "dq: each warp owns 16 query rows");
+
+extern "C" __global__ void __launch_bounds__(THREADS) {{ key }}(const BwdParams p) {
+    extern __shared__ uint4 smem_raw[];
+    elem_t* sQ = reinterpret_cast<elem_t*>(smem_raw);
+    elem_t* sdO = sQ + BLOCK_M * SROW;
+    elem_t* sK = sdO + BLOCK_M * SROW;     // 2 buffers
+    elem_t* sV = sK + 2 * KV_ELEMS;        // 2 buffers
+
+    const int tid = threadIdx.x;
+    const int lane = tid % WARP_SIZE;
+    const int warp = tid / WARP_SIZE;
+    const int gq = lane / 4;
+    const int tq = lane % 4;
+    const int m_block = gridDim.x - 1 - blockIdx.x;  // heaviest (causal) blocks first
+    const int h = blockIdx.y;
+    const int b = blockIdx.z;
+    const int num_heads = p.num_heads;
+    const int num_groups = p.num_groups;
+    const int grp = h / (num_heads / num_groups);
+    const int window_left = p.window_left;
+    const int window_right = p.window_right;
+
+    int sq, sk;
+    long long q_tok0, k_tok0, q_step, k_step;
+    if (p.cu_seqlens_q != nullptr) {
+        const int q0 = p.cu_seqlens_q[b];
+        const int k0 = p.cu_seqlens_k[b];
+        sq = p.cu_seqlens_q[b + 1] - q0;
+        sk = p.cu_seqlens_k[b + 1] - k0;
+        q_tok0 = q0;
+        k_tok0 = k0;
+        q_step = 1;
+        k_step = 1;
+    } else {
+        sq = p.seqlen_q;
+        sk = p.seqlen_k;
+        q_tok0 = b;
+        k_tok0 = b;
+        q_step = p.batch;
+        k_step = p.batch;
+    }
+    const long long total_q = p.total_q;
+    const int m0 = m_block * BLOCK_M;
+    if (m0 >= sq) return;
+    const int m_valid = min(BLOCK_M, sq - m0);
+
+    const long long q_row_stride = q_step * num_heads * HEAD_DIM;
+    const long long kv_row_stride = k_step * num_groups * HEAD_DIM;
+    const long long q_base = ((q_tok0 + (long long)m0 * q_step) * num_heads + h) * HEAD_DIM;
+    const long long kv_base = (k_tok0 * num_groups + grp) * HEAD_DIM;
+
+    // Keys any row of the block can see, and the tiles every valid row sees fully.
+    int lo_first, hi_first, lo_last, hi_last;
+    visible_range(m0, sq, sk, window_left, window_right, &lo_first, &hi_first);
+    visible_range(m0 + m_valid - 1, sq, sk, window_left, window_right, &lo_last, &hi_last);
+    const int tile_lo = lo_first / BLOCK_N;
+    const int tile_hi = hi_last > lo_first ? (hi_last + BLOCK_N - 1) / BLOCK_N : tile_lo;
+    const int ntiles = tile_hi - tile_lo;
+
+    auto load_kv = [&](int t) {
+        const int buf = t & 1;
+        const int n0 = (tile_lo + t) * BLOCK_N;
+        const long long base = kv_base + (long long)n0 * kv_row_stride;
+        load_rows<BLOCK_N, THREADS, SROW>(sK + buf * KV_ELEMS, p.k + base, kv_row_stride, sk - n0, tid);
+        load_rows<BLOCK_N, THREADS, SROW>(sV + buf * KV_ELEMS, p.v + base, kv_row_stride, sk - n0, tid);
+    };
+    load_rows<BLOCK_M, THREADS, SROW>(sQ, p.q + q_base, q_row_stride, m_valid, tid);
+    load_rows<BLOCK_M, THREADS, SROW>(sdO, p.dout + q_base, q_row_stride, m_valid, tid);
+    if (ntiles > 0) load_kv(0);
+    cp_async_commit();
+
+    // This thread's rows r = warp * 16 + gq + 8 * hh: LSE (log2 units) and D.
+    float l2[2], dd[2];
+#pragma unroll
+    for (int hh = 0; hh < 2; ++hh) {
+        const int r = warp * 16 + gq + 8 * hh;
+        l2[hh] = pos_inf();
+        dd[hh] = 0.0f;
+        if (r < m_valid) {
+            const long long row = (long long)h * total_q + q_tok0 + (long long)(m0 + r) * q_step;
+            l2[hh] = lse_log2(p.lse[row]);
+            dd[hh] = p.dpsum[row];
+        }
+    }
+
+    const float sl2 = p.softmax_scale * BWD_LOG2E;
+    const unsigned sQ_addr = smem_addr(sQ);
+    const unsigned sdO_addr = smem_addr(sdO);
+    const unsigned sK_addr = smem_addr(sK);
+    const unsigned sV_addr = smem_addr(sV);
+
+    float dq[DN][4];
+#pragma unroll
+    for (int dn = 0; dn < DN; ++dn) {
+#pragma unroll
+        for (int e = 0; e < 4; ++e) dq[dn][e] = 0.0f;
+    }
+
+    for (int t = 0; t < ntiles; ++t) {
+        cp_async_wait<0>();
+        __syncthreads();
+        if (t + 1 < ntiles) load_kv(t + 1);
+        cp_async_commit();
+
+        const int buf = t & 1;
+        const int n0 = (tile_lo + t) * BLOCK_N;
+        const unsigned k_addr = sK_addr + (unsigned)(buf * KV_ELEMS * 2);
+        const unsigned v_addr = sV_addr + (unsigned)(buf * KV_ELEMS * 2);
+
+        // S = Q K^T and dP = dO V^T for this warp's 16 rows.
+        float s[NB][4], dp[NB][4];
+#pragma unroll
+        for (int ni = 0; ni < NB; ++ni) {
+#pragma unroll
+            for (int e = 0; e < 4; ++e) {
+                s[ni][e] = 0.0f;
+                dp[ni][e] = 0.0f;
+            }
+        }
+#pragma unroll
+        for (int kk = 0; kk < KD; ++kk) {
+            unsigned qa[4], oa[4];
+            const unsigned a_off = (unsigned)(((warp * 16 + lane % 16) * SROW + kk * 16 + (lane / 16) * 8) * 2);
+            ldmatrix_x4(qa, sQ_addr + a_off);
+            ldmatrix_x4(oa, sdO_addr + a_off);
+#pragma unroll
+            for (int nj = 0; nj < NB / 2; ++nj) {
+                unsigned kb[4], vb[4];
+                const unsigned b_off =
+                    (unsigned)(((nj * 16 + lane % 8 + (lane / 16) * 8) * SROW + kk * 16 + ((lane / 8) % 2) * 8) * 2);
+                ldmatrix_x4(kb, k_addr + b_off);
+                ldmatrix_x4(vb, v_addr + b_off);
+                mma16816(s[2 * nj], qa, kb[0], kb[1]);
+                mma16816(s[2 * nj + 1], qa, kb[2], kb[3]);
+                mma16816(dp[2 * nj], oa, vb[0], vb[1]);
+                mma16816(dp[2 * nj + 1], oa, vb[2], vb[3]);
+            }
+        }
+
+        // dS = P o (dP - D), P = exp2(s * scale * log2e - lse2); element (ni, 2 * hh + e):
+        // row m0 + warp * 16 + gq + 8 * hh, key n0 + ni * 8 + 2 * tq + e.
+        const bool full = n0 >= lo_last && n0 + BLOCK_N <= hi_first;
+#pragma unroll
+        for (int hh = 0; hh < 2; ++hh) {
+            int lo = 0, hi = 0;
+            if (!full) visible_range(m0 + warp * 16 + gq + 8 * hh, sq, sk, window_left, window_right, &lo, &hi);
+#pragma unroll
+            for (int ni = 0; ni < NB; ++ni) {
+#pragma unroll
+                for (int e = 0; e < 2; ++e) {
+                    float x = s[ni][2 * hh + e];
+                    if (!full) {
+                        const int j = n0 + ni * 8 + 2 * tq + e;
+                        if (j < lo || j >= hi) x = neg_inf();
+                    }
+                    const float pr = fast_exp2(fmaf(x, sl2, -l2[hh]));
+                    // P == 0 selects 0: a masked key's dP (finite or not) never enters dS.
+                    dp[ni][2 * hh + e] = pr > 0.0f ? pr * (dp[ni][2 * hh + e] - dd[hh]) : 0.0f;
+                }
+            }
+        }
+
+        // dQ += dS K (k = the tile's keys; K through ldmatrix.trans).
+#pragma unroll
+        for (int kk = 0; kk < BLOCK_N / 16; ++kk) {
+            unsigned da[4];
+            da[0] = pack2(dp[2 * kk][0], dp[2 * kk][1]);
+            da[1] = pack2(dp[2 * kk][2], dp[2 * kk][3]);
+            da[2] = pack2(dp[2 * kk + 1][0], dp[2 * kk + 1][1]);
+            da[3] = pack2(dp[2 * kk + 1][2], dp[2 * kk + 1][3]);
+#pragma unroll
+            for (int dj = 0; dj < DN / 2; ++dj) {
+                unsigned kb[4];
+                const unsigned off =
+                    (unsigned)(((kk * 16 + lane % 8 + ((lane / 8) % 2) * 8) * SROW + dj * 16 + (lane / 16) * 8) * 2);
+                ldmatrix_x4_trans(kb, k_addr + off);
+                mma16816(dq[2 * dj], da, kb[0], kb[1]);
+                mma16816(dq[2 * dj + 1], da, kb[2], kb[3]);
+            }
+        }
+    }
+    cp_async_wait<0>();
+
+    const float scale = p.softmax_scale;
+#pragma unroll
+    for (int hh = 0; hh < 2; ++hh) {
+        const int r = warp * 16 + gq + 8 * hh;
+        if (r < m_valid) {
+            const long long off =
+                ((q_tok0 + (long long)(m0 + r) * q_step) * num_heads + h) * HEAD_DIM + 2 * tq;
+#pragma unroll
+            for (int dn = 0; dn < DN; ++dn)
+                *reinterpret_cast<unsigned*>(p.dq + off + dn * 8) =
+                    pack2(dq[dn][2 * hh] * scale, dq[dn][2 * hh + 1] * scale);
+        }
+    }
+}
+{%- endif %}
