@@ -510,11 +510,8 @@ impl Drop for LtGuard {
 pub(crate) fn gemm_wgrad_f32(
     rt: &CudaRuntime,
     arg: &str,
-    dy: &DeviceTensor,
-    x: &DeviceTensor,
-    rows: usize,
-    out: usize,
-    inp: usize,
+    (dy, x): (&DeviceTensor, &DeviceTensor),
+    (rows, out, inp): (usize, usize, usize),
     dw: &mut CudaSlice<f32>,
 ) -> Result<()> {
     let st = rt.stream();

@@ -701,7 +701,13 @@ impl CudaLayer {
         let st = rt.stream();
         let poison = self.poison.load(Ordering::Relaxed);
         let mut dw = f32_tensor(st, &[outf, inp], poison)?;
-        gemm_wgrad_f32(rt, name, dy, x, rows, outf, inp, dw.typed_mut::<f32>("dw")?)?;
+        gemm_wgrad_f32(
+            rt,
+            name,
+            (dy, x),
+            (rows, outf, inp),
+            dw.typed_mut::<f32>("dw")?,
+        )?;
         out.insert(format!("{name}.weight"), dw);
         if bias {
             let mut db = f32_tensor(st, &[outf], poison)?;
