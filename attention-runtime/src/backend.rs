@@ -202,8 +202,9 @@ pub trait SavedForward {
 
 /// Training on a backend: a forward that saves what the backward needs, the backward of the
 /// whole layer, and the delayed weight gradients (Megatron's `backward_dw`). Implemented for
-/// [`CpuLayer`] by [`crate::train`]; a CUDA implementation plugs in with its own
-/// [`Saved`](Self::Saved) context. Shapes and semantics are [`crate::train`]'s.
+/// [`CpuLayer`] by [`crate::train`] and for [`CudaLayer`] (self-attention; its own
+/// [`Saved`](Self::Saved) context, [`CudaSaved`]). Shapes and semantics are
+/// [`crate::train`]'s.
 ///
 /// Misuse is a typed error and changes nothing: a `grad_output` of another shape or dtype
 /// ([`crate::AttnError::Shape`] / [`crate::AttnError::DType`]), a backward on a context whose

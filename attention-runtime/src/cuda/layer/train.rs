@@ -142,7 +142,7 @@ fn stage_name(s: &Stage) -> &'static str {
 }
 
 /// What [`CudaLayer::forward_train_device`] saves for the backward: device activations, the
-/// call's geometry and kernels, the backward's state. See the [module docs](self) for what
+/// call's geometry and kernels, the backward's state. See [`CudaLayer::forward_train_device`] for what
 /// is kept in each [`Recompute`] mode.
 pub struct CudaSaved {
     config: LayerConfig,
