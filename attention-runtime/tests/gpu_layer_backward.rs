@@ -120,13 +120,14 @@ fn gpu_step(
     args: &ForwardArgs<'_>,
     recompute: Recompute,
     delay: bool,
-) -> (Tensor, HostGrads) {
+) -> (Tensor, HostGrads, Vec<f32>) {
     let be = cuda.backend();
     let xd = be.upload(x).unwrap();
     let dyd = be.upload(dy).unwrap();
     let (y, mut saved) = cuda
         .forward_train(&xd, args, &TrainOptions { recompute })
         .unwrap();
+    let max_logit = saved.max_logit().to_vec();
     let opts = BackwardOptions {
         delay_wgrad: delay,
         want_bias_grad: false,
@@ -141,7 +142,7 @@ fn gpu_step(
         0,
         "the backward consumed the activations"
     );
-    (be.download(&y).unwrap(), host(&be, &g))
+    (be.download(&y).unwrap(), host(&be, &g), max_logit)
 }
 
 /// A random call: padded `[s, b, h]` or packed sequences, random positions (rope) and mscale.
@@ -221,8 +222,16 @@ fn check(spec: &str, packed: bool) {
     let want = cpu
         .backward(&mut saved, &call.dy, &BackwardOptions::default())
         .unwrap();
-    let (got_y, got) = gpu_step(&cuda, &call.x, &call.dy, &args, Recompute::None, false);
+    let (got_y, got, got_ml) = gpu_step(&cuda, &call.x, &call.dy, &args, Recompute::None, false);
     check_close("output", &got_y, &want_y, TOL_OUT);
+    // QK-Clip's statistic: the per-head max logit (bf16 inputs: a loose bound).
+    let want_ml = attention_runtime::backend::SavedForward::max_logit(&saved).to_vec();
+    for (h, (g, w)) in got_ml.iter().zip(&want_ml).enumerate() {
+        assert!(
+            (g - w).abs() <= 0.05 * w.abs().max(1.0) || (*g == f32::NEG_INFINITY && *w == *g),
+            "max_logit[{h}]: gpu {g} vs cpu {w}"
+        );
+    }
     // The training forward's output is bitwise the inference forward's.
     let be = cuda.backend();
     let plain = BackendLayer::forward(&cuda, &be.upload(&call.x).unwrap(), &args).unwrap();
@@ -319,13 +328,13 @@ fn deterministic_delayed_wgrad_and_recompute_are_bitwise() {
         let call = Call::new(&mut rng, config.hidden, cuda.elem(), packed);
         let args = call.args();
         println!("packed={packed} shape {:?} seed {seed:#x}", call.x.shape());
-        let (y1, a) = gpu_step(&cuda, &call.x, &call.dy, &args, Recompute::None, false);
-        let (y2, b) = gpu_step(&cuda, &call.x, &call.dy, &args, Recompute::None, false);
+        let (y1, a, _) = gpu_step(&cuda, &call.x, &call.dy, &args, Recompute::None, false);
+        let (y2, b, _) = gpu_step(&cuda, &call.x, &call.dy, &args, Recompute::None, false);
         assert_eq!(y1, y2, "two forwards differ");
         assert_eq!(a.bits(), b.bits(), "two backwards differ");
-        let (_, d) = gpu_step(&cuda, &call.x, &call.dy, &args, Recompute::None, true);
+        let (_, d, _) = gpu_step(&cuda, &call.x, &call.dy, &args, Recompute::None, true);
         assert_eq!(a.bits(), d.bits(), "delayed wgrad differs from one-step");
-        let (y3, r) = gpu_step(
+        let (y3, r, _) = gpu_step(
             &cuda,
             &call.x,
             &call.dy,
@@ -335,7 +344,7 @@ fn deterministic_delayed_wgrad_and_recompute_are_bitwise() {
         );
         assert_eq!(y1, y3, "the recompute forward's output differs");
         assert_eq!(a.bits(), r.bits(), "selective recompute differs");
-        let (_, rd) = gpu_step(
+        let (_, rd, _) = gpu_step(
             &cuda,
             &call.x,
             &call.dy,
@@ -499,7 +508,7 @@ fn golden(case: &str, spec: &str) {
         ("selective recompute", Recompute::CoreAttention, false),
     ] {
         println!("{case} [{mode}]");
-        let (y, g) = gpu_step(
+        let (y, g, _) = gpu_step(
             &cuda,
             &input["input"],
             &input["grad_output"],
