@@ -19,6 +19,9 @@
 // `gate_backward_{{ dtype }}` (n, grid-stride): y = o * sigmoid(g):
 //   d_o = dy * sigmoid(g), d_g = dy * o * sigmoid(g) * (1 - sigmoid(g)) (f32 math, stored
 //   as elem_t).
+// `kv_interleave_backward_{{ dtype }}` (vecs, grid-stride): cross-attention's linear_kv
+//   output gradient from dk, dv [vecs = num_kv_tokens * num_heads, HEAD_DIM]: per head
+//   [dk_h | dv_h], dkv [vecs, 2 * HEAD_DIM] (the forward's per-head [k_h | v_h] layout).
 // `column_sum_{{ dtype }}` / `column_sum_f32_{{ dtype }}` (grid (ceil(cols / 256), chunks),
 //   block 256): dst[chunk][col] = sum of src[r][col] over rows r of the chunk
 //   (chunk * rows_per_chunk ..), in row order, f32. Two passes (rows in chunks, then the
@@ -290,6 +293,20 @@ extern "C" __global__ void __launch_bounds__(256) gate_backward_{{ dtype }}(
         const float g = load_elem(dy + i);
         store_elem(d_o + i, g * s);
         store_elem(d_gate + i, g * load_elem(o + i) * s * (1.0f - s));
+    }
+}
+
+extern "C" __global__ void __launch_bounds__(256) kv_interleave_backward_{{ dtype }}(
+    const elem_t* __restrict__ dk, const elem_t* __restrict__ dv, elem_t* __restrict__ dkv,
+    long long vecs)
+{
+    const long long n = vecs * HEAD_DIM;
+    for (long long i = (long long)blockIdx.x * blockDim.x + threadIdx.x; i < n;
+         i += (long long)gridDim.x * blockDim.x) {
+        const long long vec = i / HEAD_DIM;
+        const int d = (int)(i % HEAD_DIM);
+        dkv[vec * 2 * HEAD_DIM + d] = dk[i];
+        dkv[vec * 2 * HEAD_DIM + HEAD_DIM + d] = dv[i];
     }
 }
 

@@ -8,7 +8,7 @@
 //!   own tensors and caches. The CPU layer is any [`AttentionLayer`] wrapped in [`CpuLayer`];
 //!   the CUDA layer is [`CudaLayer`].
 //! - [`TrainLayer`]: training (forward with a saved context, backward, delayed weight
-//!   gradients), implemented for [`CpuLayer`] and [`CudaLayer`] (self-attention; see
+//!   gradients), implemented for [`CpuLayer`] and [`CudaLayer`] (see
 //!   [`CudaLayer::forward_train_device`] for what the CUDA path saves and supports).
 //! - [`StaticCache`] / [`PagedCache`]: the bookkeeping of both backends' caches.
 //!
@@ -202,7 +202,7 @@ pub trait SavedForward {
 
 /// Training on a backend: a forward that saves what the backward needs, the backward of the
 /// whole layer, and the delayed weight gradients (Megatron's `backward_dw`). Implemented for
-/// [`CpuLayer`] by [`crate::train`] and for [`CudaLayer`] (self-attention; its own
+/// [`CpuLayer`] by [`crate::train`] and for [`CudaLayer`] (its own
 /// [`Saved`](Self::Saved) context, [`CudaSaved`]). Shapes and semantics are
 /// [`crate::train`]'s.
 ///
@@ -278,7 +278,7 @@ impl SavedForward for CudaSaved {
     }
 }
 
-/// Training on the GPU (self-attention): gradients as device tensors, `grad_input` in the
+/// Training on the GPU: gradients as device tensors, `grad_input` in the
 /// layer's dtype and the parameters' in f32 (see [`CudaLayer::forward_train_device`]).
 impl TrainLayer for CudaLayer {
     type Saved = CudaSaved;

@@ -84,6 +84,10 @@ fn check_close(what: &str, got: &Tensor, want: &Tensor, tol: f64) {
 fn host(be: &impl Backend<Tensor = DeviceTensor>, g: &LayerGrads<DeviceTensor>) -> HostGrads {
     HostGrads {
         grad_input: be.download(&g.grad_input).unwrap(),
+        grad_kv: g
+            .grad_key_value_states
+            .as_ref()
+            .map(|t| be.download(t).unwrap()),
         params: g
             .params
             .iter()
@@ -98,6 +102,7 @@ fn host(be: &impl Backend<Tensor = DeviceTensor>, g: &LayerGrads<DeviceTensor>) 
 #[derive(Debug, PartialEq)]
 struct HostGrads {
     grad_input: Tensor,
+    grad_kv: Option<Tensor>,
     params: BTreeMap<String, Tensor>,
 }
 
@@ -105,6 +110,7 @@ impl HostGrads {
     /// Bit patterns, for bitwise comparisons (NaN-safe).
     fn bits(&self) -> Vec<(String, Vec<u32>)> {
         std::iter::once(("grad_input".to_string(), &self.grad_input))
+            .chain(self.grad_kv.iter().map(|t| ("grad_kv".to_string(), t)))
             .chain(self.params.iter().map(|(k, t)| (k.clone(), t)))
             .map(|(k, t)| (k, t.data().iter().map(|x| x.to_bits()).collect()))
             .collect()
@@ -145,33 +151,45 @@ fn gpu_step(
     (be.download(&y).unwrap(), host(&be, &g), max_logit)
 }
 
-/// A random call: padded `[s, b, h]` or packed sequences, random positions (rope) and mscale.
+/// A random call: padded `[s, b, h]` or packed sequences, random positions (rope) and mscale;
+/// cross-attention: a context of other lengths.
 struct Call {
     x: Tensor,
     dy: Tensor,
+    ctx: Option<Tensor>,
     positions: Vec<i64>,
     cu: Vec<i32>,
+    cu_k: Vec<i32>,
     packed: bool,
     mscale: f32,
 }
 
 impl Call {
-    fn new(rng: &mut SplitMix64, h: usize, elem: ElemType, packed: bool) -> Call {
+    fn new(rng: &mut SplitMix64, h: usize, elem: ElemType, packed: bool, cross: bool) -> Call {
         let b = 1 + (rng.next_u64() % 3) as usize;
-        let (shape, rows, cu) = if packed {
+        let cu_of = |rng: &mut SplitMix64| {
             let mut cu = vec![0i32];
             for _ in 0..b {
                 cu.push(cu.last().unwrap() + 1 + (rng.next_u64() % 40) as i32);
             }
+            cu
+        };
+        let (shape, rows, cu, ctx_shape, cu_k) = if packed {
+            let cu = cu_of(rng);
+            let cu_k = if cross { cu_of(rng) } else { Vec::new() };
             let t = *cu.last().unwrap() as usize;
-            (vec![t, h], t, cu)
+            let tk = cu_k.last().copied().unwrap_or(0) as usize;
+            (vec![t, h], t, cu, vec![tk, h], cu_k)
         } else {
             let s = 1 + (rng.next_u64() % 70) as usize;
-            (vec![s, b, h], s, Vec::new())
+            let sk = 1 + (rng.next_u64() % 50) as usize;
+            (vec![s, b, h], s, Vec::new(), vec![sk, b, h], Vec::new())
         };
         Call {
             x: rand_t(rng, &shape, 1.7, elem),
             dy: rand_t(rng, &shape, 1.0, elem),
+            ctx: cross.then(|| rand_t(rng, &ctx_shape, 1.7, elem)),
+            cu_k,
             positions: (0..rows).map(|_| (rng.next_u64() % 300) as i64).collect(),
             cu,
             packed,
@@ -184,12 +202,14 @@ impl Call {
     }
 
     fn args(&self) -> ForwardArgs<'_> {
+        let cross = self.ctx.is_some();
         ForwardArgs {
-            positions: Some(&self.positions),
+            positions: (!cross).then_some(self.positions.as_slice()),
+            key_value_states: self.ctx.as_ref(),
             rope_mscale: self.mscale,
             packed: self.packed.then_some(PackedSeqParams {
                 cu_seqlens_q: &self.cu,
-                cu_seqlens_kv: &[],
+                cu_seqlens_kv: &self.cu_k,
                 max_seqlen_q: 0,
                 max_seqlen_kv: 0,
             }),
@@ -209,7 +229,8 @@ fn check(spec: &str, packed: bool) {
     let cuda = CudaLayer::new(&layer, &gpu()).unwrap();
     cuda.set_poison_outputs(true);
     let elem = cuda.elem();
-    let call = Call::new(&mut rng, config.hidden, elem, packed);
+    let cross = config.kind == attention_codegen::AttentionKind::CrossAttention;
+    let call = Call::new(&mut rng, config.hidden, elem, packed, cross);
     let args = call.args();
     println!(
         "{spec} | packed={packed} shape {:?} | seed {seed:#x}",
@@ -242,6 +263,11 @@ fn check(spec: &str, packed: bool) {
         "forward_train's output differs from forward's"
     );
     check_close("grad_input", &got.grad_input, &want.grad_input, TOL_GRAD);
+    match (&got.grad_kv, &want.grad_key_value_states) {
+        (Some(g), Some(w)) => check_close("grad_key_value_states", g, w, TOL_GRAD),
+        (None, None) => {}
+        _ => panic!("grad_key_value_states presence differs"),
+    }
     assert_eq!(
         got.params.keys().collect::<Vec<_>>(),
         want.params.keys().collect::<Vec<_>>(),
@@ -311,6 +337,14 @@ fn mha_half_partial_rope_gate_bottom_right_window() {
     );
 }
 
+#[test]
+#[ignore = "requires a CUDA GPU"]
+fn cross_attention_padded_and_packed() {
+    let spec = "cross, heads=4, head_dim=64, hidden=128, qkv_bias, mask=no_mask";
+    check(spec, false);
+    check(spec, true);
+}
+
 /// Two runs give bitwise-equal gradients; delayed wgrad and selective recompute give the
 /// one-step gradients bitwise.
 #[test]
@@ -325,7 +359,7 @@ fn deterministic_delayed_wgrad_and_recompute_are_bitwise() {
     let cuda = CudaLayer::new(&layer, &gpu()).unwrap();
     cuda.set_poison_outputs(true);
     for packed in [false, true] {
-        let call = Call::new(&mut rng, config.hidden, cuda.elem(), packed);
+        let call = Call::new(&mut rng, config.hidden, cuda.elem(), packed, false);
         let args = call.args();
         println!("packed={packed} shape {:?} seed {seed:#x}", call.x.shape());
         let (y1, a, _) = gpu_step(&cuda, &call.x, &call.dy, &args, Recompute::None, false);
@@ -437,21 +471,16 @@ fn misuse_and_unsupported_features_are_typed_errors() {
         matches!(&e, AttnError::InvalidArgument { arg, .. } if arg == "attention_bias"),
         "{e}"
     );
-    // Cross-attention: not implemented on CUDA, named.
+    // Cross-attention without its context.
     let cc = SpecLayer::config_from_str(
         "cross, heads=4, head_dim=32, hidden=128, mask=no_mask",
         &RuntimeDims::default(),
     )
     .unwrap();
     let cl = CudaLayer::new(&SpecLayer::init(cc, 1).unwrap(), &gpu()).unwrap();
-    let ctx = Tensor::zeros(&[5, 2, 128]);
-    let cargs = ForwardArgs {
-        key_value_states: Some(&ctx),
-        ..ForwardArgs::default()
-    };
-    let e = cl.forward_train(&x, &cargs, &topts).unwrap_err();
+    let e = cl.forward_train(&x, &args, &topts).unwrap_err();
     assert!(
-        matches!(&e, AttnError::NoBackendImpl { role, .. } if role.contains("cross")),
+        matches!(&e, AttnError::InvalidArgument { arg, .. } if arg == "key_value_states"),
         "{e}"
     );
 }
@@ -489,19 +518,22 @@ fn read_all(path: &PathBuf) -> BTreeMap<String, Tensor> {
 const SELF_PREFIX: &str = "decoder.layers.0.self_attention.";
 
 /// The fixture on the GPU in every mode, within bf16 tolerance of Megatron's fp32 autograd.
-fn golden(case: &str, spec: &str) {
+fn golden(case: &str, spec: &str, prefix: &str) {
     let dir = fixture_dir(case);
     assert!(dir.is_dir(), "fixture folder {} is missing", dir.display());
     let readme = std::fs::read_to_string(dir.join("README.txt")).unwrap();
     assert!(readme.contains(&format!("spec: `{spec}`")), "{case}: spec");
     let config = SpecLayer::config_from_str(spec, &RuntimeDims::default()).unwrap();
     let weights = WeightStore::from_file(dir.join("weights.safetensors")).unwrap();
-    let layer = SpecLayer::load(config, &weights, SELF_PREFIX).unwrap();
+    let layer = SpecLayer::load(config, &weights, prefix).unwrap();
     let input = read_all(&dir.join("input.safetensors"));
     let expected = read_all(&dir.join("expected.safetensors"));
     let cuda = CudaLayer::new(&layer, &gpu()).unwrap();
     cuda.set_poison_outputs(true);
-    let args = ForwardArgs::default();
+    let args = ForwardArgs {
+        key_value_states: input.get("key_value_states"),
+        ..ForwardArgs::default()
+    };
     for (mode, recompute, delay) in [
         ("one-step", Recompute::None, false),
         ("delayed wgrad", Recompute::None, true),
@@ -523,6 +555,11 @@ fn golden(case: &str, spec: &str) {
             &expected["grad_input"],
             TOL_GRAD,
         );
+        match (&g.grad_kv, expected.get("grad_key_value_states")) {
+            (Some(a), Some(b)) => check_close("grad_key_value_states", a, b, TOL_GRAD),
+            (None, None) => {}
+            _ => panic!("{case}: grad_key_value_states presence differs"),
+        }
         let want: Vec<&str> = expected
             .keys()
             .filter_map(|k| k.strip_prefix("grad."))
@@ -554,18 +591,26 @@ fn megatron_fixtures_on_the_gpu() {
     golden(
         "megatron",
         "self, heads=8, gqa=2, head_dim=64, qk_layernorm=rms, rope, mask=causal",
+        SELF_PREFIX,
     );
     golden(
         "megatron_case2",
         "self, heads=8, gqa=1, head_dim=64, hidden=256, qk_layernorm=layer, bias=false, \
          rope=interleaved, rotary_percent=0.5, mask=causal",
+        SELF_PREFIX,
     );
     golden(
         "megatron_sinks_gate",
         "self, heads=8, gqa=4, head_dim=32, hidden=128, qk_layernorm=rms, rope, window=(5, 0), \
          sinks=learnable, output_gate, mask=causal",
+        SELF_PREFIX,
     );
-    // The padding-mask and cross-attention fixtures: typed errors on CUDA.
+    golden(
+        "megatron_cross",
+        "cross, heads=4, head_dim=32, hidden=128, mask=no_mask",
+        "decoder.layers.0.cross_attention.",
+    );
+    // The padding-mask fixture: a typed error on CUDA (no mask tensors in the backward).
     let spec = "self, heads=4, gqa=2, head_dim=64, hidden=256, bias=false, rope, mask=padding";
     let dir = fixture_dir("megatron_padding");
     let config = SpecLayer::config_from_str(spec, &RuntimeDims::default()).unwrap();

@@ -239,6 +239,7 @@ fn layer_backward_keys_and_refusals() {
         [
             "qkv_prep_backward_bf16_hd128_rmsnorm_ropehalf64_gate",
             "gate_backward_bf16",
+            "kv_interleave_backward_bf16",
             "column_sum_bf16",
             "column_sum_f32_bf16",
         ]
@@ -246,8 +247,14 @@ fn layer_backward_keys_and_refusals() {
     assert!(!k.source.contains("{{"), "unfilled placeholder");
     let k = PrepBackwardKernels::render(&prep(DType::F16, 64, None, None, false)).unwrap();
     assert_eq!(k.key, "qkv_prep_backward_f16_hd64_nonorm_norope");
+    // Cross-attention: the plain module (its helpers); a norm, rope or gate is refused.
     let mut cross = prep(DType::Bf16, 64, None, None, false);
     cross.layout = PrepLayout::CrossAttention;
+    assert_eq!(
+        PrepBackwardKernels::render(&cross).unwrap().key,
+        "qkv_prep_backward_bf16_hd64_nonorm_norope"
+    );
+    cross.rope = Some((RopeMode::Half, 64));
     assert!(PrepBackwardKernels::render(&cross).is_err());
     assert!(PrepBackwardKernels::render(&prep(DType::Bf16, 80, None, None, false)).is_err());
 }

@@ -10,7 +10,9 @@
 //! [`PrepBackwardKernels::key`]:
 //! `qkv_prep_backward_<dtype>_hd<D>_<nonorm|layernorm|rmsnorm|l2norm>_<norope|ropehalf<R>|ropeinter<R>>[_gate]`,
 //! with the entries `qkv_prep_backward_...` (the module key), `gate_backward_<dtype>`,
-//! `column_sum_<dtype>` and `column_sum_f32_<dtype>`.
+//! `kv_interleave_backward_<dtype>` (cross-attention's `linear_kv` gradient layout),
+//! `column_sum_<dtype>` and `column_sum_f32_<dtype>`. Cross-attention (no q/k norm, rope or
+//! gate there) uses the module of the plain config (`..._nonorm_norope`).
 //!
 //! **Determinism.** Nothing here uses atomics: the column sums (bias gradients, the norms'
 //! weight and bias gradients) run in two fixed-order passes (rows in chunks of
@@ -128,6 +130,8 @@ pub struct PrepBackwardKernels {
     pub source: String,
     /// `gate_backward_<dtype>`.
     pub gate_entry: String,
+    /// `kv_interleave_backward_<dtype>`.
+    pub kv_entry: String,
     /// `column_sum_<dtype>`.
     pub sum_entry: String,
     /// `column_sum_f32_<dtype>`.
@@ -135,16 +139,21 @@ pub struct PrepBackwardKernels {
 }
 
 impl PrepBackwardKernels {
-    /// Render the module for the self-attention `qkv_prep` config `prep` (its dtype, head
-    /// dim, q/k norm, rope, gate). Errors ([`AttnError::Render`]) for a cross-attention
-    /// layout or a head dim that is not a multiple of 32.
+    /// Render the module for the `qkv_prep` config `prep` (its dtype, head dim, q/k norm,
+    /// rope, gate; a cross-attention config gets the plain module, which its backward needs
+    /// only for the helpers). Errors ([`AttnError::Render`]) for a head dim that is not a
+    /// multiple of 32, or a cross-attention config with a q/k norm, rope or gate.
     pub fn render(prep: &KernelConfig) -> Result<PrepBackwardKernels> {
         if prep.layout != attention_codegen::render::PrepLayout::SelfAttention {
-            return Err(AttnError::Render(
-                "qkv_prep_backward: the self-attention layout only (cross-attention training \
-                 on CUDA is not implemented)"
-                    .into(),
-            ));
+            if prep.qk_norm.is_some() || prep.rope.is_some() || prep.output_gate {
+                return Err(AttnError::Render(
+                    "qkv_prep_backward: cross-attention with a q/k norm, rope or output gate"
+                        .into(),
+                ));
+            }
+            let mut plain = prep.clone();
+            plain.layout = attention_codegen::render::PrepLayout::SelfAttention;
+            return PrepBackwardKernels::render(&plain);
         }
         let hd = prep.head_dim;
         if hd == 0 || !hd.is_multiple_of(32) {
@@ -196,6 +205,7 @@ impl PrepBackwardKernels {
         );
         Ok(PrepBackwardKernels {
             gate_entry: format!("gate_backward_{dt}"),
+            kv_entry: format!("kv_interleave_backward_{dt}"),
             sum_entry: format!("column_sum_{dt}"),
             sum_f32_entry: format!("column_sum_f32_{dt}"),
             key,
@@ -203,11 +213,13 @@ impl PrepBackwardKernels {
         })
     }
 
-    /// Every entry point: the prep backward, the gate backward, both column sums.
-    pub fn entries(&self) -> [&str; 4] {
+    /// Every entry point: the prep backward, the gate backward, the kv interleave, both
+    /// column sums.
+    pub fn entries(&self) -> [&str; 5] {
         [
             &self.key,
             &self.gate_entry,
+            &self.kv_entry,
             &self.sum_entry,
             &self.sum_f32_entry,
         ]
@@ -219,6 +231,7 @@ pub(crate) struct LoadedPrepBackward {
     pub key: String,
     pub prep: CudaFunction,
     pub gate: CudaFunction,
+    pub kv: CudaFunction,
     pub sum: CudaFunction,
     pub sum_f32: CudaFunction,
 }
@@ -244,7 +257,7 @@ pub(crate) fn load(rt: &CudaRuntime, k: &PrepBackwardKernels) -> Result<LoadedPr
                     call: format!("cuModuleLoadData {} ({arch})", k.key),
                     msg: e.to_string(),
                 })?;
-            let mut fs = Vec::with_capacity(4);
+            let mut fs = Vec::with_capacity(5);
             for n in names {
                 let f = super::launch::load_function(&module, n)?;
                 cache.insert(n.to_string(), f.clone());
@@ -254,11 +267,12 @@ pub(crate) fn load(rt: &CudaRuntime, k: &PrepBackwardKernels) -> Result<LoadedPr
         }
     };
     let mut it = fs.into_iter();
-    let mut next = || it.next().expect("four entries");
+    let mut next = || it.next().expect("five entries");
     Ok(LoadedPrepBackward {
         key: k.key.clone(),
         prep: next(),
         gate: next(),
+        kv: next(),
         sum: next(),
         sum_f32: next(),
     })
@@ -349,6 +363,45 @@ impl LoadedPrepBackward {
         unsafe { b.launch(cfg) }
             .map(|_| ())
             .map_err(launch_err("gate_backward"))
+    }
+
+    /// Cross-attention: `dkv [vecs, 2 hd]` (per head `[dk | dv]`) from `dk`, `dv`
+    /// `[vecs, hd]` (dtype `T`).
+    pub fn kv_interleave<T: DeviceElem>(
+        &self,
+        st: &Arc<CudaStream>,
+        dk: &DeviceTensor,
+        dv: &DeviceTensor,
+        dkv: &mut DeviceTensor,
+    ) -> Result<()> {
+        let n = dk.numel();
+        if dv.numel() != n || dkv.numel() != 2 * n {
+            return Err(AttnError::Shape {
+                arg: "dkv".into(),
+                expected: format!("dk, dv of {n} elements and dkv of {}", 2 * n),
+                got: vec![dv.numel(), dkv.numel()],
+            });
+        }
+        let hd = dk.shape().last().copied().unwrap_or(1).max(1);
+        if n == 0 {
+            return Ok(());
+        }
+        let vecs = (n / hd) as i64;
+        let (dk, dv) = (dk.typed::<T>("dk")?, dv.typed::<T>("dv")?);
+        let dkv = dkv.typed_mut::<T>("dkv")?;
+        let mut b = st.launch_builder(&self.kv);
+        b.arg(dk).arg(dv).arg(dkv).arg(&vecs);
+        // SAFETY: (const T*, const T*, T*, long long); dk, dv hold vecs x HEAD_DIM elements
+        // (the caller's last dim is the module's head dim), dkv twice that; grid-stride.
+        unsafe {
+            b.launch(LaunchConfig {
+                grid_dim: (n.div_ceil(256).min(65535 * 8) as u32, 1, 1),
+                block_dim: (256, 1, 1),
+                shared_mem_bytes: 0,
+            })
+        }
+        .map(|_| ())
+        .map_err(launch_err("kv_interleave_backward"))
     }
 
     /// Column sums of `src` `[rows, cols]` (dtype `T`, or f32 when `T = f32`) into a new f32

@@ -4,7 +4,8 @@
 //! [`TrainLayer`](crate::backend::TrainLayer) of the same layer is the oracle of the GPU
 //! tests (`tests/gpu_layer_backward.rs`).
 //!
-//! **Forward** (self-attention): `linear_qkv` (cuBLASLt) → `qkv_prep` → the tensor-core
+//! **Forward** (self-attention; cross-attention runs `linear_q` over the hidden states and
+//! `linear_kv` over the context instead, and keeps the context): `linear_qkv` (cuBLASLt) → `qkv_prep` → the tensor-core
 //! forward kernel → `linear_proj`, the kernels and GEMMs of
 //! [`forward_device`](CudaLayer::forward_device), so the output is bitwise the same. Saved
 //! ([`Recompute::None`]): the input `x` (a copy), the `linear_qkv` output (raw q/k before
@@ -22,7 +23,10 @@
 //! (`gate_backward_<dtype>`), the attention backward ([`crate::cuda::backward`]: dq, dk, dv
 //! and the learnable sinks' gradient), `qkv_prep_backward_...` (rope backward, q/k norm
 //! backward with per-token parameter partials, scatter into `linear_qkv`'s GQA-interleaved
-//! columns with the gate's), `linear_qkv` dgrad, and the weight gradients
+//! columns with the gate's; cross-attention: `kv_interleave_backward_<dtype>` into
+//! `linear_kv`'s per-head `[k | v]` columns, dq is `linear_q`'s output gradient as is),
+//! `linear_qkv` dgrad (cross: `linear_q` and `linear_kv`, `grad_key_value_states`), and the
+//! weight gradients
 //! (`dW = dYᵀ X`, f32 output) and column sums (`linear_qkv.bias`, the norms' parameters).
 //! Kernels and keys: [`crate::cuda::train_ops`].
 //!
@@ -38,8 +42,8 @@
 //! backward's recomputation in the dQ kernel (see [`crate::cuda::backward`]) and f32
 //! partial buffers for the sums (`rows x 4 x head_dim` for the norms).
 //!
-//! **Not supported** (typed errors before anything is queued): cross-attention
-//! ([`AttnError::NoBackendImpl`]), mask tensors (mask types `padding`, `padding_causal`,
+//! **Not supported** (typed errors before anything is queued): cross-attention with a q/k
+//! norm, rope or output gate ([`AttnError::NoBackendImpl`]), mask tensors (mask types `padding`, `padding_causal`,
 //! `arbitrary`) and an additive attention bias ([`AttnError::InvalidArgument`]; the
 //! attention backward has neither yet), head dims outside
 //! [`BACKWARD_HEAD_DIMS`](attention_codegen::render::BACKWARD_HEAD_DIMS), GPUs below sm_80,
@@ -85,8 +89,10 @@ impl Core {
 struct Acts {
     /// The layer input rows `[n, h]` (a copy).
     x: DeviceTensor,
-    /// `linear_qkv` output `[n, W]`.
-    qkv: DeviceTensor,
+    /// `linear_qkv` output `[n, W]` (self-attention).
+    qkv: Option<DeviceTensor>,
+    /// Cross-attention: the context rows `[nk, h]` (a copy, for `linear_kv`'s gradients).
+    ctx: Option<DeviceTensor>,
     q: DeviceTensor,
     k: DeviceTensor,
     v: DeviceTensor,
@@ -104,7 +110,8 @@ impl Acts {
     fn bytes(&self) -> usize {
         let t = |t: &DeviceTensor| t.numel() * t.elem().size();
         t(&self.x)
-            + t(&self.qkv)
+            + self.qkv.as_ref().map_or(0, t)
+            + self.ctx.as_ref().map_or(0, t)
             + t(&self.q)
             + t(&self.k)
             + t(&self.v)
@@ -119,6 +126,7 @@ struct PendingDw {
     name: &'static str,
     dy: DeviceTensor,
     x: DeviceTensor,
+    rows: usize,
     out: usize,
     inp: usize,
     bias: bool,
@@ -149,7 +157,10 @@ pub struct CudaSaved {
     ordinal: usize,
     recompute: Recompute,
     out_shape: Vec<usize>,
+    /// Cross-attention: the context's shape (of `grad_key_value_states`).
+    ctx_shape: Option<Vec<usize>>,
     n: usize,
+    nk: usize,
     geo: Geometry,
     mask: MaskType,
     mscale: f32,
@@ -227,13 +238,11 @@ fn attention_backward(
     Ok(b)
 }
 
-fn no_cross() -> AttnError {
+fn no_cross_feature() -> AttnError {
     AttnError::NoBackendImpl {
-        role: "cross-attention".into(),
+        role: "cross-attention with a q/k norm, rope or output gate".into(),
         backend: "cuda backward".into(),
-        hint: "train cross-attention layers on the CPU reference backend (CpuLayer); the \
-               CUDA training path covers self-attention"
-            .into(),
+        hint: "train such layers on the CPU reference backend (CpuLayer)".into(),
     }
 }
 
@@ -303,15 +312,26 @@ impl CudaLayer {
     /// the forward kernel config.
     fn train_checks(&self, args: &ForwardArgs<'_>) -> Result<(MaskType, KernelConfig)> {
         let c = &self.config;
-        if c.kind != AttentionKind::SelfAttention {
-            return Err(no_cross());
+        let is_self = c.kind == AttentionKind::SelfAttention;
+        match (is_self, args.key_value_states.is_some()) {
+            (true, true) => {
+                return Err(bad(
+                    "key_value_states",
+                    "none for self-attention",
+                    "a tensor",
+                ))
+            }
+            (false, false) => {
+                return Err(bad(
+                    "key_value_states",
+                    "the context [sk, b, h] for cross-attention",
+                    "none",
+                ))
+            }
+            _ => {}
         }
-        if args.key_value_states.is_some() {
-            return Err(bad(
-                "key_value_states",
-                "none for self-attention",
-                "a tensor",
-            ));
+        if !is_self && (self.prep.qk_norm.is_some() || self.prep.rope.is_some() || c.output_gate) {
+            return Err(no_cross_feature());
         }
         if !BACKWARD_HEAD_DIMS.contains(&c.head_dim) {
             return Err(bad(
@@ -359,12 +379,13 @@ impl CudaLayer {
         Ok((mask, fast))
     }
 
-    /// Training forward on device tensors (self-attention): the output (bitwise
+    /// Training forward on device tensors (self- or cross-attention; the context is
+    /// `args.key_value_states`, a host tensor uploaded per call as in `forward_device`): the output (bitwise
     /// [`forward_device`](Self::forward_device)'s, `[rows, h]` in the layer's dtype) and the
     /// saved context. Asynchronous as `forward_device`.
     ///
     /// Errors (nothing queued): those of `forward_device`; [`AttnError::NoBackendImpl`] for
-    /// cross-attention; [`AttnError::InvalidArgument`] for a mask tensor (or a mask type
+    /// cross-attention with a q/k norm, rope or gate; [`AttnError::InvalidArgument`] for a mask tensor (or a mask type
     /// that takes one), an attention bias, a head dim the backward does not support, an
     /// empty input; [`AttnError::BackendUnavailable`] below sm_80; [`AttnError::Render`].
     pub fn forward_train_device(
@@ -399,9 +420,19 @@ impl CudaLayer {
         let (np, ng, hn) = (c.heads, c.groups, c.head_dim);
         self.check_input("hidden", hidden)?;
         let (mask, fast) = self.train_checks(args)?;
-        let g = self.geometry(hidden, None, args)?;
-        if g.nq == 0 {
-            return Err(bad("hidden", "at least one token to train on", "0 rows"));
+        let ctx_dev = match (c.kind, args.key_value_states) {
+            (AttentionKind::CrossAttention, Some(t)) => {
+                Some(DeviceTensor::from_host(st, t, self.elem)?)
+            }
+            _ => None,
+        };
+        let g = self.geometry(hidden, ctx_dev.as_ref(), args)?;
+        if g.nq == 0 || g.nk == 0 {
+            return Err(bad(
+                "hidden / key_value_states",
+                "at least one token to train on",
+                "0 rows",
+            ));
         }
         if g.batch > 65535 || np > 65535 {
             return Err(bad(
@@ -419,10 +450,8 @@ impl CudaLayer {
         self.window()?;
         to_i32("seqlen_q", g.sq as i64)?;
         to_i32("seqlen_k", g.sk as i64)?;
-        let n = g.nq;
-        let Projections::SelfAttention { qkv: lin_qkv } = &self.proj_in else {
-            return Err(no_cross());
-        };
+        let (n, nk) = (g.nq, g.nk);
+        let is_self = ctx_dev.is_none();
 
         // Kernels before the first GEMM (a kernel that cannot load fails with nothing queued).
         let (prep_key, prep_f) = kernel(rt, &self.prep)?;
@@ -449,14 +478,27 @@ impl CudaLayer {
         let mut x = DeviceTensor::uninit(st, self.elem, &[n, c.hidden], "saved input")?;
         copy_dtod(st, hidden, &mut x)?;
 
-        // 1. linear_qkv.
-        let mut a = self.alloc(&[n, lin_qkv.out_features()], "linear_qkv output")?;
-        linear_qkv_into(rt, hidden, lin_qkv, &mut a)?;
+        // 1. linear_qkv (cross: linear_q and linear_kv over the context).
+        let (a, a_kv) = match (&self.proj_in, &ctx_dev) {
+            (Projections::SelfAttention { qkv }, None) => {
+                let mut a = self.alloc(&[n, qkv.out_features()], "linear_qkv output")?;
+                linear_qkv_into(rt, hidden, qkv, &mut a)?;
+                (a, None)
+            }
+            (Projections::CrossAttention { q, kv }, Some(cx)) => {
+                let mut aq = self.alloc(&[n, q.out_features()], "linear_q output")?;
+                super::super::linear::linear_q_into(rt, hidden, q, &mut aq)?;
+                let mut akv = self.alloc(&[nk, kv.out_features()], "linear_kv output")?;
+                super::super::linear::linear_kv_into(rt, cx, kv, &mut akv)?;
+                (aq, Some(akv))
+            }
+            _ => unreachable!("train_checks matched the context to the layer kind"),
+        };
 
         // 2. qkv_prep.
         let q = self.alloc(&[n, np, hn], "q")?;
-        let k = self.alloc(&[n, ng, hn], "k")?;
-        let v = self.alloc(&[n, ng, hn], "v")?;
+        let k = self.alloc(&[nk, ng, hn], "k")?;
+        let v = self.alloc(&[nk, ng, hn], "v")?;
         let gate = if c.output_gate {
             Some(self.alloc(&[n, np, hn], "gate")?)
         } else {
@@ -464,25 +506,26 @@ impl CudaLayer {
         };
         {
             let cfg = LaunchConfig {
-                grid_dim: (to_i32("rows", n as i64)? as u32, 1, 1),
+                grid_dim: (to_i32("rows", n.max(nk) as i64)? as u32, 1, 1),
                 block_dim: ((self.prep.warps * 32) as u32, 1, 1),
                 shared_mem_bytes: 0,
             };
             let params = PrepParams {
                 qkv: tptr(&a, rt),
-                kv: 0,
+                kv: opt_ptr(a_kv.as_ref(), rt),
                 q_out: tptr(&q, rt),
                 k_out: tptr(&k, rt),
                 v_out: tptr(&v, rt),
                 gate_out: opt_ptr(gate.as_ref(), rt),
                 positions: positions.as_ref().map_or(0, |p| dptr(p, rt)),
                 num_tokens: n as i32,
-                num_kv_tokens: n as i32,
+                num_kv_tokens: nk as i32,
                 v_nonfinite: dptr(&v_flag, rt),
                 ..self.prep_params(args.rope_mscale)
             };
             // SAFETY: as in forward_device: PrepParams layout, live buffers of the documented
-            // shapes, one block per token row.
+            // shapes (cross: q from linear_q, per-head [k | v] from linear_kv), one block per
+            // token row (max of both for cross-attention).
             unsafe { launch_params(st, &prep_f, cfg, &params) }.map_err(launch_err(&prep_key))?;
         }
 
@@ -556,7 +599,12 @@ impl CudaLayer {
             ordinal: rt.device().ordinal,
             recompute: opts.recompute,
             out_shape: hidden.shape().to_vec(),
+            ctx_shape: args
+                .key_value_states
+                .filter(|_| !is_self)
+                .map(|t| t.shape().to_vec()),
             n,
+            nk,
             geo: g,
             mask,
             mscale: args.rope_mscale,
@@ -567,7 +615,8 @@ impl CudaLayer {
             max_logit: OnceLock::new(),
             acts: Some(Acts {
                 x,
-                qkv: a,
+                qkv: is_self.then_some(a),
+                ctx: ctx_dev,
                 q,
                 k,
                 v,
@@ -742,10 +791,7 @@ impl CudaLayer {
         let (np, ng, hn, h) = (c.heads, c.groups, c.head_dim, c.hidden);
         let n = saved.n;
         let poison = self.poison.load(Ordering::Relaxed);
-        let Projections::SelfAttention { qkv: lin_qkv } = &self.proj_in else {
-            return Err(no_cross());
-        };
-        let wq = lin_qkv.out_features();
+        let nk = saved.nk;
         // Kernels first: nothing is queued when one cannot load.
         let kern = train_ops::load(rt, &saved.prep_bwd)?;
         let bwd = attention_backward(
@@ -791,8 +837,8 @@ impl CudaLayer {
 
         // 3. Core attention.
         let mut dq = self.alloc(&[n, np, hn], "dq")?;
-        let mut dk = self.alloc(&[n, ng, hn], "dk")?;
-        let mut dv = self.alloc(&[n, ng, hn], "dv")?;
+        let mut dk = self.alloc(&[nk, ng, hn], "dk")?;
+        let mut dv = self.alloc(&[nk, ng, hn], "dv")?;
         let mut dsinks = match &self.sinks {
             Some(_) => Some(f32_tensor(st, &[np], poison)?),
             None => None,
@@ -805,7 +851,7 @@ impl CudaLayer {
                 max_seqlen_q: g.sq,
                 max_seqlen_k: g.sk,
                 total_q: n,
-                total_k: n,
+                total_k: nk,
             },
             _ => BwdLayout::Padded {
                 seqlen_q: g.sq,
@@ -841,83 +887,120 @@ impl CudaLayer {
             params.insert("core_attention.softmax_offset".to_string(), ds);
         }
 
-        // 4. qkv_prep backward: rope, q/k norm, scatter into linear_qkv's columns.
-        let dqkv = self.alloc(&[n, wq], "grad linear_qkv output")?;
-        let norm = c.qk_norm.is_some();
-        let mut partials = if norm {
-            Some(crate::cuda::tensor::alloc_uninit::<f32>(
-                st,
-                n * 4 * hn,
-                "norm partials",
-            )?)
-        } else {
-            None
-        };
-        {
-            let pp = self.prep_params(saved.mscale);
-            let p = QkvPrepBwdParams {
-                qkv: tptr(&acts.qkv, rt),
-                dq: tptr(&dq, rt),
-                dk: tptr(&dk, rt),
-                dv: tptr(&dv, rt),
-                dgate: opt_ptr(d_gate.as_ref(), rt),
-                dqkv: tptr(&dqkv, rt),
-                norm_partials: partials.as_ref().map_or(0, |p| dptr(p, rt)),
-                q_norm_weight: pp.q_norm_weight,
-                q_norm_bias: pp.q_norm_bias,
-                k_norm_weight: pp.k_norm_weight,
-                k_norm_bias: pp.k_norm_bias,
-                positions: acts.positions.as_ref().map_or(0, |p| dptr(p, rt)),
-                eps: pp.eps,
-                rotary_base: pp.rotary_base,
-                mscale: saved.mscale,
-                num_tokens: to_i32("rows", n as i64)?,
-                num_heads: np as i32,
-                num_groups: ng as i32,
-            };
-            // SAFETY: qkv/dqkv [n, W], dq/dgate [n, np, hn], dk/dv [n, ng, hn], partials
-            // [n, 4, hn] f32, positions [n] (rope), norm weights [hn] (the layer's); one
-            // block per token.
-            unsafe { kern.launch_prep(st, n, &p)? };
-        }
-        if let Some(part) = partials.as_mut() {
-            let mut sums = f32_tensor(st, &[4, hn], poison)?;
-            kern.column_sum::<f32>(st, part, n, 4 * hn, sums.typed_mut("norm sums")?)?;
-            let pick = |j: usize| -> Result<DeviceTensor> {
-                let mut t = f32_tensor(st, &[hn], poison)?;
-                let src = sums.typed::<f32>("norm sums")?;
-                st.memcpy_dtod(
-                    &src.slice(j * hn..(j + 1) * hn),
-                    &mut t.typed_mut::<f32>("norm grad")?.slice_mut(..hn),
-                )
-                .map_err(crate::cuda::tensor::cuda_err("memcpy_dtod norm grad"))?;
-                Ok(t)
-            };
-            for (role, j, present) in [
-                ("q_layernorm.weight", 0, self.q_norm.0.is_some()),
-                ("q_layernorm.bias", 1, self.q_norm.1.is_some()),
-                ("k_layernorm.weight", 2, self.k_norm.0.is_some()),
-                ("k_layernorm.bias", 3, self.k_norm.1.is_some()),
-            ] {
-                if present {
-                    params.insert(role.to_string(), pick(j)?);
+        // 4-5. Self-attention: qkv_prep backward (rope, q/k norm, scatter into linear_qkv's
+        // columns), then linear_qkv; cross-attention: linear_q and linear_kv. `ins` lists
+        // the input projections' (name, dY, dY's input is the context, rows, out features)
+        // whose weight gradients run now or in backward_dw.
+        let mut ins: Vec<(&'static str, DeviceTensor, bool, usize, usize)> = Vec::new();
+        let (grad_input, grad_kv) = match &self.proj_in {
+            Projections::SelfAttention { qkv: lin_qkv } => {
+                let wq = lin_qkv.out_features();
+                let dqkv = self.alloc(&[n, wq], "grad linear_qkv output")?;
+                let mut partials = if c.qk_norm.is_some() {
+                    Some(crate::cuda::tensor::alloc_uninit::<f32>(
+                        st,
+                        n * 4 * hn,
+                        "norm partials",
+                    )?)
+                } else {
+                    None
+                };
+                let pp = self.prep_params(saved.mscale);
+                let qkv = acts
+                    .qkv
+                    .as_ref()
+                    .expect("self-attention saves linear_qkv's output");
+                let p = QkvPrepBwdParams {
+                    qkv: tptr(qkv, rt),
+                    dq: tptr(&dq, rt),
+                    dk: tptr(&dk, rt),
+                    dv: tptr(&dv, rt),
+                    dgate: opt_ptr(d_gate.as_ref(), rt),
+                    dqkv: tptr(&dqkv, rt),
+                    norm_partials: partials.as_ref().map_or(0, |p| dptr(p, rt)),
+                    q_norm_weight: pp.q_norm_weight,
+                    q_norm_bias: pp.q_norm_bias,
+                    k_norm_weight: pp.k_norm_weight,
+                    k_norm_bias: pp.k_norm_bias,
+                    positions: acts.positions.as_ref().map_or(0, |p| dptr(p, rt)),
+                    eps: pp.eps,
+                    rotary_base: pp.rotary_base,
+                    mscale: saved.mscale,
+                    num_tokens: to_i32("rows", n as i64)?,
+                    num_heads: np as i32,
+                    num_groups: ng as i32,
+                };
+                // SAFETY: qkv/dqkv [n, W], dq/dgate [n, np, hn], dk/dv [n, ng, hn], partials
+                // [n, 4, hn] f32, positions [n] (rope), norm weights [hn] (the layer's); one
+                // block per token.
+                unsafe { kern.launch_prep(st, n, &p)? };
+                if let Some(part) = partials.as_mut() {
+                    let mut sums = f32_tensor(st, &[4, hn], poison)?;
+                    kern.column_sum::<f32>(st, part, n, 4 * hn, sums.typed_mut("norm sums")?)?;
+                    let pick = |j: usize| -> Result<DeviceTensor> {
+                        let mut t = f32_tensor(st, &[hn], poison)?;
+                        let src = sums.typed::<f32>("norm sums")?;
+                        st.memcpy_dtod(
+                            &src.slice(j * hn..(j + 1) * hn),
+                            &mut t.typed_mut::<f32>("norm grad")?.slice_mut(..hn),
+                        )
+                        .map_err(crate::cuda::tensor::cuda_err("memcpy_dtod norm grad"))?;
+                        Ok(t)
+                    };
+                    for (role, j, present) in [
+                        ("q_layernorm.weight", 0, self.q_norm.0.is_some()),
+                        ("q_layernorm.bias", 1, self.q_norm.1.is_some()),
+                        ("k_layernorm.weight", 2, self.k_norm.0.is_some()),
+                        ("k_layernorm.bias", 3, self.k_norm.1.is_some()),
+                    ] {
+                        if present {
+                            params.insert(role.to_string(), pick(j)?);
+                        }
+                    }
                 }
+                // linear_qkv: dX = dQKV W.
+                let mut gi = self.alloc(&[n, h], "grad_input")?;
+                gemm_dgrad::<T>(rt, "linear_qkv", &dqkv, &lin_qkv.weight, n, &mut gi)?;
+                ins.push(("linear_qkv", dqkv, false, n, wq));
+                (gi.view(&saved.out_shape)?, None)
             }
-        }
-
-        // 5. linear_qkv: dX = dQKV W.
-        let mut grad_input = self.alloc(&[n, h], "grad_input")?;
-        gemm_dgrad::<T>(rt, "linear_qkv", &dqkv, &lin_qkv.weight, n, &mut grad_input)?;
-        let grad_input = grad_input.view(&saved.out_shape)?;
+            Projections::CrossAttention {
+                q: lin_q,
+                kv: lin_kv,
+            } => {
+                // linear_q's output gradient is dq itself ([n, np hn]); linear_kv's is dk and
+                // dv interleaved per head.
+                let dq = dq.view(&[n, np * hn])?;
+                let mut dkv = self.alloc(&[nk, 2 * np * hn], "grad linear_kv output")?;
+                kern.kv_interleave::<T>(st, &dk, &dv, &mut dkv)?;
+                let mut gi = self.alloc(&[n, h], "grad_input")?;
+                gemm_dgrad::<T>(rt, "linear_q", &dq, &lin_q.weight, n, &mut gi)?;
+                let mut gkv = self.alloc(&[nk, h], "grad_key_value_states")?;
+                gemm_dgrad::<T>(rt, "linear_kv", &dkv, &lin_kv.weight, nk, &mut gkv)?;
+                ins.push(("linear_q", dq, false, n, np * hn));
+                ins.push(("linear_kv", dkv, true, nk, 2 * np * hn));
+                let shape = saved.ctx_shape.clone().expect("cross-attention saves it");
+                (gi.view(&saved.out_shape)?, Some(gkv.view(&shape)?))
+            }
+        };
         if !opts.delay_wgrad {
-            self.run_dw(
-                &kern,
-                "linear_qkv",
-                (&dqkv, &acts.x),
-                (n, wq, h),
-                c.qkv_bias,
-                &mut params,
-            )?;
+            for (name, d, is_ctx, rows, outf) in &ins {
+                let x = if *is_ctx {
+                    acts.ctx
+                        .as_ref()
+                        .expect("cross-attention saves the context")
+                } else {
+                    &acts.x
+                };
+                self.run_dw(
+                    &kern,
+                    name,
+                    (d, x),
+                    (*rows, *outf, h),
+                    c.qkv_bias,
+                    &mut params,
+                )?;
+            }
         }
 
         // Consume the activations; keep what the delayed weight gradients read.
@@ -927,30 +1010,35 @@ impl CudaLayer {
             let proj_x = core.gated.unwrap_or(core.o);
             let mut dy_copy = self.alloc(&[n, h], "saved grad_output")?;
             copy_dtod(st, dy, &mut dy_copy)?;
-            Stage::PendingDw(vec![
-                PendingDw {
-                    name: "linear_proj",
-                    dy: dy_copy,
-                    x: proj_x,
-                    out: h,
-                    inp: np * hn,
-                    bias: false,
-                },
-                PendingDw {
-                    name: "linear_qkv",
-                    dy: dqkv,
-                    x: acts.x,
-                    out: wq,
+            let mut pending = vec![PendingDw {
+                name: "linear_proj",
+                dy: dy_copy,
+                x: proj_x,
+                rows: n,
+                out: h,
+                inp: np * hn,
+                bias: false,
+            }];
+            let (mut x, mut ctx) = (Some(acts.x), acts.ctx.take());
+            for (name, d, is_ctx, rows, outf) in ins {
+                let input = if is_ctx { ctx.take() } else { x.take() };
+                pending.push(PendingDw {
+                    name,
+                    dy: d,
+                    x: input.expect("each input feeds one projection"),
+                    rows,
+                    out: outf,
                     inp: h,
                     bias: c.qkv_bias,
-                },
-            ])
+                });
+            }
+            Stage::PendingDw(pending)
         } else {
             Stage::Done { delayed: false }
         };
         Ok(LayerGrads {
             grad_input,
-            grad_key_value_states: None,
+            grad_key_value_states: grad_kv,
             grad_attention_bias: None,
             params,
         })
@@ -984,7 +1072,7 @@ impl CudaLayer {
                 &kern,
                 p.name,
                 (&p.dy, &p.x),
-                (saved.n, p.out, p.inp),
+                (p.rows, p.out, p.inp),
                 p.bias,
                 &mut out,
             )?;
