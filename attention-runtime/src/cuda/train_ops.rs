@@ -604,6 +604,11 @@ pub(crate) fn gemm_wgrad_f32(
             msg: format!("{e:?}"),
         }
     };
+    // cuBLASLt runs in the current context: make it this stream's (cudarc's own matmul
+    // wrapper relies on an earlier binding).
+    st.context()
+        .bind_to_thread()
+        .map_err(super::tensor::cuda_err("cuCtxSetCurrent"))?;
     let (m, n, k) = (inp as u64, out as u64, rows as u64);
     let mut g = LtGuard {
         layouts: Vec::new(),
