@@ -8,7 +8,8 @@
 //!   own tensors and caches. The CPU layer is any [`AttentionLayer`] wrapped in [`CpuLayer`];
 //!   the CUDA layer is [`CudaLayer`].
 //! - [`TrainLayer`]: training (forward with a saved context, backward, delayed weight
-//!   gradients), implemented for [`CpuLayer`]; the CUDA backward plugs in the same way.
+//!   gradients), implemented for [`CpuLayer`] and [`CudaLayer`] (see
+//!   [`CudaLayer::forward_train_device`] for what the CUDA path saves and supports).
 //! - [`StaticCache`] / [`PagedCache`]: the bookkeeping of both backends' caches.
 //!
 //! Validation, positions and batch geometry of the cache steps are computed above the seam,
@@ -26,7 +27,8 @@ use std::sync::Arc;
 
 use crate::config::LayerConfig;
 use crate::cuda::{
-    CudaLayer, CudaRuntime, DevicePagedKvCache, DeviceStaticKvCache, DeviceTensor, ElemType,
+    CudaLayer, CudaRuntime, CudaSaved, DevicePagedKvCache, DeviceStaticKvCache, DeviceTensor,
+    ElemType,
 };
 use crate::error::Result;
 use crate::kv_cache::{BlockAllocator, PagedBatch, PagedKvCache, PagedRequest, StaticKvCache};
@@ -200,8 +202,9 @@ pub trait SavedForward {
 
 /// Training on a backend: a forward that saves what the backward needs, the backward of the
 /// whole layer, and the delayed weight gradients (Megatron's `backward_dw`). Implemented for
-/// [`CpuLayer`] by [`crate::train`]; a CUDA implementation plugs in with its own
-/// [`Saved`](Self::Saved) context. Shapes and semantics are [`crate::train`]'s.
+/// [`CpuLayer`] by [`crate::train`] and for [`CudaLayer`] (its own
+/// [`Saved`](Self::Saved) context, [`CudaSaved`]). Shapes and semantics are
+/// [`crate::train`]'s.
 ///
 /// Misuse is a typed error and changes nothing: a `grad_output` of another shape or dtype
 /// ([`crate::AttnError::Shape`] / [`crate::AttnError::DType`]), a backward on a context whose
@@ -263,6 +266,41 @@ impl<L: AttentionLayer> TrainLayer for CpuLayer<L> {
     }
     fn backward_dw(&self, saved: &mut CpuSaved) -> Result<BTreeMap<String, Tensor>> {
         crate::train::backward_dw(saved)
+    }
+}
+
+impl SavedForward for CudaSaved {
+    fn max_logit(&self) -> &[f32] {
+        CudaSaved::max_logit(self)
+    }
+    fn saved_bytes(&self) -> usize {
+        CudaSaved::saved_bytes(self)
+    }
+}
+
+/// Training on the GPU: gradients as device tensors, `grad_input` in the
+/// layer's dtype and the parameters' in f32 (see [`CudaLayer::forward_train_device`]).
+impl TrainLayer for CudaLayer {
+    type Saved = CudaSaved;
+    fn forward_train(
+        &self,
+        hidden: &DeviceTensor,
+        args: &ForwardArgs<'_>,
+        opts: &TrainOptions,
+    ) -> Result<(DeviceTensor, CudaSaved)> {
+        let (y, saved) = self.forward_train_device(hidden, args, opts)?;
+        Ok((y.view(hidden.shape())?, saved))
+    }
+    fn backward(
+        &self,
+        saved: &mut CudaSaved,
+        grad_output: &DeviceTensor,
+        opts: &BackwardOptions,
+    ) -> Result<LayerGrads<DeviceTensor>> {
+        self.backward_device(saved, grad_output, opts)
+    }
+    fn backward_dw(&self, saved: &mut CudaSaved) -> Result<BTreeMap<String, DeviceTensor>> {
+        self.backward_dw_device(saved)
     }
 }
 

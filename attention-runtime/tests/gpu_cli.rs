@@ -1,6 +1,6 @@
 //! `attn layer --device cuda` end to end on the GPU: the same Megatron-Core fixture through
 //! the CPU backend and through the CUDA backend (bf16), each compared with the reference
-//! system's output.
+//! system's output; `attn backward --device cuda` against the Megatron autograd fixture.
 //!
 //! On the GPU machine the binary comes from the bundle: `gpu-bundle/run.sh` sets `ATTN_BIN`
 //! and `ATTN_REPO_ROOT`; under cargo the test uses the freshly built `attn`.
@@ -88,4 +88,90 @@ fn attn_layer_cuda_matches_cpu_and_megatron() {
     assert!(e_cpu < 1e-5, "cpu vs Megatron-Core: {e_cpu}");
     assert!(e_cuda < 1e-2, "cuda (bf16) vs Megatron-Core: {e_cuda}");
     assert!(e_cc < 1e-2, "cuda vs cpu: {e_cc}");
+}
+
+/// Every tensor of a safetensors file of f32 tensors.
+fn read_f32(path: &std::path::Path) -> std::collections::BTreeMap<String, Tensor> {
+    let bytes = std::fs::read(path).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
+    let st = safetensors::SafeTensors::deserialize(&bytes).unwrap();
+    st.tensors()
+        .into_iter()
+        .filter(|(_, v)| v.dtype() == safetensors::Dtype::F32)
+        .map(|(name, v)| {
+            let data = v
+                .data()
+                .chunks_exact(4)
+                .map(|c| f32::from_le_bytes(c.try_into().unwrap()))
+                .collect();
+            (name, Tensor::new(v.shape(), data).unwrap())
+        })
+        .collect()
+}
+
+/// `attn backward --device cuda` (one-step and `--delay-wgrad --recompute core_attention`)
+/// writes the output, `grad_input` and every `grad.<name>` of the Megatron-Core autograd
+/// fixture within bf16 tolerance (3e-2 relative Frobenius; the output 1e-2), as f32.
+#[test]
+#[ignore = "requires a CUDA GPU"]
+fn attn_backward_cuda_matches_megatron() {
+    let d = repo_root().join("tests/fixtures/megatron_bwd/megatron");
+    let expected = read_f32(&d.join("expected.safetensors"));
+    for extra in [
+        &[][..],
+        &["--delay-wgrad", "--recompute", "core_attention"][..],
+    ] {
+        let out = std::env::temp_dir().join(format!(
+            "gpu-cli-bwd-{}-{}.safetensors",
+            extra.len(),
+            std::process::id()
+        ));
+        let input = d.join("input.safetensors");
+        let mut args = vec![
+            "backward",
+            "--spec",
+            "self, heads=8, gqa=2, head_dim=64, qk_layernorm=rms, rope, mask=causal",
+            "--weights",
+            d.join("weights.safetensors").to_str().unwrap(),
+            "--prefix",
+            "decoder.layers.0.self_attention.",
+            "--input",
+            input.to_str().unwrap(),
+            "--grad-output",
+            input.to_str().unwrap(),
+            "--output",
+            out.to_str().unwrap(),
+            "--device",
+            "cuda",
+        ]
+        .into_iter()
+        .map(String::from)
+        .collect::<Vec<_>>();
+        args.extend(extra.iter().map(|s| s.to_string()));
+        let o = Command::new(attn_bin())
+            .args(&args)
+            .output()
+            .expect("attn runs");
+        let stderr = String::from_utf8_lossy(&o.stderr);
+        assert!(
+            o.status.success(),
+            "attn backward --device cuda failed: {stderr}"
+        );
+        let got = read_f32(&out);
+        let mut checked = 0;
+        for (name, want) in &expected {
+            if !(name == "output" || name == "grad_input" || name.starts_with("grad.")) {
+                continue;
+            }
+            let g = got
+                .get(name)
+                .unwrap_or_else(|| panic!("{name} missing from the CUDA output"));
+            let e = rel_err(g, want);
+            let tol = if name == "output" { 1e-2 } else { 3e-2 };
+            println!("{extra:?} {name}: rel err {e:.2e}");
+            assert!(e < tol, "{name}: {e} >= {tol}");
+            checked += 1;
+        }
+        assert!(checked >= 5, "compared {checked} tensors");
+        let _ = std::fs::remove_file(&out);
+    }
 }

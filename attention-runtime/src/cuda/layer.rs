@@ -84,6 +84,9 @@ mod forward;
 mod kv_step;
 mod paged;
 mod prefill;
+mod train;
+
+pub use train::CudaSaved;
 
 fn bad(arg: &str, expected: impl Into<String>, got: impl Into<String>) -> AttnError {
     AttnError::InvalidArgument {

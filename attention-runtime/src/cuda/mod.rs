@@ -8,6 +8,9 @@
 //!   their launch.
 //! - [`layer`]: [`CudaLayer`], any [`AttentionLayer`](crate::AttentionLayer) on the GPU.
 //! - [`cross_cache`]: [`DeviceCrossKvCache`], cross-attention's cached encoder context.
+//! - [`train_ops`]: the layer backward's kernels around the attention backward
+//!   (`qkv_prep_backward`, gate backward, deterministic column sums) and its GEMMs; the
+//!   training entry points are [`CudaLayer::forward_train_device`] and friends.
 //!
 //! Everything a layer does is queued on its runtime's stream ([`CudaRuntime::stream`]: the
 //! device's default one, or a caller's through [`CudaRuntime::with_stream`] and
@@ -25,6 +28,7 @@ pub mod linear;
 pub mod params;
 pub mod prefill_sm80;
 pub mod tensor;
+pub mod train_ops;
 pub mod wrap;
 
 use std::collections::HashMap;
@@ -38,7 +42,7 @@ use crate::error::{AttnError, Result};
 
 pub use cross_cache::DeviceCrossKvCache;
 pub use kv_cache::{DevicePagedKvCache, DeviceStaticKvCache};
-pub use layer::CudaLayer;
+pub use layer::{CudaLayer, CudaSaved};
 pub use linear::DeviceLinear;
 pub use tensor::{DeviceData, DeviceElem, DeviceTensor, ElemType};
 pub use wrap::{DeviceTensorMut, DeviceTensorRef};

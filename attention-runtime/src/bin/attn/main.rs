@@ -55,7 +55,8 @@ enum Command {
     /// Writes `output` `[s, b, h]` and, when the layer has one, `output_bias` `[h]` (not added to
     /// the output, as the reference system returns it), both f32.
     Layer(Box<LayerArgs>),
-    /// Run one layer's forward and backward (training) on the CPU reference.
+    /// Run one layer's forward and backward (training) on the CPU reference or, with
+    /// `--device cuda`, the GPU (no mask tensors or bias there).
     ///
     /// Writes f32 tensors: `output` `[s, b, h]`, `output_bias` `[h]` (when the layer has one),
     /// `grad_input` `[s, b, h]`, `grad.<name>` for every parameter that gets a gradient
@@ -157,7 +158,8 @@ struct BackwardArgs {
     /// Where to write `output`, `grad_input` and `grad.<name>`.
     #[arg(long)]
     output: PathBuf,
-    /// `cpu` (the CUDA backward is not available yet).
+    /// `cpu`, `cuda` or `cuda:N`. The CUDA backward takes no mask tensors or bias (typed
+    /// errors otherwise); results are written as f32.
     #[arg(long, default_value = "cpu")]
     device: String,
     /// safetensors file with `positions` `[s]`: rope positions.
@@ -322,22 +324,8 @@ fn run_layer(a: &LayerArgs) -> Result<()> {
 fn run_backward(a: &BackwardArgs) -> Result<()> {
     use attention_runtime::backend::{CpuLayer, TrainLayer};
     use attention_runtime::train::{BackwardOptions, Recompute, TrainOptions};
-    // The device first: a CUDA backward plugs in through `TrainLayer` once it exists.
-    match a.device.as_str() {
-        "cpu" => {}
-        d if d == "cuda" || d.starts_with("cuda:") => {
-            return Err(AttnError::BackendUnavailable(format!(
-                "the CUDA backward is not available yet (--device {d}); use --device cpu"
-            )))
-        }
-        other => {
-            return Err(AttnError::InvalidArgument {
-                arg: "--device".into(),
-                expected: "cpu (or cuda, once the CUDA backward exists)".into(),
-                got: other.into(),
-            })
-        }
-    }
+    // The device first (a missing GPU is a typed error before any file is read).
+    let device = Device::from_flag(&a.device)?;
     let recompute = match a.recompute.as_str() {
         "none" => Recompute::None,
         "core_attention" => Recompute::CoreAttention,
@@ -349,7 +337,7 @@ fn run_backward(a: &BackwardArgs) -> Result<()> {
             })
         }
     };
-    eprintln!("attn: running on the {}", Device::Cpu);
+    eprintln!("attn: running on the {device}");
     let dims = RuntimeDims {
         heads: a.heads,
         groups: a.groups,
@@ -390,16 +378,47 @@ fn run_backward(a: &BackwardArgs) -> Result<()> {
         ..ForwardArgs::default()
     };
     let output_bias = layer.parts().output_bias().cloned();
-    let cpu = CpuLayer::new(layer);
-    let (output, mut saved) = cpu.forward_train(&input, &args, &TrainOptions { recompute })?;
     let opts = BackwardOptions {
         delay_wgrad: a.delay_wgrad,
         want_bias_grad: bias.is_some(),
     };
-    let mut grads = cpu.backward(&mut saved, &grad_output, &opts)?;
-    if a.delay_wgrad {
-        grads.params.extend(cpu.backward_dw(&mut saved)?);
-    }
+    let topts = TrainOptions { recompute };
+    let (output, grads) = match &device {
+        Device::Cpu => {
+            let cpu = CpuLayer::new(layer);
+            let (output, mut saved) = cpu.forward_train(&input, &args, &topts)?;
+            let mut grads = cpu.backward(&mut saved, &grad_output, &opts)?;
+            if a.delay_wgrad {
+                grads.params.extend(cpu.backward_dw(&mut saved)?);
+            }
+            (output, grads)
+        }
+        Device::Cuda(d) => {
+            // The layer's dtype on the GPU; every result comes back as f32.
+            use attention_runtime::backend::{Backend, BackendLayer};
+            let gpu = attention_runtime::cuda::CudaLayer::new(&layer, d)?;
+            let be = gpu.backend();
+            let x = be.upload(&input)?;
+            let dy = be.upload(&grad_output)?;
+            let (y, mut saved) = gpu.forward_train(&x, &args, &topts)?;
+            let mut g = gpu.backward(&mut saved, &dy, &opts)?;
+            if a.delay_wgrad {
+                g.params.extend(gpu.backward_dw(&mut saved)?);
+            }
+            let host = |t: &attention_runtime::cuda::DeviceTensor| be.download(t);
+            let grads = attention_runtime::train::LayerGrads {
+                grad_input: host(&g.grad_input)?,
+                grad_key_value_states: g.grad_key_value_states.as_ref().map(host).transpose()?,
+                grad_attention_bias: g.grad_attention_bias.as_ref().map(host).transpose()?,
+                params: g
+                    .params
+                    .iter()
+                    .map(|(k, t)| Ok((k.clone(), host(t)?)))
+                    .collect::<Result<_>>()?,
+            };
+            (host(&y)?, grads)
+        }
+    };
     let mut tensors = vec![("output".to_string(), output)];
     if let Some(b) = output_bias {
         tensors.push(("output_bias".to_string(), b));

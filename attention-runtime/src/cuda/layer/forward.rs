@@ -6,16 +6,16 @@ use super::*;
 /// Sequence geometry of one forward.
 pub(super) struct Geometry {
     /// Rows (tokens) of the queries and the keys.
-    nq: usize,
-    nk: usize,
+    pub(super) nq: usize,
+    pub(super) nk: usize,
     /// `batch` argument: b (padded) or the number of sequences (packed).
-    batch: usize,
+    pub(super) batch: usize,
     /// `seqlen_q` / `seqlen_k` (padded), longest sequences (packed).
-    sq: usize,
-    sk: usize,
+    pub(super) sq: usize,
+    pub(super) sk: usize,
     /// Device cu_seqlens (packed only).
-    cu_q: Option<CudaSlice<i32>>,
-    cu_k: Option<CudaSlice<i32>>,
+    pub(super) cu_q: Option<CudaSlice<i32>>,
+    pub(super) cu_k: Option<CudaSlice<i32>>,
 }
 
 impl CudaLayer {
@@ -57,7 +57,7 @@ impl CudaLayer {
         }
     }
 
-    fn geometry(
+    pub(super) fn geometry(
         &self,
         hidden: &DeviceTensor,
         ctx: Option<&DeviceTensor>,
@@ -141,7 +141,7 @@ impl CudaLayer {
     }
 
     /// Rope position of every query row, as the CPU layer computes them.
-    fn positions(&self, g: &Geometry, args: &ForwardArgs<'_>) -> Result<Vec<i32>> {
+    pub(super) fn positions(&self, g: &Geometry, args: &ForwardArgs<'_>) -> Result<Vec<i32>> {
         let packed = args.packed.is_some();
         let s = if packed { g.nq } else { g.sq };
         let b = if packed { 1 } else { g.batch };
