@@ -335,7 +335,7 @@ impl CudaLayer {
         }
         // templates/layer_backward.cu holds whole 32-channel chunks per lane; head dim 80
         // (partial third chunk) is not handled there yet.
-        if !BACKWARD_HEAD_DIMS.contains(&c.head_dim) || c.head_dim % 32 != 0 {
+        if !BACKWARD_HEAD_DIMS.contains(&c.head_dim) || !c.head_dim.is_multiple_of(32) {
             return Err(bad(
                 "head_dim",
                 format!(
