@@ -332,7 +332,7 @@ fn l2_norm_off_by_one_sinks_hd96_f16() {
 fn mha_half_partial_rope_gate_bottom_right_window() {
     check(
         "self, heads=4, head_dim=64, hidden=128, rope, rotary_percent=0.5, output_gate, \
-         window=(7, 3), mask=causal_bottom_right",
+         window=(7, 0), mask=causal_bottom_right",
         true,
     );
 }
