@@ -6,6 +6,7 @@
 #   bench-all.sh OUT [SECTION ...]        default sections: prefill decode layer
 #
 #   prefill            attn bench prefill  -> OUT/prefill.{json,svg,log}
+#   backward           attn bench backward -> OUT/backward.{json,svg,log} (not a default)
 #   decode             attn bench decode   -> OUT/decode.{json,svg,log}
 #   layer              attn bench layer, every preset          -> OUT/layer.{json,svg,log}
 #   layer:P1[,P2]      only those presets (llama3-8b, llama3.2-1b) -> OUT/layer-P1[-P2].{...}
@@ -19,11 +20,11 @@
 #
 # Environment: ATTN (the attn binary; default bin/attn beside this script, as in
 # gpu-bundle/, else target/release/attn), NCU (default: `ncu` on PATH, else
-# /usr/local/cuda/bin/ncu), LAYER_ARGS / PREFILL_ARGS / DECODE_ARGS (extra arguments, word
+# /usr/local/cuda/bin/ncu), LAYER_ARGS / PREFILL_ARGS / BACKWARD_ARGS / DECODE_ARGS (extra arguments, word
 # split, e.g. LAYER_ARGS="--cases prefill,decode --batches 1,16").
 set -uo pipefail
 here="$(cd "$(dirname "$0")" && pwd)"
-out="${1:?usage: bench-all.sh OUT [prefill] [decode] [layer[:PRESETS]] ...}"
+out="${1:?usage: bench-all.sh OUT [prefill] [backward] [decode] [layer[:PRESETS]] ...}"
 shift
 mkdir -p "$out"
 if [ -x "$here/bin/attn" ]; then
@@ -36,6 +37,7 @@ NCU="${NCU:-$(command -v ncu || echo /usr/local/cuda/bin/ncu)}"
 read -r -a layer_args <<<"${LAYER_ARGS:-}"
 read -r -a prefill_args <<<"${PREFILL_ARGS:-}"
 read -r -a decode_args <<<"${DECODE_ARGS:-}"
+read -r -a backward_args <<<"${BACKWARD_ARGS:-}"
 sections=("$@")
 [ ${#sections[@]} -eq 0 ] && sections=(prefill decode layer)
 status=0
@@ -48,6 +50,11 @@ for s in "${sections[@]}"; do
       stamp "attn bench prefill"
       "$ATTN" bench prefill --sdpa-script "$here/bench_sdpa.py" --json "$out/prefill.json" \
         "${prefill_args[@]}" 2>&1 | tee "$out/prefill.log" || status=1
+      ;;
+    backward)
+      stamp "attn bench backward"
+      "$ATTN" bench backward --sdpa-script "$here/bench_sdpa.py" --json "$out/backward.json" \
+        "${backward_args[@]}" 2>&1 | tee "$out/backward.log" || status=1
       ;;
     decode)
       stamp "attn bench decode"
@@ -88,7 +95,7 @@ for s in "${sections[@]}"; do
         --json "$out/$name.json" "${ncu_args[@]}" "${layer_args[@]}" 2>&1 | tee "$out/$name.log" || status=1
       ;;
     *)
-      echo "unknown section $s (prefill, decode, layer, layer:PRESETS)" >&2
+      echo "unknown section $s (prefill, backward, decode, layer, layer:PRESETS)" >&2
       status=1
       continue
       ;;

@@ -1,6 +1,6 @@
 #!/usr/bin/env python3
-"""PyTorch SDPA baselines for `attn bench prefill` (default, `--mode prefill`) and
-`attn bench decode` (`--mode decode`).
+"""PyTorch SDPA baselines for `attn bench prefill` (default, `--mode prefill`),
+`attn bench backward` (`--mode backward`) and `attn bench decode` (`--mode decode`).
 
 Prefill mode: the FLASH_ATTENTION and CUDNN_ATTENTION backends on the same shapes and with the
 same timing method as the Rust bench.
@@ -14,6 +14,15 @@ that each call reads q/k/v that are not in L2.
 Output: one flat JSON object per line on stdout, with backend, head_dim, causal, seqlen,
 batch, heads, ms, tflops (FLOPs = 4 b h s^2 d, halved for causal). A backend that fails on
 a shape prints ms/tflops null and the reason on stderr.
+
+Backward mode: the prefill shapes (and the same L2-beating input rotation, over q, k, v and
+dout); per backend (FLASH_ATTENTION, CUDNN_ATTENTION) and shape, q/k/v are leaf tensors
+(requires_grad) and the forward `out = F.scaled_dot_product_attention(q, k, v, is_causal=...)`
+runs once per input set outside the timed region, under the backend. Timed: CUDA events around
+`torch.autograd.grad(out, (q, k, v), dout, retain_graph=True)`, i.e. SDPA's whole backward
+(its own preprocess, e.g. flash's dot(dO, O), and its dQ accumulation/conversion included;
+no .grad accumulation), after --warmup calls, median of --reps. FLOPs = 2.5 x the forward's.
+Same output lines as prefill mode.
 
 Decode mode: one new token per sequence, q [b, heads, 1, hd] against a filled cache k/v
 [b, groups, ctx, hd] (bf16, contiguous), FLASH_ATTENTION backend with enable_gqa=True. If the
@@ -141,9 +150,62 @@ def run_decode(a):
             print(json.dumps(rec), flush=True)
 
 
+def run_backward(a):
+    dev = torch.device("cuda")
+    l2 = torch.cuda.get_device_properties(dev).L2_cache_size
+    n = a.total_tokens * a.hidden
+    set_bytes = 5 * n * 2  # q, k, v, dout, and the saved out
+    sets = max(2, -(-4 * l2 // set_bytes))
+    gen = torch.Generator(device=dev).manual_seed(0)
+    flat = [
+        [(torch.rand(n, device=dev, generator=gen, dtype=torch.float32) * 3.4 - 1.7).to(torch.bfloat16)
+         for _ in range(4)]
+        for _ in range(sets)
+    ]
+    backends = [("flash", SDPBackend.FLASH_ATTENTION), ("cudnn", SDPBackend.CUDNN_ATTENTION)]
+    for hd in [int(x) for x in a.head_dims.split(",")]:
+        heads = a.hidden // hd
+        for causal in (True, False):
+            for s in [int(x) for x in a.seqlens.split(",")]:
+                b = a.total_tokens // s
+                flops = 2.5 * 4.0 * b * heads * s * s * hd / (2.0 if causal else 1.0)
+                for name, be in backends:
+                    rec = {"backend": name, "head_dim": hd, "causal": causal, "seqlen": s,
+                           "batch": b, "heads": heads, "ms": None, "tflops": None}
+                    graphs = []
+                    try:
+                        with sdpa_kernel([be]):
+                            # Forward once per set, untimed; the graph is kept for the
+                            # repeated backward (retain_graph).
+                            for st in flat:
+                                q, k, v, do = [t.view(b, s, heads, hd).transpose(1, 2) for t in st]
+                                q, k, v = [t.detach().requires_grad_() for t in (q, k, v)]
+                                out = F.scaled_dot_product_attention(q, k, v, is_causal=causal)
+                                graphs.append((out, (q, k, v), do))
+                            times = []
+                            for it in range(a.warmup + a.reps):
+                                out, inp, do = graphs[it % sets]
+                                st = torch.cuda.Event(enable_timing=True)
+                                en = torch.cuda.Event(enable_timing=True)
+                                st.record()
+                                torch.autograd.grad(out, inp, do, retain_graph=True)
+                                en.record()
+                                en.synchronize()
+                                if it >= a.warmup:
+                                    times.append(st.elapsed_time(en))
+                        ms = statistics.median(times)
+                        rec["ms"] = ms
+                        rec["tflops"] = flops / (ms * 1e-3) / 1e12
+                    except Exception as e:  # a backend may not support a shape
+                        print(f"sdpa {name} backward hd{hd} causal={causal} s{s}: {e}", file=sys.stderr)
+                    del graphs
+                    torch.cuda.empty_cache()
+                    print(json.dumps(rec), flush=True)
+
+
 def main():
     ap = argparse.ArgumentParser()
-    ap.add_argument("--mode", choices=["prefill", "decode"], default="prefill")
+    ap.add_argument("--mode", choices=["prefill", "backward", "decode"], default="prefill")
     ap.add_argument("--head-dims", default="64,128,256")
     ap.add_argument("--seqlens", default="512,1024,2048,4096,8192,16384")
     ap.add_argument("--total-tokens", type=int, default=16384)
@@ -163,6 +225,9 @@ def main():
         sys.exit("bench_sdpa.py: PyTorch is not installed")
     if a.mode == "decode":
         run_decode(a)
+        return
+    if a.mode == "backward":
+        run_backward(a)
         return
     dev = torch.device("cuda")
     l2 = torch.cuda.get_device_properties(dev).L2_cache_size

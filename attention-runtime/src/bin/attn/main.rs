@@ -13,7 +13,7 @@
 //! attn catalog
 //! attn render --spec "<spec>" [--head-dim D]
 //! attn aot --arch sm_90a[,sm_80,...] (--catalog | --spec "<spec>" [--head-dim D]) [--cache-dir DIR] [--list]
-//! attn bench prefill|decode|layer [...]                 (GPU; see the `bench` module)
+//! attn bench prefill|backward|decode|layer [...]                 (GPU; see the `bench` module)
 //! ```
 //!
 //! Built with the `cli` feature of `attention-runtime` (its dependencies, clap, indicatif
@@ -66,7 +66,7 @@ enum Command {
     Backward(Box<BackwardArgs>),
     /// List the catalog's models and kernels.
     Catalog,
-    /// Benchmarks (GPU): `attn bench prefill|decode|layer` (see `attn bench --help`).
+    /// Benchmarks (GPU): `attn bench prefill|backward|decode|layer` (see `attn bench --help`).
     #[command(subcommand)]
     Bench(bench::BenchCommand),
     /// Print the rendered kernel sources for one spec.

@@ -1,7 +1,10 @@
-//! `attn bench prefill|decode|layer`: GPU benchmarks of the library's kernels against PyTorch SDPA.
+//! `attn bench prefill|backward|decode|layer`: GPU benchmarks of the library's kernels against PyTorch SDPA.
 //!
 //! - [`prefill`]: the `prefill_*_sm80` kernel over head dims x causal x seqlens (TFLOP/s), plus the
 //!   kernel cache's cold compile and warm start; its results in [`prefill_report`].
+//! - [`backward`]: the attention backward (preprocess + dK/dV + dQ) against SDPA flash and
+//!   cuDNN backward on the prefill bench's shapes (TFLOP/s at 2.5 x forward FLOPs); its
+//!   results in [`backward_report`].
 //! - [`decode`]: the fused decode step over contexts x batches (GB/s), next to the card's copy
 //!   bandwidth; its results in [`decode_report`].
 //! - [`layer`]: the whole layer through the public API against the same layer in PyTorch;
@@ -12,6 +15,8 @@
 //!
 //! Part of the CLI, not of the library: it needs only the library's public API.
 
+mod backward;
+mod backward_report;
 mod chart;
 mod common;
 mod decode;
@@ -34,6 +39,11 @@ pub enum BenchCommand {
     /// head dims x causal/non-causal x seqlens at a fixed token count, bf16, CUDA events,
     /// median after warm-up, inputs rotated beyond L2. Prints a ratio table.
     Prefill(BenchPrefillArgs),
+    /// Time the attention backward (D preprocess + dK/dV + dQ, given the forward's O and LSE,
+    /// computed untimed) against PyTorch SDPA's flash and cuDNN backward on the same shapes:
+    /// head dims x causal/non-causal x seqlens at a fixed token count, bf16, CUDA events,
+    /// median after warm-up, inputs rotated beyond L2. TFLOP/s at 2.5 x the forward's FLOPs.
+    Backward(BenchBackwardArgs),
     /// Time the fused decode step (decode_splitkv: rope + KV append + split-KV attention + combine)
     /// against PyTorch SDPA's flash backend: bf16, one new token per sequence over a filled
     /// cache, contexts x batches, GB/s of the K/V read once, CUDA events, median after
@@ -186,10 +196,52 @@ pub struct BenchPrefillArgs {
     sdpa_script: String,
 }
 
+#[derive(clap::Args)]
+pub struct BenchBackwardArgs {
+    /// Write the JSON report here, and the SVG chart beside it (same name, `.svg`).
+    #[arg(long)]
+    json: Option<std::path::PathBuf>,
+    /// Head dims, comma separated (each divides --hidden).
+    #[arg(long, value_delimiter = ',', default_value = "64,128,256")]
+    head_dims: Vec<usize>,
+    /// Sequence lengths, comma separated (each divides --total-tokens).
+    #[arg(long, value_delimiter = ',', default_value = "2048,4096,8192,16384")]
+    seqlens: Vec<usize>,
+    /// Tokens per launch (batch = total / seqlen).
+    #[arg(long, default_value_t = 16384)]
+    total_tokens: usize,
+    /// Model width: heads = hidden / head_dim.
+    #[arg(long, default_value_t = 2048)]
+    hidden: usize,
+    /// Timed launches per shape (median reported).
+    #[arg(long, default_value_t = 10)]
+    reps: usize,
+    /// Untimed launches per shape first.
+    #[arg(long, default_value_t = 3)]
+    warmup: usize,
+    /// The SDPA baseline script, run with `--mode backward` (`none` to skip).
+    #[arg(long, default_value = "scripts/bench_sdpa.py")]
+    sdpa_script: String,
+}
+
 /// Run one `attn bench` subcommand and print its table.
 pub fn run(cmd: &BenchCommand) -> Result<()> {
     let a = match cmd {
         BenchCommand::Prefill(a) => a,
+        BenchCommand::Backward(b) => {
+            let opts = backward::BackwardOptions {
+                head_dims: b.head_dims.clone(),
+                seqlens: b.seqlens.clone(),
+                total_tokens: b.total_tokens,
+                hidden: b.hidden,
+                reps: b.reps,
+                warmup: b.warmup,
+                sdpa_script: (b.sdpa_script != "none").then(|| b.sdpa_script.clone().into()),
+                json: b.json.clone(),
+            };
+            println!("{}", backward::run_backward(&opts)?);
+            return Ok(());
+        }
         BenchCommand::Layer(l) => {
             let mut shapes = Vec::new();
             for p in &l.presets {
