@@ -6,7 +6,9 @@
 #   bench-all.sh OUT [SECTION ...]        default sections: prefill decode layer
 #
 #   prefill            attn bench prefill  -> OUT/prefill.{json,svg,log}
-#   backward           attn bench backward -> OUT/backward.{json,svg,log} (not a default)
+#   backward           attn bench backward -> OUT/backward.{json,svg,log}, then
+#                      attn bench backward --layer -> OUT/backward-layer.{json,svg,log}
+#                      (not a default section)
 #   decode             attn bench decode   -> OUT/decode.{json,svg,log}
 #   layer              attn bench layer, every preset          -> OUT/layer.{json,svg,log}
 #   layer:P1[,P2]      only those presets (llama3-8b, llama3.2-1b) -> OUT/layer-P1[-P2].{...}
@@ -20,8 +22,9 @@
 #
 # Environment: ATTN (the attn binary; default bin/attn beside this script, as in
 # gpu-bundle/, else target/release/attn), NCU (default: `ncu` on PATH, else
-# /usr/local/cuda/bin/ncu), LAYER_ARGS / PREFILL_ARGS / BACKWARD_ARGS / DECODE_ARGS (extra arguments, word
-# split, e.g. LAYER_ARGS="--cases prefill,decode --batches 1,16").
+# /usr/local/cuda/bin/ncu), LAYER_ARGS / PREFILL_ARGS / BACKWARD_ARGS / BACKWARD_LAYER_ARGS /
+# DECODE_ARGS (extra arguments, word split, e.g. LAYER_ARGS="--cases prefill,decode
+# --batches 1,16").
 set -uo pipefail
 here="$(cd "$(dirname "$0")" && pwd)"
 out="${1:?usage: bench-all.sh OUT [prefill] [backward] [decode] [layer[:PRESETS]] ...}"
@@ -38,6 +41,7 @@ read -r -a layer_args <<<"${LAYER_ARGS:-}"
 read -r -a prefill_args <<<"${PREFILL_ARGS:-}"
 read -r -a decode_args <<<"${DECODE_ARGS:-}"
 read -r -a backward_args <<<"${BACKWARD_ARGS:-}"
+read -r -a backward_layer_args <<<"${BACKWARD_LAYER_ARGS:-}"
 sections=("$@")
 [ ${#sections[@]} -eq 0 ] && sections=(prefill decode layer)
 status=0
@@ -55,6 +59,10 @@ for s in "${sections[@]}"; do
       stamp "attn bench backward"
       "$ATTN" bench backward --sdpa-script "$here/bench_sdpa.py" --json "$out/backward.json" \
         "${backward_args[@]}" 2>&1 | tee "$out/backward.log" || status=1
+      stamp "attn bench backward --layer"
+      "$ATTN" bench backward --layer --torch-script "$here/bench_layer.py" \
+        --json "$out/backward-layer.json" "${backward_layer_args[@]}" 2>&1 |
+        tee "$out/backward-layer.log" || status=1
       ;;
     decode)
       stamp "attn bench decode"

@@ -16,6 +16,12 @@ reason on stderr; an empty list skips a case):
            cache [b, groups, ctx + 1, hd]: linear_qkv, norm, rope at the position, the new
            k/v written into the cache, attention over the cache, linear_proj. Timed eager
            and as a CUDA graph replay, for each backend (graph only where eager worked).
+  train:   (only with --train-seqlens) one training step over one sequence of each length,
+           causal: the layer's forward under autograd (x, w_qkv, w_proj and the two norm
+           weights require grad) and `torch.autograd.grad(out, [x, w_qkv, w_proj, q_norm,
+           k_norm], dout)` (no .grad accumulation). Events before the forward, between
+           forward and backward and after the backward: fwd_ms, bwd_ms and ms (the step),
+           each the median of --reps after --warmup steps.
 Timing: CUDA events. prefill and chunk: --warmup calls, then the median of --reps calls,
 each timed on its own. decode: --warmup steps, then --reps steps queued back to back
 between two events, time per step = span / reps (as `attn bench layer` times its steps: the
@@ -111,6 +117,54 @@ def timed_queued(fn, warmup, reps):
     return a.elapsed_time(e) / max(reps, 1)
 
 
+def run_train(a, L, cos, sin, backends, shape, dev, seqlens):
+    """One training step (forward + backward, autograd) per seqlen and backend."""
+    params = [t.detach().clone().requires_grad_() for t in (L.w_qkv, L.w_proj, L.qn, L.kn)]
+    T = Layer.__new__(Layer)
+    T.h, T.np, T.ng, T.hd = L.h, L.np, L.ng, L.hd
+    T.w_qkv, T.w_proj, T.qn, T.kn = params
+    for s in seqlens:
+        x = ((torch.rand(1, s, a.hidden, device=dev) * 2 - 1).to(torch.bfloat16)).requires_grad_()
+        dy = (torch.rand(1, s, a.hidden, device=dev) * 2 - 1).to(torch.bfloat16)
+        pos = torch.arange(s, device=dev)[None, :]
+        inputs = [x] + params
+        for name, be in backends:
+            rec = dict(case="train", backend=name, tokens=s, ctx=0, batch=1, ms=None,
+                       fwd_ms=None, bwd_ms=None, **shape)
+            try:
+                with sdpa_kernel([be]):
+                    def fwd():
+                        q, k, v = T.qkv(x, pos, cos, sin)
+                        o = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True)
+                        return T.proj(o)
+                    out = fwd()
+                    grads = torch.autograd.grad(out, inputs, dy)
+                    torch.cuda.synchronize()
+                    if not all(bool(torch.isfinite(g).all()) for g in grads):
+                        raise RuntimeError("non-finite gradient")
+                    del out, grads
+                    fw, bw, st = [], [], []
+                    for it in range(a.warmup + a.reps):
+                        ev = [torch.cuda.Event(enable_timing=True) for _ in range(3)]
+                        ev[0].record()
+                        out = fwd()
+                        ev[1].record()
+                        torch.autograd.grad(out, inputs, dy)
+                        ev[2].record()
+                        ev[2].synchronize()
+                        del out
+                        if it >= a.warmup:
+                            fw.append(ev[0].elapsed_time(ev[1]))
+                            bw.append(ev[1].elapsed_time(ev[2]))
+                            st.append(ev[0].elapsed_time(ev[2]))
+                rec.update(ms=statistics.median(st), fwd_ms=statistics.median(fw),
+                           bwd_ms=statistics.median(bw))
+            except Exception as e:
+                print(f"bench_layer train {name} s{s}: {e}", file=sys.stderr)
+            torch.cuda.empty_cache()
+            print(json.dumps(rec), flush=True)
+
+
 def ints(text):
     """A comma-separated list of ints; an empty string is an empty list."""
     return [int(x) for x in text.split(",") if x.strip()]
@@ -130,6 +184,7 @@ def main():
     ap.add_argument("--max-cache-bytes", type=int, default=24 << 30)
     ap.add_argument("--warmup", type=int, default=5)
     ap.add_argument("--reps", type=int, default=20)
+    ap.add_argument("--train-seqlens", default="", help="training step (fwd + bwd) lengths")
     a = ap.parse_args()
     if torch is None:
         sys.exit("bench_layer.py: PyTorch is not installed")
@@ -138,7 +193,8 @@ def main():
     shape = {"hidden": a.hidden, "heads": a.heads, "groups": a.groups, "head_dim": a.head_dim}
     backends = [("flash", SDPBackend.FLASH_ATTENTION), ("cudnn", SDPBackend.CUDNN_ATTENTION)]
     seqlens, batches, contexts = ints(a.seqlens), ints(a.batches), ints(a.contexts)
-    max_pos = max([c + 1 for c in contexts] + seqlens + [a.ctx_before + a.chunk, 1])
+    train_seqlens = ints(a.train_seqlens)
+    max_pos = max([c + 1 for c in contexts] + seqlens + train_seqlens + [a.ctx_before + a.chunk, 1])
     cos, sin = rope_tables(max_pos, a.head_dim, 10000.0, dev)
     for s in seqlens:
         x = (torch.rand(1, s, a.hidden, device=dev) * 2 - 1).to(torch.bfloat16)
@@ -161,6 +217,8 @@ def main():
             except Exception as e:
                 print(f"bench_layer prefill {name} s{s}: {e}", file=sys.stderr)
             print(json.dumps(rec), flush=True)
+    if train_seqlens:
+        run_train(a, L, cos, sin, backends, shape, dev, train_seqlens)
     if a.chunk > 0:
         run_chunk(a, L, cos, sin, backends, shape, dev)
     for ctx in contexts:

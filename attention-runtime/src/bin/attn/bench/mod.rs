@@ -4,7 +4,8 @@
 //!   kernel cache's cold compile and warm start; its results in [`prefill_report`].
 //! - [`backward`]: the attention backward (preprocess + dK/dV + dQ) against SDPA flash and
 //!   cuDNN backward on the prefill bench's shapes (TFLOP/s at 2.5 x forward FLOPs); its
-//!   results in [`backward_report`].
+//!   results in [`backward_report`]; with `--layer`, [`backward_layer`]: the layer's training
+//!   step (forward + backward) against the same layer in PyTorch (autograd).
 //! - [`decode`]: the fused decode step over contexts x batches (GB/s), next to the card's copy
 //!   bandwidth; its results in [`decode_report`].
 //! - [`layer`]: the whole layer through the public API against the same layer in PyTorch;
@@ -16,6 +17,7 @@
 //! Part of the CLI, not of the library: it needs only the library's public API.
 
 mod backward;
+mod backward_layer;
 mod backward_report;
 mod chart;
 mod common;
@@ -43,6 +45,8 @@ pub enum BenchCommand {
     /// computed untimed) against PyTorch SDPA's flash and cuDNN backward on the same shapes:
     /// head dims x causal/non-causal x seqlens at a fixed token count, bf16, CUDA events,
     /// median after warm-up, inputs rotated beyond L2. TFLOP/s at 2.5 x the forward's FLOPs.
+    /// With --layer: the whole layer's training step (forward_train + backward on device
+    /// tensors) against the PyTorch layer of bench_layer.py under autograd (SDPA flash, cuDNN).
     Backward(BenchBackwardArgs),
     /// Time the fused decode step (decode_splitkv: rope + KV append + split-KV attention + combine)
     /// against PyTorch SDPA's flash backend: bf16, one new token per sequence over a filled
@@ -222,12 +226,47 @@ pub struct BenchBackwardArgs {
     /// The SDPA baseline script, run with `--mode backward` (`none` to skip).
     #[arg(long, default_value = "scripts/bench_sdpa.py")]
     sdpa_script: String,
+    /// Time the layer's training step (forward + backward) instead of the kernels.
+    #[arg(long)]
+    layer: bool,
+    /// --layer: layer presets, comma separated (`llama3-8b`, `llama3.2-1b` or `hd64`).
+    #[arg(long, value_delimiter = ',', default_value = "llama3-8b")]
+    presets: Vec<String>,
+    /// --layer: sequence lengths (one sequence each), comma separated.
+    #[arg(long, value_delimiter = ',', default_value = "2048,8192")]
+    layer_seqlens: Vec<usize>,
+    /// --layer: the PyTorch layer script, run with `--train-seqlens` (`none` to skip).
+    #[arg(long, default_value = "scripts/bench_layer.py")]
+    torch_script: String,
 }
 
 /// Run one `attn bench` subcommand and print its table.
 pub fn run(cmd: &BenchCommand) -> Result<()> {
     let a = match cmd {
         BenchCommand::Prefill(a) => a,
+        BenchCommand::Backward(b) if b.layer => {
+            let shapes = b
+                .presets
+                .iter()
+                .map(|p| {
+                    layer_report::LayerShape::preset(p).ok_or_else(|| AttnError::InvalidArgument {
+                        arg: "presets".into(),
+                        expected: "llama3-8b, llama3.2-1b (hd64)".into(),
+                        got: p.clone(),
+                    })
+                })
+                .collect::<Result<Vec<_>>>()?;
+            let opts = backward_layer::TrainStepOptions {
+                shapes,
+                seqlens: b.layer_seqlens.clone(),
+                warmup: b.warmup,
+                reps: b.reps,
+                torch_script: (b.torch_script != "none").then(|| b.torch_script.clone().into()),
+                json: b.json.clone(),
+            };
+            println!("{}", backward_layer::run_train_step(&opts)?);
+            return Ok(());
+        }
         BenchCommand::Backward(b) => {
             let opts = backward::BackwardOptions {
                 head_dims: b.head_dims.clone(),
