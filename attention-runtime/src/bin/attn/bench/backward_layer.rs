@@ -296,38 +296,47 @@ pub fn run_train_step(o: &TrainStepOptions) -> Result<String> {
         let st = cuda.runtime().stream().clone();
         let args = ForwardArgs::default();
         for &s in &o.seqlens {
-            let x = random_hidden(&st, &[s, 1, shape.hidden], s as u64)?;
-            let dy = random_hidden(&st, &[s, 1, shape.hidden], s as u64 + 1)?;
-            let (mut fw, mut bw, mut step) = (Vec::new(), Vec::new(), Vec::new());
-            for it in 0..o.warmup + o.reps {
-                let ev = || {
-                    st.record_event(Some(CU_EVENT_DEFAULT))
-                        .map_err(cuda_err("record event"))
-                };
-                let e0 = ev()?;
-                let (y, mut saved) =
-                    cuda.forward_train_device(&x, &args, &TrainOptions::default())?;
-                let e1 = ev()?;
-                let grads = cuda.backward_device(&mut saved, &dy, &BackwardOptions::default())?;
-                let e2 = ev()?;
-                let f = e0.elapsed_ms(&e1).map_err(cuda_err("train forward"))? as f64;
-                let b = e1.elapsed_ms(&e2).map_err(cuda_err("train backward"))? as f64;
-                drop((y, saved, grads));
-                if it >= o.warmup {
-                    fw.push(f);
-                    bw.push(b);
-                    step.push(f + b);
+            // A failed step is a note and an n/a row, not the end of the run.
+            let time_steps = || -> Result<StepMs> {
+                let x = random_hidden(&st, &[s, 1, shape.hidden], s as u64)?;
+                let dy = random_hidden(&st, &[s, 1, shape.hidden], s as u64 + 1)?;
+                let (mut fw, mut bw, mut step) = (Vec::new(), Vec::new(), Vec::new());
+                for it in 0..o.warmup + o.reps {
+                    let ev = || {
+                        st.record_event(Some(CU_EVENT_DEFAULT))
+                            .map_err(cuda_err("record event"))
+                    };
+                    let e0 = ev()?;
+                    let (y, mut saved) =
+                        cuda.forward_train_device(&x, &args, &TrainOptions::default())?;
+                    let e1 = ev()?;
+                    let grads =
+                        cuda.backward_device(&mut saved, &dy, &BackwardOptions::default())?;
+                    let e2 = ev()?;
+                    let f = e0.elapsed_ms(&e1).map_err(cuda_err("train forward"))? as f64;
+                    let b = e1.elapsed_ms(&e2).map_err(cuda_err("train backward"))? as f64;
+                    drop((y, saved, grads));
+                    if it >= o.warmup {
+                        fw.push(f);
+                        bw.push(b);
+                        step.push(f + b);
+                    }
                 }
-            }
+                Ok(StepMs {
+                    fwd: median(fw),
+                    bwd: median(bw),
+                    step: median(step),
+                })
+            };
+            let ours = time_steps().unwrap_or_else(|e| {
+                notes.push(format!("{} s{s}: ours failed: {e}", shape.name));
+                StepMs::NAN
+            });
             rows.push(TrainRow {
                 preset: shape.name.clone(),
                 tokens: s,
                 flops: train_step_flops(shape, s),
-                ours: StepMs {
-                    fwd: median(fw),
-                    bwd: median(bw),
-                    step: median(step),
-                },
+                ours,
                 flash: torch_for(&torch, "flash", s),
                 cudnn: torch_for(&torch, "cudnn", s),
             });
