@@ -21,7 +21,8 @@ dout); per backend (FLASH_ATTENTION, CUDNN_ATTENTION) and shape, q/k/v are leaf 
 runs once per input set outside the timed region, under the backend. Timed: CUDA events around
 `torch.autograd.grad(out, (q, k, v), dout, retain_graph=True)`, i.e. SDPA's whole backward
 (its own preprocess, e.g. flash's dot(dO, O), and its dQ accumulation/conversion included;
-no .grad accumulation), after --warmup calls, median of --reps. FLOPs = 2.5 x the forward's.
+no .grad accumulation; dout is laid out as out, copied outside the timing), after --warmup
+calls, median of --reps. FLOPs = 2.5 x the forward's.
 Same output lines as prefill mode.
 
 Decode mode: one new token per sequence, q [b, heads, 1, hd] against a filled cache k/v
@@ -181,7 +182,9 @@ def run_backward(a):
                                 q, k, v, do = [t.view(b, s, heads, hd).transpose(1, 2) for t in st]
                                 q, k, v = [t.detach().requires_grad_() for t in (q, k, v)]
                                 out = F.scaled_dot_product_attention(q, k, v, is_causal=causal)
-                                graphs.append((out, (q, k, v), do))
+                                # dout in out's own memory layout (empty_like keeps its strides),
+                                # so no backend copies it into the layout it wants.
+                                graphs.append((out, (q, k, v), torch.empty_like(out).copy_(do)))
                             times = []
                             for it in range(a.warmup + a.reps):
                                 out, inp, do = graphs[it % sets]
