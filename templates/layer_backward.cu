@@ -26,6 +26,11 @@
 //   block 256): dst[chunk][col] = sum of src[r][col] over rows r of the chunk
 //   (chunk * rows_per_chunk ..), in row order, f32. Two passes (rows in chunks, then the
 //   chunks in one) give deterministic column sums of any height.
+// `bias_grad_reduce_{{ dtype }}` (grid-stride over the bias's elements, block 256): the
+//   additive attention bias's gradient in the bias's own (broadcast) shape from the attention
+//   backward's dense f32 dS [B, H, I, J]: out[e] = sum of dS over every position bias element
+//   e feeds (broadcast dims, bias extent 1, summed whole), in fixed (b, h, i, j) order: no
+//   atomics, deterministic.
 
 {{ types }}
 
@@ -332,4 +337,30 @@ extern "C" __global__ void __launch_bounds__(256) column_sum_f32_{{ dtype }}(
     float s = 0.0f;
     for (long long r = r0; r < r1; ++r) s += src[r * cols + col];
     dst[(long long)blockIdx.y * cols + col] = s;
+}
+
+extern "C" __global__ void __launch_bounds__(256) bias_grad_reduce_{{ dtype }}(
+    const float* __restrict__ dense, float* __restrict__ out, int B, int H, int I, int J,
+    int bb, int bh, int bi, int bj)
+{
+    const long long n = (long long)bb * bh * bi * bj;
+    for (long long e = (long long)blockIdx.x * blockDim.x + threadIdx.x; e < n;
+         e += (long long)gridDim.x * blockDim.x) {
+        const int j0 = (int)(e % bj);
+        const int i0 = (int)((e / bj) % bi);
+        const int h0 = (int)((e / ((long long)bj * bi)) % bh);
+        const int b0 = (int)(e / ((long long)bj * bi * bh));
+        const int b_lo = bb == 1 ? 0 : b0, b_hi = bb == 1 ? B : b0 + 1;
+        const int h_lo = bh == 1 ? 0 : h0, h_hi = bh == 1 ? H : h0 + 1;
+        const int i_lo = bi == 1 ? 0 : i0, i_hi = bi == 1 ? I : i0 + 1;
+        const int j_lo = bj == 1 ? 0 : j0, j_hi = bj == 1 ? J : j0 + 1;
+        float s = 0.0f;
+        for (int b = b_lo; b < b_hi; ++b)
+            for (int h = h_lo; h < h_hi; ++h)
+                for (int i = i_lo; i < i_hi; ++i) {
+                    const float* row = dense + (((long long)b * H + h) * I + i) * J;
+                    for (int j = j_lo; j < j_hi; ++j) s += row[j];
+                }
+        out[e] = s;
+    }
 }

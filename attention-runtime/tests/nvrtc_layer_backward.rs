@@ -242,6 +242,7 @@ fn layer_backward_keys_and_refusals() {
             "kv_interleave_backward_bf16",
             "column_sum_bf16",
             "column_sum_f32_bf16",
+            "bias_grad_reduce_bf16",
         ]
     );
     assert!(!k.source.contains("{{"), "unfilled placeholder");
