@@ -456,6 +456,31 @@ fn mha_half_partial_rope_gate_bottom_right_window() {
     );
 }
 
+/// Head dim 80: each lane's last 32-channel chunk is half empty (LayerNorm statistics and
+/// the norm backward must skip it); Phi-2's partial rope (0.4 = 32 channels).
+#[test]
+#[ignore = "requires a CUDA GPU"]
+fn hd80_rms_and_layernorm_partial_rope() {
+    let spec = "self, heads=4, gqa=2, head_dim=80, hidden=160, qk_layernorm=rms, rope, \
+                rotary_percent=0.4, mask=causal";
+    check(spec, false);
+    check(spec, true);
+    let spec = "self, heads=4, head_dim=80, hidden=160, qk_layernorm=layer, rope, \
+                rotary_percent=0.4, qkv_bias, mask=causal";
+    check(spec, false);
+    check(spec, true);
+    check(
+        "self, heads=8, gqa=2, head_dim=80, hidden=256, qk_layernorm=l2, rope=interleaved, \
+         sinks=learnable, output_gate, mask=causal, dtype=f16",
+        false,
+    );
+    check_with(
+        "self, heads=4, head_dim=80, hidden=160, rope, rotary_percent=0.4, mask=padding",
+        true,
+        Extra::Mask([0, 1, 1, 0]),
+    );
+}
+
 #[test]
 #[ignore = "requires a CUDA GPU"]
 fn cross_attention_padded_and_packed() {

@@ -144,7 +144,7 @@ impl PrepBackwardKernels {
     /// Render the module for the `qkv_prep` config `prep` (its dtype, head dim, q/k norm,
     /// rope, gate; a cross-attention config gets the plain module, which its backward needs
     /// only for the helpers). Errors ([`AttnError::Render`]) for a head dim that is not a
-    /// multiple of 32, or a cross-attention config with a q/k norm, rope or gate.
+    /// multiple of 16, or a cross-attention config with a q/k norm, rope or gate.
     pub fn render(prep: &KernelConfig) -> Result<PrepBackwardKernels> {
         if prep.layout != attention_codegen::render::PrepLayout::SelfAttention {
             if prep.qk_norm.is_some() || prep.rope.is_some() || prep.output_gate {
@@ -158,9 +158,9 @@ impl PrepBackwardKernels {
             return PrepBackwardKernels::render(&plain);
         }
         let hd = prep.head_dim;
-        if hd == 0 || !hd.is_multiple_of(32) {
+        if hd == 0 || !hd.is_multiple_of(16) {
             return Err(AttnError::Render(format!(
-                "qkv_prep_backward: head dim {hd} is not a multiple of 32"
+                "qkv_prep_backward: head dim {hd} is not a multiple of 16"
             )));
         }
         let dt = prep.dtype.name();

@@ -52,9 +52,9 @@
 //!
 //! **Not supported** (typed errors before anything is queued): cross-attention with a q/k
 //! norm, rope or output gate ([`AttnError::NoBackendImpl`]); head dims outside
-//! [`BACKWARD_HEAD_DIMS`](attention_codegen::render::BACKWARD_HEAD_DIMS) or not a multiple of
-//! 32 (head dim 80: `templates/layer_backward.cu` still holds whole 32-channel chunks per
-//! lane) ([`AttnError::InvalidArgument`]); GPUs below sm_80; an empty input.
+//! [`BACKWARD_HEAD_DIMS`](attention_codegen::render::BACKWARD_HEAD_DIMS)
+//! ([`AttnError::InvalidArgument`]; head dim 80 is supported: the layer kernels pad each
+//! lane's last 32-channel chunk); GPUs below sm_80; an empty input.
 
 use std::collections::BTreeMap;
 use std::sync::{Mutex, OnceLock};
@@ -369,15 +369,10 @@ impl CudaLayer {
         if !is_self && (self.prep.qk_norm.is_some() || self.prep.rope.is_some() || c.output_gate) {
             return Err(no_cross_feature());
         }
-        // templates/layer_backward.cu holds whole 32-channel chunks per lane; head dim 80
-        // (partial third chunk) is not handled there yet.
-        if !BACKWARD_HEAD_DIMS.contains(&c.head_dim) || !c.head_dim.is_multiple_of(32) {
+        if !BACKWARD_HEAD_DIMS.contains(&c.head_dim) {
             return Err(bad(
                 "head_dim",
-                format!(
-                    "one of {BACKWARD_HEAD_DIMS:?} that is a multiple of 32 for the CUDA layer \
-                     backward"
-                ),
+                format!("one of {BACKWARD_HEAD_DIMS:?} for the CUDA layer backward"),
                 c.head_dim.to_string(),
             ));
         }
