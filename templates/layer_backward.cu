@@ -16,6 +16,9 @@
 //   norm_partials[t][4][HEAD_DIM] = (sum dy*xhat for q, sum dy for q, the same for k),
 //   summed over the token's heads in a fixed order (warp w owns heads w, w + PREP_WARPS,
 //   ...; warps summed in order); column_sum_f32 reduces them over tokens.
+//   A head dim that is not a multiple of 32 (80) pads each lane's last chunk (LANE_D,
+//   ch_ok / load_ch / store_ch of partials/types.cu): the missing channels read as zero, are
+//   never written, and add nothing to the LayerNorm statistics or the xhat / g terms.
 // `gate_backward_{{ dtype }}` (n, grid-stride): y = o * sigmoid(g):
 //   d_o = dy * sigmoid(g), d_g = dy * o * sigmoid(g) * (1 - sigmoid(g)) (f32 math, stored
 //   as elem_t).
@@ -26,6 +29,11 @@
 //   block 256): dst[chunk][col] = sum of src[r][col] over rows r of the chunk
 //   (chunk * rows_per_chunk ..), in row order, f32. Two passes (rows in chunks, then the
 //   chunks in one) give deterministic column sums of any height.
+// `bias_grad_reduce_{{ dtype }}` (grid-stride over the bias's elements, block 256): the
+//   additive attention bias's gradient in the bias's own (broadcast) shape from the attention
+//   backward's dense f32 dS [B, H, I, J]: out[e] = sum of dS over every position bias element
+//   e feeds (broadcast dims, bias extent 1, summed whole), in fixed (b, h, i, j) order: no
+//   atomics, deterministic.
 
 {{ types }}
 
@@ -77,7 +85,7 @@ __device__ __forceinline__ void rope_backward(float (&y)[LANE_D], float* stage,
                                               const float* tc, const float* ts, int lane) {
 #if ROPE != 0
 #pragma unroll
-    for (int c = 0; c < LANE_D; ++c) stage[c * WARP_SIZE + lane] = y[c];
+    for (int c = 0; c < LANE_D; ++c) stage[c * WARP_SIZE + lane] = y[c];  // LANE_D * 32 floats
     __syncwarp();
 #pragma unroll
     for (int c = 0; c < LANE_D; ++c) {
@@ -116,7 +124,8 @@ __device__ __forceinline__ void norm_backward(float (&y)[LANE_D], const float (&
     const float mean = warp_sum(s) / HEAD_DIM;
     float s2 = 0.0f;
 #pragma unroll
-    for (int c = 0; c < LANE_D; ++c) s2 += (x[c] - mean) * (x[c] - mean);
+    for (int c = 0; c < LANE_D; ++c)
+        if (ch_ok(c, lane)) s2 += (x[c] - mean) * (x[c] - mean);
 #else
     const float mean = 0.0f;
     float s2 = 0.0f;
@@ -128,11 +137,12 @@ __device__ __forceinline__ void norm_backward(float (&y)[LANE_D], const float (&
     float sg = 0.0f, sgx = 0.0f;
 #pragma unroll
     for (int c = 0; c < LANE_D; ++c) {
-        xh[c] = (x[c] - mean) * r;
+        // A channel past HEAD_DIM (head dim 80) has x = y = 0 and must add nothing: xhat 0.
+        xh[c] = ch_ok(c, lane) ? (x[c] - mean) * r : 0.0f;
 #if QK_NORM == 3
         g[c] = y[c];
 #else
-        g[c] = y[c] * load_elem(weight + c * WARP_SIZE + lane);
+        g[c] = y[c] * load_ch(weight, c, lane);
 #endif
         acc_w[c] += y[c] * xh[c];
         acc_b[c] += y[c];
@@ -150,7 +160,7 @@ __device__ __forceinline__ void norm_backward(float (&y)[LANE_D], const float (&
     (void)weight;
 #endif
 #pragma unroll
-    for (int c = 0; c < LANE_D; ++c) y[c] = r * (g[c] - mg - xh[c] * mgx);
+    for (int c = 0; c < LANE_D; ++c) y[c] = ch_ok(c, lane) ? r * (g[c] - mg - xh[c] * mgx) : 0.0f;
 #else
     (void)y; (void)x; (void)weight; (void)eps; (void)acc_w; (void)acc_b; (void)lane;
 #endif
@@ -182,20 +192,23 @@ __device__ __forceinline__ void qk_heads_backward(const QkvPrepBwdParams& p, int
         }
         float y[LANE_D];
 #pragma unroll
-        for (int c = 0; c < LANE_D; ++c) y[c] = load_elem(src + c * WARP_SIZE + lane);
+        for (int c = 0; c < LANE_D; ++c)
+            y[c] = ch_ok(c, lane) ? load_elem(src + c * WARP_SIZE + lane) : 0.0f;
         rope_backward(y, stage, tc, ts, lane);
 #if QK_NORM != 0
         float x[LANE_D];
         const elem_t* xs = p.qkv + t * row_width + off;
 #pragma unroll
-        for (int c = 0; c < LANE_D; ++c) x[c] = load_elem(xs + c * WARP_SIZE + lane);
+        for (int c = 0; c < LANE_D; ++c)
+            x[c] = ch_ok(c, lane) ? load_elem(xs + c * WARP_SIZE + lane) : 0.0f;
         norm_backward(y, x, weight, p.eps, acc_w, acc_b, lane);
 #else
         (void)acc_w; (void)acc_b;
 #endif
         elem_t* dst = p.dqkv + t * row_width + off;
 #pragma unroll
-        for (int c = 0; c < LANE_D; ++c) store_elem(dst + c * WARP_SIZE + lane, y[c]);
+        for (int c = 0; c < LANE_D; ++c)
+            if (ch_ok(c, lane)) store_elem(dst + c * WARP_SIZE + lane, y[c]);
     }
 }
 
@@ -205,7 +218,8 @@ extern "C" __global__ void __launch_bounds__(PREP_WARPS * WARP_SIZE) {{ prep_key
     const int warp = threadIdx.x / WARP_SIZE;
     const long long t = blockIdx.x;
     if (t >= p.num_tokens) return;  // uniform over the block
-    __shared__ float stage[PREP_WARPS][HEAD_DIM];
+    // Whole chunks (head dim 80: the padded lanes stage their zeros past HEAD_DIM).
+    __shared__ float stage[PREP_WARPS][LANE_D * WARP_SIZE];
 #if QK_NORM != 0
     // Per-warp partial sums: [warp][dw_q, db_q, dw_k, db_k][channel].
     __shared__ float red[PREP_WARPS][4][HEAD_DIM];
@@ -241,6 +255,7 @@ extern "C" __global__ void __launch_bounds__(PREP_WARPS * WARP_SIZE) {{ prep_key
 #if QK_NORM != 0
 #pragma unroll
         for (int c = 0; c < LANE_D; ++c) {
+            if (!ch_ok(c, lane)) continue;
             red[warp][2 * kind][c * WARP_SIZE + lane] = acc_w[c];
             red[warp][2 * kind + 1][c * WARP_SIZE + lane] = acc_b[c];
         }
@@ -267,7 +282,8 @@ extern "C" __global__ void __launch_bounds__(PREP_WARPS * WARP_SIZE) {{ prep_key
             }
             elem_t* dst = p.dqkv + t * row_width + off;
 #pragma unroll
-            for (int c = 0; c < LANE_D; ++c) dst[c * WARP_SIZE + lane] = src[c * WARP_SIZE + lane];
+            for (int c = 0; c < LANE_D; ++c)
+                if (ch_ok(c, lane)) dst[c * WARP_SIZE + lane] = src[c * WARP_SIZE + lane];
         }
     }
 #if QK_NORM != 0
@@ -332,4 +348,30 @@ extern "C" __global__ void __launch_bounds__(256) column_sum_f32_{{ dtype }}(
     float s = 0.0f;
     for (long long r = r0; r < r1; ++r) s += src[r * cols + col];
     dst[(long long)blockIdx.y * cols + col] = s;
+}
+
+extern "C" __global__ void __launch_bounds__(256) bias_grad_reduce_{{ dtype }}(
+    const float* __restrict__ dense, float* __restrict__ out, int B, int H, int I, int J,
+    int bb, int bh, int bi, int bj)
+{
+    const long long n = (long long)bb * bh * bi * bj;
+    for (long long e = (long long)blockIdx.x * blockDim.x + threadIdx.x; e < n;
+         e += (long long)gridDim.x * blockDim.x) {
+        const int j0 = (int)(e % bj);
+        const int i0 = (int)((e / bj) % bi);
+        const int h0 = (int)((e / ((long long)bj * bi)) % bh);
+        const int b0 = (int)(e / ((long long)bj * bi * bh));
+        const int b_lo = bb == 1 ? 0 : b0, b_hi = bb == 1 ? B : b0 + 1;
+        const int h_lo = bh == 1 ? 0 : h0, h_hi = bh == 1 ? H : h0 + 1;
+        const int i_lo = bi == 1 ? 0 : i0, i_hi = bi == 1 ? I : i0 + 1;
+        const int j_lo = bj == 1 ? 0 : j0, j_hi = bj == 1 ? J : j0 + 1;
+        float s = 0.0f;
+        for (int b = b_lo; b < b_hi; ++b)
+            for (int h = h_lo; h < h_hi; ++h)
+                for (int i = i_lo; i < i_hi; ++i) {
+                    const float* row = dense + (((long long)b * H + h) * I + i) * J;
+                    for (int j = j_lo; j < j_hi; ++j) s += row[j];
+                }
+        out[e] = s;
+    }
 }

@@ -22,8 +22,7 @@ use attention_runtime::modules::SplitMix64;
 use attention_runtime::spec_layer::SpecLayer;
 use attention_runtime::train::{BackwardOptions, LayerGrads, Recompute, TrainOptions};
 use attention_runtime::{
-    AttentionLayer, AttnError, Device, ForwardArgs, PackedSeqParams, RuntimeDims, Tensor,
-    WeightStore,
+    AttnError, Device, ForwardArgs, PackedSeqParams, RuntimeDims, Tensor, WeightStore,
 };
 use safetensors::{Dtype, SafeTensors};
 
@@ -88,6 +87,10 @@ fn host(be: &impl Backend<Tensor = DeviceTensor>, g: &LayerGrads<DeviceTensor>) 
             .grad_key_value_states
             .as_ref()
             .map(|t| be.download(t).unwrap()),
+        grad_bias: g.grad_attention_bias.as_ref().map(|t| {
+            assert_eq!(t.elem(), ElemType::F32, "the bias gradient is f32");
+            be.download(t).unwrap()
+        }),
         params: g
             .params
             .iter()
@@ -103,6 +106,7 @@ fn host(be: &impl Backend<Tensor = DeviceTensor>, g: &LayerGrads<DeviceTensor>) 
 struct HostGrads {
     grad_input: Tensor,
     grad_kv: Option<Tensor>,
+    grad_bias: Option<Tensor>,
     params: BTreeMap<String, Tensor>,
 }
 
@@ -111,6 +115,7 @@ impl HostGrads {
     fn bits(&self) -> Vec<(String, Vec<u32>)> {
         std::iter::once(("grad_input".to_string(), &self.grad_input))
             .chain(self.grad_kv.iter().map(|t| ("grad_kv".to_string(), t)))
+            .chain(self.grad_bias.iter().map(|t| ("grad_bias".to_string(), t)))
             .chain(self.params.iter().map(|(k, t)| (k.clone(), t)))
             .map(|(k, t)| (k, t.data().iter().map(|x| x.to_bits()).collect()))
             .collect()
@@ -127,6 +132,19 @@ fn gpu_step(
     recompute: Recompute,
     delay: bool,
 ) -> (Tensor, HostGrads, Vec<f32>) {
+    gpu_step_bias(cuda, x, dy, args, recompute, delay, false)
+}
+
+/// [`gpu_step`], asking for the attention bias's gradient when `want_bias_grad`.
+fn gpu_step_bias(
+    cuda: &CudaLayer,
+    x: &Tensor,
+    dy: &Tensor,
+    args: &ForwardArgs<'_>,
+    recompute: Recompute,
+    delay: bool,
+    want_bias_grad: bool,
+) -> (Tensor, HostGrads, Vec<f32>) {
     let be = cuda.backend();
     let xd = be.upload(x).unwrap();
     let dyd = be.upload(dy).unwrap();
@@ -136,7 +154,7 @@ fn gpu_step(
     let max_logit = saved.max_logit().to_vec();
     let opts = BackwardOptions {
         delay_wgrad: delay,
-        want_bias_grad: false,
+        want_bias_grad,
     };
     let mut g = cuda.backward(&mut saved, &dyd, &opts).unwrap();
     if delay {
@@ -222,6 +240,49 @@ impl Call {
 /// compare the output, the input gradient and every parameter gradient (same key set).
 /// Also: the training forward's output is bitwise `forward_device`'s.
 fn check(spec: &str, packed: bool) {
+    check_with(spec, packed, Extra::None);
+}
+
+/// A per-element tensor of a call (drawn for its `[b, np, sq, sk]`, packed: the longest
+/// sequences).
+#[derive(Clone, Copy, Debug)]
+enum Extra {
+    None,
+    /// A mask tensor of this shape (1 = broadcast dim; `0` = the call's), nonzero = masked;
+    /// key 0 is never masked (no fully masked row).
+    Mask([usize; 4]),
+    /// An additive bias of this shape (as `Mask`), with its gradient when `true`.
+    Bias([usize; 4], bool),
+}
+
+/// The call's `[b, np, sq, sk]`.
+fn extent(call: &Call, np: usize) -> [usize; 4] {
+    if call.packed {
+        let max = |cu: &[i32]| cu.windows(2).map(|w| (w[1] - w[0]) as usize).max().unwrap();
+        let sq = max(&call.cu);
+        let sk = if call.cu_k.is_empty() {
+            sq
+        } else {
+            max(&call.cu_k)
+        };
+        [call.cu.len() - 1, np, sq, sk]
+    } else {
+        let s = call.x.shape();
+        let sk = call.ctx.as_ref().map_or(s[0], |c| c.shape()[0]);
+        [s[1], np, s[0], sk]
+    }
+}
+
+/// `shape` with its zeros replaced by `full`'s dims.
+fn fill_shape(shape: [usize; 4], full: [usize; 4]) -> Vec<usize> {
+    shape
+        .iter()
+        .zip(full)
+        .map(|(&d, f)| if d == 0 { f } else { d })
+        .collect()
+}
+
+fn check_with(spec: &str, packed: bool, extra: Extra) {
     let seed = fresh_seed();
     let mut rng = SplitMix64::new(seed);
     let config = SpecLayer::config_from_str(spec, &RuntimeDims::default()).unwrap();
@@ -231,9 +292,43 @@ fn check(spec: &str, packed: bool) {
     let elem = cuda.elem();
     let cross = config.kind == attention_codegen::AttentionKind::CrossAttention;
     let call = Call::new(&mut rng, config.hidden, elem, packed, cross);
-    let args = call.args();
+    let full = extent(&call, config.heads);
+    let (mask, bias, want_bias_grad) = match extra {
+        Extra::None => (None, None, false),
+        Extra::Mask(shape) => {
+            let shape = fill_shape(shape, full);
+            let m = Tensor::from_fn(&shape, |_| {
+                if rng.next_u64().is_multiple_of(3) {
+                    1.0
+                } else {
+                    0.0
+                }
+            });
+            // Key 0 visible on every row.
+            let mut d = m.data().to_vec();
+            for (i, v) in d.iter_mut().enumerate() {
+                if i % shape[3] == 0 {
+                    *v = 0.0;
+                }
+            }
+            (Some(Tensor::new(&shape, d).unwrap()), None, false)
+        }
+        Extra::Bias(shape, grad) => {
+            let shape = fill_shape(shape, full);
+            (
+                None,
+                Some(rand_t(&mut rng, &shape, 2.0, ElemType::F32)),
+                grad,
+            )
+        }
+    };
+    let args = ForwardArgs {
+        attention_mask: mask.as_ref(),
+        attention_bias: bias.as_ref(),
+        ..call.args()
+    };
     println!(
-        "{spec} | packed={packed} shape {:?} | seed {seed:#x}",
+        "{spec} | packed={packed} shape {:?} | {extra:?} extent {full:?} | seed {seed:#x}",
         call.x.shape()
     );
     let cpu = CpuLayer::new(layer);
@@ -241,9 +336,24 @@ fn check(spec: &str, packed: bool) {
         .forward_train(&call.x, &args, &TrainOptions::default())
         .unwrap();
     let want = cpu
-        .backward(&mut saved, &call.dy, &BackwardOptions::default())
+        .backward(
+            &mut saved,
+            &call.dy,
+            &BackwardOptions {
+                want_bias_grad,
+                ..BackwardOptions::default()
+            },
+        )
         .unwrap();
-    let (got_y, got, got_ml) = gpu_step(&cuda, &call.x, &call.dy, &args, Recompute::None, false);
+    let (got_y, got, got_ml) = gpu_step_bias(
+        &cuda,
+        &call.x,
+        &call.dy,
+        &args,
+        Recompute::None,
+        false,
+        want_bias_grad,
+    );
     check_close("output", &got_y, &want_y, TOL_OUT);
     // QK-Clip's statistic: the per-head max logit (bf16 inputs: a loose bound).
     let want_ml = attention_runtime::backend::SavedForward::max_logit(&saved).to_vec();
@@ -267,6 +377,15 @@ fn check(spec: &str, packed: bool) {
         (Some(g), Some(w)) => check_close("grad_key_value_states", g, w, TOL_GRAD),
         (None, None) => {}
         _ => panic!("grad_key_value_states presence differs"),
+    }
+    match (&got.grad_bias, &want.grad_attention_bias) {
+        (Some(g), Some(w)) => check_close("grad_attention_bias", g, w, TOL_GRAD),
+        (None, None) => {}
+        (g, w) => panic!(
+            "grad_attention_bias presence differs: gpu {} cpu {}",
+            g.is_some(),
+            w.is_some()
+        ),
     }
     assert_eq!(
         got.params.keys().collect::<Vec<_>>(),
@@ -334,6 +453,31 @@ fn mha_half_partial_rope_gate_bottom_right_window() {
         "self, heads=4, head_dim=64, hidden=128, rope, rotary_percent=0.5, output_gate, \
          window=(7, 0), mask=causal_bottom_right",
         true,
+    );
+}
+
+/// Head dim 80: each lane's last 32-channel chunk is half empty (LayerNorm statistics and
+/// the norm backward must skip it); Phi-2's partial rope (0.4 = 32 channels).
+#[test]
+#[ignore = "requires a CUDA GPU"]
+fn hd80_rms_and_layernorm_partial_rope() {
+    let spec = "self, heads=4, gqa=2, head_dim=80, hidden=160, qk_layernorm=rms, rope, \
+                rotary_percent=0.4, mask=causal";
+    check(spec, false);
+    check(spec, true);
+    let spec = "self, heads=4, head_dim=80, hidden=160, qk_layernorm=layer, rope, \
+                rotary_percent=0.4, qkv_bias, mask=causal";
+    check(spec, false);
+    check(spec, true);
+    check(
+        "self, heads=8, gqa=2, head_dim=80, hidden=256, qk_layernorm=l2, rope=interleaved, \
+         sinks=learnable, output_gate, mask=causal, dtype=f16",
+        false,
+    );
+    check_with(
+        "self, heads=4, head_dim=80, hidden=160, rope, rotary_percent=0.4, mask=padding",
+        true,
+        Extra::Mask([0, 1, 1, 0]),
     );
 }
 
@@ -449,11 +593,11 @@ fn misuse_and_unsupported_features_are_typed_errors() {
         cuda.backward_dw(&mut s2),
         Err(AttnError::TrainState { .. })
     ));
-    // Mask tensors and bias: the CUDA backward has neither.
+    // A mask tensor with a mask type that takes none; a bias of a shape that does not
+    // broadcast.
     let mask = Tensor::zeros(&[2, 1, 1, 9]);
     let margs = ForwardArgs {
         attention_mask: Some(&mask),
-        mask_type: Some(attention_codegen::MaskType::Padding),
         ..ForwardArgs::default()
     };
     let e = cuda.forward_train(&x, &margs, &topts).unwrap_err();
@@ -461,15 +605,40 @@ fn misuse_and_unsupported_features_are_typed_errors() {
         matches!(&e, AttnError::InvalidArgument { arg, .. } if arg == "attention_mask"),
         "{e}"
     );
-    let bias = Tensor::zeros(&[2, 4, 9, 9]);
+    let bias = Tensor::zeros(&[2, 3, 9, 9]);
     let bargs = ForwardArgs {
         attention_bias: Some(&bias),
         ..ForwardArgs::default()
     };
-    let e = cuda.forward_train(&x, &bargs, &topts).unwrap_err();
-    assert!(
-        matches!(&e, AttnError::InvalidArgument { arg, .. } if arg == "attention_bias"),
-        "{e}"
+    assert!(cuda.forward_train(&x, &bargs, &topts).is_err());
+    // Both train now: a padding mask tensor and a bias (its gradient in its own shape).
+    let margs = ForwardArgs {
+        attention_mask: Some(&mask),
+        mask_type: Some(attention_codegen::MaskType::Padding),
+        ..ForwardArgs::default()
+    };
+    let (_, mut sm) = cuda.forward_train(&x, &margs, &topts).unwrap();
+    cuda.backward(&mut sm, &dy, &BackwardOptions::default())
+        .unwrap();
+    let bias = Tensor::zeros(&[1, 4, 9, 9]);
+    let bargs = ForwardArgs {
+        attention_bias: Some(&bias),
+        ..ForwardArgs::default()
+    };
+    let (_, mut sb) = cuda.forward_train(&x, &bargs, &topts).unwrap();
+    let g = cuda
+        .backward(
+            &mut sb,
+            &dy,
+            &BackwardOptions {
+                want_bias_grad: true,
+                ..BackwardOptions::default()
+            },
+        )
+        .unwrap();
+    assert_eq!(
+        g.grad_attention_bias.as_ref().map(|t| t.shape().to_vec()),
+        Some(vec![1, 4, 9, 9])
     );
     // Cross-attention without its context.
     let cc = SpecLayer::config_from_str(
@@ -531,6 +700,7 @@ fn golden(case: &str, spec: &str, prefix: &str) {
     let cuda = CudaLayer::new(&layer, &gpu()).unwrap();
     cuda.set_poison_outputs(true);
     let args = ForwardArgs {
+        attention_mask: input.get("attention_mask"),
         key_value_states: input.get("key_value_states"),
         ..ForwardArgs::default()
     };
@@ -610,22 +780,100 @@ fn megatron_fixtures_on_the_gpu() {
         "cross, heads=4, head_dim=32, hidden=128, mask=no_mask",
         "decoder.layers.0.cross_attention.",
     );
-    // The padding-mask fixture: a typed error on CUDA (no mask tensors in the backward).
-    let spec = "self, heads=4, gqa=2, head_dim=64, hidden=256, bias=false, rope, mask=padding";
-    let dir = fixture_dir("megatron_padding");
+    // Key-padding mask tensor uint8 [b, 1, s, s], 1 = masked.
+    golden(
+        "megatron_padding",
+        "self, heads=4, gqa=2, head_dim=64, hidden=256, bias=false, rope, mask=padding",
+        SELF_PREFIX,
+    );
+}
+
+#[test]
+#[ignore = "requires a CUDA GPU"]
+fn padding_mask_tensors_padded_and_packed() {
+    let spec = "self, heads=4, gqa=2, head_dim=64, hidden=128, qk_layernorm=rms, rope, \
+                mask=padding";
+    check_with(spec, false, Extra::Mask([0, 1, 1, 0]));
+    check_with(spec, true, Extra::Mask([0, 1, 1, 0]));
+    let spec = "self, heads=4, gqa=2, head_dim=64, hidden=128, rope, mask=padding_causal";
+    check_with(spec, false, Extra::Mask([0, 1, 1, 0]));
+    check_with(spec, true, Extra::Mask([0, 1, 1, 0]));
+}
+
+#[test]
+#[ignore = "requires a CUDA GPU"]
+fn arbitrary_mask_tensors_with_broadcast_strides() {
+    let spec = "self, heads=4, gqa=1, head_dim=32, hidden=128, output_gate, mask=arbitrary";
+    check_with(spec, false, Extra::Mask([0, 0, 0, 0]));
+    check_with(spec, false, Extra::Mask([1, 0, 0, 0]));
+    check_with(spec, false, Extra::Mask([0, 1, 0, 0]));
+    check_with(spec, true, Extra::Mask([1, 1, 0, 0]));
+}
+
+#[test]
+#[ignore = "requires a CUDA GPU"]
+fn additive_bias_without_its_gradient() {
+    let spec = "self, heads=4, gqa=2, head_dim=64, hidden=128, qk_layernorm=rms, rope, \
+                mask=causal";
+    check_with(spec, false, Extra::Bias([0, 0, 0, 0], false));
+    check_with(spec, true, Extra::Bias([1, 0, 0, 0], false));
+}
+
+#[test]
+#[ignore = "requires a CUDA GPU"]
+fn additive_bias_gradient_full_and_broadcast() {
+    let spec = "self, heads=4, gqa=2, head_dim=64, hidden=128, rope, mask=causal";
+    check_with(spec, false, Extra::Bias([0, 0, 0, 0], true));
+    check_with(spec, false, Extra::Bias([1, 0, 0, 0], true));
+    check_with(spec, false, Extra::Bias([0, 1, 0, 0], true));
+    check_with(spec, true, Extra::Bias([0, 0, 0, 0], true));
+    check_with(spec, true, Extra::Bias([1, 0, 0, 0], true));
+    let spec = "self, heads=4, head_dim=32, hidden=128, sinks=learnable, mask=no_mask";
+    check_with(spec, false, Extra::Bias([0, 1, 0, 0], true));
+}
+
+/// A bias's gradient is deterministic (fixed-order sums): two backwards, bitwise.
+#[test]
+#[ignore = "requires a CUDA GPU"]
+fn bias_gradient_is_bitwise_deterministic() {
+    let seed = fresh_seed();
+    let mut rng = SplitMix64::new(seed);
+    let spec = "self, heads=4, gqa=2, head_dim=64, hidden=128, rope, mask=causal";
     let config = SpecLayer::config_from_str(spec, &RuntimeDims::default()).unwrap();
-    let weights = WeightStore::from_file(dir.join("weights.safetensors")).unwrap();
-    let layer = SpecLayer::load(config, &weights, SELF_PREFIX).unwrap();
-    let input = read_all(&dir.join("input.safetensors"));
+    let layer = SpecLayer::init(config.clone(), seed ^ 0x5eed).unwrap();
     let cuda = CudaLayer::new(&layer, &gpu()).unwrap();
-    let x = cuda.backend().upload(&input["input"]).unwrap();
+    cuda.set_poison_outputs(true);
+    let call = Call::new(&mut rng, config.hidden, cuda.elem(), false, false);
+    let full = extent(&call, config.heads);
+    let bias = rand_t(
+        &mut rng,
+        &[1, full[1], full[2], full[3]],
+        2.0,
+        ElemType::F32,
+    );
     let args = ForwardArgs {
-        attention_mask: input.get("attention_mask"),
-        ..ForwardArgs::default()
+        attention_bias: Some(&bias),
+        ..call.args()
     };
-    let e = cuda
-        .forward_train(&x, &args, &TrainOptions::default())
-        .unwrap_err();
-    assert!(matches!(e, AttnError::InvalidArgument { .. }), "{e}");
-    let _ = layer.config();
+    println!("seed {seed:#x}");
+    let (_, a, _) = gpu_step_bias(
+        &cuda,
+        &call.x,
+        &call.dy,
+        &args,
+        Recompute::None,
+        false,
+        true,
+    );
+    let (_, b, _) = gpu_step_bias(
+        &cuda,
+        &call.x,
+        &call.dy,
+        &args,
+        Recompute::CoreAttention,
+        true,
+        true,
+    );
+    assert!(a.grad_bias.is_some());
+    assert_eq!(a.bits(), b.bits(), "two backwards with a bias differ");
 }

@@ -201,6 +201,23 @@ fn layer_backward_kernels_compile_without_spills() {
             "sm_90a",
         ),
         (DType::Bf16, 96, Some(QkNorm::L2), None, "sm_80"),
+        // Head dim 80: partial last chunk (Phi-2's partial rope 0.4 = 32 channels).
+        (
+            DType::Bf16,
+            80,
+            Some(QkNorm::Layer),
+            Some((RopeMode::Half, 32)),
+            "sm_80",
+        ),
+        (
+            DType::Bf16,
+            80,
+            Some(QkNorm::Rms),
+            Some((RopeMode::Interleaved, 80)),
+            "sm_90a",
+        ),
+        (DType::F16, 80, Some(QkNorm::L2), None, "sm_80"),
+        (DType::Bf16, 80, None, Some((RopeMode::Half, 80)), "sm_90a"),
         (
             DType::F16,
             128,
@@ -242,6 +259,7 @@ fn layer_backward_keys_and_refusals() {
             "kv_interleave_backward_bf16",
             "column_sum_bf16",
             "column_sum_f32_bf16",
+            "bias_grad_reduce_bf16",
         ]
     );
     assert!(!k.source.contains("{{"), "unfilled placeholder");
@@ -256,5 +274,13 @@ fn layer_backward_keys_and_refusals() {
     );
     cross.rope = Some((RopeMode::Half, 64));
     assert!(PrepBackwardKernels::render(&cross).is_err());
-    assert!(PrepBackwardKernels::render(&prep(DType::Bf16, 80, None, None, false)).is_err());
+    // Head dim 80 (a partial last 32-channel chunk per lane) renders; 72 (not a multiple of
+    // 16) does not.
+    assert_eq!(
+        PrepBackwardKernels::render(&prep(DType::Bf16, 80, None, None, false))
+            .unwrap()
+            .key,
+        "qkv_prep_backward_bf16_hd80_nonorm_norope"
+    );
+    assert!(PrepBackwardKernels::render(&prep(DType::Bf16, 72, None, None, false)).is_err());
 }

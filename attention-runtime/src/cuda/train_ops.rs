@@ -136,13 +136,15 @@ pub struct PrepBackwardKernels {
     pub sum_entry: String,
     /// `column_sum_f32_<dtype>`.
     pub sum_f32_entry: String,
+    /// `bias_grad_reduce_<dtype>`.
+    pub bias_entry: String,
 }
 
 impl PrepBackwardKernels {
     /// Render the module for the `qkv_prep` config `prep` (its dtype, head dim, q/k norm,
     /// rope, gate; a cross-attention config gets the plain module, which its backward needs
     /// only for the helpers). Errors ([`AttnError::Render`]) for a head dim that is not a
-    /// multiple of 32, or a cross-attention config with a q/k norm, rope or gate.
+    /// multiple of 16, or a cross-attention config with a q/k norm, rope or gate.
     pub fn render(prep: &KernelConfig) -> Result<PrepBackwardKernels> {
         if prep.layout != attention_codegen::render::PrepLayout::SelfAttention {
             if prep.qk_norm.is_some() || prep.rope.is_some() || prep.output_gate {
@@ -156,9 +158,9 @@ impl PrepBackwardKernels {
             return PrepBackwardKernels::render(&plain);
         }
         let hd = prep.head_dim;
-        if hd == 0 || !hd.is_multiple_of(32) {
+        if hd == 0 || !hd.is_multiple_of(16) {
             return Err(AttnError::Render(format!(
-                "qkv_prep_backward: head dim {hd} is not a multiple of 32"
+                "qkv_prep_backward: head dim {hd} is not a multiple of 16"
             )));
         }
         let dt = prep.dtype.name();
@@ -208,20 +210,22 @@ impl PrepBackwardKernels {
             kv_entry: format!("kv_interleave_backward_{dt}"),
             sum_entry: format!("column_sum_{dt}"),
             sum_f32_entry: format!("column_sum_f32_{dt}"),
+            bias_entry: format!("bias_grad_reduce_{dt}"),
             key,
             source,
         })
     }
 
     /// Every entry point: the prep backward, the gate backward, the kv interleave, both
-    /// column sums.
-    pub fn entries(&self) -> [&str; 5] {
+    /// column sums, the attention bias gradient's reduction.
+    pub fn entries(&self) -> [&str; 6] {
         [
             &self.key,
             &self.gate_entry,
             &self.kv_entry,
             &self.sum_entry,
             &self.sum_f32_entry,
+            &self.bias_entry,
         ]
     }
 }
@@ -234,6 +238,7 @@ pub(crate) struct LoadedPrepBackward {
     pub kv: CudaFunction,
     pub sum: CudaFunction,
     pub sum_f32: CudaFunction,
+    pub bias_reduce: CudaFunction,
 }
 
 /// Load (compiling on a cache miss) the module of `k` on `rt`'s device; its functions are
@@ -257,7 +262,7 @@ pub(crate) fn load(rt: &CudaRuntime, k: &PrepBackwardKernels) -> Result<LoadedPr
                     call: format!("cuModuleLoadData {} ({arch})", k.key),
                     msg: e.to_string(),
                 })?;
-            let mut fs = Vec::with_capacity(5);
+            let mut fs = Vec::with_capacity(names.len());
             for n in names {
                 let f = super::launch::load_function(&module, n)?;
                 cache.insert(n.to_string(), f.clone());
@@ -267,7 +272,7 @@ pub(crate) fn load(rt: &CudaRuntime, k: &PrepBackwardKernels) -> Result<LoadedPr
         }
     };
     let mut it = fs.into_iter();
-    let mut next = || it.next().expect("five entries");
+    let mut next = || it.next().expect("six entries");
     Ok(LoadedPrepBackward {
         key: k.key.clone(),
         prep: next(),
@@ -275,6 +280,7 @@ pub(crate) fn load(rt: &CudaRuntime, k: &PrepBackwardKernels) -> Result<LoadedPr
         kv: next(),
         sum: next(),
         sum_f32: next(),
+        bias_reduce: next(),
     })
 }
 
@@ -473,6 +479,61 @@ impl LoadedPrepBackward {
             })
         }
         .map_err(launch_err("column_sum_f32"))?;
+        Ok(())
+    }
+
+    /// The additive attention bias's gradient in its own shape: `dense` is the attention
+    /// backward's f32 dS `[b, h, i, j]` = `target`, `bias_dims` the bias's 4-d extent (each
+    /// dim `target`'s or 1, a broadcast dim); `out` (`bias_dims`' product) gets every bias
+    /// element's sum over the positions it feeds, in fixed order (deterministic).
+    pub fn bias_grad_reduce(
+        &self,
+        st: &Arc<CudaStream>,
+        dense: &CudaSlice<f32>,
+        target: [usize; 4],
+        bias_dims: [usize; 4],
+        out: &mut CudaSlice<f32>,
+    ) -> Result<()> {
+        let n: usize = bias_dims.iter().product();
+        let full: usize = target.iter().product();
+        if out.len() < n || dense.len() < full {
+            return Err(AttnError::Shape {
+                arg: "attention bias gradient".into(),
+                expected: format!("{n} output and {full} dense elements"),
+                got: vec![out.len(), dense.len()],
+            });
+        }
+        if bias_dims.iter().zip(target).any(|(&d, t)| d != 1 && d != t) {
+            return Err(AttnError::Shape {
+                arg: "attention bias extent".into(),
+                expected: format!("each dim 1 or that of {target:?}"),
+                got: bias_dims.to_vec(),
+            });
+        }
+        if n == 0 {
+            return Ok(());
+        }
+        let v = target
+            .iter()
+            .chain(&bias_dims)
+            .map(|&x| i32_arg("attention bias extent", x))
+            .collect::<Result<Vec<i32>>>()?;
+        let blocks = n.div_ceil(256).min(65535) as u32;
+        let mut b = st.launch_builder(&self.bias_reduce);
+        b.arg(dense).arg(out);
+        for x in &v {
+            b.arg(x);
+        }
+        // SAFETY: (const float*, float*, int x 8); dense holds the target's product, out
+        // the bias extent's; grid-stride over out.
+        unsafe {
+            b.launch(LaunchConfig {
+                grid_dim: (blocks, 1, 1),
+                block_dim: (256, 1, 1),
+                shared_mem_bytes: 0,
+            })
+        }
+        .map_err(launch_err("bias_grad_reduce"))?;
         Ok(())
     }
 }

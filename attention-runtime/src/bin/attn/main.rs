@@ -56,7 +56,7 @@ enum Command {
     /// the output, as the reference system returns it), both f32.
     Layer(Box<LayerArgs>),
     /// Run one layer's forward and backward (training) on the CPU reference or, with
-    /// `--device cuda`, the GPU (no mask tensors or bias there).
+    /// `--device cuda`, the GPU (mask tensors and bias included).
     ///
     /// Writes f32 tensors: `output` `[s, b, h]`, `output_bias` `[h]` (when the layer has one),
     /// `grad_input` `[s, b, h]`, `grad.<name>` for every parameter that gets a gradient
@@ -158,8 +158,8 @@ struct BackwardArgs {
     /// Where to write `output`, `grad_input` and `grad.<name>`.
     #[arg(long)]
     output: PathBuf,
-    /// `cpu`, `cuda` or `cuda:N`. The CUDA backward takes no mask tensors or bias (typed
-    /// errors otherwise); results are written as f32.
+    /// `cpu`, `cuda` or `cuda:N` (the CUDA training path takes mask tensors and a bias, and
+    /// returns the bias's gradient); results are written as f32.
     #[arg(long, default_value = "cpu")]
     device: String,
     /// safetensors file with `positions` `[s]`: rope positions.

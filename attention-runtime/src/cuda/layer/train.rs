@@ -42,12 +42,19 @@
 //! backward's recomputation in the dQ kernel (see [`crate::cuda::backward`]) and f32
 //! partial buffers for the sums (`rows x 4 x head_dim` for the norms).
 //!
+//! **Mask tensors and bias**: the forward's mask tensor (mask types `padding`,
+//! `padding_causal`, `arbitrary`; uint8, broadcast by strides as in `forward_device`) and
+//! additive attention bias (f32) are uploaded once by the training forward, kept with the
+//! saved activations and read by the attention backward. With
+//! [`BackwardOptions::want_bias_grad`] the attention backward writes the dense dS
+//! `[b, np, sq, sk]` (f32) and `bias_grad_reduce_<dtype>` sums it over the bias's broadcast
+//! dims in fixed order: [`LayerGrads::grad_attention_bias`] has the bias's own shape, f32.
+//!
 //! **Not supported** (typed errors before anything is queued): cross-attention with a q/k
-//! norm, rope or output gate ([`AttnError::NoBackendImpl`]), mask tensors (mask types `padding`, `padding_causal`,
-//! `arbitrary`) and an additive attention bias ([`AttnError::InvalidArgument`]; the
-//! attention backward has neither yet), head dims outside
-//! [`BACKWARD_HEAD_DIMS`](attention_codegen::render::BACKWARD_HEAD_DIMS), GPUs below sm_80,
-//! an empty input.
+//! norm, rope or output gate ([`AttnError::NoBackendImpl`]); head dims outside
+//! [`BACKWARD_HEAD_DIMS`](attention_codegen::render::BACKWARD_HEAD_DIMS)
+//! ([`AttnError::InvalidArgument`]; head dim 80 is supported: the layer kernels pad each
+//! lane's last 32-channel chunk); GPUs below sm_80; an empty input.
 
 use std::collections::BTreeMap;
 use std::sync::{Mutex, OnceLock};
@@ -58,6 +65,7 @@ use attention_codegen::render::BACKWARD_HEAD_DIMS;
 use super::forward::Geometry;
 use super::*;
 use crate::cuda::backward::{AttentionBackward, BwdArgs, BwdLayout};
+use crate::cuda::prefill_sm80::PrefillStrided;
 use crate::cuda::tensor::copy_dtod;
 use crate::cuda::train_ops::{
     self, gemm_dgrad, gemm_wgrad_f32, LoadedPrepBackward, PrepBackwardKernels, QkvPrepBwdParams,
@@ -104,6 +112,25 @@ struct Acts {
     v_flag: CudaSlice<i32>,
     /// [`Recompute::None`] only.
     core: Option<Core>,
+    /// The forward's mask tensor and bias, as uploaded.
+    extras: Extras,
+}
+
+/// The forward's per-element tensors on the device (broadcast by strides over
+/// `[batch, heads, sq, sk]`), kept for the backward.
+struct Extras {
+    /// uint8 mask (nonzero = masked out) with a mask type that takes one (a single zero,
+    /// strides 0, when none was given).
+    mask: Option<(CudaSlice<u8>, [i64; 4])>,
+    /// f32 additive bias, its strides and its own shape (that of its gradient).
+    bias: Option<(CudaSlice<f32>, [i64; 4], Vec<usize>)>,
+}
+
+impl Extras {
+    fn bytes(&self) -> usize {
+        self.mask.as_ref().map_or(0, |m| m.0.len())
+            + self.bias.as_ref().map_or(0, |b| b.0.len() * 4)
+    }
 }
 
 impl Acts {
@@ -118,6 +145,7 @@ impl Acts {
             + self.gate.as_ref().map_or(0, t)
             + self.positions.as_ref().map_or(0, |p| p.len() * 4)
             + self.core.as_ref().map_or(0, Core::bytes)
+            + self.extras.bytes()
     }
 }
 
@@ -270,10 +298,12 @@ struct AttnLaunch<'a> {
     lse: &'a CudaSlice<f32>,
     max_logit: Option<&'a CudaSlice<f32>>,
     v_flag: &'a CudaSlice<i32>,
+    extras: &'a Extras,
 }
 
 impl CudaLayer {
-    /// Queue one launch of the tensor-core forward kernel (no mask tensor, no bias).
+    /// Queue one launch of the tensor-core forward kernel (with the forward's mask tensor
+    /// and bias, if any).
     fn launch_attention_train(&self, g: &Geometry, a: AttnLaunch<'_>) -> Result<()> {
         let rt = &*self.rt;
         let c = &self.config;
@@ -299,12 +329,18 @@ impl CudaLayer {
             gate: opt_ptr(a.gate, rt),
             max_logit: a.max_logit.map_or(0, |m| dptr(m, rt)),
             v_nonfinite: dptr(a.v_flag, rt),
+            mask: a.extras.mask.as_ref().map_or(0, |m| dptr(&m.0, rt)),
+            mask_strides: a.extras.mask.as_ref().map_or([0; 4], |m| m.1),
+            bias: a.extras.bias.as_ref().map_or(0, |b| dptr(&b.0, rt)),
+            bias_strides: a.extras.bias.as_ref().map_or([0; 4], |b| b.1),
             ..FwdParams::default()
         };
         // SAFETY: FwdParams is the prefill_sm80 parameter layout (tests/nvrtc_params_layout.rs);
         // q/out/gate are [nq, np, hn], k/v [nk, ng, hn], lse [np, nq], max_logit [np],
-        // cu_seqlens [batch + 1] (packed); the config has no mask tensor and no bias, so
-        // those pointers are null; the grid covers every (row block, head, sequence).
+        // cu_seqlens [batch + 1] (packed); mask and bias (present exactly when the config
+        // reads them: forward_train_typed uploads them from the config's mask type and
+        // has_bias) broadcast over [batch, np, sq, sk] by strides from bcast_strides; the
+        // grid covers every (row block, head, sequence).
         unsafe { launch_params(rt.stream(), &a.f.1, lc, &params) }.map_err(launch_err(&a.f.0))
     }
 
@@ -333,42 +369,20 @@ impl CudaLayer {
         if !is_self && (self.prep.qk_norm.is_some() || self.prep.rope.is_some() || c.output_gate) {
             return Err(no_cross_feature());
         }
-        // templates/layer_backward.cu holds whole 32-channel chunks per lane; head dim 80
-        // (partial third chunk) is not handled there yet.
-        if !BACKWARD_HEAD_DIMS.contains(&c.head_dim) || !c.head_dim.is_multiple_of(32) {
+        if !BACKWARD_HEAD_DIMS.contains(&c.head_dim) {
             return Err(bad(
                 "head_dim",
-                format!(
-                    "one of {BACKWARD_HEAD_DIMS:?} that is a multiple of 32 for the CUDA layer \
-                     backward"
-                ),
+                format!("one of {BACKWARD_HEAD_DIMS:?} for the CUDA layer backward"),
                 c.head_dim.to_string(),
             ));
         }
         let fcfg = self.fwd_config(args);
         let mask = fcfg.mask.unwrap_or(MaskType::NoMask);
-        if mask.takes_mask_tensor() || args.attention_mask.is_some() {
+        if args.attention_mask.is_some() && !mask.takes_mask_tensor() {
             return Err(bad(
                 "attention_mask",
-                "mask type no_mask, causal or causal_bottom_right without a mask tensor (the \
-                 CUDA backward has no mask tensors yet; train on the CPU backend)",
-                format!(
-                    "mask type {}{}",
-                    mask.name(),
-                    if args.attention_mask.is_some() {
-                        " with a mask tensor"
-                    } else {
-                        ""
-                    }
-                ),
-            ));
-        }
-        if args.attention_bias.is_some() {
-            return Err(bad(
-                "attention_bias",
-                "none (the CUDA backward has no additive bias or its gradient yet; train on \
-                 the CPU backend)",
-                "a bias tensor",
+                "none for this mask type (only padding, padding_causal, arbitrary take a mask)",
+                format!("a mask tensor with mask type {}", mask.name()),
             ));
         }
         let fast = self.fast_config(&fcfg).ok_or_else(|| {
@@ -378,7 +392,13 @@ impl CudaLayer {
                     .into(),
             )
         })?;
-        for b in backward_configs(c.spec.dtype, c.head_dim, mask, c.window.is_some(), false) {
+        for b in backward_configs(
+            c.spec.dtype,
+            c.head_dim,
+            mask,
+            c.window.is_some(),
+            args.attention_bias.is_some(),
+        ) {
             b.check_config().map_err(render_err)?;
         }
         Ok((mask, fast))
@@ -390,9 +410,10 @@ impl CudaLayer {
     /// saved context. Asynchronous as `forward_device`.
     ///
     /// Errors (nothing queued): those of `forward_device`; [`AttnError::NoBackendImpl`] for
-    /// cross-attention with a q/k norm, rope or gate; [`AttnError::InvalidArgument`] for a mask tensor (or a mask type
-    /// that takes one), an attention bias, a head dim the backward does not support, an
-    /// empty input; [`AttnError::BackendUnavailable`] below sm_80; [`AttnError::Render`].
+    /// cross-attention with a q/k norm, rope or gate; [`AttnError::InvalidArgument`] for a mask
+    /// tensor with a mask type that takes none, a head dim the backward does not support, an
+    /// empty input; [`AttnError::Shape`] for a mask or bias that does not
+    /// broadcast to `[batch, heads, sq, sk]`; [`AttnError::BackendUnavailable`] below sm_80; [`AttnError::Render`].
     pub fn forward_train_device(
         &self,
         hidden: &DeviceTensor,
@@ -457,6 +478,33 @@ impl CudaLayer {
         to_i32("seqlen_k", g.sk as i64)?;
         let (n, nk) = (g.nq, g.nk);
         let is_self = ctx_dev.is_none();
+        // Mask tensor and bias as forward_device uploads them (checked before anything else
+        // is queued).
+        let target = [g.batch, np, g.sq, g.sk];
+        let extras = Extras {
+            mask: match args.attention_mask {
+                Some(m) if mask.takes_mask_tensor() => {
+                    let s = bcast_strides("attention_mask", m.shape(), target)?;
+                    let v: Vec<u8> = m.data().iter().map(|&x| u8::from(x != 0.0)).collect();
+                    Some((upload(st, &v, "attention_mask")?, s))
+                }
+                _ if mask.takes_mask_tensor() => {
+                    Some((upload(st, &[0u8], "attention_mask")?, [0; 4]))
+                }
+                _ => None,
+            },
+            bias: match args.attention_bias {
+                Some(bt) => {
+                    let s = bcast_strides("attention_bias", bt.shape(), target)?;
+                    Some((
+                        upload(st, bt.data(), "attention_bias")?,
+                        s,
+                        bt.shape().to_vec(),
+                    ))
+                }
+                None => None,
+            },
+        };
 
         // Kernels before the first GEMM (a kernel that cannot load fails with nothing queued).
         let (prep_key, prep_f) = kernel(rt, &self.prep)?;
@@ -551,6 +599,7 @@ impl CudaLayer {
                 lse: &lse,
                 max_logit: Some(&max_logit_dev),
                 v_flag: &v_flag,
+                extras: &extras,
             },
         )?;
         let core = match (&fwd_u, &ungated, opts.recompute) {
@@ -570,6 +619,7 @@ impl CudaLayer {
                         lse: &lse,
                         max_logit: None,
                         v_flag: &v_flag,
+                        extras: &extras,
                     },
                 )?;
                 Some(Core {
@@ -629,6 +679,7 @@ impl CudaLayer {
                 positions,
                 v_flag,
                 core,
+                extras,
             }),
             stage: Stage::Forward,
         };
@@ -661,6 +712,7 @@ impl CudaLayer {
                 lse: &lse,
                 max_logit: None,
                 v_flag: &a.v_flag,
+                extras: &a.extras,
             },
         )?;
         let gated = match fg {
@@ -680,6 +732,7 @@ impl CudaLayer {
                         lse: &scratch,
                         max_logit: None,
                         v_flag: &a.v_flag,
+                        extras: &a.extras,
                     },
                 )?;
                 Some(gt)
@@ -799,11 +852,17 @@ impl CudaLayer {
         let nk = saved.nk;
         // Kernels first: nothing is queued when one cannot load.
         let kern = train_ops::load(rt, &saved.prep_bwd)?;
+        let acts = saved.acts.as_ref().expect("checked by backward_device");
         let bwd = attention_backward(
             rt,
-            &backward_configs(c.spec.dtype, hn, saved.mask, c.window.is_some(), false),
+            &backward_configs(
+                c.spec.dtype,
+                hn,
+                saved.mask,
+                c.window.is_some(),
+                acts.extras.bias.is_some(),
+            ),
         )?;
-        let acts = saved.acts.as_ref().expect("checked by backward_device");
         let rec = match &acts.core {
             Some(_) => None,
             None => Some(self.recompute_core(saved, acts)?),
@@ -849,6 +908,17 @@ impl CudaLayer {
             None => None,
         };
         let g = &saved.geo;
+        let target = [g.batch, np, g.sq, g.sk];
+        let want_dbias = opts.want_bias_grad && acts.extras.bias.is_some();
+        let mut dbias_dense = if want_dbias {
+            Some(crate::cuda::tensor::alloc_uninit::<f32>(
+                st,
+                target.iter().product::<usize>().max(1),
+                "dense attention bias gradient",
+            )?)
+        } else {
+            None
+        };
         let layout = match (&g.cu_q, &g.cu_k) {
             (Some(cq), Some(ck)) => BwdLayout::Packed {
                 cu_seqlens_q: cq,
@@ -886,12 +956,29 @@ impl CudaLayer {
                     Some(t) => Some(t.typed_mut::<f32>("dsinks")?),
                     None => None,
                 },
-                // Mask tensors and bias are refused before anything is queued (plan).
-                mask: None,
-                bias: None,
-                dbias: None,
+                mask: acts.extras.mask.as_ref().map(|m| PrefillStrided {
+                    data: &m.0,
+                    strides: m.1,
+                    extent: target,
+                }),
+                bias: acts.extras.bias.as_ref().map(|b| PrefillStrided {
+                    data: &b.0,
+                    strides: b.1,
+                    extent: target,
+                }),
+                dbias: dbias_dense.as_mut(),
             },
         )?;
+        // The bias's gradient in its own shape: dS summed over its broadcast dims.
+        let grad_attention_bias = match (&dbias_dense, &acts.extras.bias) {
+            (Some(dense), Some((_, strides, shape))) => {
+                let dims = std::array::from_fn(|d| if strides[d] == 0 { 1 } else { target[d] });
+                let mut t = f32_tensor(st, shape, poison)?;
+                kern.bias_grad_reduce(st, dense, target, dims, t.typed_mut::<f32>("dbias")?)?;
+                Some(t)
+            }
+            _ => None,
+        };
         if let Some(ds) = dsinks {
             params.insert("core_attention.softmax_offset".to_string(), ds);
         }
@@ -1048,7 +1135,7 @@ impl CudaLayer {
         Ok(LayerGrads {
             grad_input,
             grad_key_value_states: grad_kv,
-            grad_attention_bias: None,
+            grad_attention_bias,
             params,
         })
     }
