@@ -489,6 +489,27 @@ fn cross_attention_padded_and_packed() {
     check(spec, true);
 }
 
+/// Layers of different head dims in one process keep their own helper kernels: the
+/// runtime's function map once held `kv_interleave_backward_<dt>` under that bare name, so
+/// the hd64 layer's third step ran hd32's kernel (grad_key_value_states off by ~100%;
+/// found by a whole-file run in which an hd32 cross fixture followed this file's hd64 tests).
+#[test]
+#[ignore = "requires a CUDA GPU"]
+fn layers_of_two_head_dims_in_one_process() {
+    check(
+        "cross, heads=4, head_dim=64, hidden=128, mask=no_mask",
+        false,
+    );
+    check(
+        "cross, heads=4, head_dim=32, hidden=128, mask=no_mask",
+        false,
+    );
+    check(
+        "cross, heads=4, head_dim=64, hidden=128, mask=no_mask",
+        false,
+    );
+}
+
 /// Two runs give bitwise-equal gradients; delayed wgrad and selective recompute give the
 /// one-step gradients bitwise.
 #[test]

@@ -247,7 +247,14 @@ pub(crate) struct LoadedPrepBackward {
 pub(crate) fn load(rt: &CudaRuntime, k: &PrepBackwardKernels) -> Result<LoadedPrepBackward> {
     let mut cache = rt.kernels.lock().unwrap_or_else(|p| p.into_inner());
     let names = k.entries();
-    let hit: Option<Vec<CudaFunction>> = names.iter().map(|n| cache.get(*n).cloned()).collect();
+    // The runtime's function map is keyed by name, and the helper entries
+    // (`gate_backward_<dt>`, `kv_interleave_backward_<dt>`, ...) have the same name in every
+    // module although they are compiled for the module's HEAD_DIM: qualify them with the
+    // module key, or a layer of another head dim reuses them (a cross-attention layer at hd32
+    // after one at hd64 interleaved its K/V gradient with hd64's kernel).
+    let slot = |n: &str| format!("{}::{n}", k.key);
+    let hit: Option<Vec<CudaFunction>> =
+        names.iter().map(|n| cache.get(&slot(n)).cloned()).collect();
     let fs = match hit {
         Some(fs) => fs,
         None => {
@@ -265,7 +272,7 @@ pub(crate) fn load(rt: &CudaRuntime, k: &PrepBackwardKernels) -> Result<LoadedPr
             let mut fs = Vec::with_capacity(names.len());
             for n in names {
                 let f = super::launch::load_function(&module, n)?;
-                cache.insert(n.to_string(), f.clone());
+                cache.insert(slot(n), f.clone());
                 fs.push(f);
             }
             fs
