@@ -360,6 +360,26 @@ pub fn backward_configs(
     ]
 }
 
+/// The fused, non-deterministic backward config ([`Phase::BackwardDqDkDv`]: dQ, dK, dV in
+/// one pass, dQ by f32 atomics) of one dtype, head dim, mask, window flag and bias flag, or
+/// `None` at a head dim without its warp grid
+/// ([`fused_backward_layout`](crate::render::fused_backward_layout)); unchecked as
+/// [`backward_configs`].
+pub fn backward_fused_config(
+    dtype: crate::spec::DType,
+    head_dim: usize,
+    mask: MaskType,
+    has_window: bool,
+    has_bias: bool,
+) -> Option<KernelConfig> {
+    crate::render::fused_backward_layout(head_dim)?;
+    let mut c = KernelConfig::new(Phase::BackwardDqDkDv, dtype, head_dim);
+    c.mask = Some(mask);
+    c.has_window = has_window;
+    c.has_bias = has_bias;
+    Some(c)
+}
+
 /// The backward kernels a training run of `spec` at `head_dim` can launch on `target`: the
 /// preprocess, then dK/dV and dQ for every mask type the spec lists, each without and with
 /// an additive bias (as the forward's list), deduplicated by key. A separate list from
@@ -374,6 +394,18 @@ pub fn backward_kernels_for(
     for &mask in &spec.masks {
         for has_bias in [false, true] {
             out.extend(backward(spec, head_dim, mask, has_bias, target)?);
+            if let Some(c) =
+                backward_fused_config(spec.dtype, head_dim, mask, spec.window.is_some(), has_bias)
+            {
+                let fits = match target {
+                    Target::Device { smem_optin, .. } => c.backward_smem_bytes() <= smem_optin,
+                    Target::AnyDevice => true,
+                };
+                if fits {
+                    c.check_config()?;
+                    out.push(c);
+                }
+            }
         }
     }
     let mut seen = std::collections::HashSet::new();

@@ -80,6 +80,10 @@ const TEMPLATES: &[(&str, &str)] = &[
         "backward_sm80.cu",
         include_str!("../../templates/backward_sm80.cu"),
     ),
+    (
+        "backward_dqdkdv_sm80.cu",
+        include_str!("../../templates/backward_dqdkdv_sm80.cu"),
+    ),
 ];
 
 /// Head dims the backward kernels ([`Phase::BackwardDkdv`], [`Phase::BackwardDq`]) support:
@@ -89,6 +93,37 @@ const TEMPLATES: &[(&str, &str)] = &[
 /// checks; ptxas, NVRTC 13) except the mask-tensor variants at head dims 224 and 256 (16 to
 /// 36 bytes of spill stores).
 pub const BACKWARD_HEAD_DIMS: &[usize] = SUPPORTED_HEAD_DIMS;
+
+/// Warps per block of the fused backward ([`Phase::BackwardDqDkDv`]).
+pub const FUSED_BACKWARD_WARPS: usize = 8;
+
+/// The warp grids of the fused backward ([`Phase::BackwardDqDkDv`], 8 warps, 64 queries per
+/// step against 128 keys up to head dim 128, 64 keys above) at `head_dim`, as
+/// `(wm_s, wn_kv, wm_q)`: S and dP over `wm_s` × `8 / wm_s` warps (queries × keys), dK and
+/// dV over `wn_kv` × `8 / wn_kv` (keys × head dim), dQ over `wm_q` × `8 / wm_q` (queries ×
+/// head dim), every warp tile a multiple of 16 on both sides (FlashAttention-2's sm80
+/// layouts where they divide). `None` where no such grid exists (head dims 80, 160, 224):
+/// those run the deterministic pair only.
+pub fn fused_backward_layout(head_dim: usize) -> Option<(usize, usize, usize)> {
+    let w = FUSED_BACKWARD_WARPS;
+    let (block_m, block_n) = (64, if head_dim <= 128 { 128 } else { 64 });
+    let fits = |tile: usize| tile > 0 && tile % 16 == 0;
+    if !SUPPORTED_HEAD_DIMS.contains(&head_dim) {
+        return None;
+    }
+    let wm_s = if block_n == 128 { 2 } else { 4 };
+    let wn_kv = if block_n == 128 { 4 } else { 2 };
+    if !(fits(block_m / wm_s) && fits(block_n / (w / wm_s))) {
+        return None;
+    }
+    if !(fits(block_n / wn_kv) && head_dim % (w / wn_kv) == 0 && fits(head_dim / (w / wn_kv))) {
+        return None;
+    }
+    let wm_q = [2, 4]
+        .into_iter()
+        .find(|&m| fits(block_m / m) && head_dim % (w / m) == 0 && fits(head_dim / (w / m)))?;
+    Some((wm_s, wn_kv, wm_q))
+}
 
 /// Query rows (one warp each) per block of the one-warp-per-row attention kernels
 /// (`prefill_rows`, `decode_rows`, `decode_rows_paged`).
@@ -198,11 +233,16 @@ pub enum Phase {
     /// Attention backward, dQ: one block per query tile, head and sequence (tensor cores,
     /// sm_80+).
     BackwardDq,
+    /// Attention backward in one pass, FlashAttention-2's schedule (the fast,
+    /// non-deterministic mode): dK and dV per KV tile as `BackwardDkdv`, dQ added to an f32
+    /// buffer with atomics; its `<key>_dq_convert` entry scales and rounds that buffer into
+    /// dq. Head dims of [`fused_backward_layout`] only.
+    BackwardDqDkDv,
 }
 
 impl Phase {
     /// Every phase.
-    pub const ALL: [Phase; 10] = [
+    pub const ALL: [Phase; 11] = [
         Phase::PrefillRows,
         Phase::PrefillSm80,
         Phase::DecodeRows,
@@ -213,13 +253,17 @@ impl Phase {
         Phase::BackwardPreprocess,
         Phase::BackwardDkdv,
         Phase::BackwardDq,
+        Phase::BackwardDqDkDv,
     ];
 
     /// Whether this is one of the backward (training) phases.
     pub fn is_backward(self) -> bool {
         matches!(
             self,
-            Phase::BackwardPreprocess | Phase::BackwardDkdv | Phase::BackwardDq
+            Phase::BackwardPreprocess
+                | Phase::BackwardDkdv
+                | Phase::BackwardDq
+                | Phase::BackwardDqDkDv
         )
     }
 
@@ -237,6 +281,7 @@ impl Phase {
             Phase::BackwardPreprocess => "backward_preprocess",
             Phase::BackwardDkdv => "backward_dkdv",
             Phase::BackwardDq => "backward_dq",
+            Phase::BackwardDqDkDv => "backward_dqdkdv",
         }
     }
 
@@ -255,6 +300,7 @@ impl Phase {
             Phase::BackwardPreprocess => "backward_preprocess",
             Phase::BackwardDkdv => "backward_dkdv",
             Phase::BackwardDq => "backward_dq",
+            Phase::BackwardDqDkDv => "backward_dqdkdv_sm80",
         }
     }
 
@@ -269,6 +315,7 @@ impl Phase {
             Phase::AppendKv => "append_kv.cu",
             Phase::BackwardPreprocess => "backward_preprocess.cu",
             Phase::BackwardDkdv | Phase::BackwardDq => "backward_sm80.cu",
+            Phase::BackwardDqDkDv => "backward_dqdkdv_sm80.cu",
         }
     }
 }
@@ -398,6 +445,12 @@ impl PrefillTile {
     /// the steps shrink: dK/dV over 32 queries up to head dim 64 and 16 above, dQ over 32 keys.
     pub fn for_backward(phase: Phase, head_dim: usize, mask_tensor: bool) -> PrefillTile {
         match phase {
+            Phase::BackwardDqDkDv => PrefillTile {
+                block_m: 64,
+                block_n: if head_dim <= 128 { 128 } else { 64 },
+                warps: FUSED_BACKWARD_WARPS,
+                stages: 2,
+            },
             Phase::BackwardDq => PrefillTile {
                 block_m: 64,
                 block_n: match head_dim {
@@ -604,13 +657,15 @@ impl KernelConfig {
     /// `bottom_right`.
     fn causal_mode(&self) -> &'static str {
         match self.phase {
-            Phase::PrefillRows | Phase::PrefillSm80 | Phase::BackwardDkdv | Phase::BackwardDq => {
-                match self.mask {
-                    Some(MaskType::Causal | MaskType::PaddingCausal) => "top_left",
-                    Some(MaskType::CausalBottomRight) => "bottom_right",
-                    _ => "none",
-                }
-            }
+            Phase::PrefillRows
+            | Phase::PrefillSm80
+            | Phase::BackwardDkdv
+            | Phase::BackwardDq
+            | Phase::BackwardDqDkDv => match self.mask {
+                Some(MaskType::Causal | MaskType::PaddingCausal) => "top_left",
+                Some(MaskType::CausalBottomRight) => "bottom_right",
+                _ => "none",
+            },
             Phase::DecodeRows if !self.causal => "none",
             Phase::DecodeRows | Phase::DecodeRowsPaged | Phase::DecodeSplitKv => "bottom_right",
             Phase::QkvPrep | Phase::AppendKv | Phase::BackwardPreprocess => "none",
@@ -644,7 +699,7 @@ impl KernelConfig {
         );
         match self.phase {
             Phase::BackwardPreprocess => return k,
-            Phase::BackwardDkdv | Phase::BackwardDq => {
+            Phase::BackwardDkdv | Phase::BackwardDq | Phase::BackwardDqDkDv => {
                 k.push('_');
                 k.push_str(self.mask.map(|m| m.name()).unwrap_or("nomask_missing"));
                 if self.has_window {
@@ -669,7 +724,8 @@ impl KernelConfig {
             Phase::AppendKv
             | Phase::BackwardPreprocess
             | Phase::BackwardDkdv
-            | Phase::BackwardDq => {}
+            | Phase::BackwardDq
+            | Phase::BackwardDqDkDv => {}
             Phase::DecodeSplitKv => match self.rope {
                 None => k.push_str("_norope"),
                 Some((RopeMode::Half, r)) => k.push_str(&format!("_ropehalf{r}")),
@@ -804,6 +860,19 @@ impl KernelConfig {
             return Err(RenderError::WindowOnMask { mask });
         }
         let t = self.prefill_tile();
+        if self.phase == Phase::BackwardDqDkDv {
+            // The fused kernel: only its own tile, at head dims with a warp grid.
+            if fused_backward_layout(self.head_dim).is_none() {
+                return Err(RenderError::Unsupported {
+                    argument: "head_dim",
+                    reason: "the fused backward has no warp grid at head dims 80, 160 and 224",
+                });
+            }
+            if t != PrefillTile::for_backward(Phase::BackwardDqDkDv, self.head_dim, false) {
+                return Err(RenderError::BadPrefillTile { tile: t });
+            }
+            return Ok(());
+        }
         // dK/dV: 16 keys per warp, or per pair of warps (splitting the head dim in two).
         let per_warp = if self.phase == Phase::BackwardDkdv {
             if t.warps * 16 == 2 * t.block_n && self.head_dim.is_multiple_of(32) {
@@ -841,6 +910,11 @@ impl KernelConfig {
         match self.phase {
             Phase::BackwardDkdv => (2 * t.block_n + 4 * t.block_m) * row + 16 * t.block_m,
             Phase::BackwardDq => (2 * t.block_m + 4 * t.block_n) * row,
+            Phase::BackwardDqDkDv => {
+                (2 * t.block_n + 4 * t.block_m) * row
+                    + 2 * t.block_m * (t.block_n + 8) * 2
+                    + 16 * t.block_m
+            }
             _ => 0,
         }
     }
@@ -907,9 +981,14 @@ impl KernelConfig {
             match self.phase {
                 Phase::BackwardDkdv => "dkdv",
                 Phase::BackwardDq => "dq",
+                Phase::BackwardDqDkDv => "dqdkdv",
                 _ => "none",
             },
         );
+        let (wm_s, wn_kv, wm_q) = fused_backward_layout(self.head_dim).unwrap_or((1, 1, 1));
+        c.insert("wm_s", &wm_s);
+        c.insert("wn_kv", &wn_kv);
+        c.insert("wm_q", &wm_q);
         c
     }
 
@@ -928,7 +1007,11 @@ impl KernelConfig {
             head_dim: self.head_dim,
             mask: if matches!(
                 self.phase,
-                Phase::PrefillRows | Phase::PrefillSm80 | Phase::BackwardDkdv | Phase::BackwardDq
+                Phase::PrefillRows
+                    | Phase::PrefillSm80
+                    | Phase::BackwardDkdv
+                    | Phase::BackwardDq
+                    | Phase::BackwardDqDkDv
             ) {
                 self.mask
             } else {

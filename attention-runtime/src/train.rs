@@ -67,6 +67,13 @@ pub struct BackwardOptions {
     pub delay_wgrad: bool,
     /// Also return the gradient of `attention_bias` (in its own, broadcastable shape).
     pub want_bias_grad: bool,
+    /// Bitwise-reproducible gradients (Megatron's `deterministic_mode`). The CPU backend is
+    /// always deterministic. On CUDA `false` (the default) runs the fused attention backward,
+    /// whose dQ is summed with f32 atomics (so dQ, and the input and `linear_qkv` gradients
+    /// that follow from it, vary in the last bits from run to run); `true` runs the
+    /// deterministic kernel pair (about 1.3-1.8x the attention backward's time, see
+    /// BENCHMARKS.md).
+    pub deterministic: bool,
 }
 
 /// The gradients of a backward, generic over the backend's tensor.

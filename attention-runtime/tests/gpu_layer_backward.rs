@@ -135,6 +135,13 @@ fn gpu_step(
     gpu_step_bias(cuda, x, dy, args, recompute, delay, false)
 }
 
+thread_local! {
+    /// Whether this test's CUDA backwards run in the deterministic mode
+    /// ([`BackwardOptions::deterministic`]); the fast mode (the default) otherwise. The tests
+    /// that compare runs bitwise set it.
+    static DETERMINISTIC: std::cell::Cell<bool> = const { std::cell::Cell::new(false) };
+}
+
 /// [`gpu_step`], asking for the attention bias's gradient when `want_bias_grad`.
 fn gpu_step_bias(
     cuda: &CudaLayer,
@@ -155,6 +162,7 @@ fn gpu_step_bias(
     let opts = BackwardOptions {
         delay_wgrad: delay,
         want_bias_grad,
+        deterministic: DETERMINISTIC.with(|d| d.get()),
     };
     let mut g = cuda.backward(&mut saved, &dyd, &opts).unwrap();
     if delay {
@@ -515,6 +523,7 @@ fn layers_of_two_head_dims_in_one_process() {
 #[test]
 #[ignore = "requires a CUDA GPU"]
 fn deterministic_delayed_wgrad_and_recompute_are_bitwise() {
+    DETERMINISTIC.with(|d| d.set(true));
     let seed = fresh_seed();
     let mut rng = SplitMix64::new(seed);
     let spec = "self, heads=8, gqa=2, head_dim=64, hidden=256, qk_layernorm=layer, rope, \
@@ -606,7 +615,7 @@ fn misuse_and_unsupported_features_are_typed_errors() {
     let (_, mut s2) = cuda.forward_train(&x, &args, &topts).unwrap();
     let delay = BackwardOptions {
         delay_wgrad: true,
-        want_bias_grad: false,
+        ..BackwardOptions::default()
     };
     cuda.backward(&mut s2, &dy, &delay).unwrap();
     cuda.backward_dw(&mut s2).unwrap();
@@ -857,6 +866,7 @@ fn additive_bias_gradient_full_and_broadcast() {
 #[test]
 #[ignore = "requires a CUDA GPU"]
 fn bias_gradient_is_bitwise_deterministic() {
+    DETERMINISTIC.with(|d| d.set(true));
     let seed = fresh_seed();
     let mut rng = SplitMix64::new(seed);
     let spec = "self, heads=4, gqa=2, head_dim=64, hidden=128, rope, mask=causal";

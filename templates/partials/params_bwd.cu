@@ -43,4 +43,6 @@ struct BwdParams {
     long long bias_stride_k;
     float* dbias;                  // f32 [batch, num_heads, seqlen_q, seqlen_k] dense gradient of
                                    // the bias (bias variants; zero-filled by the host), or null
+    float* dq_accum;               // f32, layout of q: dQ / softmax_scale summed by atomics (the
+                                   // fused backward_dqdkdv kernel; zero-filled by the host), or null
 };

@@ -9,12 +9,22 @@
 //!    over the group's query heads (GQA) in registers;
 //! 3. `backward_dq_…_sm80`: dQ, one block per query tile, head and sequence.
 //!
-//! The forward's LSE is read, never recomputed. **Determinism:** there is one mode and it is
-//! deterministic: no atomics, a fixed summation order everywhere, so the gradients are
-//! bitwise equal from run to run (the GPU test checks). The cost is recomputing S = QKᵀ and
-//! dP = dO Vᵀ in the dQ kernel (7 matrix products per tile pair instead of the fused
-//! kernel's 5, about 40% more tensor-core work); a fused, atomicAdd-dQ fast mode is not
-//! implemented.
+//! or, in the fast mode ([`BwdArgs::deterministic`] `false`, the default of the layers), after
+//! the same preprocess:
+//!
+//! 2'. `backward_dqdkdv_…_sm80`: FlashAttention-2's one-pass schedule: dK, dV per KV tile as
+//!    above (8 warps, 128 keys up to head dim 128, 64 above) and dQ = dS K added to an f32
+//!    buffer (zero-filled, allocated here) with f32 atomics;
+//! 3'. its `_dq_convert` entry: dq = softmax_scale · that buffer, rounded.
+//!
+//! The forward's LSE is read, never recomputed. **Determinism:** the deterministic mode has
+//! no atomics and a fixed summation order everywhere, so the gradients are bitwise equal from
+//! run to run (the GPU test checks); it recomputes S = QKᵀ and dP = dO Vᵀ in the dQ kernel (7
+//! matrix products per tile pair instead of 5). The fast mode's dK, dV are deterministic too
+//! (no atomics), its dQ is not (the order of the atomic additions varies), at the cost of
+//! one f32 copy of dq in scratch memory. Head dims 80, 160 and 224 have no fused kernel
+//! ([`fused_backward_layout`](attention_codegen::render::fused_backward_layout)) and always
+//! run the deterministic pair.
 //!
 //! Layouts are the forward's ([`crate::cuda::prefill_sm80`]); dq, dk, dv have the layouts of q,
 //! k, v and the input dtype; lse is the forward's f32 `[num_heads, rows]` natural log.
@@ -30,7 +40,7 @@
 
 use std::sync::Arc;
 
-use attention_codegen::registry::backward_configs;
+use attention_codegen::registry::{backward_configs, backward_fused_config};
 use attention_codegen::render::{KernelConfig, Phase};
 use attention_codegen::{DType, MaskType};
 use cudarc::driver::sys::CUfunction_attribute_enum;
@@ -57,7 +67,19 @@ pub struct AttentionBackward {
     dsink: CudaFunction,
     dkdv: CudaFunction,
     dq: CudaFunction,
+    fused: Option<Fused>,
 }
+
+/// The fused kernel of the fast mode and its dq conversion entry.
+struct Fused {
+    config: KernelConfig,
+    key: String,
+    main: CudaFunction,
+    convert: CudaFunction,
+}
+
+/// Threads per block of the `_dq_convert` entry (`__launch_bounds__(256)`).
+const CONVERT_THREADS: usize = 256;
 
 /// Sequence layout of one backward launch (as the forward's).
 #[derive(Clone, Copy)]
@@ -98,6 +120,10 @@ pub struct BwdArgs<'a, T> {
     pub out: &'a CudaSlice<T>,
     /// The forward's LSE (saved), f32 `[num_heads, rows]`, natural log.
     pub lse: &'a CudaSlice<f32>,
+    /// Run the deterministic kernels (bitwise-reproducible dq, dk, dv) instead of the fused
+    /// fast one (dq summed by f32 atomics; dk, dv still reproducible). Head dims without a
+    /// fused kernel are deterministic either way.
+    pub deterministic: bool,
     /// Gradient of the output, layout of `q`.
     pub dout: &'a CudaSlice<T>,
     /// Gradient of `q` (written), layout of `q`.
@@ -292,6 +318,31 @@ impl AttentionBackward {
         let dq = load(ctx, &configs[2], &[&keys[2]])?.remove(0);
         set_smem(ctx, &dkdv, &keys[1], configs[1].backward_smem_bytes())?;
         set_smem(ctx, &dq, &keys[2], configs[2].backward_smem_bytes())?;
+        let c = &configs[1];
+        let fused = match backward_fused_config(
+            c.dtype,
+            c.head_dim,
+            c.mask.unwrap_or(MaskType::NoMask),
+            c.has_window,
+            c.has_bias,
+        ) {
+            Some(config) => {
+                config
+                    .check_config()
+                    .map_err(|e| AttnError::Render(e.to_string()))?;
+                let key = config.key();
+                let mut f = load(ctx, &config, &[&key, &format!("{key}_dq_convert")])?.into_iter();
+                let main = f.next().expect("two entries");
+                set_smem(ctx, &main, &key, config.backward_smem_bytes())?;
+                Some(Fused {
+                    config,
+                    key,
+                    main,
+                    convert: f.next().expect("two entries"),
+                })
+            }
+            None => None,
+        };
         let mut pre = pre.into_iter();
         Ok(AttentionBackward {
             configs: configs.clone(),
@@ -300,12 +351,18 @@ impl AttentionBackward {
             dsink: pre.next().expect("two entries"),
             dkdv,
             dq,
+            fused,
         })
     }
 
     /// The kernel keys: preprocess, dK/dV, dQ.
     pub fn keys(&self) -> &[String; 3] {
         &self.keys
+    }
+
+    /// The fused kernel's key (the fast mode), `None` at head dims without one.
+    pub fn fused_key(&self) -> Option<&str> {
+        self.fused.as_ref().map(|f| f.key.as_str())
     }
 
     /// Queue one backward on `stream`: D, then dK/dV, then dQ (and the sinks' gradient).
@@ -512,6 +569,19 @@ impl AttentionBackward {
             ));
         }
 
+        let fused = self.fused.as_ref().filter(|_| !a.deterministic);
+        let n_accum = if fused.is_some() {
+            (rows_q * a.num_heads * hd).max(1)
+        } else {
+            1
+        };
+        let dq_accum = stream
+            .alloc_zeros::<f32>(n_accum)
+            .map_err(|e| AttnError::DeviceAlloc {
+                arg: "backward dq accumulator".into(),
+                bytes: n_accum * 4,
+                msg: e.to_string(),
+            })?;
         let n_dpsum = (rows_q * a.num_heads).max(1);
         let dpsum = stream
             .alloc_zeros::<f32>(n_dpsum)
@@ -529,6 +599,7 @@ impl AttentionBackward {
         let (lse_ptr, _g5) = a.lse.device_ptr(stream);
         let (dout_ptr, _g6) = a.dout.device_ptr(stream);
         let (dpsum_ptr, _g7) = dpsum.device_ptr(stream);
+        let (accum_ptr, _g18) = dq_accum.device_ptr(stream);
         let (dq_ptr, _g8) = a.dq.device_ptr_mut(stream);
         let (dk_ptr, _g9) = a.dk.device_ptr_mut(stream);
         let (dv_ptr, _g10) = a.dv.device_ptr_mut(stream);
@@ -615,6 +686,7 @@ impl AttentionBackward {
             bias: bias_ptr,
             bias_strides,
             dbias: dbias_ptr,
+            dq_accum: if fused.is_some() { accum_ptr } else { 0 },
         };
         let launch = |f: &CudaFunction, key: String, lc: LaunchConfig| -> Result<()> {
             // SAFETY: BwdParams is the parameter layout of every backward entry
@@ -649,6 +721,37 @@ impl AttentionBackward {
                     },
                 )?;
             }
+        }
+        if let Some(f) = fused {
+            let t = f.config.prefill_tile();
+            if max_k > 0 {
+                launch(
+                    &f.main,
+                    f.key.clone(),
+                    LaunchConfig {
+                        grid_dim: (
+                            max_k.div_ceil(t.block_n) as u32,
+                            a.num_groups as u32,
+                            a.batch as u32,
+                        ),
+                        block_dim: ((t.warps * 32) as u32, 1, 1),
+                        shared_mem_bytes: f.config.backward_smem_bytes() as u32,
+                    },
+                )?;
+            }
+            let pairs = rows_q * a.num_heads * hd / 2;
+            if pairs > 0 {
+                launch(
+                    &f.convert,
+                    format!("{}_dq_convert", f.key),
+                    LaunchConfig {
+                        grid_dim: (pairs.div_ceil(CONVERT_THREADS).min(65535 * 8) as u32, 1, 1),
+                        block_dim: (CONVERT_THREADS as u32, 1, 1),
+                        shared_mem_bytes: 0,
+                    },
+                )?;
+            }
+            return Ok(());
         }
         if max_k > 0 {
             let t = cfg.prefill_tile();

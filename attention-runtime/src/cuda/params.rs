@@ -190,6 +190,9 @@ kernel_params! {
         /// f32 `[batch, num_heads, seqlen_q, seqlen_k]` dense bias gradient (zero-filled by
         /// the host), or null.
         pub dbias: u64,
+        /// f32 dQ accumulator, layout of q, zero-filled by the host (the fused
+        /// `backward_dqdkdv` kernel adds `dS K` into it with atomics), or null.
+        pub dq_accum: u64,
     }
 }
 
@@ -370,9 +373,10 @@ pub fn param_layout(
         Phase::AppendKv => by_value(std::mem::size_of::<AppendParams>()),
         Phase::DecodeSplitKv if paged => by_value(std::mem::size_of::<PagedDecodeParams>()),
         Phase::DecodeSplitKv => None,
-        Phase::BackwardPreprocess | Phase::BackwardDkdv | Phase::BackwardDq => {
-            by_value(std::mem::size_of::<BwdParams>())
-        }
+        Phase::BackwardPreprocess
+        | Phase::BackwardDkdv
+        | Phase::BackwardDq
+        | Phase::BackwardDqDkDv => by_value(std::mem::size_of::<BwdParams>()),
     }
 }
 

@@ -182,6 +182,11 @@ struct BackwardArgs {
     /// is bitwise the same.
     #[arg(long)]
     delay_wgrad: bool,
+    /// CUDA: run the deterministic attention backward (bitwise-reproducible gradients)
+    /// instead of the fused one, whose dQ is summed with f32 atomics. The CPU backend is
+    /// always deterministic.
+    #[arg(long)]
+    deterministic: bool,
     /// `none` or `core_attention` (selective recompute: core attention runs again in the
     /// backward); the result is bitwise the same.
     #[arg(long, default_value = "none")]
@@ -381,6 +386,7 @@ fn run_backward(a: &BackwardArgs) -> Result<()> {
     let opts = BackwardOptions {
         delay_wgrad: a.delay_wgrad,
         want_bias_grad: bias.is_some(),
+        deterministic: a.deterministic,
     };
     let topts = TrainOptions { recompute };
     let (output, grads) = match &device {

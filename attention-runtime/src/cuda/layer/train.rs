@@ -941,6 +941,7 @@ impl CudaLayer {
                 v: acts.v.typed::<T>("v")?,
                 out: core.o.typed::<T>("out")?,
                 lse: &core.lse,
+                deterministic: opts.deterministic,
                 dout: d_o.typed::<T>("dout")?,
                 dq: dq.typed_mut::<T>("dq")?,
                 dk: dk.typed_mut::<T>("dk")?,

@@ -32,8 +32,11 @@ use super::chart::{svg_path_for, write_svg};
 use super::common::{cuda_device, cuda_err, join, median, random_bf16};
 use super::prefill_report::{parse_sdpa, Timing};
 
-/// Implementation name of our backward in the report.
+/// Implementation name of our backward in the report: the default, fast mode (the fused
+/// kernel; dQ by f32 atomics).
 pub const OURS: &str = "attn_backward";
+/// Our deterministic mode (dK/dV and dQ kernels, no atomics).
+pub const OURS_DET: &str = "attn_backward_deterministic";
 
 /// Options of `attn bench backward`.
 #[derive(Debug, Clone)]
@@ -174,96 +177,99 @@ pub fn run_backward(opts: &BackwardOptions) -> Result<String> {
                 }
             };
             for &s in &opts.seqlens {
-                let batch = opts.total_tokens / s;
-                // A failed launch (e.g. an argument the kernels refuse) is a note and a
-                // NaN row, not the end of the sweep.
-                let mut time_shape = || -> Result<f64> {
-                    let layout = PrefillLayout::Padded {
-                        seqlen_q: s,
-                        seqlen_k: s,
-                    };
-                    // O and LSE of every set, untimed.
-                    for set in inputs.iter_mut() {
-                        fwd.launch(
-                            &stream,
-                            PrefillArgs {
-                                q: &set.q,
-                                k: &set.k,
-                                v: &set.v,
-                                out: &mut set.out,
-                                lse: &mut set.lse,
-                                batch,
-                                num_heads: heads,
-                                num_groups: heads,
-                                layout,
-                                softmax_scale: scale,
-                                window: (-1, -1),
-                                sinks: None,
-                                gate: None,
-                                max_logit: None,
-                            },
-                        )?;
-                    }
-                    let mut ms = Vec::with_capacity(opts.reps);
-                    for it in 0..opts.warmup + opts.reps {
-                        let set = &inputs[it % sets];
-                        let start = stream
-                            .record_event(Some(CU_EVENT_DEFAULT))
-                            .map_err(cuda_err("record event"))?;
-                        bwd.launch(
-                            &stream,
-                            BwdArgs {
-                                q: &set.q,
-                                k: &set.k,
-                                v: &set.v,
-                                out: &set.out,
-                                lse: &set.lse,
-                                dout: &set.dout,
-                                dq: &mut dq,
-                                dk: &mut dk,
-                                dv: &mut dv,
-                                batch,
-                                num_heads: heads,
-                                num_groups: heads,
-                                layout: BwdLayout::Padded {
-                                    seqlen_q: s,
-                                    seqlen_k: s,
+                for (imp, deterministic) in [(OURS, false), (OURS_DET, true)] {
+                    let batch = opts.total_tokens / s;
+                    // A failed launch (e.g. an argument the kernels refuse) is a note and a
+                    // NaN row, not the end of the sweep.
+                    let mut time_shape = || -> Result<f64> {
+                        let layout = PrefillLayout::Padded {
+                            seqlen_q: s,
+                            seqlen_k: s,
+                        };
+                        // O and LSE of every set, untimed.
+                        for set in inputs.iter_mut() {
+                            fwd.launch(
+                                &stream,
+                                PrefillArgs {
+                                    q: &set.q,
+                                    k: &set.k,
+                                    v: &set.v,
+                                    out: &mut set.out,
+                                    lse: &mut set.lse,
+                                    batch,
+                                    num_heads: heads,
+                                    num_groups: heads,
+                                    layout,
+                                    softmax_scale: scale,
+                                    window: (-1, -1),
+                                    sinks: None,
+                                    gate: None,
+                                    max_logit: None,
                                 },
-                                softmax_scale: scale,
-                                window: (-1, -1),
-                                sinks: None,
-                                dsinks: None,
-                                mask: None,
-                                bias: None,
-                                dbias: None,
-                            },
-                        )?;
-                        let end = stream
-                            .record_event(Some(CU_EVENT_DEFAULT))
-                            .map_err(cuda_err("record event"))?;
-                        let t = start.elapsed_ms(&end).map_err(cuda_err("backward run"))?;
-                        if it >= opts.warmup {
-                            ms.push(t as f64);
+                            )?;
                         }
-                    }
-                    Ok(median(ms))
-                };
-                let m = time_shape().unwrap_or_else(|e| {
-                    let note = format!("hd {hd} causal={causal} s{s}: {e}");
-                    eprintln!("{note}");
-                    notes.push(note);
-                    f64::NAN
-                });
-                timings.push(Timing {
-                    implementation: OURS.into(),
-                    head_dim: hd,
-                    causal,
-                    seqlen: s,
-                    batch,
-                    heads,
-                    ms: m,
-                    tflops: backward_flops(batch, heads, s, hd, causal) / (m * 1e-3) / 1e12,
-                });
+                        let mut ms = Vec::with_capacity(opts.reps);
+                        for it in 0..opts.warmup + opts.reps {
+                            let set = &inputs[it % sets];
+                            let start = stream
+                                .record_event(Some(CU_EVENT_DEFAULT))
+                                .map_err(cuda_err("record event"))?;
+                            bwd.launch(
+                                &stream,
+                                BwdArgs {
+                                    q: &set.q,
+                                    k: &set.k,
+                                    v: &set.v,
+                                    out: &set.out,
+                                    lse: &set.lse,
+                                    deterministic,
+                                    dout: &set.dout,
+                                    dq: &mut dq,
+                                    dk: &mut dk,
+                                    dv: &mut dv,
+                                    batch,
+                                    num_heads: heads,
+                                    num_groups: heads,
+                                    layout: BwdLayout::Padded {
+                                        seqlen_q: s,
+                                        seqlen_k: s,
+                                    },
+                                    softmax_scale: scale,
+                                    window: (-1, -1),
+                                    sinks: None,
+                                    dsinks: None,
+                                    mask: None,
+                                    bias: None,
+                                    dbias: None,
+                                },
+                            )?;
+                            let end = stream
+                                .record_event(Some(CU_EVENT_DEFAULT))
+                                .map_err(cuda_err("record event"))?;
+                            let t = start.elapsed_ms(&end).map_err(cuda_err("backward run"))?;
+                            if it >= opts.warmup {
+                                ms.push(t as f64);
+                            }
+                        }
+                        Ok(median(ms))
+                    };
+                    let m = time_shape().unwrap_or_else(|e| {
+                        let note = format!("hd {hd} causal={causal} s{s} {imp}: {e}");
+                        eprintln!("{note}");
+                        notes.push(note);
+                        f64::NAN
+                    });
+                    timings.push(Timing {
+                        implementation: imp.into(),
+                        head_dim: hd,
+                        causal,
+                        seqlen: s,
+                        batch,
+                        heads,
+                        ms: m,
+                        tflops: backward_flops(batch, heads, s, hd, causal) / (m * 1e-3) / 1e12,
+                    });
+                }
             }
         }
     }

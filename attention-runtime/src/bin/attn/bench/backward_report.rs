@@ -4,7 +4,7 @@
 
 use std::fmt::Write as _;
 
-use super::backward::OURS;
+use super::backward::{OURS, OURS_DET};
 use super::chart::{Panel, Series};
 use super::common::{json_num, json_str};
 use super::prefill_report::Timing;
@@ -36,9 +36,9 @@ pub fn table(t: &[Timing], device: &str) -> String {
     );
     let _ = writeln!(
         s,
-        "| hd | causal | seqlen | batch | heads | ours | sdpa flash | sdpa cudnn | ours/flash | ours/cudnn |"
+        "| hd | causal | seqlen | batch | heads | ours | ours det. | sdpa flash | sdpa cudnn | ours/flash | ours/cudnn | det./flash |"
     );
-    let _ = writeln!(s, "|---|---|---|---|---|---|---|---|---|---|");
+    let _ = writeln!(s, "|---|---|---|---|---|---|---|---|---|---|---|---|");
     let mut shapes: Vec<(usize, bool, usize, usize, usize)> = t
         .iter()
         .filter(|x| x.implementation == OURS)
@@ -54,13 +54,15 @@ pub fn table(t: &[Timing], device: &str) -> String {
     };
     for (hd, causal, sl, batch, heads) in shapes {
         let (o, oc) = cell(find(t, OURS, hd, causal, sl));
+        let (d, dc) = cell(find(t, OURS_DET, hd, causal, sl));
         let (f, fc) = cell(find(t, "sdpa_flash", hd, causal, sl));
         let (c, cc) = cell(find(t, "sdpa_cudnn", hd, causal, sl));
         let _ = writeln!(
             s,
-            "| {hd} | {causal} | {sl} | {batch} | {heads} | {oc} | {fc} | {cc} | {} | {} |",
+            "| {hd} | {causal} | {sl} | {batch} | {heads} | {oc} | {dc} | {fc} | {cc} | {} | {} | {} |",
             ratio(o, f),
-            ratio(o, c)
+            ratio(o, c),
+            ratio(d, f)
         );
     }
     s
@@ -107,6 +109,7 @@ pub fn panels(t: &[Timing]) -> Vec<Panel> {
             let mut series = Vec::new();
             for (imp, name) in [
                 (OURS, "ours"),
+                (OURS_DET, "ours (deterministic)"),
                 ("sdpa_flash", "SDPA flash"),
                 ("sdpa_cudnn", "SDPA cuDNN"),
             ] {
@@ -159,18 +162,21 @@ mod tests {
         ));
         t.push(ours(128, true, 2048, 300.0));
         t.push(ours(128, false, 4096, 250.0));
+        let mut det = ours(128, true, 2048, 100.0);
+        det.implementation = OURS_DET.into();
+        t.push(det);
         let s = table(&t, "H200");
         let lines: Vec<&str> = s.lines().filter(|l| l.starts_with("| 128")).collect();
         assert_eq!(lines.len(), 2, "{s}");
         assert!(
             lines[0].starts_with(
-                "| 128 | true | 2048 | 8 | 16 | 300.0 (2.000) | 200.0 (2.500) | n/a | 1.50 | n/a |"
+                "| 128 | true | 2048 | 8 | 16 | 300.0 (2.000) | 100.0 (2.000) | 200.0 (2.500) | n/a | 1.50 | n/a | 0.50 |"
             ),
             "{}",
             lines[0]
         );
         assert!(
-            lines[1].contains("| n/a | n/a | n/a | n/a |"),
+            lines[1].contains("| n/a | n/a | n/a | n/a | n/a | n/a |"),
             "{}",
             lines[1]
         );

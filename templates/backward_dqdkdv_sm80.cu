@@ -1,0 +1,508 @@
+// Kernel `{{ key }}`: attention backward in one pass (FlashAttention-2's schedule), rendered
+// from templates/backward_dqdkdv_sm80.cu. dtype {{ dtype }}, head dim {{ head_dim }}, mask
+// {{ mask }}, window {{ has_window }}, bias {{ has_bias }}.
+// Tile: BLOCK_M {{ block_m }} queries per step x BLOCK_N {{ block_n }} keys per block, {{ warps }}
+// warps; warp grids (WARPS / the given count along the other side): S and dP {{ wm_s }} along
+// the queries, dK and dV {{ wn_kv }} along the keys, dQ {{ wm_q }} along the queries.
+//
+// Parameters: one `const BwdParams p` (partials/params_bwd.cu), layouts and math as
+// templates/backward_sm80.cu (P from the forward's LSE, dS = P o (dP - D), dV = P^T dO,
+// dK = scale dS^T Q, dQ = scale dS K). The fast, non-deterministic mode:
+//
+// `{{ key }}`: grid (ceil(max_seqlen_k / BLOCK_N), num_groups, batch). A block owns one KV tile
+//   of one group, keeps K and V in shared memory and loops over every query head of the group
+//   (GQA) and every query tile that sees the tile. Per step: S = Q K^T and dP = dO V^T in
+//   registers (warp tiles of the query x key grid), P and dS (rounded to {{ dtype }}) into
+//   shared memory, then dV += P^T dO and dK += dS^T Q (accumulated in registers over the whole
+//   loop, warp tiles of the key x head-dim grid) and dQ_partial = dS K (warp tiles of the
+//   query x head-dim grid) added to `dq_accum` (f32, layout of q, zero-filled by the host)
+//   with f32 atomics: the order of those additions varies from run to run, so dQ (and only
+//   dQ) is not bitwise reproducible. dbias = dS is written directly (each element once).
+// `{{ key }}_dq_convert`: dq = softmax_scale * dq_accum, rounded to {{ dtype }}; grid-stride over
+//   `total_q * num_heads * HEAD_DIM` elements, two per thread.
+// Dynamic shared memory: (2 * BLOCK_N + 4 * BLOCK_M) * (HEAD_DIM + 8) * 2 (K, V, two buffers
+// of Q and dO) + 2 * BLOCK_M * (BLOCK_N + 8) * 2 (P, dS) + 16 * BLOCK_M (LSE, D) bytes.
+
+{% include "partials/types.cu" %}
+{% include "partials/mask.cu" %}
+{% include "partials/params_bwd.cu" %}
+{% include "partials/mma_sm80.cu" %}
+
+constexpr int BLOCK_M = {{ block_m }};
+constexpr int BLOCK_N = {{ block_n }};
+constexpr int WARPS = {{ warps }};
+constexpr int THREADS = WARPS * WARP_SIZE;
+constexpr int SROW = HEAD_DIM + 8;   // K, V, Q, dO row stride (elements)
+constexpr int PROW = BLOCK_N + 8;    // P, dS row stride (elements)
+constexpr int KD = HEAD_DIM / 16;    // k16 steps over the head dim
+constexpr float BWD_LOG2E = 1.4426950408889634f;
+// S / dP warp grid: WM_S x WN_S warps, each TM_S queries x TN_S keys.
+constexpr int WM_S = {{ wm_s }};
+constexpr int WN_S = WARPS / WM_S;
+constexpr int TM_S = BLOCK_M / WM_S;
+constexpr int TN_S = BLOCK_N / WN_S;
+constexpr int MI = TM_S / 16;
+constexpr int NI = TN_S / 8;
+// dK / dV warp grid: WN_KV x WD_KV warps, each TK keys x TD head-dim columns.
+constexpr int WN_KV = {{ wn_kv }};
+constexpr int WD_KV = WARPS / WN_KV;
+constexpr int TK = BLOCK_N / WN_KV;
+constexpr int TD = HEAD_DIM / WD_KV;
+constexpr int KI = TK / 16;
+constexpr int DI = TD / 8;
+// dQ warp grid: WM_Q x WD_Q warps, each TQ queries x TDQ head-dim columns.
+constexpr int WM_Q = {{ wm_q }};
+constexpr int WD_Q = WARPS / WM_Q;
+constexpr int TQ = BLOCK_M / WM_Q;
+constexpr int TDQ = HEAD_DIM / WD_Q;
+constexpr int QI = TQ / 16;
+constexpr int QDI = TDQ / 8;
+static_assert(HEAD_DIM % 16 == 0, "head dim must be a multiple of 16");
+static_assert(WM_S * WN_S == WARPS && TM_S % 16 == 0 && TN_S % 16 == 0, "S warp grid");
+static_assert(WN_KV * WD_KV == WARPS && TK % 16 == 0 && TD % 16 == 0, "dK/dV warp grid");
+static_assert(WM_Q * WD_Q == WARPS && TQ % 16 == 0 && TDQ % 16 == 0, "dQ warp grid");
+static_assert(LANE_D >= 1, "types.cu's per-lane split (unused here)");
+constexpr int Q_ELEMS = BLOCK_M * SROW;
+
+__device__ __forceinline__ float pos_inf() { return __int_as_float(0x7f800000); }
+
+/// A packed pair of elem_t (`lo` in the low half) as two floats.
+__device__ __forceinline__ float2 unpack2(unsigned v) {
+{%- if dtype == "bf16" %}
+    return make_float2(__uint_as_float(v << 16), __uint_as_float(v & 0xffff0000u));
+{%- else %}
+    float lo, hi;
+    asm("{ .reg .f16 a, b; mov.b32 {a, b}, %2; cvt.f32.f16 %0, a; cvt.f32.f16 %1, b; }"
+        : "=f"(lo), "=f"(hi) : "r"(v));
+    return make_float2(lo, hi);
+{%- endif %}
+}
+
+/// The forward's natural-log LSE in log2 units; -inf (a row that sees no key) becomes +inf,
+/// so every exponent of that row is -inf and its P is exactly 0.
+__device__ __forceinline__ float lse_log2(float lse) {
+    return lse == neg_inf() ? pos_inf() : lse * BWD_LOG2E;
+}
+
+extern "C" __global__ void __launch_bounds__(THREADS, 1) {{ key }}(const BwdParams p) {
+    extern __shared__ uint4 smem_raw[];
+    elem_t* sK = reinterpret_cast<elem_t*>(smem_raw);
+    elem_t* sV = sK + BLOCK_N * SROW;
+    elem_t* sQ = sV + BLOCK_N * SROW;      // 2 buffers
+    elem_t* sdO = sQ + 2 * Q_ELEMS;        // 2 buffers
+    elem_t* sP = sdO + 2 * Q_ELEMS;        // [BLOCK_M][PROW]
+    elem_t* sdS = sP + BLOCK_M * PROW;     // [BLOCK_M][PROW]
+    float* sL = reinterpret_cast<float*>(sdS + BLOCK_M * PROW);  // 2 x BLOCK_M, log2 units
+    float* sD = sL + 2 * BLOCK_M;                                // 2 x BLOCK_M
+
+    const int tid = threadIdx.x;
+    const int lane = tid % WARP_SIZE;
+    const int warp = tid / WARP_SIZE;
+    const int gq = lane / 4;
+    const int tq = lane % 4;
+    const int grp = blockIdx.y;
+    const int b = blockIdx.z;
+    const int num_heads = p.num_heads;
+    const int num_groups = p.num_groups;
+    const int hpg = num_heads / num_groups;
+    const int window_left = p.window_left;
+    const int window_right = p.window_right;
+
+    int sq, sk;
+    long long q_tok0, k_tok0, q_step, k_step;
+    if (p.cu_seqlens_q != nullptr) {
+        const int q0 = p.cu_seqlens_q[b];
+        const int k0 = p.cu_seqlens_k[b];
+        sq = p.cu_seqlens_q[b + 1] - q0;
+        sk = p.cu_seqlens_k[b + 1] - k0;
+        q_tok0 = q0;
+        k_tok0 = k0;
+        q_step = 1;
+        k_step = 1;
+    } else {
+        sq = p.seqlen_q;
+        sk = p.seqlen_k;
+        q_tok0 = b;
+        k_tok0 = b;
+        q_step = p.batch;
+        k_step = p.batch;
+    }
+    const long long total_q = p.total_q;
+    const int n0 = blockIdx.x * BLOCK_N;
+    if (n0 >= sk) return;
+    const int n_valid = min(BLOCK_N, sk - n0);
+    const int n1 = n0 + n_valid;
+
+    // Query rows that can see a key of [n0, n1) (as in backward_sm80.cu's dK/dV kernel).
+    int i_begin, i_end;
+    {
+        int a = 0, z = sq;
+        while (a < z) {
+            const int mid = (a + z) / 2;
+            int lo, hi;
+            visible_range(mid, sq, sk, window_left, window_right, &lo, &hi);
+            if (hi > n0) z = mid; else a = mid + 1;
+        }
+        i_begin = a;
+        z = sq;
+        while (a < z) {
+            const int mid = (a + z) / 2;
+            int lo, hi;
+            visible_range(mid, sq, sk, window_left, window_right, &lo, &hi);
+            if (lo >= n1) z = mid; else a = mid + 1;
+        }
+        i_end = a;
+    }
+    const int mt_begin = i_begin / BLOCK_M;
+    const int nm_tiles = i_end > i_begin ? (i_end + BLOCK_M - 1) / BLOCK_M - mt_begin : 0;
+    const int nsteps = nm_tiles * hpg;
+
+    const long long q_row_stride = q_step * num_heads * HEAD_DIM;
+    const long long kv_row_stride = k_step * num_groups * HEAD_DIM;
+    const long long kv_base = ((k_tok0 + (long long)n0 * k_step) * num_groups + grp) * HEAD_DIM;
+
+    // Step t: query head grp * hpg + t / nm_tiles, query tile mt_begin + t % nm_tiles.
+    auto load_step = [&](int t) {
+        const int buf = t & 1;
+        const int h = grp * hpg + t / nm_tiles;
+        const int m0 = (mt_begin + t % nm_tiles) * BLOCK_M;
+        const int m_valid = min(BLOCK_M, sq - m0);
+        const long long q_base = ((q_tok0 + (long long)m0 * q_step) * num_heads + h) * HEAD_DIM;
+        load_rows<BLOCK_M, THREADS, SROW>(sQ + buf * Q_ELEMS, p.q + q_base, q_row_stride, m_valid, tid);
+        load_rows<BLOCK_M, THREADS, SROW>(sdO + buf * Q_ELEMS, p.dout + q_base, q_row_stride, m_valid, tid);
+        for (int r = tid; r < BLOCK_M; r += THREADS) {
+            float l2 = pos_inf(), d = 0.0f;
+            if (r < m_valid) {
+                const long long row = (long long)h * total_q + q_tok0 + (long long)(m0 + r) * q_step;
+                l2 = lse_log2(p.lse[row]);
+                d = p.dpsum[row];
+            }
+            sL[buf * BLOCK_M + r] = l2;
+            sD[buf * BLOCK_M + r] = d;
+        }
+    };
+
+    load_rows<BLOCK_N, THREADS, SROW>(sK, p.k + kv_base, kv_row_stride, n_valid, tid);
+    load_rows<BLOCK_N, THREADS, SROW>(sV, p.v + kv_base, kv_row_stride, n_valid, tid);
+    if (nsteps > 0) load_step(0);
+    cp_async_commit();
+
+    const float sl2 = p.softmax_scale * BWD_LOG2E;
+{%- if has_bias %}
+    const float scale_nat = p.softmax_scale;
+    (void)sl2;
+{%- endif %}
+    const unsigned sK_addr = smem_addr(sK);
+    const unsigned sV_addr = smem_addr(sV);
+    const unsigned sQ_addr = smem_addr(sQ);
+    const unsigned sdO_addr = smem_addr(sdO);
+    const unsigned sP_addr = smem_addr(sP);
+    const unsigned sdS_addr = smem_addr(sdS);
+    // This warp's tiles in the three grids.
+    const int s_r0 = (warp / WN_S) * TM_S;   // S: first query row
+    const int s_c0 = (warp % WN_S) * TN_S;   // S: first key
+    const int kv_k0 = (warp % WN_KV) * TK;   // dK/dV: first key
+    const int kv_d0 = (warp / WN_KV) * TD;   // dK/dV: first head-dim column
+    const int q_r0 = (warp % WM_Q) * TQ;     // dQ: first query row
+    const int q_d0 = (warp / WM_Q) * TDQ;    // dQ: first head-dim column
+
+    float dk[KI][DI][4], dv[KI][DI][4];
+#pragma unroll
+    for (int ki = 0; ki < KI; ++ki) {
+#pragma unroll
+        for (int di = 0; di < DI; ++di) {
+#pragma unroll
+            for (int e = 0; e < 4; ++e) {
+                dk[ki][di][e] = 0.0f;
+                dv[ki][di][e] = 0.0f;
+            }
+        }
+    }
+
+    for (int t = 0; t < nsteps; ++t) {
+        // Step t's tiles landed, and every warp is done with step t - 1 (its buffers, P, dS).
+        cp_async_wait<0>();
+        __syncthreads();
+        if (t + 1 < nsteps) load_step(t + 1);
+        cp_async_commit();
+
+        const int buf = t & 1;
+        const int h = grp * hpg + t / nm_tiles;
+        const int m0 = (mt_begin + t % nm_tiles) * BLOCK_M;
+        const unsigned q_addr = sQ_addr + (unsigned)(buf * Q_ELEMS * 2);
+        const unsigned o_addr = sdO_addr + (unsigned)(buf * Q_ELEMS * 2);
+        const float* lrow = sL + buf * BLOCK_M;
+        const float* drow = sD + buf * BLOCK_M;
+
+        // 1. S = Q K^T on this warp's TM_S x TN_S tile, then P = exp2(S * scale * log2e - LSE)
+        // into shared memory (and kept packed in registers), then dP = dO V^T and
+        // dS = P o (dP - D) into shared memory: S and dP are never live together. Element
+        // (mi, ni, 2 * hh + e): query row m0 + s_r0 + mi * 16 + gq + 8 * hh, key
+        // n0 + s_c0 + ni * 8 + 2 * tq + e.
+        int lo_last, hi_last, lo_first, hi_first;
+        visible_range(min(m0 + BLOCK_M, sq) - 1, sq, sk, window_left, window_right, &lo_last, &hi_last);
+        visible_range(m0, sq, sk, window_left, window_right, &lo_first, &hi_first);
+        const bool full = m0 + BLOCK_M <= sq && n0 + BLOCK_N <= sk && lo_last <= n0 && hi_first >= n0 + BLOCK_N;
+{%- if mask_tensor %}
+        const unsigned char* mbase =
+            p.mask + (long long)b * p.mask_stride_b + (long long)h * p.mask_stride_h;
+{%- endif %}
+{%- if has_bias %}
+        const float* bbase = p.bias + (long long)b * p.bias_stride_b + (long long)h * p.bias_stride_h;
+        // dbias: dense f32 [batch, num_heads, seqlen_q, seqlen_k] (zero-filled by the host).
+        float* dbbase = p.dbias == nullptr ? nullptr
+                                           : p.dbias + ((long long)b * num_heads + h) * p.seqlen_q * p.seqlen_k;
+{%- endif %}
+        unsigned pk[MI][NI][2];  // P, packed pairs (e = 0, 1) per (mi, ni, hh)
+        {
+            float s[MI][NI][4];
+#pragma unroll
+            for (int mi = 0; mi < MI; ++mi) {
+#pragma unroll
+                for (int ni = 0; ni < NI; ++ni) {
+#pragma unroll
+                    for (int e = 0; e < 4; ++e) s[mi][ni][e] = 0.0f;
+                }
+            }
+#pragma unroll
+            for (int kk = 0; kk < KD; ++kk) {
+                unsigned fa[MI][4];
+#pragma unroll
+                for (int mi = 0; mi < MI; ++mi)
+                    ldmatrix_x4(fa[mi], q_addr + (unsigned)(((s_r0 + mi * 16 + lane % 16) * SROW + kk * 16 +
+                                                            (lane / 16) * 8) * 2));
+#pragma unroll
+                for (int nj = 0; nj < NI / 2; ++nj) {
+                    unsigned fb[4];
+                    ldmatrix_x4(fb, sK_addr + (unsigned)(((s_c0 + nj * 16 + lane % 8 + (lane / 16) * 8) * SROW +
+                                                          kk * 16 + ((lane / 8) % 2) * 8) * 2));
+#pragma unroll
+                    for (int mi = 0; mi < MI; ++mi) {
+                        mma16816(s[mi][2 * nj], fa[mi], fb[0], fb[1]);
+                        mma16816(s[mi][2 * nj + 1], fa[mi], fb[2], fb[3]);
+                    }
+                }
+            }
+#pragma unroll
+            for (int mi = 0; mi < MI; ++mi) {
+#pragma unroll
+                for (int hh = 0; hh < 2; ++hh) {
+                    const int r = s_r0 + mi * 16 + gq + 8 * hh;  // row within the tile
+                    const int i = m0 + r;
+                    const float l2 = lrow[r];
+                    int lo = 0, hi = 0;
+                    if (!full) visible_range(i, sq, sk, window_left, window_right, &lo, &hi);
+#pragma unroll
+                    for (int ni = 0; ni < NI; ++ni) {
+                        float pv[2];
+#pragma unroll
+                        for (int e = 0; e < 2; ++e) {
+                            const int j = n0 + s_c0 + ni * 8 + 2 * tq + e;
+                            float x = s[mi][ni][2 * hh + e];
+                            if (!full && (j < lo || j >= hi)) x = neg_inf();
+{%- if mask_tensor %}
+                            // The mask tensor per element (rows past sq, keys past sk unread).
+                            if (i < sq && j < sk &&
+                                mbase[(long long)i * p.mask_stride_q + (long long)j * p.mask_stride_k] != 0)
+                                x = neg_inf();
+{%- endif %}
+{%- if has_bias %}
+                            if (x != neg_inf() && i < sq && j < sk)
+                                x = biased_logit_log2(
+                                    x * scale_nat, bbase[(long long)i * p.bias_stride_q + (long long)j * p.bias_stride_k]);
+                            else
+                                x = neg_inf();
+                            pv[e] = fast_exp2(x - l2);
+{%- else %}
+                            pv[e] = fast_exp2(fmaf(x, sl2, -l2));
+{%- endif %}
+                        }
+                        pk[mi][ni][hh] = pack2(pv[0], pv[1]);
+                        *reinterpret_cast<unsigned*>(sP + r * PROW + s_c0 + ni * 8 + 2 * tq) = pk[mi][ni][hh];
+                    }
+                }
+            }
+        }
+        {
+            float dp[MI][NI][4];
+#pragma unroll
+            for (int mi = 0; mi < MI; ++mi) {
+#pragma unroll
+                for (int ni = 0; ni < NI; ++ni) {
+#pragma unroll
+                    for (int e = 0; e < 4; ++e) dp[mi][ni][e] = 0.0f;
+                }
+            }
+#pragma unroll
+            for (int kk = 0; kk < KD; ++kk) {
+                unsigned fa[MI][4];
+#pragma unroll
+                for (int mi = 0; mi < MI; ++mi)
+                    ldmatrix_x4(fa[mi], o_addr + (unsigned)(((s_r0 + mi * 16 + lane % 16) * SROW + kk * 16 +
+                                                            (lane / 16) * 8) * 2));
+#pragma unroll
+                for (int nj = 0; nj < NI / 2; ++nj) {
+                    unsigned fb[4];
+                    ldmatrix_x4(fb, sV_addr + (unsigned)(((s_c0 + nj * 16 + lane % 8 + (lane / 16) * 8) * SROW +
+                                                          kk * 16 + ((lane / 8) % 2) * 8) * 2));
+#pragma unroll
+                    for (int mi = 0; mi < MI; ++mi) {
+                        mma16816(dp[mi][2 * nj], fa[mi], fb[0], fb[1]);
+                        mma16816(dp[mi][2 * nj + 1], fa[mi], fb[2], fb[3]);
+                    }
+                }
+            }
+#pragma unroll
+            for (int mi = 0; mi < MI; ++mi) {
+#pragma unroll
+                for (int hh = 0; hh < 2; ++hh) {
+                    const int r = s_r0 + mi * 16 + gq + 8 * hh;
+                    const float dd = drow[r];
+{%- if has_bias %}
+                    const int i = m0 + r;
+{%- endif %}
+#pragma unroll
+                    for (int ni = 0; ni < NI; ++ni) {
+                        // P as rounded to {{ dtype }} (what dV's product uses, too).
+                        const float2 pr = unpack2(pk[mi][ni][hh]);
+                        float dsv[2];
+                        // P == 0 selects 0: a masked key's dP (finite or not) never enters dS.
+                        dsv[0] = pr.x > 0.0f ? pr.x * (dp[mi][ni][2 * hh] - dd) : 0.0f;
+                        dsv[1] = pr.y > 0.0f ? pr.y * (dp[mi][ni][2 * hh + 1] - dd) : 0.0f;
+{%- if has_bias %}
+#pragma unroll
+                        for (int e = 0; e < 2; ++e) {
+                            const int j = n0 + s_c0 + ni * 8 + 2 * tq + e;
+                            if (dbbase != nullptr && i < sq && j < sk) dbbase[(long long)i * p.seqlen_k + j] = dsv[e];
+                        }
+{%- endif %}
+                        *reinterpret_cast<unsigned*>(sdS + r * PROW + s_c0 + ni * 8 + 2 * tq) = pack2(dsv[0], dsv[1]);
+                    }
+                }
+            }
+        }
+        __syncthreads();
+
+        // 3. dV += P^T dO and dK += dS^T Q (contraction over the step's queries): A = P^T and
+        // dS^T through ldmatrix.trans of the row-major P, dS; B = dO, Q through ldmatrix.trans.
+#pragma unroll
+        for (int kq = 0; kq < BLOCK_M / 16; ++kq) {
+            unsigned pa[KI][4], da[KI][4];
+#pragma unroll
+            for (int ki = 0; ki < KI; ++ki) {
+                const unsigned off = (unsigned)(((kq * 16 + (lane / 16) * 8 + lane % 8) * PROW + kv_k0 + ki * 16 +
+                                                 ((lane / 8) % 2) * 8) * 2);
+                ldmatrix_x4_trans(pa[ki], sP_addr + off);
+                ldmatrix_x4_trans(da[ki], sdS_addr + off);
+            }
+#pragma unroll
+            for (int dj = 0; dj < DI / 2; ++dj) {
+                unsigned ob[4], qb[4];
+                const unsigned off = (unsigned)(((kq * 16 + lane % 8 + ((lane / 8) % 2) * 8) * SROW + kv_d0 +
+                                                 dj * 16 + (lane / 16) * 8) * 2);
+                ldmatrix_x4_trans(ob, o_addr + off);
+                ldmatrix_x4_trans(qb, q_addr + off);
+#pragma unroll
+                for (int ki = 0; ki < KI; ++ki) {
+                    mma16816(dv[ki][2 * dj], pa[ki], ob[0], ob[1]);
+                    mma16816(dv[ki][2 * dj + 1], pa[ki], ob[2], ob[3]);
+                    mma16816(dk[ki][2 * dj], da[ki], qb[0], qb[1]);
+                    mma16816(dk[ki][2 * dj + 1], da[ki], qb[2], qb[3]);
+                }
+            }
+        }
+
+        // 4. dQ_partial = dS K (contraction over the tile's keys; A = dS row-major, B = K
+        // through ldmatrix.trans), added to dq_accum (rows past sq skipped).
+        {
+            float acc[QI][QDI][4];
+#pragma unroll
+            for (int qi = 0; qi < QI; ++qi) {
+#pragma unroll
+                for (int di = 0; di < QDI; ++di) {
+#pragma unroll
+                    for (int e = 0; e < 4; ++e) acc[qi][di][e] = 0.0f;
+                }
+            }
+#pragma unroll
+            for (int kk = 0; kk < BLOCK_N / 16; ++kk) {
+                unsigned sa[QI][4];
+#pragma unroll
+                for (int qi = 0; qi < QI; ++qi) {
+                    const unsigned a_off =
+                        (unsigned)(((q_r0 + qi * 16 + lane % 16) * PROW + kk * 16 + (lane / 16) * 8) * 2);
+                    ldmatrix_x4(sa[qi], sdS_addr + a_off);
+                }
+#pragma unroll
+                for (int dj = 0; dj < QDI / 2; ++dj) {
+                    unsigned kb[4];
+                    const unsigned off = (unsigned)(((kk * 16 + lane % 8 + ((lane / 8) % 2) * 8) * SROW + q_d0 +
+                                                     dj * 16 + (lane / 16) * 8) * 2);
+                    ldmatrix_x4_trans(kb, sK_addr + off);
+#pragma unroll
+                    for (int qi = 0; qi < QI; ++qi) {
+                        mma16816(acc[qi][2 * dj], sa[qi], kb[0], kb[1]);
+                        mma16816(acc[qi][2 * dj + 1], sa[qi], kb[2], kb[3]);
+                    }
+                }
+            }
+#pragma unroll
+            for (int qi = 0; qi < QI; ++qi) {
+#pragma unroll
+                for (int hh = 0; hh < 2; ++hh) {
+                    const int i = m0 + q_r0 + qi * 16 + gq + 8 * hh;
+                    if (i < sq) {
+                        float* row = p.dq_accum + ((q_tok0 + (long long)i * q_step) * num_heads + h) * HEAD_DIM +
+                                     q_d0 + 2 * tq;
+#pragma unroll
+                        for (int di = 0; di < QDI; ++di) {
+#if __CUDA_ARCH__ >= 900
+                            asm volatile("red.global.add.v2.f32 [%0], { %1, %2 };" ::"l"(row + di * 8),
+                                         "f"(acc[qi][di][2 * hh]), "f"(acc[qi][di][2 * hh + 1])
+                                         : "memory");
+#else
+                            asm volatile("red.global.add.f32 [%0], %1;" ::"l"(row + di * 8), "f"(acc[qi][di][2 * hh])
+                                         : "memory");
+                            asm volatile("red.global.add.f32 [%0], %1;" ::"l"(row + di * 8 + 1),
+                                         "f"(acc[qi][di][2 * hh + 1])
+                                         : "memory");
+#endif
+                        }
+                    }
+                }
+            }
+        }
+    }
+    cp_async_wait<0>();
+
+    // dK * scale, dV: rows n0 + kv_k0 + ki * 16 + gq + 8 * hh (zeros for keys no query sees).
+    const float scale = p.softmax_scale;
+#pragma unroll
+    for (int ki = 0; ki < KI; ++ki) {
+#pragma unroll
+        for (int hh = 0; hh < 2; ++hh) {
+            const int j = n0 + kv_k0 + ki * 16 + gq + 8 * hh;
+            if (j < sk) {
+                const long long off =
+                    ((k_tok0 + (long long)j * k_step) * num_groups + grp) * HEAD_DIM + kv_d0 + 2 * tq;
+#pragma unroll
+                for (int di = 0; di < DI; ++di) {
+                    *reinterpret_cast<unsigned*>(p.dk + off + di * 8) =
+                        pack2(dk[ki][di][2 * hh] * scale, dk[ki][di][2 * hh + 1] * scale);
+                    *reinterpret_cast<unsigned*>(p.dv + off + di * 8) =
+                        pack2(dv[ki][di][2 * hh], dv[ki][di][2 * hh + 1]);
+                }
+            }
+        }
+    }
+}
+
+extern "C" __global__ void __launch_bounds__(256) {{ key }}_dq_convert(const BwdParams p) {
+    const long long n2 = (long long)p.total_q * p.num_heads * HEAD_DIM / 2;
+    const float scale = p.softmax_scale;
+    for (long long i = (long long)blockIdx.x * blockDim.x + threadIdx.x; i < n2;
+         i += (long long)gridDim.x * blockDim.x) {
+        const float2 a = reinterpret_cast<const float2*>(p.dq_accum)[i];
+        reinterpret_cast<unsigned*>(p.dq)[i] = pack2(a.x * scale, a.y * scale);
+    }
+}
