@@ -235,7 +235,7 @@ extern "C" __global__ void __launch_bounds__(THREADS, 1) {{ key }}(const BwdPara
         const float* drow = sD + buf * BLOCK_M;
 
         // 1. S = Q K^T on this warp's TM_S x TN_S tile, then P = exp2(S * scale * log2e - LSE)
-        // into shared memory (and kept packed in registers), then dP = dO V^T and
+        // into shared memory, then dP = dO V^T and
         // dS = P o (dP - D) into shared memory: S and dP are never live together. Element
         // (mi, ni, 2 * hh + e): query row m0 + s_r0 + mi * 16 + gq + 8 * hh, key
         // n0 + s_c0 + ni * 8 + 2 * tq + e.
@@ -253,7 +253,6 @@ extern "C" __global__ void __launch_bounds__(THREADS, 1) {{ key }}(const BwdPara
         float* dbbase = p.dbias == nullptr ? nullptr
                                            : p.dbias + ((long long)b * num_heads + h) * p.seqlen_q * p.seqlen_k;
 {%- endif %}
-        unsigned pk[MI][NI][2];  // P, packed pairs (e = 0, 1) per (mi, ni, hh)
         {
             float s[MI][NI][4];
 #pragma unroll
@@ -317,8 +316,7 @@ extern "C" __global__ void __launch_bounds__(THREADS, 1) {{ key }}(const BwdPara
                             pv[e] = fast_exp2(fmaf(x, sl2, -l2));
 {%- endif %}
                         }
-                        pk[mi][ni][hh] = pack2(pv[0], pv[1]);
-                        *reinterpret_cast<unsigned*>(sP + r * PROW + s_c0 + ni * 8 + 2 * tq) = pk[mi][ni][hh];
+                        *reinterpret_cast<unsigned*>(sP + r * PROW + s_c0 + ni * 8 + 2 * tq) = pack2(pv[0], pv[1]);
                     }
                 }
             }
@@ -363,8 +361,10 @@ extern "C" __global__ void __launch_bounds__(THREADS, 1) {{ key }}(const BwdPara
 {%- endif %}
 #pragma unroll
                     for (int ni = 0; ni < NI; ++ni) {
-                        // P as rounded to {{ dtype }} (what dV's product uses, too).
-                        const float2 pr = unpack2(pk[mi][ni][hh]);
+                        // P as rounded to {{ dtype }} (what dV's product uses, too), read back
+                        // from where this thread wrote it.
+                        const float2 pr =
+                            unpack2(*reinterpret_cast<const unsigned*>(sP + r * PROW + s_c0 + ni * 8 + 2 * tq));
                         float dsv[2];
                         // P == 0 selects 0: a masked key's dP (finite or not) never enters dS.
                         dsv[0] = pr.x > 0.0f ? pr.x * (dp[mi][ni][2 * hh] - dd) : 0.0f;

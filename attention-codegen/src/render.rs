@@ -684,8 +684,10 @@ impl KernelConfig {
     /// - `qkv_prep_<dtype>_hd<D>_<self|cross>_<nonorm|layernorm|rmsnorm|l2norm>_<norope|ropehalf<R>|ropeinter<R>>[_gate]_w<warps>`
     /// - `backward_preprocess_<dtype>_hd<D>` (its sinks entry is `<key>_dsink`)
     /// - `backward_dkdv_<dtype>_hd<D>_<mask>[_win][_bias]_m<M>n<N>w<W>_sm80`,
-    ///   `backward_dq_<dtype>_hd<D>_<mask>[_win][_bias]_m<M>n<N>w<W>_sm80` (sinks change neither
-    ///   source: they enter through the forward's LSE)
+    ///   `backward_dq_<dtype>_hd<D>_<mask>[_win][_bias]_m<M>n<N>w<W>_sm80`,
+    ///   `backward_dqdkdv_<dtype>_hd<D>_<mask>[_win][_bias]_m<M>n<N>w<W>_sm80` (its conversion
+    ///   entry is `<key>_dq_convert`; sinks change no backward source: they enter through the
+    ///   forward's LSE)
     ///
     /// `sink1` = off-by-one sink, `sinkl` = learnable sink, `R` = rotated channels. `_paged`
     /// marks every kernel reading K/V from a paged pool; the arch suffix (`_sm80`: the lowest
