@@ -19,6 +19,11 @@
 //! output, q, k, v and the gate only, and the backward runs the forward kernel(s) again
 //! (deterministic, so the gradients are bitwise those of `Recompute::None`).
 //!
+//! **QK-Clip**: the forward kernel raises a per-forward f32 `[np]` max-logit buffer (kept in
+//! [`CudaSaved`]), and `max_logit_fold_<dtype>` raises the layer's running device record
+//! from it (the first forward after a clip copies it): no host round trip per forward. The
+//! clip itself is [`CudaLayer::clip_qk_device`] (module `qk_clip`).
+//!
 //! **Backward**: `linear_proj` dgrad (cuBLASLt, `dX = dY W`), the output gate's backward
 //! (`gate_backward_<dtype>`), the attention backward ([`crate::cuda::backward`]: dq, dk, dv
 //! and the learnable sinks' gradient), `qkv_prep_backward_...` (rope backward, q/k norm
@@ -215,9 +220,11 @@ impl std::fmt::Debug for CudaSaved {
 }
 
 impl CudaSaved {
-    /// Per query head the max pre-softmax logit of the forward `[np]` (`-inf` for a head that
-    /// saw nothing), for [`crate::train::QkClip::observe`]. Read back from the device on the
-    /// first call (synchronizes the stream); NaN if that read fails.
+    /// Per query head the max pre-softmax logit of this forward `[np]` (`-inf` for a head
+    /// that saw nothing). The layer's running QK-Clip record already took it in on the
+    /// device ([`CudaLayer::max_logit_record_device`]); this per-micro-batch value is for
+    /// logging or a [`crate::train::QkClip`] the caller keeps. Read back from the device on
+    /// the first call (synchronizes the stream); NaN if that read fails.
     pub fn max_logit(&self) -> &[f32] {
         self.max_logit.get_or_init(|| {
             let st = self.max_logit_dev.stream();
@@ -508,6 +515,7 @@ impl CudaLayer {
 
         // Kernels before the first GEMM (a kernel that cannot load fails with nothing queued).
         let (prep_key, prep_f) = kernel(rt, &self.prep)?;
+        let helpers = train_ops::load(rt, &prep_bwd)?;
         let fwd_k = self.load_prefill_sm80(&fast)?;
         let ungated = c.output_gate.then(|| {
             let mut u = fast.clone();
@@ -648,6 +656,8 @@ impl CudaLayer {
             }
             cr
         });
+        // 5. QK-Clip: raise the layer's device record by this forward's per-head max logit.
+        self.raise_max_logit_record(&helpers, &max_logit_dev)?;
         let fwd_ungated = ungated;
         let saved = CudaSaved {
             config: c.clone(),
