@@ -50,7 +50,11 @@ const GQA_GATE: &str = "self, heads=4, gqa=2, head_dim=32, hidden=64, qkv_bias, 
 #[test]
 fn the_record_is_the_running_max_over_micro_batches() {
     let mut cpu = CpuLayer::new(scaled(&layer(GQA_GATE, 1), 4.0));
-    assert_eq!(cpu.max_logit_record().unwrap(), None, "nothing observed yet");
+    assert_eq!(
+        cpu.max_logit_record().unwrap(),
+        None,
+        "nothing observed yet"
+    );
     let args = ForwardArgs::default();
     let (_, s1) = cpu
         .forward_train(&rand_t(2, &[7, 2, 64]), &args, &TrainOptions::default())
@@ -104,7 +108,13 @@ fn the_record_is_the_running_max_over_micro_batches() {
 
 #[test]
 fn clip_matches_the_standalone_formula_and_resets() {
-    for (spec, alpha) in [(GQA_GATE, 0.5f32), ("self, heads=4, gqa=1, head_dim=32, hidden=64, qk_layernorm=rms, mask=causal", 0.25)] {
+    for (spec, alpha) in [
+        (GQA_GATE, 0.5f32),
+        (
+            "self, heads=4, gqa=1, head_dim=32, hidden=64, qk_layernorm=rms, mask=causal",
+            0.25,
+        ),
+    ] {
         let base = scaled(&layer(spec, 11), 5.0);
         let mut cpu = CpuLayer::new(base.clone());
         let mut rec = QkClip::new();
@@ -139,7 +149,11 @@ fn clip_matches_the_standalone_formula_and_resets() {
         let after = qkv_weight(&cpu);
         assert_eq!(after, want_w, "{spec}: the layer's weight is the formula's");
         assert_ne!(after, before);
-        assert_eq!(cpu.max_logit_record().unwrap(), None, "reset after the clip");
+        assert_eq!(
+            cpu.max_logit_record().unwrap(),
+            None,
+            "reset after the clip"
+        );
         // Biases and every other parameter are untouched.
         let (b0, b1) = (base.state_dict(""), cpu.inner().state_dict(""));
         for ((k0, t0), (k1, t1)) in b0.iter().zip(&b1) {
@@ -152,8 +166,8 @@ fn clip_matches_the_standalone_formula_and_resets() {
         let (hn, h) = (c.head_dim, c.hidden);
         let gw = if c.output_gate { per * hn } else { 0 };
         let gcols = per * hn + gw + 2 * hn;
-        for g in 0..c.groups {
-            let eta = (threshold as f64) / (gmax[g] as f64);
+        for (g, &m) in gmax.iter().enumerate() {
+            let eta = (threshold as f64) / (m as f64);
             for r in 0..gcols {
                 let row = g * gcols + r;
                 let f = if r < per * hn {
@@ -190,7 +204,11 @@ fn clip_without_a_record_or_below_the_threshold_changes_no_weight() {
     let r = cpu.clip_qk(1e9, 0.5).unwrap();
     assert!(r.clipped.is_empty() && r.group_max.iter().all(|m| m.is_finite()));
     assert_eq!(qkv_weight(&cpu), w0);
-    assert_eq!(cpu.max_logit_record().unwrap(), None, "reset also without a clip");
+    assert_eq!(
+        cpu.max_logit_record().unwrap(),
+        None,
+        "reset also without a clip"
+    );
 }
 
 #[test]
@@ -218,7 +236,11 @@ fn bad_threshold_or_alpha_changes_nothing() {
             "({t}, {a}): {e}"
         );
         assert_eq!(qkv_weight(&cpu), w0);
-        assert_eq!(cpu.max_logit_record().unwrap(), r0, "a refused clip keeps the record");
+        assert_eq!(
+            cpu.max_logit_record().unwrap(),
+            r0,
+            "a refused clip keeps the record"
+        );
     }
 }
 
