@@ -245,6 +245,7 @@ fn params(parts: &LayerParts<'_>) -> Result<Params> {
             if c.kind != AttentionKind::CrossAttention {
                 return Err(bad("config.kind", "cross-attention", "self-attention"));
             }
+            c.check_cross_extras()?;
             let inp = lin(Role::LinearQ, p.linear_q.train(), np * hn, h)?;
             let kv = lin(Role::LinearKv, p.linear_kv.train(), 2 * np * hn, h)?;
             (inp, Some(kv), None, None, p.core_attention, p.linear_proj)

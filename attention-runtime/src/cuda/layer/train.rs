@@ -55,8 +55,7 @@
 //! `[b, np, sq, sk]` (f32) and `bias_grad_reduce_<dtype>` sums it over the bias's broadcast
 //! dims in fixed order: [`LayerGrads::grad_attention_bias`] has the bias's own shape, f32.
 //!
-//! **Not supported** (typed errors before anything is queued): cross-attention with a q/k
-//! norm, rope or output gate ([`AttnError::NoBackendImpl`]); head dims outside
+//! **Not supported** (typed errors before anything is queued): head dims outside
 //! [`BACKWARD_HEAD_DIMS`](attention_codegen::render::BACKWARD_HEAD_DIMS)
 //! ([`AttnError::InvalidArgument`]; head dim 80 is supported: the layer kernels pad each
 //! lane's last 32-channel chunk); GPUs below sm_80; an empty input.
@@ -273,14 +272,6 @@ fn attention_backward(
     Ok(b)
 }
 
-fn no_cross_feature() -> AttnError {
-    AttnError::NoBackendImpl {
-        role: "cross-attention with a q/k norm, rope or output gate".into(),
-        backend: "cuda backward".into(),
-        hint: "train such layers on the CPU reference backend (CpuLayer)".into(),
-    }
-}
-
 fn f32_tensor(
     st: &Arc<cudarc::driver::CudaStream>,
     shape: &[usize],
@@ -373,8 +364,15 @@ impl CudaLayer {
             }
             _ => {}
         }
-        if !is_self && (self.prep.qk_norm.is_some() || self.prep.rope.is_some() || c.output_gate) {
-            return Err(no_cross_feature());
+        // Cross-attention has no q/k norm, rope or gate (LayerConfig::new refuses them, as the
+        // reference system's CrossAttention has none); refuse a config assembled past that.
+        c.check_cross_extras()?;
+        if !is_self && (self.prep.qk_norm.is_some() || self.prep.rope.is_some()) {
+            return Err(bad(
+                "config.spec",
+                "a cross-attention spec without q/k norm or rope",
+                "a spec with them",
+            ));
         }
         if !BACKWARD_HEAD_DIMS.contains(&c.head_dim) {
             return Err(bad(
@@ -414,12 +412,14 @@ impl CudaLayer {
     /// Training forward on device tensors (self- or cross-attention; the context is
     /// `args.key_value_states`, a host tensor uploaded per call as in `forward_device`): the output (bitwise
     /// [`forward_device`](Self::forward_device)'s, `[rows, h]` in the layer's dtype) and the
-    /// saved context. Asynchronous as `forward_device`.
+    /// saved context. Asynchronous as `forward_device`. Raises the layer's QK-Clip record on
+    /// the device ([`max_logit_record_device`](Self::max_logit_record_device)).
     ///
-    /// Errors (nothing queued): those of `forward_device`; [`AttnError::NoBackendImpl`] for
-    /// cross-attention with a q/k norm, rope or gate; [`AttnError::InvalidArgument`] for a mask
-    /// tensor with a mask type that takes none, a head dim the backward does not support, an
-    /// empty input; [`AttnError::Shape`] for a mask or bias that does not
+    /// Errors (nothing queued): those of `forward_device`; [`AttnError::InvalidArgument`] for
+    /// a cross-attention config holding a q/k norm, rope or gate (assembled past
+    /// [`LayerConfig::new`], which refuses them: the reference system's cross-attention has
+    /// none), a mask tensor with a mask type that takes none, a head dim the backward does
+    /// not support, an empty input; [`AttnError::Shape`] for a mask or bias that does not
     /// broadcast to `[batch, heads, sq, sk]`; [`AttnError::BackendUnavailable`] below sm_80; [`AttnError::Render`].
     pub fn forward_train_device(
         &self,
