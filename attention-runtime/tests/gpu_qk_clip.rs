@@ -9,7 +9,8 @@
 //! record must be bitwise the running max of its own forwards' per-head maxima (the fold runs
 //! on the device) and within bf16 noise of the CPU record; the clipped device weight must be
 //! bitwise the formula applied to the device record (f32 product, one rounding), and close to
-//! the CPU layer's clipped weight.
+//! the CPU layer's clipped weight. Logits here are large on purpose (tens to hundreds), so
+//! outputs are not compared (a sharp softmax magnifies bf16 rounding); the records are.
 
 use attention_runtime::backend::{Backend, BackendLayer, CpuLayer, SavedForward, TrainLayer};
 use attention_runtime::cuda::{CudaLayer, ElemType};
@@ -73,7 +74,7 @@ fn bits(t: &Tensor) -> Vec<u32> {
 }
 
 /// A layer of `spec` whose weights are rounded to the spec's dtype, `linear_qkv.weight`
-/// scaled by 4 (large logits) and group 0's query rows by 3 more (group 0's max logit well
+/// scaled by 4 (large logits) and group 0's query rows by 5 more (group 0's max logit well
 /// above the others', so a threshold between them clips group 0 only).
 fn layer(spec: &str, seed: u64) -> SpecLayer {
     let config = SpecLayer::config_from_str(spec, &RuntimeDims::default()).unwrap();
@@ -89,7 +90,7 @@ fn layer(spec: &str, seed: u64) -> SpecLayer {
             }
             let mut t = t;
             for (i, v) in t.data_mut().iter_mut().enumerate() {
-                *v *= if i / h < per * hn { 12.0 } else { 4.0 };
+                *v *= if i / h < per * hn { 20.0 } else { 4.0 };
             }
             (k, round(&t, elem))
         })
@@ -233,21 +234,28 @@ fn check(spec: &str, alpha: f32) {
     let e = rel_err(&w_dev, &round(&qkv_host(&cpu), elem));
     println!("  clipped weight vs cpu: rel err {e:.2e}");
     assert!(e <= 1e-2, "clipped linear_qkv.weight: rel err {e:.3e}");
-    // The next forward reads the clipped weight: outputs agree and group 0's max logit is
-    // at the threshold (no q/k bias or norm in these specs: logits scale by eta).
-    let (y_cpu, _) = cpu
-        .forward_train(&x1, &ForwardArgs::default(), &TrainOptions::default())
+    // The next forward reads the clipped weight: the records agree again and group 0's max
+    // logit is at most the threshold (no q/k bias or norm in these specs: its logits scale
+    // by eta; x1 alone saw at most the max over both micro-batches).
+    cpu.forward_train(&x1, &ForwardArgs::default(), &TrainOptions::default())
         .unwrap();
-    let (y_gpu, _) = cuda
-        .forward_train(
-            &be.upload(&x1).unwrap(),
-            &ForwardArgs::default(),
-            &TrainOptions::default(),
-        )
-        .unwrap();
-    let e = rel_err(&be.download(&y_gpu).unwrap(), &y_cpu);
-    assert!(e <= 1e-2, "output after the clip: rel err {e:.3e}");
+    cuda.forward_train(
+        &be.upload(&x1).unwrap(),
+        &ForwardArgs::default(),
+        &TrainOptions::default(),
+    )
+    .unwrap();
     let rec = cuda.max_logit_record().unwrap().unwrap();
+    for (hd, (g, w)) in rec
+        .iter()
+        .zip(&cpu.max_logit_record().unwrap().unwrap())
+        .enumerate()
+    {
+        assert!(
+            close_logit(*g, *w),
+            "record after the clip [{hd}]: gpu {g} vs cpu {w}"
+        );
+    }
     let g0 = group_max(&rec, per)[0];
     assert!(
         g0 <= threshold * 1.05,
