@@ -34,6 +34,13 @@
 //   backward's dense f32 dS [B, H, I, J]: out[e] = sum of dS over every position bias element
 //   e feeds (broadcast dims, bias extent 1, summed whole), in fixed (b, h, i, j) order: no
 //   atomics, deterministic.
+// `max_logit_fold_{{ dtype }}` (n, grid ceil(n / 256), block 256): QK-Clip's running record,
+//   running[i] = max(running[i], src[i]) over f32 [n = num_heads] (a NaN in src is ignored,
+//   as the host record's observe does): the layer's device record raised by one training
+//   forward's per-head max logit, without a host round trip.
+// `qk_clip_scale_rows_{{ dtype }}` (rows * cols, grid-stride, block 256): QK-Clip's rescale
+//   of linear_qkv.weight [rows, cols] in place, w[r][c] *= row_factor[r] (f32 product,
+//   rounded once to elem_t); rows whose factor is exactly 1 are not rewritten.
 
 {{ types }}
 
@@ -373,5 +380,25 @@ extern "C" __global__ void __launch_bounds__(256) bias_grad_reduce_{{ dtype }}(
                     for (int j = j_lo; j < j_hi; ++j) s += row[j];
                 }
         out[e] = s;
+    }
+}
+
+extern "C" __global__ void __launch_bounds__(256) max_logit_fold_{{ dtype }}(
+    const float* __restrict__ src, float* __restrict__ running, int n)
+{
+    const int i = blockIdx.x * blockDim.x + threadIdx.x;
+    if (i >= n) return;
+    const float s = src[i];
+    if (s > running[i]) running[i] = s;
+}
+
+extern "C" __global__ void __launch_bounds__(256) qk_clip_scale_rows_{{ dtype }}(
+    elem_t* __restrict__ w, const float* __restrict__ row_factor, long long rows, int cols)
+{
+    const long long n = rows * cols;
+    for (long long i = (long long)blockIdx.x * blockDim.x + threadIdx.x; i < n;
+         i += (long long)gridDim.x * blockDim.x) {
+        const float f = row_factor[i / cols];
+        if (f != 1.0f) store_elem(w + i, load_elem(w + i) * f);
     }
 }

@@ -186,6 +186,13 @@ fn fallback(item: &syn::ItemStruct) -> TokenStream {
             ) -> #rt::Result<#rt::layer::LayerOutput> { #stub }
             /// Unavailable: the spec has an error.
             pub fn state_dict(&self, prefix: &str) -> ::std::vec::Vec<(::std::string::String, #rt::Tensor)> { #stub }
+            /// Unavailable: the spec has an error.
+            pub fn clip_qk(
+                &mut self,
+                record: &mut #rt::train::QkClip,
+                threshold: f32,
+                alpha: f32,
+            ) -> #rt::Result<#rt::train::QkClipReport> { #stub }
         }
         #[allow(unused_variables, clippy::all)]
         impl #ig #rt::layer::AttentionLayer for #name #tg #wc {
@@ -521,6 +528,51 @@ fn expand(
         }
     };
     let (core, proj) = (part(Role::CoreAttention), part(Role::LinearProj));
+    // `linear_qkv` mutably (QK-Clip), with the override's span as `part` does.
+    let qkv_mut = match fields.iter().find(|f| f.role == Role::LinearQkv) {
+        Some(f) => {
+            let n = &f.name;
+            let e = respan(
+                quote!(&mut self.#n as &mut dyn #rt::modules::LinearModule),
+                f.span,
+            );
+            quote! {
+                fn linear_qkv_mut(&mut self) -> ::core::option::Option<&mut dyn #rt::modules::LinearModule> {
+                    ::core::option::Option::Some(#e)
+                }
+            }
+        }
+        None => TokenStream::new(),
+    };
+    // QK-Clip with a caller's record (self-attention only: cross-attention has no
+    // linear_qkv).
+    let clip_method = if is_self {
+        quote! {
+            /// QK-Clip on this layer's `linear_qkv.weight` with a record the caller keeps
+            /// (`attention::runtime::train::QkClip::clip_layer`: per key/value group whose max
+            /// recorded logit `m_g` exceeds `threshold`, query rows times `eta^alpha` and key
+            /// rows times `eta^(1 - alpha)`, `eta = threshold / m_g`), then resets the record.
+            /// Training through [`Self::on_cpu`] or [`Self::to_cuda`] needs no record of the
+            /// caller's: those layers keep their own and clip themselves
+            /// (`TrainLayer::clip_qk`).
+            ///
+            /// # Errors
+            /// `InvalidArgument` for a `threshold` not finite and positive or an `alpha`
+            /// outside `[0, 1]`; `NoBackendImpl` when a user
+            /// `linear_qkv` type does not hand out its weight (`LinearModule::weight_mut`).
+            /// Nothing changes on error.
+            pub fn clip_qk(
+                &mut self,
+                record: &mut #rt::train::QkClip,
+                threshold: f32,
+                alpha: f32,
+            ) -> #rt::Result<#rt::train::QkClipReport> {
+                record.clip_layer(self, threshold, alpha)
+            }
+        }
+    } else {
+        TokenStream::new()
+    };
     let parts = if is_self {
         let (qkv, qn, kn) = (
             part(Role::LinearQkv),
@@ -763,6 +815,8 @@ fn expand(
                 <Self as #rt::layer::AttentionLayer>::state_dict(self, prefix)
             }
 
+            #clip_method
+
             /// This layer on the CPU reference backend, for code written over
             /// `attention::runtime::backend::BackendLayer` (the same calls run on a GPU with
             /// [`Self::to_cuda`]).
@@ -821,6 +875,7 @@ fn expand(
             fn parts(&self) -> #rt::layer::LayerParts<'_> {
                 #parts
             }
+            #qkv_mut
         }
     })
 }
@@ -868,6 +923,7 @@ mod tests {
         );
         assert!(out.contains("pub const SPEC"));
         assert!(out.contains("AttentionLayer for L"));
+        assert!(out.contains("fn linear_qkv_mut") && out.contains("pub fn clip_qk"));
         assert!(out.contains("my :: Proj"));
         assert!(out.contains("left : - 1i64"));
         assert!(!out.contains("compile_error"));
@@ -878,6 +934,7 @@ mod tests {
         let out = expand_str("cross, heads = 2", "struct C;");
         assert!(out.contains("linear_q :") && out.contains("linear_kv :"));
         assert!(!out.contains("linear_qkv") && !out.contains("fn prefill"));
+        assert!(!out.contains("fn clip_qk"));
     }
 
     #[test]

@@ -8,8 +8,9 @@
 //!   own tensors and caches. The CPU layer is any [`AttentionLayer`] wrapped in [`CpuLayer`];
 //!   the CUDA layer is [`CudaLayer`].
 //! - [`TrainLayer`]: training (forward with a saved context, backward, delayed weight
-//!   gradients), implemented for [`CpuLayer`] and [`CudaLayer`] (see
-//!   [`CudaLayer::forward_train_device`] for what the CUDA path saves and supports).
+//!   gradients, QK-Clip with the layer's own max-logit record), implemented for [`CpuLayer`]
+//!   and [`CudaLayer`] (see [`CudaLayer::forward_train_device`] for what the CUDA path saves
+//!   and supports).
 //! - [`StaticCache`] / [`PagedCache`]: the bookkeeping of both backends' caches.
 //!
 //! Validation, positions and batch geometry of the cache steps are computed above the seam,
@@ -23,7 +24,7 @@
 //! [`Backend::synchronize`] waits for it.
 
 use std::collections::BTreeMap;
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 
 use crate::config::LayerConfig;
 use crate::cuda::{
@@ -34,7 +35,7 @@ use crate::error::Result;
 use crate::kv_cache::{BlockAllocator, PagedBatch, PagedKvCache, PagedRequest, StaticKvCache};
 use crate::layer::{AttentionLayer, ForwardArgs};
 use crate::tensor::Tensor;
-use crate::train::{BackwardOptions, CpuSaved, LayerGrads, TrainOptions};
+use crate::train::{BackwardOptions, CpuSaved, LayerGrads, QkClip, QkClipReport, TrainOptions};
 
 /// The bookkeeping of a static KV cache, the same on every backend.
 pub trait StaticCache {
@@ -193,8 +194,10 @@ pub trait BackendLayer {
 
 /// What a training forward saved, as every backend's context reports it.
 pub trait SavedForward {
-    /// Per query head the max pre-softmax logit of the forward, `[np]` (QK-Clip's statistic,
-    /// for [`crate::train::QkClip::observe`]).
+    /// Per query head the max pre-softmax logit of this one forward, `[np]` (QK-Clip's
+    /// statistic). The layer already folded it into its own running record
+    /// ([`TrainLayer::max_logit_record`]); this is the per-micro-batch value, e.g. for
+    /// logging or for a [`crate::train::QkClip`] the caller keeps.
     fn max_logit(&self) -> &[f32];
     /// Bytes of activations held for the backward (0 once consumed).
     fn saved_bytes(&self) -> usize;
@@ -206,15 +209,24 @@ pub trait SavedForward {
 /// [`Saved`](Self::Saved) context, [`CudaSaved`]). Shapes and semantics are
 /// [`crate::train`]'s.
 ///
+/// QK-Clip ([`crate::train::qk_clip`]) as the reference system does it: the layer keeps the
+/// running per-head max of the pre-softmax logits. Every [`forward_train`](Self::forward_train)
+/// raises it (over micro-batches, until a clip), [`max_logit_record`](Self::max_logit_record)
+/// reads it, and [`clip_qk`](Self::clip_qk) rescales the layer's own `linear_qkv` query and
+/// key rows and resets it. The CPU layer keeps the record on the host; the CUDA layer keeps it
+/// on the device (no host round trip per forward).
+///
 /// Misuse is a typed error and changes nothing: a `grad_output` of another shape or dtype
 /// ([`crate::AttnError::Shape`] / [`crate::AttnError::DType`]), a backward on a context whose
 /// activations were consumed, `backward_dw` before `backward` or twice
-/// ([`crate::AttnError::TrainState`]).
+/// ([`crate::AttnError::TrainState`]), a clip of a cross-attention layer or with a bad
+/// threshold or alpha ([`crate::AttnError::InvalidArgument`]).
 pub trait TrainLayer: BackendLayer {
     /// The backend's saved-forward context.
     type Saved: SavedForward;
     /// Forward (as [`BackendLayer::forward`], bitwise the same output) that also returns the
-    /// context for [`backward`](Self::backward).
+    /// context for [`backward`](Self::backward), and raises the layer's max-logit record by
+    /// this forward's per-head max ([`SavedForward::max_logit`]).
     fn forward_train(
         &self,
         hidden: &BTensor<Self::Backend>,
@@ -235,6 +247,27 @@ pub trait TrainLayer: BackendLayer {
         &self,
         saved: &mut Self::Saved,
     ) -> Result<BTreeMap<String, BTensor<Self::Backend>>>;
+    /// The layer's QK-Clip record: per query head `[np]` the max pre-softmax logit
+    /// (`q k^T * scale + bias` over visible positions) over every
+    /// [`forward_train`](Self::forward_train) since the last [`clip_qk`](Self::clip_qk)
+    /// (`-inf` for a head that saw nothing); `None` when no training forward ran since. The
+    /// CUDA layer reads it back from the device (synchronizing its stream).
+    fn max_logit_record(&self) -> Result<Option<Vec<f32>>>;
+    /// QK-Clip on the layer's own `linear_qkv.weight` with its record
+    /// ([`crate::train::qk_clip`]): per group `m_g` = the record's max over the group's
+    /// heads; when `m_g > threshold`, `eta = threshold / m_g`, the group's query rows times
+    /// `eta^alpha`, its key rows times `eta^(1 - alpha)`; value and gate rows and every bias
+    /// untouched. Resets the record (also when nothing was clipped; without a record nothing
+    /// is clipped). Megatron's defaults: `threshold` 100, `alpha` 0.5.
+    ///
+    /// Run it between steps, after the backwards of the forwards it covers: a backward reads
+    /// the weights its forward ran with.
+    ///
+    /// Errors (nothing changed): [`crate::AttnError::InvalidArgument`] for a cross-attention
+    /// layer (`config.kind`), a `threshold` not finite and > 0, an `alpha` outside `[0, 1]`;
+    /// [`crate::AttnError::NoBackendImpl`] (CPU) for a wrapped layer that does not hand out
+    /// its `linear_qkv` weight ([`AttentionLayer::linear_qkv_mut`]).
+    fn clip_qk(&mut self, threshold: f32, alpha: f32) -> Result<QkClipReport>;
 }
 
 impl SavedForward for CpuSaved {
@@ -254,7 +287,9 @@ impl<L: AttentionLayer> TrainLayer for CpuLayer<L> {
         args: &ForwardArgs<'_>,
         opts: &TrainOptions,
     ) -> Result<(Tensor, CpuSaved)> {
-        crate::train::forward_train(&self.0.parts(), hidden, args, opts)
+        let (y, saved) = crate::train::forward_train(&self.0.parts(), hidden, args, opts)?;
+        self.record().observe(saved.max_logit())?;
+        Ok((y, saved))
     }
     fn backward(
         &self,
@@ -266,6 +301,13 @@ impl<L: AttentionLayer> TrainLayer for CpuLayer<L> {
     }
     fn backward_dw(&self, saved: &mut CpuSaved) -> Result<BTreeMap<String, Tensor>> {
         crate::train::backward_dw(saved)
+    }
+    fn max_logit_record(&self) -> Result<Option<Vec<f32>>> {
+        Ok(self.record().record().map(<[f32]>::to_vec))
+    }
+    fn clip_qk(&mut self, threshold: f32, alpha: f32) -> Result<QkClipReport> {
+        let record = self.1.get_mut().unwrap_or_else(|p| p.into_inner());
+        record.clip_layer(&mut self.0, threshold, alpha)
     }
 }
 
@@ -301,6 +343,12 @@ impl TrainLayer for CudaLayer {
     }
     fn backward_dw(&self, saved: &mut CudaSaved) -> Result<BTreeMap<String, DeviceTensor>> {
         self.backward_dw_device(saved)
+    }
+    fn max_logit_record(&self) -> Result<Option<Vec<f32>>> {
+        self.max_logit_record_device()
+    }
+    fn clip_qk(&mut self, threshold: f32, alpha: f32) -> Result<QkClipReport> {
+        self.clip_qk_device(threshold, alpha)
     }
 }
 
@@ -480,15 +528,31 @@ impl Backend for CpuBackend {
 }
 
 /// Any [`AttentionLayer`] (a struct generated by `#[attention]`, a
-/// [`SpecLayer`](crate::spec_layer::SpecLayer)) on the CPU reference backend.
-#[derive(Debug, Clone)]
-pub struct CpuLayer<L>(pub L);
+/// [`SpecLayer`](crate::spec_layer::SpecLayer)) on the CPU reference backend, with the
+/// layer's QK-Clip record (a [`QkClip`] that [`TrainLayer::forward_train`] raises and
+/// [`TrainLayer::clip_qk`] consumes).
+#[derive(Debug)]
+pub struct CpuLayer<L>(pub L, Mutex<QkClip>);
+
+impl<L: Clone> Clone for CpuLayer<L> {
+    /// The layer and its QK-Clip record.
+    fn clone(&self) -> Self {
+        CpuLayer(self.0.clone(), Mutex::new(self.record().clone()))
+    }
+}
+
+impl<L> CpuLayer<L> {
+    fn record(&self) -> std::sync::MutexGuard<'_, QkClip> {
+        self.1.lock().unwrap_or_else(|p| p.into_inner())
+    }
+}
 
 impl<L: AttentionLayer> CpuLayer<L> {
-    /// Wrap `layer`.
+    /// Wrap `layer` (with an empty QK-Clip record).
     pub fn new(layer: L) -> Self {
-        CpuLayer(layer)
+        CpuLayer(layer, Mutex::new(QkClip::new()))
     }
+
     /// The wrapped layer.
     pub fn inner(&self) -> &L {
         &self.0

@@ -232,6 +232,33 @@ impl LayerConfig {
         })
     }
 
+    /// Errors ([`AttnError::InvalidArgument`] naming `qk_layernorm`, `rope` or
+    /// `output_gate`) for a cross-attention config with any of them. [`LayerConfig::new`]
+    /// never builds one (the reference system's `CrossAttention` has no q/k norm, rope or
+    /// output gate); a config assembled field by field can hold one, and the training paths
+    /// refuse it rather than train a layer whose forward ignores it.
+    pub(crate) fn check_cross_extras(&self) -> Result<()> {
+        if self.kind != AttentionKind::CrossAttention {
+            return Ok(());
+        }
+        for (on, arg) in [
+            (self.qk_norm.is_some(), "qk_layernorm"),
+            (self.rope.is_some(), "rope"),
+            (self.output_gate, "output_gate"),
+        ] {
+            if on {
+                return Err(AttnError::InvalidArgument {
+                    arg: arg.into(),
+                    expected: "self-attention only (the reference system's cross-attention has \
+                               no q/k norm, rope or output gate)"
+                        .into(),
+                    got: format!("{arg} on cross-attention"),
+                });
+            }
+        }
+        Ok(())
+    }
+
     /// Query heads per group (`heads / groups`).
     pub fn heads_per_group(&self) -> usize {
         self.heads / self.groups

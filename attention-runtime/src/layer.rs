@@ -311,6 +311,15 @@ pub trait AttentionLayer {
     fn state_dict(&self, prefix: &str) -> Vec<(String, Tensor)> {
         self.parts().state_dict(prefix)
     }
+    /// A self-attention layer's `linear_qkv`, mutably: the in-place parameter updates of
+    /// training reach it here (QK-Clip rescales its weight's query and key rows,
+    /// [`QkClip::clip_layer`](crate::train::QkClip::clip_layer)). Default: `None` (such a
+    /// layer cannot be clipped: [`AttnError::NoBackendImpl`]); cross-attention layers have
+    /// none. `#[attention]` structs and [`SpecLayer`](crate::spec_layer::SpecLayer) return
+    /// theirs.
+    fn linear_qkv_mut(&mut self) -> Option<&mut dyn LinearModule> {
+        None
+    }
 }
 
 /// `x W^T + b` through a module, checking the result shape.

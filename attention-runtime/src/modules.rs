@@ -78,6 +78,15 @@ pub trait LinearModule: Send + Sync {
     fn train(&self) -> Option<&dyn TrainSubmodule> {
         None
     }
+    /// The weight `[out, in]` (row-major, the default layout) that [`forward`](Self::forward)
+    /// reads, mutably, for in-place training updates: QK-Clip rescales rows of
+    /// `linear_qkv`'s ([`crate::train::qk_clip`]). Return it only when changing it changes
+    /// the module's math accordingly (as [`TrainSubmodule`]'s parameters are the module's
+    /// own). Default: none (a layer whose `linear_qkv` has none cannot be clipped:
+    /// [`AttnError::NoBackendImpl`]).
+    fn weight_mut(&mut self) -> Option<&mut Tensor> {
+        None
+    }
 }
 
 /// A norm over the last dim.
@@ -262,6 +271,9 @@ impl LinearModule for Linear {
     }
     fn bias(&self) -> Option<&Tensor> {
         self.bias.as_ref()
+    }
+    fn weight_mut(&mut self) -> Option<&mut Tensor> {
+        Some(&mut self.weight)
     }
     fn state_dict(&self) -> Vec<(String, Tensor)> {
         let mut v = vec![("weight".to_string(), self.weight.clone())];

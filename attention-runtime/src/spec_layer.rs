@@ -104,10 +104,12 @@ impl SpecLayer {
         state_dict_as(self, prefix, names)
     }
 
-    /// QK-Clip on this layer's `linear_qkv.weight` with `record`'s running max (see
-    /// [`QkClip::clip`](crate::train::QkClip::clip): per group, query rows times
+    /// QK-Clip on this layer's `linear_qkv.weight` with a record the caller keeps
+    /// ([`QkClip::clip_layer`](crate::train::QkClip::clip_layer): per group, query rows times
     /// `eta^alpha`, key rows times `eta^(1 - alpha)`, `eta = threshold / m_g` when
-    /// `m_g > threshold`), then resets the record.
+    /// `m_g > threshold`), then resets the record. Training through
+    /// [`CpuLayer`](crate::backend::CpuLayer) needs no record of the caller's: the layer keeps
+    /// one and clips itself ([`TrainLayer::clip_qk`](crate::backend::TrainLayer::clip_qk)).
     ///
     /// Errors: those of [`QkClip::clip`](crate::train::QkClip::clip) (a cross-attention
     /// layer, a bad threshold or alpha); nothing changes.
@@ -117,14 +119,7 @@ impl SpecLayer {
         threshold: f32,
         alpha: f32,
     ) -> Result<crate::train::QkClipReport> {
-        let Some(qkv) = self.linear_qkv.as_mut() else {
-            return Err(AttnError::InvalidArgument {
-                arg: "config.kind".into(),
-                expected: "self-attention (QK-Clip rescales linear_qkv)".into(),
-                got: "cross-attention".into(),
-            });
-        };
-        record.clip(&self.config, &mut qkv.weight, threshold, alpha)
+        record.clip_layer(self, threshold, alpha)
     }
 
     fn build(
@@ -154,6 +149,12 @@ impl SpecLayer {
 impl AttentionLayer for SpecLayer {
     fn config(&self) -> &LayerConfig {
         &self.config
+    }
+
+    fn linear_qkv_mut(&mut self) -> Option<&mut dyn crate::modules::LinearModule> {
+        self.linear_qkv
+            .as_mut()
+            .map(|l| l as &mut dyn crate::modules::LinearModule)
     }
 
     fn parts(&self) -> LayerParts<'_> {

@@ -1,7 +1,8 @@
 //! Training on the CPU reference backend: a forward that saves what the backward needs
 //! ([`forward_train`]), the backward of the whole layer ([`backward`]), delayed weight
 //! gradients ([`backward_dw`]), selective recompute of core attention ([`Recompute`]) and
-//! QK-Clip ([`QkClip`]). The backend-neutral entry points are
+//! QK-Clip ([`QkClip`], module [`qk_clip`]: the layer keeps the running max-logit record and
+//! clips its own `linear_qkv`). The backend-neutral entry points are
 //! [`TrainLayer`](crate::backend::TrainLayer) (implemented for
 //! [`CpuLayer`](crate::backend::CpuLayer)); these functions are the CPU implementation.
 //!
@@ -34,6 +35,9 @@ use crate::layer::{ForwardArgs, LayerParts};
 use crate::modules::{check_cu_seqlens, TrainSubmodule};
 use crate::reference::{self, grad, AttendParams, RopeTable, SeqDims, SinkLogits};
 use crate::tensor::{broadcast_strides, Tensor};
+
+pub mod qk_clip;
+pub use qk_clip::{QkClip, QkClipReport};
 
 /// What the forward keeps for the backward.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
@@ -248,6 +252,7 @@ fn params(parts: &LayerParts<'_>) -> Result<Params> {
             if c.kind != AttentionKind::CrossAttention {
                 return Err(bad("config.kind", "cross-attention", "self-attention"));
             }
+            c.check_cross_extras()?;
             let inp = lin(Role::LinearQ, p.linear_q.train(), np * hn, h)?;
             let kv = lin(Role::LinearKv, p.linear_kv.train(), 2 * np * hn, h)?;
             (inp, Some(kv), None, None, p.core_attention, p.linear_proj)
@@ -633,7 +638,9 @@ pub struct CpuSaved {
 impl CpuSaved {
     /// Per query head, the max pre-softmax logit `q k^T * scale + bias` over visible positions
     /// of this forward (every batch entry / sequence), `[np]`; `-inf` for a head that saw
-    /// nothing. Feed it to [`QkClip::observe`].
+    /// nothing. The [`TrainLayer`](crate::backend::TrainLayer) that ran the forward already
+    /// folded it into its own record; feed it to [`QkClip::observe`] only for a record the
+    /// caller keeps.
     pub fn max_logit(&self) -> &[f32] {
         &self.max_logit
     }
@@ -1015,7 +1022,7 @@ fn check_layer(parts: &LayerParts<'_>, saved: &CpuSaved, call: &str) -> Result<(
 /// activations are consumed (a second backward on the context is an error).
 ///
 /// The layer's parameters are read again here: they must be the ones the forward ran with
-/// (apply an optimizer step or [`QkClip::clip`] after the backward, as with autograd).
+/// (apply an optimizer step or a QK-Clip after the backward, as with autograd).
 ///
 /// Errors (nothing consumed or changed): [`AttnError::Shape`] (`grad_output` of another
 /// shape), [`AttnError::TrainState`] (a context without saved activations: its backward
@@ -1274,159 +1281,4 @@ pub fn backward_dw(saved: &mut CpuSaved) -> Result<BTreeMap<String, Tensor>> {
     }
     saved.stage = Stage::Done { delayed: true };
     Ok(out)
-}
-
-// ---------------------------------------------------------------------------------------
-// QK-Clip
-
-/// QK-Clip's record and clipping (semantics.md, "Training-side behaviour"): a running max,
-/// per query head, of the pre-softmax logits over micro-batches ([`observe`](Self::observe)
-/// each training forward's [`CpuSaved::max_logit`]), and [`clip`](Self::clip), which rescales
-/// `linear_qkv.weight`'s query and key rows per group and resets the record.
-#[derive(Debug, Clone, Default, PartialEq)]
-pub struct QkClip {
-    record: Option<Vec<f32>>,
-}
-
-/// What [`QkClip::clip`] did, per key/value group.
-#[derive(Debug, Clone, PartialEq)]
-pub struct QkClipReport {
-    /// `m_g`: the max recorded logit over the group's query heads (`-inf`: none seen).
-    pub group_max: Vec<f32>,
-    /// `eta_g = threshold / m_g` for a clipped group, 1 otherwise.
-    pub eta: Vec<f32>,
-    /// The groups whose rows were rescaled.
-    pub clipped: Vec<usize>,
-}
-
-impl QkClip {
-    /// An empty record.
-    pub fn new() -> Self {
-        QkClip::default()
-    }
-
-    /// The running max per query head `[np]`, if any forward was observed since the last
-    /// reset.
-    pub fn record(&self) -> Option<&[f32]> {
-        self.record.as_deref()
-    }
-
-    /// Fold one forward's per-head max logits `[np]` into the running max. Errors
-    /// ([`AttnError::Shape`], `max_logit`) when the head count differs from the record's.
-    pub fn observe(&mut self, max_logit: &[f32]) -> Result<()> {
-        match &mut self.record {
-            None => self.record = Some(max_logit.to_vec()),
-            Some(r) => {
-                if r.len() != max_logit.len() {
-                    return Err(AttnError::Shape {
-                        arg: "max_logit".into(),
-                        expected: format!("[{}] (the recorded heads)", r.len()),
-                        got: vec![max_logit.len()],
-                    });
-                }
-                for (a, &b) in r.iter_mut().zip(max_logit) {
-                    if b > *a {
-                        *a = b;
-                    }
-                }
-            }
-        }
-        Ok(())
-    }
-
-    /// Forget the record.
-    pub fn reset(&mut self) {
-        self.record = None;
-    }
-
-    /// Clip `weight` (`linear_qkv.weight` `[(np + 2 ng) hn (+ np hn gate), h]` of a
-    /// self-attention layer of config `c`): per group `m_g = max` of the record over the
-    /// group's heads; when `m_g > threshold`, `eta = threshold / m_g`, the group's query rows
-    /// are scaled by `eta^alpha` and its key rows by `eta^(1 - alpha)` (value and gate rows
-    /// and every bias untouched). The record is reset afterwards (also when nothing was
-    /// clipped). Megatron's defaults: `threshold` 100, `alpha` 0.5.
-    ///
-    /// Errors (nothing changed): [`AttnError::InvalidArgument`] for a cross-attention config,
-    /// a `threshold` not finite and positive, an `alpha` outside `[0, 1]`, a record of
-    /// another head count; [`AttnError::WeightShape`] for a weight of another shape.
-    pub fn clip(
-        &mut self,
-        c: &LayerConfig,
-        weight: &mut Tensor,
-        threshold: f32,
-        alpha: f32,
-    ) -> Result<QkClipReport> {
-        if c.kind != AttentionKind::SelfAttention {
-            return Err(bad(
-                "config.kind",
-                "self-attention (QK-Clip rescales linear_qkv)",
-                "cross-attention",
-            ));
-        }
-        if !(threshold.is_finite() && threshold > 0.0) {
-            return Err(bad(
-                "threshold",
-                "a finite value > 0",
-                threshold.to_string(),
-            ));
-        }
-        if !(0.0..=1.0).contains(&alpha) {
-            return Err(bad("alpha", "a value in [0, 1]", alpha.to_string()));
-        }
-        let (np, ng, hn, h) = (c.heads, c.groups, c.head_dim, c.hidden);
-        let want = [c.qkv_out_features(), h];
-        if weight.shape() != want {
-            return Err(AttnError::WeightShape {
-                key: "linear_qkv.weight".into(),
-                expected: want.to_vec(),
-                got: weight.shape().to_vec(),
-            });
-        }
-        if let Some(r) = &self.record {
-            if r.len() != np {
-                return Err(bad(
-                    "record",
-                    format!("[{np}] per-head max logits"),
-                    format!("[{}]", r.len()),
-                ));
-            }
-        }
-        let per = np / ng;
-        let gw = if c.output_gate { per * hn } else { 0 };
-        let gcols = per * hn + gw + 2 * hn;
-        let mut report = QkClipReport {
-            group_max: vec![f32::NEG_INFINITY; ng],
-            eta: vec![1.0; ng],
-            clipped: Vec::new(),
-        };
-        if let Some(r) = self.record.take() {
-            for g in 0..ng {
-                let m = r[g * per..(g + 1) * per]
-                    .iter()
-                    .copied()
-                    .fold(f32::NEG_INFINITY, f32::max);
-                report.group_max[g] = m;
-                if m > threshold {
-                    let eta = (threshold as f64) / (m as f64);
-                    report.eta[g] = eta as f32;
-                    report.clipped.push(g);
-                    let sq = eta.powf(alpha as f64);
-                    let sk = eta.powf(1.0 - alpha as f64);
-                    let rows = weight.data_mut();
-                    for row in g * gcols..g * gcols + per * hn {
-                        for x in &mut rows[row * h..][..h] {
-                            *x = (*x as f64 * sq) as f32;
-                        }
-                    }
-                    let k0 = g * gcols + per * hn + gw;
-                    for row in k0..k0 + hn {
-                        for x in &mut rows[row * h..][..h] {
-                            *x = (*x as f64 * sk) as f32;
-                        }
-                    }
-                }
-            }
-        }
-        Ok(report)
-    }
 }

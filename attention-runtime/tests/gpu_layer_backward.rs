@@ -676,10 +676,29 @@ fn misuse_and_unsupported_features_are_typed_errors() {
         &RuntimeDims::default(),
     )
     .unwrap();
-    let cl = CudaLayer::new(&SpecLayer::init(cc, 1).unwrap(), &gpu()).unwrap();
+    let cl = CudaLayer::new(&SpecLayer::init(cc.clone(), 1).unwrap(), &gpu()).unwrap();
     let e = cl.forward_train(&x, &args, &topts).unwrap_err();
     assert!(
         matches!(&e, AttnError::InvalidArgument { arg, .. } if arg == "key_value_states"),
+        "{e}"
+    );
+    // A cross-attention config assembled past LayerConfig::new with rope (the reference
+    // system's cross-attention has none): refused by name, as on the CPU.
+    let mut rc = cc.clone();
+    rc.rope = Some(attention_codegen::Rope {
+        mode: attention_codegen::RopeMode::Half,
+        rotary_percent: 1.0,
+        rotary_base: 10000.0,
+    });
+    let rl = CudaLayer::new(&SpecLayer::init(rc, 1).unwrap(), &gpu()).unwrap();
+    let ctx = rand_t(&mut rng, &[5, 2, 128], 1.0, ElemType::Bf16);
+    let cargs = ForwardArgs {
+        key_value_states: Some(&ctx),
+        ..ForwardArgs::default()
+    };
+    let e = rl.forward_train(&x, &cargs, &topts).unwrap_err();
+    assert!(
+        matches!(&e, AttnError::InvalidArgument { arg, .. } if arg == "rope"),
         "{e}"
     );
 }

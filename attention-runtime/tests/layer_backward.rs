@@ -879,3 +879,49 @@ mod prop {
         }
     }
 }
+
+/// Cross-attention has no q/k norm, rope or output gate (`LayerConfig::new` refuses them, as
+/// the reference system's `CrossAttention` has none). A config assembled field by field past
+/// that check is refused by training (a typed error naming the feature) rather than trained
+/// with the feature silently ignored.
+#[test]
+fn cross_attention_config_with_self_only_features_is_refused() {
+    let base = layer("cross, heads=2, head_dim=4, hidden=8, mask=no_mask", 81)
+        .config()
+        .clone();
+    let ctx = padded(3, 1, 8, 82);
+    let x = padded(2, 1, 8, 83);
+    let args = ForwardArgs {
+        key_value_states: Some(&ctx),
+        ..ForwardArgs::default()
+    };
+    type Edit = fn(&mut LayerConfig);
+    let edits: [(&str, Edit); 3] = [
+        ("qk_layernorm", |c| {
+            c.qk_norm = Some(attention_codegen::QkNorm::Rms)
+        }),
+        ("rope", |c| {
+            c.rope = Some(attention_codegen::Rope {
+                mode: attention_codegen::RopeMode::Half,
+                rotary_percent: 1.0,
+                rotary_base: 10000.0,
+            })
+        }),
+        ("output_gate", |c| c.output_gate = true),
+    ];
+    for (arg, edit) in edits {
+        let mut c = base.clone();
+        edit(&mut c);
+        let e = CpuLayer::new(SpecLayer::init(c, 84).unwrap())
+            .forward_train(&x, &args, &TrainOptions::default())
+            .unwrap_err();
+        assert!(
+            matches!(&e, AttnError::InvalidArgument { arg: got, .. } if got == arg),
+            "{arg}: {e}"
+        );
+    }
+    // The config as LayerConfig::new builds it trains.
+    CpuLayer::new(SpecLayer::init(base, 84).unwrap())
+        .forward_train(&x, &args, &TrainOptions::default())
+        .unwrap();
+}

@@ -1,6 +1,8 @@
 //! The CUDA layer backward's own kernels (`templates/layer_backward.cu`, rendered by
 //! `attention_runtime::cuda::train_ops`): `qkv_prep_backward_*` for every q/k norm, rope mode
-//! (full and partial) and gate, plus `gate_backward_<dtype>` and the column sums, compile
+//! (full and partial) and gate, plus `gate_backward_<dtype>`, the column sums, the bias
+//! gradient's reduction and QK-Clip's `max_logit_fold_<dtype>` / `qk_clip_scale_rows_<dtype>`
+//! (every entry of the module is checked), compile
 //! with NVRTC to CUBIN for sm_80 and sm_90a without warnings and without spills; the prep
 //! entry takes one `QkvPrepBwdParams` by value whose CUDA field offsets and sizes equal the
 //! host struct's (probe kernels, as `nvrtc_params_layout.rs` does).
@@ -260,6 +262,8 @@ fn layer_backward_keys_and_refusals() {
             "column_sum_bf16",
             "column_sum_f32_bf16",
             "bias_grad_reduce_bf16",
+            "max_logit_fold_bf16",
+            "qk_clip_scale_rows_bf16",
         ]
     );
     assert!(!k.source.contains("{{"), "unfilled placeholder");

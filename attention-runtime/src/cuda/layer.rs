@@ -76,6 +76,9 @@ pub struct CudaLayer {
     decode_splits: AtomicUsize,
     /// Decode-step plans, reused across steps (see [`decode_step`]).
     decode_plans: std::sync::Mutex<Vec<decode_step::DecodePlan>>,
+    /// QK-Clip's running max-logit record, f32 `[np]` on the device (`None`: no training
+    /// forward since the last clip); see [`qk_clip`].
+    qk_record: std::sync::Mutex<Option<CudaSlice<f32>>>,
 }
 
 mod cross_cache;
@@ -84,6 +87,7 @@ mod forward;
 mod kv_step;
 mod paged;
 mod prefill;
+mod qk_clip;
 mod train;
 
 pub use train::CudaSaved;
@@ -261,6 +265,7 @@ impl CudaLayer {
             poison: AtomicBool::new(false),
             decode_splits: AtomicUsize::new(0),
             decode_plans: std::sync::Mutex::new(Vec::new()),
+            qk_record: std::sync::Mutex::new(None),
         })
     }
 

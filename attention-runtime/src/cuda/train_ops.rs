@@ -11,7 +11,9 @@
 //! `qkv_prep_backward_<dtype>_hd<D>_<nonorm|layernorm|rmsnorm|l2norm>_<norope|ropehalf<R>|ropeinter<R>>[_gate]`,
 //! with the entries `qkv_prep_backward_...` (the module key), `gate_backward_<dtype>`,
 //! `kv_interleave_backward_<dtype>` (cross-attention's `linear_kv` gradient layout),
-//! `column_sum_<dtype>` and `column_sum_f32_<dtype>`. Cross-attention (no q/k norm, rope or
+//! `column_sum_<dtype>`, `column_sum_f32_<dtype>`, `bias_grad_reduce_<dtype>`, and QK-Clip's
+//! `max_logit_fold_<dtype>` (the layer's device record) and `qk_clip_scale_rows_<dtype>`
+//! (the in-place rescale of `linear_qkv.weight`). Cross-attention (no q/k norm, rope or
 //! gate there) uses the module of the plain config (`..._nonorm_norope`).
 //!
 //! **Determinism.** Nothing here uses atomics: the column sums (bias gradients, the norms'
@@ -138,6 +140,10 @@ pub struct PrepBackwardKernels {
     pub sum_f32_entry: String,
     /// `bias_grad_reduce_<dtype>`.
     pub bias_entry: String,
+    /// `max_logit_fold_<dtype>` (QK-Clip's device record).
+    pub fold_entry: String,
+    /// `qk_clip_scale_rows_<dtype>` (QK-Clip's rescale of `linear_qkv.weight`).
+    pub scale_entry: String,
 }
 
 impl PrepBackwardKernels {
@@ -211,14 +217,17 @@ impl PrepBackwardKernels {
             sum_entry: format!("column_sum_{dt}"),
             sum_f32_entry: format!("column_sum_f32_{dt}"),
             bias_entry: format!("bias_grad_reduce_{dt}"),
+            fold_entry: format!("max_logit_fold_{dt}"),
+            scale_entry: format!("qk_clip_scale_rows_{dt}"),
             key,
             source,
         })
     }
 
     /// Every entry point: the prep backward, the gate backward, the kv interleave, both
-    /// column sums, the attention bias gradient's reduction.
-    pub fn entries(&self) -> [&str; 6] {
+    /// column sums, the attention bias gradient's reduction, QK-Clip's record fold and row
+    /// rescale.
+    pub fn entries(&self) -> [&str; 8] {
         [
             &self.key,
             &self.gate_entry,
@@ -226,6 +235,8 @@ impl PrepBackwardKernels {
             &self.sum_entry,
             &self.sum_f32_entry,
             &self.bias_entry,
+            &self.fold_entry,
+            &self.scale_entry,
         ]
     }
 }
@@ -239,6 +250,8 @@ pub(crate) struct LoadedPrepBackward {
     pub sum: CudaFunction,
     pub sum_f32: CudaFunction,
     pub bias_reduce: CudaFunction,
+    pub fold: CudaFunction,
+    pub scale_rows: CudaFunction,
 }
 
 /// Load (compiling on a cache miss) the module of `k` on `rt`'s device; its functions are
@@ -279,7 +292,7 @@ pub(crate) fn load(rt: &CudaRuntime, k: &PrepBackwardKernels) -> Result<LoadedPr
         }
     };
     let mut it = fs.into_iter();
-    let mut next = || it.next().expect("six entries");
+    let mut next = || it.next().expect("eight entries");
     Ok(LoadedPrepBackward {
         key: k.key.clone(),
         prep: next(),
@@ -288,6 +301,8 @@ pub(crate) fn load(rt: &CudaRuntime, k: &PrepBackwardKernels) -> Result<LoadedPr
         sum: next(),
         sum_f32: next(),
         bias_reduce: next(),
+        fold: next(),
+        scale_rows: next(),
     })
 }
 
@@ -542,6 +557,89 @@ impl LoadedPrepBackward {
         }
         .map_err(launch_err("bias_grad_reduce"))?;
         Ok(())
+    }
+}
+
+impl LoadedPrepBackward {
+    /// QK-Clip's record: `running[i] = max(running[i], src[i])` over f32 `[n]` on the device
+    /// (a NaN in `src` is ignored).
+    pub fn max_fold(
+        &self,
+        st: &Arc<CudaStream>,
+        src: &CudaSlice<f32>,
+        running: &mut CudaSlice<f32>,
+    ) -> Result<()> {
+        let n = src.len();
+        if running.len() != n {
+            return Err(AttnError::Shape {
+                arg: "max-logit record".into(),
+                expected: format!("[{n}] (the forward's max logits)"),
+                got: vec![running.len()],
+            });
+        }
+        if n == 0 {
+            return Ok(());
+        }
+        let nn = i32_arg("heads", n)?;
+        let mut b = st.launch_builder(&self.fold);
+        b.arg(src).arg(running).arg(&nn);
+        // SAFETY: (const float*, float*, int); both hold n floats (checked above); one thread
+        // per element.
+        unsafe {
+            b.launch(LaunchConfig {
+                grid_dim: (n.div_ceil(256) as u32, 1, 1),
+                block_dim: (256, 1, 1),
+                shared_mem_bytes: 0,
+            })
+        }
+        .map(|_| ())
+        .map_err(launch_err("max_logit_fold"))
+    }
+
+    /// QK-Clip's rescale in place: `w [rows, cols]` (dtype `T`) row `r` times
+    /// `row_factor[r]` (f32 `[rows]`; rows of factor 1 untouched).
+    pub fn scale_rows<T: DeviceElem>(
+        &self,
+        st: &Arc<CudaStream>,
+        w: &mut DeviceTensor,
+        row_factor: &CudaSlice<f32>,
+    ) -> Result<()> {
+        let (rows, cols) = match w.shape() {
+            [r, c] => (*r, *c),
+            s => {
+                return Err(AttnError::Shape {
+                    arg: "linear_qkv.weight".into(),
+                    expected: "[rows, cols]".into(),
+                    got: s.to_vec(),
+                })
+            }
+        };
+        if row_factor.len() != rows {
+            return Err(AttnError::Shape {
+                arg: "row factors".into(),
+                expected: format!("[{rows}] (one per weight row)"),
+                got: vec![row_factor.len()],
+            });
+        }
+        let n = rows * cols;
+        if n == 0 {
+            return Ok(());
+        }
+        let (r, c) = (rows as i64, i32_arg("cols", cols)?);
+        let ws = w.typed_mut::<T>("linear_qkv.weight")?;
+        let mut b = st.launch_builder(&self.scale_rows);
+        b.arg(ws).arg(row_factor).arg(&r).arg(&c);
+        // SAFETY: (T*, const float*, long long, int); w holds rows x cols elements of T and
+        // row_factor rows floats (checked above); grid-stride.
+        unsafe {
+            b.launch(LaunchConfig {
+                grid_dim: (n.div_ceil(256).min(65535 * 8) as u32, 1, 1),
+                block_dim: (256, 1, 1),
+                shared_mem_bytes: 0,
+            })
+        }
+        .map(|_| ())
+        .map_err(launch_err("qk_clip_scale_rows"))
     }
 }
 

@@ -19,6 +19,11 @@
 //! output, q, k, v and the gate only, and the backward runs the forward kernel(s) again
 //! (deterministic, so the gradients are bitwise those of `Recompute::None`).
 //!
+//! **QK-Clip**: the forward kernel raises a per-forward f32 `[np]` max-logit buffer (kept in
+//! [`CudaSaved`]), and `max_logit_fold_<dtype>` raises the layer's running device record
+//! from it (the first forward after a clip copies it): no host round trip per forward. The
+//! clip itself is [`CudaLayer::clip_qk_device`] (module `qk_clip`).
+//!
 //! **Backward**: `linear_proj` dgrad (cuBLASLt, `dX = dY W`), the output gate's backward
 //! (`gate_backward_<dtype>`), the attention backward ([`crate::cuda::backward`]: dq, dk, dv
 //! and the learnable sinks' gradient), `qkv_prep_backward_...` (rope backward, q/k norm
@@ -50,8 +55,7 @@
 //! `[b, np, sq, sk]` (f32) and `bias_grad_reduce_<dtype>` sums it over the bias's broadcast
 //! dims in fixed order: [`LayerGrads::grad_attention_bias`] has the bias's own shape, f32.
 //!
-//! **Not supported** (typed errors before anything is queued): cross-attention with a q/k
-//! norm, rope or output gate ([`AttnError::NoBackendImpl`]); head dims outside
+//! **Not supported** (typed errors before anything is queued): head dims outside
 //! [`BACKWARD_HEAD_DIMS`](attention_codegen::render::BACKWARD_HEAD_DIMS)
 //! ([`AttnError::InvalidArgument`]; head dim 80 is supported: the layer kernels pad each
 //! lane's last 32-channel chunk); GPUs below sm_80; an empty input.
@@ -215,9 +219,11 @@ impl std::fmt::Debug for CudaSaved {
 }
 
 impl CudaSaved {
-    /// Per query head the max pre-softmax logit of the forward `[np]` (`-inf` for a head that
-    /// saw nothing), for [`crate::train::QkClip::observe`]. Read back from the device on the
-    /// first call (synchronizes the stream); NaN if that read fails.
+    /// Per query head the max pre-softmax logit of this forward `[np]` (`-inf` for a head
+    /// that saw nothing). The layer's running QK-Clip record already took it in on the
+    /// device ([`CudaLayer::max_logit_record_device`]); this per-micro-batch value is for
+    /// logging or a [`crate::train::QkClip`] the caller keeps. Read back from the device on
+    /// the first call (synchronizes the stream); NaN if that read fails.
     pub fn max_logit(&self) -> &[f32] {
         self.max_logit.get_or_init(|| {
             let st = self.max_logit_dev.stream();
@@ -264,14 +270,6 @@ fn attention_backward(
     let b = Arc::new(AttentionBackward::compile(&rt.device().context, configs)?);
     m.insert(key, b.clone());
     Ok(b)
-}
-
-fn no_cross_feature() -> AttnError {
-    AttnError::NoBackendImpl {
-        role: "cross-attention with a q/k norm, rope or output gate".into(),
-        backend: "cuda backward".into(),
-        hint: "train such layers on the CPU reference backend (CpuLayer)".into(),
-    }
 }
 
 fn f32_tensor(
@@ -366,8 +364,15 @@ impl CudaLayer {
             }
             _ => {}
         }
-        if !is_self && (self.prep.qk_norm.is_some() || self.prep.rope.is_some() || c.output_gate) {
-            return Err(no_cross_feature());
+        // Cross-attention has no q/k norm, rope or gate (LayerConfig::new refuses them, as the
+        // reference system's CrossAttention has none); refuse a config assembled past that.
+        c.check_cross_extras()?;
+        if !is_self && (self.prep.qk_norm.is_some() || self.prep.rope.is_some()) {
+            return Err(bad(
+                "config.spec",
+                "a cross-attention spec without q/k norm or rope",
+                "a spec with them",
+            ));
         }
         if !BACKWARD_HEAD_DIMS.contains(&c.head_dim) {
             return Err(bad(
@@ -407,12 +412,14 @@ impl CudaLayer {
     /// Training forward on device tensors (self- or cross-attention; the context is
     /// `args.key_value_states`, a host tensor uploaded per call as in `forward_device`): the output (bitwise
     /// [`forward_device`](Self::forward_device)'s, `[rows, h]` in the layer's dtype) and the
-    /// saved context. Asynchronous as `forward_device`.
+    /// saved context. Asynchronous as `forward_device`. Raises the layer's QK-Clip record on
+    /// the device ([`max_logit_record_device`](Self::max_logit_record_device)).
     ///
-    /// Errors (nothing queued): those of `forward_device`; [`AttnError::NoBackendImpl`] for
-    /// cross-attention with a q/k norm, rope or gate; [`AttnError::InvalidArgument`] for a mask
-    /// tensor with a mask type that takes none, a head dim the backward does not support, an
-    /// empty input; [`AttnError::Shape`] for a mask or bias that does not
+    /// Errors (nothing queued): those of `forward_device`; [`AttnError::InvalidArgument`] for
+    /// a cross-attention config holding a q/k norm, rope or gate (assembled past
+    /// [`LayerConfig::new`], which refuses them: the reference system's cross-attention has
+    /// none), a mask tensor with a mask type that takes none, a head dim the backward does
+    /// not support, an empty input; [`AttnError::Shape`] for a mask or bias that does not
     /// broadcast to `[batch, heads, sq, sk]`; [`AttnError::BackendUnavailable`] below sm_80; [`AttnError::Render`].
     pub fn forward_train_device(
         &self,
@@ -508,6 +515,7 @@ impl CudaLayer {
 
         // Kernels before the first GEMM (a kernel that cannot load fails with nothing queued).
         let (prep_key, prep_f) = kernel(rt, &self.prep)?;
+        let helpers = train_ops::load(rt, &prep_bwd)?;
         let fwd_k = self.load_prefill_sm80(&fast)?;
         let ungated = c.output_gate.then(|| {
             let mut u = fast.clone();
@@ -648,6 +656,8 @@ impl CudaLayer {
             }
             cr
         });
+        // 5. QK-Clip: raise the layer's device record by this forward's per-head max logit.
+        self.raise_max_logit_record(&helpers, &max_logit_dev)?;
         let fwd_ungated = ungated;
         let saved = CudaSaved {
             config: c.clone(),
