@@ -19,7 +19,8 @@
 //! done or the timeout passes ([`AttnError::Collective`]); dropping the communicator then
 //! aborts it (`ncclCommAbort`). Without a timeout collectives are asynchronous. What is not
 //! bounded: `ncclCommInitRank` blocks until every rank has joined (cudarc gives no
-//! non-blocking init), and ranks that call different collectives or sizes are undefined
+//! non-blocking init), NCCL may connect peers lazily inside the first collective's host call
+//! (`NCCL_RUNTIME_CONNECT`), and ranks that call different collectives or sizes are undefined
 //! behaviour in NCCL (the in-process communicator detects them; NCCL cannot).
 //!
 //! Not run in CI: no GPU there. The two-GPU tests are `attention-runtime/tests/gpu_parallel.rs`.
