@@ -339,7 +339,15 @@ fn tp2_static_and_paged_cache_steps_match_the_cpu_reference() {
 #[test]
 #[ignore = "requires a CUDA GPU"]
 fn tp2_backward_matches_the_cpu_reference_shards() {
-    let full = layer(SPEC, 41);
+    // Whole groups per rank, and MQA's one group replicated on both ranks.
+    let mqa = "self, heads=8, gqa=1, head_dim=64, hidden=512, qk_layernorm=rms, rope, mask=causal";
+    for spec in [SPEC, mqa] {
+        backward_case(spec);
+    }
+}
+
+fn backward_case(spec: &str) {
+    let full = layer(spec, 41);
     let cfg = full.config().clone();
     let mut rng = SplitMix64::new(42);
     let x = rand_t(&mut rng, &[32, 2, 512]);
@@ -378,7 +386,7 @@ fn tp2_backward_matches_the_cpu_reference_shards() {
         assert_eq!(params.len(), want.params.len());
         for (name, g) in params {
             let w = plan.shard(&cfg, name, name, &want.params[name]).unwrap();
-            check(&format!("rank {r} {name}"), g, &w, TOL_GRAD);
+            check(&format!("{spec} rank {r} {name}"), g, &w, TOL_GRAD);
         }
     }
 }

@@ -33,6 +33,7 @@ pub mod cp_core;
 pub mod cp_layout;
 pub mod in_process;
 pub mod nccl;
+pub mod nccl_id;
 pub mod realtime;
 pub mod tp;
 pub mod tp_load;
@@ -49,7 +50,8 @@ pub use cp::CpLayer;
 pub use cp_core::CpCoreAttention;
 pub use cp_layout::CpLayout;
 pub use in_process::{run_ranks, InProcessComm};
-pub use nccl::{nccl_version, NcclComm, NcclUniqueId};
+pub use nccl::NcclComm;
+pub use nccl_id::{nccl_version, NcclUniqueId};
 pub use tp::TpLayer;
 pub use tp_shard::TpPlan;
 

@@ -118,7 +118,7 @@ where
             });
         }
         shape[0] *= self.plan.tp_size;
-        let mut full = be.zeros(&shape)?;
+        let mut full = be.zeros_as(t, &shape)?;
         self.comm.all_gather(t, &mut full)?;
         Ok(Some(full))
     }
@@ -137,7 +137,7 @@ where
         let be = self.layer.backend();
         let mut shape = be.shape(&y).to_vec();
         shape[0] /= self.plan.tp_size;
-        let mut out = be.zeros(&shape)?;
+        let mut out = be.zeros_as(&y, &shape)?;
         self.comm.reduce_scatter_sum(&y, &mut out)?;
         Ok(out)
     }

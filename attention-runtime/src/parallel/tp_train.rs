@@ -14,6 +14,12 @@
 //! - `attention_bias` broadcast over heads (head dim 1 or absent): its gradient sums over
 //!   heads, so it is all-reduced; a per-head bias is the caller's slice of this rank's heads
 //!   and its gradient stays the rank's.
+//!
+//! Caveats: with one query head per rank a per-head bias (head dim 1) cannot be told from a
+//! shared one and is taken as shared. QK-Clip on a shard ([`crate::spec_layer::SpecLayer::clip_qk`])
+//! sees only the rank's heads: right for whole groups, but replicated groups would need the
+//! max over every replica's heads (a max all-reduce the communicator does not have yet) so
+//! that their key rows stay equal.
 
 use std::collections::BTreeMap;
 
@@ -40,7 +46,7 @@ where
         let mut shape = be.shape(g).to_vec();
         let (rows, kv) = (shape[0], 2 * p.head_dim);
         shape[0] = p.groups * kv;
-        let mut slots = be.zeros(&shape)?;
+        let mut slots = be.zeros_as(g, &shape)?;
         be.copy_rows(&mut slots, p.first_group * kv, g, rows - kv, kv)?;
         self.comm.all_reduce_sum(&mut slots)?;
         be.copy_rows(g, rows - kv, &slots, p.first_group * kv, kv)
