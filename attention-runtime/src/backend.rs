@@ -106,6 +106,12 @@ pub trait Backend {
     fn shape<'t>(&self, t: &'t Self::Tensor) -> &'t [usize];
     /// A zeroed tensor of `shape`.
     fn zeros(&self, shape: &[usize]) -> Result<Self::Tensor>;
+    /// A zeroed tensor of `shape` with `like`'s element type (the CUDA backend's parameter
+    /// gradients are f32 whatever the layer's dtype). Default: [`zeros`](Self::zeros).
+    fn zeros_as(&self, like: &Self::Tensor, shape: &[usize]) -> Result<Self::Tensor> {
+        let _ = like;
+        self.zeros(shape)
+    }
     /// Copy rows `src_row .. src_row + rows` of `src` to rows `dst_row ..` of `dst` (same row
     /// width). Errors: `Shape` (`src`) for ranges outside either tensor or other widths.
     fn copy_rows(
@@ -654,6 +660,9 @@ impl Backend for CudaBackend {
     }
     fn zeros(&self, shape: &[usize]) -> Result<DeviceTensor> {
         crate::cuda::kv_cache::zeros(self.rt.stream(), self.elem, shape)
+    }
+    fn zeros_as(&self, like: &DeviceTensor, shape: &[usize]) -> Result<DeviceTensor> {
+        crate::cuda::kv_cache::zeros(self.rt.stream(), like.elem(), shape)
     }
     fn copy_rows(
         &self,

@@ -238,4 +238,47 @@ pub enum AttnError {
         /// The context's state.
         got: String,
     },
+    /// A collective or point-to-point exchange between ranks failed ([`crate::parallel`]): a
+    /// peer that timed out, a peer that dropped its communicator (failed or exited), ranks
+    /// that called different collectives or sent other sizes, or an NCCL error. What this rank
+    /// had received is discarded; its tensors are unchanged.
+    #[error("collective `{op}` failed on rank {rank}: expected {expected}, got {got}")]
+    Collective {
+        /// The collective (`all_reduce`, `all_gather`, `send_recv`, `ncclCommInitRank`, ...).
+        op: String,
+        /// The rank that reports the failure.
+        rank: usize,
+        /// What the rank waited for.
+        expected: String,
+        /// What happened instead.
+        got: String,
+    },
+    /// Parameters that must be bitwise equal on every rank differ (Megatron's
+    /// `run_realtime_tests`, [`crate::parallel::realtime`]): the rank whose copy differs from
+    /// rank 0's, with both SHA-256 digests.
+    #[error("`{param}` differs on rank {rank}: expected rank 0's SHA-256 {expected}, got {got}")]
+    RankMismatch {
+        /// The parameter (`q_layernorm.weight`, ...).
+        param: String,
+        /// The rank whose copy differs.
+        rank: usize,
+        /// Rank 0's digest (hex).
+        expected: String,
+        /// This rank's digest (hex).
+        got: String,
+    },
+    /// A tensor-parallel shard does not belong to the rank it was given to: a tensor of the
+    /// wrong shape (a shard of another `tp_size`), or a file whose metadata names another
+    /// rank or world size ([`crate::parallel::tp_load`]). Nothing was loaded.
+    #[error("tp_rank {rank}: shard `{key}` is wrong: expected {expected}, got {got}")]
+    Shard {
+        /// The rank the shard was given to.
+        rank: usize,
+        /// The tensor (full, prefixed name) or metadata key.
+        key: String,
+        /// What the rank's shard must be.
+        expected: String,
+        /// What was given.
+        got: String,
+    },
 }

@@ -10,6 +10,8 @@
 //! - [`weights`]: safetensors weights ([`WeightStore`]) under Megatron or Hugging Face names
 //!   ([`WeightNames`], [`weights::hf`]).
 //! - [`reference`](mod@reference): the CPU reference math.
+//! - [`parallel`]: tensor and context parallelism over a [`parallel::Communicator`]
+//!   (in-process threads or NCCL).
 //! - [`train`]: training on the CPU reference (backward, delayed wgrad, selective recompute,
 //!   QK-Clip); the backend-neutral trait is [`backend::TrainLayer`].
 
@@ -23,6 +25,7 @@ pub mod kernel_cache;
 pub mod kv_cache;
 pub mod layer;
 pub mod modules;
+pub mod parallel;
 pub mod plan;
 pub mod reference;
 pub mod spec_layer;

@@ -22,6 +22,8 @@ use crate::tensor::Tensor;
 pub struct WeightStore {
     source: String,
     tensors: BTreeMap<String, std::result::Result<Tensor, String>>,
+    /// The file's `__metadata__` string map (empty when it has none).
+    metadata: BTreeMap<String, String>,
 }
 
 fn st_err(path: &str, e: impl std::fmt::Display) -> AttnError {
@@ -50,6 +52,13 @@ impl WeightStore {
 
     fn decode(bytes: &[u8], source: String) -> Result<Self> {
         let st = SafeTensors::deserialize(bytes).map_err(|e| st_err(&source, e))?;
+        let (_, header) = SafeTensors::read_metadata(bytes).map_err(|e| st_err(&source, e))?;
+        let metadata = header
+            .metadata()
+            .iter()
+            .flatten()
+            .map(|(k, v)| (k.clone(), v.clone()))
+            .collect();
         let mut tensors = BTreeMap::new();
         for (name, view) in st.tensors() {
             let shape = view.shape().to_vec();
@@ -78,7 +87,11 @@ impl WeightStore {
             };
             tensors.insert(name, entry);
         }
-        Ok(WeightStore { source, tensors })
+        Ok(WeightStore {
+            source,
+            tensors,
+            metadata,
+        })
     }
 
     /// A store over in-memory tensors, keyed by name; each tensor keeps its own shape
@@ -87,7 +100,15 @@ impl WeightStore {
         WeightStore {
             source: "<memory>".into(),
             tensors: tensors.into_iter().map(|(k, t)| (k, Ok(t))).collect(),
+            metadata: BTreeMap::new(),
         }
+    }
+
+    /// The file's `__metadata__` (free-form strings; empty when the file has none, and for a
+    /// store built in memory). Tensor-parallel shards record `tp_rank` and `tp_size` there
+    /// ([`crate::parallel::tp_load`]).
+    pub fn metadata(&self) -> &BTreeMap<String, String> {
+        &self.metadata
     }
 
     /// Where the weights came from (a path, `<bytes>` or `<memory>`).
@@ -131,6 +152,15 @@ impl WeightStore {
 
     /// Serialize `tensors` (as f32) to safetensors bytes.
     pub fn to_bytes(tensors: &[(String, Tensor)]) -> Result<Vec<u8>> {
+        Self::to_bytes_with_metadata(tensors, &BTreeMap::new())
+    }
+
+    /// Serialize `tensors` (as f32) to safetensors bytes with `metadata` as the file's
+    /// `__metadata__` (none when empty).
+    pub fn to_bytes_with_metadata(
+        tensors: &[(String, Tensor)],
+        metadata: &BTreeMap<String, String>,
+    ) -> Result<Vec<u8>> {
         let raw: Vec<(String, Vec<usize>, Vec<u8>)> = tensors
             .iter()
             .map(|(k, t)| {
@@ -149,13 +179,29 @@ impl WeightStore {
                     .map_err(|e| st_err("<bytes>", e))
             })
             .collect::<Result<Vec<_>>>()?;
-        safetensors::serialize(views, &None).map_err(|e| st_err("<bytes>", e))
+        let meta = (!metadata.is_empty()).then(|| {
+            metadata
+                .iter()
+                .map(|(k, v)| (k.clone(), v.clone()))
+                .collect()
+        });
+        safetensors::serialize(views, &meta).map_err(|e| st_err("<bytes>", e))
     }
 
     /// Write `tensors` (as f32) to a safetensors file at `path`.
     pub fn save(path: impl AsRef<Path>, tensors: &[(String, Tensor)]) -> Result<()> {
+        Self::save_with_metadata(path, tensors, &BTreeMap::new())
+    }
+
+    /// Write `tensors` (as f32) to a safetensors file at `path` with `metadata` (see
+    /// [`to_bytes_with_metadata`](Self::to_bytes_with_metadata)).
+    pub fn save_with_metadata(
+        path: impl AsRef<Path>,
+        tensors: &[(String, Tensor)],
+        metadata: &BTreeMap<String, String>,
+    ) -> Result<()> {
         let path = path.as_ref();
-        let bytes = Self::to_bytes(tensors)?;
+        let bytes = Self::to_bytes_with_metadata(tensors, metadata)?;
         std::fs::write(path, bytes).map_err(|source| AttnError::Io {
             path: path.display().to_string(),
             source,
