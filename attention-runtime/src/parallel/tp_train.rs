@@ -16,10 +16,10 @@
 //!   and its gradient stays the rank's.
 //!
 //! Caveats: with one query head per rank a per-head bias (head dim 1) cannot be told from a
-//! shared one and is taken as shared. QK-Clip on a shard ([`crate::spec_layer::SpecLayer::clip_qk`])
-//! sees only the rank's heads: right for whole groups, but replicated groups would need the
-//! max over every replica's heads (a max all-reduce the communicator does not have yet) so
-//! that their key rows stay equal.
+//! shared one and is taken as shared. QK-Clip ([`TrainLayer::clip_qk`]) on a shard sees only
+//! the rank's heads: right for whole groups; replicated groups would need the max over every
+//! replica's heads (a max all-reduce the communicator does not have yet) so that their key
+//! rows stay equal, so it is refused there (a typed error).
 
 use std::collections::BTreeMap;
 
@@ -108,5 +108,24 @@ where
         let mut params = self.layer.backward_dw(saved)?;
         self.reduce_params(&mut params)?;
         Ok(params)
+    }
+    /// This rank's heads' record (`[np / tp]`, the shard's own).
+    fn max_logit_record(&self) -> Result<Option<Vec<f32>>> {
+        self.layer.max_logit_record()
+    }
+    /// QK-Clip on this rank's shard with its own record: exact when every group lies whole
+    /// on one rank. Errors ([`crate::AttnError::NoBackendImpl`], nothing changed) with
+    /// replicated groups (`ng < tp`), whose key rows need the max over every replica's heads.
+    fn clip_qk(&mut self, threshold: f32, alpha: f32) -> Result<crate::train::QkClipReport> {
+        if self.plan.groups < self.plan.tp_size {
+            return Err(crate::AttnError::NoBackendImpl {
+                role: "QK-Clip with replicated key/value groups (groups < tp_size)".into(),
+                backend: "tensor parallel".into(),
+                hint: "the group max needs a max all-reduce over the replicas; clip with \
+                       tp_size <= groups"
+                    .into(),
+            });
+        }
+        self.layer.clip_qk(threshold, alpha)
     }
 }
