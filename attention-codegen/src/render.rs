@@ -107,7 +107,7 @@ pub const FUSED_BACKWARD_WARPS: usize = 8;
 pub fn fused_backward_layout(head_dim: usize) -> Option<(usize, usize, usize)> {
     let w = FUSED_BACKWARD_WARPS;
     let (block_m, block_n) = (64, if head_dim <= 128 { 128 } else { 64 });
-    let fits = |tile: usize| tile > 0 && tile % 16 == 0;
+    let fits = |tile: usize| tile > 0 && tile.is_multiple_of(16);
     if !SUPPORTED_HEAD_DIMS.contains(&head_dim) {
         return None;
     }
@@ -116,12 +116,15 @@ pub fn fused_backward_layout(head_dim: usize) -> Option<(usize, usize, usize)> {
     if !(fits(block_m / wm_s) && fits(block_n / (w / wm_s))) {
         return None;
     }
-    if !(fits(block_n / wn_kv) && head_dim % (w / wn_kv) == 0 && fits(head_dim / (w / wn_kv))) {
+    if !(fits(block_n / wn_kv)
+        && head_dim.is_multiple_of(w / wn_kv)
+        && fits(head_dim / (w / wn_kv)))
+    {
         return None;
     }
-    let wm_q = [2, 4]
-        .into_iter()
-        .find(|&m| fits(block_m / m) && head_dim % (w / m) == 0 && fits(head_dim / (w / m)))?;
+    let wm_q = [2, 4].into_iter().find(|&m| {
+        fits(block_m / m) && head_dim.is_multiple_of(w / m) && fits(head_dim / (w / m))
+    })?;
     Some((wm_s, wn_kv, wm_q))
 }
 
