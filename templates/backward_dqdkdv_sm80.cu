@@ -66,6 +66,13 @@ constexpr int Q_ELEMS = BLOCK_M * SROW;
 
 __device__ __forceinline__ float pos_inf() { return __int_as_float(0x7f800000); }
 
+/// 4-byte async copy global -> shared (`.ca`: the only cache mode for 4 bytes); `valid ==
+/// false` zero-fills the destination.
+__device__ __forceinline__ void cp_async4(unsigned dst, const void* src, bool valid) {
+    const int n = valid ? 4 : 0;
+    asm volatile("cp.async.ca.shared.global [%0], [%1], 4, %2;\n" ::"r"(dst), "l"(src), "r"(n));
+}
+
 /// A packed pair of elem_t (`lo` in the low half) as two floats.
 __device__ __forceinline__ float2 unpack2(unsigned v) {
 {%- if dtype == "bf16" %}
@@ -92,7 +99,7 @@ extern "C" __global__ void __launch_bounds__(THREADS, 1) {{ key }}(const BwdPara
     elem_t* sdO = sQ + 2 * Q_ELEMS;        // 2 buffers
     elem_t* sP = sdO + 2 * Q_ELEMS;        // [BLOCK_M][PROW]
     elem_t* sdS = sP + BLOCK_M * PROW;     // [BLOCK_M][PROW]
-    float* sL = reinterpret_cast<float*>(sdS + BLOCK_M * PROW);  // 2 x BLOCK_M, log2 units
+    float* sL = reinterpret_cast<float*>(sdS + BLOCK_M * PROW);  // 2 x BLOCK_M, the LSE
     float* sD = sL + 2 * BLOCK_M;                                // 2 x BLOCK_M
 
     const int tid = threadIdx.x;
@@ -170,15 +177,13 @@ extern "C" __global__ void __launch_bounds__(THREADS, 1) {{ key }}(const BwdPara
         const long long q_base = ((q_tok0 + (long long)m0 * q_step) * num_heads + h) * HEAD_DIM;
         load_rows<BLOCK_M, THREADS, SROW>(sQ + buf * Q_ELEMS, p.q + q_base, q_row_stride, m_valid, tid);
         load_rows<BLOCK_M, THREADS, SROW>(sdO + buf * Q_ELEMS, p.dout + q_base, q_row_stride, m_valid, tid);
+        // LSE and D by cp.async as well (a plain load would stall its warp before the step's
+        // products); rows past the sequence read 0 (their P is masked in phase 1).
         for (int r = tid; r < BLOCK_M; r += THREADS) {
-            float l2 = pos_inf(), d = 0.0f;
-            if (r < m_valid) {
-                const long long row = (long long)h * total_q + q_tok0 + (long long)(m0 + r) * q_step;
-                l2 = lse_log2(p.lse[row]);
-                d = p.dpsum[row];
-            }
-            sL[buf * BLOCK_M + r] = l2;
-            sD[buf * BLOCK_M + r] = d;
+            const bool ok = r < m_valid;
+            const long long row = (long long)h * total_q + q_tok0 + (long long)(m0 + (ok ? r : 0)) * q_step;
+            cp_async4(smem_addr(sL + buf * BLOCK_M + r), p.lse + row, ok);
+            cp_async4(smem_addr(sD + buf * BLOCK_M + r), p.dpsum + row, ok);
         }
     };
 
@@ -288,9 +293,11 @@ extern "C" __global__ void __launch_bounds__(THREADS, 1) {{ key }}(const BwdPara
                 for (int hh = 0; hh < 2; ++hh) {
                     const int r = s_r0 + mi * 16 + gq + 8 * hh;  // row within the tile
                     const int i = m0 + r;
-                    const float l2 = lrow[r];
+                    const float l2 = lse_log2(lrow[r]);
                     int lo = 0, hi = 0;
                     if (!full) visible_range(i, sq, sk, window_left, window_right, &lo, &hi);
+                    // Rows past the sequence (only in tiles that are not full) see nothing.
+                    if (i >= sq) hi = lo;
 #pragma unroll
                     for (int ni = 0; ni < NI; ++ni) {
                         float pv[2];

@@ -97,8 +97,19 @@ pub const BACKWARD_HEAD_DIMS: &[usize] = SUPPORTED_HEAD_DIMS;
 /// Warps per block of the fused backward ([`Phase::BackwardDqDkDv`]).
 pub const FUSED_BACKWARD_WARPS: usize = 8;
 
-/// The warp grids of the fused backward ([`Phase::BackwardDqDkDv`], 8 warps, 64 queries per
-/// step against 128 keys up to head dim 128, 64 keys above) at `head_dim`, as
+/// Queries per step of the fused backward: 128 up to head dim 64 (its dK/dV accumulators leave
+/// the registers for a 64-row S tile per warp), 64 above.
+fn fused_block_m(head_dim: usize) -> usize {
+    if head_dim <= 64 {
+        128
+    } else {
+        64
+    }
+}
+
+/// The warp grids of the fused backward ([`Phase::BackwardDqDkDv`], 8 warps, 128 queries per
+/// step up to head dim 64 and 64 above, against 128 keys up to head dim 128, 64 keys above) at
+/// `head_dim`, as
 /// `(wm_s, wn_kv, wm_q)`: S and dP over `wm_s` × `8 / wm_s` warps (queries × keys), dK and
 /// dV over `wn_kv` × `8 / wn_kv` (keys × head dim), dQ over `wm_q` × `8 / wm_q` (queries ×
 /// head dim), every warp tile a multiple of 16 on both sides (FlashAttention-2's sm80
@@ -106,7 +117,10 @@ pub const FUSED_BACKWARD_WARPS: usize = 8;
 /// those run the deterministic pair only.
 pub fn fused_backward_layout(head_dim: usize) -> Option<(usize, usize, usize)> {
     let w = FUSED_BACKWARD_WARPS;
-    let (block_m, block_n) = (64, if head_dim <= 128 { 128 } else { 64 });
+    let (block_m, block_n) = (
+        fused_block_m(head_dim),
+        if head_dim <= 128 { 128 } else { 64 },
+    );
     let fits = |tile: usize| tile > 0 && tile.is_multiple_of(16);
     if !SUPPORTED_HEAD_DIMS.contains(&head_dim) {
         return None;
@@ -449,7 +463,7 @@ impl PrefillTile {
     pub fn for_backward(phase: Phase, head_dim: usize, mask_tensor: bool) -> PrefillTile {
         match phase {
             Phase::BackwardDqDkDv => PrefillTile {
-                block_m: 64,
+                block_m: fused_block_m(head_dim),
                 block_n: if head_dim <= 128 { 128 } else { 64 },
                 warps: FUSED_BACKWARD_WARPS,
                 stages: 2,
