@@ -27,6 +27,7 @@
 {% include "partials/mask.cu" %}
 {% include "partials/params_bwd.cu" %}
 {% include "partials/mma_sm80.cu" %}
+{% include "partials/backward_common.cu" %}
 
 constexpr int BLOCK_M = {{ block_m }};
 constexpr int BLOCK_N = {{ block_n }};
@@ -35,7 +36,6 @@ constexpr int THREADS = WARPS * WARP_SIZE;
 constexpr int SROW = HEAD_DIM + 8;   // K, V, Q, dO row stride (elements)
 constexpr int PROW = BLOCK_N + 8;    // P, dS row stride (elements)
 constexpr int KD = HEAD_DIM / 16;    // k16 steps over the head dim
-constexpr float BWD_LOG2E = 1.4426950408889634f;
 // S / dP warp grid: WM_S x WN_S warps, each TM_S queries x TN_S keys.
 constexpr int WM_S = {{ wm_s }};
 constexpr int WN_S = WARPS / WM_S;
@@ -64,7 +64,6 @@ static_assert(WM_Q * WD_Q == WARPS && TQ % 16 == 0 && TDQ % 16 == 0, "dQ warp gr
 static_assert(LANE_D >= 1, "types.cu's per-lane split (unused here)");
 constexpr int Q_ELEMS = BLOCK_M * SROW;
 
-__device__ __forceinline__ float pos_inf() { return __int_as_float(0x7f800000); }
 
 /// 4-byte async copy global -> shared (`.ca`: the only cache mode for 4 bytes); `valid ==
 /// false` zero-fills the destination.
@@ -85,11 +84,6 @@ __device__ __forceinline__ float2 unpack2(unsigned v) {
 {%- endif %}
 }
 
-/// The forward's natural-log LSE in log2 units; -inf (a row that sees no key) becomes +inf,
-/// so every exponent of that row is -inf and its P is exactly 0.
-__device__ __forceinline__ float lse_log2(float lse) {
-    return lse == neg_inf() ? pos_inf() : lse * BWD_LOG2E;
-}
 
 extern "C" __global__ void __launch_bounds__(THREADS, 1) {{ key }}(const BwdParams p) {
     extern __shared__ uint4 smem_raw[];
@@ -115,51 +109,18 @@ extern "C" __global__ void __launch_bounds__(THREADS, 1) {{ key }}(const BwdPara
     const int window_left = p.window_left;
     const int window_right = p.window_right;
 
-    int sq, sk;
-    long long q_tok0, k_tok0, q_step, k_step;
-    if (p.cu_seqlens_q != nullptr) {
-        const int q0 = p.cu_seqlens_q[b];
-        const int k0 = p.cu_seqlens_k[b];
-        sq = p.cu_seqlens_q[b + 1] - q0;
-        sk = p.cu_seqlens_k[b + 1] - k0;
-        q_tok0 = q0;
-        k_tok0 = k0;
-        q_step = 1;
-        k_step = 1;
-    } else {
-        sq = p.seqlen_q;
-        sk = p.seqlen_k;
-        q_tok0 = b;
-        k_tok0 = b;
-        q_step = p.batch;
-        k_step = p.batch;
-    }
+    const BwdSeq seq = bwd_seq(p, b);
+    const int sq = seq.sq, sk = seq.sk;
+    const long long q_tok0 = seq.q_tok0, k_tok0 = seq.k_tok0, q_step = seq.q_step, k_step = seq.k_step;
     const long long total_q = p.total_q;
     const int n0 = blockIdx.x * BLOCK_N;
     if (n0 >= sk) return;
     const int n_valid = min(BLOCK_N, sk - n0);
     const int n1 = n0 + n_valid;
 
-    // Query rows that can see a key of [n0, n1) (as in backward_sm80.cu's dK/dV kernel).
+    // Query rows that can see a key of [n0, n1).
     int i_begin, i_end;
-    {
-        int a = 0, z = sq;
-        while (a < z) {
-            const int mid = (a + z) / 2;
-            int lo, hi;
-            visible_range(mid, sq, sk, window_left, window_right, &lo, &hi);
-            if (hi > n0) z = mid; else a = mid + 1;
-        }
-        i_begin = a;
-        z = sq;
-        while (a < z) {
-            const int mid = (a + z) / 2;
-            int lo, hi;
-            visible_range(mid, sq, sk, window_left, window_right, &lo, &hi);
-            if (lo >= n1) z = mid; else a = mid + 1;
-        }
-        i_end = a;
-    }
+    visible_queries(n0, n1, sq, sk, window_left, window_right, &i_begin, &i_end);
     const int mt_begin = i_begin / BLOCK_M;
     const int nm_tiles = i_end > i_begin ? (i_end + BLOCK_M - 1) / BLOCK_M - mt_begin : 0;
     const int nsteps = nm_tiles * hpg;

@@ -47,6 +47,7 @@
 {% include "partials/mask.cu" %}
 {% include "partials/params_bwd.cu" %}
 {% include "partials/mma_sm80.cu" %}
+{% include "partials/backward_common.cu" %}
 
 constexpr int BLOCK_M = {{ block_m }};
 constexpr int BLOCK_N = {{ block_n }};
@@ -55,18 +56,9 @@ constexpr int THREADS = WARPS * WARP_SIZE;
 constexpr int SROW = HEAD_DIM + 8;  // shared-memory row stride (elements), 16 B pad
 constexpr int KD = HEAD_DIM / 16;   // k16 steps over the head dim
 constexpr int DN = HEAD_DIM / 8;    // n8 tiles over the head dim
-constexpr float BWD_LOG2E = 1.4426950408889634f;
 static_assert(HEAD_DIM % 16 == 0 && DN % 2 == 0, "head dim must be a multiple of 16");
 static_assert(BLOCK_M % 16 == 0 && BLOCK_N % 16 == 0, "tiles are multiples of 16");
 static_assert(LANE_D >= 1, "types.cu's per-lane split (unused here)");
-
-__device__ __forceinline__ float pos_inf() { return __int_as_float(0x7f800000); }
-
-/// The forward's natural-log LSE in log2 units; -inf (a row that sees no key) becomes +inf,
-/// so every exponent of that row is -inf and its P is exactly 0.
-__device__ __forceinline__ float lse_log2(float lse) {
-    return lse == neg_inf() ? pos_inf() : lse * BWD_LOG2E;
-}
 
 {%- if bwd_part == "dkdv" %}
 constexpr int NM = BLOCK_M / 8;      // n8 tiles of S^T (query columns)
@@ -103,53 +95,18 @@ extern "C" __global__ void __launch_bounds__(THREADS, 1) {{ key }}(const BwdPara
     const int window_left = p.window_left;
     const int window_right = p.window_right;
 
-    int sq, sk;
-    long long q_tok0, k_tok0, q_step, k_step;
-    if (p.cu_seqlens_q != nullptr) {
-        const int q0 = p.cu_seqlens_q[b];
-        const int k0 = p.cu_seqlens_k[b];
-        sq = p.cu_seqlens_q[b + 1] - q0;
-        sk = p.cu_seqlens_k[b + 1] - k0;
-        q_tok0 = q0;
-        k_tok0 = k0;
-        q_step = 1;
-        k_step = 1;
-    } else {
-        sq = p.seqlen_q;
-        sk = p.seqlen_k;
-        q_tok0 = b;
-        k_tok0 = b;
-        q_step = p.batch;
-        k_step = p.batch;
-    }
+    const BwdSeq seq = bwd_seq(p, b);
+    const int sq = seq.sq, sk = seq.sk;
+    const long long q_tok0 = seq.q_tok0, k_tok0 = seq.k_tok0, q_step = seq.q_step, k_step = seq.k_step;
     const long long total_q = p.total_q;
     const int n0 = blockIdx.x * BLOCK_N;
     if (n0 >= sk) return;
     const int n_valid = min(BLOCK_N, sk - n0);
     const int n1 = n0 + n_valid;
 
-    // Query rows that can see a key of [n0, n1): lo(i) and hi(i) are non-decreasing in i,
-    // so they are [i_begin, i_end), i_begin the first row with hi(i) > n0 and i_end the first
-    // with lo(i) >= n1 (rows inside that see nothing have LSE -inf or are masked per element).
+    // Query rows that can see a key of [n0, n1).
     int i_begin, i_end;
-    {
-        int a = 0, z = sq;
-        while (a < z) {
-            const int mid = (a + z) / 2;
-            int lo, hi;
-            visible_range(mid, sq, sk, window_left, window_right, &lo, &hi);
-            if (hi > n0) z = mid; else a = mid + 1;
-        }
-        i_begin = a;
-        z = sq;
-        while (a < z) {
-            const int mid = (a + z) / 2;
-            int lo, hi;
-            visible_range(mid, sq, sk, window_left, window_right, &lo, &hi);
-            if (lo >= n1) z = mid; else a = mid + 1;
-        }
-        i_end = a;
-    }
+    visible_queries(n0, n1, sq, sk, window_left, window_right, &i_begin, &i_end);
     const int mt_begin = i_begin / BLOCK_M;
     const int nm_tiles = i_end > i_begin ? (i_end + BLOCK_M - 1) / BLOCK_M - mt_begin : 0;
     const int nsteps = nm_tiles * hpg;
@@ -386,25 +343,9 @@ extern "C" __global__ void __launch_bounds__(THREADS, 1) {{ key }}(const BwdPara
     const int window_left = p.window_left;
     const int window_right = p.window_right;
 
-    int sq, sk;
-    long long q_tok0, k_tok0, q_step, k_step;
-    if (p.cu_seqlens_q != nullptr) {
-        const int q0 = p.cu_seqlens_q[b];
-        const int k0 = p.cu_seqlens_k[b];
-        sq = p.cu_seqlens_q[b + 1] - q0;
-        sk = p.cu_seqlens_k[b + 1] - k0;
-        q_tok0 = q0;
-        k_tok0 = k0;
-        q_step = 1;
-        k_step = 1;
-    } else {
-        sq = p.seqlen_q;
-        sk = p.seqlen_k;
-        q_tok0 = b;
-        k_tok0 = b;
-        q_step = p.batch;
-        k_step = p.batch;
-    }
+    const BwdSeq seq = bwd_seq(p, b);
+    const int sq = seq.sq, sk = seq.sk;
+    const long long q_tok0 = seq.q_tok0, k_tok0 = seq.k_tok0, q_step = seq.q_step, k_step = seq.k_step;
     const long long total_q = p.total_q;
     const int m0 = m_block * BLOCK_M;
     if (m0 >= sq) return;

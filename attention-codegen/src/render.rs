@@ -42,6 +42,10 @@ const TEMPLATES: &[(&str, &str)] = &[
         include_str!("../../templates/partials/params_bwd.cu"),
     ),
     (
+        "partials/backward_common.cu",
+        include_str!("../../templates/partials/backward_common.cu"),
+    ),
+    (
         "params_probe.cu",
         "{% include \"partials/types.cu\" %}\n{% include \"partials/params.cu\" %}\n\
          {% include \"partials/params_bwd.cu\" %}\n",
