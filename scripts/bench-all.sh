@@ -12,6 +12,10 @@
 #   decode             attn bench decode   -> OUT/decode.{json,svg,log}
 #   layer              attn bench layer, every preset          -> OUT/layer.{json,svg,log}
 #   layer:P1[,P2]      only those presets (llama3-8b, llama3.2-1b) -> OUT/layer-P1[-P2].{...}
+#   parallel           attn bench parallel (Llama-3-8B at TP = 1 and 2 over NCCL, 32k-128k
+#                      tokens)                                 -> OUT/parallel.{json,svg,log}
+#                      (not a default section; needs 2 GPUs and libnccl.so on
+#                      LD_LIBRARY_PATH, else the TP = 2 rows are n/a with a note)
 #
 # The layer sections run twice: first under ncu with --profile-once (each call once; the
 # report in OUT/<name>.ncu-rep, its kernels' device times as CSV in OUT/<name>.ncu.csv, the
@@ -23,11 +27,11 @@
 # Environment: ATTN (the attn binary; default bin/attn beside this script, as in
 # gpu-bundle/, else target/release/attn), NCU (default: `ncu` on PATH, else
 # /usr/local/cuda/bin/ncu), LAYER_ARGS / PREFILL_ARGS / BACKWARD_ARGS / BACKWARD_LAYER_ARGS /
-# DECODE_ARGS (extra arguments, word split, e.g. LAYER_ARGS="--cases prefill,decode
-# --batches 1,16").
+# DECODE_ARGS / PARALLEL_ARGS (extra arguments, word split, e.g. LAYER_ARGS="--cases prefill,decode
+# --batches 1,16", PARALLEL_ARGS="--train").
 set -uo pipefail
 here="$(cd "$(dirname "$0")" && pwd)"
-out="${1:?usage: bench-all.sh OUT [prefill] [backward] [decode] [layer[:PRESETS]] ...}"
+out="${1:?usage: bench-all.sh OUT [prefill] [backward] [decode] [layer[:PRESETS]] [parallel] ...}"
 shift
 mkdir -p "$out"
 if [ -x "$here/bin/attn" ]; then
@@ -42,6 +46,7 @@ read -r -a prefill_args <<<"${PREFILL_ARGS:-}"
 read -r -a decode_args <<<"${DECODE_ARGS:-}"
 read -r -a backward_args <<<"${BACKWARD_ARGS:-}"
 read -r -a backward_layer_args <<<"${BACKWARD_LAYER_ARGS:-}"
+read -r -a parallel_args <<<"${PARALLEL_ARGS:-}"
 sections=("$@")
 [ ${#sections[@]} -eq 0 ] && sections=(prefill decode layer)
 status=0
@@ -102,8 +107,13 @@ for s in "${sections[@]}"; do
       "$ATTN" bench layer "${preset_args[@]}" --torch-script "$here/bench_layer.py" \
         --json "$out/$name.json" "${ncu_args[@]}" "${layer_args[@]}" 2>&1 | tee "$out/$name.log" || status=1
       ;;
+    parallel)
+      stamp "attn bench parallel"
+      "$ATTN" bench parallel --json "$out/parallel.json" "${parallel_args[@]}" 2>&1 |
+        tee "$out/parallel.log" || status=1
+      ;;
     *)
-      echo "unknown section $s (prefill, backward, decode, layer, layer:PRESETS)" >&2
+      echo "unknown section $s (prefill, backward, decode, layer, layer:PRESETS, parallel)" >&2
       status=1
       continue
       ;;

@@ -1,4 +1,4 @@
-//! `attn bench prefill|backward|decode|layer`: GPU benchmarks of the library's kernels against PyTorch SDPA.
+//! `attn bench prefill|backward|decode|layer|parallel`: GPU benchmarks of the library's kernels against PyTorch SDPA.
 //!
 //! - [`prefill`]: the `prefill_*_sm80` kernel over head dims x causal x seqlens (TFLOP/s), plus the
 //!   kernel cache's cold compile and warm start; its results in [`prefill_report`].
@@ -11,6 +11,10 @@
 //! - [`layer`]: the whole layer through the public API against the same layer in PyTorch;
 //!   its results in [`layer_report`]; per-call kernel times and API overhead from an Nsight
 //!   Compute profile of a [`profile`] run in [`ncu`].
+//! - [`parallel`]: the Llama-3-8B layer on one GPU and tensor-parallel on two (TP = 1, 2 over
+//!   NCCL, one thread per GPU) at 32k-128k tokens: time, speedup, scaling efficiency and the
+//!   bytes each rank communicates (counted by [`parallel_count`] around the communicator);
+//!   its results in [`parallel_report`]. No context-parallel rows: CP has no CUDA layer yet.
 //! - [`chart`]: the SVG chart every bench writes beside its JSON.
 //! - [`common`]: CUDA timing helpers and the reports' JSON, shared by all.
 //!
@@ -26,6 +30,9 @@ mod decode_report;
 mod layer;
 mod layer_report;
 mod ncu;
+mod parallel;
+mod parallel_count;
+mod parallel_report;
 mod prefill;
 mod prefill_report;
 mod profile;
@@ -59,6 +66,36 @@ pub enum BenchCommand {
     /// in PyTorch (SDPA flash and cuDNN) in the same run; with an Nsight Compute profile
     /// (--profile-once, then --ncu-csv), each call's overhead over its kernels.
     Layer(Box<BenchLayerArgs>),
+    /// Time the Llama-3-8B layer (bf16, one causal sequence) on one GPU (TP = 1) and
+    /// tensor-parallel over NCCL on GPUs 0 and 1 (TP = 2, one thread per rank), CUDA events,
+    /// median per rank after warm-up, the slowest rank reported: time, speedup over TP = 1,
+    /// scaling efficiency (speedup / TP) and the bytes each rank communicates per call
+    /// (counted around the communicator). With fewer than 2 GPUs or no libnccl the TP = 2
+    /// rows are n/a with a note. No context-parallel rows: CP has no CUDA implementation.
+    Parallel(BenchParallelArgs),
+}
+
+/// Options of `attn bench parallel` (see [`parallel`]).
+#[derive(clap::Args)]
+pub struct BenchParallelArgs {
+    /// Sequence lengths (one sequence each), comma separated.
+    #[arg(long, value_delimiter = ',', default_value = "32768,65536,131072")]
+    seqlens: Vec<usize>,
+    /// Tensor-parallel sizes, comma separated (1 and/or 2; rank r on GPU r).
+    #[arg(long, value_delimiter = ',', default_value = "1,2")]
+    tp: Vec<usize>,
+    /// Also time the training step (forward_train + backward).
+    #[arg(long)]
+    train: bool,
+    /// Untimed calls before each case.
+    #[arg(long, default_value_t = 3)]
+    warmup: usize,
+    /// Timed calls per case (median per rank).
+    #[arg(long, default_value_t = 10)]
+    reps: usize,
+    /// Write the JSON report here, and the SVG chart beside it (same name, `.svg`).
+    #[arg(long)]
+    json: Option<std::path::PathBuf>,
 }
 
 /// Options of `attn bench layer` (see [`layer`]).
@@ -320,6 +357,18 @@ pub fn run(cmd: &BenchCommand) -> Result<()> {
                 ncu: l.ncu_csv.clone().zip(l.ncu_manifest.clone()),
             };
             println!("{}", layer::run_layer(&opts)?);
+            return Ok(());
+        }
+        BenchCommand::Parallel(p) => {
+            let opts = parallel::ParallelOptions {
+                seqlens: p.seqlens.clone(),
+                tps: p.tp.clone(),
+                train: p.train,
+                warmup: p.warmup,
+                reps: p.reps,
+                json: p.json.clone(),
+            };
+            println!("{}", parallel::run_parallel(&opts)?);
             return Ok(());
         }
         BenchCommand::Decode(d) => {
