@@ -35,8 +35,8 @@
 //   e feeds (broadcast dims, bias extent 1, summed whole), in fixed (b, h, i, j) order: no
 //   atomics, deterministic.
 // `max_logit_fold_{{ dtype }}` (n, grid ceil(n / 256), block 256): QK-Clip's running record,
-//   running[i] = max(running[i], src[i]) over f32 [n = num_heads] (a NaN in src is ignored,
-//   as the host record's observe does): the layer's device record raised by one training
+//   running[i] = max(running[i], src[i]) over f32 [n = num_heads] (a NaN in src sticks, as
+//   the host record's observe does, and the clip then refuses): the layer's device record raised by one training
 //   forward's per-head max logit, without a host round trip.
 // `qk_clip_scale_rows_{{ dtype }}` (rows * cols, grid-stride, block 256): QK-Clip's rescale
 //   of linear_qkv.weight [rows, cols] in place, w[r][c] *= row_factor[r] (f32 product,
@@ -389,7 +389,7 @@ extern "C" __global__ void __launch_bounds__(256) max_logit_fold_{{ dtype }}(
     const int i = blockIdx.x * blockDim.x + threadIdx.x;
     if (i >= n) return;
     const float s = src[i];
-    if (s > running[i]) running[i] = s;
+    if (s > running[i] || s != s) running[i] = s;
 }
 
 extern "C" __global__ void __launch_bounds__(256) qk_clip_scale_rows_{{ dtype }}(

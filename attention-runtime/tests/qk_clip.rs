@@ -349,3 +349,42 @@ fn a_layer_without_a_mutable_linear_qkv_is_a_typed_error() {
         assert_eq!(cpu.max_logit_record().unwrap(), r0);
     }
 }
+
+/// A NaN max logit (a diverged forward) sticks in the record and the clip refuses it,
+/// changing no weight and keeping the record; an empty slice is refused by `observe`.
+#[test]
+fn a_nan_record_is_refused_and_an_empty_observation_too() {
+    let l = layer(
+        "self, heads=4, gqa=2, head_dim=32, hidden=64, mask=causal",
+        3,
+    );
+    let cfg = l.config().clone();
+    let mut w = l
+        .state_dict("")
+        .into_iter()
+        .find(|(k, _)| k == "linear_qkv.weight")
+        .unwrap()
+        .1;
+    let before = w.clone();
+    let mut rec = QkClip::new();
+    assert!(matches!(rec.observe(&[]), Err(AttnError::Shape { arg, .. }) if arg == "max_logit"));
+    assert!(
+        rec.record().is_none(),
+        "a refused observation records nothing"
+    );
+    rec.observe(&[1e4, f32::NAN, 2.0, 3.0]).unwrap();
+    // A later finite value does not wash the NaN out.
+    rec.observe(&[1.0, 5e4, 2.0, 3.0]).unwrap();
+    assert!(rec.record().unwrap()[1].is_nan());
+    let r = rec.clip(&cfg, &mut w, 100.0, 0.5);
+    assert!(
+        matches!(&r, Err(AttnError::InvalidArgument { arg, got, .. }) if arg == "record" && got.contains("head 1")),
+        "{r:?}"
+    );
+    assert_eq!(w, before, "a refused clip changes no weight");
+    assert!(rec.record().is_some(), "a refused clip keeps the record");
+    rec.reset();
+    rec.observe(&[1e4, 1.0, 2.0, 3.0]).unwrap();
+    let rep = rec.clip(&cfg, &mut w, 100.0, 0.5).unwrap();
+    assert_eq!(rep.clipped, vec![0]);
+}

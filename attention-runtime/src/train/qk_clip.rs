@@ -8,7 +8,13 @@
 //! the group's query heads; when `m_g > threshold`, `eta = threshold / m_g`, the group's query
 //! rows are multiplied by `eta^alpha` and its key rows by `eta^(1 - alpha)`, so every logit of
 //! the group (without q/k biases or norms) is multiplied by `eta` and the group's max becomes
-//! the threshold. Value rows, gate rows (`output_gate`) and every bias are untouched; the
+//! the threshold. With `qk_layernorm` (q/k norms after `linear_qkv`) the norms undo a row
+//! scale, so the clip changes the weights but not the logits (as in the reference system,
+//! which scales the same rows); a NaN in the record (a diverged forward) is refused.
+//!
+//! The weights a backward reads are the layer's current ones: clip between steps (after the
+//! backwards of the forwards it covers), never between a `forward_train` and its `backward`
+//! (that is not detected, and the backward would use the rescaled weights). Value rows, gate rows (`output_gate`) and every bias are untouched; the
 //! record is reset afterwards, also when nothing was clipped. Megatron's defaults are
 //! `threshold` 100 (`qk_clip_threshold`) and `alpha` 0.5 (`qk_clip_alpha`).
 //!
@@ -117,7 +123,8 @@ pub(crate) fn check_args(c: &LayerConfig, threshold: f32, alpha: f32) -> Result<
 
 /// The clip of config `c` for `record` (`[np]`, `None`: nothing observed): the report and
 /// the row blocks to rescale. Errors: those of [`check_args`]; `InvalidArgument` (`record`)
-/// for a record of another head count.
+/// for a record of another head count or one holding a NaN (a forward that diverged: no
+/// `eta` can be computed from it, so nothing is clipped and the caller keeps the record).
 pub(crate) fn plan(
     c: &LayerConfig,
     record: Option<&[f32]>,
@@ -132,6 +139,13 @@ pub(crate) fn plan(
                 "record",
                 format!("[{np}] per-head max logits"),
                 format!("[{}]", r.len()),
+            ));
+        }
+        if let Some(h) = r.iter().position(|x| x.is_nan()) {
+            return Err(bad(
+                "record",
+                "per-head max logits that are numbers (a NaN means a forward diverged)",
+                format!("NaN at query head {h}"),
             ));
         }
     }
@@ -188,10 +202,18 @@ impl QkClip {
         self.record.as_deref()
     }
 
-    /// Fold one forward's per-head max logits `[np]` into the running max. Errors
-    /// ([`AttnError::Shape`], `max_logit`; nothing changes) when the head count differs from
-    /// the record's.
+    /// Fold one forward's per-head max logits `[np]` into the running max. A NaN sticks (the
+    /// head's record stays NaN until a reset, and [`clip`](Self::clip) then refuses). Errors
+    /// ([`AttnError::Shape`], `max_logit`; nothing changes) for an empty slice or a head
+    /// count other than the record's.
     pub fn observe(&mut self, max_logit: &[f32]) -> Result<()> {
+        if max_logit.is_empty() {
+            return Err(AttnError::Shape {
+                arg: "max_logit".into(),
+                expected: "[np] per-head max logits, np >= 1".into(),
+                got: vec![0],
+            });
+        }
         match &mut self.record {
             None => self.record = Some(max_logit.to_vec()),
             Some(r) => {
@@ -203,7 +225,7 @@ impl QkClip {
                     });
                 }
                 for (a, &b) in r.iter_mut().zip(max_logit) {
-                    if b > *a {
+                    if b > *a || b.is_nan() {
                         *a = b;
                     }
                 }

@@ -187,6 +187,8 @@ fn stage_name(s: &Stage) -> &'static str {
 pub struct CudaSaved {
     config: LayerConfig,
     ordinal: usize,
+    /// The dtype of the layer that saved it (a layer of the same config may run another).
+    elem: ElemType,
     recompute: Recompute,
     out_shape: Vec<usize>,
     /// Cross-attention: the context's shape (of `grad_key_value_states`).
@@ -662,6 +664,7 @@ impl CudaLayer {
         let saved = CudaSaved {
             config: c.clone(),
             ordinal: rt.device().ordinal,
+            elem: self.elem,
             recompute: opts.recompute,
             out_shape: hidden.shape().to_vec(),
             ctx_shape: args
@@ -753,11 +756,24 @@ impl CudaLayer {
     }
 
     fn check_saved(&self, saved: &CudaSaved, call: &str) -> Result<()> {
-        if saved.config != self.config || saved.ordinal != self.rt.device().ordinal {
+        if saved.config != self.config
+            || saved.ordinal != self.rt.device().ordinal
+            || saved.elem != self.elem
+        {
             return Err(bad(
                 "saved",
-                format!("a context saved by this layer's forward_train (for {call})"),
-                "a context of a layer with another config or device",
+                format!(
+                    "a context saved by this layer's forward_train (for {call}; {} on CUDA \
+                     device {})",
+                    self.elem.name(),
+                    self.rt.device().ordinal
+                ),
+                format!(
+                    "a context of a layer with another config, dtype or device ({} on CUDA \
+                     device {})",
+                    saved.elem.name(),
+                    saved.ordinal
+                ),
             ));
         }
         Ok(())
@@ -800,7 +816,7 @@ impl CudaLayer {
         match self.elem {
             ElemType::Bf16 => self.backward_typed::<bf16>(saved, grad_output, opts),
             ElemType::F16 => self.backward_typed::<f16>(saved, grad_output, opts),
-            ElemType::F32 => unreachable!("forward_train refuses f32 layers"),
+            ElemType::F32 => Err(bad("layer dtype", "bf16 or f16 (CUDA training)", "f32")),
         }
     }
 
