@@ -122,7 +122,7 @@ pub struct BwdArgs<'a, T> {
     pub lse: &'a CudaSlice<f32>,
     /// Run the deterministic kernels (bitwise-reproducible dq, dk, dv) instead of the fused
     /// fast one (dq summed by f32 atomics; dk, dv still reproducible). Head dims without a
-    /// fused kernel are deterministic either way.
+    /// fused kernel, and calls that ask for `dbias`, are deterministic either way.
     pub deterministic: bool,
     /// Gradient of the output, layout of `q`.
     pub dout: &'a CudaSlice<T>,
@@ -569,7 +569,14 @@ impl AttentionBackward {
             ));
         }
 
-        let fused = self.fused.as_ref().filter(|_| !a.deterministic);
+        // A bias gradient runs the deterministic pair: the fused kernel forms dS from P as
+        // rounded to the input dtype (its f32 P would not fit in registers), fine for the bf16
+        // dK / dQ products but not for dbias, which is dS itself in f32 (a tiny broadcast
+        // bias summed over heads showed 4e-2 relative error).
+        let fused = self
+            .fused
+            .as_ref()
+            .filter(|_| !a.deterministic && a.dbias.is_none());
         let n_accum = if fused.is_some() {
             (rows_q * a.num_heads * hd).max(1)
         } else {
