@@ -28,7 +28,7 @@ use cudarc::driver::CudaSlice;
 use half::bf16;
 
 use super::backward_report::{panels, table, to_json};
-use super::chart::{svg_path_for, write_svg};
+use super::chart::write_report;
 use super::common::{cuda_device, cuda_err, join, median, random_bf16};
 use super::prefill_report::{parse_sdpa, Timing};
 
@@ -313,22 +313,16 @@ pub fn run_backward(opts: &BackwardOptions) -> Result<String> {
 
     let table = table(&timings, &dev.name);
     if let Some(path) = &opts.json {
-        std::fs::write(path, to_json(&timings, &dev.name, &note)).map_err(|e| AttnError::Io {
-            path: path.display().to_string(),
-            source: e,
-        })?;
-        let p = panels(&timings);
-        if !p.is_empty() {
-            write_svg(
-                &svg_path_for(path),
-                &format!(
-                    "attn bench backward: attention backward vs SDPA ({})",
-                    dev.name
-                ),
-                &p,
-                2,
-            )?;
-        }
+        write_report(
+            path,
+            &to_json(&timings, &dev.name, &note),
+            &format!(
+                "attn bench backward: attention backward vs SDPA ({})",
+                dev.name
+            ),
+            &panels(&timings),
+            2,
+        )?;
     }
     Ok(table)
 }

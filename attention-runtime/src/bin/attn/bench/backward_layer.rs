@@ -19,10 +19,10 @@ use attention_runtime::cuda::{CudaLayer, DeviceTensor, ElemType};
 use attention_runtime::modules::SplitMix64;
 use attention_runtime::spec_layer::SpecLayer;
 use attention_runtime::train::{BackwardOptions, TrainOptions};
-use attention_runtime::{AttnError, ForwardArgs, Result, RuntimeDims, Tensor};
+use attention_runtime::{ForwardArgs, Result, RuntimeDims, Tensor};
 use cudarc::driver::sys::CUevent_flags::CU_EVENT_DEFAULT;
 
-use super::chart::{svg_path_for, write_svg, Panel, Series};
+use super::chart::{write_report, Panel, Series};
 use super::common::{cuda_device, cuda_err, join, json_field, json_num, json_str, median};
 use super::layer_report::LayerShape;
 
@@ -348,22 +348,16 @@ pub fn run_train_step(o: &TrainStepOptions) -> Result<String> {
     }
     let table = train_table(&rows, &dev.name);
     if let Some(path) = &o.json {
-        std::fs::write(path, train_json(&rows, &dev.name, &note)).map_err(|e| AttnError::Io {
-            path: path.display().to_string(),
-            source: e,
-        })?;
-        let p = train_panels(&rows);
-        if !p.is_empty() {
-            write_svg(
-                &svg_path_for(path),
-                &format!(
-                    "attn bench backward --layer: training step vs PyTorch ({})",
-                    dev.name
-                ),
-                &p,
-                1,
-            )?;
-        }
+        write_report(
+            path,
+            &train_json(&rows, &dev.name, &note),
+            &format!(
+                "attn bench backward --layer: training step vs PyTorch ({})",
+                dev.name
+            ),
+            &train_panels(&rows),
+            1,
+        )?;
     }
     Ok(table)
 }

@@ -236,6 +236,25 @@ pub fn write_svg(path: &Path, title: &str, panels: &[Panel], cols: usize) -> Res
     })
 }
 
+/// A bench's report files: `json` at `path`, then, when there are panels, the chart beside it
+/// ([`svg_path_for`], `cols` panels per row). Errors: [`AttnError::Io`] naming the file.
+pub fn write_report(
+    path: &Path,
+    json: &str,
+    title: &str,
+    panels: &[Panel],
+    cols: usize,
+) -> Result<()> {
+    std::fs::write(path, json).map_err(|e| AttnError::Io {
+        path: path.display().to_string(),
+        source: e,
+    })?;
+    if panels.is_empty() {
+        return Ok(());
+    }
+    write_svg(&svg_path_for(path), title, panels, cols)
+}
+
 #[cfg(test)]
 pub(crate) mod tests {
     use super::*;

@@ -16,7 +16,7 @@ use attention_runtime::{AttnError, Result};
 use cudarc::driver::{CudaSlice, CudaStream};
 use half::bf16;
 
-use super::chart::{svg_path_for, write_svg};
+use super::chart::write_report;
 use super::common::{cuda_device, cuda_err, join, median, random_bf16};
 use super::decode_report::{
     decode_json, decode_table, panels, parse_sdpa_decode, CopyCeiling, DecodeTiming,
@@ -579,23 +579,14 @@ pub fn run_decode(opts: &DecodeOptions) -> Result<String> {
     }
     let table = decode_table(&timings, &ceilings, &dev.name);
     if let Some(path) = &opts.json {
-        std::fs::write(
-            path,
-            decode_json(&timings, &ceilings, &dev.name, &sdpa_note),
-        )
-        .map_err(|e| AttnError::Io {
-            path: path.display().to_string(),
-            source: e,
-        })?;
         let p = panels(&timings, &ceilings);
-        if !p.is_empty() {
-            write_svg(
-                &svg_path_for(path),
-                &format!("attn bench decode: decode_splitkv vs SDPA ({})", dev.name),
-                &p,
-                p.len().min(3),
-            )?;
-        }
+        write_report(
+            path,
+            &decode_json(&timings, &ceilings, &dev.name, &sdpa_note),
+            &format!("attn bench decode: decode_splitkv vs SDPA ({})", dev.name),
+            &p,
+            p.len().min(3),
+        )?;
     }
     Ok(table)
 }

@@ -27,7 +27,7 @@ use attention_runtime::{AttnError, Result};
 use cudarc::driver::{CudaContext, CudaSlice};
 use half::bf16;
 
-use super::chart::{svg_path_for, write_svg};
+use super::chart::write_report;
 use super::common::{cuda_device, cuda_err, join, median, random_bf16};
 use super::prefill_report::{panels, parse_sdpa, table, to_json, CompileTiming, Timing};
 
@@ -338,21 +338,13 @@ pub fn run_prefill(opts: &PrefillOptions) -> Result<String> {
 
     let table = table(&timings, &compile, &dev.name);
     if let Some(path) = &opts.json {
-        std::fs::write(path, to_json(&timings, &compile, &dev.name, &sdpa_note)).map_err(|e| {
-            AttnError::Io {
-                path: path.display().to_string(),
-                source: e,
-            }
-        })?;
-        let p = panels(&timings);
-        if !p.is_empty() {
-            write_svg(
-                &svg_path_for(path),
-                &format!("attn bench prefill: prefill_sm80 vs SDPA ({})", dev.name),
-                &p,
-                2,
-            )?;
-        }
+        write_report(
+            path,
+            &to_json(&timings, &compile, &dev.name, &sdpa_note),
+            &format!("attn bench prefill: prefill_sm80 vs SDPA ({})", dev.name),
+            &panels(&timings),
+            2,
+        )?;
     }
     Ok(table)
 }
