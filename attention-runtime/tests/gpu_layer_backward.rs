@@ -556,7 +556,14 @@ fn layers_of_two_head_dims_in_one_process() {
 #[test]
 #[ignore = "requires a CUDA GPU"]
 fn edge_sequence_lengths() {
-    for (s, b, sk) in [(10, 2, 1), (1, 3, 1), (1, 2, 17), (65, 1, 1), (129, 2, 2), (10, 2, 128)] {
+    for (s, b, sk) in [
+        (10, 2, 1),
+        (1, 3, 1),
+        (1, 2, 17),
+        (65, 1, 1),
+        (129, 2, 2),
+        (10, 2, 128),
+    ] {
         check_lengths(
             "cross, heads=4, head_dim=64, hidden=128, mask=no_mask",
             false,
