@@ -902,3 +902,27 @@ fn sm90_family() {
     check(c);
     SM90.with(|f| f.set(false));
 }
+
+/// A few small cases of the Hopper kernel, both schedules (head dim 128: three stages,
+/// pipelined; 256: two), sized for compute-sanitizer (memcheck, racecheck).
+#[test]
+#[ignore = "requires a CUDA GPU"]
+fn sm90_sanitizer_cases() {
+    let (ctx, _) = gpu();
+    if ctx.compute_capability().unwrap() != (9, 0) {
+        eprintln!("not an sm_90 GPU: the prefill_*_sm90 kernels do not run here");
+        return;
+    }
+    SM90.with(|f| f.set(true));
+    check(Case::new(128, MaskType::Causal, 300, 300, 2));
+    let mut c = Case::new(256, MaskType::NoMask, 1, 1, 1);
+    c.packed = true;
+    c.seqs = vec![(1, 1), (70, 77), (130, 65)];
+    check(c);
+    let mut c = Case::new(128, MaskType::PaddingCausal, 150, 150, 2);
+    c.mask_shape = Some([2, 1, 1, 150]);
+    c.bias_shape = Some([1, 4, 150, 150]);
+    c.sinks = Some(Sinks::Learnable);
+    check(c);
+    SM90.with(|f| f.set(false));
+}
