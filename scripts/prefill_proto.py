@@ -28,7 +28,7 @@ KEY = re.compile(r"prefill_(bf16|f16)_hd(\d+)_(\w+?)_m(\d+)n(\d+)w(\d+)s(\d+)_(s
 
 def smem_bytes(arch, bm, bn, st, hd):
     if arch.startswith("sm90"):
-        return (bm + 2 * st * bn) * hd * 2 + 1024
+        return (bm + 2 * st * bn) * hd * 2 + 1024 + 64
     return (bm + 2 * st * bn) * (hd + 8) * 2
 
 

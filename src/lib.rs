@@ -35,7 +35,9 @@
 //!   kernel the layer can launch on any GPU (`codegen::registry::kernels_for` per head dim:
 //!   fast and fallback forward per mask and bias, prep, cache kernels), each under a readable
 //!   key such as
-//!   `prefill_rows_bf16_hd128_causal_...`; empty when the spec leaves `head_dim` to the runtime;
+//!   `prefill_rows_bf16_hd128_causal_...`; empty when the spec leaves `head_dim` to the runtime.
+//!   The Hopper prefill kernels (keys ending in `_sm90`) compile for `sm_90a` only: filter
+//!   with `StaticKernel::compiles_for(arch)` before compiling the table for one GPU;
 //! - constructors: `new(dims, seed)` (fresh weights), `from_config(config, seed)`,
 //!   `from_weights(&WeightStore, prefix, dims)` and `from_safetensors(path, prefix, dims)`
 //!   (Megatron names `{prefix}linear_qkv.weight`, `{prefix}linear_qkv.bias`,

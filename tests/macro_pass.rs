@@ -464,8 +464,8 @@ fn kernel_tables_cover_every_head_dim_and_mask() {
 
 /// Every kernel key the CUDA layer launches for `spec` at `hd` on `target`, following its call
 /// sites (attention-runtime/src/cuda/layer.rs): the forward's prep; per mask type × bias the
-/// `prefill_sm80` kernel when the device runs it and `prefill_rows` (its fallback); prefill's
-/// append, its `prefill_sm80` kernel and `decode_rows`, the fused decode step's rope-less prep and
+/// tensor-core kernel when the device runs it (`prefill_sm90` on sm_90a, else `prefill_sm80`) and
+/// `prefill_rows` (its fallback); prefill's append, its tensor-core kernel and `decode_rows`, the fused decode step's rope-less prep and
 /// `decode_splitkv`, paged prefill's append + `decode_rows_paged` (self-attention only); the
 /// context cache's append and step kernel (cross-attention).
 fn launched_keys(
@@ -478,7 +478,7 @@ fn launched_keys(
     for &mask in &spec.masks {
         for bias in [false, true] {
             let fwd = registry::prefill_rows(spec, hd, mask, bias);
-            if let Some(fast) = registry::prefill_sm80(&fwd, target) {
+            if let Some(fast) = registry::prefill_tensor_core(&fwd, target) {
                 keys.push(fast.key());
             }
             keys.push(fwd.key());

@@ -196,7 +196,8 @@ pub fn manifest() -> Result<String, RenderError> {
          # qkv_prep), dtype, hd<head dim>, mask or causal/full, _win sliding window, _sink1\n\
          # off-by-one sink, _sinkl learnable sink, _bias attention bias, _paged K/V in a paged pool,\n\
          # _gate output gate, qkv_prep: layout, norm, rope<mode><rotated dims>; _w<warps per block>;\n\
-         # prefill: _m<block_m>n<block_n>w<warps>s<K/V stages>, then the arch, _sm80 (sm_80+).\n",
+         # prefill: _m<block_m>n<block_n>w<warps>s<K/V stages>, then the arch, _sm80 (sm_80+)\n\
+         # or _sm90 (sm_90a only: Hopper's wgmma).\n",
     );
     for (key, users) in catalog_users()? {
         s.push_str(&format!("{key} {}\n", users.join(",")));

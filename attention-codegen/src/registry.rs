@@ -3,18 +3,19 @@
 //! [`kernels_for`] lists, for a spec, a head dim and a [`Target`], every [`KernelConfig`] the
 //! runtime's CUDA layer can launch. It is built from one function per kernel family
 //! ([`qkv_prep`], [`qkv_prep_for_decode_splitkv`], [`prefill_rows`], [`prefill_sm80`],
-//! [`decode_rows`], [`decode_rows_paged`], [`decode_splitkv_paged`], [`decode_splitkv`],
+//! [`prefill_sm90`] (both through [`prefill_tensor_core`]), [`decode_rows`], [`decode_rows_paged`], [`decode_splitkv_paged`], [`decode_splitkv`],
 //! [`append_kv`], [`cross_cache_step`]); the runtime builds its launch configs with the same
 //! functions, so the two cannot drift. Everything that lists kernels uses it: the macro's `KERNELS`
 //! table, `attn render`, `attn aot --spec` and `--catalog`, the catalog (`kernels-generated/`) and
 //! the runtime.
 //!
 //! The families, by key prefix ([`Phase`] in [`crate::render`]; a key's last part is the
-//! arch where the kernel needs one, `_sm80` = sm_80 and later):
+//! arch where the kernel needs one, `_sm80` = sm_80 and later, `_sm90` = sm_90a only):
 //!
 //! | family | what | runs on | where it cannot run |
 //! |---|---|---|---|
 //! | `prefill_*_sm80` ([`prefill_sm80`]) | FlashAttention-2 style prefill / forward on tensor cores: padded or packed, over a static cache in place ([`cache_prefill`], [`cross_cache_step`]) or a paged pool (`_paged`, [`paged_prefill`]) | sm_80+ and its tile's shared memory | `prefill_rows_*` (forward), `decode_rows_*` (static cache), `decode_rows_*_paged` (paged pool) |
+//! | `prefill_*_sm90` ([`prefill_sm90`]) | the same forward (every feature, static cache, paged pool) on Hopper's warpgroup MMA (`wgmma`) | sm_90a (an sm_90 device; [`Target::Device`]'s `wgmma`), head dims 128, 192, 256 ([`SM90_MIN_HEAD_DIM`], multiples of 64) | `prefill_*_sm80` |
 //! | `prefill_rows_*` ([`prefill_rows`]) | fallback: one warp per query row, padded or packed | any | — |
 //! | `decode_rows_*` ([`decode_rows`]) | fallback: one warp per query row over a static cache (`_full`: cross-attention, no causal mask) | any | — |
 //! | `decode_rows_*_paged` ([`decode_rows_paged`]) | fallback: one warp per query row over a paged pool, decode rows and prefill chunks alike | any | — |
@@ -23,7 +24,7 @@
 //! | `qkv_prep_*` ([`qkv_prep`], [`qkv_prep_for_decode_splitkv`]) | q/k norm, rope, output-gate and layout split | any | — |
 //!
 //! [`kernels_for`] always lists `prefill_rows_*` (the forward also falls back to it when the
-//! `_sm80` kernel fails to build) and, for self-attention, `decode_rows_*` and
+//! tensor-core kernel, `_sm80` or `_sm90`, fails to build) and, for self-attention, `decode_rows_*` and
 //! `decode_rows_*_paged`; cross-attention's `decode_rows_*_full` only for [`Target::AnyDevice`]
 //! and where the device cannot run the tensor-core step. The tests that hold this:
 //! `prefill_sm80_needs_sm80_and_the_tile_smem` and `cross_lists_its_context_cache_step` (here);
@@ -65,8 +66,9 @@ use crate::spec::{AttentionKind, AttentionSpec, MaskType, SUPPORTED_HEAD_DIMS};
 /// `mma.sync` m16n8k16 on bf16/f16 and `cp.async`, both sm_80 and later.
 pub const TENSOR_CORE_MIN_SM: u32 = 80;
 
-/// The device a kernel list is for. It only decides whether the tensor-core forward kernel
-/// can run (its SM version and its tile's shared memory); every other kernel runs anywhere.
+/// The device a kernel list is for. It only decides which tensor-core forward kernel can run
+/// (`_sm90` needs sm_90a's wgmma, `_sm80` sm_80+, both their tile's shared memory); every other
+/// kernel runs anywhere.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Target {
     /// Any device: the union over devices (the macro's `KERNELS`, the catalog, `attn render`).
@@ -78,6 +80,10 @@ pub enum Target {
         /// Opt-in shared memory per block in bytes
         /// (`CU_DEVICE_ATTRIBUTE_MAX_SHARED_MEMORY_PER_BLOCK_OPTIN`).
         smem_optin: usize,
+        /// Whether kernels may use Hopper's arch-specific warpgroup MMA (`wgmma`): code built
+        /// for `sm_90a` on an sm_90 device. `sm_90` without the `a` (and every other arch)
+        /// has none; the runtime sets it on sm_90 devices unless `ATTN_DISABLE_SM90` is set.
+        wgmma: bool,
     },
 }
 
@@ -96,9 +102,10 @@ pub fn smem_optin_for_sm(sm: u32) -> Option<usize> {
 }
 
 impl Target {
-    /// The target of an NVRTC arch name (`sm_90a`, `sm_80`, `compute_86`). An SM version
-    /// [`smem_optin_for_sm`] does not know gives [`Target::AnyDevice`] (list every kernel:
-    /// compiling one too many beats missing one under `ATTN_JIT=off`).
+    /// The target of an NVRTC arch name (`sm_90a`, `sm_80`, `compute_86`); `wgmma` exactly for
+    /// `sm_90a` / `compute_90a`. An SM version [`smem_optin_for_sm`] does not know gives
+    /// [`Target::AnyDevice`] (list every portable kernel: compiling one too many beats missing
+    /// one under `ATTN_JIT=off`).
     pub fn from_arch(arch: &str) -> Result<Target, RenderError> {
         let sm = arch
             .strip_prefix("sm_")
@@ -109,8 +116,13 @@ impl Target {
             .ok_or_else(|| RenderError::BadArch {
                 arch: arch.to_string(),
             })?;
+        let wgmma = sm == 90 && arch.ends_with("90a");
         Ok(match smem_optin_for_sm(sm) {
-            Some(smem_optin) => Target::Device { sm, smem_optin },
+            Some(smem_optin) => Target::Device {
+                sm,
+                smem_optin,
+                wgmma,
+            },
             None => Target::AnyDevice,
         })
     }
@@ -121,7 +133,7 @@ impl Target {
     pub fn runs_prefill_sm80(&self, fast: &KernelConfig) -> bool {
         match *self {
             Target::AnyDevice => true,
-            Target::Device { sm, smem_optin } => {
+            Target::Device { sm, smem_optin, .. } => {
                 sm >= TENSOR_CORE_MIN_SM
                     && fast.prefill_tile().smem_bytes(fast.head_dim) <= smem_optin
             }
@@ -213,9 +225,9 @@ pub fn prefill_sm80(fwd: &KernelConfig, target: Target) -> Option<KernelConfig> 
 pub const SM90_MIN_HEAD_DIM: usize = 128;
 
 /// The Hopper forward kernel (`prefill_*_sm90`, warpgroup MMA, default tile) for the prefill
-/// config `fwd`: `Some` on an sm_90 device (wgmma exists on sm_90a only) when the head dim
-/// is a multiple of 64 and at least [`SM90_MIN_HEAD_DIM`] and the tile's shared memory fits,
-/// and for [`Target::AnyDevice`] (the union over devices); `None` otherwise.
+/// config `fwd`: `Some` on a device with `wgmma` (sm_90a) when the head dim is a multiple of
+/// 64 and at least [`SM90_MIN_HEAD_DIM`] and the tile's shared memory fits, and for
+/// [`Target::AnyDevice`] (the union over devices); `None` otherwise.
 pub fn prefill_sm90(fwd: &KernelConfig, target: Target) -> Option<KernelConfig> {
     if fwd.head_dim < SM90_MIN_HEAD_DIM {
         return None;
@@ -228,7 +240,9 @@ pub fn prefill_sm90(fwd: &KernelConfig, target: Target) -> Option<KernelConfig> 
     }
     let runs = match target {
         Target::AnyDevice => true,
-        Target::Device { sm, smem_optin } => sm == 90 && c.prefill_smem_bytes() <= smem_optin,
+        Target::Device {
+            wgmma, smem_optin, ..
+        } => wgmma && c.prefill_smem_bytes() <= smem_optin,
     };
     runs.then_some(c)
 }
@@ -295,7 +309,7 @@ pub fn decode_splitkv_paged(
 ) -> Option<KernelConfig> {
     let runs = match target {
         Target::AnyDevice => true,
-        Target::Device { sm, smem_optin } => {
+        Target::Device { sm, smem_optin, .. } => {
             sm >= TENSOR_CORE_MIN_SM && decode_splitkv_smem_bytes(head_dim) <= smem_optin
         }
     };
@@ -366,7 +380,7 @@ pub fn backward(
     for c in &out {
         // The render checks (head dim, mask, gate, tile) without rendering.
         c.check_config()?;
-        if let Target::Device { sm, smem_optin } = target {
+        if let Target::Device { sm, smem_optin, .. } = target {
             if sm < TENSOR_CORE_MIN_SM || c.backward_smem_bytes() > smem_optin {
                 return Err(RenderError::Unsupported {
                     argument: "target",
@@ -547,14 +561,27 @@ mod tests {
             Target::from_arch("sm_90a").unwrap(),
             Target::Device {
                 sm: 90,
-                smem_optin: 227 * 1024
+                smem_optin: 227 * 1024,
+                wgmma: true
             }
         );
+        // sm_90 without the `a`: no wgmma (the Hopper prefill kernel cannot be built for it).
+        for arch in ["sm_90", "compute_90"] {
+            assert_eq!(
+                Target::from_arch(arch).unwrap(),
+                Target::Device {
+                    sm: 90,
+                    smem_optin: 227 * 1024,
+                    wgmma: false
+                }
+            );
+        }
         assert_eq!(
             Target::from_arch("compute_86").unwrap(),
             Target::Device {
                 sm: 86,
-                smem_optin: 99 * 1024
+                smem_optin: 99 * 1024,
+                wgmma: false
             }
         );
         assert_eq!(Target::from_arch("sm_999").unwrap(), Target::AnyDevice);
@@ -564,6 +591,69 @@ mod tests {
                 "{bad}"
             );
         }
+    }
+
+    #[test]
+    fn tensor_core_prefill_picks_sm90_on_hopper_at_supported_head_dims() {
+        let spec = AttentionSpec::new(AttentionKind::SelfAttention);
+        let hopper = Target::from_arch("sm_90a").unwrap();
+        for (hd, want) in [
+            (64, Phase::PrefillSm80),
+            (96, Phase::PrefillSm80),
+            (128, Phase::PrefillSm90),
+            (160, Phase::PrefillSm80),
+            (192, Phase::PrefillSm90),
+            (256, Phase::PrefillSm90),
+        ] {
+            let fwd = prefill_rows(&spec, hd, MaskType::Causal, false);
+            let c = prefill_tensor_core(&fwd, hopper).unwrap();
+            assert_eq!(c.phase, want, "head dim {hd}");
+            assert!(c.prefill_smem_bytes() <= 227 * 1024, "head dim {hd}");
+            assert!(c.key().ends_with(if want == Phase::PrefillSm90 {
+                "_sm90"
+            } else {
+                "_sm80"
+            }));
+        }
+        // Other archs run sm80 (wgmma is sm_90a only), the union lists both.
+        let fwd = prefill_rows(&spec, 128, MaskType::Causal, false);
+        for arch in ["sm_80", "sm_89", "sm_100a", "sm_120"] {
+            // (sm_89 / sm_120: the hd128 sm80 tile needs more than their 99 KiB: None.)
+            let c = prefill_tensor_core(&fwd, Target::from_arch(arch).unwrap());
+            assert!(c.is_none_or(|c| c.phase == Phase::PrefillSm80), "{arch}");
+        }
+        assert_eq!(
+            prefill_tensor_core(&fwd, Target::AnyDevice).unwrap().phase,
+            Phase::PrefillSm80
+        );
+        let phases: Vec<Phase> = tensor_core_variants(&fwd, Target::AnyDevice)
+            .iter()
+            .map(|c| c.phase)
+            .collect();
+        assert_eq!(phases, [Phase::PrefillSm80, Phase::PrefillSm90]);
+        // The cache and paged prefill follow the same choice.
+        let c = cache_prefill(&spec, 128, hopper).unwrap();
+        assert_eq!(
+            (c.phase, c.mask),
+            (Phase::PrefillSm90, Some(MaskType::CausalBottomRight))
+        );
+        let c = paged_prefill(&spec, 128, hopper).unwrap();
+        assert!(
+            c.paged_kv
+                && c.phase == Phase::PrefillSm90
+                && c.key().ends_with("_paged_m128n128w8s3_sm90")
+        );
+        assert!(
+            !Phase::PrefillSm90.compiles_for("sm_80") && Phase::PrefillSm90.compiles_for("sm_90a")
+        );
+        // `sm_90` (no wgmma) runs sm80.
+        let plain = Target::from_arch("sm_90").unwrap();
+        assert_eq!(
+            prefill_tensor_core(&fwd, plain).unwrap().phase,
+            Phase::PrefillSm80
+        );
+        assert!(!Phase::PrefillSm90.compiles_for("sm_90"));
+        assert!(Phase::PrefillSm90.compiles_for("compute_90a"));
     }
 
     #[test]

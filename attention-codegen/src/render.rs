@@ -295,7 +295,7 @@ impl Phase {
     /// for any arch the crate supports.
     pub fn compiles_for(self, arch: &str) -> bool {
         match self {
-            Phase::PrefillSm90 => arch == "sm_90a",
+            Phase::PrefillSm90 => arch == "sm_90a" || arch == "compute_90a",
             _ => true,
         }
     }
@@ -401,6 +401,21 @@ pub struct StaticKernel {
     pub source: &'static str,
 }
 
+impl StaticKernel {
+    /// Whether NVRTC can compile this kernel for `arch`: the Hopper prefill kernels (keys
+    /// ending in `_sm90`, wgmma) only for `sm_90a` / `compute_90a`, every other kernel for
+    /// any arch ([`Phase::compiles_for`]). A table built for every device (the macro's
+    /// `KERNELS`) holds both; filter it with this before compiling for one GPU.
+    pub fn compiles_for(&self, arch: &str) -> bool {
+        let phase = if self.key.ends_with("_sm90") {
+            Phase::PrefillSm90
+        } else {
+            Phase::PrefillRows
+        };
+        phase.compiles_for(arch)
+    }
+}
+
 /// Layout of the `qkv_prep` input.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub enum PrepLayout {
@@ -441,7 +456,9 @@ pub struct KernelConfig {
     pub rope: Option<(RopeMode, usize)>,
     /// Tile size: warps per block (`PrefillSm80` uses [`KernelConfig::tile`] instead).
     pub warps: usize,
-    /// `PrefillSm80`: the tile; `None` = [`PrefillTile::for_head_dim`].
+    /// `PrefillSm80` / `PrefillSm90` (and the backward phases): the tile; `None` = the
+    /// phase's default ([`PrefillTile::for_head_dim`], [`PrefillTile::for_head_dim_sm90`],
+    /// [`PrefillTile::for_backward`]).
     pub tile: Option<PrefillTile>,
     /// `PrefillSm80`: K/V are read from a paged pool through a block table (the prefill of
     /// a paged mixed batch; key suffix `_paged`); packed queries only. `DecodeSplitKv`: the
@@ -616,7 +633,7 @@ pub enum RenderError {
     #[error("argument `spec.masks`: expected at least one mask type, got none")]
     NoMasks,
     /// A forward kernel without a mask type.
-    #[error("kernel config: phase `prefill_rows` / `prefill_sm80` expects a mask type, got none")]
+    #[error("kernel config: phase `prefill_rows` / `prefill_sm80` / `prefill_sm90` expects a mask type, got none")]
     MissingMask,
     /// A window on a mask that cannot take one.
     #[error("argument `window`: mask `{mask}` cannot take a sliding window", mask = .mask.name())]

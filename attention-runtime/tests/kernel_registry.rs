@@ -123,8 +123,8 @@ fn stdout_of(o: &Output) -> String {
 }
 
 /// Every kernel key the CUDA layer launches for `spec` at `hd` on `target`, following its call
-/// sites (cuda/layer.rs): the forward's prep; per mask type × bias the fast kernel when the
-/// device runs it, else `prefill_rows`, and `prefill_rows` too as the fallback when the fast one
+/// sites (cuda/layer.rs): the forward's prep; per mask type × bias the fast kernel
+/// (`prefill_tensor_core`: `_sm90` on sm_90a, else `_sm80`) when the device runs it, else `prefill_rows`, and `prefill_rows` too as the fallback when the fast one
 /// cannot load; prefill's append + its fast kernel (or `decode_rows`), the fused decode step's
 /// rope-less prep and `decode_splitkv`, paged batches' append + the prefill chunks' fast kernel (or
 /// `decode_rows_paged`) + the decode rows' paged `decode_splitkv` (self-attention only);
@@ -134,7 +134,7 @@ fn launched(spec: &AttentionSpec, hd: usize, target: Target) -> Vec<String> {
     for &mask in &spec.masks {
         for bias in [false, true] {
             let fwd = registry::prefill_rows(spec, hd, mask, bias);
-            if let Some(fast) = registry::prefill_sm80(&fwd, target) {
+            if let Some(fast) = registry::prefill_tensor_core(&fwd, target) {
                 keys.push(fast.key());
             }
             keys.push(fwd.key());
@@ -170,6 +170,7 @@ fn launched(spec: &AttentionSpec, hd: usize, target: Target) -> Vec<String> {
 #[test]
 fn aot_list_and_render_carry_every_kernel_the_layer_launches() {
     let mut fast_total = 0;
+    let mut sm90_total = 0;
     for s in SPECS {
         let spec = parse_spec(s).unwrap();
         let arch_list = ARCHS.join(",");
@@ -195,6 +196,7 @@ fn aot_list_and_render_carry_every_kernel_the_layer_launches() {
                     "{s}: attn render lacks {want}"
                 );
                 fast_total += usize::from(want.ends_with("_sm80"));
+                sm90_total += usize::from(want.ends_with("_sm90"));
             }
             // Nothing the layer never launches on this arch (a fast kernel it cannot run would
             // fail to compile on old archs or waste the deploy's compile time).
@@ -207,6 +209,10 @@ fn aot_list_and_render_carry_every_kernel_the_layer_launches() {
         }
     }
     assert!(fast_total > 0, "no spec launches a prefill_sm80 kernel");
+    assert!(
+        sm90_total > 0,
+        "no spec launches a prefill_sm90 kernel on sm_90a"
+    );
 }
 
 #[test]
@@ -230,6 +236,30 @@ fn aot_list_per_arch_drops_sm80_kernels_the_device_cannot_run() {
     assert!(out
         .lines()
         .any(|l| l.starts_with("sm_86 prefill_rows_bf16_hd256_causal_w")));
+    // The Hopper kernel only for sm_90a: `sm_90` (no wgmma) lists the sm80 one.
+    let out = stdout_of(&attn(&[
+        "aot",
+        "--arch",
+        "sm_90a,sm_90",
+        "--spec",
+        s,
+        "--list",
+    ]));
+    assert!(
+        out.lines()
+            .any(|l| l.starts_with("sm_90a ") && l.ends_with("_sm90")),
+        "{out}"
+    );
+    assert!(
+        !out.lines()
+            .any(|l| l.starts_with("sm_90 ") && l.ends_with("_sm90")),
+        "{out}"
+    );
+    assert!(
+        out.lines()
+            .any(|l| l.starts_with("sm_90 ") && l.ends_with("_sm80")),
+        "{out}"
+    );
     let bad = attn(&["aot", "--arch", "sm_9x", "--spec", s, "--list"]);
     assert!(!bad.status.success());
     assert!(String::from_utf8_lossy(&bad.stderr).contains("sm_9x"));

@@ -54,10 +54,11 @@ pub(crate) fn load_module(rt: &CudaRuntime, config: &KernelConfig) -> Result<Arc
         })
 }
 
-/// Pick and load the forward kernel: `fast` (the registry's
-/// [`prefill_sm80`](attention_codegen::registry::prefill_sm80), `None` where this GPU does not
-/// run it) when it loads, else `fallback` (the general `prefill_rows` kernel). `load` loads one
-/// config ([`kernel`] on a device).
+/// Pick and load the forward kernel: `fast` (the registry's tensor-core kernel,
+/// [`prefill_tensor_core`](attention_codegen::registry::prefill_tensor_core): `prefill_*_sm90`
+/// on Hopper, `prefill_*_sm80` elsewhere, `None` where this GPU runs neither) when it loads,
+/// else `fallback` (the general `prefill_rows` kernel). `load` loads one config ([`kernel`] on a
+/// device).
 ///
 /// A fast kernel that fails to load falls back with a `tracing` warning naming both kernels
 /// and the error, except for [`JitError::JitDisabled`] (`ATTN_JIT=off` and the kernel is not in
@@ -75,7 +76,7 @@ pub fn select_forward<T>(
             Ok(t) => return Ok((c.clone(), t)),
             Err(e @ AttnError::Jit(JitError::JitDisabled { .. })) => return Err(e),
             Err(e) => tracing::warn!(
-                "prefill_sm80 kernel {} unavailable, falling back to {} ({e})",
+                "tensor-core forward kernel {} unavailable, falling back to {} ({e})",
                 c.key(),
                 fallback.key()
             ),

@@ -104,7 +104,8 @@ fn render_err(e: attention_codegen::render::RenderError) -> AttnError {
     AttnError::Render(e.to_string())
 }
 
-/// The registry target of this GPU: its SM version and opt-in shared memory per block.
+/// The registry target of this GPU: its SM version, opt-in shared memory per block, and
+/// whether the Hopper kernels may run.
 fn device_target(rt: &CudaRuntime) -> Result<Target> {
     let dev = rt.device();
     let (major, minor) = dev.compute_capability;
@@ -120,7 +121,15 @@ fn device_target(rt: &CudaRuntime) -> Result<Target> {
     Ok(Target::Device {
         sm: (major * 10 + minor).max(0) as u32,
         smem_optin: optin.max(0) as usize,
+        // Hopper's wgmma kernels (`prefill_*_sm90`): the runtime compiles for sm_90a on an
+        // sm_90 device; ATTN_DISABLE_SM90 (any value but empty or 0) keeps it on sm80.
+        wgmma: (major, minor) == (9, 0) && !sm90_disabled(),
     })
+}
+
+/// Whether `ATTN_DISABLE_SM90` asks to keep Hopper on the `prefill_*_sm80` kernels.
+pub fn sm90_disabled() -> bool {
+    std::env::var("ATTN_DISABLE_SM90").is_ok_and(|v| !v.is_empty() && v != "0")
 }
 
 /// A raw device pointer for a kernel argument (0 = null).

@@ -1,5 +1,6 @@
-//! Host launcher of the FlashAttention-2 style prefill kernel (`templates/prefill_sm80.cu`, keys
-//! `prefill_*_sm80`), straight on cudarc: render → NVRTC CUBIN for the device's arch (or a
+//! Host launcher of the tensor-core prefill kernels (`templates/prefill_sm80.cu`, keys
+//! `prefill_*_sm80`, and its Hopper twin `templates/prefill_sm90.cu`, keys `prefill_*_sm90`,
+//! sm_90a only: the same parameters and launch shape), straight on cudarc: render → NVRTC CUBIN for the device's arch (or a
 //! CUBIN the caller already has, e.g. from the kernel cache) → module → launch.
 //!
 //! Layouts (row-major, `T` = `half::bf16` or `half::f16`, matching the config's dtype):
@@ -208,6 +209,13 @@ impl PrefillSm80Kernel {
             msg: e.to_string(),
         })?;
         let arch = crate::device::arch_for_capability(cc);
+        if !config.phase.compiles_for(&arch) {
+            return Err(invalid(
+                "config.phase",
+                format!("a prefill phase this GPU ({arch}) runs (prefill_sm90 needs sm_90a)"),
+                config.phase.name().to_string(),
+            ));
+        }
         let cubin = crate::jit::compile_cubin(&src.key, &src.source, &arch).map_err(|e| {
             AttnError::Cuda {
                 call: format!("nvrtc {}", src.key),

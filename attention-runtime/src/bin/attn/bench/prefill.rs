@@ -369,7 +369,10 @@ pub fn run_prefill(opts: &PrefillOptions) -> Result<String> {
         write_report(
             path,
             &to_json(&timings, &compile, &dev.name, &sdpa_note),
-            &format!("attn bench prefill: prefill_sm80 vs SDPA ({})", dev.name),
+            &format!(
+                "attn bench prefill: prefill_sm80 / prefill_sm90 vs SDPA ({})",
+                dev.name
+            ),
             &panels(&timings),
             2,
         )?;
