@@ -73,8 +73,9 @@ fn find<'a>(t: &'a [Timing], imp: &str, hd: usize, causal: bool, s: usize) -> Op
     })
 }
 
-/// The ratio table: per shape, TFLOP/s of the default tile, the best tile, SDPA flash and
-/// cuDNN, and ours (best) over each.
+/// The ratio table: per shape, TFLOP/s of the default sm80 tile, the best kernel and tile
+/// (the sm80 tiles and, on Hopper, the sm90 kernel), SDPA flash and cuDNN, and ours (best)
+/// over each.
 pub fn table(t: &[Timing], compile: &[CompileTiming], device: &str) -> String {
     let mut s = String::new();
     let _ = writeln!(s, "device: {device}");
@@ -180,7 +181,7 @@ pub fn to_json(t: &[Timing], compile: &[CompileTiming], device: &str, note: &str
 }
 
 /// The chart's panels: one per (head dim, causal), TFLOP/s over seqlen for our default
-/// tile, our best tile where extra tiles were timed, SDPA flash and SDPA cuDNN.
+/// tile, our best kernel and tile where others were timed, SDPA flash and SDPA cuDNN.
 pub fn panels(t: &[Timing]) -> Vec<Panel> {
     let mut shapes: Vec<(usize, bool)> = t.iter().map(|x| (x.head_dim, x.causal)).collect();
     shapes.sort_by_key(|x| (x.0, !x.1));
@@ -275,7 +276,7 @@ mod tests {
         assert_eq!(p.len(), 1);
         let names: Vec<&str> = p[0].series.iter().map(|s| s.name.as_str()).collect();
         assert_eq!(names.len(), 4, "{names:?}");
-        assert!(names.contains(&"ours (best tile)") && names.contains(&"SDPA cuDNN"));
+        assert!(names.contains(&"ours (best kernel and tile)") && names.contains(&"SDPA cuDNN"));
         assert_eq!(p[0].series[1].points, vec![(2048.0, 260.0)]);
         let svg = crate::bench::chart::render_svg("prefill", &p, 2).unwrap();
         crate::bench::chart::tests::assert_well_formed(&svg);
