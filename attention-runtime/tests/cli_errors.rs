@@ -456,3 +456,33 @@ fn head_dim_must_be_one_of_the_specs() {
         "{e}"
     );
 }
+
+#[test]
+fn bench_flags_that_need_another_are_refused() {
+    // The custom preset's dims without `custom` in --presets (they were ignored).
+    let o = run_attn(&["bench", "layer", "--hidden", "1024"]);
+    let e = String::from_utf8_lossy(&o.stderr);
+    assert!(
+        !o.status.success()
+            && e.contains("invalid `--hidden`")
+            && e.contains("custom")
+            && e.contains("llama3-8b"),
+        "{e}"
+    );
+    // The layer-step flags without --layer, the kernel flags with it (clap usage errors).
+    let o = run_attn(&["bench", "backward", "--presets", "hd64"]);
+    let e = String::from_utf8_lossy(&o.stderr);
+    assert_eq!(o.status.code(), Some(2), "{e}");
+    assert!(e.contains("--layer"), "{e}");
+    let o = run_attn(&["bench", "backward", "--layer", "--seqlens", "1024"]);
+    let e = String::from_utf8_lossy(&o.stderr);
+    assert_eq!(o.status.code(), Some(2), "{e}");
+    assert!(e.contains("--seqlens") && e.contains("--layer"), "{e}");
+    // Bench option errors name the flags.
+    let o = run_attn(&["bench", "layer", "--reps", "0"]);
+    let e = String::from_utf8_lossy(&o.stderr);
+    assert!(!o.status.success() && e.contains("invalid `--reps`"), "{e}");
+    let o = run_attn(&["bench", "parallel", "--tp", "3"]);
+    let e = String::from_utf8_lossy(&o.stderr);
+    assert!(!o.status.success() && e.contains("invalid `--tp`"), "{e}");
+}
