@@ -31,13 +31,30 @@ fn with_flags(mut args: Vec<String>, extra: &[String]) -> Vec<String> {
     args
 }
 
+/// Run `attn args`, expected to fail without writing `out`; stderr.
+fn fails(args: &[String], out: &Path) -> String {
+    let o = run_attn(args);
+    let stderr = String::from_utf8_lossy(&o.stderr).into_owned();
+    assert!(
+        !o.status.success(),
+        "expected failure for {args:?}: {stderr}"
+    );
+    assert!(!out.exists(), "nothing is written on an error: {args:?}");
+    stderr
+}
+
 /// `attn layer` on the Megatron fixture (`[16, 2, 512]`) with the `--flag value` pairs of
 /// `extra` set, expected to fail without writing its output; stderr.
 fn layer_fails(spec: &str, extra: &[String]) -> String {
-    let d = repo_root().join("tests/fixtures/megatron");
     let out = scratch("layer-err-out.safetensors");
     let _ = std::fs::remove_file(&out);
-    let args = vec![
+    fails(&with_flags(layer_args(spec, &out), extra), &out)
+}
+
+/// `attn layer` of `spec` on the Megatron fixture's weights and input, writing `out`.
+fn layer_args(spec: &str, out: &Path) -> Vec<String> {
+    let d = repo_root().join("tests/fixtures/megatron");
+    vec![
         "layer".into(),
         "--spec".into(),
         spec.into(),
@@ -48,17 +65,8 @@ fn layer_fails(spec: &str, extra: &[String]) -> String {
         "--input".into(),
         path_str(&d.join("input.safetensors")),
         "--output".into(),
-        path_str(&out),
-    ];
-    let args = with_flags(args, extra);
-    let o = run_attn(&args);
-    let stderr = String::from_utf8_lossy(&o.stderr).into_owned();
-    assert!(
-        !o.status.success(),
-        "expected failure for {args:?}: {stderr}"
-    );
-    assert!(!out.exists(), "nothing is written on an error: {args:?}");
-    stderr
+        path_str(out),
+    ]
 }
 
 /// `attn backward` on the Megatron autograd fixture `case` (its input file holds `input` and
@@ -84,19 +92,17 @@ fn backward_fails(case: &str, spec: &str, prefix: &str, extra: &[String]) -> Str
         "--output".into(),
         path_str(&out),
     ];
-    let args = with_flags(args, extra);
-    let o = run_attn(&args);
-    let stderr = String::from_utf8_lossy(&o.stderr).into_owned();
-    assert!(
-        !o.status.success(),
-        "expected failure for {args:?}: {stderr}"
-    );
-    assert!(!out.exists(), "nothing is written on an error: {args:?}");
-    stderr
+    fails(&with_flags(args, extra), &out)
 }
 
 fn bwd_fails(extra: &[String]) -> String {
     backward_fails("megatron", SPEC, PREFIX, extra)
+}
+
+/// `e` is the typed dtype error of `flag`'s tensor `name`, naming the dtype `got`.
+fn assert_dtype_refused(e: &str, flag: &str, name: &str, got: &str) {
+    let head = format!("attn: error: `{flag} tensor \"{name}\"` has the wrong dtype");
+    assert!(e.contains(&head) && e.contains(got), "{e}");
 }
 
 fn flags(f: &[&str]) -> Vec<String> {
@@ -178,10 +184,7 @@ fn positions_must_be_integers_in_range() {
             )),
         ]),
     );
-    assert!(
-        e.contains(r#"`--positions tensor "positions"` has the wrong dtype"#) && e.contains("F32"),
-        "{e}"
-    );
+    assert_dtype_refused(&e, "--positions", "positions", "F32");
     let mut p: Vec<i64> = (0..16).collect();
     p[3] = -1;
     let f = i64_file("pos-neg.safetensors", "positions", &[16], &p);
@@ -229,10 +232,7 @@ fn positions_must_be_integers_in_range() {
 fn data_tensors_take_floating_dtypes_only() {
     let x = zeros_file("input-i32.safetensors", "input", Dtype::I32, &[16, 2, 512]);
     let e = layer_fails(SPEC, &flags(&["--input", &path_str(&x)]));
-    assert!(
-        e.contains(r#"`--input tensor "input"` has the wrong dtype"#) && e.contains("I32"),
-        "{e}"
-    );
+    assert_dtype_refused(&e, "--input", "input", "I32");
     let e = bwd_fails(&flags(&["--input", &path_str(&x)]));
     assert!(
         e.contains(r#"`--input tensor "input"`"#) && e.contains("I32"),
@@ -245,11 +245,7 @@ fn data_tensors_take_floating_dtypes_only() {
         &[1, 1, 16, 16],
     );
     let e = layer_fails(SPEC, &flags(&["--bias-file", &path_str(&b)]));
-    assert!(
-        e.contains(r#"`--bias-file tensor "attention_bias"` has the wrong dtype"#)
-            && e.contains("U8"),
-        "{e}"
-    );
+    assert_dtype_refused(&e, "--bias-file", "attention_bias", "U8");
     let c = zeros_file(
         "ctx-i64.safetensors",
         "key_value_states",
@@ -267,35 +263,18 @@ fn data_tensors_take_floating_dtypes_only() {
             "key_value_states",
         ]),
     );
-    assert!(
-        e.contains(r#"`--context tensor "key_value_states"` has the wrong dtype"#)
-            && e.contains("I64"),
-        "{e}"
-    );
+    assert_dtype_refused(&e, "--context", "key_value_states", "I64");
 }
 
 #[test]
 fn masks_take_bool_integer_and_float_dtypes() {
     // An all-zero mask of each accepted dtype on a padding layer gives the output without a
     // mask.
-    let d = repo_root().join("tests/fixtures/megatron");
     let spec = "self, heads=8, gqa=2, head_dim=64, qk_layernorm=rms, rope, mask=padding";
     let run = |mask: Option<Dtype>| {
         let tag = mask.map_or("none".into(), |m| format!("{m:?}"));
         let out = scratch(&format!("mask-{tag}.safetensors"));
-        let mut args = vec![
-            "layer".to_string(),
-            "--spec".into(),
-            spec.into(),
-            "--weights".into(),
-            path_str(&d.join("weights.safetensors")),
-            "--prefix".into(),
-            PREFIX.into(),
-            "--input".into(),
-            path_str(&d.join("input.safetensors")),
-            "--output".into(),
-            path_str(&out),
-        ];
+        let mut args = layer_args(spec, &out);
         if let Some(dt) = mask {
             let m = zeros_file(
                 &format!("mask-in-{tag}.safetensors"),
@@ -321,11 +300,7 @@ fn masks_take_bool_integer_and_float_dtypes() {
         &[2, 1, 1, 16],
     );
     let e = layer_fails(spec, &flags(&["--mask-file", &path_str(&m)]));
-    assert!(
-        e.contains(r#"`--mask-file tensor "attention_mask"` has the wrong dtype"#)
-            && e.contains("U16"),
-        "{e}"
-    );
+    assert_dtype_refused(&e, "--mask-file", "attention_mask", "U16");
 }
 
 #[test]
