@@ -281,4 +281,17 @@ pub enum AttnError {
         /// What was given.
         got: String,
     },
+    /// A data tensor (an input, a gradient, a mask, positions: not a weight) is missing from
+    /// the file given for it (the `attn` CLI's `--input`, `--grad-output`, `--positions`, ...).
+    #[error("missing tensor `{key}` in {path} (given by `{arg}`): the file holds {got}")]
+    MissingTensor {
+        /// The argument that named the file (`--grad-output`).
+        arg: String,
+        /// The tensor looked up (`grad_output`).
+        key: String,
+        /// The file.
+        path: String,
+        /// The tensors the file holds (the first few names).
+        got: String,
+    },
 }

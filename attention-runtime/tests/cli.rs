@@ -3,36 +3,15 @@
 //! `tests/fixtures/*/README.txt`).
 
 use std::path::{Path, PathBuf};
-use std::process::Command;
 
 use attention_runtime::{Tensor, WeightStore};
+use safetensors::Dtype;
+
+mod common;
+use common::{bwd_fixture_dir, rel_err, repo_root, run_attn, save_raw, scratch};
 
 fn fixtures() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("../tests/fixtures")
-}
-
-fn attn(args: &[&str]) -> std::process::Output {
-    Command::new(env!("CARGO_BIN_EXE_attn"))
-        .args(args)
-        .output()
-        .expect("attn runs")
-}
-
-fn tmp(name: &str) -> PathBuf {
-    let dir = std::env::temp_dir().join(format!("attn-cli-test-{}", std::process::id()));
-    std::fs::create_dir_all(&dir).unwrap();
-    dir.join(name)
-}
-
-fn rel_err(a: &Tensor, b: &Tensor) -> f64 {
-    assert_eq!(a.shape(), b.shape());
-    let (mut num, mut den) = (0f64, 0f64);
-    for (x, y) in a.data().iter().zip(b.data()) {
-        assert!(x.is_finite(), "NaN/inf in output");
-        num += ((x - y) as f64).powi(2);
-        den += (*y as f64).powi(2);
-    }
-    (num / den).sqrt()
+    repo_root().join("tests/fixtures")
 }
 
 fn load(path: &Path, key: &str, shape: &[usize]) -> Tensor {
@@ -44,8 +23,8 @@ fn load(path: &Path, key: &str, shape: &[usize]) -> Tensor {
 
 fn golden_case(dir: &str, spec: &str, s: usize, b: usize, h: usize, has_bias: bool) {
     let d = fixtures().join(dir);
-    let out = tmp(&format!("{dir}.safetensors"));
-    let o = attn(&[
+    let out = scratch(&format!("{dir}.safetensors"));
+    let o = run_attn(&[
         "layer",
         "--spec",
         spec,
@@ -111,7 +90,7 @@ fn layer_matches_megatron_mqa_layernorm_interleaved_partial_rope() {
 
 fn layer_err(extra: &[&str], spec: &str) -> String {
     let d = fixtures().join("megatron");
-    let out = tmp("err.safetensors");
+    let out = scratch("err.safetensors");
     let mut args = vec![
         "layer",
         "--spec",
@@ -132,7 +111,7 @@ fn layer_err(extra: &[&str], spec: &str) -> String {
         out.to_str().unwrap().to_string().leak(),
     ];
     args.extend_from_slice(extra);
-    let o = attn(&args);
+    let o = run_attn(&args);
     assert!(!o.status.success(), "expected failure for {args:?}");
     String::from_utf8_lossy(&o.stderr).into_owned()
 }
@@ -182,8 +161,8 @@ fn bad_device_and_missing_input_tensor() {
 fn wrong_input_shape_is_an_error() {
     // The input of case 2 has h = 256; the layer wants 512.
     let d = fixtures().join("megatron_case2");
-    let out = tmp("shape.safetensors");
-    let o = attn(&[
+    let out = scratch("shape.safetensors");
+    let o = run_attn(&[
         "layer",
         "--spec",
         SPEC,
@@ -207,13 +186,15 @@ fn wrong_input_shape_is_an_error() {
 #[test]
 fn positions_file_changes_rope() {
     // Explicit positions 0..s reproduce the default; a constant shift changes nothing (rope
-    // scores depend on i - j only); stretched positions change the output.
+    // scores depend on i - j only); stretched positions change the output. Positions are
+    // read as integers (i64 or i32): a shift past 2^24, where f32 no longer holds every
+    // integer, changes nothing either.
     let d = fixtures().join("megatron");
-    let run = |positions: Option<Vec<i64>>| -> Tensor {
-        let out = tmp(&format!(
-            "pos-{}.safetensors",
-            positions.as_ref().map_or(0, |p| p[0])
-        ));
+    let run = |positions: Option<(Dtype, Vec<i64>)>| -> Tensor {
+        let tag = positions
+            .as_ref()
+            .map_or("none".into(), |(dt, p)| format!("{dt:?}-{}", p[0]));
+        let out = scratch(&format!("pos-{tag}.safetensors"));
         let mut args: Vec<String> = [
             "layer",
             "--spec",
@@ -229,27 +210,36 @@ fn positions_file_changes_rope() {
         ]
         .map(String::from)
         .to_vec();
-        if let Some(p) = positions {
-            let pf = tmp(&format!("positions-{}.safetensors", p[0]));
-            let t = Tensor::new(&[p.len()], p.iter().map(|&x| x as f32).collect()).unwrap();
-            WeightStore::save(&pf, &[("positions".to_string(), t)]).unwrap();
+        if let Some((dtype, p)) = positions {
+            let pf = scratch(&format!("positions-{tag}.safetensors"));
+            let bytes: Vec<u8> = match dtype {
+                Dtype::I64 => p.iter().flat_map(|x| x.to_le_bytes()).collect(),
+                Dtype::I32 => p.iter().flat_map(|&x| (x as i32).to_le_bytes()).collect(),
+                other => panic!("{other:?}"),
+            };
+            save_raw(&pf, "positions", dtype, &[p.len()], &bytes);
             args.push("--positions".into());
             args.push(pf.to_str().unwrap().into());
         }
-        let refs: Vec<&str> = args.iter().map(String::as_str).collect();
-        let o = attn(&refs);
+        let o = run_attn(&args);
         assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
         load(&out, "output", &[16, 2, 512])
     };
     let base = run(None);
-    assert_eq!(run(Some((0..16).collect())), base);
-    assert!(rel_err(&run(Some((5..21).collect())), &base) < 1e-5);
-    assert!(rel_err(&run(Some((0..16).map(|i| 2 * i + 100).collect())), &base) > 1e-3);
+    assert_eq!(run(Some((Dtype::I64, (0..16).collect()))), base);
+    assert_eq!(run(Some((Dtype::I32, (0..16).collect()))), base);
+    assert!(rel_err(&run(Some((Dtype::I64, (5..21).collect()))), &base) < 1e-5);
+    let far = (1 << 24) + 1;
+    let shifted = run(Some((Dtype::I64, (far..far + 16).collect())));
+    assert!(rel_err(&shifted, &base) < 1e-5);
+    assert_eq!(run(Some((Dtype::I32, (far..far + 16).collect()))), shifted);
+    let stretched = run(Some((Dtype::I64, (0..16).map(|i| 2 * i + 100).collect())));
+    assert!(rel_err(&stretched, &base) > 1e-3);
 }
 
 #[test]
 fn catalog_lists_models_and_kernels() {
-    let o = attn(&["catalog"]);
+    let o = run_attn(&["catalog"]);
     assert!(o.status.success());
     let s = String::from_utf8_lossy(&o.stdout);
     for model in [
@@ -269,7 +259,7 @@ fn catalog_lists_models_and_kernels() {
 
 #[test]
 fn render_prints_sources_with_entry_names() {
-    let o = attn(&[
+    let o = run_attn(&[
         "render",
         "--spec",
         "self, heads=12, head_dim=64, mask=causal",
@@ -283,7 +273,7 @@ fn render_prints_sources_with_entry_names() {
     );
     assert!(s.contains("__global__") && !s.contains("#include"));
     // Without a head dim in the spec, --head-dim is required.
-    let o = attn(&["render", "--spec", "self, heads=12"]);
+    let o = run_attn(&["render", "--spec", "self, heads=12"]);
     assert!(!o.status.success());
     assert!(String::from_utf8_lossy(&o.stderr).contains("--head-dim"));
 }
@@ -297,7 +287,7 @@ fn mask_file_drives_padding_masks() {
         format!("self, heads=8, gqa=2, head_dim=64, qk_layernorm=rms, rope, mask={mask}")
     };
     let run = |mask: &str, file: Option<&Path>, tag: &str| -> std::process::Output {
-        let out = tmp(&format!("mask-{tag}.safetensors"));
+        let out = scratch(&format!("mask-{tag}.safetensors"));
         let mut args: Vec<String> = [
             "layer",
             "--spec",
@@ -318,20 +308,20 @@ fn mask_file_drives_padding_masks() {
             args.push(f.to_str().unwrap().into());
         }
         let refs: Vec<&str> = args.iter().map(String::as_str).collect();
-        attn(&refs)
+        run_attn(&refs)
     };
     let output = |tag: &str| {
         load(
-            &tmp(&format!("mask-{tag}.safetensors")),
+            &scratch(&format!("mask-{tag}.safetensors")),
             "output",
             &[16, 2, 512],
         )
     };
 
-    let none_file = tmp("mask-none-input.safetensors");
+    let none_file = scratch("mask-none-input.safetensors");
     let none = Tensor::zeros(&[2, 1, 1, 16]);
     WeightStore::save(&none_file, &[("attention_mask".to_string(), none)]).unwrap();
-    let tail_file = tmp("mask-tail-input.safetensors");
+    let tail_file = scratch("mask-tail-input.safetensors");
     // Batch 1 masks out its last 4 keys.
     let tail = Tensor::from_fn(&[2, 1, 1, 16], |i| if i >= 16 + 12 { 1.0 } else { 0.0 });
     WeightStore::save(&tail_file, &[("attention_mask".to_string(), tail)]).unwrap();
@@ -371,12 +361,12 @@ fn bias_file_masks_a_row_and_is_checked() {
     let spec = "self, heads = 2, head_dim = 64, mask = no_mask";
     let config = SpecLayer::config_from_str(spec, &RuntimeDims::default()).unwrap();
     let layer = SpecLayer::init(config, 9).unwrap();
-    let weights = tmp("bias-weights.safetensors");
+    let weights = scratch("bias-weights.safetensors");
     WeightStore::save(&weights, &layer.state_dict("")).unwrap();
-    let input = tmp("bias-input.safetensors");
+    let input = scratch("bias-input.safetensors");
     let x = Tensor::from_fn(&[4, 1, 128], |i| ((i * 37 % 101) as f32 / 50.0) - 1.0);
     WeightStore::save(&input, &[("input".to_string(), x)]).unwrap();
-    let bias_file = tmp("bias-bias.safetensors");
+    let bias_file = scratch("bias-bias.safetensors");
     let bias = Tensor::from_fn(&[1, 1, 4, 4], |i| {
         if (4..8).contains(&i) {
             f32::NEG_INFINITY
@@ -386,7 +376,7 @@ fn bias_file_masks_a_row_and_is_checked() {
     });
     WeightStore::save(&bias_file, &[("attention_bias".to_string(), bias)]).unwrap();
     let run = |bias: Option<&Path>, tag: &str| {
-        let out = tmp(&format!("bias-out-{tag}.safetensors"));
+        let out = scratch(&format!("bias-out-{tag}.safetensors"));
         let mut args = vec![
             "layer",
             "--spec",
@@ -401,7 +391,7 @@ fn bias_file_masks_a_row_and_is_checked() {
         if let Some(b) = bias {
             args.extend(["--bias-file", b.to_str().unwrap()]);
         }
-        (attn(&args), out)
+        (run_attn(&args), out)
     };
     let (o, biased) = run(Some(&bias_file), "biased");
     assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
@@ -430,12 +420,8 @@ fn bias_file_masks_a_row_and_is_checked() {
     );
 }
 
-fn bwd_fixture(case: &str) -> PathBuf {
-    fixtures().join("megatron_bwd").join(case)
-}
-
 fn backward_args(case: &str, spec: &str, prefix: &str, out: &Path) -> Vec<String> {
-    let d = bwd_fixture(case);
+    let d = bwd_fixture_dir(case);
     let input = d.join("input.safetensors").to_str().unwrap().to_string();
     vec![
         "backward".into(),
@@ -457,22 +443,22 @@ fn backward_args(case: &str, spec: &str, prefix: &str, out: &Path) -> Vec<String
 /// `attn backward` writes `output`, `grad_input` and `grad.<name>` matching the reference
 /// system's autograd (tests/fixtures/megatron_bwd) to 1e-4, and nothing for linear_proj.bias.
 fn backward_golden(case: &str, spec: &str, prefix: &str, extra: &[&str]) {
-    let out = tmp(&format!("bwd-{case}.safetensors"));
+    let out = scratch(&format!("bwd-{case}.safetensors"));
     let mut args = backward_args(case, spec, prefix, &out);
     args.extend(extra.iter().map(|s| s.to_string()));
-    let o = attn(&args.iter().map(String::as_str).collect::<Vec<_>>());
+    let o = run_attn(&args.iter().map(String::as_str).collect::<Vec<_>>());
     let stderr = String::from_utf8_lossy(&o.stderr);
     assert!(o.status.success(), "attn backward failed: {stderr}");
     assert!(stderr.contains("CPU reference backend"), "{stderr}");
     let got = WeightStore::from_file(&out).unwrap();
-    let want = WeightStore::from_file(bwd_fixture(case).join("expected.safetensors")).unwrap();
+    let want = WeightStore::from_file(bwd_fixture_dir(case).join("expected.safetensors")).unwrap();
     let mut want_keys: Vec<&str> = want.keys().collect();
     want_keys.sort();
     let mut got_keys: Vec<&str> = got.keys().collect();
     got_keys.sort();
     assert_eq!(got_keys, want_keys, "{case}: the tensors written");
     assert!(!got.contains("grad.linear_proj.bias"));
-    let bytes = std::fs::read(bwd_fixture(case).join("expected.safetensors")).unwrap();
+    let bytes = std::fs::read(bwd_fixture_dir(case).join("expected.safetensors")).unwrap();
     let st = safetensors::SafeTensors::deserialize(&bytes).unwrap();
     for k in want_keys {
         let shape = st.tensor(k).unwrap().shape().to_vec();
@@ -497,7 +483,7 @@ fn backward_matches_megatron_autograd() {
 
 #[test]
 fn backward_cross_attention_delayed_and_recomputed() {
-    let input = bwd_fixture("megatron_cross").join("input.safetensors");
+    let input = bwd_fixture_dir("megatron_cross").join("input.safetensors");
     backward_golden(
         "megatron_cross",
         "cross, heads=4, head_dim=32, hidden=128, mask=no_mask",
@@ -516,7 +502,7 @@ fn backward_cross_attention_delayed_and_recomputed() {
 
 #[test]
 fn backward_padding_mask_file() {
-    let input = bwd_fixture("megatron_padding").join("input.safetensors");
+    let input = bwd_fixture_dir("megatron_padding").join("input.safetensors");
     backward_golden(
         "megatron_padding",
         "self, heads=4, gqa=2, head_dim=64, hidden=256, bias=false, rope, mask=padding",
@@ -526,7 +512,7 @@ fn backward_padding_mask_file() {
 }
 
 fn backward_err(case: &str, extra: &[&str], grad_output: Option<&Path>) -> String {
-    let out = tmp(&format!("bwd-err-{}.safetensors", extra.len()));
+    let out = scratch(&format!("bwd-err-{}.safetensors", extra.len()));
     let _ = std::fs::remove_file(&out);
     let mut args = backward_args(
         case,
@@ -539,7 +525,7 @@ fn backward_err(case: &str, extra: &[&str], grad_output: Option<&Path>) -> Strin
         args[i + 1] = g.to_str().unwrap().into();
     }
     args.extend(extra.iter().map(|s| s.to_string()));
-    let o = attn(&args.iter().map(String::as_str).collect::<Vec<_>>());
+    let o = run_attn(&args.iter().map(String::as_str).collect::<Vec<_>>());
     assert!(!o.status.success(), "expected failure for {args:?}");
     assert!(!out.exists(), "nothing is written on an error");
     String::from_utf8_lossy(&o.stderr).into_owned()
@@ -548,14 +534,14 @@ fn backward_err(case: &str, extra: &[&str], grad_output: Option<&Path>) -> Strin
 #[test]
 fn backward_bad_inputs_are_typed_errors() {
     // grad_output of another shape (case 2's is [13, 3, 256]; the output is [16, 2, 512]).
-    let other = bwd_fixture("megatron_case2").join("input.safetensors");
+    let other = bwd_fixture_dir("megatron_case2").join("input.safetensors");
     let e = backward_err("megatron", &[], Some(&other));
     assert!(
         e.contains("grad_output") && e.contains("[13, 3, 256]"),
         "{e}"
     );
     // grad_output of an integer dtype.
-    let bad = tmp("grad-u8.safetensors");
+    let bad = scratch("grad-u8.safetensors");
     let data = vec![0u8; 16 * 2 * 512];
     let view =
         safetensors::tensor::TensorView::new(safetensors::Dtype::U8, vec![16, 2, 512], &data)

@@ -29,24 +29,13 @@ use attention_runtime::modules::SplitMix64;
 use attention_runtime::reference::attend_sequence_backward;
 use attention_runtime::reference::attention::{AttendParams, SeqDims, SinkLogits};
 use attention_runtime::AttnError;
-use cudarc::driver::{CudaContext, CudaSlice, CudaStream};
+use cudarc::driver::{CudaSlice, CudaStream};
 use half::{bf16, f16};
 
+mod common;
+use common::{bits_equal, cuda_stream, fresh_seed, odd, rel_frob};
+
 const TOL: f64 = 2e-2;
-
-fn fresh_seed() -> u64 {
-    let t = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .unwrap()
-        .as_nanos() as u64;
-    t ^ ((std::process::id() as u64) << 32)
-}
-
-fn gpu() -> (Arc<CudaContext>, Arc<CudaStream>) {
-    let ctx = CudaContext::new(0).expect("a CUDA GPU is required");
-    let stream = ctx.default_stream();
-    (ctx, stream)
-}
 
 #[derive(Clone, Debug)]
 struct Case {
@@ -102,24 +91,6 @@ impl Elem for f16 {
     }
 }
 
-fn rel_frob(a: &[f32], b: &[f32]) -> f64 {
-    let mut num = 0f64;
-    let mut den = 0f64;
-    for (x, y) in a.iter().zip(b) {
-        num += (*x as f64 - *y as f64).powi(2);
-        den += (*y as f64).powi(2);
-    }
-    if den == 0.0 {
-        num.sqrt()
-    } else {
-        (num / den).sqrt()
-    }
-}
-
-fn bits_equal(a: &[f32], b: &[f32]) -> bool {
-    a.len() == b.len() && a.iter().zip(b).all(|(x, y)| x.to_bits() == y.to_bits())
-}
-
 struct Grads {
     dq: Vec<f32>,
     dk: Vec<f32>,
@@ -129,7 +100,7 @@ struct Grads {
 }
 
 fn run<T: Elem>(case: &Case, seed: u64) {
-    let (ctx, stream) = gpu();
+    let (ctx, stream) = cuda_stream();
     let mut rng = SplitMix64::new(seed);
     let (np, ng, hd) = (case.heads, case.groups, case.hd);
     let batch = case.seqs.len();
@@ -592,10 +563,6 @@ fn check(case: Case) {
     }
 }
 
-fn odd(rng: &mut SplitMix64, lo: usize, span: usize) -> usize {
-    lo + ((rng.uniform().abs() * span as f32) as usize % span.max(1))
-}
-
 /// Each mask type at head dims 64 and 128, odd lengths (not multiples of any tile), GQA 4/2.
 #[test]
 #[ignore = "requires a CUDA GPU"]
@@ -731,7 +698,7 @@ fn backward_other_head_dims() {
 #[test]
 #[ignore = "requires a CUDA GPU"]
 fn backward_typed_errors() {
-    let (ctx, stream) = gpu();
+    let (ctx, stream) = cuda_stream();
     let mut cs = attention_codegen::registry::backward_configs(
         DType::Bf16,
         64,

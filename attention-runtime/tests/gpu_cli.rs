@@ -5,33 +5,12 @@
 //! On the GPU machine the binary comes from the bundle: `gpu-bundle/run.sh` sets `ATTN_BIN`
 //! and `ATTN_REPO_ROOT`; under cargo the test uses the freshly built `attn`.
 
-use std::path::PathBuf;
 use std::process::Command;
 
 use attention_runtime::{Tensor, WeightStore};
 
-fn repo_root() -> PathBuf {
-    std::env::var_os("ATTN_REPO_ROOT")
-        .map(PathBuf::from)
-        .unwrap_or_else(|| PathBuf::from(env!("CARGO_MANIFEST_DIR")).join(".."))
-}
-
-fn attn_bin() -> PathBuf {
-    std::env::var_os("ATTN_BIN")
-        .map(PathBuf::from)
-        .unwrap_or_else(|| PathBuf::from(env!("CARGO_BIN_EXE_attn")))
-}
-
-fn rel_err(a: &Tensor, b: &Tensor) -> f64 {
-    assert_eq!(a.shape(), b.shape());
-    let (mut num, mut den) = (0f64, 0f64);
-    for (x, y) in a.data().iter().zip(b.data()) {
-        assert!(x.is_finite(), "NaN/inf in output");
-        num += ((x - y) as f64).powi(2);
-        den += (*y as f64).powi(2);
-    }
-    (num / den).sqrt()
-}
+mod common;
+use common::{attn_bin, read_all, rel_err, repo_root};
 
 fn run_layer(device: &str) -> Tensor {
     let d = repo_root().join("tests/fixtures/megatron");
@@ -90,24 +69,6 @@ fn attn_layer_cuda_matches_cpu_and_megatron() {
     assert!(e_cc < 1e-2, "cuda vs cpu: {e_cc}");
 }
 
-/// Every tensor of a safetensors file of f32 tensors.
-fn read_f32(path: &std::path::Path) -> std::collections::BTreeMap<String, Tensor> {
-    let bytes = std::fs::read(path).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
-    let st = safetensors::SafeTensors::deserialize(&bytes).unwrap();
-    st.tensors()
-        .into_iter()
-        .filter(|(_, v)| v.dtype() == safetensors::Dtype::F32)
-        .map(|(name, v)| {
-            let data = v
-                .data()
-                .chunks_exact(4)
-                .map(|c| f32::from_le_bytes(c.try_into().unwrap()))
-                .collect();
-            (name, Tensor::new(v.shape(), data).unwrap())
-        })
-        .collect()
-}
-
 /// `attn backward --device cuda` (one-step and `--delay-wgrad --recompute core_attention`)
 /// writes the output, `grad_input` and every `grad.<name>` of the Megatron-Core autograd
 /// fixture within bf16 tolerance (3e-2 relative Frobenius; the output 1e-2), as f32.
@@ -115,7 +76,7 @@ fn read_f32(path: &std::path::Path) -> std::collections::BTreeMap<String, Tensor
 #[ignore = "requires a CUDA GPU"]
 fn attn_backward_cuda_matches_megatron() {
     let d = repo_root().join("tests/fixtures/megatron_bwd/megatron");
-    let expected = read_f32(&d.join("expected.safetensors"));
+    let expected = read_all(&d.join("expected.safetensors"));
     for extra in [
         &[][..],
         &["--delay-wgrad", "--recompute", "core_attention"][..],
@@ -156,7 +117,7 @@ fn attn_backward_cuda_matches_megatron() {
             o.status.success(),
             "attn backward --device cuda failed: {stderr}"
         );
-        let got = read_f32(&out);
+        let got = read_all(&out);
         let mut checked = 0;
         for (name, want) in &expected {
             if !(name == "output" || name == "grad_input" || name.starts_with("grad.")) {

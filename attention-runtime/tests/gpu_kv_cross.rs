@@ -10,48 +10,15 @@
 
 use attention_codegen::registry::{self, Target};
 use attention_runtime::cuda::{CudaLayer, DeviceCrossKvCache, DeviceTensor, ElemType};
-use attention_runtime::device::CudaDevice;
 use attention_runtime::kv_cache::CrossKvCache;
 use attention_runtime::modules::SplitMix64;
 use attention_runtime::spec_layer::SpecLayer;
-use attention_runtime::{AttentionLayer, AttnError, Device, RuntimeDims, Tensor};
+use attention_runtime::{AttentionLayer, AttnError, RuntimeDims, Tensor};
+
+mod common;
+use common::{bitwise, fresh_seed, gpu, rel_err};
 
 const TOL: f64 = 1e-2;
-
-fn gpu() -> CudaDevice {
-    match Device::cuda(0) {
-        Ok(Device::Cuda(d)) => d,
-        other => panic!("a CUDA GPU is required: {other:?}"),
-    }
-}
-
-fn seed() -> u64 {
-    let t = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .unwrap()
-        .as_nanos() as u64;
-    t ^ ((std::process::id() as u64) << 32)
-}
-
-/// `||got - want|| / ||want||`; a NaN or Inf in `got` fails.
-fn rel_err(got: &Tensor, want: &Tensor) -> f64 {
-    assert_eq!(got.shape(), want.shape());
-    let (mut num, mut den) = (0f64, 0f64);
-    for (x, y) in got.data().iter().zip(want.data()) {
-        assert!(x.is_finite(), "NaN/inf in the GPU output");
-        num += ((x - y) as f64).powi(2);
-        den += (*y as f64).powi(2);
-    }
-    (num / den.max(1e-30)).sqrt()
-}
-
-fn bitwise(a: &Tensor, b: &Tensor) -> bool {
-    a.shape() == b.shape()
-        && a.data()
-            .iter()
-            .zip(b.data())
-            .all(|(x, y)| x.to_bits() == y.to_bits())
-}
 
 struct Layer {
     cpu: SpecLayer,
@@ -82,7 +49,7 @@ const JUNK: [f32; 4] = [f32::NAN, f32::INFINITY, f32::NEG_INFINITY, 1e30];
 /// and compared with the CPU reference; the cached K/V match too, and the host-tensor step
 /// equals the device one bitwise.
 fn cross_steps_match_cpu(spec: &str, b: usize, off: usize, lens: &[usize], p: usize, steps: usize) {
-    let sd = seed();
+    let sd = fresh_seed();
     eprintln!("seed {sd} spec {spec} lens {lens:?} prefill {p} steps {steps}");
     let (ls, elem) = layers(spec, sd, 2);
     let c = ls[0].cpu.config().clone();
@@ -251,7 +218,7 @@ fn cross_step_kernel_is_listed_for_the_device() {
 #[test]
 #[ignore = "requires a CUDA GPU"]
 fn cross_cache_errors_leave_the_cache_untouched() {
-    let sd = seed();
+    let sd = fresh_seed();
     let spec = "cross, heads=2, head_dim=64, mask=padding";
     let (ls, elem) = layers(spec, sd, 1);
     let l = &ls[0];

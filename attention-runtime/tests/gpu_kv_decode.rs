@@ -4,49 +4,23 @@
 //! <= 1e-2 (bf16).
 
 use attention_runtime::cuda::{CudaLayer, DeviceStaticKvCache};
-use attention_runtime::device::CudaDevice;
 use attention_runtime::kv_cache::StaticKvCache;
 use attention_runtime::modules::SplitMix64;
 use attention_runtime::spec_layer::SpecLayer;
-use attention_runtime::{AttnError, Device, ForwardArgs, RuntimeDims, Tensor};
+use attention_runtime::{AttnError, ForwardArgs, RuntimeDims, Tensor};
+
+mod common;
+use common::{fresh_seed, gpu, layer_pair, rel_err};
 
 const TOL: f64 = 1e-2;
 
-fn gpu() -> CudaDevice {
-    match Device::cuda(0) {
-        Ok(Device::Cuda(d)) => d,
-        other => panic!("a CUDA GPU is required: {other:?}"),
-    }
-}
-
-fn seed() -> u64 {
-    let t = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .unwrap()
-        .as_nanos() as u64;
-    t ^ ((std::process::id() as u64) << 32)
-}
-
-fn rel_err(got: &Tensor, want: &Tensor) -> f64 {
-    assert_eq!(got.shape(), want.shape());
-    let (mut num, mut den) = (0f64, 0f64);
-    for (x, y) in got.data().iter().zip(want.data()) {
-        assert!(x.is_finite(), "NaN/inf in the GPU output");
-        num += ((x - y) as f64).powi(2);
-        den += (*y as f64).powi(2);
-    }
-    (num / den.max(1e-30)).sqrt()
-}
-
 /// Prefill `s` tokens for `b` sequences, then `steps` fused decode steps, CPU vs GPU.
 fn prefill_then_decode(spec: &str, b: usize, s: usize, steps: usize) {
-    let sd = seed();
+    let sd = fresh_seed();
     eprintln!("seed {sd} spec {spec}");
     let mut rng = SplitMix64::new(sd);
-    let config = SpecLayer::config_from_str(spec, &RuntimeDims::default()).unwrap();
-    let layer = SpecLayer::init(config.clone(), sd ^ 0x5eed).unwrap();
-    let cuda = CudaLayer::new(&layer, &gpu()).unwrap();
-    cuda.set_poison_outputs(true);
+    let (layer, cuda) = layer_pair(spec, sd);
+    let config = layer.config().clone();
     let (ng, hn, h) = (config.groups, config.head_dim, config.hidden);
     let max_seq = s + steps + 3;
     let mut cpu_cache = StaticKvCache::new(1, max_seq, b + 1, ng, hn).unwrap();

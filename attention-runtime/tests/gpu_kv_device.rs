@@ -6,47 +6,15 @@
 //! `#[ignore = "requires a CUDA GPU"]`; run through `scripts/gpu-bundle.sh` (CONTRIBUTING.md).
 
 use attention_runtime::cuda::{CudaLayer, DeviceStaticKvCache, DeviceTensor, ElemType};
-use attention_runtime::device::CudaDevice;
 use attention_runtime::kv_cache::StaticKvCache;
 use attention_runtime::modules::SplitMix64;
 use attention_runtime::spec_layer::SpecLayer;
-use attention_runtime::{AttentionLayer, AttnError, Device, ForwardArgs, RuntimeDims, Tensor};
+use attention_runtime::{AttentionLayer, AttnError, ForwardArgs, Tensor};
+
+mod common;
+use common::{bits_equal, fresh_seed, layer_pair, rel_err};
 
 const TOL: f64 = 1e-2;
-
-fn gpu() -> CudaDevice {
-    match Device::cuda(0) {
-        Ok(Device::Cuda(d)) => d,
-        other => panic!("a CUDA GPU is required: {other:?}"),
-    }
-}
-
-fn seed() -> u64 {
-    let t = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .unwrap()
-        .as_nanos() as u64;
-    t ^ ((std::process::id() as u64) << 32)
-}
-
-fn rel_err(got: &Tensor, want: &Tensor) -> f64 {
-    assert_eq!(got.numel(), want.numel());
-    let (mut num, mut den) = (0f64, 0f64);
-    for (x, y) in got.data().iter().zip(want.data()) {
-        assert!(x.is_finite(), "NaN/inf in the GPU output");
-        num += ((x - y) as f64).powi(2);
-        den += (*y as f64).powi(2);
-    }
-    (num / den.max(1e-30)).sqrt()
-}
-
-fn bitwise(a: &Tensor, b: &Tensor) -> bool {
-    a.numel() == b.numel()
-        && a.data()
-            .iter()
-            .zip(b.data())
-            .all(|(x, y)| x.to_bits() == y.to_bits())
-}
 
 struct Fixture {
     layer: SpecLayer,
@@ -58,10 +26,8 @@ struct Fixture {
 }
 
 fn fixture(spec: &str, sd: u64) -> Fixture {
-    let config = SpecLayer::config_from_str(spec, &RuntimeDims::default()).unwrap();
-    let layer = SpecLayer::init(config.clone(), sd ^ 0x5eed).unwrap();
-    let cuda = CudaLayer::new(&layer, &gpu()).unwrap();
-    cuda.set_poison_outputs(true);
+    let (layer, cuda) = layer_pair(spec, sd);
+    let config = layer.config().clone();
     Fixture {
         layer,
         cuda,
@@ -77,7 +43,7 @@ fn fixture(spec: &str, sd: u64) -> Fixture {
 /// CPU reference step by step. A second device cache decoded through the host-tensor
 /// `decode` and a third through a captured graph give bitwise the same outputs.
 fn device_decode_matches(spec: &str, b: usize, s: usize, steps: usize) {
-    let sd = seed();
+    let sd = fresh_seed();
     eprintln!("seed {sd} spec {spec}");
     let f = fixture(spec, sd);
     let mut rng = SplitMix64::new(sd);
@@ -120,13 +86,13 @@ fn device_decode_matches(spec: &str, b: usize, s: usize, steps: usize) {
         let host = f.cuda.decode(x, &mut dev_host, 0, 0, &args).unwrap().output;
         dev_host.advance(0, b, 1).unwrap();
         assert!(
-            bitwise(&host, &got),
+            bits_equal(host.data(), got.data()),
             "step {step}: host decode != device decode"
         );
         let g = graph.replay(x, &mut dev_graph).unwrap().output;
         dev_graph.advance(0, b, 1).unwrap();
         assert!(
-            bitwise(&g, &got),
+            bits_equal(g.data(), got.data()),
             "step {step}: graph replay != device decode"
         );
     }
@@ -161,7 +127,7 @@ fn device_decode_window_sinks_gate_mqa() {
 #[test]
 #[ignore = "requires a CUDA GPU"]
 fn device_decode_errors_leave_cache_untouched() {
-    let sd = seed();
+    let sd = fresh_seed();
     let spec = "self, heads=4, gqa=2, head_dim=64, rope, mask=causal";
     let f = fixture(spec, sd);
     let st = f.cuda.runtime().stream().clone();
@@ -229,14 +195,10 @@ fn device_decode_errors_leave_cache_untouched() {
     assert!(matches!(e, AttnError::CacheCapacity { .. }), "{e}");
     assert_eq!(dev.seqlens()[..b], [s + 1, s + 1]);
     let after = dev.gather_kv_host(0, 0, s + 1).unwrap();
-    assert!(bitwise(&after.0, &full.0) && bitwise(&after.1, &full.1));
-    assert!(bitwise(
-        &Tensor::new(
-            &[before.0.numel()],
-            full.0.data()[..before.0.numel()].to_vec()
-        )
-        .unwrap(),
-        &before.0
+    assert!(bits_equal(after.0.data(), full.0.data()) && bits_equal(after.1.data(), full.1.data()));
+    assert!(bits_equal(
+        &full.0.data()[..before.0.numel()],
+        before.0.data()
     ));
 }
 
@@ -248,7 +210,7 @@ fn device_decode_errors_leave_cache_untouched() {
 fn paged_device_equals_host() {
     use attention_runtime::cuda::DevicePagedKvCache;
     use attention_runtime::kv_cache::{BlockTable, PagedBatch};
-    let sd = seed();
+    let sd = fresh_seed();
     let spec = "self, heads=8, gqa=2, head_dim=128, qk_layernorm=rms, rope, mask=causal";
     eprintln!("seed {sd} spec {spec}");
     let f = fixture(spec, sd);
@@ -280,7 +242,10 @@ fn paged_device_equals_host() {
             .unwrap()
             .to_host()
             .unwrap();
-        assert!(bitwise(&host, &dev), "device paged != host paged");
+        assert!(
+            bits_equal(host.data(), dev.data()),
+            "device paged != host paged"
+        );
         let xf = DeviceTensor::from_host(&st, &x, ElemType::F32).unwrap();
         let e = f
             .cuda
@@ -298,7 +263,7 @@ fn paged_device_equals_host() {
 #[test]
 #[ignore = "requires a CUDA GPU"]
 fn cache_of_another_dtype_is_refused() {
-    let sd = seed();
+    let sd = fresh_seed();
     let f = fixture("self, heads=4, gqa=2, head_dim=64, rope, mask=causal", sd);
     let st = f.cuda.runtime().stream().clone();
     let mut cache = DeviceStaticKvCache::new(&st, ElemType::F16, 1, 8, 1, f.ng, f.hn).unwrap();

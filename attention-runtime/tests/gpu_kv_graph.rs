@@ -5,39 +5,15 @@
 //! Fresh random inputs (seed printed), NaN-poisoned outputs before each replay.
 
 use attention_runtime::cuda::{CudaLayer, DeviceStaticKvCache, ElemType};
-use attention_runtime::device::CudaDevice;
 use attention_runtime::kv_cache::StaticKvCache;
 use attention_runtime::modules::SplitMix64;
 use attention_runtime::spec_layer::SpecLayer;
-use attention_runtime::{AttentionLayer, AttnError, Device, ForwardArgs, RuntimeDims, Tensor};
+use attention_runtime::{AttentionLayer, AttnError, ForwardArgs, RuntimeDims, Tensor};
+
+mod common;
+use common::{fresh_seed, gpu, layer_pair, rel_err};
 
 const TOL: f64 = 1e-2;
-
-fn gpu() -> CudaDevice {
-    match Device::cuda(0) {
-        Ok(Device::Cuda(d)) => d,
-        other => panic!("a CUDA GPU is required: {other:?}"),
-    }
-}
-
-fn seed() -> u64 {
-    let t = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .unwrap()
-        .as_nanos() as u64;
-    t ^ ((std::process::id() as u64) << 32)
-}
-
-fn rel_err(got: &Tensor, want: &Tensor) -> f64 {
-    assert_eq!(got.shape(), want.shape());
-    let (mut num, mut den) = (0f64, 0f64);
-    for (x, y) in got.data().iter().zip(want.data()) {
-        assert!(x.is_finite(), "NaN/inf in the GPU output");
-        num += ((x - y) as f64).powi(2);
-        den += (*y as f64).powi(2);
-    }
-    (num / den.max(1e-30)).sqrt()
-}
 
 fn assert_bitwise(what: &str, a: &Tensor, b: &Tensor) {
     assert_eq!(a.shape(), b.shape(), "{what}: shapes");
@@ -53,13 +29,11 @@ fn assert_bitwise(what: &str, a: &Tensor, b: &Tensor) {
 /// Prefill `s` tokens into two identical device caches (and a CPU cache), then `steps`
 /// decode steps: eager on the first, graph replays on the second, CPU on the third.
 fn graph_matches_eager_and_cpu(spec: &str, b: usize, s: usize, steps: usize, pin: bool) {
-    let sd = seed();
+    let sd = fresh_seed();
     eprintln!("seed {sd} spec {spec}");
     let mut rng = SplitMix64::new(sd);
-    let config = SpecLayer::config_from_str(spec, &RuntimeDims::default()).unwrap();
-    let layer = SpecLayer::init(config.clone(), sd ^ 0x5eed).unwrap();
-    let cuda = CudaLayer::new(&layer, &gpu()).unwrap();
-    cuda.set_poison_outputs(true);
+    let (layer, cuda) = layer_pair(spec, sd);
+    let config = layer.config().clone();
     let (ng, hn, h) = (config.groups, config.head_dim, config.hidden);
     let (max_seq, max_batch, off) = (s + steps + 2, b + 1, 1);
     let elem = ElemType::from(config.dtype);

@@ -10,42 +10,18 @@ use attention_runtime::cuda::decode::{
     decode_splitkv_kernels, launch_decode_splitkv, DecodeGraph, DecodeSplitKvArgs, RopeTables,
 };
 use attention_runtime::cuda::{CudaLayer, DevicePagedKvCache, DeviceStaticKvCache, DeviceTensor};
-use attention_runtime::device::CudaDevice;
 use attention_runtime::kv_cache::{BlockTable, PagedBatch, PagedKvCache};
 use attention_runtime::modules::SplitMix64;
 use attention_runtime::reference::RopeTable;
 use attention_runtime::spec_layer::SpecLayer;
-use attention_runtime::{AttentionLayer, AttnError, Device, ForwardArgs, RuntimeDims, Tensor};
+use attention_runtime::{AttentionLayer, AttnError, ForwardArgs, Tensor};
 use cudarc::driver::DevicePtr;
 use half::bf16;
 
+mod common;
+use common::{fresh_seed, layer_pair, rel_err};
+
 const TOL: f64 = 1e-2;
-
-fn gpu() -> CudaDevice {
-    match Device::cuda(0) {
-        Ok(Device::Cuda(d)) => d,
-        other => panic!("a CUDA GPU is required: {other:?}"),
-    }
-}
-
-fn seed() -> u64 {
-    let t = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .unwrap()
-        .as_nanos() as u64;
-    t ^ ((std::process::id() as u64) << 32)
-}
-
-fn rel_err(got: &Tensor, want: &Tensor) -> f64 {
-    assert_eq!(got.shape(), want.shape());
-    let (mut num, mut den) = (0f64, 0f64);
-    for (x, y) in got.data().iter().zip(want.data()) {
-        assert!(x.is_finite(), "NaN/inf in the GPU output");
-        num += ((x - y) as f64).powi(2);
-        den += (*y as f64).powi(2);
-    }
-    (num / den.max(1e-30)).sqrt()
-}
 
 fn cu(q_lens: &[usize]) -> Vec<i32> {
     let mut c = vec![0i32];
@@ -65,10 +41,8 @@ struct Setup {
 }
 
 fn setup(spec: &str, sd: u64) -> Setup {
-    let config = SpecLayer::config_from_str(spec, &RuntimeDims::default()).unwrap();
-    let layer = SpecLayer::init(config.clone(), sd ^ 0x5eed).unwrap();
-    let cuda = CudaLayer::new(&layer, &gpu()).unwrap();
-    cuda.set_poison_outputs(true);
+    let (layer, cuda) = layer_pair(spec, sd);
+    let config = layer.config().clone();
     Setup {
         layer,
         cuda,
@@ -122,7 +96,7 @@ fn grow(
 const STEPS: [[usize; 4]; 3] = [[23, 40, 17, 0], [1, 1, 30, 50], [1, 1, 1, 20]];
 
 fn paged_matches_cpu(spec: &str, bs: usize) {
-    let sd = seed();
+    let sd = fresh_seed();
     eprintln!("seed {sd} spec {spec} block_size {bs}");
     let mut rng = SplitMix64::new(sd);
     let s = setup(spec, sd);
@@ -208,7 +182,7 @@ fn paged_mixed_batch_hd80_matches_cpu_block_16() {
 #[test]
 #[ignore = "requires a CUDA GPU"]
 fn paged_equals_static() {
-    let sd = seed();
+    let sd = fresh_seed();
     let spec = "self, heads=8, gqa=4, head_dim=64, rope, mask=causal";
     eprintln!("seed {sd} spec {spec}");
     let mut rng = SplitMix64::new(sd);
@@ -268,7 +242,7 @@ fn paged_equals_static() {
 #[test]
 #[ignore = "requires a CUDA GPU"]
 fn paged_mixed_batch_equals_separate_calls() {
-    let sd = seed();
+    let sd = fresh_seed();
     let spec = "self, heads=8, gqa=2, head_dim=128, rope, mask=causal";
     eprintln!("seed {sd} spec {spec}");
     let mut rng = SplitMix64::new(sd);
@@ -323,7 +297,7 @@ fn paged_mixed_batch_equals_separate_calls() {
 #[test]
 #[ignore = "requires a CUDA GPU"]
 fn permuting_blocks_in_the_pool_changes_nothing() {
-    let sd = seed();
+    let sd = fresh_seed();
     let spec = "self, heads=4, gqa=2, head_dim=64, rope, mask=causal";
     eprintln!("seed {sd} spec {spec}");
     let mut rng = SplitMix64::new(sd);
@@ -422,7 +396,7 @@ fn snapshot(c: &DevicePagedKvCache) -> (Vec<u32>, Vec<u32>) {
 #[test]
 #[ignore = "requires a CUDA GPU"]
 fn paged_errors_leave_the_device_pool_unchanged() {
-    let sd = seed();
+    let sd = fresh_seed();
     let spec = "self, heads=4, gqa=2, head_dim=64, rope, mask=causal";
     eprintln!("seed {sd} spec {spec}");
     let mut rng = SplitMix64::new(sd);
@@ -565,7 +539,7 @@ fn paged_errors_leave_the_device_pool_unchanged() {
 #[test]
 #[ignore = "requires a CUDA GPU"]
 fn decode_graph_replay_is_bitwise_equal_to_eager() {
-    let sd = seed();
+    let sd = fresh_seed();
     let spec = "self, heads=8, gqa=2, head_dim=128, rope, mask=causal";
     eprintln!("seed {sd} spec {spec}");
     let mut rng = SplitMix64::new(sd);
@@ -696,7 +670,7 @@ fn decode_graph_replay_is_bitwise_equal_to_eager() {
 #[ignore = "requires a CUDA GPU"]
 fn static_device_reorder_matches_cpu() {
     use attention_runtime::kv_cache::StaticKvCache;
-    let sd = seed();
+    let sd = fresh_seed();
     let spec = "self, heads=4, gqa=2, head_dim=64, rope, mask=causal";
     eprintln!("seed {sd} spec {spec}");
     let mut rng = SplitMix64::new(sd);
@@ -786,7 +760,7 @@ const SPLIT_STEPS: [[usize; 6]; 5] = [
 /// outputs, a pool full of stale NaN, every step run twice on the device (bitwise equal: the
 /// second run rewrites the same k/v and must read the same values).
 fn split_decode_matches_cpu(spec: &str, bs: usize) {
-    let sd = seed();
+    let sd = fresh_seed();
     eprintln!("seed {sd} spec {spec} block_size {bs}");
     let mut rng = SplitMix64::new(sd);
     let s = setup(spec, sd);

@@ -5,52 +5,25 @@
 //! Fresh random inputs (seed printed), NaN-poisoned outputs, relative Frobenius error
 //! <= 1e-2 (bf16); a NaN fails.
 
-use attention_runtime::cuda::{CudaLayer, DeviceStaticKvCache, ElemType};
-use attention_runtime::device::CudaDevice;
+use attention_runtime::cuda::{DeviceStaticKvCache, ElemType};
 use attention_runtime::kv_cache::StaticKvCache;
 use attention_runtime::modules::SplitMix64;
-use attention_runtime::spec_layer::SpecLayer;
-use attention_runtime::{AttentionLayer, Device, ForwardArgs, RuntimeDims, Tensor};
+use attention_runtime::{AttentionLayer, ForwardArgs, Tensor};
+
+mod common;
+use common::{fresh_seed, layer_pair, rel_err};
 
 const TOL: f64 = 1e-2;
-
-fn gpu() -> CudaDevice {
-    match Device::cuda(0) {
-        Ok(Device::Cuda(d)) => d,
-        other => panic!("a CUDA GPU is required: {other:?}"),
-    }
-}
-
-fn seed() -> u64 {
-    let t = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .unwrap()
-        .as_nanos() as u64;
-    t ^ ((std::process::id() as u64) << 32)
-}
-
-fn rel_err(got: &Tensor, want: &Tensor) -> f64 {
-    assert_eq!(got.shape(), want.shape());
-    let (mut num, mut den) = (0f64, 0f64);
-    for (x, y) in got.data().iter().zip(want.data()) {
-        assert!(x.is_finite(), "NaN/inf in the GPU output");
-        num += ((x - y) as f64).powi(2);
-        den += (*y as f64).powi(2);
-    }
-    (num / den.max(1e-30)).sqrt()
-}
 
 /// Slots get different cached lengths (slot i: `first[i]` tokens), then every slot takes
 /// `chunks` prefill chunks of `chunk` tokens and two decode steps; each step is compared
 /// with the CPU layer over its own cache.
 fn chunked_prefill(spec: &str, first: &[usize], chunk: usize, chunks: usize) {
-    let sd = seed();
+    let sd = fresh_seed();
     eprintln!("seed {sd} spec {spec}");
     let mut rng = SplitMix64::new(sd);
-    let config = SpecLayer::config_from_str(spec, &RuntimeDims::default()).unwrap();
-    let layer = SpecLayer::init(config.clone(), sd ^ 0x5eed).unwrap();
-    let cuda = CudaLayer::new(&layer, &gpu()).unwrap();
-    cuda.set_poison_outputs(true);
+    let (layer, cuda) = layer_pair(spec, sd);
+    let config = layer.config().clone();
     let fast = cuda
         .cache_prefill_config()
         .expect("the tensor-core prefill kernel fits this GPU");

@@ -6,10 +6,7 @@
 //! intermediate and output buffer with NaN before it is written, fails on NaN, and bounds
 //! the relative Frobenius error ||gpu - cpu|| / ||cpu|| by 1e-2 (bf16 and f16).
 
-use std::path::PathBuf;
-
 use attention_runtime::cuda::{CudaLayer, DeviceTensor, ElemType};
-use attention_runtime::device::CudaDevice;
 use attention_runtime::modules::SplitMix64;
 use attention_runtime::spec_layer::SpecLayer;
 use attention_runtime::{
@@ -17,39 +14,13 @@ use attention_runtime::{
     WeightStore,
 };
 
+mod common;
+use common::{fresh_seed, gpu, layer_pair, rel_err, repo_root};
+
 const TOL: f64 = 1e-2;
-
-fn gpu() -> CudaDevice {
-    match Device::cuda(0) {
-        Ok(Device::Cuda(d)) => d,
-        other => panic!("a CUDA GPU is required: {other:?}"),
-    }
-}
-
-fn fresh_seed() -> u64 {
-    let t = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .unwrap()
-        .as_nanos() as u64;
-    t ^ ((std::process::id() as u64) << 32)
-}
 
 fn randn(rng: &mut SplitMix64, shape: &[usize]) -> Tensor {
     Tensor::from_fn(shape, |_| rng.uniform() * 1.7)
-}
-
-fn rel_err(got: &Tensor, want: &Tensor) -> f64 {
-    assert_eq!(got.shape(), want.shape());
-    let (mut num, mut den) = (0f64, 0f64);
-    for (x, y) in got.data().iter().zip(want.data()) {
-        assert!(
-            x.is_finite(),
-            "NaN/inf in the GPU output (unwritten or overflow)"
-        );
-        num += ((x - y) as f64).powi(2);
-        den += (*y as f64).powi(2);
-    }
-    (num / den.max(1e-30)).sqrt()
 }
 
 /// What a case feeds the layer besides hidden states.
@@ -67,11 +38,8 @@ struct Extras {
 fn check(spec: &str, ex: Extras) {
     let seed = fresh_seed();
     let mut rng = SplitMix64::new(seed);
-    let dims = RuntimeDims::default();
-    let config = SpecLayer::config_from_str(spec, &dims).unwrap();
-    let layer = SpecLayer::init(config.clone(), seed ^ 0x5eed).unwrap();
-    let cuda = CudaLayer::new(&layer, &gpu()).unwrap();
-    cuda.set_poison_outputs(true);
+    let (layer, cuda) = layer_pair(spec, seed);
+    let config = layer.config().clone();
     let (np, h) = (config.heads, config.hidden);
     let is_cross = config.kind == attention_codegen::AttentionKind::CrossAttention;
     let b = 1 + (rng.next_u64() % 3) as usize;
@@ -446,12 +414,6 @@ fn random_specs() {
             },
         );
     }
-}
-
-fn repo_root() -> PathBuf {
-    std::env::var_os("ATTN_REPO_ROOT")
-        .map(PathBuf::from)
-        .unwrap_or_else(|| PathBuf::from(env!("CARGO_MANIFEST_DIR")).join(".."))
 }
 
 #[test]

@@ -13,79 +13,29 @@
 //! gradient [`TOL_SINKS`] (5e-2: an `[np]` sum with cancellations).
 
 use std::collections::BTreeMap;
-use std::path::PathBuf;
 
 use attention_runtime::backend::{Backend, BackendLayer, CpuLayer, TrainLayer};
 use attention_runtime::cuda::{CudaLayer, DeviceTensor, ElemType};
-use attention_runtime::device::CudaDevice;
 use attention_runtime::modules::SplitMix64;
 use attention_runtime::spec_layer::SpecLayer;
 use attention_runtime::train::{BackwardOptions, LayerGrads, Recompute, TrainOptions};
 use attention_runtime::{
-    AttnError, Device, ForwardArgs, PackedSeqParams, RuntimeDims, Tensor, WeightStore,
+    AttnError, ForwardArgs, PackedSeqParams, RuntimeDims, Tensor, WeightStore,
 };
-use safetensors::{Dtype, SafeTensors};
+
+mod common;
+use common::{bwd_fixture_dir, fresh_seed, gpu, rand_t, read_all, rel_err_floored};
 
 const TOL_OUT: f64 = 1e-2;
 const TOL_GRAD: f64 = 3e-2;
 const TOL_SINKS: f64 = 5e-2;
-
-fn gpu() -> CudaDevice {
-    match Device::cuda(0) {
-        Ok(Device::Cuda(d)) => d,
-        other => panic!("a CUDA GPU is required: {other:?}"),
-    }
-}
-
-/// A fresh seed per call, or `ATTN_TEST_SEED` (decimal or `0x` hex) to replay a printed one.
-fn fresh_seed() -> u64 {
-    if let Ok(v) = std::env::var("ATTN_TEST_SEED") {
-        let v = v.trim();
-        let parsed = match v.strip_prefix("0x") {
-            Some(hex) => u64::from_str_radix(hex, 16),
-            None => v.parse(),
-        };
-        return parsed.expect("ATTN_TEST_SEED: a decimal or 0x-hex u64");
-    }
-    let t = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .unwrap()
-        .as_nanos() as u64;
-    t ^ ((std::process::id() as u64) << 32)
-}
-
-/// Uniform values of amplitude `amp`, rounded to `elem` (what the GPU will see).
-fn rand_t(rng: &mut SplitMix64, shape: &[usize], amp: f32, elem: ElemType) -> Tensor {
-    let t = Tensor::from_fn(shape, |_| rng.uniform() * amp);
-    round(&t, elem)
-}
-
-fn round(t: &Tensor, elem: ElemType) -> Tensor {
-    let f = |x: f32| match elem {
-        ElemType::Bf16 => half::bf16::from_f32(x).to_f32(),
-        ElemType::F16 => half::f16::from_f32(x).to_f32(),
-        ElemType::F32 => x,
-    };
-    Tensor::new(t.shape(), t.data().iter().map(|&x| f(x)).collect()).unwrap()
-}
 
 /// `‖got − want‖ / ‖want‖`, the denominator floored at an RMS of 1e-4 per element: a
 /// gradient that is exactly zero in exact arithmetic (dQ and dK of a sequence with a single
 /// visible key, whose softmax is the constant 1) is f32 rounding noise on the GPU (about
 /// 1e-6) and ~1e-15 on the CPU, and their ratio measures nothing.
 fn rel_err(got: &Tensor, want: &Tensor) -> f64 {
-    assert_eq!(got.shape(), want.shape());
-    let (mut num, mut den) = (0f64, 0f64);
-    for (x, y) in got.data().iter().zip(want.data()) {
-        assert!(
-            x.is_finite(),
-            "NaN/inf in a GPU result (an unwritten element or an overflow)"
-        );
-        num += ((x - y) as f64).powi(2);
-        den += (*y as f64).powi(2);
-    }
-    let floor = 1e-8 * got.data().len() as f64;
-    (num / den.max(floor)).sqrt()
+    rel_err_floored(got, want, 1e-8 * got.data().len() as f64)
 }
 
 fn check_close(what: &str, got: &Tensor, want: &Tensor, tol: f64) {
@@ -775,38 +725,11 @@ fn misuse_and_unsupported_features_are_typed_errors() {
 // ---------------------------------------------------------------------------------------
 // Megatron-Core autograd fixtures (tests/fixtures/megatron_bwd, fp32 on an H200).
 
-fn fixture_dir(case: &str) -> PathBuf {
-    let root = std::env::var_os("ATTN_REPO_ROOT")
-        .map(PathBuf::from)
-        .unwrap_or_else(|| PathBuf::from(env!("CARGO_MANIFEST_DIR")).join(".."));
-    root.join("tests/fixtures/megatron_bwd").join(case)
-}
-
-fn read_all(path: &PathBuf) -> BTreeMap<String, Tensor> {
-    let bytes = std::fs::read(path).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
-    let st = SafeTensors::deserialize(&bytes).unwrap();
-    st.tensors()
-        .into_iter()
-        .map(|(name, v)| {
-            let d = v.data();
-            let data: Vec<f32> = match v.dtype() {
-                Dtype::F32 => d
-                    .chunks_exact(4)
-                    .map(|c| f32::from_le_bytes(c.try_into().unwrap()))
-                    .collect(),
-                Dtype::U8 | Dtype::BOOL => d.iter().map(|&b| f32::from(b)).collect(),
-                other => panic!("{name}: unexpected dtype {other:?}"),
-            };
-            (name, Tensor::new(v.shape(), data).unwrap())
-        })
-        .collect()
-}
-
 const SELF_PREFIX: &str = "decoder.layers.0.self_attention.";
 
 /// The fixture on the GPU in every mode, within bf16 tolerance of Megatron's fp32 autograd.
 fn golden(case: &str, spec: &str, prefix: &str) {
-    let dir = fixture_dir(case);
+    let dir = bwd_fixture_dir(case);
     assert!(dir.is_dir(), "fixture folder {} is missing", dir.display());
     let readme = std::fs::read_to_string(dir.join("README.txt")).unwrap();
     assert!(readme.contains(&format!("spec: `{spec}`")), "{case}: spec");

@@ -6,37 +6,15 @@
 //! Fresh random inputs (seed printed), NaN-poisoned outputs, relative Frobenius error
 //! <= 1e-2 (bf16) on the compared rows; a NaN there fails.
 
-use attention_runtime::cuda::{CudaLayer, DevicePagedKvCache, DeviceStaticKvCache, ElemType};
-use attention_runtime::device::CudaDevice;
+use attention_runtime::cuda::{DevicePagedKvCache, DeviceStaticKvCache, ElemType};
 use attention_runtime::kv_cache::{BlockTable, PagedBatch, PagedKvCache, StaticKvCache};
 use attention_runtime::modules::SplitMix64;
-use attention_runtime::spec_layer::SpecLayer;
-use attention_runtime::{AttentionLayer, Device, ForwardArgs, RuntimeDims, Tensor};
+use attention_runtime::{AttentionLayer, ForwardArgs, Tensor};
+
+mod common;
+use common::{fresh_seed, layer_pair};
 
 const TOL: f64 = 1e-2;
-
-fn gpu() -> CudaDevice {
-    match Device::cuda(0) {
-        Ok(Device::Cuda(d)) => d,
-        other => panic!("a CUDA GPU is required: {other:?}"),
-    }
-}
-
-fn seed() -> u64 {
-    let t = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .unwrap()
-        .as_nanos() as u64;
-    t ^ ((std::process::id() as u64) << 32)
-}
-
-fn setup(spec: &str, sd: u64) -> (SpecLayer, CudaLayer) {
-    let config = SpecLayer::config_from_str(spec, &RuntimeDims::default()).unwrap();
-    let layer = SpecLayer::init(config, sd ^ 0x5eed).unwrap();
-    let cuda = CudaLayer::new(&layer, &gpu()).unwrap();
-    cuda.set_poison_outputs(true);
-    (layer, cuda)
-}
 
 /// `||got - want|| / ||want||` over the `[s, b, h]` rows `(i, bi)` that `keep` selects; every
 /// compared GPU value must be finite.
@@ -74,9 +52,9 @@ fn junk(rng: &mut SplitMix64) -> f32 {
 
 /// Issue case 1 and 2 on the GPU: bias row 1 = `fill` on all four keys.
 fn bias_row(spec: &str, fill: f32) {
-    let sd = seed();
+    let sd = fresh_seed();
     eprintln!("seed {sd} spec {spec} fill {fill}");
-    let (layer, cuda) = setup(spec, sd);
+    let (layer, cuda) = layer_pair(spec, sd);
     let mut rng = SplitMix64::new(sd);
     let x = Tensor::from_fn(&[4, 1, 128], |_| rng.uniform());
     let mut bias = Tensor::zeros(&[1, 1, 4, 4]);
@@ -127,10 +105,10 @@ fn f32_min_bias_is_finite_logit() {
 #[test]
 #[ignore = "requires a CUDA GPU"]
 fn f32_min_bias_equals_mask() {
-    let sd = seed();
+    let sd = fresh_seed();
     eprintln!("seed {sd}");
     let spec = "self, heads = 4, gqa = 2, head_dim = 128, mask = padding";
-    let (layer, cuda) = setup(spec, sd);
+    let (layer, cuda) = layer_pair(spec, sd);
     let mut rng = SplitMix64::new(sd);
     let (s, b, h) = (200, 2, layer.config().hidden);
     let x = Tensor::from_fn(&[s, b, h], |_| rng.uniform());
@@ -186,9 +164,9 @@ fn junk_in_padded_tokens_does_not_leak() {
             3,
         ),
     ] {
-        let sd = seed();
+        let sd = fresh_seed();
         eprintln!("seed {sd} spec {spec}");
-        let (layer, cuda) = setup(spec, sd);
+        let (layer, cuda) = layer_pair(spec, sd);
         let h = layer.config().hidden;
         let mut rng = SplitMix64::new(sd);
         let x = Tensor::from_fn(&[s, b, h], |_| rng.uniform());
@@ -254,9 +232,9 @@ fn junk_future_tokens_under_causal_mask() {
             7,
         ),
     ] {
-        let sd = seed();
+        let sd = fresh_seed();
         eprintln!("seed {sd} spec {spec}");
-        let (layer, cuda) = setup(spec, sd);
+        let (layer, cuda) = layer_pair(spec, sd);
         let h = layer.config().hidden;
         let mut rng = SplitMix64::new(sd);
         let b = 2;
@@ -303,9 +281,9 @@ fn junk_random_masks_and_bias() {
         ),
         ("self, heads = 2, head_dim = 64, mask = causal", 90, 2),
     ] {
-        let sd = seed();
+        let sd = fresh_seed();
         eprintln!("seed {sd} spec {spec}");
-        let (layer, cuda) = setup(spec, sd);
+        let (layer, cuda) = layer_pair(spec, sd);
         let (np, h) = (layer.config().heads, layer.config().hidden);
         let mut rng = SplitMix64::new(sd);
         let x = Tensor::from_fn(&[s, b, h], |_| rng.uniform());
@@ -366,10 +344,10 @@ fn junk_random_masks_and_bias() {
 #[test]
 #[ignore = "requires a CUDA GPU"]
 fn stale_static_cache_rows_do_not_leak() {
-    let sd = seed();
+    let sd = fresh_seed();
     let spec = "self, heads = 8, gqa = 2, head_dim = 128, qk_layernorm = rms, rope, mask = causal";
     eprintln!("seed {sd} spec {spec}");
-    let (layer, cuda) = setup(spec, sd);
+    let (layer, cuda) = layer_pair(spec, sd);
     let c = layer.config().clone();
     let mut rng = SplitMix64::new(sd);
     let (b, max_seq) = (2, 400);
@@ -415,10 +393,10 @@ fn stale_static_cache_rows_do_not_leak() {
 #[test]
 #[ignore = "requires a CUDA GPU"]
 fn paged_pool_junk_does_not_leak() {
-    let sd = seed();
+    let sd = fresh_seed();
     let spec = "self, heads = 8, gqa = 2, head_dim = 128, rope, mask = causal";
     eprintln!("seed {sd} spec {spec}");
-    let (layer, cuda) = setup(spec, sd);
+    let (layer, cuda) = layer_pair(spec, sd);
     let c = layer.config().clone();
     let mut rng = SplitMix64::new(sd);
     let (bs, blocks) = (16, 64);
@@ -487,10 +465,10 @@ fn paged_pool_junk_does_not_leak() {
 #[test]
 #[ignore = "requires a CUDA GPU"]
 fn junk_in_packed_masked_tokens_does_not_leak() {
-    let sd = seed();
+    let sd = fresh_seed();
     let spec = "self, heads = 8, gqa = 2, head_dim = 128, mask = padding_causal, rope";
     eprintln!("seed {sd} spec {spec}");
-    let (layer, cuda) = setup(spec, sd);
+    let (layer, cuda) = layer_pair(spec, sd);
     let h = layer.config().hidden;
     let mut rng = SplitMix64::new(sd);
     let lens = [150usize, 37, 260];

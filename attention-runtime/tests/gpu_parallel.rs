@@ -26,9 +26,12 @@ use attention_runtime::parallel::{Communicator, NcclComm, NcclUniqueId, TpLayer,
 use attention_runtime::spec_layer::SpecLayer;
 use attention_runtime::train::{BackwardOptions, TrainOptions};
 use attention_runtime::{
-    AttentionLayer, AttnError, Device, ForwardArgs, PackedSeqParams, Result, RuntimeDims, Tensor,
+    AttentionLayer, AttnError, ForwardArgs, PackedSeqParams, Result, RuntimeDims, Tensor,
     WeightStore,
 };
+
+mod common;
+use common::{gpu_at, rand_t, rel_err, round};
 
 const TOL_OUT: f64 = 2e-2;
 const TOL_GRAD: f64 = 4e-2;
@@ -37,24 +40,6 @@ const TIMEOUT: Duration = Duration::from_secs(120);
 const SPEC: &str =
     "self, heads=8, gqa=4, head_dim=64, hidden=512, qk_layernorm=rms, rope, mask=causal";
 
-fn gpu(ordinal: usize) -> CudaDevice {
-    match Device::cuda(ordinal) {
-        Ok(Device::Cuda(d)) => d,
-        other => panic!("CUDA GPU {ordinal} is required: {other:?}"),
-    }
-}
-
-fn bf16(t: &Tensor) -> Tensor {
-    Tensor::new(
-        t.shape(),
-        t.data()
-            .iter()
-            .map(|&x| half::bf16::from_f32(x).to_f32())
-            .collect(),
-    )
-    .unwrap()
-}
-
 /// `SPEC`'s layer with seeded weights rounded to bf16.
 fn layer(spec: &str, seed: u64) -> SpecLayer {
     let cfg = SpecLayer::config_from_str(spec, &RuntimeDims::default()).unwrap();
@@ -62,24 +47,9 @@ fn layer(spec: &str, seed: u64) -> SpecLayer {
     let sd: Vec<_> = l
         .state_dict("")
         .into_iter()
-        .map(|(k, t)| (k, bf16(&t)))
+        .map(|(k, t)| (k, round(&t, ElemType::Bf16)))
         .collect();
     SpecLayer::load(cfg, &WeightStore::from_tensors(sd), "").unwrap()
-}
-
-fn rand_t(rng: &mut SplitMix64, shape: &[usize]) -> Tensor {
-    bf16(&Tensor::from_fn(shape, |_| rng.uniform()))
-}
-
-fn rel_err(got: &Tensor, want: &Tensor) -> f64 {
-    assert_eq!(got.shape(), want.shape());
-    let (mut num, mut den) = (0f64, 0f64);
-    for (x, y) in got.data().iter().zip(want.data()) {
-        assert!(x.is_finite(), "NaN/inf in a GPU result");
-        num += ((x - y) as f64).powi(2);
-        den += (*y as f64).powi(2);
-    }
-    (num / den.max(1e-30)).sqrt()
 }
 
 fn check(what: &str, got: &Tensor, want: &Tensor, tol: f64) {
@@ -95,7 +65,7 @@ fn two_gpus<T: Send>(f: impl Fn(usize, CudaDevice, NcclComm) -> Result<T> + Sync
         let hs: Vec<_> = (0..2)
             .map(|r| {
                 s.spawn(move || {
-                    let dev = gpu(r);
+                    let dev = gpu_at(r);
                     let rt = CudaRuntime::get(&dev)?;
                     let comm = NcclComm::new(rt, r, 2, &id, Some(TIMEOUT))?;
                     f(r, dev, comm)
@@ -193,7 +163,7 @@ fn nccl_id_through_a_file_as_one_process_per_gpu_would() {
                     } else {
                         NcclUniqueId::read_file(&path, TIMEOUT)?
                     };
-                    let dev = gpu(r);
+                    let dev = gpu_at(r);
                     let rt = CudaRuntime::get(&dev)?;
                     let c = NcclComm::new(rt.clone(), r, 2, &id, Some(TIMEOUT))?;
                     let mut x = DeviceTensor::from_host(
@@ -216,8 +186,8 @@ fn nccl_id_through_a_file_as_one_process_per_gpu_would() {
 fn tp2_forward_matches_one_gpu_and_the_cpu_reference() {
     let full = layer(SPEC, 21);
     let mut rng = SplitMix64::new(22);
-    let x = rand_t(&mut rng, &[64, 2, 512]);
-    let xp = rand_t(&mut rng, &[96, 512]);
+    let x = rand_t(&mut rng, &[64, 2, 512], 1.0, ElemType::Bf16);
+    let xp = rand_t(&mut rng, &[96, 512], 1.0, ElemType::Bf16);
     let cu = [0, 30, 96];
     let packed = ForwardArgs {
         packed: Some(PackedSeqParams {
@@ -230,7 +200,7 @@ fn tp2_forward_matches_one_gpu_and_the_cpu_reference() {
     };
     let want = full.forward(&x, &ForwardArgs::default()).unwrap().output;
     let want_p = full.forward(&xp, &packed).unwrap().output;
-    let one = CudaLayer::new(&full, &gpu(0)).unwrap();
+    let one = CudaLayer::new(&full, &gpu_at(0)).unwrap();
     let one_y = fwd(&one, &x, &ForwardArgs::default()).unwrap();
     check("one GPU vs CPU", &one_y, &want, 1e-2);
     for sp in [false, true] {
@@ -325,7 +295,7 @@ fn tp2_static_and_paged_cache_steps_match_the_cpu_reference() {
         vec![2, 512],
     ]
     .iter()
-    .map(|s| rand_t(&mut rng, s))
+    .map(|s| rand_t(&mut rng, s, 1.0, ElemType::Bf16))
     .collect();
     let want = cache_steps(&CpuLayer::new(full.clone()), &xs).unwrap();
     let out = two_gpus(|_, dev, c| cache_steps(&tp_rank(&full, &dev, c, false)?, &xs));
@@ -350,8 +320,8 @@ fn backward_case(spec: &str) {
     let full = layer(spec, 41);
     let cfg = full.config().clone();
     let mut rng = SplitMix64::new(42);
-    let x = rand_t(&mut rng, &[32, 2, 512]);
-    let dy = rand_t(&mut rng, &[32, 2, 512]);
+    let x = rand_t(&mut rng, &[32, 2, 512], 1.0, ElemType::Bf16);
+    let dy = rand_t(&mut rng, &[32, 2, 512], 1.0, ElemType::Bf16);
     let cpu = CpuLayer::new(full.clone());
     let (_, mut saved) = cpu
         .forward_train(&x, &ForwardArgs::default(), &TrainOptions::default())
@@ -428,7 +398,7 @@ fn wait_for_a_missing_peer_times_out_over_nccl() {
         let hs: Vec<_> = (0..2usize)
             .map(|r| {
                 s.spawn(move || -> Result<()> {
-                    let dev = gpu(r);
+                    let dev = gpu_at(r);
                     let rt = CudaRuntime::get(&dev)?;
                     let c = NcclComm::new(rt.clone(), r, 2, &id, Some(Duration::from_secs(2)))?;
                     // One collective together first: NCCL may connect peers lazily, inside

@@ -20,21 +20,10 @@ use attention_runtime::reference::attention::{attend_sequence, AttendParams, Seq
 use cudarc::driver::{CudaContext, CudaFunction, CudaSlice, CudaStream, DevicePtr};
 use half::{bf16, f16};
 
+mod common;
+use common::{cuda_stream, fresh_seed, odd, rel_frob};
+
 const TOL: f64 = 1e-2;
-
-fn fresh_seed() -> u64 {
-    let t = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .unwrap()
-        .as_nanos() as u64;
-    t ^ ((std::process::id() as u64) << 32)
-}
-
-fn gpu() -> (Arc<CudaContext>, Arc<CudaStream>) {
-    let ctx = CudaContext::new(0).expect("a CUDA GPU is required");
-    let stream = ctx.default_stream();
-    (ctx, stream)
-}
 
 #[derive(Clone, Debug)]
 struct Case {
@@ -147,22 +136,8 @@ struct GpuResult {
     max_logit: Vec<f32>,
 }
 
-fn rel_frob(a: &[f32], b: &[f32]) -> f64 {
-    let mut num = 0f64;
-    let mut den = 0f64;
-    for (x, y) in a.iter().zip(b) {
-        num += (*x as f64 - *y as f64).powi(2);
-        den += (*y as f64).powi(2);
-    }
-    if den == 0.0 {
-        num.sqrt()
-    } else {
-        (num / den).sqrt()
-    }
-}
-
 fn run<T: Elem>(case: &Case, seed: u64) {
-    let (ctx, stream) = gpu();
+    let (ctx, stream) = cuda_stream();
     let mut rng = SplitMix64::new(seed);
     let (np, ng, hd) = (case.heads, case.groups, case.hd);
     let batch = case.seqs.len();
@@ -548,10 +523,6 @@ fn check(case: Case) {
     }
 }
 
-fn odd(rng: &mut SplitMix64, lo: usize, span: usize) -> usize {
-    lo + ((rng.uniform().abs() * span as f32) as usize % span.max(1))
-}
-
 #[test]
 #[ignore = "requires a CUDA GPU"]
 fn every_head_dim_causal_and_full_padded() {
@@ -798,7 +769,7 @@ fn packed_with_mask_and_bias() {
 #[test]
 #[ignore = "requires a CUDA GPU"]
 fn mask_and_bias_arguments_are_checked() {
-    let (ctx, stream) = gpu();
+    let (ctx, stream) = cuda_stream();
     let mut config = KernelConfig::new(Phase::PrefillSm80, DType::Bf16, 64);
     config.mask = Some(MaskType::Padding);
     let kernel = PrefillSm80Kernel::compile(&ctx, &config).expect("compile");
@@ -878,7 +849,7 @@ fn mask_and_bias_arguments_are_checked() {
 #[test]
 #[ignore = "requires a CUDA GPU"]
 fn sm90_family() {
-    let (ctx, _) = gpu();
+    let (ctx, _) = cuda_stream();
     if ctx.compute_capability().unwrap() != (9, 0) {
         eprintln!("not an sm_90 GPU: the prefill_*_sm90 kernels do not run here");
         return;
@@ -908,7 +879,7 @@ fn sm90_family() {
 #[test]
 #[ignore = "requires a CUDA GPU"]
 fn sm90_sanitizer_cases() {
-    let (ctx, _) = gpu();
+    let (ctx, _) = cuda_stream();
     if ctx.compute_capability().unwrap() != (9, 0) {
         eprintln!("not an sm_90 GPU: the prefill_*_sm90 kernels do not run here");
         return;

@@ -14,60 +14,15 @@
 
 use attention_runtime::backend::{Backend, BackendLayer, CpuLayer, SavedForward, TrainLayer};
 use attention_runtime::cuda::{CudaLayer, ElemType};
-use attention_runtime::device::CudaDevice;
 use attention_runtime::modules::SplitMix64;
 use attention_runtime::spec_layer::SpecLayer;
 use attention_runtime::train::{BackwardOptions, QkClipReport, Recompute, TrainOptions};
 use attention_runtime::{
-    AttentionLayer, AttnError, Device, ForwardArgs, PackedSeqParams, RuntimeDims, Tensor,
-    WeightStore,
+    AttentionLayer, AttnError, ForwardArgs, PackedSeqParams, RuntimeDims, Tensor, WeightStore,
 };
 
-fn gpu() -> CudaDevice {
-    match Device::cuda(0) {
-        Ok(Device::Cuda(d)) => d,
-        other => panic!("a CUDA GPU is required: {other:?}"),
-    }
-}
-
-fn fresh_seed() -> u64 {
-    let t = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .unwrap()
-        .as_nanos() as u64;
-    t ^ ((std::process::id() as u64) << 32)
-}
-
-fn round_f(x: f32, elem: ElemType) -> f32 {
-    match elem {
-        ElemType::Bf16 => half::bf16::from_f32(x).to_f32(),
-        ElemType::F16 => half::f16::from_f32(x).to_f32(),
-        ElemType::F32 => x,
-    }
-}
-
-fn round(t: &Tensor, elem: ElemType) -> Tensor {
-    Tensor::new(
-        t.shape(),
-        t.data().iter().map(|&x| round_f(x, elem)).collect(),
-    )
-    .unwrap()
-}
-
-fn rand_t(rng: &mut SplitMix64, shape: &[usize], amp: f32, elem: ElemType) -> Tensor {
-    round(&Tensor::from_fn(shape, |_| rng.uniform() * amp), elem)
-}
-
-fn rel_err(got: &Tensor, want: &Tensor) -> f64 {
-    assert_eq!(got.shape(), want.shape());
-    let (mut num, mut den) = (0f64, 0f64);
-    for (x, y) in got.data().iter().zip(want.data()) {
-        assert!(x.is_finite(), "NaN/inf in a GPU result");
-        num += ((x - y) as f64).powi(2);
-        den += (*y as f64).powi(2);
-    }
-    (num / den.max(1e-30)).sqrt()
-}
+mod common;
+use common::{fresh_seed, gpu, rand_t, rel_err, round, round_f};
 
 fn bits(t: &Tensor) -> Vec<u32> {
     t.data().iter().map(|x| x.to_bits()).collect()

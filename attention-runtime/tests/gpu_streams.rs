@@ -13,15 +13,11 @@ use attention_runtime::spec_layer::SpecLayer;
 use attention_runtime::{AttnError, Device, ForwardArgs, RuntimeDims, Tensor};
 use half::bf16;
 
+mod common;
+use common::gpu;
+
 const SPEC: &str =
     "self, heads = 8, gqa = 2, head_dim = 128, qk_layernorm = rms, rope, mask = causal";
-
-fn gpu() -> CudaDevice {
-    match Device::cuda(0) {
-        Ok(Device::Cuda(d)) => d,
-        other => panic!("a CUDA GPU is required: {other:?}"),
-    }
-}
 
 fn rand(shape: &[usize], seed: u64) -> Tensor {
     let mut g = SplitMix64::new(seed);

@@ -4,54 +4,13 @@
 //! every parameter under its Megatron name) must match to 1e-4 relative Frobenius error, in
 //! each training mode (one-step, delayed wgrad, selective recompute).
 
-use std::collections::BTreeMap;
-use std::path::PathBuf;
-
 use attention_runtime::backend::{CpuLayer, TrainLayer};
 use attention_runtime::spec_layer::SpecLayer;
 use attention_runtime::train::{BackwardOptions, Recompute, TrainOptions};
 use attention_runtime::{AttentionLayer, ForwardArgs, RuntimeDims, Tensor, WeightStore};
-use safetensors::{Dtype, SafeTensors};
 
-fn fixture_dir(case: &str) -> PathBuf {
-    let root = std::env::var_os("ATTN_REPO_ROOT")
-        .map(PathBuf::from)
-        .unwrap_or_else(|| PathBuf::from(env!("CARGO_MANIFEST_DIR")).join(".."));
-    root.join("tests/fixtures/megatron_bwd").join(case)
-}
-
-/// Every tensor of a safetensors file as f32 (the fixtures hold f32 and a u8 mask).
-fn read_all(path: &PathBuf) -> BTreeMap<String, Tensor> {
-    let bytes = std::fs::read(path).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
-    let st = SafeTensors::deserialize(&bytes).unwrap();
-    st.tensors()
-        .into_iter()
-        .map(|(name, v)| {
-            let d = v.data();
-            let data: Vec<f32> = match v.dtype() {
-                Dtype::F32 => d
-                    .chunks_exact(4)
-                    .map(|c| f32::from_le_bytes(c.try_into().unwrap()))
-                    .collect(),
-                Dtype::U8 | Dtype::BOOL => d.iter().map(|&b| f32::from(b)).collect(),
-                other => panic!("{name}: unexpected dtype {other:?}"),
-            };
-            (name, Tensor::new(v.shape(), data).unwrap())
-        })
-        .collect()
-}
-
-fn rel_err(a: &Tensor, b: &Tensor) -> f64 {
-    assert_eq!(a.shape(), b.shape());
-    let num: f64 = a
-        .data()
-        .iter()
-        .zip(b.data())
-        .map(|(x, y)| (*x as f64 - *y as f64).powi(2))
-        .sum();
-    let den: f64 = b.data().iter().map(|y| (*y as f64).powi(2)).sum();
-    (num / den.max(1e-30)).sqrt()
-}
+mod common;
+use common::{bwd_fixture_dir, read_all, rel_err};
 
 fn check(what: &str, got: &Tensor, want: &Tensor) {
     let e = rel_err(got, want);
@@ -60,7 +19,7 @@ fn check(what: &str, got: &Tensor, want: &Tensor) {
 }
 
 fn golden(case: &str, spec: &str, prefix: &str) {
-    let dir = fixture_dir(case);
+    let dir = bwd_fixture_dir(case);
     assert!(
         dir.is_dir(),
         "fixture folder {} is missing (committed on main with the golden backward fixtures)",

@@ -5,16 +5,20 @@
 //!            --input X.safetensors
 //!            [--input-name input] --output O.safetensors [--device cpu|cuda]
 //!            [--positions P.safetensors] [--mask-file M.safetensors] [--bias-file B.safetensors]
-//!            [--context C.safetensors]
+//!            [--context C.safetensors [--context-name context]]
 //! attn backward --spec "<spec>" --weights W.safetensors [--prefix P] --input X.safetensors
-//!            --grad-output G.safetensors --output O.safetensors [--device cpu|cuda]
-//!            [--positions P] [--mask-file M] [--bias-file B] [--context C [--context-name N]]
-//!            [--delay-wgrad] [--recompute none|core_attention]
+//!            [--input-name input] --grad-output G.safetensors --output O.safetensors
+//!            [--device cpu|cuda] [--positions P] [--mask-file M] [--bias-file B]
+//!            [--context C [--context-name N]] [--delay-wgrad] [--deterministic]
+//!            [--recompute none|core_attention]
 //! attn catalog
 //! attn render --spec "<spec>" [--head-dim D]
 //! attn aot --arch sm_90a[,sm_80,...] (--catalog | --spec "<spec>" [--head-dim D]) [--cache-dir DIR] [--list]
 //! attn bench prefill|backward|decode|layer [...]                 (GPU; see the `bench` module)
 //! ```
+//!
+//! The flags of `layer` and `backward`, the dtypes each data file takes and how errors name
+//! the flags are in the `args` and `data` modules.
 //!
 //! Built with the `cli` feature of `attention-runtime` (its dependencies, clap, indicatif
 //! and tracing-subscriber, stay out of what a library user compiles):
@@ -27,13 +31,15 @@ use std::process::ExitCode;
 use attention_codegen::{catalog, registry, render};
 use attention_runtime::spec_layer::SpecLayer;
 use attention_runtime::{
-    AttentionLayer, AttnError, Device, ForwardArgs, Result, RuntimeDims, Tensor, WeightNames,
-    WeightStore,
+    AttentionLayer, AttnError, Device, Result, Tensor, WeightNames, WeightStore,
 };
 use clap::{Parser, Subcommand};
-use safetensors::{Dtype, SafeTensors};
 
+mod args;
 mod bench;
+mod data;
+
+use args::{BackwardArgs, LayerArgs};
 
 #[derive(Parser)]
 #[command(
@@ -74,139 +80,10 @@ enum Command {
         /// The spec, in the `#[attention]` grammar.
         #[arg(long)]
         spec: String,
-        /// Head dim, when the spec leaves it out.
+        /// Head dim, when the spec leaves it out (or to pick one of the spec's head dims).
         #[arg(long)]
         head_dim: Option<usize>,
     },
-}
-
-#[derive(clap::Args)]
-struct LayerArgs {
-    /// The spec, in the `#[attention]` grammar.
-    #[arg(long)]
-    spec: String,
-    /// safetensors file with the layer's weights.
-    #[arg(long)]
-    weights: PathBuf,
-    /// Prefix of the weight names, e.g. `decoder.layers.0.self_attention.` (Hugging Face:
-    /// the attention module's, `model.layers.0.self_attn.`, or the block's, `model.layers.0.`).
-    #[arg(long, default_value = "")]
-    prefix: String,
-    /// How the weights are named: `megatron`, `hf` (Llama/Mistral/Qwen2/Qwen3, GPT-2 or BERT,
-    /// detected from the keys under --prefix) or `hf:llama|hf:gpt2|hf:bert`.
-    #[arg(long, default_value = "megatron", value_parser = parse_names)]
-    names: WeightNames,
-    /// safetensors file with the input hidden states `[s, b, h]` (f32, bf16 or f16).
-    #[arg(long)]
-    input: PathBuf,
-    /// Name of the input tensor.
-    #[arg(long, default_value = "input")]
-    input_name: String,
-    /// Where to write `output` and `output_bias`.
-    #[arg(long)]
-    output: PathBuf,
-    /// `cpu`, `cuda` or `cuda:N`.
-    #[arg(long, default_value = "cpu")]
-    device: String,
-    /// safetensors file with `positions` `[s]` (int or float): rope positions.
-    #[arg(long)]
-    positions: Option<PathBuf>,
-    /// safetensors file with `attention_mask` (bool/uint8/float, nonzero = masked out),
-    /// broadcastable to `[b, 1|np, sq, sk]`: for padding and arbitrary masks.
-    #[arg(long)]
-    mask_file: Option<PathBuf>,
-    /// safetensors file with `attention_bias` (f32; f64/bf16/f16 are converted), an additive
-    /// post-scale bias broadcastable to `[b, np, sq, sk]` (`-inf` masks a key; a row masked
-    /// entirely gives zeros).
-    #[arg(long)]
-    bias_file: Option<PathBuf>,
-    /// safetensors file with `context` `[sk, b, h]`: cross-attention key/value states.
-    #[arg(long)]
-    context: Option<PathBuf>,
-    /// Query heads, when the spec leaves them out.
-    #[arg(long)]
-    heads: Option<usize>,
-    /// Key/value groups, when the spec leaves them out.
-    #[arg(long)]
-    groups: Option<usize>,
-    /// Head dim, when the spec leaves it out.
-    #[arg(long)]
-    head_dim: Option<usize>,
-    /// Hidden size, when the spec leaves it out.
-    #[arg(long)]
-    hidden: Option<usize>,
-}
-
-#[derive(clap::Args)]
-struct BackwardArgs {
-    /// The spec, in the `#[attention]` grammar.
-    #[arg(long)]
-    spec: String,
-    /// safetensors file with the layer's weights (Megatron names).
-    #[arg(long)]
-    weights: PathBuf,
-    /// Prefix of the weight names, e.g. `decoder.layers.0.self_attention.`.
-    #[arg(long, default_value = "")]
-    prefix: String,
-    /// safetensors file with `input` `[s, b, h]` (f32, bf16 or f16).
-    #[arg(long)]
-    input: PathBuf,
-    /// safetensors file with `grad_output`, the gradient of the output: the output's shape
-    /// (`[s, b, h]`), a float dtype (f32; f64, bf16, f16 are converted).
-    #[arg(long)]
-    grad_output: PathBuf,
-    /// Where to write `output`, `grad_input` and `grad.<name>`.
-    #[arg(long)]
-    output: PathBuf,
-    /// `cpu`, `cuda` or `cuda:N` (the CUDA training path takes mask tensors and a bias, and
-    /// returns the bias's gradient); results are written as f32.
-    #[arg(long, default_value = "cpu")]
-    device: String,
-    /// safetensors file with `positions` `[s]`: rope positions.
-    #[arg(long)]
-    positions: Option<PathBuf>,
-    /// safetensors file with `attention_mask` (bool/uint8/float, nonzero = masked out).
-    #[arg(long)]
-    mask_file: Option<PathBuf>,
-    /// safetensors file with `attention_bias` (additive post-scale bias); its gradient is
-    /// written as `grad_attention_bias`.
-    #[arg(long)]
-    bias_file: Option<PathBuf>,
-    /// safetensors file with the cross-attention context `[sk, b, h]`.
-    #[arg(long)]
-    context: Option<PathBuf>,
-    /// Name of the context tensor in --context.
-    #[arg(long, default_value = "context")]
-    context_name: String,
-    /// Compute the linears' weight gradients in a second step (`backward_dw`); the result
-    /// is bitwise the same.
-    #[arg(long)]
-    delay_wgrad: bool,
-    /// CUDA: run the deterministic attention backward (bitwise-reproducible gradients)
-    /// instead of the fused one, whose dQ is summed with f32 atomics. The CPU backend is
-    /// always deterministic.
-    #[arg(long)]
-    deterministic: bool,
-    /// `none` or `core_attention` (selective recompute: core attention runs again in the
-    /// backward); the result is bitwise the same.
-    #[arg(long, default_value = "none")]
-    recompute: String,
-    /// Query heads, when the spec leaves them out.
-    #[arg(long)]
-    heads: Option<usize>,
-    /// Key/value groups, when the spec leaves them out.
-    #[arg(long)]
-    groups: Option<usize>,
-    /// Head dim, when the spec leaves it out.
-    #[arg(long)]
-    head_dim: Option<usize>,
-    /// Hidden size, when the spec leaves it out.
-    #[arg(long)]
-    hidden: Option<usize>,
-}
-
-fn parse_names(s: &str) -> std::result::Result<WeightNames, String> {
-    s.parse().map_err(|e: AttnError| e.to_string())
 }
 
 fn io_err(path: &Path, source: std::io::Error) -> AttnError {
@@ -216,121 +93,59 @@ fn io_err(path: &Path, source: std::io::Error) -> AttnError {
     }
 }
 
-/// Read tensor `name` from a safetensors file as f32, whatever its numeric dtype.
-fn read_tensor(path: &Path, name: &str, flag: &str) -> Result<Tensor> {
-    let bytes = std::fs::read(path).map_err(|e| io_err(path, e))?;
-    let st = SafeTensors::deserialize(&bytes).map_err(|e| AttnError::Safetensors {
-        path: path.display().to_string(),
-        msg: e.to_string(),
-    })?;
-    let view = st.tensor(name).map_err(|_| AttnError::MissingWeight {
-        key: name.into(),
-        source_name: format!("{} (given by {flag})", path.display()),
-    })?;
-    let d = view.data();
-    let data: Vec<f32> = match view.dtype() {
-        Dtype::F32 => d
-            .chunks_exact(4)
-            .map(|c| f32::from_le_bytes(c.try_into().unwrap()))
-            .collect(),
-        Dtype::F64 => d
-            .chunks_exact(8)
-            .map(|c| f64::from_le_bytes(c.try_into().unwrap()) as f32)
-            .collect(),
-        Dtype::BF16 => d
-            .chunks_exact(2)
-            .map(|c| half::bf16::from_le_bytes([c[0], c[1]]).to_f32())
-            .collect(),
-        Dtype::F16 => d
-            .chunks_exact(2)
-            .map(|c| half::f16::from_le_bytes([c[0], c[1]]).to_f32())
-            .collect(),
-        Dtype::I64 => d
-            .chunks_exact(8)
-            .map(|c| i64::from_le_bytes(c.try_into().unwrap()) as f32)
-            .collect(),
-        Dtype::I32 => d
-            .chunks_exact(4)
-            .map(|c| i32::from_le_bytes(c.try_into().unwrap()) as f32)
-            .collect(),
-        Dtype::BOOL | Dtype::U8 => d.iter().map(|&b| f32::from(b)).collect(),
-        other => {
-            return Err(AttnError::DType {
-                arg: format!("{flag} tensor `{name}`"),
-                expected: "f32, f64, bf16, f16, i64, i32, u8 or bool".into(),
-                got: format!("{other:?}"),
-            })
-        }
-    };
-    Tensor::new(view.shape(), data)
-}
-
-fn run_layer(a: &LayerArgs) -> Result<()> {
-    let device = Device::from_flag(&a.device)?;
-    eprintln!("attn: running on the {device}");
-    let dims = RuntimeDims {
-        heads: a.heads,
-        groups: a.groups,
-        head_dim: a.head_dim,
-        hidden: a.hidden,
-    };
-    let config = SpecLayer::config_from_str(&a.spec, &dims)?;
-    let weights = WeightStore::from_file(&a.weights)?;
-    let (layer, hf) = SpecLayer::load_named(config, &weights, &a.prefix, a.names)?;
+/// The layer of `--spec`, the dimension flags and `--weights` (Megatron or Hugging Face
+/// names), with the flags named in its errors.
+fn load_layer(
+    spec: &str,
+    dims: &args::DimArgs,
+    weights: &Path,
+    prefix: &str,
+    names: WeightNames,
+) -> Result<SpecLayer> {
+    let config = SpecLayer::config_from_str(spec, &dims.into()).map_err(data::relabel_config)?;
+    let weights =
+        WeightStore::from_file(weights).map_err(|e| data::relabel_file(e, "--weights"))?;
+    let (layer, hf) = SpecLayer::load_named(config, &weights, prefix, names)
+        .map_err(|e| data::relabel_file(e, "--weights"))?;
     if let Some(layout) = hf {
         eprintln!("attn: weights: {layout}");
     }
+    Ok(layer)
+}
 
-    let input = read_tensor(&a.input, &a.input_name, "--input")?;
-    let positions: Option<Vec<i64>> = a
-        .positions
-        .as_deref()
-        .map(|p| read_tensor(p, "positions", "--positions"))
-        .transpose()?
-        .map(|t| t.data().iter().map(|&x| x as i64).collect());
-    let mask = a
-        .mask_file
-        .as_deref()
-        .map(|p| read_tensor(p, "attention_mask", "--mask-file"))
-        .transpose()?;
-    let bias = a
-        .bias_file
-        .as_deref()
-        .map(|p| read_tensor(p, "attention_bias", "--bias-file"))
-        .transpose()?;
-    let context = a
-        .context
-        .as_deref()
-        .map(|p| read_tensor(p, "context", "--context"))
-        .transpose()?;
+/// Write `tensors` to the file `--output` gives.
+fn save_output(path: &Path, tensors: &[(String, Tensor)]) -> Result<()> {
+    WeightStore::save(path, tensors).map_err(|e| data::relabel_file(e, "--output"))?;
+    eprintln!("attn: wrote {}", path.display());
+    Ok(())
+}
 
-    let args = ForwardArgs {
-        attention_mask: mask.as_ref(),
-        attention_bias: bias.as_ref(),
-        key_value_states: context.as_ref(),
-        positions: positions.as_deref(),
-        ..ForwardArgs::default()
-    };
+fn run_layer(a: &LayerArgs) -> Result<()> {
+    a.data.check()?;
+    let device = args::open_device(&a.device)?;
+    eprintln!("attn: running on the {device}");
+    let layer = load_layer(&a.spec, &a.dims, &a.weights, &a.prefix, a.names)?;
+    let data = a.data.read()?;
+    let args = data.forward_args();
     let out = match &device {
         Device::Cuda(d) => {
-            attention_runtime::cuda::CudaLayer::new(&layer, d)?.forward(&input, &args)?
+            attention_runtime::cuda::CudaLayer::new(&layer, d)?.forward(&data.input, &args)
         }
-        Device::Cpu => layer.forward(&input, &args)?,
-    };
+        Device::Cpu => layer.forward(&data.input, &args),
+    }
+    .map_err(|e| data.labels.relabel(e))?;
     let mut tensors = vec![("output".to_string(), out.output)];
     if let Some(b) = out.bias {
         tensors.push(("output_bias".to_string(), b));
     }
-    WeightStore::save(&a.output, &tensors)?;
-    eprintln!("attn: wrote {}", a.output.display());
-    Ok(())
+    save_output(&a.output, &tensors)
 }
 
 fn run_backward(a: &BackwardArgs) -> Result<()> {
-    use attention_runtime::backend::{CpuLayer, TrainLayer};
-    use attention_runtime::train::{BackwardOptions, Recompute, TrainOptions};
+    use attention_runtime::train::{Recompute, TrainOptions};
+    a.data.check()?;
     // The device first (a missing GPU is a typed error before any file is read).
-    let device = Device::from_flag(&a.device)?;
+    let device = args::open_device(&a.device)?;
     let recompute = match a.recompute.as_str() {
         "none" => Recompute::None,
         "core_attention" => Recompute::CoreAttention,
@@ -343,88 +158,25 @@ fn run_backward(a: &BackwardArgs) -> Result<()> {
         }
     };
     eprintln!("attn: running on the {device}");
-    let dims = RuntimeDims {
-        heads: a.heads,
-        groups: a.groups,
-        head_dim: a.head_dim,
-        hidden: a.hidden,
+    let layer = load_layer(
+        &a.spec,
+        &a.dims,
+        &a.weights,
+        &a.prefix,
+        WeightNames::Megatron,
+    )?;
+    let mut data = a.data.read()?;
+    let grad_src = data::Source {
+        flag: "--grad-output",
+        path: &a.grad_output,
+        name: "grad_output",
     };
-    let config = SpecLayer::config_from_str(&a.spec, &dims)?;
-    let weights = WeightStore::from_file(&a.weights)?;
-    let layer = SpecLayer::load(config, &weights, &a.prefix)?;
-    let input = read_tensor(&a.input, "input", "--input")?;
-    let grad_output = read_float_tensor(&a.grad_output, "grad_output", "--grad-output")?;
-    let positions: Option<Vec<i64>> = a
-        .positions
-        .as_deref()
-        .map(|p| read_tensor(p, "positions", "--positions"))
-        .transpose()?
-        .map(|t| t.data().iter().map(|&x| x as i64).collect());
-    let mask = a
-        .mask_file
-        .as_deref()
-        .map(|p| read_tensor(p, "attention_mask", "--mask-file"))
-        .transpose()?;
-    let bias = a
-        .bias_file
-        .as_deref()
-        .map(|p| read_tensor(p, "attention_bias", "--bias-file"))
-        .transpose()?;
-    let context = a
-        .context
-        .as_deref()
-        .map(|p| read_tensor(p, &a.context_name, "--context"))
-        .transpose()?;
-    let args = ForwardArgs {
-        attention_mask: mask.as_ref(),
-        attention_bias: bias.as_ref(),
-        key_value_states: context.as_ref(),
-        positions: positions.as_deref(),
-        ..ForwardArgs::default()
-    };
+    data.labels.add("grad_output", grad_src.label());
+    let grad_output = data::read_float(grad_src)?;
     let output_bias = layer.parts().output_bias().cloned();
-    let opts = BackwardOptions {
-        delay_wgrad: a.delay_wgrad,
-        want_bias_grad: bias.is_some(),
-        deterministic: a.deterministic,
-    };
     let topts = TrainOptions { recompute };
-    let (output, grads) = match &device {
-        Device::Cpu => {
-            let cpu = CpuLayer::new(layer);
-            let (output, mut saved) = cpu.forward_train(&input, &args, &topts)?;
-            let mut grads = cpu.backward(&mut saved, &grad_output, &opts)?;
-            if a.delay_wgrad {
-                grads.params.extend(cpu.backward_dw(&mut saved)?);
-            }
-            (output, grads)
-        }
-        Device::Cuda(d) => {
-            // The layer's dtype on the GPU; every result comes back as f32.
-            use attention_runtime::backend::{Backend, BackendLayer};
-            let gpu = attention_runtime::cuda::CudaLayer::new(&layer, d)?;
-            let be = gpu.backend();
-            let x = be.upload(&input)?;
-            let dy = be.upload(&grad_output)?;
-            let (y, mut saved) = gpu.forward_train(&x, &args, &topts)?;
-            let mut g = gpu.backward(&mut saved, &dy, &opts)?;
-            if a.delay_wgrad {
-                g.params.extend(gpu.backward_dw(&mut saved)?);
-            }
-            let host = |t: &attention_runtime::cuda::DeviceTensor| be.download(t);
-            let grads = attention_runtime::train::LayerGrads {
-                grad_input: host(&g.grad_input)?,
-                grad_key_value_states: g.grad_key_value_states.as_ref().map(host).transpose()?,
-                grad_attention_bias: g.grad_attention_bias.as_ref().map(host).transpose()?,
-                params: g
-                    .params
-                    .iter()
-                    .map(|(k, t)| Ok((k.clone(), host(t)?)))
-                    .collect::<Result<_>>()?,
-            };
-            (host(&y)?, grads)
-        }
-    };
+    let (output, grads) = train_step(a, &device, layer, &data, &grad_output, &topts)
+        .map_err(|e| data.labels.relabel(e))?;
     let mut tensors = vec![("output".to_string(), output)];
     if let Some(b) = output_bias {
         tensors.push(("output_bias".to_string(), b));
@@ -442,32 +194,63 @@ fn run_backward(a: &BackwardArgs) -> Result<()> {
             .into_iter()
             .map(|(k, t)| (format!("grad.{k}"), t)),
     );
-    WeightStore::save(&a.output, &tensors)?;
-    eprintln!("attn: wrote {}", a.output.display());
-    Ok(())
+    save_output(&a.output, &tensors)
 }
 
-/// [`read_tensor`] for a gradient: a float dtype only (an integer or bool gradient is a
-/// mistake, not something to convert).
-fn read_float_tensor(path: &Path, name: &str, flag: &str) -> Result<Tensor> {
-    let bytes = std::fs::read(path).map_err(|e| io_err(path, e))?;
-    let st = SafeTensors::deserialize(&bytes).map_err(|e| AttnError::Safetensors {
-        path: path.display().to_string(),
-        msg: e.to_string(),
-    })?;
-    if let Ok(view) = st.tensor(name) {
-        if !matches!(
-            view.dtype(),
-            Dtype::F32 | Dtype::F64 | Dtype::BF16 | Dtype::F16
-        ) {
-            return Err(AttnError::DType {
-                arg: format!("{flag} tensor `{name}`"),
-                expected: "a float dtype: f32 (f64, bf16, f16 are converted)".into(),
-                got: format!("{:?}", view.dtype()),
-            });
+/// `forward_train`, then `backward` (and `backward_dw` with `--delay-wgrad`) on `device`;
+/// the output and every gradient come back as host f32 tensors.
+fn train_step(
+    a: &BackwardArgs,
+    device: &Device,
+    layer: SpecLayer,
+    data: &args::Data,
+    grad_output: &Tensor,
+    topts: &attention_runtime::train::TrainOptions,
+) -> Result<(Tensor, attention_runtime::train::LayerGrads<Tensor>)> {
+    use attention_runtime::backend::{CpuLayer, TrainLayer};
+    use attention_runtime::train::BackwardOptions;
+    let args = data.forward_args();
+    let opts = BackwardOptions {
+        delay_wgrad: a.delay_wgrad,
+        want_bias_grad: data.bias.is_some(),
+        deterministic: a.deterministic,
+    };
+    match device {
+        Device::Cpu => {
+            let cpu = CpuLayer::new(layer);
+            let (output, mut saved) = cpu.forward_train(&data.input, &args, topts)?;
+            let mut grads = cpu.backward(&mut saved, grad_output, &opts)?;
+            if a.delay_wgrad {
+                grads.params.extend(cpu.backward_dw(&mut saved)?);
+            }
+            Ok((output, grads))
+        }
+        Device::Cuda(d) => {
+            // The layer's dtype on the GPU; every result comes back as f32.
+            use attention_runtime::backend::{Backend, BackendLayer};
+            let gpu = attention_runtime::cuda::CudaLayer::new(&layer, d)?;
+            let be = gpu.backend();
+            let x = be.upload(&data.input)?;
+            let dy = be.upload(grad_output)?;
+            let (y, mut saved) = gpu.forward_train(&x, &args, topts)?;
+            let mut g = gpu.backward(&mut saved, &dy, &opts)?;
+            if a.delay_wgrad {
+                g.params.extend(gpu.backward_dw(&mut saved)?);
+            }
+            let host = |t: &attention_runtime::cuda::DeviceTensor| be.download(t);
+            let grads = attention_runtime::train::LayerGrads {
+                grad_input: host(&g.grad_input)?,
+                grad_key_value_states: g.grad_key_value_states.as_ref().map(host).transpose()?,
+                grad_attention_bias: g.grad_attention_bias.as_ref().map(host).transpose()?,
+                params: g
+                    .params
+                    .iter()
+                    .map(|(k, t)| Ok((k.clone(), host(t)?)))
+                    .collect::<Result<_>>()?,
+            };
+            Ok((host(&y)?, grads))
         }
     }
-    read_tensor(path, name, flag)
 }
 
 /// Write to stdout; a closed pipe (`attn catalog | head`) ends the output quietly.
@@ -499,16 +282,9 @@ fn run_catalog() -> Result<()> {
 
 fn run_render(spec: &str, head_dim: Option<usize>) -> Result<()> {
     let spec = attention_codegen::parse_spec(spec)?;
-    let kernels = match (spec.head_dims.is_empty(), head_dim) {
-        (true, Some(hd)) => render::kernels_for_spec_with_head_dim(&spec, hd),
-        (true, None) => {
-            return Err(AttnError::InvalidArgument {
-                arg: "--head-dim".into(),
-                expected: "a head dim, since the spec leaves head_dim out".into(),
-                got: "nothing".into(),
-            })
-        }
-        (false, _) => render::kernels_for_spec(&spec),
+    let kernels = match pick_head_dim(&spec, head_dim)? {
+        Some(hd) => render::kernels_for_spec_with_head_dim(&spec, hd),
+        None => render::kernels_for_spec(&spec),
     }
     .map_err(|e| AttnError::Render(e.to_string()))?;
     let mut out = std::io::stdout().lock();
@@ -519,6 +295,32 @@ fn run_render(spec: &str, head_dim: Option<usize>) -> Result<()> {
         )?;
     }
     Ok(())
+}
+
+/// The head dim `--head-dim` picks for `spec` (`render`, `aot`): `None` for every head dim
+/// the spec lists.
+///
+/// Errors: [`AttnError::InvalidArgument`] naming `--head-dim` when the spec lists no head dim
+/// and the flag is missing, or the flag names one the spec does not list.
+fn pick_head_dim(
+    spec: &attention_codegen::AttentionSpec,
+    head_dim: Option<usize>,
+) -> Result<Option<usize>> {
+    match head_dim {
+        None if spec.head_dims.is_empty() => Err(AttnError::InvalidArgument {
+            arg: "--head-dim".into(),
+            expected: "a head dim, since the spec leaves head_dim out".into(),
+            got: "nothing".into(),
+        }),
+        Some(hd) if !spec.head_dims.is_empty() && !spec.head_dims.contains(&hd) => {
+            Err(AttnError::InvalidArgument {
+                arg: "--head-dim".into(),
+                expected: format!("one of the spec's head dims {:?}", spec.head_dims),
+                got: hd.to_string(),
+            })
+        }
+        hd => Ok(hd),
+    }
 }
 
 /// Arguments of `attn aot`.
@@ -553,22 +355,9 @@ fn aot_configs(a: &AotArgs, target: registry::Target) -> Result<Vec<render::Kern
         None => catalog::catalog_configs(target),
         Some(s) => {
             let spec = attention_codegen::parse_spec(s)?;
-            match (a.head_dim, spec.head_dims.is_empty()) {
-                (Some(hd), _) if !spec.head_dims.is_empty() && !spec.head_dims.contains(&hd) => {
-                    Err(render::RenderError::HeadDimNotInSpec {
-                        head_dim: hd,
-                        spec: spec.head_dims.clone(),
-                    })
-                }
-                (Some(hd), _) => registry::kernels_for(&spec, hd, target),
-                (None, false) => registry::kernels_for_spec_head_dims(&spec, target),
-                (None, true) => {
-                    return Err(AttnError::InvalidArgument {
-                        arg: "--head-dim".into(),
-                        expected: "a head dim, since the spec leaves head_dim out".into(),
-                        got: "nothing".into(),
-                    })
-                }
+            match pick_head_dim(&spec, a.head_dim)? {
+                Some(hd) => registry::kernels_for(&spec, hd, target),
+                None => registry::kernels_for_spec_head_dims(&spec, target),
             }
         }
     };

@@ -128,8 +128,13 @@ pub fn run_backward(opts: &BackwardOptions) -> Result<String> {
     let dev = cuda_device()?;
     let ctx = dev.context.clone();
     let stream = ctx.default_stream();
-    check_divisors("seqlens", "total_tokens", opts.total_tokens, &opts.seqlens)?;
-    check_divisors("head_dims", "hidden", opts.hidden, &opts.head_dims)?;
+    check_divisors(
+        "--seqlens",
+        "--total-tokens",
+        opts.total_tokens,
+        &opts.seqlens,
+    )?;
+    check_divisors("--head-dims", "--hidden", opts.hidden, &opts.head_dims)?;
 
     let n = opts.total_tokens * opts.hidden;
     let min_hd = opts.head_dims.iter().min().copied().unwrap_or(64);

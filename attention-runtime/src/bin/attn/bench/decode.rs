@@ -324,20 +324,20 @@ pub fn run_decode(opts: &DecodeOptions) -> Result<String> {
     };
     if opts.groups == 0 || opts.heads == 0 || !opts.heads.is_multiple_of(opts.groups) {
         return Err(bad(
-            "heads",
-            "a positive multiple of groups",
+            "--heads",
+            "a positive multiple of --groups",
             format!("heads {} groups {}", opts.heads, opts.groups),
         ));
     }
     if opts.contexts.contains(&0) || opts.batches.contains(&0) {
         return Err(bad(
-            "contexts/batches",
+            "--contexts/--batches",
             "positive values",
             format!("{:?} / {:?}", opts.contexts, opts.batches),
         ));
     }
     if opts.reps == 0 {
-        return Err(bad("reps", "at least 1", "0".into()));
+        return Err(bad("--reps", "at least 1", "0".into()));
     }
     let dev = cuda_device()?;
     let rt = attention_runtime::cuda::CudaRuntime::get(&dev)?;

@@ -82,7 +82,7 @@ impl Cases {
                 }
                 other => {
                     return Err(AttnError::InvalidArgument {
-                        arg: "cases".into(),
+                        arg: "--cases".into(),
                         expected: "prefill, chunk, paged, decode or all".into(),
                         got: other.into(),
                     })
@@ -465,7 +465,7 @@ fn attach_kernels(
 pub fn run_layer(o: &LayerOptions) -> Result<String> {
     if o.reps == 0 {
         return Err(AttnError::InvalidArgument {
-            arg: "reps".into(),
+            arg: "--reps".into(),
             expected: "at least 1".into(),
             got: "0".into(),
         });

@@ -111,18 +111,18 @@ pub struct BenchLayerArgs {
     /// decode (eager and graph steps), or all.
     #[arg(long, value_delimiter = ',', default_value = "all")]
     cases: Vec<String>,
-    /// Hidden size of the `custom` preset.
-    #[arg(long, default_value_t = 4096)]
-    hidden: usize,
-    /// Query heads of the `custom` preset.
-    #[arg(long, default_value_t = 32)]
-    heads: usize,
-    /// KV groups of the `custom` preset.
-    #[arg(long, default_value_t = 8)]
-    groups: usize,
-    /// Head dim of the `custom` preset.
-    #[arg(long, default_value_t = 128)]
-    head_dim: usize,
+    /// Hidden size of the `custom` preset (default 4096; only with `custom` in --presets).
+    #[arg(long)]
+    hidden: Option<usize>,
+    /// Query heads of the `custom` preset (default 32; only with `custom` in --presets).
+    #[arg(long)]
+    heads: Option<usize>,
+    /// KV groups of the `custom` preset (default 8; only with `custom` in --presets).
+    #[arg(long)]
+    groups: Option<usize>,
+    /// Head dim of the `custom` preset (default 128; only with `custom` in --presets).
+    #[arg(long)]
+    head_dim: Option<usize>,
     /// Prefill lengths (one sequence), comma separated.
     #[arg(long, value_delimiter = ',', default_value = "2048,8192,16384")]
     seqlens: Vec<usize>,
@@ -237,22 +237,67 @@ pub struct BenchPrefillArgs {
     sdpa_script: String,
 }
 
+impl BenchLayerArgs {
+    /// The `custom` preset of --hidden, --heads, --groups and --head-dim (each defaulted).
+    ///
+    /// Errors: [`AttnError::InvalidArgument`] naming the first of those flags given when
+    /// --presets has no `custom` (the flag would be ignored).
+    fn custom_shape(&self) -> Result<layer_report::LayerShape> {
+        let dims = [
+            ("--hidden", self.hidden),
+            ("--heads", self.heads),
+            ("--groups", self.groups),
+            ("--head-dim", self.head_dim),
+        ];
+        if !self.presets.iter().any(|p| p == "custom") {
+            if let Some((flag, Some(v))) = dims.iter().find(|(_, v)| v.is_some()) {
+                return Err(AttnError::InvalidArgument {
+                    arg: (*flag).into(),
+                    expected: "`custom` in --presets (the flag sets the custom preset's shape)"
+                        .into(),
+                    got: format!("{flag} {v} with --presets {}", self.presets.join(",")),
+                });
+            }
+        }
+        let (hidden, heads) = (self.hidden.unwrap_or(4096), self.heads.unwrap_or(32));
+        let (groups, head_dim) = (self.groups.unwrap_or(8), self.head_dim.unwrap_or(128));
+        Ok(layer_report::LayerShape {
+            name: format!("h{hidden}-{heads}x{head_dim}-g{groups}"),
+            hidden,
+            heads,
+            groups,
+            head_dim,
+        })
+    }
+}
+
 #[derive(clap::Args)]
 pub struct BenchBackwardArgs {
     /// Write the JSON report here, and the SVG chart beside it (same name, `.svg`).
     #[arg(long)]
     json: Option<std::path::PathBuf>,
-    /// Head dims, comma separated (each divides --hidden).
-    #[arg(long, value_delimiter = ',', default_value = "64,128,256")]
+    /// Head dims, comma separated (each divides --hidden). Not with --layer.
+    #[arg(
+        long,
+        value_delimiter = ',',
+        default_value = "64,128,256",
+        conflicts_with = "layer"
+    )]
     head_dims: Vec<usize>,
-    /// Sequence lengths, comma separated (each divides --total-tokens).
-    #[arg(long, value_delimiter = ',', default_value = "2048,4096,8192,16384")]
+    /// Sequence lengths, comma separated (each divides --total-tokens). Not with --layer
+    /// (see --layer-seqlens).
+    #[arg(
+        long,
+        value_delimiter = ',',
+        default_value = "2048,4096,8192,16384",
+        conflicts_with = "layer"
+    )]
     seqlens: Vec<usize>,
-    /// Tokens per launch (batch = total / seqlen).
-    #[arg(long, default_value_t = 16384)]
+    /// Tokens per launch (batch = total / seqlen). Not with --layer.
+    #[arg(long, default_value_t = 16384, conflicts_with = "layer")]
     total_tokens: usize,
-    /// Model width: heads = hidden / head_dim.
-    #[arg(long, default_value_t = 2048)]
+    /// Model width: heads = hidden / head_dim. Not with --layer.
+    #[arg(long, default_value_t = 2048, conflicts_with = "layer")]
     hidden: usize,
     /// Timed launches per shape (median reported).
     #[arg(long, default_value_t = 10)]
@@ -260,20 +305,35 @@ pub struct BenchBackwardArgs {
     /// Untimed launches per shape first.
     #[arg(long, default_value_t = 3)]
     warmup: usize,
-    /// The SDPA baseline script, run with `--mode backward` (`none` to skip).
-    #[arg(long, default_value = "scripts/bench_sdpa.py")]
+    /// The SDPA baseline script, run with `--mode backward` (`none` to skip). Not with
+    /// --layer (see --torch-script).
+    #[arg(
+        long,
+        default_value = "scripts/bench_sdpa.py",
+        conflicts_with = "layer"
+    )]
     sdpa_script: String,
     /// Time the layer's training step (forward + backward) instead of the kernels.
     #[arg(long)]
     layer: bool,
     /// --layer: layer presets, comma separated (`llama3-8b`, `llama3.2-1b` or `hd64`).
-    #[arg(long, value_delimiter = ',', default_value = "llama3-8b")]
+    #[arg(
+        long,
+        value_delimiter = ',',
+        default_value = "llama3-8b",
+        requires = "layer"
+    )]
     presets: Vec<String>,
     /// --layer: sequence lengths (one sequence each), comma separated.
-    #[arg(long, value_delimiter = ',', default_value = "2048,8192")]
+    #[arg(
+        long,
+        value_delimiter = ',',
+        default_value = "2048,8192",
+        requires = "layer"
+    )]
     layer_seqlens: Vec<usize>,
     /// --layer: the PyTorch layer script, run with `--train-seqlens` (`none` to skip).
-    #[arg(long, default_value = "scripts/bench_layer.py")]
+    #[arg(long, default_value = "scripts/bench_layer.py", requires = "layer")]
     torch_script: String,
 }
 
@@ -287,7 +347,7 @@ pub fn run(cmd: &BenchCommand) -> Result<()> {
                 .iter()
                 .map(|p| {
                     layer_report::LayerShape::preset(p).ok_or_else(|| AttnError::InvalidArgument {
-                        arg: "presets".into(),
+                        arg: "--presets".into(),
                         expected: "llama3-8b, llama3.2-1b (hd64)".into(),
                         got: p.clone(),
                     })
@@ -319,19 +379,14 @@ pub fn run(cmd: &BenchCommand) -> Result<()> {
             return Ok(());
         }
         BenchCommand::Layer(l) => {
+            let custom = l.custom_shape()?;
             let mut shapes = Vec::new();
             for p in &l.presets {
                 let shape = match p.as_str() {
-                    "custom" => layer_report::LayerShape {
-                        name: format!("h{}-{}x{}-g{}", l.hidden, l.heads, l.head_dim, l.groups),
-                        hidden: l.hidden,
-                        heads: l.heads,
-                        groups: l.groups,
-                        head_dim: l.head_dim,
-                    },
+                    "custom" => custom.clone(),
                     name => layer_report::LayerShape::preset(name).ok_or_else(|| {
                         AttnError::InvalidArgument {
-                            arg: "presets".into(),
+                            arg: "--presets".into(),
                             expected: "llama3-8b, llama3.2-1b (hd64) or custom".into(),
                             got: name.into(),
                         }
@@ -394,14 +449,14 @@ pub fn run(cmd: &BenchCommand) -> Result<()> {
         let (hd, tile) = t
             .split_once(':')
             .ok_or_else(|| AttnError::InvalidArgument {
-                arg: "tiles".into(),
+                arg: "--tiles".into(),
                 expected: "<head_dim>:m<M>n<N>w<warps>s<stages>".into(),
                 got: t.clone(),
             })?;
         let hd = hd
             .parse::<usize>()
             .map_err(|_| AttnError::InvalidArgument {
-                arg: "tiles".into(),
+                arg: "--tiles".into(),
                 expected: "a head dim before ':'".into(),
                 got: t.clone(),
             })?;

@@ -67,7 +67,7 @@ pub fn overhead(call_ms: f64, kernel_ms: f64) -> f64 {
 
 fn bad(expected: &str, got: impl Into<String>) -> AttnError {
     AttnError::InvalidArgument {
-        arg: "ncu csv".into(),
+        arg: "--ncu-csv".into(),
         expected: expected.into(),
         got: got.into(),
     }

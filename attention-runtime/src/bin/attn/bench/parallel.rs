@@ -57,8 +57,8 @@ pub struct ParallelOptions {
 }
 
 impl ParallelOptions {
-    /// Errors: [`AttnError::InvalidArgument`] for a TP size other than 1 or 2 (`tp`), no
-    /// lengths or a zero length (`seqlens`), zero `reps`.
+    /// Errors: [`AttnError::InvalidArgument`] for a TP size other than 1 or 2 (`--tp`), no
+    /// lengths or a zero length (`--seqlens`), zero `--reps`.
     pub fn validate(&self) -> Result<()> {
         let bad = |arg: &str, expected: &str, got: String| {
             Err(AttnError::InvalidArgument {
@@ -69,20 +69,20 @@ impl ParallelOptions {
         };
         if self.tps.is_empty() || self.tps.iter().any(|&t| t != 1 && t != 2) {
             return bad(
-                "tp",
+                "--tp",
                 "1 and/or 2 (two GPUs of one host)",
                 format!("{:?}", self.tps),
             );
         }
         if self.seqlens.is_empty() || self.seqlens.contains(&0) {
             return bad(
-                "seqlens",
+                "--seqlens",
                 "one or more lengths > 0",
                 format!("{:?}", self.seqlens),
             );
         }
         if self.reps == 0 {
-            return bad("reps", "at least 1", "0".into());
+            return bad("--reps", "at least 1", "0".into());
         }
         Ok(())
     }
@@ -349,7 +349,7 @@ mod tests {
         o.tps = vec![1, 4];
         match o.validate() {
             Err(AttnError::InvalidArgument { arg, got, .. }) => {
-                assert_eq!(arg, "tp");
+                assert_eq!(arg, "--tp");
                 assert_eq!(got, "[1, 4]");
             }
             r => panic!("{r:?}"),
@@ -357,18 +357,18 @@ mod tests {
         let mut o = opts();
         o.seqlens = vec![0];
         assert!(
-            matches!(o.validate(), Err(AttnError::InvalidArgument { arg, .. }) if arg == "seqlens")
+            matches!(o.validate(), Err(AttnError::InvalidArgument { arg, .. }) if arg == "--seqlens")
         );
         let mut o = opts();
         o.reps = 0;
         assert!(
-            matches!(o.validate(), Err(AttnError::InvalidArgument { arg, .. }) if arg == "reps")
+            matches!(o.validate(), Err(AttnError::InvalidArgument { arg, .. }) if arg == "--reps")
         );
         // A bad option is the error even here (no GPU in CI): validation comes first.
         let mut o = opts();
         o.tps = vec![3];
         assert!(
-            matches!(run_parallel(&o), Err(AttnError::InvalidArgument { arg, .. }) if arg == "tp")
+            matches!(run_parallel(&o), Err(AttnError::InvalidArgument { arg, .. }) if arg == "--tp")
         );
     }
 

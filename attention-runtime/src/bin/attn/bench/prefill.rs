@@ -73,7 +73,7 @@ impl Default for PrefillOptions {
 /// Parse a tile spelled `m<block_m>n<block_n>w<warps>s<stages>` (the key suffix).
 pub fn parse_tile(s: &str) -> Result<PrefillTile> {
     let bad = || AttnError::InvalidArgument {
-        arg: "tile".into(),
+        arg: "--tiles".into(),
         expected: "m<block_m>n<block_n>w<warps>s<stages>, e.g. m128n64w4s2".into(),
         got: s.to_string(),
     };
@@ -189,8 +189,8 @@ pub fn run_prefill(opts: &PrefillOptions) -> Result<String> {
     for &s in &opts.seqlens {
         if s == 0 || !opts.total_tokens.is_multiple_of(s) {
             return Err(AttnError::InvalidArgument {
-                arg: "seqlens".into(),
-                expected: format!("divisors of total_tokens = {}", opts.total_tokens),
+                arg: "--seqlens".into(),
+                expected: format!("divisors of --total-tokens = {}", opts.total_tokens),
                 got: s.to_string(),
             });
         }
@@ -198,7 +198,7 @@ pub fn run_prefill(opts: &PrefillOptions) -> Result<String> {
     for &hd in &opts.head_dims {
         if hd == 0 || !opts.hidden.is_multiple_of(hd) {
             return Err(AttnError::InvalidArgument {
-                arg: "head_dims".into(),
+                arg: "--head-dims".into(),
                 expected: format!("divisors of hidden = {}", opts.hidden),
                 got: hd.to_string(),
             });
