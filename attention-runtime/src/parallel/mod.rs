@@ -31,6 +31,7 @@ pub mod comm;
 pub mod cp;
 pub mod cp_core;
 pub mod cp_layout;
+pub mod cp_plan;
 pub mod in_process;
 pub mod nccl;
 pub mod nccl_id;
