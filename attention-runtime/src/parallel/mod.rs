@@ -29,7 +29,10 @@
 
 pub mod comm;
 pub mod cp;
+pub mod cp_call;
 pub mod cp_core;
+pub mod cp_cuda;
+mod cp_cuda_core;
 pub mod cp_layout;
 pub mod cp_plan;
 pub mod in_process;
@@ -49,6 +52,7 @@ use crate::error::AttnError;
 pub use comm::Communicator;
 pub use cp::CpLayer;
 pub use cp_core::CpCoreAttention;
+pub use cp_cuda::CpCudaLayer;
 pub use cp_layout::CpLayout;
 pub use in_process::{run_ranks, InProcessComm};
 pub use nccl::NcclComm;
