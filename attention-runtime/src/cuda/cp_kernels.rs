@@ -327,7 +327,7 @@ impl LoadedCp {
             src.numel() * src.elem().size(),
             dst.numel() * dst.elem().size(),
         );
-        let row_bytes = if rows == 0 { 0 } else { db / rows };
+        let row_bytes = db.checked_div(rows).unwrap_or(0);
         if dst.elem() != src.elem()
             || row_bytes * rows != db
             || !row_bytes.is_multiple_of(16)

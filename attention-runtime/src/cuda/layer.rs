@@ -91,7 +91,7 @@ mod prefill;
 mod qk_clip;
 mod train;
 
-pub(crate) use cp::{CpAcc, CpAttnKernel, CpQkv};
+pub(crate) use cp::{CpAcc, CpAttnKernel, CpLaunch, CpQkv};
 pub use train::CudaSaved;
 
 fn bad(arg: &str, expected: impl Into<String>, got: impl Into<String>) -> AttnError {

@@ -141,7 +141,7 @@ impl<C: Communicator<Tensor = DeviceTensor>> CpCudaLayer<C> {
         }
         // Everything that can fail on the host before anything is queued: the plan, its
         // kernels, the helpers.
-        let (plan, kernels) = Plan::new(&self.layer, self.layout, &call, self.comm_type)?;
+        let plan = Plan::new(&self.layer, self.layout, &call, self.comm_type)?;
         let h = self.layer.cp_helpers()?;
         let st = self.layer.runtime().stream();
         // Padded with b > 1: batch-major rows.
@@ -168,20 +168,10 @@ impl<C: Communicator<Tensor = DeviceTensor>> CpCudaLayer<C> {
             args.rope_mscale,
         )?;
         drop(x);
+        let (layer, comm, layout) = (&self.layer, &self.comm, self.layout);
         let o = match &plan {
-            Plan::Ulysses(kern) => {
-                ulysses(&self.layer, &self.comm, self.layout, &call, kern, &qkv, &h)?
-            }
-            _ => by_kv(
-                &self.layer,
-                &self.comm,
-                self.layout,
-                &call,
-                &plan,
-                &kernels,
-                &qkv,
-                &h,
-            )?,
+            Plan::Ulysses(kern, tab) => ulysses(layer, comm, layout, &call, (kern, tab), &qkv, &h)?,
+            _ => by_kv(layer, comm, layout, &call, &plan, &qkv, &h)?,
         };
         drop(qkv);
         let y = self.layer.cp_output(o)?;

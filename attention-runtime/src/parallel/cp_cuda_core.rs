@@ -19,16 +19,18 @@ use super::comm::Communicator;
 use super::cp_call::CpCall;
 use super::cp_layout::CpLayout;
 use super::cp_plan::{self, KernelKind, Launch};
-use crate::cuda::cp_kernels::{upload_index, LoadedCp};
-use crate::cuda::layer::{CpAttnKernel, CpQkv};
-use crate::cuda::{CudaLayer, DeviceTensor};
-use crate::error::Result;
+use cudarc::driver::CudaSlice;
 
-/// The kernels of the kinds `launches` use, loaded (before anything is queued).
+use crate::cuda::cp_kernels::{upload_index, LoadedCp, RowIndex};
+use crate::cuda::layer::{CpAcc, CpAttnKernel, CpLaunch, CpQkv};
+use crate::cuda::{CudaLayer, DeviceTensor};
+use crate::error::{AttnError, Result};
+
+/// The kernels of the kinds a plan's launches use, loaded before anything is queued.
 pub(crate) struct Kernels(Vec<(KernelKind, CpAttnKernel)>);
 
 impl Kernels {
-    pub(crate) fn load<'a>(
+    fn load<'a>(
         layer: &CudaLayer,
         call: &CpCall,
         launches: impl IntoIterator<Item = &'a Launch>,
@@ -42,59 +44,111 @@ impl Kernels {
         Ok(Kernels(out))
     }
 
-    fn get(&self, kind: KernelKind) -> &CpAttnKernel {
-        // Every launch's kind was loaded by `load` from the same plans.
-        &self
-            .0
+    fn get(&self, kind: KernelKind) -> Result<&CpAttnKernel> {
+        self.0
             .iter()
             .find(|(k, _)| *k == kind)
-            .expect("kernel of a planned launch")
-            .1
+            .map(|(_, k)| k)
+            .ok_or_else(|| AttnError::Render(format!("no kernel loaded for a {kind:?} launch")))
     }
 }
 
-/// The plan of a call, made on the host before anything is queued.
+/// The index tables of `a2a` on the device.
+pub(crate) struct UlyssesTables {
+    /// `[t, np]` heads -> `[cp][t]` head blocks (any head count: rows of one block).
+    split: RowIndex,
+    /// `[cp (owner)][t]` -> whole-sequence order.
+    to_global: RowIndex,
+    /// Whole-sequence order -> `[cp (owner)][t]`.
+    back: RowIndex,
+    /// `[cp (head block)][t]` -> `[t, np]`.
+    merge: RowIndex,
+    /// The whole batch's `cu_seqlens`, int32.
+    cu: CudaSlice<i32>,
+}
+
+/// The plan of a call, made and uploaded before anything is queued.
 pub(crate) enum Plan {
-    /// `p2p`: per ring step (source rank), its launches.
-    Ring(Vec<(usize, Vec<Launch>)>),
-    /// `all_gather`: launches over the whole-sequence K/V.
-    Gathered(Vec<Launch>),
-    /// `a2a`: the layer's kernel over whole sequences.
-    Ulysses(CpAttnKernel),
+    /// `p2p`: per ring step, its launches (step `i` attends rank `rank - i`'s block).
+    Ring(Vec<Vec<CpLaunch>>, Kernels),
+    /// `all_gather`: launches over the whole-sequence K/V, and the gather index from the
+    /// all-gathered `[cp][2][t]` rows to `[2][t cp]` in sequence order.
+    Gathered(Vec<CpLaunch>, Kernels, RowIndex),
+    /// `a2a`: the layer's own kernel over whole sequences, and the index tables.
+    Ulysses(CpAttnKernel, Box<UlyssesTables>),
+}
+
+fn upload_all(layer: &CudaLayer, call: &CpCall, launches: Vec<Launch>) -> Result<Vec<CpLaunch>> {
+    launches
+        .into_iter()
+        .map(|l| layer.cp_upload_launch(l, call.vis))
+        .collect()
 }
 
 impl Plan {
-    /// Plan `call` for `comm_type` and load its kernels.
+    /// Plan `call` for `comm_type`: launches and their metadata, kernels, index tables.
     pub(crate) fn new(
         layer: &CudaLayer,
         layout: CpLayout,
         call: &CpCall,
         comm_type: super::CpCommType,
-    ) -> Result<(Plan, Kernels)> {
+    ) -> Result<Plan> {
         use super::CpCommType::*;
-        let cp = layout.cp_size;
+        let (cp, t) = (layout.cp_size, call.rows());
+        let st = layer.runtime().stream();
+        let src = cp_plan::global_sources(layout, &call.local_cu);
         Ok(match comm_type {
             P2p => {
                 let steps = (0..cp)
                     .map(|step| {
-                        let src = (layout.cp_rank + cp - step) % cp;
-                        let jobs = cp_plan::p2p_jobs(layout, &call.local_cu, src, call.vis);
-                        Ok((src, cp_plan::pack(jobs)?))
+                        let from = (layout.cp_rank + cp - step) % cp;
+                        cp_plan::pack(cp_plan::p2p_jobs(layout, &call.local_cu, from, call.vis))
                     })
                     .collect::<Result<Vec<_>>>()?;
-                let k = Kernels::load(layer, call, steps.iter().flat_map(|s| &s.1))?;
-                (Plan::Ring(steps), k)
+                let k = Kernels::load(layer, call, steps.iter().flatten())?;
+                let steps = steps
+                    .into_iter()
+                    .map(|l| upload_all(layer, call, l))
+                    .collect::<Result<_>>()?;
+                Plan::Ring(steps, k)
             }
             AllGather => {
                 let jobs = cp_plan::all_gather_jobs(layout, &call.local_cu, call.vis);
                 let launches = cp_plan::pack(jobs)?;
                 let k = Kernels::load(layer, call, &launches)?;
-                (Plan::Gathered(launches), k)
+                let idx: Vec<usize> = (0..2)
+                    .flat_map(|half| src.iter().map(move |&(o, lr)| o * 2 * t + half * t + lr))
+                    .collect();
+                let idx = upload_index(st, &idx, cp * 2 * t)?;
+                Plan::Gathered(upload_all(layer, call, launches)?, k, idx)
             }
-            A2a => (
-                Plan::Ulysses(layer.cp_whole_kernel(call.mask)?),
-                Kernels(Vec::new()),
-            ),
+            A2a => {
+                let big = t * cp;
+                let to_global: Vec<usize> = src.iter().map(|&(o, lr)| o * t + lr).collect();
+                let mut back = vec![0usize; big];
+                for (g, &(o, lr)) in src.iter().enumerate() {
+                    back[o * t + lr] = g;
+                }
+                let cu: Vec<i32> = call
+                    .global_cu
+                    .iter()
+                    .map(|&x| {
+                        i32::try_from(x).map_err(|_| AttnError::InvalidArgument {
+                            arg: "cu_seqlens_q".into(),
+                            expected: "offsets that fit in int32".into(),
+                            got: x.to_string(),
+                        })
+                    })
+                    .collect::<Result<_>>()?;
+                let tables = UlyssesTables {
+                    split: upload_index(st, &cp_plan::head_split_index(t, cp), big)?,
+                    to_global: upload_index(st, &to_global, big)?,
+                    back: upload_index(st, &back, big)?,
+                    merge: upload_index(st, &cp_plan::head_merge_index(t, cp), big)?,
+                    cu: crate::cuda::tensor::upload(st, &cu, "cu_seqlens_q")?,
+                };
+                Plan::Ulysses(layer.cp_whole_kernel(call.mask)?, Box::new(tables))
+            }
         })
     }
 }
@@ -109,34 +163,29 @@ fn pack_kv(layer: &CudaLayer, qkv: &CpQkv, t: usize) -> Result<DeviceTensor> {
     Ok(kv)
 }
 
-/// Run every launch over one K/V buffer, merging into `acc`.
-#[allow(clippy::too_many_arguments)]
+/// Run every launch over one K/V buffer (`[2 kv_rows, ng hn]`), merging into `acc`.
 fn run_launches(
     layer: &CudaLayer,
     kernels: &Kernels,
-    launches: &[Launch],
-    call: &CpCall,
+    launches: &[CpLaunch],
     q: &DeviceTensor,
-    kv: &DeviceTensor,
-    kv_rows: usize,
-    acc: &mut crate::cuda::layer::CpAcc,
+    kv: (&DeviceTensor, usize),
+    acc: &mut CpAcc,
     h: &LoadedCp,
 ) -> Result<()> {
-    for l in launches {
-        layer.cp_partial(kernels.get(l.kind), l, call.vis, q, kv, kv_rows, acc, h)?;
+    for pl in launches {
+        layer.cp_partial(kernels.get(pl.launch.kind)?, pl, q, kv, acc, h)?;
     }
     Ok(())
 }
 
 /// `p2p` and `all_gather` (see the module docs).
-#[allow(clippy::too_many_arguments)]
 pub(crate) fn by_kv<C: Communicator<Tensor = DeviceTensor>>(
     layer: &CudaLayer,
     comm: &C,
     layout: CpLayout,
     call: &CpCall,
     plan: &Plan,
-    kernels: &Kernels,
     qkv: &CpQkv,
     h: &LoadedCp,
 ) -> Result<DeviceTensor> {
@@ -147,10 +196,10 @@ pub(crate) fn by_kv<C: Communicator<Tensor = DeviceTensor>>(
     let mut acc = layer.cp_acc(t, h)?;
     let w = kv.shape()[1];
     match plan {
-        Plan::Ring(steps) => {
+        Plan::Ring(steps, kernels) => {
             let mut kv = kv;
-            for (i, (_src, launches)) in steps.iter().enumerate() {
-                run_launches(layer, kernels, launches, call, &qkv.q, &kv, t, &mut acc, h)?;
+            for (i, launches) in steps.iter().enumerate() {
+                run_launches(layer, kernels, launches, &qkv.q, (&kv, t), &mut acc, h)?;
                 if i + 1 < steps.len() {
                     let mut next = layer.cp_alloc(&[2 * t, w], "cp k/v (received)")?;
                     comm.send_recv(&kv, (rank + 1) % cp, &mut next, (rank + cp - 1) % cp)?;
@@ -158,43 +207,42 @@ pub(crate) fn by_kv<C: Communicator<Tensor = DeviceTensor>>(
                 }
             }
         }
-        Plan::Gathered(launches) => {
+        Plan::Gathered(launches, kernels, idx) => {
             let mut all = layer.cp_alloc(&[cp * 2 * t, w], "cp k/v (all ranks)")?;
             comm.all_gather(&kv, &mut all)?;
             drop(kv);
-            let src = cp_plan::global_sources(layout, &call.local_cu);
-            let idx: Vec<usize> = (0..2)
-                .flat_map(|half| src.iter().map(move |&(o, lr)| o * 2 * t + half * t + lr))
-                .collect();
-            let idx = upload_index(st, &idx, cp * 2 * t)?;
             let mut glob = layer.cp_alloc(&[2 * t * cp, w], "cp k/v (sequence order)")?;
-            h.gather_rows(st, &all, &mut glob, &idx)?;
+            h.gather_rows(st, &all, &mut glob, idx)?;
             drop(all);
             run_launches(
                 layer,
                 kernels,
                 launches,
-                call,
                 &qkv.q,
-                &glob,
-                t * cp,
+                (&glob, t * cp),
                 &mut acc,
                 h,
             )?;
         }
-        Plan::Ulysses(_) => unreachable!("a2a runs `ulysses`"),
+        Plan::Ulysses(..) => {
+            return Err(AttnError::InvalidArgument {
+                arg: "cp_comm_type".into(),
+                expected: "p2p or all_gather here (a2a runs `ulysses`)".into(),
+                got: "a2a".into(),
+            })
+        }
     }
     layer.cp_finish(&acc, qkv.gate.as_ref(), h)
 }
 
-/// `a2a` (see the module docs). `kern` is the layer's own kernel.
+/// `a2a` (see the module docs): `kern` is the layer's own kernel, `tab` the plan's tables.
 #[allow(clippy::too_many_arguments)]
 pub(crate) fn ulysses<C: Communicator<Tensor = DeviceTensor>>(
     layer: &CudaLayer,
     comm: &C,
     layout: CpLayout,
     call: &CpCall,
-    kern: &CpAttnKernel,
+    (kern, tab): (&CpAttnKernel, &UlyssesTables),
     qkv: &CpQkv,
     h: &LoadedCp,
 ) -> Result<DeviceTensor> {
@@ -204,19 +252,15 @@ pub(crate) fn ulysses<C: Communicator<Tensor = DeviceTensor>>(
     let t = call.rows();
     let big = t * cp;
     let st = layer.runtime().stream();
-    let src = cp_plan::global_sources(layout, &call.local_cu);
-    let split_idx = upload_index(st, &cp_plan::head_split_index(t, cp), t * cp)?;
-    let to_global: Vec<usize> = src.iter().map(|&(o, lr)| o * t + lr).collect();
-    let to_global = upload_index(st, &to_global, big)?;
     // Every token of this rank's head block, in sequence order: [t cp, heads / cp, hn].
     let scatter = |x: &DeviceTensor, heads: usize, arg: &str| -> Result<DeviceTensor> {
         let bw = heads / cp;
         let mut send = layer.cp_alloc(&[cp * t, bw * hn], arg)?;
-        h.gather_rows(st, x, &mut send, &split_idx)?;
+        h.gather_rows(st, x, &mut send, &tab.split)?;
         let mut recv = layer.cp_alloc(&[cp * t, bw * hn], arg)?;
         comm.all_to_all(&send, &mut recv)?;
         let mut glob = layer.cp_alloc(&[big, bw, hn], arg)?;
-        h.gather_rows(st, &recv, &mut glob, &to_global)?;
+        h.gather_rows(st, &recv, &mut glob, &tab.to_global)?;
         Ok(glob)
     };
     let whole = CpQkv {
@@ -230,21 +274,20 @@ pub(crate) fn ulysses<C: Communicator<Tensor = DeviceTensor>>(
             .transpose()?,
     };
     let hq = np / cp;
-    let out = layer.cp_whole(kern, &whole, &call.global_cu, (hq, ng / cp, rank))?;
+    let out = layer.cp_whole(
+        kern,
+        &whole,
+        (&call.global_cu, &tab.cu),
+        (hq, ng / cp, rank),
+    )?;
     drop(whole);
     // Back: [cp (owner rank)][t] rows of this head block, all-to-all, heads merged.
-    let mut back = vec![0usize; big];
-    for (g, &(o, lr)) in src.iter().enumerate() {
-        back[o * t + lr] = g;
-    }
-    let back = upload_index(st, &back, big)?;
     let mut send = layer.cp_alloc(&[cp * t, hq * hn], "cp output (a2a)")?;
-    h.gather_rows(st, &out, &mut send, &back)?;
+    h.gather_rows(st, &out, &mut send, &tab.back)?;
     drop(out);
     let mut recv = layer.cp_alloc(&[cp * t, hq * hn], "cp output (a2a)")?;
     comm.all_to_all(&send, &mut recv)?;
-    let merge = upload_index(st, &cp_plan::head_merge_index(t, cp), cp * t)?;
     let mut o = layer.cp_alloc(&[t, np, hn], "attention output")?;
-    h.gather_rows(st, &recv, &mut o, &merge)?;
+    h.gather_rows(st, &recv, &mut o, &tab.merge)?;
     Ok(o)
 }

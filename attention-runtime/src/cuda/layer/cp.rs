@@ -20,6 +20,16 @@ pub(crate) struct CpAttnKernel {
     window: (i32, i32),
 }
 
+/// One planned launch with its device metadata: `cu_seqlens` and (`Band`) mask, uploaded
+/// before the call queues anything (a copy from pageable host memory may wait for the
+/// stream).
+pub(crate) struct CpLaunch {
+    pub(crate) launch: Launch,
+    cu_q: CudaSlice<i32>,
+    cu_k: CudaSlice<i32>,
+    band: Option<(CudaSlice<u8>, usize, usize)>,
+}
+
 /// q, k, v and the output gate of a rank's rows (see the module docs).
 pub(crate) struct CpQkv {
     pub(crate) q: DeviceTensor,
@@ -140,24 +150,41 @@ impl CudaLayer {
         Ok(CpAcc { out, lse, rows })
     }
 
-    /// Queue one launch `l` of a plan (its `kind`'s kernel `kern`) over queries `q` (the
-    /// rank's rows) and the key/value buffer `kv` (`[2 kv_rows, ng * hn]`), and merge its
-    /// partial result into `acc`.
+    /// Upload the metadata of launch `l` (its `Band` mask under `vis`).
+    pub(crate) fn cp_upload_launch(&self, l: Launch, vis: Visibility) -> Result<CpLaunch> {
+        let st = self.rt.stream();
+        let band = if l.kind == KernelKind::Band {
+            let b = l.band(vis);
+            Some((upload(st, &b.masked, "cp band mask")?, b.offset, b.width))
+        } else {
+            None
+        };
+        Ok(CpLaunch {
+            cu_q: upload(st, &l.cu_q, "cu_seqlens_q")?,
+            cu_k: upload(st, &l.cu_k, "cu_seqlens_k")?,
+            band,
+            launch: l,
+        })
+    }
+
+    /// Queue one launch `pl` of a plan ([`cp_upload_launch`](Self::cp_upload_launch); its
+    /// kind's kernel `kern`) over queries `q` (the rank's rows) and the key/value buffer `kv`
+    /// (`[2 kv_rows, ng * hn]`), and merge its partial result into `acc`.
     ///
     /// Errors: [`AttnError::Shape`] when the launch's rows fall outside `q`, `kv` or `acc`;
-    /// [`AttnError::InvalidArgument`] for more than 65535 virtual sequences; launch errors.
+    /// [`AttnError::InvalidArgument`] for more than 65535 virtual sequences or a band mask
+    /// that does not match the kernel; launch errors.
     #[allow(clippy::too_many_arguments)]
     pub(crate) fn cp_partial(
         &self,
         kern: &CpAttnKernel,
-        l: &Launch,
-        vis: Visibility,
+        pl: &CpLaunch,
         q: &DeviceTensor,
-        kv: &DeviceTensor,
-        kv_rows: usize,
+        (kv, kv_rows): (&DeviceTensor, usize),
         acc: &mut CpAcc,
         h: &LoadedCp,
     ) -> Result<()> {
+        let (l, bufs) = (&pl.launch, pl);
         let rt = &*self.rt;
         let st = rt.stream();
         let c = &self.config;
@@ -185,19 +212,17 @@ impl CudaLayer {
                 l.items().to_string(),
             ));
         }
+        if bufs.band.is_some() != kern.cfg.mask.is_some_and(|m| m.takes_mask_tensor()) {
+            return Err(bad(
+                "cp launch",
+                "a band mask exactly for the mask-tensor kernel",
+                kern.key.clone(),
+            ));
+        }
         let n = l.q_rows.len();
         let part = self.alloc(&[n, np, hn], "cp partial output")?;
         let lse = crate::cuda::tensor::alloc_uninit::<f32>(st, np * n, "cp partial lse")?;
-        let cu_q = upload(st, &l.cu_q, "cu_seqlens_q")?;
-        let cu_k = upload(st, &l.cu_k, "cu_seqlens_k")?;
-        let band = match kern.cfg.mask {
-            Some(m) if m.takes_mask_tensor() => {
-                let b = l.band(vis);
-                Some((upload(st, &b.masked, "cp band mask")?, b.offset, b.width))
-            }
-            _ => None,
-        };
-        let (mask, mask_strides) = match &band {
+        let (mask, mask_strides) = match &bufs.band {
             Some((buf, off, w)) => (dptr(buf, rt) + *off as u64, [*w as i64, 0, -1, 1]),
             None => (0, [0; 4]),
         };
@@ -208,8 +233,8 @@ impl CudaLayer {
             v: kvp + ((kv_rows + l.k_rows.start) * ng * hn * es) as u64,
             out: tptr(&part, rt),
             lse: dptr(&lse, rt),
-            cu_seqlens_q: dptr(&cu_q, rt),
-            cu_seqlens_k: dptr(&cu_k, rt),
+            cu_seqlens_q: dptr(&bufs.cu_q, rt),
+            cu_seqlens_k: dptr(&bufs.cu_k, rt),
             batch: l.items() as i32,
             num_heads: np as i32,
             num_groups: ng as i32,
@@ -263,7 +288,7 @@ impl CudaLayer {
             ),
         }?;
         // Freed in stream order, after the queued kernels.
-        drop((part, lse, cu_q, cu_k, band));
+        drop((part, lse));
         Ok(())
     }
 
@@ -299,7 +324,8 @@ impl CudaLayer {
         Ok(out)
     }
 
-    /// `a2a`: attention of whole sequences (`cu` over `[t]` rows) of one head block: q and
+    /// `a2a`: attention of whole sequences (`cu` over `[t]` rows, and its device copy
+    /// `cu_d`, int32) of one head block: q and
     /// gate `[t, hq, hn]`, k/v `[t, hg, hn]` (`hq = np / cp` heads `block * hq ..`, `hg`
     /// groups), with the layer's own kernel `kern` (mask, window, sinks of those heads, gate).
     /// Returns the output `[t, hq, hn]`.
@@ -308,7 +334,7 @@ impl CudaLayer {
         &self,
         kern: &CpAttnKernel,
         qkv: &CpQkv,
-        cu: &[usize],
+        (cu, cu_d): (&[usize], &CudaSlice<i32>),
         (hq, hg, block): (usize, usize, usize),
     ) -> Result<DeviceTensor> {
         let rt = &*self.rt;
@@ -340,12 +366,14 @@ impl CudaLayer {
         if t == 0 {
             return Ok(out);
         }
+        if cu_d.len() < cu.len() {
+            return Err(shape_err(
+                "cu_seqlens_q",
+                format!("{} entries on the device", cu.len()),
+                vec![cu_d.len()],
+            ));
+        }
         let max = cu.windows(2).map(|w| w[1] - w[0]).max().unwrap_or(0);
-        let cu32: Vec<i32> = cu
-            .iter()
-            .map(|&x| to_i32("cu_seqlens_q", x as i64))
-            .collect::<Result<_>>()?;
-        let cu_d = upload(st, &cu32, "cu_seqlens_q")?;
         let lse = crate::cuda::tensor::alloc_uninit::<f32>(st, hq * t, "lse")?;
         let sinks = self
             .sinks
@@ -357,8 +385,8 @@ impl CudaLayer {
             v: tptr(&qkv.v, rt),
             out: tptr(&out, rt),
             lse: dptr(&lse, rt),
-            cu_seqlens_q: dptr(&cu_d, rt),
-            cu_seqlens_k: dptr(&cu_d, rt),
+            cu_seqlens_q: dptr(cu_d, rt),
+            cu_seqlens_k: dptr(cu_d, rt),
             batch: seqs as i32,
             num_heads: hq as i32,
             num_groups: hg as i32,
@@ -377,7 +405,7 @@ impl CudaLayer {
         // [t, hg, hn] (checked above), lse [hq, t]; sinks points at this block's hq entries
         // of the layer's [np] sink logits ((block + 1) hq <= np, checked).
         unsafe { launch_params(st, &kern.f, cfg, &params) }.map_err(launch_err(&kern.key))?;
-        drop((cu_d, lse));
+        drop(lse);
         Ok(out)
     }
 
