@@ -6,7 +6,7 @@
 //! layer ([`CudaLayer`]). `linear_qkv`, q/k norm, rope (at each token's position in its whole
 //! sequence) and `linear_proj` run on its own rows; core attention exchanges K/V (or heads)
 //! over the communicator ([`super::NcclComm`] in practice) by `cp_comm_type`
-//! ([`super::cp_cuda_core`]), on the existing forward kernels with the masks of
+//! (`parallel/cp_cuda_core.rs`), on the existing forward kernels with the masks of
 //! [`super::cp_plan`] and the LSE merge of [`crate::cuda::cp_kernels`].
 //!
 //! Every call first checks on the host that every rank makes the same call
