@@ -283,6 +283,13 @@ __device__ __forceinline__ void load_tile(elem_t* dst, const elem_t* __restrict_
     }
 }
 
+// ---------------------------------------------------------------------------------------
+// Shared by the tensor-core prefill kernels (prefill_sm80.cu, prefill_sm90.cu): the per-head
+// max-logit record's atomic max, and (variants that can mask keys inside a tile) the exact
+// one-warp-per-row path taken when `v_nonfinite` is set. Needs WARPS and, for exact_rows,
+// partials/attend.cu.
+// ---------------------------------------------------------------------------------------
+
 /// Atomic max on a float (order-independent, so deterministic).
 __device__ __forceinline__ void atomic_max_float(float* addr, float v) {
     if (v >= 0.0f) {
@@ -291,6 +298,7 @@ __device__ __forceinline__ void atomic_max_float(float* addr, float v) {
         atomicMin((unsigned int*)addr, __float_as_uint(v));
     }
 }
+
 
 extern "C" __global__ void __launch_bounds__(THREADS) prefill_bf16_hd256_causal_bottom_right_paged_m128n64w8s2_sm80(
     const elem_t* __restrict__ q,

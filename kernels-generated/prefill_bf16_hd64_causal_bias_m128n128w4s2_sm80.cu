@@ -354,6 +354,13 @@ __device__ __forceinline__ void load_tile(elem_t* dst, const elem_t* __restrict_
     }
 }
 
+// ---------------------------------------------------------------------------------------
+// Shared by the tensor-core prefill kernels (prefill_sm80.cu, prefill_sm90.cu): the per-head
+// max-logit record's atomic max, and (variants that can mask keys inside a tile) the exact
+// one-warp-per-row path taken when `v_nonfinite` is set. Needs WARPS and, for exact_rows,
+// partials/attend.cu.
+// ---------------------------------------------------------------------------------------
+
 /// Atomic max on a float (order-independent, so deterministic).
 __device__ __forceinline__ void atomic_max_float(float* addr, float v) {
     if (v >= 0.0f) {
@@ -405,6 +412,7 @@ __device__ __noinline__ void exact_rows(
         atomic_max_float(max_logit + h, head_max * LN2);
     (void)mask; (void)mask_stride_b; (void)mask_stride_h; (void)mask_stride_q; (void)mask_stride_k;
 }
+
 
 extern "C" __global__ void __launch_bounds__(THREADS) prefill_bf16_hd64_causal_bias_m128n128w4s2_sm80(
     const elem_t* __restrict__ q,

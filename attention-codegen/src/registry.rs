@@ -207,6 +207,52 @@ pub fn prefill_sm80(fwd: &KernelConfig, target: Target) -> Option<KernelConfig> 
     target.runs_prefill_sm80(&c).then_some(c)
 }
 
+/// The smallest head dim the registry runs `prefill_*_sm90` at: at head dim 64 the first
+/// wgmma kernel (no overlap of softmax with the MMAs yet) measured 0.86-0.93x the sm80 kernel
+/// (H200, 2026-11-30), at 128 1.03-1.14x and at 256 1.37-1.46x.
+pub const SM90_MIN_HEAD_DIM: usize = 128;
+
+/// The Hopper forward kernel (`prefill_*_sm90`, warpgroup MMA, default tile) for the prefill
+/// config `fwd`: `Some` on an sm_90 device (wgmma exists on sm_90a only) when the head dim
+/// is a multiple of 64 and at least [`SM90_MIN_HEAD_DIM`] and the tile's shared memory fits,
+/// and for [`Target::AnyDevice`] (the union over devices); `None` otherwise.
+pub fn prefill_sm90(fwd: &KernelConfig, target: Target) -> Option<KernelConfig> {
+    if fwd.head_dim < SM90_MIN_HEAD_DIM {
+        return None;
+    }
+    let mut c = fwd.clone();
+    c.phase = Phase::PrefillSm90;
+    c.tile = None;
+    if c.check_config().is_err() {
+        return None;
+    }
+    let runs = match target {
+        Target::AnyDevice => true,
+        Target::Device { sm, smem_optin } => sm == 90 && c.prefill_smem_bytes() <= smem_optin,
+    };
+    runs.then_some(c)
+}
+
+/// The tensor-core forward kernel a device runs for the prefill config `fwd`: `prefill_sm90`
+/// on Hopper where it exists, else `prefill_sm80` where that runs, else `None` (then
+/// `prefill_rows`). For [`Target::AnyDevice`] the portable `prefill_sm80`.
+pub fn prefill_tensor_core(fwd: &KernelConfig, target: Target) -> Option<KernelConfig> {
+    match target {
+        Target::AnyDevice => prefill_sm80(fwd, target),
+        Target::Device { .. } => prefill_sm90(fwd, target).or_else(|| prefill_sm80(fwd, target)),
+    }
+}
+
+/// Every tensor-core forward kernel `target` may run for `fwd`: the one of
+/// [`prefill_tensor_core`], and for [`Target::AnyDevice`] the Hopper one too.
+fn tensor_core_variants(fwd: &KernelConfig, target: Target) -> Vec<KernelConfig> {
+    let mut out: Vec<KernelConfig> = prefill_tensor_core(fwd, target).into_iter().collect();
+    if target == Target::AnyDevice {
+        out.extend(prefill_sm90(fwd, target));
+    }
+    out
+}
+
 /// The tensor-core attention of a prefill over a static cache: the forward kernel with the
 /// bottom-right causal mask and no bias, which `prefill_sm80` runs in its static-cache mode
 /// (reading the cache slots in place). `None` when `target` cannot run it; the
@@ -216,7 +262,7 @@ pub fn cache_prefill(
     head_dim: usize,
     target: Target,
 ) -> Option<KernelConfig> {
-    prefill_sm80(
+    prefill_tensor_core(
         &prefill_rows(spec, head_dim, MaskType::CausalBottomRight, false),
         target,
     )
@@ -274,7 +320,7 @@ pub fn cross_cache_step(
     head_dim: usize,
     target: Target,
 ) -> Option<KernelConfig> {
-    prefill_sm80(
+    prefill_tensor_core(
         &prefill_rows(spec, head_dim, MaskType::NoMask, false),
         target,
     )
@@ -442,14 +488,18 @@ pub fn kernels_for(
     for &mask in &spec.masks {
         for has_bias in [false, true] {
             let fwd = prefill_rows(spec, head_dim, mask, has_bias);
-            out.extend(prefill_sm80(&fwd, target));
+            out.extend(tensor_core_variants(&fwd, target));
             out.push(fwd);
         }
     }
     if is_self(spec) {
         out.push(decode_rows(spec, head_dim));
-        out.extend(cache_prefill(spec, head_dim, target));
-        out.extend(paged_prefill(spec, head_dim, target));
+        let cache = prefill_rows(spec, head_dim, MaskType::CausalBottomRight, false);
+        out.extend(tensor_core_variants(&cache, target));
+        for mut c in tensor_core_variants(&cache, target) {
+            c.paged_kv = true;
+            out.push(c);
+        }
         out.extend(decode_splitkv_paged(spec, head_dim, target));
         out.push(decode_rows_paged(spec, head_dim));
         out.push(decode_splitkv(spec, head_dim)?);
@@ -461,7 +511,8 @@ pub fn kernels_for(
         if step.is_none() || target == Target::AnyDevice {
             out.push(decode_rows(spec, head_dim));
         }
-        out.extend(step);
+        let cross = prefill_rows(spec, head_dim, MaskType::NoMask, false);
+        out.extend(tensor_core_variants(&cross, target));
         out.push(append_kv(spec, head_dim));
     }
     let mut seen = std::collections::HashSet::new();

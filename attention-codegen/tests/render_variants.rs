@@ -200,7 +200,30 @@ fn kernels_for_spec_covers_phases_head_dims_and_masks() {
             assert!(keys.contains(&want.as_str()), "missing {want} in {keys:?}");
         }
     }
-    assert_eq!(ks.len(), 34);
+    // Head dim 128 also lists the Hopper family (the union over devices): the four forward
+    // variants and the static-cache / paged prefill.
+    let sm90 = attention_codegen::render::PrefillTile::for_head_dim_sm90(128).key();
+    for want in [
+        format!("prefill_bf16_hd128_causal_win_sinkl_{sm90}_sm90"),
+        format!("prefill_bf16_hd128_causal_win_sinkl_bias_{sm90}_sm90"),
+        format!("prefill_bf16_hd128_padding_win_sinkl_{sm90}_sm90"),
+        format!("prefill_bf16_hd128_padding_win_sinkl_bias_{sm90}_sm90"),
+        format!("prefill_bf16_hd128_causal_bottom_right_win_sinkl_{sm90}_sm90"),
+        format!("prefill_bf16_hd128_causal_bottom_right_win_sinkl_paged_{sm90}_sm90"),
+    ] {
+        assert!(keys.contains(&want.as_str()), "missing {want} in {keys:?}");
+    }
+    assert!(
+        !keys
+            .iter()
+            .any(|k| k.starts_with("prefill_bf16_hd64") && k.ends_with("_sm90")),
+        "head dim 64 runs prefill_sm80 (SM90_MIN_HEAD_DIM)"
+    );
+    assert_eq!(ks.len(), 40);
+    assert_eq!(
+        ks.iter().filter(|k| k.phase == Phase::PrefillSm90).count(),
+        6
+    );
     assert_eq!(
         ks.iter().filter(|k| k.phase == Phase::PrefillRows).count(),
         8

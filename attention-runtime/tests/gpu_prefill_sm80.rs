@@ -231,8 +231,13 @@ fn run<T: Elem>(case: &Case, seed: u64) {
         (v, strides_of(shape))
     });
 
+    // Under SM90 (see `sm90_family`) the Hopper kernel runs every case whose head dim it
+    // takes (multiples of 64), with its own default tile.
+    let sm90 = SM90.with(|f| f.get()) && !case.general && hd % 64 == 0;
     let phase = if case.general {
         Phase::PrefillRows
+    } else if sm90 {
+        Phase::PrefillSm90
     } else {
         Phase::PrefillSm80
     };
@@ -240,7 +245,7 @@ fn run<T: Elem>(case: &Case, seed: u64) {
     config.mask = Some(case.mask);
     config.has_window = case.window.is_some();
     config.sinks = case.sinks;
-    config.tile = case.tile;
+    config.tile = if sm90 { None } else { case.tile };
     config.has_bias = case.bias_shape.is_some();
     let kernel = if case.general {
         Kernel::General(config.clone(), compile_general(&ctx, &config))
@@ -527,6 +532,11 @@ fn run<T: Elem>(case: &Case, seed: u64) {
         case.mask_shape,
         case.bias_shape
     );
+}
+
+thread_local! {
+    /// Run the cases on the Hopper kernel (`prefill_*_sm90`) where it takes the head dim.
+    static SM90: std::cell::Cell<bool> = const { std::cell::Cell::new(false) };
 }
 
 fn check(case: Case) {
@@ -860,4 +870,59 @@ fn mask_and_bias_arguments_are_checked() {
     .unwrap_err()
     .to_string();
     assert!(err.contains("bias"), "{err}");
+}
+
+/// The Hopper family (`prefill_*_sm90`, wgmma; sm_90 only) on every case above whose head dim
+/// it takes (64, 128, 192, 256): masks, windows, GQA, packed varlen, sinks, f16, mask tensors
+/// and biases, cross lengths with rows that see no key.
+#[test]
+#[ignore = "requires a CUDA GPU"]
+fn sm90_family() {
+    let (ctx, _) = gpu();
+    if ctx.compute_capability().unwrap() != (9, 0) {
+        eprintln!("not an sm_90 GPU: the prefill_*_sm90 kernels do not run here");
+        return;
+    }
+    SM90.with(|f| f.set(true));
+    every_head_dim_causal_and_full_padded();
+    bottom_right_and_cross_lengths();
+    sliding_window_and_gqa();
+    packed_varlen();
+    sinks_and_f16();
+    other_tiles();
+    mask_tensors_and_bias();
+    packed_with_mask_and_bias();
+    let mut c = Case::new(192, MaskType::Causal, 333, 333, 2);
+    c.window = Some((100, 0));
+    c.sinks = Some(Sinks::Learnable);
+    check(c);
+    let mut c = Case::new(64, MaskType::Causal, 1000, 1000, 1);
+    c.heads = 8;
+    c.groups = 1;
+    check(c);
+    SM90.with(|f| f.set(false));
+}
+
+/// A few small cases of the Hopper kernel, both schedules (head dim 128: three stages,
+/// pipelined; 256: two), sized for compute-sanitizer (memcheck, racecheck).
+#[test]
+#[ignore = "requires a CUDA GPU"]
+fn sm90_sanitizer_cases() {
+    let (ctx, _) = gpu();
+    if ctx.compute_capability().unwrap() != (9, 0) {
+        eprintln!("not an sm_90 GPU: the prefill_*_sm90 kernels do not run here");
+        return;
+    }
+    SM90.with(|f| f.set(true));
+    check(Case::new(128, MaskType::Causal, 300, 300, 2));
+    let mut c = Case::new(256, MaskType::NoMask, 1, 1, 1);
+    c.packed = true;
+    c.seqs = vec![(1, 1), (70, 77), (130, 65)];
+    check(c);
+    let mut c = Case::new(128, MaskType::PaddingCausal, 150, 150, 2);
+    c.mask_shape = Some([2, 1, 1, 150]);
+    c.bias_shape = Some([1, 4, 150, 150]);
+    c.sinks = Some(Sinks::Learnable);
+    check(c);
+    SM90.with(|f| f.set(false));
 }

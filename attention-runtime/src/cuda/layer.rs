@@ -355,12 +355,13 @@ impl CudaLayer {
         self.fast_config(&fcfg).unwrap_or(fcfg).key()
     }
 
-    /// The FlashAttention-2 style kernel (`prefill_*_sm80`) for a forward: every mask (padding /
-    /// arbitrary mask tensors included), window, sinks, additive bias and output gate, when
-    /// this GPU runs it ([`registry::prefill_sm80`]: sm_80+ and the tile's shared memory
-    /// fits; otherwise the general `prefill_rows` kernel runs).
+    /// The tensor-core kernel for a forward ([`registry::prefill_tensor_core`]: `prefill_*_sm90`
+    /// on Hopper where it exists, else the FlashAttention-2 style `prefill_*_sm80` on sm_80+
+    /// when its tile's shared memory fits; otherwise the general `prefill_rows` kernel runs):
+    /// every mask (padding / arbitrary mask tensors included), window, sinks, additive bias and
+    /// output gate.
     fn fast_config(&self, fcfg: &KernelConfig) -> Option<KernelConfig> {
-        registry::prefill_sm80(fcfg, self.target)
+        registry::prefill_tensor_core(fcfg, self.target)
     }
 
     /// The tensor-core forward config of attention over a static cache (prefill): the
@@ -387,7 +388,7 @@ impl CudaLayer {
     /// Load an attention kernel: [`load_prefill_sm80`](Self::load_prefill_sm80) for a
     /// `prefill_sm80` config, [`kernel`] otherwise.
     fn load_attention(&self, c: &KernelConfig) -> Result<(String, cudarc::driver::CudaFunction)> {
-        if c.phase == Phase::PrefillSm80 {
+        if matches!(c.phase, Phase::PrefillSm80 | Phase::PrefillSm90) {
             self.load_prefill_sm80(c)
         } else {
             kernel(&self.rt, c)
@@ -408,7 +409,7 @@ impl CudaLayer {
         c: &KernelConfig,
     ) -> Result<(String, cudarc::driver::CudaFunction)> {
         let (key, f) = kernel(&self.rt, c)?;
-        let smem = c.prefill_tile().smem_bytes(c.head_dim);
+        let smem = c.prefill_smem_bytes();
         if smem > 48 * 1024 {
             f.set_attribute(
                 cudarc::driver::sys::CUfunction_attribute_enum::CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES,

@@ -363,7 +363,7 @@ pub fn param_layout(
         Phase::PrefillRows | Phase::DecodeRows | Phase::DecodeRowsPaged => {
             by_value(std::mem::size_of::<FwdParams>())
         }
-        Phase::PrefillSm80 => Some(
+        Phase::PrefillSm80 | Phase::PrefillSm90 => Some(
             cuda_fields::<FwdParams>()
                 .into_iter()
                 .map(|(_, off, size)| (off, size))
@@ -392,12 +392,13 @@ pub fn fwd_launch_config(
     batch: usize,
 ) -> LaunchConfig {
     use attention_codegen::render::Phase;
-    let (per_block, warps, smem) = if config.phase == Phase::PrefillSm80 {
-        let t = config.prefill_tile();
-        (t.block_m, t.warps, t.smem_bytes(config.head_dim))
-    } else {
-        (config.warps, config.warps, 0)
-    };
+    let (per_block, warps, smem) =
+        if matches!(config.phase, Phase::PrefillSm80 | Phase::PrefillSm90) {
+            let t = config.prefill_tile();
+            (t.block_m, t.warps, config.prefill_smem_bytes())
+        } else {
+            (config.warps, config.warps, 0)
+        };
     LaunchConfig {
         grid_dim: (
             rows.div_ceil(per_block).max(1) as u32,

@@ -196,7 +196,8 @@ fn check_len<T>(arg: &str, s: &CudaSlice<T>, want: usize) -> Result<()> {
 }
 
 impl PrefillSm80Kernel {
-    /// Render `config` (phase [`Phase::PrefillSm80`]), compile it with NVRTC for the arch of
+    /// Render `config` (phase [`Phase::PrefillSm80`], or [`Phase::PrefillSm90`] on an sm_90
+    /// device: the same parameters and launch shape), compile it with NVRTC for the arch of
     /// `ctx`'s device and load it.
     pub fn compile(ctx: &Arc<CudaContext>, config: &KernelConfig) -> Result<PrefillSm80Kernel> {
         let src = config
@@ -223,16 +224,16 @@ impl PrefillSm80Kernel {
         config: &KernelConfig,
         cubin: Vec<u8>,
     ) -> Result<PrefillSm80Kernel> {
-        if config.phase != Phase::PrefillSm80 {
+        if !matches!(config.phase, Phase::PrefillSm80 | Phase::PrefillSm90) {
             return Err(invalid(
                 "config.phase",
-                "prefill_sm80",
-                config.phase.prefix().to_string(),
+                "prefill_sm80 or prefill_sm90",
+                config.phase.name().to_string(),
             ));
         }
         let key = config.key();
         let tile = config.prefill_tile();
-        let smem_bytes = tile.smem_bytes(config.head_dim);
+        let smem_bytes = config.prefill_smem_bytes();
         let module = ctx
             .load_module(Ptx::from_binary(cubin))
             .map_err(|e| AttnError::Cuda {

@@ -101,7 +101,26 @@ pub fn flops(batch: usize, heads: usize, seqlen: usize, head_dim: usize, causal:
 }
 
 fn config(head_dim: usize, causal: bool, tile: PrefillTile) -> KernelConfig {
-    let mut c = KernelConfig::new(Phase::PrefillSm80, DType::Bf16, head_dim);
+    config_of(Phase::PrefillSm80, head_dim, causal, tile)
+}
+
+/// The Hopper kernel's default config, when the registry runs it on this device.
+fn config_sm90(arch: &str, head_dim: usize, causal: bool) -> Option<KernelConfig> {
+    let target = attention_codegen::registry::Target::from_arch(arch).ok()?;
+    let c = config_of(
+        Phase::PrefillSm90,
+        head_dim,
+        causal,
+        PrefillTile::for_head_dim_sm90(head_dim),
+    );
+    attention_codegen::registry::prefill_sm90(&c, target).map(|mut c| {
+        c.tile = Some(PrefillTile::for_head_dim_sm90(head_dim));
+        c
+    })
+}
+
+fn config_of(phase: Phase, head_dim: usize, causal: bool, tile: PrefillTile) -> KernelConfig {
+    let mut c = KernelConfig::new(phase, DType::Bf16, head_dim);
     c.mask = Some(if causal {
         MaskType::Causal
     } else {
@@ -191,6 +210,7 @@ pub fn run_prefill(opts: &PrefillOptions) -> Result<String> {
     for &hd in &opts.head_dims {
         for causal in [true, false] {
             default_cfgs.push(config(hd, causal, PrefillTile::for_head_dim(hd)));
+            default_cfgs.extend(config_sm90(&arch, hd, causal));
         }
     }
     let scratch = std::env::temp_dir().join(format!("attn-bench-cache-{}", std::process::id()));
@@ -236,11 +256,19 @@ pub fn run_prefill(opts: &PrefillOptions) -> Result<String> {
             }
         }
         for causal in [true, false] {
-            for tile in &tiles {
-                let kernel = match PrefillSm80Kernel::compile(&ctx, &config(hd, causal, *tile)) {
+            // The sm80 tiles, then the Hopper kernel where this device runs it.
+            let mut runs: Vec<(String, KernelConfig)> = tiles
+                .iter()
+                .map(|t| (format!("prefill_sm80:{}", t.key()), config(hd, causal, *t)))
+                .collect();
+            if let Some(c) = config_sm90(&arch, hd, causal) {
+                runs.push((format!("prefill_sm90:{}", c.prefill_tile().key()), c));
+            }
+            for (label, cfg) in &runs {
+                let kernel = match PrefillSm80Kernel::compile(&ctx, cfg) {
                     Ok(k) => k,
                     Err(e) => {
-                        eprintln!("skipping tile {} for hd {hd}: {e}", tile.key());
+                        eprintln!("skipping {label} for hd {hd}: {e}");
                         continue;
                     }
                 };
@@ -288,7 +316,7 @@ pub fn run_prefill(opts: &PrefillOptions) -> Result<String> {
                     }
                     let m = median(ms);
                     timings.push(Timing {
-                        implementation: format!("prefill_sm80:{}", tile.key()),
+                        implementation: label.clone(),
                         head_dim: hd,
                         causal,
                         seqlen: s,

@@ -88,12 +88,12 @@ pub fn table(t: &[Timing], compile: &[CompileTiming], device: &str) -> String {
     }
     let _ = writeln!(
         s,
-        "| hd | causal | seqlen | batch | fast default | fast best (tile) | sdpa flash | sdpa cudnn | best/flash | best/cudnn |"
+        "| hd | causal | seqlen | batch | fast default (sm80) | fast best (kernel:tile) | sdpa flash | sdpa cudnn | best/flash | best/cudnn |"
     );
     let _ = writeln!(s, "|---|---|---|---|---|---|---|---|---|---|");
     let mut shapes: Vec<(usize, bool, usize, usize)> = t
         .iter()
-        .filter(|x| x.implementation.starts_with("prefill_sm80"))
+        .filter(|x| x.implementation.starts_with("prefill_sm"))
         .map(|x| (x.head_dim, x.causal, x.seqlen, x.batch))
         .collect();
     shapes.dedup();
@@ -107,7 +107,7 @@ pub fn table(t: &[Timing], compile: &[CompileTiming], device: &str) -> String {
         let best = t
             .iter()
             .filter(|x| {
-                x.implementation.starts_with("prefill_sm80")
+                x.implementation.starts_with("prefill_sm")
                     && x.head_dim == hd
                     && x.causal == causal
                     && x.seqlen == sl
@@ -121,9 +121,7 @@ pub fn table(t: &[Timing], compile: &[CompileTiming], device: &str) -> String {
             .map(|x| {
                 (
                     x.tflops,
-                    x.implementation
-                        .trim_start_matches("prefill_sm80:")
-                        .to_string(),
+                    x.implementation.trim_start_matches("prefill_").to_string(),
                 )
             })
             .unwrap_or((f64::NAN, String::new()));
@@ -203,7 +201,7 @@ pub fn panels(t: &[Timing]) -> Vec<Panel> {
                     .map(|x| (x.seqlen as f64, x.tflops))
                     .collect(),
             )];
-            let ours = of(&|x| x.implementation.starts_with("prefill_sm80"));
+            let ours = of(&|x| x.implementation.starts_with("prefill_sm"));
             if ours.iter().any(|x| x.implementation != def) {
                 let mut lens: Vec<usize> = ours.iter().map(|x| x.seqlen).collect();
                 lens.sort();
@@ -219,7 +217,7 @@ pub fn panels(t: &[Timing]) -> Vec<Panel> {
                         (s as f64, b)
                     })
                     .collect();
-                series.push(Series::new("ours (best tile)", best));
+                series.push(Series::new("ours (best kernel and tile)", best));
             }
             for (imp, name) in [("sdpa_flash", "SDPA flash"), ("sdpa_cudnn", "SDPA cuDNN")] {
                 let pts: Vec<(f64, f64)> = of(&|x| x.implementation == imp)
