@@ -88,8 +88,10 @@ impl CudaLayer {
         Ok(CpQkv { q, k, v, gate })
     }
 
+    /// Load `c`'s kernel the way the layer's forward picks its own: the tensor-core kernel
+    /// this GPU runs (`prefill_sm90` / `prefill_sm80`), else `prefill_rows`.
     fn cp_load(&self, c: KernelConfig) -> Result<CpAttnKernel> {
-        let fast = registry::prefill_sm80(&c, self.target);
+        let fast = self.fast_config(&c);
         let (cfg, (key, f)) = select_forward(fast.as_ref(), &c, |c| self.load_attention(c))?;
         let window = if cfg.has_window {
             self.window()?
