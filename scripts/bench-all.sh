@@ -12,8 +12,8 @@
 #   decode             attn bench decode   -> OUT/decode.{json,svg,log}
 #   layer              attn bench layer, every preset          -> OUT/layer.{json,svg,log}
 #   layer:P1[,P2]      only those presets (llama3-8b, llama3.2-1b) -> OUT/layer-P1[-P2].{...}
-#   parallel           attn bench parallel (Llama-3-8B at TP = 1 and 2 over NCCL, 32k-128k
-#                      tokens)                                 -> OUT/parallel.{json,svg,log}
+#   parallel           attn bench parallel (Llama-3-8B at TP = 1 and 2, CP = 2 per exchange,
+#                      over NCCL, 32k-128k tokens)                                 -> OUT/parallel.{json,svg,log}
 #                      (not a default section; needs 2 GPUs and libnccl.so on
 #                      LD_LIBRARY_PATH, else the TP = 2 rows are n/a with a note)
 #

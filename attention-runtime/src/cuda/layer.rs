@@ -81,6 +81,7 @@ pub struct CudaLayer {
     qk_record: std::sync::Mutex<Option<CudaSlice<f32>>>,
 }
 
+mod cp;
 mod cross_cache;
 mod decode_step;
 mod forward;
@@ -90,6 +91,7 @@ mod prefill;
 mod qk_clip;
 mod train;
 
+pub(crate) use cp::{CpAcc, CpAttnKernel, CpLaunch, CpQkv};
 pub use train::CudaSaved;
 
 fn bad(arg: &str, expected: impl Into<String>, got: impl Into<String>) -> AttnError {

@@ -6,9 +6,8 @@
 //! token's position in its whole sequence) and `linear_proj` run on its own tokens; core
 //! attention is [`CpCoreAttention`], which exchanges K/V (or heads) by `cp_comm_type`.
 //!
-//! Forward only, no KV cache (the cache steps of [`BackendLayer`] are refused): the training
-//! backward and the CUDA path (a kernel that returns the LSE and masks by global token index)
-//! are not written yet.
+//! Forward only, no KV cache (the cache steps of [`BackendLayer`] are refused); the training
+//! backward is not written yet. The GPU counterpart is [`super::CpCudaLayer`].
 
 use attention_codegen::{AttentionKind, Sinks};
 

@@ -19,18 +19,28 @@
 //!   `2 cp - 1 - r` of every sequence), [`CpLayer`] / [`CpCoreAttention`] on the CPU
 //!   reference with `p2p` (ring exchange of K/V, partials merged by LSE), `all_gather` and
 //!   `a2a` (Ulysses); causal, no mask and sliding window; padded and packed sequences.
+//!   [`CpCudaLayer`] is the same on a GPU over device tensors and [`NcclComm`]: the existing
+//!   forward kernels run the launches [`cp_plan`] derives from the same visibility rules
+//!   (bottom-right alignment, or a Toeplitz mask tensor for windows across chunks), their
+//!   partials merged by LSE on the device ([`crate::cuda::cp_kernels`]); [`cp_call`] checks a
+//!   call on the host and that every rank makes the same one.
 //!
 //! What runs where, and what is missing (see README.md, "Tensor and context parallelism"):
 //! the CPU paths are tested against the single-rank layer with the in-process communicator;
-//! the CUDA tensor-parallel path ([`TpLayer`] over [`CudaLayer`](crate::cuda::CudaLayer) and
-//! [`NcclComm`]) compiles and has two-GPU tests (`tests/gpu_parallel.rs`) not yet run on a
-//! GPU; context parallelism on CUDA, its backward, the `a2a+p2p` hierarchy, and compute /
-//! communication overlap are not written.
+//! the CUDA plans are tested on the host by emulating the kernel (`tests/parallel_cp_plan.rs`);
+//! the CUDA paths ([`TpLayer`] over [`CudaLayer`](crate::cuda::CudaLayer), [`CpCudaLayer`])
+//! have two-GPU tests (`tests/gpu_parallel.rs`, `tests/gpu_parallel_cp.rs`). Context
+//! parallelism's backward, KV caches under it, the `a2a+p2p` hierarchy, and compute /
+//! communication overlap of the ring are not written.
 
 pub mod comm;
 pub mod cp;
+pub mod cp_call;
 pub mod cp_core;
+pub mod cp_cuda;
+mod cp_cuda_core;
 pub mod cp_layout;
+pub mod cp_plan;
 pub mod in_process;
 pub mod nccl;
 pub mod nccl_id;
@@ -48,6 +58,7 @@ use crate::error::AttnError;
 pub use comm::Communicator;
 pub use cp::CpLayer;
 pub use cp_core::CpCoreAttention;
+pub use cp_cuda::CpCudaLayer;
 pub use cp_layout::CpLayout;
 pub use in_process::{run_ranks, InProcessComm};
 pub use nccl::NcclComm;

@@ -16,15 +16,17 @@
 //! (`all_to_all`, `send_recv`) use NCCL's group API directly, which is only correct on that one
 //! stream (cudarc records its buffer-use events before `ncclGroupEnd`).
 //!
-//! Timeouts: with a timeout set, each collective records an event after it and polls it until
-//! done or the timeout passes ([`AttnError::Collective`]); dropping the communicator then
+//! Timeouts: with a timeout set, each collective (the byte collectives too, before they read
+//! their result back) records an event after it and polls it until done or the timeout passes
+//! ([`AttnError::Collective`]); dropping the communicator then
 //! aborts it (`ncclCommAbort`). Without a timeout collectives are asynchronous. What is not
 //! bounded: `ncclCommInitRank` blocks until every rank has joined (cudarc gives no
 //! non-blocking init), NCCL may connect peers lazily inside the first collective's host call
 //! (`NCCL_RUNTIME_CONNECT`), and ranks that call different collectives or sizes are undefined
 //! behaviour in NCCL (the in-process communicator detects them; NCCL cannot).
 //!
-//! Not run in CI: no GPU there. The two-GPU tests are `attention-runtime/tests/gpu_parallel.rs`.
+//! Not run in CI: no GPU there. The two-GPU tests are `attention-runtime/tests/gpu_parallel.rs`
+//! and `gpu_parallel_cp.rs`.
 
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -299,6 +301,8 @@ impl Communicator for NcclComm {
         self.comm
             .all_gather(&len, &mut lens)
             .map_err(self.nccl_err("all_gather_bytes"))?;
+        // The download below synchronizes the stream: bound the wait first.
+        self.wait("all_gather_bytes")?;
         let lens: Vec<usize> = self
             .download_u8(&lens)?
             .chunks_exact(8)
@@ -312,6 +316,7 @@ impl Communicator for NcclComm {
         self.comm
             .all_gather(&send, &mut recv)
             .map_err(self.nccl_err("all_gather_bytes"))?;
+        self.wait("all_gather_bytes")?;
         let all = self.download_u8(&recv)?;
         Ok(lens
             .iter()
@@ -325,6 +330,7 @@ impl Communicator for NcclComm {
         self.comm
             .broadcast_in_place(&mut len, root as i32)
             .map_err(self.nccl_err("broadcast_bytes"))?;
+        self.wait("broadcast_bytes")?;
         let l = self.download_u8(&len)?;
         let l = u64::from_le_bytes(l.try_into().unwrap_or([0; 8])) as usize;
         let mut data = bytes.to_vec();
@@ -333,6 +339,7 @@ impl Communicator for NcclComm {
         self.comm
             .broadcast_in_place(&mut buf, root as i32)
             .map_err(self.nccl_err("broadcast_bytes"))?;
+        self.wait("broadcast_bytes")?;
         let mut out = self.download_u8(&buf)?;
         out.truncate(l);
         Ok(out)

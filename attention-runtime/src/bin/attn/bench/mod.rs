@@ -11,10 +11,11 @@
 //! - [`layer`]: the whole layer through the public API against the same layer in PyTorch;
 //!   its results in [`layer_report`]; per-call kernel times and API overhead from an Nsight
 //!   Compute profile of a [`profile`] run in [`ncu`].
-//! - [`parallel`]: the Llama-3-8B layer on one GPU and tensor-parallel on two (TP = 1, 2 over
-//!   NCCL, one thread per GPU) at 32k-128k tokens: time, speedup, scaling efficiency and the
-//!   bytes each rank communicates (counted by [`parallel_count`] around the communicator);
-//!   its results in [`parallel_report`]. No context-parallel rows: CP has no CUDA layer yet.
+//! - [`parallel`]: the Llama-3-8B layer on one GPU, tensor-parallel (TP = 2) and
+//!   context-parallel (CP = 2, each `cp_comm_type`, forward only) on two over NCCL, one thread
+//!   per GPU, at 32k-128k tokens: time, speedup, scaling efficiency and the bytes each rank
+//!   communicates (counted by [`parallel_count`] around the communicator); its results in
+//!   [`parallel_report`].
 //! - [`chart`]: the SVG chart every bench writes beside its JSON.
 //! - [`common`]: CUDA timing helpers and the reports' JSON, shared by all.
 //!
@@ -66,12 +67,13 @@ pub enum BenchCommand {
     /// in PyTorch (SDPA flash and cuDNN) in the same run; with an Nsight Compute profile
     /// (--profile-once, then --ncu-csv), each call's overhead over its kernels.
     Layer(Box<BenchLayerArgs>),
-    /// Time the Llama-3-8B layer (bf16, one causal sequence) on one GPU (TP = 1) and
-    /// tensor-parallel over NCCL on GPUs 0 and 1 (TP = 2, one thread per rank), CUDA events,
-    /// median per rank after warm-up, the slowest rank reported: time, speedup over TP = 1,
-    /// scaling efficiency (speedup / TP) and the bytes each rank communicates per call
-    /// (counted around the communicator). With fewer than 2 GPUs or no libnccl the TP = 2
-    /// rows are n/a with a note. No context-parallel rows: CP has no CUDA implementation.
+    /// Time the Llama-3-8B layer (bf16, one causal sequence) on one GPU (TP = CP = 1),
+    /// tensor-parallel (TP = 2) and context-parallel (CP = 2, each --cp-comm-type, forward
+    /// only) over NCCL on GPUs 0 and 1 (one thread per rank), CUDA events, median per rank
+    /// after warm-up, the slowest rank reported: time, speedup over one GPU, scaling
+    /// efficiency (speedup / (TP x CP)) and the bytes each rank communicates per call
+    /// (counted around the communicator). With fewer than 2 GPUs or no libnccl the 2-GPU
+    /// rows are n/a with a note.
     Parallel(BenchParallelArgs),
 }
 
@@ -84,6 +86,14 @@ pub struct BenchParallelArgs {
     /// Tensor-parallel sizes, comma separated (1 and/or 2; rank r on GPU r).
     #[arg(long, value_delimiter = ',', default_value = "1,2")]
     tp: Vec<usize>,
+    /// Context-parallel sizes, comma separated (1 and/or 2; rank r on GPU r; CP = 1 is the
+    /// TP = 1 row).
+    #[arg(long, value_delimiter = ',', default_value = "1,2")]
+    cp: Vec<usize>,
+    /// The context-parallel exchanges timed at CP = 2, comma separated (p2p, all_gather,
+    /// a2a).
+    #[arg(long, value_delimiter = ',', default_value = "p2p,all_gather,a2a")]
+    cp_comm_type: Vec<String>,
     /// Also time the training step (forward_train + backward).
     #[arg(long)]
     train: bool,
@@ -418,6 +428,12 @@ pub fn run(cmd: &BenchCommand) -> Result<()> {
             let opts = parallel::ParallelOptions {
                 seqlens: p.seqlens.clone(),
                 tps: p.tp.clone(),
+                cps: p.cp.clone(),
+                cp_comm_types: p
+                    .cp_comm_type
+                    .iter()
+                    .map(|t| t.parse())
+                    .collect::<attention_runtime::Result<_>>()?,
                 train: p.train,
                 warmup: p.warmup,
                 reps: p.reps,

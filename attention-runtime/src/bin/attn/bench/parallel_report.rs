@@ -1,11 +1,11 @@
-//! `attn bench parallel`'s results: the scaling table (time, speedup over TP = 1, scaling
-//! efficiency = speedup / TP, bytes communicated per rank per call), the JSON report and the
-//! chart's panels.
+//! `attn bench parallel`'s results: the scaling table (time, speedup over TP = CP = 1, scaling
+//! efficiency = speedup / (TP x CP), bytes communicated per rank per call), the JSON report and
+//! the chart's panels.
 //!
 //! Bytes are counted by [`super::parallel_count::CountingComm`] around the layer's
 //! communicator during one timed call (payload and ring-estimate wire bytes, see there).
-//! Context parallelism has no CUDA implementation, so no row has `cp > 1`: [`CP_NOTE`] says
-//! so in every report.
+//! Context-parallel rows (`cp > 1`, one per `cp_comm_type`) are forward only: [`CP_NOTE`] says
+//! so in every report that has training rows.
 
 use std::fmt::Write as _;
 
@@ -13,9 +13,9 @@ use super::chart::{Panel, Series};
 use super::common::{json_num, json_str};
 use super::parallel_count::CommCount;
 
-/// Why the table has no CP rows.
-pub const CP_NOTE: &str = "CP = 2 rows: not measured. Context parallelism (CpLayer) runs on the \
-CPU reference only; there is no CUDA context-parallel layer yet, so every row is CP = 1.";
+/// Why training has no CP rows.
+pub const CP_NOTE: &str = "CP rows: forward only (CpCudaLayer has no training backward yet), \
+so the train rows are CP = 1.";
 
 /// One measured configuration.
 #[derive(Debug, Clone, PartialEq)]
@@ -26,8 +26,10 @@ pub struct ParRow {
     pub tokens: usize,
     /// Tensor-parallel size.
     pub tp: usize,
-    /// Context-parallel size (always 1, see [`CP_NOTE`]).
+    /// Context-parallel size.
     pub cp: usize,
+    /// The context-parallel exchange (`p2p`, `all_gather`, `a2a`) when `cp > 1`.
+    pub cp_comm_type: Option<String>,
     /// Per rank: the median ms of `reps` calls after warm-up (CUDA events on the rank's
     /// stream); empty when the configuration did not run.
     pub rank_ms: Vec<f64>,
@@ -36,6 +38,14 @@ pub struct ParRow {
 }
 
 impl ParRow {
+    /// The configuration's name: `TP = 2`, `CP = 2 p2p`, `TP = 1`.
+    pub fn label(&self) -> String {
+        match &self.cp_comm_type {
+            Some(t) if self.cp > 1 => format!("CP = {} {t}", self.cp),
+            _ => format!("TP = {}", self.tp),
+        }
+    }
+
     /// The slowest rank's median, ms (NaN when it did not run).
     pub fn ms(&self) -> f64 {
         if self.rank_ms.is_empty() {
@@ -54,8 +64,8 @@ fn base<'a>(rows: &'a [ParRow], r: &ParRow) -> Option<&'a ParRow> {
         .find(|b| b.mode == r.mode && b.tokens == r.tokens && b.tp == 1 && b.cp == 1)
 }
 
-/// `(speedup over TP = 1, scaling efficiency = speedup / (tp × cp))`, NaN when either side
-/// is missing.
+/// `(speedup over TP = CP = 1, scaling efficiency = speedup / (tp × cp))`, NaN when either
+/// side is missing.
 pub fn scaling(rows: &[ParRow], r: &ParRow) -> (f64, f64) {
     let b = base(rows, r).map(ParRow::ms).unwrap_or(f64::NAN);
     let speedup = b / r.ms();
@@ -75,9 +85,9 @@ fn mib(b: u64) -> String {
     format!("{:.2}", b as f64 / (1u64 << 20) as f64)
 }
 
-/// The table: per mode, length and TP, the slowest rank's ms (every rank's in brackets),
-/// speedup over TP = 1, scaling efficiency, and one call's collectives per rank (count,
-/// payload MiB, estimated wire MiB).
+/// The table: per mode, length and configuration (TP, CP and its exchange), the slowest rank's
+/// ms (every rank's beside it), speedup over TP = CP = 1, scaling efficiency, and one call's
+/// collectives per rank (count, payload MiB, estimated wire MiB).
 pub fn table(rows: &[ParRow], device: &str, note: &str) -> String {
     let mut s = String::new();
     let _ = writeln!(s, "device: {device}");
@@ -87,9 +97,9 @@ pub fn table(rows: &[ParRow], device: &str, note: &str) -> String {
     );
     let _ = writeln!(
         s,
-        "| mode | tokens | TP | CP | ms | ms per rank | speedup | efficiency | collectives | payload MiB | wire MiB (ring est.) |"
+        "| mode | tokens | TP | CP | CP exchange | ms | ms per rank | speedup | efficiency | collectives | payload MiB | wire MiB (ring est.) |"
     );
-    let _ = writeln!(s, "|---|---|---|---|---|---|---|---|---|---|---|");
+    let _ = writeln!(s, "|---|---|---|---|---|---|---|---|---|---|---|---|");
     for r in rows {
         let (sp, eff) = scaling(rows, r);
         let per_rank = if r.rank_ms.is_empty() {
@@ -104,11 +114,12 @@ pub fn table(rows: &[ParRow], device: &str, note: &str) -> String {
         let ran = r.ms().is_finite();
         let _ = writeln!(
             s,
-            "| {} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {} |",
+            "| {} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {} |",
             r.mode,
             r.tokens,
             r.tp,
             r.cp,
+            r.cp_comm_type.as_deref().unwrap_or("-"),
             num(r.ms(), 2),
             per_rank,
             num(sp, 2),
@@ -147,11 +158,12 @@ pub fn to_json(rows: &[ParRow], device: &str, note: &str) -> String {
             .join(", ");
         let _ = write!(
             s,
-            "    {{\"mode\": {}, \"tokens\": {}, \"tp\": {}, \"cp\": {}, \"ms\": {}, \"rank_ms\": [{ranks}], \"speedup\": {}, \"efficiency\": {}, \"collectives\": {}, \"payload_bytes\": {}, \"wire_bytes\": {}}}",
+            "    {{\"mode\": {}, \"tokens\": {}, \"tp\": {}, \"cp\": {}, \"cp_comm_type\": {}, \"ms\": {}, \"rank_ms\": [{ranks}], \"speedup\": {}, \"efficiency\": {}, \"collectives\": {}, \"payload_bytes\": {}, \"wire_bytes\": {}}}",
             json_str(&r.mode),
             r.tokens,
             r.tp,
             r.cp,
+            r.cp_comm_type.as_deref().map_or("null".to_string(), json_str),
             json_num(r.ms()),
             json_num(sp),
             json_num(eff),
@@ -165,19 +177,22 @@ pub fn to_json(rows: &[ParRow], device: &str, note: &str) -> String {
     s
 }
 
-/// The chart: per mode, ms over tokens (one series per TP) and scaling efficiency over
-/// tokens (one series per TP > 1).
+/// The chart: per mode, ms over tokens (one series per configuration) and scaling efficiency
+/// over tokens (one series per configuration with more than one rank).
 pub fn panels(rows: &[ParRow]) -> Vec<Panel> {
     let mut modes: Vec<&str> = rows.iter().map(|r| r.mode.as_str()).collect();
     modes.dedup();
-    let mut tps: Vec<usize> = rows.iter().map(|r| r.tp).collect();
-    tps.sort_unstable();
-    tps.dedup();
     let mut out = Vec::new();
     for m in modes {
-        let pts = |tp: usize, f: &dyn Fn(&ParRow) -> f64| -> Vec<(f64, f64)> {
+        let mut labels: Vec<(String, usize)> = Vec::new();
+        for r in rows.iter().filter(|r| r.mode == m) {
+            if !labels.iter().any(|(l, _)| *l == r.label()) {
+                labels.push((r.label(), r.tp * r.cp));
+            }
+        }
+        let pts = |label: &str, f: &dyn Fn(&ParRow) -> f64| -> Vec<(f64, f64)> {
             rows.iter()
-                .filter(|r| r.mode == m && r.tp == tp)
+                .filter(|r| r.mode == m && r.label() == label)
                 .map(|r| (r.tokens as f64, f(r)))
                 .collect()
         };
@@ -185,19 +200,19 @@ pub fn panels(rows: &[ParRow]) -> Vec<Panel> {
             title: format!("{m}: time"),
             x_label: "tokens (one sequence)".into(),
             y_label: "ms (slowest rank)".into(),
-            series: tps
+            series: labels
                 .iter()
-                .map(|&tp| Series::new(format!("TP = {tp}"), pts(tp, &|r| r.ms())))
+                .map(|(l, _)| Series::new(l.clone(), pts(l, &|r| r.ms())))
                 .collect(),
         });
         out.push(Panel {
             title: format!("{m}: scaling efficiency"),
             x_label: "tokens (one sequence)".into(),
-            y_label: "speedup / TP".into(),
-            series: tps
+            y_label: "speedup / (TP x CP)".into(),
+            series: labels
                 .iter()
-                .filter(|&&tp| tp > 1)
-                .map(|&tp| Series::new(format!("TP = {tp}"), pts(tp, &|r| scaling(rows, r).1)))
+                .filter(|(_, ranks)| *ranks > 1)
+                .map(|(l, _)| Series::new(l.clone(), pts(l, &|r| scaling(rows, r).1)))
                 .collect(),
         });
     }
@@ -214,6 +229,7 @@ mod tests {
             tokens,
             tp,
             cp: 1,
+            cp_comm_type: None,
             rank_ms,
             comm: CommCount {
                 calls: u64::from(tp > 1),
@@ -224,11 +240,16 @@ mod tests {
     }
 
     fn rows() -> Vec<ParRow> {
+        let mut cp = row("forward", 32768, 1, vec![5.5, 5.0], 64 << 20);
+        cp.cp = 2;
+        cp.cp_comm_type = Some("p2p".into());
+        cp.comm.calls = 1;
         vec![
             row("forward", 32768, 1, vec![10.0], 0),
             row("forward", 32768, 2, vec![6.0, 6.25], 256 << 20),
             row("forward", 65536, 1, vec![30.0], 0),
             row("forward", 65536, 2, vec![], 0),
+            cp,
         ]
     }
 
@@ -242,6 +263,9 @@ mod tests {
         assert_eq!(scaling(&r, &r[0]), (1.0, 1.0));
         let (sp, eff) = scaling(&r, &r[3]);
         assert!(sp.is_nan() && eff.is_nan());
+        // CP = 2: over the same TP = CP = 1 row, divided by CP.
+        let (sp, eff) = scaling(&r, &r[4]);
+        assert!((sp - 10.0 / 5.5).abs() < 1e-12 && (eff - 5.0 / 5.5).abs() < 1e-12);
     }
 
     #[test]
@@ -252,22 +276,25 @@ mod tests {
             &format!("{CP_NOTE}\nTP = 2: no second GPU"),
         );
         assert!(
-            s.contains("| forward | 32768 | 2 | 1 | 6.25 | 6.00 / 6.25 | 1.60 | 0.80 | 1 | 256.00 | 256.00 |"),
+            s.contains("| forward | 32768 | 2 | 1 | - | 6.25 | 6.00 / 6.25 | 1.60 | 0.80 | 1 | 256.00 | 256.00 |"),
             "{s}"
         );
         assert!(
             s.contains(
-                "| forward | 32768 | 1 | 1 | 10.00 | 10.00 | 1.00 | 1.00 | 0 | 0.00 | 0.00 |"
+                "| forward | 32768 | 1 | 1 | - | 10.00 | 10.00 | 1.00 | 1.00 | 0 | 0.00 | 0.00 |"
             ),
             "{s}"
         );
         assert!(
-            s.contains("| forward | 65536 | 2 | 1 | n/a | n/a | n/a | n/a | n/a | n/a | n/a |"),
+            s.contains("| forward | 65536 | 2 | 1 | - | n/a | n/a | n/a | n/a | n/a | n/a | n/a |"),
             "{s}"
         );
-        assert!(s.contains("note: CP = 2 rows: not measured."), "{s}");
+        assert!(
+            s.contains("| forward | 32768 | 1 | 2 | p2p | 5.50 | 5.50 / 5.00 | 1.82 | 0.91 | 1 | 64.00 | 64.00 |"),
+            "{s}"
+        );
+        assert!(s.contains("note: CP rows: forward only"), "{s}");
         assert!(s.contains("note: TP = 2: no second GPU"), "{s}");
-        assert!(!s.lines().any(|l| l.contains("| 2 | 2 |")), "{s}");
     }
 
     #[test]
@@ -275,19 +302,24 @@ mod tests {
         let r = rows();
         let j = to_json(&r, "dev", CP_NOTE);
         assert!(
-            j.contains("\"tp\": 2, \"cp\": 1, \"ms\": 6.2500, \"rank_ms\": [6.0000, 6.2500], \"speedup\": 1.6000, \"efficiency\": 0.8000, \"collectives\": 1, \"payload_bytes\": 268435456, \"wire_bytes\": 268435456}"),
+            j.contains("\"tp\": 2, \"cp\": 1, \"cp_comm_type\": null, \"ms\": 6.2500, \"rank_ms\": [6.0000, 6.2500], \"speedup\": 1.6000, \"efficiency\": 0.8000, \"collectives\": 1, \"payload_bytes\": 268435456, \"wire_bytes\": 268435456}"),
+            "{j}"
+        );
+        assert!(
+            j.contains("\"cp\": 2, \"cp_comm_type\": \"p2p\", \"ms\": 5.5000"),
             "{j}"
         );
         assert!(
             j.contains("\"ms\": null, \"rank_ms\": [], \"speedup\": null"),
             "{j}"
         );
-        assert!(j.contains("no CUDA context-parallel layer"), "{j}");
+        assert!(j.contains("forward only"), "{j}");
         let p = panels(&r);
         assert_eq!(p.len(), 2);
-        assert_eq!(p[0].series.len(), 2);
+        assert_eq!(p[0].series.len(), 3);
         assert_eq!(p[0].series[1].points[0], (32768.0, 6.25));
-        assert_eq!(p[1].series.len(), 1);
+        assert_eq!(p[0].series[2].name, "CP = 2 p2p");
+        assert_eq!(p[1].series.len(), 2);
         assert_eq!(p[1].series[0].name, "TP = 2");
         assert_eq!(p[1].series[0].points[0], (32768.0, 0.8));
         let svg = crate::bench::chart::render_svg("parallel", &p, 2).unwrap();

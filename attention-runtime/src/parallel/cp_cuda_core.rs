@@ -1,0 +1,293 @@
+//! Core attention of one context-parallel rank on a GPU, by `cp_comm_type`, over device
+//! tensors end to end (NCCL moves device buffers; only index tables and `cu_seqlens` go up
+//! from the host). Inputs are the rank's q, k, v, gate in its packed local layout
+//! ([`super::cp_call`]); the output is `[t, np, hn]` in the same layout.
+//!
+//! - `p2p`: K and V packed into one buffer `[2 t, ng hn]` travel around the ring (`cp - 1`
+//!   [`Communicator::send_recv`] steps to rank + 1). Each step's launches
+//!   ([`cp_plan::p2p_jobs`]) are merged by their LSE into an f32 result; sinks and gate are
+//!   applied once at the end. Exchange and compute run on one stream, one after the other
+//!   (Megatron overlaps them; not done here).
+//! - `all_gather`: every rank's K/V buffer all-gathered, reordered into whole-sequence order
+//!   by a row gather, then [`cp_plan::all_gather_jobs`] (the layer's kernel over each chunk's
+//!   key prefix when causal: no merge of overlapping partials), merged as `p2p`.
+//! - `a2a` (Ulysses): q, k, v (and the gate) split by head blocks, all-to-all'ed, reordered
+//!   into whole sequences; the layer's own kernel attends every token of this rank's
+//!   `np / cp` heads (sinks and gate included); the output goes back the same way.
+
+use super::comm::Communicator;
+use super::cp_call::CpCall;
+use super::cp_layout::CpLayout;
+use super::cp_plan::{self, KernelKind, Launch};
+use cudarc::driver::CudaSlice;
+
+use crate::cuda::cp_kernels::{upload_index, LoadedCp, RowIndex};
+use crate::cuda::layer::{CpAcc, CpAttnKernel, CpLaunch, CpQkv};
+use crate::cuda::{CudaLayer, DeviceTensor};
+use crate::error::{AttnError, Result};
+
+/// The kernels of the kinds a plan's launches use, loaded before anything is queued.
+pub(crate) struct Kernels(Vec<(KernelKind, CpAttnKernel)>);
+
+impl Kernels {
+    fn load<'a>(
+        layer: &CudaLayer,
+        call: &CpCall,
+        launches: impl IntoIterator<Item = &'a Launch>,
+    ) -> Result<Kernels> {
+        let mut out: Vec<(KernelKind, CpAttnKernel)> = Vec::new();
+        for l in launches {
+            if !out.iter().any(|(k, _)| *k == l.kind) {
+                out.push((l.kind, layer.cp_kernel(l.kind, call.mask)?));
+            }
+        }
+        Ok(Kernels(out))
+    }
+
+    fn get(&self, kind: KernelKind) -> Result<&CpAttnKernel> {
+        self.0
+            .iter()
+            .find(|(k, _)| *k == kind)
+            .map(|(_, k)| k)
+            .ok_or_else(|| AttnError::Render(format!("no kernel loaded for a {kind:?} launch")))
+    }
+}
+
+/// The index tables of `a2a` on the device.
+pub(crate) struct UlyssesTables {
+    /// `[t, np]` heads -> `[cp][t]` head blocks (any head count: rows of one block).
+    split: RowIndex,
+    /// `[cp (owner)][t]` -> whole-sequence order.
+    to_global: RowIndex,
+    /// Whole-sequence order -> `[cp (owner)][t]`.
+    back: RowIndex,
+    /// `[cp (head block)][t]` -> `[t, np]`.
+    merge: RowIndex,
+    /// The whole batch's `cu_seqlens`, int32.
+    cu: CudaSlice<i32>,
+}
+
+/// The plan of a call, made and uploaded before anything is queued.
+pub(crate) enum Plan {
+    /// `p2p`: per ring step, its launches (step `i` attends rank `rank - i`'s block).
+    Ring(Vec<Vec<CpLaunch>>, Kernels),
+    /// `all_gather`: launches over the whole-sequence K/V, and the gather index from the
+    /// all-gathered `[cp][2][t]` rows to `[2][t cp]` in sequence order.
+    Gathered(Vec<CpLaunch>, Kernels, RowIndex),
+    /// `a2a`: the layer's own kernel over whole sequences, and the index tables.
+    Ulysses(CpAttnKernel, Box<UlyssesTables>),
+}
+
+fn upload_all(layer: &CudaLayer, call: &CpCall, launches: Vec<Launch>) -> Result<Vec<CpLaunch>> {
+    launches
+        .into_iter()
+        .map(|l| layer.cp_upload_launch(l, call.vis))
+        .collect()
+}
+
+impl Plan {
+    /// Plan `call` for `comm_type`: launches and their metadata, kernels, index tables.
+    pub(crate) fn new(
+        layer: &CudaLayer,
+        layout: CpLayout,
+        call: &CpCall,
+        comm_type: super::CpCommType,
+    ) -> Result<Plan> {
+        use super::CpCommType::*;
+        let (cp, t) = (layout.cp_size, call.rows());
+        let st = layer.runtime().stream();
+        let src = cp_plan::global_sources(layout, &call.local_cu);
+        Ok(match comm_type {
+            P2p => {
+                let steps = (0..cp)
+                    .map(|step| {
+                        let from = (layout.cp_rank + cp - step) % cp;
+                        cp_plan::pack(cp_plan::p2p_jobs(layout, &call.local_cu, from, call.vis))
+                    })
+                    .collect::<Result<Vec<_>>>()?;
+                let k = Kernels::load(layer, call, steps.iter().flatten())?;
+                let steps = steps
+                    .into_iter()
+                    .map(|l| upload_all(layer, call, l))
+                    .collect::<Result<_>>()?;
+                Plan::Ring(steps, k)
+            }
+            AllGather => {
+                let jobs = cp_plan::all_gather_jobs(layout, &call.local_cu, call.vis);
+                let launches = cp_plan::pack(jobs)?;
+                let k = Kernels::load(layer, call, &launches)?;
+                let idx: Vec<usize> = (0..2)
+                    .flat_map(|half| src.iter().map(move |&(o, lr)| o * 2 * t + half * t + lr))
+                    .collect();
+                let idx = upload_index(st, &idx, cp * 2 * t)?;
+                Plan::Gathered(upload_all(layer, call, launches)?, k, idx)
+            }
+            A2a => {
+                let big = t * cp;
+                let to_global: Vec<usize> = src.iter().map(|&(o, lr)| o * t + lr).collect();
+                let mut back = vec![0usize; big];
+                for (g, &(o, lr)) in src.iter().enumerate() {
+                    back[o * t + lr] = g;
+                }
+                let cu: Vec<i32> = call
+                    .global_cu
+                    .iter()
+                    .map(|&x| {
+                        i32::try_from(x).map_err(|_| AttnError::InvalidArgument {
+                            arg: "cu_seqlens_q".into(),
+                            expected: "offsets that fit in int32".into(),
+                            got: x.to_string(),
+                        })
+                    })
+                    .collect::<Result<_>>()?;
+                let tables = UlyssesTables {
+                    split: upload_index(st, &cp_plan::head_split_index(t, cp), big)?,
+                    to_global: upload_index(st, &to_global, big)?,
+                    back: upload_index(st, &back, big)?,
+                    merge: upload_index(st, &cp_plan::head_merge_index(t, cp), big)?,
+                    cu: crate::cuda::tensor::upload(st, &cu, "cu_seqlens_q")?,
+                };
+                Plan::Ulysses(layer.cp_whole_kernel(call.mask)?, Box::new(tables))
+            }
+        })
+    }
+}
+
+/// K and V in one buffer `[2 t, ng hn]` (keys, then values).
+fn pack_kv(layer: &CudaLayer, qkv: &CpQkv, t: usize) -> Result<DeviceTensor> {
+    let w = layer.config().groups * layer.config().head_dim;
+    let st = layer.runtime().stream();
+    let mut kv = layer.cp_alloc(&[2 * t, w], "cp k/v")?;
+    kv.copy_rows_from(st, 0, &qkv.k, 0, t)?;
+    kv.copy_rows_from(st, t, &qkv.v, 0, t)?;
+    Ok(kv)
+}
+
+/// Run every launch over one K/V buffer (`[2 kv_rows, ng hn]`), merging into `acc`.
+fn run_launches(
+    layer: &CudaLayer,
+    kernels: &Kernels,
+    launches: &[CpLaunch],
+    q: &DeviceTensor,
+    kv: (&DeviceTensor, usize),
+    acc: &mut CpAcc,
+    h: &LoadedCp,
+) -> Result<()> {
+    for pl in launches {
+        layer.cp_partial(kernels.get(pl.launch.kind)?, pl, q, kv, acc, h)?;
+    }
+    Ok(())
+}
+
+/// `p2p` and `all_gather` (see the module docs).
+pub(crate) fn by_kv<C: Communicator<Tensor = DeviceTensor>>(
+    layer: &CudaLayer,
+    comm: &C,
+    layout: CpLayout,
+    call: &CpCall,
+    plan: &Plan,
+    qkv: &CpQkv,
+    h: &LoadedCp,
+) -> Result<DeviceTensor> {
+    let (cp, rank) = (layout.cp_size, layout.cp_rank);
+    let t = call.rows();
+    let st = layer.runtime().stream();
+    let kv = pack_kv(layer, qkv, t)?;
+    let mut acc = layer.cp_acc(t, h)?;
+    let w = kv.shape()[1];
+    match plan {
+        Plan::Ring(steps, kernels) => {
+            let mut kv = kv;
+            for (i, launches) in steps.iter().enumerate() {
+                run_launches(layer, kernels, launches, &qkv.q, (&kv, t), &mut acc, h)?;
+                if i + 1 < steps.len() {
+                    let mut next = layer.cp_alloc(&[2 * t, w], "cp k/v (received)")?;
+                    comm.send_recv(&kv, (rank + 1) % cp, &mut next, (rank + cp - 1) % cp)?;
+                    kv = next;
+                }
+            }
+        }
+        Plan::Gathered(launches, kernels, idx) => {
+            let mut all = layer.cp_alloc(&[cp * 2 * t, w], "cp k/v (all ranks)")?;
+            comm.all_gather(&kv, &mut all)?;
+            drop(kv);
+            let mut glob = layer.cp_alloc(&[2 * t * cp, w], "cp k/v (sequence order)")?;
+            h.gather_rows(st, &all, &mut glob, idx)?;
+            drop(all);
+            run_launches(
+                layer,
+                kernels,
+                launches,
+                &qkv.q,
+                (&glob, t * cp),
+                &mut acc,
+                h,
+            )?;
+        }
+        Plan::Ulysses(..) => {
+            return Err(AttnError::InvalidArgument {
+                arg: "cp_comm_type".into(),
+                expected: "p2p or all_gather here (a2a runs `ulysses`)".into(),
+                got: "a2a".into(),
+            })
+        }
+    }
+    layer.cp_finish(&acc, qkv.gate.as_ref(), h)
+}
+
+/// `a2a` (see the module docs): `kern` is the layer's own kernel, `tab` the plan's tables.
+#[allow(clippy::too_many_arguments)]
+pub(crate) fn ulysses<C: Communicator<Tensor = DeviceTensor>>(
+    layer: &CudaLayer,
+    comm: &C,
+    layout: CpLayout,
+    call: &CpCall,
+    (kern, tab): (&CpAttnKernel, &UlyssesTables),
+    qkv: &CpQkv,
+    h: &LoadedCp,
+) -> Result<DeviceTensor> {
+    let (cp, rank) = (layout.cp_size, layout.cp_rank);
+    let cfg = layer.config();
+    let (np, ng, hn) = (cfg.heads, cfg.groups, cfg.head_dim);
+    let t = call.rows();
+    let big = t * cp;
+    let st = layer.runtime().stream();
+    // Every token of this rank's head block, in sequence order: [t cp, heads / cp, hn].
+    let scatter = |x: &DeviceTensor, heads: usize, arg: &str| -> Result<DeviceTensor> {
+        let bw = heads / cp;
+        let mut send = layer.cp_alloc(&[cp * t, bw * hn], arg)?;
+        h.gather_rows(st, x, &mut send, &tab.split)?;
+        let mut recv = layer.cp_alloc(&[cp * t, bw * hn], arg)?;
+        comm.all_to_all(&send, &mut recv)?;
+        let mut glob = layer.cp_alloc(&[big, bw, hn], arg)?;
+        h.gather_rows(st, &recv, &mut glob, &tab.to_global)?;
+        Ok(glob)
+    };
+    let whole = CpQkv {
+        q: scatter(&qkv.q, np, "cp q (a2a)")?,
+        k: scatter(&qkv.k, ng, "cp k (a2a)")?,
+        v: scatter(&qkv.v, ng, "cp v (a2a)")?,
+        gate: qkv
+            .gate
+            .as_ref()
+            .map(|g| scatter(g, np, "cp gate (a2a)"))
+            .transpose()?,
+    };
+    let hq = np / cp;
+    let out = layer.cp_whole(
+        kern,
+        &whole,
+        (&call.global_cu, &tab.cu),
+        (hq, ng / cp, rank),
+    )?;
+    drop(whole);
+    // Back: [cp (owner rank)][t] rows of this head block, all-to-all, heads merged.
+    let mut send = layer.cp_alloc(&[cp * t, hq * hn], "cp output (a2a)")?;
+    h.gather_rows(st, &out, &mut send, &tab.back)?;
+    drop(out);
+    let mut recv = layer.cp_alloc(&[cp * t, hq * hn], "cp output (a2a)")?;
+    comm.all_to_all(&send, &mut recv)?;
+    let mut o = layer.cp_alloc(&[t, np, hn], "attention output")?;
+    h.gather_rows(st, &recv, &mut o, &tab.merge)?;
+    Ok(o)
+}
