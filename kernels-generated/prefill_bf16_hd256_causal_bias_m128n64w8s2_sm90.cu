@@ -26,7 +26,11 @@
 //   O += P V  : wgmma m64n256k16 with A = P from registers (the accumulator
 //               repacked to bf16, mma.sync's A layout) and B = V from shared memory,
 //               MN-major (transposed read of the row-major V tile).
-// K/V tiles stream through a STAGES-deep cp.async ring, one commit group per tile.
+// K/V tiles stream through a STAGES-deep cp.async ring, one commit group per tile. With three
+// or more stages (PIPELINE, the default up to head dim 192) step t issues S_t together with
+// O += P_{t-1} V_{t-1} and runs the softmax of S_t while that product is in flight; with two
+// (head dim 256) each step's P V follows its own softmax. Every warp of the block loads and
+// the block synchronizes per tile (no producer warp, no TMA yet: BENCHMARKS.md, issue 11).
 
 // ---------------------------------------------------------------------------------------
 // Element types and conversions. No CUDA toolkit header is included: NVRTC alone compiles
