@@ -641,8 +641,29 @@ mod tests {
         assert!(
             c.paged_kv
                 && c.phase == Phase::PrefillSm90
-                && c.key().ends_with("_paged_m128n128w8s3_sm90")
+                && c.key().ends_with("_paged_m192n128w12s2_sm90")
         );
+        // A mask tensor, a bias or a window takes the 128-row tile (the 192-row one spills).
+        for heavy in [
+            KernelConfig {
+                has_bias: true,
+                ..c.clone()
+            },
+            KernelConfig {
+                has_window: true,
+                ..c.clone()
+            },
+            KernelConfig {
+                mask: Some(MaskType::Arbitrary),
+                ..c.clone()
+            },
+        ] {
+            assert!(
+                heavy.key().ends_with("_m128n128w8s3_sm90"),
+                "{}",
+                heavy.key()
+            );
+        }
         assert!(
             !Phase::PrefillSm90.compiles_for("sm_80") && Phase::PrefillSm90.compiles_for("sm_90a")
         );

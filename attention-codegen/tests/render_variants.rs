@@ -202,7 +202,7 @@ fn kernels_for_spec_covers_phases_head_dims_and_masks() {
     }
     // Head dim 128 also lists the Hopper family (the union over devices): the four forward
     // variants and the static-cache / paged prefill.
-    let sm90 = attention_codegen::render::PrefillTile::for_head_dim_sm90(128).key();
+    let sm90 = attention_codegen::render::PrefillTile::for_head_dim_sm90(128, true).key();
     for want in [
         format!("prefill_bf16_hd128_causal_win_sinkl_{sm90}_sm90"),
         format!("prefill_bf16_hd128_causal_win_sinkl_bias_{sm90}_sm90"),

@@ -111,10 +111,11 @@ fn config_sm90(arch: &str, head_dim: usize, causal: bool) -> Option<KernelConfig
         Phase::PrefillSm90,
         head_dim,
         causal,
-        PrefillTile::for_head_dim_sm90(head_dim),
+        PrefillTile::for_head_dim_sm90(head_dim, false),
     );
     attention_codegen::registry::prefill_sm90(&c, target).map(|mut c| {
-        c.tile = Some(PrefillTile::for_head_dim_sm90(head_dim));
+        c.tile = None;
+        c.tile = Some(c.prefill_tile());
         c
     })
 }

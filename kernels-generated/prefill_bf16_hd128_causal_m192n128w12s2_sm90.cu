@@ -1,9 +1,9 @@
-// Kernel `prefill_bf16_hd128_causal_bottom_right_paged_m128n128w8s3_sm90`: attention forward on Hopper's warpgroup MMA, rendered from
-// templates/prefill_sm90.cu. dtype bf16, head dim 128, mask causal_bottom_right, window
+// Kernel `prefill_bf16_hd128_causal_m192n128w12s2_sm90`: attention forward on Hopper's warpgroup MMA, rendered from
+// templates/prefill_sm90.cu. dtype bf16, head dim 128, mask causal, window
 // false, sinks none, output gate false, mask tensor false,
-// additive bias false, paged K/V true.
-// Tile: BLOCK_M 128 query rows (one 64-row warpgroup each) x BLOCK_N 128 keys
-// per step, 8 warps, 3 K/V shared-memory stages. Needs sm_90a (wgmma).
+// additive bias false, paged K/V false.
+// Tile: BLOCK_M 192 query rows (one 64-row warpgroup each) x BLOCK_N 128 keys
+// per step, 12 warps, 2 K/V shared-memory stages. Needs sm_90a (wgmma).
 //
 // Launch, parameters, layouts, masks, LSE, max_logit, sinks, gate, static and paged caches,
 // and the `v_nonfinite` exact path: exactly as templates/prefill_sm80.cu (the same positional
@@ -103,7 +103,7 @@ __device__ __forceinline__ float warp_sum(float x) {
 }
 
 // ---------------------------------------------------------------------------------------
-// Mask predicate. Generated part: causal mode `bottom_right`, window false.
+// Mask predicate. Generated part: causal mode `top_left`, window false.
 // Query row i (0-based within its sequence of sq queries) sees key j (of sk keys) iff
 //   top_left causal:      j <= i
 //   bottom_right causal:  j <= i + sk - sq
@@ -116,7 +116,7 @@ __device__ __forceinline__ void visible_range(int i, int sq, int sk, int window_
                                               int window_right, int* lo, int* hi) {
     long long lo_ = 0;
     long long hi_ = sk;
-    hi_ = min(hi_, (long long)i + sk - sq + 1);
+    hi_ = min(hi_, (long long)i + 1);
     if (lo_ < 0) lo_ = 0;
     if (hi_ < lo_) hi_ = lo_;
     *lo = (int)lo_;
@@ -155,11 +155,82 @@ __device__ __forceinline__ bool chunk_has_nonfinite(uint4 w) {
     return (z & 0x80008000u) != 0u;
 }
 
+// ---------------------------------------------------------------------------------------
+// One warp computes one query row against keys [lo, hi) of its K/V group: online softmax in
+// fp32, base-2 exponentials with softmax_scale * log2(e) folded into the logits.
+// Sinks: `none`. A row with no visible key gives zeros and LSE -inf.
+// ---------------------------------------------------------------------------------------
 
-constexpr int BLOCK_M = 128;
+constexpr float LOG2E = 1.4426950408889634f;
+constexpr float LN2 = 0.6931471805599453f;
+
+struct RowState {
+    float acc[LANE_D];  // unnormalized output, channel c * WARP_SIZE + lane (0 past HEAD_DIM)
+    float m;            // running max of the logits (log2 units)
+    float l;            // running sum of exp2(logit - m)
+    bool any;           // whether any key was visible
+};
+
+/// Start a row: the sink column, when there is one, is an extra logit with no value.
+__device__ __forceinline__ void row_init(RowState& st, const float* __restrict__ sinks, int head) {
+#pragma unroll
+    for (int c = 0; c < LANE_D; ++c) st.acc[c] = 0.0f;
+    st.any = false;
+    (void)sinks; (void)head;
+    st.m = neg_inf();
+    st.l = 0.0f;
+}
+
+/// Fold key/value row (k_row, v_row) with logit `s` (log2 units, -inf = masked) into the row.
+__device__ __forceinline__ void row_update(RowState& st, float s, const elem_t* __restrict__ v_row,
+                                           int lane) {
+    if (s == neg_inf()) return;
+    const float m_new = fmaxf(st.m, s);
+    const float corr = exp2f(st.m - m_new);
+    const float p = exp2f(s - m_new);
+    st.l = st.l * corr + p;
+#pragma unroll
+    for (int c = 0; c < LANE_D; ++c)
+        st.acc[c] = st.acc[c] * corr + p * load_ch(v_row, c, lane);
+    st.m = m_new;
+    st.any = true;
+}
+
+/// Dot product of the lane's query channels with a key row, reduced over the warp.
+__device__ __forceinline__ float row_dot(const float (&qv)[LANE_D], const elem_t* __restrict__ k_row,
+                                         int lane) {
+    float d = 0.0f;
+#pragma unroll
+    for (int c = 0; c < LANE_D; ++c) d += qv[c] * load_ch(k_row, c, lane);
+    return warp_sum(d);
+}
+
+/// Load the lane's channels of a query row.
+__device__ __forceinline__ void load_q(float (&qv)[LANE_D], const elem_t* __restrict__ q_row, int lane) {
+#pragma unroll
+    for (int c = 0; c < LANE_D; ++c) qv[c] = load_ch(q_row, c, lane);
+}
+
+/// Write the normalized output row (times sigmoid(gate) when gated) and the row's LSE
+/// (natural log, including the sink column; -inf when no key was visible).
+__device__ __forceinline__ void row_finish(const RowState& st, elem_t* __restrict__ out_row,
+                                           const elem_t* __restrict__ gate_row,
+                                           float* __restrict__ lse_slot, int lane) {
+    const float inv_l = st.any ? 1.0f / st.l : 0.0f;
+#pragma unroll
+    for (int c = 0; c < LANE_D; ++c) {
+        float o = st.any ? st.acc[c] * inv_l : 0.0f;
+        store_ch(out_row, c, lane, o);
+    }
+    (void)gate_row;
+    if (lane == 0) *lse_slot = st.any ? (st.m + log2f(st.l)) * LN2 : neg_inf();
+}
+
+
+constexpr int BLOCK_M = 192;
 constexpr int BLOCK_N = 128;
-constexpr int WARPS = 8;
-constexpr int STAGES = 3;
+constexpr int WARPS = 12;
+constexpr int STAGES = 2;
 constexpr int THREADS = WARPS * WARP_SIZE;
 constexpr int NI = BLOCK_N / 8;      // n8 tiles of S per warp
 constexpr int KD = HEAD_DIM / 16;    // k16 steps of Q K^T
@@ -318,9 +389,50 @@ __device__ __forceinline__ void atomic_max_float(float* addr, float v) {
         atomicMin((unsigned int*)addr, __float_as_uint(v));
     }
 }
+/// The block's rows computed exactly, one warp per row, never reading a masked key (the
+/// path taken when `v_nonfinite` is set; see the header). Out of line, so the main loop's
+/// registers stay as they are.
+__device__ __noinline__ void exact_rows(
+    const elem_t* __restrict__ q, const elem_t* __restrict__ k, const elem_t* __restrict__ v,
+    elem_t* __restrict__ out, float* __restrict__ lse, long long q_tok0, long long q_step,
+    long long k_tok0, long long k_step, long long total_q, int m0, int m_valid, int sq, int sk,
+    int h, int grp, int b, int num_heads, int num_groups, float softmax_scale, int window_left,
+    int window_right, const unsigned char* __restrict__ mask, long long mask_stride_b,
+    long long mask_stride_h, long long mask_stride_q, long long mask_stride_k,
+    const float* __restrict__ bias, long long bias_stride_b, long long bias_stride_h,
+    long long bias_stride_q, long long bias_stride_k, const float* __restrict__ sinks,
+    const elem_t* __restrict__ gate, float* __restrict__ max_logit)
+{
+    const int lane = threadIdx.x % WARP_SIZE;
+    const int warp = threadIdx.x / WARP_SIZE;
+    const float scale_log2 = softmax_scale * LOG2E;
+    float head_max = neg_inf();
+    for (int r = warp; r < m_valid; r += WARPS) {
+        const int i = m0 + r;
+        const long long tok = q_tok0 + (long long)i * q_step;
+        const long long q_off = (tok * num_heads + h) * HEAD_DIM;
+        float qv[LANE_D];
+        load_q(qv, q + q_off, lane);
+        int lo, hi;
+        visible_range(i, sq, sk, window_left, window_right, &lo, &hi);
+        RowState st;
+        row_init(st, sinks, h);
+        for (int j = lo; j < hi; ++j) {
+            const long long kv_off = ((k_tok0 + (long long)j * k_step) * num_groups + grp) * HEAD_DIM;
+            const float s = row_dot(qv, k + kv_off, lane) * scale_log2;
+            head_max = fmaxf(head_max, s);
+            row_update(st, s, v + kv_off, lane);
+        }
+        row_finish(st, out + q_off, gate + q_off, lse + (long long)h * total_q + tok, lane);
+    }
+    if (max_logit != nullptr && lane == 0 && head_max != neg_inf())
+        atomic_max_float(max_logit + h, head_max * LN2);
+    (void)mask; (void)mask_stride_b; (void)mask_stride_h; (void)mask_stride_q; (void)mask_stride_k;
+    (void)bias; (void)bias_stride_b; (void)bias_stride_h; (void)bias_stride_q; (void)bias_stride_k;
+}
 
 
-extern "C" __global__ void __launch_bounds__(THREADS, 1) prefill_bf16_hd128_causal_bottom_right_paged_m128n128w8s3_sm90(
+extern "C" __global__ void __launch_bounds__(THREADS, 1) prefill_bf16_hd128_causal_m192n128w12s2_sm90(
     const elem_t* __restrict__ q,
     const elem_t* __restrict__ k,
     const elem_t* __restrict__ v,
@@ -385,8 +497,8 @@ extern "C" __global__ void __launch_bounds__(THREADS, 1) prefill_bf16_hd128_caus
     if (packed) {
         const int q0 = cu_seqlens_q[b];
         sq = cu_seqlens_q[b + 1] - q0;
-        const int k0 = 0;
-        sk = cache_seqlens_k[b];
+        const int k0 = cu_seqlens_k[b];
+        sk = cu_seqlens_k[b + 1] - k0;
         q_tok0 = q0;
         k_tok0 = k0;
         q_step = 1;
@@ -409,7 +521,13 @@ extern "C" __global__ void __launch_bounds__(THREADS, 1) prefill_bf16_hd128_caus
     const int m0 = m_block * BLOCK_M;
     if (m0 >= sq) return;
     const int m_valid = min(BLOCK_M, sq - m0);
-    (void)v_nonfinite;
+    if (v_nonfinite != nullptr && *v_nonfinite != 0) {
+        exact_rows(q, k, v, out, lse, q_tok0, q_step, k_tok0, k_step, total_q, m0, m_valid, sq, sk,
+                   h, grp, b, num_heads, num_groups, softmax_scale, window_left, window_right, mask,
+                   mask_stride_b, mask_stride_h, mask_stride_q, mask_stride_k, bias, bias_stride_b,
+                   bias_stride_h, bias_stride_q, bias_stride_k, sinks, gate, max_logit);
+        return;
+    }
 
     const long long q_row_stride = q_step * num_heads * HEAD_DIM;
     const long long kv_row_stride = k_step * num_groups * HEAD_DIM;
@@ -439,32 +557,9 @@ extern "C" __global__ void __launch_bounds__(THREADS, 1) prefill_bf16_hd128_caus
         m_vis[hh] = neg_inf();
     }
     (void)sinks;
-    (void)kv_base; (void)kv_row_stride;
-    const int* __restrict__ bt_row = block_table + (long long)b * max_blocks_per_seq;
-    const int bs_shift = __ffs(block_size) - 1;
-    const long long pool_row_stride = (long long)num_groups * HEAD_DIM;
-    auto load_kv = [&](unsigned dst, const elem_t* __restrict__ pool, int n0) {
-        if (block_size >= BLOCK_N) {
-            const long long row0 =
-                ((long long)bt_row[n0 >> bs_shift] << bs_shift) + (n0 & (block_size - 1));
-            load_tile<BLOCK_N>(dst, pool + row0 * pool_row_stride + (long long)grp * HEAD_DIM,
-                               pool_row_stride, sk - n0, tid);
-            return;
-        }
-#pragma unroll
-        for (int c = tid; c < BLOCK_N * CHUNKS; c += THREADS) {
-            const int r = c / CHUNKS;
-            const int ch = c % CHUNKS;
-            const int j = n0 + r;
-            const bool ok = j < sk;
-            const elem_t* g = pool;
-            if (ok) {
-                const long long row =
-                    ((long long)bt_row[j >> bs_shift] << bs_shift) + (j & (block_size - 1));
-                g = pool + (row * num_groups + grp) * HEAD_DIM + ch * 8;
-            }
-            cp_async16(dst + sw_off<BLOCK_N>(r, ch), g, ok);
-        }
+    (void)block_table; (void)block_size; (void)max_blocks_per_seq;
+    auto load_kv = [&](unsigned dst, const elem_t* __restrict__ src, int n0) {
+        load_tile<BLOCK_N>(dst, src + kv_base + (long long)n0 * kv_row_stride, kv_row_stride, sk - n0, tid);
     };
 
     // Prologue: group 0 = Q + K/V(tile 0), then one group per tile up to STAGES - 2.

@@ -1,9 +1,9 @@
-// Kernel `prefill_bf16_hd128_causal_bottom_right_m128n128w8s3_sm90`: attention forward on Hopper's warpgroup MMA, rendered from
+// Kernel `prefill_bf16_hd128_causal_bottom_right_m192n128w12s2_sm90`: attention forward on Hopper's warpgroup MMA, rendered from
 // templates/prefill_sm90.cu. dtype bf16, head dim 128, mask causal_bottom_right, window
 // false, sinks none, output gate false, mask tensor false,
 // additive bias false, paged K/V false.
-// Tile: BLOCK_M 128 query rows (one 64-row warpgroup each) x BLOCK_N 128 keys
-// per step, 8 warps, 3 K/V shared-memory stages. Needs sm_90a (wgmma).
+// Tile: BLOCK_M 192 query rows (one 64-row warpgroup each) x BLOCK_N 128 keys
+// per step, 12 warps, 2 K/V shared-memory stages. Needs sm_90a (wgmma).
 //
 // Launch, parameters, layouts, masks, LSE, max_logit, sinks, gate, static and paged caches,
 // and the `v_nonfinite` exact path: exactly as templates/prefill_sm80.cu (the same positional
@@ -227,10 +227,10 @@ __device__ __forceinline__ void row_finish(const RowState& st, elem_t* __restric
 }
 
 
-constexpr int BLOCK_M = 128;
+constexpr int BLOCK_M = 192;
 constexpr int BLOCK_N = 128;
-constexpr int WARPS = 8;
-constexpr int STAGES = 3;
+constexpr int WARPS = 12;
+constexpr int STAGES = 2;
 constexpr int THREADS = WARPS * WARP_SIZE;
 constexpr int NI = BLOCK_N / 8;      // n8 tiles of S per warp
 constexpr int KD = HEAD_DIM / 16;    // k16 steps of Q K^T
@@ -432,7 +432,7 @@ __device__ __noinline__ void exact_rows(
 }
 
 
-extern "C" __global__ void __launch_bounds__(THREADS, 1) prefill_bf16_hd128_causal_bottom_right_m128n128w8s3_sm90(
+extern "C" __global__ void __launch_bounds__(THREADS, 1) prefill_bf16_hd128_causal_bottom_right_m192n128w12s2_sm90(
     const elem_t* __restrict__ q,
     const elem_t* __restrict__ k,
     const elem_t* __restrict__ v,
