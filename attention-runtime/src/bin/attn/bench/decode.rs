@@ -19,8 +19,9 @@ use half::bf16;
 use super::chart::write_report;
 use super::common::{cuda_device, cuda_err, join, median, random_bf16};
 use super::decode_report::{
-    decode_json, decode_table, panels, parse_sdpa_decode, CopyCeiling, DecodeTiming,
+    decode_json, decode_table, panels, parse_sdpa_decode, CopyCeiling, DecodeTiming, READ_ONLY,
 };
+use super::read_ceiling::ReadProbe;
 
 /// Options of `attn bench decode`: the fused decode step (`decode_splitkv` split + combine: rope of
 /// the new q/k, KV append, split-KV attention, LSE combine) against PyTorch SDPA's flash
@@ -388,6 +389,22 @@ pub fn run_decode(opts: &DecodeOptions) -> Result<String> {
         ms: cms,
         gbps: (2 * cn * 2) as f64 / (cms * 1e-3) / 1e9,
     }];
+    // Read-only ceiling: one kernel reading the 1 GiB source (a decode step only reads).
+    let mut probe = ReadProbe::new(&rt, sms)?;
+    let (rt_ms, _) = time_queued(
+        &stream,
+        opts.warmup + opts.reps,
+        opts.chunk,
+        &mut blocker,
+        &mut |_| probe.read(&stream, &big_src),
+    )?;
+    let rms = median(rt_ms[opts.warmup.min(rt_ms.len())..].to_vec());
+    ceilings.push(CopyCeiling {
+        source: READ_ONLY.into(),
+        bytes: cn * 2,
+        ms: rms,
+        gbps: (cn * 2) as f64 / (rms * 1e-3) / 1e9,
+    });
 
     // Rope tables (half, all channels, theta 10000) for every position used.
     let max_ctx = opts.contexts.iter().copied().max().unwrap_or(1);

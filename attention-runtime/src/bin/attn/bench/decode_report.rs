@@ -44,6 +44,10 @@ pub struct CopyCeiling {
     pub gbps: f64,
 }
 
+/// [`CopyCeiling::source`] of the read-only ceiling (one kernel reading a 1 GiB buffer; its
+/// `bytes` count the bytes read, not read + written).
+pub const READ_ONLY: &str = "read-only kernel";
+
 /// Parse the script's decode output: one flat JSON object per line; `"backend": "copy"`
 /// lines give a [`CopyCeiling`] (`bytes`, `ms`, `gbps`), `"backend": "flash"` lines a
 /// [`DecodeTiming`] (`batch`, `ctx`, `us`, `gbps`, `gqa`, `host_behind`; null numbers become
@@ -86,26 +90,47 @@ pub fn parse_sdpa_decode(text: &str) -> (Vec<DecodeTiming>, Vec<CopyCeiling>) {
 }
 
 /// The decode table: per (ctx, batch), ours and SDPA flash in µs and GB/s, ours / SDPA, and
-/// each as a share of the measured copy bandwidth.
+/// each as a share of the measured copy bandwidth (the first ceiling that is not
+/// [`READ_ONLY`]) and of the read-only bandwidth ([`READ_ONLY`]; NaN when not measured).
 pub fn decode_table(t: &[DecodeTiming], ceilings: &[CopyCeiling], device: &str) -> String {
     let mut s = String::new();
     let _ = writeln!(s, "device: {device}");
     for c in ceilings {
+        let what = if c.source == READ_ONLY {
+            "read ceiling"
+        } else {
+            "copy ceiling"
+        };
+        let moved = if c.source == READ_ONLY {
+            "read"
+        } else {
+            "read+written"
+        };
         let _ = writeln!(
             s,
-            "copy ceiling ({}, {} MiB read+written): {:.0} GB/s ({:.3} ms)",
+            "{what} ({}, {} MiB {moved}): {:.0} GB/s ({:.3} ms)",
             c.source,
             c.bytes >> 20,
             c.gbps,
             c.ms
         );
     }
-    let ceil = ceilings.first().map_or(f64::NAN, |c| c.gbps);
+    let ceil = ceilings
+        .iter()
+        .find(|c| c.source != READ_ONLY)
+        .map_or(f64::NAN, |c| c.gbps);
+    let read = ceilings
+        .iter()
+        .find(|c| c.source == READ_ONLY)
+        .map_or(f64::NAN, |c| c.gbps);
     let _ = writeln!(
         s,
-        "| ctx | batch | MB moved | decode_splitkv µs | decode_splitkv GB/s | splits | sdpa flash µs | sdpa flash GB/s | sdpa gqa | ours/sdpa | ours % copy | sdpa % copy |"
+        "| ctx | batch | MB moved | decode_splitkv µs | decode_splitkv GB/s | splits | sdpa flash µs | sdpa flash GB/s | sdpa gqa | ours/sdpa | ours % copy | sdpa % copy | ours % read | sdpa % read |"
     );
-    let _ = writeln!(s, "|---|---|---|---|---|---|---|---|---|---|---|---|");
+    let _ = writeln!(
+        s,
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"
+    );
     let mut shapes: Vec<(usize, usize)> = t.iter().map(|x| (x.ctx, x.batch)).collect();
     shapes.sort();
     shapes.dedup();
@@ -123,10 +148,12 @@ pub fn decode_table(t: &[DecodeTiming], ceilings: &[CopyCeiling], device: &str) 
         let mb = ours.or(sd).map_or(f64::NAN, |x| x.bytes / 1e6);
         let _ = writeln!(
             s,
-            "| {c} | {b} | {mb:.1} | {ou:.1} | {og:.0} | {sp} | {su:.1} | {sg:.0} | {gqa} | {:.2} | {:.0}% | {:.0}% |{}",
+            "| {c} | {b} | {mb:.1} | {ou:.1} | {og:.0} | {sp} | {su:.1} | {sg:.0} | {gqa} | {:.2} | {:.0}% | {:.0}% | {:.0}% | {:.0}% |{}",
             og / sg,
             100.0 * og / ceil,
             100.0 * sg / ceil,
+            100.0 * og / read,
+            100.0 * sg / read,
             if behind > 0 {
                 format!(" (host behind in {behind} chunks)")
             } else {
@@ -246,7 +273,11 @@ pub fn panels(t: &[DecodeTiming], ceilings: &[CopyCeiling]) -> Vec<Panel> {
                 .collect();
             for cc in ceilings {
                 series.push(Series::new(
-                    format!("copy ceiling ({})", cc.source),
+                    if cc.source == READ_ONLY {
+                        "read ceiling (read-only kernel)".to_string()
+                    } else {
+                        format!("copy ceiling ({})", cc.source)
+                    },
                     batches.iter().map(|&b| (b as f64, cc.gbps)).collect(),
                 ));
             }
@@ -314,5 +345,43 @@ mod tests {
         let svg = crate::bench::chart::render_svg("decode", &p, 2).unwrap();
         crate::bench::chart::tests::assert_well_formed(&svg);
         assert!(svg.contains("ours (decode_splitkv)") && svg.contains("SDPA flash"));
+    }
+
+    #[test]
+    fn read_only_ceiling_gets_its_own_columns() {
+        let ours = DecodeTiming {
+            implementation: "decode_splitkv".into(),
+            batch: 16,
+            ctx: 8192,
+            bytes: 1e9,
+            us: 500.0,
+            gbps: 2000.0,
+            splits: 5,
+            gqa: String::new(),
+            host_behind: 0,
+        };
+        let sdpa = DecodeTiming {
+            implementation: "sdpa_flash".into(),
+            gbps: 3000.0,
+            ..ours.clone()
+        };
+        let ceiling = |source: &str, gbps: f64| CopyCeiling {
+            source: source.into(),
+            bytes: 1 << 30,
+            ms: 1.0,
+            gbps,
+        };
+        // The read-only ceiling listed first must not become the copy ceiling.
+        let c = [ceiling(READ_ONLY, 4000.0), ceiling("cuMemcpyDtoD", 2500.0)];
+        let table = decode_table(&[ours, sdpa], &c, "dev");
+        assert!(table.contains("read ceiling (read-only kernel, 1024 MiB read): 4000 GB/s"));
+        let row = table
+            .lines()
+            .find(|l| l.starts_with("| 8192 | 16 |"))
+            .unwrap();
+        // ours % copy, sdpa % copy, ours % read, sdpa % read.
+        assert!(row.contains("| 80% | 120% | 50% | 75% |"), "{row}");
+        let p = panels(&[], &c);
+        assert!(p.is_empty());
     }
 }

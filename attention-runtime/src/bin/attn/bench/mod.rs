@@ -37,6 +37,7 @@ mod parallel_report;
 mod prefill;
 mod prefill_report;
 mod profile;
+mod read_ceiling;
 
 use clap::Subcommand;
 
