@@ -460,4 +460,10 @@ fn bench_flags_that_need_another_are_refused() {
     let o = run_attn(&["bench", "parallel", "--tp", "3"]);
     let e = String::from_utf8_lossy(&o.stderr);
     assert!(!o.status.success() && e.contains("invalid `--tp`"), "{e}");
+    let o = run_attn(&["bench", "decode", "--split-sweep", "4,0"]);
+    let e = String::from_utf8_lossy(&o.stderr);
+    assert!(
+        !o.status.success() && e.contains("invalid `--split-sweep`") && e.contains('0'),
+        "{e}"
+    );
 }

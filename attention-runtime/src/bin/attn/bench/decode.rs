@@ -52,6 +52,8 @@ pub struct DecodeOptions {
     pub json: Option<PathBuf>,
     /// Pool block sizes of the paged decode timing (empty: skip it).
     pub paged_block_sizes: Vec<usize>,
+    /// Extra split counts to time the static step at (`decode_splitkv_s<N>` rows).
+    pub split_sweep: Vec<usize>,
 }
 
 impl Default for DecodeOptions {
@@ -69,6 +71,7 @@ impl Default for DecodeOptions {
             sdpa_script: Some(PathBuf::from("scripts/bench_sdpa.py")),
             json: None,
             paged_block_sizes: vec![16, 64],
+            split_sweep: Vec::new(),
         }
     }
 }
@@ -337,6 +340,13 @@ pub fn run_decode(opts: &DecodeOptions) -> Result<String> {
             format!("{:?} / {:?}", opts.contexts, opts.batches),
         ));
     }
+    if let Some(&n) = opts.split_sweep.iter().find(|&&n| !(1..=128).contains(&n)) {
+        return Err(bad(
+            "--split-sweep",
+            "split counts in 1..=128",
+            n.to_string(),
+        ));
+    }
     if opts.reps == 0 {
         return Err(bad("--reps", "at least 1", "0".into()));
     }
@@ -457,14 +467,21 @@ pub fn run_decode(opts: &DecodeOptions) -> Result<String> {
                 });
             }
             let splits = num_splits(sms, b, groups, c + 1);
+            let most = opts
+                .split_sweep
+                .iter()
+                .copied()
+                .chain([splits])
+                .max()
+                .unwrap_or(1);
             let lens = stream
                 .clone_htod(&vec![c as i32; b])
                 .map_err(cuda_err("clone_htod cache_seqlens"))?;
             let o_part: CudaSlice<f32> = stream
-                .alloc_zeros(splits * b * heads * hd)
+                .alloc_zeros(most * b * heads * hd)
                 .map_err(cuda_err("alloc o_part"))?;
             let lse_part: CudaSlice<f32> = stream
-                .alloc_zeros(splits * b * heads)
+                .alloc_zeros(most * b * heads)
                 .map_err(cuda_err("alloc lse_part"))?;
             let lse: CudaSlice<f32> = stream
                 .alloc_zeros(heads * b)
@@ -534,6 +551,38 @@ pub fn run_decode(opts: &DecodeOptions) -> Result<String> {
                 gqa: String::new(),
                 host_behind: behind,
             });
+            for &n in &opts.split_sweep {
+                let swept: Vec<DecodeSplitKvArgs> = args
+                    .iter()
+                    .map(|a| DecodeSplitKvArgs {
+                        num_splits: n as i32,
+                        ..*a
+                    })
+                    .collect();
+                let mut step = |i: usize| {
+                    launch_decode_splitkv(&stream, &key, &split_f, &combine_f, &swept[i % sets])
+                };
+                let (t, behind) = time_queued(
+                    &stream,
+                    opts.warmup + opts.reps,
+                    opts.chunk,
+                    &mut blocker,
+                    &mut step,
+                )?;
+                let ms = median(t[opts.warmup.min(t.len())..].to_vec());
+                let bytes = decode_bytes(b, c, heads, groups, hd);
+                timings.push(DecodeTiming {
+                    implementation: format!("decode_splitkv_s{n}"),
+                    batch: b,
+                    ctx: c,
+                    bytes,
+                    us: ms * 1e3,
+                    gbps: bytes / (ms * 1e-3) / 1e9,
+                    splits: n,
+                    gqa: String::new(),
+                    host_behind: behind,
+                });
+            }
             drop(args);
             drop(data);
             for &bs in &opts.paged_block_sizes {

@@ -161,6 +161,37 @@ pub fn decode_table(t: &[DecodeTiming], ceilings: &[CopyCeiling], device: &str) 
             }
         );
     }
+    let sweep: Vec<&DecodeTiming> = t
+        .iter()
+        .filter(|x| x.implementation.starts_with("decode_splitkv_s"))
+        .collect();
+    if !sweep.is_empty() {
+        let _ = writeln!(
+            s,
+            "\nsplit sweep (static step at fixed split counts) vs the automatic choice:"
+        );
+        let _ = writeln!(
+            s,
+            "| ctx | batch | splits | µs | GB/s | auto splits | auto µs | auto / swept time |"
+        );
+        let _ = writeln!(s, "|---|---|---|---|---|---|---|---|");
+        for p in sweep {
+            let auto = t.iter().find(|x| {
+                x.implementation == "decode_splitkv" && x.ctx == p.ctx && x.batch == p.batch
+            });
+            let (asp, aus) = auto.map_or((0, f64::NAN), |x| (x.splits, x.us));
+            let _ = writeln!(
+                s,
+                "| {} | {} | {} | {:.1} | {:.0} | {asp} | {aus:.1} | {:.2} |",
+                p.ctx,
+                p.batch,
+                p.splits,
+                p.us,
+                p.gbps,
+                aus / p.us
+            );
+        }
+    }
     let paged: Vec<&DecodeTiming> = t
         .iter()
         .filter(|x| x.implementation.starts_with("decode_splitkv_paged"))
@@ -246,7 +277,11 @@ pub fn panels(t: &[DecodeTiming], ceilings: &[CopyCeiling]) -> Vec<Panel> {
     let mut ctxs: Vec<usize> = t.iter().map(|x| x.ctx).collect();
     ctxs.sort();
     ctxs.dedup();
-    let mut imps: Vec<&str> = t.iter().map(|x| x.implementation.as_str()).collect();
+    let mut imps: Vec<&str> = t
+        .iter()
+        .map(|x| x.implementation.as_str())
+        .filter(|i| !i.starts_with("decode_splitkv_s"))
+        .collect();
     imps.sort_by_key(|i| (*i != "decode_splitkv", *i));
     imps.dedup();
     ctxs.into_iter()
@@ -373,7 +408,7 @@ mod tests {
         };
         // The read-only ceiling listed first must not become the copy ceiling.
         let c = [ceiling(READ_ONLY, 4000.0), ceiling("cuMemcpyDtoD", 2500.0)];
-        let table = decode_table(&[ours, sdpa], &c, "dev");
+        let table = decode_table(&[ours.clone(), sdpa], &c, "dev");
         assert!(table.contains("read ceiling (read-only kernel, 1024 MiB read): 4000 GB/s"));
         let row = table
             .lines()
@@ -383,5 +418,19 @@ mod tests {
         assert!(row.contains("| 80% | 120% | 50% | 75% |"), "{row}");
         let p = panels(&[], &c);
         assert!(p.is_empty());
+        // A swept split count gets a row against the automatic choice, and no chart series.
+        let swept = DecodeTiming {
+            implementation: "decode_splitkv_s2".into(),
+            splits: 2,
+            us: 400.0,
+            ..ours.clone()
+        };
+        let all = [ours.clone(), swept];
+        let table = decode_table(&all, &c, "dev");
+        assert!(
+            table.contains("| 8192 | 16 | 2 | 400.0 | 2000 | 5 | 500.0 | 1.25 |"),
+            "{table}"
+        );
+        assert_eq!(panels(&all, &c)[0].series.len(), 3); // ours + two ceilings
     }
 }

@@ -217,6 +217,11 @@ pub struct BenchDecodeArgs {
     /// to skip.
     #[arg(long, value_delimiter = ',', default_value = "16,64")]
     paged_block_sizes: Vec<usize>,
+    /// Also time the static step at each of these KV split counts (1-128, comma
+    /// separated; rows `decode_splitkv_s<N>` in a sweep table), to check the automatic
+    /// choice.
+    #[arg(long, value_delimiter = ',')]
+    split_sweep: Vec<usize>,
 }
 
 #[derive(clap::Args)]
@@ -455,6 +460,7 @@ pub fn run(cmd: &BenchCommand) -> Result<()> {
                 sdpa_script: (d.sdpa_script != "none").then(|| d.sdpa_script.clone().into()),
                 json: d.json.clone(),
                 paged_block_sizes: d.paged_block_sizes.clone(),
+                split_sweep: d.split_sweep.clone(),
                 ..Default::default()
             };
             println!("{}", decode::run_decode(&opts)?);
