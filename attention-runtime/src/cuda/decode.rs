@@ -3,8 +3,8 @@
 //! kernels alone ([`DecodeGraph`]) or a whole layer step with its cuBLASLt linears
 //! ([`LayerDecodeGraph`], built by [`CudaLayer::capture_decode`](super::CudaLayer::capture_decode)).
 //!
-//! Split count ([`num_splits`]): enough blocks for four per SM when `batch * groups` alone
-//! cannot (the split kernel is bandwidth-bound and needs many K/V tiles in flight), never
+//! Split count ([`num_splits`]): the most splits whose blocks fit in one wave of the
+//! device's resident blocks ([`decode_slots`]; a partial second wave costs up to 25%), never
 //! more than one split per 128 keys of the longest sequence (so the combine stays small), at
 //! most 128.
 
@@ -53,11 +53,40 @@ pub fn decode_splitkv_kernels(
 }
 
 /// Number of KV splits for a decode step of `batch` sequences of `groups` groups whose
-/// longest visible length is `max_len`, on a device of `sms` SMs.
-pub fn num_splits(sms: usize, batch: usize, groups: usize, max_len: usize) -> usize {
+/// longest visible length is `max_len`, on a device where `slots` split blocks can be
+/// resident at once ([`decode_slots`]): the most splits whose blocks still fit in one wave
+/// (`batch * groups * splits <= slots`), at least 1, never more than one split per 128 keys
+/// of `max_len`, at most 128. Non-decreasing in `max_len`.
+///
+/// Source: `attn bench decode --split-sweep` on an H200 (2026-11-30, hd128, 32 heads / 8
+/// groups, 264 slots): at every batch (1-64) and context (8k, 32k) the fastest count was
+/// the largest that fills one wave (33 / 8 / 2 / 1 at batch 1 / 4 / 16 / 64; 1.15-1.32x the
+/// earlier four-blocks-per-SM rule, which made 1.9-2.4 waves); counts that leave a partial
+/// second wave lose up to 25%.
+pub fn num_splits(slots: usize, batch: usize, groups: usize, max_len: usize) -> usize {
     let blocks = (batch * groups).max(1);
-    let want = (4 * sms).div_ceil(blocks);
-    want.min(max_len.div_ceil(128)).clamp(1, 128)
+    (slots / blocks).min(max_len.div_ceil(128)).clamp(1, 128)
+}
+
+/// Split blocks of the `config` decode kernel resident at once on the runtime's device:
+/// SMs times the blocks per SM its shared memory and registers allow (CUDA occupancy
+/// calculator), at least the SM count. Loads the kernel (cached) if needed.
+///
+/// Errors: those of [`decode_splitkv_kernels`] and [`sm_count`]; [`AttnError::Cuda`] from the
+/// occupancy query.
+pub fn decode_slots(rt: &CudaRuntime, config: &KernelConfig) -> Result<usize> {
+    let (key, f, _) = decode_splitkv_kernels(rt, config)?;
+    let per_sm = f
+        .occupancy_max_active_blocks_per_multiprocessor(
+            (DECODE_SPLITKV_WARPS * 32) as u32,
+            decode_splitkv_smem_bytes(config.head_dim),
+            None,
+        )
+        .map_err(|e| AttnError::Cuda {
+            call: format!("cuOccupancyMaxActiveBlocksPerMultiprocessor {key}"),
+            msg: e.to_string(),
+        })?;
+    Ok(sm_count(rt)? * (per_sm as usize).max(1))
 }
 
 /// Number of SMs of the runtime's device.
@@ -864,4 +893,29 @@ pub(crate) fn cache_binding(
         batch_offset,
         batch,
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::num_splits;
+
+    #[test]
+    fn splits_fill_one_wave_of_resident_blocks() {
+        // H200, hd128: 132 SMs x 2 resident blocks; 8 groups. The counts the split sweep
+        // measured fastest (2026-11-30).
+        for (batch, ctx, want) in [(1, 8192, 33), (4, 8192, 8), (16, 32768, 2), (64, 8192, 1)] {
+            assert_eq!(num_splits(264, batch, 8, ctx + 1), want, "batch {batch}");
+        }
+        // One split per 128 keys at most; at least 1; at most 128.
+        assert_eq!(num_splits(264, 1, 8, 300), 3);
+        assert_eq!(num_splits(264, 1, 8, 0), 1);
+        assert_eq!(num_splits(100_000, 1, 1, 1 << 20), 128);
+        // Never decreasing in the length (decode plans size their buffers for max_seq).
+        let mut last = 0;
+        for len in (0..20_000).step_by(97) {
+            let s = num_splits(264, 2, 8, len);
+            assert!(s >= last, "len {len}");
+            last = s;
+        }
+    }
 }

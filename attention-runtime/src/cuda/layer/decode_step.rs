@@ -16,7 +16,7 @@ use cudarc::driver::{CudaFunction, CudaStream};
 use super::kv_step::PrepPtrs;
 use super::*;
 use crate::cuda::decode::{
-    cache_binding, decode_splitkv_kernels, launch_decode_splitkv, num_splits, sm_count,
+    cache_binding, decode_slots, decode_splitkv_kernels, launch_decode_splitkv, num_splits,
     CacheBinding, DecodeBuffers, DecodeSplitKvArgs, PreparedGemm, RopeTables,
 };
 use crate::cuda::tensor::{copy_dtod, cuda_err};
@@ -40,7 +40,8 @@ pub(crate) struct DecodePlan {
     /// plan was made under.
     pub(crate) max_splits: usize,
     pinned: usize,
-    sms: usize,
+    /// Resident split blocks of the device ([`decode_slots`]).
+    slots: usize,
 }
 
 impl std::fmt::Debug for DecodePlan {
@@ -66,7 +67,7 @@ impl DecodePlan {
             self.pinned
         } else {
             let b = self.binding.batch;
-            num_splits(self.sms, b, self.flash.num_groups as usize, max_len).min(self.max_splits)
+            num_splits(self.slots, b, self.flash.num_groups as usize, max_len).min(self.max_splits)
         }
     }
 }
@@ -104,10 +105,10 @@ impl CudaLayer {
         };
         let prep = self.decode_splitkv_prep()?;
         let fcfg = self.kv_config(Phase::DecodeSplitKv)?;
-        let sms = sm_count(rt)?;
+        let slots = decode_slots(rt, &fcfg)?;
         let pinned = self.decode_splits.load(Ordering::Relaxed);
         let max_splits = match pinned {
-            0 => num_splits(sms, b, ng, cache.max_seq()),
+            0 => num_splits(slots, b, ng, cache.max_seq()),
             n => n,
         };
         let un = |shape: &[usize], arg: &str| DeviceTensor::uninit(st, self.elem, shape, arg);
@@ -212,7 +213,7 @@ impl CudaLayer {
             mscale_bits: mscale.to_bits(),
             max_splits,
             pinned,
-            sms,
+            slots,
         })
     }
 

@@ -2,7 +2,7 @@
 
 use super::*;
 use crate::cuda::decode::{
-    decode_splitkv_kernels, launch_decode_splitkv_paged, num_splits, sm_count,
+    decode_slots, decode_splitkv_kernels, launch_decode_splitkv_paged, num_splits,
 };
 use crate::cuda::params::PagedDecodeParams;
 
@@ -96,21 +96,22 @@ impl CudaLayer {
         };
         let (attn_key, attn_f) = self.load_attention(&attn_config)?;
         let decode_kernels = match self.paged_decode_config() {
-            Some(dc) => Some(decode_splitkv_kernels(&self.rt, &dc)?),
+            Some(dc) => Some((
+                decode_splitkv_kernels(&self.rt, &dc)?,
+                decode_slots(&self.rt, &dc)?,
+            )),
             None => None,
         };
         let (wl, wr) = self.window()?;
         let reqs = step.requests;
         let plan = PagedPlan::new(&reqs, decode_kernels.is_some());
-        let splits = match plan.decode.is_empty() {
-            true => 0,
-            false => num_splits(
-                sm_count(&self.rt)?,
-                plan.decode.len(),
-                c.groups,
-                plan.decode_max_k,
-            ),
+        let splits = match (&decode_kernels, plan.decode.is_empty()) {
+            (Some((_, slots)), false) => {
+                num_splits(*slots, plan.decode.len(), c.groups, plan.decode_max_k)
+            }
+            _ => 0,
         };
+        let decode_kernels = decode_kernels.map(|(k, _)| k);
         let positions: Vec<i32> = step
             .positions
             .iter()

@@ -317,7 +317,7 @@ fn time_paged(
 pub fn run_decode(opts: &DecodeOptions) -> Result<String> {
     use attention_codegen::RopeMode;
     use attention_runtime::cuda::decode::{
-        decode_splitkv_kernels, launch_decode_splitkv, num_splits,
+        decode_slots, decode_splitkv_kernels, launch_decode_splitkv, num_splits,
     };
     use attention_runtime::cuda::decode::{DecodeSplitKvArgs, RopeTables};
 
@@ -434,6 +434,7 @@ pub fn run_decode(opts: &DecodeOptions) -> Result<String> {
     let mut cfg = KernelConfig::new(Phase::DecodeSplitKv, DType::Bf16, hd);
     cfg.rope = Some((RopeMode::Half, hd));
     let (key, split_f, combine_f) = decode_splitkv_kernels(&rt, &cfg)?;
+    let slots = decode_slots(&rt, &cfg)?;
 
     let mut timings: Vec<DecodeTiming> = Vec::new();
     for &c in &opts.contexts {
@@ -466,7 +467,7 @@ pub fn run_decode(opts: &DecodeOptions) -> Result<String> {
                     v_cache,
                 });
             }
-            let splits = num_splits(sms, b, groups, c + 1);
+            let splits = num_splits(slots, b, groups, c + 1);
             let most = opts
                 .split_sweep
                 .iter()
