@@ -37,6 +37,7 @@ pub mod comm;
 pub mod cp;
 pub mod cp_call;
 pub mod cp_core;
+mod cp_core_train;
 pub mod cp_cuda;
 mod cp_cuda_core;
 pub mod cp_layout;
@@ -56,7 +57,7 @@ use std::str::FromStr;
 use crate::error::AttnError;
 
 pub use comm::Communicator;
-pub use cp::CpLayer;
+pub use cp::{CpLayer, CpSaved};
 pub use cp_core::CpCoreAttention;
 pub use cp_cuda::CpCudaLayer;
 pub use cp_layout::CpLayout;
