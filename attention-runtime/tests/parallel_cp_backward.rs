@@ -5,7 +5,9 @@
 //! parameter gradients (summed over the group, on every rank), for `p2p`, `all_gather` and
 //! `a2a`, CP = 2, 3, 4 where the heads allow, causal / no mask / sliding window, learnable
 //! and off-by-one sinks, q/k norms, output gate, rope, padded and packed sequences; delayed
-//! weight gradients and selective recompute; and one test per error class.
+//! weight gradients and selective recompute; and one test per error class. Also the dense
+//! form of the GPU plan's `Band` masks that the CUDA backward reads
+//! ([`attention_runtime::parallel::cp_plan::Launch::dense_band`]).
 
 mod parallel_common;
 
@@ -332,4 +334,52 @@ fn parameter_gradients_are_the_same_bits_on_every_rank() {
             assert_eq!(&o.1.params, first, "{ty}");
         }
     }
+}
+
+#[test]
+fn dense_band_masks_of_the_cuda_backward_match_the_visibility() {
+    use attention_codegen::Window;
+    use attention_runtime::parallel::cp_plan::Visibility;
+    use attention_runtime::parallel::cp_plan::{all_gather_jobs, p2p_jobs, pack, KernelKind};
+    let mut bands = 0;
+    for (mask, w) in [
+        (MaskType::Causal, Window { left: 5, right: 0 }),
+        (MaskType::NoMask, Window { left: 4, right: 3 }),
+    ] {
+        let vis = Visibility::new(mask, Some(w)).unwrap();
+        for cp in [2, 3] {
+            // Two sequences of 4 cp and 8 cp tokens: local rows 4 and 8 per rank.
+            let local_cu = [0, 4, 12];
+            for rank in 0..cp {
+                let layout = CpLayout::new(rank, cp).unwrap();
+                let mut jobs = all_gather_jobs(layout, &local_cu, vis);
+                for from in 0..cp {
+                    jobs.extend(p2p_jobs(layout, &local_cu, from, vis));
+                }
+                for l in pack(jobs).unwrap() {
+                    if l.kind != KernelKind::Band {
+                        continue;
+                    }
+                    bands += 1;
+                    let d = l.dense_band(vis);
+                    assert_eq!(d.len(), l.items() * l.max_q * l.max_k);
+                    for v in 0..l.items() {
+                        let sq = (l.cu_q[v + 1] - l.cu_q[v]) as usize;
+                        let sk = (l.cu_k[v + 1] - l.cu_k[v]) as usize;
+                        for i in 0..sq {
+                            for j in 0..sk {
+                                let delta = l.delta0[v] + j as i64 - i as i64;
+                                assert_eq!(
+                                    d[(v * l.max_q + i) * l.max_k + j] != 0,
+                                    !vis.sees(delta),
+                                    "{mask:?} cp={cp} rank={rank} item {v} ({i}, {j})"
+                                );
+                            }
+                        }
+                    }
+                }
+            }
+        }
+    }
+    assert!(bands > 0, "no Band launch was planned");
 }

@@ -297,19 +297,7 @@ impl CudaLayer {
         zero::<T>(st, &mut dv)?;
         let items = l.items();
         let band = match l.kind {
-            KernelKind::Band => {
-                let b = l.band(vis);
-                let (mq, mk) = (l.max_q, l.max_k);
-                let mut dense = vec![1u8; items * mq * mk];
-                for v in 0..items {
-                    for i in 0..mq {
-                        for j in 0..mk {
-                            dense[(v * mq + i) * mk + j] = b.masked[v * b.width + b.offset + j - i];
-                        }
-                    }
-                }
-                Some(upload(st, &dense, "cp band mask (dense)")?)
-            }
+            KernelKind::Band => Some(upload(st, &l.dense_band(vis), "cp band mask (dense)")?),
             _ => None,
         };
         let window = if l.kind == KernelKind::Layer {
