@@ -98,6 +98,49 @@ pub struct LayerGrads<T> {
     pub params: BTreeMap<String, T>,
 }
 
+/// Core attention computed outside this module, in place of the layer's own (context
+/// parallelism: [`crate::parallel::CpLayer`] exchanges keys and values with the other ranks).
+/// Rows are the call's (`[n, np hn]` for q, out and dout, `[n, ng hn]` for k and v, padded row
+/// `i * b + bi` or packed); the LSE is the hook's own, handed back to its backward.
+pub(crate) trait CoreHook {
+    /// Returns `(out [n, np hn], lse, max_logit [np])`.
+    fn forward(&self, q: &[f32], k: &[f32], v: &[f32]) -> Result<(Vec<f32>, Vec<f32>, Vec<f32>)>;
+    /// Returns `(dq, dk, dv, dsinks [np] for learnable sinks)`.
+    #[allow(clippy::too_many_arguments, clippy::type_complexity)]
+    fn backward(
+        &self,
+        q: &[f32],
+        k: &[f32],
+        v: &[f32],
+        out: &[f32],
+        lse: &[f32],
+        dout: &[f32],
+    ) -> Result<(Vec<f32>, Vec<f32>, Vec<f32>, Option<Vec<f32>>)>;
+}
+
+/// Core attention's forward, by the layer's spec or by `hook`.
+fn core_forward(
+    spec: &CoreSpec,
+    hook: Option<&dyn CoreHook>,
+    c: &LayerConfig,
+    q: &[f32],
+    k: &[f32],
+    v: &[f32],
+    sinks: Option<&[f32]>,
+) -> Result<CoreOut> {
+    match hook {
+        None => spec.forward(c, q, k, v, sinks),
+        Some(h) => {
+            let (out, lse, max_logit) = h.forward(q, k, v)?;
+            Ok(CoreOut {
+                out,
+                lse: vec![lse],
+                max_logit,
+            })
+        }
+    }
+}
+
 fn bad(arg: &str, expected: impl Into<String>, got: impl Into<String>) -> AttnError {
     AttnError::InvalidArgument {
         arg: arg.into(),
@@ -812,6 +855,17 @@ pub fn forward_train(
     args: &ForwardArgs<'_>,
     opts: &TrainOptions,
 ) -> Result<(Tensor, CpuSaved)> {
+    forward_train_with(parts, hidden, args, opts, None)
+}
+
+/// [`forward_train`] with core attention by `hook` (when given).
+pub(crate) fn forward_train_with(
+    parts: &LayerParts<'_>,
+    hidden: &Tensor,
+    args: &ForwardArgs<'_>,
+    opts: &TrainOptions,
+    hook: Option<&dyn CoreHook>,
+) -> Result<(Tensor, CpuSaved)> {
     let c = parts.config();
     let p = params(parts)?;
     let packed = args.packed.is_some();
@@ -947,7 +1001,7 @@ pub fn forward_train(
         ctx_shape = Some(kvs.shape().to_vec());
         positions = Vec::new();
     }
-    let co = core.forward(c, &q, &k, &v, p.sinks.as_deref())?;
+    let co = core_forward(&core, hook, c, &q, &k, &v, p.sinks.as_deref())?;
     let g = gated(&co.out, gate.as_ref());
     // linear_proj's bias is returned unadded, not added here.
     let out = reference::linear(
@@ -1034,6 +1088,17 @@ pub fn backward(
     grad_output: &Tensor,
     opts: &BackwardOptions,
 ) -> Result<LayerGrads<Tensor>> {
+    backward_with(parts, saved, grad_output, opts, None)
+}
+
+/// [`backward`] with core attention by `hook` (the one the forward ran with).
+pub(crate) fn backward_with(
+    parts: &LayerParts<'_>,
+    saved: &mut CpuSaved,
+    grad_output: &Tensor,
+    opts: &BackwardOptions,
+    hook: Option<&dyn CoreHook>,
+) -> Result<LayerGrads<Tensor>> {
     check_layer(parts, saved, "backward")?;
     if !matches!(saved.stage, Stage::Forward) || saved.acts.is_none() {
         return Err(AttnError::TrainState {
@@ -1052,7 +1117,7 @@ pub fn backward(
     }
     let p = params(parts)?;
     let acts = saved.acts.as_ref().expect("checked above");
-    let (grads, pending) = backward_inner(saved, acts, &p, grad_output.data(), opts)?;
+    let (grads, pending) = backward_inner(saved, acts, &p, grad_output.data(), opts, hook)?;
     // Only now, with everything computed, consume the activations.
     saved.acts = None;
     saved.stage = if opts.delay_wgrad {
@@ -1069,6 +1134,7 @@ fn backward_inner(
     p: &Params,
     dy: &[f32],
     opts: &BackwardOptions,
+    hook: Option<&dyn CoreHook>,
 ) -> Result<(LayerGrads<Tensor>, Vec<PendingDw>)> {
     let c = &saved.config;
     let (np, hn, h) = (c.heads, c.head_dim, c.hidden);
@@ -1105,9 +1171,7 @@ fn backward_inner(
     let co = match &a.core {
         Some(co) => co,
         None => {
-            recomputed = saved
-                .core
-                .forward(c, &a.q, &a.k, &a.v, p.sinks.as_deref())?;
+            recomputed = core_forward(&saved.core, hook, c, &a.q, &a.k, &a.v, p.sinks.as_deref())?;
             &recomputed
         }
     };
@@ -1143,16 +1207,22 @@ fn backward_inner(
         None => (d_proj_in, None),
     };
     // Core attention.
-    let (mut dq, mut dk, dv, dsinks, dbias) = saved.core.backward(
-        c,
-        &a.q,
-        &a.k,
-        &a.v,
-        co,
-        &d_core,
-        p.sinks.as_deref(),
-        opts.want_bias_grad,
-    )?;
+    let (mut dq, mut dk, dv, dsinks, dbias) = match hook {
+        None => saved.core.backward(
+            c,
+            &a.q,
+            &a.k,
+            &a.v,
+            co,
+            &d_core,
+            p.sinks.as_deref(),
+            opts.want_bias_grad,
+        )?,
+        Some(h) => {
+            let (dq, dk, dv, ds) = h.backward(&a.q, &a.k, &a.v, &co.out, &co.lse[0], &d_core)?;
+            (dq, dk, dv, ds.filter(|_| p.sinks.is_some()), None)
+        }
+    };
     if let Some(ds) = dsinks {
         params.insert(
             "core_attention.softmax_offset".to_string(),

@@ -91,7 +91,8 @@ mod prefill;
 mod qk_clip;
 mod train;
 
-pub(crate) use cp::{CpAcc, CpAttnKernel, CpLaunch, CpQkv};
+pub(crate) use cp::{f32_zeros, CpAcc, CpAttnKernel, CpBwdIn, CpLaunch, CpQkv};
+pub(crate) use train::CudaCoreHook;
 pub use train::CudaSaved;
 
 fn bad(arg: &str, expected: impl Into<String>, got: impl Into<String>) -> AttnError {

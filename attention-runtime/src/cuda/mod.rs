@@ -19,6 +19,7 @@
 //! cudarc buffers without copies.
 
 pub mod backward;
+pub mod cp_backward_kernels;
 pub mod cp_kernels;
 pub mod cross_cache;
 pub mod decode;

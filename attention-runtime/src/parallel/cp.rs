@@ -6,10 +6,14 @@
 //! token's position in its whole sequence) and `linear_proj` run on its own tokens; core
 //! attention is [`CpCoreAttention`], which exchanges K/V (or heads) by `cp_comm_type`.
 //!
-//! Forward only, no KV cache (the cache steps of [`BackendLayer`] are refused); the training
-//! backward is not written yet. The GPU counterpart is [`super::CpCudaLayer`].
+//! No KV cache (the cache steps of [`BackendLayer`] are refused). Training:
+//! [`CpLayer::forward_train`] / [`CpLayer::backward`] (module `train`). The GPU counterpart
+//! is [`super::CpCudaLayer`].
 
 use attention_codegen::{AttentionKind, Sinks};
+
+mod train;
+pub use train::CpSaved;
 
 use super::comm::Communicator;
 use super::cp_core::{CpCoreAttention, CpSinks};
@@ -131,7 +135,31 @@ impl<L: AttentionLayer, C: Communicator<Tensor = Tensor> + Sync> CpLayer<L, C> {
                 hint: "the default core attention's math (TrainSubmodule)".into(),
             });
         }
-        let cfg = self.layer.config();
+        let (positions, local_cu) = self.local_call(hidden, args)?;
+        let core = self.core(&parts)?;
+        let local_parts = crate::layer::SelfAttentionParts {
+            core_attention: &core,
+            ..parts
+        };
+        let local_args = ForwardArgs {
+            positions: Some(&positions),
+            packed: local_cu.as_ref().map(|cu| PackedSeqParams {
+                cu_seqlens_q: cu,
+                cu_seqlens_kv: &[],
+                max_seqlen_q: 0,
+                max_seqlen_kv: 0,
+            }),
+            ..*args
+        };
+        local_parts.forward(hidden, &local_args)
+    }
+
+    /// This rank's rope positions and (packed) local `cu_seqlens` of a call.
+    fn local_call(
+        &self,
+        hidden: &Tensor,
+        args: &ForwardArgs<'_>,
+    ) -> Result<(Vec<i64>, Option<Vec<i32>>)> {
         let cp = self.layout.cp_size;
         let rows0 = hidden.shape().first().copied().unwrap_or(0);
         // The whole batch's sequences and this rank's rows of them.
@@ -168,7 +196,13 @@ impl<L: AttentionLayer, C: Communicator<Tensor = Tensor> + Sync> CpLayer<L, C> {
                 rows.iter().map(|&r| (r - starts[r]) as i64).collect()
             }
         };
-        let core = CpCoreAttention {
+        Ok((positions, local_cu))
+    }
+
+    /// The core attention of this rank.
+    fn core(&self, parts: &crate::layer::SelfAttentionParts<'_>) -> Result<CpCoreAttention<'_, C>> {
+        let cfg = self.layer.config();
+        Ok(CpCoreAttention {
             comm: &self.comm,
             layout: self.layout,
             comm_type: self.comm_type,
@@ -176,23 +210,8 @@ impl<L: AttentionLayer, C: Communicator<Tensor = Tensor> + Sync> CpLayer<L, C> {
             groups: cfg.groups,
             head_dim: cfg.head_dim,
             scale: cfg.softmax_scale,
-            sinks: self.sinks(&parts)?,
-        };
-        let local_parts = crate::layer::SelfAttentionParts {
-            core_attention: &core,
-            ..parts
-        };
-        let local_args = ForwardArgs {
-            positions: Some(&positions),
-            packed: local_cu.as_ref().map(|cu| PackedSeqParams {
-                cu_seqlens_q: cu,
-                cu_seqlens_kv: &[],
-                max_seqlen_q: 0,
-                max_seqlen_kv: 0,
-            }),
-            ..*args
-        };
-        local_parts.forward(hidden, &local_args)
+            sinks: self.sinks(parts)?,
+        })
     }
 
     fn no_cache(&self, what: &str) -> AttnError {

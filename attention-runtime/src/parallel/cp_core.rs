@@ -58,15 +58,37 @@ pub struct CpCoreAttention<'a, C> {
 
 /// A sequence: its whole length and its rows in this rank's packed buffers.
 #[derive(Debug, Clone)]
-struct Seg {
-    len: usize,
-    rows: std::ops::Range<usize>,
+pub(super) struct Seg {
+    pub(super) len: usize,
+    pub(super) rows: std::ops::Range<usize>,
 }
 
-/// Running softmax-merged output `[rows, np, hn]` and LSE `[rows, np]`, in f64.
-struct Acc {
+/// The sequences of a call: padded `(s, b)` (each batch entry one sequence of `s * cp`
+/// tokens, rows batch-major after [`reorder`]) or this rank's packed `cu_seqlens`.
+pub(super) fn segs_of(padded: Option<(usize, usize)>, local_cu: &[usize], cp: usize) -> Vec<Seg> {
+    match padded {
+        Some((s, b)) => (0..b)
+            .map(|bi| Seg {
+                len: s * cp,
+                rows: bi * s..(bi + 1) * s,
+            })
+            .collect(),
+        None => local_cu
+            .windows(2)
+            .map(|w| Seg {
+                len: (w[1] - w[0]) * cp,
+                rows: w[0]..w[1],
+            })
+            .collect(),
+    }
+}
+
+/// Running softmax-merged output `[rows, np, hn]` and LSE `[rows, np]`, in f64, and the
+/// max logit per head `[np]` of the partials merged so far.
+pub(super) struct Acc {
     out: Vec<f64>,
     lse: Vec<f64>,
+    max_logit: Vec<f32>,
     np: usize,
     hn: usize,
 }
@@ -76,6 +98,7 @@ impl Acc {
         Acc {
             out: vec![0.0; rows * np * hn],
             lse: vec![f64::NEG_INFINITY; rows * np],
+            max_logit: vec![f32::NEG_INFINITY; np],
             np,
             hn,
         }
@@ -107,24 +130,38 @@ impl Acc {
 
     /// The output with the sink column joined to every softmax row.
     fn finish(self, sinks: Option<&CpSinks>) -> Vec<f32> {
+        self.finish_lse(sinks).0
+    }
+
+    /// [`finish`](Self::finish) and the LSE `[rows, np]` with the sink column joined (the
+    /// global LSE the backward reads), and the max logit `[np]`.
+    pub(super) fn finish_lse(self, sinks: Option<&CpSinks>) -> (Vec<f32>, Vec<f32>, Vec<f32>) {
         let (np, hn) = (self.np, self.hn);
+        let mut lse = self.lse;
         let mut out = self.out;
         if let Some(s) = sinks {
-            for (a, &l) in self.lse.iter().enumerate() {
+            for (a, l) in lse.iter_mut().enumerate() {
                 let sink = match s {
                     CpSinks::OffByOne => 0.0,
                     CpSinks::PerHead(v) => v[a % np] as f64,
                 };
-                if l == f64::NEG_INFINITY {
+                if *l == f64::NEG_INFINITY {
+                    // Only the sink column is left in the softmax.
+                    *l = sink;
                     continue;
                 }
                 let m = l.max(sink);
-                let total = m + ((l - m).exp() + (sink - m).exp()).ln();
-                let f = (l - total).exp();
+                let total = m + ((*l - m).exp() + (sink - m).exp()).ln();
+                let f = (*l - total).exp();
                 out[a * hn..(a + 1) * hn].iter_mut().for_each(|x| *x *= f);
+                *l = total;
             }
         }
-        out.into_iter().map(|x| x as f32).collect()
+        (
+            out.into_iter().map(|x| x as f32).collect(),
+            lse.into_iter().map(|x| x as f32).collect(),
+            self.max_logit,
+        )
     }
 }
 
@@ -137,7 +174,7 @@ fn bad(arg: &str, expected: impl Into<String>, got: impl Into<String>) -> AttnEr
 }
 
 /// Padded `[s, b, w]` -> batch-major `[b * s, w]`, or back (`inverse`).
-fn reorder(data: &[f32], s: usize, b: usize, w: usize, inverse: bool) -> Vec<f32> {
+pub(super) fn reorder(data: &[f32], s: usize, b: usize, w: usize, inverse: bool) -> Vec<f32> {
     let mut out = vec![0f32; data.len()];
     for bi in 0..b {
         for i in 0..s {
@@ -150,7 +187,7 @@ fn reorder(data: &[f32], s: usize, b: usize, w: usize, inverse: bool) -> Vec<f32
 }
 
 impl<C: Communicator<Tensor = Tensor>> CpCoreAttention<'_, C> {
-    fn cp(&self) -> usize {
+    pub(super) fn cp(&self) -> usize {
         self.layout.cp_size
     }
 
@@ -200,6 +237,9 @@ impl<C: Communicator<Tensor = Tensor>> CpCoreAttention<'_, C> {
                 &p,
             )?;
             acc.merge(r0, n, &r.out, &r.lse);
+            for (m, x) in acc.max_logit.iter_mut().zip(&r.max_logit) {
+                *m = m.max(*x);
+            }
         }
         Ok(())
     }
@@ -213,6 +253,21 @@ impl<C: Communicator<Tensor = Tensor>> CpCoreAttention<'_, C> {
         v: &[f32],
         args: &CoreArgs<'_>,
     ) -> Result<Vec<f32>> {
+        Ok(self
+            .by_kv_acc(segs, q, k, v, args.mask_type, args.window)?
+            .finish(self.sinks.as_ref()))
+    }
+
+    /// [`by_kv`](Self::by_kv) before the sinks join: the merged partials.
+    pub(super) fn by_kv_acc(
+        &self,
+        segs: &[Seg],
+        q: &[f32],
+        k: &[f32],
+        v: &[f32],
+        mask: MaskType,
+        window: Option<attention_codegen::Window>,
+    ) -> Result<Acc> {
         let (cp, rank) = (self.cp(), self.layout.cp_rank);
         let rows = q.len() / (self.heads * self.head_dim);
         let mut acc = Acc::new(rows, self.heads, self.head_dim);
@@ -238,8 +293,8 @@ impl<C: Communicator<Tensor = Tensor>> CpCoreAttention<'_, C> {
                 bk,
                 bv,
                 self.layout.of_rank(src),
-                args.mask_type,
-                args.window,
+                mask,
+                window,
                 &mut acc,
             )?;
             if gathered.is_none() && step + 1 < cp {
@@ -249,12 +304,17 @@ impl<C: Communicator<Tensor = Tensor>> CpCoreAttention<'_, C> {
                 kv = next;
             }
         }
-        Ok(acc.finish(self.sinks.as_ref()))
+        Ok(acc)
     }
 
     /// Blocks of `w` heads of `x` `[rows, heads, hn]` grouped by rank: `[cp][rows, w, hn]`.
     fn head_blocks(&self, x: &[f32], heads: usize) -> Vec<f32> {
-        let (cp, hn) = (self.cp(), self.head_dim);
+        self.head_blocks_w(x, heads, self.head_dim)
+    }
+
+    /// [`head_blocks`](Self::head_blocks) with `hn` elements per head.
+    pub(super) fn head_blocks_w(&self, x: &[f32], heads: usize, hn: usize) -> Vec<f32> {
+        let cp = self.cp();
         let w = heads / cp;
         let rows = x.len() / (heads * hn);
         let mut out = Vec::with_capacity(x.len());
@@ -266,7 +326,7 @@ impl<C: Communicator<Tensor = Tensor>> CpCoreAttention<'_, C> {
         out
     }
 
-    fn a2a(&self, x: Vec<f32>) -> Result<Vec<f32>> {
+    pub(super) fn a2a(&self, x: Vec<f32>) -> Result<Vec<f32>> {
         let n = x.len();
         let send = Tensor::new(&[n], x)?;
         let mut recv = Tensor::zeros(&[n]);
@@ -283,6 +343,79 @@ impl<C: Communicator<Tensor = Tensor>> CpCoreAttention<'_, C> {
         v: &[f32],
         args: &CoreArgs<'_>,
     ) -> Result<Vec<f32>> {
+        Ok(self
+            .ulysses_lse(segs, q, k, v, args.mask_type, args.window, false)?
+            .0)
+    }
+
+    /// Rebuild `[rows, heads, w]` from `[cp (head block)][rows, heads / cp, w]`.
+    pub(super) fn merge_head_blocks(&self, got: &[f32], heads: usize, w: usize) -> Vec<f32> {
+        let cp = self.cp();
+        let hq = heads / cp;
+        let rows = got.len() / (heads * w);
+        let mut out = vec![0f32; got.len()];
+        for j in 0..cp {
+            for r in 0..rows {
+                let from = (j * rows + r) * hq * w;
+                let to = (r * heads + j * hq) * w;
+                out[to..to + hq * w].copy_from_slice(&got[from..from + hq * w]);
+            }
+        }
+        out
+    }
+
+    /// The whole sequence `sg` in token order, `[len, w]`, from `x` `[cp (source rank)][rows,
+    /// w]` (every rank's rows of it).
+    pub(super) fn gather_seq(&self, x: &[f32], sg: &Seg, rows: usize, w: usize) -> Vec<f32> {
+        let mut out = vec![0f32; sg.len * w];
+        for src in 0..self.cp() {
+            let l = self.layout.of_rank(src);
+            for (i, r) in sg.rows.clone().enumerate() {
+                let t = l.token(sg.len, i);
+                let from = (src * rows + r) * w;
+                out[t * w..(t + 1) * w].copy_from_slice(&x[from..from + w]);
+            }
+        }
+        out
+    }
+
+    /// The inverse of [`gather_seq`](Self::gather_seq): the whole sequence's `[len, w]` rows
+    /// scattered into `back` `[cp (destination rank)][rows, w]`.
+    pub(super) fn scatter_seq(&self, x: &[f32], sg: &Seg, rows: usize, w: usize, back: &mut [f32]) {
+        for dst in 0..self.cp() {
+            let l = self.layout.of_rank(dst);
+            for (i, row) in sg.rows.clone().enumerate() {
+                let t = l.token(sg.len, i);
+                let to = (dst * rows + row) * w;
+                back[to..to + w].copy_from_slice(&x[t * w..(t + 1) * w]);
+            }
+        }
+    }
+
+    /// This rank's heads' sink logits under `a2a`.
+    pub(super) fn local_sinks(&self) -> Option<SinkLogits<'_>> {
+        let hq = self.heads / self.cp();
+        let me = self.layout.cp_rank;
+        match &self.sinks {
+            None => None,
+            Some(CpSinks::OffByOne) => Some(SinkLogits::OffByOne),
+            Some(CpSinks::PerHead(s)) => Some(SinkLogits::PerHead(&s[me * hq..(me + 1) * hq])),
+        }
+    }
+
+    /// [`ulysses`](Self::ulysses) returning also (`want_lse`) the LSE `[rows, np]` (sink
+    /// included) and the max logit `[np]` (this rank's heads; `-inf` for the others).
+    #[allow(clippy::too_many_arguments, clippy::type_complexity)]
+    pub(super) fn ulysses_lse(
+        &self,
+        segs: &[Seg],
+        q: &[f32],
+        k: &[f32],
+        v: &[f32],
+        mask: MaskType,
+        window: Option<attention_codegen::Window>,
+        want_lse: bool,
+    ) -> Result<(Vec<f32>, Option<Vec<f32>>, Vec<f32>)> {
         let (cp, hn) = (self.cp(), self.head_dim);
         let (hq, hg) = (self.heads / cp, self.groups / cp);
         let rows = q.len() / (self.heads * hn);
@@ -291,29 +424,13 @@ impl<C: Communicator<Tensor = Tensor>> CpCoreAttention<'_, C> {
         let ka = self.a2a(self.head_blocks(k, self.groups))?;
         let va = self.a2a(self.head_blocks(v, self.groups))?;
         let me = self.layout.cp_rank;
-        let sinks = match &self.sinks {
-            None => None,
-            Some(CpSinks::OffByOne) => Some(SinkLogits::OffByOne),
-            Some(CpSinks::PerHead(s)) => Some(SinkLogits::PerHead(&s[me * hq..(me + 1) * hq])),
-        };
+        let mut max_logit = vec![f32::NEG_INFINITY; self.heads];
         let mut back = vec![0f32; cp * rows * hq * hn];
+        let mut back_lse = vec![0f32; if want_lse { cp * rows * hq } else { 0 }];
         for sg in segs {
-            // The whole sequence in token order, from every rank's rows.
-            let gather = |x: &[f32], w: usize| -> Vec<f32> {
-                let mut out = vec![0f32; sg.len * w * hn];
-                for src in 0..cp {
-                    let l = self.layout.of_rank(src);
-                    for (i, r) in sg.rows.clone().enumerate() {
-                        let t = l.token(sg.len, i);
-                        let from = (src * rows + r) * w * hn;
-                        out[t * w * hn..(t + 1) * w * hn].copy_from_slice(&x[from..from + w * hn]);
-                    }
-                }
-                out
-            };
-            let mut p = AttendParams::new(self.scale, args.mask_type);
-            p.window = args.window;
-            p.sinks = sinks;
+            let mut p = AttendParams::new(self.scale, mask);
+            p.window = window;
+            p.sinks = self.local_sinks();
             let dims = SeqDims {
                 sq: sg.len,
                 sk: sg.len,
@@ -322,32 +439,38 @@ impl<C: Communicator<Tensor = Tensor>> CpCoreAttention<'_, C> {
                 head_dim: hn,
             };
             let r = attend_sequence(
-                &gather(&qa, hq),
-                &gather(&ka, hg),
-                &gather(&va, hg),
+                &self.gather_seq(&qa, sg, rows, hq * hn),
+                &self.gather_seq(&ka, sg, rows, hg * hn),
+                &self.gather_seq(&va, sg, rows, hg * hn),
                 dims,
                 &p,
             )?;
-            for dst in 0..cp {
-                let l = self.layout.of_rank(dst);
-                for (i, row) in sg.rows.clone().enumerate() {
-                    let t = l.token(sg.len, i);
-                    let to = (dst * rows + row) * hq * hn;
-                    back[to..to + hq * hn].copy_from_slice(&r.out[t * hq * hn..(t + 1) * hq * hn]);
+            self.scatter_seq(&r.out, sg, rows, hq * hn, &mut back);
+            if want_lse {
+                // [hq, len] -> [len, hq].
+                let mut t = vec![0f32; sg.len * hq];
+                for h in 0..hq {
+                    for i in 0..sg.len {
+                        t[i * hq + h] = r.lse[h * sg.len + i];
+                    }
                 }
+                self.scatter_seq(&t, sg, rows, hq, &mut back_lse);
+            }
+            for (m, x) in max_logit[me * hq..(me + 1) * hq]
+                .iter_mut()
+                .zip(&r.max_logit)
+            {
+                *m = m.max(*x);
             }
         }
         // [cp (head block)][rows, hq, hn] -> [rows, np, hn].
-        let got = self.a2a(back)?;
-        let mut out = vec![0f32; q.len()];
-        for j in 0..cp {
-            for r in 0..rows {
-                let from = (j * rows + r) * hq * hn;
-                let to = (r * self.heads + j * hq) * hn;
-                out[to..to + hq * hn].copy_from_slice(&got[from..from + hq * hn]);
-            }
-        }
-        Ok(out)
+        let out = self.merge_head_blocks(&self.a2a(back)?, self.heads, hn);
+        let lse = if want_lse {
+            Some(self.merge_head_blocks(&self.a2a(back_lse)?, self.heads, 1))
+        } else {
+            None
+        };
+        Ok((out, lse, max_logit))
     }
 }
 

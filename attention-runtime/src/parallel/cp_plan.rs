@@ -404,6 +404,23 @@ impl Launch {
             masked,
         }
     }
+
+    /// The band of [`band`](Self::band) as a dense uint8 mask `[items, max_q, max_k]`
+    /// (nonzero = masked out; element `(v, i, j)` = `band[v][offset + j - i]`), for kernels
+    /// whose mask strides must be non-negative (the attention backward).
+    pub fn dense_band(&self, vis: Visibility) -> Vec<u8> {
+        let b = self.band(vis);
+        let (mq, mk) = (self.max_q, self.max_k);
+        let mut dense = vec![1u8; self.items() * mq * mk];
+        for v in 0..self.items() {
+            for i in 0..mq {
+                for j in 0..mk {
+                    dense[(v * mq + i) * mk + j] = b.masked[v * b.width + b.offset + j - i];
+                }
+            }
+        }
+        dense
+    }
 }
 
 fn i32_of(arg: &str, v: usize) -> Result<i32> {

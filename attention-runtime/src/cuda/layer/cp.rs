@@ -8,6 +8,9 @@
 //! of a launch come from one buffer `[2 kv_rows, ng * hn]`: keys in rows `0 .. kv_rows`,
 //! values in rows `kv_rows .. 2 kv_rows`.
 
+mod backward;
+pub(crate) use backward::{f32_zeros, CpBwdIn};
+
 use super::*;
 use crate::cuda::cp_kernels::{self, LoadedCp};
 use crate::parallel::cp_plan::{KernelKind, Launch, Visibility};

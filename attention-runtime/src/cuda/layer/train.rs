@@ -76,6 +76,37 @@ use crate::cuda::train_ops::{
 };
 use crate::train::{BackwardOptions, LayerGrads, Recompute, TrainOptions};
 
+/// Core attention computed outside the layer's own kernels, in place of them (context
+/// parallelism: [`crate::parallel::CpCudaLayer`] exchanges keys and values with the other
+/// ranks). Tensors are the call's rows: q and the gate `[n, np, hn]`, k and v `[n, ng, hn]`,
+/// in the layer's dtype.
+pub(crate) trait CudaCoreHook {
+    /// Returns `linear_proj`'s input `[n, np, hn]` (gated with an output gate), the ungated
+    /// output O with an output gate (`None` without one: it is the first), and an f32 LSE
+    /// of `np * n` elements for [`backward`](Self::backward) (the hook's own layout).
+    fn forward(
+        &self,
+        q: &DeviceTensor,
+        k: &DeviceTensor,
+        v: &DeviceTensor,
+        gate: Option<&DeviceTensor>,
+    ) -> Result<(DeviceTensor, Option<DeviceTensor>, CudaSlice<f32>)>;
+    /// Writes `grads` (dq, dk, dv in the layer's dtype) and, for learnable sinks, `dsinks`
+    /// (f32 `[np]`) from the forward's `qkv` (q, k, v), ungated output `o`, `lse` and the
+    /// output's gradient `dout`.
+    #[allow(clippy::too_many_arguments)]
+    fn backward(
+        &self,
+        qkv: (&DeviceTensor, &DeviceTensor, &DeviceTensor),
+        o: &DeviceTensor,
+        lse: &CudaSlice<f32>,
+        dout: &DeviceTensor,
+        grads: (&mut DeviceTensor, &mut DeviceTensor, &mut DeviceTensor),
+        dsinks: Option<&mut DeviceTensor>,
+        deterministic: bool,
+    ) -> Result<()>;
+}
+
 /// Core attention's forward results.
 struct Core {
     /// Ungated output `[n, np, hn]`.
@@ -258,7 +289,7 @@ impl CudaSaved {
 /// The attention backward kernels, compiled once per device and config.
 type BwdCache = Mutex<HashMap<(usize, [String; 3]), Arc<AttentionBackward>>>;
 
-fn attention_backward(
+pub(crate) fn attention_backward(
     rt: &CudaRuntime,
     configs: &[KernelConfig; 3],
 ) -> Result<Arc<AttentionBackward>> {
@@ -429,9 +460,33 @@ impl CudaLayer {
         args: &ForwardArgs<'_>,
         opts: &TrainOptions,
     ) -> Result<(DeviceTensor, CudaSaved)> {
+        self.forward_train_with(hidden, args, opts, None)
+    }
+
+    /// [`forward_train_device`](Self::forward_train_device) with core attention by `hook`
+    /// (self-attention, [`Recompute::None`] only: typed errors otherwise).
+    pub(crate) fn forward_train_with(
+        &self,
+        hidden: &DeviceTensor,
+        args: &ForwardArgs<'_>,
+        opts: &TrainOptions,
+        hook: Option<&dyn CudaCoreHook>,
+    ) -> Result<(DeviceTensor, CudaSaved)> {
+        if hook.is_some() {
+            if opts.recompute != Recompute::None {
+                return Err(bad(
+                    "recompute",
+                    "Recompute::None under context parallelism on CUDA",
+                    format!("{:?}", opts.recompute),
+                ));
+            }
+            if self.config.kind != AttentionKind::SelfAttention {
+                return Err(bad("config.kind", "self-attention", "cross-attention"));
+            }
+        }
         match self.elem {
-            ElemType::Bf16 => self.forward_train_typed::<bf16>(hidden, args, opts),
-            ElemType::F16 => self.forward_train_typed::<f16>(hidden, args, opts),
+            ElemType::Bf16 => self.forward_train_typed::<bf16>(hidden, args, opts, hook),
+            ElemType::F16 => self.forward_train_typed::<f16>(hidden, args, opts, hook),
             ElemType::F32 => Err(AttnError::DType {
                 arg: "spec dtype".into(),
                 expected: "bf16 or f16".into(),
@@ -445,6 +500,7 @@ impl CudaLayer {
         hidden: &DeviceTensor,
         args: &ForwardArgs<'_>,
         opts: &TrainOptions,
+        hook: Option<&dyn CudaCoreHook>,
     ) -> Result<(DeviceTensor, CudaSaved)>
     where
         cudarc::cublaslt::CudaBlasLT: cudarc::cublaslt::Matmul<T>,
@@ -593,56 +649,76 @@ impl CudaLayer {
         }
 
         // 3. Attention: gated output (bitwise forward_device's) and, with a gate, the ungated
-        // O the backward needs.
-        let first = self.alloc(&[n, np, hn], "attention output")?;
-        let lse = crate::cuda::tensor::alloc_uninit::<f32>(st, np * n, "lse")?;
-        self.launch_attention_train(
-            &g,
-            AttnLaunch {
-                f: &fwd_k,
-                cfg: &fast,
-                q: &q,
-                k: &k,
-                v: &v,
-                gate: gate.as_ref(),
-                out: &first,
-                lse: &lse,
-                max_logit: Some(&max_logit_dev),
-                v_flag: &v_flag,
-                extras: &extras,
-            },
-        )?;
-        let core = match (&fwd_u, &ungated, opts.recompute) {
-            (_, _, Recompute::CoreAttention) => None,
-            (Some(fu), Some(u), Recompute::None) => {
-                let o = self.alloc(&[n, np, hn], "ungated attention output")?;
+        // O the backward needs (by the hook, when given).
+        let (first, core) = match hook {
+            Some(hk) => {
+                let (first, o, lse) = hk.forward(&q, &k, &v, gate.as_ref())?;
+                let o = match o {
+                    Some(o) => o,
+                    None => self.alloc(&[0], "unused")?,
+                };
+                (
+                    first,
+                    Some(Core {
+                        o,
+                        lse,
+                        gated: None,
+                    }),
+                )
+            }
+            None => {
+                let first = self.alloc(&[n, np, hn], "attention output")?;
+                let lse = crate::cuda::tensor::alloc_uninit::<f32>(st, np * n, "lse")?;
                 self.launch_attention_train(
                     &g,
                     AttnLaunch {
-                        f: fu,
-                        cfg: u,
+                        f: &fwd_k,
+                        cfg: &fast,
                         q: &q,
                         k: &k,
                         v: &v,
-                        gate: None,
-                        out: &o,
+                        gate: gate.as_ref(),
+                        out: &first,
                         lse: &lse,
-                        max_logit: None,
+                        max_logit: Some(&max_logit_dev),
                         v_flag: &v_flag,
                         extras: &extras,
                     },
                 )?;
-                Some(Core {
-                    o,
-                    lse,
-                    gated: None,
-                })
+                let core = match (&fwd_u, &ungated, opts.recompute) {
+                    (_, _, Recompute::CoreAttention) => None,
+                    (Some(fu), Some(u), Recompute::None) => {
+                        let o = self.alloc(&[n, np, hn], "ungated attention output")?;
+                        self.launch_attention_train(
+                            &g,
+                            AttnLaunch {
+                                f: fu,
+                                cfg: u,
+                                q: &q,
+                                k: &k,
+                                v: &v,
+                                gate: None,
+                                out: &o,
+                                lse: &lse,
+                                max_logit: None,
+                                v_flag: &v_flag,
+                                extras: &extras,
+                            },
+                        )?;
+                        Some(Core {
+                            o,
+                            lse,
+                            gated: None,
+                        })
+                    }
+                    _ => Some(Core {
+                        o: self.alloc(&[0], "unused")?,
+                        lse,
+                        gated: None,
+                    }),
+                };
+                (first, core)
             }
-            _ => Some(Core {
-                o: self.alloc(&[0], "unused")?,
-                lse,
-                gated: None,
-            }),
         };
 
         // 4. linear_proj (bias returned unadded, as forward_device).
@@ -795,6 +871,18 @@ impl CudaLayer {
         grad_output: &DeviceTensor,
         opts: &BackwardOptions,
     ) -> Result<LayerGrads<DeviceTensor>> {
+        self.backward_with(saved, grad_output, opts, None)
+    }
+
+    /// [`backward_device`](Self::backward_device) with core attention by `hook` (the one
+    /// the forward ran with).
+    pub(crate) fn backward_with(
+        &self,
+        saved: &mut CudaSaved,
+        grad_output: &DeviceTensor,
+        opts: &BackwardOptions,
+        hook: Option<&dyn CudaCoreHook>,
+    ) -> Result<LayerGrads<DeviceTensor>> {
         self.check_saved(saved, "backward")?;
         if !matches!(saved.stage, Stage::Forward) || saved.acts.is_none() {
             return Err(AttnError::TrainState {
@@ -814,8 +902,8 @@ impl CudaLayer {
         }
         self.check_input("grad_output", grad_output)?;
         match self.elem {
-            ElemType::Bf16 => self.backward_typed::<bf16>(saved, grad_output, opts),
-            ElemType::F16 => self.backward_typed::<f16>(saved, grad_output, opts),
+            ElemType::Bf16 => self.backward_typed::<bf16>(saved, grad_output, opts, hook),
+            ElemType::F16 => self.backward_typed::<f16>(saved, grad_output, opts, hook),
             ElemType::F32 => Err(bad("layer dtype", "bf16 or f16 (CUDA training)", "f32")),
         }
     }
@@ -865,6 +953,7 @@ impl CudaLayer {
         saved: &mut CudaSaved,
         dy: &DeviceTensor,
         opts: &BackwardOptions,
+        hook: Option<&dyn CudaCoreHook>,
     ) -> Result<LayerGrads<DeviceTensor>>
     where
         cudarc::cublaslt::CudaBlasLT: cudarc::cublaslt::Matmul<T>,
@@ -879,16 +968,19 @@ impl CudaLayer {
         // Kernels first: nothing is queued when one cannot load.
         let kern = train_ops::load(rt, &saved.prep_bwd)?;
         let acts = saved.acts.as_ref().expect("checked by backward_device");
-        let bwd = attention_backward(
-            rt,
-            &backward_configs(
-                c.spec.dtype,
-                hn,
-                saved.mask,
-                c.window.is_some(),
-                acts.extras.bias.is_some(),
-            ),
-        )?;
+        let bwd = match hook {
+            Some(_) => None,
+            None => Some(attention_backward(
+                rt,
+                &backward_configs(
+                    c.spec.dtype,
+                    hn,
+                    saved.mask,
+                    c.window.is_some(),
+                    acts.extras.bias.is_some(),
+                ),
+            )?),
+        };
         let rec = match &acts.core {
             Some(_) => None,
             None => Some(self.recompute_core(saved, acts)?),
@@ -959,43 +1051,57 @@ impl CudaLayer {
                 seqlen_k: g.sk,
             },
         };
-        bwd.launch::<T>(
-            st,
-            BwdArgs {
-                q: acts.q.typed::<T>("q")?,
-                k: acts.k.typed::<T>("k")?,
-                v: acts.v.typed::<T>("v")?,
-                out: core.o.typed::<T>("out")?,
-                lse: &core.lse,
-                deterministic: opts.deterministic,
-                dout: d_o.typed::<T>("dout")?,
-                dq: dq.typed_mut::<T>("dq")?,
-                dk: dk.typed_mut::<T>("dk")?,
-                dv: dv.typed_mut::<T>("dv")?,
-                batch: g.batch,
-                num_heads: np,
-                num_groups: ng,
-                layout,
-                softmax_scale: c.softmax_scale,
-                window: self.window()?,
-                sinks: self.sinks.as_ref(),
-                dsinks: match dsinks.as_mut() {
-                    Some(t) => Some(t.typed_mut::<f32>("dsinks")?),
-                    None => None,
-                },
-                mask: acts.extras.mask.as_ref().map(|m| PrefillStrided {
-                    data: &m.0,
-                    strides: m.1,
-                    extent: target,
-                }),
-                bias: acts.extras.bias.as_ref().map(|b| PrefillStrided {
-                    data: &b.0,
-                    strides: b.1,
-                    extent: target,
-                }),
-                dbias: dbias_dense.as_mut(),
-            },
-        )?;
+        match (hook, &bwd) {
+            (Some(hk), _) => hk.backward(
+                (&acts.q, &acts.k, &acts.v),
+                &core.o,
+                &core.lse,
+                &d_o,
+                (&mut dq, &mut dk, &mut dv),
+                dsinks.as_mut(),
+                opts.deterministic,
+            )?,
+            (None, Some(bwd)) => {
+                bwd.launch::<T>(
+                    st,
+                    BwdArgs {
+                        q: acts.q.typed::<T>("q")?,
+                        k: acts.k.typed::<T>("k")?,
+                        v: acts.v.typed::<T>("v")?,
+                        out: core.o.typed::<T>("out")?,
+                        lse: &core.lse,
+                        deterministic: opts.deterministic,
+                        dout: d_o.typed::<T>("dout")?,
+                        dq: dq.typed_mut::<T>("dq")?,
+                        dk: dk.typed_mut::<T>("dk")?,
+                        dv: dv.typed_mut::<T>("dv")?,
+                        batch: g.batch,
+                        num_heads: np,
+                        num_groups: ng,
+                        layout,
+                        softmax_scale: c.softmax_scale,
+                        window: self.window()?,
+                        sinks: self.sinks.as_ref(),
+                        dsinks: match dsinks.as_mut() {
+                            Some(t) => Some(t.typed_mut::<f32>("dsinks")?),
+                            None => None,
+                        },
+                        mask: acts.extras.mask.as_ref().map(|m| PrefillStrided {
+                            data: &m.0,
+                            strides: m.1,
+                            extent: target,
+                        }),
+                        bias: acts.extras.bias.as_ref().map(|b| PrefillStrided {
+                            data: &b.0,
+                            strides: b.1,
+                            extent: target,
+                        }),
+                        dbias: dbias_dense.as_mut(),
+                    },
+                )?;
+            }
+            (None, None) => unreachable!("loaded above without a hook"),
+        }
         // The bias's gradient in its own shape: dS summed over its broadcast dims.
         let grad_attention_bias = match (&dbias_dense, &acts.extras.bias) {
             (Some(dense), Some((_, strides, shape))) => {
