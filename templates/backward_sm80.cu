@@ -46,7 +46,9 @@
 {% include "partials/types.cu" %}
 {% include "partials/mask.cu" %}
 {% include "partials/params_bwd.cu" %}
+{% include "partials/cp_async.cu" %}
 {% include "partials/mma_sm80.cu" %}
+{% include "partials/pack.cu" %}
 {% include "partials/backward_common.cu" %}
 
 constexpr int BLOCK_M = {{ block_m }};

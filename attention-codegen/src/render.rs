@@ -77,6 +77,14 @@ const TEMPLATES: &[(&str, &str)] = &[
     ),
     ("append_kv.cu", include_str!("../../templates/append_kv.cu")),
     (
+        "partials/cp_async.cu",
+        include_str!("../../templates/partials/cp_async.cu"),
+    ),
+    (
+        "partials/pack.cu",
+        include_str!("../../templates/partials/pack.cu"),
+    ),
+    (
         "partials/mma_sm80.cu",
         include_str!("../../templates/partials/mma_sm80.cu"),
     ),
