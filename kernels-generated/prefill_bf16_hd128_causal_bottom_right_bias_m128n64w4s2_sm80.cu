@@ -436,6 +436,12 @@ __device__ __noinline__ void exact_rows(
 
 
 extern "C" __global__ void __launch_bounds__(THREADS) prefill_bf16_hd128_causal_bottom_right_bias_m128n64w4s2_sm80(
+// ---------------------------------------------------------------------------------------
+// The tensor-core prefill kernels' (prefill_sm80.cu, prefill_sm90.cu) positional parameters,
+// the fields of `FwdParams` (partials/params.cu) in its order, then the opening of the body
+// with the casts of the mask-tensor and bias arguments the variant ignores. Included right
+// after the kernel's `prefill_bf16_hd128_causal_bottom_right_bias_m128n64w4s2_sm80(`.
+// ---------------------------------------------------------------------------------------
     const elem_t* __restrict__ q,
     const elem_t* __restrict__ k,
     const elem_t* __restrict__ v,
@@ -473,6 +479,7 @@ extern "C" __global__ void __launch_bounds__(THREADS) prefill_bf16_hd128_causal_
     int max_blocks_per_seq)
 {
     (void)mask; (void)mask_stride_b; (void)mask_stride_h; (void)mask_stride_q; (void)mask_stride_k;
+
     extern __shared__ uint4 smem_raw[];
     elem_t* sQ = reinterpret_cast<elem_t*>(smem_raw);
     elem_t* sK = sQ + Q_ELEMS;
@@ -483,6 +490,14 @@ extern "C" __global__ void __launch_bounds__(THREADS) prefill_bf16_hd128_causal_
     const int warp = tid / WARP_SIZE;
     const int gq = lane / 4;  // row within an 8-row group of an mma fragment
     const int tq = lane % 4;  // column pair within an mma fragment
+// ---------------------------------------------------------------------------------------
+// The tensor-core prefill kernels' (prefill_sm80.cu, prefill_sm90.cu) block setup, inside the
+// kernel body: the block's query rows, head, sequence (padded, packed, static or paged
+// cache) and its row ranges; the `v_nonfinite` exact path (partials/prefill_common.cu);
+// Q and K/V row strides and bases; the KV tiles [tile_lo, tile_hi) any row of the block
+// can see; `s_mul`, the factor from S to log2-unit logits. Needs BLOCK_M, BLOCK_N and the
+// kernel's parameters (partials/prefill_args.cu).
+// ---------------------------------------------------------------------------------------
     const int m_block = gridDim.x - 1 - blockIdx.x;  // heaviest (causal) blocks first
     const int h = blockIdx.y;
     const int b = blockIdx.z;
@@ -544,6 +559,7 @@ extern "C" __global__ void __launch_bounds__(THREADS) prefill_bf16_hd128_causal_
     // never overflows); without one, raw q.k with the scale folded into the exponent's FFMA.
     const float s_mul = 1.0f;
     (void)FAST_LOG2E;
+
 
     // Per-row state: rows (mi, hh) = warp * WARP_ROWS + mi * 16 + gq + 8 * hh.
     float o[MI][DN][4];

@@ -451,6 +451,12 @@ __device__ __noinline__ void exact_rows(
 
 
 extern "C" __global__ void __launch_bounds__(THREADS, 1) prefill_bf16_hd128_padding_causal_bias_m128n128w8s3_sm90(
+// ---------------------------------------------------------------------------------------
+// The tensor-core prefill kernels' (prefill_sm80.cu, prefill_sm90.cu) positional parameters,
+// the fields of `FwdParams` (partials/params.cu) in its order, then the opening of the body
+// with the casts of the mask-tensor and bias arguments the variant ignores. Included right
+// after the kernel's `prefill_bf16_hd128_padding_causal_bias_m128n128w8s3_sm90(`.
+// ---------------------------------------------------------------------------------------
     const elem_t* __restrict__ q,
     const elem_t* __restrict__ k,
     const elem_t* __restrict__ v,
@@ -487,6 +493,7 @@ extern "C" __global__ void __launch_bounds__(THREADS, 1) prefill_bf16_hd128_padd
     int block_size,
     int max_blocks_per_seq)
 {
+
     extern __shared__ uint4 smem_raw[];
     // Tiles on a 1024-byte boundary (the swizzle pattern's period; descriptors' base offset 0).
     const unsigned raw_addr = smem_addr(smem_raw);
@@ -502,6 +509,14 @@ extern "C" __global__ void __launch_bounds__(THREADS, 1) prefill_bf16_hd128_padd
     const int wg = warp / 4;  // warpgroup: query rows wg * 64 .. wg * 64 + 63
     const int gq = lane / 4;  // row within an 8-row group of a fragment
     const int tq = lane % 4;  // column pair within a fragment
+// ---------------------------------------------------------------------------------------
+// The tensor-core prefill kernels' (prefill_sm80.cu, prefill_sm90.cu) block setup, inside the
+// kernel body: the block's query rows, head, sequence (padded, packed, static or paged
+// cache) and its row ranges; the `v_nonfinite` exact path (partials/prefill_common.cu);
+// Q and K/V row strides and bases; the KV tiles [tile_lo, tile_hi) any row of the block
+// can see; `s_mul`, the factor from S to log2-unit logits. Needs BLOCK_M, BLOCK_N and the
+// kernel's parameters (partials/prefill_args.cu).
+// ---------------------------------------------------------------------------------------
     const int m_block = gridDim.x - 1 - blockIdx.x;  // heaviest (causal) blocks first
     const int h = blockIdx.y;
     const int b = blockIdx.z;
@@ -563,6 +578,7 @@ extern "C" __global__ void __launch_bounds__(THREADS, 1) prefill_bf16_hd128_padd
     // never overflows); without one, raw q.k with the scale folded into the exponent's FFMA.
     const float s_mul = 1.0f;
     (void)FAST_LOG2E;
+
 
     // Per-thread state of rows r_hh = warp * 16 + gq + 8 * hh.
     float o[DN][4];

@@ -131,48 +131,7 @@ __device__ __forceinline__ void load_tile(elem_t* dst, const elem_t* __restrict_
 {% include "partials/prefill_common.cu" %}
 
 extern "C" __global__ void __launch_bounds__(THREADS) {{ key }}(
-    const elem_t* __restrict__ q,
-    const elem_t* __restrict__ k,
-    const elem_t* __restrict__ v,
-    elem_t* __restrict__ out,
-    float* __restrict__ lse,
-    const int* __restrict__ cu_seqlens_q,
-    const int* __restrict__ cu_seqlens_k,
-    int batch,
-    int num_heads,
-    int num_groups,
-    int seqlen_q,
-    int seqlen_k,
-    float softmax_scale,
-    int window_left,
-    int window_right,
-    const unsigned char* __restrict__ mask,
-    long long mask_stride_b,
-    long long mask_stride_h,
-    long long mask_stride_q,
-    long long mask_stride_k,
-    const float* __restrict__ bias,
-    long long bias_stride_b,
-    long long bias_stride_h,
-    long long bias_stride_q,
-    long long bias_stride_k,
-    const float* __restrict__ sinks,
-    const elem_t* __restrict__ gate,
-    float* __restrict__ max_logit,
-    const int* __restrict__ v_nonfinite,
-    const int* __restrict__ cache_seqlens_k,
-    int cache_batch_offset,
-    int cache_max_batch,
-    const int* __restrict__ block_table,
-    int block_size,
-    int max_blocks_per_seq)
-{
-{%- if not mask_tensor %}
-    (void)mask; (void)mask_stride_b; (void)mask_stride_h; (void)mask_stride_q; (void)mask_stride_k;
-{%- endif %}
-{%- if not has_bias %}
-    (void)bias; (void)bias_stride_b; (void)bias_stride_h; (void)bias_stride_q; (void)bias_stride_k;
-{%- endif %}
+{% include "partials/prefill_args.cu" %}
     extern __shared__ uint4 smem_raw[];
     elem_t* sQ = reinterpret_cast<elem_t*>(smem_raw);
     elem_t* sK = sQ + Q_ELEMS;
@@ -183,83 +142,7 @@ extern "C" __global__ void __launch_bounds__(THREADS) {{ key }}(
     const int warp = tid / WARP_SIZE;
     const int gq = lane / 4;  // row within an 8-row group of an mma fragment
     const int tq = lane % 4;  // column pair within an mma fragment
-    const int m_block = gridDim.x - 1 - blockIdx.x;  // heaviest (causal) blocks first
-    const int h = blockIdx.y;
-    const int b = blockIdx.z;
-    const int grp = h / (num_heads / num_groups);
-    const bool packed = cu_seqlens_q != nullptr;
-
-    int sq, sk;
-    long long q_tok0, k_tok0, q_step, k_step, total_q;
-    if (packed) {
-        const int q0 = cu_seqlens_q[b];
-        sq = cu_seqlens_q[b + 1] - q0;
-{%- if paged_kv %}
-        // Paged cache: request b's keys 0 .. cache_seqlens_k[b] live in pool blocks
-        // block_table[b, j / block_size], rows j % block_size (k_tok0/k_step unused).
-        const int k0 = 0;
-        sk = cache_seqlens_k[b];
-{%- else %}
-        const int k0 = cu_seqlens_k[b];
-        sk = cu_seqlens_k[b + 1] - k0;
-{%- endif %}
-        q_tok0 = q0;
-        k_tok0 = k0;
-        q_step = 1;
-        k_step = 1;
-        total_q = cu_seqlens_q[batch];
-    } else {
-        sq = seqlen_q;
-        sk = seqlen_k;
-        q_tok0 = b;
-        k_tok0 = b;
-        q_step = batch;
-        k_step = batch;
-        total_q = (long long)seqlen_q * batch;
-        if (cache_seqlens_k != nullptr) {
-            // Static KV cache: sequence b is cache slot cache_batch_offset + b of a
-            // [max_seq, cache_max_batch, num_groups, HEAD_DIM] layer with cache_seqlens_k[b] keys.
-            sk = cache_seqlens_k[b];
-            k_tok0 = (long long)cache_batch_offset + b;
-            k_step = cache_max_batch;
-        }
-    }
-    const int m0 = m_block * BLOCK_M;
-    if (m0 >= sq) return;
-    const int m_valid = min(BLOCK_M, sq - m0);
-{%- if may_mask %}
-    if (v_nonfinite != nullptr && *v_nonfinite != 0) {
-        exact_rows(q, k, v, out, lse, q_tok0, q_step, k_tok0, k_step, total_q, m0, m_valid, sq, sk,
-                   h, grp, b, num_heads, num_groups, softmax_scale, window_left, window_right, mask,
-                   mask_stride_b, mask_stride_h, mask_stride_q, mask_stride_k, bias, bias_stride_b,
-                   bias_stride_h, bias_stride_q, bias_stride_k, sinks, gate, max_logit);
-        return;
-    }
-{%- else %}
-    (void)v_nonfinite;  // no key is masked inside a tile: nothing to guard
-{%- endif %}
-
-    const long long q_row_stride = q_step * num_heads * HEAD_DIM;
-    const long long kv_row_stride = k_step * num_groups * HEAD_DIM;
-    const long long q_base = ((q_tok0 + (long long)m0 * q_step) * num_heads + h) * HEAD_DIM;
-    const long long kv_base = (k_tok0 * num_groups + grp) * HEAD_DIM;
-
-    // Keys any row of the block can see, and the tiles every valid row sees fully.
-    int lo_first, hi_first, lo_last, hi_last;
-    visible_range(m0, sq, sk, window_left, window_right, &lo_first, &hi_first);
-    visible_range(m0 + m_valid - 1, sq, sk, window_left, window_right, &lo_last, &hi_last);
-    const int tile_lo = lo_first / BLOCK_N;
-    const int tile_hi = hi_last > lo_first ? (hi_last + BLOCK_N - 1) / BLOCK_N : tile_lo;
-    const int ntiles = tile_hi - tile_lo;
-
-{%- if has_bias %}
-    // With a bias, S holds finished logits in log2 units (biased_logit_log2: a finite bias
-    // never overflows); without one, raw q.k with the scale folded into the exponent's FFMA.
-    const float s_mul = 1.0f;
-    (void)FAST_LOG2E;
-{%- else %}
-    const float s_mul = softmax_scale * FAST_LOG2E;
-{%- endif %}
+{% include "partials/prefill_block.cu" %}
 
     // Per-row state: rows (mi, hh) = warp * WARP_ROWS + mi * 16 + gq + 8 * hh.
     float o[MI][DN][4];

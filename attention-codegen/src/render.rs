@@ -93,6 +93,14 @@ const TEMPLATES: &[(&str, &str)] = &[
         include_str!("../../templates/partials/prefill_common.cu"),
     ),
     (
+        "partials/prefill_args.cu",
+        include_str!("../../templates/partials/prefill_args.cu"),
+    ),
+    (
+        "partials/prefill_block.cu",
+        include_str!("../../templates/partials/prefill_block.cu"),
+    ),
+    (
         "backward_preprocess.cu",
         include_str!("../../templates/backward_preprocess.cu"),
     ),
