@@ -42,6 +42,10 @@ const TEMPLATES: &[(&str, &str)] = &[
         include_str!("../../templates/partials/params_bwd.cu"),
     ),
     (
+        "partials/rows_kernel.cu",
+        include_str!("../../templates/partials/rows_kernel.cu"),
+    ),
+    (
         "partials/backward_common.cu",
         include_str!("../../templates/partials/backward_common.cu"),
     ),
