@@ -46,6 +46,10 @@ const TEMPLATES: &[(&str, &str)] = &[
         include_str!("../../templates/partials/rows_kernel.cu"),
     ),
     (
+        "partials/bwd_kv_block.cu",
+        include_str!("../../templates/partials/bwd_kv_block.cu"),
+    ),
+    (
         "partials/backward_common.cu",
         include_str!("../../templates/partials/backward_common.cu"),
     ),
