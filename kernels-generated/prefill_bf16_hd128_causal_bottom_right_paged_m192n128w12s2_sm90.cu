@@ -398,10 +398,10 @@ extern "C" __global__ void __launch_bounds__(THREADS, 1) prefill_bf16_hd128_caus
 // ---------------------------------------------------------------------------------------
 // The tensor-core prefill kernels' (prefill_sm80.cu, prefill_sm90.cu) block setup, inside the
 // kernel body: the block's query rows, head, sequence (padded, packed, static or paged
-// cache) and its row ranges; the `v_nonfinite` exact path (partials/prefill_common.cu);
-// Q and K/V row strides and bases; the KV tiles [tile_lo, tile_hi) any row of the block
-// can see; `s_mul`, the factor from S to log2-unit logits. Needs BLOCK_M, BLOCK_N and the
-// kernel's parameters (partials/prefill_args.cu).
+// cache) and its row ranges; the `v_nonfinite` exact path (partials/prefill_common.cu); Q
+// and K/V row strides and bases and the KV tiles [tile_lo, tile_hi) any row of the block
+// can see (partials/q_block_tiles.cu); `s_mul`, the factor from S to log2-unit logits.
+// Needs BLOCK_M, BLOCK_N and the kernel's parameters (partials/prefill_args.cu).
 // ---------------------------------------------------------------------------------------
     const int m_block = gridDim.x - 1 - blockIdx.x;  // heaviest (causal) blocks first
     const int h = blockIdx.y;
@@ -444,6 +444,13 @@ extern "C" __global__ void __launch_bounds__(THREADS, 1) prefill_bf16_hd128_caus
     const int m_valid = min(BLOCK_M, sq - m0);
     (void)v_nonfinite;  // no key is masked inside a tile: nothing to guard
 
+// ---------------------------------------------------------------------------------------
+// Inside a kernel body that owns query rows [m0, m0 + m_valid) of one head h (KV group grp)
+// of a sequence (the prefill kernels through partials/prefill_block.cu, backward_sm80.cu's
+// dq part): the Q and K/V row strides and bases, and the KV tiles [tile_lo, tile_hi) of
+// BLOCK_N keys some row of the block can see (visible_range of its first and last rows;
+// partials/mask.cu).
+// ---------------------------------------------------------------------------------------
     const long long q_row_stride = q_step * num_heads * HEAD_DIM;
     const long long kv_row_stride = k_step * num_groups * HEAD_DIM;
     const long long q_base = ((q_tok0 + (long long)m0 * q_step) * num_heads + h) * HEAD_DIM;
@@ -456,6 +463,7 @@ extern "C" __global__ void __launch_bounds__(THREADS, 1) prefill_bf16_hd128_caus
     const int tile_lo = lo_first / BLOCK_N;
     const int tile_hi = hi_last > lo_first ? (hi_last + BLOCK_N - 1) / BLOCK_N : tile_lo;
     const int ntiles = tile_hi - tile_lo;
+
     const float s_mul = softmax_scale * FAST_LOG2E;
 
 

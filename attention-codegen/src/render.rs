@@ -105,6 +105,10 @@ const TEMPLATES: &[(&str, &str)] = &[
         include_str!("../../templates/partials/prefill_args.cu"),
     ),
     (
+        "partials/q_block_tiles.cu",
+        include_str!("../../templates/partials/q_block_tiles.cu"),
+    ),
+    (
         "partials/prefill_block.cu",
         include_str!("../../templates/partials/prefill_block.cu"),
     ),

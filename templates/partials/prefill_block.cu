@@ -1,10 +1,10 @@
 // ---------------------------------------------------------------------------------------
 // The tensor-core prefill kernels' (prefill_sm80.cu, prefill_sm90.cu) block setup, inside the
 // kernel body: the block's query rows, head, sequence (padded, packed, static or paged
-// cache) and its row ranges; the `v_nonfinite` exact path (partials/prefill_common.cu);
-// Q and K/V row strides and bases; the KV tiles [tile_lo, tile_hi) any row of the block
-// can see; `s_mul`, the factor from S to log2-unit logits. Needs BLOCK_M, BLOCK_N and the
-// kernel's parameters (partials/prefill_args.cu).
+// cache) and its row ranges; the `v_nonfinite` exact path (partials/prefill_common.cu); Q
+// and K/V row strides and bases and the KV tiles [tile_lo, tile_hi) any row of the block
+// can see (partials/q_block_tiles.cu); `s_mul`, the factor from S to log2-unit logits.
+// Needs BLOCK_M, BLOCK_N and the kernel's parameters (partials/prefill_args.cu).
 // ---------------------------------------------------------------------------------------
     const int m_block = gridDim.x - 1 - blockIdx.x;  // heaviest (causal) blocks first
     const int h = blockIdx.y;
@@ -62,18 +62,7 @@
     (void)v_nonfinite;  // no key is masked inside a tile: nothing to guard
 {%- endif %}
 
-    const long long q_row_stride = q_step * num_heads * HEAD_DIM;
-    const long long kv_row_stride = k_step * num_groups * HEAD_DIM;
-    const long long q_base = ((q_tok0 + (long long)m0 * q_step) * num_heads + h) * HEAD_DIM;
-    const long long kv_base = (k_tok0 * num_groups + grp) * HEAD_DIM;
-
-    // Keys any row of the block can see, and the tiles every valid row sees fully.
-    int lo_first, hi_first, lo_last, hi_last;
-    visible_range(m0, sq, sk, window_left, window_right, &lo_first, &hi_first);
-    visible_range(m0 + m_valid - 1, sq, sk, window_left, window_right, &lo_last, &hi_last);
-    const int tile_lo = lo_first / BLOCK_N;
-    const int tile_hi = hi_last > lo_first ? (hi_last + BLOCK_N - 1) / BLOCK_N : tile_lo;
-    const int ntiles = tile_hi - tile_lo;
+{% include "partials/q_block_tiles.cu" %}
 
 {%- if has_bias %}
     // With a bias, S holds finished logits in log2 units (biased_logit_log2: a finite bias
