@@ -21,6 +21,11 @@
 //   sinks: f32 [num_heads] (learnable sinks only)
 
 // ---------------------------------------------------------------------------------------
+// The opening of the one-warp-per-row kernels (prefill_rows.cu, decode_rows.cu,
+// decode_rows_paged.cu): the partials they use, BLOCK_ROWS (query rows, one warp each, per
+// block) and the kernel's signature (one `const FwdParams p`) up to the body's brace.
+// ---------------------------------------------------------------------------------------
+// ---------------------------------------------------------------------------------------
 // Element types and conversions. No CUDA toolkit header is included: NVRTC alone compiles
 // this file. bf16/f16 are 16-bit payloads; conversions go through bit operations (bf16 ->
 // f32) or inline PTX `cvt` (round to nearest even; `cvt.rn.bf16.f32` needs sm_80+).
@@ -344,6 +349,7 @@ constexpr int BLOCK_ROWS = 4;
 
 extern "C" __global__ void __launch_bounds__(BLOCK_ROWS * WARP_SIZE) decode_rows_bf16_hd32_causal_w4(const FwdParams p)
 {
+
     const elem_t* __restrict__ k_cache = p.k;
     const elem_t* __restrict__ v_cache = p.v;
     const int batch = p.batch, num_heads = p.num_heads, num_groups = p.num_groups;

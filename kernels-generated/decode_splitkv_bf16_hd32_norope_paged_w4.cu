@@ -314,18 +314,34 @@ constexpr int NT = HEAD_DIM / 8;
 constexpr int KSTEPS = HEAD_DIM / 16;
 static_assert(TILE == 16 * WARPS, "each warp owns 16 keys of a tile");
 static_assert(HEAD_DIM % 16 == 0, "head dim must be a multiple of 16");
+// ---------------------------------------------------------------------------------------
+// cp.async helpers (sm_80+) of the tensor-core kernels (prefill_sm80.cu, prefill_sm90.cu,
+// decode_splitkv.cu, the backward kernels): the shared-space address of a pointer, the
+// 16-byte global -> shared copy, commit and wait. The copy zero-fills when `valid` is false;
+// a template that sets `cp_async_always = true` before the include gets instead the form
+// without that operand (every copy whole: decode_splitkv.cu).
+// ---------------------------------------------------------------------------------------
 
 __device__ __forceinline__ unsigned smem_addr(const void* p) {
     unsigned r;
     asm("{ .reg .u64 a; cvta.to.shared.u64 a, %1; cvt.u32.u64 %0, a; }" : "=r"(r) : "l"(p));
     return r;
 }
+/// 16-byte async copy global -> shared, always all 16 bytes.
 __device__ __forceinline__ void cp_async16(unsigned dst, const void* src) {
     asm volatile("cp.async.cg.shared.global [%0], [%1], 16;\n" ::"r"(dst), "l"(src));
 }
 __device__ __forceinline__ void cp_async_commit() { asm volatile("cp.async.commit_group;\n" ::); }
 template <int N>
 __device__ __forceinline__ void cp_async_wait() { asm volatile("cp.async.wait_group %0;\n" ::"n"(N)); }
+
+// ---------------------------------------------------------------------------------------
+// sm_80 tensor-core helpers (prefill_sm80.cu, decode_splitkv.cu, the backward kernels):
+// ldmatrix and mma.sync m16n8k16 with f32 accumulate. Fragment layouts (PTX ISA, m16n8k16):
+// A (16x16, row): a0 = (row g, cols 2t..2t+1), a1 = (g+8, 2t..), a2 = (g, 8+2t..),
+// a3 = (g+8, 8+2t..); B (16x8, col): b0 = (k 2t..2t+1, col g), b1 = (k 8+2t.., g);
+// C (16x8): c0, c1 = (g, 2t..2t+1), c2, c3 = (g+8, 2t..); g = lane / 4, t = lane % 4.
+// ---------------------------------------------------------------------------------------
 
 __device__ __forceinline__ void ldmatrix_x4(unsigned (&r)[4], unsigned addr) {
     asm volatile("ldmatrix.sync.aligned.m8n8.x4.shared.b16 { %0,%1,%2,%3}, [%4];\n"
@@ -345,12 +361,19 @@ __device__ __forceinline__ void mma16816(float (&d)[4], const unsigned (&a)[4], 
         : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
 }
 
+// ---------------------------------------------------------------------------------------
+// f32 -> bf16 pair packing and ex2.approx, shared by the tensor-core kernels
+// (prefill_sm80.cu, prefill_sm90.cu, decode_splitkv.cu, the backward kernels); a template
+// that sets `pack_only = true` before the include gets pack2 alone (decode_splitkv.cu).
+// ---------------------------------------------------------------------------------------
+
 /// Two floats -> packed pair of elem_t (`lo` in the low half), round to nearest even.
 __device__ __forceinline__ unsigned pack2(float lo, float hi) {
     unsigned r;
     asm("cvt.rn.bf16x2.f32 %0, %1, %2;" : "=r"(r) : "f"(hi), "f"(lo));
     return r;
 }
+
 
 /// Rotate the row held in `stage` (f32 [HEAD_DIM]) into x (lane's channels) at table row `pos`.
 __device__ __forceinline__ void rope_row(float (&x)[LANE_D], const float* stage,

@@ -253,12 +253,19 @@ constexpr float FAST_LN2 = 0.6931471805599453f;
 // Lazy rescale threshold (log2 units), as the sm80 kernel.
 constexpr float RESCALE_SLACK = 8.0f;
 
+// ---------------------------------------------------------------------------------------
+// cp.async helpers (sm_80+) of the tensor-core kernels (prefill_sm80.cu, prefill_sm90.cu,
+// decode_splitkv.cu, the backward kernels): the shared-space address of a pointer, the
+// 16-byte global -> shared copy, commit and wait. The copy zero-fills when `valid` is false;
+// a template that sets `cp_async_always = true` before the include gets instead the form
+// without that operand (every copy whole: decode_splitkv.cu).
+// ---------------------------------------------------------------------------------------
+
 __device__ __forceinline__ unsigned smem_addr(const void* p) {
     unsigned r;
     asm("{ .reg .u64 a; cvta.to.shared.u64 a, %1; cvt.u32.u64 %0, a; }" : "=r"(r) : "l"(p));
     return r;
 }
-
 /// 16-byte async copy global -> shared; `valid == false` zero-fills the destination.
 __device__ __forceinline__ void cp_async16(unsigned dst, const void* src, bool valid) {
     const int n = valid ? 16 : 0;
@@ -267,6 +274,7 @@ __device__ __forceinline__ void cp_async16(unsigned dst, const void* src, bool v
 __device__ __forceinline__ void cp_async_commit() { asm volatile("cp.async.commit_group;\n" ::); }
 template <int N>
 __device__ __forceinline__ void cp_async_wait() { asm volatile("cp.async.wait_group %0;\n" ::"n"(N)); }
+
 
 /// Byte offset of 16-byte chunk `ch` of row `r` in a swizzled tile of ROWS rows.
 template <int ROWS>
@@ -346,18 +354,24 @@ __device__ __forceinline__ void wgmma_pv(float (&d)[DN][4], const unsigned (&a)[
         : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "l"(desc_b));
 }
 
+// ---------------------------------------------------------------------------------------
+// f32 -> bf16 pair packing and ex2.approx, shared by the tensor-core kernels
+// (prefill_sm80.cu, prefill_sm90.cu, decode_splitkv.cu, the backward kernels); a template
+// that sets `pack_only = true` before the include gets pack2 alone (decode_splitkv.cu).
+// ---------------------------------------------------------------------------------------
+
 /// Two floats -> packed pair of elem_t (`lo` in the low half), round to nearest even.
 __device__ __forceinline__ unsigned pack2(float lo, float hi) {
     unsigned r;
     asm("cvt.rn.bf16x2.f32 %0, %1, %2;" : "=r"(r) : "f"(hi), "f"(lo));
     return r;
 }
-
 __device__ __forceinline__ float fast_exp2(float x) {
     float y;
     asm("ex2.approx.ftz.f32 %0, %1;" : "=f"(y) : "f"(x));
     return y;
 }
+
 
 /// Async copy of ROWS rows (HEAD_DIM elements each, global row stride `stride` elements) into
 /// a swizzled tile; rows at or past `nvalid` are zero-filled.
@@ -433,6 +447,12 @@ __device__ __noinline__ void exact_rows(
 
 
 extern "C" __global__ void __launch_bounds__(THREADS, 1) prefill_bf16_hd128_causal_m192n128w12s2_sm90(
+// ---------------------------------------------------------------------------------------
+// The tensor-core prefill kernels' (prefill_sm80.cu, prefill_sm90.cu) positional parameters,
+// the fields of `FwdParams` (partials/params.cu) in its order, then the opening of the body
+// with the casts of the mask-tensor and bias arguments the variant ignores. Included right
+// after the kernel's `prefill_bf16_hd128_causal_m192n128w12s2_sm90(`.
+// ---------------------------------------------------------------------------------------
     const elem_t* __restrict__ q,
     const elem_t* __restrict__ k,
     const elem_t* __restrict__ v,
@@ -471,6 +491,7 @@ extern "C" __global__ void __launch_bounds__(THREADS, 1) prefill_bf16_hd128_caus
 {
     (void)mask; (void)mask_stride_b; (void)mask_stride_h; (void)mask_stride_q; (void)mask_stride_k;
     (void)bias; (void)bias_stride_b; (void)bias_stride_h; (void)bias_stride_q; (void)bias_stride_k;
+
     extern __shared__ uint4 smem_raw[];
     // Tiles on a 1024-byte boundary (the swizzle pattern's period; descriptors' base offset 0).
     const unsigned raw_addr = smem_addr(smem_raw);
@@ -486,6 +507,14 @@ extern "C" __global__ void __launch_bounds__(THREADS, 1) prefill_bf16_hd128_caus
     const int wg = warp / 4;  // warpgroup: query rows wg * 64 .. wg * 64 + 63
     const int gq = lane / 4;  // row within an 8-row group of a fragment
     const int tq = lane % 4;  // column pair within a fragment
+// ---------------------------------------------------------------------------------------
+// The tensor-core prefill kernels' (prefill_sm80.cu, prefill_sm90.cu) block setup, inside the
+// kernel body: the block's query rows, head, sequence (padded, packed, static or paged
+// cache) and its row ranges; the `v_nonfinite` exact path (partials/prefill_common.cu); Q
+// and K/V row strides and bases and the KV tiles [tile_lo, tile_hi) any row of the block
+// can see (partials/q_block_tiles.cu); `s_mul`, the factor from S to log2-unit logits.
+// Needs BLOCK_M, BLOCK_N and the kernel's parameters (partials/prefill_args.cu).
+// ---------------------------------------------------------------------------------------
     const int m_block = gridDim.x - 1 - blockIdx.x;  // heaviest (causal) blocks first
     const int h = blockIdx.y;
     const int b = blockIdx.z;
@@ -513,6 +542,8 @@ extern "C" __global__ void __launch_bounds__(THREADS, 1) prefill_bf16_hd128_caus
         k_step = batch;
         total_q = (long long)seqlen_q * batch;
         if (cache_seqlens_k != nullptr) {
+            // Static KV cache: sequence b is cache slot cache_batch_offset + b of a
+            // [max_seq, cache_max_batch, num_groups, HEAD_DIM] layer with cache_seqlens_k[b] keys.
             sk = cache_seqlens_k[b];
             k_tok0 = (long long)cache_batch_offset + b;
             k_step = cache_max_batch;
@@ -529,18 +560,28 @@ extern "C" __global__ void __launch_bounds__(THREADS, 1) prefill_bf16_hd128_caus
         return;
     }
 
+// ---------------------------------------------------------------------------------------
+// Inside a kernel body that owns query rows [m0, m0 + m_valid) of one head h (KV group grp)
+// of a sequence (the prefill kernels through partials/prefill_block.cu, backward_sm80.cu's
+// dq part): the Q and K/V row strides and bases, and the KV tiles [tile_lo, tile_hi) of
+// BLOCK_N keys some row of the block can see (visible_range of its first and last rows;
+// partials/mask.cu).
+// ---------------------------------------------------------------------------------------
     const long long q_row_stride = q_step * num_heads * HEAD_DIM;
     const long long kv_row_stride = k_step * num_groups * HEAD_DIM;
     const long long q_base = ((q_tok0 + (long long)m0 * q_step) * num_heads + h) * HEAD_DIM;
     const long long kv_base = (k_tok0 * num_groups + grp) * HEAD_DIM;
 
+    // Keys any row of the block can see, and the tiles every valid row sees fully.
     int lo_first, hi_first, lo_last, hi_last;
     visible_range(m0, sq, sk, window_left, window_right, &lo_first, &hi_first);
     visible_range(m0 + m_valid - 1, sq, sk, window_left, window_right, &lo_last, &hi_last);
     const int tile_lo = lo_first / BLOCK_N;
     const int tile_hi = hi_last > lo_first ? (hi_last + BLOCK_N - 1) / BLOCK_N : tile_lo;
     const int ntiles = tile_hi - tile_lo;
+
     const float s_mul = softmax_scale * FAST_LOG2E;
+
 
     // Per-thread state of rows r_hh = warp * 16 + gq + 8 * hh.
     float o[DN][4];

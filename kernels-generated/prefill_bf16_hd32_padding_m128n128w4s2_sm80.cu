@@ -291,12 +291,19 @@ constexpr int PV_PF = PF_WANT < KN * (DN / 2) ? PF_WANT : KN * (DN / 2);
 static_assert(QK_PF >= 1 && QK_PF <= NI / 2, "Q K^T prefetch keeps at most two k16 steps of Q live");
 static_assert(PV_PF >= 1 && PV_PF <= KN * (DN / 2), "P V prefetch stays inside the tile");
 
+// ---------------------------------------------------------------------------------------
+// cp.async helpers (sm_80+) of the tensor-core kernels (prefill_sm80.cu, prefill_sm90.cu,
+// decode_splitkv.cu, the backward kernels): the shared-space address of a pointer, the
+// 16-byte global -> shared copy, commit and wait. The copy zero-fills when `valid` is false;
+// a template that sets `cp_async_always = true` before the include gets instead the form
+// without that operand (every copy whole: decode_splitkv.cu).
+// ---------------------------------------------------------------------------------------
+
 __device__ __forceinline__ unsigned smem_addr(const void* p) {
     unsigned r;
     asm("{ .reg .u64 a; cvta.to.shared.u64 a, %1; cvt.u32.u64 %0, a; }" : "=r"(r) : "l"(p));
     return r;
 }
-
 /// 16-byte async copy global -> shared; `valid == false` zero-fills the destination.
 __device__ __forceinline__ void cp_async16(unsigned dst, const void* src, bool valid) {
     const int n = valid ? 16 : 0;
@@ -305,6 +312,14 @@ __device__ __forceinline__ void cp_async16(unsigned dst, const void* src, bool v
 __device__ __forceinline__ void cp_async_commit() { asm volatile("cp.async.commit_group;\n" ::); }
 template <int N>
 __device__ __forceinline__ void cp_async_wait() { asm volatile("cp.async.wait_group %0;\n" ::"n"(N)); }
+
+// ---------------------------------------------------------------------------------------
+// sm_80 tensor-core helpers (prefill_sm80.cu, decode_splitkv.cu, the backward kernels):
+// ldmatrix and mma.sync m16n8k16 with f32 accumulate. Fragment layouts (PTX ISA, m16n8k16):
+// A (16x16, row): a0 = (row g, cols 2t..2t+1), a1 = (g+8, 2t..), a2 = (g, 8+2t..),
+// a3 = (g+8, 8+2t..); B (16x8, col): b0 = (k 2t..2t+1, col g), b1 = (k 8+2t.., g);
+// C (16x8): c0, c1 = (g, 2t..2t+1), c2, c3 = (g+8, 2t..); g = lane / 4, t = lane % 4.
+// ---------------------------------------------------------------------------------------
 
 __device__ __forceinline__ void ldmatrix_x4(unsigned (&r)[4], unsigned addr) {
     asm volatile("ldmatrix.sync.aligned.m8n8.x4.shared.b16 { %0,%1,%2,%3}, [%4];\n"
@@ -324,18 +339,24 @@ __device__ __forceinline__ void mma16816(float (&d)[4], const unsigned (&a)[4], 
         : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
 }
 
+// ---------------------------------------------------------------------------------------
+// f32 -> bf16 pair packing and ex2.approx, shared by the tensor-core kernels
+// (prefill_sm80.cu, prefill_sm90.cu, decode_splitkv.cu, the backward kernels); a template
+// that sets `pack_only = true` before the include gets pack2 alone (decode_splitkv.cu).
+// ---------------------------------------------------------------------------------------
+
 /// Two floats -> packed pair of elem_t (`lo` in the low half), round to nearest even.
 __device__ __forceinline__ unsigned pack2(float lo, float hi) {
     unsigned r;
     asm("cvt.rn.bf16x2.f32 %0, %1, %2;" : "=r"(r) : "f"(hi), "f"(lo));
     return r;
 }
-
 __device__ __forceinline__ float fast_exp2(float x) {
     float y;
     asm("ex2.approx.ftz.f32 %0, %1;" : "=f"(y) : "f"(x));
     return y;
 }
+
 
 /// Async copy of `rows` rows (HEAD_DIM elements each, global row stride `stride` elements)
 /// into shared memory rows of SROW elements; rows at or past `nvalid` are zero-filled.
@@ -414,6 +435,12 @@ __device__ __noinline__ void exact_rows(
 
 
 extern "C" __global__ void __launch_bounds__(THREADS) prefill_bf16_hd32_padding_m128n128w4s2_sm80(
+// ---------------------------------------------------------------------------------------
+// The tensor-core prefill kernels' (prefill_sm80.cu, prefill_sm90.cu) positional parameters,
+// the fields of `FwdParams` (partials/params.cu) in its order, then the opening of the body
+// with the casts of the mask-tensor and bias arguments the variant ignores. Included right
+// after the kernel's `prefill_bf16_hd32_padding_m128n128w4s2_sm80(`.
+// ---------------------------------------------------------------------------------------
     const elem_t* __restrict__ q,
     const elem_t* __restrict__ k,
     const elem_t* __restrict__ v,
@@ -451,6 +478,7 @@ extern "C" __global__ void __launch_bounds__(THREADS) prefill_bf16_hd32_padding_
     int max_blocks_per_seq)
 {
     (void)bias; (void)bias_stride_b; (void)bias_stride_h; (void)bias_stride_q; (void)bias_stride_k;
+
     extern __shared__ uint4 smem_raw[];
     elem_t* sQ = reinterpret_cast<elem_t*>(smem_raw);
     elem_t* sK = sQ + Q_ELEMS;
@@ -461,6 +489,14 @@ extern "C" __global__ void __launch_bounds__(THREADS) prefill_bf16_hd32_padding_
     const int warp = tid / WARP_SIZE;
     const int gq = lane / 4;  // row within an 8-row group of an mma fragment
     const int tq = lane % 4;  // column pair within an mma fragment
+// ---------------------------------------------------------------------------------------
+// The tensor-core prefill kernels' (prefill_sm80.cu, prefill_sm90.cu) block setup, inside the
+// kernel body: the block's query rows, head, sequence (padded, packed, static or paged
+// cache) and its row ranges; the `v_nonfinite` exact path (partials/prefill_common.cu); Q
+// and K/V row strides and bases and the KV tiles [tile_lo, tile_hi) any row of the block
+// can see (partials/q_block_tiles.cu); `s_mul`, the factor from S to log2-unit logits.
+// Needs BLOCK_M, BLOCK_N and the kernel's parameters (partials/prefill_args.cu).
+// ---------------------------------------------------------------------------------------
     const int m_block = gridDim.x - 1 - blockIdx.x;  // heaviest (causal) blocks first
     const int h = blockIdx.y;
     const int b = blockIdx.z;
@@ -506,6 +542,13 @@ extern "C" __global__ void __launch_bounds__(THREADS) prefill_bf16_hd32_padding_
         return;
     }
 
+// ---------------------------------------------------------------------------------------
+// Inside a kernel body that owns query rows [m0, m0 + m_valid) of one head h (KV group grp)
+// of a sequence (the prefill kernels through partials/prefill_block.cu, backward_sm80.cu's
+// dq part): the Q and K/V row strides and bases, and the KV tiles [tile_lo, tile_hi) of
+// BLOCK_N keys some row of the block can see (visible_range of its first and last rows;
+// partials/mask.cu).
+// ---------------------------------------------------------------------------------------
     const long long q_row_stride = q_step * num_heads * HEAD_DIM;
     const long long kv_row_stride = k_step * num_groups * HEAD_DIM;
     const long long q_base = ((q_tok0 + (long long)m0 * q_step) * num_heads + h) * HEAD_DIM;
@@ -518,7 +561,9 @@ extern "C" __global__ void __launch_bounds__(THREADS) prefill_bf16_hd32_padding_
     const int tile_lo = lo_first / BLOCK_N;
     const int tile_hi = hi_last > lo_first ? (hi_last + BLOCK_N - 1) / BLOCK_N : tile_lo;
     const int ntiles = tile_hi - tile_lo;
+
     const float s_mul = softmax_scale * FAST_LOG2E;
+
 
     // Per-row state: rows (mi, hh) = warp * WARP_ROWS + mi * 16 + gq + 8 * hh.
     float o[MI][DN][4];

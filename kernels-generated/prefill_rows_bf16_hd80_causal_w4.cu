@@ -26,6 +26,11 @@
 // (null / 0).
 
 // ---------------------------------------------------------------------------------------
+// The opening of the one-warp-per-row kernels (prefill_rows.cu, decode_rows.cu,
+// decode_rows_paged.cu): the partials they use, BLOCK_ROWS (query rows, one warp each, per
+// block) and the kernel's signature (one `const FwdParams p`) up to the body's brace.
+// ---------------------------------------------------------------------------------------
+// ---------------------------------------------------------------------------------------
 // Element types and conversions. No CUDA toolkit header is included: NVRTC alone compiles
 // this file. bf16/f16 are 16-bit payloads; conversions go through bit operations (bf16 ->
 // f32) or inline PTX `cvt` (round to nearest even; `cvt.rn.bf16.f32` needs sm_80+).
@@ -349,6 +354,7 @@ constexpr int BLOCK_ROWS = 4;
 
 extern "C" __global__ void __launch_bounds__(BLOCK_ROWS * WARP_SIZE) prefill_rows_bf16_hd80_causal_w4(const FwdParams p)
 {
+
     const elem_t* __restrict__ q = p.q;
     const elem_t* __restrict__ k = p.k;
     const elem_t* __restrict__ v = p.v;

@@ -46,7 +46,9 @@
 {% include "partials/types.cu" %}
 {% include "partials/mask.cu" %}
 {% include "partials/params_bwd.cu" %}
+{% include "partials/cp_async.cu" %}
 {% include "partials/mma_sm80.cu" %}
+{% include "partials/pack.cu" %}
 {% include "partials/backward_common.cu" %}
 
 constexpr int BLOCK_M = {{ block_m }};
@@ -82,38 +84,7 @@ extern "C" __global__ void __launch_bounds__(THREADS, 1) {{ key }}(const BwdPara
     float* sL = reinterpret_cast<float*>(sdO + 2 * Q_ELEMS);  // 2 x BLOCK_M, log2 units
     float* sD = sL + 2 * BLOCK_M;                             // 2 x BLOCK_M
 
-    const int tid = threadIdx.x;
-    const int lane = tid % WARP_SIZE;
-    const int warp = tid / WARP_SIZE;
-    const int gq = lane / 4;
-    const int tq = lane % 4;
-    const int grp = blockIdx.y;
-    const int b = blockIdx.z;
-    const int num_heads = p.num_heads;
-    const int num_groups = p.num_groups;
-    const int hpg = num_heads / num_groups;
-    const int window_left = p.window_left;
-    const int window_right = p.window_right;
-
-    const BwdSeq seq = bwd_seq(p, b);
-    const int sq = seq.sq, sk = seq.sk;
-    const long long q_tok0 = seq.q_tok0, k_tok0 = seq.k_tok0, q_step = seq.q_step, k_step = seq.k_step;
-    const long long total_q = p.total_q;
-    const int n0 = blockIdx.x * BLOCK_N;
-    if (n0 >= sk) return;
-    const int n_valid = min(BLOCK_N, sk - n0);
-    const int n1 = n0 + n_valid;
-
-    // Query rows that can see a key of [n0, n1).
-    int i_begin, i_end;
-    visible_queries(n0, n1, sq, sk, window_left, window_right, &i_begin, &i_end);
-    const int mt_begin = i_begin / BLOCK_M;
-    const int nm_tiles = i_end > i_begin ? (i_end + BLOCK_M - 1) / BLOCK_M - mt_begin : 0;
-    const int nsteps = nm_tiles * hpg;
-
-    const long long q_row_stride = q_step * num_heads * HEAD_DIM;
-    const long long kv_row_stride = k_step * num_groups * HEAD_DIM;
-    const long long kv_base = ((k_tok0 + (long long)n0 * k_step) * num_groups + grp) * HEAD_DIM;
+{% include "partials/bwd_kv_block.cu" %}
 
     // Step t: query head grp * hpg + t / nm_tiles, query tile mt_begin + t % nm_tiles.
     auto load_step = [&](int t) {
@@ -351,18 +322,7 @@ extern "C" __global__ void __launch_bounds__(THREADS, 1) {{ key }}(const BwdPara
     if (m0 >= sq) return;
     const int m_valid = min(BLOCK_M, sq - m0);
 
-    const long long q_row_stride = q_step * num_heads * HEAD_DIM;
-    const long long kv_row_stride = k_step * num_groups * HEAD_DIM;
-    const long long q_base = ((q_tok0 + (long long)m0 * q_step) * num_heads + h) * HEAD_DIM;
-    const long long kv_base = (k_tok0 * num_groups + grp) * HEAD_DIM;
-
-    // Keys any row of the block can see, and the tiles every valid row sees fully.
-    int lo_first, hi_first, lo_last, hi_last;
-    visible_range(m0, sq, sk, window_left, window_right, &lo_first, &hi_first);
-    visible_range(m0 + m_valid - 1, sq, sk, window_left, window_right, &lo_last, &hi_last);
-    const int tile_lo = lo_first / BLOCK_N;
-    const int tile_hi = hi_last > lo_first ? (hi_last + BLOCK_N - 1) / BLOCK_N : tile_lo;
-    const int ntiles = tile_hi - tile_lo;
+{% include "partials/q_block_tiles.cu" %}
 
     auto load_kv = [&](int t) {
         const int buf = t & 1;

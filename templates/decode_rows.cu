@@ -20,15 +20,7 @@
 //   lse: f32 [num_heads, seqlen_q * batch], row = i * batch + b
 //   sinks: f32 [num_heads] (learnable sinks only)
 
-{% include "partials/types.cu" %}
-{% include "partials/mask.cu" %}
-{% include "partials/attend.cu" %}
-{% include "partials/params.cu" %}
-
-constexpr int BLOCK_ROWS = {{ block_rows }};
-
-extern "C" __global__ void __launch_bounds__(BLOCK_ROWS * WARP_SIZE) {{ key }}(const FwdParams p)
-{
+{% include "partials/rows_kernel.cu" %}
     const elem_t* __restrict__ k_cache = p.k;
     const elem_t* __restrict__ v_cache = p.v;
     const int batch = p.batch, num_heads = p.num_heads, num_groups = p.num_groups;

@@ -21,15 +21,7 @@
 //   lse: f32 [num_heads, total_q], total_q = cu_seqlens_q[batch]
 //   sinks: f32 [num_heads] (learnable sinks only)
 
-{% include "partials/types.cu" %}
-{% include "partials/mask.cu" %}
-{% include "partials/attend.cu" %}
-{% include "partials/params.cu" %}
-
-constexpr int BLOCK_ROWS = {{ block_rows }};
-
-extern "C" __global__ void __launch_bounds__(BLOCK_ROWS * WARP_SIZE) {{ key }}(const FwdParams p)
-{
+{% include "partials/rows_kernel.cu" %}
     const elem_t* __restrict__ k_pool = p.k;
     const elem_t* __restrict__ v_pool = p.v;
     const int* __restrict__ cu_seqlens_q = p.cu_seqlens_q;

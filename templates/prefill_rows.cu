@@ -25,15 +25,7 @@
 // others (max_logit .. max_blocks_per_seq) are ignored, as are fields a variant does not use
 // (null / 0).
 
-{% include "partials/types.cu" %}
-{% include "partials/mask.cu" %}
-{% include "partials/attend.cu" %}
-{% include "partials/params.cu" %}
-
-constexpr int BLOCK_ROWS = {{ block_rows }};
-
-extern "C" __global__ void __launch_bounds__(BLOCK_ROWS * WARP_SIZE) {{ key }}(const FwdParams p)
-{
+{% include "partials/rows_kernel.cu" %}
     const elem_t* __restrict__ q = p.q;
     const elem_t* __restrict__ k = p.k;
     const elem_t* __restrict__ v = p.v;

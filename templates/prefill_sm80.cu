@@ -108,51 +108,9 @@ constexpr int PV_PF = PF_WANT < KN * (DN / 2) ? PF_WANT : KN * (DN / 2);
 static_assert(QK_PF >= 1 && QK_PF <= NI / 2, "Q K^T prefetch keeps at most two k16 steps of Q live");
 static_assert(PV_PF >= 1 && PV_PF <= KN * (DN / 2), "P V prefetch stays inside the tile");
 
-__device__ __forceinline__ unsigned smem_addr(const void* p) {
-    unsigned r;
-    asm("{ .reg .u64 a; cvta.to.shared.u64 a, %1; cvt.u32.u64 %0, a; }" : "=r"(r) : "l"(p));
-    return r;
-}
-
-/// 16-byte async copy global -> shared; `valid == false` zero-fills the destination.
-__device__ __forceinline__ void cp_async16(unsigned dst, const void* src, bool valid) {
-    const int n = valid ? 16 : 0;
-    asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(dst), "l"(src), "r"(n));
-}
-__device__ __forceinline__ void cp_async_commit() { asm volatile("cp.async.commit_group;\n" ::); }
-template <int N>
-__device__ __forceinline__ void cp_async_wait() { asm volatile("cp.async.wait_group %0;\n" ::"n"(N)); }
-
-__device__ __forceinline__ void ldmatrix_x4(unsigned (&r)[4], unsigned addr) {
-    asm volatile("ldmatrix.sync.aligned.m8n8.x4.shared.b16 { %0,%1,%2,%3}, [%4];\n"
-                 : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3]) : "r"(addr));
-}
-__device__ __forceinline__ void ldmatrix_x4_trans(unsigned (&r)[4], unsigned addr) {
-    asm volatile("ldmatrix.sync.aligned.m8n8.x4.trans.shared.b16 { %0,%1,%2,%3}, [%4];\n"
-                 : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3]) : "r"(addr));
-}
-
-/// d += a (16x16, row) * b (16x8, col), f32 accumulate.
-__device__ __forceinline__ void mma16816(float (&d)[4], const unsigned (&a)[4], unsigned b0, unsigned b1) {
-    asm(
-        "mma.sync.aligned.m16n8k16.row.col.f32.{{ dtype }}.{{ dtype }}.f32 "
-        "{ %0,%1,%2,%3}, { %4,%5,%6,%7}, { %8,%9}, { %0,%1,%2,%3};\n"
-        : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
-        : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
-}
-
-/// Two floats -> packed pair of elem_t (`lo` in the low half), round to nearest even.
-__device__ __forceinline__ unsigned pack2(float lo, float hi) {
-    unsigned r;
-    asm("cvt.rn.{{ dtype }}x2.f32 %0, %1, %2;" : "=r"(r) : "f"(hi), "f"(lo));
-    return r;
-}
-
-__device__ __forceinline__ float fast_exp2(float x) {
-    float y;
-    asm("ex2.approx.ftz.f32 %0, %1;" : "=f"(y) : "f"(x));
-    return y;
-}
+{% include "partials/cp_async.cu" %}
+{% include "partials/mma_sm80.cu" %}
+{% include "partials/pack.cu" %}
 
 /// Async copy of `rows` rows (HEAD_DIM elements each, global row stride `stride` elements)
 /// into shared memory rows of SROW elements; rows at or past `nvalid` are zero-filled.
@@ -173,48 +131,7 @@ __device__ __forceinline__ void load_tile(elem_t* dst, const elem_t* __restrict_
 {% include "partials/prefill_common.cu" %}
 
 extern "C" __global__ void __launch_bounds__(THREADS) {{ key }}(
-    const elem_t* __restrict__ q,
-    const elem_t* __restrict__ k,
-    const elem_t* __restrict__ v,
-    elem_t* __restrict__ out,
-    float* __restrict__ lse,
-    const int* __restrict__ cu_seqlens_q,
-    const int* __restrict__ cu_seqlens_k,
-    int batch,
-    int num_heads,
-    int num_groups,
-    int seqlen_q,
-    int seqlen_k,
-    float softmax_scale,
-    int window_left,
-    int window_right,
-    const unsigned char* __restrict__ mask,
-    long long mask_stride_b,
-    long long mask_stride_h,
-    long long mask_stride_q,
-    long long mask_stride_k,
-    const float* __restrict__ bias,
-    long long bias_stride_b,
-    long long bias_stride_h,
-    long long bias_stride_q,
-    long long bias_stride_k,
-    const float* __restrict__ sinks,
-    const elem_t* __restrict__ gate,
-    float* __restrict__ max_logit,
-    const int* __restrict__ v_nonfinite,
-    const int* __restrict__ cache_seqlens_k,
-    int cache_batch_offset,
-    int cache_max_batch,
-    const int* __restrict__ block_table,
-    int block_size,
-    int max_blocks_per_seq)
-{
-{%- if not mask_tensor %}
-    (void)mask; (void)mask_stride_b; (void)mask_stride_h; (void)mask_stride_q; (void)mask_stride_k;
-{%- endif %}
-{%- if not has_bias %}
-    (void)bias; (void)bias_stride_b; (void)bias_stride_h; (void)bias_stride_q; (void)bias_stride_k;
-{%- endif %}
+{% include "partials/prefill_args.cu" %}
     extern __shared__ uint4 smem_raw[];
     elem_t* sQ = reinterpret_cast<elem_t*>(smem_raw);
     elem_t* sK = sQ + Q_ELEMS;
@@ -225,83 +142,7 @@ extern "C" __global__ void __launch_bounds__(THREADS) {{ key }}(
     const int warp = tid / WARP_SIZE;
     const int gq = lane / 4;  // row within an 8-row group of an mma fragment
     const int tq = lane % 4;  // column pair within an mma fragment
-    const int m_block = gridDim.x - 1 - blockIdx.x;  // heaviest (causal) blocks first
-    const int h = blockIdx.y;
-    const int b = blockIdx.z;
-    const int grp = h / (num_heads / num_groups);
-    const bool packed = cu_seqlens_q != nullptr;
-
-    int sq, sk;
-    long long q_tok0, k_tok0, q_step, k_step, total_q;
-    if (packed) {
-        const int q0 = cu_seqlens_q[b];
-        sq = cu_seqlens_q[b + 1] - q0;
-{%- if paged_kv %}
-        // Paged cache: request b's keys 0 .. cache_seqlens_k[b] live in pool blocks
-        // block_table[b, j / block_size], rows j % block_size (k_tok0/k_step unused).
-        const int k0 = 0;
-        sk = cache_seqlens_k[b];
-{%- else %}
-        const int k0 = cu_seqlens_k[b];
-        sk = cu_seqlens_k[b + 1] - k0;
-{%- endif %}
-        q_tok0 = q0;
-        k_tok0 = k0;
-        q_step = 1;
-        k_step = 1;
-        total_q = cu_seqlens_q[batch];
-    } else {
-        sq = seqlen_q;
-        sk = seqlen_k;
-        q_tok0 = b;
-        k_tok0 = b;
-        q_step = batch;
-        k_step = batch;
-        total_q = (long long)seqlen_q * batch;
-        if (cache_seqlens_k != nullptr) {
-            // Static KV cache: sequence b is cache slot cache_batch_offset + b of a
-            // [max_seq, cache_max_batch, num_groups, HEAD_DIM] layer with cache_seqlens_k[b] keys.
-            sk = cache_seqlens_k[b];
-            k_tok0 = (long long)cache_batch_offset + b;
-            k_step = cache_max_batch;
-        }
-    }
-    const int m0 = m_block * BLOCK_M;
-    if (m0 >= sq) return;
-    const int m_valid = min(BLOCK_M, sq - m0);
-{%- if may_mask %}
-    if (v_nonfinite != nullptr && *v_nonfinite != 0) {
-        exact_rows(q, k, v, out, lse, q_tok0, q_step, k_tok0, k_step, total_q, m0, m_valid, sq, sk,
-                   h, grp, b, num_heads, num_groups, softmax_scale, window_left, window_right, mask,
-                   mask_stride_b, mask_stride_h, mask_stride_q, mask_stride_k, bias, bias_stride_b,
-                   bias_stride_h, bias_stride_q, bias_stride_k, sinks, gate, max_logit);
-        return;
-    }
-{%- else %}
-    (void)v_nonfinite;  // no key is masked inside a tile: nothing to guard
-{%- endif %}
-
-    const long long q_row_stride = q_step * num_heads * HEAD_DIM;
-    const long long kv_row_stride = k_step * num_groups * HEAD_DIM;
-    const long long q_base = ((q_tok0 + (long long)m0 * q_step) * num_heads + h) * HEAD_DIM;
-    const long long kv_base = (k_tok0 * num_groups + grp) * HEAD_DIM;
-
-    // Keys any row of the block can see, and the tiles every valid row sees fully.
-    int lo_first, hi_first, lo_last, hi_last;
-    visible_range(m0, sq, sk, window_left, window_right, &lo_first, &hi_first);
-    visible_range(m0 + m_valid - 1, sq, sk, window_left, window_right, &lo_last, &hi_last);
-    const int tile_lo = lo_first / BLOCK_N;
-    const int tile_hi = hi_last > lo_first ? (hi_last + BLOCK_N - 1) / BLOCK_N : tile_lo;
-    const int ntiles = tile_hi - tile_lo;
-
-{%- if has_bias %}
-    // With a bias, S holds finished logits in log2 units (biased_logit_log2: a finite bias
-    // never overflows); without one, raw q.k with the scale folded into the exponent's FFMA.
-    const float s_mul = 1.0f;
-    (void)FAST_LOG2E;
-{%- else %}
-    const float s_mul = softmax_scale * FAST_LOG2E;
-{%- endif %}
+{% include "partials/prefill_block.cu" %}
 
     // Per-row state: rows (mi, hh) = warp * WARP_ROWS + mi * 16 + gq + 8 * hh.
     float o[MI][DN][4];

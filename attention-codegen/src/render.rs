@@ -42,6 +42,14 @@ const TEMPLATES: &[(&str, &str)] = &[
         include_str!("../../templates/partials/params_bwd.cu"),
     ),
     (
+        "partials/rows_kernel.cu",
+        include_str!("../../templates/partials/rows_kernel.cu"),
+    ),
+    (
+        "partials/bwd_kv_block.cu",
+        include_str!("../../templates/partials/bwd_kv_block.cu"),
+    ),
+    (
         "partials/backward_common.cu",
         include_str!("../../templates/partials/backward_common.cu"),
     ),
@@ -77,12 +85,32 @@ const TEMPLATES: &[(&str, &str)] = &[
     ),
     ("append_kv.cu", include_str!("../../templates/append_kv.cu")),
     (
+        "partials/cp_async.cu",
+        include_str!("../../templates/partials/cp_async.cu"),
+    ),
+    (
+        "partials/pack.cu",
+        include_str!("../../templates/partials/pack.cu"),
+    ),
+    (
         "partials/mma_sm80.cu",
         include_str!("../../templates/partials/mma_sm80.cu"),
     ),
     (
         "partials/prefill_common.cu",
         include_str!("../../templates/partials/prefill_common.cu"),
+    ),
+    (
+        "partials/prefill_args.cu",
+        include_str!("../../templates/partials/prefill_args.cu"),
+    ),
+    (
+        "partials/q_block_tiles.cu",
+        include_str!("../../templates/partials/q_block_tiles.cu"),
+    ),
+    (
+        "partials/prefill_block.cu",
+        include_str!("../../templates/partials/prefill_block.cu"),
     ),
     (
         "backward_preprocess.cu",

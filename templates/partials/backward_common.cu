@@ -1,8 +1,26 @@
 // ---------------------------------------------------------------------------------------
 // What the backward kernels (templates/backward_sm80.cu, backward_dqdkdv_sm80.cu) share: the
-// LSE in log2 units, one sequence's rows, and the query rows that can see a KV tile. Needs
-// partials/types.cu, mask.cu (visible_range) and params_bwd.cu first.
+// cp.async row loader, the LSE in log2 units, one sequence's rows, and the query rows that
+// can see a KV tile. Needs partials/types.cu, mask.cu (visible_range), params_bwd.cu and
+// cp_async.cu first.
 // ---------------------------------------------------------------------------------------
+
+/// Async copy of `ROWS` rows (HEAD_DIM elements each, global row stride `stride` elements)
+/// into shared memory rows of SROW elements; rows at or past `nvalid` are zero-filled.
+template <int ROWS, int NTHREADS, int ROW_ELEMS>
+__device__ __forceinline__ void load_rows(elem_t* dst, const elem_t* __restrict__ src, long long stride,
+                                          int nvalid, int tid) {
+    constexpr int CH = HEAD_DIM / 8;
+    const unsigned base = smem_addr(dst);
+#pragma unroll
+    for (int c = tid; c < ROWS * CH; c += NTHREADS) {
+        const int r = c / CH;
+        const int ch = c % CH;
+        const bool ok = r < nvalid;
+        const elem_t* g = ok ? src + (long long)r * stride + ch * 8 : src;
+        cp_async16(base + (unsigned)((r * ROW_ELEMS + ch * 8) * 2), g, ok);
+    }
+}
 
 constexpr float BWD_LOG2E = 1.4426950408889634f;
 
