@@ -41,6 +41,7 @@ pub mod cp_cuda;
 mod cp_cuda_core;
 pub mod cp_layout;
 pub mod cp_plan;
+pub mod cp_ring;
 pub mod in_process;
 pub mod nccl;
 pub mod nccl_id;
