@@ -62,7 +62,7 @@ pub use cp_core::CpCoreAttention;
 pub use cp_cuda::CpCudaLayer;
 pub use cp_layout::CpLayout;
 pub use in_process::{run_ranks, InProcessComm};
-pub use nccl::NcclComm;
+pub use nccl::{DeviceCommunicator, NcclComm};
 pub use nccl_id::{nccl_version, NcclUniqueId};
 pub use tp::TpLayer;
 pub use tp_shard::TpPlan;
