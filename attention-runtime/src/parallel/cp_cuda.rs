@@ -13,7 +13,7 @@
 //! checks ([`CpCall`]), the plan and its kernels (compiled on a cache miss), the helper
 //! kernels, the index tables, and (`p2p`, `all_gather`) the exchange buffers and the f32
 //! result. Then every rank, prepared or failed, takes part in
-//! [`agree_ready`](super::cp_call::agree_ready) (one small all-gather of bytes, which waits
+//! [`agree_ready`] (one small all-gather of bytes, which waits
 //! for the rank's stream): a rank that failed returns its error, its peers an
 //! [`AttnError::Collective`] naming it, and a call that differs between ranks is an
 //! [`AttnError::RankMismatch`] everywhere; nobody waits for a peer that has given up, and the
@@ -95,7 +95,9 @@ impl<C: DeviceCommunicator> CpCudaLayer<C> {
     pub fn new(layer: CudaLayer, comm: C, cp_comm_type: CpCommType) -> Result<Self> {
         let cfg = layer.config();
         let (ls, cs) = (layer.runtime().stream(), comm.caller_stream());
-        if ls.cu_stream() != cs.cu_stream() {
+        // The same device's context and the same stream (a default stream's handle is null
+        // on every device).
+        if ls.context().ordinal() != cs.context().ordinal() || ls.cu_stream() != cs.cu_stream() {
             return Err(bad(
                 "comm",
                 format!(
