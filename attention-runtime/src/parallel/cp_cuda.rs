@@ -11,8 +11,8 @@
 //!
 //! Every call first prepares everything that can fail before its first collective: the host
 //! checks ([`CpCall`]), the plan and its kernels (compiled on a cache miss), the helper
-//! kernels, the index tables, and (`p2p`, `all_gather`) the exchange buffers and the f32
-//! result. Then every rank, prepared or failed, takes part in
+//! kernels, the index tables, the exchange buffers and (`p2p`, `all_gather`) the f32 result
+//! or (`a2a`) the attention output. Then every rank, prepared or failed, takes part in
 //! [`agree_ready`] (one small all-gather of bytes, which waits
 //! for the rank's stream): a rank that failed returns its error, its peers an
 //! [`AttnError::Collective`] naming it, and a call that differs between ranks is an
@@ -20,7 +20,7 @@
 //! communicator's timeout never counts a peer's kernel compilation. Then it queues its work
 //! without waiting (with the communicator's timeout, each collective waits for its
 //! completion). What can still fail after that on one rank only (an allocation of the
-//! projection, a per-launch partial, `a2a`'s buffers, or the output; a launch) leaves its
+//! projection, of a per-launch partial or of the layer's output; a launch) leaves its
 //! peers in their next collective: bounded by the communicator's timeout, unbounded without.
 //!
 //! Streams: the layer's kernels run on its runtime's stream, which must be the stream the
@@ -35,7 +35,7 @@
 //! guards it with `qkv_prep`'s `v_nonfinite` flag, which is per rank).
 
 use super::cp_call::{agree_ready, CpCall};
-use super::cp_cuda_core::{by_kv, ulysses, ByKvBuffers, Plan};
+use super::cp_cuda_core::{by_kv, ulysses, Buffers, Plan};
 use super::cp_layout::CpLayout;
 use super::nccl::DeviceCommunicator;
 use super::CpCommType;
@@ -81,7 +81,7 @@ struct Work {
     h: LoadedCp,
     /// Padded with `b > 1`: the gathers to batch-major rows and back.
     reorder: Option<(RowIndex, RowIndex)>,
-    bufs: Option<ByKvBuffers>,
+    bufs: Buffers,
 }
 
 impl<C: DeviceCommunicator> CpCudaLayer<C> {
@@ -219,22 +219,22 @@ impl<C: DeviceCommunicator> CpCudaLayer<C> {
         drop(x);
         let (layer, comm, layout) = (&self.layer, &self.comm, self.layout);
         let o = match (&plan, bufs) {
-            (Plan::Ulysses(kern, tab), _) => {
-                ulysses(layer, comm, layout, &call, (kern, tab), &qkv, &h)?
+            (Plan::Ulysses(kern, tab), Buffers::Ulysses(b)) => {
+                ulysses(layer, comm, layout, &call, (kern, tab), &qkv, *b, &h)?
             }
-            (_, Some(b)) => by_kv(
+            (_, Buffers::ByKv(b)) => by_kv(
                 layer,
                 comm,
                 (layout, self.overlap),
                 &call,
                 &plan,
-                b,
+                *b,
                 &qkv,
                 &h,
             )?,
-            (_, None) => {
+            _ => {
                 return Err(AttnError::Render(
-                    "context parallel: p2p / all_gather planned without buffers".into(),
+                    "context parallel: a plan with another plan's buffers".into(),
                 ))
             }
         };

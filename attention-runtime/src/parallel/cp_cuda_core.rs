@@ -171,17 +171,36 @@ pub(crate) struct ByKvBuffers {
     acc: CpAcc,
 }
 
+/// The buffers of `a2a`, allocated before the call's first collective: one all-to-all pair
+/// per width (`np / cp` heads: q, the gate and the output on its way back; `ng / cp` groups:
+/// k and v), each reused in stream order; the whole-sequence q, k, v (and gate) of this
+/// rank's head block; the merged output `[t, np, hn]`.
+pub(crate) struct UlyssesBuffers {
+    heads: (DeviceTensor, DeviceTensor),
+    groups: (DeviceTensor, DeviceTensor),
+    whole: CpQkv,
+    out: DeviceTensor,
+}
+
+/// The buffers of a plan ([`Plan::buffers`]).
+pub(crate) enum Buffers {
+    /// `p2p`, `all_gather`.
+    ByKv(Box<ByKvBuffers>),
+    /// `a2a`.
+    Ulysses(Box<UlyssesBuffers>),
+}
+
 impl Plan {
-    /// The buffers of `p2p` / `all_gather` for `t` local rows (`None` for `a2a`, which
-    /// allocates as it goes).
+    /// The buffers of the plan for `t` local rows.
     pub(crate) fn buffers(
         &self,
         layer: &CudaLayer,
         cp: usize,
         t: usize,
         h: &LoadedCp,
-    ) -> Result<Option<ByKvBuffers>> {
-        let w = layer.config().groups * layer.config().head_dim;
+    ) -> Result<Buffers> {
+        let c = layer.config();
+        let w = c.groups * c.head_dim;
         let kv = match self {
             Plan::Ring(..) => KvBuffers::Ring([
                 layer.cp_alloc(&[2 * t, w], "cp k/v")?,
@@ -192,12 +211,36 @@ impl Plan {
                 layer.cp_alloc(&[cp * 2 * t, w], "cp k/v (all ranks)")?,
                 layer.cp_alloc(&[2 * t * cp, w], "cp k/v (sequence order)")?,
             ),
-            Plan::Ulysses(..) => return Ok(None),
+            Plan::Ulysses(..) => {
+                let (hq, hg, hn) = (c.heads / cp, c.groups / cp, c.head_dim);
+                let pair = |bw: usize, arg: &str| -> Result<(DeviceTensor, DeviceTensor)> {
+                    Ok((
+                        layer.cp_alloc(&[cp * t, bw * hn], arg)?,
+                        layer.cp_alloc(&[cp * t, bw * hn], arg)?,
+                    ))
+                };
+                let whole = |bw: usize, arg: &str| layer.cp_alloc(&[t * cp, bw, hn], arg);
+                return Ok(Buffers::Ulysses(Box::new(UlyssesBuffers {
+                    heads: pair(hq, "cp heads (a2a)")?,
+                    groups: pair(hg, "cp groups (a2a)")?,
+                    whole: CpQkv {
+                        q: whole(hq, "cp q (a2a)")?,
+                        k: whole(hg, "cp k (a2a)")?,
+                        v: whole(hg, "cp v (a2a)")?,
+                        gate: if c.output_gate {
+                            Some(whole(hq, "cp gate (a2a)")?)
+                        } else {
+                            None
+                        },
+                    },
+                    out: layer.cp_alloc(&[t, c.heads, hn], "attention output")?,
+                })));
+            }
         };
-        Ok(Some(ByKvBuffers {
+        Ok(Buffers::ByKv(Box::new(ByKvBuffers {
             kv,
             acc: layer.cp_acc(t, h)?,
-        }))
+        })))
     }
 }
 
@@ -369,7 +412,8 @@ pub(crate) fn by_kv<C: DeviceCommunicator>(
     layer.cp_finish(&acc, qkv.gate.as_ref(), h)
 }
 
-/// `a2a` (see the module docs): `kern` is the layer's own kernel, `tab` the plan's tables.
+/// `a2a` (see the module docs): `kern` is the layer's own kernel, `tab` the plan's tables, `b`
+/// the buffers of [`Plan::buffers`].
 #[allow(clippy::too_many_arguments)]
 pub(crate) fn ulysses<C: DeviceCommunicator>(
     layer: &CudaLayer,
@@ -378,37 +422,46 @@ pub(crate) fn ulysses<C: DeviceCommunicator>(
     call: &CpCall,
     (kern, tab): (&CpAttnKernel, &UlyssesTables),
     qkv: &CpQkv,
+    b: UlyssesBuffers,
     h: &LoadedCp,
 ) -> Result<DeviceTensor> {
     let (cp, rank) = (layout.cp_size, layout.cp_rank);
     let cfg = layer.config();
-    let (np, ng, hn) = (cfg.heads, cfg.groups, cfg.head_dim);
-    let t = call.rows();
-    let big = t * cp;
+    let (np, ng) = (cfg.heads, cfg.groups);
     let st = layer.runtime().stream();
-    // Every token of this rank's head block, in sequence order: [t cp, heads / cp, hn].
-    let scatter = |x: &DeviceTensor, heads: usize, arg: &str| -> Result<DeviceTensor> {
-        let bw = heads / cp;
-        let mut send = layer.cp_alloc(&[cp * t, bw * hn], arg)?;
-        h.gather_rows(st, x, &mut send, &tab.split)?;
-        let mut recv = layer.cp_alloc(&[cp * t, bw * hn], arg)?;
-        comm.all_to_all(&send, &mut recv)?;
-        let mut glob = layer.cp_alloc(&[big, bw, hn], arg)?;
-        h.gather_rows(st, &recv, &mut glob, &tab.to_global)?;
-        Ok(glob)
+    let UlyssesBuffers {
+        heads: (mut hs, mut hr),
+        groups: (mut gs, mut gr),
+        mut whole,
+        mut out,
+    } = b;
+    // Every token of this rank's head block, in sequence order, into `glob`
+    // `[t cp, width / cp, hn]` through the all-to-all pair (send, recv) of that width.
+    let scatter = |x: &DeviceTensor,
+                   (send, recv): (&mut DeviceTensor, &mut DeviceTensor),
+                   glob: &mut DeviceTensor|
+     -> Result<()> {
+        h.gather_rows(st, x, send, &tab.split)?;
+        comm.all_to_all(send, recv)?;
+        h.gather_rows(st, recv, glob, &tab.to_global)
     };
-    let whole = CpQkv {
-        q: scatter(&qkv.q, np, "cp q (a2a)")?,
-        k: scatter(&qkv.k, ng, "cp k (a2a)")?,
-        v: scatter(&qkv.v, ng, "cp v (a2a)")?,
-        gate: qkv
-            .gate
-            .as_ref()
-            .map(|g| scatter(g, np, "cp gate (a2a)"))
-            .transpose()?,
-    };
+    scatter(&qkv.q, (&mut hs, &mut hr), &mut whole.q)?;
+    scatter(&qkv.k, (&mut gs, &mut gr), &mut whole.k)?;
+    scatter(&qkv.v, (&mut gs, &mut gr), &mut whole.v)?;
+    match (&qkv.gate, &mut whole.gate) {
+        (Some(g), Some(wg)) => scatter(g, (&mut hs, &mut hr), wg)?,
+        (None, None) => {}
+        _ => {
+            return Err(AttnError::InvalidArgument {
+                arg: "output_gate".into(),
+                expected: "a gate exactly when the layer has one".into(),
+                got: format!("{}", qkv.gate.is_some()),
+            })
+        }
+    }
+    drop((gs, gr));
     let hq = np / cp;
-    let out = layer.cp_whole(
+    let o = layer.cp_whole(
         kern,
         &whole,
         (&call.global_cu, &tab.cu),
@@ -416,12 +469,9 @@ pub(crate) fn ulysses<C: DeviceCommunicator>(
     )?;
     drop(whole);
     // Back: [cp (owner rank)][t] rows of this head block, all-to-all, heads merged.
-    let mut send = layer.cp_alloc(&[cp * t, hq * hn], "cp output (a2a)")?;
-    h.gather_rows(st, &out, &mut send, &tab.back)?;
-    drop(out);
-    let mut recv = layer.cp_alloc(&[cp * t, hq * hn], "cp output (a2a)")?;
-    comm.all_to_all(&send, &mut recv)?;
-    let mut o = layer.cp_alloc(&[t, np, hn], "attention output")?;
-    h.gather_rows(st, &recv, &mut o, &tab.merge)?;
-    Ok(o)
+    h.gather_rows(st, &o, &mut hs, &tab.back)?;
+    drop(o);
+    comm.all_to_all(&hs, &mut hr)?;
+    h.gather_rows(st, &hr, &mut out, &tab.merge)?;
+    Ok(out)
 }
