@@ -11,7 +11,9 @@
 //   acc_out f32 [acc_rows, num_heads, HEAD_DIM], acc_lse f32 [num_heads, acc_rows]; the
 //   partial covers acc rows row0 .. row0 + n: part_out elem_t [n, num_heads, HEAD_DIM],
 //   part_lse f32 [num_heads, n]. A partial row with LSE -inf saw no key and changes nothing;
-//   a NaN in either side propagates to the output and the LSE.
+//   a NaN in either side (output or LSE, whatever the weights) propagates to the output. The
+//   running output must start at 0 with LSE -inf (its weight is then exactly 0, and 0 * 0
+//   adds nothing); an unwritten (NaN) running output shows as NaN.
 // `cp_finish_{{ dtype }}` (grid-stride over rows * num_heads * HEAD_DIM, block 256): the
 //   output from the merged result: out = acc_out * sink factor * sigmoid(gate), rounded once
 //   to elem_t. Sink factor (sink_mode 1: a zero logit, 2: sinks[h]; 0: none): the sink column
@@ -39,18 +41,20 @@ extern "C" __global__ void __launch_bounds__(256) cp_merge_{{ dtype }}(
     if (lp == cp_neg_inf()) return;
     float* la_p = acc_lse + (long long)h * acc_rows + row0 + i;
     const float la = *la_p;
-    // fmaxf drops a NaN operand; the NaN then reaches wa or wp through exp.
+    // fmaxf drops a NaN operand; the NaN then reaches wa or wp through exp. lp is finite or
+    // NaN here, so m is -inf only with a NaN lp (and then wa, wp are NaN too).
     const float m = fmaxf(la, lp);
-    const float wa = la == cp_neg_inf() ? 0.0f : expf(la - m);
+    // la = -inf (nothing seen yet): exp(-inf) = 0 exactly, and the running output is 0 there
+    // (cp_acc zeroes it), so its term is exactly 0. No shortcut on wa == 0: a NaN already in
+    // the running output (or one whose weight underflowed) must reach the result.
+    const float wa = expf(la - m);
     const float wp = expf(lp - m);
     const float tot = wa + wp;
     const float inv = 1.0f / tot;
     float* o = acc_out + ((row0 + i) * num_heads + h) * HEAD_DIM;
     const elem_t* p = part_out + (i * num_heads + h) * HEAD_DIM;
-    for (int c = lane; c < HEAD_DIM; c += WARP_SIZE) {
-        const float a = wa == 0.0f ? 0.0f : o[c] * wa;
-        o[c] = (a + load_elem(p + c) * wp) * inv;
-    }
+    for (int c = lane; c < HEAD_DIM; c += WARP_SIZE)
+        o[c] = (o[c] * wa + load_elem(p + c) * wp) * inv;
     __syncwarp();
     if (lane == 0) *la_p = m + logf(tot);
 }

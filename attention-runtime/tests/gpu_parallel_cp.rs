@@ -4,18 +4,25 @@
 //! reference: causal (GQA, RMS q/k norm, rope), no mask, a causal sliding window with
 //! learnable sinks and the output gate, a two-sided window with off-by-one sinks in f16 at head
 //! dim 128, rope at given positions with a mask-type override; padded (b = 1 and 2) and packed
-//! (three sequences) input. Every layer poisons its buffers with NaN (an unwritten element is a
-//! NaN in the output, and a NaN fails the comparison). Then one test per error class, and a
-//! missing peer. Every test is `#[ignore = "requires a CUDA GPU"]` (2 GPUs and libnccl;
-//! always compiled). Run them one at a time (`--test-threads=1`): each makes its own NCCL
-//! group on GPUs 0 and 1.
+//! (three sequences) input. `p2p` runs twice, its ring overlapped with compute (exchanges on
+//! the communicator's stream, `parallel/cp_ring.rs`) and serial: the two outputs must be
+//! bitwise equal. Every layer poisons its buffers with NaN, the f32 LSE and accumulator
+//! buffers of the merge included (an unwritten element is a NaN in the output, and a NaN
+//! fails the comparison). Then one test per error class, a rank that fails alone (its peer
+//! gets an error naming it), a layer on another stream than its communicator's, and a missing
+//! peer (a timeout that aborts the communicator; later calls fail at once). Every test is
+//! `#[ignore = "requires a CUDA GPU"]` (2 GPUs and libnccl; always compiled). The tests take
+//! one lock around their NCCL groups, so plain `cargo test` runs them one group at a time.
 //!
 //! Weights and inputs are rounded to the layer's dtype on the host so every side sees the
-//! same values. Tolerances (relative Frobenius error): [`TOL_ONE_GPU`] 1e-2 against one GPU
+//! same values; inputs come from a fresh seed per run (printed; `ATTN_TEST_SEED` replays). Tolerances (relative Frobenius error): [`TOL_ONE_GPU`] 1e-2 against one GPU
 //! (each partial result is rounded to bf16 once more before the f32 merge), [`TOL_CPU`] 2e-2
 //! against the CPU reference (one GPU's 1e-2 plus the same).
 
-use std::time::Duration;
+mod common;
+
+use std::sync::{Mutex, MutexGuard};
+use std::time::{Duration, Instant};
 
 use attention_runtime::backend::{Backend, BackendLayer};
 use attention_runtime::cuda::{CudaLayer, CudaRuntime, DeviceTensor, ElemType};
@@ -24,9 +31,10 @@ use attention_runtime::modules::SplitMix64;
 use attention_runtime::parallel::{CpCommType, CpCudaLayer, CpLayout, NcclComm, NcclUniqueId};
 use attention_runtime::spec_layer::SpecLayer;
 use attention_runtime::{
-    AttentionLayer, AttnError, Device, ForwardArgs, PackedSeqParams, Result, RuntimeDims, Tensor,
+    AttentionLayer, AttnError, ForwardArgs, PackedSeqParams, Result, RuntimeDims, Tensor,
     WeightStore,
 };
+use common::{bitwise, fresh_seed, gpu_at as gpu, rel_err, round};
 
 const TOL_ONE_GPU: f64 = 1e-2;
 const TOL_CPU: f64 = 2e-2;
@@ -35,27 +43,30 @@ const TIMEOUT: Duration = Duration::from_secs(120);
 const SPEC: &str =
     "self, heads=8, gqa=4, head_dim=64, hidden=512, qk_layernorm=rms, rope, mask=causal";
 
-fn gpu(ordinal: usize) -> CudaDevice {
-    match Device::cuda(ordinal) {
-        Ok(Device::Cuda(d)) => d,
-        other => panic!("CUDA GPU {ordinal} is required: {other:?}"),
-    }
+/// One NCCL group at a time on GPUs 0 and 1, whatever the test harness's thread count.
+static GROUP: Mutex<()> = Mutex::new(());
+
+fn one_group() -> MutexGuard<'static, ()> {
+    GROUP.lock().unwrap_or_else(|p| p.into_inner())
 }
 
-/// Round to the layer's dtype (bf16 or f16).
-fn round(t: &Tensor, f16: bool) -> Tensor {
-    let r = |x: f32| {
-        if f16 {
-            half::f16::from_f32(x).to_f32()
-        } else {
-            half::bf16::from_f32(x).to_f32()
-        }
-    };
-    Tensor::new(t.shape(), t.data().iter().map(|&x| r(x)).collect()).unwrap()
+fn elem(spec: &str) -> ElemType {
+    if is_f16(spec) {
+        ElemType::F16
+    } else {
+        ElemType::Bf16
+    }
 }
 
 fn is_f16(spec: &str) -> bool {
     spec.contains("dtype=f16")
+}
+
+/// A fresh seed plus `offset`, printed.
+fn seed(offset: u64) -> u64 {
+    let s = fresh_seed().wrapping_add(offset);
+    eprintln!("seed {s:#x} (ATTN_TEST_SEED replays it)");
+    s
 }
 
 /// `spec`'s layer with seeded weights rounded to its dtype.
@@ -65,24 +76,14 @@ fn layer(spec: &str, seed: u64) -> SpecLayer {
     let sd: Vec<_> = l
         .state_dict("")
         .into_iter()
-        .map(|(k, t)| (k, round(&t, is_f16(spec))))
+        .map(|(k, t)| (k, round(&t, elem(spec))))
         .collect();
     SpecLayer::load(cfg, &WeightStore::from_tensors(sd), "").unwrap()
 }
 
 fn rand_t(rng: &mut SplitMix64, shape: &[usize], f16: bool) -> Tensor {
-    round(&Tensor::from_fn(shape, |_| rng.uniform()), f16)
-}
-
-fn rel_err(got: &Tensor, want: &Tensor) -> f64 {
-    assert_eq!(got.shape(), want.shape());
-    let (mut num, mut den) = (0f64, 0f64);
-    for (x, y) in got.data().iter().zip(want.data()) {
-        assert!(x.is_finite(), "NaN/inf in a GPU result");
-        num += ((x - y) as f64).powi(2);
-        den += (*y as f64).powi(2);
-    }
-    (num / den.max(1e-30)).sqrt()
+    let e = if f16 { ElemType::F16 } else { ElemType::Bf16 };
+    common::rand_t(rng, shape, 1.0, e)
 }
 
 fn check(what: &str, got: &Tensor, want: &Tensor, tol: f64) {
@@ -93,6 +94,7 @@ fn check(what: &str, got: &Tensor, want: &Tensor, tol: f64) {
 
 /// Run `f(rank, device, comm)` on GPUs 0 and 1, one thread each, over a fresh NCCL group.
 fn two_gpus<T: Send>(f: impl Fn(usize, CudaDevice, NcclComm) -> Result<T> + Sync) -> Vec<T> {
+    let _one = one_group();
     let id = NcclUniqueId::new().expect("libnccl and a unique id");
     let f = &f;
     std::thread::scope(|s| {
@@ -172,9 +174,18 @@ fn cp_case(spec: &str, seed: u64, inputs: &[Input<'_>]) {
         want.push((y, cpu));
     }
     drop(one);
-    for ty in CpCommType::ALL {
+    // p2p overlapped, p2p serial, all_gather, a2a.
+    let runs = [
+        (CpCommType::P2p, true),
+        (CpCommType::P2p, false),
+        (CpCommType::AllGather, true),
+        (CpCommType::A2a, true),
+    ];
+    let mut p2p_overlapped: Vec<Tensor> = Vec::new();
+    for (ty, overlap) in runs {
         let out = two_gpus(|_, dev, c| {
-            let l = CpCudaLayer::new(poisoned(&full, &dev)?, c, ty)?;
+            let mut l = CpCudaLayer::new(poisoned(&full, &dev)?, c, ty)?;
+            l.set_overlap(overlap);
             let layout = *l.layout();
             inputs
                 .iter()
@@ -185,9 +196,17 @@ fn cp_case(spec: &str, seed: u64, inputs: &[Input<'_>]) {
         for (i, (inp, (one_y, cpu))) in inputs.iter().zip(&want).enumerate() {
             let parts: Vec<Tensor> = out.iter().map(|o| o[i].clone()).collect();
             let y = layout.unsplit(&parts, inp.cu()).unwrap();
-            let what = format!("{spec} {} cp=2 {ty}", inp.name);
+            let what = format!("{spec} {} cp=2 {ty} overlap={overlap}", inp.name);
             check(&format!("{what} vs one GPU"), &y, one_y, TOL_ONE_GPU);
             check(&format!("{what} vs CPU"), &y, cpu, TOL_CPU);
+            if ty == CpCommType::P2p && overlap {
+                p2p_overlapped.push(y);
+            } else if ty == CpCommType::P2p {
+                assert!(
+                    bitwise(&y, &p2p_overlapped[i]),
+                    "{what}: the serial ring differs from the overlapped one"
+                );
+            }
         }
     }
 }
@@ -220,14 +239,14 @@ const CU: [i32; 4] = [0, 96, 360, 488];
 #[test]
 #[ignore = "requires a CUDA GPU"]
 fn cp2_causal_gqa_rope_matches_one_gpu() {
-    cp_case(SPEC, 1, &standard_inputs(512, false, 2, &CU));
+    cp_case(SPEC, seed(1), &standard_inputs(512, false, seed(2), &CU));
 }
 
 #[test]
 #[ignore = "requires a CUDA GPU"]
 fn cp2_no_mask_matches_one_gpu() {
     let spec = "self, heads=8, gqa=2, head_dim=64, hidden=512, qkv_bias, rope, mask=no_mask";
-    cp_case(spec, 3, &standard_inputs(512, false, 4, &CU));
+    cp_case(spec, seed(3), &standard_inputs(512, false, seed(4), &CU));
 }
 
 #[test]
@@ -237,7 +256,7 @@ fn cp2_causal_sliding_window_sinks_and_gate_match_one_gpu() {
     // Toeplitz band mask on other ranks' chunks.
     let spec = "self, heads=8, gqa=4, head_dim=64, hidden=512, qk_layernorm=rms, rope, \
                 window=(100, 0), sinks=learnable, output_gate, mask=causal";
-    cp_case(spec, 5, &standard_inputs(512, false, 6, &CU));
+    cp_case(spec, seed(5), &standard_inputs(512, false, seed(6), &CU));
 }
 
 #[test]
@@ -245,13 +264,13 @@ fn cp2_causal_sliding_window_sinks_and_gate_match_one_gpu() {
 fn cp2_two_sided_window_off_by_one_sinks_f16_hd128_match_one_gpu() {
     let spec = "self, heads=4, gqa=2, head_dim=128, hidden=512, dtype=f16, \
                 window=(40, 24), sinks=off_by_one, mask=no_mask";
-    cp_case(spec, 7, &standard_inputs(512, true, 8, &CU));
+    cp_case(spec, seed(7), &standard_inputs(512, true, seed(8), &CU));
 }
 
 #[test]
 #[ignore = "requires a CUDA GPU"]
 fn cp2_rope_positions_and_a_mask_type_override_match_one_gpu() {
-    let mut rng = SplitMix64::new(10);
+    let mut rng = SplitMix64::new(seed(10));
     let positions: Vec<i64> = (0..256).map(|i| 3 * i + 5).collect();
     let inputs = [
         Input {
@@ -271,7 +290,7 @@ fn cp2_rope_positions_and_a_mask_type_override_match_one_gpu() {
             },
         },
     ];
-    cp_case(SPEC, 9, &inputs);
+    cp_case(SPEC, seed(9), &inputs);
 }
 
 /// Every rank's error for a call that must fail before any collective.
@@ -423,42 +442,98 @@ fn cp2_unsupported_layers_and_cache_steps_are_refused() {
 
 #[test]
 #[ignore = "requires a CUDA GPU"]
+fn cp2_a_rank_that_fails_alone_is_named_on_its_peer() {
+    let full = layer(SPEC, seed(18));
+    for ty in CpCommType::ALL {
+        let out = two_gpus(|r, dev, c| {
+            let l = CpCudaLayer::new(CudaLayer::new(&full, &dev)?, c, ty)?;
+            // Rank 1 passes 3 rows (s = 6: not a multiple of 2 cp); rank 0 a good call.
+            let x = Tensor::zeros(&[if r == 1 { 3 } else { 4 }, 1, 512]);
+            Ok(fwd(&l, &x, &ForwardArgs::default()).unwrap_err())
+        });
+        assert_arg(&out[1], "hidden");
+        match &out[0] {
+            AttnError::Collective {
+                op, rank: 1, got, ..
+            } => {
+                assert_eq!(op, "context-parallel call");
+                assert!(got.contains("hidden"), "{got}");
+            }
+            other => panic!("{ty} rank 0: {other}"),
+        }
+    }
+}
+
+#[test]
+#[ignore = "requires a CUDA GPU"]
+fn cp2_a_layer_on_another_stream_than_its_communicator_is_refused() {
+    let full = layer(SPEC, seed(19));
+    let out = two_gpus(|_, dev, c| {
+        let mut l = CudaLayer::new(&full, &dev)?;
+        let rt = CudaRuntime::get(&dev)?;
+        let other = dev.context.new_stream().map_err(|e| AttnError::Cuda {
+            call: "new_stream".into(),
+            msg: e.to_string(),
+        })?;
+        l.set_runtime(rt.with_stream(other)?)?;
+        Ok(CpCudaLayer::new(l, c, CpCommType::P2p).unwrap_err())
+    });
+    for e in out {
+        assert_arg(&e, "comm");
+    }
+}
+
+#[test]
+#[ignore = "requires a CUDA GPU"]
 /// Named to run last: rank 0's aborted communicator must not disturb another test.
-fn zz_cp2_missing_peer_is_a_timeout_error() {
-    let full = layer(SPEC, 17);
+fn zz_cp2_missing_peer_is_a_timeout_error_and_aborts_the_communicator() {
+    let full = layer(SPEC, seed(17));
     let x = Tensor::zeros(&[8, 1, 512]);
-    // Compile and load every kernel first, under the long timeout: a rank compiling a kernel
-    // must not look like a missing peer below.
+    // Compile and load every kernel first, under the long timeout (kernels load before the
+    // call's first collective anyway, so a peer's compilation never counts).
     two_gpus(|_, dev, c| {
         let l = CpCudaLayer::new(CudaLayer::new(&full, &dev)?, c, CpCommType::P2p)?;
         fwd(&l, &x, &ForwardArgs::default())
     });
+    let _one = one_group();
     let id = NcclUniqueId::new().unwrap();
-    let res: Vec<Result<()>> = std::thread::scope(|s| {
+    type Outcome = (Result<()>, Option<(AttnError, Duration, Option<String>)>);
+    let res: Vec<Outcome> = std::thread::scope(|s| {
         let hs: Vec<_> = (0..2usize)
             .map(|r| {
                 let (full, id, x) = (&full, &id, &x);
-                s.spawn(move || -> Result<()> {
-                    let dev = gpu(r);
-                    let rt = CudaRuntime::get(&dev)?;
-                    let c = NcclComm::new(rt, r, 2, id, Some(Duration::from_secs(2)))?;
-                    let l = CpCudaLayer::new(CudaLayer::new(full, &dev)?, c, CpCommType::P2p)?;
-                    // One call together first: NCCL may connect peers lazily, inside the
-                    // first collective's host call, which no timeout bounds.
-                    fwd(&l, x, &ForwardArgs::default())?;
+                s.spawn(move || -> Outcome {
+                    let run = || -> Result<CpCudaLayer<NcclComm>> {
+                        let dev = gpu(r);
+                        let rt = CudaRuntime::get(&dev)?;
+                        let c = NcclComm::new(rt, r, 2, id, Some(Duration::from_secs(2)))?;
+                        let l = CpCudaLayer::new(CudaLayer::new(full, &dev)?, c, CpCommType::P2p)?;
+                        // One call together first: NCCL may connect peers lazily, inside the
+                        // first collective's host call, which no timeout bounds.
+                        fwd(&l, x, &ForwardArgs::default())?;
+                        Ok(l)
+                    };
+                    let l = match run() {
+                        Ok(l) => l,
+                        Err(e) => return (Err(e), None),
+                    };
                     if r == 1 {
                         // Never takes part again; keeps its communicator until rank 0 has
                         // given up.
                         std::thread::sleep(Duration::from_secs(6));
-                        return Ok(());
+                        return (Ok(()), None);
                     }
-                    fwd(&l, x, &ForwardArgs::default()).map(|_| ())
+                    let first = fwd(&l, x, &ForwardArgs::default()).map(|_| ());
+                    // A later call fails at once: the communicator is aborted, nothing queues.
+                    let t0 = Instant::now();
+                    let again = fwd(&l, x, &ForwardArgs::default()).unwrap_err();
+                    (first, Some((again, t0.elapsed(), l.comm().broken())))
                 })
             })
             .collect();
         hs.into_iter().map(|h| h.join().unwrap()).collect()
     });
-    match &res[0] {
+    match &res[0].0 {
         Err(AttnError::Collective {
             rank: 0, expected, ..
         }) => {
@@ -466,5 +541,20 @@ fn zz_cp2_missing_peer_is_a_timeout_error() {
         }
         other => panic!("rank 0: {other:?}"),
     }
-    assert!(res[1].is_ok());
+    let (again, took, broken) = res[0].1.as_ref().expect("rank 0 tried again");
+    match again {
+        AttnError::Collective { rank: 0, got, .. } => {
+            assert!(got.contains("aborted"), "{got}");
+        }
+        other => panic!("rank 0, second call: {other}"),
+    }
+    assert!(
+        *took < Duration::from_secs(1),
+        "the second call took {took:?}"
+    );
+    assert!(
+        broken.as_deref().is_some_and(|b| b.contains("timed out")),
+        "{broken:?}"
+    );
+    assert!(res[1].0.is_ok());
 }

@@ -1,12 +1,15 @@
 //! The host side of the GPU context-parallel layer ([`CpCall`], [`agree`]), without a GPU:
 //! the geometry and rope positions of a rank's call against [`CpLayout`] and the CPU layer's
 //! rules, one test per error class, and the check that every rank makes the same call over
-//! the in-process communicator (a rank that differs is a typed error on every rank).
+//! the in-process communicator (a rank that differs is a typed error on every rank), and that
+//! a rank that fails before the call's collectives (its checks, plan, kernels or buffers)
+//! still takes part in [`agree_ready`], so its peers get a typed error naming it instead of
+//! waiting for it (CP = 3: the failed rank is neither rank 0 nor the last).
 
 mod parallel_common;
 
 use attention_codegen::{MaskType, Window};
-use attention_runtime::parallel::cp_call::{agree, CpCall};
+use attention_runtime::parallel::cp_call::{agree, agree_ready, CpCall};
 use attention_runtime::parallel::{CpCommType, CpLayout};
 use attention_runtime::{AttnError, ForwardArgs, PackedSeqParams, Tensor};
 use parallel_common::{config, ranks};
@@ -249,4 +252,40 @@ fn a_rank_that_calls_differently_is_a_typed_error_on_every_rank() {
             other => panic!("{other}"),
         }
     }
+}
+
+#[test]
+fn a_rank_that_failed_locally_is_named_on_every_other_rank() {
+    let cfg = config("self, heads=4, gqa=2, head_dim=8, hidden=16, mask=causal");
+    let cp = 3;
+    let out = ranks(cp, |c| {
+        let r = attention_runtime::parallel::Communicator::rank(&c);
+        // Rank 1 passes a sequence that does not split into 2 cp chunks (s = 3 cp).
+        let s = if r == 1 { 1 } else { 2 };
+        let local = call(r, cp, &[s, 2, H], &ForwardArgs::default());
+        Ok(agree_ready(&c, local, |c| c.descriptor(cp, CpCommType::P2p, &cfg)).map(|_| ()))
+    });
+    for (r, res) in out.into_iter().enumerate() {
+        let e = res.unwrap_err();
+        if r == 1 {
+            assert_arg(&e, "hidden");
+        } else {
+            match &e {
+                AttnError::Collective { op, rank, got, .. } => {
+                    assert_eq!((op.as_str(), *rank), ("context-parallel call", 1), "{e}");
+                    assert!(got.contains("hidden"), "{got}");
+                }
+                other => panic!("rank {r}: {other}"),
+            }
+        }
+    }
+}
+
+#[test]
+fn ready_ranks_get_what_they_prepared_back() {
+    let out = ranks(3, |c| {
+        let r = attention_runtime::parallel::Communicator::rank(&c);
+        agree_ready(&c, Ok(10 + r), |_| "same".to_string())
+    });
+    assert_eq!(out, vec![10, 11, 12]);
 }

@@ -195,21 +195,72 @@ impl CpCall {
 
 /// Check that every rank of `comm` calls with the same `descriptor` (rank 0's), before any
 /// collective of the call, so a mismatch is an error on every rank instead of collectives of
-/// different sizes (a hang or garbage in NCCL).
+/// different sizes (a hang or garbage in NCCL). [`agree_ready`] with a rank that is ready.
 ///
-/// Errors: [`AttnError::RankMismatch`] (`param` "context-parallel call") naming the first rank
-/// whose call differs, with both descriptors; those of [`Communicator::all_gather_bytes`].
+/// Errors: those of [`agree_ready`].
 pub fn agree<C: Communicator + ?Sized>(comm: &C, descriptor: &str) -> Result<()> {
-    let all = comm.all_gather_bytes(descriptor.as_bytes())?;
+    agree_ready(comm, Ok(()), |_| descriptor.to_string())
+}
+
+/// Marker bytes of [`agree_ready`]'s all-gather: a ready rank's descriptor or a failed
+/// rank's error.
+const READY: u8 = b'+';
+const FAILED: u8 = b'!';
+
+/// Every rank's readiness for one call, in one all-gather of bytes: `local` is what this rank
+/// prepared (the call checked, planned, its kernels loaded and its buffers allocated), whose
+/// `describe` every rank must send identically, or the error that stopped it. Every rank must call it once per call, failed or not, so that
+/// no rank waits in a collective for a peer that has given up.
+///
+/// Returns `local` when every rank is ready with rank 0's description.
+///
+/// Errors: on a rank whose `local` failed, that error (after the all-gather); on the others,
+/// [`AttnError::Collective`] (`op` "context-parallel call", `rank` the first failed rank,
+/// `got` its error); when every rank is ready but the descriptors differ,
+/// [`AttnError::RankMismatch`] (`param` "context-parallel call") naming the first rank whose
+/// call differs, with both descriptors; those of [`Communicator::all_gather_bytes`].
+pub fn agree_ready<C: Communicator + ?Sized, T>(
+    comm: &C,
+    local: Result<T>,
+    describe: impl FnOnce(&T) -> String,
+) -> Result<T> {
+    let mut msg = Vec::new();
+    match &local {
+        Ok(t) => {
+            msg.push(READY);
+            msg.extend_from_slice(describe(t).as_bytes());
+        }
+        Err(e) => {
+            msg.push(FAILED);
+            msg.extend_from_slice(e.to_string().as_bytes());
+        }
+    }
+    let all = comm.all_gather_bytes(&msg)?;
+    let local = local?;
+    let text = |b: &[u8]| String::from_utf8_lossy(b.get(1..).unwrap_or(&[])).into_owned();
+    if let Some((rank, m)) = all
+        .iter()
+        .enumerate()
+        .find(|(_, m)| m.first() != Some(&READY))
+    {
+        return Err(AttnError::Collective {
+            op: "context-parallel call".into(),
+            rank,
+            expected: "every rank ready (its call checked and planned, kernels loaded, \
+                       buffers allocated)"
+                .into(),
+            got: format!("rank {rank} failed: {}", text(m)),
+        });
+    }
     for (rank, d) in all.iter().enumerate().skip(1) {
         if d != &all[0] {
             return Err(AttnError::RankMismatch {
                 param: "context-parallel call".into(),
                 rank,
-                expected: String::from_utf8_lossy(&all[0]).into_owned(),
-                got: String::from_utf8_lossy(d).into_owned(),
+                expected: text(&all[0]),
+                got: text(d),
             });
         }
     }
-    Ok(())
+    Ok(local)
 }

@@ -9,24 +9,39 @@
 //! (`parallel/cp_cuda_core.rs`), on the existing forward kernels with the masks of
 //! [`super::cp_plan`] and the LSE merge of [`crate::cuda::cp_kernels`].
 //!
-//! Every call first checks on the host that every rank makes the same call
-//! ([`super::cp_call::agree`]: one small all-gather of bytes, which waits for the rank's
-//! stream), then queues its work without waiting (with the communicator's timeout, each
-//! collective waits for its completion).
+//! Every call first prepares everything that can fail before its first collective: the host
+//! checks ([`CpCall`]), the plan and its kernels (compiled on a cache miss), the helper
+//! kernels, the index tables, the exchange buffers and (`p2p`, `all_gather`) the f32 result
+//! or (`a2a`) the attention output. Then every rank, prepared or failed, takes part in
+//! [`agree_ready`] (one small all-gather of bytes, which waits
+//! for the rank's stream): a rank that failed returns its error, its peers an
+//! [`AttnError::Collective`] naming it, and a call that differs between ranks is an
+//! [`AttnError::RankMismatch`] everywhere; nobody waits for a peer that has given up, and the
+//! communicator's timeout never counts a peer's kernel compilation. Then it queues its work
+//! without waiting (with the communicator's timeout, each collective waits for its
+//! completion). What can still fail after that on one rank only (an allocation of the
+//! projection, of a per-launch partial or of the layer's output; a launch) leaves its
+//! peers in their next collective: bounded by the communicator's timeout, unbounded without.
+//!
+//! Streams: the layer's kernels run on its runtime's stream, which must be the stream the
+//! communicator orders its collectives with ([`DeviceCommunicator::caller_stream`], checked by
+//! [`CpCudaLayer::new`]; the layer cannot change runtime afterwards). The `p2p` ring's
+//! exchanges run on the communicator's own stream, overlapped with the attention of the
+//! block before ([`super::cp_ring`]; [`CpCudaLayer::set_overlap`] turns it off).
 //!
 //! Forward only: the KV-cache steps of [`BackendLayer`] are refused, and there is no training
 //! backward under context parallelism on the GPU yet. A non-finite V element at a key that
 //! some query's mask hides can still reach that query's row here (the single-GPU forward
 //! guards it with `qkv_prep`'s `v_nonfinite` flag, which is per rank).
 
-use super::comm::Communicator;
-use super::cp_call::{agree, CpCall};
-use super::cp_cuda_core::{by_kv, ulysses, Plan};
+use super::cp_call::{agree_ready, CpCall};
+use super::cp_cuda_core::{by_kv, ulysses, Buffers, Plan};
 use super::cp_layout::CpLayout;
+use super::nccl::DeviceCommunicator;
 use super::CpCommType;
 use crate::backend::{BackendLayer, CudaBackend};
 use crate::config::LayerConfig;
-use crate::cuda::cp_kernels::upload_index;
+use crate::cuda::cp_kernels::{upload_index, LoadedCp, RowIndex};
 use crate::cuda::{CudaLayer, DevicePagedKvCache, DeviceStaticKvCache, DeviceTensor};
 use crate::error::{AttnError, Result};
 use crate::kv_cache::PagedBatch;
@@ -51,16 +66,51 @@ pub struct CpCudaLayer<C> {
     comm: C,
     layout: CpLayout,
     comm_type: CpCommType,
+    overlap: bool,
 }
 
-impl<C: Communicator<Tensor = DeviceTensor>> CpCudaLayer<C> {
-    /// Rank `comm.rank()` of `comm.world_size()` (`cp_size`) of `layer`.
+/// Everything a rank prepares for one call before its first collective.
+struct Prepared {
+    call: CpCall,
+    /// `None` when the rank has no rows.
+    work: Option<Work>,
+}
+
+struct Work {
+    plan: Plan,
+    h: LoadedCp,
+    /// Padded with `b > 1`: the gathers to batch-major rows and back.
+    reorder: Option<(RowIndex, RowIndex)>,
+    bufs: Buffers,
+}
+
+impl<C: DeviceCommunicator> CpCudaLayer<C> {
+    /// Rank `comm.rank()` of `comm.world_size()` (`cp_size`) of `layer`; the `p2p` ring
+    /// overlaps its exchanges with compute.
     ///
-    /// Errors: [`AttnError::InvalidArgument`] for a cross-attention layer (`config.kind`), or
-    /// with `a2a` when `cp_size` does not divide the heads or the groups (`cp_size`); those of
-    /// [`CpLayout::new`].
+    /// Errors: [`AttnError::InvalidArgument`] for a cross-attention layer (`config.kind`), with
+    /// `a2a` when `cp_size` does not divide the heads or the groups (`cp_size`), or for a
+    /// communicator whose collectives are ordered with another stream than the layer's
+    /// (`comm`: make it with the layer's runtime); those of [`CpLayout::new`].
     pub fn new(layer: CudaLayer, comm: C, cp_comm_type: CpCommType) -> Result<Self> {
         let cfg = layer.config();
+        let (ls, cs) = (layer.runtime().stream(), comm.caller_stream());
+        // The same device's context and the same stream (a default stream's handle is null
+        // on every device).
+        if ls.context().ordinal() != cs.context().ordinal() || ls.cu_stream() != cs.cu_stream() {
+            return Err(bad(
+                "comm",
+                format!(
+                    "a communicator ordered with the layer's stream (device {}'s runtime the \
+                     layer runs on)",
+                    layer.runtime().device().ordinal
+                ),
+                format!(
+                    "one ordered with another stream (device {})",
+                    cs.context().ordinal()
+                ),
+            ));
+        }
         if cfg.kind != AttentionKind::SelfAttention {
             return Err(bad(
                 "config.kind",
@@ -87,7 +137,20 @@ impl<C: Communicator<Tensor = DeviceTensor>> CpCudaLayer<C> {
             comm,
             layout,
             comm_type: cp_comm_type,
+            overlap: true,
         })
+    }
+
+    /// Overlap the `p2p` ring's exchanges with compute (`true`, the default) or run them one
+    /// after the other (`false`): the same launches in the same order, so both give bitwise
+    /// the same output (see [`super::cp_ring`]).
+    pub fn set_overlap(&mut self, on: bool) {
+        self.overlap = on;
+    }
+
+    /// Whether the `p2p` ring overlaps its exchanges with compute.
+    pub fn overlap(&self) -> bool {
+        self.overlap
     }
 
     /// This rank's layout.
@@ -113,45 +176,31 @@ impl<C: Communicator<Tensor = DeviceTensor>> CpCudaLayer<C> {
     /// unadded ([`CudaLayer::output_bias`]). Every rank of the group must call it with the
     /// same geometry.
     ///
-    /// Errors: those of [`CpCall::new`] and [`agree`]; [`AttnError::InvalidArgument`] /
-    /// [`AttnError::DType`] for `hidden` on another device or of another dtype;
-    /// [`AttnError::Collective`] when an exchange fails; device errors.
+    /// Errors: those of [`CpCall::new`] and [`agree_ready`] (a peer that failed, a call that
+    /// differs); [`AttnError::InvalidArgument`] / [`AttnError::DType`] for `hidden` on another
+    /// device or of another dtype; [`AttnError::Collective`] when an exchange fails or times
+    /// out (the communicator is then broken); device errors.
     pub fn forward_device(
         &self,
         hidden: &DeviceTensor,
         args: &ForwardArgs<'_>,
     ) -> Result<DeviceTensor> {
         let cfg = self.layer.config();
-        let call = CpCall::new(
-            self.layout,
-            hidden.shape(),
-            cfg.hidden,
-            args,
-            cfg.mask,
-            cfg.window,
-        )?;
-        self.layer.check_input("hidden", hidden)?;
-        agree(
-            &self.comm,
-            &call.descriptor(self.layout.cp_size, self.comm_type, cfg),
-        )?;
+        let local = self.prepare(hidden, args);
+        let Prepared { call, work } = agree_ready(&self.comm, local, |p| {
+            p.call.descriptor(self.layout.cp_size, self.comm_type, cfg)
+        })?;
         let t = call.rows();
-        if t == 0 {
+        let Some(Work {
+            plan,
+            h,
+            reorder,
+            bufs,
+        }) = work
+        else {
             return self.layer.cp_alloc(&[0, cfg.hidden], "output");
-        }
-        // Everything that can fail on the host before anything is queued: the plan, its
-        // kernels, the helpers.
-        let plan = Plan::new(&self.layer, self.layout, &call, self.comm_type)?;
-        let h = self.layer.cp_helpers()?;
-        let st = self.layer.runtime().stream();
-        // Padded with b > 1: batch-major rows.
-        let reorder = match call.padded {
-            Some((s, b)) if b > 1 => Some((
-                upload_index(st, &super::cp_plan::batch_major_index(s, b, false), s * b)?,
-                upload_index(st, &super::cp_plan::batch_major_index(s, b, true), s * b)?,
-            )),
-            _ => None,
         };
+        let st = self.layer.runtime().stream();
         let x = match &reorder {
             Some((fwd, _)) => {
                 let mut x = self
@@ -169,9 +218,25 @@ impl<C: Communicator<Tensor = DeviceTensor>> CpCudaLayer<C> {
         )?;
         drop(x);
         let (layer, comm, layout) = (&self.layer, &self.comm, self.layout);
-        let o = match &plan {
-            Plan::Ulysses(kern, tab) => ulysses(layer, comm, layout, &call, (kern, tab), &qkv, &h)?,
-            _ => by_kv(layer, comm, layout, &call, &plan, &qkv, &h)?,
+        let o = match (&plan, bufs) {
+            (Plan::Ulysses(kern, tab), Buffers::Ulysses(b)) => {
+                ulysses(layer, comm, layout, &call, (kern, tab), &qkv, *b, &h)?
+            }
+            (_, Buffers::ByKv(b)) => by_kv(
+                layer,
+                comm,
+                (layout, self.overlap),
+                &call,
+                &plan,
+                *b,
+                &qkv,
+                &h,
+            )?,
+            _ => {
+                return Err(AttnError::Render(
+                    "context parallel: a plan with another plan's buffers".into(),
+                ))
+            }
         };
         drop(qkv);
         let y = self.layer.cp_output(o)?;
@@ -183,6 +248,45 @@ impl<C: Communicator<Tensor = DeviceTensor>> CpCudaLayer<C> {
             }
             None => Ok(y),
         }
+    }
+
+    /// Everything of one call that can fail before its first collective (see the module
+    /// docs): the checks, the plan, the kernels, the index tables, the exchange buffers.
+    fn prepare(&self, hidden: &DeviceTensor, args: &ForwardArgs<'_>) -> Result<Prepared> {
+        let cfg = self.layer.config();
+        let call = CpCall::new(
+            self.layout,
+            hidden.shape(),
+            cfg.hidden,
+            args,
+            cfg.mask,
+            cfg.window,
+        )?;
+        self.layer.check_input("hidden", hidden)?;
+        let t = call.rows();
+        if t == 0 {
+            return Ok(Prepared { call, work: None });
+        }
+        let plan = Plan::new(&self.layer, self.layout, &call, self.comm_type)?;
+        let h = self.layer.cp_helpers()?;
+        let st = self.layer.runtime().stream();
+        let reorder = match call.padded {
+            Some((s, b)) if b > 1 => Some((
+                upload_index(st, &super::cp_plan::batch_major_index(s, b, false), s * b)?,
+                upload_index(st, &super::cp_plan::batch_major_index(s, b, true), s * b)?,
+            )),
+            _ => None,
+        };
+        let bufs = plan.buffers(&self.layer, self.layout.cp_size, t, &h)?;
+        Ok(Prepared {
+            call,
+            work: Some(Work {
+                plan,
+                h,
+                reorder,
+                bufs,
+            }),
+        })
     }
 
     /// [`forward_device`](Self::forward_device) with host tensors in and out (the output in
@@ -206,7 +310,7 @@ impl<C: Communicator<Tensor = DeviceTensor>> CpCudaLayer<C> {
 }
 
 /// The CUDA backend seam, forward only.
-impl<C: Communicator<Tensor = DeviceTensor>> BackendLayer for CpCudaLayer<C> {
+impl<C: DeviceCommunicator> BackendLayer for CpCudaLayer<C> {
     type Backend = CudaBackend;
     fn backend(&self) -> CudaBackend {
         self.layer.backend()

@@ -4,10 +4,12 @@
 //! ([`super::cp_call`]); the output is `[t, np, hn]` in the same layout.
 //!
 //! - `p2p`: K and V packed into one buffer `[2 t, ng hn]` travel around the ring (`cp - 1`
-//!   [`Communicator::send_recv`] steps to rank + 1). Each step's launches
+//!   exchanges with rank + 1 and rank - 1) in the order of [`cp_ring::ring_ops`]: two
+//!   receive buffers, the exchange of step `i + 1`'s block on the communicator's stream while
+//!   step `i`'s launches run on the layer's, CUDA events between them (serial when overlap is
+//!   off: the same launches in the same order, bitwise the same result). Each step's launches
 //!   ([`cp_plan::p2p_jobs`]) are merged by their LSE into an f32 result; sinks and gate are
-//!   applied once at the end. Exchange and compute run on one stream, one after the other
-//!   (Megatron overlaps them; not done here).
+//!   applied once at the end.
 //! - `all_gather`: every rank's K/V buffer all-gathered, reordered into whole-sequence order
 //!   by a row gather, then [`cp_plan::all_gather_jobs`] (the layer's kernel over each chunk's
 //!   key prefix when causal: no merge of overlapping partials), merged as `p2p`.
@@ -15,11 +17,12 @@
 //!   into whole sequences; the layer's own kernel attends every token of this rank's
 //!   `np / cp` heads (sinks and gate included); the output goes back the same way.
 
-use super::comm::Communicator;
 use super::cp_call::CpCall;
 use super::cp_layout::CpLayout;
 use super::cp_plan::{self, KernelKind, Launch};
-use cudarc::driver::CudaSlice;
+use super::cp_ring::{self, RingStream, RingWork};
+use super::nccl::DeviceCommunicator;
+use cudarc::driver::{CudaEvent, CudaSlice, CudaStream};
 
 use crate::cuda::cp_kernels::{upload_index, LoadedCp, RowIndex};
 use crate::cuda::layer::{CpAcc, CpAttnKernel, CpLaunch, CpQkv};
@@ -101,7 +104,7 @@ impl Plan {
             P2p => {
                 let steps = (0..cp)
                     .map(|step| {
-                        let from = (layout.cp_rank + cp - step) % cp;
+                        let from = cp_ring::ring_source(layout, step);
                         cp_plan::pack(cp_plan::p2p_jobs(layout, &call.local_cu, from, call.vis))
                     })
                     .collect::<Result<Vec<_>>>()?;
@@ -153,14 +156,99 @@ impl Plan {
     }
 }
 
-/// K and V in one buffer `[2 t, ng hn]` (keys, then values).
-fn pack_kv(layer: &CudaLayer, qkv: &CpQkv, t: usize) -> Result<DeviceTensor> {
-    let w = layer.config().groups * layer.config().head_dim;
+/// The buffers of `p2p` and `all_gather`, allocated before the call's first collective.
+pub(crate) enum KvBuffers {
+    /// `p2p`: the two ring buffers `[2 t, ng hn]` (buffer 0: the rank's own K/V).
+    Ring([DeviceTensor; 2]),
+    /// `all_gather`: the rank's K/V, every rank's `[cp 2 t, ng hn]`, and the same in sequence
+    /// order.
+    Gathered(DeviceTensor, DeviceTensor, DeviceTensor),
+}
+
+/// What `p2p` / `all_gather` write, allocated before the call's first collective.
+pub(crate) struct ByKvBuffers {
+    kv: KvBuffers,
+    acc: CpAcc,
+}
+
+/// The buffers of `a2a`, allocated before the call's first collective: one all-to-all pair
+/// per width (`np / cp` heads: q, the gate and the output on its way back; `ng / cp` groups:
+/// k and v), each reused in stream order; the whole-sequence q, k, v (and gate) of this
+/// rank's head block; the merged output `[t, np, hn]`.
+pub(crate) struct UlyssesBuffers {
+    heads: (DeviceTensor, DeviceTensor),
+    groups: (DeviceTensor, DeviceTensor),
+    whole: CpQkv,
+    out: DeviceTensor,
+}
+
+/// The buffers of a plan ([`Plan::buffers`]).
+pub(crate) enum Buffers {
+    /// `p2p`, `all_gather`.
+    ByKv(Box<ByKvBuffers>),
+    /// `a2a`.
+    Ulysses(Box<UlyssesBuffers>),
+}
+
+impl Plan {
+    /// The buffers of the plan for `t` local rows.
+    pub(crate) fn buffers(
+        &self,
+        layer: &CudaLayer,
+        cp: usize,
+        t: usize,
+        h: &LoadedCp,
+    ) -> Result<Buffers> {
+        let c = layer.config();
+        let w = c.groups * c.head_dim;
+        let kv = match self {
+            Plan::Ring(..) => KvBuffers::Ring([
+                layer.cp_alloc(&[2 * t, w], "cp k/v")?,
+                layer.cp_alloc(&[2 * t, w], "cp k/v (received)")?,
+            ]),
+            Plan::Gathered(..) => KvBuffers::Gathered(
+                layer.cp_alloc(&[2 * t, w], "cp k/v")?,
+                layer.cp_alloc(&[cp * 2 * t, w], "cp k/v (all ranks)")?,
+                layer.cp_alloc(&[2 * t * cp, w], "cp k/v (sequence order)")?,
+            ),
+            Plan::Ulysses(..) => {
+                let (hq, hg, hn) = (c.heads / cp, c.groups / cp, c.head_dim);
+                let pair = |bw: usize, arg: &str| -> Result<(DeviceTensor, DeviceTensor)> {
+                    Ok((
+                        layer.cp_alloc(&[cp * t, bw * hn], arg)?,
+                        layer.cp_alloc(&[cp * t, bw * hn], arg)?,
+                    ))
+                };
+                let whole = |bw: usize, arg: &str| layer.cp_alloc(&[t * cp, bw, hn], arg);
+                return Ok(Buffers::Ulysses(Box::new(UlyssesBuffers {
+                    heads: pair(hq, "cp heads (a2a)")?,
+                    groups: pair(hg, "cp groups (a2a)")?,
+                    whole: CpQkv {
+                        q: whole(hq, "cp q (a2a)")?,
+                        k: whole(hg, "cp k (a2a)")?,
+                        v: whole(hg, "cp v (a2a)")?,
+                        gate: if c.output_gate {
+                            Some(whole(hq, "cp gate (a2a)")?)
+                        } else {
+                            None
+                        },
+                    },
+                    out: layer.cp_alloc(&[t, c.heads, hn], "attention output")?,
+                })));
+            }
+        };
+        Ok(Buffers::ByKv(Box::new(ByKvBuffers {
+            kv,
+            acc: layer.cp_acc(t, h)?,
+        })))
+    }
+}
+
+/// K and V into one buffer `kv` `[2 t, ng hn]` (keys, then values).
+fn pack_kv(layer: &CudaLayer, qkv: &CpQkv, t: usize, kv: &mut DeviceTensor) -> Result<()> {
     let st = layer.runtime().stream();
-    let mut kv = layer.cp_alloc(&[2 * t, w], "cp k/v")?;
     kv.copy_rows_from(st, 0, &qkv.k, 0, t)?;
-    kv.copy_rows_from(st, t, &qkv.v, 0, t)?;
-    Ok(kv)
+    kv.copy_rows_from(st, t, &qkv.v, 0, t)
 }
 
 /// Run every launch over one K/V buffer (`[2 kv_rows, ng hn]`), merging into `acc`.
@@ -179,39 +267,128 @@ fn run_launches(
     Ok(())
 }
 
-/// `p2p` and `all_gather` (see the module docs).
-pub(crate) fn by_kv<C: Communicator<Tensor = DeviceTensor>>(
+fn stream_err(what: &str) -> impl FnOnce(cudarc::driver::DriverError) -> AttnError + '_ {
+    move |e| AttnError::Cuda {
+        call: what.into(),
+        msg: e.to_string(),
+    }
+}
+
+/// The ring of `p2p` ([`cp_ring::ring_ops`]): the layer's stream computes, the
+/// communicator's exchanges, events order them. The rank's own K/V is in `bufs[0]`.
+#[allow(clippy::too_many_arguments)]
+fn ring<C: DeviceCommunicator>(
     layer: &CudaLayer,
     comm: &C,
-    layout: CpLayout,
-    call: &CpCall,
-    plan: &Plan,
-    qkv: &CpQkv,
+    (layout, overlap): (CpLayout, bool),
+    (steps, kernels): (&[Vec<CpLaunch>], &Kernels),
+    q: &DeviceTensor,
+    bufs: &mut [DeviceTensor; 2],
+    (acc, t): (&mut CpAcc, usize),
     h: &LoadedCp,
-) -> Result<DeviceTensor> {
-    let (cp, rank) = (layout.cp_size, layout.cp_rank);
-    let t = call.rows();
-    let st = layer.runtime().stream();
-    let kv = pack_kv(layer, qkv, t)?;
-    let mut acc = layer.cp_acc(t, h)?;
-    let w = kv.shape()[1];
-    match plan {
-        Plan::Ring(steps, kernels) => {
-            let mut kv = kv;
-            for (i, launches) in steps.iter().enumerate() {
-                run_launches(layer, kernels, launches, &qkv.q, (&kv, t), &mut acc, h)?;
-                if i + 1 < steps.len() {
-                    let mut next = layer.cp_alloc(&[2 * t, w], "cp k/v (received)")?;
-                    comm.send_recv(&kv, (rank + 1) % cp, &mut next, (rank + cp - 1) % cp)?;
-                    kv = next;
+) -> Result<()> {
+    let cs: &CudaStream = layer.runtime().stream();
+    let xs: &CudaStream = comm.comm_stream();
+    let ops = cp_ring::ring_ops(layout, overlap);
+    // The first exchange after the own block is packed and both buffers exist.
+    xs.join(cs)
+        .map_err(stream_err("cuStreamWaitEvent (cp ring start)"))?;
+    let mut run = || -> Result<()> {
+        let mut done: Vec<CudaEvent> = Vec::with_capacity(ops.len());
+        let mut unpolled: Vec<usize> = Vec::new();
+        for (i, op) in ops.iter().enumerate() {
+            let s = match op.stream {
+                RingStream::Compute => cs,
+                RingStream::Comm => xs,
+            };
+            for &w in &op.waits {
+                s.wait(&done[w])
+                    .map_err(stream_err("cuStreamWaitEvent (cp ring)"))?;
+            }
+            match op.work {
+                RingWork::Exchange {
+                    send_buf,
+                    to,
+                    recv_buf,
+                    from,
+                    ..
+                } => {
+                    let [b0, b1] = bufs;
+                    let (send, recv) = if send_buf == 0 && recv_buf == 1 {
+                        (&*b0, b1)
+                    } else {
+                        (&*b1, b0)
+                    };
+                    comm.queue_send_recv(send, to, recv, from)?;
+                    unpolled.push(i);
+                }
+                RingWork::Compute { step, buf, .. } => {
+                    let launches = steps.get(step).ok_or_else(|| {
+                        AttnError::Render(format!("no launches planned for ring step {step}"))
+                    })?;
+                    run_launches(layer, kernels, launches, q, (&bufs[buf], t), acc, h)?;
+                }
+            }
+            done.push(
+                s.record_event(None)
+                    .map_err(stream_err("cuEventRecord (cp ring)"))?,
+            );
+            // The host waits for an exchange (within the communicator's timeout) only once
+            // the compute that overlaps it is queued.
+            if op.stream == RingStream::Compute {
+                for j in unpolled.drain(..) {
+                    comm.complete("send_recv", &done[j])?;
                 }
             }
         }
-        Plan::Gathered(launches, kernels, idx) => {
-            let mut all = layer.cp_alloc(&[cp * 2 * t, w], "cp k/v (all ranks)")?;
+        Ok(())
+    };
+    let r = run();
+    // Buffers are freed in the layer stream's order: after every exchange, on error too.
+    let joined = cs
+        .join(xs)
+        .map_err(stream_err("cuStreamWaitEvent (cp ring end)"));
+    r.and(joined)
+}
+
+/// `p2p` and `all_gather` (see the module docs) into the buffers `b` of
+/// [`Plan::buffers`]; `overlap` for the ring.
+#[allow(clippy::too_many_arguments)]
+pub(crate) fn by_kv<C: DeviceCommunicator>(
+    layer: &CudaLayer,
+    comm: &C,
+    (layout, overlap): (CpLayout, bool),
+    call: &CpCall,
+    plan: &Plan,
+    b: ByKvBuffers,
+    qkv: &CpQkv,
+    h: &LoadedCp,
+) -> Result<DeviceTensor> {
+    let cp = layout.cp_size;
+    let t = call.rows();
+    let st = layer.runtime().stream();
+    let ByKvBuffers { kv, mut acc } = b;
+    match (plan, kv) {
+        (Plan::Ring(steps, kernels), KvBuffers::Ring(mut bufs)) => {
+            pack_kv(layer, qkv, t, &mut bufs[0])?;
+            ring(
+                layer,
+                comm,
+                (layout, overlap),
+                (steps, kernels),
+                &qkv.q,
+                &mut bufs,
+                (&mut acc, t),
+                h,
+            )?;
+        }
+        (
+            Plan::Gathered(launches, kernels, idx),
+            KvBuffers::Gathered(mut kv, mut all, mut glob),
+        ) => {
+            pack_kv(layer, qkv, t, &mut kv)?;
             comm.all_gather(&kv, &mut all)?;
             drop(kv);
-            let mut glob = layer.cp_alloc(&[2 * t * cp, w], "cp k/v (sequence order)")?;
             h.gather_rows(st, &all, &mut glob, idx)?;
             drop(all);
             run_launches(
@@ -224,57 +401,67 @@ pub(crate) fn by_kv<C: Communicator<Tensor = DeviceTensor>>(
                 h,
             )?;
         }
-        Plan::Ulysses(..) => {
+        _ => {
             return Err(AttnError::InvalidArgument {
                 arg: "cp_comm_type".into(),
-                expected: "p2p or all_gather here (a2a runs `ulysses`)".into(),
-                got: "a2a".into(),
+                expected: "p2p or all_gather with their buffers here (a2a runs `ulysses`)".into(),
+                got: "another plan".into(),
             })
         }
     }
     layer.cp_finish(&acc, qkv.gate.as_ref(), h)
 }
 
-/// `a2a` (see the module docs): `kern` is the layer's own kernel, `tab` the plan's tables.
+/// `a2a` (see the module docs): `kern` is the layer's own kernel, `tab` the plan's tables, `b`
+/// the buffers of [`Plan::buffers`].
 #[allow(clippy::too_many_arguments)]
-pub(crate) fn ulysses<C: Communicator<Tensor = DeviceTensor>>(
+pub(crate) fn ulysses<C: DeviceCommunicator>(
     layer: &CudaLayer,
     comm: &C,
     layout: CpLayout,
     call: &CpCall,
     (kern, tab): (&CpAttnKernel, &UlyssesTables),
     qkv: &CpQkv,
+    b: UlyssesBuffers,
     h: &LoadedCp,
 ) -> Result<DeviceTensor> {
     let (cp, rank) = (layout.cp_size, layout.cp_rank);
     let cfg = layer.config();
-    let (np, ng, hn) = (cfg.heads, cfg.groups, cfg.head_dim);
-    let t = call.rows();
-    let big = t * cp;
+    let (np, ng) = (cfg.heads, cfg.groups);
     let st = layer.runtime().stream();
-    // Every token of this rank's head block, in sequence order: [t cp, heads / cp, hn].
-    let scatter = |x: &DeviceTensor, heads: usize, arg: &str| -> Result<DeviceTensor> {
-        let bw = heads / cp;
-        let mut send = layer.cp_alloc(&[cp * t, bw * hn], arg)?;
-        h.gather_rows(st, x, &mut send, &tab.split)?;
-        let mut recv = layer.cp_alloc(&[cp * t, bw * hn], arg)?;
-        comm.all_to_all(&send, &mut recv)?;
-        let mut glob = layer.cp_alloc(&[big, bw, hn], arg)?;
-        h.gather_rows(st, &recv, &mut glob, &tab.to_global)?;
-        Ok(glob)
+    let UlyssesBuffers {
+        heads: (mut hs, mut hr),
+        groups: (mut gs, mut gr),
+        mut whole,
+        mut out,
+    } = b;
+    // Every token of this rank's head block, in sequence order, into `glob`
+    // `[t cp, width / cp, hn]` through the all-to-all pair (send, recv) of that width.
+    let scatter = |x: &DeviceTensor,
+                   (send, recv): (&mut DeviceTensor, &mut DeviceTensor),
+                   glob: &mut DeviceTensor|
+     -> Result<()> {
+        h.gather_rows(st, x, send, &tab.split)?;
+        comm.all_to_all(send, recv)?;
+        h.gather_rows(st, recv, glob, &tab.to_global)
     };
-    let whole = CpQkv {
-        q: scatter(&qkv.q, np, "cp q (a2a)")?,
-        k: scatter(&qkv.k, ng, "cp k (a2a)")?,
-        v: scatter(&qkv.v, ng, "cp v (a2a)")?,
-        gate: qkv
-            .gate
-            .as_ref()
-            .map(|g| scatter(g, np, "cp gate (a2a)"))
-            .transpose()?,
-    };
+    scatter(&qkv.q, (&mut hs, &mut hr), &mut whole.q)?;
+    scatter(&qkv.k, (&mut gs, &mut gr), &mut whole.k)?;
+    scatter(&qkv.v, (&mut gs, &mut gr), &mut whole.v)?;
+    match (&qkv.gate, &mut whole.gate) {
+        (Some(g), Some(wg)) => scatter(g, (&mut hs, &mut hr), wg)?,
+        (None, None) => {}
+        _ => {
+            return Err(AttnError::InvalidArgument {
+                arg: "output_gate".into(),
+                expected: "a gate exactly when the layer has one".into(),
+                got: format!("{}", qkv.gate.is_some()),
+            })
+        }
+    }
+    drop((gs, gr));
     let hq = np / cp;
-    let out = layer.cp_whole(
+    let o = layer.cp_whole(
         kern,
         &whole,
         (&call.global_cu, &tab.cu),
@@ -282,12 +469,9 @@ pub(crate) fn ulysses<C: Communicator<Tensor = DeviceTensor>>(
     )?;
     drop(whole);
     // Back: [cp (owner rank)][t] rows of this head block, all-to-all, heads merged.
-    let mut send = layer.cp_alloc(&[cp * t, hq * hn], "cp output (a2a)")?;
-    h.gather_rows(st, &out, &mut send, &tab.back)?;
-    drop(out);
-    let mut recv = layer.cp_alloc(&[cp * t, hq * hn], "cp output (a2a)")?;
-    comm.all_to_all(&send, &mut recv)?;
-    let mut o = layer.cp_alloc(&[t, np, hn], "attention output")?;
-    h.gather_rows(st, &recv, &mut o, &tab.merge)?;
-    Ok(o)
+    h.gather_rows(st, &o, &mut hs, &tab.back)?;
+    drop(o);
+    comm.all_to_all(&hs, &mut hr)?;
+    h.gather_rows(st, &hr, &mut out, &tab.merge)?;
+    Ok(out)
 }

@@ -23,15 +23,16 @@
 //!   forward kernels run the launches [`cp_plan`] derives from the same visibility rules
 //!   (bottom-right alignment, or a Toeplitz mask tensor for windows across chunks), their
 //!   partials merged by LSE on the device ([`crate::cuda::cp_kernels`]); [`cp_call`] checks a
-//!   call on the host and that every rank makes the same one.
+//!   call on the host and that every rank is ready for the same one; [`cp_ring`] schedules
+//!   the `p2p` ring's exchanges on the communicator's stream, overlapped with compute.
 //!
 //! What runs where, and what is missing (see README.md, "Tensor and context parallelism"):
 //! the CPU paths are tested against the single-rank layer with the in-process communicator;
 //! the CUDA plans are tested on the host by emulating the kernel (`tests/parallel_cp_plan.rs`);
 //! the CUDA paths ([`TpLayer`] over [`CudaLayer`](crate::cuda::CudaLayer), [`CpCudaLayer`])
-//! have two-GPU tests (`tests/gpu_parallel.rs`, `tests/gpu_parallel_cp.rs`). Context
-//! parallelism's backward, KV caches under it, the `a2a+p2p` hierarchy, and compute /
-//! communication overlap of the ring are not written.
+//! have two-GPU tests (`tests/gpu_parallel.rs`, `tests/gpu_parallel_cp.rs`); the ring
+//! schedule is tested on the host at CP = 2..6 (`tests/parallel_cp_ring.rs`). Context
+//! parallelism's backward, KV caches under it, and the `a2a+p2p` hierarchy are not written.
 
 pub mod comm;
 pub mod cp;
@@ -43,6 +44,7 @@ mod cp_cuda_backward;
 mod cp_cuda_core;
 pub mod cp_layout;
 pub mod cp_plan;
+pub mod cp_ring;
 pub mod in_process;
 pub mod nccl;
 pub mod nccl_id;
@@ -64,7 +66,7 @@ pub use cp_cuda::CpCudaLayer;
 pub use cp_cuda_backward::CpCudaSaved;
 pub use cp_layout::CpLayout;
 pub use in_process::{run_ranks, InProcessComm};
-pub use nccl::NcclComm;
+pub use nccl::{DeviceCommunicator, NcclComm};
 pub use nccl_id::{nccl_version, NcclUniqueId};
 pub use tp::TpLayer;
 pub use tp_shard::TpPlan;

@@ -10,17 +10,23 @@
 //! [`NcclUniqueId::from_env`]). cudarc's `Comm` is not `Send`, so a communicator stays on the
 //! thread that made it.
 //!
-//! Streams: every collective is queued on the stream of the [`CudaRuntime`] the communicator
-//! was made with, the stream the rank's [`CudaLayer`](crate::cuda::CudaLayer) queues its
-//! kernels on, so collectives and kernels are ordered without events. Grouped calls
-//! (`all_to_all`, `send_recv`) use NCCL's group API directly, which is only correct on that one
-//! stream (cudarc records its buffer-use events before `ncclGroupEnd`).
+//! Streams: NCCL runs on the communicator's own stream ([`NcclComm::comm_stream`], forked
+//! from the runtime's). Every [`Communicator`] collective is ordered with the stream of the
+//! [`CudaRuntime`] the communicator was made with (the caller's stream, on which the rank's
+//! [`CudaLayer`](crate::cuda::CudaLayer) queues its kernels): the communication stream waits
+//! for the caller's stream before the collective, and the caller's stream for the collective
+//! after it (two events), so a collective behaves as if it were queued on the caller's stream.
+//! [`DeviceCommunicator`] adds the unordered form of `send_recv` that the overlapped `p2p`
+//! ring orders itself with events ([`super::cp_ring`]). Grouped calls (`all_to_all`,
+//! `send_recv`) use NCCL's group API directly on the communication stream.
 //!
 //! Timeouts: with a timeout set, each collective (the byte collectives too, before they read
-//! their result back) records an event after it and polls it until done or the timeout passes
-//! ([`AttnError::Collective`]); dropping the communicator then
-//! aborts it (`ncclCommAbort`). Without a timeout collectives are asynchronous. What is not
-//! bounded: `ncclCommInitRank` blocks until every rank has joined (cudarc gives no
+//! their result back) records an event after it and polls it until done or the timeout passes.
+//! On a timeout, or an NCCL error, the communicator is aborted at once (`ncclCommAbort`, which
+//! ends its queued kernels, so no later work waits behind a dead collective) and marked
+//! broken: that call and every later one return [`AttnError::Collective`] without queuing
+//! anything ([`NcclComm::broken`] says why). Without a timeout collectives are asynchronous.
+//! What is not bounded: `ncclCommInitRank` blocks until every rank has joined (cudarc gives no
 //! non-blocking init), NCCL may connect peers lazily inside the first collective's host call
 //! (`NCCL_RUNTIME_CONNECT`), and ranks that call different collectives or sizes are undefined
 //! behaviour in NCCL (the in-process communicator detects them; NCCL cannot).
@@ -28,10 +34,11 @@
 //! Not run in CI: no GPU there. The two-GPU tests are `attention-runtime/tests/gpu_parallel.rs`
 //! and `gpu_parallel_cp.rs`.
 
+use std::cell::{Ref, RefCell};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use cudarc::driver::CudaSlice;
+use cudarc::driver::{CudaEvent, CudaSlice, CudaStream};
 use cudarc::nccl::{result as nccl_result, Comm, Id, NcclType, ReduceOp};
 
 use super::comm::{check_blocks, check_numel, check_peer, Communicator};
@@ -39,22 +46,59 @@ use super::nccl_id::{nccl_version, NcclUniqueId};
 use crate::cuda::{CudaRuntime, DeviceElem, DeviceTensor, ElemType};
 use crate::error::{AttnError, Result};
 
+/// A [`Communicator`] over device tensors whose collectives run on a stream of their own, with
+/// the unordered exchange that an overlapped schedule orders itself ([`super::cp_ring`]).
+pub trait DeviceCommunicator: Communicator<Tensor = DeviceTensor> {
+    /// The stream the [`Communicator`] collectives are ordered with, before and after (the
+    /// runtime's): a layer that uses this communicator must queue its kernels there.
+    fn caller_stream(&self) -> &Arc<CudaStream>;
+    /// The stream the exchanges run on.
+    fn comm_stream(&self) -> &Arc<CudaStream>;
+    /// Queue [`Communicator::send_recv`] on [`comm_stream`](Self::comm_stream) only: no
+    /// ordering with any other stream and no waiting. The caller makes the communication
+    /// stream wait for the buffers' writers and last readers, records an event after it for
+    /// the buffers' next users, and hands that event to [`complete`](Self::complete).
+    ///
+    /// Errors: as [`Communicator::send_recv`].
+    fn queue_send_recv(
+        &self,
+        send: &DeviceTensor,
+        to: usize,
+        recv: &mut DeviceTensor,
+        from: usize,
+    ) -> Result<()>;
+    /// Wait (on the host, within the timeout when one is set; at once without) for `done`, an
+    /// event recorded on the communication stream after queued exchanges of `op`.
+    ///
+    /// Errors: [`AttnError::Collective`] when the timeout passes (the communicator is then
+    /// aborted and broken) or the event fails.
+    fn complete(&self, op: &str, done: &CudaEvent) -> Result<()>;
+}
+
 /// One rank of an NCCL group on one GPU (see the module docs).
 #[derive(Debug)]
 pub struct NcclComm {
-    comm: Comm,
+    /// `None` once aborted.
+    comm: RefCell<Option<Comm>>,
+    rank: usize,
+    world_size: usize,
     rt: Arc<CudaRuntime>,
+    /// NCCL's stream.
+    stream: Arc<CudaStream>,
     timeout: Option<Duration>,
+    /// Why the communicator was aborted.
+    broken: RefCell<Option<String>>,
 }
 
 impl NcclComm {
-    /// Join the group `id` as `rank` of `world_size` on `rt`'s device and stream
-    /// (`ncclCommInitRank`: blocks until every rank has joined). `timeout` bounds each
-    /// collective's completion (`None`: asynchronous, unbounded).
+    /// Join the group `id` as `rank` of `world_size` on `rt`'s device
+    /// (`ncclCommInitRank`: blocks until every rank has joined); collectives are ordered with
+    /// `rt`'s stream and run on a stream of their own. `timeout` bounds each collective's
+    /// completion (`None`: asynchronous, unbounded).
     ///
     /// Errors: those of [`nccl_version`]; [`AttnError::InvalidArgument`] (`rank`) for a rank
-    /// outside `0..world_size`; [`AttnError::Cuda`] binding the device;
-    /// [`AttnError::Collective`] (`ncclCommInitRank`) naming NCCL's error.
+    /// outside `0..world_size`; [`AttnError::Cuda`] binding the device or creating the
+    /// stream; [`AttnError::Collective`] (`ncclCommInitRank`) naming NCCL's error.
     pub fn new(
         rt: Arc<CudaRuntime>,
         rank: usize,
@@ -64,16 +108,24 @@ impl NcclComm {
     ) -> Result<Self> {
         nccl_version()?;
         check_peer("rank", rank, world_size)?;
+        let cuda = |call: &str| {
+            let call = call.to_string();
+            move |e: cudarc::driver::DriverError| AttnError::Cuda {
+                call,
+                msg: e.to_string(),
+            }
+        };
         // NCCL takes the device from the thread's current context.
         rt.device()
             .context
             .bind_to_thread()
-            .map_err(|e| AttnError::Cuda {
-                call: "bind_to_thread (NCCL init)".into(),
-                msg: e.to_string(),
-            })?;
+            .map_err(cuda("bind_to_thread (NCCL init)"))?;
+        let stream = rt
+            .stream()
+            .fork()
+            .map_err(cuda("cuStreamCreate (NCCL stream)"))?;
         let raw = Id::uninit(id.bytes().map(|b| b as ::core::ffi::c_char));
-        let comm = Comm::from_rank(rt.stream().clone(), rank, world_size, raw).map_err(|e| {
+        let comm = Comm::from_rank(stream.clone(), rank, world_size, raw).map_err(|e| {
             AttnError::Collective {
                 op: "ncclCommInitRank".into(),
                 rank,
@@ -81,19 +133,62 @@ impl NcclComm {
                 got: format!("{:?}", e.0),
             }
         })?;
-        Ok(NcclComm { comm, rt, timeout })
+        Ok(NcclComm {
+            comm: RefCell::new(Some(comm)),
+            rank,
+            world_size,
+            rt,
+            stream,
+            timeout,
+            broken: RefCell::new(None),
+        })
     }
 
-    /// The runtime (device and stream) the collectives run on.
+    /// The runtime whose stream the collectives are ordered with.
     pub fn runtime(&self) -> &Arc<CudaRuntime> {
         &self.rt
+    }
+
+    /// Why the communicator was aborted (a timeout or an NCCL error), or `None` while it is
+    /// usable.
+    pub fn broken(&self) -> Option<String> {
+        self.broken.borrow().clone()
+    }
+
+    /// The communicator, or the error of a broken one.
+    fn live(&self, op: &str) -> Result<Ref<'_, Comm>> {
+        let c = self.comm.borrow();
+        if c.is_some() {
+            return Ok(Ref::map(c, |c| c.as_ref().expect("checked above")));
+        }
+        Err(AttnError::Collective {
+            op: op.into(),
+            rank: self.rank,
+            expected: "a usable communicator".into(),
+            got: format!(
+                "it was aborted earlier ({}); make a new group",
+                self.broken().unwrap_or_default()
+            ),
+        })
+    }
+
+    /// Abort the communicator (`ncclCommAbort`, through dropping cudarc's `Comm`) and mark it
+    /// broken with `why`.
+    fn abort(&self, why: String) {
+        let comm = self.comm.borrow_mut().take();
+        if let Some(c) = comm {
+            // cudarc's drop panics when ncclCommAbort itself fails: the communicator is gone
+            // either way.
+            let _ = std::panic::catch_unwind(std::panic::AssertUnwindSafe(move || drop(c)));
+        }
+        self.broken.borrow_mut().get_or_insert(why);
     }
 
     fn nccl_err(&self, op: &str) -> impl FnOnce(nccl_result::NcclError) -> AttnError + '_ {
         let op = op.to_string();
         move |e| AttnError::Collective {
             op,
-            rank: self.comm.rank(),
+            rank: self.rank,
             expected: "ncclSuccess".into(),
             got: format!("{:?}", e.0),
         }
@@ -103,37 +198,52 @@ impl NcclComm {
         let op = op.to_string();
         move |e| AttnError::Collective {
             op,
-            rank: self.comm.rank(),
+            rank: self.rank,
             expected: "the stream to run".into(),
             got: e.to_string(),
         }
     }
 
-    /// With a timeout: wait for what `op` queued, polling an event.
-    fn wait(&self, op: &str) -> Result<()> {
+    /// With a timeout: wait for `done` on the host, aborting the communicator when the
+    /// timeout passes.
+    fn wait_event(&self, op: &str, done: &CudaEvent) -> Result<()> {
         let Some(timeout) = self.timeout else {
             return Ok(());
         };
-        let ev = self
-            .rt
-            .stream()
-            .record_event(None)
-            .map_err(self.cuda_err(op))?;
         let start = Instant::now();
-        while !ev.try_is_complete().map_err(self.cuda_err(op))? {
+        while !done.try_is_complete().map_err(self.cuda_err(op))? {
             if start.elapsed() > timeout {
+                self.abort(format!("`{op}` timed out after {timeout:?}"));
                 return Err(AttnError::Collective {
                     op: op.into(),
-                    rank: self.comm.rank(),
+                    rank: self.rank,
                     expected: format!("completion within {timeout:?}"),
-                    got: "still running (a peer is missing or stuck; drop this \
-                          communicator to abort it)"
+                    got: "still running (a peer is missing or stuck); the communicator is \
+                          aborted"
                         .into(),
                 });
             }
             std::thread::sleep(Duration::from_micros(50));
         }
         Ok(())
+    }
+
+    /// Queue `f` on the communication stream, ordered with the caller's stream before and
+    /// after, then (with a timeout) wait for it. An NCCL error aborts the communicator.
+    fn ordered(&self, op: &str, f: impl FnOnce(&Comm) -> Result<()>) -> Result<()> {
+        let comm = self.live(op)?;
+        self.stream
+            .join(self.rt.stream())
+            .map_err(self.cuda_err(op))?;
+        let r = f(&comm);
+        drop(comm);
+        if let Err(e @ AttnError::Collective { .. }) = &r {
+            self.abort(e.to_string());
+        }
+        r?;
+        let done = self.stream.record_event(None).map_err(self.cuda_err(op))?;
+        self.rt.stream().wait(&done).map_err(self.cuda_err(op))?;
+        self.wait_event(op, &done)
     }
 
     fn grouped(&self, op: &str, f: impl FnOnce() -> Result<()>) -> Result<()> {
@@ -146,47 +256,52 @@ impl NcclComm {
     }
 }
 
-fn typed_all_reduce<T: DeviceElem + NcclType>(c: &NcclComm, t: &mut DeviceTensor) -> Result<()> {
+fn typed_all_reduce<T: DeviceElem + NcclType>(
+    c: &NcclComm,
+    comm: &Comm,
+    t: &mut DeviceTensor,
+) -> Result<()> {
     let n = t.numel();
     let s = t.typed_mut::<T>("t")?;
-    c.comm
-        .all_reduce_in_place(&mut s.slice_mut(..n), &ReduceOp::Sum)
+    comm.all_reduce_in_place(&mut s.slice_mut(..n), &ReduceOp::Sum)
         .map_err(c.nccl_err("all_reduce"))?;
     Ok(())
 }
 
 fn typed_all_gather<T: DeviceElem + NcclType>(
     c: &NcclComm,
+    comm: &Comm,
     send: &DeviceTensor,
     recv: &mut DeviceTensor,
 ) -> Result<()> {
     let (n, m) = (send.numel(), recv.numel());
     let s = send.typed::<T>("send")?;
     let r = recv.typed_mut::<T>("recv")?;
-    c.comm
-        .all_gather(&s.slice(..n), &mut r.slice_mut(..m))
+    comm.all_gather(&s.slice(..n), &mut r.slice_mut(..m))
         .map_err(c.nccl_err("all_gather"))?;
     Ok(())
 }
 
 fn typed_reduce_scatter<T: DeviceElem + NcclType>(
     c: &NcclComm,
+    comm: &Comm,
     send: &DeviceTensor,
     recv: &mut DeviceTensor,
 ) -> Result<()> {
     let (n, m) = (send.numel(), recv.numel());
     let s = send.typed::<T>("send")?;
     let r = recv.typed_mut::<T>("recv")?;
-    c.comm
-        .reduce_scatter(&s.slice(..n), &mut r.slice_mut(..m), &ReduceOp::Sum)
+    comm.reduce_scatter(&s.slice(..n), &mut r.slice_mut(..m), &ReduceOp::Sum)
         .map_err(c.nccl_err("reduce_scatter"))?;
     Ok(())
 }
 
 /// Grouped sends and receives: `(send block, to)` and `(recv block, from)` pairs, element
 /// ranges of `send` / `recv`.
+#[allow(clippy::too_many_arguments)]
 fn typed_p2p<T: DeviceElem + NcclType>(
     c: &NcclComm,
+    comm: &Comm,
     op: &str,
     send: &DeviceTensor,
     recv: &mut DeviceTensor,
@@ -197,13 +312,11 @@ fn typed_p2p<T: DeviceElem + NcclType>(
     let r = recv.typed_mut::<T>("recv")?;
     c.grouped(op, || {
         for (range, to) in sends {
-            c.comm
-                .send(&s.slice(range.clone()), *to as i32)
+            comm.send(&s.slice(range.clone()), *to as i32)
                 .map_err(c.nccl_err(op))?;
         }
         for (range, from) in recvs {
-            c.comm
-                .recv(&mut r.slice_mut(range.clone()), *from as i32)
+            comm.recv(&mut r.slice_mut(range.clone()), *from as i32)
                 .map_err(c.nccl_err(op))?;
         }
         Ok(())
@@ -239,14 +352,15 @@ impl NcclComm {
 impl Communicator for NcclComm {
     type Tensor = DeviceTensor;
     fn rank(&self) -> usize {
-        self.comm.rank()
+        self.rank
     }
     fn world_size(&self) -> usize {
-        self.comm.world_size()
+        self.world_size
     }
     fn all_reduce_sum(&self, t: &mut DeviceTensor) -> Result<()> {
-        by_elem!(t.elem(), typed_all_reduce(self, t))?;
-        self.wait("all_reduce")
+        self.ordered("all_reduce", |comm| {
+            by_elem!(t.elem(), typed_all_reduce(self, comm, t))
+        })
     }
     fn all_gather(&self, send: &DeviceTensor, recv: &mut DeviceTensor) -> Result<()> {
         check_numel(
@@ -255,25 +369,28 @@ impl Communicator for NcclComm {
             recv.numel(),
             send.numel() * self.world_size(),
         )?;
-        by_elem!(send.elem(), typed_all_gather(self, send, recv))?;
-        self.wait("all_gather")
+        self.ordered("all_gather", |comm| {
+            by_elem!(send.elem(), typed_all_gather(self, comm, send, recv))
+        })
     }
     fn reduce_scatter_sum(&self, send: &DeviceTensor, recv: &mut DeviceTensor) -> Result<()> {
         let w = check_blocks("send", "reduce_scatter", send.numel(), self.world_size())?;
         check_numel("recv", "reduce_scatter", recv.numel(), w)?;
-        by_elem!(send.elem(), typed_reduce_scatter(self, send, recv))?;
-        self.wait("reduce_scatter")
+        self.ordered("reduce_scatter", |comm| {
+            by_elem!(send.elem(), typed_reduce_scatter(self, comm, send, recv))
+        })
     }
     fn all_to_all(&self, send: &DeviceTensor, recv: &mut DeviceTensor) -> Result<()> {
         let n = self.world_size();
         let w = check_blocks("send", "all_to_all", send.numel(), n)?;
         check_numel("recv", "all_to_all", recv.numel(), send.numel())?;
         let blocks: Vec<_> = (0..n).map(|j| (j * w..(j + 1) * w, j)).collect();
-        by_elem!(
-            send.elem(),
-            typed_p2p(self, "all_to_all", send, recv, &blocks, &blocks)
-        )?;
-        self.wait("all_to_all")
+        self.ordered("all_to_all", |comm| {
+            by_elem!(
+                send.elem(),
+                typed_p2p(self, comm, "all_to_all", send, recv, &blocks, &blocks)
+            )
+        })
     }
     fn send_recv(
         &self,
@@ -286,23 +403,26 @@ impl Communicator for NcclComm {
         check_peer("from", from, self.world_size())?;
         let sends = [(0..send.numel(), to)];
         let recvs = [(0..recv.numel(), from)];
-        by_elem!(
-            send.elem(),
-            typed_p2p(self, "send_recv", send, recv, &sends, &recvs)
-        )?;
-        self.wait("send_recv")
+        self.ordered("send_recv", |comm| {
+            by_elem!(
+                send.elem(),
+                typed_p2p(self, comm, "send_recv", send, recv, &sends, &recvs)
+            )
+        })
     }
     fn all_gather_bytes(&self, bytes: &[u8]) -> Result<Vec<Vec<u8>>> {
         let n = self.world_size();
+        let op = "all_gather_bytes";
         // Lengths first (8 little-endian bytes each), then every rank's bytes padded to the
-        // longest.
+        // longest. Each download below waits for the caller's stream, which waits for the
+        // collective: `ordered` bounds that wait first.
         let len = self.upload_u8(&(bytes.len() as u64).to_le_bytes())?;
         let mut lens = self.upload_u8(&vec![0u8; 8 * n])?;
-        self.comm
-            .all_gather(&len, &mut lens)
-            .map_err(self.nccl_err("all_gather_bytes"))?;
-        // The download below synchronizes the stream: bound the wait first.
-        self.wait("all_gather_bytes")?;
+        self.ordered(op, |comm| {
+            comm.all_gather(&len, &mut lens)
+                .map(|_| ())
+                .map_err(self.nccl_err(op))
+        })?;
         let lens: Vec<usize> = self
             .download_u8(&lens)?
             .chunks_exact(8)
@@ -313,10 +433,11 @@ impl Communicator for NcclComm {
         padded.resize(max, 0);
         let send = self.upload_u8(&padded)?;
         let mut recv = self.upload_u8(&vec![0u8; max * n])?;
-        self.comm
-            .all_gather(&send, &mut recv)
-            .map_err(self.nccl_err("all_gather_bytes"))?;
-        self.wait("all_gather_bytes")?;
+        self.ordered(op, |comm| {
+            comm.all_gather(&send, &mut recv)
+                .map(|_| ())
+                .map_err(self.nccl_err(op))
+        })?;
         let all = self.download_u8(&recv)?;
         Ok(lens
             .iter()
@@ -326,22 +447,58 @@ impl Communicator for NcclComm {
     }
     fn broadcast_bytes(&self, bytes: &[u8], root: usize) -> Result<Vec<u8>> {
         check_peer("root", root, self.world_size())?;
+        let op = "broadcast_bytes";
         let mut len = self.upload_u8(&(bytes.len() as u64).to_le_bytes())?;
-        self.comm
-            .broadcast_in_place(&mut len, root as i32)
-            .map_err(self.nccl_err("broadcast_bytes"))?;
-        self.wait("broadcast_bytes")?;
+        self.ordered(op, |comm| {
+            comm.broadcast_in_place(&mut len, root as i32)
+                .map(|_| ())
+                .map_err(self.nccl_err(op))
+        })?;
         let l = self.download_u8(&len)?;
         let l = u64::from_le_bytes(l.try_into().unwrap_or([0; 8])) as usize;
         let mut data = bytes.to_vec();
         data.resize(l.max(1), 0);
         let mut buf = self.upload_u8(&data)?;
-        self.comm
-            .broadcast_in_place(&mut buf, root as i32)
-            .map_err(self.nccl_err("broadcast_bytes"))?;
-        self.wait("broadcast_bytes")?;
+        self.ordered(op, |comm| {
+            comm.broadcast_in_place(&mut buf, root as i32)
+                .map(|_| ())
+                .map_err(self.nccl_err(op))
+        })?;
         let mut out = self.download_u8(&buf)?;
         out.truncate(l);
         Ok(out)
+    }
+}
+
+impl DeviceCommunicator for NcclComm {
+    fn caller_stream(&self) -> &Arc<CudaStream> {
+        self.rt.stream()
+    }
+    fn comm_stream(&self) -> &Arc<CudaStream> {
+        &self.stream
+    }
+    fn queue_send_recv(
+        &self,
+        send: &DeviceTensor,
+        to: usize,
+        recv: &mut DeviceTensor,
+        from: usize,
+    ) -> Result<()> {
+        check_peer("to", to, self.world_size())?;
+        check_peer("from", from, self.world_size())?;
+        let (sends, recvs) = ([(0..send.numel(), to)], [(0..recv.numel(), from)]);
+        let comm = self.live("send_recv")?;
+        let r = by_elem!(
+            send.elem(),
+            typed_p2p(self, &comm, "send_recv", send, recv, &sends, &recvs)
+        );
+        drop(comm);
+        if let Err(e @ AttnError::Collective { .. }) = &r {
+            self.abort(e.to_string());
+        }
+        r
+    }
+    fn complete(&self, op: &str, done: &CudaEvent) -> Result<()> {
+        self.wait_event(op, done)
     }
 }

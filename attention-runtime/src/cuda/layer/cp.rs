@@ -148,9 +148,14 @@ impl CudaLayer {
         let np = self.config.heads;
         let n = rows * np * self.config.head_dim;
         let mut out = crate::cuda::tensor::alloc_uninit::<f32>(st, n, "cp output")?;
+        let mut lse = crate::cuda::tensor::alloc_uninit::<f32>(st, rows * np, "cp lse")?;
+        if self.poison.load(Ordering::Relaxed) {
+            // Poisoned first, so a start value that does not cover every element shows.
+            h.fill_f32(st, &mut out, n, f32::NAN)?;
+            h.fill_f32(st, &mut lse, rows * np, f32::NAN)?;
+        }
         st.memset_zeros(&mut out)
             .map_err(crate::cuda::tensor::cuda_err("memset cp output"))?;
-        let mut lse = crate::cuda::tensor::alloc_uninit::<f32>(st, rows * np, "cp lse")?;
         h.fill_f32(st, &mut lse, rows * np, f32::NEG_INFINITY)?;
         Ok(CpAcc { out, lse, rows })
     }
@@ -226,7 +231,11 @@ impl CudaLayer {
         }
         let n = l.q_rows.len();
         let part = self.alloc(&[n, np, hn], "cp partial output")?;
-        let lse = crate::cuda::tensor::alloc_uninit::<f32>(st, np * n, "cp partial lse")?;
+        let mut lse = crate::cuda::tensor::alloc_uninit::<f32>(st, np * n, "cp partial lse")?;
+        if self.poison.load(Ordering::Relaxed) {
+            // Every row the merge reads must be written by the kernel (filler rows: -inf).
+            h.fill_f32(st, &mut lse, np * n, f32::NAN)?;
+        }
         let (mask, mask_strides) = match &bufs.band {
             Some((buf, off, w)) => (dptr(buf, rt) + *off as u64, [*w as i64, 0, -1, 1]),
             None => (0, [0; 4]),

@@ -16,8 +16,9 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 
 use attention_runtime::cuda::DeviceTensor;
-use attention_runtime::parallel::Communicator;
+use attention_runtime::parallel::{Communicator, DeviceCommunicator};
 use attention_runtime::{Result, Tensor};
+use cudarc::driver::{CudaEvent, CudaStream};
 
 /// Bytes of a tensor as a collective moves it.
 pub trait PayloadBytes {
@@ -174,6 +175,31 @@ where
         let n = self.inner.world_size() as u64;
         let r = self.inner.broadcast_bytes(bytes, root);
         self.count(r, s, s * n.saturating_sub(1))
+    }
+}
+
+/// The overlapped ring's exchanges, counted when queued (their completion is the caller's
+/// [`DeviceCommunicator::complete`], which fails the whole call when it fails).
+impl<C: DeviceCommunicator> DeviceCommunicator for CountingComm<C> {
+    fn caller_stream(&self) -> &Arc<CudaStream> {
+        self.inner.caller_stream()
+    }
+    fn comm_stream(&self) -> &Arc<CudaStream> {
+        self.inner.comm_stream()
+    }
+    fn queue_send_recv(
+        &self,
+        send: &DeviceTensor,
+        to: usize,
+        recv: &mut DeviceTensor,
+        from: usize,
+    ) -> Result<()> {
+        let s = send.payload_bytes();
+        let r = self.inner.queue_send_recv(send, to, recv, from);
+        self.count(r, s, s)
+    }
+    fn complete(&self, op: &str, done: &CudaEvent) -> Result<()> {
+        self.inner.complete(op, done)
     }
 }
 
