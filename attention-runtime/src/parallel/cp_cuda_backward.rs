@@ -35,6 +35,7 @@ use super::cp_cuda::CpCudaLayer;
 use super::cp_layout::CpLayout;
 use super::cp_plan::{self, KernelKind};
 use super::CpCommType;
+use super::DeviceCommunicator;
 use crate::cuda::backward::AttentionBackward;
 use crate::cuda::cp_backward_kernels::{self, CpBackwardKernels, LoadedCpBackward};
 use crate::cuda::cp_kernels::{upload_index, LoadedCp, RowIndex};
@@ -586,7 +587,7 @@ impl<C: Communicator<Tensor = DeviceTensor>> CudaCoreHook for Hook<'_, C> {
     }
 }
 
-impl<C: Communicator<Tensor = DeviceTensor>> CpCudaLayer<C> {
+impl<C: DeviceCommunicator> CpCudaLayer<C> {
     fn helpers(&self) -> Result<(LoadedCp, LoadedCpBackward)> {
         let cfg = self.inner().config();
         let h = self.inner().cp_helpers()?;
