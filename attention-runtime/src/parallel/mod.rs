@@ -24,17 +24,23 @@
 //!   (bottom-right alignment, or a Toeplitz mask tensor for windows across chunks), their
 //!   partials merged by LSE on the device ([`crate::cuda::cp_kernels`]); [`cp_call`] checks a
 //!   call on the host and that every rank makes the same one.
+//! - KV caches under context parallelism ([`cp_cache`], [`cp_cache_step`]): each rank caches
+//!   the tokens it owns (its prompt chunks, then every `cp`-th decode token by the
+//!   fewest-tokens rule) in a [`CpStaticKvCache`]; a decode step attends the new token over
+//!   each rank's cache and merges the partials by LSE. Static caches on the CPU reference.
 //!
 //! What runs where, and what is missing (see README.md, "Tensor and context parallelism"):
 //! the CPU paths are tested against the single-rank layer with the in-process communicator;
 //! the CUDA plans are tested on the host by emulating the kernel (`tests/parallel_cp_plan.rs`);
 //! the CUDA paths ([`TpLayer`] over [`CudaLayer`](crate::cuda::CudaLayer), [`CpCudaLayer`])
 //! have two-GPU tests (`tests/gpu_parallel.rs`, `tests/gpu_parallel_cp.rs`). Context
-//! parallelism's backward, KV caches under it, the `a2a+p2p` hierarchy, and compute /
+//! parallelism's backward, paged KV caches under it, the `a2a+p2p` hierarchy, and compute /
 //! communication overlap of the ring are not written.
 
 pub mod comm;
 pub mod cp;
+pub mod cp_cache;
+pub mod cp_cache_step;
 pub mod cp_call;
 pub mod cp_core;
 pub mod cp_cuda;
@@ -57,6 +63,7 @@ use crate::error::AttnError;
 
 pub use comm::Communicator;
 pub use cp::CpLayer;
+pub use cp_cache::{CpCpuBackend, CpStaticKvCache};
 pub use cp_core::CpCoreAttention;
 pub use cp_cuda::CpCudaLayer;
 pub use cp_layout::CpLayout;
