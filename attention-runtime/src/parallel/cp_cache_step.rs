@@ -2,7 +2,7 @@
 //! own tokens in a [`CpStaticKvCache`] (which rank stores what: [`super::cp_cache`]).
 //!
 //! - **Prefill** ([`CpLayer::prefill_cp`]): `hidden` is this rank's rows `[s / cp, b, h]` of
-//!   a prompt of `s` tokens per slot (a multiple of `2 cp`, [`CpLayout::split`]), into empty
+//!   a prompt of `s` tokens per slot (a multiple of `2 cp`, [`super::CpLayout::split`]), into empty
 //!   slots only. The rank runs the context-parallel forward of its chunks (the layer's
 //!   `cp_comm_type`, causal with the layer's window, whatever its mask type, as a
 //!   single-rank prefill is) and stores its chunks' keys and values. Returns its rows.

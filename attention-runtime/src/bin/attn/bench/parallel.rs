@@ -22,7 +22,7 @@
 use std::sync::Arc;
 use std::time::Duration;
 
-use attention_runtime::backend::{BackendLayer, CudaBackend, TrainLayer};
+use attention_runtime::backend::{Backend, BackendLayer, CudaBackend, TrainLayer};
 use attention_runtime::cuda::{CudaLayer, CudaRuntime, DeviceTensor, ElemType};
 use attention_runtime::device::{CudaDevice, Device};
 use attention_runtime::modules::SplitMix64;
@@ -224,9 +224,12 @@ fn train_step<L: TrainLayer<Backend = CudaBackend>>(
 }
 
 /// Forward only.
-fn forward_step<L: BackendLayer<Backend = CudaBackend>>(
+fn forward_step<L: BackendLayer>(
     layer: &L,
-) -> impl Fn(&DeviceTensor, Option<&DeviceTensor>) -> Result<()> + '_ {
+) -> impl Fn(&DeviceTensor, Option<&DeviceTensor>) -> Result<()> + '_
+where
+    L::Backend: Backend<Tensor = DeviceTensor>,
+{
     move |x, _| {
         drop(layer.forward(x, &ForwardArgs::default())?);
         Ok(())
