@@ -2,7 +2,7 @@
 //! communicator: a prompt prefilled on every rank's chunks, then decode steps (the same new
 //! token on every rank), through two layers sharing each rank's cache, must equal the
 //! single-rank layer's prefill and decode within f32 rounding, for CP = 1..4, causal and
-//! sliding window, GQA, sinks, every `cp_comm_type`; every rank's decode output is the same
+//! sliding window, GQA, sinks, every `cp_comm_type`, and TP = 2 x CP = 2; every rank's decode output is the same
 //! bits; the tokens are shared out by the owner rule. Then one test per error class: a full
 //! cache, a bad prefill, ranks that disagree (a step committed on one rank only, another
 //! layer), a cache of another rank, a bad commit, a paged step — typed errors on every rank,
@@ -13,8 +13,9 @@ mod parallel_common;
 use attention_runtime::backend::{Backend, BackendLayer, CpuLayer, StaticCache};
 use attention_runtime::kv_cache::{BlockTable, PagedBatch, StaticKvCache};
 use attention_runtime::modules::SplitMix64;
+use attention_runtime::parallel::tp_load::shard_layer;
 use attention_runtime::parallel::{
-    run_ranks, Communicator, CpCommType, CpLayer, CpLayout, CpStaticKvCache, InProcessComm,
+    run_ranks, Communicator, CpCommType, CpLayer, CpLayout, CpStaticKvCache, InProcessComm, TpLayer,
 };
 use attention_runtime::spec_layer::SpecLayer;
 use attention_runtime::{AttentionLayer, AttnError, ForwardArgs, Result, Tensor};
@@ -399,4 +400,73 @@ fn a_bad_commit_or_a_paged_step_is_refused() {
             "context parallel",
         );
     }
+}
+
+#[test]
+fn tensor_and_context_parallel_cache_steps_equal_the_single_rank_layer() {
+    // TP = 2 x CP = 2: each CP rank's TP shard caches its own tokens of its own groups.
+    let spec = "self, heads=8, gqa=4, head_dim=4, hidden=16, qk_layernorm=rms, rope, window=(5, 0), mask=causal";
+    let full = layer(spec, 43);
+    let (tp, cp) = (2, 2);
+    let s = 4 * cp;
+    let (prompt, steps) = inputs(16, s, 44);
+    let single = [CpuLayer::new(full.clone())];
+    let mut sc = StaticKvCache::new(1, s + STEPS, MAX_BATCH, 4, 4).unwrap();
+    let (want_p, want_d) = run(&single, &mut sc, 1, &prompt, &steps).unwrap();
+    let group = |n| -> Vec<Option<InProcessComm>> {
+        InProcessComm::group(n, TIMEOUT)
+            .unwrap()
+            .into_iter()
+            .map(Some)
+            .collect()
+    };
+    // tp_groups[c]: the TP group of CP rank c; cp_groups[t]: the CP group of TP rank t.
+    let mut tp_groups: Vec<_> = (0..cp).map(|_| group(tp)).collect();
+    let mut cp_groups: Vec<_> = (0..tp).map(|_| group(cp)).collect();
+    let mut got = vec![Vec::new(); cp];
+    std::thread::scope(|sc| {
+        let mut hs = Vec::new();
+        for c in 0..cp {
+            for t in 0..tp {
+                let tpc = tp_groups[c][t].take().unwrap();
+                let cpc = cp_groups[t][c].take().unwrap();
+                let (full, prompt, steps) = (&full, &prompt, &steps);
+                hs.push((
+                    c,
+                    sc.spawn(move || -> Result<(Tensor, Vec<Tensor>)> {
+                        let layout = CpLayout::new(cpc.rank(), cp)?;
+                        let shard = shard_layer(full, tpc.rank(), tp)?;
+                        let l = TpLayer::new(
+                            CpLayer::new(shard, cpc, CpCommType::P2p)?,
+                            tpc,
+                            full.config(),
+                            false,
+                        )?;
+                        let (ng, hn) = (l.layer_config().groups, l.layer_config().head_dim);
+                        let cap = (s + STEPS).div_ceil(cp);
+                        let mut cache = l.backend().static_cache(1, cap, MAX_BATCH, ng, hn)?;
+                        run(&[l], &mut cache, cp, &layout.split(prompt, None)?, steps)
+                    }),
+                ));
+            }
+        }
+        for (c, h) in hs {
+            got[c].push(h.join().unwrap().unwrap());
+        }
+    });
+    let mut parts = Vec::new();
+    for (c, g) in got.into_iter().enumerate() {
+        for (p, d) in &g {
+            for (k, (x, w)) in d.iter().zip(&want_d).enumerate() {
+                assert_close(&format!("tp x cp, cp rank {c}, decode {k}"), x, w);
+            }
+            assert_eq!(
+                p, &g[0].0,
+                "both TP ranks of cp rank {c} hold the same rows"
+            );
+        }
+        parts.push(g[0].0.clone());
+    }
+    let y = CpLayout::new(0, cp).unwrap().unsplit(&parts, None).unwrap();
+    assert_close("tp x cp prefill", &y, &want_p);
 }
