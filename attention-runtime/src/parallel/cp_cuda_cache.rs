@@ -166,6 +166,7 @@ impl<C: Communicator<Tensor = DeviceTensor>> CpCudaLayer<C> {
             let plan = crate::plan::static_step(cfg, whole, cache, layer, batch_offset, args)?;
             l.check_input("hidden", hidden)?;
             l.check_input("cache", cache.inner().layer_k(0)?)?;
+            l.cp_cache_kernels()?;
             Ok(plan)
         })();
         let b = whole.get(1).copied().unwrap_or(0);

@@ -17,6 +17,17 @@ use crate::cuda::cp_kernels::{upload_index, LoadedCp};
 use crate::parallel::cp_plan::{KernelKind, Launch, Visibility};
 
 impl CudaLayer {
+    /// Load every kernel a context-parallel cache step runs (the helpers, `qkv_prep`,
+    /// `append_kv`, the no-mask forward kernel), so a kernel that cannot be loaded is an error
+    /// before the ranks agree on the step rather than a rank missing from a collective.
+    pub(crate) fn cp_cache_kernels(&self) -> Result<()> {
+        self.cp_helpers()?;
+        kernel(&self.rt, &self.prep)?;
+        kernel(&self.rt, &self.kv_config(Phase::AppendKv)?)?;
+        self.cp_kernel(KernelKind::Full, MaskType::NoMask)?;
+        Ok(())
+    }
+
     /// Append rows `row0 ..` of `k`, `v` (`[rows, ng, hn]`, padded `[s, b]` order from
     /// `row0`) to slots `slot0 .. slot0 + b` of `layer` at their visible lengths, and mark
     /// them pending. Nothing is queued when the cache cannot take them.
