@@ -470,3 +470,98 @@ fn tensor_and_context_parallel_cache_steps_equal_the_single_rank_layer() {
     let y = CpLayout::new(0, cp).unwrap().unsplit(&parts, None).unwrap();
     assert_close("tp x cp prefill", &y, &want_p);
 }
+
+/// Slots 1 and 2 prefilled and decoded, then slot 0 prefilled with a shorter prompt, then
+/// decode over all three: slots of other lengths store their decode tokens on other ranks
+/// (each rank commits a different count per slot). Every output as the single-rank layer's.
+fn staggered<L: BackendLayer<Backend = Be>, Be: Backend<Tensor = Tensor>>(
+    l: &L,
+    cache: &mut Be::StaticCache,
+    split: &dyn Fn(&Tensor) -> Result<Tensor>,
+    (p12, p0, steps): (&Tensor, &Tensor, &[Tensor]),
+) -> Result<Vec<Tensor>> {
+    let args = ForwardArgs::default();
+    let mut out = vec![l.prefill(&split(p12)?, cache, 0, 1, &args)?];
+    cache.advance(1, 2, p12.shape()[0])?;
+    for st in &steps[..3] {
+        let two = Tensor::new(
+            &[1, 2, st.shape()[2]],
+            st.data()[st.data().len() / 3..].to_vec(),
+        )?;
+        out.push(l.decode(&two, cache, 0, 1, &args)?);
+        cache.advance(1, 2, 1)?;
+    }
+    out.push(l.prefill(&split(p0)?, cache, 0, 0, &args)?);
+    cache.advance(0, 1, p0.shape()[0])?;
+    for st in &steps[3..] {
+        out.push(l.decode(st, cache, 0, 0, &args)?);
+        cache.advance(0, 3, 1)?;
+    }
+    Ok(out)
+}
+
+#[test]
+fn slots_of_different_lengths_share_out_their_tokens_apart() {
+    let spec = "self, heads=4, gqa=2, head_dim=4, hidden=8, rope, window=(7, 0), mask=causal";
+    let full = layer(spec, 45);
+    let cp = 3;
+    let mut rng = SplitMix64::new(46);
+    let p12 = rand_t(&mut rng, &[4 * cp, 2, 8], 1.0);
+    let p0 = rand_t(&mut rng, &[2 * cp, 1, 8], 1.0);
+    let steps: Vec<Tensor> = (0..8).map(|_| rand_t(&mut rng, &[1, 3, 8], 1.0)).collect();
+    let mut sc = StaticKvCache::new(1, 32, 3, 2, 4).unwrap();
+    let want = staggered(
+        &CpuLayer::new(full.clone()),
+        &mut sc,
+        &|x| Ok(x.clone()),
+        (&p12, &p0, &steps),
+    )
+    .unwrap();
+    let got = run_ranks(cp, TIMEOUT, |c| {
+        let layout = CpLayout::new(c.rank(), cp)?;
+        let l = CpLayer::new(full.clone(), &c, CpCommType::AllGather)?;
+        let mut cache = l.backend().static_cache(1, 12, 3, 2, 4)?;
+        let split = |x: &Tensor| layout.split(x, None);
+        let out = staggered(&l, &mut cache, &split, (&p12, &p0, &steps))?;
+        Ok((
+            out,
+            cache.inner().seqlens().to_vec(),
+            cache.seqlens().to_vec(),
+        ))
+    })
+    .unwrap();
+    let mut prefills: [Vec<Tensor>; 2] = [Vec::new(), Vec::new()];
+    let mut stored = vec![0usize; 3];
+    for (r, res) in got.into_iter().enumerate() {
+        let (out, own, lens) = res.unwrap_or_else(|e| panic!("rank {r}: {e}"));
+        assert_eq!(lens, vec![2 * cp + 5, 4 * cp + 8, 4 * cp + 8], "rank {r}");
+        for (i, (g, w)) in out.iter().zip(&want).enumerate() {
+            match i {
+                0 => prefills[0].push(g.clone()),
+                4 => prefills[1].push(g.clone()),
+                _ => assert_close(&format!("rank {r} step {i}"), g, w),
+            }
+        }
+        stored.iter_mut().zip(&own).for_each(|(s, o)| *s += o);
+        // Shares within one token of each other.
+        for (slot, &o) in own.iter().enumerate() {
+            let l = lens[slot];
+            assert!(
+                o == l / cp || o == l.div_ceil(cp),
+                "rank {r} slot {slot}: {o} of {l}"
+            );
+        }
+    }
+    assert_eq!(stored, vec![2 * cp + 5, 4 * cp + 8, 4 * cp + 8]);
+    let layout = CpLayout::new(0, cp).unwrap();
+    assert_close(
+        "prefill 1",
+        &layout.unsplit(&prefills[0], None).unwrap(),
+        &want[0],
+    );
+    assert_close(
+        "prefill 0",
+        &layout.unsplit(&prefills[1], None).unwrap(),
+        &want[4],
+    );
+}
