@@ -82,6 +82,7 @@ pub struct CudaLayer {
 }
 
 mod cp;
+mod cp_decode;
 mod cross_cache;
 mod decode_step;
 mod forward;

@@ -93,3 +93,42 @@ pub(crate) fn check_peer(arg: &str, peer: usize, world: usize) -> Result<()> {
         })
     }
 }
+
+/// A borrowed communicator is one (several layers of a rank, e.g. a stack of
+/// [`super::CpLayer`]s, share the rank's group).
+impl<C: Communicator + ?Sized> Communicator for &C {
+    type Tensor = C::Tensor;
+    fn rank(&self) -> usize {
+        (**self).rank()
+    }
+    fn world_size(&self) -> usize {
+        (**self).world_size()
+    }
+    fn all_reduce_sum(&self, t: &mut Self::Tensor) -> Result<()> {
+        (**self).all_reduce_sum(t)
+    }
+    fn all_gather(&self, send: &Self::Tensor, recv: &mut Self::Tensor) -> Result<()> {
+        (**self).all_gather(send, recv)
+    }
+    fn reduce_scatter_sum(&self, send: &Self::Tensor, recv: &mut Self::Tensor) -> Result<()> {
+        (**self).reduce_scatter_sum(send, recv)
+    }
+    fn all_to_all(&self, send: &Self::Tensor, recv: &mut Self::Tensor) -> Result<()> {
+        (**self).all_to_all(send, recv)
+    }
+    fn send_recv(
+        &self,
+        send: &Self::Tensor,
+        to: usize,
+        recv: &mut Self::Tensor,
+        from: usize,
+    ) -> Result<()> {
+        (**self).send_recv(send, to, recv, from)
+    }
+    fn all_gather_bytes(&self, bytes: &[u8]) -> Result<Vec<Vec<u8>>> {
+        (**self).all_gather_bytes(bytes)
+    }
+    fn broadcast_bytes(&self, bytes: &[u8], root: usize) -> Result<Vec<u8>> {
+        (**self).broadcast_bytes(bytes, root)
+    }
+}

@@ -6,7 +6,8 @@
 //! token's position in its whole sequence) and `linear_proj` run on its own tokens; core
 //! attention is [`CpCoreAttention`], which exchanges K/V (or heads) by `cp_comm_type`.
 //!
-//! No KV cache (the cache steps of [`BackendLayer`] are refused). Training:
+//! Forward, and static-cache prefill and decode with each rank caching its own tokens
+//! ([`super::cp_cache`], [`super::cp_cache_step`]); paged steps are refused. Training:
 //! [`CpLayer::forward_train`] / [`CpLayer::backward`] (module `train`). The GPU counterpart
 //! is [`super::CpCudaLayer`].
 
@@ -16,10 +17,12 @@ mod train;
 pub use train::CpSaved;
 
 use super::comm::Communicator;
+use super::cp_cache::{CpCpuBackend, CpStaticKvCache};
+use super::cp_cache_step::{CaptureCore, KvCapture};
 use super::cp_core::{CpCoreAttention, CpSinks};
 use super::cp_layout::CpLayout;
 use super::CpCommType;
-use crate::backend::{BackendLayer, CpuBackend};
+use crate::backend::BackendLayer;
 use crate::config::LayerConfig;
 use crate::error::{AttnError, Result};
 use crate::kv_cache::{PagedBatch, PagedKvCache, StaticKvCache};
@@ -30,9 +33,9 @@ use crate::tensor::Tensor;
 /// context-parallel group's `comm` and `cp_comm_type`.
 #[derive(Debug)]
 pub struct CpLayer<L, C> {
-    layer: L,
-    comm: C,
-    layout: CpLayout,
+    pub(super) layer: L,
+    pub(super) comm: C,
+    pub(super) layout: CpLayout,
     comm_type: CpCommType,
 }
 
@@ -93,7 +96,10 @@ impl<L: AttentionLayer, C: Communicator<Tensor = Tensor> + Sync> CpLayer<L, C> {
         self.comm_type
     }
 
-    fn sinks(&self, parts: &crate::layer::SelfAttentionParts<'_>) -> Result<Option<CpSinks>> {
+    pub(super) fn sinks(
+        &self,
+        parts: &crate::layer::SelfAttentionParts<'_>,
+    ) -> Result<Option<CpSinks>> {
         let cfg = self.layer.config();
         Ok(match cfg.sinks {
             None => None,
@@ -125,6 +131,17 @@ impl<L: AttentionLayer, C: Communicator<Tensor = Tensor> + Sync> CpLayer<L, C> {
     /// of `2 cp`, a core attention with other math than the default
     /// ([`AttnError::NoBackendImpl`]); the layer's own errors; [`AttnError::Collective`].
     pub fn forward(&self, hidden: &Tensor, args: &ForwardArgs<'_>) -> Result<LayerOutput> {
+        self.forward_capture(hidden, args, None)
+    }
+
+    /// [`forward`](Self::forward), handing the rank's rotated keys and values to `capture`
+    /// (a KV-cache prefill, [`super::cp_cache_step`]).
+    pub(super) fn forward_capture(
+        &self,
+        hidden: &Tensor,
+        args: &ForwardArgs<'_>,
+        capture: Option<&KvCapture>,
+    ) -> Result<LayerOutput> {
         let LayerParts::SelfAttention(parts) = self.layer.parts() else {
             return Err(bad("config.kind", "self-attention", "cross-attention"));
         };
@@ -137,8 +154,12 @@ impl<L: AttentionLayer, C: Communicator<Tensor = Tensor> + Sync> CpLayer<L, C> {
         }
         let (positions, local_cu) = self.local_call(hidden, args)?;
         let core = self.core(&parts)?;
+        let captured = capture.map(|into| CaptureCore { inner: &core, into });
         let local_parts = crate::layer::SelfAttentionParts {
-            core_attention: &core,
+            core_attention: match &captured {
+                Some(c) => c,
+                None => &core,
+            },
             ..parts
         };
         let local_args = ForwardArgs {
@@ -217,18 +238,20 @@ impl<L: AttentionLayer, C: Communicator<Tensor = Tensor> + Sync> CpLayer<L, C> {
     fn no_cache(&self, what: &str) -> AttnError {
         bad(
             "context parallel",
-            format!("forward only ({what} with a KV cache is not implemented)"),
+            format!("forward or a static KV cache ({what} over a paged cache is not implemented)"),
             what,
         )
     }
 }
 
-/// The CPU backend seam, forward only, so a [`super::TpLayer`] can wrap a `CpLayer`
+/// The CPU backend seam (forward, static-cache prefill and decode), so a [`super::TpLayer`] can wrap a `CpLayer`
 /// (tensor and context parallelism together).
 impl<L: AttentionLayer, C: Communicator<Tensor = Tensor> + Sync> BackendLayer for CpLayer<L, C> {
-    type Backend = CpuBackend;
-    fn backend(&self) -> CpuBackend {
-        CpuBackend
+    type Backend = CpCpuBackend;
+    fn backend(&self) -> CpCpuBackend {
+        CpCpuBackend {
+            layout: self.layout,
+        }
     }
     fn layer_config(&self) -> &LayerConfig {
         self.layer.config()
@@ -239,25 +262,33 @@ impl<L: AttentionLayer, C: Communicator<Tensor = Tensor> + Sync> BackendLayer fo
     fn forward(&self, hidden: &Tensor, args: &ForwardArgs<'_>) -> Result<Tensor> {
         Ok(CpLayer::forward(self, hidden, args)?.output)
     }
+    /// This rank's rows `[s / cp, b, h]` of a prompt into empty slots (see
+    /// [`super::cp_cache_step`]).
     fn prefill(
         &self,
-        _: &Tensor,
-        _: &mut StaticKvCache,
-        _: usize,
-        _: usize,
-        _: &ForwardArgs<'_>,
+        hidden: &Tensor,
+        cache: &mut CpStaticKvCache<StaticKvCache>,
+        layer: usize,
+        batch_offset: usize,
+        args: &ForwardArgs<'_>,
     ) -> Result<Tensor> {
-        Err(self.no_cache("prefill"))
+        Ok(self
+            .prefill_cp(hidden, cache, layer, batch_offset, args)?
+            .output)
     }
+    /// One decode step, `hidden` `[1, b, h]` the same on every rank (see
+    /// [`super::cp_cache_step`]).
     fn decode(
         &self,
-        _: &Tensor,
-        _: &mut StaticKvCache,
-        _: usize,
-        _: usize,
-        _: &ForwardArgs<'_>,
+        hidden: &Tensor,
+        cache: &mut CpStaticKvCache<StaticKvCache>,
+        layer: usize,
+        batch_offset: usize,
+        args: &ForwardArgs<'_>,
     ) -> Result<Tensor> {
-        Err(self.no_cache("decode"))
+        Ok(self
+            .decode_cp(hidden, cache, layer, batch_offset, args)?
+            .output)
     }
     fn forward_paged(
         &self,

@@ -94,7 +94,7 @@ pub(super) struct Acc {
 }
 
 impl Acc {
-    fn new(rows: usize, np: usize, hn: usize) -> Self {
+    pub(super) fn new(rows: usize, np: usize, hn: usize) -> Self {
         Acc {
             out: vec![0.0; rows * np * hn],
             lse: vec![f64::NEG_INFINITY; rows * np],
@@ -105,7 +105,7 @@ impl Acc {
     }
 
     /// Merge a partial of `n` rows from `row0`: `out` `[n, np, hn]`, `lse` `[np, n]`.
-    fn merge(&mut self, row0: usize, n: usize, out: &[f32], lse: &[f32]) {
+    pub(super) fn merge(&mut self, row0: usize, n: usize, out: &[f32], lse: &[f32]) {
         let (np, hn) = (self.np, self.hn);
         for i in 0..n {
             for h in 0..np {
@@ -129,7 +129,7 @@ impl Acc {
     }
 
     /// The output with the sink column joined to every softmax row.
-    fn finish(self, sinks: Option<&CpSinks>) -> Vec<f32> {
+    pub(super) fn finish(self, sinks: Option<&CpSinks>) -> Vec<f32> {
         self.finish_lse(sinks).0
     }
 

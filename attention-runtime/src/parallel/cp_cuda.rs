@@ -29,17 +29,20 @@
 //! exchanges run on the communicator's own stream, overlapped with the attention of the
 //! block before ([`super::cp_ring`]; [`CpCudaLayer::set_overlap`] turns it off).
 //!
-//! Forward only: the KV-cache steps of [`BackendLayer`] are refused, and there is no training
-//! backward under context parallelism on the GPU yet. A non-finite V element at a key that
+//! Forward, and static-cache prefill and decode with each rank caching its own tokens
+//! (`parallel/cp_cuda_cache.rs`); paged steps are refused. The training forward and backward
+//! are in `parallel/cp_cuda_backward.rs`. A non-finite V element at a key that
 //! some query's mask hides can still reach that query's row here (the single-GPU forward
 //! guards it with `qkv_prep`'s `v_nonfinite` flag, which is per rank).
 
+use super::cp_cache::CpStaticKvCache;
 use super::cp_call::{agree_ready, CpCall};
+use super::cp_cuda_cache::CpCudaBackend;
 use super::cp_cuda_core::{by_kv, ulysses, Buffers, Plan};
 use super::cp_layout::CpLayout;
 use super::nccl::DeviceCommunicator;
 use super::CpCommType;
-use crate::backend::{BackendLayer, CudaBackend};
+use crate::backend::BackendLayer;
 use crate::config::LayerConfig;
 use crate::cuda::cp_kernels::{upload_index, LoadedCp, RowIndex};
 use crate::cuda::{CudaLayer, DevicePagedKvCache, DeviceStaticKvCache, DeviceTensor};
@@ -303,17 +306,17 @@ impl<C: DeviceCommunicator> CpCudaLayer<C> {
     fn no_cache(&self, what: &str) -> AttnError {
         bad(
             "context parallel",
-            format!("forward only ({what} with a KV cache is not implemented)"),
+            format!("forward or a static KV cache ({what} over a paged cache is not implemented)"),
             what,
         )
     }
 }
 
-/// The CUDA backend seam, forward only.
+/// The CUDA backend seam: forward, static-cache prefill and decode (paged steps refused).
 impl<C: DeviceCommunicator> BackendLayer for CpCudaLayer<C> {
-    type Backend = CudaBackend;
-    fn backend(&self) -> CudaBackend {
-        self.layer.backend()
+    type Backend = CpCudaBackend;
+    fn backend(&self) -> CpCudaBackend {
+        self.cp_backend()
     }
     fn layer_config(&self) -> &LayerConfig {
         self.layer.config()
@@ -324,25 +327,27 @@ impl<C: DeviceCommunicator> BackendLayer for CpCudaLayer<C> {
     fn forward(&self, hidden: &DeviceTensor, args: &ForwardArgs<'_>) -> Result<DeviceTensor> {
         self.forward_device(hidden, args)?.view(hidden.shape())
     }
+    /// [`CpCudaLayer::prefill_cp`] (`parallel/cp_cuda_cache.rs`).
     fn prefill(
         &self,
-        _: &DeviceTensor,
-        _: &mut DeviceStaticKvCache,
-        _: usize,
-        _: usize,
-        _: &ForwardArgs<'_>,
+        hidden: &DeviceTensor,
+        cache: &mut CpStaticKvCache<DeviceStaticKvCache>,
+        layer: usize,
+        batch_offset: usize,
+        args: &ForwardArgs<'_>,
     ) -> Result<DeviceTensor> {
-        Err(self.no_cache("prefill"))
+        self.prefill_cp(hidden, cache, layer, batch_offset, args)
     }
+    /// [`CpCudaLayer::decode_cp`] (`parallel/cp_cuda_cache.rs`).
     fn decode(
         &self,
-        _: &DeviceTensor,
-        _: &mut DeviceStaticKvCache,
-        _: usize,
-        _: usize,
-        _: &ForwardArgs<'_>,
+        hidden: &DeviceTensor,
+        cache: &mut CpStaticKvCache<DeviceStaticKvCache>,
+        layer: usize,
+        batch_offset: usize,
+        args: &ForwardArgs<'_>,
     ) -> Result<DeviceTensor> {
-        Err(self.no_cache("decode"))
+        self.decode_cp(hidden, cache, layer, batch_offset, args)
     }
     fn forward_paged(
         &self,

@@ -25,22 +25,30 @@
 //!   partials merged by LSE on the device ([`crate::cuda::cp_kernels`]); [`cp_call`] checks a
 //!   call on the host and that every rank is ready for the same one; [`cp_ring`] schedules
 //!   the `p2p` ring's exchanges on the communicator's stream, overlapped with compute.
+//! - KV caches under context parallelism ([`cp_cache`], [`cp_cache_step`]): each rank caches
+//!   the tokens it owns (its prompt chunks, then every `cp`-th decode token by the
+//!   fewest-tokens rule) in a [`CpStaticKvCache`]; a decode step attends the new token over
+//!   each rank's cache and merges the partials by LSE (CPU reference and CUDA).
 //!
 //! What runs where, and what is missing (see README.md, "Tensor and context parallelism"):
 //! the CPU paths are tested against the single-rank layer with the in-process communicator;
 //! the CUDA plans are tested on the host by emulating the kernel (`tests/parallel_cp_plan.rs`);
 //! the CUDA paths ([`TpLayer`] over [`CudaLayer`](crate::cuda::CudaLayer), [`CpCudaLayer`])
-//! have two-GPU tests (`tests/gpu_parallel.rs`, `tests/gpu_parallel_cp.rs`); the ring
-//! schedule is tested on the host at CP = 2..6 (`tests/parallel_cp_ring.rs`). Context
-//! parallelism's backward, KV caches under it, and the `a2a+p2p` hierarchy are not written.
+//! have two-GPU tests (`tests/gpu_parallel.rs`, `tests/gpu_parallel_cp.rs`,
+//! `tests/gpu_parallel_cp_backward.rs`, `tests/gpu_parallel_cp_decode.rs`); the ring
+//! schedule is tested on the host at CP = 2..6 (`tests/parallel_cp_ring.rs`). Paged KV caches
+//! under context parallelism and the `a2a+p2p` hierarchy are not written.
 
 pub mod comm;
 pub mod cp;
+pub mod cp_cache;
+pub mod cp_cache_step;
 pub mod cp_call;
 pub mod cp_core;
 mod cp_core_train;
 pub mod cp_cuda;
 mod cp_cuda_backward;
+pub mod cp_cuda_cache;
 mod cp_cuda_core;
 pub mod cp_layout;
 pub mod cp_plan;
@@ -61,9 +69,11 @@ use crate::error::AttnError;
 
 pub use comm::Communicator;
 pub use cp::{CpLayer, CpSaved};
+pub use cp_cache::{CpCpuBackend, CpStaticKvCache};
 pub use cp_core::CpCoreAttention;
 pub use cp_cuda::CpCudaLayer;
 pub use cp_cuda_backward::CpCudaSaved;
+pub use cp_cuda_cache::CpCudaBackend;
 pub use cp_layout::CpLayout;
 pub use in_process::{run_ranks, InProcessComm};
 pub use nccl::{DeviceCommunicator, NcclComm};

@@ -44,9 +44,9 @@ pub(crate) struct CpQkv {
 /// The running merged attention of a rank's query rows: f32 output `[rows, np, hn]` and LSE
 /// `[np, rows]` (natural log; `-inf` where no key was seen yet).
 pub(crate) struct CpAcc {
-    out: CudaSlice<f32>,
-    lse: CudaSlice<f32>,
-    rows: usize,
+    pub(super) out: CudaSlice<f32>,
+    pub(super) lse: CudaSlice<f32>,
+    pub(super) rows: usize,
 }
 
 fn shape_err(arg: &str, expected: String, got: Vec<usize>) -> AttnError {

@@ -14,8 +14,8 @@
 //! ring-estimate wire bytes of one call, per rank; for CP this includes the few bytes of the
 //! call check every rank makes first). Results in [`super::parallel_report`].
 //!
-//! Context parallelism is forward only (no CUDA CP backward): with `--train` the train rows
-//! are TP only ([`CP_NOTE`]). Fewer than two GPUs or no libnccl: the TP = 2 / CP = 2 rows are
+//! With `--train` the CP rows time `CpCudaLayer::forward_train_device` + `backward_device`
+//! (the p2p backward's ring does not overlap its exchanges). Fewer than two GPUs or no libnccl: the TP = 2 / CP = 2 rows are
 //! n/a with a note (not an error); a rank that fails (out of memory, a peer timing out) ends
 //! that rank's rows, with a note.
 
@@ -40,7 +40,7 @@ use super::chart::{svg_path_for, write_svg};
 use super::common::{cuda_err, median};
 use super::layer_report::LayerShape;
 use super::parallel_count::{CommCount, CommCounter, CountingComm};
-use super::parallel_report::{panels, table, to_json, ParRow, CP_NOTE};
+use super::parallel_report::{panels, table, to_json, ParRow};
 
 /// Bound on each collective's completion (a missing or stuck peer is an error, not a hang).
 const COLLECTIVE_TIMEOUT: Duration = Duration::from_secs(120);
@@ -182,13 +182,9 @@ impl Config {
         }
     }
 
-    /// The modes it runs: CP is forward only.
+    /// The modes it runs (the same for every configuration).
     fn modes(&self, o: &ParallelOptions) -> Vec<&'static str> {
-        if self.cp > 1 {
-            vec!["forward"]
-        } else {
-            o.modes()
-        }
+        o.modes()
     }
 }
 
@@ -223,12 +219,21 @@ fn train_step<L: TrainLayer<Backend = CudaBackend>>(
     }
 }
 
-/// Forward only.
-fn forward_step<L: BackendLayer<Backend = CudaBackend>>(
-    layer: &L,
+/// Forward, or with `dy` the CP training step (forward_train + backward), of one CP rank.
+fn cp_train_step<C: attention_runtime::parallel::DeviceCommunicator>(
+    layer: &CpCudaLayer<C>,
 ) -> impl Fn(&DeviceTensor, Option<&DeviceTensor>) -> Result<()> + '_ {
-    move |x, _| {
-        drop(layer.forward(x, &ForwardArgs::default())?);
+    move |x, dy| {
+        let args = ForwardArgs::default();
+        match dy {
+            None => drop(BackendLayer::forward(layer, x, &args)?),
+            Some(dy) => {
+                let (y, mut saved) =
+                    layer.forward_train_device(x, &args, &TrainOptions::default())?;
+                let g = layer.backward_device(&mut saved, dy, &BackwardOptions::default())?;
+                drop((y, saved, g));
+            }
+        }
         Ok(())
     }
 }
@@ -340,7 +345,7 @@ fn parallel_rank(
                 let cuda = CudaLayer::new(full, &dev)?;
                 let st = cuda.runtime().stream().clone();
                 let l = CpCudaLayer::new(cuda, comm, ty)?;
-                let step = forward_step(&l);
+                let step = cp_train_step(&l);
                 run_rank(&step, &st, o, (&modes, c.cp), hidden, Some(&counter))
             }
         })
@@ -435,9 +440,6 @@ pub fn run_parallel(o: &ParallelOptions) -> Result<String> {
     let full = SpecLayer::init(config, 7)?;
     let configs = o.configs();
     let mut notes = Vec::new();
-    if o.train && configs.iter().any(|c| c.cp > 1) {
-        notes.push(CP_NOTE.to_string());
-    }
     let mut rows = Vec::new();
     for c in configs.iter().copied() {
         let per_rank = run_config(&full, c, o, &dev0, &mut notes)?;
@@ -561,7 +563,7 @@ mod tests {
     }
 
     #[test]
-    fn configurations_in_table_order_cp_forward_only() {
+    fn configurations_in_table_order_cp_trains_too() {
         let mut o = opts();
         o.train = true;
         o.cp_comm_types = vec![CpCommType::A2a, CpCommType::P2p, CpCommType::A2a];
@@ -569,7 +571,7 @@ mod tests {
         let labels: Vec<String> = c.iter().map(Config::label).collect();
         assert_eq!(labels, ["TP = 1", "TP = 2", "CP = 2 a2a", "CP = 2 p2p"]);
         assert_eq!(c[1].modes(&o), vec!["forward", "train"]);
-        assert_eq!(c[2].modes(&o), vec!["forward"]);
+        assert_eq!(c[2].modes(&o), vec!["forward", "train"]);
         assert_eq!(c[3].ranks(), 2);
         // CP = 1 and TP = 1 are the same single-GPU row.
         o.tps = vec![1];

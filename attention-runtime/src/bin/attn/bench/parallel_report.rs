@@ -4,18 +4,13 @@
 //!
 //! Bytes are counted by [`super::parallel_count::CountingComm`] around the layer's
 //! communicator during one timed call (payload and ring-estimate wire bytes, see there).
-//! Context-parallel rows (`cp > 1`, one per `cp_comm_type`) are forward only: [`CP_NOTE`] says
-//! so in every report that has training rows.
+//! Context-parallel rows (`cp > 1`) come one per `cp_comm_type`.
 
 use std::fmt::Write as _;
 
 use super::chart::{Panel, Series};
 use super::common::{json_num, json_str};
 use super::parallel_count::CommCount;
-
-/// Why training has no CP rows.
-pub const CP_NOTE: &str = "CP rows: forward only (CpCudaLayer has no training backward yet), \
-so the train rows are CP = 1.";
 
 /// One measured configuration.
 #[derive(Debug, Clone, PartialEq)]
@@ -270,11 +265,7 @@ mod tests {
 
     #[test]
     fn table_rows_and_notes() {
-        let s = table(
-            &rows(),
-            "2x H200",
-            &format!("{CP_NOTE}\nTP = 2: no second GPU"),
-        );
+        let s = table(&rows(), "2x H200", "TP = 2: no second GPU");
         assert!(
             s.contains("| forward | 32768 | 2 | 1 | - | 6.25 | 6.00 / 6.25 | 1.60 | 0.80 | 1 | 256.00 | 256.00 |"),
             "{s}"
@@ -300,7 +291,7 @@ mod tests {
     #[test]
     fn json_and_chart() {
         let r = rows();
-        let j = to_json(&r, "dev", CP_NOTE);
+        let j = to_json(&r, "dev", "a note");
         assert!(
             j.contains("\"tp\": 2, \"cp\": 1, \"cp_comm_type\": null, \"ms\": 6.2500, \"rank_ms\": [6.0000, 6.2500], \"speedup\": 1.6000, \"efficiency\": 0.8000, \"collectives\": 1, \"payload_bytes\": 268435456, \"wire_bytes\": 268435456}"),
             "{j}"
