@@ -27,6 +27,7 @@ use std::time::{Duration, Instant};
 use attention_runtime::backend::{Backend, BackendLayer};
 use attention_runtime::cuda::{CudaLayer, CudaRuntime, DeviceTensor, ElemType};
 use attention_runtime::device::CudaDevice;
+use attention_runtime::kv_cache::{BlockTable, PagedBatch};
 use attention_runtime::modules::SplitMix64;
 use attention_runtime::parallel::{CpCommType, CpCudaLayer, CpLayout, NcclComm, NcclUniqueId};
 use attention_runtime::spec_layer::SpecLayer;
@@ -406,7 +407,7 @@ fn cp2_hidden_of_another_dtype_is_refused() {
 
 #[test]
 #[ignore = "requires a CUDA GPU"]
-fn cp2_unsupported_layers_and_cache_steps_are_refused() {
+fn cp2_unsupported_layers_and_paged_steps_are_refused() {
     // a2a needs cp to divide the heads and the groups (3 groups).
     let l3 = layer(
         "self, heads=6, gqa=3, head_dim=64, hidden=384, mask=causal",
@@ -427,13 +428,21 @@ fn cp2_unsupported_layers_and_cache_steps_are_refused() {
     for e in out {
         assert_arg(&e, "config.kind");
     }
+    // Static-cache steps run (tests/gpu_parallel_cp_decode.rs); paged steps are refused.
     let out = two_gpus(|_, dev, c| {
         let l = CpCudaLayer::new(CudaLayer::new(&full, &dev)?, c, CpCommType::P2p)?;
         let be = l.backend();
-        let mut cache = be.static_cache(1, 8, 1, 4, 64)?;
-        let x = be.upload(&Tensor::zeros(&[2, 1, 512]))?;
-        Ok(l.prefill(&x, &mut cache, 0, 0, &ForwardArgs::default())
-            .unwrap_err())
+        let cfg = l.layer_config().clone();
+        let mut pc = be.paged_cache(1, 4, 16, cfg.groups, cfg.head_dim)?;
+        let table = BlockTable::new(1, 1)?;
+        let batch = PagedBatch {
+            cu_seqlens_q: &[0, 1],
+            seqlens_k: &[1],
+            block_table: &table,
+        };
+        let x = be.upload(&Tensor::zeros(&[1, cfg.hidden]))?;
+        Ok(l.forward_paged(&x, &mut pc, 0, &batch)
+            .expect_err("paged steps are refused"))
     });
     for e in out {
         assert_arg(&e, "context parallel");
