@@ -435,3 +435,32 @@ fn wait_for_a_missing_peer_times_out_over_nccl() {
     }
     assert!(res[1].is_ok());
 }
+
+#[test]
+#[ignore = "requires a CUDA GPU"]
+/// A rank whose peer never calls `ncclCommInitRank` gets a typed error after the init bound
+/// (the timeout, at least `INIT_MIN_TIMEOUT`) instead of waiting forever.
+fn zz_init_without_the_peer_times_out() {
+    let id = NcclUniqueId::new().unwrap();
+    let rt = CudaRuntime::get(&gpu_at(0)).unwrap();
+    let t0 = std::time::Instant::now();
+    let e = NcclComm::new(rt, 0, 2, &id, Some(Duration::from_secs(1))).unwrap_err();
+    let took = t0.elapsed();
+    match &e {
+        AttnError::Collective {
+            op,
+            rank: 0,
+            expected,
+            ..
+        } => {
+            assert_eq!(op, "ncclCommInitRank");
+            assert!(expected.contains("within"), "{expected}");
+        }
+        other => panic!("{other:?}"),
+    }
+    assert!(
+        took >= attention_runtime::parallel::nccl::INIT_MIN_TIMEOUT
+            && took < attention_runtime::parallel::nccl::INIT_MIN_TIMEOUT + Duration::from_secs(10),
+        "{took:?}"
+    );
+}

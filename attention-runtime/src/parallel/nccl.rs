@@ -26,8 +26,11 @@
 //! ends its queued kernels, so no later work waits behind a dead collective) and marked
 //! broken: that call and every later one return [`AttnError::Collective`] without queuing
 //! anything ([`NcclComm::broken`] says why). Without a timeout collectives are asynchronous.
-//! What is not bounded: `ncclCommInitRank` blocks until every rank has joined (cudarc gives no
-//! non-blocking init), NCCL may connect peers lazily inside the first collective's host call
+//! With a timeout, [`NcclComm::new`] runs `ncclCommInitRank` (which blocks until every rank
+//! has joined; cudarc gives no non-blocking init) on a helper thread and returns
+//! [`AttnError::Collective`] when it has not finished within the timeout or
+//! [`INIT_MIN_TIMEOUT`], whichever is longer (that thread stays blocked in
+//! NCCL: the cost of a peer that never came). What is not bounded: NCCL may connect peers lazily inside the first collective's host call
 //! (`NCCL_RUNTIME_CONNECT`), and ranks that call different collectives or sizes are undefined
 //! behaviour in NCCL (the in-process communicator detects them; NCCL cannot).
 //!
@@ -35,6 +38,7 @@
 //! and `gpu_parallel_cp.rs`.
 
 use std::cell::{Ref, RefCell};
+use std::sync::mpsc;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -125,14 +129,35 @@ impl NcclComm {
             .fork()
             .map_err(cuda("cuStreamCreate (NCCL stream)"))?;
         let raw = Id::uninit(id.bytes().map(|b| b as ::core::ffi::c_char));
-        let comm = Comm::from_rank(stream.clone(), rank, world_size, raw).map_err(|e| {
-            AttnError::Collective {
-                op: "ncclCommInitRank".into(),
-                rank,
-                expected: format!("ncclSuccess joining a group of {world_size}"),
-                got: format!("{:?}", e.0),
+        let init_stream = stream.clone();
+        let ctx = rt.device().context.clone();
+        let init = move || -> Result<SendComm> {
+            ctx.bind_to_thread()
+                .map_err(cuda("bind_to_thread (NCCL init)"))?;
+            Comm::from_rank(init_stream, rank, world_size, raw)
+                .map(SendComm)
+                .map_err(|e| AttnError::Collective {
+                    op: "ncclCommInitRank".into(),
+                    rank,
+                    expected: format!("ncclSuccess joining a group of {world_size}"),
+                    got: format!("{:?}", e.0),
+                })
+        };
+        let comm = match timeout.map(|t| t.max(INIT_MIN_TIMEOUT)) {
+            None => init()?.0,
+            Some(t) => {
+                run_with_timeout(init, t)
+                    .ok_or_else(|| AttnError::Collective {
+                        op: "ncclCommInitRank".into(),
+                        rank,
+                        expected: format!("every rank of {world_size} joining within {t:?}"),
+                        got: "timed out (a peer never joined; the init thread is left blocked \
+                              in NCCL)"
+                            .into(),
+                    })??
+                    .0
             }
-        })?;
+        };
         Ok(NcclComm {
             comm: RefCell::new(Some(comm)),
             rank,
@@ -500,5 +525,48 @@ impl DeviceCommunicator for NcclComm {
     }
     fn complete(&self, op: &str, done: &CudaEvent) -> Result<()> {
         self.wait_event(op, done)
+    }
+}
+
+/// The least time [`NcclComm::new`] gives `ncclCommInitRank` when a timeout is set (NCCL's
+/// own setup, topology discovery and connections, takes seconds).
+pub const INIT_MIN_TIMEOUT: Duration = Duration::from_secs(20);
+
+/// cudarc's `Comm`, handed once from the init thread to the caller's.
+struct SendComm(Comm);
+
+// SAFETY: an NCCL communicator may be used from any thread as long as no two threads use it
+// at once; the init thread creates it and hands it over through a channel without touching it
+// again (or, on a timeout, never finishes and never hands it over).
+unsafe impl Send for SendComm {}
+
+/// Run `f` on a new thread and wait at most `timeout` for its result: `None` when it has not
+/// finished by then (the thread is left running; its result is dropped when it ends).
+pub(crate) fn run_with_timeout<T: Send + 'static>(
+    f: impl FnOnce() -> T + Send + 'static,
+    timeout: Duration,
+) -> Option<T> {
+    let (tx, rx) = mpsc::channel();
+    std::thread::spawn(move || {
+        // The receiver is gone after a timeout: nothing to do with the result then.
+        let _ = tx.send(f());
+    });
+    rx.recv_timeout(timeout).ok()
+}
+
+#[cfg(test)]
+mod init_timeout_tests {
+    use super::*;
+
+    #[test]
+    fn a_blocked_call_times_out_and_a_quick_one_returns() {
+        let t0 = Instant::now();
+        let blocked = run_with_timeout(
+            || std::thread::sleep(Duration::from_secs(30)),
+            Duration::from_millis(200),
+        );
+        assert!(blocked.is_none());
+        assert!(t0.elapsed() < Duration::from_secs(5));
+        assert_eq!(run_with_timeout(|| 7, Duration::from_secs(5)), Some(7));
     }
 }
