@@ -274,6 +274,20 @@ pub trait TrainLayer: BackendLayer {
     /// [`crate::AttnError::NoBackendImpl`] (CPU) for a wrapped layer that does not hand out
     /// its `linear_qkv` weight ([`AttentionLayer::linear_qkv_mut`]).
     fn clip_qk(&mut self, threshold: f32, alpha: f32) -> Result<QkClipReport>;
+    /// [`clip_qk`](Self::clip_qk) with a record the caller supplies instead of the layer's
+    /// own (`[np]` per query head, `None`: nothing observed), for a record reduced across
+    /// ranks (a tensor-parallel group whose key/value groups are replicated takes the max
+    /// over every replica's heads, [`crate::parallel::TpLayer`]). The layer's own record is
+    /// reset as by `clip_qk`.
+    ///
+    /// Errors (nothing changed): those of `clip_qk`; [`crate::AttnError::InvalidArgument`]
+    /// (`record`) for a record of another head count or one holding a NaN.
+    fn clip_qk_with_record(
+        &mut self,
+        record: Option<&[f32]>,
+        threshold: f32,
+        alpha: f32,
+    ) -> Result<QkClipReport>;
 }
 
 impl SavedForward for CpuSaved {
@@ -315,6 +329,20 @@ impl<L: AttentionLayer> TrainLayer for CpuLayer<L> {
         let record = self.1.get_mut().unwrap_or_else(|p| p.into_inner());
         record.clip_layer(&mut self.0, threshold, alpha)
     }
+    fn clip_qk_with_record(
+        &mut self,
+        record: Option<&[f32]>,
+        threshold: f32,
+        alpha: f32,
+    ) -> Result<QkClipReport> {
+        let mut given = QkClip::new();
+        if let Some(r) = record {
+            given.observe(r)?;
+        }
+        let report = given.clip_layer(&mut self.0, threshold, alpha)?;
+        self.1.get_mut().unwrap_or_else(|p| p.into_inner()).reset();
+        Ok(report)
+    }
 }
 
 impl SavedForward for CudaSaved {
@@ -355,6 +383,14 @@ impl TrainLayer for CudaLayer {
     }
     fn clip_qk(&mut self, threshold: f32, alpha: f32) -> Result<QkClipReport> {
         self.clip_qk_device(threshold, alpha)
+    }
+    fn clip_qk_with_record(
+        &mut self,
+        record: Option<&[f32]>,
+        threshold: f32,
+        alpha: f32,
+    ) -> Result<QkClipReport> {
+        self.clip_qk_device_with_record(record, threshold, alpha)
     }
 }
 

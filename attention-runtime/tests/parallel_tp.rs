@@ -12,7 +12,7 @@ use attention_runtime::backend::{Backend, BackendLayer, CpuBackend, CpuLayer, Tr
 use attention_runtime::kv_cache::{BlockTable, PagedBatch, PagedKvCache, StaticKvCache};
 use attention_runtime::modules::SplitMix64;
 use attention_runtime::parallel::tp_load::shard_layer;
-use attention_runtime::parallel::{Communicator, InProcessComm, TpLayer, TpPlan};
+use attention_runtime::parallel::{run_ranks, Communicator, InProcessComm, TpLayer, TpPlan};
 use attention_runtime::train::{BackwardOptions, TrainOptions};
 use attention_runtime::{
     AttentionLayer, AttnError, ForwardArgs, LayerConfig, PackedSeqParams, Result, Tensor,
@@ -319,4 +319,118 @@ fn a_shard_for_another_world_size_is_refused() {
         }
         other => panic!("{other}"),
     }
+}
+
+/// `linear_qkv.weight` of a CPU layer (a rank's shard or the whole layer).
+fn qkv_weight(l: &attention_runtime::spec_layer::SpecLayer) -> Tensor {
+    l.state_dict("")
+        .into_iter()
+        .find(|(k, _)| k == "linear_qkv.weight")
+        .unwrap()
+        .1
+}
+
+/// Two training forwards, then a threshold between the smallest and largest head record, so
+/// that a replica whose own heads stay below it must still clip its copy of the group.
+fn clip_setup(spec: &str, seed: u64) -> (attention_runtime::spec_layer::SpecLayer, Vec<Tensor>) {
+    let full = layer(spec, seed);
+    let h = full.config().hidden;
+    let mut rng = SplitMix64::new(seed + 1);
+    let xs = (0..2).map(|_| rand_t(&mut rng, &[5, 2, h], 3.0)).collect();
+    (full, xs)
+}
+
+#[test]
+fn qk_clip_is_the_whole_layers_clip_sharded_with_whole_and_replicated_groups() {
+    // (spec, tp): whole groups (tp = 2 over 2 groups), replicated groups (1 or 2 groups
+    // over 2 or 4 ranks), with q/k norms and without.
+    let cases = [
+        (SPECS[0].0, 2),
+        (SPECS[0].0, 4),
+        (SPECS[2].0, 2),
+        (SPECS[2].0, 4),
+        (SPECS[3].0, 4),
+    ];
+    for (i, (spec, tp)) in cases.into_iter().enumerate() {
+        let (full, xs) = clip_setup(spec, 900 + 10 * i as u64);
+        let cfg: &LayerConfig = full.config();
+        let args = ForwardArgs::default();
+        let mut single = CpuLayer::new(full.clone());
+        for x in &xs {
+            single
+                .forward_train(x, &args, &TrainOptions::default())
+                .unwrap();
+        }
+        let rec = single.max_logit_record().unwrap().unwrap();
+        let lo = rec.iter().copied().fold(f32::INFINITY, f32::min);
+        let hi = rec.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+        let threshold = 0.5 * (lo + hi);
+        assert!(threshold > 0.0 && lo < hi, "{spec}: record {rec:?}");
+        let want = single.clip_qk(threshold, 0.5).unwrap();
+        assert!(!want.clipped.is_empty(), "{spec}: nothing clipped");
+        let want_w = qkv_weight(single.inner());
+        let out = ranks(tp, |c| {
+            let mut l = tp_rank(&full, c, false)?;
+            for x in &xs {
+                l.forward_train(x, &args, &TrainOptions::default())?;
+            }
+            let report = l.clip_qk(threshold, 0.5)?;
+            Ok((report, qkv_weight(l.inner().inner()), l.max_logit_record()?))
+        });
+        for (r, (report, w, rec)) in out.iter().enumerate() {
+            let what = format!("{spec} tp={tp} rank {r}");
+            let plan = TpPlan::new(cfg, r, tp).unwrap();
+            let g0 = plan.first_group;
+            let gs = g0..g0 + plan.groups_per_rank;
+            assert_close(
+                &format!("{what} linear_qkv.weight"),
+                w,
+                &plan
+                    .shard(cfg, "linear_qkv.weight", "linear_qkv.weight", &want_w)
+                    .unwrap(),
+            );
+            assert_eq!(report.group_max, want.group_max[gs.clone()], "{what}");
+            let clipped: Vec<usize> = want
+                .clipped
+                .iter()
+                .filter(|g| gs.contains(g))
+                .map(|g| g - g0)
+                .collect();
+            assert_eq!(report.clipped, clipped, "{what}");
+            assert_eq!(rec, &None, "{what}: the record is reset");
+        }
+    }
+}
+
+#[test]
+fn qk_clip_is_all_or_nothing_across_ranks() {
+    let (full, xs) = clip_setup(SPECS[2].0, 950);
+    let args = ForwardArgs::default();
+    // Rank 1 passes a bad threshold: it gets its own error, rank 0 a Collective error naming
+    // rank 1, and neither changes its weight or its record.
+    let out = run_ranks(2, parallel_common::TIMEOUT, |c| {
+        let r = c.rank();
+        let mut l = tp_rank(&full, c, false)?;
+        for x in &xs {
+            l.forward_train(x, &args, &TrainOptions::default())?;
+        }
+        let (w0, rec0) = (qkv_weight(l.inner().inner()), l.max_logit_record()?);
+        let e = l.clip_qk(if r == 1 { -1.0 } else { 1.0 }, 0.5).unwrap_err();
+        assert_eq!(qkv_weight(l.inner().inner()).data(), w0.data(), "rank {r}");
+        assert_eq!(l.max_logit_record()?, rec0, "rank {r}");
+        assert!(rec0.is_some());
+        Ok(e)
+    })
+    .unwrap();
+    let errs: Vec<AttnError> = out.into_iter().map(|r| r.unwrap()).collect();
+    assert!(
+        matches!(&errs[1], AttnError::InvalidArgument { arg, .. } if arg == "threshold"),
+        "{}",
+        errs[1]
+    );
+    assert!(
+        matches!(&errs[0], AttnError::Collective { rank: 1, got, .. } if got.contains("threshold")),
+        "{}",
+        errs[0]
+    );
 }

@@ -16,10 +16,9 @@
 //!   and its gradient stays the rank's.
 //!
 //! Caveats: with one query head per rank a per-head bias (head dim 1) cannot be told from a
-//! shared one and is taken as shared. QK-Clip ([`TrainLayer::clip_qk`]) on a shard sees only
-//! the rank's heads: right for whole groups; replicated groups would need the max over every
-//! replica's heads (a max all-reduce the communicator does not have yet) so that their key
-//! rows stay equal, so it is refused there (a typed error).
+//! shared one and is taken as shared. QK-Clip ([`TrainLayer::clip_qk`]) exchanges the
+//! ranks' records first: a replicated group's max is taken over every replica's heads, so
+//! that its copies' key rows get the same factor (exactly the whole layer's clip, sharded).
 
 use std::collections::BTreeMap;
 
@@ -113,19 +112,106 @@ where
     fn max_logit_record(&self) -> Result<Option<Vec<f32>>> {
         self.layer.max_logit_record()
     }
-    /// QK-Clip on this rank's shard with its own record: exact when every group lies whole
-    /// on one rank. Errors ([`crate::AttnError::NoBackendImpl`], nothing changed) with
-    /// replicated groups (`ng < tp`), whose key rows need the max over every replica's heads.
+    /// QK-Clip on this rank's shard, with every rank's record exchanged first (one small
+    /// all-gather of host bytes): with whole groups per rank (`ng >= tp`) each group's max is
+    /// the rank's own; with replicated groups (`ng < tp`) a group's max is taken over every
+    /// replica's heads, so every copy of its key rows gets the same factor and the result
+    /// is the whole layer's clip, sharded. Every rank must call it (it is collective).
+    ///
+    /// All or nothing: each rank first checks its arguments and its record; if any rank
+    /// fails, no rank changes its weight or its record.
+    ///
+    /// Errors (nothing changed on any rank): on the failing rank, its own error (those of
+    /// [`TrainLayer::clip_qk`], e.g. `InvalidArgument` (`record`) for a NaN); on its peers,
+    /// [`crate::AttnError::Collective`] naming the first failed rank; those of
+    /// [`Communicator::all_gather_bytes`].
     fn clip_qk(&mut self, threshold: f32, alpha: f32) -> Result<crate::train::QkClipReport> {
-        if self.plan.groups < self.plan.tp_size {
-            return Err(crate::AttnError::NoBackendImpl {
-                role: "QK-Clip with replicated key/value groups (groups < tp_size)".into(),
-                backend: "tensor parallel".into(),
-                hint: "the group max needs a max all-reduce over the replicas; clip with \
-                       tp_size <= groups"
-                    .into(),
-            });
+        let local = self.layer.max_logit_record().and_then(|r| {
+            crate::train::qk_clip::plan(self.layer.layer_config(), r.as_deref(), threshold, alpha)
+                .map(|_| r)
+        });
+        let all = self.comm.all_gather_bytes(&encode_record(&local))?;
+        let local = local?;
+        let mut records = Vec::with_capacity(all.len());
+        for (rank, m) in all.iter().enumerate() {
+            records.push(
+                decode_record(m).map_err(|got| crate::AttnError::Collective {
+                    op: "QK-Clip record exchange".into(),
+                    rank,
+                    expected: "every rank's record checked (threshold, alpha, no NaN)".into(),
+                    got,
+                })?,
+            );
         }
-        self.layer.clip_qk(threshold, alpha)
+        let record = if self.plan.group_replicas > 1 {
+            replica_group_max(&self.plan, &records).map(|m| vec![m; self.plan.heads_per_rank])
+        } else {
+            local
+        };
+        self.layer
+            .clip_qk_with_record(record.as_deref(), threshold, alpha)
     }
+    /// Not used by tensor parallelism itself (its [`clip_qk`](TrainLayer::clip_qk) reduces
+    /// the records across ranks): clips the shard with a record of its heads the caller
+    /// supplies, as [`TrainLayer::clip_qk_with_record`] does, without communication.
+    fn clip_qk_with_record(
+        &mut self,
+        record: Option<&[f32]>,
+        threshold: f32,
+        alpha: f32,
+    ) -> Result<crate::train::QkClipReport> {
+        self.layer.clip_qk_with_record(record, threshold, alpha)
+    }
+}
+
+/// Marker bytes of the QK-Clip record exchange: a checked record, or a rank's error.
+const RECORD_READY: u8 = b'+';
+const RECORD_FAILED: u8 = b'!';
+
+/// `[+][0]` (no record), `[+][1][f32 LE ...]`, or `[!][error text]`.
+fn encode_record(local: &Result<Option<Vec<f32>>>) -> Vec<u8> {
+    match local {
+        Ok(None) => vec![RECORD_READY, 0],
+        Ok(Some(r)) => {
+            let mut m = vec![RECORD_READY, 1];
+            for x in r {
+                m.extend_from_slice(&x.to_le_bytes());
+            }
+            m
+        }
+        Err(e) => {
+            let mut m = vec![RECORD_FAILED];
+            m.extend_from_slice(e.to_string().as_bytes());
+            m
+        }
+    }
+}
+
+/// The record a peer sent, or the description of its failure.
+fn decode_record(m: &[u8]) -> std::result::Result<Option<Vec<f32>>, String> {
+    match m {
+        [RECORD_READY, 0] => Ok(None),
+        [RECORD_READY, 1, rest @ ..] if rest.len() % 4 == 0 => Ok(Some(
+            rest.chunks_exact(4)
+                .map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]]))
+                .collect(),
+        )),
+        [RECORD_FAILED, text @ ..] => Err(String::from_utf8_lossy(text).into_owned()),
+        _ => Err(format!("a malformed record message of {} bytes", m.len())),
+    }
+}
+
+/// The max over every head of every replica of this rank's (replicated) group: ranks
+/// `r` with `r / group_replicas` equal to this rank's hold its copies. `None` when no
+/// replica has a record.
+fn replica_group_max(plan: &super::TpPlan, records: &[Option<Vec<f32>>]) -> Option<f32> {
+    let group = plan.tp_rank / plan.group_replicas;
+    records
+        .iter()
+        .enumerate()
+        .filter(|(r, _)| r / plan.group_replicas == group)
+        .filter_map(|(_, rec)| rec.as_ref())
+        .flatten()
+        .copied()
+        .reduce(f32::max)
 }

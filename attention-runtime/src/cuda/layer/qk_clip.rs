@@ -66,9 +66,25 @@ impl CudaLayer {
     /// when reading the record fails; kernel compile / load errors.
     pub fn clip_qk_device(&mut self, threshold: f32, alpha: f32) -> Result<QkClipReport> {
         check_args(&self.config, threshold, alpha)?;
-        let st = self.rt.stream().clone();
         let record = self.max_logit_record_device()?;
-        let p = plan(&self.config, record.as_deref(), threshold, alpha)?;
+        self.clip_qk_device_with_record(record.as_deref(), threshold, alpha)
+    }
+
+    /// [`clip_qk_device`](Self::clip_qk_device) with a host record `[np]` the caller
+    /// supplies (e.g. reduced across tensor-parallel replicas; `None`: nothing observed)
+    /// instead of the layer's; the layer's record is reset all the same.
+    ///
+    /// Errors (nothing changed): those of `clip_qk_device`;
+    /// [`AttnError::InvalidArgument`] (`record`) for a record of another head count or one
+    /// holding a NaN.
+    pub fn clip_qk_device_with_record(
+        &mut self,
+        record: Option<&[f32]>,
+        threshold: f32,
+        alpha: f32,
+    ) -> Result<QkClipReport> {
+        let st = self.rt.stream().clone();
+        let p = plan(&self.config, record, threshold, alpha)?;
         if !p.blocks.is_empty() {
             let k = train_ops::load(&self.rt, &PrepBackwardKernels::render(&self.prep)?)?;
             let Projections::SelfAttention { qkv } = &mut self.proj_in else {
