@@ -441,7 +441,9 @@ pub fn run_decode(opts: &DecodeOptions) -> Result<String> {
         for &b in &opts.batches {
             let cache_elems = (c + 1) * b * groups * hd;
             let cache_bytes = 2 * cache_elems * 2;
-            if cache_bytes > opts.max_cache_bytes {
+            // The limit counts the context's K+V as the SDPA script does (its cache holds no
+            // slot for the new token), so both sides skip the same shapes.
+            if 2 * c * b * groups * hd * 2 > opts.max_cache_bytes {
                 eprintln!(
                     "skipping ctx {c} batch {b}: K+V cache {cache_bytes} B > {} B",
                     opts.max_cache_bytes

@@ -146,14 +146,39 @@ pub fn decode_table(t: &[DecodeTiming], ceilings: &[CopyCeiling], device: &str) 
         let gqa = sd.map_or("-", |x| x.gqa.as_str());
         let behind: usize = ours.map_or(0, |x| x.host_behind) + sd.map_or(0, |x| x.host_behind);
         let mb = ours.or(sd).map_or(f64::NAN, |x| x.bytes / 1e6);
+        // A side that was skipped or failed prints "-", not NaN.
+        let n = |v: f64, prec: usize| {
+            if v.is_finite() {
+                format!("{v:.prec$}")
+            } else {
+                "-".to_string()
+            }
+        };
+        let pct = |v: f64| {
+            if v.is_finite() {
+                format!("{v:.0}%")
+            } else {
+                "-".to_string()
+            }
+        };
+        let sp = if ours.is_some() {
+            sp.to_string()
+        } else {
+            "-".into()
+        };
         let _ = writeln!(
             s,
-            "| {c} | {b} | {mb:.1} | {ou:.1} | {og:.0} | {sp} | {su:.1} | {sg:.0} | {gqa} | {:.2} | {:.0}% | {:.0}% | {:.0}% | {:.0}% |{}",
-            og / sg,
-            100.0 * og / ceil,
-            100.0 * sg / ceil,
-            100.0 * og / read,
-            100.0 * sg / read,
+            "| {c} | {b} | {} | {} | {} | {sp} | {} | {} | {gqa} | {} | {} | {} | {} | {} |{}",
+            n(mb, 1),
+            n(ou, 1),
+            n(og, 0),
+            n(su, 1),
+            n(sg, 0),
+            n(og / sg, 2),
+            pct(100.0 * og / ceil),
+            pct(100.0 * sg / ceil),
+            pct(100.0 * og / read),
+            pct(100.0 * sg / read),
             if behind > 0 {
                 format!(" (host behind in {behind} chunks)")
             } else {
@@ -363,6 +388,15 @@ mod tests {
             .unwrap();
         let ratio = all[2].gbps / all[0].gbps;
         assert!(row.contains(&format!("| {ratio:.2} |")), "{row}");
+        // A shape that one side skipped (SDPA null here, ours absent) prints dashes, not NaN.
+        let skipped = table
+            .lines()
+            .find(|l| l.starts_with("| 32768 | 16 |"))
+            .unwrap();
+        assert!(
+            !skipped.contains("NaN") && skipped.contains("| - |"),
+            "{skipped}"
+        );
         let j = decode_json(&all, &c, "dev", "note");
         assert!(j.contains("\"implementation\": \"decode_splitkv\""));
         assert!(j.contains("\"us\": null"));
