@@ -464,3 +464,70 @@ fn zz_init_without_the_peer_times_out() {
         "{took:?}"
     );
 }
+
+#[test]
+#[ignore = "requires a CUDA GPU"]
+fn tp2_qk_clip_of_a_replicated_group_matches_the_cpu_reference() {
+    // MQA: the one group is replicated on both ranks. Rank 1's query heads (4..8) are scaled
+    // by 2, so its max logit is about twice rank 0's, and the threshold lies between them:
+    // rank 0 must clip its copy of the group by rank 1's max.
+    let spec = "self, heads=8, gqa=1, head_dim=64, hidden=512, rope, mask=causal";
+    let base = layer(spec, 61);
+    let cfg = base.config().clone();
+    let sd: Vec<_> = base
+        .state_dict("")
+        .into_iter()
+        .map(|(k, mut t)| {
+            if k == "linear_qkv.weight" {
+                let h = cfg.hidden;
+                t.data_mut()[4 * 64 * h..8 * 64 * h]
+                    .iter_mut()
+                    .for_each(|v| *v *= 2.0);
+            }
+            (k, t)
+        })
+        .collect();
+    let full = SpecLayer::load(cfg.clone(), &WeightStore::from_tensors(sd), "").unwrap();
+    let mut rng = SplitMix64::new(62);
+    let x = rand_t(&mut rng, &[32, 2, 512], 1.0, ElemType::Bf16);
+    let mut cpu = CpuLayer::new(full.clone());
+    cpu.forward_train(&x, &ForwardArgs::default(), &TrainOptions::default())
+        .unwrap();
+    let rec = cpu.max_logit_record().unwrap().unwrap();
+    let m0 = rec[..4].iter().copied().fold(f32::NEG_INFINITY, f32::max);
+    let m1 = rec[4..].iter().copied().fold(f32::NEG_INFINITY, f32::max);
+    assert!(m0 > 0.0 && m1 > 1.5 * m0, "record {rec:?}");
+    let threshold = 0.5 * (m0 + m1);
+    let want = cpu.clip_qk(threshold, 0.5).unwrap();
+    assert_eq!(want.clipped, [0]);
+    let want_w = cpu
+        .inner()
+        .state_dict("")
+        .into_iter()
+        .find(|(k, _)| k == "linear_qkv.weight")
+        .unwrap()
+        .1;
+    let out = two_gpus(|_, dev, c| {
+        let mut l = tp_rank(&full, &dev, c, false)?;
+        let be = l.backend();
+        l.forward_train(
+            &be.upload(&x)?,
+            &ForwardArgs::default(),
+            &TrainOptions::default(),
+        )?;
+        let report = l.clip_qk(threshold, 0.5)?;
+        let w = be.download(l.inner().linear_qkv_weight().unwrap())?;
+        Ok((report, w, l.max_logit_record()?))
+    });
+    for (r, (report, w, rec)) in out.iter().enumerate() {
+        assert_eq!(report.clipped, [0], "rank {r}");
+        let e = (report.group_max[0] - want.group_max[0]).abs() / want.group_max[0];
+        assert!(e < 2e-2, "rank {r}: group max {report:?} vs {want:?}");
+        let plan = TpPlan::new(&cfg, r, 2).unwrap();
+        let ws = plan
+            .shard(&cfg, "linear_qkv.weight", "linear_qkv.weight", &want_w)
+            .unwrap();
+        check(&format!("rank {r} clipped linear_qkv.weight"), w, &ws, 1e-2);
+        assert_eq!(rec, &None, "rank {r}: the record is reset");
+    }
+}

@@ -199,7 +199,7 @@ fn cp_decode_case(spec: &str, seed: u64, s: usize, types: &[CpCommType]) {
 #[ignore = "requires a CUDA GPU"]
 fn cp2_causal_prefill_and_decode_match_one_gpu() {
     let spec = "self, heads=8, gqa=4, head_dim=64, hidden=512, qk_layernorm=rms, rope, mask=causal";
-    cp_decode_case(spec, 11, 64, &[CpCommType::P2p, CpCommType::AllGather]);
+    cp_decode_case(spec, 11, 64, &CpCommType::ALL);
 }
 
 #[test]
