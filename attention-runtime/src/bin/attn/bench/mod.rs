@@ -12,7 +12,7 @@
 //!   its results in [`layer_report`]; per-call kernel times and API overhead from an Nsight
 //!   Compute profile of a [`profile`] run in [`ncu`].
 //! - [`parallel`]: the Llama-3-8B layer on one GPU, tensor-parallel (TP = 2) and
-//!   context-parallel (CP = 2, each `cp_comm_type`, forward only) on two over NCCL, one thread
+//!   context-parallel (CP = 2, each `cp_comm_type`; with `--train` also the training step) on two over NCCL, one thread
 //!   per GPU, at 32k-128k tokens: time, speedup, scaling efficiency and the bytes each rank
 //!   communicates (counted by [`parallel_count`] around the communicator); its results in
 //!   [`parallel_report`].

@@ -56,7 +56,7 @@ pub struct ParallelOptions {
     pub cps: Vec<usize>,
     /// The exchanges timed at CP > 1.
     pub cp_comm_types: Vec<CpCommType>,
-    /// Also time the training step (forward_train + backward; TP only).
+    /// Also time the training step (forward_train + backward), TP and CP rows.
     pub train: bool,
     /// Untimed calls first.
     pub warmup: usize,
