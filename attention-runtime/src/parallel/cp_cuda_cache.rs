@@ -17,7 +17,7 @@
 //!   all-gathers) and merged in f32 in rank order on every rank (the same bits everywhere); sinks and the output gate once; `linear_proj`. The new key and value
 //!   are appended on their owner last, after everything else was queued.
 //!
-//! The step's agreement ([`Communicator::all_gather_bytes`]) waits for the rank's stream.
+//! The step's agreement ([`Communicator::all_gather_bytes`](crate::parallel::Communicator::all_gather_bytes)) waits for the rank's stream.
 
 use std::ops::Range;
 
