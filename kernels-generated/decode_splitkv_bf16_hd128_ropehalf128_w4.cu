@@ -20,10 +20,15 @@
 // `decode_splitkv_bf16_hd128_ropehalf128_w4_combine`: one block of MERGE_WARPS warps per (sequence, head), each warp a strided
 // subset of the splits; merges the splits by their LSEs, adds the sink column, applies the
 // output gate and writes out and lse.
+// `decode_splitkv_bf16_hd128_ropehalf128_w4_combine1`: the same merge in one pass (opt-in, `ATTN_DECODE_COMBINE=onepass`): one
+// block of MERGE1_WARPS warps per (sequence, head); each warp loads MERGE1_BATCH of its splits
+// at once and keeps a running max, so a merge of up to MERGE1_WARPS * MERGE1_BATCH splits is
+// one round of loads instead of a max pass and a chain of strided iterations.
 //
 // Launch: split kernel grid (num_splits, num_groups, batch), block WARPS * 32, dynamic shared
 //         memory STAGES * 2 * TILE * (HEAD_DIM + 8) * sizeof(elem_t) bytes;
-//         combine kernel grid (batch, num_heads), block MERGE_WARPS * 32.
+//         combine kernel grid (batch, num_heads), block MERGE_WARPS * 32 (`_combine1`:
+//         MERGE1_WARPS * 32).
 //
 // Layouts (row-major):
 //   q, out, gate: elem_t [batch, num_heads, HEAD_DIM]   (q not yet rotated)
@@ -616,6 +621,108 @@ extern "C" __global__ void __launch_bounds__(MERGE_WARPS * WARP_SIZE) decode_spl
         float a = 0.0f;
 #pragma unroll
         for (int w = 0; w < MERGE_WARPS; ++w) a += part[w][c * WARP_SIZE + lane];
+        float o = a * inv;
+        store_elem(out + orow * HEAD_DIM + c * WARP_SIZE + lane, o);
+    }
+    (void)gate;
+    // A sink column keeps the row non-empty (LSE = the sink logit when no key is visible).
+    if (lane == 0) lse[lse_at] = any || sink != neg_inf() ? (m + log2f(total)) * LN2 : neg_inf();
+}
+
+/// Warps per block of the one-pass merge kernel (`_combine1`).
+constexpr int MERGE1_WARPS = 8;
+/// Splits whose LSE and partial output a warp of `_combine1` loads at once.
+constexpr int MERGE1_BATCH = 8;
+extern "C" __global__ void __launch_bounds__(MERGE1_WARPS * WARP_SIZE) decode_splitkv_bf16_hd128_ropehalf128_w4_combine1(
+    const float* __restrict__ o_part,
+    const float* __restrict__ lse_part,
+    elem_t* __restrict__ out,
+    float* __restrict__ lse,
+    const float* __restrict__ sinks,
+    const elem_t* __restrict__ gate,
+    int batch,
+    int num_heads,
+    int num_splits)
+{
+    __shared__ float part[MERGE1_WARPS][HEAD_DIM];
+    __shared__ float part_m[MERGE1_WARPS];
+    __shared__ float part_t[MERGE1_WARPS];
+    const int lane = threadIdx.x % WARP_SIZE;
+    const int warp = threadIdx.x / WARP_SIZE;
+    const int b = blockIdx.x;
+    const int h = blockIdx.y;
+    const long long row = (long long)b * num_heads + h;
+    const long long split_stride = (long long)batch * num_heads;
+    // This warp's splits s = warp + MERGE1_WARPS * k: running max mw (log2 units), the sum tw
+    // of exp2(lse_s - mw) and the weighted outputs, MERGE1_BATCH splits' loads at a time.
+    float mw = neg_inf(), tw = 0.0f;
+    float acc[LANE_D];
+#pragma unroll
+    for (int c = 0; c < LANE_D; ++c) acc[c] = 0.0f;
+    for (int s0 = warp; s0 < num_splits; s0 += MERGE1_WARPS * MERGE1_BATCH) {
+        float ls[MERGE1_BATCH];
+        float ov[MERGE1_BATCH][LANE_D];
+#pragma unroll
+        for (int j = 0; j < MERGE1_BATCH; ++j) {
+            const int s = s0 + j * MERGE1_WARPS;
+            const bool ok = s < num_splits;
+            ls[j] = ok ? lse_part[s * split_stride + row] : neg_inf();
+#pragma unroll
+            for (int c = 0; c < LANE_D; ++c)
+                ov[j][c] = ok && ch_ok(c, lane)
+                               ? o_part[(s * split_stride + row) * HEAD_DIM + c * WARP_SIZE + lane]
+                               : 0.0f;
+        }
+        float cm = mw;
+#pragma unroll
+        for (int j = 0; j < MERGE1_BATCH; ++j) cm = fmaxf(cm, ls[j]);
+        if (cm == neg_inf()) continue;   // no visible key in these splits yet (warp-uniform)
+        const float sc = exp2f(mw - cm);  // 0 while mw is -inf
+        tw *= sc;
+#pragma unroll
+        for (int c = 0; c < LANE_D; ++c) acc[c] *= sc;
+#pragma unroll
+        for (int j = 0; j < MERGE1_BATCH; ++j) {
+            const float w = ls[j] == neg_inf() ? 0.0f : exp2f(ls[j] - cm);
+            tw += w;
+#pragma unroll
+            for (int c = 0; c < LANE_D; ++c) acc[c] = fmaf(w, ov[j][c], acc[c]);
+        }
+        mw = cm;
+    }
+#pragma unroll
+    for (int c = 0; c < LANE_D; ++c)
+        if (ch_ok(c, lane)) part[warp][c * WARP_SIZE + lane] = acc[c];
+    if (lane == 0) {
+        part_m[warp] = mw;
+        part_t[warp] = tw;
+    }
+    __syncthreads();
+    if (warp != 0) return;
+    float mx = neg_inf();
+#pragma unroll
+    for (int w = 0; w < MERGE1_WARPS; ++w) mx = fmaxf(mx, part_m[w]);
+    const bool any = mx != neg_inf();
+    (void)sinks;
+    const float sink = neg_inf();
+    const float m = fmaxf(mx, sink);
+    // Each warp's share rescaled from its own max to m.
+    float f[MERGE1_WARPS];
+    float total = any || sink != neg_inf() ? exp2f(sink - m) : 0.0f;
+#pragma unroll
+    for (int w = 0; w < MERGE1_WARPS; ++w) {
+        f[w] = part_m[w] == neg_inf() ? 0.0f : exp2f(part_m[w] - m);
+        total += part_t[w] * f[w];
+    }
+    const long long orow = row;
+    const long long lse_at = (long long)h * batch + b;
+    const float inv = any ? 1.0f / total : 0.0f;
+#pragma unroll
+    for (int c = 0; c < LANE_D; ++c) {
+        if (!ch_ok(c, lane)) continue;
+        float a = 0.0f;
+#pragma unroll
+        for (int w = 0; w < MERGE1_WARPS; ++w) a = fmaf(part[w][c * WARP_SIZE + lane], f[w], a);
         float o = a * inv;
         store_elem(out + orow * HEAD_DIM + c * WARP_SIZE + lane, o);
     }

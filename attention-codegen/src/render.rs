@@ -198,6 +198,13 @@ pub const fn decode_splitkv_tile(_head_dim: usize) -> usize {
 pub const DECODE_SPLITKV_STAGES: usize = 3;
 /// Warps per block of the `decode_splitkv` `<key>_combine` kernel.
 pub const DECODE_SPLITKV_COMBINE_WARPS: usize = 4;
+/// Warps per block of the `decode_splitkv` `<key>_combine1` kernel (the one-pass merge,
+/// opt-in until GPU-verified; see `attention_runtime::cuda::decode::combine_onepass`).
+pub const DECODE_SPLITKV_COMBINE1_WARPS: usize = 8;
+/// Splits one warp of `<key>_combine1` loads at once: a merge of up to
+/// `DECODE_SPLITKV_COMBINE1_WARPS * DECODE_SPLITKV_COMBINE1_BATCH` (64) splits is one round of
+/// loads.
+pub const DECODE_SPLITKV_COMBINE1_BATCH: usize = 8;
 /// Dynamic shared memory (bytes) of the `decode_splitkv` split kernel: `STAGES × {K, V} × tile ×
 /// (head_dim + 8)` 2-byte elements (rows padded by 8 elements for conflict-free ldmatrix:
 /// 54 KiB at hd 64, 102 KiB at 128, 198 KiB at 256).
@@ -1145,6 +1152,8 @@ impl KernelConfig {
         c.insert("decode_stages", &DECODE_SPLITKV_STAGES);
         c.insert("decode_warps", &DECODE_SPLITKV_WARPS);
         c.insert("merge_warps", &DECODE_SPLITKV_COMBINE_WARPS);
+        c.insert("merge1_warps", &DECODE_SPLITKV_COMBINE1_WARPS);
+        c.insert("merge1_batch", &DECODE_SPLITKV_COMBINE1_BATCH);
         c.insert(
             "bwd_part",
             match self.phase {

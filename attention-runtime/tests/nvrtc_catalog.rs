@@ -68,10 +68,12 @@ fn every_catalog_kernel_compiles_for_sm80_and_sm90a() {
                     );
                     // The compiled parameter list is the host struct the kernel is launched
                     // with (cuda::params), offset for offset.
-                    // (Paged decode_splitkv: its `_combine` entry takes the same struct.)
+                    // (Paged decode_splitkv: its `_combine` and `_combine1` entries take the
+                    // same struct.)
                     let mut entries = vec![k.key.clone()];
                     if k.phase == Phase::DecodeSplitKv && k.paged_kv {
                         entries.push(format!("{}_combine", k.key));
+                        entries.push(format!("{}_combine1", k.key));
                     }
                     for (entry, want) in entries
                         .iter()
@@ -304,4 +306,42 @@ fn head_dim_80_variants_compile_for_sm80_and_sm90a() {
         failures.len(),
         failures.join("\n\n")
     );
+}
+
+/// Both merge kernels of every catalog `decode_splitkv` kernel (`_combine`, and the one-pass
+/// `_combine1` that `ATTN_DECODE_COMBINE=onepass` selects) compile for sm_90a without spills
+/// (ptxas `-v` through NVRTC; the one-pass kernel holds 8 splits' loads in registers).
+#[test]
+fn decode_combine_kernels_use_no_local_memory() {
+    use attention_runtime::jit::{compile_with_ptxas_info, PtxasUsage};
+    if !require_nvrtc() {
+        return;
+    }
+    let mut failures = Vec::new();
+    let mut checked = 0;
+    for k in catalog_kernels()
+        .unwrap()
+        .into_iter()
+        .filter(|k| k.phase == Phase::DecodeSplitKv)
+    {
+        let compiled = compile_with_ptxas_info(&k.key, &k.source, "sm_90a").expect("compiles");
+        let usage = PtxasUsage::parse(&compiled.log);
+        for e in [format!("{}_combine", k.key), format!("{}_combine1", k.key)] {
+            match usage.iter().find(|(n, _)| *n == e) {
+                Some((_, u)) => {
+                    eprintln!(
+                        "{e} sm_90a: {} registers, {} / {} bytes spill stores / loads",
+                        u.registers, u.spill_stores, u.spill_loads
+                    );
+                    if u.spill_stores > 0 || u.spill_loads > 0 {
+                        failures.push(format!("{e} spills: {u:?}"));
+                    }
+                    checked += 1;
+                }
+                None => failures.push(format!("{e}: no ptxas usage line:\n{}", compiled.log)),
+            }
+        }
+    }
+    assert!(checked >= 2, "no decode_splitkv kernel in the catalog");
+    assert!(failures.is_empty(), "{}", failures.join("\n"));
 }

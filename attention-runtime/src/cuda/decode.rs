@@ -8,10 +8,11 @@
 //! more than one split per 128 keys of the longest sequence (so the combine stays small), at
 //! most 128.
 
-use std::sync::Arc;
+use std::sync::{Arc, OnceLock};
 
 use attention_codegen::render::{
-    decode_splitkv_smem_bytes, KernelConfig, DECODE_SPLITKV_COMBINE_WARPS, DECODE_SPLITKV_WARPS,
+    decode_splitkv_smem_bytes, KernelConfig, DECODE_SPLITKV_COMBINE1_WARPS,
+    DECODE_SPLITKV_COMBINE_WARPS, DECODE_SPLITKV_WARPS,
 };
 use cudarc::driver::{
     sys, CudaFunction, CudaGraph, CudaSlice, CudaStream, LaunchConfig, PushKernelArg,
@@ -22,13 +23,40 @@ use super::tensor::{cuda_err, upload};
 use super::CudaRuntime;
 use crate::error::{AttnError, Result};
 
-/// Loaded split and combine functions of a `decode_splitkv` config (compiled on first use).
+/// Whether decode steps merge their splits with the one-pass kernel (`<key>_combine1`:
+/// online max, each warp's loads of 8 splits issued together, 8 warps per head) instead of
+/// the default `<key>_combine` (a max pass, then strided iterations over the splits, 4 warps
+/// per head; 8.7-9.1 µs of a ~28 µs batch-1 step under Nsight Compute, BENCHMARKS.md).
+/// Opt-in with `ATTN_DECODE_COMBINE=onepass` (read once per process) until it is verified on
+/// a GPU: it compiles with NVRTC in CI but has not yet run. Both give the same result up to
+/// f32 rounding (the same formula, another order of the sums).
+pub fn combine_onepass() -> bool {
+    static ONEPASS: OnceLock<bool> = OnceLock::new();
+    *ONEPASS.get_or_init(|| std::env::var("ATTN_DECODE_COMBINE").is_ok_and(|v| v == "onepass"))
+}
+
+/// Threads per block of the combine kernel [`combine_onepass`] selects.
+fn combine_threads() -> u32 {
+    let warps = if combine_onepass() {
+        DECODE_SPLITKV_COMBINE1_WARPS
+    } else {
+        DECODE_SPLITKV_COMBINE_WARPS
+    };
+    (warps * 32) as u32
+}
+
+/// Loaded split and combine functions of a `decode_splitkv` config (compiled on first use;
+/// the combine entry is `<key>_combine`, or `<key>_combine1` under [`combine_onepass`]).
 pub fn decode_splitkv_kernels(
     rt: &CudaRuntime,
     config: &KernelConfig,
 ) -> Result<(String, CudaFunction, CudaFunction)> {
     let key = config.key();
-    let combine_key = format!("{key}_combine");
+    let combine_key = if combine_onepass() {
+        format!("{key}_combine1")
+    } else {
+        format!("{key}_combine")
+    };
     let mut cache = rt.kernels.lock().unwrap_or_else(|p| p.into_inner());
     if let (Some(f), Some(m)) = (cache.get(&key), cache.get(&combine_key)) {
         return Ok((key, f.clone(), m.clone()));
@@ -224,7 +252,7 @@ pub fn launch_decode_splitkv(
     unsafe { b.launch(cfg) }.map_err(launch_err(key))?;
     let cfg = LaunchConfig {
         grid_dim: (a.batch as u32, a.num_heads as u32, 1),
-        block_dim: ((DECODE_SPLITKV_COMBINE_WARPS * 32) as u32, 1, 1),
+        block_dim: (combine_threads(), 1, 1),
         shared_mem_bytes: 0,
     };
     let mut b = stream.launch_builder(combine);
@@ -271,7 +299,7 @@ pub unsafe fn launch_decode_splitkv_paged(
     unsafe { super::params::launch(stream, split, cfg, p) }.map_err(launch_err(key))?;
     let cfg = LaunchConfig {
         grid_dim: (p.batch as u32, p.num_heads as u32, 1),
-        block_dim: ((DECODE_SPLITKV_COMBINE_WARPS * 32) as u32, 1, 1),
+        block_dim: (combine_threads(), 1, 1),
         shared_mem_bytes: 0,
     };
     // SAFETY: as above.
