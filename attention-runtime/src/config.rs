@@ -129,7 +129,21 @@ impl LayerConfig {
                 })
             }
         };
-        let hidden = hidden.unwrap_or(heads * head_dim);
+        let too_big = |what: &str| AttnError::InvalidArgument {
+            arg: "heads / head_dim / hidden".into(),
+            expected: format!("a layer whose {what} fits in usize"),
+            got: format!(
+                "heads = {heads}, groups = {}, head_dim = {head_dim}, hidden = {}",
+                show(groups),
+                show(hidden)
+            ),
+        };
+        let hidden = match hidden {
+            Some(h) => h,
+            None => heads
+                .checked_mul(head_dim)
+                .ok_or_else(|| too_big("heads * head_dim"))?,
+        };
         let groups = groups.unwrap_or(heads);
         for (name, v) in [
             ("heads", heads),
@@ -145,6 +159,16 @@ impl LayerConfig {
                 });
             }
         }
+        // The largest weight, linear_qkv with an output gate: (2 heads + 2 groups) x head_dim
+        // rows of hidden columns; every other size of the layer is smaller.
+        heads
+            .checked_add(groups)
+            .and_then(|x| x.checked_mul(2))
+            .and_then(|x| x.checked_mul(head_dim))
+            .and_then(|x| x.checked_mul(hidden))
+            .ok_or_else(|| {
+                too_big("linear_qkv weight ((2 heads + 2 groups) * head_dim * hidden)")
+            })?;
         if !heads.is_multiple_of(groups) {
             return Err(AttnError::ConfigMismatch {
                 field: "groups".into(),

@@ -290,8 +290,13 @@ impl Submodule for Linear {
         let (o, i, has_bias) = linear_shape(cfg, role)?;
         let mut rng = SplitMix64::new(role_seed(seed, role));
         let a = (3.0 / i as f32).sqrt();
-        let weight = Tensor::from_fn(&[o, i], |_| rng.uniform() * a);
-        let bias = has_bias.then(|| Tensor::from_fn(&[o], |_| rng.uniform() * 0.1));
+        // Fallible: a layer too large for the host is an error, not an abort.
+        let weight = Tensor::try_from_fn(&[o, i], |_| rng.uniform() * a)?;
+        let bias = if has_bias {
+            Some(Tensor::try_from_fn(&[o], |_| rng.uniform() * 0.1)?)
+        } else {
+            None
+        };
         Ok(Linear { weight, bias })
     }
     fn load(cfg: &LayerConfig, role: Role, weights: &WeightStore, prefix: &str) -> Result<Self> {

@@ -4,7 +4,7 @@
 //! tensors and kernels. A plan is made before anything is written or queued, so an error
 //! leaves caches untouched on every backend.
 
-use attention_codegen::AttentionKind;
+use attention_codegen::{AttentionKind, MaskType};
 
 use crate::backend::{PagedCache, StaticCache};
 use crate::config::LayerConfig;
@@ -48,7 +48,10 @@ impl StaticStep {
 }
 
 /// Errors unless `c` is a self-attention layer and `args` holds only what a KV-cache step
-/// takes (`positions`, `rope_mscale`).
+/// takes (`positions`, `rope_mscale`, and a `mask_type` that names the step's own
+/// visibility: unset, `causal` or `causal_bottom_right`; a cache step is always bottom-right
+/// causal over the cached keys, so `padding`, `padding_causal`, `arbitrary` and `no_mask`,
+/// which a cache step cannot honour, are refused rather than ignored).
 pub fn check_kv_args(c: &LayerConfig, args: &ForwardArgs<'_>) -> Result<()> {
     if c.kind != AttentionKind::SelfAttention {
         return Err(bad(
@@ -67,6 +70,15 @@ pub fn check_kv_args(c: &LayerConfig, args: &ForwardArgs<'_>) -> Result<()> {
             "only positions and rope_mscale for a KV-cache step",
             "mask, bias, packed or key_value_states",
         ));
+    }
+    if let Some(m) = args.mask_type {
+        if !matches!(m, MaskType::Causal | MaskType::CausalBottomRight) {
+            return Err(bad(
+                "args.mask_type",
+                "unset, causal or causal_bottom_right (a KV-cache step is bottom-right causal)",
+                format!("{m:?}"),
+            ));
+        }
     }
     Ok(())
 }

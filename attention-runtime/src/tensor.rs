@@ -7,6 +7,19 @@
 
 use crate::error::{AttnError, Result};
 
+/// The element count of `shape`, or [`AttnError::InvalidArgument`] (`shape`) when it
+/// overflows `usize`.
+fn checked_numel(shape: &[usize]) -> Result<usize> {
+    shape
+        .iter()
+        .try_fold(1usize, |n, &d| n.checked_mul(d))
+        .ok_or_else(|| AttnError::InvalidArgument {
+            arg: "shape".into(),
+            expected: "an element count that fits in usize".into(),
+            got: format!("{shape:?}"),
+        })
+}
+
 /// A row-major f32 tensor on the host.
 #[derive(Debug, Clone, PartialEq)]
 pub struct Tensor {
@@ -15,9 +28,11 @@ pub struct Tensor {
 }
 
 impl Tensor {
-    /// A tensor of `shape` over `data` (row-major). Errors when the lengths disagree.
+    /// A tensor of `shape` over `data` (row-major). Errors ([`AttnError::InvalidArgument`])
+    /// when the lengths disagree (`data`) or the shape's element count overflows `usize`
+    /// (`shape`).
     pub fn new(shape: &[usize], data: Vec<f32>) -> Result<Self> {
-        let n: usize = shape.iter().product();
+        let n = checked_numel(shape)?;
         if n != data.len() {
             return Err(AttnError::InvalidArgument {
                 arg: "data".into(),
@@ -31,7 +46,27 @@ impl Tensor {
         })
     }
 
-    /// A tensor of zeros.
+    /// [`from_fn`](Self::from_fn) that returns an error instead of aborting or panicking:
+    /// [`AttnError::InvalidArgument`] (`shape`) when the element count overflows `usize` or
+    /// the host cannot allocate it.
+    pub fn try_from_fn(shape: &[usize], f: impl FnMut(usize) -> f32) -> Result<Self> {
+        let n = checked_numel(shape)?;
+        let mut data: Vec<f32> = Vec::new();
+        data.try_reserve_exact(n)
+            .map_err(|e| AttnError::InvalidArgument {
+                arg: "shape".into(),
+                expected: "a tensor the host can allocate".into(),
+                got: format!("{shape:?}: {n} f32 ({e})"),
+            })?;
+        data.extend((0..n).map(f));
+        Ok(Tensor {
+            shape: shape.to_vec(),
+            data,
+        })
+    }
+
+    /// A tensor of zeros. Panics when the element count overflows `usize` or cannot be
+    /// allocated (as `vec!` does); [`try_from_fn`](Self::try_from_fn) returns an error instead.
     pub fn zeros(shape: &[usize]) -> Self {
         let n = shape.iter().product();
         Tensor {
@@ -40,7 +75,8 @@ impl Tensor {
         }
     }
 
-    /// A tensor whose element at flat index `i` is `f(i)`.
+    /// A tensor whose element at flat index `i` is `f(i)`. Panics as [`zeros`](Self::zeros)
+    /// does; [`try_from_fn`](Self::try_from_fn) returns an error instead.
     pub fn from_fn(shape: &[usize], f: impl FnMut(usize) -> f32) -> Self {
         let n = shape.iter().product();
         Tensor {

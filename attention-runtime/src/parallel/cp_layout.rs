@@ -99,7 +99,14 @@ impl CpLayout {
     ///
     /// Errors: those of [`local_rows`](Self::local_rows) / [`check_cu_seqlens`].
     pub fn split(&self, full: &Tensor, cu: Option<&[i32]>) -> Result<Tensor> {
-        let s = full.shape().first().copied().unwrap_or(0);
+        if full.rank() == 0 {
+            return Err(AttnError::Shape {
+                arg: "full".into(),
+                expected: "[s, ...] (a sequence dimension first)".into(),
+                got: vec![],
+            });
+        }
+        let s = full.shape()[0];
         let cu = match cu {
             Some(cu) => check_cu_seqlens("cu_seqlens_q", cu, s)?,
             None => vec![0, s],

@@ -123,8 +123,9 @@ pub(crate) fn check_args(c: &LayerConfig, threshold: f32, alpha: f32) -> Result<
 
 /// The clip of config `c` for `record` (`[np]`, `None`: nothing observed): the report and
 /// the row blocks to rescale. Errors: those of [`check_args`]; `InvalidArgument` (`record`)
-/// for a record of another head count or one holding a NaN (a forward that diverged: no
-/// `eta` can be computed from it, so nothing is clipped and the caller keeps the record).
+/// for a record of another head count or one holding a NaN or +inf (a forward that
+/// diverged: no useful `eta` can be computed from it (+inf would zero the rows), so nothing
+/// is clipped and the caller keeps the record).
 pub(crate) fn plan(
     c: &LayerConfig,
     record: Option<&[f32]>,
@@ -141,11 +142,12 @@ pub(crate) fn plan(
                 format!("[{}]", r.len()),
             ));
         }
-        if let Some(h) = r.iter().position(|x| x.is_nan()) {
+        if let Some(h) = r.iter().position(|x| x.is_nan() || *x == f32::INFINITY) {
             return Err(bad(
                 "record",
-                "per-head max logits that are numbers (a NaN means a forward diverged)",
-                format!("NaN at query head {h}"),
+                "per-head max logits that are numbers below +inf (a NaN or +inf means a \
+                 forward diverged; -inf is a head that saw no key)",
+                format!("{} at query head {h}", r[h]),
             ));
         }
     }
