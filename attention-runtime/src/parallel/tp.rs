@@ -11,6 +11,17 @@
 //! GPU: a [`CpuLayer`](crate::backend::CpuLayer) with [`super::InProcessComm`], or a
 //! [`CudaLayer`](crate::cuda::CudaLayer) with [`super::NcclComm`]. KV caches are the rank's
 //! own (its groups only: make them with the rank's config).
+//!
+//! Every rank must call with the same shapes and arguments: the collectives compare element
+//! counts at most (the in-process communicator) and a call differing in shape only is not
+//! detected. Errors: a rank's own checks fail before anything is written, as on one GPU; but
+//! a cache step (`prefill`, `decode`, `forward_paged`) whose *peer* fails returns the
+//! collective's error after this rank appended its keys and values, which stay **pending**:
+//! after a failed step call [`StaticCache::rollback`](crate::backend::StaticCache::rollback)
+//! on every rank, as after any failed multi-layer step (paged: the rows written lie past
+//! each request's length, in its own blocks; do not count them). (An agreement before each step would avoid it at the cost of a host round trip per
+//! decode step; the context-parallel steps, which exchange a description anyway, do agree
+//! first.)
 
 use super::comm::Communicator;
 use super::tp_shard::TpPlan;
