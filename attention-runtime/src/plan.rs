@@ -71,6 +71,7 @@ pub fn check_kv_args(c: &LayerConfig, args: &ForwardArgs<'_>) -> Result<()> {
             "mask, bias, packed or key_value_states",
         ));
     }
+    crate::reference::rope::check_mscale(args.rope_mscale)?;
     if let Some(m) = args.mask_type {
         if !matches!(m, MaskType::Causal | MaskType::CausalBottomRight) {
             return Err(bad(
@@ -123,6 +124,13 @@ pub fn static_step(
         return Err(AttnError::Shape {
             arg: "hidden".into(),
             expected: format!("[s, b, {h}]"),
+            got: hidden_shape.to_vec(),
+        });
+    }
+    if b == 0 {
+        return Err(AttnError::Shape {
+            arg: "hidden".into(),
+            expected: format!("[s, b, {h}] with b >= 1 (a cache step serves at least one slot)"),
             got: hidden_shape.to_vec(),
         });
     }

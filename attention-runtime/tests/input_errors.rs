@@ -133,3 +133,43 @@ fn cp_layout_split_of_a_0d_tensor_is_an_error() {
         .unwrap_err();
     assert_eq!(arg_of(&e), "full", "{e}");
 }
+
+#[test]
+fn a_rope_scale_that_is_not_finite_is_refused() {
+    let cfg = SpecLayer::config_from_str(
+        "self, heads = 2, head_dim = 32, rope, mask = causal",
+        &RuntimeDims::default(),
+    )
+    .unwrap();
+    let l = CpuLayer::new(SpecLayer::init(cfg, 3).unwrap());
+    let x = Tensor::zeros(&[2, 1, 64]);
+    let mut cache = StaticKvCache::new(1, 8, 1, 2, 32).unwrap();
+    let before = cache.clone();
+    for bad in [f32::NAN, f32::INFINITY] {
+        let args = ForwardArgs {
+            rope_mscale: bad,
+            ..Default::default()
+        };
+        let e = l.forward(&x, &args).unwrap_err();
+        assert_eq!(arg_of(&e), "args.rope_mscale", "{bad}: {e}");
+        let e = l.prefill(&x, &mut cache, 0, 0, &args).unwrap_err();
+        assert_eq!(arg_of(&e), "args.rope_mscale", "{bad}: {e}");
+        assert_eq!(cache, before);
+    }
+}
+
+#[test]
+fn a_cache_step_of_zero_sequences_names_hidden() {
+    let l = CpuLayer::new(small_layer());
+    let mut cache = StaticKvCache::new(1, 8, 1, 2, 32).unwrap();
+    let e = l
+        .prefill(
+            &Tensor::zeros(&[1, 0, 64]),
+            &mut cache,
+            0,
+            0,
+            &ForwardArgs::default(),
+        )
+        .unwrap_err();
+    assert_eq!(arg_of(&e), "hidden", "{e}");
+}

@@ -90,6 +90,7 @@ impl RopeTable {
         mscale: f32,
         sign: f64,
     ) -> Result<()> {
+        check_mscale(mscale)?;
         let hn = self.head_dim;
         if x.len() != positions.len() * heads * hn {
             return Err(AttnError::Shape {
@@ -144,4 +145,18 @@ pub fn apply_rope(
     mscale: f32,
 ) -> Result<()> {
     RopeTable::new(rope, head_dim)?.apply(x, heads, positions, mscale)
+}
+
+/// Errors ([`AttnError::InvalidArgument`], `args.rope_mscale`) unless the rope scale is
+/// finite (a NaN or infinite scale would turn every rotated q and k into NaN).
+pub fn check_mscale(mscale: f32) -> Result<()> {
+    if mscale.is_finite() {
+        Ok(())
+    } else {
+        Err(AttnError::InvalidArgument {
+            arg: "args.rope_mscale".into(),
+            expected: "a finite rope scale".into(),
+            got: mscale.to_string(),
+        })
+    }
 }

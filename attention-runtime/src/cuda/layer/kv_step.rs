@@ -66,6 +66,7 @@ impl CudaLayer {
         positions: Option<&[i32]>,
         mscale: f32,
     ) -> Result<Prepped> {
+        crate::reference::rope::check_mscale(mscale)?;
         let rt = &*self.rt;
         let st = rt.stream();
         let c = &self.config;
