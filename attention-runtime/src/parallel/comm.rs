@@ -11,6 +11,59 @@
 
 use crate::error::{AttnError, Result};
 
+/// Marker bytes of [`gather_ready`]'s all-gather: a ready rank's payload or a failed rank's
+/// error.
+const READY: u8 = b'+';
+const FAILED: u8 = b'!';
+
+/// Every rank's readiness for one step and its payload, in one all-gather of bytes: `local`
+/// is what this rank prepared (or the error that stopped it), `payload` its bytes for the
+/// peers. Every rank must call it once per step, failed or not, so that no rank waits in a
+/// collective for a peer that has given up.
+///
+/// Returns `local` and every rank's payload, in rank order, when every rank is ready.
+///
+/// Errors: on a rank whose `local` failed, that error (after the all-gather); on the others,
+/// [`AttnError::Collective`] (`op`, `rank` the first failed rank, `expected`, `got` "rank r
+/// failed: " and its error); those of [`Communicator::all_gather_bytes`].
+pub(crate) fn gather_ready<C: Communicator + ?Sized, T>(
+    comm: &C,
+    local: Result<T>,
+    payload: impl FnOnce(&T) -> Vec<u8>,
+    op: &str,
+    expected: &str,
+) -> Result<(T, Vec<Vec<u8>>)> {
+    let mut msg = Vec::new();
+    match &local {
+        Ok(t) => {
+            msg.push(READY);
+            msg.extend(payload(t));
+        }
+        Err(e) => {
+            msg.push(FAILED);
+            msg.extend_from_slice(e.to_string().as_bytes());
+        }
+    }
+    let all = comm.all_gather_bytes(&msg)?;
+    let local = local?;
+    if let Some((rank, m)) = all
+        .iter()
+        .enumerate()
+        .find(|(_, m)| m.first() != Some(&READY))
+    {
+        return Err(AttnError::Collective {
+            op: op.into(),
+            rank,
+            expected: expected.into(),
+            got: format!(
+                "rank {rank} failed: {}",
+                String::from_utf8_lossy(m.get(1..).unwrap_or(&[]))
+            ),
+        });
+    }
+    Ok((local, all.into_iter().map(|m| m[1..].to_vec()).collect()))
+}
+
 /// Collectives over the tensors of one backend, within one group of ranks `0..world_size`.
 ///
 /// Block conventions (elements, row-major): `all_gather` puts rank `i`'s `send` at block `i`

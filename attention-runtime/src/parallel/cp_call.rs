@@ -11,7 +11,7 @@
 
 use attention_codegen::{MaskType, Window};
 
-use super::comm::Communicator;
+use super::comm::{gather_ready, Communicator};
 use super::cp_layout::CpLayout;
 use super::cp_plan::Visibility;
 use super::CpCommType;
@@ -202,15 +202,11 @@ pub fn agree<C: Communicator + ?Sized>(comm: &C, descriptor: &str) -> Result<()>
     agree_ready(comm, Ok(()), |_| descriptor.to_string())
 }
 
-/// Marker bytes of [`agree_ready`]'s all-gather: a ready rank's descriptor or a failed
-/// rank's error.
-const READY: u8 = b'+';
-const FAILED: u8 = b'!';
-
-/// Every rank's readiness for one call, in one all-gather of bytes: `local` is what this rank
-/// prepared (the call checked, planned, its kernels loaded and its buffers allocated), whose
-/// `describe` every rank must send identically, or the error that stopped it. Every rank must call it once per call, failed or not, so that
-/// no rank waits in a collective for a peer that has given up.
+/// Every rank's readiness for one call, in one all-gather of bytes
+/// (`parallel::comm::gather_ready`, crate-internal): `local` is what this rank prepared (the call checked,
+/// planned, its kernels loaded and its buffers allocated), whose `describe` every rank must
+/// send identically, or the error that stopped it. Every rank must call it once per call,
+/// failed or not, so that no rank waits in a collective for a peer that has given up.
 ///
 /// Returns `local` when every rank is ready with rank 0's description.
 ///
@@ -224,34 +220,14 @@ pub fn agree_ready<C: Communicator + ?Sized, T>(
     local: Result<T>,
     describe: impl FnOnce(&T) -> String,
 ) -> Result<T> {
-    let mut msg = Vec::new();
-    match &local {
-        Ok(t) => {
-            msg.push(READY);
-            msg.extend_from_slice(describe(t).as_bytes());
-        }
-        Err(e) => {
-            msg.push(FAILED);
-            msg.extend_from_slice(e.to_string().as_bytes());
-        }
-    }
-    let all = comm.all_gather_bytes(&msg)?;
-    let local = local?;
-    let text = |b: &[u8]| String::from_utf8_lossy(b.get(1..).unwrap_or(&[])).into_owned();
-    if let Some((rank, m)) = all
-        .iter()
-        .enumerate()
-        .find(|(_, m)| m.first() != Some(&READY))
-    {
-        return Err(AttnError::Collective {
-            op: "context-parallel call".into(),
-            rank,
-            expected: "every rank ready (its call checked and planned, kernels loaded, \
-                       buffers allocated)"
-                .into(),
-            got: format!("rank {rank} failed: {}", text(m)),
-        });
-    }
+    let (local, all) = gather_ready(
+        comm,
+        local,
+        |t| describe(t).into_bytes(),
+        "context-parallel call",
+        "every rank ready (its call checked and planned, kernels loaded, buffers allocated)",
+    )?;
+    let text = |b: &[u8]| String::from_utf8_lossy(b).into_owned();
     for (rank, d) in all.iter().enumerate().skip(1) {
         if d != &all[0] {
             return Err(AttnError::RankMismatch {

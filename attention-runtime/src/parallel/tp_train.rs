@@ -22,7 +22,7 @@
 
 use std::collections::BTreeMap;
 
-use super::comm::Communicator;
+use super::comm::{gather_ready, Communicator};
 use super::tp::TpLayer;
 use crate::backend::{BTensor, Backend, TrainLayer};
 use crate::error::Result;
@@ -130,19 +130,25 @@ where
             crate::train::qk_clip::plan(self.layer.layer_config(), r.as_deref(), threshold, alpha)
                 .map(|_| r)
         });
-        let all = self.comm.all_gather_bytes(&encode_record(&local))?;
-        let local = local?;
-        let mut records = Vec::with_capacity(all.len());
-        for (rank, m) in all.iter().enumerate() {
-            records.push(
-                decode_record(m).map_err(|got| crate::AttnError::Collective {
+        let (local, all) = gather_ready(
+            &self.comm,
+            local,
+            encode_record,
+            "QK-Clip record exchange",
+            "every rank's record checked (threshold, alpha, no NaN or +inf)",
+        )?;
+        let records = all
+            .iter()
+            .enumerate()
+            .map(|(rank, m)| {
+                decode_record(m).ok_or_else(|| crate::AttnError::Collective {
                     op: "QK-Clip record exchange".into(),
                     rank,
-                    expected: "every rank's record checked (threshold, alpha, no NaN)".into(),
-                    got,
-                })?,
-            );
-        }
+                    expected: "a record message".into(),
+                    got: format!("a malformed record message of {} bytes", m.len()),
+                })
+            })
+            .collect::<Result<Vec<_>>>()?;
         let record = if self.plan.group_replicas > 1 {
             replica_group_max(&self.plan, &records).map(|m| vec![m; self.plan.heads_per_rank])
         } else {
@@ -164,40 +170,26 @@ where
     }
 }
 
-/// Marker bytes of the QK-Clip record exchange: a checked record, or a rank's error.
-const RECORD_READY: u8 = b'+';
-const RECORD_FAILED: u8 = b'!';
-
-/// `[+][0]` (no record), `[+][1][f32 LE ...]`, or `[!][error text]`.
-fn encode_record(local: &Result<Option<Vec<f32>>>) -> Vec<u8> {
-    match local {
-        Ok(None) => vec![RECORD_READY, 0],
-        Ok(Some(r)) => {
-            let mut m = vec![RECORD_READY, 1];
-            for x in r {
-                m.extend_from_slice(&x.to_le_bytes());
-            }
-            m
-        }
-        Err(e) => {
-            let mut m = vec![RECORD_FAILED];
-            m.extend_from_slice(e.to_string().as_bytes());
-            m
-        }
+/// This rank's record for the exchange: `[0]` (no record) or `[1][f32 LE ...]`.
+fn encode_record(record: &Option<Vec<f32>>) -> Vec<u8> {
+    match record {
+        None => vec![0],
+        Some(r) => std::iter::once(1)
+            .chain(r.iter().flat_map(|x| x.to_le_bytes()))
+            .collect(),
     }
 }
 
-/// The record a peer sent, or the description of its failure.
-fn decode_record(m: &[u8]) -> std::result::Result<Option<Vec<f32>>, String> {
+/// A peer's record (`None` inside: it has none), or `None` for a malformed message.
+fn decode_record(m: &[u8]) -> Option<Option<Vec<f32>>> {
     match m {
-        [RECORD_READY, 0] => Ok(None),
-        [RECORD_READY, 1, rest @ ..] if rest.len() % 4 == 0 => Ok(Some(
+        [0] => Some(None),
+        [1, rest @ ..] if rest.len() % 4 == 0 => Some(Some(
             rest.chunks_exact(4)
                 .map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]]))
                 .collect(),
         )),
-        [RECORD_FAILED, text @ ..] => Err(String::from_utf8_lossy(text).into_owned()),
-        _ => Err(format!("a malformed record message of {} bytes", m.len())),
+        _ => None,
     }
 }
 
