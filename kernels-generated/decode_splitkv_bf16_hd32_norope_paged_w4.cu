@@ -1,46 +1,50 @@
-// Kernel `decode_splitkv_bf16_hd32_norope_paged_w4`: one decode step over a static KV cache (flash-decoding), rendered from
-// templates/decode_splitkv.cu. dtype bf16, head dim 32, causal bottom_right,
-// window false, rope none over 0 channels, 64 keys per tile,
-// 3-stage cp.async ring, 4 warps per block.
+// Kernel `decode_splitkv_bf16_hd32_norope_paged_w4`: one decode step of T = num_tokens new tokens per sequence (1 to 16: plain,
+// speculative or multi-token-prediction decode) over a static KV cache (flash-decoding),
+// rendered from templates/decode_splitkv.cu. dtype bf16, head dim 32, causal
+// bottom_right, window false, rope none over 0 channels,
+// 64 keys per tile, 3-stage cp.async ring, 4 warps per
+// block, 1 row block(s) of 16 query rows per pass.
 //
 // `decode_splitkv_bf16_hd32_norope_paged_w4` (split kernel), one block of WARPS warps per (split, group, sequence): for sequence
-// b at position pos = cache_seqlens[b] it
-//   1. rotates the new k and the group's q heads with the cos/sin tables at row pos,
-//   2. appends the rotated k and v at cache row pos (the block whose split owns pos writes;
-//      every block takes row pos from its shared-memory copy, never from the cache),
-//   3. attends over keys [lo, hi) of its split of the visible range [0, pos + 1) (bottom-right
-//      causal, window) on tensor cores: the group's query heads, 16 at a time (zero rows past
-//      the group), are the rows of an m16 A operand; K/V tiles of TILE keys stream through a
-//      STAGES-deep ring of 16-byte cp.async copies (rows padded to HEAD_DIM + 8 elements so
-//      ldmatrix phases hit distinct banks; each K/V element read once per group); warp w takes
-//      keys [16 w, 16 w + 16) of every tile: S = Q K^T and O += P V with mma.sync m16n8k16
-//      (bf16 in, f32 accumulate, P rounded to bf16), online softmax in exp2 per
-//      warp; the warps' (m, l, O) are merged through shared memory at the end,
+// b whose new tokens sit at positions pos .. pos + T - 1 (pos = cache_seqlens[b]) it
+//   1. rotates each new k with the cos/sin tables at its position and appends it and its v at
+//      that cache row (one warp per row, only in the block whose split owns the row; only that
+//      block reads the row, after a barrier),
+//   2. attends over keys [s_lo, s_hi) of its split of the union of the tokens' visible ranges
+//      (token t: [0, pos + t + 1), bottom-right causal, window) on tensor cores. The step's
+//      rows are token t's query heads of the group, row t * per + head (q rotated at
+//      pos + t); PASS_ROWS = 16 * ROW_BLOCKS of them at a time are the rows of m16 A operands
+//      in shared memory (zero rows past the step's rows; more rows take more passes). K/V
+//      tiles of TILE keys stream through a STAGES-deep ring of 16-byte cp.async copies (rows
+//      padded to HEAD_DIM + 8 elements so ldmatrix phases hit distinct banks; each K/V element
+//      read once per pass, so once per step up to PASS_ROWS rows); warp w serves row block
+//      w / WPR and keys [KW (w % WPR), KW (w % WPR + 1)) of every tile: S = Q K^T and
+//      O += P V with mma.sync m16n8k16 (bf16 in, f32 accumulate, P rounded to
+//      bf16), each score masked to its row's token's range, online softmax in exp2 per
+//      warp; the row block's warps' (m, l, O) are merged through shared memory at the end,
 //   and writes the split's normalized partial output and its LSE (log2 units, -inf = no key).
-// `decode_splitkv_bf16_hd32_norope_paged_w4_combine`: one block of MERGE_WARPS warps per (sequence, head), each warp a strided
-// subset of the splits; merges the splits by their LSEs, adds the sink column, applies the
-// output gate and writes out and lse.
-// `decode_splitkv_bf16_hd32_norope_paged_w4_combine1`: the same merge in one pass (opt-in, `ATTN_DECODE_COMBINE=onepass`): one
-// block of MERGE1_WARPS warps per (sequence, head); each warp loads MERGE1_BATCH of its splits
-// at once and keeps a running max, so a merge of up to MERGE1_WARPS * MERGE1_BATCH splits is
-// one round of loads instead of a max pass and a chain of strided iterations.
+// `decode_splitkv_bf16_hd32_norope_paged_w4_combine`: one block of MERGE_WARPS warps per (token row, head) merges the splits
+// by their LSEs in one pass: each warp loads MERGE_BATCH of its splits at once and keeps a
+// running max, so a merge of up to MERGE_WARPS * MERGE_BATCH splits is one round of loads; then
+// it adds the sink column, applies the output gate and writes out and lse.
 //
 // Launch: split kernel grid (num_splits, num_groups, batch), block WARPS * 32, dynamic shared
-//         memory STAGES * 2 * TILE * (HEAD_DIM + 8) * sizeof(elem_t) bytes;
-//         combine kernel grid (batch, num_heads), block MERGE_WARPS * 32 (`_combine1`:
-//         MERGE1_WARPS * 32).
+//         memory (STAGES * 2 * TILE + PASS_ROWS) * (HEAD_DIM + 8) * sizeof(elem_t) bytes;
+//         combine kernel grid (T * batch, num_heads), block MERGE_WARPS * 32, its `batch`
+//         argument T * batch.
 //
 // Layouts (row-major):
-//   q, out, gate: elem_t [batch, num_heads, HEAD_DIM]   (q not yet rotated)
-//   k_new, v_new: elem_t [batch, num_groups, HEAD_DIM]  (k not yet rotated)
+//   q, out, gate: elem_t [T, batch, num_heads, HEAD_DIM]   (q not yet rotated)
+//   k_new, v_new: elem_t [T, batch, num_groups, HEAD_DIM]  (k not yet rotated)
 //   k_cache, v_cache: elem_t [max_seq, max_batch, num_groups, HEAD_DIM], 16-byte aligned;
 //       sequence b at batch slot batch_offset + b; offsets are 64-bit.
 //   cache_seqlens: int32 [batch]; rope_cos, rope_sin: f32 [rope_rows, ROT_DIM / 2]
-//   o_part: f32 [num_splits, batch, num_heads, HEAD_DIM]; lse_part: f32 [num_splits, batch, num_heads]
-//   lse: f32 [num_heads, batch] (natural log); sinks: f32 [num_heads] (learnable sinks only)
+//   o_part: f32 [num_splits, T, batch, num_heads, HEAD_DIM]; lse_part: f32 [num_splits, T, batch, num_heads]
+//   lse: f32 [num_heads, T * batch] (natural log); sinks: f32 [num_heads] (learnable sinks only)
 //
 // Paged mode (true; `_paged` keys, no rope): the decode rows (one new token each) of a
-// paged mixed batch, after qkv_prep rotated q/k and append_kv wrote the new k/v into the pool.
+// paged mixed batch (T = 1), after qkv_prep rotated q/k and append_kv wrote the new k/v into
+// the pool.
 // Both entries take one `const PagedDecodeParams p` (partials/params.cu). Block b of the split
 // kernel serves decode request req = p.requests[b] of the batch: its query row is packed token
 // cu_seqlens_q[req] of q [total_q, num_heads, HEAD_DIM]; it attends to keys [0,
@@ -302,14 +306,27 @@ struct PagedDecodeParams {
 
 constexpr float LOG2E = 1.4426950408889634f;
 constexpr float LN2 = 0.6931471805599453f;
-/// Warps per block of the split kernel; warp w owns keys [16 w, 16 w + 16) of every tile.
+/// Warps per block of the split kernel.
 constexpr int WARPS = 4;
+/// Blocks per SM promised to ptxas: those the shared memory of a Hopper SM holds (render.rs
+/// `decode_splitkv_min_blocks`), so the register budget matches the reachable occupancy.
+constexpr int MIN_BLOCKS = 3;
 /// Keys per shared-memory tile.
 constexpr int TILE = 64;
 /// Depth of the cp.async ring (tiles in flight while one is consumed: STAGES - 1).
 constexpr int STAGES = 3;
-/// Query heads per MMA row block (the m of m16n8k16).
+/// Query rows per MMA row block (the m of m16n8k16).
 constexpr int MROWS = 16;
+/// Row blocks attended together per pass over the keys: PASS_ROWS query rows share every K/V
+/// tile load. Warp w serves row block w / WPR and keys [KW (w % WPR), KW (w % WPR + 1)) of
+/// every tile (ROW_BLOCKS 1: four warps of 16 keys; 2: two warps of 32 keys per row block;
+/// 4: eight warps, two of 32 keys per row block).
+constexpr int ROW_BLOCKS = 1;
+constexpr int PASS_ROWS = MROWS * ROW_BLOCKS;
+constexpr int WPR = WARPS / ROW_BLOCKS;
+constexpr int KW = TILE / WPR;
+/// k16 key blocks of a warp's keys of one tile.
+constexpr int KB = KW / 16;
 /// Shared-memory row of K, V and Q tiles, in elements (8 of padding).
 constexpr int SROW = HEAD_DIM + 8;
 /// 16-byte chunks per K/V row.
@@ -317,7 +334,10 @@ constexpr int CHUNKS = HEAD_DIM / 8;
 /// n8 tiles of one output row block; k16 steps of one q.k.
 constexpr int NT = HEAD_DIM / 8;
 constexpr int KSTEPS = HEAD_DIM / 16;
-static_assert(TILE == 16 * WARPS, "each warp owns 16 keys of a tile");
+static_assert(WARPS % ROW_BLOCKS == 0 && TILE % WPR == 0 && KW % 16 == 0,
+              "the warps of a row block split a tile into k16 key blocks");
+static_assert(WARPS * MROWS * HEAD_DIM * 4 <= STAGES * 2 * TILE * SROW * 2,
+              "the warps' partial outputs fit in the ring");
 static_assert(HEAD_DIM % 16 == 0, "head dim must be a multiple of 16");
 // ---------------------------------------------------------------------------------------
 // cp.async helpers (sm_80+) of the tensor-core kernels (prefill_sm80.cu, prefill_sm90.cu,
@@ -392,19 +412,22 @@ __device__ __forceinline__ float warp_max(float x) {
     for (int o = WARP_SIZE / 2; o > 0; o >>= 1) x = fmaxf(x, __shfl_xor_sync(FULL_WARP, x, o));
     return x;
 }
-extern "C" __global__ void __launch_bounds__(WARPS * WARP_SIZE) decode_splitkv_bf16_hd32_norope_paged_w4(const PagedDecodeParams p)
+extern "C" __global__ void __launch_bounds__(WARPS * WARP_SIZE, MIN_BLOCKS) decode_splitkv_bf16_hd32_norope_paged_w4(const PagedDecodeParams p)
 {
     const elem_t* __restrict__ q = p.q;
     float* __restrict__ o_part = p.o_part;
     float* __restrict__ lse_part = p.lse_part;
     const int batch = p.batch, num_heads = p.num_heads, num_groups = p.num_groups;
     const int num_splits = p.num_splits;
+    const int num_tokens = 1;
     const float softmax_scale = p.softmax_scale;
     const int window_left = p.window_left, window_right = p.window_right;
-    // Ring of STAGES x {K, V} tiles, each elem_t [TILE][SROW]; after the last tile of a row
-    // block it holds the warps' partial outputs, f32 [WARPS][MROWS][HEAD_DIM].
+    // Ring of STAGES x {K, V} tiles, each elem_t [TILE][SROW], then the pass's query rows
+    // q_s, elem_t [PASS_ROWS][SROW]; after the last tile of a pass the ring holds the warps'
+    // partial outputs, f32 [WARPS][MROWS][HEAD_DIM].
     extern __shared__ __align__(16) unsigned char kv_ring[];
-    __shared__ __align__(16) elem_t q_s[MROWS * SROW];
+    elem_t* ring = reinterpret_cast<elem_t*>(kv_ring);
+    elem_t* q_s = ring + STAGES * 2 * TILE * SROW;
     __shared__ float ml_s[WARPS][MROWS][2];
 
     const int tid = threadIdx.x;
@@ -427,18 +450,19 @@ extern "C" __global__ void __launch_bounds__(WARPS * WARP_SIZE) decode_splitkv_b
     const elem_t* __restrict__ v_pool = p.v_pool + (long long)g * HEAD_DIM;
     const long long pool_row = (long long)num_groups * HEAD_DIM;  // elements per pool row
 
-    int lo, hi;
-    visible_range(0, 1, sk, window_left, window_right, &lo, &hi);
+    // Keys of the union of the tokens' visible ranges (bottom-right causal, window: both ends
+    // grow with the token), split into num_splits chunks.
+    int lo, hi, unused;
+    visible_range(0, num_tokens, sk, window_left, window_right, &lo, &unused);
+    visible_range(num_tokens - 1, num_tokens, sk, window_left, window_right, &unused, &hi);
     const int chunk = (hi - lo + num_splits - 1) / num_splits;
     const int s_lo = min(hi, lo + split * chunk);
     const int s_hi = min(hi, s_lo + chunk);
 
-    // 3. Attention over [s_lo, s_hi).
+    // 2. Attention over [s_lo, s_hi).
     const int n_tiles = (s_hi - s_lo + TILE - 1) / TILE;
-    elem_t* ring = reinterpret_cast<elem_t*>(kv_ring);
-    // Queue tile t's copies into ring slot t % STAGES (row pos from smem, rows past the range
-    // zeroed) and commit a group (an empty one past the last tile, so the wait counts stay
-    // uniform).
+    // Queue tile t's copies into ring slot t % STAGES (rows past the range zeroed) and commit
+    // a group (an empty one past the last tile, so the wait counts stay uniform).
     auto load_tile = [&](int t) {
         if (t < n_tiles) {
             const int t0 = s_lo + t * TILE;
@@ -464,7 +488,6 @@ extern "C" __global__ void __launch_bounds__(WARPS * WARP_SIZE) decode_splitkv_b
     };
 
     const float scale_log2 = softmax_scale * LOG2E;
-    const unsigned q_addr = smem_addr(q_s);
     const unsigned ring_addr = smem_addr(kv_ring);
     // ldmatrix row addresses of this lane (matrix lm = lane / 8, row lr = lane % 8), in bytes:
     // Q (A operand): rows (lm & 1) * 8 + lr, dims (lm >> 1) * 8 of a k16 step;
@@ -474,17 +497,23 @@ extern "C" __global__ void __launch_bounds__(WARPS * WARP_SIZE) decode_splitkv_b
     const unsigned qa_off = (unsigned)((((lm & 1) * 8 + lr) * SROW + (lm >> 1) * 8) * 2);
     const unsigned kb_off = (unsigned)((((lm >> 1) * 8 + lr) * SROW + (lm & 1) * 8) * 2);
     const unsigned vb_off = qa_off;
-    const int kw0 = warp * 16;           // the warp's first key of each tile
+    const int rb = warp / WPR;                // the warp's row block of a pass
+    const int kw0 = (warp % WPR) * KW;        // the warp's first key of each tile
+    const unsigned q_addr = smem_addr(q_s) + (unsigned)(rb * MROWS * SROW * 2);
     const int qd = lane / 4, qc = 2 * (lane % 4);   // fragment row / first column
     float* red = reinterpret_cast<float*>(kv_ring);
+    // Rows of the step: token t's query heads of this group, row t * per + head.
+    const int rows_total = per * num_tokens;
 
-    for (int h0 = 0; h0 < per; h0 += MROWS) {
-        const int rows = min(MROWS, per - h0);
-        __syncthreads();   // the previous row block is done with q_s, ml_s and the ring
-        // The block's query heads, rotated, as rows of q_s (zero rows past the group).
-        for (int r = warp; r < MROWS; r += WARPS) {
+    for (int r0 = 0; r0 < rows_total; r0 += PASS_ROWS) {
+        const int rows = min(PASS_ROWS, rows_total - r0);
+        __syncthreads();   // the previous pass is done with q_s, ml_s and the ring; the appended rows are visible
+        // The pass's query rows, rotated, into q_s (zero rows past the step's rows).
+        for (int r = warp; r < PASS_ROWS; r += WARPS) {
             if (r < rows) {
-                const elem_t* qr = q + (tok * num_heads + g * per + h0 + r) * HEAD_DIM;
+                const int t = (r0 + r) / per, hh = (r0 + r) % per;
+                (void)t;
+                const elem_t* qr = q + (tok * num_heads + g * per + hh) * HEAD_DIM;
                 float qv[LANE_D];
 #pragma unroll
                 for (int c = 0; c < LANE_D; ++c) qv[c] = load_ch(qr, c, lane);
@@ -495,6 +524,18 @@ extern "C" __global__ void __launch_bounds__(WARPS * WARP_SIZE) decode_splitkv_b
 #pragma unroll
                 for (int c = 0; c < LANE_D; ++c)
                     if (ch_ok(c, lane)) store_elem(&q_s[r * SROW + c * WARP_SIZE + lane], 0.0f);
+            }
+        }
+        // Visible keys [vlo, vhi) of this lane's fragment rows qd and qd + 8 (none past the rows).
+        int vlo[2], vhi[2];
+#pragma unroll
+        for (int i = 0; i < 2; ++i) {
+            const int r = rb * MROWS + qd + 8 * i;
+            if (r < rows) {
+                visible_range((r0 + r) / per, num_tokens, sk, window_left, window_right, &vlo[i], &vhi[i]);
+            } else {
+                vlo[i] = 0;
+                vhi[i] = 0;
             }
         }
 
@@ -512,33 +553,40 @@ extern "C" __global__ void __launch_bounds__(WARPS * WARP_SIZE) decode_splitkv_b
             cp_async_wait<STAGES - 2>();
             __syncthreads();   // tile t (and q_s) visible to all threads; slot (t - 1) % STAGES is free
             load_tile(t + STAGES - 1);
-            const int n = min(TILE, s_hi - (s_lo + t * TILE));
+            const int t0 = s_lo + t * TILE;
+            const int n = min(TILE, s_hi - t0);
             if (kw0 >= n) continue;
             const unsigned k_addr =
                 ring_addr + (unsigned)(((t % STAGES) * (2 * TILE * SROW) + kw0 * SROW) * 2);
             const unsigned v_addr = k_addr + (unsigned)(TILE * SROW * 2);
-            float s[2][4];
+            float s[2 * KB][4];
 #pragma unroll
-            for (int j = 0; j < 2; ++j)
+            for (int j = 0; j < 2 * KB; ++j)
 #pragma unroll
                 for (int e = 0; e < 4; ++e) s[j][e] = 0.0f;
 #pragma unroll
             for (int kk = 0; kk < KSTEPS; ++kk) {
-                unsigned qa[4], kb[4];
+                unsigned qa[4];
                 ldmatrix_x4(qa, q_addr + qa_off + kk * 32);
-                ldmatrix_x4(kb, k_addr + kb_off + kk * 32);
-                mma16816(s[0], qa, kb[0], kb[1]);
-                mma16816(s[1], qa, kb[2], kb[3]);
+#pragma unroll
+                for (int kb = 0; kb < KB; ++kb) {
+                    unsigned kf[4];
+                    ldmatrix_x4(kf, k_addr + (unsigned)(kb * 16 * SROW * 2) + kb_off + kk * 32);
+                    mma16816(s[2 * kb], qa, kf[0], kf[1]);
+                    mma16816(s[2 * kb + 1], qa, kf[2], kf[3]);
+                }
             }
             float mx[2] = {m[0], m[1]};
 #pragma unroll
-            for (int j = 0; j < 2; ++j)
+            for (int j = 0; j < 2 * KB; ++j)
 #pragma unroll
                 for (int e = 0; e < 4; ++e) {
                     const int key = kw0 + 8 * j + qc + (e & 1);
-                    const float v = key < n ? s[j][e] * scale_log2 : neg_inf();
+                    const int i = e >> 1;
+                    const bool ok = key < n && t0 + key >= vlo[i] && t0 + key < vhi[i];
+                    const float v = ok ? s[j][e] * scale_log2 : neg_inf();
                     s[j][e] = v;
-                    mx[e >> 1] = fmaxf(mx[e >> 1], v);
+                    mx[i] = fmaxf(mx[i], v);
                 }
             float base[2], corr[2];
 #pragma unroll
@@ -551,7 +599,7 @@ extern "C" __global__ void __launch_bounds__(WARPS * WARP_SIZE) decode_splitkv_b
                 l[i] *= corr[i];
             }
 #pragma unroll
-            for (int j = 0; j < 2; ++j)
+            for (int j = 0; j < 2 * KB; ++j)
 #pragma unroll
                 for (int e = 0; e < 4; ++e) {
                     s[j][e] = exp2f(s[j][e] - base[e >> 1]);
@@ -564,19 +612,24 @@ extern "C" __global__ void __launch_bounds__(WARPS * WARP_SIZE) decode_splitkv_b
                 acc[nt][2] *= corr[1];
                 acc[nt][3] *= corr[1];
             }
-            const unsigned pa[4] = {pack2(s[0][0], s[0][1]), pack2(s[0][2], s[0][3]),
-                                    pack2(s[1][0], s[1][1]), pack2(s[1][2], s[1][3])};
 #pragma unroll
-            for (int np = 0; np < NT / 2; ++np) {
-                unsigned vb[4];
-                ldmatrix_x4_trans(vb, v_addr + vb_off + np * 32);
-                mma16816(acc[2 * np], pa, vb[0], vb[1]);
-                mma16816(acc[2 * np + 1], pa, vb[2], vb[3]);
+            for (int kb = 0; kb < KB; ++kb) {
+                const unsigned pa[4] = {pack2(s[2 * kb][0], s[2 * kb][1]), pack2(s[2 * kb][2], s[2 * kb][3]),
+                                        pack2(s[2 * kb + 1][0], s[2 * kb + 1][1]),
+                                        pack2(s[2 * kb + 1][2], s[2 * kb + 1][3])};
+                const unsigned vk = v_addr + (unsigned)(kb * 16 * SROW * 2) + vb_off;
+#pragma unroll
+                for (int np = 0; np < NT / 2; ++np) {
+                    unsigned vb[4];
+                    ldmatrix_x4_trans(vb, vk + np * 32);
+                    mma16816(acc[2 * np], pa, vb[0], vb[1]);
+                    mma16816(acc[2 * np + 1], pa, vb[2], vb[3]);
+                }
             }
         }
         cp_async_wait<0>();
 
-        // Merge the warps' row states: (m, l) through ml_s, scaled partial outputs through red.
+        // Merge the row block's warps: (m, l) through ml_s, scaled partial outputs through red.
 #pragma unroll
         for (int i = 0; i < 2; ++i) {
             l[i] += __shfl_xor_sync(FULL_WARP, l[i], 1);
@@ -594,7 +647,7 @@ extern "C" __global__ void __launch_bounds__(WARPS * WARP_SIZE) decode_splitkv_b
             const int row = qd + 8 * i;
             float mm = neg_inf();
 #pragma unroll
-            for (int w = 0; w < WARPS; ++w) mm = fmaxf(mm, ml_s[w][row][0]);
+            for (int w = 0; w < WPR; ++w) mm = fmaxf(mm, ml_s[rb * WPR + w][row][0]);
             const float f = m[i] == neg_inf() ? 0.0f : exp2f(m[i] - mm);
             float* dst = red + (warp * MROWS + row) * HEAD_DIM + qc;
 #pragma unroll
@@ -603,26 +656,31 @@ extern "C" __global__ void __launch_bounds__(WARPS * WARP_SIZE) decode_splitkv_b
         }
         __syncthreads();
         for (int idx = tid; idx < rows * HEAD_DIM; idx += WARPS * WARP_SIZE) {
-            const int row = idx / HEAD_DIM, d = idx % HEAD_DIM;
+            const int r = idx / HEAD_DIM, d = idx % HEAD_DIM;
+            const int w0 = (r / MROWS) * WPR, row = r % MROWS;
             float mm = neg_inf();
 #pragma unroll
-            for (int w = 0; w < WARPS; ++w) mm = fmaxf(mm, ml_s[w][row][0]);
+            for (int w = 0; w < WPR; ++w) mm = fmaxf(mm, ml_s[w0 + w][row][0]);
             float ll = 0.0f, o = 0.0f;
 #pragma unroll
-            for (int w = 0; w < WARPS; ++w) {
-                const float mw = ml_s[w][row][0];
-                ll += mw == neg_inf() ? 0.0f : ml_s[w][row][1] * exp2f(mw - mm);
-                o += red[(w * MROWS + row) * HEAD_DIM + d];
+            for (int w = 0; w < WPR; ++w) {
+                const float mw = ml_s[w0 + w][row][0];
+                ll += mw == neg_inf() ? 0.0f : ml_s[w0 + w][row][1] * exp2f(mw - mm);
+                o += red[((w0 + w) * MROWS + row) * HEAD_DIM + d];
             }
-            const long long orow = ((long long)split * batch + b) * num_heads + g * per + h0 + row;
+            const int t = (r0 + r) / per, hh = (r0 + r) % per;
+            const long long orow =
+                (((long long)split * num_tokens + t) * batch + b) * num_heads + g * per + hh;
             o_part[orow * HEAD_DIM + d] = ll > 0.0f ? o / ll : 0.0f;
             if (d == 0) lse_part[orow] = ll > 0.0f ? mm + log2f(ll) : neg_inf();
         }
     }
 }
 
-/// Warps per block of the merge kernel (each a strided subset of the splits).
-constexpr int MERGE_WARPS = 4;
+/// Warps per block of the merge kernel (`_combine`).
+constexpr int MERGE_WARPS = 8;
+/// Splits whose LSE and partial output a warp of `_combine` loads at once.
+constexpr int MERGE_BATCH = 8;
 extern "C" __global__ void __launch_bounds__(MERGE_WARPS * WARP_SIZE) decode_splitkv_bf16_hd32_norope_paged_w4_combine(const PagedDecodeParams p)
 {
     const float* __restrict__ o_part = p.o_part;
@@ -631,95 +689,26 @@ extern "C" __global__ void __launch_bounds__(MERGE_WARPS * WARP_SIZE) decode_spl
     float* __restrict__ lse = p.lse;
     const int batch = p.batch, num_heads = p.num_heads, num_splits = p.num_splits;
     __shared__ float part[MERGE_WARPS][HEAD_DIM];
-    __shared__ float part_total[MERGE_WARPS];
+    __shared__ float part_m[MERGE_WARPS];
+    __shared__ float part_t[MERGE_WARPS];
     const int lane = threadIdx.x % WARP_SIZE;
     const int warp = threadIdx.x / WARP_SIZE;
     const int b = blockIdx.x;
     const int h = blockIdx.y;
     const long long row = (long long)b * num_heads + h;
     const long long split_stride = (long long)batch * num_heads;
-    // Every warp finds the largest split LSE (lanes strided over the splits).
-    float mx = neg_inf();
-    for (int s = lane; s < num_splits; s += WARP_SIZE) mx = fmaxf(mx, lse_part[s * split_stride + row]);
-    mx = warp_max(mx);
-    const bool any = mx != neg_inf();
-    const float sink = neg_inf();
-    const float m = fmaxf(mx, sink);
-    float total = 0.0f;
-    float acc[LANE_D];
-#pragma unroll
-    for (int c = 0; c < LANE_D; ++c) acc[c] = 0.0f;
-    if (any) {
-#pragma unroll 4
-        for (int s = warp; s < num_splits; s += MERGE_WARPS) {
-            const float ls = lse_part[s * split_stride + row];
-            const float w = ls == neg_inf() ? 0.0f : exp2f(ls - m);
-            total += w;
-#pragma unroll
-            for (int c = 0; c < LANE_D; ++c)
-                if (ch_ok(c, lane))
-                    acc[c] = fmaf(w, o_part[(s * split_stride + row) * HEAD_DIM + c * WARP_SIZE + lane], acc[c]);
-        }
-    }
-#pragma unroll
-    for (int c = 0; c < LANE_D; ++c)
-        if (ch_ok(c, lane)) part[warp][c * WARP_SIZE + lane] = acc[c];
-    if (lane == 0) part_total[warp] = total;
-    __syncthreads();
-    if (warp != 0) return;
-    // Output row: the decode request's token in the packed batch; lse [num_heads, total_q].
-    const long long tok = p.cu_seqlens_q[p.requests[b]];
-    const long long orow = tok * num_heads + h;
-    const long long lse_at = (long long)h * p.total_q + tok;
-    total = any || sink != neg_inf() ? exp2f(sink - m) : 0.0f;
-#pragma unroll
-    for (int w = 0; w < MERGE_WARPS; ++w) total += part_total[w];
-    const float inv = any ? 1.0f / total : 0.0f;
-#pragma unroll
-    for (int c = 0; c < LANE_D; ++c) {
-        if (!ch_ok(c, lane)) continue;
-        float a = 0.0f;
-#pragma unroll
-        for (int w = 0; w < MERGE_WARPS; ++w) a += part[w][c * WARP_SIZE + lane];
-        float o = a * inv;
-        store_elem(out + orow * HEAD_DIM + c * WARP_SIZE + lane, o);
-    }
-    // A sink column keeps the row non-empty (LSE = the sink logit when no key is visible).
-    if (lane == 0) lse[lse_at] = any || sink != neg_inf() ? (m + log2f(total)) * LN2 : neg_inf();
-}
-
-/// Warps per block of the one-pass merge kernel (`_combine1`).
-constexpr int MERGE1_WARPS = 8;
-/// Splits whose LSE and partial output a warp of `_combine1` loads at once.
-constexpr int MERGE1_BATCH = 8;
-extern "C" __global__ void __launch_bounds__(MERGE1_WARPS * WARP_SIZE) decode_splitkv_bf16_hd32_norope_paged_w4_combine1(const PagedDecodeParams p)
-{
-    const float* __restrict__ o_part = p.o_part;
-    const float* __restrict__ lse_part = p.lse_part;
-    elem_t* __restrict__ out = p.out;
-    float* __restrict__ lse = p.lse;
-    const int batch = p.batch, num_heads = p.num_heads, num_splits = p.num_splits;
-    __shared__ float part[MERGE1_WARPS][HEAD_DIM];
-    __shared__ float part_m[MERGE1_WARPS];
-    __shared__ float part_t[MERGE1_WARPS];
-    const int lane = threadIdx.x % WARP_SIZE;
-    const int warp = threadIdx.x / WARP_SIZE;
-    const int b = blockIdx.x;
-    const int h = blockIdx.y;
-    const long long row = (long long)b * num_heads + h;
-    const long long split_stride = (long long)batch * num_heads;
-    // This warp's splits s = warp + MERGE1_WARPS * k: running max mw (log2 units), the sum tw
-    // of exp2(lse_s - mw) and the weighted outputs, MERGE1_BATCH splits' loads at a time.
+    // This warp's splits s = warp + MERGE_WARPS * k: running max mw (log2 units), the sum tw
+    // of exp2(lse_s - mw) and the weighted outputs, MERGE_BATCH splits' loads at a time.
     float mw = neg_inf(), tw = 0.0f;
     float acc[LANE_D];
 #pragma unroll
     for (int c = 0; c < LANE_D; ++c) acc[c] = 0.0f;
-    for (int s0 = warp; s0 < num_splits; s0 += MERGE1_WARPS * MERGE1_BATCH) {
-        float ls[MERGE1_BATCH];
-        float ov[MERGE1_BATCH][LANE_D];
+    for (int s0 = warp; s0 < num_splits; s0 += MERGE_WARPS * MERGE_BATCH) {
+        float ls[MERGE_BATCH];
+        float ov[MERGE_BATCH][LANE_D];
 #pragma unroll
-        for (int j = 0; j < MERGE1_BATCH; ++j) {
-            const int s = s0 + j * MERGE1_WARPS;
+        for (int j = 0; j < MERGE_BATCH; ++j) {
+            const int s = s0 + j * MERGE_WARPS;
             const bool ok = s < num_splits;
             ls[j] = ok ? lse_part[s * split_stride + row] : neg_inf();
 #pragma unroll
@@ -730,14 +719,14 @@ extern "C" __global__ void __launch_bounds__(MERGE1_WARPS * WARP_SIZE) decode_sp
         }
         float cm = mw;
 #pragma unroll
-        for (int j = 0; j < MERGE1_BATCH; ++j) cm = fmaxf(cm, ls[j]);
+        for (int j = 0; j < MERGE_BATCH; ++j) cm = fmaxf(cm, ls[j]);
         if (cm == neg_inf()) continue;   // no visible key in these splits yet (warp-uniform)
         const float sc = exp2f(mw - cm);  // 0 while mw is -inf
         tw *= sc;
 #pragma unroll
         for (int c = 0; c < LANE_D; ++c) acc[c] *= sc;
 #pragma unroll
-        for (int j = 0; j < MERGE1_BATCH; ++j) {
+        for (int j = 0; j < MERGE_BATCH; ++j) {
             const float w = ls[j] == neg_inf() ? 0.0f : exp2f(ls[j] - cm);
             tw += w;
 #pragma unroll
@@ -756,15 +745,15 @@ extern "C" __global__ void __launch_bounds__(MERGE1_WARPS * WARP_SIZE) decode_sp
     if (warp != 0) return;
     float mx = neg_inf();
 #pragma unroll
-    for (int w = 0; w < MERGE1_WARPS; ++w) mx = fmaxf(mx, part_m[w]);
+    for (int w = 0; w < MERGE_WARPS; ++w) mx = fmaxf(mx, part_m[w]);
     const bool any = mx != neg_inf();
     const float sink = neg_inf();
     const float m = fmaxf(mx, sink);
     // Each warp's share rescaled from its own max to m.
-    float f[MERGE1_WARPS];
+    float f[MERGE_WARPS];
     float total = any || sink != neg_inf() ? exp2f(sink - m) : 0.0f;
 #pragma unroll
-    for (int w = 0; w < MERGE1_WARPS; ++w) {
+    for (int w = 0; w < MERGE_WARPS; ++w) {
         f[w] = part_m[w] == neg_inf() ? 0.0f : exp2f(part_m[w] - m);
         total += part_t[w] * f[w];
     }
@@ -778,7 +767,7 @@ extern "C" __global__ void __launch_bounds__(MERGE1_WARPS * WARP_SIZE) decode_sp
         if (!ch_ok(c, lane)) continue;
         float a = 0.0f;
 #pragma unroll
-        for (int w = 0; w < MERGE1_WARPS; ++w) a = fmaf(part[w][c * WARP_SIZE + lane], f[w], a);
+        for (int w = 0; w < MERGE_WARPS; ++w) a = fmaf(part[w][c * WARP_SIZE + lane], f[w], a);
         float o = a * inv;
         store_elem(out + orow * HEAD_DIM + c * WARP_SIZE + lane, o);
     }

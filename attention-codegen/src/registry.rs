@@ -19,7 +19,7 @@
 //! | `prefill_rows_*` ([`prefill_rows`]) | fallback: one warp per query row, padded or packed | any | — |
 //! | `decode_rows_*` ([`decode_rows`]) | fallback: one warp per query row over a static cache (`_full`: cross-attention, no causal mask) | any | — |
 //! | `decode_rows_*_paged` ([`decode_rows_paged`]) | fallback: one warp per query row over a paged pool, decode rows and prefill chunks alike | any | — |
-//! | `decode_splitkv_*` ([`decode_splitkv`], [`decode_splitkv_paged`]) | split-KV decode on tensor cores, the same module's `<key>_combine` combining the splits; static: fused rope + append; `_paged`: a paged batch's decode rows | sm_80+ | static: none; `_paged`: the rows join the batch's prefill launch (`prefill_*_paged_sm80` or `decode_rows_*_paged`) |
+//! | `decode_splitkv_*` ([`decode_splitkv`], [`decode_splitkv_rows`], [`decode_splitkv_paged`]) | split-KV decode on tensor cores, the same module's `<key>_combine` combining the splits; static: fused rope + append of 1 to 16 new tokens per sequence (`_rb2` / `_rb4`: 32 / 64 query rows per pass for multi-token steps); `_paged`: a paged batch's decode rows | sm_80+ | static: none; `_paged`: the rows join the batch's prefill launch (`prefill_*_paged_sm80` or `decode_rows_*_paged`) |
 //! | `append_kv_*` ([`append_kv`]) | new k/v rows into a static cache or a paged pool | any | — |
 //! | `qkv_prep_*` ([`qkv_prep`], [`qkv_prep_for_decode_splitkv`]) | q/k norm, rope, output-gate and layout split | any | — |
 //!
@@ -43,7 +43,8 @@
 //! - `qkv_prep` with the spec's rope (forward, prefill, paged prefill) and, for
 //!   self-attention with rope, without it (the fused decode step applies rope itself);
 //! - static-cache prefill (`append_kv_*` + `prefill_*_sm80` over the cache, or
-//!   `decode_rows_*`) and decode steps (`decode_splitkv_*` and its `<key>_combine`), paged
+//!   `decode_rows_*`) and decode steps of 1 to 16 tokens (`decode_splitkv_*`, its `_rb2` / `_rb4`
+//!   variants where the target's shared memory holds them, and their `<key>_combine`), paged
 //!   mixed batches (`append_kv_*`, the prefill chunks on `prefill_*_paged_sm80`, the decode rows
 //!   on `decode_splitkv_*_paged` and its combine step, or all of them on
 //!   `decode_rows_*_paged`): self-attention only;
@@ -57,7 +58,8 @@
 //! configs with other tiles (benchmarks).
 
 use crate::render::{
-    decode_splitkv_smem_bytes, rot_dim, KernelConfig, Phase, PrepLayout, RenderError,
+    decode_splitkv_row_blocks, decode_splitkv_runs, decode_splitkv_warps, rot_dim, KernelConfig,
+    Phase, PrepLayout, RenderError,
 };
 use crate::spec::{AttentionKind, AttentionSpec, MaskType, SUPPORTED_HEAD_DIMS};
 
@@ -300,7 +302,7 @@ pub fn paged_prefill(
 /// `decode_splitkv` kernel and its combine step in their paged mode (`_paged`, no rope: `qkv_prep`
 /// rotated q and k, `append_kv` wrote the new k/v), reading K/V through the block table. The
 /// batch's other requests (prefill chunks) run [`paged_prefill`]. `None` when `target` cannot run
-/// it (sm_80+ and [`decode_splitkv_smem_bytes`] within its opt-in shared memory); every request
+/// it (sm_80+ and [`decode_splitkv_runs`]: its shared memory within the opt-in limit); every request
 /// then runs the prefill kernel.
 pub fn decode_splitkv_paged(
     spec: &AttentionSpec,
@@ -310,7 +312,7 @@ pub fn decode_splitkv_paged(
     let runs = match target {
         Target::AnyDevice => true,
         Target::Device { sm, smem_optin, .. } => {
-            sm >= TENSOR_CORE_MIN_SM && decode_splitkv_smem_bytes(head_dim) <= smem_optin
+            sm >= TENSOR_CORE_MIN_SM && decode_splitkv_runs(head_dim, 1, smem_optin)
         }
     };
     let mut c = attention(spec, head_dim, Phase::DecodeSplitKv);
@@ -351,6 +353,33 @@ pub fn decode_splitkv(spec: &AttentionSpec, head_dim: usize) -> Result<KernelCon
     let mut c = attention(spec, head_dim, Phase::DecodeSplitKv);
     c.rope = qkv_prep(spec, head_dim)?.rope;
     Ok(c)
+}
+
+/// The fused decode-step kernel of a step whose group has `rows` query rows (heads per group
+/// times new tokens: multi-token decode) on a device with `smem_optin` bytes of opt-in shared
+/// memory per block: [`decode_splitkv`] with the row-block count of
+/// [`decode_splitkv_row_blocks`]. `Ok(None)` when not even one row block fits. Errors as
+/// [`decode_splitkv`].
+pub fn decode_splitkv_rows(
+    spec: &AttentionSpec,
+    head_dim: usize,
+    rows: usize,
+    smem_optin: usize,
+) -> Result<Option<KernelConfig>, RenderError> {
+    let mut c = decode_splitkv(spec, head_dim)?;
+    Ok(
+        decode_splitkv_row_blocks(head_dim, rows, smem_optin).map(|rb| {
+            c.row_blocks = rb;
+            c.warps = decode_splitkv_warps(rb);
+            c
+        }),
+    )
+}
+
+/// The largest opt-in shared memory per block of the SM versions [`smem_optin_for_sm`] knows:
+/// the kernels a [`Target::AnyDevice`] list includes are those some device can run.
+fn max_smem_optin() -> usize {
+    (70..=130).filter_map(smem_optin_for_sm).max().unwrap_or(0)
 }
 
 /// The k/v append kernel (`append_kv_*`) of static-cache and paged prefill.
@@ -517,6 +546,19 @@ pub fn kernels_for(
         out.extend(decode_splitkv_paged(spec, head_dim, target));
         out.push(decode_rows_paged(spec, head_dim));
         out.push(decode_splitkv(spec, head_dim)?);
+        // Multi-token decode steps: the wider row-block variants the target can hold.
+        let optin = match target {
+            Target::AnyDevice => max_smem_optin(),
+            Target::Device { smem_optin, .. } => smem_optin,
+        };
+        for rb in [2, 4] {
+            if decode_splitkv_runs(head_dim, rb, optin) {
+                let mut c = decode_splitkv(spec, head_dim)?;
+                c.row_blocks = rb;
+                c.warps = decode_splitkv_warps(rb);
+                out.push(c);
+            }
+        }
         out.push(append_kv(spec, head_dim));
     } else {
         // The context-cache step: prefill_sm80, or `decode_rows_*_full` where it cannot run

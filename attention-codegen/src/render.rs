@@ -196,20 +196,99 @@ pub const fn decode_splitkv_tile(_head_dim: usize) -> usize {
 }
 /// Depth of the `decode_splitkv` kernel's cp.async ring of K/V tiles.
 pub const DECODE_SPLITKV_STAGES: usize = 3;
-/// Warps per block of the `decode_splitkv` `<key>_combine` kernel.
-pub const DECODE_SPLITKV_COMBINE_WARPS: usize = 4;
-/// Warps per block of the `decode_splitkv` `<key>_combine1` kernel (the one-pass merge,
-/// opt-in until GPU-verified; see `attention_runtime::cuda::decode::combine_onepass`).
-pub const DECODE_SPLITKV_COMBINE1_WARPS: usize = 8;
-/// Splits one warp of `<key>_combine1` loads at once: a merge of up to
-/// `DECODE_SPLITKV_COMBINE1_WARPS * DECODE_SPLITKV_COMBINE1_BATCH` (64) splits is one round of
+/// Warps per block of the `decode_splitkv` `<key>_combine` kernel (the one-pass merge).
+/// Source: `attn bench decode` on an H200 (2026-12-01): 8 warps loading 8 splits each at once
+/// made the batch-1 step 1.05-1.12x faster than a max pass plus strided rounds over 4 warps.
+pub const DECODE_SPLITKV_COMBINE_WARPS: usize = 8;
+/// Splits one warp of `<key>_combine` loads at once: a merge of up to
+/// `DECODE_SPLITKV_COMBINE_WARPS * DECODE_SPLITKV_COMBINE_BATCH` (64) splits is one round of
 /// loads.
-pub const DECODE_SPLITKV_COMBINE1_BATCH: usize = 8;
-/// Dynamic shared memory (bytes) of the `decode_splitkv` split kernel: `STAGES × {K, V} × tile ×
-/// (head_dim + 8)` 2-byte elements (rows padded by 8 elements for conflict-free ldmatrix:
-/// 54 KiB at hd 64, 102 KiB at 128, 198 KiB at 256).
-pub const fn decode_splitkv_smem_bytes(head_dim: usize) -> usize {
-    DECODE_SPLITKV_STAGES * 2 * decode_splitkv_tile(head_dim) * (head_dim + 8) * 2
+pub const DECODE_SPLITKV_COMBINE_BATCH: usize = 8;
+/// Row-block counts of the `decode_splitkv` split kernel ([`KernelConfig::row_blocks`]): the
+/// query rows of a step (the group's heads times the new tokens) are attended 16 x
+/// `row_blocks` at a time, every K/V tile loaded once per such pass.
+pub const DECODE_SPLITKV_ROW_BLOCKS: [usize; 3] = [1, 2, 4];
+/// The most new tokens per sequence a `decode_splitkv` step takes (multi-token decode:
+/// speculative decoding, multi-token prediction).
+pub const DECODE_SPLITKV_MAX_TOKENS: usize = 16;
+/// Dynamic shared memory (bytes) of the `decode_splitkv` split kernel with `row_blocks` row
+/// blocks: the ring, `STAGES × {K, V} × tile × (head_dim + 8)` 2-byte elements (rows padded by
+/// 8 elements for conflict-free ldmatrix: 54 KiB at hd 64, 102 KiB at 128, 198 KiB at 256),
+/// then the pass's query rows, `16 × row_blocks × (head_dim + 8)` elements.
+pub const fn decode_splitkv_smem_bytes(head_dim: usize, row_blocks: usize) -> usize {
+    (DECODE_SPLITKV_STAGES * 2 * decode_splitkv_tile(head_dim) + 16 * row_blocks)
+        * (head_dim + 8)
+        * 2
+}
+/// All shared memory (bytes) of one `decode_splitkv` split block: the dynamic part
+/// ([`decode_splitkv_smem_bytes`]) plus the static rope staging rows (f32 `[warps][head_dim]`)
+/// and the warps' row statistics (f32 `[warps][16][2]`). The kernel runs on a device whose
+/// opt-in per-block limit is at least this.
+pub const fn decode_splitkv_block_smem_bytes(head_dim: usize, row_blocks: usize) -> usize {
+    let warps = decode_splitkv_warps(row_blocks);
+    decode_splitkv_smem_bytes(head_dim, row_blocks) + warps * head_dim * 4 + warps * 16 * 2 * 4
+}
+/// Warps per block of the `decode_splitkv` split kernel with `row_blocks` row blocks
+/// ([`KernelConfig::warps`]): [`DECODE_SPLITKV_WARPS`] (each owning 16 keys of a tile at one
+/// row block, 32 at two), 8 at four row blocks (two warps per row block, 32 keys each: with
+/// four warps of 64 keys each the 64-row step ran at 46-55% of the read bandwidth, one
+/// warp per scheduler, H200 2026-12-01).
+pub const fn decode_splitkv_warps(row_blocks: usize) -> usize {
+    if row_blocks >= 4 {
+        8
+    } else {
+        DECODE_SPLITKV_WARPS
+    }
+}
+/// Whether the `decode_splitkv` split kernel with `row_blocks` row blocks exists at `head_dim`
+/// and fits a device with `smem_optin` bytes of opt-in shared memory per block. Above one row
+/// block only head dims up to 128 have it: at 256 a warp's 16 x 256 f32 accumulator plus
+/// 32 keys' scores spill at 255 registers (ptxas, sm_90a), so such steps take several
+/// one-row-block passes.
+pub const fn decode_splitkv_runs(head_dim: usize, row_blocks: usize, smem_optin: usize) -> bool {
+    (row_blocks == 1 || head_dim <= 128)
+        && decode_splitkv_block_smem_bytes(head_dim, row_blocks) <= smem_optin
+}
+/// Blocks per SM the `decode_splitkv` split kernel promises ptxas (`__launch_bounds__`'s
+/// second argument): as many as the shared memory of a 228 KiB Hopper SM holds (1 KiB
+/// reserved per block), 1 to 3 (2 above head dim 64 or one row block, 1 at four). Without it ptxas aimed at more blocks than the shared memory
+/// allows and spilled (168 registers and 48 bytes of spills at hd 128, 2026-12-01); with it
+/// the register budget matches the occupancy the kernel can reach anyway.
+pub const fn decode_splitkv_min_blocks(head_dim: usize, row_blocks: usize) -> usize {
+    let n = 233_472 / (decode_splitkv_block_smem_bytes(head_dim, row_blocks) + 1024);
+    // At most 3 blocks (168 registers) with one row block up to head dim 64, else 2 (255):
+    // head dim 80 and the wider variants' 16 x 16 * row_blocks scores per warp spill under 168.
+    // Eight warps (four row blocks): one block, 255 registers.
+    let most = if row_blocks >= 4 {
+        1
+    } else if row_blocks == 1 && head_dim <= 64 {
+        3
+    } else {
+        2
+    };
+    if n < 1 {
+        1
+    } else if n > most {
+        most
+    } else {
+        n
+    }
+}
+/// The row-block count of a `decode_splitkv` step of `rows` query rows per group (heads per
+/// group × new tokens) on a device whose opt-in shared memory per block is `smem_optin`: the
+/// fewest row blocks that cover the rows in one pass, else the most that fit (the rows then
+/// take several passes). `None` when not even one row block fits.
+pub fn decode_splitkv_row_blocks(head_dim: usize, rows: usize, smem_optin: usize) -> Option<usize> {
+    let fits = |rb: usize| decode_splitkv_runs(head_dim, rb, smem_optin);
+    let fitting: Vec<usize> = DECODE_SPLITKV_ROW_BLOCKS
+        .into_iter()
+        .filter(|&rb| fits(rb))
+        .collect();
+    fitting
+        .iter()
+        .copied()
+        .find(|&rb| 16 * rb >= rows)
+        .or_else(|| fitting.last().copied())
 }
 
 /// A kernel phase (one template, one kernel family); the family name is [`Phase::name`], the
@@ -243,11 +322,11 @@ pub const fn decode_splitkv_smem_bytes(head_dim: usize) -> usize {
 ///   block_size, ng, hn]`.
 /// - `DecodeSplitKv` (`decode_splitkv_*`): `(q, k_new, v_new, k_cache, v_cache, cache_seqlens,
 ///   rope_cos, rope_sin, o_part, lse_part, batch, batch_offset, max_batch, num_heads,
-///   num_groups, num_splits, softmax_scale, window_left, window_right)`, grid `(num_splits,
-///   num_groups, batch)`, block [`DECODE_SPLITKV_WARPS`]` * 32`, dynamic shared memory
-///   [`decode_splitkv_smem_bytes`]; then `<key>_combine` `(o_part, lse_part, out, lse, sinks, gate,
-///   batch, num_heads, num_splits)`, grid `(batch, num_heads)`, block
-///   [`DECODE_SPLITKV_COMBINE_WARPS`]` * 32`.
+///   num_groups, num_splits, num_tokens, softmax_scale, window_left, window_right)`, grid
+///   `(num_splits, num_groups, batch)`, block [`DECODE_SPLITKV_WARPS`]` * 32`, dynamic shared
+///   memory [`decode_splitkv_smem_bytes`]; then `<key>_combine` `(o_part, lse_part, out, lse,
+///   sinks, gate, batch * num_tokens, num_heads, num_splits)`, grid `(batch * num_tokens,
+///   num_heads)`, block [`DECODE_SPLITKV_COMBINE_WARPS`]` * 32`.
 ///   Layouts in templates/decode_splitkv.cu. With [`KernelConfig::paged_kv`] (`_paged`), both
 ///   entries take one `PagedDecodeParams` struct (templates/partials/params.cu): the decode
 ///   rows of a paged mixed batch, reading K/V through the block table, same grids with
@@ -500,6 +579,12 @@ pub struct KernelConfig {
     /// split-KV decode of a paged batch's decode rows (key suffix `_paged`, no rope: q and k
     /// come rotated from `qkv_prep`; parameters `PagedDecodeParams`). Ignored elsewhere.
     pub paged_kv: bool,
+    /// `DecodeSplitKv`: query row blocks of 16 attended per pass over the keys (one of
+    /// [`DECODE_SPLITKV_ROW_BLOCKS`]; key suffix `_rb<n>` above 1). 1 suits one new token
+    /// of up to 16 heads per group; a multi-token step of `tokens × heads per group` rows
+    /// takes [`decode_splitkv_row_blocks`]; [`KernelConfig::warps`] must then be
+    /// [`decode_splitkv_warps`]. Ignored elsewhere (must be 1).
+    pub row_blocks: usize,
 }
 
 /// Tile of the `PrefillSm80` kernel: `block_m` query rows (`block_m / warps` per warp, a
@@ -803,6 +888,7 @@ impl KernelConfig {
             },
             tile: None,
             paged_kv: false,
+            row_blocks: 1,
         }
     }
 
@@ -832,7 +918,7 @@ impl KernelConfig {
     /// - `prefill_<dtype>_hd<D>_<mask>[_win][_sink1|_sinkl][_bias][_paged][_gate]_m<M>n<N>w<W>s<S>_sm80`
     /// - `decode_rows_<dtype>_hd<D>_<causal|full>[_win][_sink1|_sinkl][_gate]_w<warps>`
     /// - `decode_rows_<dtype>_hd<D>_causal[_win][_sink1|_sinkl]_paged[_gate]_w<warps>`
-    /// - `decode_splitkv_<dtype>_hd<D>_<norope|ropehalf<R>|ropeinter<R>>[_win][_sink1|_sinkl][_paged][_gate]_w<warps>`
+    /// - `decode_splitkv_<dtype>_hd<D>_<norope|ropehalf<R>|ropeinter<R>>[_win][_sink1|_sinkl][_paged][_gate][_rb<row blocks>]_w<warps>`
     ///   (its combine entry is `<key>_combine`; `_paged` is always `_norope`)
     /// - `append_kv_<dtype>_hd<D>_w<warps>`
     /// - `qkv_prep_<dtype>_hd<D>_<self|cross>_<nonorm|layernorm|rmsnorm|l2norm>_<norope|ropehalf<R>|ropeinter<R>>[_gate]_w<warps>`
@@ -929,6 +1015,9 @@ impl KernelConfig {
         if self.output_gate {
             k.push_str("_gate");
         }
+        if self.phase == Phase::DecodeSplitKv && self.row_blocks != 1 {
+            k.push_str(&format!("_rb{}", self.row_blocks));
+        }
         if matches!(self.phase, Phase::PrefillSm80 | Phase::PrefillSm90) {
             k.push('_');
             k.push_str(&self.prefill_tile().key());
@@ -990,6 +1079,21 @@ impl KernelConfig {
                     reason: "the output gate comes from linear_qkv, which cross-attention lacks",
                 });
             }
+        }
+        let rb_ok = if self.phase == Phase::DecodeSplitKv {
+            DECODE_SPLITKV_ROW_BLOCKS.contains(&self.row_blocks)
+        } else {
+            self.row_blocks == 1
+        };
+        if !rb_ok
+            || (self.phase == Phase::DecodeSplitKv
+                && self.warps != decode_splitkv_warps(self.row_blocks))
+        {
+            return Err(RenderError::Unsupported {
+                argument: "row_blocks",
+                reason: "decode_splitkv takes 1, 2 or 4 row blocks with decode_splitkv_warps(row \
+                         blocks) warps; other kernels 1 row block",
+            });
         }
         if self.phase == Phase::DecodeSplitKv && self.paged_kv && self.rope.is_some() {
             return Err(RenderError::Unsupported {
@@ -1150,10 +1254,14 @@ impl KernelConfig {
         c.insert("rot_dim", &rot_dim);
         c.insert("decode_tile", &decode_splitkv_tile(self.head_dim));
         c.insert("decode_stages", &DECODE_SPLITKV_STAGES);
-        c.insert("decode_warps", &DECODE_SPLITKV_WARPS);
+        c.insert("decode_warps", &decode_splitkv_warps(self.row_blocks));
+        c.insert("decode_row_blocks", &self.row_blocks);
+        c.insert(
+            "decode_min_blocks",
+            &decode_splitkv_min_blocks(self.head_dim, self.row_blocks),
+        );
         c.insert("merge_warps", &DECODE_SPLITKV_COMBINE_WARPS);
-        c.insert("merge1_warps", &DECODE_SPLITKV_COMBINE1_WARPS);
-        c.insert("merge1_batch", &DECODE_SPLITKV_COMBINE1_BATCH);
+        c.insert("merge_batch", &DECODE_SPLITKV_COMBINE_BATCH);
         c.insert(
             "bwd_part",
             match self.phase {

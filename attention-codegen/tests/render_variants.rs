@@ -190,6 +190,9 @@ fn kernels_for_spec_covers_phases_head_dims_and_masks() {
             format!("decode_rows_bf16_hd{hd}_causal_win_sinkl_w4"),
             format!("decode_rows_bf16_hd{hd}_causal_win_sinkl_paged_w4"),
             format!("decode_splitkv_bf16_hd{hd}_ropehalf{hd}_win_sinkl_w4"),
+            // Multi-token decode steps: 32 and 64 query rows per pass.
+            format!("decode_splitkv_bf16_hd{hd}_ropehalf{hd}_win_sinkl_rb2_w4"),
+            format!("decode_splitkv_bf16_hd{hd}_ropehalf{hd}_win_sinkl_rb4_w8"),
             format!("append_kv_bf16_hd{hd}_w4"),
             // Static-cache prefill and the paged batch on tensor cores.
             format!("prefill_bf16_hd{hd}_causal_bottom_right_win_sinkl_{tile}_sm80"),
@@ -219,7 +222,7 @@ fn kernels_for_spec_covers_phases_head_dims_and_masks() {
             .any(|k| k.starts_with("prefill_bf16_hd64") && k.ends_with("_sm90")),
         "head dim 64 runs prefill_sm80 (SM90_MIN_HEAD_DIM)"
     );
-    assert_eq!(ks.len(), 40);
+    assert_eq!(ks.len(), 44);
     assert_eq!(
         ks.iter().filter(|k| k.phase == Phase::PrefillSm90).count(),
         6
@@ -433,4 +436,54 @@ fn error_cross_attention_with_rope_or_gate() {
         kernels_for_spec(&spec),
         Err(RenderError::Unsupported { .. })
     ));
+}
+
+#[test]
+fn decode_row_blocks_cover_the_step_within_shared_memory() {
+    use attention_codegen::render::{
+        decode_splitkv_row_blocks as rb, decode_splitkv_warps, KernelConfig,
+    };
+    let h200 = 232_448; // 227 KiB opt-in per block
+    assert_eq!(rb(128, 4, h200), Some(1)); // one token of 4 heads per group
+    assert_eq!(rb(128, 16, h200), Some(1));
+    assert_eq!(rb(128, 17, h200), Some(2));
+    assert_eq!(rb(128, 33, h200), Some(4));
+    assert_eq!(rb(128, 64, h200), Some(4));
+    assert_eq!(rb(128, 128, h200), Some(4)); // two passes of 64 rows
+    assert_eq!(rb(64, 20, h200), Some(2));
+    assert_eq!(rb(256, 64, h200), Some(1)); // head dim 256: one row block, four passes
+    let a100 = 166_912; // 163 KiB
+    assert_eq!(rb(256, 4, a100), None); // its 198 KiB ring does not fit
+    assert_eq!(rb(128, 64, a100), Some(4));
+    assert_eq!(rb(128, 64, 48 * 1024), None);
+    // The variants render; a row-block count outside 1/2/4 or a block size other than
+    // decode_splitkv_warps is refused.
+    for r in [1, 2, 4] {
+        let mut c = KernelConfig::new(Phase::DecodeSplitKv, DType::Bf16, 128);
+        c.row_blocks = r;
+        c.warps = decode_splitkv_warps(r);
+        let k = c.render().unwrap();
+        assert!(
+            k.source.contains(&format!("ROW_BLOCKS = {r};")),
+            "{}",
+            k.key
+        );
+    }
+    // The registry's choice for a step renders, with the variant's block size.
+    for (rows, want) in [(4, "_w4"), (20, "_rb2_w4"), (64, "_rb4_w8")] {
+        let c = attention_codegen::registry::decode_splitkv_rows(&llama(), 128, rows, h200)
+            .unwrap()
+            .unwrap();
+        let k = c.render().unwrap();
+        assert!(k.key.ends_with(want), "{rows} rows: {}", k.key);
+    }
+    let mut c = KernelConfig::new(Phase::DecodeSplitKv, DType::Bf16, 128);
+    c.row_blocks = 3;
+    assert!(c.render().is_err());
+    c.row_blocks = 4; // with 4 warps
+    assert!(c.render().is_err());
+    let mut c = KernelConfig::new(Phase::PrefillRows, DType::Bf16, 128);
+    c.mask = Some(MaskType::Causal);
+    c.row_blocks = 2;
+    assert!(c.render().is_err());
 }

@@ -161,8 +161,17 @@ fn device_decode_errors_leave_cache_untouched() {
         matches!(e, AttnError::DType { ref arg, .. } if arg == "hidden"),
         "{e}"
     );
-    // Wrong hidden shape.
-    let bad = DeviceTensor::uninit(&st, f.elem, &[2, b, f.h], "x").unwrap();
+    // Wrong hidden shape: 17 new tokens (a step takes 1 to 16), then a wrong hidden size.
+    let bad = DeviceTensor::uninit(&st, f.elem, &[17, b, f.h], "x").unwrap();
+    let e = f
+        .cuda
+        .decode_device_into(&bad, &mut out, &mut dev, 0, 0, &args)
+        .unwrap_err();
+    assert!(
+        matches!(e, AttnError::Shape { ref arg, .. } if arg == "hidden"),
+        "{e}"
+    );
+    let bad = DeviceTensor::uninit(&st, f.elem, &[1, b, f.h + 1], "x").unwrap();
     let e = f
         .cuda
         .decode_device_into(&bad, &mut out, &mut dev, 0, 0, &args)

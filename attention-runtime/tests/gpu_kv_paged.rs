@@ -605,6 +605,7 @@ fn decode_graph_replay_is_bitwise_equal_to_eager() {
         num_heads: np as i32,
         num_groups: ng as i32,
         num_splits: splits as i32,
+        num_tokens: 1,
         softmax_scale: config.softmax_scale,
         window_left: -1,
         window_right: -1,
@@ -612,7 +613,7 @@ fn decode_graph_replay_is_bitwise_equal_to_eager() {
     let fcfg = configs_for_head_dim(&config.spec, hn)
         .unwrap()
         .into_iter()
-        .find(|c| c.phase == Phase::DecodeSplitKv && !c.paged_kv)
+        .find(|c| c.phase == Phase::DecodeSplitKv && !c.paged_kv && c.row_blocks == 1)
         .unwrap();
     let (key, split_f, combine_f) = decode_splitkv_kernels(&rt, &fcfg).unwrap();
     let graph = DecodeGraph::capture(&rt, &key, &split_f, &combine_f, &a).unwrap();

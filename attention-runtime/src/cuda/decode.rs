@@ -8,11 +8,10 @@
 //! more than one split per 128 keys of the longest sequence (so the combine stays small), at
 //! most 128.
 
-use std::sync::{Arc, OnceLock};
+use std::sync::Arc;
 
 use attention_codegen::render::{
-    decode_splitkv_smem_bytes, KernelConfig, DECODE_SPLITKV_COMBINE1_WARPS,
-    DECODE_SPLITKV_COMBINE_WARPS, DECODE_SPLITKV_WARPS,
+    decode_splitkv_smem_bytes, KernelConfig, DECODE_SPLITKV_COMBINE_WARPS, DECODE_SPLITKV_WARPS,
 };
 use cudarc::driver::{
     sys, CudaFunction, CudaGraph, CudaSlice, CudaStream, LaunchConfig, PushKernelArg,
@@ -23,40 +22,19 @@ use super::tensor::{cuda_err, upload};
 use super::CudaRuntime;
 use crate::error::{AttnError, Result};
 
-/// Whether decode steps merge their splits with the one-pass kernel (`<key>_combine1`:
-/// online max, each warp's loads of 8 splits issued together, 8 warps per head) instead of
-/// the default `<key>_combine` (a max pass, then strided iterations over the splits, 4 warps
-/// per head; 8.7-9.1 µs of a ~28 µs batch-1 step under Nsight Compute, BENCHMARKS.md).
-/// Opt-in with `ATTN_DECODE_COMBINE=onepass` (read once per process) until it is verified on
-/// a GPU: it compiles with NVRTC in CI but has not yet run. Both give the same result up to
-/// f32 rounding (the same formula, another order of the sums).
-pub fn combine_onepass() -> bool {
-    static ONEPASS: OnceLock<bool> = OnceLock::new();
-    *ONEPASS.get_or_init(|| std::env::var("ATTN_DECODE_COMBINE").is_ok_and(|v| v == "onepass"))
-}
-
-/// Threads per block of the combine kernel [`combine_onepass`] selects.
+/// Threads per block of the `<key>_combine` kernel.
 fn combine_threads() -> u32 {
-    let warps = if combine_onepass() {
-        DECODE_SPLITKV_COMBINE1_WARPS
-    } else {
-        DECODE_SPLITKV_COMBINE_WARPS
-    };
-    (warps * 32) as u32
+    (DECODE_SPLITKV_COMBINE_WARPS * 32) as u32
 }
 
-/// Loaded split and combine functions of a `decode_splitkv` config (compiled on first use;
-/// the combine entry is `<key>_combine`, or `<key>_combine1` under [`combine_onepass`]).
+/// Loaded split and combine (`<key>_combine`) functions of a `decode_splitkv` config
+/// (compiled on first use).
 pub fn decode_splitkv_kernels(
     rt: &CudaRuntime,
     config: &KernelConfig,
 ) -> Result<(String, CudaFunction, CudaFunction)> {
     let key = config.key();
-    let combine_key = if combine_onepass() {
-        format!("{key}_combine1")
-    } else {
-        format!("{key}_combine")
-    };
+    let combine_key = format!("{key}_combine");
     let mut cache = rt.kernels.lock().unwrap_or_else(|p| p.into_inner());
     if let (Some(f), Some(m)) = (cache.get(&key), cache.get(&combine_key)) {
         return Ok((key, f.clone(), m.clone()));
@@ -66,7 +44,7 @@ pub fn decode_splitkv_kernels(
         load_function(&module, &key)?,
         load_function(&module, &combine_key)?,
     );
-    let smem = decode_splitkv_smem_bytes(config.head_dim);
+    let smem = decode_splitkv_smem_bytes(config.head_dim, config.row_blocks);
     f.set_attribute(
         sys::CUfunction_attribute_enum::CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES,
         smem as i32,
@@ -106,8 +84,8 @@ pub fn decode_slots(rt: &CudaRuntime, config: &KernelConfig) -> Result<usize> {
     let (key, f, _) = decode_splitkv_kernels(rt, config)?;
     let per_sm = f
         .occupancy_max_active_blocks_per_multiprocessor(
-            (DECODE_SPLITKV_WARPS * 32) as u32,
-            decode_splitkv_smem_bytes(config.head_dim),
+            (config.warps * 32) as u32,
+            decode_splitkv_smem_bytes(config.head_dim, config.row_blocks),
             None,
         )
         .map_err(|e| AttnError::Cuda {
@@ -157,38 +135,40 @@ impl RopeTables {
     }
 }
 
-/// Raw device pointers and sizes of one fused decode step (everything fixed-shape, so the
-/// same value can be launched eagerly or captured in a graph). Layouts: see
-/// templates/decode_splitkv.cu.
+/// Raw device pointers and sizes of one fused decode step of `num_tokens` new tokens per
+/// sequence (everything fixed-shape, so the same value can be launched eagerly or captured
+/// in a graph). Layouts: see templates/decode_splitkv.cu; `T` = `num_tokens`, token-major
+/// (`[T, batch, ..]`, as a prefill's `[s, b, ..]`).
 #[derive(Debug, Clone, Copy)]
 pub struct DecodeSplitKvArgs {
-    /// q `[batch, np, hn]` (unrotated).
+    /// q `[T, batch, np, hn]` (unrotated).
     pub q: u64,
-    /// New k `[batch, ng, hn]` (unrotated).
+    /// New k `[T, batch, ng, hn]` (unrotated).
     pub k_new: u64,
-    /// New v `[batch, ng, hn]`.
+    /// New v `[T, batch, ng, hn]`.
     pub v_new: u64,
     /// Layer K cache `[max_seq, max_batch, ng, hn]`.
     pub k_cache: u64,
     /// Layer V cache.
     pub v_cache: u64,
-    /// int32 `[batch]`: position of the new token (= visible length before the append).
+    /// int32 `[batch]`: position of the first new token (= visible length before the
+    /// append); token t sits at `cache_seqlens[b] + t`.
     pub cache_seqlens: u64,
     /// f32 `[rows, rot/2]` or 0 without rope.
     pub rope_cos: u64,
     /// f32 `[rows, rot/2]` or 0.
     pub rope_sin: u64,
-    /// f32 `[splits, batch, np, hn]`.
+    /// f32 `[splits, T, batch, np, hn]`.
     pub o_part: u64,
-    /// f32 `[splits, batch, np]`.
+    /// f32 `[splits, T, batch, np]`.
     pub lse_part: u64,
-    /// Output `[batch, np, hn]`.
+    /// Output `[T, batch, np, hn]`.
     pub out: u64,
-    /// f32 `[np, batch]`.
+    /// f32 `[np, T * batch]`.
     pub lse: u64,
     /// f32 `[np]` learnable sinks or 0.
     pub sinks: u64,
-    /// Gate `[batch, np, hn]` or 0.
+    /// Gate `[T, batch, np, hn]` or 0.
     pub gate: u64,
     /// Sequences.
     pub batch: i32,
@@ -202,6 +182,9 @@ pub struct DecodeSplitKvArgs {
     pub num_groups: i32,
     /// KV splits.
     pub num_splits: i32,
+    /// New tokens per sequence, 1 to
+    /// [`DECODE_SPLITKV_MAX_TOKENS`](attention_codegen::render::DECODE_SPLITKV_MAX_TOKENS).
+    pub num_tokens: i32,
     /// Softmax scale.
     pub softmax_scale: f32,
     /// Window left (-1 unbounded).
@@ -218,7 +201,11 @@ pub fn launch_decode_splitkv(
     combine: &CudaFunction,
     a: &DecodeSplitKvArgs,
 ) -> Result<()> {
-    let warps = DECODE_SPLITKV_WARPS;
+    // The block size of this function's variant: its `__launch_bounds__` (4 warps, 8 for
+    // four row blocks: `decode_splitkv_warps`).
+    let threads = split
+        .get_attribute(sys::CUfunction_attribute_enum::CU_FUNC_ATTRIBUTE_MAX_THREADS_PER_BLOCK)
+        .map_err(cuda_err("cuFuncGetAttribute(MAX_THREADS_PER_BLOCK)"))?;
     // The ring size [`decode_splitkv_kernels`] allowed for this function (its head dim's
     // `decode_splitkv_smem_bytes`).
     let smem = split
@@ -230,7 +217,7 @@ pub fn launch_decode_splitkv(
         ))?;
     let cfg = LaunchConfig {
         grid_dim: (a.num_splits as u32, a.num_groups as u32, a.batch as u32),
-        block_dim: ((warps * 32) as u32, 1, 1),
+        block_dim: (threads.max(32) as u32, 1, 1),
         shared_mem_bytes: smem.max(0) as u32,
     };
     let mut b = stream.launch_builder(split);
@@ -243,15 +230,18 @@ pub fn launch_decode_splitkv(
     b.arg(&a.o_part).arg(&a.lse_part);
     b.arg(&a.batch).arg(&a.batch_offset).arg(&a.max_batch);
     b.arg(&a.num_heads).arg(&a.num_groups).arg(&a.num_splits);
+    b.arg(&a.num_tokens);
     b.arg(&a.softmax_scale)
         .arg(&a.window_left)
         .arg(&a.window_right);
     // SAFETY: the argument list matches the decode_splitkv entry point (render.rs docs); the
     // caller guarantees every pointer is a live buffer of the documented shape and that the
-    // cache has room at cache_seqlens[b] (validated on the host).
+    // cache has room for num_tokens rows at cache_seqlens[b] (validated on the host).
     unsafe { b.launch(cfg) }.map_err(launch_err(key))?;
+    // The merge sees the step's T * batch query rows as its batch ([T, batch] token-major).
+    let rows = a.batch * a.num_tokens;
     let cfg = LaunchConfig {
-        grid_dim: (a.batch as u32, a.num_heads as u32, 1),
+        grid_dim: (rows as u32, a.num_heads as u32, 1),
         block_dim: (combine_threads(), 1, 1),
         shared_mem_bytes: 0,
     };
@@ -259,7 +249,7 @@ pub fn launch_decode_splitkv(
     b.arg(&a.o_part).arg(&a.lse_part).arg(&a.out).arg(&a.lse);
     b.arg(&a.sinks)
         .arg(&a.gate)
-        .arg(&a.batch)
+        .arg(&rows)
         .arg(&a.num_heads)
         .arg(&a.num_splits);
     // SAFETY: matches the `_combine` entry point; buffers as above.

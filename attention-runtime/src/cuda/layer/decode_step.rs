@@ -20,6 +20,7 @@ use crate::cuda::decode::{
     CacheBinding, DecodeBuffers, DecodeSplitKvArgs, PreparedGemm, RopeTables,
 };
 use crate::cuda::tensor::{copy_dtod, cuda_err};
+use attention_codegen::render::DECODE_SPLITKV_MAX_TOKENS;
 
 /// How many decode plans a layer keeps (one per distinct cache binding, batch and mscale;
 /// a serving loop with a few batch sizes stays within it, others evict the oldest).
@@ -42,6 +43,8 @@ pub(crate) struct DecodePlan {
     pinned: usize,
     /// Resident split blocks of the device ([`decode_slots`]).
     slots: usize,
+    /// New tokens per sequence of a step (1 to `DECODE_SPLITKV_MAX_TOKENS`).
+    tokens: usize,
 }
 
 impl std::fmt::Debug for DecodePlan {
@@ -73,7 +76,24 @@ impl DecodePlan {
 }
 
 impl CudaLayer {
-    /// Build the plan of a decode step for `b` sequences in slots
+    /// The `decode_splitkv` kernel of a step of `tokens` new tokens per sequence: the
+    /// row-block variant for `tokens` times the heads per group rows
+    /// ([`registry::decode_splitkv_rows`]). `None` when this GPU cannot run it (below sm_80,
+    /// or not even one row block within its shared memory).
+    pub(crate) fn decode_step_config(&self, tokens: usize) -> Result<Option<KernelConfig>> {
+        let (sm, smem_optin) = match self.target {
+            registry::Target::Device { sm, smem_optin, .. } => (sm, smem_optin),
+            registry::Target::AnyDevice => return Ok(None),
+        };
+        if sm < registry::TENSOR_CORE_MIN_SM {
+            return Ok(None);
+        }
+        let c = &self.config;
+        let rows = c.heads / c.groups.max(1) * tokens;
+        registry::decode_splitkv_rows(&c.spec, c.head_dim, rows, smem_optin).map_err(render_err)
+    }
+
+    /// Build the plan of a decode step of `tokens` new tokens for `b` sequences in slots
     /// `batch_offset .. batch_offset + b` of layer `layer` of `cache`, rope tables scaled by
     /// `mscale`. Checks as [`capture_decode`](Self::capture_decode).
     pub(crate) fn plan_decode(
@@ -82,10 +102,18 @@ impl CudaLayer {
         layer: usize,
         batch_offset: usize,
         b: usize,
+        tokens: usize,
         mscale: f32,
     ) -> Result<DecodePlan> {
         if b == 0 {
             return Err(bad("b", "at least one sequence", "0"));
+        }
+        if !(1..=DECODE_SPLITKV_MAX_TOKENS).contains(&tokens) {
+            return Err(bad(
+                "hidden",
+                format!("1 to {DECODE_SPLITKV_MAX_TOKENS} new tokens per sequence"),
+                tokens.to_string(),
+            ));
         }
         cache.check_append(layer, batch_offset, b, 0)?;
         let kc = cache.layer_k(layer)?;
@@ -104,7 +132,17 @@ impl CudaLayer {
             return Err(bad("config.kind", "self-attention", "cross-attention"));
         };
         let prep = self.decode_splitkv_prep()?;
-        let fcfg = self.kv_config(Phase::DecodeSplitKv)?;
+        let fcfg = match self.decode_step_config(tokens)? {
+            Some(f) => f,
+            None if tokens == 1 => self.kv_config(Phase::DecodeSplitKv)?,
+            None => {
+                return Err(AttnError::BackendUnavailable(format!(
+                    "a decode step of {tokens} tokens needs the tensor-core decode kernel, \
+                     which this GPU cannot run (use prefill)"
+                )))
+            }
+        };
+        let n = tokens * b;
         let slots = decode_slots(rt, &fcfg)?;
         let pinned = self.decode_splits.load(Ordering::Relaxed);
         let max_splits = match pinned {
@@ -121,29 +159,30 @@ impl CudaLayer {
             }
             None => None,
         };
+        // Token-major rows ([tokens, b], as a prefill's [s, b]).
         let bufs = DecodeBuffers {
-            x: un(&[b, h], "decode hidden")?,
-            qkv: un(&[b, qkv.out_features()], "decode linear_qkv output")?,
-            q: un(&[b, np, hn], "decode q")?,
-            k: un(&[b, ng, hn], "decode k")?,
-            v: un(&[b, ng, hn], "decode v")?,
+            x: un(&[n, h], "decode hidden")?,
+            qkv: un(&[n, qkv.out_features()], "decode linear_qkv output")?,
+            q: un(&[n, np, hn], "decode q")?,
+            k: un(&[n, ng, hn], "decode k")?,
+            v: un(&[n, ng, hn], "decode v")?,
             gate: if c.output_gate {
-                Some(un(&[b, np, hn], "decode gate")?)
+                Some(un(&[n, np, hn], "decode gate")?)
             } else {
                 None
             },
             seqlens: crate::cuda::tensor::alloc_uninit::<i32>(st, b, "decode cache_seqlens")?,
             rope,
-            o_part: f32buf(max_splits * b * np * hn, "decode o_part")?,
-            lse_part: f32buf(max_splits * b * np, "decode lse_part")?,
-            lse: f32buf(np * b, "decode lse")?,
-            o: un(&[b, np, hn], "decode attention output")?,
-            out: un(&[b, h], "decode output")?,
+            o_part: f32buf(max_splits * n * np * hn, "decode o_part")?,
+            lse_part: f32buf(max_splits * n * np, "decode lse_part")?,
+            lse: f32buf(np * n, "decode lse")?,
+            o: un(&[n, np, hn], "decode attention output")?,
+            out: un(&[n, h], "decode output")?,
         };
         let gemm_qkv = PreparedGemm::new(
             rt,
             self.elem,
-            b,
+            n,
             qkv.out_features(),
             h,
             tptr(&qkv.weight, rt),
@@ -154,7 +193,7 @@ impl CudaLayer {
         let gemm_proj = PreparedGemm::new(
             rt,
             self.elem,
-            b,
+            n,
             h,
             np * hn,
             tptr(&self.proj.weight, rt),
@@ -195,6 +234,7 @@ impl CudaLayer {
             num_heads: np as i32,
             num_groups: ng as i32,
             num_splits: max_splits as i32,
+            num_tokens: tokens as i32,
             softmax_scale: c.softmax_scale,
             window_left: wl,
             window_right: wr,
@@ -214,6 +254,7 @@ impl CudaLayer {
             max_splits,
             pinned,
             slots,
+            tokens,
         })
     }
 
@@ -227,9 +268,9 @@ impl CudaLayer {
         stream: &Arc<CudaStream>,
         splits: usize,
     ) -> Result<()> {
-        let b = plan.binding.batch;
+        let n = plan.binding.batch * plan.tokens;
         plan.gemms[0].launch(stream, "linear_qkv (decode)")?;
-        self.launch_prep(stream, &plan.prep, b, &plan.pp, 1.0)?;
+        self.launch_prep(stream, &plan.prep, n, &plan.pp, 1.0)?;
         let mut a = plan.flash;
         a.num_splits = splits.clamp(1, plan.max_splits) as i32;
         let (key, split_f, combine_f) = &plan.kernels;
@@ -237,12 +278,19 @@ impl CudaLayer {
         plan.gemms[1].launch(stream, "linear_proj (decode)")
     }
 
-    /// One decode step on device tensors, asynchronous: `hidden` `[1, b, h]` or `[b, h]` (the
-    /// layer's dtype, on this layer's device) for slots `batch_offset .. batch_offset + b` of
-    /// `cache`'s layer `layer`; the result `[b, h]` (`linear_proj`'s bias unadded) is written
-    /// into `out`. The new k/v are appended at each slot's visible length (rope at that
-    /// position from tables built once per plan); commit with
-    /// [`DeviceStaticKvCache::advance`].
+    /// One decode step on device tensors, asynchronous: `hidden` `[T, b, h]` (`T` new tokens
+    /// per sequence, 1 to [`DECODE_SPLITKV_MAX_TOKENS`] = 16: multi-token decode for
+    /// speculative decoding or multi-token prediction) or `[b, h]` (`T` = 1), the layer's
+    /// dtype, on this layer's device, for slots `batch_offset .. batch_offset + b` of
+    /// `cache`'s layer `layer`; the result (`linear_proj`'s bias unadded), `T * b * h`
+    /// elements laid out `[T, b, h]`, is written into `out`. The new k/v are appended at each
+    /// slot's visible length `len` (token t at `len + t`, rope there from tables built once per
+    /// plan) and token t attends to keys `[0, len + t + 1)` (bottom-right causal, the spec's
+    /// window): the semantics of a [`prefill`](Self::prefill) of `T` tokens, which takes this
+    /// path for `T <= 16`. All of a group's heads times the `T` tokens are the rows of one
+    /// tensor-core tile, so each K/V element is read once per step (up to 64 rows per pass:
+    /// `T * heads / groups` above that takes several passes). Commit with
+    /// [`DeviceStaticKvCache::advance`] (by `T`).
     ///
     /// Everything is queued on the runtime's stream ([`CudaRuntime::stream`]) and nothing
     /// synchronizes: a serving loop enqueues every layer and synchronizes once. Host-side
@@ -254,9 +302,10 @@ impl CudaLayer {
     ///
     /// Errors: `Shape` (`hidden`, `out`), `DType` (`hidden`, `out`, `cache`),
     /// `InvalidArgument` (cross-attention, `args` with positions/masks/bias/packing, a cache
-    /// of other groups or head dim), `CacheCapacity` (a slot is full), `DeviceAlloc`,
-    /// `Render` / `Jit` (building the plan's kernels, first call only), `KernelLaunch`,
-    /// `Cuda`.
+    /// of other groups or head dim, `T` above 16), `CacheCapacity` (a slot lacks room for `T`
+    /// rows), `BackendUnavailable` (`T > 1` on a GPU that cannot run the tensor-core decode
+    /// kernel), `DeviceAlloc`, `Render` / `Jit` (building the plan's kernels, first call
+    /// only), `KernelLaunch`, `Cuda`.
     pub fn decode_device_into(
         &self,
         hidden: &DeviceTensor,
@@ -267,20 +316,23 @@ impl CudaLayer {
         args: &ForwardArgs<'_>,
     ) -> Result<()> {
         let h = self.config.hidden;
-        let b = match hidden.shape() {
-            [1, b, hh] | [b, hh] if *hh == h => *b,
+        let (tokens, b) = match hidden.shape() {
+            [t, b, hh] if *hh == h && (1..=DECODE_SPLITKV_MAX_TOKENS).contains(t) => (*t, *b),
+            [b, hh] if *hh == h => (1, *b),
             other => {
                 return Err(AttnError::Shape {
                     arg: "hidden".into(),
-                    expected: format!("[1, b, {h}] or [b, {h}]"),
+                    expected: format!(
+                        "[T, b, {h}] with T in 1..={DECODE_SPLITKV_MAX_TOKENS}, or [b, {h}]"
+                    ),
                     got: other.to_vec(),
                 })
             }
         };
-        if out.numel() != b * h {
+        if out.numel() != tokens * b * h {
             return Err(AttnError::Shape {
                 arg: "out".into(),
-                expected: format!("[b, {h}] with b = {b} (or [1, {b}, {h}])"),
+                expected: format!("[{tokens}, {b}, {h}] (or [{}, {h}])", tokens * b),
                 got: out.shape().to_vec(),
             });
         }
@@ -294,18 +346,22 @@ impl CudaLayer {
             ));
         }
         self.check_kv_step(cache, args)?;
-        let starts = cache.check_append(layer, batch_offset, b, 1)?;
+        let starts = cache.check_append(layer, batch_offset, b, tokens)?;
         let st = self.rt.stream();
         let mut plans = self.decode_plans.lock().unwrap_or_else(|p| p.into_inner());
         let binding = cache_binding(&self.rt, cache, layer, batch_offset, b)?;
         let pinned = self.decode_splits.load(Ordering::Relaxed);
         let mscale_bits = args.rope_mscale.to_bits();
         let idx = match plans.iter().position(|p| {
-            p.binding == binding && p.mscale_bits == mscale_bits && p.pinned == pinned
+            p.binding == binding
+                && p.mscale_bits == mscale_bits
+                && p.pinned == pinned
+                && p.tokens == tokens
         }) {
             Some(i) => i,
             None => {
-                let plan = self.plan_decode(cache, layer, batch_offset, b, args.rope_mscale)?;
+                let plan =
+                    self.plan_decode(cache, layer, batch_offset, b, tokens, args.rope_mscale)?;
                 if plans.len() == MAX_PLANS {
                     plans.remove(0);
                 }
@@ -322,15 +378,15 @@ impl CudaLayer {
             plan.bufs.o.fill_nan()?;
             plan.bufs.out.fill_nan()?;
         }
-        let max_len = starts.iter().max().copied().unwrap_or(0) + 1;
+        let max_len = starts.iter().max().copied().unwrap_or(0) + tokens;
         let splits = plan.splits_for(max_len);
         self.enqueue_decode(plan, st, splits)?;
         copy_dtod(st, &plan.bufs.out, out)?;
-        cache.mark_appended(layer, batch_offset, b, 1);
+        cache.mark_appended(layer, batch_offset, b, tokens);
         Ok(())
     }
 
-    /// [`decode_device_into`](Self::decode_device_into) into a new tensor `[1, b, h]` (one
+    /// [`decode_device_into`](Self::decode_device_into) into a new tensor `[T, b, h]` (one
     /// small stream-ordered allocation per call).
     pub fn decode_device(
         &self,
@@ -340,8 +396,11 @@ impl CudaLayer {
         batch_offset: usize,
         args: &ForwardArgs<'_>,
     ) -> Result<DeviceTensor> {
-        let b = hidden.numel() / self.config.hidden.max(1);
-        let mut out = self.alloc(&[1, b, self.config.hidden], "output")?;
+        let shape = match hidden.shape() {
+            [b, h] => vec![1, *b, *h],
+            other => other.to_vec(),
+        };
+        let mut out = self.alloc(&shape, "output")?;
         self.decode_device_into(hidden, &mut out, cache, layer, batch_offset, args)?;
         Ok(out)
     }
@@ -397,7 +456,7 @@ impl CudaLayer {
                 "explicit positions",
             ));
         }
-        let plan = self.plan_decode(cache, layer, batch_offset, b, args.rope_mscale)?;
+        let plan = self.plan_decode(cache, layer, batch_offset, b, 1, args.rope_mscale)?;
         let splits = plan.max_splits;
         let (stream, graph) =
             LayerDecodeGraph::capture_on(&self.rt, |cs| self.enqueue_decode(&plan, cs, splits))?;

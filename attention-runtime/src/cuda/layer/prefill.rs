@@ -1,8 +1,28 @@
 //! Prefill over a device static cache on the tensor-core forward kernel.
 
 use super::*;
+use attention_codegen::render::DECODE_SPLITKV_MAX_TOKENS;
 
 impl CudaLayer {
+    /// The key of the attention kernel a static-cache step of `tokens` new tokens per
+    /// sequence (without explicit positions) runs on this GPU: `decode_splitkv_*` (its
+    /// `_rb2` / `_rb4` variant for more rows) up to 16 tokens when this GPU runs it, else the
+    /// tensor-core forward kernel over the cache (`prefill_*_sm80` / `_sm90`) or its
+    /// `decode_rows_*` fallback. Errors: `Render` (a spec the registry cannot build).
+    pub fn cache_step_kernel(&self, tokens: usize) -> Result<String> {
+        if (1..=DECODE_SPLITKV_MAX_TOKENS).contains(&tokens)
+            && matches!(self.proj_in, Projections::SelfAttention { .. })
+        {
+            if let Some(c) = self.decode_step_config(tokens)? {
+                return Ok(c.key());
+            }
+        }
+        Ok(match self.cache_prefill_config() {
+            Some(c) => c.key(),
+            None => self.kv_config(Phase::DecodeRows)?.key(),
+        })
+    }
+
     /// Prefill (or any step of `s` tokens) over a device static cache with host tensors in
     /// and out: [`prefill_device`](Self::prefill_device) plus the copies (the read-back
     /// synchronizes). Errors as the CPU layer's `prefill`; on error nothing is written to
@@ -38,7 +58,8 @@ impl CudaLayer {
     /// `batch_offset .. batch_offset + b`; new k/v are appended at each slot's visible length
     /// (rope positions from there, or `args.positions` `[s]`), then the tokens attend to
     /// `[0, len + s)` bottom-right causal on the tensor-core forward kernel reading the cache
-    /// in place. Returns the output `[s, b, h]` (`linear_proj`'s bias unadded); commit the
+    /// in place; a step of at most 16 tokens without `args.positions` runs the fused decode
+    /// step instead ([`decode_device_into`](Self::decode_device_into), multi-token decode). Returns the output `[s, b, h]` (`linear_proj`'s bias unadded); commit the
     /// append with [`DeviceStaticKvCache::advance`]. Queued on the runtime's stream, nothing
     /// synchronizes (see [`forward_device`](Self::forward_device) for when errors surface).
     ///
@@ -66,6 +87,18 @@ impl CudaLayer {
         let starts = &plan.starts;
         if n == 0 {
             return self.alloc(&[s, b, h], "output");
+        }
+        // A short step (multi-token decode: speculative tokens, multi-token prediction) runs
+        // the fused decode kernel: the group's heads times the tokens share each K/V tile, the
+        // keys split across the GPU, instead of a 64-128-row query tile per head mostly empty.
+        if s <= DECODE_SPLITKV_MAX_TOKENS
+            && args.positions.is_none()
+            && matches!(self.proj_in, Projections::SelfAttention { .. })
+            && self.decode_step_config(s)?.is_some()
+        {
+            let mut out = self.alloc(&[s, b, h], "output")?;
+            self.decode_device_into(hidden, &mut out, cache, layer, batch_offset, args)?;
+            return Ok(out);
         }
         // Resolve every kernel before anything is queued: one that cannot be loaded
         // (ATTN_JIT=off with a cache that lacks it) fails with the cache untouched.

@@ -54,6 +54,9 @@ pub struct DecodeOptions {
     pub paged_block_sizes: Vec<usize>,
     /// Extra split counts to time the static step at (`decode_splitkv_s<N>` rows).
     pub split_sweep: Vec<usize>,
+    /// New-token counts (2 to 16) of multi-token steps timed beside the one-token step
+    /// (`decode_splitkv_t<T>` rows; empty: none).
+    pub tokens: Vec<usize>,
 }
 
 impl Default for DecodeOptions {
@@ -72,6 +75,7 @@ impl Default for DecodeOptions {
             json: None,
             paged_block_sizes: vec![16, 64],
             split_sweep: Vec::new(),
+            tokens: Vec::new(),
         }
     }
 }
@@ -80,7 +84,20 @@ impl Default for DecodeOptions {
 /// (`ctx · groups · hd · 2 B` each per sequence) plus q and out (`heads · hd` each) and the
 /// new k and v (`groups · hd` each) per sequence.
 pub fn decode_bytes(batch: usize, ctx: usize, heads: usize, groups: usize, hd: usize) -> f64 {
-    let per_seq = 2 * ctx * groups * hd * 2 + (2 * heads + 2 * groups) * hd * 2;
+    decode_bytes_tokens(batch, ctx, 1, heads, groups, hd)
+}
+
+/// [`decode_bytes`] of a step of `tokens` new tokens per sequence: the cache once, q, out and
+/// the new k and v per token.
+pub fn decode_bytes_tokens(
+    batch: usize,
+    ctx: usize,
+    tokens: usize,
+    heads: usize,
+    groups: usize,
+    hd: usize,
+) -> f64 {
+    let per_seq = 2 * ctx * groups * hd * 2 + tokens * (2 * heads + 2 * groups) * hd * 2;
     (batch * per_seq) as f64
 }
 
@@ -350,6 +367,15 @@ pub fn run_decode(opts: &DecodeOptions) -> Result<String> {
     if opts.reps == 0 {
         return Err(bad("--reps", "at least 1", "0".into()));
     }
+    let max_tokens = attention_codegen::render::DECODE_SPLITKV_MAX_TOKENS;
+    if let Some(&n) = opts
+        .tokens
+        .iter()
+        .find(|&&n| !(2..=max_tokens).contains(&n))
+    {
+        return Err(bad("--tokens", "new-token counts in 2..=16", n.to_string()));
+    }
+    let tmax = opts.tokens.iter().copied().max().unwrap_or(1).max(1);
     let dev = cuda_device()?;
     let rt = attention_runtime::cuda::CudaRuntime::get(&dev)?;
     let stream = rt.stream().clone();
@@ -418,7 +444,7 @@ pub fn run_decode(opts: &DecodeOptions) -> Result<String> {
 
     // Rope tables (half, all channels, theta 10000) for every position used.
     let max_ctx = opts.contexts.iter().copied().max().unwrap_or(1);
-    let rows = max_ctx + 1;
+    let rows = max_ctx + tmax;
     let half = hd / 2;
     let (mut cs, mut sn) = (vec![0f32; rows * half], vec![0f32; rows * half]);
     for p in 0..rows {
@@ -435,11 +461,35 @@ pub fn run_decode(opts: &DecodeOptions) -> Result<String> {
     cfg.rope = Some((RopeMode::Half, hd));
     let (key, split_f, combine_f) = decode_splitkv_kernels(&rt, &cfg)?;
     let slots = decode_slots(&rt, &cfg)?;
+    // The multi-token kernels: the row-block variant for heads / groups x T rows.
+    let optin = ctx
+        .attribute(
+            cudarc::driver::sys::CUdevice_attribute::CU_DEVICE_ATTRIBUTE_MAX_SHARED_MEMORY_PER_BLOCK_OPTIN,
+        )
+        .map_err(cuda_err("shared memory opt-in"))? as usize;
+    let mut multi = Vec::new();
+    for &t in &opts.tokens {
+        let rb =
+            attention_codegen::render::decode_splitkv_row_blocks(hd, heads / groups * t, optin)
+                .ok_or_else(|| {
+                    bad(
+                        "--head-dim",
+                        "a head dim whose decode tile fits",
+                        hd.to_string(),
+                    )
+                })?;
+        let mut c = cfg.clone();
+        c.row_blocks = rb;
+        c.warps = attention_codegen::render::decode_splitkv_warps(rb);
+        let kernels = decode_splitkv_kernels(&rt, &c)?;
+        let slots = decode_slots(&rt, &c)?;
+        multi.push((t, kernels, slots));
+    }
 
     let mut timings: Vec<DecodeTiming> = Vec::new();
     for &c in &opts.contexts {
         for &b in &opts.batches {
-            let cache_elems = (c + 1) * b * groups * hd;
+            let cache_elems = (c + tmax) * b * groups * hd;
             let cache_bytes = 2 * cache_elems * 2;
             // The limit counts the context's K+V as the SDPA script does (its cache holds no
             // slot for the new token), so both sides skip the same shapes.
@@ -462,9 +512,9 @@ pub fn run_decode(opts: &DecodeOptions) -> Result<String> {
                 fill_from(&stream, &csrc, &mut k_cache, 100 + 2 * i)?;
                 fill_from(&stream, &csrc, &mut v_cache, 101 + 2 * i)?;
                 data.push(DecodeSet {
-                    q: random_bf16(&stream, b * heads * hd, 10 * i + 1)?,
-                    k_new: random_bf16(&stream, b * groups * hd, 10 * i + 2)?,
-                    v_new: random_bf16(&stream, b * groups * hd, 10 * i + 3)?,
+                    q: random_bf16(&stream, tmax * b * heads * hd, 10 * i + 1)?,
+                    k_new: random_bf16(&stream, tmax * b * groups * hd, 10 * i + 2)?,
+                    v_new: random_bf16(&stream, tmax * b * groups * hd, 10 * i + 3)?,
                     k_cache,
                     v_cache,
                 });
@@ -475,23 +525,28 @@ pub fn run_decode(opts: &DecodeOptions) -> Result<String> {
                 .iter()
                 .copied()
                 .chain([splits])
+                .chain(
+                    multi
+                        .iter()
+                        .map(|(t, _, s)| num_splits(*s, b, groups, c + t)),
+                )
                 .max()
                 .unwrap_or(1);
             let lens = stream
                 .clone_htod(&vec![c as i32; b])
                 .map_err(cuda_err("clone_htod cache_seqlens"))?;
             let o_part: CudaSlice<f32> = stream
-                .alloc_zeros(most * b * heads * hd)
+                .alloc_zeros(most * tmax * b * heads * hd)
                 .map_err(cuda_err("alloc o_part"))?;
             let lse_part: CudaSlice<f32> = stream
-                .alloc_zeros(most * b * heads)
+                .alloc_zeros(most * tmax * b * heads)
                 .map_err(cuda_err("alloc lse_part"))?;
             let lse: CudaSlice<f32> = stream
-                .alloc_zeros(heads * b)
+                .alloc_zeros(heads * tmax * b)
                 .map_err(cuda_err("alloc lse"))?;
             // Poisoned output: every element must be written by the combine kernel.
             let out = stream
-                .clone_htod(&vec![bf16::from_f32(f32::NAN); b * heads * hd])
+                .clone_htod(&vec![bf16::from_f32(f32::NAN); tmax * b * heads * hd])
                 .map_err(cuda_err("clone_htod out"))?;
             let args: Vec<DecodeSplitKvArgs> = data
                 .iter()
@@ -516,6 +571,7 @@ pub fn run_decode(opts: &DecodeOptions) -> Result<String> {
                     num_heads: heads as i32,
                     num_groups: groups as i32,
                     num_splits: splits as i32,
+                    num_tokens: 1,
                     softmax_scale: 1.0 / (hd as f32).sqrt(),
                     window_left: -1,
                     window_right: -1,
@@ -526,7 +582,7 @@ pub fn run_decode(opts: &DecodeOptions) -> Result<String> {
             };
             step(0)?;
             let host_out = stream
-                .clone_dtoh(&out)
+                .clone_dtoh(&out.slice(0..b * heads * hd))
                 .map_err(cuda_err("clone_dtoh out"))?;
             stream.synchronize().map_err(cuda_err("decode check"))?;
             if host_out.iter().any(|x| !x.to_f32().is_finite()) {
@@ -554,6 +610,52 @@ pub fn run_decode(opts: &DecodeOptions) -> Result<String> {
                 gqa: String::new(),
                 host_behind: behind,
             });
+            for (t, (tkey, tsplit, tcombine), tslots) in &multi {
+                let n = *t;
+                let tsplits = num_splits(*tslots, b, groups, c + n);
+                let targs: Vec<DecodeSplitKvArgs> = args
+                    .iter()
+                    .map(|a| DecodeSplitKvArgs {
+                        num_splits: tsplits as i32,
+                        num_tokens: n as i32,
+                        ..*a
+                    })
+                    .collect();
+                let mut step = |i: usize| {
+                    launch_decode_splitkv(&stream, tkey, tsplit, tcombine, &targs[i % sets])
+                };
+                step(0)?;
+                let host_out = stream
+                    .clone_dtoh(&out.slice(0..n * b * heads * hd))
+                    .map_err(cuda_err("clone_dtoh out"))?;
+                stream.synchronize().map_err(cuda_err("decode check"))?;
+                if host_out.iter().any(|x| !x.to_f32().is_finite()) {
+                    return Err(AttnError::Cuda {
+                        call: format!("{tkey} (ctx {c}, batch {b}, {n} tokens)"),
+                        msg: "the output holds NaN/inf or unwritten elements".into(),
+                    });
+                }
+                let (tt, behind) = time_queued(
+                    &stream,
+                    opts.warmup + opts.reps,
+                    opts.chunk,
+                    &mut blocker,
+                    &mut step,
+                )?;
+                let ms = median(tt[opts.warmup.min(tt.len())..].to_vec());
+                let bytes = decode_bytes_tokens(b, c, n, heads, groups, hd);
+                timings.push(DecodeTiming {
+                    implementation: format!("decode_splitkv_t{n}"),
+                    batch: b,
+                    ctx: c,
+                    bytes,
+                    us: ms * 1e3,
+                    gbps: bytes / (ms * 1e-3) / 1e9,
+                    splits: tsplits,
+                    gqa: String::new(),
+                    host_behind: behind,
+                });
+            }
             for &n in &opts.split_sweep {
                 let swept: Vec<DecodeSplitKvArgs> = args
                     .iter()

@@ -217,6 +217,43 @@ pub fn decode_table(t: &[DecodeTiming], ceilings: &[CopyCeiling], device: &str) 
             );
         }
     }
+    let multi: Vec<&DecodeTiming> = t
+        .iter()
+        .filter(|x| x.implementation.starts_with("decode_splitkv_t"))
+        .collect();
+    if !multi.is_empty() {
+        let _ = writeln!(
+            s,
+            "\nmulti-token decode (T new tokens per sequence, one step; the group's heads x T \
+             are the rows of the tensor-core tile) vs the one-token step:"
+        );
+        let _ = writeln!(
+            s,
+            "| ctx | batch | T | µs | GB/s | % read | splits | 1-token µs | time / 1-token time |"
+        );
+        let _ = writeln!(s, "|---|---|---|---|---|---|---|---|---|");
+        for p in multi {
+            let one = t
+                .iter()
+                .find(|x| {
+                    x.implementation == "decode_splitkv" && x.ctx == p.ctx && x.batch == p.batch
+                })
+                .map_or(f64::NAN, |x| x.us);
+            let _ = writeln!(
+                s,
+                "| {} | {} | {} | {:.1} | {:.0} | {:.0}% | {} | {:.1} | {:.2} |",
+                p.ctx,
+                p.batch,
+                p.implementation.trim_start_matches("decode_splitkv_t"),
+                p.us,
+                p.gbps,
+                100.0 * p.gbps / read,
+                p.splits,
+                one,
+                p.us / one
+            );
+        }
+    }
     let paged: Vec<&DecodeTiming> = t
         .iter()
         .filter(|x| x.implementation.starts_with("decode_splitkv_paged"))

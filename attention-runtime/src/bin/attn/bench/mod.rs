@@ -222,6 +222,11 @@ pub struct BenchDecodeArgs {
     /// choice.
     #[arg(long, value_delimiter = ',')]
     split_sweep: Vec<usize>,
+    /// Also time multi-token steps of these new-token counts (2-16, comma separated; rows
+    /// `decode_splitkv_t<T>` in their own table, against the one-token step and the read
+    /// ceiling).
+    #[arg(long, value_delimiter = ',')]
+    tokens: Vec<usize>,
 }
 
 #[derive(clap::Args)]
@@ -461,6 +466,7 @@ pub fn run(cmd: &BenchCommand) -> Result<()> {
                 json: d.json.clone(),
                 paged_block_sizes: d.paged_block_sizes.clone(),
                 split_sweep: d.split_sweep.clone(),
+                tokens: d.tokens.clone(),
                 ..Default::default()
             };
             println!("{}", decode::run_decode(&opts)?);
