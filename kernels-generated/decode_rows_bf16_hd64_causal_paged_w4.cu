@@ -323,17 +323,20 @@ struct PagedDecodeParams {
     const elem_t* q;               // packed [total_q, num_heads, HEAD_DIM], already rotated
     const elem_t* k_pool;          // [num_blocks, block_size, num_groups, HEAD_DIM]
     const elem_t* v_pool;
-    float* o_part;                 // f32 [num_splits, batch, num_heads, HEAD_DIM]
-    float* lse_part;               // f32 [num_splits, batch, num_heads] (log2 units)
+    float* o_part;                 // f32 [num_splits, merge_rows, num_heads, HEAD_DIM]
+    float* lse_part;               // f32 [num_splits, merge_rows, num_heads] (log2 units)
     elem_t* out;                   // packed, layout of q (the decode rows are written)
     float* lse;                    // f32 [num_heads, total_q] (natural log)
     const float* sinks;            // f32 [num_heads] learnable sink logits
     const elem_t* gate;            // output gate, layout of q
     const int* requests;           // int32 [batch]: the decode requests' indices in the batch
     const int* cu_seqlens_q;       // int32 [num_requests + 1] of the whole batch
-    const int* seqlens_k;          // int32 [num_requests]: keys per request (new one included)
+    const int* seqlens_k;          // int32 [num_requests]: keys per request (new ones included)
     const int* block_table;        // int32 [num_requests, max_blocks_per_seq]
+    const int* row_starts;         // int32 [batch + 1]: decode request b's query rows are merge rows row_starts[b] ..
+    const int* row_tokens;         // int32 [merge_rows]: each merge row's packed token
     int batch;                     // decode requests (grid z of the split kernel)
+    int merge_rows;                // their query rows, sum of q_len (grid x of the merge)
     int num_heads;
     int num_groups;
     int num_splits;

@@ -42,18 +42,18 @@
 //   o_part: f32 [num_splits, T, batch, num_heads, HEAD_DIM]; lse_part: f32 [num_splits, T, batch, num_heads]
 //   lse: f32 [num_heads, T * batch] (natural log); sinks: f32 [num_heads] (learnable sinks only)
 //
-// Paged mode (true; `_paged` keys, no rope): the decode rows (one new token each) of a
-// paged mixed batch (T = 1), after qkv_prep rotated q/k and append_kv wrote the new k/v into
-// the pool.
-// Both entries take one `const PagedDecodeParams p` (partials/params.cu). Block b of the split
-// kernel serves decode request req = p.requests[b] of the batch: its query row is packed token
-// cu_seqlens_q[req] of q [total_q, num_heads, HEAD_DIM]; it attends to keys [0,
-// seqlens_k[req]) (bottom-right causal, window) read from the pools [num_blocks, block_size,
-// num_groups, HEAD_DIM] through block_table[req, j / block_size] (block_size a power of two;
-// tiles straddle blocks; 64-bit offsets); nothing is rotated or appended. o_part / lse_part
-// are indexed by b as above; the merge writes out and gate at the packed token row and lse
-// [num_heads, total_q] at (h, token). Keys past seqlens_k, other requests' blocks and unused
-// pool blocks are never read.
+// Paged mode (true; `_paged` keys, no rope): the decode requests (1 to 16 new tokens
+// each) of a paged mixed batch, after qkv_prep rotated q/k and append_kv wrote the new k/v into
+// the pool. Both entries take one `const PagedDecodeParams p` (partials/params.cu). Block b of
+// the split kernel serves decode request req = p.requests[b] of the batch: its T = q_len query
+// tokens are packed tokens cu_seqlens_q[req] .. of q [total_q, num_heads, HEAD_DIM]; token t
+// attends to keys [0, seqlens_k[req] - T + t + 1) (bottom-right causal, window) read from the
+// pools [num_blocks, block_size, num_groups, HEAD_DIM] through block_table[req, j / block_size]
+// (block_size a power of two; tiles straddle blocks; 64-bit offsets); nothing is rotated or
+// appended. o_part / lse_part rows are merge rows ([num_splits, merge_rows, ...]; request b's
+// tokens are rows row_starts[b] ..); the merge (grid (merge_rows, num_heads)) writes out and
+// gate at row_tokens[row] and lse [num_heads, total_q] at (h, token). Keys past seqlens_k,
+// other requests' blocks and unused pool blocks are never read.
 
 // ---------------------------------------------------------------------------------------
 // Element types and conversions. No CUDA toolkit header is included: NVRTC alone compiles
@@ -284,17 +284,20 @@ struct PagedDecodeParams {
     const elem_t* q;               // packed [total_q, num_heads, HEAD_DIM], already rotated
     const elem_t* k_pool;          // [num_blocks, block_size, num_groups, HEAD_DIM]
     const elem_t* v_pool;
-    float* o_part;                 // f32 [num_splits, batch, num_heads, HEAD_DIM]
-    float* lse_part;               // f32 [num_splits, batch, num_heads] (log2 units)
+    float* o_part;                 // f32 [num_splits, merge_rows, num_heads, HEAD_DIM]
+    float* lse_part;               // f32 [num_splits, merge_rows, num_heads] (log2 units)
     elem_t* out;                   // packed, layout of q (the decode rows are written)
     float* lse;                    // f32 [num_heads, total_q] (natural log)
     const float* sinks;            // f32 [num_heads] learnable sink logits
     const elem_t* gate;            // output gate, layout of q
     const int* requests;           // int32 [batch]: the decode requests' indices in the batch
     const int* cu_seqlens_q;       // int32 [num_requests + 1] of the whole batch
-    const int* seqlens_k;          // int32 [num_requests]: keys per request (new one included)
+    const int* seqlens_k;          // int32 [num_requests]: keys per request (new ones included)
     const int* block_table;        // int32 [num_requests, max_blocks_per_seq]
+    const int* row_starts;         // int32 [batch + 1]: decode request b's query rows are merge rows row_starts[b] ..
+    const int* row_tokens;         // int32 [merge_rows]: each merge row's packed token
     int batch;                     // decode requests (grid z of the split kernel)
+    int merge_rows;                // their query rows, sum of q_len (grid x of the merge)
     int num_heads;
     int num_groups;
     int num_splits;
@@ -420,9 +423,8 @@ extern "C" __global__ void __launch_bounds__(WARPS * WARP_SIZE, MIN_BLOCKS) deco
     const elem_t* __restrict__ q = p.q;
     float* __restrict__ o_part = p.o_part;
     float* __restrict__ lse_part = p.lse_part;
-    const int batch = p.batch, num_heads = p.num_heads, num_groups = p.num_groups;
+    const int num_heads = p.num_heads, num_groups = p.num_groups;
     const int num_splits = p.num_splits;
-    const int num_tokens = 1;
     const float softmax_scale = p.softmax_scale;
     const int window_left = p.window_left, window_right = p.window_right;
     // Ring of STAGES x {K, V} tiles, each elem_t [TILE][SROW], then the pass's query rows
@@ -440,12 +442,15 @@ extern "C" __global__ void __launch_bounds__(WARPS * WARP_SIZE, MIN_BLOCKS) deco
     const int g = blockIdx.y;
     const int b = blockIdx.z;
     const int per = num_heads / num_groups;
-    // Decode request p.requests[b] of the paged batch: its one (already rotated) query row is
-    // token cu_seqlens_q[req]; its keys 0 .. seqlens_k[req] (the new one already appended)
-    // live in pool blocks block_table[req, j / block_size], rows j % block_size.
+    // Decode request p.requests[b] of the paged batch: its num_tokens (already rotated) query
+    // rows are tokens cu_seqlens_q[req] ..; its keys 0 .. seqlens_k[req] (the new ones already
+    // appended) live in pool blocks block_table[req, j / block_size], rows j % block_size.
     const int req = p.requests[b];
     const int sk = p.seqlens_k[req];
     const long long tok = p.cu_seqlens_q[req];
+    const int num_tokens = p.cu_seqlens_q[req + 1] - (int)tok;
+    // Token t's merge row (the o_part / lse_part row) is rows_at + t * rows_step of merge_rows.
+    const int rows_at = p.row_starts[b], rows_step = 1, merge_rows = p.merge_rows;
     const int* __restrict__ bt_row = p.block_table + (long long)req * p.max_blocks_per_seq;
     const int bs_shift = __ffs(p.block_size) - 1;  // block_size is a power of two
     const int bs_mask = p.block_size - 1;
@@ -515,8 +520,7 @@ extern "C" __global__ void __launch_bounds__(WARPS * WARP_SIZE, MIN_BLOCKS) deco
         for (int r = warp; r < PASS_ROWS; r += WARPS) {
             if (r < rows) {
                 const int t = (r0 + r) / per, hh = (r0 + r) % per;
-                (void)t;
-                const elem_t* qr = q + (tok * num_heads + g * per + hh) * HEAD_DIM;
+                const elem_t* qr = q + ((tok + t) * num_heads + g * per + hh) * HEAD_DIM;
                 float qv[LANE_D];
 #pragma unroll
                 for (int c = 0; c < LANE_D; ++c) qv[c] = load_ch(qr, c, lane);
@@ -673,7 +677,7 @@ extern "C" __global__ void __launch_bounds__(WARPS * WARP_SIZE, MIN_BLOCKS) deco
             }
             const int t = (r0 + r) / per, hh = (r0 + r) % per;
             const long long orow =
-                (((long long)split * num_tokens + t) * batch + b) * num_heads + g * per + hh;
+                ((long long)split * merge_rows + rows_at + (long long)t * rows_step) * num_heads + g * per + hh;
             o_part[orow * HEAD_DIM + d] = ll > 0.0f ? o / ll : 0.0f;
             if (d == 0) lse_part[orow] = ll > 0.0f ? mm + log2f(ll) : neg_inf();
         }
@@ -690,7 +694,7 @@ extern "C" __global__ void __launch_bounds__(MERGE_WARPS * WARP_SIZE) decode_spl
     const float* __restrict__ lse_part = p.lse_part;
     elem_t* __restrict__ out = p.out;
     float* __restrict__ lse = p.lse;
-    const int batch = p.batch, num_heads = p.num_heads, num_splits = p.num_splits;
+    const int batch = p.merge_rows, num_heads = p.num_heads, num_splits = p.num_splits;
     __shared__ float part[MERGE_WARPS][HEAD_DIM];
     __shared__ float part_m[MERGE_WARPS];
     __shared__ float part_t[MERGE_WARPS];
@@ -760,8 +764,8 @@ extern "C" __global__ void __launch_bounds__(MERGE_WARPS * WARP_SIZE) decode_spl
         f[w] = part_m[w] == neg_inf() ? 0.0f : exp2f(part_m[w] - m);
         total += part_t[w] * f[w];
     }
-    // Output row: the decode request's token in the packed batch; lse [num_heads, total_q].
-    const long long tok = p.cu_seqlens_q[p.requests[b]];
+    // Output row: the merge row's token in the packed batch; lse [num_heads, total_q].
+    const long long tok = p.row_tokens[b];
     const long long orow = tok * num_heads + h;
     const long long lse_at = (long long)h * p.total_q + tok;
     const float inv = any ? 1.0f / total : 0.0f;

@@ -42,18 +42,18 @@
 //   o_part: f32 [num_splits, T, batch, num_heads, HEAD_DIM]; lse_part: f32 [num_splits, T, batch, num_heads]
 //   lse: f32 [num_heads, T * batch] (natural log); sinks: f32 [num_heads] (learnable sinks only)
 //
-// Paged mode (false; `_paged` keys, no rope): the decode rows (one new token each) of a
-// paged mixed batch (T = 1), after qkv_prep rotated q/k and append_kv wrote the new k/v into
-// the pool.
-// Both entries take one `const PagedDecodeParams p` (partials/params.cu). Block b of the split
-// kernel serves decode request req = p.requests[b] of the batch: its query row is packed token
-// cu_seqlens_q[req] of q [total_q, num_heads, HEAD_DIM]; it attends to keys [0,
-// seqlens_k[req]) (bottom-right causal, window) read from the pools [num_blocks, block_size,
-// num_groups, HEAD_DIM] through block_table[req, j / block_size] (block_size a power of two;
-// tiles straddle blocks; 64-bit offsets); nothing is rotated or appended. o_part / lse_part
-// are indexed by b as above; the merge writes out and gate at the packed token row and lse
-// [num_heads, total_q] at (h, token). Keys past seqlens_k, other requests' blocks and unused
-// pool blocks are never read.
+// Paged mode (false; `_paged` keys, no rope): the decode requests (1 to 16 new tokens
+// each) of a paged mixed batch, after qkv_prep rotated q/k and append_kv wrote the new k/v into
+// the pool. Both entries take one `const PagedDecodeParams p` (partials/params.cu). Block b of
+// the split kernel serves decode request req = p.requests[b] of the batch: its T = q_len query
+// tokens are packed tokens cu_seqlens_q[req] .. of q [total_q, num_heads, HEAD_DIM]; token t
+// attends to keys [0, seqlens_k[req] - T + t + 1) (bottom-right causal, window) read from the
+// pools [num_blocks, block_size, num_groups, HEAD_DIM] through block_table[req, j / block_size]
+// (block_size a power of two; tiles straddle blocks; 64-bit offsets); nothing is rotated or
+// appended. o_part / lse_part rows are merge rows ([num_splits, merge_rows, ...]; request b's
+// tokens are rows row_starts[b] ..); the merge (grid (merge_rows, num_heads)) writes out and
+// gate at row_tokens[row] and lse [num_heads, total_q] at (h, token). Keys past seqlens_k,
+// other requests' blocks and unused pool blocks are never read.
 
 // ---------------------------------------------------------------------------------------
 // Element types and conversions. No CUDA toolkit header is included: NVRTC alone compiles
@@ -329,6 +329,8 @@ extern "C" __global__ void __launch_bounds__(WARPS * WARP_SIZE, MIN_BLOCKS) deco
     const long long pos = cache_seqlens[b];
     const int sk = (int)pos + num_tokens;
     const long long slot = (long long)batch_offset + b;
+    // Token t's merge row (the o_part / lse_part row) is rows_at + t * rows_step of merge_rows.
+    const int rows_at = b, rows_step = batch, merge_rows = num_tokens * batch;
 
     // Keys of the union of the tokens' visible ranges (bottom-right causal, window: both ends
     // grow with the token), split into num_splits chunks.
@@ -585,7 +587,7 @@ extern "C" __global__ void __launch_bounds__(WARPS * WARP_SIZE, MIN_BLOCKS) deco
             }
             const int t = (r0 + r) / per, hh = (r0 + r) % per;
             const long long orow =
-                (((long long)split * num_tokens + t) * batch + b) * num_heads + g * per + hh;
+                ((long long)split * merge_rows + rows_at + (long long)t * rows_step) * num_heads + g * per + hh;
             o_part[orow * HEAD_DIM + d] = ll > 0.0f ? o / ll : 0.0f;
             if (d == 0) lse_part[orow] = ll > 0.0f ? mm + log2f(ll) : neg_inf();
         }

@@ -42,18 +42,18 @@
 //   o_part: f32 [num_splits, T, batch, num_heads, HEAD_DIM]; lse_part: f32 [num_splits, T, batch, num_heads]
 //   lse: f32 [num_heads, T * batch] (natural log); sinks: f32 [num_heads] (learnable sinks only)
 //
-// Paged mode ({{ paged_kv }}; `_paged` keys, no rope): the decode rows (one new token each) of a
-// paged mixed batch (T = 1), after qkv_prep rotated q/k and append_kv wrote the new k/v into
-// the pool.
-// Both entries take one `const PagedDecodeParams p` (partials/params.cu). Block b of the split
-// kernel serves decode request req = p.requests[b] of the batch: its query row is packed token
-// cu_seqlens_q[req] of q [total_q, num_heads, HEAD_DIM]; it attends to keys [0,
-// seqlens_k[req]) (bottom-right causal, window) read from the pools [num_blocks, block_size,
-// num_groups, HEAD_DIM] through block_table[req, j / block_size] (block_size a power of two;
-// tiles straddle blocks; 64-bit offsets); nothing is rotated or appended. o_part / lse_part
-// are indexed by b as above; the merge writes out and gate at the packed token row and lse
-// [num_heads, total_q] at (h, token). Keys past seqlens_k, other requests' blocks and unused
-// pool blocks are never read.
+// Paged mode ({{ paged_kv }}; `_paged` keys, no rope): the decode requests (1 to 16 new tokens
+// each) of a paged mixed batch, after qkv_prep rotated q/k and append_kv wrote the new k/v into
+// the pool. Both entries take one `const PagedDecodeParams p` (partials/params.cu). Block b of
+// the split kernel serves decode request req = p.requests[b] of the batch: its T = q_len query
+// tokens are packed tokens cu_seqlens_q[req] .. of q [total_q, num_heads, HEAD_DIM]; token t
+// attends to keys [0, seqlens_k[req] - T + t + 1) (bottom-right causal, window) read from the
+// pools [num_blocks, block_size, num_groups, HEAD_DIM] through block_table[req, j / block_size]
+// (block_size a power of two; tiles straddle blocks; 64-bit offsets); nothing is rotated or
+// appended. o_part / lse_part rows are merge rows ([num_splits, merge_rows, ...]; request b's
+// tokens are rows row_starts[b] ..); the merge (grid (merge_rows, num_heads)) writes out and
+// gate at row_tokens[row] and lse [num_heads, total_q] at (h, token). Keys past seqlens_k,
+// other requests' blocks and unused pool blocks are never read.
 
 {% include "partials/types.cu" %}
 {% include "partials/mask.cu" %}
@@ -147,9 +147,8 @@ extern "C" __global__ void __launch_bounds__(WARPS * WARP_SIZE, MIN_BLOCKS) {{ k
     const elem_t* __restrict__ q = p.q;
     float* __restrict__ o_part = p.o_part;
     float* __restrict__ lse_part = p.lse_part;
-    const int batch = p.batch, num_heads = p.num_heads, num_groups = p.num_groups;
+    const int num_heads = p.num_heads, num_groups = p.num_groups;
     const int num_splits = p.num_splits;
-    const int num_tokens = 1;
     const float softmax_scale = p.softmax_scale;
     const int window_left = p.window_left, window_right = p.window_right;
 {%- else %}
@@ -195,12 +194,15 @@ extern "C" __global__ void __launch_bounds__(WARPS * WARP_SIZE, MIN_BLOCKS) {{ k
     const int b = blockIdx.z;
     const int per = num_heads / num_groups;
 {%- if paged_kv %}
-    // Decode request p.requests[b] of the paged batch: its one (already rotated) query row is
-    // token cu_seqlens_q[req]; its keys 0 .. seqlens_k[req] (the new one already appended)
-    // live in pool blocks block_table[req, j / block_size], rows j % block_size.
+    // Decode request p.requests[b] of the paged batch: its num_tokens (already rotated) query
+    // rows are tokens cu_seqlens_q[req] ..; its keys 0 .. seqlens_k[req] (the new ones already
+    // appended) live in pool blocks block_table[req, j / block_size], rows j % block_size.
     const int req = p.requests[b];
     const int sk = p.seqlens_k[req];
     const long long tok = p.cu_seqlens_q[req];
+    const int num_tokens = p.cu_seqlens_q[req + 1] - (int)tok;
+    // Token t's merge row (the o_part / lse_part row) is rows_at + t * rows_step of merge_rows.
+    const int rows_at = p.row_starts[b], rows_step = 1, merge_rows = p.merge_rows;
     const int* __restrict__ bt_row = p.block_table + (long long)req * p.max_blocks_per_seq;
     const int bs_shift = __ffs(p.block_size) - 1;  // block_size is a power of two
     const int bs_mask = p.block_size - 1;
@@ -212,6 +214,8 @@ extern "C" __global__ void __launch_bounds__(WARPS * WARP_SIZE, MIN_BLOCKS) {{ k
     const long long pos = cache_seqlens[b];
     const int sk = (int)pos + num_tokens;
     const long long slot = (long long)batch_offset + b;
+    // Token t's merge row (the o_part / lse_part row) is rows_at + t * rows_step of merge_rows.
+    const int rows_at = b, rows_step = batch, merge_rows = num_tokens * batch;
 {%- endif %}
 
     // Keys of the union of the tokens' visible ranges (bottom-right causal, window: both ends
@@ -318,8 +322,7 @@ extern "C" __global__ void __launch_bounds__(WARPS * WARP_SIZE, MIN_BLOCKS) {{ k
             if (r < rows) {
                 const int t = (r0 + r) / per, hh = (r0 + r) % per;
 {%- if paged_kv %}
-                (void)t;
-                const elem_t* qr = q + (tok * num_heads + g * per + hh) * HEAD_DIM;
+                const elem_t* qr = q + ((tok + t) * num_heads + g * per + hh) * HEAD_DIM;
                 float qv[LANE_D];
 #pragma unroll
                 for (int c = 0; c < LANE_D; ++c) qv[c] = load_ch(qr, c, lane);
@@ -488,7 +491,7 @@ extern "C" __global__ void __launch_bounds__(WARPS * WARP_SIZE, MIN_BLOCKS) {{ k
             }
             const int t = (r0 + r) / per, hh = (r0 + r) % per;
             const long long orow =
-                (((long long)split * num_tokens + t) * batch + b) * num_heads + g * per + hh;
+                ((long long)split * merge_rows + rows_at + (long long)t * rows_step) * num_heads + g * per + hh;
             o_part[orow * HEAD_DIM + d] = ll > 0.0f ? o / ll : 0.0f;
             if (d == 0) lse_part[orow] = ll > 0.0f ? mm + log2f(ll) : neg_inf();
         }
@@ -513,7 +516,7 @@ extern "C" __global__ void __launch_bounds__(MERGE_WARPS * WARP_SIZE) {{ key }}_
 {%- if has_gate %}
     const elem_t* __restrict__ gate = p.gate;
 {%- endif %}
-    const int batch = p.batch, num_heads = p.num_heads, num_splits = p.num_splits;
+    const int batch = p.merge_rows, num_heads = p.num_heads, num_splits = p.num_splits;
 {%- else %}
 extern "C" __global__ void __launch_bounds__(MERGE_WARPS * WARP_SIZE) {{ key }}_combine(
     const float* __restrict__ o_part,
@@ -609,8 +612,8 @@ extern "C" __global__ void __launch_bounds__(MERGE_WARPS * WARP_SIZE) {{ key }}_
         total += part_t[w] * f[w];
     }
 {%- if paged_kv %}
-    // Output row: the decode request's token in the packed batch; lse [num_heads, total_q].
-    const long long tok = p.cu_seqlens_q[p.requests[b]];
+    // Output row: the merge row's token in the packed batch; lse [num_heads, total_q].
+    const long long tok = p.row_tokens[b];
     const long long orow = tok * num_heads + h;
     const long long lse_at = (long long)h * p.total_q + tok;
 {%- else %}

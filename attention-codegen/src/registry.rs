@@ -19,7 +19,7 @@
 //! | `prefill_rows_*` ([`prefill_rows`]) | fallback: one warp per query row, padded or packed | any | — |
 //! | `decode_rows_*` ([`decode_rows`]) | fallback: one warp per query row over a static cache (`_full`: cross-attention, no causal mask) | any | — |
 //! | `decode_rows_*_paged` ([`decode_rows_paged`]) | fallback: one warp per query row over a paged pool, decode rows and prefill chunks alike | any | — |
-//! | `decode_splitkv_*` ([`decode_splitkv`], [`decode_splitkv_rows`], [`decode_splitkv_paged`]) | split-KV decode on tensor cores, the same module's `<key>_combine` combining the splits; static: fused rope + append of 1 to 16 new tokens per sequence (`_rb2` / `_rb4`: 32 / 64 query rows per pass for multi-token steps); `_paged`: a paged batch's decode rows | sm_80+ | static: none; `_paged`: the rows join the batch's prefill launch (`prefill_*_paged_sm80` or `decode_rows_*_paged`) |
+//! | `decode_splitkv_*` ([`decode_splitkv`], [`decode_splitkv_rows`], [`decode_splitkv_paged`], [`decode_splitkv_paged_rows`]) | split-KV decode on tensor cores, the same module's `<key>_combine` combining the splits; static: fused rope + append of 1 to 16 new tokens per sequence (`_rb2` / `_rb4`: 32 / 64 query rows per pass for multi-token steps); `_paged`: a paged batch's decode requests of 1 to 16 new tokens | sm_80+ | static: none; `_paged`: the rows join the batch's prefill launch (`prefill_*_paged_sm80` or `decode_rows_*_paged`) |
 //! | `append_kv_*` ([`append_kv`]) | new k/v rows into a static cache or a paged pool | any | — |
 //! | `qkv_prep_*` ([`qkv_prep`], [`qkv_prep_for_decode_splitkv`]) | q/k norm, rope, output-gate and layout split | any | — |
 //!
@@ -320,6 +320,27 @@ pub fn decode_splitkv_paged(
     runs.then_some(c)
 }
 
+/// [`decode_splitkv_paged`] for decode requests of up to `rows` query rows per group (heads
+/// per group times their most new tokens, 1 to 16 each): the row-block variant of
+/// [`decode_splitkv_row_blocks`] for `target`'s shared memory (the largest known opt-in limit
+/// for [`Target::AnyDevice`]). `None` where [`decode_splitkv_paged`] is.
+pub fn decode_splitkv_paged_rows(
+    spec: &AttentionSpec,
+    head_dim: usize,
+    rows: usize,
+    target: Target,
+) -> Option<KernelConfig> {
+    let mut c = decode_splitkv_paged(spec, head_dim, target)?;
+    let optin = match target {
+        Target::AnyDevice => max_smem_optin(),
+        Target::Device { smem_optin, .. } => smem_optin,
+    };
+    let rb = decode_splitkv_row_blocks(head_dim, rows, optin)?;
+    c.row_blocks = rb;
+    c.warps = decode_splitkv_warps(rb);
+    Some(c)
+}
+
 /// The static-cache attention kernel (`decode_rows_*`) of a prefill step (any number of new
 /// queries); bottom-right causal for self-attention, over the whole cache for cross.
 pub fn decode_rows(spec: &AttentionSpec, head_dim: usize) -> KernelConfig {
@@ -544,6 +565,13 @@ pub fn kernels_for(
             out.push(c);
         }
         out.extend(decode_splitkv_paged(spec, head_dim, target));
+        // Paged decode requests of several tokens: the wider row-block variants.
+        for rows in [32, 64] {
+            out.extend(
+                decode_splitkv_paged_rows(spec, head_dim, rows, target)
+                    .filter(|c| c.row_blocks > 1),
+            );
+        }
         out.push(decode_rows_paged(spec, head_dim));
         out.push(decode_splitkv(spec, head_dim)?);
         // Multi-token decode steps: the wider row-block variants the target can hold.

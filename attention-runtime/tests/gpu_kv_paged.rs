@@ -746,13 +746,16 @@ fn poison_pool(s: &Setup, cpu: &mut PagedKvCache, dev: &mut DevicePagedKvCache) 
     dev.allocator_mut().release_all(&ids).unwrap();
 }
 
-/// Steps of six requests whose decode rows (one new token) have different lengths and sit
-/// between prefill chunks in every order: interleaved, decode-first, decode-last, all decode.
-const SPLIT_STEPS: [[usize; 6]; 5] = [
+/// Steps of six requests whose decode requests (1 to 16 new tokens: one-token decode rows,
+/// short chunks, speculative steps) have different lengths and sit between prefill chunks
+/// (17+ tokens) in every order: interleaved, decode-first, decode-last, all decode, and
+/// multi-token requests of up to 16 tokens beside one-token rows.
+const SPLIT_STEPS: [[usize; 6]; 6] = [
     [3, 70, 300, 1, 0, 129],
     [1, 37, 1, 1, 129, 1],
     [1, 1, 1, 1, 5, 20],
     [30, 1, 1, 1, 1, 1],
+    [16, 2, 9, 1, 17, 4],
     [1, 1, 1, 1, 1, 1],
 ];
 
@@ -837,6 +840,12 @@ fn split_decode_matches_cpu(spec: &str, bs: usize) {
 #[test]
 #[ignore = "requires a CUDA GPU"]
 fn split_decode_rows_gqa_match_cpu_block_16() {
+    // 4 heads per group: a 16-token request is 64 rows, the four-row-block kernel.
+    let s = setup("self, heads=8, gqa=2, head_dim=128, rope, mask=causal", 1);
+    let key = |t: usize| s.cuda.paged_decode_config_for(t).unwrap().key();
+    assert!(key(1).ends_with("_paged_w4"), "{}", key(1));
+    assert!(key(5).ends_with("_paged_rb2_w4"), "{}", key(5));
+    assert!(key(16).ends_with("_paged_rb4_w8"), "{}", key(16));
     split_decode_matches_cpu(
         "self, heads=8, gqa=2, head_dim=128, qk_layernorm=rms, rope, mask=causal",
         16,

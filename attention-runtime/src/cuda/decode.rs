@@ -11,7 +11,7 @@
 use std::sync::Arc;
 
 use attention_codegen::render::{
-    decode_splitkv_smem_bytes, KernelConfig, DECODE_SPLITKV_COMBINE_WARPS, DECODE_SPLITKV_WARPS,
+    decode_splitkv_smem_bytes, KernelConfig, DECODE_SPLITKV_COMBINE_WARPS,
 };
 use cudarc::driver::{
     sys, CudaFunction, CudaGraph, CudaSlice, CudaStream, LaunchConfig, PushKernelArg,
@@ -257,14 +257,17 @@ pub fn launch_decode_splitkv(
     Ok(())
 }
 
-/// Queue the split and combine kernels of a paged batch's decode rows (`decode_splitkv` in its
-/// paged mode, loaded with [`decode_splitkv_kernels`]): split grid `(num_splits, num_groups,
-/// batch)`, combine grid `(batch, num_heads)`, both launched with `p` as their parameters.
+/// Queue the split and combine kernels of a paged batch's decode requests (`decode_splitkv` in
+/// its paged mode, loaded with [`decode_splitkv_kernels`]): split grid `(num_splits,
+/// num_groups, batch)`, combine grid `(merge_rows, num_heads)`, both launched with `p` as
+/// their parameters.
 ///
 /// # Safety
 /// Every pointer in `p` is a live device buffer of the shape `templates/decode_splitkv.cu`
 /// documents for its paged mode, `requests` lists `batch` requests of the paged batch with
-/// one query row each, and their block ids and lengths were validated against the pool.
+/// 1 to 16 query rows each (rows beyond the kernel's pass take more passes), `row_starts` /
+/// `row_tokens` their `merge_rows` rows, and their block ids and
+/// lengths were validated against the pool.
 pub unsafe fn launch_decode_splitkv_paged(
     stream: &Arc<CudaStream>,
     key: &str,
@@ -279,16 +282,19 @@ pub unsafe fn launch_decode_splitkv_paged(
         .map_err(cuda_err(
             "cuFuncGetAttribute(MAX_DYNAMIC_SHARED_SIZE_BYTES)",
         ))?;
+    let threads = split
+        .get_attribute(sys::CUfunction_attribute_enum::CU_FUNC_ATTRIBUTE_MAX_THREADS_PER_BLOCK)
+        .map_err(cuda_err("cuFuncGetAttribute(MAX_THREADS_PER_BLOCK)"))?;
     let cfg = LaunchConfig {
         grid_dim: (p.num_splits as u32, p.num_groups as u32, p.batch as u32),
-        block_dim: ((DECODE_SPLITKV_WARPS * 32) as u32, 1, 1),
+        block_dim: (threads.max(32) as u32, 1, 1),
         shared_mem_bytes: smem.max(0) as u32,
     };
     // SAFETY: PagedDecodeParams is the parameter layout of both paged entries
     // (tests/nvrtc_catalog.rs); the buffers are the caller's guarantee.
     unsafe { super::params::launch(stream, split, cfg, p) }.map_err(launch_err(key))?;
     let cfg = LaunchConfig {
-        grid_dim: (p.batch as u32, p.num_heads as u32, 1),
+        grid_dim: (p.merge_rows as u32, p.num_heads as u32, 1),
         block_dim: (combine_threads(), 1, 1),
         shared_mem_bytes: 0,
     };

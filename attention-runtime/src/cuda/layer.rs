@@ -396,6 +396,15 @@ impl CudaLayer {
         registry::decode_splitkv_paged(&self.config.spec, self.config.head_dim, self.target)
     }
 
+    /// [`paged_decode_config`](Self::paged_decode_config) for decode requests of up to
+    /// `tokens` new tokens ([`registry::decode_splitkv_paged_rows`]: the row-block variant
+    /// for the heads per group times `tokens` rows).
+    pub fn paged_decode_config_for(&self, tokens: usize) -> Option<KernelConfig> {
+        let c = &self.config;
+        let rows = c.heads / c.groups.max(1) * tokens.max(1);
+        registry::decode_splitkv_paged_rows(&c.spec, c.head_dim, rows, self.target)
+    }
+
     /// Load an attention kernel: [`load_prefill_sm80`](Self::load_prefill_sm80) for a
     /// `prefill_sm80` config, [`kernel`] otherwise.
     fn load_attention(&self, c: &KernelConfig) -> Result<(String, cudarc::driver::CudaFunction)> {

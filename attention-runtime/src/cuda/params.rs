@@ -294,7 +294,7 @@ kernel_params! {
 
 kernel_params! {
     /// Parameters of the paged mode of `decode_splitkv` (split and combine entries, `_paged` keys):
-    /// the decode rows of a paged mixed batch. The CUDA declaration is `PagedDecodeParams` in
+    /// the decode requests (1 to 16 new tokens each) of a paged mixed batch. The CUDA declaration is `PagedDecodeParams` in
     /// `templates/partials/params.cu`; layouts in `templates/decode_splitkv.cu`.
     pub struct PagedDecodeParams {
         /// Packed q `[total_q, num_heads, hn]` of the whole batch, already rotated.
@@ -303,9 +303,9 @@ kernel_params! {
         pub k_pool: u64,
         /// V pool layer, as `k_pool`.
         pub v_pool: u64,
-        /// f32 `[num_splits, batch, num_heads, hn]` partial outputs.
+        /// f32 `[num_splits, merge_rows, num_heads, hn]` partial outputs.
         pub o_part: u64,
-        /// f32 `[num_splits, batch, num_heads]` partial LSEs (log2 units).
+        /// f32 `[num_splits, merge_rows, num_heads]` partial LSEs (log2 units).
         pub lse_part: u64,
         /// Packed output, layout of `q` (the decode rows are written).
         pub out: u64,
@@ -319,12 +319,19 @@ kernel_params! {
         pub requests: u64,
         /// int32 `[num_requests + 1]` of the whole batch.
         pub cu_seqlens_q: u64,
-        /// int32 `[num_requests]`: keys per request, the new one included.
+        /// int32 `[num_requests]`: keys per request, the new ones included.
         pub seqlens_k: u64,
         /// int32 `[num_requests, max_blocks_per_seq]`.
         pub block_table: u64,
+        /// int32 `[batch + 1]`: decode request `b`'s query rows are merge rows
+        /// `row_starts[b] .. row_starts[b + 1]` (its `q_len`, 1 to 16).
+        pub row_starts: u64,
+        /// int32 `[merge_rows]`: each merge row's packed token.
+        pub row_tokens: u64,
         /// Decode requests (the split kernel's grid z).
         pub batch: i32,
+        /// Their query rows, the sum of their `q_len` (the merge's grid x).
+        pub merge_rows: i32,
         /// Query heads.
         pub num_heads: i32,
         /// K/V groups.

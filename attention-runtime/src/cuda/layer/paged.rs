@@ -5,6 +5,7 @@ use crate::cuda::decode::{
     decode_slots, decode_splitkv_kernels, launch_decode_splitkv_paged, num_splits,
 };
 use crate::cuda::params::PagedDecodeParams;
+use attention_codegen::render::DECODE_SPLITKV_MAX_TOKENS;
 
 impl CudaLayer {
     /// Mixed decode + prefill over a device paged cache, with the CPU layer's
@@ -19,9 +20,11 @@ impl CudaLayer {
     /// attention, K/V read through the block table: the prefill chunks on the tensor-core
     /// forward kernel in its paged mode (one launch per run of consecutive prefill requests,
     /// so one launch when the decode requests come first; the one-warp-per-row `decode_rows_paged`
-    /// kernel when its tile does not fit), the decode requests (one new token each) on the split-KV
-    /// decode kernel `decode_splitkv` in its paged mode plus its combine step (when this GPU runs
-    /// it; otherwise they join the prefill launches) -> `linear_proj`.
+    /// kernel when its tile does not fit), the decode requests (1 to 16 new tokens each:
+    /// decode, speculative or multi-token steps) on the split-KV decode kernel `decode_splitkv`
+    /// in its paged mode plus its combine step, the group's heads times the request's tokens
+    /// as the rows of its tile (when this GPU runs it; otherwise they join the prefill
+    /// launches) -> `linear_proj`.
     ///
     /// Everything (layer, shapes, cu_seqlens, lengths, block ids, capacity, blocks shared or
     /// written by two requests) is validated and every kernel loaded on the host first: on
@@ -95,16 +98,21 @@ impl CudaLayer {
             None => self.kv_config(Phase::DecodeRowsPaged)?,
         };
         let (attn_key, attn_f) = self.load_attention(&attn_config)?;
-        let decode_kernels = match self.paged_decode_config() {
+        let (wl, wr) = self.window()?;
+        let reqs = step.requests;
+        let plan = PagedPlan::new(&reqs, self.paged_decode_config().is_some());
+        // The decode requests' kernel: the row-block variant for their most new tokens.
+        let decode_config = match plan.decode.is_empty() {
+            true => None,
+            false => self.paged_decode_config_for(plan.decode_max_q),
+        };
+        let decode_kernels = match decode_config {
             Some(dc) => Some((
                 decode_splitkv_kernels(&self.rt, &dc)?,
                 decode_slots(&self.rt, &dc)?,
             )),
             None => None,
         };
-        let (wl, wr) = self.window()?;
-        let reqs = step.requests;
-        let plan = PagedPlan::new(&reqs, decode_kernels.is_some());
         let splits = match (&decode_kernels, plan.decode.is_empty()) {
             (Some((_, slots)), false) => {
                 num_splits(*slots, plan.decode.len(), c.groups, plan.decode_max_k)
@@ -126,7 +134,11 @@ impl CudaLayer {
         let lens_d = upload(st, batch.seqlens_k, "seqlens_k")?;
         let table_d = upload(st, table.as_slice(), "block_table")?;
         let req_d = match (&decode_kernels, plan.decode.is_empty()) {
-            (Some(_), false) => Some(upload(st, &plan.decode, "decode requests")?),
+            (Some(_), false) => Some((
+                upload(st, &plan.decode, "decode requests")?,
+                upload(st, &plan.decode_row_starts, "decode row starts")?,
+                upload(st, &plan.decode_row_tokens, "decode row tokens")?,
+            )),
             _ => None,
         };
         let (q, k, v, gate, _keep) =
@@ -178,7 +190,7 @@ impl CudaLayer {
             max_blocks_per_seq: mbi,
             ..FwdParams::default()
         };
-        // Prefill chunks: one launch per run of consecutive requests that are not decode rows
+        // Prefill chunks: one launch per run of consecutive requests that are not decode requests
         // (one run when the decode requests come first), the request arrays offset to the
         // run's first request. The paged-path LSE is scratch (only the output is returned):
         // a run that is not the batch's last strides it by its own token count.
@@ -203,12 +215,15 @@ impl CudaLayer {
         }
         // Decode rows: the split-KV decode kernel and its combine step over the block table.
         let mut decode_bufs = None;
-        if let (Some((key, split_f, combine_f)), Some(req_d)) = (&decode_kernels, req_d.as_ref()) {
+        if let (Some((key, split_f, combine_f)), Some((req_d, starts_d, tokens_d))) =
+            (&decode_kernels, req_d.as_ref())
+        {
             let nd = plan.decode.len();
+            let rows = plan.decode_row_tokens.len();
             let f32buf =
                 |len: usize, arg: &str| crate::cuda::tensor::alloc_uninit::<f32>(st, len, arg);
-            let o_part = f32buf(splits * nd * c.heads * c.head_dim, "decode o_part")?;
-            let lse_part = f32buf(splits * nd * c.heads, "decode lse_part")?;
+            let o_part = f32buf(splits * rows * c.heads * c.head_dim, "decode o_part")?;
+            let lse_part = f32buf(splits * rows * c.heads, "decode lse_part")?;
             let dp = PagedDecodeParams {
                 q: params.q,
                 k_pool: pkc,
@@ -223,7 +238,10 @@ impl CudaLayer {
                 cu_seqlens_q: p_cu,
                 seqlens_k: p_lens,
                 block_table: p_table,
+                row_starts: dptr(starts_d, rt),
+                row_tokens: dptr(tokens_d, rt),
                 batch: nd as i32,
+                merge_rows: rows as i32,
                 num_heads: c.heads as i32,
                 num_groups: ngr,
                 num_splits: splits as i32,
@@ -235,7 +253,9 @@ impl CudaLayer {
                 window_right: wr,
             };
             // SAFETY: as the prefill launch; requests [nd] are decode requests of this batch
-            // (one query row each); o_part / lse_part hold `splits` splits of nd rows.
+            // (1 to 16 query rows each, at most the config's row count), row_starts [nd + 1]
+            // and row_tokens [rows] their merge rows; o_part / lse_part hold `splits` splits
+            // of `rows` rows.
             unsafe { launch_decode_splitkv_paged(st, key, split_f, combine_f, &dp) }?;
             decode_bufs = Some((o_part, lse_part));
         }
@@ -271,20 +291,31 @@ struct PrefillRun {
 /// Which request of a paged batch runs on which kernel.
 #[derive(Debug, PartialEq, Eq)]
 struct PagedPlan {
-    /// Requests with one new token (decode rows), for the split-KV decode kernel.
+    /// Requests with 1 to 16 new tokens (decode, speculative or multi-token steps), for the
+    /// split-KV decode kernel.
     decode: Vec<i32>,
     /// Their longest key count.
     decode_max_k: usize,
+    /// Their most new tokens.
+    decode_max_q: usize,
+    /// `[decode.len() + 1]`: decode request `i`'s query rows are merge rows
+    /// `decode_row_starts[i] ..`.
+    decode_row_starts: Vec<i32>,
+    /// Each merge row's packed token.
+    decode_row_tokens: Vec<i32>,
     /// Maximal runs of the other requests with at least one new token.
     prefill_runs: Vec<PrefillRun>,
 }
 
 impl PagedPlan {
-    /// With `split_decode`, requests with one new token go to the decode kernel; every
-    /// other request (and every request without it) to the prefill runs. Requests with no
-    /// new token join a run (the kernel skips them) but never start one.
+    /// With `split_decode`, requests with 1 to 16 new tokens
+    /// ([`DECODE_SPLITKV_MAX_TOKENS`]) go to the decode kernel; every other request (and
+    /// every request without it) to the prefill runs. Requests with no new token join a run
+    /// (the kernel skips them) but never start one.
     fn new(reqs: &[crate::kv_cache::PagedRequest], split_decode: bool) -> PagedPlan {
-        let is_decode = |r: &crate::kv_cache::PagedRequest| split_decode && r.q_len == 1;
+        let is_decode = |r: &crate::kv_cache::PagedRequest| {
+            split_decode && (1..=DECODE_SPLITKV_MAX_TOKENS).contains(&r.q_len)
+        };
         let decode: Vec<i32> = (0..reqs.len())
             .filter(|&i| is_decode(&reqs[i]))
             .map(|i| i as i32)
@@ -311,9 +342,23 @@ impl PagedPlan {
             run.max_q = run.max_q.max(r.q_len);
         }
         prefill_runs.extend(open.filter(|run| run.max_q > 0));
+        let (mut decode_row_starts, mut decode_row_tokens) = (vec![0i32], Vec::new());
+        for &i in &decode {
+            let r = &reqs[i as usize];
+            decode_row_tokens.extend((r.q_start..r.q_start + r.q_len).map(|t| t as i32));
+            decode_row_starts.push(decode_row_tokens.len() as i32);
+        }
         PagedPlan {
+            decode_max_q: reqs
+                .iter()
+                .filter(|r| is_decode(r))
+                .map(|r| r.q_len)
+                .max()
+                .unwrap_or(0),
             decode,
             decode_max_k,
+            decode_row_starts,
+            decode_row_tokens,
             prefill_runs,
         }
     }
@@ -351,17 +396,33 @@ mod tests {
 
     #[test]
     fn decode_first_batches_take_one_prefill_launch() {
-        let p = PagedPlan::new(&reqs(&[1, 1, 1, 30, 0, 7]), true);
+        let p = PagedPlan::new(&reqs(&[1, 1, 1, 30, 0, 17]), true);
         assert_eq!(p.decode, [0, 1, 2]);
         assert_eq!(p.decode_max_k, 31);
+        assert_eq!(p.decode_max_q, 1);
+        assert_eq!(p.decode_row_starts, [0, 1, 2, 3]);
+        assert_eq!(p.decode_row_tokens, [0, 1, 2]);
         assert_eq!(p.prefill_runs, [run(3, 3, 30)]);
     }
 
     #[test]
+    fn requests_of_up_to_16_tokens_take_the_decode_kernel() {
+        // q_lens 1, 4, 16, 17, 2 at tokens 0, 1, 5, 21, 38.
+        let p = PagedPlan::new(&reqs(&[1, 4, 16, 17, 2]), true);
+        assert_eq!(p.decode, [0, 1, 2, 4]);
+        assert_eq!(p.decode_max_q, 16);
+        assert_eq!(p.decode_max_k, 10 * 5 + 2);
+        assert_eq!(p.decode_row_starts, [0, 1, 5, 21, 23]);
+        let want: Vec<i32> = (0..21).chain([38, 39]).collect();
+        assert_eq!(p.decode_row_tokens, want);
+        assert_eq!(p.prefill_runs, [run(3, 1, 17)]);
+    }
+
+    #[test]
     fn any_order_splits_into_runs() {
-        let p = PagedPlan::new(&reqs(&[5, 1, 0, 1, 2, 3, 1]), true);
+        let p = PagedPlan::new(&reqs(&[50, 1, 0, 1, 20, 30, 1]), true);
         assert_eq!(p.decode, [1, 3, 6]);
-        assert_eq!(p.prefill_runs, [run(0, 1, 5), run(4, 2, 3)]);
+        assert_eq!(p.prefill_runs, [run(0, 1, 50), run(4, 2, 30)]);
         // An empty request alone starts no launch.
         let p = PagedPlan::new(&reqs(&[1, 0, 1]), true);
         assert_eq!(p.prefill_runs, []);

@@ -234,6 +234,8 @@ fn time_paged(
     let cu = up(&(0..=b as i32).collect::<Vec<_>>(), "cu_seqlens_q")?;
     let lens = up(&vec![(c + 1) as i32; b], "seqlens_k")?;
     let requests = up(&(0..b as i32).collect::<Vec<_>>(), "requests")?;
+    // One query row per request: merge row i is request i's token i.
+    let row_starts = up(&(0..=b as i32).collect::<Vec<_>>(), "row_starts")?;
     let f32s = |n: usize, what: &str| -> Result<CudaSlice<f32>> {
         stream
             .alloc_zeros(n)
@@ -271,7 +273,10 @@ fn time_paged(
             cu_seqlens_q: raw(&cu, stream),
             seqlens_k: raw(&lens, stream),
             block_table: raw(&table, stream),
+            row_starts: raw(&row_starts, stream),
+            row_tokens: raw(&requests, stream),
             batch: b as i32,
+            merge_rows: b as i32,
             num_heads: heads as i32,
             num_groups: groups as i32,
             num_splits: splits as i32,
