@@ -397,6 +397,21 @@ pub fn decode_splitkv_rows(
     )
 }
 
+/// The query rows per group a decode step of 1 to
+/// [`DECODE_SPLITKV_MAX_TOKENS`](crate::render::DECODE_SPLITKV_MAX_TOKENS) tokens has: heads per
+/// group times the tokens when the spec fixes its heads (and groups), else every row count up
+/// to 64 (the most one pass takes), so that every row-block variant is covered.
+pub fn decode_step_rows(spec: &AttentionSpec) -> Vec<usize> {
+    let tokens = 1..=crate::render::DECODE_SPLITKV_MAX_TOKENS;
+    match spec.heads {
+        Some(h) => {
+            let per = h / spec.gqa.unwrap_or(h).max(1);
+            tokens.map(|t| per.max(1) * t).collect()
+        }
+        None => (1..=64).collect(),
+    }
+}
+
 /// The largest opt-in shared memory per block of the SM versions [`smem_optin_for_sm`] knows:
 /// the kernels a [`Target::AnyDevice`] list includes are those some device can run.
 fn max_smem_optin() -> usize {
@@ -565,27 +580,24 @@ pub fn kernels_for(
             out.push(c);
         }
         out.extend(decode_splitkv_paged(spec, head_dim, target));
-        // Paged decode requests of several tokens: the wider row-block variants.
-        for rows in [32, 64] {
+        out.push(decode_rows_paged(spec, head_dim));
+        out.push(decode_splitkv(spec, head_dim)?);
+        // Multi-token decode steps (static and paged): the wider row-block variants a step of
+        // 1 to 16 tokens reaches on the target.
+        for rows in decode_step_rows(spec) {
+            let optin = match target {
+                Target::AnyDevice => max_smem_optin(),
+                Target::Device { smem_optin, .. } => smem_optin,
+            };
+            if let Some(c) = decode_splitkv_rows(spec, head_dim, rows, optin)? {
+                if c.row_blocks > 1 {
+                    out.push(c);
+                }
+            }
             out.extend(
                 decode_splitkv_paged_rows(spec, head_dim, rows, target)
                     .filter(|c| c.row_blocks > 1),
             );
-        }
-        out.push(decode_rows_paged(spec, head_dim));
-        out.push(decode_splitkv(spec, head_dim)?);
-        // Multi-token decode steps: the wider row-block variants the target can hold.
-        let optin = match target {
-            Target::AnyDevice => max_smem_optin(),
-            Target::Device { smem_optin, .. } => smem_optin,
-        };
-        for rb in [2, 4] {
-            if decode_splitkv_runs(head_dim, rb, optin) {
-                let mut c = decode_splitkv(spec, head_dim)?;
-                c.row_blocks = rb;
-                c.warps = decode_splitkv_warps(rb);
-                out.push(c);
-            }
         }
         out.push(append_kv(spec, head_dim));
     } else {

@@ -126,8 +126,9 @@ fn stdout_of(o: &Output) -> String {
 /// sites (cuda/layer.rs): the forward's prep; per mask type × bias the fast kernel
 /// (`prefill_tensor_core`: `_sm90` on sm_90a, else `_sm80`) when the device runs it, else `prefill_rows`, and `prefill_rows` too as the fallback when the fast one
 /// cannot load; prefill's append + its fast kernel (or `decode_rows`), the fused decode step's
-/// rope-less prep and `decode_splitkv`, paged batches' append + the prefill chunks' fast kernel (or
-/// `decode_rows_paged`) + the decode rows' paged `decode_splitkv` (self-attention only);
+/// rope-less prep and `decode_splitkv` (its row-block variant for each step of 1 to 16 tokens),
+/// paged batches' append + the prefill chunks' fast kernel (or `decode_rows_paged`) + the
+/// decode requests' paged `decode_splitkv` (likewise; self-attention only);
 /// cross-attention's context cache: append + the step's fast kernel (or `decode_rows`).
 fn launched(spec: &AttentionSpec, hd: usize, target: Target) -> Vec<String> {
     let mut keys = vec![registry::qkv_prep(spec, hd).unwrap().key()];
@@ -155,6 +156,22 @@ fn launched(spec: &AttentionSpec, hd: usize, target: Target) -> Vec<String> {
         );
         keys.push(registry::decode_splitkv(spec, hd).unwrap().key());
         keys.push(registry::decode_rows_paged(spec, hd).key());
+        // Steps of 1 to 16 tokens (prefill routes them to the decode step; paged requests of
+        // as many): the row-block variant for heads per group x tokens rows.
+        let heads = spec.heads.unwrap();
+        let per = heads / spec.gqa.unwrap_or(heads);
+        if let Target::Device { smem_optin, .. } = target {
+            for t in 1..=16 {
+                keys.extend(
+                    registry::decode_splitkv_rows(spec, hd, per * t, smem_optin)
+                        .unwrap()
+                        .map(|c| c.key()),
+                );
+                keys.extend(
+                    registry::decode_splitkv_paged_rows(spec, hd, per * t, target).map(|c| c.key()),
+                );
+            }
+        }
     } else {
         // The context cache (cuda/layer/cross_cache.rs): filled by the cross prep and
         // append_kv, attended by the tensor-core kernel without mask (else decode_rows_*_full).

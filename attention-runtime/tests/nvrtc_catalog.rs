@@ -306,22 +306,46 @@ fn head_dim_80_variants_compile_for_sm80_and_sm90a() {
     );
 }
 
-/// Every catalog `decode_splitkv` kernel (one-token and the multi-token `_rb2` / `_rb4` row-block
-/// variants) and its `_combine` compile for sm_90a without spills (ptxas `-v` through NVRTC:
-/// the wider variants hold 16 x 16 * row_blocks scores per warp, the merge 8 splits' loads).
+/// Every catalog `decode_splitkv` kernel, and the multi-token row-block variants (`_rb2`,
+/// `_rb4`, static and paged) at every head dim that has them (the catalog's GQA specs reach
+/// them at head dim 128 only), with its `_combine`, compiles for sm_90a without spills (ptxas
+/// `-v` through NVRTC: the wider variants hold 16 x 16 * row_blocks scores per warp, the
+/// merge 8 splits' loads).
 #[test]
 fn decode_kernels_use_no_local_memory() {
+    use attention_codegen::render::{decode_splitkv_runs, decode_splitkv_warps};
+    use attention_codegen::{RopeMode, Sinks, SUPPORTED_HEAD_DIMS};
     use attention_runtime::jit::{compile_with_ptxas_info, PtxasUsage};
     if !require_nvrtc() {
         return;
     }
-    let mut failures = Vec::new();
-    let mut checked = 0;
-    for k in catalog_kernels()
+    let mut kernels: Vec<_> = catalog_kernels()
         .unwrap()
         .into_iter()
         .filter(|k| k.phase == Phase::DecodeSplitKv)
-    {
+        .collect();
+    for &hd in SUPPORTED_HEAD_DIMS {
+        for rb in [2, 4] {
+            if !decode_splitkv_runs(hd, rb, 232_448) {
+                continue;
+            }
+            for paged in [false, true] {
+                let mut c = KernelConfig::new(Phase::DecodeSplitKv, DType::Bf16, hd);
+                c.row_blocks = rb;
+                c.warps = decode_splitkv_warps(rb);
+                c.paged_kv = paged;
+                // The heaviest variant: window, learnable sinks, gate, rope (static).
+                c.has_window = true;
+                c.sinks = Some(Sinks::Learnable);
+                c.output_gate = true;
+                c.rope = (!paged).then_some((RopeMode::Half, hd));
+                kernels.push(c.render().unwrap());
+            }
+        }
+    }
+    let mut failures = Vec::new();
+    let mut checked = 0;
+    for k in kernels {
         let compiled = compile_with_ptxas_info(&k.key, &k.source, "sm_90a").expect("compiles");
         let usage = PtxasUsage::parse(&compiled.log);
         for e in [k.key.clone(), format!("{}_combine", k.key)] {

@@ -691,11 +691,13 @@ pub(crate) struct CacheBinding {
 /// `linear_proj`) captured in one CUDA graph over fixed device buffers, for `b` sequences in
 /// slots `batch_offset .. batch_offset + b` of one layer of one [`DeviceStaticKvCache`](super::DeviceStaticKvCache).
 ///
-/// Built by [`CudaLayer::capture_decode`](super::CudaLayer::capture_decode). Each
-/// [`replay`](Self::replay) copies the hidden states `[1, b, h]` and each slot's position
+/// Built by [`CudaLayer::capture_decode`](super::CudaLayer::capture_decode) (one new token
+/// per sequence) or [`CudaLayer::capture_decode_tokens`](super::CudaLayer::capture_decode_tokens)
+/// (`T` of them: speculative decoding). Each
+/// [`replay`](Self::replay) copies the hidden states `[T, b, h]` and each slot's position
 /// (an int32 device array the kernels read, so no kernel argument changes between replays)
 /// into the fixed buffers, launches the graph on its own stream and reads back the output
-/// `[1, b, h]`. The split count is fixed at capture; an eager
+/// `[T, b, h]`. The split count is fixed at capture; an eager
 /// [`CudaLayer::decode`](super::CudaLayer::decode) with the same split count
 /// ([`CudaLayer::set_decode_splits`](super::CudaLayer::set_decode_splits)) gives bitwise
 /// equal outputs and cache contents.
@@ -709,6 +711,8 @@ pub struct LayerDecodeGraph {
     pub(crate) binding: CacheBinding,
     pub(crate) hidden: usize,
     pub(crate) splits: usize,
+    /// New tokens per sequence of a replay (1 to 16).
+    pub(crate) tokens: usize,
     pub(crate) proj_bias_host: Option<crate::tensor::Tensor>,
     pub(crate) poison: bool,
 }
@@ -760,17 +764,24 @@ impl LayerDecodeGraph {
         self.binding.batch
     }
 
+    /// New tokens per sequence of a replay (1 for [`CudaLayer::capture_decode`](super::CudaLayer::capture_decode), `T` for
+    /// [`CudaLayer::capture_decode_tokens`](super::CudaLayer::capture_decode_tokens)).
+    pub fn tokens(&self) -> usize {
+        self.tokens
+    }
+
     /// When on, the attention and layer output buffers are filled with NaN before each
     /// replay, so an element the graph leaves unwritten shows up as NaN (tests).
     pub fn set_poison_outputs(&mut self, on: bool) {
         self.poison = on;
     }
 
-    /// One decode step: `hidden` `[1, b, h]` for the captured slots of `cache` (which must be
-    /// the cache the graph was captured against). Appends each slot's new k/v at its visible
-    /// length (the layer's pending append, as eager decode; commit with
+    /// One decode step: `hidden` `[T, b, h]` (`T` = [`tokens`](Self::tokens), 1 for a
+    /// one-token graph) for the captured slots of `cache` (which must be the cache the graph
+    /// was captured against). Appends each slot's `T` new k/v rows at its visible length (the
+    /// layer's pending append, as eager decode; commit with
     /// [`DeviceStaticKvCache::advance`](super::DeviceStaticKvCache::advance)) and returns the
-    /// output `[1, b, h]` with `linear_proj`'s bias unadded.
+    /// output `[T, b, h]` with `linear_proj`'s bias unadded.
     ///
     /// Errors (nothing is written, the graph is not launched): `Shape` (`hidden`),
     /// `InvalidArgument` (`cache`: another cache, or one whose layer storage moved),
@@ -781,7 +792,8 @@ impl LayerDecodeGraph {
         cache: &mut super::DeviceStaticKvCache,
     ) -> Result<crate::layer::LayerOutput> {
         let bd = self.binding;
-        hidden.expect_shape("hidden", &[Some(1), Some(bd.batch), Some(self.hidden)])?;
+        let t = self.tokens;
+        hidden.expect_shape("hidden", &[Some(t), Some(bd.batch), Some(self.hidden)])?;
         let now = cache_binding(&self.rt, cache, bd.layer, bd.batch_offset, bd.batch)?;
         if now != bd {
             return Err(AttnError::InvalidArgument {
@@ -790,7 +802,7 @@ impl LayerDecodeGraph {
                 got: "another cache (or different storage)".into(),
             });
         }
-        let starts = cache.check_append(bd.layer, bd.batch_offset, bd.batch, 1)?;
+        let starts = cache.check_append(bd.layer, bd.batch_offset, bd.batch, t)?;
         let lens: Vec<i32> = starts.iter().map(|&l| l as i32).collect();
         let st = self.stream.clone();
         st.join(self.rt.stream())
@@ -810,18 +822,20 @@ impl LayerDecodeGraph {
         }
         self.graph.launch().map_err(cuda_err("cuGraphLaunch"))?;
         let out = copy_out(&st, &self.bufs.out)?;
-        cache.mark_appended(bd.layer, bd.batch_offset, bd.batch, 1);
+        cache.mark_appended(bd.layer, bd.batch_offset, bd.batch, t);
         Ok(crate::layer::LayerOutput {
-            output: crate::tensor::Tensor::new(&[1, bd.batch, self.hidden], out)?,
+            output: crate::tensor::Tensor::new(&[t, bd.batch, self.hidden], out)?,
             bias: self.proj_bias_host.clone(),
         })
     }
 }
 
 impl LayerDecodeGraph {
-    /// One decode step on device tensors, asynchronous: `hidden` `[1, b, h]` or `[b, h]` (the
-    /// layer's dtype) for the captured slots of `cache` (the cache the graph was captured
-    /// against); the output `[b, h]` (`linear_proj`'s bias unadded) is written into `out`.
+    /// One decode step on device tensors, asynchronous: `hidden` `[T, b, h]` (`T` =
+    /// [`tokens`](Self::tokens); or `[b, h]` when `T` is 1), the layer's dtype, for the
+    /// captured slots of `cache` (the cache the graph was captured against); the output,
+    /// `T * b * h` elements laid out `[T, b, h]` (`linear_proj`'s bias unadded), is written
+    /// into `out`.
     /// The graph runs on its own stream, ordered after the work already queued on the
     /// runtime's stream, and the runtime's stream waits for it: a caller that only uses the
     /// runtime's stream sees plain stream order. Nothing synchronizes; the append is pending
@@ -837,19 +851,25 @@ impl LayerDecodeGraph {
         cache: &mut super::DeviceStaticKvCache,
     ) -> Result<()> {
         let bd = self.binding;
-        let want = bd.batch * self.hidden;
+        let t = self.tokens;
+        let want = t * bd.batch * self.hidden;
         if hidden.numel() != want || !matches!(hidden.shape().last(), Some(&h) if h == self.hidden)
         {
             return Err(AttnError::Shape {
                 arg: "hidden".into(),
-                expected: format!("[1, {}, {}] or [{0}, {1}]", bd.batch, self.hidden),
+                expected: format!(
+                    "[{t}, {}, {}] or [{}, {1}]",
+                    bd.batch,
+                    self.hidden,
+                    t * bd.batch
+                ),
                 got: hidden.shape().to_vec(),
             });
         }
         if out.numel() != want {
             return Err(AttnError::Shape {
                 arg: "out".into(),
-                expected: format!("[{}, {}]", bd.batch, self.hidden),
+                expected: format!("[{t}, {}, {}]", bd.batch, self.hidden),
                 got: out.shape().to_vec(),
             });
         }
@@ -870,7 +890,7 @@ impl LayerDecodeGraph {
                 got: "another cache (or different storage)".into(),
             });
         }
-        let starts = cache.check_append(bd.layer, bd.batch_offset, bd.batch, 1)?;
+        let starts = cache.check_append(bd.layer, bd.batch_offset, bd.batch, t)?;
         let lens: Vec<i32> = starts.iter().map(|&l| l as i32).collect();
         let st = self.stream.clone();
         let main = self.rt.stream().clone();
@@ -887,7 +907,7 @@ impl LayerDecodeGraph {
         super::tensor::copy_dtod(&st, &self.bufs.out, out)?;
         main.join(&st)
             .map_err(cuda_err("cuStreamWaitEvent (graph stream)"))?;
-        cache.mark_appended(bd.layer, bd.batch_offset, bd.batch, 1);
+        cache.mark_appended(bd.layer, bd.batch_offset, bd.batch, t);
         Ok(())
     }
 }

@@ -110,7 +110,7 @@ impl CudaLayer {
         }
         if !(1..=DECODE_SPLITKV_MAX_TOKENS).contains(&tokens) {
             return Err(bad(
-                "hidden",
+                "tokens",
                 format!("1 to {DECODE_SPLITKV_MAX_TOKENS} new tokens per sequence"),
                 tokens.to_string(),
             ));
@@ -447,6 +447,24 @@ impl CudaLayer {
         b: usize,
         args: &ForwardArgs<'_>,
     ) -> Result<crate::cuda::decode::LayerDecodeGraph> {
+        self.capture_decode_tokens(cache, layer, batch_offset, b, 1, args)
+    }
+
+    /// [`capture_decode`](Self::capture_decode) of a step of `tokens` new tokens per
+    /// sequence (1 to 16: the multi-token step of
+    /// [`decode_device_into`](Self::decode_device_into), e.g. verifying speculative tokens):
+    /// each replay takes `hidden` `[tokens, b, h]`. Errors as `capture_decode`, plus
+    /// `InvalidArgument` (`tokens` outside 1..=16) and `BackendUnavailable` (a GPU
+    /// that cannot run the tensor-core decode kernel, `tokens > 1`).
+    pub fn capture_decode_tokens(
+        &self,
+        cache: &crate::cuda::DeviceStaticKvCache,
+        layer: usize,
+        batch_offset: usize,
+        b: usize,
+        tokens: usize,
+        args: &ForwardArgs<'_>,
+    ) -> Result<crate::cuda::decode::LayerDecodeGraph> {
         use crate::cuda::decode::LayerDecodeGraph;
         self.check_kv_step(cache, args)?;
         if args.positions.is_some() {
@@ -456,7 +474,7 @@ impl CudaLayer {
                 "explicit positions",
             ));
         }
-        let plan = self.plan_decode(cache, layer, batch_offset, b, 1, args.rope_mscale)?;
+        let plan = self.plan_decode(cache, layer, batch_offset, b, tokens, args.rope_mscale)?;
         let splits = plan.max_splits;
         let (stream, graph) =
             LayerDecodeGraph::capture_on(&self.rt, |cs| self.enqueue_decode(&plan, cs, splits))?;
@@ -470,6 +488,7 @@ impl CudaLayer {
             binding,
             hidden: self.config.hidden,
             splits,
+            tokens,
             proj_bias_host: self.proj_bias_host.clone(),
             poison: self.poison.load(Ordering::Relaxed),
         })
