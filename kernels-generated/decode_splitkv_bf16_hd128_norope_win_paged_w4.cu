@@ -533,6 +533,12 @@ extern "C" __global__ void __launch_bounds__(WARPS * WARP_SIZE, MIN_BLOCKS) deco
                     if (ch_ok(c, lane)) store_elem(&q_s[r * SROW + c * WARP_SIZE + lane], 0.0f);
             }
         }
+        // Keys [all_lo, all_hi) every row of the pass sees (both ends grow with the token: the
+        // last token's start, the first token's end); a warp's keys of a tile inside them need
+        // no per-score mask.
+        int all_lo, all_hi, unused_end;
+        visible_range((r0 + rows - 1) / per, num_tokens, sk, window_left, window_right, &all_lo, &unused_end);
+        visible_range(r0 / per, num_tokens, sk, window_left, window_right, &unused_end, &all_hi);
         // Visible keys [vlo, vhi) of this lane's fragment rows qd and qd + 8 (none past the rows).
         int vlo[2], vhi[2];
 #pragma unroll
@@ -584,22 +590,41 @@ extern "C" __global__ void __launch_bounds__(WARPS * WARP_SIZE, MIN_BLOCKS) deco
                 }
             }
             float mx[2] = {m[0], m[1]};
+            // Warp-uniform: are all of this warp's keys of the tile visible to every row? (All
+            // but the last tile of a split, the diagonal and the window's edge.)
+            const bool whole = kw0 + KW <= n && t0 + kw0 >= all_lo && t0 + kw0 + KW <= all_hi;
+            if (whole) {
 #pragma unroll
-            for (int j = 0; j < 2 * KB; ++j)
+                for (int j = 0; j < 2 * KB; ++j)
 #pragma unroll
-                for (int e = 0; e < 4; ++e) {
-                    const int key = kw0 + 8 * j + qc + (e & 1);
-                    const int i = e >> 1;
-                    const bool ok = key < n && t0 + key >= vlo[i] && t0 + key < vhi[i];
-                    const float v = ok ? s[j][e] * scale_log2 : neg_inf();
-                    s[j][e] = v;
-                    mx[i] = fmaxf(mx[i], v);
-                }
+                    for (int e = 0; e < 4; ++e) {
+                        s[j][e] *= scale_log2;
+                        mx[e >> 1] = fmaxf(mx[e >> 1], s[j][e]);
+                    }
+            } else {
+#pragma unroll
+                for (int j = 0; j < 2 * KB; ++j)
+#pragma unroll
+                    for (int e = 0; e < 4; ++e) {
+                        const int key = kw0 + 8 * j + qc + (e & 1);
+                        const int i = e >> 1;
+                        const bool ok = key < n && t0 + key >= vlo[i] && t0 + key < vhi[i];
+                        const float v = ok ? s[j][e] * scale_log2 : neg_inf();
+                        s[j][e] = v;
+                        mx[i] = fmaxf(mx[i], v);
+                    }
+            }
             float base[2], corr[2];
 #pragma unroll
             for (int i = 0; i < 2; ++i) {
                 mx[i] = fmaxf(mx[i], __shfl_xor_sync(FULL_WARP, mx[i], 1));
                 mx[i] = fmaxf(mx[i], __shfl_xor_sync(FULL_WARP, mx[i], 2));
+            }
+            // No row's max moved in the whole warp: every correction is 1, the accumulator
+            // rescale is skipped (bitwise the same result).
+            const bool same_max = __all_sync(FULL_WARP, mx[0] == m[0] && mx[1] == m[1]);
+#pragma unroll
+            for (int i = 0; i < 2; ++i) {
                 base[i] = mx[i] == neg_inf() ? 0.0f : mx[i];
                 corr[i] = exp2f(m[i] - base[i]);
                 m[i] = mx[i];
@@ -612,12 +637,14 @@ extern "C" __global__ void __launch_bounds__(WARPS * WARP_SIZE, MIN_BLOCKS) deco
                     s[j][e] = exp2f(s[j][e] - base[e >> 1]);
                     l[e >> 1] += s[j][e];
                 }
+            if (!same_max) {
 #pragma unroll
-            for (int nt = 0; nt < NT; ++nt) {
-                acc[nt][0] *= corr[0];
-                acc[nt][1] *= corr[0];
-                acc[nt][2] *= corr[1];
-                acc[nt][3] *= corr[1];
+                for (int nt = 0; nt < NT; ++nt) {
+                    acc[nt][0] *= corr[0];
+                    acc[nt][1] *= corr[0];
+                    acc[nt][2] *= corr[1];
+                    acc[nt][3] *= corr[1];
+                }
             }
 #pragma unroll
             for (int kb = 0; kb < KB; ++kb) {

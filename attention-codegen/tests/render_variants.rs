@@ -193,6 +193,8 @@ fn kernels_for_spec_covers_phases_head_dims_and_masks() {
             // Multi-token decode steps: 32 and 64 query rows per pass.
             format!("decode_splitkv_bf16_hd{hd}_ropehalf{hd}_win_sinkl_rb2_w4"),
             format!("decode_splitkv_bf16_hd{hd}_ropehalf{hd}_win_sinkl_rb4_w8"),
+            format!("decode_splitkv_bf16_hd{hd}_norope_win_sinkl_paged_rb2_w4"),
+            format!("decode_splitkv_bf16_hd{hd}_norope_win_sinkl_paged_rb4_w8"),
             format!("append_kv_bf16_hd{hd}_w4"),
             // Static-cache prefill and the paged batch on tensor cores.
             format!("prefill_bf16_hd{hd}_causal_bottom_right_win_sinkl_{tile}_sm80"),
@@ -222,7 +224,7 @@ fn kernels_for_spec_covers_phases_head_dims_and_masks() {
             .any(|k| k.starts_with("prefill_bf16_hd64") && k.ends_with("_sm90")),
         "head dim 64 runs prefill_sm80 (SM90_MIN_HEAD_DIM)"
     );
-    assert_eq!(ks.len(), 44);
+    assert_eq!(ks.len(), 48);
     assert_eq!(
         ks.iter().filter(|k| k.phase == Phase::PrefillSm90).count(),
         6
