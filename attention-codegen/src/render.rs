@@ -251,7 +251,8 @@ pub const fn decode_splitkv_runs(head_dim: usize, row_blocks: usize, smem_optin:
 }
 /// Blocks per SM the `decode_splitkv` split kernel promises ptxas (`__launch_bounds__`'s
 /// second argument): as many as the shared memory of a 228 KiB Hopper SM holds (1 KiB
-/// reserved per block), 1 to 3 (2 above head dim 64 or one row block, 1 at four). Without it ptxas aimed at more blocks than the shared memory
+/// reserved per block), at most 3 with one row block up to head dim 64, 2 with one row block
+/// above it or with two row blocks, 1 with four. Without it ptxas aimed at more blocks than the shared memory
 /// allows and spilled (168 registers and 48 bytes of spills at hd 128, 2026-12-01); with it
 /// the register budget matches the occupancy the kernel can reach anyway.
 pub const fn decode_splitkv_min_blocks(head_dim: usize, row_blocks: usize) -> usize {
@@ -323,7 +324,7 @@ pub fn decode_splitkv_row_blocks(head_dim: usize, rows: usize, smem_optin: usize
 /// - `DecodeSplitKv` (`decode_splitkv_*`): `(q, k_new, v_new, k_cache, v_cache, cache_seqlens,
 ///   rope_cos, rope_sin, o_part, lse_part, batch, batch_offset, max_batch, num_heads,
 ///   num_groups, num_splits, num_tokens, softmax_scale, window_left, window_right)`, grid
-///   `(num_splits, num_groups, batch)`, block [`DECODE_SPLITKV_WARPS`]` * 32`, dynamic shared
+///   `(num_splits, num_groups, batch)`, block [`decode_splitkv_warps`]`(row_blocks) * 32`, dynamic shared
 ///   memory [`decode_splitkv_smem_bytes`]; then `<key>_combine` `(o_part, lse_part, out, lse,
 ///   sinks, gate, batch * num_tokens, num_heads, num_splits)`, grid `(batch * num_tokens,
 ///   num_heads)`, block [`DECODE_SPLITKV_COMBINE_WARPS`]` * 32`.

@@ -784,6 +784,15 @@ impl BackendLayer for CudaLayer {
         batch_offset: usize,
         args: &ForwardArgs<'_>,
     ) -> Result<DeviceTensor> {
+        // The seam's decode is one token (`[1, b, h]`), as the CPU backend's; multi-token
+        // steps go through `prefill` (which takes the same fused kernel up to 16 tokens).
+        if !matches!(hidden.shape(), [1, _, _]) {
+            return Err(crate::error::AttnError::Shape {
+                arg: "hidden".into(),
+                expected: "[1, b, h] (one token; use prefill for several)".into(),
+                got: hidden.shape().to_vec(),
+            });
+        }
         self.decode_device(hidden, cache, layer, batch_offset, args)?
             .view(hidden.shape())
     }

@@ -22,8 +22,9 @@ use crate::cuda::decode::{
 use crate::cuda::tensor::{copy_dtod, cuda_err};
 use attention_codegen::render::DECODE_SPLITKV_MAX_TOKENS;
 
-/// How many decode plans a layer keeps (one per distinct cache binding, batch and mscale;
-/// a serving loop with a few batch sizes stays within it, others evict the oldest).
+/// How many decode plans a layer keeps (one per distinct cache binding, batch, token count,
+/// pinned split count and mscale; a serving loop with a few batch sizes stays within it,
+/// others evict the least recently used).
 const MAX_PLANS: usize = 8;
 
 /// The fixed part of one layer decode step (see the module docs).
@@ -132,16 +133,12 @@ impl CudaLayer {
             return Err(bad("config.kind", "self-attention", "cross-attention"));
         };
         let prep = self.decode_splitkv_prep()?;
-        let fcfg = match self.decode_step_config(tokens)? {
-            Some(f) => f,
-            None if tokens == 1 => self.kv_config(Phase::DecodeSplitKv)?,
-            None => {
-                return Err(AttnError::BackendUnavailable(format!(
-                    "a decode step of {tokens} tokens needs the tensor-core decode kernel, \
-                     which this GPU cannot run (use prefill)"
-                )))
-            }
-        };
+        let fcfg = self.decode_step_config(tokens)?.ok_or_else(|| {
+            AttnError::BackendUnavailable(format!(
+                "the fused decode step (decode_splitkv, {tokens} token(s) per sequence) needs \
+                 sm_80+ and its shared memory, which this GPU lacks; prefill runs such steps"
+            ))
+        })?;
         let n = tokens * b;
         let slots = decode_slots(rt, &fcfg)?;
         let pinned = self.decode_splits.load(Ordering::Relaxed);
@@ -288,24 +285,27 @@ impl CudaLayer {
     /// plan) and token t attends to keys `[0, len + t + 1)` (bottom-right causal, the spec's
     /// window): the semantics of a [`prefill`](Self::prefill) of `T` tokens, which takes this
     /// path for `T <= 16`. All of a group's heads times the `T` tokens are the rows of one
-    /// tensor-core tile, so each K/V element is read once per step (up to 64 rows per pass:
-    /// `T * heads / groups` above that takes several passes). Commit with
-    /// [`DeviceStaticKvCache::advance`] (by `T`).
+    /// tensor-core tile, so each K/V element is read once per pass of up to 64 rows (16 at
+    /// head dims above 128 or where the wider kernels do not fit the GPU's shared memory;
+    /// more rows take several passes). Commit with [`DeviceStaticKvCache::advance`] (by `T`).
     ///
     /// Everything is queued on the runtime's stream ([`CudaRuntime::stream`]) and nothing
     /// synchronizes: a serving loop enqueues every layer and synchronizes once. Host-side
     /// checks (shapes, dtypes, capacity) fail before anything is queued and leave the cache
     /// untouched; an error of the device itself (a faulting kernel) surfaces at the next
     /// synchronizing call (`to_host`, [`CudaRuntime::synchronize`]) as [`AttnError::Cuda`].
-    /// In steady state nothing is allocated: the plan for this (cache, layer, slots, b,
-    /// mscale) is built on first use and kept (up to 8 per layer).
+    /// In steady state nothing is allocated: the plan for this (cache, layer, slots, b, T,
+    /// pinned split count, mscale) is built on first use and kept (up to 8 per layer, least
+    /// recently used evicted).
     ///
     /// Errors: `Shape` (`hidden`, `out`), `DType` (`hidden`, `out`, `cache`),
     /// `InvalidArgument` (cross-attention, `args` with positions/masks/bias/packing, a cache
-    /// of other groups or head dim, `T` above 16), `CacheCapacity` (a slot lacks room for `T`
-    /// rows), `BackendUnavailable` (`T > 1` on a GPU that cannot run the tensor-core decode
-    /// kernel), `DeviceAlloc`, `Render` / `Jit` (building the plan's kernels, first call
-    /// only), `KernelLaunch`, `Cuda`.
+    /// of other groups or head dim), `CacheCapacity` (a slot lacks room for `T` rows),
+    /// `BackendUnavailable` (a GPU that cannot run the fused decode kernel: below sm_80, or
+    /// its shared memory over the GPU's limit; [`decode`](Self::decode) and
+    /// [`decode_device`](Self::decode_device) then take the prefill path), `DeviceAlloc`,
+    /// `Render` / `Jit` (building the plan's kernels, first call only), `KernelLaunch`,
+    /// `Cuda`; `Shape` (`hidden`) also for `T` outside 1..=16.
     pub fn decode_device_into(
         &self,
         hidden: &DeviceTensor,
@@ -358,7 +358,12 @@ impl CudaLayer {
                 && p.pinned == pinned
                 && p.tokens == tokens
         }) {
-            Some(i) => i,
+            // Most recently used last (eviction takes the front).
+            Some(i) => {
+                let p = plans.remove(i);
+                plans.push(p);
+                plans.len() - 1
+            }
             None => {
                 let plan =
                     self.plan_decode(cache, layer, batch_offset, b, tokens, args.rope_mscale)?;
@@ -387,7 +392,9 @@ impl CudaLayer {
     }
 
     /// [`decode_device_into`](Self::decode_device_into) into a new tensor `[T, b, h]` (one
-    /// small stream-ordered allocation per call).
+    /// small stream-ordered allocation per call). On a GPU that cannot run the fused decode
+    /// kernel (below sm_80, or its shared memory over the limit) the step runs as a
+    /// [`prefill_device`](Self::prefill_device) of `T` tokens (same semantics).
     pub fn decode_device(
         &self,
         hidden: &DeviceTensor,
@@ -396,10 +403,32 @@ impl CudaLayer {
         batch_offset: usize,
         args: &ForwardArgs<'_>,
     ) -> Result<DeviceTensor> {
+        let h = self.config.hidden;
         let shape = match hidden.shape() {
-            [b, h] => vec![1, *b, *h],
-            other => other.to_vec(),
+            [b, hh] if *hh == h => vec![1, *b, h],
+            [t, b, hh] if *hh == h && (1..=DECODE_SPLITKV_MAX_TOKENS).contains(t) => {
+                vec![*t, *b, h]
+            }
+            other => {
+                return Err(AttnError::Shape {
+                    arg: "hidden".into(),
+                    expected: format!(
+                        "[T, b, {h}] with T in 1..={DECODE_SPLITKV_MAX_TOKENS}, or [b, {h}]"
+                    ),
+                    got: other.to_vec(),
+                })
+            }
         };
+        // A GPU without the fused decode kernel runs the step as a prefill (same semantics).
+        if self.decode_step_config(shape[0])?.is_none() && args.positions.is_none() {
+            if hidden.shape().len() == 3 {
+                return self.prefill_device(hidden, cache, layer, batch_offset, args);
+            }
+            let st = self.rt.stream();
+            let mut x = DeviceTensor::uninit(st, hidden.elem(), &shape, "hidden")?;
+            copy_dtod(st, hidden, &mut x)?;
+            return self.prefill_device(&x, cache, layer, batch_offset, args);
+        }
         let mut out = self.alloc(&shape, "output")?;
         self.decode_device_into(hidden, &mut out, cache, layer, batch_offset, args)?;
         Ok(out)

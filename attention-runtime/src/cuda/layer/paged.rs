@@ -100,12 +100,16 @@ impl CudaLayer {
         let (attn_key, attn_f) = self.load_attention(&attn_config)?;
         let (wl, wr) = self.window()?;
         let reqs = step.requests;
-        let plan = PagedPlan::new(&reqs, self.paged_decode_config().is_some());
-        // The decode requests' kernel: the row-block variant for their most new tokens.
+        let mut plan = PagedPlan::new(&reqs, self.paged_decode_config().is_some());
+        // The decode requests' kernel: the row-block variant for their most new tokens (if it
+        // were missing, every request runs the prefill kernel, never none).
         let decode_config = match plan.decode.is_empty() {
             true => None,
             false => self.paged_decode_config_for(plan.decode_max_q),
         };
+        if decode_config.is_none() && !plan.decode.is_empty() {
+            plan = PagedPlan::new(&reqs, false);
+        }
         let decode_kernels = match decode_config {
             Some(dc) => Some((
                 decode_splitkv_kernels(&self.rt, &dc)?,
