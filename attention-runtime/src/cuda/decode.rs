@@ -654,8 +654,8 @@ pub(crate) struct DecodeBuffers {
     pub gate: Option<super::DeviceTensor>,
     /// int32 `[b]`: each slot's position (visible length before the append).
     pub seqlens: CudaSlice<i32>,
-    /// Rope tables `[max_seq, rot/2]` (rope only).
-    pub rope: Option<RopeTables>,
+    /// Rope tables `[rows >= max_seq, rot/2]` (rope only), shared between a layer's plans.
+    pub rope: Option<Arc<RopeTables>>,
     /// f32 `[splits, b, np, hn]`, `[splits, b, np]`, `[np, b]`.
     pub o_part: CudaSlice<f32>,
     /// See `o_part`.

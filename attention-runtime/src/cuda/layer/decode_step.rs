@@ -100,12 +100,16 @@ impl CudaLayer {
     pub(crate) fn plan_decode(
         &self,
         cache: &DeviceStaticKvCache,
-        layer: usize,
-        batch_offset: usize,
-        b: usize,
-        tokens: usize,
+        shape: StepShape,
         mscale: f32,
+        shared_rope: Option<Arc<RopeTables>>,
     ) -> Result<DecodePlan> {
+        let StepShape {
+            layer,
+            batch_offset,
+            b,
+            tokens,
+        } = shape;
         if b == 0 {
             return Err(bad("b", "at least one sequence", "0"));
         }
@@ -148,13 +152,26 @@ impl CudaLayer {
         };
         let un = |shape: &[usize], arg: &str| DeviceTensor::uninit(st, self.elem, shape, arg);
         let f32buf = |n: usize, arg: &str| crate::cuda::tensor::alloc_uninit::<f32>(st, n, arg);
-        let rope = match c.rope {
-            Some(r) => {
+        // Rope tables: another plan's when they cover this cache's positions at this mscale
+        // (row p is the angle at p whatever the table's length), else built here.
+        let rope = match (c.rope, shared_rope) {
+            (Some(_), Some(t))
+                if t.rows >= cache.max_seq() && t.mscale.to_bits() == mscale.to_bits() =>
+            {
+                Some(t)
+            }
+            (Some(r), _) => {
                 let t = crate::reference::rope::RopeTable::new(&r, hn)?;
                 let (cs, sn) = t.cos_sin(cache.max_seq(), mscale);
-                Some(RopeTables::new(st, &cs, &sn, cache.max_seq(), mscale)?)
+                Some(Arc::new(RopeTables::new(
+                    st,
+                    &cs,
+                    &sn,
+                    cache.max_seq(),
+                    mscale,
+                )?))
             }
-            None => None,
+            (None, _) => None,
         };
         // Token-major rows ([tokens, b], as a prefill's [s, b]).
         let bufs = DecodeBuffers {
@@ -365,8 +382,14 @@ impl CudaLayer {
                 plans.len() - 1
             }
             None => {
-                let plan =
-                    self.plan_decode(cache, layer, batch_offset, b, tokens, args.rope_mscale)?;
+                let shared = shared_rope(&plans, cache.max_seq(), args.rope_mscale);
+                let shape = StepShape {
+                    layer,
+                    batch_offset,
+                    b,
+                    tokens,
+                };
+                let plan = self.plan_decode(cache, shape, args.rope_mscale, shared)?;
                 if plans.len() == MAX_PLANS {
                     plans.remove(0);
                 }
@@ -433,6 +456,26 @@ impl CudaLayer {
         self.decode_device_into(hidden, &mut out, cache, layer, batch_offset, args)?;
         Ok(out)
     }
+}
+
+/// The slots a decode plan serves (`b` sequences from `batch_offset` of layer `layer`) and
+/// the new tokens per sequence of its steps.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct StepShape {
+    pub(crate) layer: usize,
+    pub(crate) batch_offset: usize,
+    pub(crate) b: usize,
+    pub(crate) tokens: usize,
+}
+
+/// Rope tables of one of `plans` covering `max_seq` positions at `mscale`, to share (each
+/// table is `[max_seq, rot / 2]` f32 twice: 64 MiB at 128k positions and 128 channels).
+fn shared_rope(plans: &[DecodePlan], max_seq: usize, mscale: f32) -> Option<Arc<RopeTables>> {
+    plans
+        .iter()
+        .filter_map(|p| p.bufs.rope.as_ref())
+        .find(|t| t.rows >= max_seq && t.mscale.to_bits() == mscale.to_bits())
+        .cloned()
 }
 
 impl CudaLayer {
@@ -503,7 +546,17 @@ impl CudaLayer {
                 "explicit positions",
             ));
         }
-        let plan = self.plan_decode(cache, layer, batch_offset, b, tokens, args.rope_mscale)?;
+        let shared = {
+            let plans = self.decode_plans.lock().unwrap_or_else(|p| p.into_inner());
+            shared_rope(&plans, cache.max_seq(), args.rope_mscale)
+        };
+        let shape = StepShape {
+            layer,
+            batch_offset,
+            b,
+            tokens,
+        };
+        let plan = self.plan_decode(cache, shape, args.rope_mscale, shared)?;
         let splits = plan.max_splits;
         let (stream, graph) =
             LayerDecodeGraph::capture_on(&self.rt, |cs| self.enqueue_decode(&plan, cs, splits))?;
