@@ -330,15 +330,9 @@ pub fn decode_splitkv_paged_rows(
     rows: usize,
     target: Target,
 ) -> Option<KernelConfig> {
-    let mut c = decode_splitkv_paged(spec, head_dim, target)?;
-    let optin = match target {
-        Target::AnyDevice => max_smem_optin(),
-        Target::Device { smem_optin, .. } => smem_optin,
-    };
-    let rb = decode_splitkv_row_blocks(head_dim, rows, optin)?;
-    c.row_blocks = rb;
-    c.warps = decode_splitkv_warps(rb);
-    Some(c)
+    let c = decode_splitkv_paged(spec, head_dim, target)?;
+    let rb = decode_splitkv_row_blocks(head_dim, rows, smem_optin_of(target))?;
+    Some(with_row_blocks(c, rb))
 }
 
 /// The static-cache attention kernel (`decode_rows_*`) of a prefill step (any number of new
@@ -387,14 +381,24 @@ pub fn decode_splitkv_rows(
     rows: usize,
     smem_optin: usize,
 ) -> Result<Option<KernelConfig>, RenderError> {
-    let mut c = decode_splitkv(spec, head_dim)?;
-    Ok(
-        decode_splitkv_row_blocks(head_dim, rows, smem_optin).map(|rb| {
-            c.row_blocks = rb;
-            c.warps = decode_splitkv_warps(rb);
-            c
-        }),
-    )
+    let c = decode_splitkv(spec, head_dim)?;
+    Ok(decode_splitkv_row_blocks(head_dim, rows, smem_optin).map(|rb| with_row_blocks(c, rb)))
+}
+
+/// `c` (a `decode_splitkv` config) with `rb` row blocks and the block size they take.
+fn with_row_blocks(mut c: KernelConfig, rb: usize) -> KernelConfig {
+    c.row_blocks = rb;
+    c.warps = decode_splitkv_warps(rb);
+    c
+}
+
+/// The opt-in shared memory per block of `target`: its own, or the largest known one for
+/// [`Target::AnyDevice`] (the union over devices).
+fn smem_optin_of(target: Target) -> usize {
+    match target {
+        Target::AnyDevice => max_smem_optin(),
+        Target::Device { smem_optin, .. } => smem_optin,
+    }
 }
 
 /// The query rows per group a decode step of 1 to
@@ -585,11 +589,7 @@ pub fn kernels_for(
         // Multi-token decode steps (static and paged): the wider row-block variants a step of
         // 1 to 16 tokens reaches on the target.
         for rows in decode_step_rows(spec) {
-            let optin = match target {
-                Target::AnyDevice => max_smem_optin(),
-                Target::Device { smem_optin, .. } => smem_optin,
-            };
-            if let Some(c) = decode_splitkv_rows(spec, head_dim, rows, optin)? {
+            if let Some(c) = decode_splitkv_rows(spec, head_dim, rows, smem_optin_of(target))? {
                 if c.row_blocks > 1 {
                     out.push(c);
                 }

@@ -193,6 +193,28 @@ pub struct DecodeSplitKvArgs {
     pub window_right: i32,
 }
 
+/// The launch of a `decode_splitkv` split kernel over `grid` (splits, groups, sequences): its
+/// block size is the variant's `__launch_bounds__` (4 warps, 8 for four row blocks:
+/// `decode_splitkv_warps`) and its dynamic shared memory the size [`decode_splitkv_kernels`]
+/// allowed for it (`decode_splitkv_smem_bytes`), both read back from the function.
+fn split_launch_config(split: &CudaFunction, grid: (i32, i32, i32)) -> Result<LaunchConfig> {
+    let threads = split
+        .get_attribute(sys::CUfunction_attribute_enum::CU_FUNC_ATTRIBUTE_MAX_THREADS_PER_BLOCK)
+        .map_err(cuda_err("cuFuncGetAttribute(MAX_THREADS_PER_BLOCK)"))?;
+    let smem = split
+        .get_attribute(
+            sys::CUfunction_attribute_enum::CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES,
+        )
+        .map_err(cuda_err(
+            "cuFuncGetAttribute(MAX_DYNAMIC_SHARED_SIZE_BYTES)",
+        ))?;
+    Ok(LaunchConfig {
+        grid_dim: (grid.0 as u32, grid.1 as u32, grid.2 as u32),
+        block_dim: (threads.max(32) as u32, 1, 1),
+        shared_mem_bytes: smem.max(0) as u32,
+    })
+}
+
 /// Queue the split and combine kernels of one decode step on `stream`.
 pub fn launch_decode_splitkv(
     stream: &Arc<CudaStream>,
@@ -201,25 +223,7 @@ pub fn launch_decode_splitkv(
     combine: &CudaFunction,
     a: &DecodeSplitKvArgs,
 ) -> Result<()> {
-    // The block size of this function's variant: its `__launch_bounds__` (4 warps, 8 for
-    // four row blocks: `decode_splitkv_warps`).
-    let threads = split
-        .get_attribute(sys::CUfunction_attribute_enum::CU_FUNC_ATTRIBUTE_MAX_THREADS_PER_BLOCK)
-        .map_err(cuda_err("cuFuncGetAttribute(MAX_THREADS_PER_BLOCK)"))?;
-    // The ring size [`decode_splitkv_kernels`] allowed for this function (its head dim's
-    // `decode_splitkv_smem_bytes`).
-    let smem = split
-        .get_attribute(
-            sys::CUfunction_attribute_enum::CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES,
-        )
-        .map_err(cuda_err(
-            "cuFuncGetAttribute(MAX_DYNAMIC_SHARED_SIZE_BYTES)",
-        ))?;
-    let cfg = LaunchConfig {
-        grid_dim: (a.num_splits as u32, a.num_groups as u32, a.batch as u32),
-        block_dim: (threads.max(32) as u32, 1, 1),
-        shared_mem_bytes: smem.max(0) as u32,
-    };
+    let cfg = split_launch_config(split, (a.num_splits, a.num_groups, a.batch))?;
     let mut b = stream.launch_builder(split);
     b.arg(&a.q)
         .arg(&a.k_new)
@@ -275,21 +279,7 @@ pub unsafe fn launch_decode_splitkv_paged(
     combine: &CudaFunction,
     p: &super::params::PagedDecodeParams,
 ) -> Result<()> {
-    let smem = split
-        .get_attribute(
-            sys::CUfunction_attribute_enum::CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES,
-        )
-        .map_err(cuda_err(
-            "cuFuncGetAttribute(MAX_DYNAMIC_SHARED_SIZE_BYTES)",
-        ))?;
-    let threads = split
-        .get_attribute(sys::CUfunction_attribute_enum::CU_FUNC_ATTRIBUTE_MAX_THREADS_PER_BLOCK)
-        .map_err(cuda_err("cuFuncGetAttribute(MAX_THREADS_PER_BLOCK)"))?;
-    let cfg = LaunchConfig {
-        grid_dim: (p.num_splits as u32, p.num_groups as u32, p.batch as u32),
-        block_dim: (threads.max(32) as u32, 1, 1),
-        shared_mem_bytes: smem.max(0) as u32,
-    };
+    let cfg = split_launch_config(split, (p.num_splits, p.num_groups, p.batch))?;
     // SAFETY: PagedDecodeParams is the parameter layout of both paged entries
     // (tests/nvrtc_catalog.rs); the buffers are the caller's guarantee.
     unsafe { super::params::launch(stream, split, cfg, p) }.map_err(launch_err(key))?;

@@ -333,19 +333,7 @@ impl CudaLayer {
         args: &ForwardArgs<'_>,
     ) -> Result<()> {
         let h = self.config.hidden;
-        let (tokens, b) = match hidden.shape() {
-            [t, b, hh] if *hh == h && (1..=DECODE_SPLITKV_MAX_TOKENS).contains(t) => (*t, *b),
-            [b, hh] if *hh == h => (1, *b),
-            other => {
-                return Err(AttnError::Shape {
-                    arg: "hidden".into(),
-                    expected: format!(
-                        "[T, b, {h}] with T in 1..={DECODE_SPLITKV_MAX_TOKENS}, or [b, {h}]"
-                    ),
-                    got: other.to_vec(),
-                })
-            }
-        };
+        let (tokens, b) = self.decode_hidden_shape(hidden)?;
         if out.numel() != tokens * b * h {
             return Err(AttnError::Shape {
                 arg: "out".into(),
@@ -426,22 +414,8 @@ impl CudaLayer {
         batch_offset: usize,
         args: &ForwardArgs<'_>,
     ) -> Result<DeviceTensor> {
-        let h = self.config.hidden;
-        let shape = match hidden.shape() {
-            [b, hh] if *hh == h => vec![1, *b, h],
-            [t, b, hh] if *hh == h && (1..=DECODE_SPLITKV_MAX_TOKENS).contains(t) => {
-                vec![*t, *b, h]
-            }
-            other => {
-                return Err(AttnError::Shape {
-                    arg: "hidden".into(),
-                    expected: format!(
-                        "[T, b, {h}] with T in 1..={DECODE_SPLITKV_MAX_TOKENS}, or [b, {h}]"
-                    ),
-                    got: other.to_vec(),
-                })
-            }
-        };
+        let (tokens, b) = self.decode_hidden_shape(hidden)?;
+        let shape = [tokens, b, self.config.hidden];
         // A GPU without the fused decode kernel runs the step as a prefill (same semantics).
         if self.decode_step_config(shape[0])?.is_none() && args.positions.is_none() {
             if hidden.shape().len() == 3 {
@@ -455,6 +429,25 @@ impl CudaLayer {
         let mut out = self.alloc(&shape, "output")?;
         self.decode_device_into(hidden, &mut out, cache, layer, batch_offset, args)?;
         Ok(out)
+    }
+}
+
+impl CudaLayer {
+    /// `(T, b)` of a decode step's `hidden`: `[T, b, h]` with `T` in
+    /// 1..=[`DECODE_SPLITKV_MAX_TOKENS`], or `[b, h]` (`T` = 1); else a `Shape` error.
+    fn decode_hidden_shape(&self, hidden: &DeviceTensor) -> Result<(usize, usize)> {
+        let h = self.config.hidden;
+        match hidden.shape() {
+            [t, b, hh] if *hh == h && (1..=DECODE_SPLITKV_MAX_TOKENS).contains(t) => Ok((*t, *b)),
+            [b, hh] if *hh == h => Ok((1, *b)),
+            other => Err(AttnError::Shape {
+                arg: "hidden".into(),
+                expected: format!(
+                    "[T, b, {h}] with T in 1..={DECODE_SPLITKV_MAX_TOKENS}, or [b, {h}]"
+                ),
+                got: other.to_vec(),
+            }),
+        }
     }
 }
 
