@@ -693,17 +693,47 @@ impl PrefillTile {
         }
     }
 
+    /// The warp-specialized `PrefillSm90` tile ([`PrefillTile::producer_sm90`]): 128 query
+    /// rows in two consumer warpgroups plus a producer warpgroup (12 warps), 128 keys per
+    /// step up to head dim 128 and 64 above, three K/V stages where they fit in 227 KiB of
+    /// shared memory, else two.
+    pub fn for_head_dim_sm90_ws(head_dim: usize) -> PrefillTile {
+        let three = PrefillTile {
+            block_m: 128,
+            block_n: if head_dim <= 128 { 128 } else { 64 },
+            warps: 12,
+            stages: 3,
+        };
+        if three.smem_bytes_sm90(head_dim) <= 227 * 1024 {
+            three
+        } else {
+            PrefillTile { stages: 2, ..three }
+        }
+    }
+
     /// Dynamic shared memory of a `PrefillSm90` block: Q tile plus `stages` K and V tiles,
-    /// unpadded (128-byte swizzled), plus 1024 bytes to align them to the swizzle period.
+    /// unpadded (128-byte swizzled), plus 1024 bytes to align them to the swizzle period,
+    /// plus 128 bytes of mbarriers with a producer warpgroup ([`PrefillTile::producer_sm90`]).
     pub fn smem_bytes_sm90(&self, head_dim: usize) -> usize {
-        (self.block_m + 2 * self.stages * self.block_n) * head_dim * 2 + 1024
+        let barriers = if self.producer_sm90() { 128 } else { 0 };
+        (self.block_m + 2 * self.stages * self.block_n) * head_dim * 2 + 1024 + barriers
+    }
+
+    /// `PrefillSm90`: the tile has a producer warpgroup (warp specialization): `warps` is
+    /// `block_m / 16` consumer warps (one 16-row slice each) plus 4 that only load Q and the
+    /// K/V tiles (templates/prefill_sm90.cu, "Loading").
+    pub fn producer_sm90(&self) -> bool {
+        self.warps * 16 > self.block_m
     }
 
     fn check_sm90(&self, head_dim: usize) -> Result<(), RenderError> {
+        let consumers = self.block_m / 16;
         let ok = head_dim.is_multiple_of(64)
             && self.warps.is_multiple_of(4)
-            && (4..=12).contains(&self.warps)
-            && self.block_m == 16 * self.warps
+            && (4..=16).contains(&self.warps)
+            && self.block_m.is_multiple_of(64)
+            && (4..=12).contains(&consumers)
+            && (self.warps == consumers || self.warps == consumers + 4)
             && self.block_n.is_multiple_of(16)
             && (16..=256).contains(&self.block_n)
             && (2..=4).contains(&self.stages);
@@ -794,10 +824,12 @@ pub enum RenderError {
         /// Warps per block given.
         warps: usize,
     },
-    /// A `PrefillSm80` tile the kernel cannot run.
+    /// A prefill or backward tile the kernel cannot run.
     #[error(
         "kernel config `tile`: expected 1..=16 warps, block_m a multiple of 16 * warps, \
-         block_n a multiple of 16 in 16..=256 and 2..=4 stages, got {tile:?}"
+         block_n a multiple of 16 in 16..=256 and 2..=4 stages (prefill_sm90: block_m a \
+         multiple of 64 in 64..=192 with block_m / 16 warps, or 4 more for a producer \
+         warpgroup), got {tile:?}"
     )]
     BadPrefillTile {
         /// The tile given.

@@ -489,3 +489,43 @@ fn decode_row_blocks_cover_the_step_within_shared_memory() {
     c.row_blocks = 2;
     assert!(c.render().is_err());
 }
+
+/// The Hopper tile with a producer warpgroup: `warps` = consumer warps + 4, 128 bytes of
+/// mbarriers in its shared memory; a fifth warpgroup or rows that are not whole warpgroups
+/// are refused.
+#[test]
+fn warp_specialized_sm90_tile() {
+    use attention_codegen::render::PrefillTile;
+    let ws = PrefillTile::for_head_dim_sm90_ws(128);
+    assert_eq!(
+        (ws.block_m, ws.block_n, ws.warps, ws.stages),
+        (128, 128, 12, 3)
+    );
+    assert!(ws.producer_sm90());
+    let plain = PrefillTile { warps: 8, ..ws };
+    assert!(!plain.producer_sm90());
+    assert_eq!(ws.smem_bytes_sm90(128), plain.smem_bytes_sm90(128) + 128);
+    assert!(ws.smem_bytes_sm90(128) <= 227 * 1024);
+    // Head dim 256: three stages do not fit, two do.
+    assert_eq!(PrefillTile::for_head_dim_sm90_ws(256).stages, 2);
+    let mut c = KernelConfig::new(Phase::PrefillSm90, DType::Bf16, 128);
+    c.mask = Some(MaskType::Causal);
+    c.tile = Some(ws);
+    let k = c.render().unwrap();
+    assert!(k.key.ends_with("_m128n128w12s3_sm90"), "{}", k.key);
+    assert!(k.source.contains("constexpr int WARPS = 12;"), "{}", k.key);
+    for bad in [
+        PrefillTile { warps: 16, ..ws },
+        PrefillTile {
+            block_m: 96,
+            warps: 10,
+            ..ws
+        },
+    ] {
+        c.tile = Some(bad);
+        assert!(
+            matches!(c.render(), Err(RenderError::BadPrefillTile { .. })),
+            "{bad:?}"
+        );
+    }
+}

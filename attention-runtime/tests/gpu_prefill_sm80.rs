@@ -220,7 +220,13 @@ fn run<T: Elem>(case: &Case, seed: u64) {
     config.mask = Some(case.mask);
     config.has_window = case.window.is_some();
     config.sinks = case.sinks;
-    config.tile = if sm90 { None } else { case.tile };
+    config.tile = if !sm90 {
+        case.tile
+    } else if SM90_WS.with(|f| f.get()) {
+        Some(PrefillTile::for_head_dim_sm90_ws(hd))
+    } else {
+        None
+    };
     config.has_bias = case.bias_shape.is_some();
     let kernel = if case.general {
         Kernel::General(config.clone(), compile_general(&ctx, &config))
@@ -512,6 +518,8 @@ fn run<T: Elem>(case: &Case, seed: u64) {
 thread_local! {
     /// Run the cases on the Hopper kernel (`prefill_*_sm90`) where it takes the head dim.
     static SM90: std::cell::Cell<bool> = const { std::cell::Cell::new(false) };
+    /// With SM90: run the warp-specialized tile (`PrefillTile::for_head_dim_sm90_ws`).
+    static SM90_WS: std::cell::Cell<bool> = const { std::cell::Cell::new(false) };
 }
 
 fn check(case: Case) {
@@ -872,6 +880,25 @@ fn sm90_family() {
     c.groups = 1;
     check(c);
     SM90.with(|f| f.set(false));
+}
+
+/// `sm90_family` on the warp-specialized tile (a producer warpgroup loading through
+/// mbarriers; `PrefillTile::for_head_dim_sm90_ws`).
+#[test]
+#[ignore = "requires a CUDA GPU"]
+fn sm90_ws_family() {
+    SM90_WS.with(|f| f.set(true));
+    sm90_family();
+    SM90_WS.with(|f| f.set(false));
+}
+
+/// `sm90_sanitizer_cases` on the warp-specialized tile.
+#[test]
+#[ignore = "requires a CUDA GPU"]
+fn sm90_ws_sanitizer_cases() {
+    SM90_WS.with(|f| f.set(true));
+    sm90_sanitizer_cases();
+    SM90_WS.with(|f| f.set(false));
 }
 
 /// A few small cases of the Hopper kernel, both schedules (head dim 128: three stages,

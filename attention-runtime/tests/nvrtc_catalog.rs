@@ -367,3 +367,55 @@ fn decode_kernels_use_no_local_memory() {
     assert!(checked >= 2, "no decode_splitkv kernel in the catalog");
     assert!(failures.is_empty(), "{}", failures.join("\n"));
 }
+
+/// The warp-specialized Hopper tile (`PrefillTile::for_head_dim_sm90_ws`: a producer
+/// warpgroup, mbarriers, `setmaxnreg`, the two-warpgroup ping-pong) compiles for sm_90a at
+/// every head dim it takes, plain and with every feature (mask tensor, bias, window, sinks,
+/// gate) and paged, without local memory (the `setmaxnreg` budgets of templates/prefill_sm90.cu
+/// are sized for that).
+#[test]
+fn warp_specialized_sm90_tiles_compile() {
+    use attention_codegen::render::PrefillTile;
+    use attention_codegen::{MaskType, Sinks};
+    use attention_runtime::jit::{compile_with_ptxas_info, PtxasUsage};
+    if !require_nvrtc() {
+        return;
+    }
+    let mut failures = Vec::new();
+    for hd in [64, 128, 192, 256] {
+        for variant in 0..3 {
+            let mut c = KernelConfig::new(Phase::PrefillSm90, DType::Bf16, hd);
+            c.tile = Some(PrefillTile::for_head_dim_sm90_ws(hd));
+            match variant {
+                0 => c.mask = Some(MaskType::Causal),
+                1 => {
+                    c.mask = Some(MaskType::PaddingCausal);
+                    c.has_window = true;
+                    c.sinks = Some(Sinks::Learnable);
+                    c.has_bias = true;
+                    c.output_gate = true;
+                }
+                _ => {
+                    c.mask = Some(MaskType::CausalBottomRight);
+                    c.paged_kv = true;
+                }
+            }
+            let k = c.render().unwrap();
+            assert!(k.source.contains("setmaxnreg"), "{}", k.key);
+            let compiled = compile_with_ptxas_info(&k.key, &k.source, "sm_90a").expect("compiles");
+            let usage = PtxasUsage::parse(&compiled.log);
+            let Some((_, u)) = usage.iter().find(|(n, _)| *n == k.key) else {
+                failures.push(format!("{}: no ptxas usage line:\n{}", k.key, compiled.log));
+                continue;
+            };
+            eprintln!(
+                "{} sm_90a: {} registers, {} / {} bytes spill stores / loads",
+                k.key, u.registers, u.spill_stores, u.spill_loads
+            );
+            if u.spill_stores > 0 || u.spill_loads > 0 {
+                failures.push(format!("{} spills: {u:?}", k.key));
+            }
+        }
+    }
+    assert!(failures.is_empty(), "{}", failures.join("\n"));
+}

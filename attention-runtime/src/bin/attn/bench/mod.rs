@@ -250,7 +250,8 @@ pub struct BenchPrefillArgs {
     /// Timed launches per shape (median reported).
     #[arg(long, default_value_t = 20)]
     reps: usize,
-    /// Extra tiles to time, `<head_dim>:m<M>n<N>w<warps>s<stages>`, comma separated.
+    /// Extra tiles to time, `<head_dim>:m<M>n<N>w<warps>s<stages>`, comma separated;
+    /// `<head_dim>:sm90:<tile>` times a Hopper-kernel tile (where this GPU runs it).
     #[arg(long, value_delimiter = ',')]
     tiles: Vec<String>,
     /// The SDPA baseline script (`none` to skip).
@@ -474,12 +475,13 @@ pub fn run(cmd: &BenchCommand) -> Result<()> {
         }
     };
     let mut extra = Vec::new();
+    let mut extra_sm90 = Vec::new();
     for t in &a.tiles {
         let (hd, tile) = t
             .split_once(':')
             .ok_or_else(|| AttnError::InvalidArgument {
                 arg: "--tiles".into(),
-                expected: "<head_dim>:m<M>n<N>w<warps>s<stages>".into(),
+                expected: "<head_dim>:[sm90:]m<M>n<N>w<warps>s<stages>".into(),
                 got: t.clone(),
             })?;
         let hd = hd
@@ -489,7 +491,10 @@ pub fn run(cmd: &BenchCommand) -> Result<()> {
                 expected: "a head dim before ':'".into(),
                 got: t.clone(),
             })?;
-        extra.push((hd, prefill::parse_tile(tile)?));
+        match tile.strip_prefix("sm90:") {
+            Some(t) => extra_sm90.push((hd, prefill::parse_tile(t)?)),
+            None => extra.push((hd, prefill::parse_tile(tile)?)),
+        }
     }
     let opts = prefill::PrefillOptions {
         head_dims: a.head_dims.clone(),
@@ -497,6 +502,7 @@ pub fn run(cmd: &BenchCommand) -> Result<()> {
         total_tokens: a.total_tokens,
         reps: a.reps,
         extra_tiles: extra,
+        extra_tiles_sm90: extra_sm90,
         sdpa_script: (a.sdpa_script != "none").then(|| a.sdpa_script.clone().into()),
         json: a.json.clone(),
         ..Default::default()

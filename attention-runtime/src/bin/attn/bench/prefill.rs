@@ -48,6 +48,8 @@ pub struct PrefillOptions {
     pub warmup: usize,
     /// Extra tiles to time per head dim (besides the default), `(head_dim, tile)`.
     pub extra_tiles: Vec<(usize, PrefillTile)>,
+    /// Extra Hopper-kernel tiles per head dim, timed where this device runs `prefill_sm90`.
+    pub extra_tiles_sm90: Vec<(usize, PrefillTile)>,
     /// Run `python3 <sdpa_script>` for the SDPA baselines (None = skip).
     pub sdpa_script: Option<PathBuf>,
     /// Write the JSON report here, and the SVG chart beside it.
@@ -64,6 +66,7 @@ impl Default for PrefillOptions {
             reps: 20,
             warmup: 5,
             extra_tiles: Vec::new(),
+            extra_tiles_sm90: Vec::new(),
             sdpa_script: Some(PathBuf::from("scripts/bench_sdpa.py")),
             json: None,
         }
@@ -263,7 +266,16 @@ pub fn run_prefill(opts: &PrefillOptions) -> Result<String> {
                 .map(|t| (format!("prefill_sm80:{}", t.key()), config(hd, causal, *t)))
                 .collect();
             if let Some(c) = config_sm90(&arch, hd, causal) {
-                runs.push((format!("prefill_sm90:{}", c.prefill_tile().key()), c));
+                let default_tile = c.prefill_tile();
+                runs.push((format!("prefill_sm90:{}", default_tile.key()), c));
+                for (_, t) in opts
+                    .extra_tiles_sm90
+                    .iter()
+                    .filter(|(h, t)| *h == hd && *t != default_tile)
+                {
+                    let c = config_of(Phase::PrefillSm90, hd, causal, *t);
+                    runs.push((format!("prefill_sm90:{}", t.key()), c));
+                }
             }
             for (label, cfg) in &runs {
                 let kernel = match PrefillSm80Kernel::compile(&ctx, cfg) {
