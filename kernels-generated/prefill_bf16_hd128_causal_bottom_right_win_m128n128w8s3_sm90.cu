@@ -29,8 +29,18 @@
 // K/V tiles stream through a STAGES-deep cp.async ring, one commit group per tile. With three
 // or more stages (PIPELINE, the default up to head dim 192) step t issues S_t together with
 // O += P_{t-1} V_{t-1} and runs the softmax of S_t while that product is in flight; with two
-// (head dim 256) each step's P V follows its own softmax. Every warp of the block loads and
-// the block synchronizes per tile (no producer warp, no TMA yet: BENCHMARKS.md, issue 11).
+// (head dim 256) each step's P V follows its own softmax.
+//
+// Loading, two schedules (the tile's warp count says which):
+// - WARPS == BLOCK_M / 16: every warp loads and the block synchronizes twice per tile.
+// - WARPS == BLOCK_M / 16 + 4 (warp specialization, WS): the last warpgroup is the producer.
+//   It drops to PRODUCER_REGS registers (`setmaxnreg`), copies Q and the K/V tiles by
+//   cp.async and signals each stage's `full` mbarrier with `cp.async.mbarrier.arrive.noinc`;
+//   the consumer warpgroups (raised to CONSUMER_REGS) wait on `full`, fence the async proxy,
+//   and when done with a stage arrive on its `empty` mbarrier (one arrival per warp), which
+//   the producer waits on before refilling it. No block-wide barrier in the main loop, so
+//   the consumer warpgroups drift apart and one's softmax overlaps another's GEMMs.
+//   SMEM_BYTES grows by 128 bytes for the barriers (after the V stages).
 
 // ---------------------------------------------------------------------------------------
 // Element types and conversions. No CUDA toolkit header is included: NVRTC alone compiles
@@ -235,6 +245,21 @@ constexpr int BLOCK_N = 128;
 constexpr int WARPS = 8;
 constexpr int STAGES = 3;
 constexpr int THREADS = WARPS * WARP_SIZE;
+constexpr int CONSUMER_WARPS = BLOCK_M / 16;   // one 16-row slice of the tile per warp
+constexpr bool WS = WARPS > CONSUMER_WARPS;    // a producer warpgroup after the consumers
+constexpr int LOADERS = WS ? 128 : THREADS;    // threads that issue the tile copies
+constexpr int CONSUMER_THREADS = CONSUMER_WARPS * WARP_SIZE;
+// Two consumer warpgroups under WS take turns issuing their GEMMs (named barriers 2 and 3),
+// so one's softmax runs while the other's GEMMs do (FlashAttention-3's "ping-pong").
+constexpr bool PINGPONG = WS && CONSUMER_WARPS == 8;
+// setmaxnreg budgets of the WS schedule: PRODUCER_REGS * 128 + CONSUMER_REGS *
+// CONSUMER_THREADS <= 65536 (one block per SM); multiples of 8 in 24..256. ptxas allocates
+// each side within its budget; these are the smallest producer budgets without spills
+// (NVRTC 13, every feature variant; head dim 256's O accumulator needs the larger consumer
+// budget). Three consumer warpgroups get 160 and spill (not a default tile).
+constexpr int PRODUCER_REGS = CONSUMER_WARPS >= 12 ? 24 : HEAD_DIM >= 256 ? 40 : 56;
+constexpr int CONSUMER_REGS =
+    CONSUMER_WARPS >= 12 ? 160 : CONSUMER_WARPS >= 8 ? (HEAD_DIM >= 256 ? 232 : 224) : 240;
 constexpr int NI = BLOCK_N / 8;      // n8 tiles of S per warp
 constexpr int KD = HEAD_DIM / 16;    // k16 steps of Q K^T
 constexpr int DN = HEAD_DIM / 8;     // n8 tiles of O
@@ -242,7 +267,9 @@ constexpr int KN = BLOCK_N / 16;     // k16 steps of P V
 constexpr int CHUNKS = HEAD_DIM / 8; // 16-byte chunks per row
 constexpr int Q_BYTES = BLOCK_M * HEAD_DIM * 2;
 constexpr int KV_BYTES = BLOCK_N * HEAD_DIM * 2;
-static_assert(WARPS * 16 == BLOCK_M && WARPS % 4 == 0, "one 64-row warpgroup per 4 warps");
+static_assert(CONSUMER_WARPS * 16 == BLOCK_M && CONSUMER_WARPS % 4 == 0, "one 64-row warpgroup per 4 warps");
+static_assert(WARPS == CONSUMER_WARPS || WARPS == CONSUMER_WARPS + 4, "at most one producer warpgroup");
+static_assert(!WS || PRODUCER_REGS * 128 + CONSUMER_REGS * CONSUMER_THREADS <= 65536, "register budget");
 static_assert(HEAD_DIM % 64 == 0, "128-byte swizzle panels of 64 elements");
 static_assert(BLOCK_N % 16 == 0 && BLOCK_N <= 256, "wgmma N");
 static_assert(STAGES >= 2, "the K/V ring needs at least two stages");
@@ -357,6 +384,40 @@ __device__ __forceinline__ void wgmma_pv(float (&d)[DN][4], const unsigned (&a)[
         : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "l"(desc_b));
 }
 
+/// Named barriers 2 and 3 of the ping-pong between two consumer warpgroups (256 threads:
+/// one warpgroup syncs, the other arrives).
+__device__ __forceinline__ void named_bar_sync(int id) {
+    asm volatile("bar.sync %0, 256;\n" ::"r"(id) : "memory");
+}
+__device__ __forceinline__ void named_bar_arrive(int id) {
+    asm volatile("bar.arrive %0, 256;\n" ::"r"(id) : "memory");
+}
+
+/// mbarriers of the WS schedule (PTX ISA, "Parallel Synchronization and Communication
+/// Instructions: mbarrier"); `bar` is a shared-space address, 8-byte aligned.
+__device__ __forceinline__ void mbar_init(unsigned bar, unsigned count) {
+    asm volatile("mbarrier.init.shared::cta.b64 [%0], %1;\n" ::"r"(bar), "r"(count) : "memory");
+}
+__device__ __forceinline__ void mbar_arrive(unsigned bar) {
+    asm volatile("{\n.reg .b64 st;\nmbarrier.arrive.shared::cta.b64 st, [%0];\n}\n" ::"r"(bar) : "memory");
+}
+/// Arrives on `bar` once every cp.async this thread issued before it has landed (the arrival
+/// counts toward the barrier's expected count: no increment).
+__device__ __forceinline__ void mbar_arrive_cp_async(unsigned bar) {
+    asm volatile("cp.async.mbarrier.arrive.noinc.shared::cta.b64 [%0];\n" ::"r"(bar) : "memory");
+}
+/// Waits until phase `parity` (0 or 1) of `bar` has completed.
+__device__ __forceinline__ void mbar_wait(unsigned bar, unsigned parity) {
+    unsigned done;
+    do {
+        asm volatile(
+            "{\n.reg .pred p;\nmbarrier.try_wait.parity.shared::cta.b64 p, [%1], %2;\nselp.u32 %0, 1, 0, p;\n}\n"
+            : "=r"(done)
+            : "r"(bar), "r"(parity)
+            : "memory");
+    } while (done == 0);
+}
+
 // ---------------------------------------------------------------------------------------
 // f32 -> bf16 pair packing and ex2.approx, shared by the tensor-core kernels
 // (prefill_sm80.cu, prefill_sm90.cu, decode_splitkv.cu, the backward kernels); a template
@@ -377,12 +438,13 @@ __device__ __forceinline__ float fast_exp2(float x) {
 
 
 /// Async copy of ROWS rows (HEAD_DIM elements each, global row stride `stride` elements) into
-/// a swizzled tile; rows at or past `nvalid` are zero-filled.
+/// a swizzled tile by the LOADERS threads (`tid` in 0..LOADERS); rows at or past `nvalid` are
+/// zero-filled.
 template <int ROWS>
 __device__ __forceinline__ void load_tile(unsigned base, const elem_t* __restrict__ src, long long stride,
                                           int nvalid, int tid) {
 #pragma unroll
-    for (int c = tid; c < ROWS * CHUNKS; c += THREADS) {
+    for (int c = tid; c < ROWS * CHUNKS; c += LOADERS) {
         const int r = c / CHUNKS;
         const int ch = c % CHUNKS;
         const bool ok = r < nvalid;
@@ -585,6 +647,21 @@ extern "C" __global__ void __launch_bounds__(THREADS, 1) prefill_bf16_hd128_caus
 
     const float s_mul = softmax_scale * FAST_LOG2E;
 
+    const int ltid = WS ? tid - CONSUMER_THREADS : tid;  // index among the loading threads
+    // WS barriers after the V stages: Q full, then per stage K/V full and empty.
+    const unsigned bar_q = sV_addr + STAGES * KV_BYTES;
+    const unsigned bar_full = bar_q + 8;
+    const unsigned bar_empty = bar_full + 8 * STAGES;
+    if (WS) {
+        if (tid == 0) {
+            mbar_init(bar_q, LOADERS);
+            for (int s = 0; s < STAGES; ++s) {
+                mbar_init(bar_full + 8 * s, LOADERS);
+                mbar_init(bar_empty + 8 * s, CONSUMER_WARPS);
+            }
+        }
+        __syncthreads();
+    }
 
     // Per-thread state of rows r_hh = warp * 16 + gq + 8 * hh.
     float o[DN][4];
@@ -603,18 +680,41 @@ extern "C" __global__ void __launch_bounds__(THREADS, 1) prefill_bf16_hd128_caus
     (void)sinks;
     (void)block_table; (void)block_size; (void)max_blocks_per_seq;
     auto load_kv = [&](unsigned dst, const elem_t* __restrict__ src, int n0) {
-        load_tile<BLOCK_N>(dst, src + kv_base + (long long)n0 * kv_row_stride, kv_row_stride, sk - n0, tid);
+        load_tile<BLOCK_N>(dst, src + kv_base + (long long)n0 * kv_row_stride, kv_row_stride, sk - n0, ltid);
     };
 
-    // Prologue: group 0 = Q + K/V(tile 0), then one group per tile up to STAGES - 2.
-    load_tile<BLOCK_M>(sQ_addr, q + q_base, q_row_stride, m_valid, tid);
-#pragma unroll
-    for (int s = 0; s < STAGES - 1; ++s) {
-        if (s < ntiles) {
-            load_kv(sK_addr + s * KV_BYTES, k, (tile_lo + s) * BLOCK_N);
-            load_kv(sV_addr + s * KV_BYTES, v, (tile_lo + s) * BLOCK_N);
+    if (WS && warp >= CONSUMER_WARPS) {
+        // Producer warpgroup: Q, then every K/V tile into its stage once the consumers have
+        // released it (tile t's stage is released for tile t + STAGES).
+        asm volatile("setmaxnreg.dec.sync.aligned.u32 %0;\n" ::"n"(PRODUCER_REGS));
+        load_tile<BLOCK_M>(sQ_addr, q + q_base, q_row_stride, m_valid, ltid);
+        mbar_arrive_cp_async(bar_q);
+        for (int t = 0; t < ntiles; ++t) {
+            const int st = t % STAGES;
+            if (t >= STAGES) mbar_wait(bar_empty + 8 * st, (unsigned)((t / STAGES - 1) & 1));
+            load_kv(sK_addr + st * KV_BYTES, k, (tile_lo + t) * BLOCK_N);
+            load_kv(sV_addr + st * KV_BYTES, v, (tile_lo + t) * BLOCK_N);
+            mbar_arrive_cp_async(bar_full + 8 * st);
         }
-        cp_async_commit();
+        cp_async_wait<0>();
+        return;
+    }
+    if (WS) {
+        asm volatile("setmaxnreg.inc.sync.aligned.u32 %0;\n" ::"n"(CONSUMER_REGS));
+        // Ping-pong: warpgroup 0 issues its GEMMs first.
+        if (PINGPONG && wg == 1) named_bar_arrive(2);
+        mbar_wait(bar_q, 0);
+    } else {
+        // Prologue: group 0 = Q + K/V(tile 0), then one group per tile up to STAGES - 2.
+        load_tile<BLOCK_M>(sQ_addr, q + q_base, q_row_stride, m_valid, tid);
+#pragma unroll
+        for (int s = 0; s < STAGES - 1; ++s) {
+            if (s < ntiles) {
+                load_kv(sK_addr + s * KV_BYTES, k, (tile_lo + s) * BLOCK_N);
+                load_kv(sV_addr + s * KV_BYTES, v, (tile_lo + s) * BLOCK_N);
+            }
+            cp_async_commit();
+        }
     }
 
     const int warp_row0 = warp * 16;
@@ -632,10 +732,16 @@ extern "C" __global__ void __launch_bounds__(THREADS, 1) prefill_bf16_hd128_caus
     for (int t = 0; t < ntiles; ++t) {
         const int stage = t % STAGES;
         const int n0 = (tile_lo + t) * BLOCK_N;
-        cp_async_wait<STAGES - 2>();
-        asm volatile("fence.proxy.async.shared::cta;\n" ::: "memory");
-        __syncthreads();
-        if (!PIPELINE) {
+        if (WS) {
+            // The producer's copies of this tile have landed; make them visible to wgmma.
+            mbar_wait(bar_full + 8 * stage, (unsigned)((t / STAGES) & 1));
+            asm volatile("fence.proxy.async.shared::cta;\n" ::: "memory");
+        } else {
+            cp_async_wait<STAGES - 2>();
+            asm volatile("fence.proxy.async.shared::cta;\n" ::: "memory");
+            __syncthreads();
+        }
+        if (!WS && !PIPELINE) {
             const int tn = t + STAGES - 1;
             const int st = tn % STAGES;
             if (tn < ntiles) {
@@ -657,6 +763,7 @@ extern "C" __global__ void __launch_bounds__(THREADS, 1) prefill_bf16_hd128_caus
 #pragma unroll
             for (int e = 0; e < 4; ++e) reg_fence(o[dn][e]);
         }
+        if (PINGPONG) named_bar_sync(2 + wg);  // this warpgroup's turn on the tensor cores
         wgmma_fence();
 #pragma unroll
         for (int kk = 0; kk < KD; ++kk) {
@@ -673,8 +780,10 @@ extern "C" __global__ void __launch_bounds__(THREADS, 1) prefill_bf16_hd128_caus
             for (int kk = 0; kk < KN; ++kk)
                 wgmma_pv(o, pa[kk], gmma_desc(v_stage + (unsigned)(kk * 16 * 128), BLOCK_N * 128, 1024));
             wgmma_commit();
+            if (PINGPONG) named_bar_arrive(3 - wg);  // the other warpgroup's turn
             wgmma_wait<1>();
         } else {
+            if (PINGPONG) named_bar_arrive(3 - wg);
             wgmma_wait<0>();
         }
 #pragma unroll
@@ -748,6 +857,7 @@ extern "C" __global__ void __launch_bounds__(THREADS, 1) prefill_bf16_hd128_caus
 
         // P_{t-1} V_{t-1} done: O and pa are free.
         wgmma_wait<0>();
+        if (WS && PIPELINE && t > 0 && lane == 0) mbar_arrive(bar_empty + 8 * ((t - 1) % STAGES));
 #pragma unroll
         for (int dn = 0; dn < DN; ++dn) {
 #pragma unroll
@@ -771,7 +881,24 @@ extern "C" __global__ void __launch_bounds__(THREADS, 1) prefill_bf16_hd128_caus
             pa[kk][3] = pack2(s[2 * kk + 1][2], s[2 * kk + 1][3]);
         }
 
-        if (PIPELINE) {
+        if (WS) {
+            if (!PIPELINE) {
+                // O += P_t V_t now, then release the stage.
+                const unsigned v_stage = sV_addr + (unsigned)(stage * KV_BYTES);
+                wgmma_fence();
+#pragma unroll
+                for (int kk = 0; kk < KN; ++kk)
+                    wgmma_pv(o, pa[kk], gmma_desc(v_stage + (unsigned)(kk * 16 * 128), BLOCK_N * 128, 1024));
+                wgmma_commit();
+                wgmma_wait<0>();
+#pragma unroll
+                for (int dn = 0; dn < DN; ++dn) {
+#pragma unroll
+                    for (int e = 0; e < 4; ++e) reg_fence(o[dn][e]);
+                }
+                if (lane == 0) mbar_arrive(bar_empty + 8 * stage);
+            }
+        } else if (PIPELINE) {
             // Every warpgroup is done with tile t - 1's stage: refill it with tile t + STAGES - 1.
             __syncthreads();
             const int tn = t + STAGES - 1;
@@ -816,8 +943,15 @@ extern "C" __global__ void __launch_bounds__(THREADS, 1) prefill_bf16_hd128_caus
             for (int e = 0; e < 4; ++e) reg_fence(o[dn][e]);
         }
     }
-    cp_async_wait<0>();
-    __syncthreads();  // every warpgroup is done reading Q: its rows become the output staging
+    // Ping-pong: take warpgroup 1's last hand-over, so no barrier is left half-arrived.
+    if (PINGPONG && wg == 0) named_bar_sync(2);
+    if (WS) {
+        // Consumers only (the producer has left): every warpgroup is done reading Q.
+        asm volatile("bar.sync 1, %0;\n" ::"n"(CONSUMER_THREADS) : "memory");
+    } else {
+        cp_async_wait<0>();
+        __syncthreads();  // every warpgroup is done reading Q: its rows become the output staging
+    }
 
     float head_max = neg_inf();
 #pragma unroll
