@@ -471,27 +471,12 @@ extern "C" __global__ void __launch_bounds__(WARPS * WARP_SIZE, MIN_BLOCKS) deco
     const int n_tiles = (s_hi - s_lo + TILE - 1) / TILE;
     // Queue tile t's copies into ring slot t % STAGES (rows past the range zeroed) and commit
     // a group (an empty one past the last tile, so the wait counts stay uniform).
-    // The block-table entries a tile's rows need (at most BLK_PER_TILE blocks of >= 16 rows)
-    // are read one tile ahead into shared memory (blk_s[t % 2]: for tile t + 1 once tile t's
-    // copies are queued; visible after the next step's barrier), so a tile's copies never wait
-    // on a table read (Nsight Compute, batch 64 at 32k: the paged step ran at 0.86x the static
-    // one at the profiler's locked clock with the reads in line).
-    constexpr int BLK_PER_TILE = TILE / 16 + 1;
-    __shared__ int blk_s[2][BLK_PER_TILE];
-    auto fetch_blocks = [&](int t) {
-        if (tid < BLK_PER_TILE) {
-            const int b0 = (s_lo + t * TILE) >> bs_shift;
-            blk_s[t & 1][tid] = ((b0 + tid) << bs_shift) < s_hi ? bt_row[b0 + tid] : 0;
-        }
-    };
     auto load_tile = [&](int t) {
         if (t < n_tiles) {
             const int t0 = s_lo + t * TILE;
             const int n = min(TILE, s_hi - t0);
             elem_t* ks = ring + (t % STAGES) * (2 * TILE * SROW);
             elem_t* vs = ks + TILE * SROW;
-            const int* blk = blk_s[t & 1];
-            const int b0 = t0 >> bs_shift;
             for (int e = tid; e < TILE * CHUNKS; e += WARPS * WARP_SIZE) {
                 const int jj = e / CHUNKS, c = e % CHUNKS;
                 const long long j = t0 + jj;
@@ -500,13 +485,12 @@ extern "C" __global__ void __launch_bounds__(WARPS * WARP_SIZE, MIN_BLOCKS) deco
                     *reinterpret_cast<uint4*>(ks + so) = make_uint4(0u, 0u, 0u, 0u);
                     *reinterpret_cast<uint4*>(vs + so) = make_uint4(0u, 0u, 0u, 0u);
                 } else {
-                    const long long row = ((long long)blk[(j >> bs_shift) - b0] << bs_shift) + (j & bs_mask);
+                    const long long row = ((long long)bt_row[j >> bs_shift] << bs_shift) + (j & bs_mask);
                     const long long go = row * pool_row + c * 8;
                     cp_async16(smem_addr(ks + so), k_pool + go);
                     cp_async16(smem_addr(vs + so), v_pool + go);
                 }
             }
-            if (t + 1 < n_tiles) fetch_blocks(t + 1);
         }
         cp_async_commit();
     };
@@ -575,12 +559,9 @@ extern "C" __global__ void __launch_bounds__(WARPS * WARP_SIZE, MIN_BLOCKS) deco
             for (int e = 0; e < 4; ++e) acc[nt][e] = 0.0f;
         // Rows qd and qd + 8: running max (log2 units) and this lane's part of the row sum.
         float m[2] = {neg_inf(), neg_inf()}, l[2] = {0.0f, 0.0f};
-        fetch_blocks(0);
+
 #pragma unroll
-        for (int t = 0; t < STAGES - 1; ++t) {
-            __syncthreads();   // blk_s[t & 1] written (the main loop's barrier does this later)
-            load_tile(t);
-        }
+        for (int t = 0; t < STAGES - 1; ++t) load_tile(t);
         for (int t = 0; t < n_tiles; ++t) {
             cp_async_wait<STAGES - 2>();
             __syncthreads();   // tile t (and q_s) visible to all threads; slot (t - 1) % STAGES is free

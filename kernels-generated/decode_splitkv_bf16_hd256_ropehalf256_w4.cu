@@ -482,6 +482,7 @@ extern "C" __global__ void __launch_bounds__(WARPS * WARP_SIZE, MIN_BLOCKS) deco
             for (int e = 0; e < 4; ++e) acc[nt][e] = 0.0f;
         // Rows qd and qd + 8: running max (log2 units) and this lane's part of the row sum.
         float m[2] = {neg_inf(), neg_inf()}, l[2] = {0.0f, 0.0f};
+
 #pragma unroll
         for (int t = 0; t < STAGES - 1; ++t) load_tile(t);
         for (int t = 0; t < n_tiles; ++t) {
