@@ -793,35 +793,21 @@ extern "C" __global__ void __launch_bounds__(THREADS, 1) prefill_bf16_hd256_caus
             pa[kk][3] = pack2(s[2 * kk + 1][2], s[2 * kk + 1][3]);
         }
 
-        if (WS) {
-            if (!PIPELINE) {
-                // O += P_t V_t now, then release the stage.
-                const unsigned v_stage = sV_addr + (unsigned)(stage * KV_BYTES);
-                wgmma_fence();
-#pragma unroll
-                for (int kk = 0; kk < KN; ++kk)
-                    wgmma_pv(o, pa[kk], gmma_desc(v_stage + (unsigned)(kk * 16 * 128), BLOCK_N * 128, 1024));
-                wgmma_commit();
-                wgmma_wait<0>();
-#pragma unroll
-                for (int dn = 0; dn < DN; ++dn) {
-#pragma unroll
-                    for (int e = 0; e < 4; ++e) reg_fence(o[dn][e]);
+        if (PIPELINE) {
+            if (!WS) {
+                // Every warpgroup is done with tile t - 1's stage: refill it with tile
+                // t + STAGES - 1 (under WS the producer does, once the stage is released).
+                __syncthreads();
+                const int tn = t + STAGES - 1;
+                const int st = tn % STAGES;
+                if (tn < ntiles) {
+                    load_kv(sK_addr + st * KV_BYTES, k, (tile_lo + tn) * BLOCK_N);
+                    load_kv(sV_addr + st * KV_BYTES, v, (tile_lo + tn) * BLOCK_N);
                 }
-                if (lane == 0) mbar_arrive(bar_empty + 8 * stage);
+                cp_async_commit();
             }
-        } else if (PIPELINE) {
-            // Every warpgroup is done with tile t - 1's stage: refill it with tile t + STAGES - 1.
-            __syncthreads();
-            const int tn = t + STAGES - 1;
-            const int st = tn % STAGES;
-            if (tn < ntiles) {
-                load_kv(sK_addr + st * KV_BYTES, k, (tile_lo + tn) * BLOCK_N);
-                load_kv(sV_addr + st * KV_BYTES, v, (tile_lo + tn) * BLOCK_N);
-            }
-            cp_async_commit();
         } else {
-            // O += P_t V_t now.
+            // O += P_t V_t now (under WS, then release the stage).
             const unsigned v_stage = sV_addr + (unsigned)(stage * KV_BYTES);
             wgmma_fence();
 #pragma unroll
@@ -834,6 +820,7 @@ extern "C" __global__ void __launch_bounds__(THREADS, 1) prefill_bf16_hd256_caus
 #pragma unroll
                 for (int e = 0; e < 4; ++e) reg_fence(o[dn][e]);
             }
+            if (WS && lane == 0) mbar_arrive(bar_empty + 8 * stage);
         }
     }
     if (PIPELINE && ntiles > 0) {

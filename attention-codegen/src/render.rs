@@ -679,18 +679,13 @@ impl PrefillTile {
                 stages: 2,
             };
         }
-        let block_n = if head_dim <= 128 { 128 } else { 64 };
-        let three = PrefillTile {
+        PrefillTile {
             block_m: 128,
-            block_n,
+            block_n: if head_dim <= 128 { 128 } else { 64 },
             warps: 8,
             stages: 3,
-        };
-        if three.smem_bytes_sm90(head_dim) <= 227 * 1024 {
-            three
-        } else {
-            PrefillTile { stages: 2, ..three }
         }
+        .stages_that_fit_sm90(head_dim)
     }
 
     /// The warp-specialized `PrefillSm90` tile ([`PrefillTile::producer_sm90`]): 128 query
@@ -698,16 +693,21 @@ impl PrefillTile {
     /// step up to head dim 128 and 64 above, three K/V stages where they fit in 227 KiB of
     /// shared memory, else two.
     pub fn for_head_dim_sm90_ws(head_dim: usize) -> PrefillTile {
-        let three = PrefillTile {
-            block_m: 128,
-            block_n: if head_dim <= 128 { 128 } else { 64 },
+        PrefillTile {
             warps: 12,
-            stages: 3,
-        };
+            ..PrefillTile::for_head_dim_sm90(head_dim, true)
+        }
+        .stages_that_fit_sm90(head_dim)
+    }
+
+    /// This tile with three stages if a `PrefillSm90` block of them fits in 227 KiB of
+    /// shared memory (an H100 / H200 SM's opt-in), else two.
+    fn stages_that_fit_sm90(self, head_dim: usize) -> PrefillTile {
+        let three = PrefillTile { stages: 3, ..self };
         if three.smem_bytes_sm90(head_dim) <= 227 * 1024 {
             three
         } else {
-            PrefillTile { stages: 2, ..three }
+            PrefillTile { stages: 2, ..self }
         }
     }
 

@@ -315,7 +315,6 @@ fn head_dim_80_variants_compile_for_sm80_and_sm90a() {
 fn decode_kernels_use_no_local_memory() {
     use attention_codegen::render::{decode_splitkv_runs, decode_splitkv_warps};
     use attention_codegen::{RopeMode, Sinks, SUPPORTED_HEAD_DIMS};
-    use attention_runtime::jit::{compile_with_ptxas_info, PtxasUsage};
     if !require_nvrtc() {
         return;
     }
@@ -346,23 +345,8 @@ fn decode_kernels_use_no_local_memory() {
     let mut failures = Vec::new();
     let mut checked = 0;
     for k in kernels {
-        let compiled = compile_with_ptxas_info(&k.key, &k.source, "sm_90a").expect("compiles");
-        let usage = PtxasUsage::parse(&compiled.log);
-        for e in [k.key.clone(), format!("{}_combine", k.key)] {
-            match usage.iter().find(|(n, _)| *n == e) {
-                Some((_, u)) => {
-                    eprintln!(
-                        "{e} sm_90a: {} registers, {} / {} bytes spill stores / loads",
-                        u.registers, u.spill_stores, u.spill_loads
-                    );
-                    if u.spill_stores > 0 || u.spill_loads > 0 {
-                        failures.push(format!("{e} spills: {u:?}"));
-                    }
-                    checked += 1;
-                }
-                None => failures.push(format!("{e}: no ptxas usage line:\n{}", compiled.log)),
-            }
-        }
+        let entries = [k.key.clone(), format!("{}_combine", k.key)];
+        checked += check_no_spills_sm90a(&k.key, &k.source, &entries, &mut failures);
     }
     assert!(checked >= 2, "no decode_splitkv kernel in the catalog");
     assert!(failures.is_empty(), "{}", failures.join("\n"));
@@ -377,7 +361,6 @@ fn decode_kernels_use_no_local_memory() {
 fn warp_specialized_sm90_tiles_compile() {
     use attention_codegen::render::PrefillTile;
     use attention_codegen::{MaskType, Sinks};
-    use attention_runtime::jit::{compile_with_ptxas_info, PtxasUsage};
     if !require_nvrtc() {
         return;
     }
@@ -402,20 +385,39 @@ fn warp_specialized_sm90_tiles_compile() {
             }
             let k = c.render().unwrap();
             assert!(k.source.contains("setmaxnreg"), "{}", k.key);
-            let compiled = compile_with_ptxas_info(&k.key, &k.source, "sm_90a").expect("compiles");
-            let usage = PtxasUsage::parse(&compiled.log);
-            let Some((_, u)) = usage.iter().find(|(n, _)| *n == k.key) else {
-                failures.push(format!("{}: no ptxas usage line:\n{}", k.key, compiled.log));
-                continue;
-            };
-            eprintln!(
-                "{} sm_90a: {} registers, {} / {} bytes spill stores / loads",
-                k.key, u.registers, u.spill_stores, u.spill_loads
-            );
-            if u.spill_stores > 0 || u.spill_loads > 0 {
-                failures.push(format!("{} spills: {u:?}", k.key));
-            }
+            check_no_spills_sm90a(&k.key, &k.source, &[k.key.clone()], &mut failures);
         }
     }
     assert!(failures.is_empty(), "{}", failures.join("\n"));
+}
+
+/// Compile `source` (kernel `key`) for sm_90a and check each of `entries` in ptxas's resource
+/// report: printed, and a failure pushed for any spill or a missing report line. Returns the
+/// entries checked.
+fn check_no_spills_sm90a(
+    key: &str,
+    source: &str,
+    entries: &[String],
+    failures: &mut Vec<String>,
+) -> usize {
+    use attention_runtime::jit::{compile_with_ptxas_info, PtxasUsage};
+    let compiled = compile_with_ptxas_info(key, source, "sm_90a").expect("compiles");
+    let usage = PtxasUsage::parse(&compiled.log);
+    let mut checked = 0;
+    for e in entries {
+        match usage.iter().find(|(n, _)| n == e) {
+            Some((_, u)) => {
+                eprintln!(
+                    "{e} sm_90a: {} registers, {} / {} bytes spill stores / loads",
+                    u.registers, u.spill_stores, u.spill_loads
+                );
+                if u.spill_stores > 0 || u.spill_loads > 0 {
+                    failures.push(format!("{e} spills: {u:?}"));
+                }
+                checked += 1;
+            }
+            None => failures.push(format!("{e}: no ptxas usage line:\n{}", compiled.log)),
+        }
+    }
+    checked
 }
