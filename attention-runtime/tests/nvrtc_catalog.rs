@@ -385,7 +385,12 @@ fn warp_specialized_sm90_tiles_compile() {
             }
             let k = c.render().unwrap();
             assert!(k.source.contains("setmaxnreg"), "{}", k.key);
-            check_no_spills_sm90a(&k.key, &k.source, &[k.key.clone()], &mut failures);
+            check_no_spills_sm90a(
+                &k.key,
+                &k.source,
+                std::slice::from_ref(&k.key),
+                &mut failures,
+            );
         }
     }
     assert!(failures.is_empty(), "{}", failures.join("\n"));
