@@ -306,6 +306,13 @@ template <int N>
 __device__ __forceinline__ void cp_async_wait() { asm volatile("cp.async.wait_group %0;\n" ::"n"(N)); }
 
 
+// ---------------------------------------------------------------------------------------
+// What the wgmma kernels (templates/prefill_sm90.cu, backward_dqdkdv_sm90.cu) share: the
+// 128-byte-swizzled shared-memory tile layout and its cp.async loader, the shared-memory
+// matrix descriptor, and the wgmma fence / commit / wait. Needs partials/types.cu and
+// cp_async.cu first, and LOADERS (the threads that call load_tile).
+// ---------------------------------------------------------------------------------------
+
 /// Byte offset of 16-byte chunk `ch` of row `r` in a swizzled tile of ROWS rows.
 template <int ROWS>
 __device__ __forceinline__ unsigned sw_off(int r, int ch) {
@@ -327,6 +334,23 @@ __device__ __forceinline__ void wgmma_wait() {
 }
 /// Keeps the compiler from moving accesses of an accumulator register across the async MMAs.
 __device__ __forceinline__ void reg_fence(float& r) { asm volatile("" : "+f"(r)::"memory"); }
+
+/// Async copy of ROWS rows (HEAD_DIM elements each, global row stride `stride` elements) into
+/// a swizzled tile by the LOADERS threads (`tid` in 0..LOADERS); rows at or past `nvalid` are
+/// zero-filled.
+template <int ROWS>
+__device__ __forceinline__ void load_tile(unsigned base, const elem_t* __restrict__ src, long long stride,
+                                          int nvalid, int tid) {
+#pragma unroll
+    for (int c = tid; c < ROWS * CHUNKS; c += LOADERS) {
+        const int r = c / CHUNKS;
+        const int ch = c % CHUNKS;
+        const bool ok = r < nvalid;
+        const elem_t* g = ok ? src + (long long)r * stride + ch * 8 : src;
+        cp_async16(base + sw_off<ROWS>(r, ch), g, ok);
+    }
+}
+
 
 /// d (+)= A B, m64n128k16: A (64 x 16, K-major) and B (16 x BLOCK_N, K-major) from shared
 /// memory; `accumulate == 0` overwrites d.
@@ -436,22 +460,6 @@ __device__ __forceinline__ float fast_exp2(float x) {
     return y;
 }
 
-
-/// Async copy of ROWS rows (HEAD_DIM elements each, global row stride `stride` elements) into
-/// a swizzled tile by the LOADERS threads (`tid` in 0..LOADERS); rows at or past `nvalid` are
-/// zero-filled.
-template <int ROWS>
-__device__ __forceinline__ void load_tile(unsigned base, const elem_t* __restrict__ src, long long stride,
-                                          int nvalid, int tid) {
-#pragma unroll
-    for (int c = tid; c < ROWS * CHUNKS; c += LOADERS) {
-        const int r = c / CHUNKS;
-        const int ch = c % CHUNKS;
-        const bool ok = r < nvalid;
-        const elem_t* g = ok ? src + (long long)r * stride + ch * 8 : src;
-        cp_async16(base + sw_off<ROWS>(r, ch), g, ok);
-    }
-}
 
 // ---------------------------------------------------------------------------------------
 // Shared by the tensor-core prefill kernels (prefill_sm80.cu, prefill_sm90.cu): the per-head

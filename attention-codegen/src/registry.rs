@@ -509,9 +509,59 @@ pub fn backward_fused_config(
     Some(c)
 }
 
+/// The Hopper fused backward config ([`Phase::BackwardDqDkDvSm90`]: the fast mode on wgmma)
+/// of one dtype, head dim, mask, window flag and bias flag, or `None` at a head dim outside
+/// [`SM90_BACKWARD_HEAD_DIMS`](crate::render::SM90_BACKWARD_HEAD_DIMS); unchecked as
+/// [`backward_configs`].
+pub fn backward_fused_config_sm90(
+    dtype: crate::spec::DType,
+    head_dim: usize,
+    mask: MaskType,
+    has_window: bool,
+    has_bias: bool,
+) -> Option<KernelConfig> {
+    if !crate::render::SM90_BACKWARD_HEAD_DIMS.contains(&head_dim) {
+        return None;
+    }
+    let mut c = KernelConfig::new(Phase::BackwardDqDkDvSm90, dtype, head_dim);
+    c.mask = Some(mask);
+    c.has_window = has_window;
+    c.has_bias = has_bias;
+    Some(c)
+}
+
+/// The fused backward kernel (the fast mode) a device runs: the Hopper one
+/// ([`backward_fused_config_sm90`]) on a device with `wgmma` where it exists and its shared
+/// memory fits, else the sm80 one ([`backward_fused_config`]) where its shared memory fits,
+/// else `None` (the deterministic pair runs). For [`Target::AnyDevice`] the portable sm80
+/// kernel.
+pub fn backward_fused_for(
+    dtype: crate::spec::DType,
+    head_dim: usize,
+    mask: MaskType,
+    has_window: bool,
+    has_bias: bool,
+    target: Target,
+) -> Option<KernelConfig> {
+    let fits = |c: &KernelConfig| match target {
+        Target::Device { smem_optin, .. } => c.backward_smem_bytes() <= smem_optin,
+        Target::AnyDevice => true,
+    };
+    if let Target::Device { wgmma: true, .. } = target {
+        if let Some(c) = backward_fused_config_sm90(dtype, head_dim, mask, has_window, has_bias)
+            .filter(|c| fits(c) && c.check_config().is_ok())
+        {
+            return Some(c);
+        }
+    }
+    backward_fused_config(dtype, head_dim, mask, has_window, has_bias).filter(fits)
+}
+
 /// The backward kernels a training run of `spec` at `head_dim` can launch on `target`: the
 /// preprocess, then dK/dV and dQ for every mask type the spec lists, each without and with
-/// an additive bias (as the forward's list), deduplicated by key. A separate list from
+/// an additive bias (as the forward's list), each followed by the fused kernel of the fast
+/// mode [`backward_fused_for`] picks (for [`Target::AnyDevice`] the sm80 one and the Hopper
+/// one), deduplicated by key. A separate list from
 /// [`kernels_for`], so serving-only specs compile no training kernel. Errors: those of
 /// [`backward`].
 pub fn backward_kernels_for(
@@ -523,14 +573,16 @@ pub fn backward_kernels_for(
     for &mask in &spec.masks {
         for has_bias in [false, true] {
             out.extend(backward(spec, head_dim, mask, has_bias, target)?);
-            if let Some(c) =
-                backward_fused_config(spec.dtype, head_dim, mask, spec.window.is_some(), has_bias)
-            {
-                let fits = match target {
-                    Target::Device { smem_optin, .. } => c.backward_smem_bytes() <= smem_optin,
-                    Target::AnyDevice => true,
-                };
-                if fits {
+            let win = spec.window.is_some();
+            if let Some(c) = backward_fused_for(spec.dtype, head_dim, mask, win, has_bias, target) {
+                c.check_config()?;
+                out.push(c);
+            }
+            if target == Target::AnyDevice {
+                // The union over devices: the Hopper kernel too.
+                if let Some(c) =
+                    backward_fused_config_sm90(spec.dtype, head_dim, mask, win, has_bias)
+                {
                     c.check_config()?;
                     out.push(c);
                 }

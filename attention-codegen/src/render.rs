@@ -85,6 +85,10 @@ const TEMPLATES: &[(&str, &str)] = &[
     ),
     ("append_kv.cu", include_str!("../../templates/append_kv.cu")),
     (
+        "partials/wgmma_sm90.cu",
+        include_str!("../../templates/partials/wgmma_sm90.cu"),
+    ),
+    (
         "partials/cp_async.cu",
         include_str!("../../templates/partials/cp_async.cu"),
     ),
@@ -124,6 +128,10 @@ const TEMPLATES: &[(&str, &str)] = &[
         "backward_dqdkdv_sm80.cu",
         include_str!("../../templates/backward_dqdkdv_sm80.cu"),
     ),
+    (
+        "backward_dqdkdv_sm90.cu",
+        include_str!("../../templates/backward_dqdkdv_sm90.cu"),
+    ),
 ];
 
 /// Head dims the backward kernels ([`Phase::BackwardDkdv`], [`Phase::BackwardDq`]) support:
@@ -133,6 +141,12 @@ const TEMPLATES: &[(&str, &str)] = &[
 /// checks; ptxas, NVRTC 13) except the mask-tensor variants at head dims 224 and 256 (16 to
 /// 36 bytes of spill stores).
 pub const BACKWARD_HEAD_DIMS: &[usize] = SUPPORTED_HEAD_DIMS;
+
+/// Head dims of the Hopper backward kernel ([`Phase::BackwardDqDkDvSm90`]): its two
+/// warpgroups split dQ's 64-column panels (head dim 128) or 128 queries (head dim 64); at 256
+/// its dK and dV accumulators (64 keys x 256 columns each per warpgroup) do not fit the
+/// registers, so other head dims run the sm80 kernel.
+pub const SM90_BACKWARD_HEAD_DIMS: &[usize] = &[64, 128];
 
 /// Warps per block of the fused backward ([`Phase::BackwardDqDkDv`]).
 pub const FUSED_BACKWARD_WARPS: usize = 8;
@@ -386,11 +400,16 @@ pub enum Phase {
     /// buffer with atomics; its `<key>_dq_convert` entry scales and rounds that buffer into
     /// dq. Head dims of [`fused_backward_layout`] only.
     BackwardDqDkDv,
+    /// [`Phase::BackwardDqDkDv`] on Hopper's warpgroup MMA (`wgmma`, sm_90a only): the same
+    /// launch, parameters and results, FlashAttention-3's transposed products (S^T = K Q^T,
+    /// dP^T = V dO^T, so that P^T and dS^T feed dV and dK from registers). Head dims of
+    /// [`SM90_BACKWARD_HEAD_DIMS`] only.
+    BackwardDqDkDvSm90,
 }
 
 impl Phase {
     /// Every phase.
-    pub const ALL: [Phase; 12] = [
+    pub const ALL: [Phase; 13] = [
         Phase::PrefillRows,
         Phase::PrefillSm80,
         Phase::PrefillSm90,
@@ -403,14 +422,17 @@ impl Phase {
         Phase::BackwardDkdv,
         Phase::BackwardDq,
         Phase::BackwardDqDkDv,
+        Phase::BackwardDqDkDvSm90,
     ];
 
     /// Whether NVRTC can compile this phase's kernels for `arch` (`sm_80`, `sm_90a`, ...):
-    /// `PrefillSm90` uses wgmma, which exists on `sm_90a` only; every other phase compiles
-    /// for any arch the crate supports.
+    /// `PrefillSm90` and `BackwardDqDkDvSm90` use wgmma, which exists on `sm_90a` only; every
+    /// other phase compiles for any arch the crate supports.
     pub fn compiles_for(self, arch: &str) -> bool {
         match self {
-            Phase::PrefillSm90 => arch == "sm_90a" || arch == "compute_90a",
+            Phase::PrefillSm90 | Phase::BackwardDqDkDvSm90 => {
+                arch == "sm_90a" || arch == "compute_90a"
+            }
             _ => true,
         }
     }
@@ -423,6 +445,7 @@ impl Phase {
                 | Phase::BackwardDkdv
                 | Phase::BackwardDq
                 | Phase::BackwardDqDkDv
+                | Phase::BackwardDqDkDvSm90
         )
     }
 
@@ -440,7 +463,7 @@ impl Phase {
             Phase::BackwardPreprocess => "backward_preprocess",
             Phase::BackwardDkdv => "backward_dkdv",
             Phase::BackwardDq => "backward_dq",
-            Phase::BackwardDqDkDv => "backward_dqdkdv",
+            Phase::BackwardDqDkDv | Phase::BackwardDqDkDvSm90 => "backward_dqdkdv",
         }
     }
 
@@ -461,6 +484,7 @@ impl Phase {
             Phase::BackwardDkdv => "backward_dkdv",
             Phase::BackwardDq => "backward_dq",
             Phase::BackwardDqDkDv => "backward_dqdkdv_sm80",
+            Phase::BackwardDqDkDvSm90 => "backward_dqdkdv_sm90",
         }
     }
 
@@ -477,6 +501,7 @@ impl Phase {
             Phase::BackwardPreprocess => "backward_preprocess.cu",
             Phase::BackwardDkdv | Phase::BackwardDq => "backward_sm80.cu",
             Phase::BackwardDqDkDv => "backward_dqdkdv_sm80.cu",
+            Phase::BackwardDqDkDvSm90 => "backward_dqdkdv_sm90.cu",
         }
     }
 }
@@ -629,6 +654,12 @@ impl PrefillTile {
     /// the steps shrink: dK/dV over 32 queries up to head dim 64 and 16 above, dQ over 32 keys.
     pub fn for_backward(phase: Phase, head_dim: usize, mask_tensor: bool) -> PrefillTile {
         match phase {
+            Phase::BackwardDqDkDvSm90 => PrefillTile {
+                block_m: if head_dim <= 64 { 128 } else { 64 },
+                block_n: 128,
+                warps: FUSED_BACKWARD_WARPS,
+                stages: 2,
+            },
             Phase::BackwardDqDkDv => PrefillTile {
                 block_m: fused_block_m(head_dim),
                 block_n: if head_dim <= 128 { 128 } else { 64 },
@@ -934,7 +965,8 @@ impl KernelConfig {
             | Phase::PrefillSm90
             | Phase::BackwardDkdv
             | Phase::BackwardDq
-            | Phase::BackwardDqDkDv => match self.mask {
+            | Phase::BackwardDqDkDv
+            | Phase::BackwardDqDkDvSm90 => match self.mask {
                 Some(MaskType::Causal | MaskType::PaddingCausal) => "top_left",
                 Some(MaskType::CausalBottomRight) => "bottom_right",
                 _ => "none",
@@ -958,9 +990,9 @@ impl KernelConfig {
     /// - `backward_preprocess_<dtype>_hd<D>` (its sinks entry is `<key>_dsink`)
     /// - `backward_dkdv_<dtype>_hd<D>_<mask>[_win][_bias]_m<M>n<N>w<W>_sm80`,
     ///   `backward_dq_<dtype>_hd<D>_<mask>[_win][_bias]_m<M>n<N>w<W>_sm80`,
-    ///   `backward_dqdkdv_<dtype>_hd<D>_<mask>[_win][_bias]_m<M>n<N>w<W>_sm80` (its conversion
-    ///   entry is `<key>_dq_convert`; sinks change no backward source: they enter through the
-    ///   forward's LSE)
+    ///   `backward_dqdkdv_<dtype>_hd<D>_<mask>[_win][_bias]_m<M>n<N>w<W>_sm80` and its Hopper
+    ///   twin `…_sm90` (their conversion entry is `<key>_dq_convert`; sinks change no
+    ///   backward source: they enter through the forward's LSE)
     ///
     /// `sink1` = off-by-one sink, `sinkl` = learnable sink, `R` = rotated channels. `_paged`
     /// marks every kernel reading K/V from a paged pool; the arch suffix (`_sm80`: the lowest
@@ -974,7 +1006,10 @@ impl KernelConfig {
         );
         match self.phase {
             Phase::BackwardPreprocess => return k,
-            Phase::BackwardDkdv | Phase::BackwardDq | Phase::BackwardDqDkDv => {
+            Phase::BackwardDkdv
+            | Phase::BackwardDq
+            | Phase::BackwardDqDkDv
+            | Phase::BackwardDqDkDvSm90 => {
                 k.push('_');
                 k.push_str(self.mask.map(|m| m.name()).unwrap_or("nomask_missing"));
                 if self.has_window {
@@ -984,7 +1019,17 @@ impl KernelConfig {
                     k.push_str("_bias");
                 }
                 let t = self.prefill_tile();
-                k.push_str(&format!("_m{}n{}w{}_sm80", t.block_m, t.block_n, t.warps));
+                k.push_str(&format!(
+                    "_m{}n{}w{}{}",
+                    t.block_m,
+                    t.block_n,
+                    t.warps,
+                    if self.phase == Phase::BackwardDqDkDvSm90 {
+                        "_sm90"
+                    } else {
+                        "_sm80"
+                    }
+                ));
                 return k;
             }
             _ => {}
@@ -1000,7 +1045,8 @@ impl KernelConfig {
             | Phase::BackwardPreprocess
             | Phase::BackwardDkdv
             | Phase::BackwardDq
-            | Phase::BackwardDqDkDv => {}
+            | Phase::BackwardDqDkDv
+            | Phase::BackwardDqDkDvSm90 => {}
             Phase::DecodeSplitKv => match self.rope {
                 None => k.push_str("_norope"),
                 Some((RopeMode::Half, r)) => k.push_str(&format!("_ropehalf{r}")),
@@ -1170,6 +1216,19 @@ impl KernelConfig {
             return Err(RenderError::WindowOnMask { mask });
         }
         let t = self.prefill_tile();
+        if self.phase == Phase::BackwardDqDkDvSm90 {
+            // The Hopper kernel: only its own tile, at head dims whose dQ split it has.
+            if !SM90_BACKWARD_HEAD_DIMS.contains(&self.head_dim) {
+                return Err(RenderError::Unsupported {
+                    argument: "head_dim",
+                    reason: "the Hopper backward kernel supports head dims 64 and 128",
+                });
+            }
+            if t != PrefillTile::for_backward(Phase::BackwardDqDkDvSm90, self.head_dim, false) {
+                return Err(RenderError::BadPrefillTile { tile: t });
+            }
+            return Ok(());
+        }
         if self.phase == Phase::BackwardDqDkDv {
             // The fused kernel: only its own tile, at head dims with a warp grid.
             if fused_backward_layout(self.head_dim).is_none() {
@@ -1213,13 +1272,21 @@ impl KernelConfig {
     /// Dynamic shared memory (bytes) of a backward dK/dV or dQ block (0 for the other
     /// phases): dK/dV holds K, V and two buffers of the Q, dO tiles (rows padded to
     /// `head_dim + 8` 16-bit elements) and of their LSE and D (f32); dQ holds Q, dO and two
-    /// buffers of the K, V tiles.
+    /// buffers of the K, V tiles; the fused kernels hold K, V, two buffers of Q and dO, P and
+    /// dS (sm80, padded rows) or dS^T alone (sm90, swizzled rows, plus 1024 bytes of
+    /// alignment), and the LSE and D.
     pub fn backward_smem_bytes(&self) -> usize {
         let t = self.prefill_tile();
         let row = (self.head_dim + 8) * 2;
         match self.phase {
             Phase::BackwardDkdv => (2 * t.block_n + 4 * t.block_m) * row + 16 * t.block_m,
             Phase::BackwardDq => (2 * t.block_m + 4 * t.block_n) * row,
+            Phase::BackwardDqDkDvSm90 => {
+                (2 * t.block_n + 4 * t.block_m) * self.head_dim * 2
+                    + t.block_n * t.block_m * 2
+                    + 16 * t.block_m
+                    + 1024
+            }
             Phase::BackwardDqDkDv => {
                 (2 * t.block_n + 4 * t.block_m) * row
                     + 2 * t.block_m * (t.block_n + 8) * 2
@@ -1300,7 +1367,7 @@ impl KernelConfig {
             match self.phase {
                 Phase::BackwardDkdv => "dkdv",
                 Phase::BackwardDq => "dq",
-                Phase::BackwardDqDkDv => "dqdkdv",
+                Phase::BackwardDqDkDv | Phase::BackwardDqDkDvSm90 => "dqdkdv",
                 _ => "none",
             },
         );
@@ -1308,6 +1375,16 @@ impl KernelConfig {
         c.insert("wm_s", &wm_s);
         c.insert("wn_kv", &wn_kv);
         c.insert("wm_q", &wm_q);
+        // The Hopper backward's wgmma shapes: S^T over the step's queries, dQ's columns per
+        // warpgroup (every one when the warpgroups split 128 queries, else half).
+        c.insert("st_tiles", &(tile.block_m / 8));
+        let dq_n = if tile.block_m == 128 {
+            self.head_dim
+        } else {
+            self.head_dim / 2
+        };
+        c.insert("dq_n", &dq_n);
+        c.insert("dq_tiles", &(dq_n / 8));
         c
     }
 
@@ -1332,6 +1409,7 @@ impl KernelConfig {
                     | Phase::BackwardDkdv
                     | Phase::BackwardDq
                     | Phase::BackwardDqDkDv
+                    | Phase::BackwardDqDkDvSm90
             ) {
                 self.mask
             } else {

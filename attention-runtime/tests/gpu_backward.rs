@@ -537,7 +537,7 @@ fn run<T: Elem>(case: &Case, seed: u64) {
         }
     }
     eprintln!(
-        "ok {:?} hd{} {:?} {:?} bias {:?} win {:?} sinks {:?} heads {}/{} seqs {:?} packed {} ({} empty rows): {}",
+        "ok {:?} hd{} {:?} {:?} bias {:?} win {:?} sinks {:?} heads {}/{} seqs {:?} packed {} ({} empty rows), fast mode {}: {}",
         case.dtype,
         hd,
         case.mask,
@@ -550,6 +550,7 @@ fn run<T: Elem>(case: &Case, seed: u64) {
         &case.seqs[..case.seqs.len().min(4)],
         case.packed,
         empty_rows.len(),
+        bwd.fused_key().unwrap_or("none (deterministic pair)"),
         errs.join(", ")
     );
 }
@@ -834,4 +835,46 @@ fn backward_bias_and_dbias() {
     c.seqs = vec![(60, 90), (100, 100), (5, 2)];
     c.bias_shape = Some([3, 4, 100, 100]);
     check(c);
+}
+
+/// On an sm_90 device (unless `ATTN_DISABLE_SM90` is set) the fast mode runs the Hopper
+/// kernel (`backward_dqdkdv_*_sm90`) at head dims 64 and 128, the sm80 one at the others;
+/// every other device runs the sm80 one.
+#[test]
+#[ignore = "requires a CUDA GPU"]
+fn backward_fast_mode_picks_the_hopper_kernel_on_sm90() {
+    let (ctx, _stream) = cuda_stream();
+    let hopper = ctx.compute_capability().unwrap() == (9, 0)
+        && !attention_runtime::cuda::layer::sm90_disabled();
+    for hd in [64, 96, 128, 256] {
+        let bwd =
+            AttentionBackward::new(&ctx, DType::Bf16, hd, MaskType::Causal, false, false).unwrap();
+        let key = bwd.fused_key().expect("a fused kernel");
+        let want = if hopper && (hd == 64 || hd == 128) {
+            "_sm90"
+        } else {
+            "_sm80"
+        };
+        assert!(key.ends_with(want), "hd{hd}: {key}");
+        eprintln!("hd{hd}: fast mode runs {key}");
+    }
+}
+
+/// Small cases for compute-sanitizer (memcheck, racecheck) on the fast kernels: a partial
+/// query tile and a partial KV tile, GQA, causal, a window and a packed ragged batch, at
+/// head dims 64 and 128 (the Hopper kernel on an sm_90 device).
+#[test]
+#[ignore = "requires a CUDA GPU"]
+fn backward_sanitizer_cases() {
+    for hd in [64, 128] {
+        let mut c = Case::new(hd, MaskType::Causal, 150, 150, 1);
+        c.heads = 4;
+        c.groups = 2;
+        check(c);
+        let mut c = Case::new(hd, MaskType::NoMask, 0, 0, 0);
+        c.packed = true;
+        c.seqs = vec![(70, 130), (5, 3)];
+        c.window = Some((20, 9));
+        check(c);
+    }
 }

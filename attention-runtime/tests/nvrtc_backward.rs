@@ -7,7 +7,8 @@
 //! Needs libnvrtc (see `nvrtc_catalog.rs`); `ATTN_SKIP_NVRTC=1` skips.
 
 use attention_codegen::registry::{
-    backward, backward_configs, backward_fused_config, backward_kernels_for, Target,
+    backward, backward_configs, backward_fused_config, backward_fused_config_sm90,
+    backward_fused_for, backward_kernels_for, Target,
 };
 use attention_codegen::render::{KernelConfig, Phase, RenderError};
 use attention_codegen::{parse_spec, DType, MaskType};
@@ -53,7 +54,7 @@ fn compile_one_spilling(c: &KernelConfig, arch: &str, max_spill: u32, failures: 
     if c.phase == Phase::BackwardPreprocess {
         entries.push(format!("{}_dsink", k.key));
     }
-    if c.phase == Phase::BackwardDqDkDv {
+    if matches!(c.phase, Phase::BackwardDqDkDv | Phase::BackwardDqDkDvSm90) {
         entries.push(format!("{}_dq_convert", k.key));
     }
     let want = param_layout(c.phase, false).expect("backward phases have a layout");
@@ -295,15 +296,19 @@ fn backward_keys_and_unsupported_features() {
             "backward_dkdv_bf16_hd64_causal_win_m64n64w4_sm80",
             "backward_dq_bf16_hd64_causal_win_m64n64w4_sm80",
             "backward_dqdkdv_bf16_hd64_causal_win_m128n128w8_sm80",
+            "backward_dqdkdv_bf16_hd64_causal_win_m128n128w8_sm90",
             "backward_dkdv_bf16_hd64_causal_win_bias_m32n64w4_sm80",
             "backward_dq_bf16_hd64_causal_win_bias_m64n32w4_sm80",
             "backward_dqdkdv_bf16_hd64_causal_win_bias_m128n128w8_sm80",
+            "backward_dqdkdv_bf16_hd64_causal_win_bias_m128n128w8_sm90",
             "backward_dkdv_bf16_hd64_padding_win_m32n64w4_sm80",
             "backward_dq_bf16_hd64_padding_win_m64n32w4_sm80",
             "backward_dqdkdv_bf16_hd64_padding_win_m128n128w8_sm80",
+            "backward_dqdkdv_bf16_hd64_padding_win_m128n128w8_sm90",
             "backward_dkdv_bf16_hd64_padding_win_bias_m32n64w4_sm80",
             "backward_dq_bf16_hd64_padding_win_bias_m64n32w4_sm80",
             "backward_dqdkdv_bf16_hd64_padding_win_bias_m128n128w8_sm80",
+            "backward_dqdkdv_bf16_hd64_padding_win_bias_m128n128w8_sm90",
         ]
     );
     assert!(backward(
@@ -324,4 +329,89 @@ fn backward_keys_and_unsupported_features() {
     .is_ok());
     let gated = parse_spec("self, heads = 8, output_gate, mask = causal").unwrap();
     assert!(backward(&gated, 64, MaskType::Causal, false, Target::AnyDevice).is_err());
+}
+
+/// The Hopper fused kernel (`backward_dqdkdv_*_sm90`, wgmma): every mask kind, window and
+/// bias at head dims 64 and 128 and both dtypes compile for sm_90a with one `BwdParams` by
+/// value and at most [`FUSED_MAX_SPILL`] bytes of spills (NVRTC 13: 0-12 bytes at head dim
+/// 128, up to 96 at 64, where S^T and dP^T of 128 queries are in flight together); it is
+/// never listed for a device without wgmma, and other head dims have none.
+#[test]
+fn fused_backward_sm90_kernels_compile() {
+    if !require_nvrtc() {
+        return;
+    }
+    let mut failures = Vec::new();
+    let mut n = 0;
+    for hd in [64, 128] {
+        for (dtype, mask, win, bias) in [
+            (DType::Bf16, MaskType::NoMask, false, false),
+            (DType::Bf16, MaskType::Causal, false, false),
+            (DType::F16, MaskType::CausalBottomRight, true, false),
+            (DType::Bf16, MaskType::PaddingCausal, false, false),
+            (DType::Bf16, MaskType::Arbitrary, false, true),
+        ] {
+            let c = backward_fused_config_sm90(dtype, hd, mask, win, bias).expect("a config");
+            assert!(c.key().ends_with("_sm90"), "{}", c.key());
+            assert!(!c.phase.compiles_for("sm_80") && c.phase.compiles_for("sm_90a"));
+            compile_one_spilling(&c, "sm_90a", FUSED_MAX_SPILL, &mut failures);
+            n += 1;
+        }
+    }
+    for hd in [32, 96, 192, 256] {
+        assert!(
+            backward_fused_config_sm90(DType::Bf16, hd, MaskType::Causal, false, false).is_none()
+        );
+    }
+    assert!(
+        failures.is_empty(),
+        "{} of {n} compiles failed:\n{}",
+        failures.len(),
+        failures.join("\n\n")
+    );
+}
+
+/// The fast-mode kernel a device runs: the Hopper one on a wgmma device at head dims 64 and
+/// 128, the sm80 one otherwise (and on devices without wgmma, and for `AnyDevice`).
+#[test]
+fn fused_backward_choice_per_device() {
+    let hopper = Target::Device {
+        sm: 90,
+        smem_optin: 227 * 1024,
+        wgmma: true,
+    };
+    let ampere = Target::from_arch("sm_80").unwrap();
+    let plain_90 = Target::Device {
+        sm: 90,
+        smem_optin: 227 * 1024,
+        wgmma: false,
+    };
+    let pick = |hd: usize, t: Target| {
+        backward_fused_for(DType::Bf16, hd, MaskType::Causal, false, false, t).map(|c| c.phase)
+    };
+    assert_eq!(pick(64, hopper), Some(Phase::BackwardDqDkDvSm90));
+    assert_eq!(pick(128, hopper), Some(Phase::BackwardDqDkDvSm90));
+    assert_eq!(pick(96, hopper), Some(Phase::BackwardDqDkDv));
+    assert_eq!(pick(256, hopper), Some(Phase::BackwardDqDkDv));
+    assert_eq!(pick(80, hopper), None);
+    for t in [plain_90, Target::AnyDevice] {
+        assert_eq!(pick(128, t), Some(Phase::BackwardDqDkDv));
+    }
+    // The sm80 fused tiles need 171-178 KiB of shared memory, over sm_80's 163 KiB: the
+    // deterministic pair runs there (the launcher used to fail to load the fused kernel).
+    assert_eq!(pick(64, ampere), None);
+    assert_eq!(pick(128, ampere), None);
+    // Its shared memory fits Hopper's opt-in limit (and the registry checks that).
+    let c = backward_fused_config_sm90(DType::Bf16, 128, MaskType::Causal, false, false).unwrap();
+    assert!(
+        c.backward_smem_bytes() <= 227 * 1024,
+        "{}",
+        c.backward_smem_bytes()
+    );
+    let small = Target::Device {
+        sm: 90,
+        smem_optin: 100 * 1024,
+        wgmma: true,
+    };
+    assert_ne!(pick(128, small), Some(Phase::BackwardDqDkDvSm90));
 }

@@ -17,6 +17,13 @@
 //!    buffer (zero-filled, allocated here) with f32 atomics;
 //! 3'. its `_dq_convert` entry: dq = softmax_scale · that buffer, rounded.
 //!
+//! On Hopper (an sm_90 device, unless `ATTN_DISABLE_SM90` is set) at head dims 64 and 128 the
+//! fast mode runs `backward_dqdkdv_…_sm90` instead (`templates/backward_dqdkdv_sm90.cu`: the
+//! same launch, parameters and results on warpgroup MMA, two warpgroups of 64 keys each,
+//! FlashAttention-3's transposed products so that P and dS feed dV and dK from registers);
+//! the registry's [`backward_fused_for`] makes the choice, and picks no fused kernel where
+//! the tile's shared memory exceeds the device's (the deterministic pair runs then).
+//!
 //! The forward's LSE is read, never recomputed. **Determinism:** the deterministic mode has
 //! no atomics and a fixed summation order everywhere, so the gradients are bitwise equal from
 //! run to run (the GPU test checks); it recomputes S = QKᵀ and dP = dO Vᵀ in the dQ kernel (7
@@ -40,7 +47,7 @@
 
 use std::sync::Arc;
 
-use attention_codegen::registry::{backward_configs, backward_fused_config};
+use attention_codegen::registry::{backward_configs, backward_fused_for, Target};
 use attention_codegen::render::{KernelConfig, Phase};
 use attention_codegen::{DType, MaskType};
 use cudarc::driver::sys::CUfunction_attribute_enum;
@@ -221,6 +228,26 @@ fn load(
         .collect()
 }
 
+/// The registry's view of `ctx`'s device: SM version, opt-in shared memory, and whether the
+/// Hopper (`wgmma`) kernels run there (sm_90, unless `ATTN_DISABLE_SM90` is set).
+fn device_target(ctx: &Arc<CudaContext>) -> Result<Target> {
+    let (major, minor) = ctx
+        .compute_capability()
+        .map_err(cuda_err("cuDeviceGetAttribute compute capability".into()))?;
+    let optin = ctx
+        .attribute(
+            cudarc::driver::sys::CUdevice_attribute::CU_DEVICE_ATTRIBUTE_MAX_SHARED_MEMORY_PER_BLOCK_OPTIN,
+        )
+        .map_err(cuda_err(
+            "cuDeviceGetAttribute max shared memory per block (opt-in)".into(),
+        ))?;
+    Ok(Target::Device {
+        sm: (major * 10 + minor).max(0) as u32,
+        smem_optin: optin.max(0) as usize,
+        wgmma: (major, minor) == (9, 0) && !crate::cuda::layer::sm90_disabled(),
+    })
+}
+
 fn set_smem(ctx: &Arc<CudaContext>, f: &CudaFunction, key: &str, bytes: usize) -> Result<()> {
     let max_optin = ctx
         .attribute(
@@ -319,12 +346,13 @@ impl AttentionBackward {
         set_smem(ctx, &dkdv, &keys[1], configs[1].backward_smem_bytes())?;
         set_smem(ctx, &dq, &keys[2], configs[2].backward_smem_bytes())?;
         let c = &configs[1];
-        let fused = match backward_fused_config(
+        let fused = match backward_fused_for(
             c.dtype,
             c.head_dim,
             c.mask.unwrap_or(MaskType::NoMask),
             c.has_window,
             c.has_bias,
+            device_target(ctx)?,
         ) {
             Some(config) => {
                 config

@@ -383,7 +383,8 @@ pub fn param_layout(
         Phase::BackwardPreprocess
         | Phase::BackwardDkdv
         | Phase::BackwardDq
-        | Phase::BackwardDqDkDv => by_value(std::mem::size_of::<BwdParams>()),
+        | Phase::BackwardDqDkDv
+        | Phase::BackwardDqDkDvSm90 => by_value(std::mem::size_of::<BwdParams>()),
     }
 }
 

@@ -1,0 +1,409 @@
+// Kernel `{{ key }}`: attention backward in one pass on Hopper's warpgroup MMA, rendered from
+// templates/backward_dqdkdv_sm90.cu. dtype {{ dtype }}, head dim {{ head_dim }}, mask {{ mask }},
+// window {{ has_window }}, bias {{ has_bias }}. Needs sm_90a (wgmma).
+// Tile: BLOCK_N {{ block_n }} keys per block (64 per warpgroup, two warpgroups = {{ warps }} warps)
+// x BLOCK_M {{ block_m }} queries per step.
+//
+// The same schedule, launch, parameters and math as templates/backward_dqdkdv_sm80.cu (the
+// fast, non-deterministic mode: grid (ceil(max_seqlen_k / BLOCK_N), num_groups, batch); a block
+// owns one KV tile of one group and loops over every query head of the group and every query
+// tile that sees it; dQ added to the f32 `dq_accum` with atomics; `<key>_dq_convert` scales and
+// rounds it), with the products on wgmma and the transposed formulation of FlashAttention-3's
+// backward, so that no product needs a register transpose:
+//   S^T  = K Q^T   : wgmma m64n{{ block_m }}k16, A = this warpgroup's 64 rows of K, B = Q, both
+//                    from shared memory, K-major;
+//   dP^T = V dO^T  : the same with V and dO;
+//   P^T = exp2(S^T * scale * log2e - LSE), dS^T = P^T o (dP^T - D) in registers (f32; keys are
+//   the accumulator's rows, queries its columns);
+//   dV  += P^T dO  : wgmma m64n{{ head_dim }}k16, A = P^T from registers (the accumulator
+//                    repacked to {{ dtype }}: mma.sync's A layout, as the forward's P), B = dO from
+//                    shared memory, MN-major;
+//   dK  += dS^T Q  : the same with dS^T and Q;
+//   dQ_partial = dS K : dS^T goes to shared memory ({{ dtype }}, swizzled, keys as rows); wgmma
+//                    m64n{{ dq_n }}k16 with A = dS (M-major: a transposed read of dS^T) and B = K
+//                    (MN-major), both from shared memory. Head dim 128: each warpgroup takes
+//                    half the head-dim columns of all 64 queries; head dim 64 (128 queries per
+//                    step): each warpgroup takes 64 queries, every column.
+// Q, dO (two buffers), K and V live in shared memory in wgmma's 128-byte-swizzled layout
+// (templates/prefill_sm90.cu), Q/dO/LSE/D by cp.async one step ahead.
+// Dynamic shared memory: SMEM_BYTES = (2 * BLOCK_N + 4 * BLOCK_M) * HEAD_DIM * 2 (K, V, two
+// buffers of Q and dO) + BLOCK_N * BLOCK_M * 2 (dS^T) + 16 * BLOCK_M (two buffers of LSE and
+// D) + 1024 (alignment of the tiles to the swizzle's 1024-byte period).
+
+{% include "partials/types.cu" %}
+{% include "partials/mask.cu" %}
+{% include "partials/params_bwd.cu" %}
+{% include "partials/cp_async.cu" %}
+{% include "partials/pack.cu" %}
+{% include "partials/backward_common.cu" %}
+
+constexpr int BLOCK_M = {{ block_m }};
+constexpr int BLOCK_N = {{ block_n }};
+constexpr int WARPS = {{ warps }};
+constexpr int THREADS = WARPS * WARP_SIZE;
+constexpr int SN = BLOCK_M / 8;      // n8 tiles of S^T / dP^T per thread (queries)
+constexpr int KQ = BLOCK_M / 16;     // k16 steps of dV / dK (queries)
+constexpr int DN = HEAD_DIM / 8;     // n8 tiles of dK / dV (head dim)
+constexpr int KD = HEAD_DIM / 16;    // k16 steps of S^T / dP^T (head dim)
+constexpr int KN = BLOCK_N / 16;     // k16 steps of dQ (keys)
+constexpr int DQ_N = {{ dq_n }};     // head-dim columns of dQ per warpgroup
+constexpr int QN = DQ_N / 8;         // n8 tiles of dQ
+constexpr bool DQ_SPLIT_M = DQ_N == HEAD_DIM;  // warpgroups split dQ's queries (else its columns)
+constexpr int CHUNKS = HEAD_DIM / 8; // 16-byte chunks per row
+constexpr int Q_BYTES = BLOCK_M * HEAD_DIM * 2;
+constexpr int KV_BYTES = BLOCK_N * HEAD_DIM * 2;
+constexpr int DS_BYTES = BLOCK_N * BLOCK_M * 2;
+constexpr int LOADERS = THREADS;     // every thread loads (partials/wgmma_sm90.cu)
+static_assert(WARPS == 8 && BLOCK_N == 128, "two warpgroups of 64 keys");
+static_assert(HEAD_DIM % 64 == 0 && BLOCK_M % 64 == 0, "128-byte swizzle panels of 64 elements");
+static_assert(DQ_SPLIT_M ? BLOCK_M == 128 : (BLOCK_M == 64 && DQ_N * 2 == HEAD_DIM && DQ_N % 64 == 0),
+              "dQ: 64 queries x every column, or 64 queries x half the columns, per warpgroup");
+
+{% include "partials/wgmma_sm90.cu" %}
+
+/// d (+)= A B, m64n{{ block_m }}k16 (S^T, dP^T): A (64 x 16) and B (16 x BLOCK_M) from shared
+/// memory, both K-major; `accumulate == 0` overwrites d.
+__device__ __forceinline__ void wgmma_st(float (&d)[SN][4], unsigned long long desc_a, unsigned long long desc_b,
+                                         int accumulate) {
+    asm volatile(
+        "{\n.reg .pred p;\nsetp.ne.b32 p, %{{ 4 * st_tiles + 2 }}, 0;\n"
+        "wgmma.mma_async.sync.aligned.m64n{{ block_m }}k16.f32.{{ dtype }}.{{ dtype }} "
+        "{ {% for i in range(end=4 * st_tiles) %}%{{ i }}{% if not loop.last %}, {% endif %}{% endfor %} }, "
+        "%{{ 4 * st_tiles }}, %{{ 4 * st_tiles + 1 }}, p, 1, 1, 0, 0;\n}\n"
+        : {% for j in range(end=st_tiles) %}"+f"(d[{{ j }}][0]), "+f"(d[{{ j }}][1]), "+f"(d[{{ j }}][2]), "+f"(d[{{ j }}][3]){% if not loop.last %},
+          {% endif %}{% endfor %}
+        : "l"(desc_a), "l"(desc_b), "r"(accumulate));
+}
+
+/// d += A B, m64n{{ head_dim }}k16 (dV, dK): A (64 x 16) from registers, B (16 x HEAD_DIM) from
+/// shared memory, MN-major.
+__device__ __forceinline__ void wgmma_kv(float (&d)[DN][4], const unsigned (&a)[4], unsigned long long desc_b) {
+    asm volatile(
+        "{\n"
+        "wgmma.mma_async.sync.aligned.m64n{{ head_dim }}k16.f32.{{ dtype }}.{{ dtype }} "
+        "{ {% for i in range(end=4 * o_tiles) %}%{{ i }}{% if not loop.last %}, {% endif %}{% endfor %} }, "
+        "{ %{{ 4 * o_tiles }}, %{{ 4 * o_tiles + 1 }}, %{{ 4 * o_tiles + 2 }}, %{{ 4 * o_tiles + 3 }} }, "
+        "%{{ 4 * o_tiles + 4 }}, 1, 1, 1, 1;\n}\n"
+        : {% for j in range(end=o_tiles) %}"+f"(d[{{ j }}][0]), "+f"(d[{{ j }}][1]), "+f"(d[{{ j }}][2]), "+f"(d[{{ j }}][3]){% if not loop.last %},
+          {% endif %}{% endfor %}
+        : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "l"(desc_b));
+}
+
+/// d (+)= A B, m64n{{ dq_n }}k16 (dQ): A (64 x 16) from shared memory M-major (dS, read from the
+/// row-major dS^T), B (16 x DQ_N) from shared memory MN-major (K); `accumulate == 0`
+/// overwrites d.
+__device__ __forceinline__ void wgmma_dq(float (&d)[QN][4], unsigned long long desc_a, unsigned long long desc_b,
+                                         int accumulate) {
+    asm volatile(
+        "{\n.reg .pred p;\nsetp.ne.b32 p, %{{ 4 * dq_tiles + 2 }}, 0;\n"
+        "wgmma.mma_async.sync.aligned.m64n{{ dq_n }}k16.f32.{{ dtype }}.{{ dtype }} "
+        "{ {% for i in range(end=4 * dq_tiles) %}%{{ i }}{% if not loop.last %}, {% endif %}{% endfor %} }, "
+        "%{{ 4 * dq_tiles }}, %{{ 4 * dq_tiles + 1 }}, p, 1, 1, 1, 1;\n}\n"
+        : {% for j in range(end=dq_tiles) %}"+f"(d[{{ j }}][0]), "+f"(d[{{ j }}][1]), "+f"(d[{{ j }}][2]), "+f"(d[{{ j }}][3]){% if not loop.last %},
+          {% endif %}{% endfor %}
+        : "l"(desc_a), "l"(desc_b), "r"(accumulate));
+}
+
+/// 4-byte async copy global -> shared (`.ca`: the only cache mode for 4 bytes); `valid ==
+/// false` zero-fills the destination.
+__device__ __forceinline__ void cp_async4(unsigned dst, const void* src, bool valid) {
+    const int n = valid ? 4 : 0;
+    asm volatile("cp.async.ca.shared.global [%0], [%1], 4, %2;\n" ::"r"(dst), "l"(src), "r"(n));
+}
+
+/// A packed pair of elem_t (`lo` in the low half) as two floats.
+__device__ __forceinline__ float2 unpack2(unsigned v) {
+{%- if dtype == "bf16" %}
+    return make_float2(__uint_as_float(v << 16), __uint_as_float(v & 0xffff0000u));
+{%- else %}
+    float lo, hi;
+    asm("{ .reg .f16 a, b; mov.b32 {a, b}, %2; cvt.f32.f16 %0, a; cvt.f32.f16 %1, b; }"
+        : "=f"(lo), "=f"(hi) : "r"(v));
+    return make_float2(lo, hi);
+{%- endif %}
+}
+
+template <int N>
+__device__ __forceinline__ void fence_acc(float (&d)[N][4]) {
+#pragma unroll
+    for (int j = 0; j < N; ++j) {
+#pragma unroll
+        for (int e = 0; e < 4; ++e) reg_fence(d[j][e]);
+    }
+}
+
+extern "C" __global__ void __launch_bounds__(THREADS, 1) {{ key }}(const BwdParams p) {
+    extern __shared__ uint4 smem_raw[];
+    const unsigned raw_addr = smem_addr(smem_raw);
+    const unsigned pad = ((raw_addr + 1023u) & ~1023u) - raw_addr;
+    unsigned char* smem = reinterpret_cast<unsigned char*>(smem_raw) + pad;
+    const unsigned sK_addr = raw_addr + pad;
+    const unsigned sV_addr = sK_addr + KV_BYTES;
+    const unsigned sQ_addr = sV_addr + KV_BYTES;     // 2 buffers
+    const unsigned sdO_addr = sQ_addr + 2 * Q_BYTES; // 2 buffers
+    const unsigned sdS_addr = sdO_addr + 2 * Q_BYTES;
+    unsigned char* sdS = smem + (sdS_addr - sK_addr);
+    float* sL = reinterpret_cast<float*>(sdS + DS_BYTES);  // 2 x BLOCK_M, the LSE
+    float* sD = sL + 2 * BLOCK_M;                          // 2 x BLOCK_M
+
+{% include "partials/bwd_kv_block.cu" %}
+    const int wg = warp / 4;          // keys n0 + wg * 64 .. + 63
+    const int key_row0 = wg * 64 + (warp % 4) * 16;  // this warp's first key within the tile
+
+    // Step t: query head grp * hpg + t / nm_tiles, query tile mt_begin + t % nm_tiles.
+    auto load_step = [&](int t) {
+        const int buf = t & 1;
+        const int h = grp * hpg + t / nm_tiles;
+        const int m0 = (mt_begin + t % nm_tiles) * BLOCK_M;
+        const int m_valid = min(BLOCK_M, sq - m0);
+        const long long q_base = ((q_tok0 + (long long)m0 * q_step) * num_heads + h) * HEAD_DIM;
+        load_tile<BLOCK_M>(sQ_addr + buf * Q_BYTES, p.q + q_base, q_row_stride, m_valid, tid);
+        load_tile<BLOCK_M>(sdO_addr + buf * Q_BYTES, p.dout + q_base, q_row_stride, m_valid, tid);
+        // Rows past the sequence read 0 (their P is masked below).
+        for (int r = tid; r < BLOCK_M; r += THREADS) {
+            const bool ok = r < m_valid;
+            const long long row = (long long)h * total_q + q_tok0 + (long long)(m0 + (ok ? r : 0)) * q_step;
+            cp_async4(smem_addr(sL + buf * BLOCK_M + r), p.lse + row, ok);
+            cp_async4(smem_addr(sD + buf * BLOCK_M + r), p.dpsum + row, ok);
+        }
+    };
+
+    load_tile<BLOCK_N>(sK_addr, p.k + kv_base, kv_row_stride, n_valid, tid);
+    load_tile<BLOCK_N>(sV_addr, p.v + kv_base, kv_row_stride, n_valid, tid);
+    if (nsteps > 0) load_step(0);
+    cp_async_commit();
+
+    const float sl2 = p.softmax_scale * BWD_LOG2E;
+{%- if has_bias %}
+    const float scale_nat = p.softmax_scale;
+    (void)sl2;
+{%- endif %}
+    // This warpgroup's 64 rows of K and V (panel p of a tile at + p * BLOCK_N * 128).
+    const unsigned k_wg = sK_addr + (unsigned)(wg * 64 * 128);
+    const unsigned v_wg = sV_addr + (unsigned)(wg * 64 * 128);
+    // dQ: this warpgroup's 64 queries (a 64-column panel of dS^T) and DQ_N columns of K.
+    const unsigned dq_a = sdS_addr + (unsigned)(DQ_SPLIT_M ? wg * BLOCK_N * 128 : 0);
+    const unsigned dq_b = sK_addr + (unsigned)(DQ_SPLIT_M ? 0 : wg * (DQ_N / 64) * BLOCK_N * 128);
+    const int dq_row0 = DQ_SPLIT_M ? wg * 64 : 0;
+    const int dq_col0 = DQ_SPLIT_M ? 0 : wg * DQ_N;
+
+    float dk[DN][4], dv[DN][4];
+#pragma unroll
+    for (int dn = 0; dn < DN; ++dn) {
+#pragma unroll
+        for (int e = 0; e < 4; ++e) {
+            dk[dn][e] = 0.0f;
+            dv[dn][e] = 0.0f;
+        }
+    }
+
+    for (int t = 0; t < nsteps; ++t) {
+        // Step t's tiles landed and every warp is done with step t - 1 (its buffers, dS^T).
+        cp_async_wait<0>();
+        asm volatile("fence.proxy.async.shared::cta;\n" ::: "memory");
+        __syncthreads();
+        if (t + 1 < nsteps) load_step(t + 1);
+        cp_async_commit();
+
+        const int buf = t & 1;
+        const int h = grp * hpg + t / nm_tiles;
+        const int m0 = (mt_begin + t % nm_tiles) * BLOCK_M;
+        const unsigned q_s = sQ_addr + (unsigned)(buf * Q_BYTES);
+        const unsigned o_s = sdO_addr + (unsigned)(buf * Q_BYTES);
+        const float* lrow = sL + buf * BLOCK_M;
+        const float* drow = sD + buf * BLOCK_M;
+        // The loop-invariant tile addresses, opaque per step: otherwise the compiler keeps
+        // every descriptor built from them live across the loop (64-bit each), and spills.
+        unsigned kw = k_wg, vw = v_wg, dqa = dq_a, dqb = dq_b;
+        asm volatile("" : "+r"(kw), "+r"(vw), "+r"(dqa), "+r"(dqb));
+
+        // 1. S^T and dP^T, two commit groups: the exponentials of P^T run while dP^T's
+        // product is in flight.
+        float s[SN][4], dp[SN][4];
+        fence_acc(s);
+        fence_acc(dp);
+        wgmma_fence();
+#pragma unroll
+        for (int kk = 0; kk < KD; ++kk) {
+            const unsigned a = kw + (unsigned)((kk / 4) * BLOCK_N * 128 + (kk % 4) * 32);
+            const unsigned bq = q_s + (unsigned)((kk / 4) * BLOCK_M * 128 + (kk % 4) * 32);
+            wgmma_st(s, gmma_desc(a, 16, 1024), gmma_desc(bq, 16, 1024), kk > 0 ? 1 : 0);
+        }
+        wgmma_commit();
+#pragma unroll
+        for (int kk = 0; kk < KD; ++kk) {
+            const unsigned a = vw + (unsigned)((kk / 4) * BLOCK_N * 128 + (kk % 4) * 32);
+            const unsigned bo = o_s + (unsigned)((kk / 4) * BLOCK_M * 128 + (kk % 4) * 32);
+            wgmma_st(dp, gmma_desc(a, 16, 1024), gmma_desc(bo, 16, 1024), kk > 0 ? 1 : 0);
+        }
+        wgmma_commit();
+        wgmma_wait<1>();
+        fence_acc(s);
+
+        // 2. P^T in place of S^T. Element (ni, 2 * hh + e): key n0 + key_row0 + gq + 8 * hh,
+        // query m0 + ni * 8 + 2 * tq + e.
+        int lo_last, hi_last, lo_first, hi_first;
+        visible_range(min(m0 + BLOCK_M, sq) - 1, sq, sk, window_left, window_right, &lo_last, &hi_last);
+        visible_range(m0, sq, sk, window_left, window_right, &lo_first, &hi_first);
+        const bool full = m0 + BLOCK_M <= sq && n0 + BLOCK_N <= sk && lo_last <= n0 && hi_first >= n0 + BLOCK_N;
+{%- if mask_tensor %}
+        const unsigned char* mbase =
+            p.mask + (long long)b * p.mask_stride_b + (long long)h * p.mask_stride_h;
+{%- endif %}
+{%- if has_bias %}
+        const float* bbase = p.bias + (long long)b * p.bias_stride_b + (long long)h * p.bias_stride_h;
+{%- endif %}
+#pragma unroll
+        for (int ni = 0; ni < SN; ++ni) {
+            const float2 lse2 = *reinterpret_cast<const float2*>(lrow + ni * 8 + 2 * tq);
+#pragma unroll
+            for (int e = 0; e < 2; ++e) {
+                const int c = ni * 8 + 2 * tq + e;  // query within the tile
+                const int i = m0 + c;
+                const float l2 = lse_log2(e == 0 ? lse2.x : lse2.y);
+                int lo = 0, hi = 0;
+                if (!full) {
+                    visible_range(i, sq, sk, window_left, window_right, &lo, &hi);
+                    if (i >= sq) hi = lo;  // rows past the sequence see nothing
+                }
+#pragma unroll
+                for (int hh = 0; hh < 2; ++hh) {
+                    const int j = n0 + key_row0 + gq + 8 * hh;
+                    float x = s[ni][2 * hh + e];
+                    if (!full && (j < lo || j >= hi)) x = neg_inf();
+{%- if mask_tensor %}
+                    if (i < sq && j < sk &&
+                        mbase[(long long)i * p.mask_stride_q + (long long)j * p.mask_stride_k] != 0)
+                        x = neg_inf();
+{%- endif %}
+{%- if has_bias %}
+                    if (x != neg_inf() && i < sq && j < sk)
+                        x = biased_logit_log2(x * scale_nat,
+                                              bbase[(long long)i * p.bias_stride_q + (long long)j * p.bias_stride_k]);
+                    else
+                        x = neg_inf();
+                    s[ni][2 * hh + e] = fast_exp2(x - l2);
+{%- else %}
+                    s[ni][2 * hh + e] = fast_exp2(fmaf(x, sl2, -l2));
+{%- endif %}
+                }
+            }
+        }
+
+        // P^T packed to {{ dtype }} at once (dV's A operand; the f32 values die here, which keeps
+        // the registers within budget at 128 queries per step); dS^T uses the rounded P, as
+        // the sm80 kernel does.
+        unsigned pa[KQ][4], da[KQ][4];
+#pragma unroll
+        for (int kq = 0; kq < KQ; ++kq) {
+            pa[kq][0] = pack2(s[2 * kq][0], s[2 * kq][1]);
+            pa[kq][1] = pack2(s[2 * kq][2], s[2 * kq][3]);
+            pa[kq][2] = pack2(s[2 * kq + 1][0], s[2 * kq + 1][1]);
+            pa[kq][3] = pack2(s[2 * kq + 1][2], s[2 * kq + 1][3]);
+        }
+
+        // 3. dS^T = P^T o (dP^T - D) in place of dP^T; P == 0 selects 0 (a masked key's dP,
+        // finite or not, never enters dS). Tile ni's P pair of row hh is pa[ni / 2][(ni % 2) * 2 + hh].
+        wgmma_wait<0>();
+        fence_acc(dp);
+#pragma unroll
+        for (int ni = 0; ni < SN; ++ni) {
+            const float2 d2 = *reinterpret_cast<const float2*>(drow + ni * 8 + 2 * tq);
+#pragma unroll
+            for (int hh = 0; hh < 2; ++hh) {
+                const float2 pr = unpack2(pa[ni / 2][(ni % 2) * 2 + hh]);
+                dp[ni][2 * hh] = pr.x > 0.0f ? pr.x * (dp[ni][2 * hh] - d2.x) : 0.0f;
+                dp[ni][2 * hh + 1] = pr.y > 0.0f ? pr.y * (dp[ni][2 * hh + 1] - d2.y) : 0.0f;
+            }
+        }
+#pragma unroll
+        for (int kq = 0; kq < KQ; ++kq) {
+            da[kq][0] = pack2(dp[2 * kq][0], dp[2 * kq][1]);
+            da[kq][1] = pack2(dp[2 * kq][2], dp[2 * kq][3]);
+            da[kq][2] = pack2(dp[2 * kq + 1][0], dp[2 * kq + 1][1]);
+            da[kq][3] = pack2(dp[2 * kq + 1][2], dp[2 * kq + 1][3]);
+        }
+
+        // 4. dV += P^T dO, dK += dS^T Q (queries kq * 16 .. of the step's Q / dO tiles;
+        // 64-column panels BLOCK_M * 128 bytes apart, 8-row groups 1024 bytes apart).
+        fence_acc(dv);
+        fence_acc(dk);
+        wgmma_fence();
+#pragma unroll
+        for (int kq = 0; kq < KQ; ++kq)
+            wgmma_kv(dv, pa[kq], gmma_desc(o_s + (unsigned)(kq * 16 * 128), BLOCK_M * 128, 1024));
+#pragma unroll
+        for (int kq = 0; kq < KQ; ++kq)
+            wgmma_kv(dk, da[kq], gmma_desc(q_s + (unsigned)(kq * 16 * 128), BLOCK_M * 128, 1024));
+        wgmma_commit();
+
+        // 5. dS^T into shared memory (row = key, 16-byte chunk = 8 queries, swizzled) while
+        // those run; then dQ_partial = dS K once both warpgroups' halves are there.
+#pragma unroll
+        for (int kq = 0; kq < KQ; ++kq) {
+#pragma unroll
+            for (int hh = 0; hh < 2; ++hh) {
+                const int r = key_row0 + gq + 8 * hh;
+                *reinterpret_cast<unsigned*>(sdS + sw_off<BLOCK_N>(r, 2 * kq) + 4 * tq) = da[kq][hh];
+                *reinterpret_cast<unsigned*>(sdS + sw_off<BLOCK_N>(r, 2 * kq + 1) + 4 * tq) = da[kq][2 + hh];
+            }
+        }
+        asm volatile("fence.proxy.async.shared::cta;\n" ::: "memory");
+        __syncthreads();
+        float dq[QN][4];
+        fence_acc(dq);
+        wgmma_fence();
+#pragma unroll
+        for (int kk = 0; kk < KN; ++kk)
+            wgmma_dq(dq, gmma_desc(dqa + (unsigned)(kk * 16 * 128), BLOCK_N * 128, 1024),
+                     gmma_desc(dqb + (unsigned)(kk * 16 * 128), BLOCK_N * 128, 1024), kk > 0 ? 1 : 0);
+        wgmma_commit();
+        wgmma_wait<0>();
+        fence_acc(dq);
+        fence_acc(dv);
+        fence_acc(dk);
+
+        // 6. dQ_partial into dq_accum (rows past sq skipped). Element (qn, 2 * hh + e): query
+        // m0 + dq_row0 + (warp % 4) * 16 + gq + 8 * hh, column dq_col0 + qn * 8 + 2 * tq + e.
+#pragma unroll
+        for (int hh = 0; hh < 2; ++hh) {
+            const int i = m0 + dq_row0 + (warp % 4) * 16 + gq + 8 * hh;
+            if (i < sq) {
+                float* row = p.dq_accum + ((q_tok0 + (long long)i * q_step) * num_heads + h) * HEAD_DIM + dq_col0 +
+                             2 * tq;
+#pragma unroll
+                for (int qn = 0; qn < QN; ++qn)
+                    asm volatile("red.global.add.v2.f32 [%0], { %1, %2 };" ::"l"(row + qn * 8),
+                                 "f"(dq[qn][2 * hh]), "f"(dq[qn][2 * hh + 1])
+                                 : "memory");
+            }
+        }
+    }
+    cp_async_wait<0>();
+
+    // dK * scale, dV: key rows n0 + key_row0 + gq + 8 * hh (zeros for keys no query sees).
+    const float scale = p.softmax_scale;
+#pragma unroll
+    for (int hh = 0; hh < 2; ++hh) {
+        const int j = n0 + key_row0 + gq + 8 * hh;
+        if (j < sk) {
+            const long long off = ((k_tok0 + (long long)j * k_step) * num_groups + grp) * HEAD_DIM + 2 * tq;
+#pragma unroll
+            for (int dn = 0; dn < DN; ++dn) {
+                *reinterpret_cast<unsigned*>(p.dk + off + dn * 8) =
+                    pack2(dk[dn][2 * hh] * scale, dk[dn][2 * hh + 1] * scale);
+                *reinterpret_cast<unsigned*>(p.dv + off + dn * 8) = pack2(dv[dn][2 * hh], dv[dn][2 * hh + 1]);
+            }
+        }
+    }
+}
+
+extern "C" __global__ void __launch_bounds__(256) {{ key }}_dq_convert(const BwdParams p) {
+    const long long n2 = (long long)p.total_q * p.num_heads * HEAD_DIM / 2;
+    const float scale = p.softmax_scale;
+    for (long long i = (long long)blockIdx.x * blockDim.x + threadIdx.x; i < n2;
+         i += (long long)gridDim.x * blockDim.x) {
+        const float2 a = reinterpret_cast<const float2*>(p.dq_accum)[i];
+        reinterpret_cast<unsigned*>(p.dq)[i] = pack2(a.x * scale, a.y * scale);
+    }
+}
