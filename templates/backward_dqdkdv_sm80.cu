@@ -67,25 +67,7 @@ static_assert(LANE_D >= 1, "types.cu's per-lane split (unused here)");
 constexpr int Q_ELEMS = BLOCK_M * SROW;
 
 
-/// 4-byte async copy global -> shared (`.ca`: the only cache mode for 4 bytes); `valid ==
-/// false` zero-fills the destination.
-__device__ __forceinline__ void cp_async4(unsigned dst, const void* src, bool valid) {
-    const int n = valid ? 4 : 0;
-    asm volatile("cp.async.ca.shared.global [%0], [%1], 4, %2;\n" ::"r"(dst), "l"(src), "r"(n));
-}
-
-/// A packed pair of elem_t (`lo` in the low half) as two floats.
-__device__ __forceinline__ float2 unpack2(unsigned v) {
-{%- if dtype == "bf16" %}
-    return make_float2(__uint_as_float(v << 16), __uint_as_float(v & 0xffff0000u));
-{%- else %}
-    float lo, hi;
-    asm("{ .reg .f16 a, b; mov.b32 {a, b}, %2; cvt.f32.f16 %0, a; cvt.f32.f16 %1, b; }"
-        : "=f"(lo), "=f"(hi) : "r"(v));
-    return make_float2(lo, hi);
-{%- endif %}
-}
-
+{% include "partials/backward_fused.cu" %}
 
 extern "C" __global__ void __launch_bounds__(THREADS, 1) {{ key }}(const BwdParams p) {
     extern __shared__ uint4 smem_raw[];
@@ -436,12 +418,5 @@ extern "C" __global__ void __launch_bounds__(THREADS, 1) {{ key }}(const BwdPara
     }
 }
 
-extern "C" __global__ void __launch_bounds__(256) {{ key }}_dq_convert(const BwdParams p) {
-    const long long n2 = (long long)p.total_q * p.num_heads * HEAD_DIM / 2;
-    const float scale = p.softmax_scale;
-    for (long long i = (long long)blockIdx.x * blockDim.x + threadIdx.x; i < n2;
-         i += (long long)gridDim.x * blockDim.x) {
-        const float2 a = reinterpret_cast<const float2*>(p.dq_accum)[i];
-        reinterpret_cast<unsigned*>(p.dq)[i] = pack2(a.x * scale, a.y * scale);
-    }
-}
+{% set fused_part = "convert" %}
+{% include "partials/backward_fused.cu" %}

@@ -85,6 +85,10 @@ const TEMPLATES: &[(&str, &str)] = &[
     ),
     ("append_kv.cu", include_str!("../../templates/append_kv.cu")),
     (
+        "partials/backward_fused.cu",
+        include_str!("../../templates/partials/backward_fused.cu"),
+    ),
+    (
         "partials/wgmma_sm90.cu",
         include_str!("../../templates/partials/wgmma_sm90.cu"),
     ),

@@ -1,0 +1,41 @@
+// ---------------------------------------------------------------------------------------
+// What the fused backward kernels (templates/backward_dqdkdv_sm80.cu, backward_dqdkdv_sm90.cu)
+// share: the 4-byte cp.async of the LSE and D rows and the unpacking of a {{ dtype }} pair;
+// included at the end with `fused_part` set to "convert", the `<key>_dq_convert` entry that
+// scales and rounds the f32 dq accumulator into dq. Needs partials/types.cu, params_bwd.cu
+// and pack.cu.
+// ---------------------------------------------------------------------------------------
+{%- if fused_part | default(value="helpers") == "helpers" %}
+
+/// 4-byte async copy global -> shared (`.ca`: the only cache mode for 4 bytes); `valid ==
+/// false` zero-fills the destination.
+__device__ __forceinline__ void cp_async4(unsigned dst, const void* src, bool valid) {
+    const int n = valid ? 4 : 0;
+    asm volatile("cp.async.ca.shared.global [%0], [%1], 4, %2;\n" ::"r"(dst), "l"(src), "r"(n));
+}
+
+/// A packed pair of elem_t (`lo` in the low half) as two floats.
+__device__ __forceinline__ float2 unpack2(unsigned v) {
+{%- if dtype == "bf16" %}
+    return make_float2(__uint_as_float(v << 16), __uint_as_float(v & 0xffff0000u));
+{%- else %}
+    float lo, hi;
+    asm("{ .reg .f16 a, b; mov.b32 {a, b}, %2; cvt.f32.f16 %0, a; cvt.f32.f16 %1, b; }"
+        : "=f"(lo), "=f"(hi) : "r"(v));
+    return make_float2(lo, hi);
+{%- endif %}
+}
+{%- else %}
+
+/// dq = softmax_scale * dq_accum, rounded to {{ dtype }}; grid-stride over
+/// `total_q * num_heads * HEAD_DIM` elements, two per thread.
+extern "C" __global__ void __launch_bounds__(256) {{ key }}_dq_convert(const BwdParams p) {
+    const long long n2 = (long long)p.total_q * p.num_heads * HEAD_DIM / 2;
+    const float scale = p.softmax_scale;
+    for (long long i = (long long)blockIdx.x * blockDim.x + threadIdx.x; i < n2;
+         i += (long long)gridDim.x * blockDim.x) {
+        const float2 a = reinterpret_cast<const float2*>(p.dq_accum)[i];
+        reinterpret_cast<unsigned*>(p.dq)[i] = pack2(a.x * scale, a.y * scale);
+    }
+}
+{%- endif %}
