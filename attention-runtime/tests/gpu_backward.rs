@@ -14,7 +14,8 @@
 //! error of dK and dQ above the forward's (1e-2), and 2e-2 leaves room for that while
 //! still catching any indexing or masking error (those give O(1) errors). Query rows that
 //! see no key (LSE -inf) must have exactly zero dq, and keys that no query sees exactly
-//! zero dk and dv.
+//! zero dk and dv. A case with a bias also runs the fast mode without asking for dbias (the
+//! fused kernels' bias variant; asking for dbias runs the deterministic pair).
 
 use std::sync::Arc;
 
@@ -273,7 +274,9 @@ fn run<T: Elem>(case: &Case, seed: u64) {
         }
     };
     let tof = |x: Vec<T>| -> Vec<f32> { x.into_iter().map(|e| e.to_f32()).collect() };
-    let launch = |deterministic: bool| -> Grads {
+    // `with_dbias`: ask for the bias gradient (when there is a bias); the fast mode without it
+    // runs the fused kernel's bias variant, with it the deterministic pair.
+    let launch = |deterministic: bool, with_dbias: bool| -> Grads {
         let mut dq = stream
             .clone_htod(&vec![T::nan(); total_q * np * hd])
             .unwrap();
@@ -308,7 +311,11 @@ fn run<T: Elem>(case: &Case, seed: u64) {
                 dsinks: if learnable { Some(&mut ds) } else { None },
                 mask: mask_arg,
                 bias: bias_arg,
-                dbias: if has_bias { Some(&mut db) } else { None },
+                dbias: if has_bias && with_dbias {
+                    Some(&mut db)
+                } else {
+                    None
+                },
             },
         )
         .expect("backward launch");
@@ -321,12 +328,14 @@ fn run<T: Elem>(case: &Case, seed: u64) {
             dbias: stream.clone_dtoh(&db).unwrap(),
         }
     };
-    let g1 = launch(true);
-    let g2 = launch(true);
+    let g1 = launch(true, true);
+    let g2 = launch(true, true);
     // The fast mode (fused kernel, dq by f32 atomics): dk, dv (and dsinks, dbias) are still
     // bitwise reproducible; dq is checked against the reference below like the others.
-    let f1 = launch(false);
-    let f2 = launch(false);
+    let f1 = launch(false, true);
+    let f2 = launch(false, true);
+    // With a bias, the fast mode once more without dbias: the fused kernel with the bias.
+    let fb = has_bias.then(|| launch(false, false));
     assert!(
         bits_equal(&f1.dk, &f2.dk)
             && bits_equal(&f1.dv, &f2.dv)
@@ -466,7 +475,12 @@ fn run<T: Elem>(case: &Case, seed: u64) {
     }
 
     let mut errs = Vec::new();
-    for (mode, g1) in [("deterministic", &g1), ("fast", &f1)] {
+    let mut modes = vec![("deterministic", &g1), ("fast", &f1)];
+    if let Some(fb) = &fb {
+        modes.push(("fast, bias without dbias", fb));
+    }
+    for (mode, g1) in modes {
+        let with_dbias = mode != "fast, bias without dbias";
         errs.push(format!("[{mode}]"));
         for (what, got, want) in [
             ("dq", &g1.dq, &ref_dq),
@@ -486,7 +500,7 @@ fn run<T: Elem>(case: &Case, seed: u64) {
             );
             errs.push(format!("{what} {err:.2e}"));
         }
-        if has_bias {
+        if has_bias && with_dbias {
             if let Some(i) = g1.dbias.iter().position(|x| !x.is_finite()) {
                 panic!(
                     "{case:?} seed {seed} {mode}: dbias[{i}] = {} (NaN/Inf or unwritten)",

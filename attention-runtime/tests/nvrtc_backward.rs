@@ -394,6 +394,12 @@ fn fused_backward_choice_per_device() {
     assert_eq!(pick(96, hopper), Some(Phase::BackwardDqDkDv));
     assert_eq!(pick(256, hopper), Some(Phase::BackwardDqDkDv));
     assert_eq!(pick(80, hopper), None);
+    // A bias stays on sm80 until the Hopper kernel's bias variant has run on a GPU.
+    assert_eq!(
+        backward_fused_for(DType::Bf16, 128, MaskType::Causal, false, true, hopper)
+            .map(|c| c.phase),
+        Some(Phase::BackwardDqDkDv)
+    );
     for t in [plain_90, Target::AnyDevice] {
         assert_eq!(pick(128, t), Some(Phase::BackwardDqDkDv));
     }
