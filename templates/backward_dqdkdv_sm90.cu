@@ -307,8 +307,20 @@ extern "C" __global__ void __launch_bounds__(THREADS, 1) {{ key }}(const BwdPara
             da[kq][3] = pack2(dp[2 * kq + 1][2], dp[2 * kq + 1][3]);
         }
 
-        // 4. dV += P^T dO, dK += dS^T Q (queries kq * 16 .. of the step's Q / dO tiles;
-        // 64-column panels BLOCK_M * 128 bytes apart, 8-row groups 1024 bytes apart).
+        // 4. dS^T into shared memory (row = key, 16-byte chunk = 8 queries, swizzled) for dQ,
+        // before da becomes the A operand of an MMA in flight (PTX: accessing those registers
+        // before the wait that covers the MMA is undefined). Then dV += P^T dO, dK += dS^T Q (queries
+        // kq * 16 .. of the step's Q / dO tiles; 64-column panels BLOCK_M * 128 bytes apart,
+        // 8-row groups 1024 bytes apart).
+#pragma unroll
+        for (int kq = 0; kq < KQ; ++kq) {
+#pragma unroll
+            for (int hh = 0; hh < 2; ++hh) {
+                const int r = key_row0 + gq + 8 * hh;
+                *reinterpret_cast<unsigned*>(sdS + sw_off<BLOCK_N>(r, 2 * kq) + 4 * tq) = da[kq][hh];
+                *reinterpret_cast<unsigned*>(sdS + sw_off<BLOCK_N>(r, 2 * kq + 1) + 4 * tq) = da[kq][2 + hh];
+            }
+        }
         fence_acc(dv);
         fence_acc(dk);
         wgmma_fence();
@@ -320,17 +332,7 @@ extern "C" __global__ void __launch_bounds__(THREADS, 1) {{ key }}(const BwdPara
             wgmma_kv(dk, da[kq], gmma_desc(q_s + (unsigned)(kq * 16 * 128), BLOCK_M * 128, 1024));
         wgmma_commit();
 
-        // 5. dS^T into shared memory (row = key, 16-byte chunk = 8 queries, swizzled) while
-        // those run; then dQ_partial = dS K once both warpgroups' halves are there.
-#pragma unroll
-        for (int kq = 0; kq < KQ; ++kq) {
-#pragma unroll
-            for (int hh = 0; hh < 2; ++hh) {
-                const int r = key_row0 + gq + 8 * hh;
-                *reinterpret_cast<unsigned*>(sdS + sw_off<BLOCK_N>(r, 2 * kq) + 4 * tq) = da[kq][hh];
-                *reinterpret_cast<unsigned*>(sdS + sw_off<BLOCK_N>(r, 2 * kq + 1) + 4 * tq) = da[kq][2 + hh];
-            }
-        }
+        // 5. dQ_partial = dS K once both warpgroups' halves of dS^T are in shared memory.
         asm volatile("fence.proxy.async.shared::cta;\n" ::: "memory");
         __syncthreads();
         float dq[QN][4];
