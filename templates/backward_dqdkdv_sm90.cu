@@ -24,6 +24,9 @@
 //                    (MN-major), both from shared memory. Head dim 128: each warpgroup takes
 //                    half the head-dim columns of all 64 queries; head dim 64 (128 queries per
 //                    step): each warpgroup takes 64 queries, every column.
+// Schedule ({{ stages }} in the tile): 2 = per step, S^T and dP^T in flight together, then dV and
+// dK issued together after dS^T; 3 (OVERLAP, opt-in) = dV issued right after P^T, before the
+// wait for dP^T, so the exponentials run under dP^T's product (see step 3), dS^T from the f32 P.
 // Q, dO (two buffers), K and V live in shared memory in wgmma's 128-byte-swizzled layout
 // (templates/prefill_sm90.cu), Q/dO/LSE/D by cp.async one step ahead.
 // Dynamic shared memory: SMEM_BYTES = (2 * BLOCK_N + 4 * BLOCK_M) * HEAD_DIM * 2 (K, V, two
@@ -273,9 +276,10 @@ extern "C" __global__ void __launch_bounds__(THREADS, 1) {{ key }}(const BwdPara
             }
         }
 
-        // P^T packed to {{ dtype }} at once (dV's A operand; the f32 values die here, which keeps
-        // the registers within budget at 128 queries per step); dS^T uses the rounded P, as
-        // the sm80 kernel does.
+        // P^T packed to {{ dtype }} (dV's A operand).
+{%- if stages < 3 %} The f32 values die here, which keeps the registers within budget
+        // at 128 queries per step; dS^T uses the rounded P, as the sm80 kernel does.
+{%- endif %}
         unsigned pa[KQ][4], da[KQ][4];
 #pragma unroll
         for (int kq = 0; kq < KQ; ++kq) {
@@ -285,16 +289,36 @@ extern "C" __global__ void __launch_bounds__(THREADS, 1) {{ key }}(const BwdPara
             pa[kq][3] = pack2(s[2 * kq + 1][2], s[2 * kq + 1][3]);
         }
 
+{%- if stages >= 3 %}
+        // OVERLAP: dV += P^T dO now, a third commit group. Its issue needs every exponential,
+        // which keeps them ahead of the wait for dP^T in the machine code (ptxas otherwise
+        // hoists that wait above them: nothing after them in the step consumes them before it).
+        fence_acc(dv);
+        wgmma_fence();
+#pragma unroll
+        for (int kq = 0; kq < KQ; ++kq)
+            wgmma_kv(dv, pa[kq], gmma_desc(o_s + (unsigned)(kq * 16 * 128), BLOCK_M * 128, 1024));
+        wgmma_commit();
+{%- endif %}
+
         // 3. dS^T = P^T o (dP^T - D) in place of dP^T; P == 0 selects 0 (a masked key's dP,
-        // finite or not, never enters dS). Tile ni's P pair of row hh is pa[ni / 2][(ni % 2) * 2 + hh].
+        // finite or not, never enters dS).
+{%- if stages >= 3 %} P is the f32 one (pa is an operand of the product in flight).
+        wgmma_wait<1>();  // S^T and dP^T done, dV in flight
+{%- else %} Tile ni's P pair of row hh is pa[ni / 2][(ni % 2) * 2 + hh].
         wgmma_wait<0>();
+{%- endif %}
         fence_acc(dp);
 #pragma unroll
         for (int ni = 0; ni < SN; ++ni) {
             const float2 d2 = *reinterpret_cast<const float2*>(drow + ni * 8 + 2 * tq);
 #pragma unroll
             for (int hh = 0; hh < 2; ++hh) {
+{%- if stages >= 3 %}
+                const float2 pr = make_float2(s[ni][2 * hh], s[ni][2 * hh + 1]);
+{%- else %}
                 const float2 pr = unpack2(pa[ni / 2][(ni % 2) * 2 + hh]);
+{%- endif %}
                 dp[ni][2 * hh] = pr.x > 0.0f ? pr.x * (dp[ni][2 * hh] - d2.x) : 0.0f;
                 dp[ni][2 * hh + 1] = pr.y > 0.0f ? pr.y * (dp[ni][2 * hh + 1] - d2.y) : 0.0f;
             }
@@ -309,9 +333,9 @@ extern "C" __global__ void __launch_bounds__(THREADS, 1) {{ key }}(const BwdPara
 
         // 4. dS^T into shared memory (row = key, 16-byte chunk = 8 queries, swizzled) for dQ,
         // before da becomes the A operand of an MMA in flight (PTX: accessing those registers
-        // before the wait that covers the MMA is undefined). Then dV += P^T dO, dK += dS^T Q (queries
-        // kq * 16 .. of the step's Q / dO tiles; 64-column panels BLOCK_M * 128 bytes apart,
-        // 8-row groups 1024 bytes apart).
+        // before the wait that covers the MMA is undefined). Then {% if stages < 3 %}dV += P^T dO, {% endif %}dK += dS^T Q
+        // (queries kq * 16 .. of the step's Q / dO tiles; 64-column panels BLOCK_M * 128 bytes
+        // apart, 8-row groups 1024 bytes apart).
 #pragma unroll
         for (int kq = 0; kq < KQ; ++kq) {
 #pragma unroll
@@ -321,12 +345,16 @@ extern "C" __global__ void __launch_bounds__(THREADS, 1) {{ key }}(const BwdPara
                 *reinterpret_cast<unsigned*>(sdS + sw_off<BLOCK_N>(r, 2 * kq + 1) + 4 * tq) = da[kq][2 + hh];
             }
         }
+{%- if stages < 3 %}
         fence_acc(dv);
+{%- endif %}
         fence_acc(dk);
         wgmma_fence();
+{%- if stages < 3 %}
 #pragma unroll
         for (int kq = 0; kq < KQ; ++kq)
             wgmma_kv(dv, pa[kq], gmma_desc(o_s + (unsigned)(kq * 16 * 128), BLOCK_M * 128, 1024));
+{%- endif %}
 #pragma unroll
         for (int kq = 0; kq < KQ; ++kq)
             wgmma_kv(dk, da[kq], gmma_desc(q_s + (unsigned)(kq * 16 * 128), BLOCK_M * 128, 1024));

@@ -694,6 +694,19 @@ impl PrefillTile {
         }
     }
 
+    /// The opt-in tile of [`Phase::BackwardDqDkDvSm90`] with the overlapped schedule
+    /// (`stages` 3, key suffix `s3`): dV's product is issued right after P^T, before the wait
+    /// for dP^T, so that ptxas keeps the exponentials under dP^T's product (with the default
+    /// `stages` 2 it hoists that wait above them); dS^T then comes from the f32 P. Head dim
+    /// 128 only (at 64 the f32 P of 128 queries kept alive spills 100-228 bytes). Not yet
+    /// run on a GPU; the runtime takes it when `ATTN_BWD_SM90_OVERLAP` is set.
+    pub fn for_backward_sm90_overlap(head_dim: usize) -> PrefillTile {
+        PrefillTile {
+            stages: 3,
+            ..PrefillTile::for_backward(Phase::BackwardDqDkDvSm90, head_dim, false)
+        }
+    }
+
     /// The default tile of `PrefillSm90` (Hopper, wgmma). Head dim 128 without a mask
     /// tensor, bias or window (`heavy` false): three consumer warpgroups (12 warps, 192 query
     /// rows, 64 per warpgroup), 128 keys per step, two K/V stages in order (H200, 2026-11-30,
@@ -1028,10 +1041,10 @@ impl KernelConfig {
                     t.block_m,
                     t.block_n,
                     t.warps,
-                    if self.phase == Phase::BackwardDqDkDvSm90 {
-                        "_sm90"
-                    } else {
-                        "_sm80"
+                    match (self.phase, t.stages) {
+                        (Phase::BackwardDqDkDvSm90, 2) => "_sm90".to_string(),
+                        (Phase::BackwardDqDkDvSm90, st) => format!("s{st}_sm90"),
+                        _ => "_sm80".to_string(),
                     }
                 ));
                 return k;
@@ -1228,7 +1241,9 @@ impl KernelConfig {
                     reason: "the Hopper backward kernel supports head dims 64 and 128",
                 });
             }
-            if t != PrefillTile::for_backward(Phase::BackwardDqDkDvSm90, self.head_dim, false) {
+            let def = PrefillTile::for_backward(Phase::BackwardDqDkDvSm90, self.head_dim, false);
+            let overlap = self.head_dim == 128 && t == PrefillTile::for_backward_sm90_overlap(128);
+            if t != def && !overlap {
                 return Err(RenderError::BadPrefillTile { tile: t });
             }
             return Ok(());

@@ -19,7 +19,8 @@
 
 use std::sync::Arc;
 
-use attention_codegen::render::{KernelConfig, Phase};
+use attention_codegen::registry::{backward_configs, backward_fused_config_sm90};
+use attention_codegen::render::{KernelConfig, Phase, PrefillTile};
 use attention_codegen::{DType, MaskType, Sinks, Window};
 use attention_runtime::cuda::backward::{AttentionBackward, BwdArgs, BwdLayout};
 use attention_runtime::cuda::prefill_sm80::{
@@ -57,6 +58,9 @@ struct Case {
     /// Additive f32 bias of this logical shape (same convention), values in [-2, 2]; dbias
     /// is compared with the reference's.
     bias_shape: Option<[usize; 4]>,
+    /// Run the fast mode on the Hopper kernel with this tile (e.g. the overlapped schedule)
+    /// instead of the registry's choice.
+    fused_tile: Option<PrefillTile>,
 }
 
 impl Case {
@@ -73,6 +77,7 @@ impl Case {
             packed: false,
             mask_shape: None,
             bias_shape: None,
+            fused_tile: None,
         }
     }
 }
@@ -249,14 +254,22 @@ fn run<T: Elem>(case: &Case, seed: u64) {
     )
     .expect("forward launch");
 
-    let bwd = AttentionBackward::new(
-        &ctx,
-        case.dtype,
-        hd,
-        case.mask,
-        case.window.is_some(),
-        has_bias,
-    )
+    let configs = backward_configs(case.dtype, hd, case.mask, case.window.is_some(), has_bias);
+    let bwd = match case.fused_tile {
+        None => AttentionBackward::compile(&ctx, &configs),
+        Some(tile) => {
+            let mut f = backward_fused_config_sm90(
+                case.dtype,
+                hd,
+                case.mask,
+                case.window.is_some(),
+                has_bias,
+            )
+            .expect("a head dim of the Hopper kernel");
+            f.tile = Some(tile);
+            AttentionBackward::compile_with_fused(&ctx, &configs, Some(f))
+        }
+    }
     .expect("backward compiles");
     let layout = if case.packed {
         BwdLayout::Packed {
@@ -889,6 +902,49 @@ fn backward_sanitizer_cases() {
         c.packed = true;
         c.seqs = vec![(70, 130), (5, 3)];
         c.window = Some((20, 9));
+        check(c);
+    }
+}
+
+/// The Hopper kernel's opt-in overlapped schedule (`PrefillTile::for_backward_sm90_overlap`:
+/// dV issued before the wait for dP^T; head dim 128), on an sm_90 device only: masks, a
+/// window, GQA, a packed ragged batch, f16, a mask tensor and a bias (fast mode without
+/// dbias), against the CPU reference as every case here. Elsewhere the test returns after
+/// saying so.
+#[test]
+#[ignore = "requires a CUDA GPU"]
+fn backward_sm90_overlap_schedule() {
+    let (ctx, _stream) = cuda_stream();
+    if ctx.compute_capability().unwrap() != (9, 0) {
+        eprintln!("not an sm_90 device: the Hopper backward kernel does not run here");
+        return;
+    }
+    let mut rng = SplitMix64::new(fresh_seed());
+    for hd in [128] {
+        let tile = Some(PrefillTile::for_backward_sm90_overlap(hd));
+        for mask in [
+            MaskType::NoMask,
+            MaskType::Causal,
+            MaskType::CausalBottomRight,
+        ] {
+            let s = odd(&mut rng, 131, 90);
+            let mut c = Case::new(hd, mask, s, s, 2);
+            c.fused_tile = tile;
+            check(c);
+        }
+        let mut c = Case::new(hd, MaskType::Causal, 0, 0, 0);
+        c.packed = true;
+        c.seqs = vec![(1, 1), (70, 130), (129, 129)];
+        c.window = Some((37, 5));
+        c.heads = 8;
+        c.groups = 2;
+        c.dtype = DType::F16;
+        c.fused_tile = tile;
+        check(c);
+        let mut c = Case::new(hd, MaskType::PaddingCausal, 97, 97, 2);
+        c.mask_shape = Some([2, 4, 97, 97]);
+        c.bias_shape = Some([1, 4, 97, 97]);
+        c.fused_tile = tile;
         check(c);
     }
 }

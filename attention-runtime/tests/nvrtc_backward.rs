@@ -10,7 +10,7 @@ use attention_codegen::registry::{
     backward, backward_configs, backward_fused_config, backward_fused_config_sm90,
     backward_fused_for, backward_kernels_for, Target,
 };
-use attention_codegen::render::{KernelConfig, Phase, RenderError};
+use attention_codegen::render::{KernelConfig, Phase, PrefillTile, RenderError};
 use attention_codegen::{parse_spec, DType, MaskType};
 use attention_runtime::cuda::params::{param_layout, BwdParams};
 use attention_runtime::jit::{compile_with_ptxas_info, cubin_params, nvrtc_available, PtxasUsage};
@@ -331,11 +331,12 @@ fn backward_keys_and_unsupported_features() {
     assert!(backward(&gated, 64, MaskType::Causal, false, Target::AnyDevice).is_err());
 }
 
-/// The Hopper fused kernel (`backward_dqdkdv_*_sm90`, wgmma): every mask kind, window and
-/// bias at head dims 64 and 128 and both dtypes compile for sm_90a with one `BwdParams` by
-/// value and at most [`FUSED_MAX_SPILL`] bytes of spills (NVRTC 13: 0-12 bytes at head dim
-/// 128, up to 96 at 64, where S^T and dP^T of 128 queries are in flight together); it is
-/// never listed for a device without wgmma, and other head dims have none.
+/// The Hopper fused kernel (`backward_dqdkdv_*_sm90`, wgmma), in both schedules (the default
+/// and the opt-in overlapped one, `s3`): every mask kind, window and bias at head dims 64
+/// and 128 and both dtypes compile for sm_90a with one `BwdParams` by value and at most
+/// [`FUSED_MAX_SPILL`] bytes of spills (NVRTC 13: 0-44 bytes at head dim 128, up to 96 at
+/// 64, where S^T and dP^T of 128 queries are in flight together; the overlapped schedule
+/// exists at head dim 128 only); other head dims and tiles have none.
 #[test]
 fn fused_backward_sm90_kernels_compile() {
     if !require_nvrtc() {
@@ -355,7 +356,23 @@ fn fused_backward_sm90_kernels_compile() {
             assert!(c.key().ends_with("_sm90"), "{}", c.key());
             assert!(!c.phase.compiles_for("sm_80") && c.phase.compiles_for("sm_90a"));
             compile_one_spilling(&c, "sm_90a", FUSED_MAX_SPILL, &mut failures);
-            n += 1;
+            // The opt-in overlapped schedule (key suffix s3), head dim 128 only.
+            let mut o = c.clone();
+            o.tile = Some(PrefillTile::for_backward_sm90_overlap(hd));
+            assert!(
+                o.key().ends_with("s3_sm90") && o.key() != c.key(),
+                "{}",
+                o.key()
+            );
+            if hd == 128 {
+                compile_one_spilling(&o, "sm_90a", FUSED_MAX_SPILL, &mut failures);
+            } else {
+                assert!(matches!(
+                    o.render(),
+                    Err(RenderError::BadPrefillTile { .. })
+                ));
+            }
+            n += 2;
         }
     }
     for hd in [32, 96, 192, 256] {
@@ -363,6 +380,17 @@ fn fused_backward_sm90_kernels_compile() {
             backward_fused_config_sm90(DType::Bf16, hd, MaskType::Causal, false, false).is_none()
         );
     }
+    // Any other tile is refused.
+    let mut c =
+        backward_fused_config_sm90(DType::Bf16, 128, MaskType::Causal, false, false).unwrap();
+    c.tile = Some(PrefillTile {
+        stages: 4,
+        ..PrefillTile::for_backward_sm90_overlap(128)
+    });
+    assert!(matches!(
+        c.render(),
+        Err(RenderError::BadPrefillTile { .. })
+    ));
     assert!(
         failures.is_empty(),
         "{} of {n} compiles failed:\n{}",

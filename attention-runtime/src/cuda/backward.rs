@@ -48,7 +48,7 @@
 use std::sync::Arc;
 
 use attention_codegen::registry::{backward_configs, backward_fused_for, Target};
-use attention_codegen::render::{KernelConfig, Phase};
+use attention_codegen::render::{KernelConfig, Phase, PrefillTile};
 use attention_codegen::{DType, MaskType};
 use cudarc::driver::sys::CUfunction_attribute_enum;
 use cudarc::driver::{
@@ -299,10 +299,46 @@ impl AttentionBackward {
     }
 
     /// [`AttentionBackward::new`] from the registry's configs (preprocess, dK/dV, dQ; e.g.
-    /// [`attention_codegen::registry::backward`]).
+    /// [`attention_codegen::registry::backward`]), with the fast mode's fused kernel that
+    /// [`backward_fused_for`] picks for `ctx`'s device (the Hopper one with the overlapped
+    /// schedule, [`PrefillTile::for_backward_sm90_overlap`], at head dim 128 when
+    /// `ATTN_BWD_SM90_OVERLAP` is set to anything but empty or `0`: opt-in, not yet run on a
+    /// GPU).
     pub fn compile(
         ctx: &Arc<CudaContext>,
         configs: &[KernelConfig; 3],
+    ) -> Result<AttentionBackward> {
+        let c = &configs[1];
+        let mut fused = backward_fused_for(
+            c.dtype,
+            c.head_dim,
+            c.mask.unwrap_or(MaskType::NoMask),
+            c.has_window,
+            c.has_bias,
+            device_target(ctx)?,
+        );
+        let overlap =
+            std::env::var("ATTN_BWD_SM90_OVERLAP").is_ok_and(|v| !v.is_empty() && v != "0");
+        if let Some(f) = fused
+            .as_mut()
+            .filter(|f| overlap && f.phase == Phase::BackwardDqDkDvSm90 && f.head_dim == 128)
+        {
+            f.tile = Some(PrefillTile::for_backward_sm90_overlap(f.head_dim));
+        }
+        AttentionBackward::compile_with_fused(ctx, configs, fused)
+    }
+
+    /// [`AttentionBackward::compile`] with the fast mode's fused kernel given: `fused` of
+    /// phase [`Phase::BackwardDqDkDv`] or [`Phase::BackwardDqDkDvSm90`] for the same dtype,
+    /// head dim, mask, window and bias as `configs[1]`, or `None` (the fast mode then runs
+    /// the deterministic pair).
+    ///
+    /// Errors: those of [`AttentionBackward::compile`]; [`AttnError::InvalidArgument`]
+    /// (`fused`) for another phase or another kernel's features.
+    pub fn compile_with_fused(
+        ctx: &Arc<CudaContext>,
+        configs: &[KernelConfig; 3],
+        fused: Option<KernelConfig>,
     ) -> Result<AttentionBackward> {
         let want = [
             Phase::BackwardPreprocess,
@@ -346,14 +382,19 @@ impl AttentionBackward {
         set_smem(ctx, &dkdv, &keys[1], configs[1].backward_smem_bytes())?;
         set_smem(ctx, &dq, &keys[2], configs[2].backward_smem_bytes())?;
         let c = &configs[1];
-        let fused = match backward_fused_for(
-            c.dtype,
-            c.head_dim,
-            c.mask.unwrap_or(MaskType::NoMask),
-            c.has_window,
-            c.has_bias,
-            device_target(ctx)?,
-        ) {
+        if let Some(f) = &fused {
+            let same = matches!(f.phase, Phase::BackwardDqDkDv | Phase::BackwardDqDkDvSm90)
+                && (f.dtype, f.head_dim, f.mask, f.has_window, f.has_bias)
+                    == (c.dtype, c.head_dim, c.mask, c.has_window, c.has_bias);
+            if !same {
+                return Err(invalid(
+                    "fused",
+                    format!("a fused backward kernel with the features of {}", c.key()),
+                    f.key(),
+                ));
+            }
+        }
+        let fused = match fused {
             Some(config) => {
                 config
                     .check_config()
