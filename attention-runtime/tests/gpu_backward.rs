@@ -271,6 +271,16 @@ fn run<T: Elem>(case: &Case, seed: u64) {
         }
     }
     .expect("backward compiles");
+    if let Some(tile) = case.fused_tile {
+        // The fast mode runs the kernel asked for (the overlapped tile's key ends in s3_sm90).
+        let key = bwd.fused_key().expect("the given fused kernel");
+        let want = if tile.stages == 3 {
+            "s3_sm90"
+        } else {
+            "w8_sm90"
+        };
+        assert!(key.ends_with(want), "{key}");
+    }
     let layout = if case.packed {
         BwdLayout::Packed {
             cu_seqlens_q: &cu_q_d,
@@ -889,19 +899,29 @@ fn backward_fast_mode_picks_the_hopper_kernel_on_sm90() {
 
 /// Small cases for compute-sanitizer (memcheck, racecheck) on the fast kernels: a partial
 /// query tile and a partial KV tile, GQA, causal, a window and a packed ragged batch, at
-/// head dims 64 and 128 (the Hopper kernel on an sm_90 device).
+/// head dims 64 and 128 (the Hopper kernel on an sm_90 device, there also its overlapped
+/// schedule).
 #[test]
 #[ignore = "requires a CUDA GPU"]
 fn backward_sanitizer_cases() {
-    for hd in [64, 128] {
+    let (ctx, _stream) = cuda_stream();
+    let hopper = ctx.compute_capability().unwrap() == (9, 0);
+    // (head dim, the Hopper kernel's tile: None = the registry's choice)
+    let mut runs = vec![(64, None), (128, None)];
+    if hopper {
+        runs.push((128, Some(PrefillTile::for_backward_sm90_overlap(128))));
+    }
+    for (hd, fused_tile) in runs {
         let mut c = Case::new(hd, MaskType::Causal, 150, 150, 1);
         c.heads = 4;
         c.groups = 2;
+        c.fused_tile = fused_tile;
         check(c);
         let mut c = Case::new(hd, MaskType::NoMask, 0, 0, 0);
         c.packed = true;
         c.seqs = vec![(70, 130), (5, 3)];
         c.window = Some((20, 9));
+        c.fused_tile = fused_tile;
         check(c);
     }
 }

@@ -331,10 +331,12 @@ impl AttentionBackward {
     /// [`AttentionBackward::compile`] with the fast mode's fused kernel given: `fused` of
     /// phase [`Phase::BackwardDqDkDv`] or [`Phase::BackwardDqDkDvSm90`] for the same dtype,
     /// head dim, mask, window and bias as `configs[1]`, or `None` (the fast mode then runs
-    /// the deterministic pair).
+    /// the deterministic pair). For tests and benchmarks of a given kernel: it skips the
+    /// registry's choice (which, for one, keeps bias configs off the sm90 kernel for now).
     ///
     /// Errors: those of [`AttentionBackward::compile`]; [`AttnError::InvalidArgument`]
-    /// (`fused`) for another phase or another kernel's features.
+    /// (`fused`) for another phase or another kernel's features, or the sm90 kernel on a
+    /// device without wgmma (checked before anything compiles).
     pub fn compile_with_fused(
         ctx: &Arc<CudaContext>,
         configs: &[KernelConfig; 3],
@@ -375,12 +377,6 @@ impl AttentionBackward {
                 ),
             ));
         }
-        let keys = configs.clone().map(|c| c.key());
-        let pre = load(ctx, &configs[0], &[&keys[0], &format!("{}_dsink", keys[0])])?;
-        let dkdv = load(ctx, &configs[1], &[&keys[1]])?.remove(0);
-        let dq = load(ctx, &configs[2], &[&keys[2]])?.remove(0);
-        set_smem(ctx, &dkdv, &keys[1], configs[1].backward_smem_bytes())?;
-        set_smem(ctx, &dq, &keys[2], configs[2].backward_smem_bytes())?;
         let c = &configs[1];
         if let Some(f) = &fused {
             let same = matches!(f.phase, Phase::BackwardDqDkDv | Phase::BackwardDqDkDvSm90)
@@ -393,7 +389,23 @@ impl AttentionBackward {
                     f.key(),
                 ));
             }
+            if f.phase == Phase::BackwardDqDkDvSm90 {
+                if let Target::Device { wgmma: false, .. } = device_target(ctx)? {
+                    return Err(invalid(
+                        "fused",
+                        "a kernel this GPU runs (the _sm90 one needs an sm_90 device, and \
+                         ATTN_DISABLE_SM90 unset)",
+                        f.key(),
+                    ));
+                }
+            }
         }
+        let keys = configs.clone().map(|c| c.key());
+        let pre = load(ctx, &configs[0], &[&keys[0], &format!("{}_dsink", keys[0])])?;
+        let dkdv = load(ctx, &configs[1], &[&keys[1]])?.remove(0);
+        let dq = load(ctx, &configs[2], &[&keys[2]])?.remove(0);
+        set_smem(ctx, &dkdv, &keys[1], configs[1].backward_smem_bytes())?;
+        set_smem(ctx, &dq, &keys[2], configs[2].backward_smem_bytes())?;
         let fused = match fused {
             Some(config) => {
                 config
