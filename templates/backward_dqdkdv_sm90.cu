@@ -44,9 +44,15 @@ constexpr int BLOCK_M = {{ block_m }};
 constexpr int BLOCK_N = {{ block_n }};
 constexpr int WARPS = {{ warps }};
 constexpr int THREADS = WARPS * WARP_SIZE;
-constexpr int SN = BLOCK_M / 8;      // n8 tiles of S^T / dP^T per thread (queries)
+// P_SMEM (head dim 256): both warpgroups take all 64 keys of the tile; S^T / dP^T split the
+// step's queries between them, dK / dV / dQ the head dim; P^T and dS^T meet in shared memory.
+constexpr bool P_SMEM = {{ p_smem }};
+constexpr int ST_N = P_SMEM ? BLOCK_M / 2 : BLOCK_M;  // queries of S^T per warpgroup
+constexpr int KV_N = P_SMEM ? HEAD_DIM / 2 : HEAD_DIM;  // head-dim columns of dK / dV per warpgroup
+constexpr int SN = ST_N / 8;         // n8 tiles of S^T / dP^T per thread (queries)
 constexpr int KQ = BLOCK_M / 16;     // k16 steps of dV / dK (queries)
-constexpr int DN = HEAD_DIM / 8;     // n8 tiles of dK / dV (head dim)
+constexpr int PK = SN / 2;           // k16 chunks of P^T / dS^T this thread holds (queries)
+constexpr int DN = KV_N / 8;         // n8 tiles of dK / dV (head dim)
 constexpr int KD = HEAD_DIM / 16;    // k16 steps of S^T / dP^T (head dim)
 constexpr int KN = BLOCK_N / 16;     // k16 steps of dQ (keys)
 constexpr int DQ_N = {{ dq_n }};     // head-dim columns of dQ per warpgroup
@@ -57,20 +63,22 @@ constexpr int Q_BYTES = BLOCK_M * HEAD_DIM * 2;
 constexpr int KV_BYTES = BLOCK_N * HEAD_DIM * 2;
 constexpr int DS_BYTES = BLOCK_N * BLOCK_M * 2;
 constexpr int LOADERS = THREADS;     // every thread loads (partials/wgmma_sm90.cu)
-static_assert(WARPS == 8 && BLOCK_N == 128, "two warpgroups of 64 keys");
+static_assert(WARPS == 8 && (P_SMEM ? BLOCK_N == 64 && BLOCK_M == 64 : BLOCK_N == 128),
+              "two warpgroups of 64 keys, or (P_SMEM) two warpgroups sharing 64 keys");
+static_assert(!P_SMEM || {{ stages }} == 2, "the overlapped schedule keeps P in registers");
 static_assert(HEAD_DIM % 64 == 0 && BLOCK_M % 64 == 0, "128-byte swizzle panels of 64 elements");
 static_assert(DQ_SPLIT_M ? BLOCK_M == 128 : (BLOCK_M == 64 && DQ_N * 2 == HEAD_DIM && DQ_N % 64 == 0),
               "dQ: 64 queries x every column, or 64 queries x half the columns, per warpgroup");
 
 {% include "partials/wgmma_sm90.cu" %}
 
-/// d (+)= A B, m64n{{ block_m }}k16 (S^T, dP^T): A (64 x 16) and B (16 x BLOCK_M) from shared
+/// d (+)= A B, m64n{{ st_n }}k16 (S^T, dP^T): A (64 x 16) and B (16 x ST_N) from shared
 /// memory, both K-major; `accumulate == 0` overwrites d.
 __device__ __forceinline__ void wgmma_st(float (&d)[SN][4], unsigned long long desc_a, unsigned long long desc_b,
                                          int accumulate) {
     asm volatile(
         "{\n.reg .pred p;\nsetp.ne.b32 p, %{{ 4 * st_tiles + 2 }}, 0;\n"
-        "wgmma.mma_async.sync.aligned.m64n{{ block_m }}k16.f32.{{ dtype }}.{{ dtype }} "
+        "wgmma.mma_async.sync.aligned.m64n{{ st_n }}k16.f32.{{ dtype }}.{{ dtype }} "
         "{ {% for i in range(end=4 * st_tiles) %}%{{ i }}{% if not loop.last %}, {% endif %}{% endfor %} }, "
         "%{{ 4 * st_tiles }}, %{{ 4 * st_tiles + 1 }}, p, 1, 1, 0, 0;\n}\n"
         : {% for j in range(end=st_tiles) %}"+f"(d[{{ j }}][0]), "+f"(d[{{ j }}][1]), "+f"(d[{{ j }}][2]), "+f"(d[{{ j }}][3]){% if not loop.last %},
@@ -78,6 +86,21 @@ __device__ __forceinline__ void wgmma_st(float (&d)[SN][4], unsigned long long d
         : "l"(desc_a), "l"(desc_b), "r"(accumulate));
 }
 
+{%- if p_smem %}
+/// d += A B, m64n{{ kv_n }}k16 (dV, dK): A (64 x 16, P^T or dS^T) from shared memory,
+/// K-major, B (16 x KV_N, dO or Q) from shared memory, MN-major.
+__device__ __forceinline__ void wgmma_kv_ss(float (&d)[DN][4], unsigned long long desc_a, unsigned long long desc_b) {
+    asm volatile(
+        "{\n"
+        "wgmma.mma_async.sync.aligned.m64n{{ kv_n }}k16.f32.{{ dtype }}.{{ dtype }} "
+        "{ {% for i in range(end=4 * kv_tiles) %}%{{ i }}{% if not loop.last %}, {% endif %}{% endfor %} }, "
+        "%{{ 4 * kv_tiles }}, %{{ 4 * kv_tiles + 1 }}, 1, 1, 1, 0, 1;\n}\n"
+        : {% for j in range(end=kv_tiles) %}"+f"(d[{{ j }}][0]), "+f"(d[{{ j }}][1]), "+f"(d[{{ j }}][2]), "+f"(d[{{ j }}][3]){% if not loop.last %},
+          {% endif %}{% endfor %}
+        : "l"(desc_a), "l"(desc_b));
+}
+
+{%- else %}
 /// d += A B, m64n{{ head_dim }}k16 (dV, dK): A (64 x 16) from registers, B (16 x HEAD_DIM) from
 /// shared memory, MN-major.
 __device__ __forceinline__ void wgmma_kv(float (&d)[DN][4], const unsigned (&a)[4], unsigned long long desc_b) {
@@ -92,6 +115,7 @@ __device__ __forceinline__ void wgmma_kv(float (&d)[DN][4], const unsigned (&a)[
         : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "l"(desc_b));
 }
 
+{%- endif %}
 /// d (+)= A B, m64n{{ dq_n }}k16 (dQ): A (64 x 16) from shared memory M-major (dS, read from the
 /// row-major dS^T), B (16 x DQ_N) from shared memory MN-major (K); `accumulate == 0`
 /// overwrites d.
@@ -129,12 +153,18 @@ extern "C" __global__ void __launch_bounds__(THREADS, 1) {{ key }}(const BwdPara
     const unsigned sdO_addr = sQ_addr + 2 * Q_BYTES; // 2 buffers
     const unsigned sdS_addr = sdO_addr + 2 * Q_BYTES;
     unsigned char* sdS = smem + (sdS_addr - sK_addr);
-    float* sL = reinterpret_cast<float*>(sdS + DS_BYTES);  // 2 x BLOCK_M, the LSE
+    // P_SMEM: P^T after dS^T (same layout); otherwise no P^T tile.
+    const unsigned sP_addr = sdS_addr + DS_BYTES;
+    unsigned char* sP = smem + (sP_addr - sK_addr);
+    float* sL = reinterpret_cast<float*>(sP + (P_SMEM ? DS_BYTES : 0));  // 2 x BLOCK_M, the LSE
     float* sD = sL + 2 * BLOCK_M;                          // 2 x BLOCK_M
 
 {% include "partials/bwd_kv_block.cu" %}
-    const int wg = warp / 4;          // keys n0 + wg * 64 .. + 63
-    const int key_row0 = wg * 64 + (warp % 4) * 16;  // this warp's first key within the tile
+    const int wg = warp / 4;          // keys n0 + wg * 64 .. + 63 (P_SMEM: queries wg * ST_N ..)
+    const int key_row0 = (P_SMEM ? 0 : wg * 64) + (warp % 4) * 16;  // this warp's first key in the tile
+    const int q_col0 = P_SMEM ? wg * ST_N : 0;  // this warpgroup's first query of S^T
+    const int kv_col0 = P_SMEM ? wg * KV_N : 0; // this warpgroup's first dK / dV column
+    (void)sP;
 
     // Step t: query head grp * hpg + t / nm_tiles, query tile mt_begin + t % nm_tiles.
     auto load_step = [&](int t) {
@@ -165,8 +195,8 @@ extern "C" __global__ void __launch_bounds__(THREADS, 1) {{ key }}(const BwdPara
     (void)sl2;
 {%- endif %}
     // This warpgroup's 64 rows of K and V (panel p of a tile at + p * BLOCK_N * 128).
-    const unsigned k_wg = sK_addr + (unsigned)(wg * 64 * 128);
-    const unsigned v_wg = sV_addr + (unsigned)(wg * 64 * 128);
+    const unsigned k_wg = sK_addr + (unsigned)(P_SMEM ? 0 : wg * 64 * 128);
+    const unsigned v_wg = sV_addr + (unsigned)(P_SMEM ? 0 : wg * 64 * 128);
     // dQ: this warpgroup's 64 queries (a 64-column panel of dS^T) and DQ_N columns of K.
     const unsigned dq_a = sdS_addr + (unsigned)(DQ_SPLIT_M ? wg * BLOCK_N * 128 : 0);
     const unsigned dq_b = sK_addr + (unsigned)(DQ_SPLIT_M ? 0 : wg * (DQ_N / 64) * BLOCK_N * 128);
@@ -212,14 +242,14 @@ extern "C" __global__ void __launch_bounds__(THREADS, 1) {{ key }}(const BwdPara
 #pragma unroll
         for (int kk = 0; kk < KD; ++kk) {
             const unsigned a = kw + (unsigned)((kk / 4) * BLOCK_N * 128 + (kk % 4) * 32);
-            const unsigned bq = q_s + (unsigned)((kk / 4) * BLOCK_M * 128 + (kk % 4) * 32);
+            const unsigned bq = q_s + (unsigned)((kk / 4) * BLOCK_M * 128 + (kk % 4) * 32 + q_col0 * 128);
             wgmma_st(s, gmma_desc(a, 16, 1024), gmma_desc(bq, 16, 1024), kk > 0 ? 1 : 0);
         }
         wgmma_commit();
 #pragma unroll
         for (int kk = 0; kk < KD; ++kk) {
             const unsigned a = vw + (unsigned)((kk / 4) * BLOCK_N * 128 + (kk % 4) * 32);
-            const unsigned bo = o_s + (unsigned)((kk / 4) * BLOCK_M * 128 + (kk % 4) * 32);
+            const unsigned bo = o_s + (unsigned)((kk / 4) * BLOCK_M * 128 + (kk % 4) * 32 + q_col0 * 128);
             wgmma_st(dp, gmma_desc(a, 16, 1024), gmma_desc(bo, 16, 1024), kk > 0 ? 1 : 0);
         }
         wgmma_commit();
@@ -227,7 +257,7 @@ extern "C" __global__ void __launch_bounds__(THREADS, 1) {{ key }}(const BwdPara
         fence_acc(s);
 
         // 2. P^T in place of S^T. Element (ni, 2 * hh + e): key n0 + key_row0 + gq + 8 * hh,
-        // query m0 + ni * 8 + 2 * tq + e.
+        // query m0 + q_col0 + ni * 8 + 2 * tq + e.
         int lo_last, hi_last, lo_first, hi_first;
         visible_range(min(m0 + BLOCK_M, sq) - 1, sq, sk, window_left, window_right, &lo_last, &hi_last);
         visible_range(m0, sq, sk, window_left, window_right, &lo_first, &hi_first);
@@ -241,10 +271,10 @@ extern "C" __global__ void __launch_bounds__(THREADS, 1) {{ key }}(const BwdPara
 {%- endif %}
 #pragma unroll
         for (int ni = 0; ni < SN; ++ni) {
-            const float2 lse2 = *reinterpret_cast<const float2*>(lrow + ni * 8 + 2 * tq);
+            const float2 lse2 = *reinterpret_cast<const float2*>(lrow + q_col0 + ni * 8 + 2 * tq);
 #pragma unroll
             for (int e = 0; e < 2; ++e) {
-                const int c = ni * 8 + 2 * tq + e;  // query within the tile
+                const int c = q_col0 + ni * 8 + 2 * tq + e;  // query within the tile
                 const int i = m0 + c;
                 const float l2 = lse_log2(e == 0 ? lse2.x : lse2.y);
                 int lo = 0, hi = 0;
@@ -280,9 +310,9 @@ extern "C" __global__ void __launch_bounds__(THREADS, 1) {{ key }}(const BwdPara
 {%- if stages < 3 %} The f32 values die here, which keeps the registers within budget
         // at 128 queries per step; dS^T uses the rounded P, as the sm80 kernel does.
 {%- endif %}
-        unsigned pa[KQ][4], da[KQ][4];
+        unsigned pa[PK][4];
 #pragma unroll
-        for (int kq = 0; kq < KQ; ++kq) {
+        for (int kq = 0; kq < PK; ++kq) {
             pa[kq][0] = pack2(s[2 * kq][0], s[2 * kq][1]);
             pa[kq][1] = pack2(s[2 * kq][2], s[2 * kq][3]);
             pa[kq][2] = pack2(s[2 * kq + 1][0], s[2 * kq + 1][1]);
@@ -311,7 +341,7 @@ extern "C" __global__ void __launch_bounds__(THREADS, 1) {{ key }}(const BwdPara
         fence_acc(dp);
 #pragma unroll
         for (int ni = 0; ni < SN; ++ni) {
-            const float2 d2 = *reinterpret_cast<const float2*>(drow + ni * 8 + 2 * tq);
+            const float2 d2 = *reinterpret_cast<const float2*>(drow + q_col0 + ni * 8 + 2 * tq);
 #pragma unroll
             for (int hh = 0; hh < 2; ++hh) {
 {%- if stages >= 3 %}
@@ -323,14 +353,49 @@ extern "C" __global__ void __launch_bounds__(THREADS, 1) {{ key }}(const BwdPara
                 dp[ni][2 * hh + 1] = pr.y > 0.0f ? pr.y * (dp[ni][2 * hh + 1] - d2.y) : 0.0f;
             }
         }
+{%- if not p_smem %}
+        unsigned da[PK][4];
 #pragma unroll
-        for (int kq = 0; kq < KQ; ++kq) {
+        for (int kq = 0; kq < PK; ++kq) {
             da[kq][0] = pack2(dp[2 * kq][0], dp[2 * kq][1]);
             da[kq][1] = pack2(dp[2 * kq][2], dp[2 * kq][3]);
             da[kq][2] = pack2(dp[2 * kq + 1][0], dp[2 * kq + 1][1]);
             da[kq][3] = pack2(dp[2 * kq + 1][2], dp[2 * kq + 1][3]);
         }
+{%- endif %}
 
+{%- if p_smem %}
+        // 4. P^T and dS^T into shared memory (row = key, 16-byte chunk = 8 queries of this
+        // warpgroup's half, swizzled); once both halves are there, dV += P^T dO and
+        // dK += dS^T Q over this warpgroup's KV_N columns (A from shared memory, K-major;
+        // B's columns kv_col0 .. in 64-column panels BLOCK_M * 128 bytes apart), then dQ.
+#pragma unroll
+        for (int ni = 0; ni < SN; ++ni) {
+#pragma unroll
+            for (int hh = 0; hh < 2; ++hh) {
+                const int r = key_row0 + gq + 8 * hh;
+                const unsigned off = sw_off<BLOCK_N>(r, q_col0 / 8 + ni) + 4 * tq;
+                *reinterpret_cast<unsigned*>(sP + off) = pa[ni / 2][(ni % 2) * 2 + hh];
+                *reinterpret_cast<unsigned*>(sdS + off) = pack2(dp[ni][2 * hh], dp[ni][2 * hh + 1]);
+            }
+        }
+        asm volatile("fence.proxy.async.shared::cta;\n" ::: "memory");
+        __syncthreads();
+        fence_acc(dv);
+        fence_acc(dk);
+        wgmma_fence();
+        {
+            const unsigned panel = (unsigned)((kv_col0 / 64) * BLOCK_M * 128);
+#pragma unroll
+            for (int kq = 0; kq < KQ; ++kq) {
+                const unsigned a_off = (unsigned)((kq / 4) * BLOCK_N * 128 + (kq % 4) * 32);
+                const unsigned b_off = panel + (unsigned)(kq * 16 * 128);
+                wgmma_kv_ss(dv, gmma_desc(sP_addr + a_off, 16, 1024), gmma_desc(o_s + b_off, BLOCK_M * 128, 1024));
+                wgmma_kv_ss(dk, gmma_desc(sdS_addr + a_off, 16, 1024), gmma_desc(q_s + b_off, BLOCK_M * 128, 1024));
+            }
+        }
+        wgmma_commit();
+{%- else %}
         // 4. dS^T into shared memory (row = key, 16-byte chunk = 8 queries, swizzled) for dQ,
         // before da becomes the A operand of an MMA in flight (PTX: accessing those registers
         // before the wait that covers the MMA is undefined). Then {% if stages < 3 %}dV += P^T dO, {% endif %}dK += dS^T Q
@@ -363,6 +428,7 @@ extern "C" __global__ void __launch_bounds__(THREADS, 1) {{ key }}(const BwdPara
         // 5. dQ_partial = dS K once both warpgroups' halves of dS^T are in shared memory.
         asm volatile("fence.proxy.async.shared::cta;\n" ::: "memory");
         __syncthreads();
+{%- endif %}
         float dq[QN][4];
         fence_acc(dq);
         wgmma_fence();
@@ -400,7 +466,8 @@ extern "C" __global__ void __launch_bounds__(THREADS, 1) {{ key }}(const BwdPara
     for (int hh = 0; hh < 2; ++hh) {
         const int j = n0 + key_row0 + gq + 8 * hh;
         if (j < sk) {
-            const long long off = ((k_tok0 + (long long)j * k_step) * num_groups + grp) * HEAD_DIM + 2 * tq;
+            const long long off =
+                ((k_tok0 + (long long)j * k_step) * num_groups + grp) * HEAD_DIM + kv_col0 + 2 * tq;
 #pragma unroll
             for (int dn = 0; dn < DN; ++dn) {
                 *reinterpret_cast<unsigned*>(p.dk + off + dn * 8) =

@@ -147,10 +147,12 @@ const TEMPLATES: &[(&str, &str)] = &[
 pub const BACKWARD_HEAD_DIMS: &[usize] = SUPPORTED_HEAD_DIMS;
 
 /// Head dims of the Hopper backward kernel ([`Phase::BackwardDqDkDvSm90`]): its two
-/// warpgroups split dQ's 64-column panels (head dim 128) or 128 queries (head dim 64); at 256
-/// its dK and dV accumulators (64 keys x 256 columns each per warpgroup) do not fit the
-/// registers, so other head dims run the sm80 kernel.
-pub const SM90_BACKWARD_HEAD_DIMS: &[usize] = &[64, 128];
+/// warpgroups own 64 keys each and split dQ's 64-column panels (head dim 128) or 128 queries
+/// (head dim 64); at 256, where one warpgroup's dK and dV for 64 keys x 256 columns would not
+/// fit the registers, they share 64 keys, split S^T's queries and dK/dV/dQ's columns, and
+/// pass P^T and dS^T through shared memory. Other head dims run the sm80 kernel. The
+/// registry picks head dim 256 only once it has run on a GPU ([`crate::registry::backward_fused_for`]).
+pub const SM90_BACKWARD_HEAD_DIMS: &[usize] = &[64, 128, 256];
 
 /// Warps per block of the fused backward ([`Phase::BackwardDqDkDv`]).
 pub const FUSED_BACKWARD_WARPS: usize = 8;
@@ -660,7 +662,7 @@ impl PrefillTile {
         match phase {
             Phase::BackwardDqDkDvSm90 => PrefillTile {
                 block_m: if head_dim <= 64 { 128 } else { 64 },
-                block_n: 128,
+                block_n: if head_dim <= 128 { 128 } else { 64 },
                 warps: FUSED_BACKWARD_WARPS,
                 stages: 2,
             },
@@ -1238,7 +1240,7 @@ impl KernelConfig {
             if !SM90_BACKWARD_HEAD_DIMS.contains(&self.head_dim) {
                 return Err(RenderError::Unsupported {
                     argument: "head_dim",
-                    reason: "the Hopper backward kernel supports head dims 64 and 128",
+                    reason: "the Hopper backward kernel supports head dims 64, 128 and 256",
                 });
             }
             let def = PrefillTile::for_backward(Phase::BackwardDqDkDvSm90, self.head_dim, false);
@@ -1301,8 +1303,10 @@ impl KernelConfig {
             Phase::BackwardDkdv => (2 * t.block_n + 4 * t.block_m) * row + 16 * t.block_m,
             Phase::BackwardDq => (2 * t.block_m + 4 * t.block_n) * row,
             Phase::BackwardDqDkDvSm90 => {
+                // dS^T, and at head dim 256 P^T too.
+                let p_tiles = if self.head_dim > 128 { 2 } else { 1 };
                 (2 * t.block_n + 4 * t.block_m) * self.head_dim * 2
-                    + t.block_n * t.block_m * 2
+                    + p_tiles * t.block_n * t.block_m * 2
                     + 16 * t.block_m
                     + 1024
             }
@@ -1396,7 +1400,23 @@ impl KernelConfig {
         c.insert("wm_q", &wm_q);
         // The Hopper backward's wgmma shapes: S^T over the step's queries, dQ's columns per
         // warpgroup (every one when the warpgroups split 128 queries, else half).
-        c.insert("st_tiles", &(tile.block_m / 8));
+        // Head dim 256 (`p_smem`): the warpgroups split S^T's queries and dK/dV's columns.
+        let p_smem = self.phase == Phase::BackwardDqDkDvSm90 && self.head_dim > 128;
+        let st_n = if p_smem {
+            tile.block_m / 2
+        } else {
+            tile.block_m
+        };
+        let kv_n = if p_smem {
+            self.head_dim / 2
+        } else {
+            self.head_dim
+        };
+        c.insert("p_smem", &p_smem);
+        c.insert("st_n", &st_n);
+        c.insert("st_tiles", &(st_n / 8));
+        c.insert("kv_n", &kv_n);
+        c.insert("kv_tiles", &(kv_n / 8));
         let dq_n = if tile.block_m == 128 {
             self.head_dim
         } else {

@@ -280,6 +280,8 @@ fn run<T: Elem>(case: &Case, seed: u64) {
             "w8_sm90"
         };
         assert!(key.ends_with(want), "{key}");
+        let tile_key = format!("_m{}n{}w8", tile.block_m, tile.block_n);
+        assert!(key.contains(&tile_key), "{key}");
     }
     let layout = if case.packed {
         BwdLayout::Packed {
@@ -910,6 +912,7 @@ fn backward_sanitizer_cases() {
     let mut runs = vec![(64, None), (128, None)];
     if hopper {
         runs.push((128, Some(PrefillTile::for_backward_sm90_overlap(128))));
+        runs.push((256, Some(sm90_tile(256))));
     }
     for (hd, fused_tile) in runs {
         let mut c = Case::new(hd, MaskType::Causal, 150, 150, 1);
@@ -967,4 +970,49 @@ fn backward_sm90_overlap_schedule() {
         c.fused_tile = tile;
         check(c);
     }
+}
+
+/// The Hopper kernel's default tile at `hd` (the registry does not pick it at head dim 256
+/// yet).
+fn sm90_tile(hd: usize) -> PrefillTile {
+    PrefillTile::for_backward(Phase::BackwardDqDkDvSm90, hd, false)
+}
+
+/// The Hopper kernel at head dim 256 (P^T and dS^T through shared memory, the warpgroups
+/// splitting S^T's queries and dK/dV/dQ's columns), on an sm_90 device only: masks, a window,
+/// GQA, a packed ragged batch, f16, a mask tensor and a bias (fast mode without dbias).
+#[test]
+#[ignore = "requires a CUDA GPU"]
+fn backward_sm90_hd256() {
+    let (ctx, _stream) = cuda_stream();
+    if ctx.compute_capability().unwrap() != (9, 0) {
+        eprintln!("not an sm_90 device: the Hopper backward kernel does not run here");
+        return;
+    }
+    let mut rng = SplitMix64::new(fresh_seed());
+    let tile = Some(sm90_tile(256));
+    for mask in [
+        MaskType::NoMask,
+        MaskType::Causal,
+        MaskType::CausalBottomRight,
+    ] {
+        let s = odd(&mut rng, 131, 90);
+        let mut c = Case::new(256, mask, s, s, 2);
+        c.fused_tile = tile;
+        check(c);
+    }
+    let mut c = Case::new(256, MaskType::CausalBottomRight, 0, 0, 0);
+    c.packed = true;
+    c.seqs = vec![(1, 1), (100, 130), (17, 5)];
+    c.window = Some((40, 0));
+    c.heads = 8;
+    c.groups = 2;
+    c.dtype = DType::F16;
+    c.fused_tile = tile;
+    check(c);
+    let mut c = Case::new(256, MaskType::PaddingCausal, 97, 97, 2);
+    c.mask_shape = Some([2, 4, 97, 97]);
+    c.bias_shape = Some([1, 4, 97, 97]);
+    c.fused_tile = tile;
+    check(c);
 }

@@ -47,7 +47,9 @@
 
 use std::sync::Arc;
 
-use attention_codegen::registry::{backward_configs, backward_fused_for, Target};
+use attention_codegen::registry::{
+    backward_configs, backward_fused_config_sm90, backward_fused_for, Target,
+};
 use attention_codegen::render::{KernelConfig, Phase, PrefillTile};
 use attention_codegen::{DType, MaskType};
 use cudarc::driver::sys::CUfunction_attribute_enum;
@@ -302,27 +304,30 @@ impl AttentionBackward {
     /// [`attention_codegen::registry::backward`]), with the fast mode's fused kernel that
     /// [`backward_fused_for`] picks for `ctx`'s device (the Hopper one with the overlapped
     /// schedule, [`PrefillTile::for_backward_sm90_overlap`], at head dim 128 when
-    /// `ATTN_BWD_SM90_OVERLAP` is set to anything but empty or `0`: opt-in, not yet run on a
+    /// `ATTN_BWD_SM90_OVERLAP` is set to anything but empty or `0`, and the Hopper one at head
+    /// dim 256 without a bias when `ATTN_BWD_SM90_HD256` is: both opt-in, not yet run on a
     /// GPU).
     pub fn compile(
         ctx: &Arc<CudaContext>,
         configs: &[KernelConfig; 3],
     ) -> Result<AttentionBackward> {
         let c = &configs[1];
-        let mut fused = backward_fused_for(
-            c.dtype,
-            c.head_dim,
-            c.mask.unwrap_or(MaskType::NoMask),
-            c.has_window,
-            c.has_bias,
-            device_target(ctx)?,
-        );
-        let overlap =
-            std::env::var("ATTN_BWD_SM90_OVERLAP").is_ok_and(|v| !v.is_empty() && v != "0");
-        if let Some(f) = fused
-            .as_mut()
-            .filter(|f| overlap && f.phase == Phase::BackwardDqDkDvSm90 && f.head_dim == 128)
-        {
+        let target = device_target(ctx)?;
+        let mask = c.mask.unwrap_or(MaskType::NoMask);
+        let mut fused =
+            backward_fused_for(c.dtype, c.head_dim, mask, c.has_window, c.has_bias, target);
+        let set = |name: &str| std::env::var(name).is_ok_and(|v| !v.is_empty() && v != "0");
+        let wgmma = matches!(target, Target::Device { wgmma: true, .. });
+        if wgmma && c.head_dim == 256 && !c.has_bias && set("ATTN_BWD_SM90_HD256") {
+            fused = backward_fused_config_sm90(c.dtype, 256, mask, c.has_window, false)
+                .filter(|f| f.check_config().is_ok())
+                .or(fused);
+        }
+        if let Some(f) = fused.as_mut().filter(|f| {
+            set("ATTN_BWD_SM90_OVERLAP")
+                && f.phase == Phase::BackwardDqDkDvSm90
+                && f.head_dim == 128
+        }) {
             f.tile = Some(PrefillTile::for_backward_sm90_overlap(f.head_dim));
         }
         AttentionBackward::compile_with_fused(ctx, configs, fused)
