@@ -1,8 +1,8 @@
 // Kernel `{{ key }}`: attention backward in one pass on Hopper's warpgroup MMA, rendered from
 // templates/backward_dqdkdv_sm90.cu. dtype {{ dtype }}, head dim {{ head_dim }}, mask {{ mask }},
 // window {{ has_window }}, bias {{ has_bias }}. Needs sm_90a (wgmma).
-// Tile: BLOCK_N {{ block_n }} keys per block (64 per warpgroup, two warpgroups = {{ warps }} warps)
-// x BLOCK_M {{ block_m }} queries per step.
+// Tile: BLOCK_N {{ block_n }} keys per block x BLOCK_M {{ block_m }} queries per step, two warpgroups
+// ({{ warps }} warps){% if p_smem %} sharing the keys (head dim 256, P_SMEM below){% else %} of 64 keys each{% endif %}.
 //
 // The same schedule, launch, parameters and math as templates/backward_dqdkdv_sm80.cu (the
 // fast, non-deterministic mode: grid (ceil(max_seqlen_k / BLOCK_N), num_groups, batch); a block
@@ -10,28 +10,36 @@
 // tile that sees it; dQ added to the f32 `dq_accum` with atomics; `<key>_dq_convert` scales and
 // rounds it), with the products on wgmma and the transposed formulation of FlashAttention-3's
 // backward, so that no product needs a register transpose:
-//   S^T  = K Q^T   : wgmma m64n{{ block_m }}k16, A = this warpgroup's 64 rows of K, B = Q, both
-//                    from shared memory, K-major;
+//   S^T  = K Q^T   : wgmma m64n{{ st_n }}k16, A = 64 rows of K, B = {% if p_smem %}this warpgroup's half of
+//                    the step's queries of {% endif %}Q, both from shared memory, K-major;
 //   dP^T = V dO^T  : the same with V and dO;
 //   P^T = exp2(S^T * scale * log2e - LSE), dS^T = P^T o (dP^T - D) in registers (f32; keys are
 //   the accumulator's rows, queries its columns);
-//   dV  += P^T dO  : wgmma m64n{{ head_dim }}k16, A = P^T from registers (the accumulator
+{%- if p_smem %}
+//   dV  += P^T dO  : P^T and dS^T go to shared memory ({{ dtype }}, swizzled, keys as rows), then
+//                    wgmma m64n{{ kv_n }}k16 with A = P^T (K-major) and B = this warpgroup's
+//                    half of dO's columns (MN-major), both from shared memory;
+{%- else %}
+//   dV  += P^T dO  : wgmma m64n{{ kv_n }}k16, A = P^T from registers (the accumulator
 //                    repacked to {{ dtype }}: mma.sync's A layout, as the forward's P), B = dO from
 //                    shared memory, MN-major;
+{%- endif %}
 //   dK  += dS^T Q  : the same with dS^T and Q;
 //   dQ_partial = dS K : dS^T goes to shared memory ({{ dtype }}, swizzled, keys as rows); wgmma
 //                    m64n{{ dq_n }}k16 with A = dS (M-major: a transposed read of dS^T) and B = K
-//                    (MN-major), both from shared memory. Head dim 128: each warpgroup takes
-//                    half the head-dim columns of all 64 queries; head dim 64 (128 queries per
-//                    step): each warpgroup takes 64 queries, every column.
+//                    (MN-major), both from shared memory. Head dims 128 and 256: each warpgroup
+//                    takes half the head-dim columns of all 64 queries; head dim 64 (128 queries
+//                    per step): each warpgroup takes 64 queries, every column.
 // Schedule ({{ stages }} in the tile): 2 = per step, S^T and dP^T in flight together, then dV and
-// dK issued together after dS^T; 3 (OVERLAP, opt-in) = dV issued right after P^T, before the
-// wait for dP^T, so the exponentials run under dP^T's product (see step 3), dS^T from the f32 P.
+// dK issued together after dS^T; 3 (OVERLAP, opt-in, head dim 128) = dV issued right after
+// P^T, before the wait for dP^T, so the exponentials run under dP^T's product (see step 3),
+// dS^T from the f32 P.
 // Q, dO (two buffers), K and V live in shared memory in wgmma's 128-byte-swizzled layout
 // (templates/prefill_sm90.cu), Q/dO/LSE/D by cp.async one step ahead.
 // Dynamic shared memory: SMEM_BYTES = (2 * BLOCK_N + 4 * BLOCK_M) * HEAD_DIM * 2 (K, V, two
-// buffers of Q and dO) + BLOCK_N * BLOCK_M * 2 (dS^T) + 16 * BLOCK_M (two buffers of LSE and
-// D) + 1024 (alignment of the tiles to the swizzle's 1024-byte period).
+// buffers of Q and dO) + BLOCK_N * BLOCK_M * 2 (dS^T; twice with P_SMEM: P^T too) + 16 *
+// BLOCK_M (two buffers of LSE and D) + 1024 (alignment of the tiles to the swizzle's 1024-byte
+// period).
 
 {% include "partials/types.cu" %}
 {% include "partials/mask.cu" %}
