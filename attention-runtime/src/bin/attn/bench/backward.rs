@@ -181,6 +181,13 @@ pub fn run_backward(opts: &BackwardOptions) -> Result<String> {
                     continue;
                 }
             };
+            // Which fused kernel "ours" is (sm80, sm90, an opt-in sm90 variant).
+            let note = format!(
+                "hd {hd} causal={causal}: fast mode runs {}",
+                bwd.fused_key().unwrap_or("the deterministic pair")
+            );
+            eprintln!("{note}");
+            notes.push(note);
             for &s in &opts.seqlens {
                 for (imp, deterministic) in [(OURS, false), (OURS_DET, true)] {
                     let batch = opts.total_tokens / s;
