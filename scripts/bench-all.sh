@@ -9,6 +9,11 @@
 #   backward           attn bench backward -> OUT/backward.{json,svg,log}, then
 #                      attn bench backward --layer -> OUT/backward-layer.{json,svg,log}
 #                      (not a default section)
+#   backward-variants  the kernels' rows again for the other fused kernels, without PyTorch:
+#                      ATTN_BWD_SM90_OVERLAP=1 ATTN_BWD_SM90_HD256=1 (the opt-in Hopper
+#                      variants) -> OUT/backward-optin.{json,svg,log}, and
+#                      ATTN_DISABLE_SM90=1 (the sm80 kernels) -> OUT/backward-sm80.{json,svg,log}
+#                      (not a default section; compare with the backward section's "ours")
 #   decode             attn bench decode   -> OUT/decode.{json,svg,log}
 #   layer              attn bench layer, every preset          -> OUT/layer.{json,svg,log}
 #   layer:P1[,P2]      only those presets (llama3-8b, llama3.2-1b) -> OUT/layer-P1[-P2].{...}
@@ -31,7 +36,7 @@
 # --batches 1,16", PARALLEL_ARGS="--train").
 set -uo pipefail
 here="$(cd "$(dirname "$0")" && pwd)"
-out="${1:?usage: bench-all.sh OUT [prefill] [backward] [decode] [layer[:PRESETS]] [parallel] ...}"
+out="${1:?usage: bench-all.sh OUT [prefill] [backward] [backward-variants] [decode] [layer[:PRESETS]] [parallel] ...}"
 shift
 mkdir -p "$out"
 if [ -x "$here/bin/attn" ]; then
@@ -68,6 +73,16 @@ for s in "${sections[@]}"; do
       "$ATTN" bench backward --layer --torch-script "$here/bench_layer.py" \
         --json "$out/backward-layer.json" "${backward_layer_args[@]}" 2>&1 |
         tee "$out/backward-layer.log" || status=1
+      ;;
+    backward-variants)
+      stamp "attn bench backward, opt-in sm90 variants"
+      ATTN_BWD_SM90_OVERLAP=1 ATTN_BWD_SM90_HD256=1 "$ATTN" bench backward --sdpa-script none \
+        --json "$out/backward-optin.json" "${backward_args[@]}" 2>&1 |
+        tee "$out/backward-optin.log" || status=1
+      stamp "attn bench backward, sm80 kernels"
+      ATTN_DISABLE_SM90=1 "$ATTN" bench backward --sdpa-script none \
+        --json "$out/backward-sm80.json" "${backward_args[@]}" 2>&1 |
+        tee "$out/backward-sm80.log" || status=1
       ;;
     decode)
       stamp "attn bench decode"
@@ -113,7 +128,7 @@ for s in "${sections[@]}"; do
         tee "$out/parallel.log" || status=1
       ;;
     *)
-      echo "unknown section $s (prefill, backward, decode, layer, layer:PRESETS, parallel)" >&2
+      echo "unknown section $s (prefill, backward, backward-variants, decode, layer, layer:PRESETS, parallel)" >&2
       status=1
       continue
       ;;
