@@ -311,6 +311,20 @@ impl AttentionBackward {
         ctx: &Arc<CudaContext>,
         configs: &[KernelConfig; 3],
     ) -> Result<AttentionBackward> {
+        let fused = AttentionBackward::fast_mode_kernel(ctx, configs)?;
+        AttentionBackward::compile_with_fused(ctx, configs, fused)
+    }
+
+    /// The fused kernel [`AttentionBackward::compile`] gives the fast mode for `configs` on
+    /// `ctx`'s device (the registry's choice and the opt-in variables, as described there),
+    /// or `None` for the deterministic pair. A cache of compiled backwards keys on it, so
+    /// that the variables are honoured per call.
+    ///
+    /// Errors: [`AttnError::Cuda`] when the device's attributes cannot be read.
+    pub fn fast_mode_kernel(
+        ctx: &Arc<CudaContext>,
+        configs: &[KernelConfig; 3],
+    ) -> Result<Option<KernelConfig>> {
         let c = &configs[1];
         let target = device_target(ctx)?;
         let mask = c.mask.unwrap_or(MaskType::NoMask);
@@ -330,7 +344,7 @@ impl AttentionBackward {
         }) {
             f.tile = Some(PrefillTile::for_backward_sm90_overlap(f.head_dim));
         }
-        AttentionBackward::compile_with_fused(ctx, configs, fused)
+        Ok(fused)
     }
 
     /// [`AttentionBackward::compile`] with the fast mode's fused kernel given: `fused` of
