@@ -58,6 +58,7 @@ use cudarc::driver::{
 };
 use cudarc::nvrtc::Ptx;
 
+use crate::cuda::layer::{device_target, env_flag};
 use crate::cuda::params::BwdParams;
 use crate::cuda::prefill_sm80::{check_strided, PrefillStrided};
 use crate::cuda::tensor::{DeviceElem, ElemType};
@@ -230,26 +231,6 @@ fn load(
         .collect()
 }
 
-/// The registry's view of `ctx`'s device: SM version, opt-in shared memory, and whether the
-/// Hopper (`wgmma`) kernels run there (sm_90, unless `ATTN_DISABLE_SM90` is set).
-fn device_target(ctx: &Arc<CudaContext>) -> Result<Target> {
-    let (major, minor) = ctx
-        .compute_capability()
-        .map_err(cuda_err("cuDeviceGetAttribute compute capability".into()))?;
-    let optin = ctx
-        .attribute(
-            cudarc::driver::sys::CUdevice_attribute::CU_DEVICE_ATTRIBUTE_MAX_SHARED_MEMORY_PER_BLOCK_OPTIN,
-        )
-        .map_err(cuda_err(
-            "cuDeviceGetAttribute max shared memory per block (opt-in)".into(),
-        ))?;
-    Ok(Target::Device {
-        sm: (major * 10 + minor).max(0) as u32,
-        smem_optin: optin.max(0) as usize,
-        wgmma: (major, minor) == (9, 0) && !crate::cuda::layer::sm90_disabled(),
-    })
-}
-
 fn set_smem(ctx: &Arc<CudaContext>, f: &CudaFunction, key: &str, bytes: usize) -> Result<()> {
     let max_optin = ctx
         .attribute(
@@ -330,15 +311,14 @@ impl AttentionBackward {
         let mask = c.mask.unwrap_or(MaskType::NoMask);
         let mut fused =
             backward_fused_for(c.dtype, c.head_dim, mask, c.has_window, c.has_bias, target);
-        let set = |name: &str| std::env::var(name).is_ok_and(|v| !v.is_empty() && v != "0");
         let wgmma = matches!(target, Target::Device { wgmma: true, .. });
-        if wgmma && c.head_dim == 256 && !c.has_bias && set("ATTN_BWD_SM90_HD256") {
+        if wgmma && c.head_dim == 256 && !c.has_bias && env_flag("ATTN_BWD_SM90_HD256") {
             fused = backward_fused_config_sm90(c.dtype, 256, mask, c.has_window, false)
                 .filter(|f| f.check_config().is_ok())
                 .or(fused);
         }
         if let Some(f) = fused.as_mut().filter(|f| {
-            set("ATTN_BWD_SM90_OVERLAP")
+            env_flag("ATTN_BWD_SM90_OVERLAP")
                 && f.phase == Phase::BackwardDqDkDvSm90
                 && f.head_dim == 128
         }) {

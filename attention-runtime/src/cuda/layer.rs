@@ -108,13 +108,14 @@ fn render_err(e: attention_codegen::render::RenderError) -> AttnError {
     AttnError::Render(e.to_string())
 }
 
-/// The registry target of this GPU: its SM version, opt-in shared memory per block, and
-/// whether the Hopper kernels may run.
-fn device_target(rt: &CudaRuntime) -> Result<Target> {
-    let dev = rt.device();
-    let (major, minor) = dev.compute_capability;
-    let optin = dev
-        .context
+/// The registry target of `ctx`'s GPU: its SM version, opt-in shared memory per block, and
+/// whether the Hopper kernels may run. Shared by the layer and the backward launcher.
+pub(crate) fn device_target(ctx: &Arc<cudarc::driver::CudaContext>) -> Result<Target> {
+    let (major, minor) = ctx.compute_capability().map_err(|e| AttnError::Cuda {
+        call: "cuDeviceGetAttribute compute capability".into(),
+        msg: e.to_string(),
+    })?;
+    let optin = ctx
         .attribute(
             cudarc::driver::sys::CUdevice_attribute::CU_DEVICE_ATTRIBUTE_MAX_SHARED_MEMORY_PER_BLOCK_OPTIN,
         )
@@ -133,7 +134,12 @@ fn device_target(rt: &CudaRuntime) -> Result<Target> {
 
 /// Whether `ATTN_DISABLE_SM90` asks to keep Hopper on the `prefill_*_sm80` kernels.
 pub fn sm90_disabled() -> bool {
-    std::env::var("ATTN_DISABLE_SM90").is_ok_and(|v| !v.is_empty() && v != "0")
+    env_flag("ATTN_DISABLE_SM90")
+}
+
+/// Whether the environment variable `name` is set to anything but empty or `0`.
+pub(crate) fn env_flag(name: &str) -> bool {
+    std::env::var(name).is_ok_and(|v| !v.is_empty() && v != "0")
 }
 
 /// A raw device pointer for a kernel argument (0 = null).
@@ -258,7 +264,7 @@ impl CudaLayer {
         } else {
             None
         };
-        let target = device_target(&rt)?;
+        let target = device_target(&rt.device().context)?;
         // Every config the layer builds comes from the registry's per-family functions; asking
         // for the whole list here reports a spec the kernels cannot serve at construction.
         registry::kernels_for(&config.spec, hd, target).map_err(render_err)?;
