@@ -1,6 +1,6 @@
 // ---------------------------------------------------------------------------------------
 // What the fused backward kernels (templates/backward_dqdkdv_sm80.cu, backward_dqdkdv_sm90.cu)
-// share: the cp.async of a step's LSE and D rows and the unpacking of a {{ dtype }} pair;
+// share: the 4-byte cp.async of the LSE and D rows and the unpacking of a {{ dtype }} pair;
 // included at the end with `fused_part` set to "convert", the `<key>_dq_convert` entry that
 // scales and rounds the f32 dq accumulator into dq. Needs partials/types.cu, params_bwd.cu
 // and pack.cu.
@@ -12,21 +12,6 @@
 __device__ __forceinline__ void cp_async4(unsigned dst, const void* src, bool valid) {
     const int n = valid ? 4 : 0;
     asm volatile("cp.async.ca.shared.global [%0], [%1], 4, %2;\n" ::"r"(dst), "l"(src), "r"(n));
-}
-
-/// LSE and D of a step's ROWS query rows (head `h`, first row `m0` of the sequence whose row
-/// i is token `q_tok0 + i * q_step`) into `sl` / `sd` by cp.async, thread `tid` of NTHREADS:
-/// a plain load would stall its warp before the step's products. Rows at or past `m_valid`
-/// read 0 (their P is masked).
-template <int ROWS, int NTHREADS>
-__device__ __forceinline__ void load_lse_d(float* sl, float* sd, const BwdParams& p, int h, long long total_q,
-                                           long long q_tok0, long long q_step, int m0, int m_valid, int tid) {
-    for (int r = tid; r < ROWS; r += NTHREADS) {
-        const bool ok = r < m_valid;
-        const long long row = (long long)h * total_q + q_tok0 + (long long)(m0 + (ok ? r : 0)) * q_step;
-        cp_async4(smem_addr(sl + r), p.lse + row, ok);
-        cp_async4(smem_addr(sd + r), p.dpsum + row, ok);
-    }
 }
 
 /// A packed pair of elem_t (`lo` in the low half) as two floats.
