@@ -351,8 +351,8 @@ __device__ __forceinline__ void load_tile(unsigned base, const elem_t* __restric
 
 /// d (+)= A B, m64n128k16: A (64 x 16, K-major) and B (16 x BLOCK_N, K-major) from shared
 /// memory; `accumulate == 0` overwrites d.
-__device__ __forceinline__ void wgmma_qk(float (&d)[NI][4], unsigned long long desc_a, unsigned long long desc_b,
-                                         int accumulate) {
+__device__ __forceinline__ void wgmma_qk(float (&d)[NI][4], unsigned long long desc_a,
+                                         unsigned long long desc_b, int accumulate) {
     asm volatile(
         "{\n.reg .pred p;\nsetp.ne.b32 p, %66, 0;\n"
         "wgmma.mma_async.sync.aligned.m64n128k16.f32.bf16.bf16 "

@@ -1,3 +1,4 @@
+{% import "partials/wgmma_ops.cu" as ops -%}
 // Kernel `{{ key }}`: attention backward in one pass on Hopper's warpgroup MMA, rendered from
 // templates/backward_dqdkdv_sm90.cu. dtype {{ dtype }}, head dim {{ head_dim }}, mask {{ mask }},
 // window {{ has_window }}, bias {{ has_bias }}. Needs sm_90a (wgmma).
@@ -82,62 +83,23 @@ static_assert(DQ_SPLIT_M ? BLOCK_M == 128 : (BLOCK_M == 64 && DQ_N * 2 == HEAD_D
 
 /// d (+)= A B, m64n{{ st_n }}k16 (S^T, dP^T): A (64 x 16) and B (16 x ST_N) from shared
 /// memory, both K-major; `accumulate == 0` overwrites d.
-__device__ __forceinline__ void wgmma_st(float (&d)[SN][4], unsigned long long desc_a, unsigned long long desc_b,
-                                         int accumulate) {
-    asm volatile(
-        "{\n.reg .pred p;\nsetp.ne.b32 p, %{{ 4 * st_tiles + 2 }}, 0;\n"
-        "wgmma.mma_async.sync.aligned.m64n{{ st_n }}k16.f32.{{ dtype }}.{{ dtype }} "
-        "{ {% for i in range(end=4 * st_tiles) %}%{{ i }}{% if not loop.last %}, {% endif %}{% endfor %} }, "
-        "%{{ 4 * st_tiles }}, %{{ 4 * st_tiles + 1 }}, p, 1, 1, 0, 0;\n}\n"
-        : {% for j in range(end=st_tiles) %}"+f"(d[{{ j }}][0]), "+f"(d[{{ j }}][1]), "+f"(d[{{ j }}][2]), "+f"(d[{{ j }}][3]){% if not loop.last %},
-          {% endif %}{% endfor %}
-        : "l"(desc_a), "l"(desc_b), "r"(accumulate));
-}
+{{ ops::ss(name="wgmma_st", acc="SN", n=st_n, tiles=st_tiles, dtype=dtype, trans_a=0, trans_b=0, pred=true) }}
 
 {%- if p_smem %}
 /// d += A B, m64n{{ kv_n }}k16 (dV, dK): A (64 x 16, P^T or dS^T) from shared memory,
 /// K-major, B (16 x KV_N, dO or Q) from shared memory, MN-major.
-__device__ __forceinline__ void wgmma_kv_ss(float (&d)[DN][4], unsigned long long desc_a, unsigned long long desc_b) {
-    asm volatile(
-        "{\n"
-        "wgmma.mma_async.sync.aligned.m64n{{ kv_n }}k16.f32.{{ dtype }}.{{ dtype }} "
-        "{ {% for i in range(end=4 * kv_tiles) %}%{{ i }}{% if not loop.last %}, {% endif %}{% endfor %} }, "
-        "%{{ 4 * kv_tiles }}, %{{ 4 * kv_tiles + 1 }}, 1, 1, 1, 0, 1;\n}\n"
-        : {% for j in range(end=kv_tiles) %}"+f"(d[{{ j }}][0]), "+f"(d[{{ j }}][1]), "+f"(d[{{ j }}][2]), "+f"(d[{{ j }}][3]){% if not loop.last %},
-          {% endif %}{% endfor %}
-        : "l"(desc_a), "l"(desc_b));
-}
+{{ ops::ss(name="wgmma_kv_ss", acc="DN", n=kv_n, tiles=kv_tiles, dtype=dtype, trans_a=0, trans_b=1, pred=false) }}
 
 {%- else %}
 /// d += A B, m64n{{ head_dim }}k16 (dV, dK): A (64 x 16) from registers, B (16 x HEAD_DIM) from
 /// shared memory, MN-major.
-__device__ __forceinline__ void wgmma_kv(float (&d)[DN][4], const unsigned (&a)[4], unsigned long long desc_b) {
-    asm volatile(
-        "{\n"
-        "wgmma.mma_async.sync.aligned.m64n{{ head_dim }}k16.f32.{{ dtype }}.{{ dtype }} "
-        "{ {% for i in range(end=4 * o_tiles) %}%{{ i }}{% if not loop.last %}, {% endif %}{% endfor %} }, "
-        "{ %{{ 4 * o_tiles }}, %{{ 4 * o_tiles + 1 }}, %{{ 4 * o_tiles + 2 }}, %{{ 4 * o_tiles + 3 }} }, "
-        "%{{ 4 * o_tiles + 4 }}, 1, 1, 1, 1;\n}\n"
-        : {% for j in range(end=o_tiles) %}"+f"(d[{{ j }}][0]), "+f"(d[{{ j }}][1]), "+f"(d[{{ j }}][2]), "+f"(d[{{ j }}][3]){% if not loop.last %},
-          {% endif %}{% endfor %}
-        : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "l"(desc_b));
-}
+{{ ops::rs(name="wgmma_kv", acc="DN", n=head_dim, tiles=o_tiles, dtype=dtype) }}
 
 {%- endif %}
 /// d (+)= A B, m64n{{ dq_n }}k16 (dQ): A (64 x 16) from shared memory M-major (dS, read from the
 /// row-major dS^T), B (16 x DQ_N) from shared memory MN-major (K); `accumulate == 0`
 /// overwrites d.
-__device__ __forceinline__ void wgmma_dq(float (&d)[QN][4], unsigned long long desc_a, unsigned long long desc_b,
-                                         int accumulate) {
-    asm volatile(
-        "{\n.reg .pred p;\nsetp.ne.b32 p, %{{ 4 * dq_tiles + 2 }}, 0;\n"
-        "wgmma.mma_async.sync.aligned.m64n{{ dq_n }}k16.f32.{{ dtype }}.{{ dtype }} "
-        "{ {% for i in range(end=4 * dq_tiles) %}%{{ i }}{% if not loop.last %}, {% endif %}{% endfor %} }, "
-        "%{{ 4 * dq_tiles }}, %{{ 4 * dq_tiles + 1 }}, p, 1, 1, 1, 1;\n}\n"
-        : {% for j in range(end=dq_tiles) %}"+f"(d[{{ j }}][0]), "+f"(d[{{ j }}][1]), "+f"(d[{{ j }}][2]), "+f"(d[{{ j }}][3]){% if not loop.last %},
-          {% endif %}{% endfor %}
-        : "l"(desc_a), "l"(desc_b), "r"(accumulate));
-}
+{{ ops::ss(name="wgmma_dq", acc="QN", n=dq_n, tiles=dq_tiles, dtype=dtype, trans_a=1, trans_b=1, pred=true) }}
 
 {% include "partials/backward_fused.cu" %}
 

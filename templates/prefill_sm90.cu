@@ -1,3 +1,4 @@
+{% import "partials/wgmma_ops.cu" as ops -%}
 // Kernel `{{ key }}`: attention forward on Hopper's warpgroup MMA, rendered from
 // templates/prefill_sm90.cu. dtype {{ dtype }}, head dim {{ head_dim }}, mask {{ mask }}, window
 // {{ has_window }}, sinks {{ sinks }}, output gate {{ has_gate }}, mask tensor {{ mask_tensor }},
@@ -98,31 +99,11 @@ constexpr float RESCALE_SLACK = 8.0f;
 
 /// d (+)= A B, m64n{{ block_n }}k16: A (64 x 16, K-major) and B (16 x BLOCK_N, K-major) from shared
 /// memory; `accumulate == 0` overwrites d.
-__device__ __forceinline__ void wgmma_qk(float (&d)[NI][4], unsigned long long desc_a, unsigned long long desc_b,
-                                         int accumulate) {
-    asm volatile(
-        "{\n.reg .pred p;\nsetp.ne.b32 p, %{{ 4 * s_tiles + 2 }}, 0;\n"
-        "wgmma.mma_async.sync.aligned.m64n{{ block_n }}k16.f32.{{ dtype }}.{{ dtype }} "
-        "{ {% for i in range(end=4 * s_tiles) %}%{{ i }}{% if not loop.last %}, {% endif %}{% endfor %} }, "
-        "%{{ 4 * s_tiles }}, %{{ 4 * s_tiles + 1 }}, p, 1, 1, 0, 0;\n}\n"
-        : {% for j in range(end=s_tiles) %}"+f"(d[{{ j }}][0]), "+f"(d[{{ j }}][1]), "+f"(d[{{ j }}][2]), "+f"(d[{{ j }}][3]){% if not loop.last %},
-          {% endif %}{% endfor %}
-        : "l"(desc_a), "l"(desc_b), "r"(accumulate));
-}
+{{ ops::ss(name="wgmma_qk", acc="NI", n=block_n, tiles=s_tiles, dtype=dtype, trans_a=0, trans_b=0, pred=true) }}
 
 /// d += A B, m64n{{ head_dim }}k16: A (64 x 16) from registers (mma.sync's A fragment per
 /// warp), B (16 x HEAD_DIM) from shared memory, MN-major (transposed).
-__device__ __forceinline__ void wgmma_pv(float (&d)[DN][4], const unsigned (&a)[4], unsigned long long desc_b) {
-    asm volatile(
-        "{\n"
-        "wgmma.mma_async.sync.aligned.m64n{{ head_dim }}k16.f32.{{ dtype }}.{{ dtype }} "
-        "{ {% for i in range(end=4 * o_tiles) %}%{{ i }}{% if not loop.last %}, {% endif %}{% endfor %} }, "
-        "{ %{{ 4 * o_tiles }}, %{{ 4 * o_tiles + 1 }}, %{{ 4 * o_tiles + 2 }}, %{{ 4 * o_tiles + 3 }} }, "
-        "%{{ 4 * o_tiles + 4 }}, 1, 1, 1, 1;\n}\n"
-        : {% for j in range(end=o_tiles) %}"+f"(d[{{ j }}][0]), "+f"(d[{{ j }}][1]), "+f"(d[{{ j }}][2]), "+f"(d[{{ j }}][3]){% if not loop.last %},
-          {% endif %}{% endfor %}
-        : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "l"(desc_b));
-}
+{{ ops::rs(name="wgmma_pv", acc="DN", n=head_dim, tiles=o_tiles, dtype=dtype) }}
 
 /// Named barriers 2 and 3 of the ping-pong between two consumer warpgroups (256 threads:
 /// one warpgroup syncs, the other arrives).

@@ -89,6 +89,10 @@ const TEMPLATES: &[(&str, &str)] = &[
         include_str!("../../templates/partials/backward_fused.cu"),
     ),
     (
+        "partials/wgmma_ops.cu",
+        include_str!("../../templates/partials/wgmma_ops.cu"),
+    ),
+    (
         "partials/wgmma_sm90.cu",
         include_str!("../../templates/partials/wgmma_sm90.cu"),
     ),
