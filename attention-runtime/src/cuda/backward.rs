@@ -296,10 +296,20 @@ impl AttentionBackward {
         AttentionBackward::compile_with_fused(ctx, configs, fused)
     }
 
+    /// The environment variables that [`AttentionBackward::fast_mode_kernel`] reads, as set or
+    /// not: `ATTN_DISABLE_SM90`, `ATTN_BWD_SM90_OVERLAP`, `ATTN_BWD_SM90_HD256` (a cache of
+    /// compiled backwards keys on them, so that they are honoured per call).
+    pub fn fast_mode_flags() -> [bool; 3] {
+        [
+            crate::cuda::layer::sm90_disabled(),
+            env_flag("ATTN_BWD_SM90_OVERLAP"),
+            env_flag("ATTN_BWD_SM90_HD256"),
+        ]
+    }
+
     /// The fused kernel [`AttentionBackward::compile`] gives the fast mode for `configs` on
     /// `ctx`'s device (the registry's choice and the opt-in variables, as described there),
-    /// or `None` for the deterministic pair. A cache of compiled backwards keys on it, so
-    /// that the variables are honoured per call.
+    /// or `None` for the deterministic pair.
     ///
     /// Errors: [`AttnError::Cuda`] when the device's attributes cannot be read.
     pub fn fast_mode_kernel(
@@ -311,17 +321,17 @@ impl AttentionBackward {
         let mask = c.mask.unwrap_or(MaskType::NoMask);
         let mut fused =
             backward_fused_for(c.dtype, c.head_dim, mask, c.has_window, c.has_bias, target);
+        let [_, overlap, hd256] = AttentionBackward::fast_mode_flags();
         let wgmma = matches!(target, Target::Device { wgmma: true, .. });
-        if wgmma && c.head_dim == 256 && !c.has_bias && env_flag("ATTN_BWD_SM90_HD256") {
+        if wgmma && c.head_dim == 256 && !c.has_bias && hd256 {
             fused = backward_fused_config_sm90(c.dtype, 256, mask, c.has_window, false)
                 .filter(|f| f.check_config().is_ok())
                 .or(fused);
         }
-        if let Some(f) = fused.as_mut().filter(|f| {
-            env_flag("ATTN_BWD_SM90_OVERLAP")
-                && f.phase == Phase::BackwardDqDkDvSm90
-                && f.head_dim == 128
-        }) {
+        if let Some(f) = fused
+            .as_mut()
+            .filter(|f| overlap && f.phase == Phase::BackwardDqDkDvSm90 && f.head_dim == 128)
+        {
             f.tile = Some(PrefillTile::for_backward_sm90_overlap(f.head_dim));
         }
         Ok(fused)

@@ -286,8 +286,9 @@ impl CudaSaved {
     }
 }
 
-/// The attention backward kernels, compiled once per device, config and fast-mode kernel.
-type BwdCache = Mutex<HashMap<(usize, [String; 3], Option<String>), Arc<AttentionBackward>>>;
+/// The attention backward kernels, compiled once per device, config and state of the
+/// variables that choose the fast mode's kernel.
+type BwdCache = Mutex<HashMap<(usize, [String; 3], [bool; 3]), Arc<AttentionBackward>>>;
 
 pub(crate) fn attention_backward(
     rt: &CudaRuntime,
@@ -295,20 +296,18 @@ pub(crate) fn attention_backward(
 ) -> Result<Arc<AttentionBackward>> {
     static CACHE: OnceLock<BwdCache> = OnceLock::new();
     let cache = CACHE.get_or_init(|| Mutex::new(HashMap::new()));
-    let ctx = &rt.device().context;
-    // The fast mode's kernel is part of the key: it follows ATTN_DISABLE_SM90 and the opt-in
-    // ATTN_BWD_SM90_* variables at each call.
-    let fused = AttentionBackward::fast_mode_kernel(ctx, configs)?;
+    // The variables that choose the fast mode's kernel are part of the key, so that they take
+    // effect at each call (reading them is cheaper than querying the device).
     let key = (
         rt.device().ordinal,
         configs.clone().map(|c| c.key()),
-        fused.as_ref().map(|c| c.key()),
+        AttentionBackward::fast_mode_flags(),
     );
     let mut m = cache.lock().unwrap_or_else(|p| p.into_inner());
     if let Some(b) = m.get(&key) {
         return Ok(b.clone());
     }
-    let b = Arc::new(AttentionBackward::compile_with_fused(ctx, configs, fused)?);
+    let b = Arc::new(AttentionBackward::compile(&rt.device().context, configs)?);
     m.insert(key, b.clone());
     Ok(b)
 }
