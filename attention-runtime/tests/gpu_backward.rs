@@ -906,8 +906,7 @@ fn backward_fast_mode_picks_the_hopper_kernel_on_sm90() {
 #[test]
 #[ignore = "requires a CUDA GPU"]
 fn backward_sanitizer_cases() {
-    let (ctx, _stream) = cuda_stream();
-    let hopper = ctx.compute_capability().unwrap() == (9, 0);
+    let hopper = on_sm90();
     // (head dim, the Hopper kernel's tile: None = the registry's choice)
     let mut runs = vec![(64, None), (128, None)];
     if hopper {
@@ -930,89 +929,82 @@ fn backward_sanitizer_cases() {
 }
 
 /// The Hopper kernel's opt-in overlapped schedule (`PrefillTile::for_backward_sm90_overlap`:
-/// dV issued before the wait for dP^T; head dim 128), on an sm_90 device only: masks, a
-/// window, GQA, a packed ragged batch, f16, a mask tensor and a bias (fast mode without
-/// dbias), against the CPU reference as every case here. Elsewhere the test returns after
-/// saying so.
+/// dV issued before the wait for dP^T; head dim 128) on an sm_90 device, the cases of
+/// [`check_sm90_variant`].
 #[test]
 #[ignore = "requires a CUDA GPU"]
 fn backward_sm90_overlap_schedule() {
-    let (ctx, _stream) = cuda_stream();
-    if ctx.compute_capability().unwrap() != (9, 0) {
-        eprintln!("not an sm_90 device: the Hopper backward kernel does not run here");
-        return;
-    }
-    let mut rng = SplitMix64::new(fresh_seed());
-    for hd in [128] {
-        let tile = Some(PrefillTile::for_backward_sm90_overlap(hd));
-        for mask in [
-            MaskType::NoMask,
-            MaskType::Causal,
-            MaskType::CausalBottomRight,
-        ] {
-            let s = odd(&mut rng, 131, 90);
-            let mut c = Case::new(hd, mask, s, s, 2);
-            c.fused_tile = tile;
-            check(c);
-        }
-        let mut c = Case::new(hd, MaskType::Causal, 0, 0, 0);
-        c.packed = true;
-        c.seqs = vec![(1, 1), (70, 130), (129, 129)];
-        c.window = Some((37, 5));
-        c.heads = 8;
-        c.groups = 2;
-        c.dtype = DType::F16;
-        c.fused_tile = tile;
-        check(c);
-        let mut c = Case::new(hd, MaskType::PaddingCausal, 97, 97, 2);
-        c.mask_shape = Some([2, 4, 97, 97]);
-        c.bias_shape = Some([1, 4, 97, 97]);
-        c.fused_tile = tile;
-        check(c);
+    if on_sm90() {
+        check_sm90_variant(128, PrefillTile::for_backward_sm90_overlap(128));
     }
 }
 
-/// The Hopper kernel's default tile at `hd` (the registry does not pick it at head dim 256
-/// yet).
+/// The Hopper kernel at head dim 256 (P^T and dS^T through shared memory, the warpgroups
+/// splitting S^T's queries and dK/dV/dQ's columns; the registry does not pick it yet) on an
+/// sm_90 device, the cases of [`check_sm90_variant`].
+#[test]
+#[ignore = "requires a CUDA GPU"]
+fn backward_sm90_hd256() {
+    if on_sm90() {
+        check_sm90_variant(256, sm90_tile(256));
+    }
+}
+
+/// The Hopper kernel's default tile at `hd`.
 fn sm90_tile(hd: usize) -> PrefillTile {
     PrefillTile::for_backward(Phase::BackwardDqDkDvSm90, hd, false)
 }
 
-/// The Hopper kernel at head dim 256 (P^T and dS^T through shared memory, the warpgroups
-/// splitting S^T's queries and dK/dV/dQ's columns), on an sm_90 device only: masks, a window,
-/// GQA, a packed ragged batch, f16, a mask tensor and a bias (fast mode without dbias).
-#[test]
-#[ignore = "requires a CUDA GPU"]
-fn backward_sm90_hd256() {
+/// Whether this is an sm_90 device (the Hopper kernels run); says so when not.
+fn on_sm90() -> bool {
     let (ctx, _stream) = cuda_stream();
-    if ctx.compute_capability().unwrap() != (9, 0) {
+    let hopper = ctx.compute_capability().unwrap() == (9, 0);
+    if !hopper {
         eprintln!("not an sm_90 device: the Hopper backward kernel does not run here");
-        return;
     }
+    hopper
+}
+
+/// The fast mode on the Hopper kernel with `tile` at `hd` against the CPU reference: every
+/// causal kind, padded and packed ragged batches with windows, GQA, f16, a mask tensor and a
+/// bias (fast mode without dbias).
+fn check_sm90_variant(hd: usize, tile: PrefillTile) {
     let mut rng = SplitMix64::new(fresh_seed());
-    let tile = Some(sm90_tile(256));
     for mask in [
         MaskType::NoMask,
         MaskType::Causal,
         MaskType::CausalBottomRight,
     ] {
         let s = odd(&mut rng, 131, 90);
-        let mut c = Case::new(256, mask, s, s, 2);
-        c.fused_tile = tile;
+        let mut c = Case::new(hd, mask, s, s, 2);
+        c.fused_tile = Some(tile);
         check(c);
     }
-    let mut c = Case::new(256, MaskType::CausalBottomRight, 0, 0, 0);
-    c.packed = true;
-    c.seqs = vec![(1, 1), (100, 130), (17, 5)];
-    c.window = Some((40, 0));
-    c.heads = 8;
-    c.groups = 2;
-    c.dtype = DType::F16;
-    c.fused_tile = tile;
-    check(c);
-    let mut c = Case::new(256, MaskType::PaddingCausal, 97, 97, 2);
+    for (mask, seqs, window) in [
+        (
+            MaskType::Causal,
+            vec![(1, 1), (70, 130), (129, 129)],
+            (37, 5),
+        ),
+        (
+            MaskType::CausalBottomRight,
+            vec![(1, 1), (100, 130), (17, 5)],
+            (40, 0),
+        ),
+    ] {
+        let mut c = Case::new(hd, mask, 0, 0, 0);
+        c.packed = true;
+        c.seqs = seqs;
+        c.window = Some(window);
+        c.heads = 8;
+        c.groups = 2;
+        c.dtype = DType::F16;
+        c.fused_tile = Some(tile);
+        check(c);
+    }
+    let mut c = Case::new(hd, MaskType::PaddingCausal, 97, 97, 2);
     c.mask_shape = Some([2, 4, 97, 97]);
     c.bias_shape = Some([1, 4, 97, 97]);
-    c.fused_tile = tile;
+    c.fused_tile = Some(tile);
     check(c);
 }
