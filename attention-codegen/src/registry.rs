@@ -532,9 +532,9 @@ pub fn backward_fused_config_sm90(
 
 /// The fused backward kernel (the fast mode) a device runs: the Hopper one
 /// ([`backward_fused_config_sm90`]) on a device with `wgmma` where it exists and its shared
-/// memory fits (head dims 64 and 128, without an additive bias, for now), else the sm80 one ([`backward_fused_config`]) where its shared memory fits,
-/// else `None` (the deterministic pair runs). For [`Target::AnyDevice`] the portable sm80
-/// kernel.
+/// memory fits (head dims 64 and 128, without an additive bias, for now), else the sm80 one
+/// ([`backward_fused_config`]) where its shared memory fits, else `None` (the deterministic
+/// pair runs). For [`Target::AnyDevice`] the portable sm80 kernel.
 pub fn backward_fused_for(
     dtype: crate::spec::DType,
     head_dim: usize,

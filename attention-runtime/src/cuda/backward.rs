@@ -18,8 +18,9 @@
 //! 3'. its `_dq_convert` entry: dq = softmax_scale · that buffer, rounded.
 //!
 //! On Hopper (an sm_90 device, unless `ATTN_DISABLE_SM90` is set) at head dims 64 and 128
-//! without an additive bias the fast mode runs `backward_dqdkdv_…_sm90` instead (`templates/backward_dqdkdv_sm90.cu`: the
-//! same launch, parameters and results on warpgroup MMA, two warpgroups of 64 keys each,
+//! without an additive bias the fast mode runs `backward_dqdkdv_…_sm90` instead
+//! (`templates/backward_dqdkdv_sm90.cu`: the same launch, parameters and results on
+//! warpgroup MMA, two warpgroups of 64 keys each,
 //! FlashAttention-3's transposed products so that P and dS feed dV and dK from registers);
 //! the registry's [`backward_fused_for`] makes the choice, and picks no fused kernel where
 //! the tile's shared memory exceeds the device's (the deterministic pair runs then).
