@@ -10,9 +10,10 @@
 #                      attn bench backward --layer -> OUT/backward-layer.{json,svg,log}
 #                      (not a default section)
 #   backward-variants  the kernels' rows again for the other fused kernels, without PyTorch:
-#                      ATTN_BWD_SM90_OVERLAP=1 ATTN_BWD_SM90_HD256=1 (the opt-in Hopper
-#                      variants) -> OUT/backward-optin.{json,svg,log}, and
-#                      ATTN_DISABLE_SM90=1 (the sm80 kernels) -> OUT/backward-sm80.{json,svg,log}
+#                      ATTN_BWD_SM90_SCHEDULE=2 and =4 (the Hopper kernel's other schedules,
+#                      where a head dim has them) -> OUT/backward-s2.{json,svg,log} and
+#                      OUT/backward-s4.{...}, and ATTN_DISABLE_SM90=1 (the sm80 kernels)
+#                      -> OUT/backward-sm80.{json,svg,log}
 #                      (not a default section; compare with the backward section's "ours")
 #   decode             attn bench decode   -> OUT/decode.{json,svg,log}
 #   layer              attn bench layer, every preset          -> OUT/layer.{json,svg,log}
@@ -75,10 +76,12 @@ for s in "${sections[@]}"; do
         tee "$out/backward-layer.log" || status=1
       ;;
     backward-variants)
-      stamp "attn bench backward, opt-in sm90 variants"
-      ATTN_BWD_SM90_OVERLAP=1 ATTN_BWD_SM90_HD256=1 "$ATTN" bench backward --sdpa-script none \
-        --json "$out/backward-optin.json" "${backward_args[@]}" 2>&1 |
-        tee "$out/backward-optin.log" || status=1
+      for sched in 2 4; do
+        stamp "attn bench backward, sm90 schedule $sched"
+        ATTN_BWD_SM90_SCHEDULE=$sched "$ATTN" bench backward --sdpa-script none \
+          --json "$out/backward-s$sched.json" "${backward_args[@]}" 2>&1 |
+          tee "$out/backward-s$sched.log" || status=1
+      done
       stamp "attn bench backward, sm80 kernels"
       ATTN_DISABLE_SM90=1 "$ATTN" bench backward --sdpa-script none \
         --json "$out/backward-sm80.json" "${backward_args[@]}" 2>&1 |

@@ -32,9 +32,10 @@
 //                    takes half the head-dim columns of all 64 queries; head dim 64 (128 queries
 //                    per step): each warpgroup takes 64 queries, every column.
 // Schedule ({{ stages }} in the tile): 2 = per step, S^T and dP^T in flight together, then dV and
-// dK issued together after dS^T; 3 (OVERLAP, opt-in, head dim 128) = dV issued right after
-// P^T, before the wait for dP^T, so the exponentials run under dP^T's product (see step 3),
-// dS^T from the f32 P.
+// dK issued together after dS^T; 3 (OVERLAP) = dV issued right after P^T, before the wait for
+// dP^T, so the exponentials run under dP^T's product (see step 3), dS^T from the f32 P while dV
+// runs; 4 (ANCHOR) = dV issued there too, then one wait for dP^T and dV, and dS^T from the
+// packed P as in 2 (the f32 P dies at the packing: fewer registers than 3).
 // Q, dO (two buffers), K and V live in shared memory in wgmma's 128-byte-swizzled layout
 // (templates/prefill_sm90.cu), Q/dO/LSE/D by cp.async one step ahead.
 // Dynamic shared memory: SMEM_BYTES = (2 * BLOCK_N + 4 * BLOCK_M) * HEAD_DIM * 2 (K, V, two
@@ -74,7 +75,8 @@ constexpr int DS_BYTES = BLOCK_N * BLOCK_M * 2;
 constexpr int LOADERS = THREADS;     // every thread loads (partials/wgmma_sm90.cu)
 static_assert(WARPS == 8 && (P_SMEM ? BLOCK_N == 64 && BLOCK_M == 64 : BLOCK_N == 128),
               "two warpgroups of 64 keys, or (P_SMEM) two warpgroups sharing 64 keys");
-static_assert(!P_SMEM || {{ stages }} == 2, "the overlapped schedule keeps P in registers");
+static_assert(!P_SMEM || {{ stages }} == 2, "the overlapped schedules keep P in registers");
+static_assert({{ stages }} >= 2 && {{ stages }} <= 4, "schedules 2, 3 and 4");
 static_assert(HEAD_DIM % 64 == 0 && BLOCK_M % 64 == 0, "128-byte swizzle panels of 64 elements");
 static_assert(DQ_SPLIT_M ? BLOCK_M == 128 : (BLOCK_M == 64 && DQ_N * 2 == HEAD_DIM && DQ_N % 64 == 0),
               "dQ: 64 queries x every column, or 64 queries x half the columns, per warpgroup");
@@ -277,7 +279,7 @@ extern "C" __global__ void __launch_bounds__(THREADS, 1) {{ key }}(const BwdPara
         }
 
         // P^T packed to {{ dtype }} (dV's A operand).
-{%- if stages < 3 %} The f32 values die here, which keeps the registers within budget
+{%- if stages != 3 %} The f32 values die here, which keeps the registers within budget
         // at 128 queries per step; dS^T uses the rounded P, as the sm80 kernel does.
 {%- endif %}
         unsigned pa[PK][4];
@@ -290,7 +292,7 @@ extern "C" __global__ void __launch_bounds__(THREADS, 1) {{ key }}(const BwdPara
         }
 
 {%- if stages >= 3 %}
-        // OVERLAP: dV += P^T dO now, a third commit group. Its issue needs every exponential,
+        // OVERLAP / ANCHOR: dV += P^T dO now, a third commit group. Its issue needs every exponential,
         // which keeps them ahead of the wait for dP^T in the machine code (ptxas otherwise
         // hoists that wait above them: nothing after them in the step consumes them before it).
         fence_acc(dv);
@@ -303,10 +305,10 @@ extern "C" __global__ void __launch_bounds__(THREADS, 1) {{ key }}(const BwdPara
 
         // 3. dS^T = P^T o (dP^T - D) in place of dP^T; P == 0 selects 0 (a masked key's dP,
         // finite or not, never enters dS).
-{%- if stages >= 3 %} P is the f32 one (pa is an operand of the product in flight).
+{%- if stages == 3 %} P is the f32 one (pa is an operand of the product in flight).
         wgmma_wait<1>();  // S^T and dP^T done, dV in flight
 {%- else %} Tile ni's P pair of row hh is pa[ni / 2][(ni % 2) * 2 + hh].
-        wgmma_wait<0>();
+        wgmma_wait<0>();{% if stages == 4 %}  // dP^T and dV done: pa is free to read{% endif %}
 {%- endif %}
         fence_acc(dp);
 #pragma unroll
@@ -314,7 +316,7 @@ extern "C" __global__ void __launch_bounds__(THREADS, 1) {{ key }}(const BwdPara
             const float2 d2 = *reinterpret_cast<const float2*>(drow + q_col0 + ni * 8 + 2 * tq);
 #pragma unroll
             for (int hh = 0; hh < 2; ++hh) {
-{%- if stages >= 3 %}
+{%- if stages == 3 %}
                 const float2 pr = make_float2(s[ni][2 * hh], s[ni][2 * hh + 1]);
 {%- else %}
                 const float2 pr = unpack2(pa[ni / 2][(ni % 2) * 2 + hh]);
@@ -412,18 +414,25 @@ extern "C" __global__ void __launch_bounds__(THREADS, 1) {{ key }}(const BwdPara
         fence_acc(dv);
         fence_acc(dk);
 
-        // 6. dQ_partial into dq_accum (rows past sq skipped). Element (qn, 2 * hh + e): query
-        // m0 + dq_row0 + (warp % 4) * 16 + gq + 8 * hh, column dq_col0 + qn * 8 + 2 * tq + e.
+        // 6. dQ_partial into dq_accum (rows past sq skipped), 16 bytes per reduction: a
+        // thread holds, per n8 tile qn, columns 2 * tq, 2 * tq + 1 of query rows gq and gq + 8
+        // (of its warp's 16); the lane pair (tq, tq ^ 1) trades halves so that the even lane
+        // adds 4 columns of row gq, the odd one 4 columns of row gq + 8 (half the L2
+        // reduction operations of two-column adds).
+        {
+            const bool odd = tq & 1;
+            const int i = m0 + dq_row0 + (warp % 4) * 16 + gq + (odd ? 8 : 0);
+            float* row = p.dq_accum + ((q_tok0 + (long long)i * q_step) * num_heads + h) * HEAD_DIM + dq_col0 +
+                         2 * (tq & ~1);
 #pragma unroll
-        for (int hh = 0; hh < 2; ++hh) {
-            const int i = m0 + dq_row0 + (warp % 4) * 16 + gq + 8 * hh;
-            if (i < sq) {
-                float* row = p.dq_accum + ((q_tok0 + (long long)i * q_step) * num_heads + h) * HEAD_DIM + dq_col0 +
-                             2 * tq;
-#pragma unroll
-                for (int qn = 0; qn < QN; ++qn)
-                    asm volatile("red.global.add.v2.f32 [%0], { %1, %2 };" ::"l"(row + qn * 8),
-                                 "f"(dq[qn][2 * hh]), "f"(dq[qn][2 * hh + 1])
+            for (int qn = 0; qn < QN; ++qn) {
+                const float s0 = __shfl_xor_sync(0xffffffffu, odd ? dq[qn][0] : dq[qn][2], 1);
+                const float s1 = __shfl_xor_sync(0xffffffffu, odd ? dq[qn][1] : dq[qn][3], 1);
+                const float4 v = odd ? make_float4(s0, s1, dq[qn][2], dq[qn][3])
+                                     : make_float4(dq[qn][0], dq[qn][1], s0, s1);
+                if (i < sq)
+                    asm volatile("red.global.add.v4.f32 [%0], { %1, %2, %3, %4 };" ::"l"(row + qn * 8),
+                                 "f"(v.x), "f"(v.y), "f"(v.z), "f"(v.w)
                                  : "memory");
             }
         }

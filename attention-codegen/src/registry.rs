@@ -532,7 +532,7 @@ pub fn backward_fused_config_sm90(
 
 /// The fused backward kernel (the fast mode) a device runs: the Hopper one
 /// ([`backward_fused_config_sm90`]) on a device with `wgmma` where it exists and its shared
-/// memory fits (head dims 64 and 128, without an additive bias, for now), else the sm80 one
+/// memory fits (head dims 64, 128 and 256), else the sm80 one
 /// ([`backward_fused_config`]) where its shared memory fits, else `None` (the deterministic
 /// pair runs). For [`Target::AnyDevice`] the portable sm80 kernel.
 pub fn backward_fused_for(
@@ -547,10 +547,7 @@ pub fn backward_fused_for(
         Target::Device { smem_optin, .. } => c.backward_smem_bytes() <= smem_optin,
         Target::AnyDevice => true,
     };
-    // The Hopper kernel's additive-bias variant has not yet run on a GPU (the GPU suite's bias
-    // cases ask for dbias, which the fused kernels never serve): bias configs stay on sm80.
-    // Head dim 256's variant (P^T and dS^T through shared memory) has not run on a GPU yet.
-    if let (Target::Device { wgmma: true, .. }, false, true) = (target, has_bias, head_dim <= 128) {
+    if let Target::Device { wgmma: true, .. } = target {
         if let Some(c) = backward_fused_config_sm90(dtype, head_dim, mask, has_window, has_bias)
             .filter(|c| fits(c) && c.check_config().is_ok())
         {

@@ -154,8 +154,8 @@ pub const BACKWARD_HEAD_DIMS: &[usize] = SUPPORTED_HEAD_DIMS;
 /// warpgroups own 64 keys each and split dQ's 64-column panels (head dim 128) or 128 queries
 /// (head dim 64); at 256, where one warpgroup's dK and dV for 64 keys x 256 columns would not
 /// fit the registers, they share 64 keys, split S^T's queries and dK/dV/dQ's columns, and
-/// pass P^T and dS^T through shared memory. Other head dims run the sm80 kernel. The
-/// registry picks head dim 256 only once it has run on a GPU ([`crate::registry::backward_fused_for`]).
+/// pass P^T and dS^T through shared memory. Other head dims run the sm80 kernel
+/// ([`crate::registry::backward_fused_for`]).
 pub const SM90_BACKWARD_HEAD_DIMS: &[usize] = &[64, 128, 256];
 
 /// Warps per block of the fused backward ([`Phase::BackwardDqDkDv`]).
@@ -664,12 +664,14 @@ impl PrefillTile {
     /// the steps shrink: dK/dV over 32 queries up to head dim 64 and 16 above, dQ over 32 keys.
     pub fn for_backward(phase: Phase, head_dim: usize, mask_tensor: bool) -> PrefillTile {
         match phase {
-            Phase::BackwardDqDkDvSm90 => PrefillTile {
-                block_m: if head_dim <= 64 { 128 } else { 64 },
-                block_n: if head_dim <= 128 { 128 } else { 64 },
-                warps: FUSED_BACKWARD_WARPS,
-                stages: 2,
-            },
+            Phase::BackwardDqDkDvSm90 => PrefillTile::for_backward_sm90(
+                head_dim,
+                match head_dim {
+                    64 => 4,
+                    128 => 3,
+                    _ => 2,
+                },
+            ),
             Phase::BackwardDqDkDv => PrefillTile {
                 block_m: fused_block_m(head_dim),
                 block_n: if head_dim <= 128 { 128 } else { 64 },
@@ -700,16 +702,24 @@ impl PrefillTile {
         }
     }
 
-    /// The opt-in tile of [`Phase::BackwardDqDkDvSm90`] with the overlapped schedule
-    /// (`stages` 3, key suffix `s3`): dV's product is issued right after P^T, before the wait
-    /// for dP^T, so that ptxas keeps the exponentials under dP^T's product (with the default
-    /// `stages` 2 it hoists that wait above them); dS^T then comes from the f32 P. Head dim
-    /// 128 only (at 64 the f32 P of 128 queries kept alive spills 100-228 bytes). Not yet
-    /// run on a GPU; the runtime takes it when `ATTN_BWD_SM90_OVERLAP` is set.
-    pub fn for_backward_sm90_overlap(head_dim: usize) -> PrefillTile {
+    /// A tile of [`Phase::BackwardDqDkDvSm90`] with the given schedule (`stages`, key suffix
+    /// `s<schedule>`; templates/backward_dqdkdv_sm90.cu): 2 = in order (S^T and dP^T, the
+    /// exponentials, dS^T, then dV, dK and dQ), 3 = overlapped (dV's product issued right
+    /// after P^T, before the wait for dP^T, so that ptxas keeps the exponentials under dP^T's
+    /// product; dS^T from the f32 P while dV runs), 4 = anchored (dV issued there too, then
+    /// one wait for dP^T and dV, dS^T from the packed P: 3's exponential overlap with 2's
+    /// registers). [`KernelConfig::check_config`] takes 2 at every head dim, 3 at 128 only
+    /// (at 64 the f32 P of 128 queries kept alive spills 100-228 bytes), 4 at 64 and 128.
+    /// The default ([`PrefillTile::for_backward`]) is 4 at head dim 64 (H200, 2026-12-01, 2k
+    /// and 8k tokens: +0-4% over 2), 3 at 128 (+1-14% over 2; 4 there: within 2% of 3) and 2
+    /// at 256. Tiles: 128 keys x 128 queries per step at head dim 64,
+    /// 128 x 64 at 128, 64 x 64 at 256; two warpgroups.
+    pub fn for_backward_sm90(head_dim: usize, schedule: usize) -> PrefillTile {
         PrefillTile {
-            stages: 3,
-            ..PrefillTile::for_backward(Phase::BackwardDqDkDvSm90, head_dim, false)
+            block_m: if head_dim <= 64 { 128 } else { 64 },
+            block_n: if head_dim <= 128 { 128 } else { 64 },
+            warps: FUSED_BACKWARD_WARPS,
+            stages: schedule,
         }
     }
 
@@ -1247,9 +1257,13 @@ impl KernelConfig {
                     reason: "the Hopper backward kernel supports head dims 64, 128 and 256",
                 });
             }
-            let def = PrefillTile::for_backward(Phase::BackwardDqDkDvSm90, self.head_dim, false);
-            let overlap = self.head_dim == 128 && t == PrefillTile::for_backward_sm90_overlap(128);
-            if t != def && !overlap {
+            let schedule_ok = match t.stages {
+                2 => true,
+                3 => self.head_dim == 128,
+                4 => self.head_dim <= 128,
+                _ => false,
+            };
+            if !schedule_ok || t != PrefillTile::for_backward_sm90(self.head_dim, t.stages) {
                 return Err(RenderError::BadPrefillTile { tile: t });
             }
             return Ok(());

@@ -58,8 +58,8 @@ struct Case {
     /// Additive f32 bias of this logical shape (same convention), values in [-2, 2]; dbias
     /// is compared with the reference's.
     bias_shape: Option<[usize; 4]>,
-    /// Run the fast mode on the Hopper kernel with this tile (e.g. the overlapped schedule)
-    /// instead of the registry's choice.
+    /// Run the fast mode on the Hopper kernel with this tile (e.g. another schedule) instead
+    /// of the registry's choice.
     fused_tile: Option<PrefillTile>,
 }
 
@@ -272,14 +272,13 @@ fn run<T: Elem>(case: &Case, seed: u64) {
     }
     .expect("backward compiles");
     if let Some(tile) = case.fused_tile {
-        // The fast mode runs the kernel asked for (the overlapped tile's key ends in s3_sm90).
+        // The fast mode runs the kernel asked for (a schedule other than 2 ends the key in s<n>_sm90).
         let key = bwd.fused_key().expect("the given fused kernel");
-        let want = if tile.stages == 3 {
-            "s3_sm90"
-        } else {
-            "w8_sm90"
+        let want = match tile.stages {
+            2 => "w8_sm90".to_string(),
+            st => format!("w8s{st}_sm90"),
         };
-        assert!(key.ends_with(want), "{key}");
+        assert!(key.ends_with(&want), "{key}");
         let tile_key = format!("_m{}n{}w8", tile.block_m, tile.block_n);
         assert!(key.contains(&tile_key), "{key}");
     }
@@ -876,42 +875,48 @@ fn backward_bias_and_dbias() {
     check(c);
 }
 
-/// On an sm_90 device (unless `ATTN_DISABLE_SM90` is set) the fast mode runs the Hopper
-/// kernel (`backward_dqdkdv_*_sm90`) at head dims 64 and 128, the sm80 one at the others;
-/// every other device runs the sm80 one.
+/// On an sm_90 device (unless `ATTN_DISABLE_SM90` or `ATTN_BWD_SM90_SCHEDULE` is set) the
+/// fast mode runs the Hopper kernel (`backward_dqdkdv_*_sm90`) at head dims 64 (its anchored
+/// schedule, `s4`), 128 (overlapped, `s3`) and 256, with and without a bias, the sm80 one at
+/// the others; every other device runs the sm80 one.
 #[test]
 #[ignore = "requires a CUDA GPU"]
 fn backward_fast_mode_picks_the_hopper_kernel_on_sm90() {
     let (ctx, _stream) = cuda_stream();
     let hopper = ctx.compute_capability().unwrap() == (9, 0)
-        && !attention_runtime::cuda::layer::sm90_disabled();
+        && !attention_runtime::cuda::layer::sm90_disabled()
+        && std::env::var_os("ATTN_BWD_SM90_SCHEDULE").is_none();
     for hd in [64, 96, 128, 256] {
-        let bwd =
-            AttentionBackward::new(&ctx, DType::Bf16, hd, MaskType::Causal, false, false).unwrap();
-        let key = bwd.fused_key().expect("a fused kernel");
-        let want = if hopper && (hd == 64 || hd == 128) {
-            "_sm90"
-        } else {
-            "_sm80"
-        };
-        assert!(key.ends_with(want), "hd{hd}: {key}");
-        eprintln!("hd{hd}: fast mode runs {key}");
+        for bias in [false, true] {
+            let bwd = AttentionBackward::new(&ctx, DType::Bf16, hd, MaskType::Causal, false, bias)
+                .unwrap();
+            let key = bwd.fused_key().expect("a fused kernel");
+            let want = match hd {
+                64 if hopper => "s4_sm90",
+                128 if hopper => "s3_sm90",
+                256 if hopper => "w8_sm90",
+                _ => "_sm80",
+            };
+            assert!(key.ends_with(want), "hd{hd} bias {bias}: {key}");
+            eprintln!("hd{hd} bias {bias}: fast mode runs {key}");
+        }
     }
 }
 
 /// Small cases for compute-sanitizer (memcheck, racecheck) on the fast kernels: a partial
 /// query tile and a partial KV tile, GQA, causal, a window and a packed ragged batch, at
-/// head dims 64 and 128 (the Hopper kernel on an sm_90 device, there also its overlapped
-/// schedule).
+/// head dims 64, 128 and 256 (on an sm_90 device the Hopper kernel, there also its other
+/// schedules).
 #[test]
 #[ignore = "requires a CUDA GPU"]
 fn backward_sanitizer_cases() {
     let hopper = on_sm90();
     // (head dim, the Hopper kernel's tile: None = the registry's choice)
-    let mut runs = vec![(64, None), (128, None)];
+    let mut runs = vec![(64, None), (128, None), (256, None)];
     if hopper {
-        runs.push((128, Some(PrefillTile::for_backward_sm90_overlap(128))));
-        runs.push((256, Some(sm90_tile(256))));
+        for (hd, schedule) in OTHER_SCHEDULES {
+            runs.push((hd, Some(PrefillTile::for_backward_sm90(hd, schedule))));
+        }
     }
     for (hd, fused_tile) in runs {
         let mut c = Case::new(hd, MaskType::Causal, 150, 150, 1);
@@ -928,25 +933,32 @@ fn backward_sanitizer_cases() {
     }
 }
 
-/// The Hopper kernel's opt-in overlapped schedule (`PrefillTile::for_backward_sm90_overlap`:
-/// dV issued before the wait for dP^T; head dim 128) on an sm_90 device, the cases of
-/// [`check_sm90_variant`].
+/// The Hopper kernel's schedules that are not a head dim's default
+/// (`PrefillTile::for_backward_sm90`): (head dim, schedule).
+const OTHER_SCHEDULES: [(usize, usize); 3] = [(64, 2), (128, 2), (128, 4)];
+
+/// The Hopper kernel's other schedules ([`OTHER_SCHEDULES`]) on an sm_90 device, the cases
+/// of [`check_sm90_variant`].
 #[test]
 #[ignore = "requires a CUDA GPU"]
-fn backward_sm90_overlap_schedule() {
+fn backward_sm90_schedules() {
     if on_sm90() {
-        check_sm90_variant(128, PrefillTile::for_backward_sm90_overlap(128));
+        for (hd, schedule) in OTHER_SCHEDULES {
+            check_sm90_variant(hd, PrefillTile::for_backward_sm90(hd, schedule));
+        }
     }
 }
 
-/// The Hopper kernel at head dim 256 (P^T and dS^T through shared memory, the warpgroups
-/// splitting S^T's queries and dK/dV/dQ's columns; the registry does not pick it yet) on an
-/// sm_90 device, the cases of [`check_sm90_variant`].
+/// The Hopper kernel's default tiles at head dims 64, 128 and 256 (at 256 P^T and dS^T go
+/// through shared memory, the warpgroups splitting S^T's queries and dK/dV/dQ's columns) on
+/// an sm_90 device, the cases of [`check_sm90_variant`].
 #[test]
 #[ignore = "requires a CUDA GPU"]
-fn backward_sm90_hd256() {
+fn backward_sm90_default_tiles() {
     if on_sm90() {
-        check_sm90_variant(256, sm90_tile(256));
+        for hd in [64, 128, 256] {
+            check_sm90_variant(hd, sm90_tile(hd));
+        }
     }
 }
 

@@ -331,12 +331,12 @@ fn backward_keys_and_unsupported_features() {
     assert!(backward(&gated, 64, MaskType::Causal, false, Target::AnyDevice).is_err());
 }
 
-/// The Hopper fused kernel (`backward_dqdkdv_*_sm90`, wgmma), in both schedules (the default
-/// and the opt-in overlapped one, `s3`): every mask kind, window and bias at head dims 64,
-/// 128 and 256 and both dtypes compile for sm_90a with one `BwdParams` by value and at most
-/// [`FUSED_MAX_SPILL`] bytes of spills (NVRTC 13: none at 256, 0-44 bytes at head dim 128,
-/// up to 96 at 64, where S^T and dP^T of 128 queries are in flight together; the overlapped
-/// schedule exists at head dim 128 only); other head dims and tiles have none.
+/// The Hopper fused kernel (`backward_dqdkdv_*_sm90`, wgmma), in every schedule a head dim
+/// has (`PrefillTile::for_backward_sm90`: 2 and 4 at head dim 64, 2, 3 and 4 at 128, 2 at
+/// 256; keys end in `w8_sm90` for 2, `w8s<n>_sm90` for the others): every
+/// mask kind, window and bias at head dims 64, 128 and 256 and both dtypes compile for
+/// sm_90a with one `BwdParams` by value and at most [`FUSED_MAX_SPILL`] bytes of spills; the
+/// schedules a head dim lacks, and any other tile, are refused.
 #[test]
 fn fused_backward_sm90_kernels_compile() {
     if !require_nvrtc() {
@@ -355,24 +355,33 @@ fn fused_backward_sm90_kernels_compile() {
             let c = backward_fused_config_sm90(dtype, hd, mask, win, bias).expect("a config");
             assert!(c.key().ends_with("_sm90"), "{}", c.key());
             assert!(!c.phase.compiles_for("sm_80") && c.phase.compiles_for("sm_90a"));
-            compile_one_spilling(&c, "sm_90a", FUSED_MAX_SPILL, &mut failures);
-            // The opt-in overlapped schedule (key suffix s3), head dim 128 only.
-            let mut o = c.clone();
-            o.tile = Some(PrefillTile::for_backward_sm90_overlap(hd));
-            assert!(
-                o.key().ends_with("s3_sm90") && o.key() != c.key(),
-                "{}",
-                o.key()
-            );
-            if hd == 128 {
-                compile_one_spilling(&o, "sm_90a", FUSED_MAX_SPILL, &mut failures);
-            } else {
-                assert!(matches!(
-                    o.render(),
-                    Err(RenderError::BadPrefillTile { .. })
-                ));
+            let default = c.prefill_tile().stages;
+            assert_eq!(default, [4, 3, 2][hd / 128], "{}", c.key());
+            for schedule in 2..=4 {
+                let mut o = c.clone();
+                o.tile = Some(PrefillTile::for_backward_sm90(hd, schedule));
+                let has = match schedule {
+                    2 => true,
+                    3 => hd == 128,
+                    _ => hd <= 128,
+                };
+                let want = if schedule == 2 {
+                    "w8_sm90".to_string()
+                } else {
+                    format!("w8s{schedule}_sm90")
+                };
+                assert!(o.key().ends_with(&want), "{}", o.key());
+                assert_eq!(o.key() == c.key(), schedule == default, "{}", o.key());
+                if has {
+                    compile_one_spilling(&o, "sm_90a", FUSED_MAX_SPILL, &mut failures);
+                    n += 1;
+                } else {
+                    assert!(matches!(
+                        o.render(),
+                        Err(RenderError::BadPrefillTile { .. })
+                    ));
+                }
             }
-            n += 2;
         }
     }
     for hd in [32, 96, 192] {
@@ -384,8 +393,8 @@ fn fused_backward_sm90_kernels_compile() {
     let mut c =
         backward_fused_config_sm90(DType::Bf16, 128, MaskType::Causal, false, false).unwrap();
     c.tile = Some(PrefillTile {
-        stages: 4,
-        ..PrefillTile::for_backward_sm90_overlap(128)
+        block_m: 128,
+        ..PrefillTile::for_backward_sm90(128, 3)
     });
     assert!(matches!(
         c.render(),
@@ -399,8 +408,8 @@ fn fused_backward_sm90_kernels_compile() {
     );
 }
 
-/// The fast-mode kernel a device runs: the Hopper one on a wgmma device at head dims 64 and
-/// 128, the sm80 one otherwise (and on devices without wgmma, and for `AnyDevice`).
+/// The fast-mode kernel a device runs: the Hopper one on a wgmma device at head dims 64, 128
+/// and 256 (with or without a bias), the sm80 one otherwise (and on devices without wgmma, and for `AnyDevice`).
 #[test]
 fn fused_backward_choice_per_device() {
     let hopper = Target::Device {
@@ -417,17 +426,18 @@ fn fused_backward_choice_per_device() {
     let pick = |hd: usize, t: Target| {
         backward_fused_for(DType::Bf16, hd, MaskType::Causal, false, false, t).map(|c| c.phase)
     };
-    assert_eq!(pick(64, hopper), Some(Phase::BackwardDqDkDvSm90));
-    assert_eq!(pick(128, hopper), Some(Phase::BackwardDqDkDvSm90));
+    for hd in [64, 128, 256] {
+        assert_eq!(pick(hd, hopper), Some(Phase::BackwardDqDkDvSm90), "hd{hd}");
+        // With an additive bias too (without its gradient; asking for it runs the pair).
+        assert_eq!(
+            backward_fused_for(DType::Bf16, hd, MaskType::Causal, false, true, hopper)
+                .map(|c| c.phase),
+            Some(Phase::BackwardDqDkDvSm90),
+            "hd{hd} bias"
+        );
+    }
     assert_eq!(pick(96, hopper), Some(Phase::BackwardDqDkDv));
-    assert_eq!(pick(256, hopper), Some(Phase::BackwardDqDkDv));
     assert_eq!(pick(80, hopper), None);
-    // A bias stays on sm80 until the Hopper kernel's bias variant has run on a GPU.
-    assert_eq!(
-        backward_fused_for(DType::Bf16, 128, MaskType::Causal, false, true, hopper)
-            .map(|c| c.phase),
-        Some(Phase::BackwardDqDkDv)
-    );
     for t in [plain_90, Target::AnyDevice] {
         assert_eq!(pick(128, t), Some(Phase::BackwardDqDkDv));
     }

@@ -48,9 +48,7 @@
 
 use std::sync::Arc;
 
-use attention_codegen::registry::{
-    backward_configs, backward_fused_config_sm90, backward_fused_for, Target,
-};
+use attention_codegen::registry::{backward_configs, backward_fused_for, Target};
 use attention_codegen::render::{KernelConfig, Phase, PrefillTile};
 use attention_codegen::{DType, MaskType};
 use cudarc::driver::sys::CUfunction_attribute_enum;
@@ -59,7 +57,7 @@ use cudarc::driver::{
 };
 use cudarc::nvrtc::Ptx;
 
-use crate::cuda::layer::{device_target, env_flag};
+use crate::cuda::layer::device_target;
 use crate::cuda::params::BwdParams;
 use crate::cuda::prefill_sm80::{check_strided, PrefillStrided};
 use crate::cuda::tensor::{DeviceElem, ElemType};
@@ -284,11 +282,10 @@ impl AttentionBackward {
 
     /// [`AttentionBackward::new`] from the registry's configs (preprocess, dK/dV, dQ; e.g.
     /// [`attention_codegen::registry::backward`]), with the fast mode's fused kernel that
-    /// [`backward_fused_for`] picks for `ctx`'s device (the Hopper one with the overlapped
-    /// schedule, [`PrefillTile::for_backward_sm90_overlap`], at head dim 128 when
-    /// `ATTN_BWD_SM90_OVERLAP` is set to anything but empty or `0`, and the Hopper one at head
-    /// dim 256 without a bias when `ATTN_BWD_SM90_HD256` is: both opt-in, not yet run on a
-    /// GPU).
+    /// [`backward_fused_for`] picks for `ctx`'s device (on sm_90 the Hopper one at head dims
+    /// 64, 128 and 256, with the schedule of [`PrefillTile::for_backward`] unless
+    /// `ATTN_BWD_SM90_SCHEDULE` names another that the head dim has, see
+    /// [`AttentionBackward::fast_mode_kernel`]).
     pub fn compile(
         ctx: &Arc<CudaContext>,
         configs: &[KernelConfig; 3],
@@ -297,20 +294,24 @@ impl AttentionBackward {
         AttentionBackward::compile_with_fused(ctx, configs, fused)
     }
 
-    /// The environment variables that [`AttentionBackward::fast_mode_kernel`] reads, as set or
-    /// not: `ATTN_DISABLE_SM90`, `ATTN_BWD_SM90_OVERLAP`, `ATTN_BWD_SM90_HD256` (a cache of
-    /// compiled backwards keys on them, so that they are honoured per call).
-    pub fn fast_mode_flags() -> [bool; 3] {
-        [
-            crate::cuda::layer::sm90_disabled(),
-            env_flag("ATTN_BWD_SM90_OVERLAP"),
-            env_flag("ATTN_BWD_SM90_HD256"),
-        ]
+    /// The environment variables that [`AttentionBackward::fast_mode_kernel`] reads:
+    /// `ATTN_DISABLE_SM90` (set or not) and `ATTN_BWD_SM90_SCHEDULE` (its value when it is
+    /// 2, 3 or 4, else 0). A cache of compiled backwards keys on them, so that they are
+    /// honoured per call.
+    pub fn fast_mode_flags() -> (bool, usize) {
+        let schedule = std::env::var("ATTN_BWD_SM90_SCHEDULE")
+            .ok()
+            .and_then(|v| v.trim().parse::<usize>().ok())
+            .filter(|s| (2..=4).contains(s))
+            .unwrap_or(0);
+        (crate::cuda::layer::sm90_disabled(), schedule)
     }
 
     /// The fused kernel [`AttentionBackward::compile`] gives the fast mode for `configs` on
-    /// `ctx`'s device (the registry's choice and the opt-in variables, as described there),
-    /// or `None` for the deterministic pair.
+    /// `ctx`'s device, or `None` for the deterministic pair: the registry's choice
+    /// ([`backward_fused_for`]), with, for the Hopper kernel, the schedule
+    /// (`PrefillTile::for_backward_sm90`) that `ATTN_BWD_SM90_SCHEDULE` names (2, 3 or 4; a
+    /// tuning aid for benchmarks) where that head dim has it, the default elsewhere.
     ///
     /// Errors: [`AttnError::Cuda`] when the device's attributes cannot be read.
     pub fn fast_mode_kernel(
@@ -322,18 +323,16 @@ impl AttentionBackward {
         let mask = c.mask.unwrap_or(MaskType::NoMask);
         let mut fused =
             backward_fused_for(c.dtype, c.head_dim, mask, c.has_window, c.has_bias, target);
-        let [_, overlap, hd256] = AttentionBackward::fast_mode_flags();
-        let wgmma = matches!(target, Target::Device { wgmma: true, .. });
-        if wgmma && c.head_dim == 256 && !c.has_bias && hd256 {
-            fused = backward_fused_config_sm90(c.dtype, 256, mask, c.has_window, false)
-                .filter(|f| f.check_config().is_ok())
-                .or(fused);
-        }
+        let (_, schedule) = AttentionBackward::fast_mode_flags();
         if let Some(f) = fused
             .as_mut()
-            .filter(|f| overlap && f.phase == Phase::BackwardDqDkDvSm90 && f.head_dim == 128)
+            .filter(|f| schedule != 0 && f.phase == Phase::BackwardDqDkDvSm90)
         {
-            f.tile = Some(PrefillTile::for_backward_sm90_overlap(f.head_dim));
+            let mut g = f.clone();
+            g.tile = Some(PrefillTile::for_backward_sm90(f.head_dim, schedule));
+            if g.check_config().is_ok() {
+                *f = g;
+            }
         }
         Ok(fused)
     }

@@ -288,7 +288,7 @@ impl CudaSaved {
 
 /// The attention backward kernels, compiled once per device, config and state of the
 /// variables that choose the fast mode's kernel.
-type BwdCache = Mutex<HashMap<(usize, [String; 3], [bool; 3]), Arc<AttentionBackward>>>;
+type BwdCache = Mutex<HashMap<(usize, [String; 3], (bool, usize)), Arc<AttentionBackward>>>;
 
 pub(crate) fn attention_backward(
     rt: &CudaRuntime,
