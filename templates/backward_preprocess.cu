@@ -2,7 +2,9 @@
 // templates/backward_preprocess.cu. dtype {{ dtype }}, head dim {{ head_dim }}.
 //
 // Parameters: one `const BwdParams p` (partials/params_bwd.cu); read: out, dout, lse, sinks,
-// num_heads, total_q; written: dpsum, dsinks. Layout-free: a row is a token (padded
+// num_heads, total_q; written: dpsum, dsinks, and dq_accum when not null (zeroed: the fast
+// mode's f32 dQ accumulator, layout of q, which the fused kernel launched after this one adds
+// into; zeroing it here saves a separate memset pass, as FlashAttention-3's preprocess does). Layout-free: a row is a token (padded
 // [seqlen_q, batch] rows flattened, or packed tokens), out / dout [total_q, num_heads,
 // HEAD_DIM], lse / dpsum f32 [num_heads, total_q].
 //
@@ -17,6 +19,7 @@
 {% include "partials/params_bwd.cu" %}
 
 constexpr int PRE_ROWS = 8;
+static_assert(HEAD_DIM % 4 == 0, "dq_accum rows are zeroed 16 bytes at a time");
 constexpr int DSINK_THREADS = 256;
 
 extern "C" __global__ void __launch_bounds__(PRE_ROWS * WARP_SIZE) {{ key }}(const BwdParams p) {
@@ -25,6 +28,10 @@ extern "C" __global__ void __launch_bounds__(PRE_ROWS * WARP_SIZE) {{ key }}(con
     const int h = blockIdx.y;
     if (row >= p.total_q) return;
     const long long off = (row * p.num_heads + h) * HEAD_DIM;
+    if (p.dq_accum != nullptr) {
+        float4* z = reinterpret_cast<float4*>(p.dq_accum + off);
+        for (int c = lane; c < HEAD_DIM / 4; c += WARP_SIZE) z[c] = make_float4(0.0f, 0.0f, 0.0f, 0.0f);
+    }
     float acc = 0.0f;
 #pragma unroll
     for (int c = 0; c < LANE_D; ++c)  // lanes past HEAD_DIM (head dim 80) read zeros

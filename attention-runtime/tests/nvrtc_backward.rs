@@ -296,19 +296,19 @@ fn backward_keys_and_unsupported_features() {
             "backward_dkdv_bf16_hd64_causal_win_m64n64w4_sm80",
             "backward_dq_bf16_hd64_causal_win_m64n64w4_sm80",
             "backward_dqdkdv_bf16_hd64_causal_win_m128n128w8_sm80",
-            "backward_dqdkdv_bf16_hd64_causal_win_m128n128w8_sm90",
+            "backward_dqdkdv_bf16_hd64_causal_win_m128n128w8s4_sm90",
             "backward_dkdv_bf16_hd64_causal_win_bias_m32n64w4_sm80",
             "backward_dq_bf16_hd64_causal_win_bias_m64n32w4_sm80",
             "backward_dqdkdv_bf16_hd64_causal_win_bias_m128n128w8_sm80",
-            "backward_dqdkdv_bf16_hd64_causal_win_bias_m128n128w8_sm90",
+            "backward_dqdkdv_bf16_hd64_causal_win_bias_m128n128w8s4_sm90",
             "backward_dkdv_bf16_hd64_padding_win_m32n64w4_sm80",
             "backward_dq_bf16_hd64_padding_win_m64n32w4_sm80",
             "backward_dqdkdv_bf16_hd64_padding_win_m128n128w8_sm80",
-            "backward_dqdkdv_bf16_hd64_padding_win_m128n128w8_sm90",
+            "backward_dqdkdv_bf16_hd64_padding_win_m128n128w8s4_sm90",
             "backward_dkdv_bf16_hd64_padding_win_bias_m32n64w4_sm80",
             "backward_dq_bf16_hd64_padding_win_bias_m64n32w4_sm80",
             "backward_dqdkdv_bf16_hd64_padding_win_bias_m128n128w8_sm80",
-            "backward_dqdkdv_bf16_hd64_padding_win_bias_m128n128w8_sm90",
+            "backward_dqdkdv_bf16_hd64_padding_win_bias_m128n128w8s4_sm90",
         ]
     );
     assert!(backward(

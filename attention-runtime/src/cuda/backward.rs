@@ -14,14 +14,15 @@
 //!
 //! 2'. `backward_dqdkdv_…_sm80`: FlashAttention-2's one-pass schedule: dK, dV per KV tile as
 //!    above (8 warps, 128 keys up to head dim 128, 64 above) and dQ = dS K added to an f32
-//!    buffer (zero-filled, allocated here) with f32 atomics;
+//!    buffer (allocated here, zeroed by the preprocess kernel) with f32 atomics;
 //! 3'. its `_dq_convert` entry: dq = softmax_scale · that buffer, rounded.
 //!
-//! On Hopper (an sm_90 device, unless `ATTN_DISABLE_SM90` is set) at head dims 64 and 128
-//! without an additive bias the fast mode runs `backward_dqdkdv_…_sm90` instead
+//! On Hopper (an sm_90 device, unless `ATTN_DISABLE_SM90` is set) at head dims 64, 128 and
+//! 256 the fast mode runs `backward_dqdkdv_…_sm90` instead
 //! (`templates/backward_dqdkdv_sm90.cu`: the same launch, parameters and results on
-//! warpgroup MMA, two warpgroups of 64 keys each,
-//! FlashAttention-3's transposed products so that P and dS feed dV and dK from registers);
+//! warpgroup MMA, two warpgroups, FlashAttention-3's transposed products so that P and dS
+//! feed dV and dK from registers up to head dim 128, in the schedule of
+//! `PrefillTile::for_backward_sm90`);
 //! the registry's [`backward_fused_for`] makes the choice, and picks no fused kernel where
 //! the tile's shared memory exceeds the device's (the deterministic pair runs then).
 //!
@@ -672,9 +673,11 @@ impl AttentionBackward {
         } else {
             1
         };
-        let dq_accum = stream
-            .alloc_zeros::<f32>(n_accum)
-            .map_err(|e| AttnError::DeviceAlloc {
+        // SAFETY: uninitialized f32 storage; the preprocess kernel zeroes every element
+        // (rows_q x num_heads x hd, the layout of q) before the fused kernel adds into it, and
+        // nothing else reads it (the deterministic path passes a null pointer and skips it).
+        let dq_accum =
+            unsafe { stream.alloc::<f32>(n_accum) }.map_err(|e| AttnError::DeviceAlloc {
                 arg: "backward dq accumulator".into(),
                 bytes: n_accum * 4,
                 msg: e.to_string(),
