@@ -246,10 +246,24 @@ __device__ __forceinline__ unsigned sw_off(int r, int ch) {
 }
 
 /// Shared-memory matrix descriptor (PTX ISA, "Matrix Descriptor Format"): start address,
-/// leading and stride byte offsets (all >> 4), 128-byte swizzle (mode 1 in bits 62-63).
-__device__ __forceinline__ unsigned long long gmma_desc(unsigned addr, unsigned lbo, unsigned sbo) {
-    return (unsigned long long)((addr & 0x3FFFF) >> 4) | ((unsigned long long)((lbo >> 4) & 0x3FFF) << 16) |
-           ((unsigned long long)((sbo >> 4) & 0x3FFF) << 32) | (1ull << 62);
+/// leading and stride byte offsets (all >> 4), 128-byte swizzle (mode 1 in bits 62-63), kept
+/// as its two 32-bit halves so that `gmma_at` steps the start address with one 32-bit add
+/// (a 64-bit descriptor stepped by offset gets rebuilt whole: the compiler cannot see that
+/// the 14-bit field never carries; ~10 instructions per wgmma on every product's issue path).
+struct GmmaDesc {
+    unsigned lo, hi;
+};
+__device__ __forceinline__ GmmaDesc gmma_desc(unsigned addr, unsigned lbo, unsigned sbo) {
+    GmmaDesc d;
+    d.lo = ((addr & 0x3FFFF) >> 4) | (((lbo >> 4) & 0x3FFF) << 16);
+    d.hi = ((sbo >> 4) & 0x3FFF) | (1u << 30);
+    return d;
+}
+/// The descriptor of the matrix `byte_off` bytes (a multiple of 16) after `d`'s: the start
+/// address stays below the 256 KiB that its field spans (shared memory is at most 228 KiB),
+/// so the add never carries out of it.
+__device__ __forceinline__ unsigned long long gmma_at(GmmaDesc d, unsigned byte_off) {
+    return ((unsigned long long)d.hi << 32) | (unsigned long long)(d.lo + (byte_off >> 4));
 }
 
 __device__ __forceinline__ void wgmma_fence() { asm volatile("wgmma.fence.sync.aligned;\n" ::: "memory"); }
@@ -264,16 +278,33 @@ __device__ __forceinline__ void reg_fence(float& r) { asm volatile("" : "+f"(r):
 /// Async copy of ROWS rows (HEAD_DIM elements each, global row stride `stride` elements) into
 /// a swizzled tile by the LOADERS threads (`tid` in 0..LOADERS); rows at or past `nvalid` are
 /// zero-filled.
-template <int ROWS>
+/// With COLS, when LOADERS is a multiple of CHUNKS and every thread's rows are whole 8-row
+/// swizzle periods apart, a thread copies one column of rows STEP apart, so its shared and
+/// global offsets are one base each plus constants (the general index math below costs ~20
+/// instructions per 16-byte copy); the bases stay live, so callers short of registers (the
+/// warp-specialized prefill's producer, under the consumers' register cap) pass false.
+template <int ROWS, bool COLS = true>
 __device__ __forceinline__ void load_tile(unsigned base, const elem_t* __restrict__ src, long long stride,
                                           int nvalid, int tid) {
+    constexpr int STEP = LOADERS / CHUNKS;  // rows between one thread's copies (column form)
+    if constexpr (COLS && LOADERS % CHUNKS == 0 && STEP % 8 == 0 && ROWS % STEP == 0) {
+        const int r0 = tid / CHUNKS, ch = tid % CHUNKS;
+        const unsigned s0 = base + sw_off<ROWS>(r0, ch);
+        const elem_t* g0 = src + (long long)r0 * stride + ch * 8;
 #pragma unroll
-    for (int c = tid; c < ROWS * CHUNKS; c += LOADERS) {
-        const int r = c / CHUNKS;
-        const int ch = c % CHUNKS;
-        const bool ok = r < nvalid;
-        const elem_t* g = ok ? src + (long long)r * stride + ch * 8 : src;
-        cp_async16(base + sw_off<ROWS>(r, ch), g, ok);
+        for (int i = 0; i < ROWS / STEP; ++i) {
+            const bool ok = r0 + i * STEP < nvalid;
+            cp_async16(s0 + (unsigned)(i * STEP * 128), ok ? g0 + i * STEP * stride : src, ok);
+        }
+    } else {
+#pragma unroll
+        for (int c = tid; c < ROWS * CHUNKS; c += LOADERS) {
+            const int r = c / CHUNKS;
+            const int ch = c % CHUNKS;
+            const bool ok = r < nvalid;
+            const elem_t* g = ok ? src + (long long)r * stride + ch * 8 : src;
+            cp_async16(base + sw_off<ROWS>(r, ch), g, ok);
+        }
     }
 }
 
@@ -575,7 +606,7 @@ extern "C" __global__ void __launch_bounds__(THREADS, 1) prefill_bf16_hd128_caus
         if (block_size >= BLOCK_N) {
             const long long row0 =
                 ((long long)bt_row[n0 >> bs_shift] << bs_shift) + (n0 & (block_size - 1));
-            load_tile<BLOCK_N>(dst, pool + row0 * pool_row_stride + (long long)grp * HEAD_DIM,
+            load_tile<BLOCK_N, !WS>(dst, pool + row0 * pool_row_stride + (long long)grp * HEAD_DIM,
                                pool_row_stride, sk - n0, ltid);
             return;
         }
@@ -599,7 +630,7 @@ extern "C" __global__ void __launch_bounds__(THREADS, 1) prefill_bf16_hd128_caus
         // Producer warpgroup: Q, then every K/V tile into its stage once the consumers have
         // released it (tile t's stage is released for tile t + STAGES).
         asm volatile("setmaxnreg.dec.sync.aligned.u32 %0;\n" ::"n"(PRODUCER_REGS));
-        load_tile<BLOCK_M>(sQ_addr, q + q_base, q_row_stride, m_valid, ltid);
+        load_tile<BLOCK_M, !WS>(sQ_addr, q + q_base, q_row_stride, m_valid, ltid);
         mbar_arrive_cp_async(bar_q);
         for (int t = 0; t < ntiles; ++t) {
             const int st = t % STAGES;
@@ -618,7 +649,7 @@ extern "C" __global__ void __launch_bounds__(THREADS, 1) prefill_bf16_hd128_caus
         mbar_wait(bar_q, 0);
     } else {
         // Prologue: group 0 = Q + K/V(tile 0), then one group per tile up to STAGES - 2.
-        load_tile<BLOCK_M>(sQ_addr, q + q_base, q_row_stride, m_valid, tid);
+        load_tile<BLOCK_M, !WS>(sQ_addr, q + q_base, q_row_stride, m_valid, tid);
 #pragma unroll
         for (int s = 0; s < STAGES - 1; ++s) {
             if (s < ntiles) {
@@ -677,11 +708,12 @@ extern "C" __global__ void __launch_bounds__(THREADS, 1) prefill_bf16_hd128_caus
         }
         if (PINGPONG) named_bar_sync(2 + wg);  // this warpgroup's turn on the tensor cores
         wgmma_fence();
+        const GmmaDesc desc_q = gmma_desc(q_wg, 16, 1024), desc_k = gmma_desc(k_stage, 16, 1024);
 #pragma unroll
         for (int kk = 0; kk < KD; ++kk) {
-            const unsigned a = q_wg + (unsigned)((kk / 4) * BLOCK_M * 128 + (kk % 4) * 32);
-            const unsigned bk = k_stage + (unsigned)((kk / 4) * BLOCK_N * 128 + (kk % 4) * 32);
-            wgmma_qk(s, gmma_desc(a, 16, 1024), gmma_desc(bk, 16, 1024), kk > 0 ? 1 : 0);
+            const unsigned a = (unsigned)((kk / 4) * BLOCK_M * 128 + (kk % 4) * 32);
+            const unsigned bk = (unsigned)((kk / 4) * BLOCK_N * 128 + (kk % 4) * 32);
+            wgmma_qk(s, gmma_at(desc_q, a), gmma_at(desc_k, bk), kk > 0 ? 1 : 0);
         }
         wgmma_commit();
         if (PIPELINE && t > 0) {
@@ -690,7 +722,7 @@ extern "C" __global__ void __launch_bounds__(THREADS, 1) prefill_bf16_hd128_caus
             const unsigned v_stage = sV_addr + (unsigned)(((t - 1) % STAGES) * KV_BYTES);
 #pragma unroll
             for (int kk = 0; kk < KN; ++kk)
-                wgmma_pv(o, pa[kk], gmma_desc(v_stage + (unsigned)(kk * 16 * 128), BLOCK_N * 128, 1024));
+                wgmma_pv(o, pa[kk], gmma_at(gmma_desc(v_stage, BLOCK_N * 128, 1024), (unsigned)(kk * 16 * 128)));
             wgmma_commit();
             if (PINGPONG) named_bar_arrive(3 - wg);  // the other warpgroup's turn
             wgmma_wait<1>();
@@ -812,7 +844,7 @@ extern "C" __global__ void __launch_bounds__(THREADS, 1) prefill_bf16_hd128_caus
             wgmma_fence();
 #pragma unroll
             for (int kk = 0; kk < KN; ++kk)
-                wgmma_pv(o, pa[kk], gmma_desc(v_stage + (unsigned)(kk * 16 * 128), BLOCK_N * 128, 1024));
+                wgmma_pv(o, pa[kk], gmma_at(gmma_desc(v_stage, BLOCK_N * 128, 1024), (unsigned)(kk * 16 * 128)));
             wgmma_commit();
             wgmma_wait<0>();
 #pragma unroll
@@ -833,7 +865,7 @@ extern "C" __global__ void __launch_bounds__(THREADS, 1) prefill_bf16_hd128_caus
         wgmma_fence();
 #pragma unroll
         for (int kk = 0; kk < KN; ++kk)
-            wgmma_pv(o, pa[kk], gmma_desc(v_stage + (unsigned)(kk * 16 * 128), BLOCK_N * 128, 1024));
+            wgmma_pv(o, pa[kk], gmma_at(gmma_desc(v_stage, BLOCK_N * 128, 1024), (unsigned)(kk * 16 * 128)));
         wgmma_commit();
         wgmma_wait<0>();
 #pragma unroll

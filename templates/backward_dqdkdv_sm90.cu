@@ -211,18 +211,24 @@ extern "C" __global__ void __launch_bounds__(THREADS, 1) {{ key }}(const BwdPara
         fence_acc(s);
         fence_acc(dp);
         wgmma_fence();
+        // Descriptors of the step's tiles: K-major (S^T, dP^T) and MN-major (dV, dK) views.
+        const GmmaDesc desc_k = gmma_desc(kw, 16, 1024), desc_v = gmma_desc(vw, 16, 1024);
+        const GmmaDesc desc_q = gmma_desc(q_s + (unsigned)(q_col0 * 128), 16, 1024);
+        const GmmaDesc desc_o = gmma_desc(o_s + (unsigned)(q_col0 * 128), 16, 1024);
+        const GmmaDesc desc_q_mn = gmma_desc(q_s, BLOCK_M * 128, 1024);
+        const GmmaDesc desc_o_mn = gmma_desc(o_s, BLOCK_M * 128, 1024);
 #pragma unroll
         for (int kk = 0; kk < KD; ++kk) {
-            const unsigned a = kw + (unsigned)((kk / 4) * BLOCK_N * 128 + (kk % 4) * 32);
-            const unsigned bq = q_s + (unsigned)((kk / 4) * BLOCK_M * 128 + (kk % 4) * 32 + q_col0 * 128);
-            wgmma_st(s, gmma_desc(a, 16, 1024), gmma_desc(bq, 16, 1024), kk > 0 ? 1 : 0);
+            const unsigned a = (unsigned)((kk / 4) * BLOCK_N * 128 + (kk % 4) * 32);
+            const unsigned bq = (unsigned)((kk / 4) * BLOCK_M * 128 + (kk % 4) * 32);
+            wgmma_st(s, gmma_at(desc_k, a), gmma_at(desc_q, bq), kk > 0 ? 1 : 0);
         }
         wgmma_commit();
 #pragma unroll
         for (int kk = 0; kk < KD; ++kk) {
-            const unsigned a = vw + (unsigned)((kk / 4) * BLOCK_N * 128 + (kk % 4) * 32);
-            const unsigned bo = o_s + (unsigned)((kk / 4) * BLOCK_M * 128 + (kk % 4) * 32 + q_col0 * 128);
-            wgmma_st(dp, gmma_desc(a, 16, 1024), gmma_desc(bo, 16, 1024), kk > 0 ? 1 : 0);
+            const unsigned a = (unsigned)((kk / 4) * BLOCK_N * 128 + (kk % 4) * 32);
+            const unsigned bo = (unsigned)((kk / 4) * BLOCK_M * 128 + (kk % 4) * 32);
+            wgmma_st(dp, gmma_at(desc_v, a), gmma_at(desc_o, bo), kk > 0 ? 1 : 0);
         }
         wgmma_commit();
         wgmma_wait<1>();
@@ -241,39 +247,58 @@ extern "C" __global__ void __launch_bounds__(THREADS, 1) {{ key }}(const BwdPara
 {%- if has_bias %}
         const float* bbase = p.bias + (long long)b * p.bias_stride_b + (long long)h * p.bias_stride_h;
 {%- endif %}
+{%- if not mask_tensor and not has_bias %}
+        if (full) {
+            // Every element visible: no per-element mask arithmetic (a uniform branch; the
+            // masked form below, predicated, would otherwise run on every tile).
 #pragma unroll
-        for (int ni = 0; ni < SN; ++ni) {
-            const float2 lse2 = *reinterpret_cast<const float2*>(lrow + q_col0 + ni * 8 + 2 * tq);
+            for (int ni = 0; ni < SN; ++ni) {
+                const float2 lse2 = *reinterpret_cast<const float2*>(lrow + q_col0 + ni * 8 + 2 * tq);
 #pragma unroll
-            for (int e = 0; e < 2; ++e) {
-                const int c = q_col0 + ni * 8 + 2 * tq + e;  // query within the tile
-                const int i = m0 + c;
-                const float l2 = lse_log2(e == 0 ? lse2.x : lse2.y);
-                int lo = 0, hi = 0;
-                if (!full) {
-                    visible_range(i, sq, sk, window_left, window_right, &lo, &hi);
-                    if (i >= sq) hi = lo;  // rows past the sequence see nothing
+                for (int e = 0; e < 2; ++e) {
+                    const float l2 = lse_log2(e == 0 ? lse2.x : lse2.y);
+#pragma unroll
+                    for (int hh = 0; hh < 2; ++hh)
+                        s[ni][2 * hh + e] = fast_exp2(fmaf(s[ni][2 * hh + e], sl2, -l2));
                 }
+            }
+        } else
+{%- endif %}
+        {
 #pragma unroll
-                for (int hh = 0; hh < 2; ++hh) {
-                    const int j = n0 + key_row0 + gq + 8 * hh;
-                    float x = s[ni][2 * hh + e];
-                    if (!full && (j < lo || j >= hi)) x = neg_inf();
+            for (int ni = 0; ni < SN; ++ni) {
+                const float2 lse2 = *reinterpret_cast<const float2*>(lrow + q_col0 + ni * 8 + 2 * tq);
+#pragma unroll
+                for (int e = 0; e < 2; ++e) {
+                    const int c = q_col0 + ni * 8 + 2 * tq + e;  // query within the tile
+                    const int i = m0 + c;
+                    const float l2 = lse_log2(e == 0 ? lse2.x : lse2.y);
+                    int lo = 0, hi = 0;
+                    if (!full) {
+                        visible_range(i, sq, sk, window_left, window_right, &lo, &hi);
+                        if (i >= sq) hi = lo;  // rows past the sequence see nothing
+                    }
+#pragma unroll
+                    for (int hh = 0; hh < 2; ++hh) {
+                        const int j = n0 + key_row0 + gq + 8 * hh;
+                        float x = s[ni][2 * hh + e];
+                        if (!full && (j < lo || j >= hi)) x = neg_inf();
 {%- if mask_tensor %}
-                    if (i < sq && j < sk &&
-                        mbase[(long long)i * p.mask_stride_q + (long long)j * p.mask_stride_k] != 0)
-                        x = neg_inf();
+                        if (i < sq && j < sk &&
+                            mbase[(long long)i * p.mask_stride_q + (long long)j * p.mask_stride_k] != 0)
+                            x = neg_inf();
 {%- endif %}
 {%- if has_bias %}
-                    if (x != neg_inf() && i < sq && j < sk)
-                        x = biased_logit_log2(x * scale_nat,
-                                              bbase[(long long)i * p.bias_stride_q + (long long)j * p.bias_stride_k]);
-                    else
-                        x = neg_inf();
-                    s[ni][2 * hh + e] = fast_exp2(x - l2);
+                        if (x != neg_inf() && i < sq && j < sk)
+                            x = biased_logit_log2(x * scale_nat,
+                                                  bbase[(long long)i * p.bias_stride_q + (long long)j * p.bias_stride_k]);
+                        else
+                            x = neg_inf();
+                        s[ni][2 * hh + e] = fast_exp2(x - l2);
 {%- else %}
-                    s[ni][2 * hh + e] = fast_exp2(fmaf(x, sl2, -l2));
+                        s[ni][2 * hh + e] = fast_exp2(fmaf(x, sl2, -l2));
 {%- endif %}
+                    }
                 }
             }
         }
@@ -299,7 +324,7 @@ extern "C" __global__ void __launch_bounds__(THREADS, 1) {{ key }}(const BwdPara
         wgmma_fence();
 #pragma unroll
         for (int kq = 0; kq < KQ; ++kq)
-            wgmma_kv(dv, pa[kq], gmma_desc(o_s + (unsigned)(kq * 16 * 128), BLOCK_M * 128, 1024));
+            wgmma_kv(dv, pa[kq], gmma_at(desc_o_mn, (unsigned)(kq * 16 * 128)));
         wgmma_commit();
 {%- endif %}
 
@@ -358,12 +383,13 @@ extern "C" __global__ void __launch_bounds__(THREADS, 1) {{ key }}(const BwdPara
         wgmma_fence();
         {
             const unsigned panel = (unsigned)((kv_col0 / 64) * BLOCK_M * 128);
+            const GmmaDesc desc_p = gmma_desc(sP_addr, 16, 1024), desc_ds = gmma_desc(sdS_addr, 16, 1024);
 #pragma unroll
             for (int kq = 0; kq < KQ; ++kq) {
                 const unsigned a_off = (unsigned)((kq / 4) * BLOCK_N * 128 + (kq % 4) * 32);
                 const unsigned b_off = panel + (unsigned)(kq * 16 * 128);
-                wgmma_kv_ss(dv, gmma_desc(sP_addr + a_off, 16, 1024), gmma_desc(o_s + b_off, BLOCK_M * 128, 1024));
-                wgmma_kv_ss(dk, gmma_desc(sdS_addr + a_off, 16, 1024), gmma_desc(q_s + b_off, BLOCK_M * 128, 1024));
+                wgmma_kv_ss(dv, gmma_at(desc_p, a_off), gmma_at(desc_o_mn, b_off));
+                wgmma_kv_ss(dk, gmma_at(desc_ds, a_off), gmma_at(desc_q_mn, b_off));
             }
         }
         wgmma_commit();
@@ -390,11 +416,11 @@ extern "C" __global__ void __launch_bounds__(THREADS, 1) {{ key }}(const BwdPara
 {%- if stages < 3 %}
 #pragma unroll
         for (int kq = 0; kq < KQ; ++kq)
-            wgmma_kv(dv, pa[kq], gmma_desc(o_s + (unsigned)(kq * 16 * 128), BLOCK_M * 128, 1024));
+            wgmma_kv(dv, pa[kq], gmma_at(desc_o_mn, (unsigned)(kq * 16 * 128)));
 {%- endif %}
 #pragma unroll
         for (int kq = 0; kq < KQ; ++kq)
-            wgmma_kv(dk, da[kq], gmma_desc(q_s + (unsigned)(kq * 16 * 128), BLOCK_M * 128, 1024));
+            wgmma_kv(dk, da[kq], gmma_at(desc_q_mn, (unsigned)(kq * 16 * 128)));
         wgmma_commit();
 
         // 5. dQ_partial = dS K once both warpgroups' halves of dS^T are in shared memory.
@@ -404,10 +430,11 @@ extern "C" __global__ void __launch_bounds__(THREADS, 1) {{ key }}(const BwdPara
         float dq[QN][4];
         fence_acc(dq);
         wgmma_fence();
+        const GmmaDesc desc_ds_mn = gmma_desc(dqa, BLOCK_N * 128, 1024), desc_k_mn = gmma_desc(dqb, BLOCK_N * 128, 1024);
 #pragma unroll
         for (int kk = 0; kk < KN; ++kk)
-            wgmma_dq(dq, gmma_desc(dqa + (unsigned)(kk * 16 * 128), BLOCK_N * 128, 1024),
-                     gmma_desc(dqb + (unsigned)(kk * 16 * 128), BLOCK_N * 128, 1024), kk > 0 ? 1 : 0);
+            wgmma_dq(dq, gmma_at(desc_ds_mn, (unsigned)(kk * 16 * 128)), gmma_at(desc_k_mn, (unsigned)(kk * 16 * 128)),
+                     kk > 0 ? 1 : 0);
         wgmma_commit();
         wgmma_wait<0>();
         fence_acc(dq);
@@ -430,10 +457,13 @@ extern "C" __global__ void __launch_bounds__(THREADS, 1) {{ key }}(const BwdPara
                 const float s1 = __shfl_xor_sync(0xffffffffu, odd ? dq[qn][1] : dq[qn][3], 1);
                 const float4 v = odd ? make_float4(s0, s1, dq[qn][2], dq[qn][3])
                                      : make_float4(dq[qn][0], dq[qn][1], s0, s1);
-                if (i < sq)
-                    asm volatile("red.global.add.v4.f32 [%0], { %1, %2, %3, %4 };" ::"l"(row + qn * 8),
-                                 "f"(v.x), "f"(v.y), "f"(v.z), "f"(v.w)
-                                 : "memory");
+                // Predicated inside the asm: a branch around each reduction costs three more
+                // instructions than the reduction itself.
+                asm volatile(
+                    "{\n.reg .pred p;\nsetp.ne.b32 p, %5, 0;\n"
+                    "@p red.global.add.v4.f32 [%0], { %1, %2, %3, %4 };\n}\n" ::"l"(row + qn * 8),
+                    "f"(v.x), "f"(v.y), "f"(v.z), "f"(v.w), "r"((int)(i < sq))
+                    : "memory");
             }
         }
     }

@@ -212,7 +212,7 @@ extern "C" __global__ void __launch_bounds__(THREADS, 1) {{ key }}(
         if (block_size >= BLOCK_N) {
             const long long row0 =
                 ((long long)bt_row[n0 >> bs_shift] << bs_shift) + (n0 & (block_size - 1));
-            load_tile<BLOCK_N>(dst, pool + row0 * pool_row_stride + (long long)grp * HEAD_DIM,
+            load_tile<BLOCK_N, !WS>(dst, pool + row0 * pool_row_stride + (long long)grp * HEAD_DIM,
                                pool_row_stride, sk - n0, ltid);
             return;
         }
@@ -234,7 +234,8 @@ extern "C" __global__ void __launch_bounds__(THREADS, 1) {{ key }}(
 {%- else %}
     (void)block_table; (void)block_size; (void)max_blocks_per_seq;
     auto load_kv = [&](unsigned dst, const elem_t* __restrict__ src, int n0) {
-        load_tile<BLOCK_N>(dst, src + kv_base + (long long)n0 * kv_row_stride, kv_row_stride, sk - n0, ltid);
+        load_tile<BLOCK_N, !WS>(dst, src + kv_base + (long long)n0 * kv_row_stride, kv_row_stride, sk - n0,
+                                ltid);
     };
 {%- endif %}
 
@@ -242,7 +243,7 @@ extern "C" __global__ void __launch_bounds__(THREADS, 1) {{ key }}(
         // Producer warpgroup: Q, then every K/V tile into its stage once the consumers have
         // released it (tile t's stage is released for tile t + STAGES).
         asm volatile("setmaxnreg.dec.sync.aligned.u32 %0;\n" ::"n"(PRODUCER_REGS));
-        load_tile<BLOCK_M>(sQ_addr, q + q_base, q_row_stride, m_valid, ltid);
+        load_tile<BLOCK_M, !WS>(sQ_addr, q + q_base, q_row_stride, m_valid, ltid);
         mbar_arrive_cp_async(bar_q);
         for (int t = 0; t < ntiles; ++t) {
             const int st = t % STAGES;
@@ -261,7 +262,7 @@ extern "C" __global__ void __launch_bounds__(THREADS, 1) {{ key }}(
         mbar_wait(bar_q, 0);
     } else {
         // Prologue: group 0 = Q + K/V(tile 0), then one group per tile up to STAGES - 2.
-        load_tile<BLOCK_M>(sQ_addr, q + q_base, q_row_stride, m_valid, tid);
+        load_tile<BLOCK_M, !WS>(sQ_addr, q + q_base, q_row_stride, m_valid, tid);
 #pragma unroll
         for (int s = 0; s < STAGES - 1; ++s) {
             if (s < ntiles) {
@@ -320,11 +321,12 @@ extern "C" __global__ void __launch_bounds__(THREADS, 1) {{ key }}(
         }
         if (PINGPONG) named_bar_sync(2 + wg);  // this warpgroup's turn on the tensor cores
         wgmma_fence();
+        const GmmaDesc desc_q = gmma_desc(q_wg, 16, 1024), desc_k = gmma_desc(k_stage, 16, 1024);
 #pragma unroll
         for (int kk = 0; kk < KD; ++kk) {
-            const unsigned a = q_wg + (unsigned)((kk / 4) * BLOCK_M * 128 + (kk % 4) * 32);
-            const unsigned bk = k_stage + (unsigned)((kk / 4) * BLOCK_N * 128 + (kk % 4) * 32);
-            wgmma_qk(s, gmma_desc(a, 16, 1024), gmma_desc(bk, 16, 1024), kk > 0 ? 1 : 0);
+            const unsigned a = (unsigned)((kk / 4) * BLOCK_M * 128 + (kk % 4) * 32);
+            const unsigned bk = (unsigned)((kk / 4) * BLOCK_N * 128 + (kk % 4) * 32);
+            wgmma_qk(s, gmma_at(desc_q, a), gmma_at(desc_k, bk), kk > 0 ? 1 : 0);
         }
         wgmma_commit();
         if (PIPELINE && t > 0) {
@@ -333,7 +335,7 @@ extern "C" __global__ void __launch_bounds__(THREADS, 1) {{ key }}(
             const unsigned v_stage = sV_addr + (unsigned)(((t - 1) % STAGES) * KV_BYTES);
 #pragma unroll
             for (int kk = 0; kk < KN; ++kk)
-                wgmma_pv(o, pa[kk], gmma_desc(v_stage + (unsigned)(kk * 16 * 128), BLOCK_N * 128, 1024));
+                wgmma_pv(o, pa[kk], gmma_at(gmma_desc(v_stage, BLOCK_N * 128, 1024), (unsigned)(kk * 16 * 128)));
             wgmma_commit();
             if (PINGPONG) named_bar_arrive(3 - wg);  // the other warpgroup's turn
             wgmma_wait<1>();
@@ -490,7 +492,7 @@ extern "C" __global__ void __launch_bounds__(THREADS, 1) {{ key }}(
             wgmma_fence();
 #pragma unroll
             for (int kk = 0; kk < KN; ++kk)
-                wgmma_pv(o, pa[kk], gmma_desc(v_stage + (unsigned)(kk * 16 * 128), BLOCK_N * 128, 1024));
+                wgmma_pv(o, pa[kk], gmma_at(gmma_desc(v_stage, BLOCK_N * 128, 1024), (unsigned)(kk * 16 * 128)));
             wgmma_commit();
             wgmma_wait<0>();
 #pragma unroll
@@ -511,7 +513,7 @@ extern "C" __global__ void __launch_bounds__(THREADS, 1) {{ key }}(
         wgmma_fence();
 #pragma unroll
         for (int kk = 0; kk < KN; ++kk)
-            wgmma_pv(o, pa[kk], gmma_desc(v_stage + (unsigned)(kk * 16 * 128), BLOCK_N * 128, 1024));
+            wgmma_pv(o, pa[kk], gmma_at(gmma_desc(v_stage, BLOCK_N * 128, 1024), (unsigned)(kk * 16 * 128)));
         wgmma_commit();
         wgmma_wait<0>();
 #pragma unroll
