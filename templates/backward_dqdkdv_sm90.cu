@@ -317,9 +317,10 @@ extern "C" __global__ void __launch_bounds__(THREADS, 1) {{ key }}(const BwdPara
         }
 
 {%- if stages >= 3 %}
-        // OVERLAP / ANCHOR: dV += P^T dO now, a third commit group. Its issue needs every exponential,
-        // which keeps them ahead of the wait for dP^T in the machine code (ptxas otherwise
-        // hoists that wait above them: nothing after them in the step consumes them before it).
+        // OVERLAP / ANCHOR: dV += P^T dO now, a third commit group. Its issue needs every
+        // exponential, which keeps them all ahead of the wait for dP^T in the machine code
+        // (schedule 2 leaves ptxas free to hoist that wait: it puts 4 of 32 after it at head
+        // dim 128, NVRTC 13), and dV's product runs while dS^T is formed.
         fence_acc(dv);
         wgmma_fence();
 #pragma unroll

@@ -4,9 +4,9 @@
 // Parameters: one `const BwdParams p` (partials/params_bwd.cu); read: out, dout, lse, sinks,
 // num_heads, total_q; written: dpsum, dsinks, and dq_accum when not null (zeroed: the fast
 // mode's f32 dQ accumulator, layout of q, which the fused kernel launched after this one adds
-// into; zeroing it here saves a separate memset pass, as FlashAttention-3's preprocess does). Layout-free: a row is a token (padded
-// [seqlen_q, batch] rows flattened, or packed tokens), out / dout [total_q, num_heads,
-// HEAD_DIM], lse / dpsum f32 [num_heads, total_q].
+// into; zeroing it here saves a separate memset pass, as FlashAttention-3's preprocess does).
+// Layout-free: a row is a token (padded [seqlen_q, batch] rows flattened, or packed tokens),
+// out / dout [total_q, num_heads, HEAD_DIM], lse / dpsum f32 [num_heads, total_q].
 //
 // `{{ key }}`: D[h, row] = sum_d dout * out (f32), the row term of dS = P o (dP - D). One warp
 //   per (row, head): grid (ceil(total_q / PRE_ROWS), num_heads), block PRE_ROWS * 32.

@@ -134,12 +134,7 @@ pub(crate) fn device_target(ctx: &Arc<cudarc::driver::CudaContext>) -> Result<Ta
 
 /// Whether `ATTN_DISABLE_SM90` asks to keep Hopper on the `prefill_*_sm80` kernels.
 pub fn sm90_disabled() -> bool {
-    env_flag("ATTN_DISABLE_SM90")
-}
-
-/// Whether the environment variable `name` is set to anything but empty or `0`.
-pub(crate) fn env_flag(name: &str) -> bool {
-    std::env::var(name).is_ok_and(|v| !v.is_empty() && v != "0")
+    std::env::var("ATTN_DISABLE_SM90").is_ok_and(|v| !v.is_empty() && v != "0")
 }
 
 /// A raw device pointer for a kernel argument (0 = null).
