@@ -8,8 +8,8 @@
 // The same schedule, launch, parameters and math as templates/backward_dqdkdv_sm80.cu (the
 // fast, non-deterministic mode: grid (ceil(max_seqlen_k / BLOCK_N), num_groups, batch); a block
 // owns one KV tile of one group and loops over every query head of the group and every query
-// tile that sees it; dQ added to the f32 `dq_accum` with atomics; `<key>_dq_convert` scales and
-// rounds it), with the products on wgmma and the transposed formulation of FlashAttention-3's
+// tile that sees it; dQ added to the f32 `dq_accum` with atomics, its columns permuted in
+// groups of 16 (step 6); `<key>_dq_convert` scales, un-permutes and rounds it), with the products on wgmma and the transposed formulation of FlashAttention-3's
 // backward, so that no product needs a register transpose:
 //   S^T  = K Q^T   : wgmma m64n{{ st_n }}k16, A = 64 rows of K, B = {% if p_smem %}this warpgroup's half of
 //                    the step's queries of {% endif %}Q, both from shared memory, K-major;
@@ -32,10 +32,11 @@
 //                    takes half the head-dim columns of all 64 queries; head dim 64 (128 queries
 //                    per step): each warpgroup takes 64 queries, every column.
 // Schedule ({{ stages }} in the tile): 2 = per step, S^T and dP^T in flight together, then dV and
-// dK issued together after dS^T; 3 (OVERLAP) = dV issued right after P^T, before the wait for
+// dK issued together after dS^T (and dQ); 3 (OVERLAP) = dV issued right after P^T, before the wait for
 // dP^T, so the exponentials run under dP^T's product (see step 3), dS^T from the f32 P while dV
 // runs; 4 (ANCHOR) = dV issued there too, then one wait for dP^T and dV, and dS^T from the
-// packed P as in 2 (the f32 P dies at the packing: fewer registers than 3).
+// packed P as in 2 (the f32 P dies at the packing: fewer registers than 3). In every schedule
+// dQ's product is issued before dK's (and, in 2, dV's), so that dQ's reductions run under them.
 // Q, dO (two buffers), K and V live in shared memory in wgmma's 128-byte-swizzled layout
 // (templates/prefill_sm90.cu), Q/dO/LSE/D by cp.async one step ahead.
 // Dynamic shared memory: SMEM_BYTES = (2 * BLOCK_N + 4 * BLOCK_M) * HEAD_DIM * 2 (K, V, two
@@ -104,6 +105,16 @@ static_assert(DQ_SPLIT_M ? BLOCK_M == 128 : (BLOCK_M == 64 && DQ_N * 2 == HEAD_D
 {{ ops::ss(name="wgmma_dq", acc="QN", n=dq_n, tiles=dq_tiles, dtype=dtype, trans_a=1, trans_b=1, pred=true) }}
 
 {% include "partials/backward_fused.cu" %}
+
+/// `*dst += (a, b, c, d)` with one 16-byte L2 reduction (`red.global.add.v4.f32`, sm_90),
+/// only if `ok` (a literal 1 drops the predicate).
+__device__ __forceinline__ void red_add4(float* dst, float a, float b, float c, float d, int ok) {
+    asm volatile(
+        "{\n.reg .pred p;\nsetp.ne.b32 p, %5, 0;\n"
+        "@p red.global.add.v4.f32 [%0], { %1, %2, %3, %4 };\n}\n" ::"l"(dst),
+        "f"(a), "f"(b), "f"(c), "f"(d), "r"(ok)
+        : "memory");
+}
 
 template <int N>
 __device__ __forceinline__ void fence_acc(float (&d)[N][4]) {
@@ -364,9 +375,8 @@ extern "C" __global__ void __launch_bounds__(THREADS, 1) {{ key }}(const BwdPara
 
 {%- if p_smem %}
         // 4. P^T and dS^T into shared memory (row = key, 16-byte chunk = 8 queries of this
-        // warpgroup's half, swizzled); once both halves are there, dV += P^T dO and
-        // dK += dS^T Q over this warpgroup's KV_N columns (A from shared memory, K-major;
-        // B's columns kv_col0 .. in 64-column panels BLOCK_M * 128 bytes apart), then dQ.
+        // warpgroup's half, swizzled); once both halves are there, dQ, then dV += P^T dO and
+        // dK += dS^T Q over this warpgroup's KV_N columns (step 5).
 #pragma unroll
         for (int ni = 0; ni < SN; ++ni) {
 #pragma unroll
@@ -379,10 +389,44 @@ extern "C" __global__ void __launch_bounds__(THREADS, 1) {{ key }}(const BwdPara
         }
         asm volatile("fence.proxy.async.shared::cta;\n" ::: "memory");
         __syncthreads();
+{%- else %}
+        // 4. dS^T into shared memory (row = key, 16-byte chunk = 8 queries, swizzled) for dQ,
+        // before da becomes the A operand of an MMA in flight (PTX: accessing those registers
+        // before the wait that covers the MMA is undefined).
+#pragma unroll
+        for (int kq = 0; kq < KQ; ++kq) {
+#pragma unroll
+            for (int hh = 0; hh < 2; ++hh) {
+                const int r = key_row0 + gq + 8 * hh;
+                *reinterpret_cast<unsigned*>(sdS + sw_off<BLOCK_N>(r, 2 * kq) + 4 * tq) = da[kq][hh];
+                *reinterpret_cast<unsigned*>(sdS + sw_off<BLOCK_N>(r, 2 * kq + 1) + 4 * tq) = da[kq][2 + hh];
+            }
+        }
+        asm volatile("fence.proxy.async.shared::cta;\n" ::: "memory");
+        __syncthreads();
+{%- endif %}
+
+        // 5. dQ_partial = dS K once both warpgroups' halves of dS^T are in shared memory, then
+        // {% if stages < 3 %}dV += P^T dO and {% endif %}dK += dS^T Q, a commit group of their own: the wait below is for dQ
+        // only, and their products run under dQ's reductions (step 6).
+        float dq[QN][4];
+        fence_acc(dq);
+        wgmma_fence();
+        const GmmaDesc desc_ds_mn = gmma_desc(dqa, BLOCK_N * 128, 1024), desc_k_mn = gmma_desc(dqb, BLOCK_N * 128, 1024);
+#pragma unroll
+        for (int kk = 0; kk < KN; ++kk)
+            wgmma_dq(dq, gmma_at(desc_ds_mn, (unsigned)(kk * 16 * 128)), gmma_at(desc_k_mn, (unsigned)(kk * 16 * 128)),
+                     kk > 0 ? 1 : 0);
+        wgmma_commit();
+{%- if stages < 3 %}
         fence_acc(dv);
+{%- endif %}
         fence_acc(dk);
         wgmma_fence();
+{%- if p_smem %}
         {
+            // A (P^T, dS^T) from shared memory, K-major; B's columns kv_col0 .. in 64-column
+            // panels BLOCK_M * 128 bytes apart.
             const unsigned panel = (unsigned)((kv_col0 / 64) * BLOCK_M * 128);
             const GmmaDesc desc_p = gmma_desc(sP_addr, 16, 1024), desc_ds = gmma_desc(sdS_addr, 16, 1024);
 #pragma unroll
@@ -393,27 +437,9 @@ extern "C" __global__ void __launch_bounds__(THREADS, 1) {{ key }}(const BwdPara
                 wgmma_kv_ss(dk, gmma_at(desc_ds, a_off), gmma_at(desc_q_mn, b_off));
             }
         }
-        wgmma_commit();
 {%- else %}
-        // 4. dS^T into shared memory (row = key, 16-byte chunk = 8 queries, swizzled) for dQ,
-        // before da becomes the A operand of an MMA in flight (PTX: accessing those registers
-        // before the wait that covers the MMA is undefined). Then {% if stages < 3 %}dV += P^T dO, {% endif %}dK += dS^T Q
-        // (queries kq * 16 .. of the step's Q / dO tiles; 64-column panels BLOCK_M * 128 bytes
-        // apart, 8-row groups 1024 bytes apart).
-#pragma unroll
-        for (int kq = 0; kq < KQ; ++kq) {
-#pragma unroll
-            for (int hh = 0; hh < 2; ++hh) {
-                const int r = key_row0 + gq + 8 * hh;
-                *reinterpret_cast<unsigned*>(sdS + sw_off<BLOCK_N>(r, 2 * kq) + 4 * tq) = da[kq][hh];
-                *reinterpret_cast<unsigned*>(sdS + sw_off<BLOCK_N>(r, 2 * kq + 1) + 4 * tq) = da[kq][2 + hh];
-            }
-        }
-{%- if stages < 3 %}
-        fence_acc(dv);
-{%- endif %}
-        fence_acc(dk);
-        wgmma_fence();
+        // A (P^T, dS^T) from registers; queries kq * 16 .. of the step's Q / dO tiles (64-column
+        // panels BLOCK_M * 128 bytes apart, 8-row groups 1024 bytes apart).
 {%- if stages < 3 %}
 #pragma unroll
         for (int kq = 0; kq < KQ; ++kq)
@@ -422,51 +448,44 @@ extern "C" __global__ void __launch_bounds__(THREADS, 1) {{ key }}(const BwdPara
 #pragma unroll
         for (int kq = 0; kq < KQ; ++kq)
             wgmma_kv(dk, da[kq], gmma_at(desc_q_mn, (unsigned)(kq * 16 * 128)));
-        wgmma_commit();
-
-        // 5. dQ_partial = dS K once both warpgroups' halves of dS^T are in shared memory.
-        asm volatile("fence.proxy.async.shared::cta;\n" ::: "memory");
-        __syncthreads();
 {%- endif %}
-        float dq[QN][4];
-        fence_acc(dq);
-        wgmma_fence();
-        const GmmaDesc desc_ds_mn = gmma_desc(dqa, BLOCK_N * 128, 1024), desc_k_mn = gmma_desc(dqb, BLOCK_N * 128, 1024);
-#pragma unroll
-        for (int kk = 0; kk < KN; ++kk)
-            wgmma_dq(dq, gmma_at(desc_ds_mn, (unsigned)(kk * 16 * 128)), gmma_at(desc_k_mn, (unsigned)(kk * 16 * 128)),
-                     kk > 0 ? 1 : 0);
         wgmma_commit();
-        wgmma_wait<0>();
+        wgmma_wait<1>();
         fence_acc(dq);
-        fence_acc(dv);
-        fence_acc(dk);
 
-        // 6. dQ_partial into dq_accum (rows past sq skipped), 16 bytes per reduction: a
-        // thread holds, per n8 tile qn, columns 2 * tq, 2 * tq + 1 of query rows gq and gq + 8
-        // (of its warp's 16); the lane pair (tq, tq ^ 1) trades halves so that the even lane
-        // adds 4 columns of row gq, the odd one 4 columns of row gq + 8 (half the L2
-        // reduction operations of two-column adds).
+        // 6. dQ_partial into dq_accum (rows past sq skipped), 16 bytes per reduction, no lane
+        // exchange: dq_accum's columns are permuted within each group of 16 (`dq_permuted` in
+        // partials/backward_fused.cu; `_dq_convert` puts them back) so that a thread's pair of
+        // columns 2 * tq, 2 * tq + 1 in n8 tiles qn and qn + 1 (one row) are 4 adjacent floats
+        // at 4 * tq. A thread holds, per tile, query rows gq and gq + 8 of its warp's 16.
+        // (Exchanging halves between lanes instead cost 2 shuffles and 4 selects per
+        // reduction: a third of the warps' stall samples at head dim 256, Nsight Compute.)
         {
-            const bool odd = tq & 1;
-            const int i = m0 + dq_row0 + (warp % 4) * 16 + gq + (odd ? 8 : 0);
-            float* row = p.dq_accum + ((q_tok0 + (long long)i * q_step) * num_heads + h) * HEAD_DIM + dq_col0 +
-                         2 * (tq & ~1);
+            const int i0 = m0 + dq_row0 + (warp % 4) * 16 + gq;
+            float* row0 = p.dq_accum + ((q_tok0 + (long long)i0 * q_step) * num_heads + h) * HEAD_DIM + dq_col0 + 4 * tq;
+            float* row1 = row0 + 8LL * q_step * num_heads * HEAD_DIM;
+            if (m0 + BLOCK_M <= sq) {
+                // Every row exists (a uniform branch): no predicate, which ptxas would turn
+                // into a branch around each reduction.
 #pragma unroll
-            for (int qn = 0; qn < QN; ++qn) {
-                const float s0 = __shfl_xor_sync(0xffffffffu, odd ? dq[qn][0] : dq[qn][2], 1);
-                const float s1 = __shfl_xor_sync(0xffffffffu, odd ? dq[qn][1] : dq[qn][3], 1);
-                const float4 v = odd ? make_float4(s0, s1, dq[qn][2], dq[qn][3])
-                                     : make_float4(dq[qn][0], dq[qn][1], s0, s1);
-                // Predicated inside the asm: a branch around each reduction costs three more
-                // instructions than the reduction itself.
-                asm volatile(
-                    "{\n.reg .pred p;\nsetp.ne.b32 p, %5, 0;\n"
-                    "@p red.global.add.v4.f32 [%0], { %1, %2, %3, %4 };\n}\n" ::"l"(row + qn * 8),
-                    "f"(v.x), "f"(v.y), "f"(v.z), "f"(v.w), "r"((int)(i < sq))
-                    : "memory");
+                for (int qn = 0; qn < QN; qn += 2) {
+                    red_add4(row0 + qn * 8, dq[qn][0], dq[qn][1], dq[qn + 1][0], dq[qn + 1][1], 1);
+                    red_add4(row1 + qn * 8, dq[qn][2], dq[qn][3], dq[qn + 1][2], dq[qn + 1][3], 1);
+                }
+            } else {
+                const int ok0 = i0 < sq, ok1 = i0 + 8 < sq;
+#pragma unroll
+                for (int qn = 0; qn < QN; qn += 2) {
+                    red_add4(row0 + qn * 8, dq[qn][0], dq[qn][1], dq[qn + 1][0], dq[qn + 1][1], ok0);
+                    red_add4(row1 + qn * 8, dq[qn][2], dq[qn][3], dq[qn + 1][2], dq[qn + 1][3], ok1);
+                }
             }
         }
+        // dV and dK done before the next step's loads overwrite this step's Q / dO buffer (and,
+        // schedules 3 and 4, before the next dV reads pa / dv).
+        wgmma_wait<0>();
+        fence_acc(dv);
+        fence_acc(dk);
     }
     cp_async_wait<0>();
 
@@ -489,4 +508,5 @@ extern "C" __global__ void __launch_bounds__(THREADS, 1) {{ key }}(const BwdPara
 }
 
 {% set fused_part = "convert" %}
+{% set dq_permuted = true %}
 {% include "partials/backward_fused.cu" %}

@@ -29,13 +29,22 @@ __device__ __forceinline__ float2 unpack2(unsigned v) {
 
 /// dq = softmax_scale * dq_accum, rounded to {{ dtype }}; grid-stride over
 /// `total_q * num_heads * HEAD_DIM` elements, two per thread.
+{%- if dq_permuted | default(value=false) %}
+/// dq_accum's columns are permuted within each group of 16 (templates/backward_dqdkdv_sm90.cu,
+/// step 6): its pair 2 * t + u (t < 4, u < 2) of a group holds dq's pair 4 * u + t.
+{%- endif %}
 extern "C" __global__ void __launch_bounds__(256) {{ key }}_dq_convert(const BwdParams p) {
     const long long n2 = (long long)p.total_q * p.num_heads * HEAD_DIM / 2;
     const float scale = p.softmax_scale;
     for (long long i = (long long)blockIdx.x * blockDim.x + threadIdx.x; i < n2;
          i += (long long)gridDim.x * blockDim.x) {
         const float2 a = reinterpret_cast<const float2*>(p.dq_accum)[i];
-        reinterpret_cast<unsigned*>(p.dq)[i] = pack2(a.x * scale, a.y * scale);
+{%- if dq_permuted | default(value=false) %}
+        const long long o = (i & ~7LL) | ((i & 1) << 2) | ((i >> 1) & 3);
+{%- else %}
+        const long long o = i;
+{%- endif %}
+        reinterpret_cast<unsigned*>(p.dq)[o] = pack2(a.x * scale, a.y * scale);
     }
 }
 {%- endif %}
