@@ -75,8 +75,8 @@ pub struct BackwardOptions {
     /// always deterministic. On CUDA `false` (the default) runs the fused attention backward,
     /// whose dQ is summed with f32 atomics (so dQ, and the input and `linear_qkv` gradients
     /// that follow from it, vary in the last bits from run to run); `true` runs the
-    /// deterministic kernel pair (about 1.1-1.5x the attention backward's time, see
-    /// BENCHMARKS.md).
+    /// deterministic kernel pair (1.7-2.5x the fast attention backward's time on an H200,
+    /// where the fast mode runs the Hopper kernel; see BENCHMARKS.md).
     pub deterministic: bool,
 }
 
