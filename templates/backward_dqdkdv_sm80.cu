@@ -15,7 +15,7 @@
 //   registers (warp tiles of the query x key grid), P and dS (rounded to {{ dtype }}) into
 //   shared memory, then dV += P^T dO and dK += dS^T Q (accumulated in registers over the whole
 //   loop, warp tiles of the key x head-dim grid) and dQ_partial = dS K (warp tiles of the
-//   query x head-dim grid) added to `dq_accum` (f32, layout of q, zero-filled by the host)
+//   query x head-dim grid) added to `dq_accum` (f32, layout of q, zeroed by the preprocess kernel)
 //   with f32 atomics: the order of those additions varies from run to run, so dQ (and only
 //   dQ) is not bitwise reproducible. dbias = dS is written directly (each element once).
 // `{{ key }}_dq_convert`: dq = softmax_scale * dq_accum, rounded to {{ dtype }}; grid-stride over

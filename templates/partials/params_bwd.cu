@@ -43,6 +43,7 @@ struct BwdParams {
     long long bias_stride_k;
     float* dbias;                  // f32 [batch, num_heads, seqlen_q, seqlen_k] dense gradient of
                                    // the bias (bias variants; zero-filled by the host), or null
-    float* dq_accum;               // f32, layout of q: dQ / softmax_scale summed by atomics (the
-                                   // fused backward_dqdkdv kernel; zero-filled by the host), or null
+    float* dq_accum;               // f32, q's rows x heads x head_dim: dQ / softmax_scale summed by
+                                   // atomics (the fused backward_dqdkdv kernel; _sm90: columns
+                                   // permuted in groups of 16; zeroed by the preprocess kernel), or null
 };

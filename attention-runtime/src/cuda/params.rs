@@ -190,8 +190,10 @@ kernel_params! {
         /// f32 `[batch, num_heads, seqlen_q, seqlen_k]` dense bias gradient (zero-filled by
         /// the host), or null.
         pub dbias: u64,
-        /// f32 dQ accumulator, layout of q, zero-filled by the host (the fused
-        /// `backward_dqdkdv` kernel adds `dS K` into it with atomics), or null.
+        /// f32 dQ accumulator, q's rows x heads x head_dim (the `_sm90` kernel permutes the
+        /// columns within each group of 16; its `_dq_convert` undoes it), zeroed by the
+        /// preprocess kernel (the fused `backward_dqdkdv` kernel adds `dS K` into it with
+        /// atomics), or null.
         pub dq_accum: u64,
     }
 }
