@@ -91,14 +91,8 @@ extern "C" __global__ void __launch_bounds__(THREADS, 1) {{ key }}(const BwdPara
         const long long q_base = ((q_tok0 + (long long)m0 * q_step) * num_heads + h) * HEAD_DIM;
         load_rows<BLOCK_M, THREADS, SROW>(sQ + buf * Q_ELEMS, p.q + q_base, q_row_stride, m_valid, tid);
         load_rows<BLOCK_M, THREADS, SROW>(sdO + buf * Q_ELEMS, p.dout + q_base, q_row_stride, m_valid, tid);
-        // LSE and D by cp.async as well (a plain load would stall its warp before the step's
-        // products); rows past the sequence read 0 (their P is masked in phase 1).
-        for (int r = tid; r < BLOCK_M; r += THREADS) {
-            const bool ok = r < m_valid;
-            const long long row = (long long)h * total_q + q_tok0 + (long long)(m0 + (ok ? r : 0)) * q_step;
-            cp_async4(smem_addr(sL + buf * BLOCK_M + r), p.lse + row, ok);
-            cp_async4(smem_addr(sD + buf * BLOCK_M + r), p.dpsum + row, ok);
-        }
+        load_lse_d<BLOCK_M, THREADS>(sL + buf * BLOCK_M, sD + buf * BLOCK_M, p.lse, p.dpsum, h, total_q, q_tok0,
+                                     q_step, m0, m_valid, tid);
     };
 
     load_rows<BLOCK_N, THREADS, SROW>(sK, p.k + kv_base, kv_row_stride, n_valid, tid);

@@ -1,6 +1,7 @@
 // ---------------------------------------------------------------------------------------
 // What the fused backward kernels (templates/backward_dqdkdv_sm80.cu, backward_dqdkdv_sm90.cu)
-// share: the 4-byte cp.async of the LSE and D rows and the unpacking of a {{ dtype }} pair;
+// share: the 4-byte cp.async of the LSE and D rows (`load_lse_d`) and the unpacking of a
+// {{ dtype }} pair;
 // included at the end with `fused_part` set to "convert", the `<key>_dq_convert` entry that
 // scales and rounds the f32 dq accumulator into dq. Needs partials/types.cu, params_bwd.cu
 // and pack.cu.
@@ -12,6 +13,23 @@
 __device__ __forceinline__ void cp_async4(unsigned dst, const void* src, bool valid) {
     const int n = valid ? 4 : 0;
     asm volatile("cp.async.ca.shared.global [%0], [%1], 4, %2;\n" ::"r"(dst), "l"(src), "r"(n));
+}
+
+/// LSE and D of the query rows m0 .. m0 + ROWS - 1 of head h into `sL` / `sD` (ROWS floats
+/// each) by 4-byte cp.async, NTHREADS threads from `tid`: both `[num_heads, total_q]`, query i
+/// of the sequence at row h * total_q + q_tok0 + i * q_step. Rows at or past `m_valid` read 0
+/// (the caller masks their P). Asynchronous, as the tiles: a plain load would stall its warp
+/// before the step's products.
+template <int ROWS, int NTHREADS>
+__device__ __forceinline__ void load_lse_d(float* sL, float* sD, const float* lse, const float* dpsum, int h,
+                                           long long total_q, long long q_tok0, long long q_step, int m0,
+                                           int m_valid, int tid) {
+    for (int r = tid; r < ROWS; r += NTHREADS) {
+        const bool ok = r < m_valid;
+        const long long row = (long long)h * total_q + q_tok0 + (long long)(m0 + (ok ? r : 0)) * q_step;
+        cp_async4(smem_addr(sL + r), lse + row, ok);
+        cp_async4(smem_addr(sD + r), dpsum + row, ok);
+    }
 }
 
 /// A packed pair of elem_t (`lo` in the low half) as two floats.
