@@ -9,7 +9,8 @@
 // fast, non-deterministic mode: grid (ceil(max_seqlen_k / BLOCK_N), num_groups, batch); a block
 // owns one KV tile of one group and loops over every query head of the group and every query
 // tile that sees it; dQ added to the f32 `dq_accum` with atomics, its columns permuted in
-// groups of 16 (step 6); `<key>_dq_convert` scales, un-permutes and rounds it), with the products on wgmma and the transposed formulation of FlashAttention-3's
+// groups of 16 (step 6); `<key>_dq_convert` scales, un-permutes and rounds it), with the
+// products on wgmma and the transposed formulation of FlashAttention-3's
 // backward, so that no product needs a register transpose:
 //   S^T  = K Q^T   : wgmma m64n{{ st_n }}k16, A = 64 rows of K, B = {% if p_smem %}this warpgroup's half of
 //                    the step's queries of {% endif %}Q, both from shared memory, K-major;
@@ -32,9 +33,9 @@
 //                    takes half the head-dim columns of all 64 queries; head dim 64 (128 queries
 //                    per step): each warpgroup takes 64 queries, every column.
 // Schedule ({{ stages }} in the tile): 2 = per step, S^T and dP^T in flight together, then dV and
-// dK issued together after dS^T (and dQ); 3 (OVERLAP) = dV issued right after P^T, before the wait for
-// dP^T, so the exponentials run under dP^T's product (see step 3), dS^T from the f32 P while dV
-// runs; 4 (ANCHOR) = dV issued there too, then one wait for dP^T and dV, and dS^T from the
+// dK issued together after dS^T (and dQ); 3 (OVERLAP) = dV issued right after P^T, before
+// the wait for dP^T, so the exponentials run under dP^T's product (see step 3), dS^T from the
+// f32 P while dV runs; 4 (ANCHOR) = dV issued there too, then one wait for dP^T and dV, and dS^T from the
 // packed P as in 2 (the f32 P dies at the packing: fewer registers than 3). In every schedule
 // dQ's product is issued before dK's (and, in 2, dV's), so that dQ's reductions run under them.
 // Q, dO (two buffers), K and V live in shared memory in wgmma's 128-byte-swizzled layout
@@ -459,22 +460,19 @@ extern "C" __global__ void __launch_bounds__(THREADS, 1) {{ key }}(const BwdPara
             const int i0 = m0 + dq_row0 + (warp % 4) * 16 + gq;
             float* row0 = p.dq_accum + ((q_tok0 + (long long)i0 * q_step) * num_heads + h) * HEAD_DIM + dq_col0 + 4 * tq;
             float* row1 = row0 + 8LL * q_step * num_heads * HEAD_DIM;
-            if (m0 + BLOCK_M <= sq) {
-                // Every row exists (a uniform branch): no predicate, which ptxas would turn
-                // into a branch around each reduction.
-#pragma unroll
-                for (int qn = 0; qn < QN; qn += 2) {
-                    red_add4(row0 + qn * 8, dq[qn][0], dq[qn][1], dq[qn + 1][0], dq[qn + 1][1], 1);
-                    red_add4(row1 + qn * 8, dq[qn][2], dq[qn][3], dq[qn + 1][2], dq[qn + 1][3], 1);
-                }
-            } else {
-                const int ok0 = i0 < sq, ok1 = i0 + 8 < sq;
+            auto reduce = [&](int ok0, int ok1) {
 #pragma unroll
                 for (int qn = 0; qn < QN; qn += 2) {
                     red_add4(row0 + qn * 8, dq[qn][0], dq[qn][1], dq[qn + 1][0], dq[qn + 1][1], ok0);
                     red_add4(row1 + qn * 8, dq[qn][2], dq[qn][3], dq[qn + 1][2], dq[qn + 1][3], ok1);
                 }
-            }
+            };
+            // Every row exists (a uniform branch): literal predicates, which the compiler
+            // drops (a runtime one ptxas turns into a branch around each reduction).
+            if (m0 + BLOCK_M <= sq)
+                reduce(1, 1);
+            else
+                reduce(i0 < sq, i0 + 8 < sq);
         }
         // dV and dK done before the next step's loads overwrite this step's Q / dO buffer (and,
         // schedules 3 and 4, before the next dV reads pa / dv).
