@@ -35,8 +35,12 @@
 // Loading, two schedules (the tile's warp count says which):
 // - WARPS == BLOCK_M / 16: every warp loads and the block synchronizes twice per tile.
 // - WARPS == BLOCK_M / 16 + 4 (warp specialization, WS): the last warpgroup is the producer.
-//   It drops to PRODUCER_REGS registers (`setmaxnreg`), copies Q and the K/V tiles by
-//   cp.async and signals each stage's `full` mbarrier with `cp.async.mbarrier.arrive.noinc`;
+//   It drops to PRODUCER_REGS registers (`setmaxnreg`). With TMA tensor maps (`TmaMaps`,
+//   padded input without a cache: `tma_maps.enabled`) one of its threads copies Q and each
+//   K/V tile as one TMA box per 64-column panel (`cp.async.bulk.tensor`, 128-byte swizzle,
+//   zeros past the tensor) completing on the stage's `full` mbarrier (expect_tx); otherwise
+//   (packed input, a static cache or a paged pool) its threads copy them by
+//   cp.async and signal each stage's `full` mbarrier with `cp.async.mbarrier.arrive.noinc`;
 //   the consumer warpgroups (raised to CONSUMER_REGS) wait on `full`, fence the async proxy,
 //   and when done with a stage arrive on its `empty` mbarrier (one arrival per warp), which
 //   the producer waits on before refilling it. No block-wide barrier in the main loop, so
@@ -63,10 +67,13 @@ constexpr int CONSUMER_THREADS = CONSUMER_WARPS * WARP_SIZE;
 // so one's softmax runs while the other's GEMMs do (FlashAttention-3's "ping-pong").
 constexpr bool PINGPONG = WS && CONSUMER_WARPS == 8;
 // setmaxnreg budgets of the WS schedule: PRODUCER_REGS * 128 + CONSUMER_REGS *
-// CONSUMER_THREADS <= 65536 (one block per SM); multiples of 8 in 24..256. ptxas allocates
+// CONSUMER_THREADS <= the block's allocation at launch, LAUNCH_REGS * THREADS (one block per
+// SM: 65536 / THREADS rounded down to a multiple of 8; a `setmaxnreg.inc` beyond what the
+// `dec`s released waits forever: a producer budget of 48 at head dim 256 hung the kernel on
+// an H200); multiples of 8 in 24..256. ptxas allocates
 // each side within its budget; these are the smallest producer budgets without spills
-// (NVRTC 13, every feature variant; head dim 256's O accumulator needs the larger consumer
-// budget). Three consumer warpgroups get 160 and spill (not a default tile).
+// (NVRTC 13, every feature variant, with both the TMA and the cp.async producer; head dim
+// 256's O accumulator needs the larger consumer budget, which leaves its producer 40). Three consumer warpgroups get 160 and spill (not a default tile).
 constexpr int PRODUCER_REGS = CONSUMER_WARPS >= 12 ? 24 : HEAD_DIM >= 256 ? 40 : 56;
 constexpr int CONSUMER_REGS =
     CONSUMER_WARPS >= 12 ? 160 : CONSUMER_WARPS >= 8 ? (HEAD_DIM >= 256 ? 232 : 224) : 240;
@@ -79,7 +86,9 @@ constexpr int Q_BYTES = BLOCK_M * HEAD_DIM * 2;
 constexpr int KV_BYTES = BLOCK_N * HEAD_DIM * 2;
 static_assert(CONSUMER_WARPS * 16 == BLOCK_M && CONSUMER_WARPS % 4 == 0, "one 64-row warpgroup per 4 warps");
 static_assert(WARPS == CONSUMER_WARPS || WARPS == CONSUMER_WARPS + 4, "at most one producer warpgroup");
-static_assert(!WS || PRODUCER_REGS * 128 + CONSUMER_REGS * CONSUMER_THREADS <= 65536, "register budget");
+constexpr int LAUNCH_REGS = 65536 / THREADS / 8 * 8;
+static_assert(!WS || PRODUCER_REGS * 128 + CONSUMER_REGS * CONSUMER_THREADS <= LAUNCH_REGS * THREADS,
+              "register budget");
 static_assert(HEAD_DIM % 64 == 0, "128-byte swizzle panels of 64 elements");
 static_assert(BLOCK_N % 16 == 0 && BLOCK_N <= 256, "wgmma N");
 static_assert(STAGES >= 2, "the K/V ring needs at least two stages");
@@ -139,6 +148,40 @@ __device__ __forceinline__ void mbar_wait(unsigned bar, unsigned parity) {
     } while (done == 0);
 }
 
+{%- if tma %}
+
+/// The TMA tensor maps of a launch (the host's `TmaMaps`, 128-byte `CUtensorMap`s made by
+/// `cuTensorMapEncodeTiled`): q, k and v as 4-d tensors [HEAD_DIM, heads (k, v: groups),
+/// slots, rows], the token of row i in slot s being i * slots + s (padded: slots = batch),
+/// 128-byte swizzle, boxes of 64 columns x 1 x 1 x BLOCK_M (q) or BLOCK_N (k, v) rows: one
+/// swizzled panel of a tile, exactly the layout `load_tile` writes; rows past the tensor read
+/// zeros. `enabled` 0: the launch has no maps (packed input), the producer copies by cp.async.
+struct alignas(64) TmaMaps {
+    unsigned long long q[16];
+    unsigned long long k[16];
+    unsigned long long v[16];
+    int enabled;
+};
+
+/// Arrives on `bar` and adds `bytes` to the transaction count its phase waits for.
+__device__ __forceinline__ void mbar_arrive_expect_tx(unsigned bar, unsigned bytes) {
+    asm volatile("{\n.reg .b64 st;\nmbarrier.arrive.expect_tx.shared::cta.b64 st, [%0], %1;\n}\n" ::"r"(bar),
+                 "r"(bytes)
+                 : "memory");
+}
+
+/// TMA: the box of `map` (a generic address of a `__grid_constant__` tensor map) at
+/// coordinates (c0, c1, c2, c3) into shared memory at `dst`; its bytes complete on `bar`.
+__device__ __forceinline__ void tma_load_4d(unsigned dst, const void* map, int c0, int c1, int c2, int c3,
+                                            unsigned bar) {
+    asm volatile(
+        "cp.async.bulk.tensor.4d.shared::cluster.global.mbarrier::complete_tx::bytes [%0], [%1, { %2, %3, %4, "
+        "%5 }], [%6];\n" ::"r"(dst),
+        "l"(map), "r"(c0), "r"(c1), "r"(c2), "r"(c3), "r"(bar)
+        : "memory");
+}
+{%- endif %}
+
 {% include "partials/pack.cu" %}
 
 {% include "partials/prefill_common.cu" %}
@@ -166,13 +209,21 @@ extern "C" __global__ void __launch_bounds__(THREADS, 1) {{ key }}(
     const unsigned bar_q = sV_addr + STAGES * KV_BYTES;
     const unsigned bar_full = bar_q + 8;
     const unsigned bar_empty = bar_full + 8 * STAGES;
+    // TMA (the warp-specialized tile with maps): one thread arrives on `full` with the bytes
+    // of the stage's boxes; else every loading thread arrives once its cp.async have landed.
+    // (Padded input only: the host gives packed input, static caches and paged pools no
+    // maps; checked here too, as a box would read rows of another sequence or cache slot.)
+    const bool use_tma = {% if tma %}tma_maps.enabled != 0 && cu_seqlens_q == nullptr && cache_seqlens_k == nullptr{% else %}false{% endif %};
     if (WS) {
         if (tid == 0) {
-            mbar_init(bar_q, LOADERS);
+            const unsigned arrivals = use_tma ? 1 : LOADERS;
+            mbar_init(bar_q, arrivals);
             for (int s = 0; s < STAGES; ++s) {
-                mbar_init(bar_full + 8 * s, LOADERS);
+                mbar_init(bar_full + 8 * s, arrivals);
                 mbar_init(bar_empty + 8 * s, CONSUMER_WARPS);
             }
+            // The initialized barriers visible to the async proxy (the TMA's completions).
+            asm volatile("fence.proxy.async.shared::cta;\n" ::: "memory");
         }
         __syncthreads();
     }
@@ -242,7 +293,43 @@ extern "C" __global__ void __launch_bounds__(THREADS, 1) {{ key }}(
     if (WS && warp >= CONSUMER_WARPS) {
         // Producer warpgroup: Q, then every K/V tile into its stage once the consumers have
         // released it (tile t's stage is released for tile t + STAGES).
+{%- if tma %}
+        // TMA: one thread issues every copy, one box per 64-column panel (coordinates column,
+        // head / group, slot, row of the maps' 4-d view; 32-bit: padded input, the maps' only
+        // user, has token slots below 65536). Q's boxes go before the register budget drops,
+        // so that its coordinates are not live in the producer's 40-56 registers.
+        if (use_tma && ltid == 0) {
+            mbar_arrive_expect_tx(bar_q, Q_BYTES);
+#pragma unroll
+            for (int pn = 0; pn < HEAD_DIM / 64; ++pn)
+                tma_load_4d(sQ_addr + pn * BLOCK_M * 128, tma_maps.q, pn * 64, h, (int)q_tok0 % (int)q_step,
+                            (int)q_tok0 / (int)q_step + m0, bar_q);
+        }
+        const int k_slot = (int)k_tok0 % (int)k_step, k_row0 = (int)k_tok0 / (int)k_step;
+        __syncwarp();  // setmaxnreg is .sync.aligned: the warp converged after lane 0's branch
+{%- endif %}
         asm volatile("setmaxnreg.dec.sync.aligned.u32 %0;\n" ::"n"(PRODUCER_REGS));
+{%- if tma %}
+        if (use_tma) {
+            if (ltid == 0) {
+                for (int t = 0; t < ntiles; ++t) {
+                    const int st = t % STAGES;
+                    if (t >= STAGES) mbar_wait(bar_empty + 8 * st, (unsigned)((t / STAGES - 1) & 1));
+                    const int row = k_row0 + (tile_lo + t) * BLOCK_N;
+                    const unsigned bar = bar_full + 8 * st;
+                    mbar_arrive_expect_tx(bar, 2 * KV_BYTES);
+#pragma unroll
+                    for (int pn = 0; pn < HEAD_DIM / 64; ++pn) {
+                        tma_load_4d(sK_addr + st * KV_BYTES + pn * BLOCK_N * 128, tma_maps.k, pn * 64, grp, k_slot,
+                                    row, bar);
+                        tma_load_4d(sV_addr + st * KV_BYTES + pn * BLOCK_N * 128, tma_maps.v, pn * 64, grp, k_slot,
+                                    row, bar);
+                    }
+                }
+            }
+            return;
+        }
+{%- endif %}
         load_tile<BLOCK_M, !WS>(sQ_addr, q + q_base, q_row_stride, m_valid, ltid);
         mbar_arrive_cp_async(bar_q);
         for (int t = 0; t < ntiles; ++t) {
@@ -291,7 +378,11 @@ extern "C" __global__ void __launch_bounds__(THREADS, 1) {{ key }}(
         if (WS) {
             // The producer's copies of this tile have landed; make them visible to wgmma.
             mbar_wait(bar_full + 8 * stage, (unsigned)((t / STAGES) & 1));
-            asm volatile("fence.proxy.async.shared::cta;\n" ::: "memory");
+            // cp.async wrote through the generic proxy: make it visible to wgmma (TMA writes
+            // in the async proxy already).
+            // (Parameters, not a register: the hd256 consumers have none to spare.)
+            if ({% if tma %}tma_maps.enabled == 0 || cu_seqlens_q != nullptr || cache_seqlens_k != nullptr{% else %}true{% endif %})
+                asm volatile("fence.proxy.async.shared::cta;\n" ::: "memory");
         } else {
             cp_async_wait<STAGES - 2>();
             asm volatile("fence.proxy.async.shared::cta;\n" ::: "memory");

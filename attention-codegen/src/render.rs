@@ -1367,6 +1367,12 @@ impl KernelConfig {
         c.insert("block_n", &tile.block_n);
         c.insert("warps", &tile.warps);
         c.insert("stages", &tile.stages);
+        // PrefillSm90's warp-specialized tile without a paged pool takes TMA tensor maps
+        // (templates/prefill_sm90.cu, "Loading").
+        c.insert(
+            "tma",
+            &(self.phase == Phase::PrefillSm90 && tile.producer_sm90() && !self.paged_kv),
+        );
         // n8 tiles of the wgmma accumulators (prefill_sm90.cu's operand lists).
         c.insert("s_tiles", &(tile.block_n / 8));
         c.insert("o_tiles", &(self.head_dim / 8));

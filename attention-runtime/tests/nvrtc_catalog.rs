@@ -8,7 +8,7 @@
 use attention_codegen::catalog::catalog_kernels;
 use attention_codegen::render::{KernelConfig, Phase};
 use attention_codegen::DType;
-use attention_runtime::cuda::params::param_layout;
+use attention_runtime::cuda::params::{fwd_tma_param_layout, param_layout};
 use attention_runtime::jit::{
     compile_cubin, compile_with_log, cubin_params, nvrtc_available, nvrtc_version, JitError,
 };
@@ -346,7 +346,7 @@ fn decode_kernels_use_no_local_memory() {
     let mut checked = 0;
     for k in kernels {
         let entries = [k.key.clone(), format!("{}_combine", k.key)];
-        checked += check_no_spills_sm90a(&k.key, &k.source, &entries, &mut failures);
+        checked += check_no_spills_sm90a(&k.key, &k.source, &entries, None, &mut failures);
     }
     assert!(checked >= 2, "no decode_splitkv kernel in the catalog");
     assert!(failures.is_empty(), "{}", failures.join("\n"));
@@ -356,7 +356,8 @@ fn decode_kernels_use_no_local_memory() {
 /// warpgroup, mbarriers, `setmaxnreg`, the two-warpgroup ping-pong) compiles for sm_90a at
 /// every head dim it takes, plain and with every feature (mask tensor, bias, window, sinks,
 /// gate) and paged, without local memory (the `setmaxnreg` budgets of templates/prefill_sm90.cu
-/// are sized for that).
+/// are sized for that), and takes the parameters the host launches it with (`FwdTmaParams`
+/// without a paged pool: TMA maps after the fields).
 #[test]
 fn warp_specialized_sm90_tiles_compile() {
     use attention_codegen::render::PrefillTile;
@@ -385,10 +386,23 @@ fn warp_specialized_sm90_tiles_compile() {
             }
             let k = c.render().unwrap();
             assert!(k.source.contains("setmaxnreg"), "{}", k.key);
+            // Without a paged pool the kernel takes TMA maps after FwdParams' fields.
+            assert_eq!(
+                k.source.contains("TmaMaps tma_maps"),
+                !c.paged_kv,
+                "{}",
+                k.key
+            );
+            let params = if c.paged_kv {
+                param_layout(c.phase, true).unwrap()
+            } else {
+                fwd_tma_param_layout()
+            };
             check_no_spills_sm90a(
                 &k.key,
                 &k.source,
                 std::slice::from_ref(&k.key),
+                Some(&params),
                 &mut failures,
             );
         }
@@ -397,16 +411,32 @@ fn warp_specialized_sm90_tiles_compile() {
 }
 
 /// Compile `source` (kernel `key`) for sm_90a and check each of `entries` in ptxas's resource
-/// report: printed, and a failure pushed for any spill or a missing report line. Returns the
-/// entries checked.
+/// report: printed, and a failure pushed for any spill or a missing report line; with
+/// `params`, also for an entry whose compiled parameter table (offset, size) differs. Returns
+/// the entries checked.
 fn check_no_spills_sm90a(
     key: &str,
     source: &str,
     entries: &[String],
+    params: Option<&[(usize, usize)]>,
     failures: &mut Vec<String>,
 ) -> usize {
     use attention_runtime::jit::{compile_with_ptxas_info, PtxasUsage};
     let compiled = compile_with_ptxas_info(key, source, "sm_90a").expect("compiles");
+    if let Some(want) = params {
+        for e in entries {
+            let got: Vec<(usize, usize)> = cubin_params(&compiled.cubin, e)
+                .unwrap_or_default()
+                .iter()
+                .map(|p| (p.offset as usize, p.size as usize))
+                .collect();
+            if got != want {
+                failures.push(format!(
+                    "{e}: parameters (offset, size) {got:?}, the host launches {want:?}"
+                ));
+            }
+        }
+    }
     let usage = PtxasUsage::parse(&compiled.log);
     let mut checked = 0;
     for e in entries {

@@ -2,7 +2,8 @@
 // The tensor-core prefill kernels' (prefill_sm80.cu, prefill_sm90.cu) positional parameters,
 // the fields of `FwdParams` (partials/params.cu) in its order, then the opening of the body
 // with the casts of the mask-tensor and bias arguments the variant ignores. Included right
-// after the kernel's `{{ key }}(`.
+// after the kernel's `{{ key }}(`. With `tma` (prefill_sm90.cu's warp-specialized tile), a
+// `TmaMaps` parameter follows the fields (`FwdTmaParams` on the host).
 // ---------------------------------------------------------------------------------------
     const elem_t* __restrict__ q,
     const elem_t* __restrict__ k,
@@ -38,7 +39,12 @@
     int cache_max_batch,
     const int* __restrict__ block_table,
     int block_size,
-    int max_blocks_per_seq)
+    int max_blocks_per_seq{% if tma | default(value=false) %},
+    // After FwdParams' fields: the TMA tensor maps (prefill_sm90.cu's warp-specialized tile).
+    // NVRTC places this 64-byte-aligned struct at byte 240 of the parameter buffer, 64-byte
+    // aligned in the constant bank where sm_90's parameters start (0x210): the host's
+    // `FwdTmaParams`, held to it by tests/nvrtc_catalog.rs.
+    const __grid_constant__ TmaMaps tma_maps{% endif %})
 {
 {%- if not mask_tensor %}
     (void)mask; (void)mask_stride_b; (void)mask_stride_h; (void)mask_stride_q; (void)mask_stride_k;

@@ -5,7 +5,7 @@
 //! - [`launch`]: the per-device kernel cache (render -> NVRTC CUBIN for the exact arch ->
 //!   module) and launch helpers whose errors name the kernel key.
 //! - [`params`]: the kernel families' typed parameter structs ([`params::FwdParams`]) and
-//!   their launch.
+//!   their launch; [`tma`]: the TMA tensor maps of the warp-specialized Hopper prefill tile.
 //! - [`layer`]: [`CudaLayer`], any [`AttentionLayer`](crate::AttentionLayer) on the GPU.
 //! - [`cross_cache`]: [`DeviceCrossKvCache`], cross-attention's cached encoder context.
 //! - [`train_ops`]: the layer backward's kernels around the attention backward
@@ -30,6 +30,7 @@ pub mod linear;
 pub mod params;
 pub mod prefill_sm80;
 pub mod tensor;
+pub mod tma;
 pub mod train_ops;
 pub mod wrap;
 

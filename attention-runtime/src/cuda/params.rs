@@ -198,6 +198,55 @@ kernel_params! {
     }
 }
 
+/// The TMA tensor maps of a warp-specialized `prefill_*_sm90` launch (the CUDA declaration is
+/// `TmaMaps` in `templates/prefill_sm90.cu`, `alignas(64)`, 448 bytes): `CUtensorMap`s
+/// (128 bytes each) made by `cuTensorMapEncodeTiled` for q, k and v, and `enabled` (0: no
+/// maps, the kernel's producer copies by cp.async). See [`FwdTmaParams`].
+#[repr(C)]
+#[derive(Debug, Clone, Copy, Default, PartialEq)]
+pub struct TmaMaps {
+    /// q's map: `[head_dim, num_heads, batch, seqlen_q]`, boxes of 64 x 1 x 1 x `block_m`.
+    pub q: [u64; 16],
+    /// k's map: `[head_dim, num_groups, batch, seqlen_k]`, boxes of 64 x 1 x 1 x `block_n`.
+    pub k: [u64; 16],
+    /// v's map, as k's.
+    pub v: [u64; 16],
+    /// Nonzero: the maps are valid and the kernel loads by TMA.
+    pub enabled: i32,
+    /// The CUDA struct's tail padding (to a multiple of its 64-byte alignment).
+    pub tail: [i32; 15],
+}
+
+kernel_params! {
+    /// Parameter buffer of the warp-specialized `prefill_*_sm90` tile without a paged pool
+    /// (`PrefillTile::producer_sm90`): [`FwdParams`]' fields (positional, as every
+    /// `prefill_sm80` / `prefill_sm90` kernel), then one `__grid_constant__ TmaMaps`, which
+    /// NVRTC (sm_90a) places at byte 240: 64-byte aligned in the constant bank, where sm_90's
+    /// parameters start at 0x210 (a tensor map's address must be 64-byte aligned).
+    pub struct FwdTmaParams {
+        /// The attention family's fields (232 bytes).
+        pub fwd: FwdParams,
+        /// Up to byte 240.
+        pub pad: u64,
+        /// The tensor maps.
+        pub maps: TmaMaps,
+    }
+}
+
+/// (byte offset, byte size) of each parameter of a kernel launched with [`FwdTmaParams`]:
+/// [`FwdParams`]' fields, then the maps.
+pub fn fwd_tma_param_layout() -> Vec<(usize, usize)> {
+    let mut v: Vec<(usize, usize)> = cuda_fields::<FwdParams>()
+        .into_iter()
+        .map(|(_, off, size)| (off, size))
+        .collect();
+    v.push((
+        std::mem::offset_of!(FwdTmaParams, maps),
+        std::mem::size_of::<TmaMaps>(),
+    ));
+    v
+}
+
 /// The fields of `P` as the CUDA declaration names them: (name, byte offset, byte size), a
 /// stride array `x_strides: [i64; 4]` as its four scalars `x_stride_b/h/q/k`.
 pub fn cuda_fields<P: KernelParams>() -> Vec<(String, usize, usize)> {

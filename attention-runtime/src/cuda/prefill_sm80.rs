@@ -27,7 +27,7 @@ use cudarc::driver::{
 };
 use cudarc::nvrtc::Ptx;
 
-use crate::cuda::params::FwdParams;
+use crate::cuda::params::{FwdParams, FwdTmaParams, TmaMaps};
 use crate::error::{AttnError, Result};
 
 /// A loaded `prefill_*_sm80` kernel.
@@ -242,6 +242,26 @@ impl PrefillSm80Kernel {
         let key = config.key();
         let tile = config.prefill_tile();
         let smem_bytes = config.prefill_smem_bytes();
+        if config.phase == Phase::PrefillSm90 && tile.producer_sm90() && !config.paged_kv {
+            // The launch writes the TMA maps at FwdTmaParams' offset: the compiled kernel must
+            // read them there (NVRTC places them; a mismatch would silently read `enabled`
+            // from the wrong bytes).
+            let want = crate::cuda::params::fwd_tma_param_layout();
+            let got: Option<Vec<(usize, usize)>> =
+                crate::jit::cubin_params(&cubin, &key).map(|ps| {
+                    ps.iter()
+                        .map(|p| (p.offset as usize, p.size as usize))
+                        .collect()
+                });
+            if got.as_ref() != Some(&want) {
+                return Err(AttnError::Cuda {
+                    call: format!("parameter table of {key}"),
+                    msg: format!(
+                        "the kernel takes (offset, size) {got:?}, the host launches {want:?}"
+                    ),
+                });
+            }
+        }
         let module = ctx
             .load_module(Ptx::from_binary(cubin))
             .map_err(|e| AttnError::Cuda {
@@ -294,6 +314,14 @@ impl PrefillSm80Kernel {
     /// The tile the kernel was rendered with.
     pub fn tile(&self) -> PrefillTile {
         self.tile
+    }
+
+    /// Whether the kernel takes TMA tensor maps after its fields ([`FwdTmaParams`]): the
+    /// warp-specialized `prefill_*_sm90` tile without a paged pool.
+    pub fn takes_tma_maps(&self) -> bool {
+        self.config.phase == Phase::PrefillSm90
+            && self.tile.producer_sm90()
+            && !self.config.paged_kv
     }
 
     /// Dynamic shared memory per block, bytes.
@@ -532,14 +560,44 @@ impl PrefillSm80Kernel {
         };
         let cfg =
             crate::cuda::params::fwd_launch_config(&self.config, grid_q, a.num_heads, a.batch);
-        // SAFETY: FwdParams is the prefill_sm80 parameter layout (tests/nvrtc_params_layout.rs);
-        // every buffer was checked above to hold the elements the kernel indexes for these
-        // dims (mask / bias: the largest strided offset over their extent).
-        unsafe { crate::cuda::params::launch(stream, &self.func, cfg, &params) }.map_err(|e| {
-            AttnError::KernelLaunch {
-                key: self.key.clone(),
-                msg: e.to_string(),
-            }
+        let launched = if self.takes_tma_maps() {
+            // The warp-specialized Hopper tile: TMA maps for padded input (packed input
+            // leaves them off and the kernel copies by cp.async: a box would run into the
+            // next sequence's rows).
+            let maps = match a.layout {
+                PrefillLayout::Padded { seqlen_q, seqlen_k } => {
+                    crate::cuda::tma::padded_prefill_maps(
+                        self.config.dtype,
+                        (q_ptr, k_ptr, v_ptr),
+                        hd,
+                        a.num_heads,
+                        a.num_groups,
+                        a.batch,
+                        (seqlen_q, seqlen_k),
+                        (self.tile.block_m, self.tile.block_n),
+                    )?
+                }
+                PrefillLayout::Packed { .. } => TmaMaps::default(),
+            };
+            let p = FwdTmaParams {
+                fwd: params,
+                pad: 0,
+                maps,
+            };
+            // SAFETY: FwdTmaParams is this kernel's parameter layout (FwdParams' fields, then
+            // the maps: tests/nvrtc_catalog.rs); the buffers were checked above, and each
+            // map covers exactly its tensor's checked extent.
+            unsafe { crate::cuda::params::launch(stream, &self.func, cfg, &p) }
+        } else {
+            // SAFETY: FwdParams is the prefill_sm80 parameter layout
+            // (tests/nvrtc_params_layout.rs); every buffer was checked above to hold the
+            // elements the kernel indexes for these dims (mask / bias: the largest strided
+            // offset over their extent).
+            unsafe { crate::cuda::params::launch(stream, &self.func, cfg, &params) }
+        };
+        launched.map_err(|e| AttnError::KernelLaunch {
+            key: self.key.clone(),
+            msg: e.to_string(),
         })?;
         Ok(())
     }
