@@ -29,6 +29,7 @@ use super::linear::{linear_kv, linear_proj_into, linear_q, linear_qkv_into, Devi
 use super::params::{
     fwd_launch_config, launch as launch_params, AppendParams, FwdParams, PrepParams,
 };
+use super::prefill_sm80::launch_prefill;
 use super::tensor::{upload, DeviceElem, DeviceTensor, ElemType};
 use super::CudaRuntime;
 use super::DeviceStaticKvCache;

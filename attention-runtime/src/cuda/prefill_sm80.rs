@@ -27,7 +27,7 @@ use cudarc::driver::{
 };
 use cudarc::nvrtc::Ptx;
 
-use crate::cuda::params::{FwdParams, FwdTmaParams, TmaMaps};
+use crate::cuda::params::{FwdParams, FwdTmaParams};
 use crate::error::{AttnError, Result};
 
 /// A loaded `prefill_*_sm80` kernel.
@@ -316,12 +316,10 @@ impl PrefillSm80Kernel {
         self.tile
     }
 
-    /// Whether the kernel takes TMA tensor maps after its fields ([`FwdTmaParams`]): the
-    /// warp-specialized `prefill_*_sm90` tile without a paged pool.
+    /// Whether the kernel takes TMA tensor maps after its fields ([`FwdTmaParams`]): see
+    /// [`takes_tma_maps`].
     pub fn takes_tma_maps(&self) -> bool {
-        self.config.phase == Phase::PrefillSm90
-            && self.tile.producer_sm90()
-            && !self.config.paged_kv
+        takes_tma_maps(&self.config)
     }
 
     /// Dynamic shared memory per block, bytes.
@@ -560,45 +558,82 @@ impl PrefillSm80Kernel {
         };
         let cfg =
             crate::cuda::params::fwd_launch_config(&self.config, grid_q, a.num_heads, a.batch);
-        let launched = if self.takes_tma_maps() {
-            // The warp-specialized Hopper tile: TMA maps for padded input (packed input
-            // leaves them off and the kernel copies by cp.async: a box would run into the
-            // next sequence's rows).
-            let maps = match a.layout {
-                PrefillLayout::Padded { seqlen_q, seqlen_k } => {
-                    crate::cuda::tma::padded_prefill_maps(
-                        self.config.dtype,
-                        (q_ptr, k_ptr, v_ptr),
-                        hd,
-                        a.num_heads,
-                        a.num_groups,
-                        a.batch,
-                        (seqlen_q, seqlen_k),
-                        (self.tile.block_m, self.tile.block_n),
-                    )?
-                }
-                PrefillLayout::Packed { .. } => TmaMaps::default(),
-            };
-            let p = FwdTmaParams {
-                fwd: params,
-                pad: 0,
-                maps,
-            };
-            // SAFETY: FwdTmaParams is this kernel's parameter layout (FwdParams' fields, then
-            // the maps: tests/nvrtc_catalog.rs); the buffers were checked above, and each
-            // map covers exactly its tensor's checked extent.
-            unsafe { crate::cuda::params::launch(stream, &self.func, cfg, &p) }
-        } else {
-            // SAFETY: FwdParams is the prefill_sm80 parameter layout
-            // (tests/nvrtc_params_layout.rs); every buffer was checked above to hold the
-            // elements the kernel indexes for these dims (mask / bias: the largest strided
-            // offset over their extent).
-            unsafe { crate::cuda::params::launch(stream, &self.func, cfg, &params) }
-        };
-        launched.map_err(|e| AttnError::KernelLaunch {
-            key: self.key.clone(),
-            msg: e.to_string(),
-        })?;
-        Ok(())
+        // SAFETY: FwdParams is this family's parameter layout (tests/nvrtc_params_layout.rs;
+        // the warp-specialized tile's FwdTmaParams: tests/nvrtc_catalog.rs); every buffer was
+        // checked above to hold the elements the kernel indexes for these dims (mask / bias:
+        // the largest strided offset over their extent), q rows_q and k / v rows_k tokens.
+        unsafe {
+            launch_prefill(
+                stream,
+                &self.func,
+                &self.key,
+                &self.config,
+                cfg,
+                &params,
+                (rows_q, rows_k),
+            )
+        }
     }
+}
+
+/// Whether a kernel compiled for `config` takes TMA tensor maps after [`FwdParams`]' fields
+/// ([`FwdTmaParams`]): the warp-specialized `prefill_*_sm90` tile
+/// ([`PrefillTile::producer_sm90`]) without a paged pool.
+pub fn takes_tma_maps(config: &KernelConfig) -> bool {
+    config.phase == Phase::PrefillSm90 && config.prefill_tile().producer_sm90() && !config.paged_kv
+}
+
+/// Queue one kernel of the forward family (`prefill_*_sm80`, `prefill_*_sm90`,
+/// `prefill_rows_*`, `decode_rows_*`: every kernel whose parameters are [`FwdParams`]),
+/// `func` compiled for `config`, on `stream`. A kernel that [`takes_tma_maps`] gets
+/// [`FwdTmaParams`]: `params` plus the TMA maps of its q, k and v
+/// ([`crate::cuda::tma::prefill_maps`]; `tokens` are the token rows of the q tensor and of
+/// the k / v tensors, `[tokens, heads, head_dim]`, a static cache layer's `max_seq *
+/// max_batch`); every other kernel gets `params` alone. This is the only launch path of the
+/// family, so no kernel can be handed a parameter buffer of the other shape.
+///
+/// # Errors
+/// [`AttnError::Cuda`] when the driver refuses a tensor map; [`AttnError::KernelLaunch`]
+/// (naming `key`) when the launch fails.
+///
+/// # Safety
+/// As [`crate::cuda::params::launch`]: `config` is the kernel's own config, and `params`
+/// points at live device buffers holding what the kernel indexes under `cfg`; the q and k / v
+/// tensors hold at least `tokens` rows from `params.q` and from `params.k` / `params.v`.
+pub unsafe fn launch_prefill(
+    stream: &Arc<CudaStream>,
+    func: &CudaFunction,
+    key: &str,
+    config: &KernelConfig,
+    cfg: cudarc::driver::LaunchConfig,
+    params: &FwdParams,
+    tokens: (usize, usize),
+) -> Result<()> {
+    let launched = if takes_tma_maps(config) {
+        let tile = config.prefill_tile();
+        let maps = crate::cuda::tma::prefill_maps(
+            config.dtype,
+            params,
+            config.head_dim,
+            (tile.block_m, tile.block_n),
+            tokens,
+        )?;
+        let p = FwdTmaParams {
+            fwd: *params,
+            pad: 0,
+            maps,
+        };
+        // SAFETY: FwdTmaParams is this kernel's parameter layout (FwdParams' fields, then the
+        // maps: tests/nvrtc_catalog.rs, checked again when the CUBIN is loaded); the caller
+        // vouches for the buffers, and each map covers at most the tokens it was given.
+        unsafe { crate::cuda::params::launch(stream, func, cfg, &p) }
+    } else {
+        // SAFETY: FwdParams is the parameter layout of this family's other kernels
+        // (tests/nvrtc_params_layout.rs); the caller vouches for the buffers.
+        unsafe { crate::cuda::params::launch(stream, func, cfg, params) }
+    };
+    launched.map_err(|e| AttnError::KernelLaunch {
+        key: key.to_string(),
+        msg: e.to_string(),
+    })
 }

@@ -2,38 +2,49 @@
 //! prefill tile (`templates/prefill_sm90.cu`, "Loading"), whose producer copies Q and each
 //! K/V tile as one box per 64-column panel with `cp.async.bulk.tensor`.
 //!
-//! A padded `[seqlen, batch, heads, head_dim]` tensor is viewed as the 4-d tensor
-//! `[head_dim, heads, batch, seqlen]` (innermost first; element strides 1, `head_dim`,
-//! `heads * head_dim`, `batch * heads * head_dim`), box `[64, 1, 1, rows]` with the 128-byte
-//! swizzle: one box is one 128-byte-swizzled panel of `rows` rows, the layout the kernels'
-//! `load_tile` writes and `wgmma` reads. Rows past `seqlen` read zeros. Source of the encoding
-//! rules (16-byte aligned address and strides, box dims <= 256, inner box <= 128 bytes under
-//! the 128-byte swizzle): CUDA Driver API, `cuTensorMapEncodeTiled`.
+//! Every non-paged layout of the prefill family is a 4-d tensor `[head_dim, heads, slots,
+//! rows]` (innermost first; element strides 1, `head_dim`, `heads * head_dim`, `slots * heads
+//! * head_dim`), the token of row i in slot s being `i * slots + s`: padded `[seqlen, batch,
+//! heads, head_dim]` has `slots = batch`, packed `[total, heads, head_dim]` has `slots = 1`,
+//! and a static cache layer `[max_seq, max_batch, groups, head_dim]` has `slots = max_batch`.
+//! A box `[64, 1, 1, rows]` with the 128-byte swizzle is one 128-byte-swizzled panel of `rows`
+//! rows, the layout the kernels' `load_tile` writes and `wgmma` reads; rows past the tensor
+//! read zeros. Source of the encoding rules (16-byte aligned address and strides, box dims <=
+//! 256, inner box <= 128 bytes under the 128-byte swizzle, dims < 2^32): CUDA Driver API,
+//! `cuTensorMapEncodeTiled`.
 
 use std::ffi::c_void;
 
 use attention_codegen::DType;
 use cudarc::driver::sys;
 
-use crate::cuda::params::TmaMaps;
+use crate::cuda::params::{FwdParams, TmaMaps};
 use crate::error::{AttnError, Result};
 
-/// One padded tensor's map: `ptr` the device address of `[seqlen, batch, heads, head_dim]`
-/// elements of `dtype` (2 bytes), boxes of 64 columns x `rows` rows. `None` when the driver
-/// cannot map it as given (an address not 16-byte aligned): the caller then leaves TMA off.
+/// One tensor's map: `ptr` the device address of `[seqlen, slots, heads, head_dim]` elements
+/// of `dtype` (2 bytes), boxes of 64 columns x `rows` rows. `None` when it cannot be mapped
+/// as given (an address not 16-byte aligned, 2^31 rows or more: the kernel's coordinates are
+/// 32-bit): the caller then leaves TMA off.
 ///
 /// # Errors
 /// [`AttnError::Cuda`] when the driver refuses arguments that passed these checks.
-fn padded_map(
+fn tensor_map(
     dtype: DType,
     ptr: u64,
     head_dim: usize,
     heads: usize,
-    batch: usize,
+    slots: usize,
     seqlen: usize,
     rows: usize,
 ) -> Result<Option<[u64; 16]>> {
-    if !ptr.is_multiple_of(16) || seqlen == 0 || !head_dim.is_multiple_of(64) || rows > 256 {
+    if !ptr.is_multiple_of(16)
+        || seqlen == 0
+        || slots == 0
+        || seqlen >= 1 << 31
+        || slots >= 1 << 31
+        || !head_dim.is_multiple_of(64)
+        || rows > 256
+    {
         return Ok(None);
     }
     let elem = 2u64;
@@ -41,12 +52,12 @@ fn padded_map(
         DType::Bf16 => sys::CUtensorMapDataType::CU_TENSOR_MAP_DATA_TYPE_BFLOAT16,
         DType::F16 => sys::CUtensorMapDataType::CU_TENSOR_MAP_DATA_TYPE_FLOAT16,
     };
-    let dims: [u64; 4] = [head_dim as u64, heads as u64, batch as u64, seqlen as u64];
+    let dims: [u64; 4] = [head_dim as u64, heads as u64, slots as u64, seqlen as u64];
     // Byte strides of dims 1..3 (dim 0 is contiguous).
     let strides: [u64; 3] = [
         head_dim as u64 * elem,
         (heads * head_dim) as u64 * elem,
-        (batch * heads * head_dim) as u64 * elem,
+        (slots * heads * head_dim) as u64 * elem,
     ];
     let boxes: [u32; 4] = [64, 1, 1, rows as u32];
     let elem_strides: [u32; 4] = [1; 4];
@@ -82,27 +93,42 @@ fn padded_map(
     Ok(Some(unsafe { map.assume_init() }.opaque))
 }
 
-/// The maps of one padded prefill launch: q `[seqlen_q, batch, num_heads, head_dim]` in
-/// boxes of `block_m` rows, k and v `[seqlen_k, batch, num_groups, head_dim]` in boxes of
-/// `block_n` rows. `enabled` is 0 (the kernel copies by cp.async) when some tensor cannot be
-/// mapped (see `padded_map`).
+/// The maps of one non-paged prefill launch described by `p` (its mode from which pointers
+/// are set: packed when `cu_seqlens_q` is, a static cache when `cache_seqlens_k` is, else
+/// padded): q in boxes of `block_m` rows, k and v in boxes of `block_n` rows. `tokens` are
+/// the token rows of the q tensor and of the k / v tensors (`[tokens, heads, head_dim]`; a
+/// static cache: `max_seq * max_batch`). `enabled` is 0 (the kernel copies by cp.async) for a
+/// paged pool or when some tensor cannot be mapped (see `tensor_map`).
 ///
 /// # Errors
 /// [`AttnError::Cuda`] when the driver refuses a map.
-#[allow(clippy::too_many_arguments)]
-pub fn padded_prefill_maps(
+pub fn prefill_maps(
     dtype: DType,
-    (q, k, v): (u64, u64, u64),
+    p: &FwdParams,
     head_dim: usize,
-    num_heads: usize,
-    num_groups: usize,
-    batch: usize,
-    (seqlen_q, seqlen_k): (usize, usize),
     (block_m, block_n): (usize, usize),
+    (q_tokens, kv_tokens): (usize, usize),
 ) -> Result<TmaMaps> {
-    let qm = padded_map(dtype, q, head_dim, num_heads, batch, seqlen_q, block_m)?;
-    let km = padded_map(dtype, k, head_dim, num_groups, batch, seqlen_k, block_n)?;
-    let vm = padded_map(dtype, v, head_dim, num_groups, batch, seqlen_k, block_n)?;
+    let batch = p.batch.max(0) as usize;
+    if p.block_table != 0 || batch == 0 {
+        return Ok(TmaMaps::default());
+    }
+    // (slots, rows) of q's and of k/v's views.
+    let (q_view, kv_view) = if p.cu_seqlens_q != 0 {
+        ((1, q_tokens), (1, kv_tokens))
+    } else {
+        let q = (batch, q_tokens / batch);
+        if p.cache_seqlens_k != 0 {
+            let slots = p.cache_max_batch.max(0) as usize;
+            (q, (slots, kv_tokens.checked_div(slots).unwrap_or(0)))
+        } else {
+            (q, (batch, kv_tokens / batch))
+        }
+    };
+    let (heads, groups) = (p.num_heads.max(0) as usize, p.num_groups.max(0) as usize);
+    let qm = tensor_map(dtype, p.q, head_dim, heads, q_view.0, q_view.1, block_m)?;
+    let km = tensor_map(dtype, p.k, head_dim, groups, kv_view.0, kv_view.1, block_n)?;
+    let vm = tensor_map(dtype, p.v, head_dim, groups, kv_view.0, kv_view.1, block_n)?;
     Ok(match (qm, km, vm) {
         (Some(q), Some(k), Some(v)) => TmaMaps {
             q,

@@ -270,7 +270,17 @@ impl CudaLayer {
         // [n, np, hn] and [np, n]; the band mask (mask-tensor kernels only) is items x width
         // bytes and the kernel reads element offset + j - i of row `item` for i < sq_item,
         // j < sk_item, inside the row (width = max_q + max_k - 1, offset = max_q - 1).
-        unsafe { launch_params(st, &kern.f, cfg, &params) }.map_err(launch_err(&kern.key))?;
+        unsafe {
+            launch_prefill(
+                st,
+                &kern.f,
+                &kern.key,
+                &kern.cfg,
+                cfg,
+                &params,
+                (n, l.k_rows.len()),
+            )
+        }?;
         let (accr, row0) = (acc.rows, l.q_rows.start);
         match self.elem {
             ElemType::Bf16 => h.merge::<bf16>(
@@ -418,7 +428,7 @@ impl CudaLayer {
         // rows split by cu (seqs + 1 entries ending at t); q, gate, out [t, hq, hn], k, v
         // [t, hg, hn] (checked above), lse [hq, t]; sinks points at this block's hq entries
         // of the layer's [np] sink logits ((block + 1) hq <= np, checked).
-        unsafe { launch_params(st, &kern.f, cfg, &params) }.map_err(launch_err(&kern.key))?;
+        unsafe { launch_prefill(st, &kern.f, &kern.key, &kern.cfg, cfg, &params, (t, t)) }?;
         drop(lse);
         Ok(out)
     }

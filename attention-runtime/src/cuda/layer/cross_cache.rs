@@ -321,7 +321,8 @@ impl CudaLayer {
         // hn] with slots batch_offset..+b, cache_seqlens_k the cache's device lengths of those
         // slots, each in 1..=max_ctx (step_lens checked the host copy they mirror); lse
         // [np, s * b].
-        unsafe { launch_params(st, &f, cfg, &params) }.map_err(launch_err(&key))?;
+        let kv_tokens = kc.numel() / (np * hn);
+        unsafe { launch_prefill(st, &f, &key, &attn_config, cfg, &params, (n, kv_tokens)) }?;
         let o = o.view(&[n, np * hn])?;
         let mut out = self.alloc(&[n, h], "output")?;
         linear_proj_into(rt, &o, &self.proj, &mut out)?;

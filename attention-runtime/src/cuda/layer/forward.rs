@@ -345,7 +345,7 @@ impl CudaLayer {
             // (padded rows are s-major, b-minor, as the kernel indexes them), lse [np, nq],
             // cu_seqlens [batch + 1], mask/bias broadcast by the strides computed above; the
             // grid covers every (row block, head, sequence).
-            unsafe { launch_params(st, &f, cfg, &params) }.map_err(launch_err(&key))?;
+            unsafe { launch_prefill(st, &f, &key, &chosen, cfg, &params, (g.nq, g.nk)) }?;
             key
         };
 

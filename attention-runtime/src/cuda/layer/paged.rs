@@ -215,7 +215,8 @@ impl CudaLayer {
             // below h * cu_seqlens_q[first + count] + n), pools [num_blocks, block_size, ng,
             // hn], seqlens_k [nreq] and every block id validated on the host
             // (`cache.validate`).
-            unsafe { launch_params(st, &attn_f, cfg, &params) }.map_err(launch_err(&attn_key))?;
+            // (A paged pool takes no TMA maps: no token extents.)
+            unsafe { launch_prefill(st, &attn_f, &attn_key, &attn_config, cfg, &params, (0, 0)) }?;
         }
         // Decode rows: the split-KV decode kernel and its combine step over the block table.
         let mut decode_bufs = None;

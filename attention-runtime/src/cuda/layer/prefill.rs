@@ -173,7 +173,18 @@ impl CudaLayer {
         // (tests/nvrtc_params_layout.rs): q/o/gate [s, b, np, hn], cache layer [max_seq,
         // max_batch, ng, hn] with slots batch_offset..+b, cache_seqlens_k [b] <= max_seq
         // (check_append).
-        unsafe { launch_params(st, &attn_f, cfg, &params) }.map_err(launch_err(&attn_key))?;
+        let kv_tokens = kc.numel() / (c.groups * c.head_dim);
+        unsafe {
+            launch_prefill(
+                st,
+                &attn_f,
+                &attn_key,
+                &attn_config,
+                cfg,
+                &params,
+                (n, kv_tokens),
+            )
+        }?;
         cache.mark_appended(layer, batch_offset, b, s);
         let o = o.view(&[n, c.heads * c.head_dim])?;
         let mut out = self.alloc(&[n, h], "output")?;

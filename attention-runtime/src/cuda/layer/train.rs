@@ -379,7 +379,17 @@ impl CudaLayer {
         // reads them: forward_train_typed uploads them from the config's mask type and
         // has_bias) broadcast over [batch, np, sq, sk] by strides from bcast_strides; the
         // grid covers every (row block, head, sequence).
-        unsafe { launch_params(rt.stream(), &a.f.1, lc, &params) }.map_err(launch_err(&a.f.0))
+        unsafe {
+            launch_prefill(
+                rt.stream(),
+                &a.f.1,
+                &a.f.0,
+                a.cfg,
+                lc,
+                &params,
+                (g.nq, g.nk),
+            )
+        }
     }
 
     /// Checks of a training forward that need no device work; returns the mask type and

@@ -174,7 +174,7 @@ impl CudaLayer {
         // (seqs + 1 entries ending at t, on the device in cu_d); q, gate, out [t, hq, hn],
         // k, v [t, hg, hn] (checked), lse [hq, t]; sinks at this block's hq entries of the
         // layer's [np] logits ((block + 1) hq <= np, checked).
-        unsafe { launch_params(st, &kern.f, cfg, &params) }.map_err(launch_err(&kern.key))?;
+        unsafe { launch_prefill(st, &kern.f, &kern.key, &kern.cfg, cfg, &params, (t, t)) }?;
         Ok((out, lse))
     }
 
