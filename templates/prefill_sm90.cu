@@ -36,10 +36,11 @@
 // - WARPS == BLOCK_M / 16: every warp loads and the block synchronizes twice per tile.
 // - WARPS == BLOCK_M / 16 + 4 (warp specialization, WS): the last warpgroup is the producer.
 //   It drops to PRODUCER_REGS registers (`setmaxnreg`). With TMA tensor maps (`TmaMaps`,
-//   padded input without a cache: `tma_maps.enabled`) one of its threads copies Q and each
-//   K/V tile as one TMA box per 64-column panel (`cp.async.bulk.tensor`, 128-byte swizzle,
-//   zeros past the tensor) completing on the stage's `full` mbarrier (expect_tx); otherwise
-//   (packed input, a static cache or a paged pool) its threads copy them by
+//   `tma_maps.enabled`: padded or packed input, a static cache) one of its threads copies Q
+//   and each K/V tile as one TMA box per 64-column panel (`cp.async.bulk.tensor`, 128-byte
+//   swizzle) completing on the stage's `full` mbarrier (expect_tx; the tile that crosses the
+//   sequence's end first has its V rows past it zeroed, see the producer); otherwise (no
+//   maps; a paged pool) its threads copy them by
 //   cp.async and signal each stage's `full` mbarrier with `cp.async.mbarrier.arrive.noinc`;
 //   the consumer warpgroups (raised to CONSUMER_REGS) wait on `full`, fence the async proxy,
 //   and when done with a stage arrive on its `empty` mbarrier (one arrival per warp), which
@@ -152,10 +153,11 @@ __device__ __forceinline__ void mbar_wait(unsigned bar, unsigned parity) {
 
 /// The TMA tensor maps of a launch (the host's `TmaMaps`, 128-byte `CUtensorMap`s made by
 /// `cuTensorMapEncodeTiled`): q, k and v as 4-d tensors [HEAD_DIM, heads (k, v: groups),
-/// slots, rows], the token of row i in slot s being i * slots + s (padded: slots = batch),
-/// 128-byte swizzle, boxes of 64 columns x 1 x 1 x BLOCK_M (q) or BLOCK_N (k, v) rows: one
-/// swizzled panel of a tile, exactly the layout `load_tile` writes; rows past the tensor read
-/// zeros. `enabled` 0: the launch has no maps (packed input), the producer copies by cp.async.
+/// slots, rows], the token of row i in slot s being i * slots + s (padded: slots = batch;
+/// packed: 1; a static cache's k and v: its batch slots), 128-byte swizzle, boxes of 64
+/// columns x 1 x 1 x BLOCK_M (q) or BLOCK_N (k, v) rows: one swizzled panel of a tile,
+/// exactly the layout `load_tile` writes; rows past the tensor read zeros. `enabled` 0: the
+/// launch has no maps, the producer copies by cp.async.
 struct alignas(64) TmaMaps {
     unsigned long long q[16];
     unsigned long long k[16];
@@ -209,11 +211,12 @@ extern "C" __global__ void __launch_bounds__(THREADS, 1) {{ key }}(
     const unsigned bar_q = sV_addr + STAGES * KV_BYTES;
     const unsigned bar_full = bar_q + 8;
     const unsigned bar_empty = bar_full + 8 * STAGES;
+    const unsigned bar_tail = bar_empty + 8 * STAGES;
     // TMA (the warp-specialized tile with maps): one thread arrives on `full` with the bytes
-    // of the stage's boxes; else every loading thread arrives once its cp.async have landed.
-    // (Padded input only: the host gives packed input, static caches and paged pools no
-    // maps; checked here too, as a box would read rows of another sequence or cache slot.)
-    const bool use_tma = {% if tma %}tma_maps.enabled != 0 && cu_seqlens_q == nullptr && cache_seqlens_k == nullptr{% else %}false{% endif %};
+    // of the stage's boxes (or, for the tile that crosses the sequence's end, once the
+    // producer warp has zeroed its V rows past it: `bar_tail`); else every loading thread
+    // arrives once its cp.async have landed.
+    const bool use_tma = {% if tma %}tma_maps.enabled != 0{% else %}false{% endif %};
     if (WS) {
         if (tid == 0) {
             const unsigned arrivals = use_tma ? 1 : LOADERS;
@@ -222,6 +225,7 @@ extern "C" __global__ void __launch_bounds__(THREADS, 1) {{ key }}(
                 mbar_init(bar_full + 8 * s, arrivals);
                 mbar_init(bar_empty + 8 * s, CONSUMER_WARPS);
             }
+            mbar_init(bar_tail, 1);
             // The initialized barriers visible to the async proxy (the TMA's completions).
             asm volatile("fence.proxy.async.shared::cta;\n" ::: "memory");
         }
@@ -295,9 +299,9 @@ extern "C" __global__ void __launch_bounds__(THREADS, 1) {{ key }}(
         // released it (tile t's stage is released for tile t + STAGES).
 {%- if tma %}
         // TMA: one thread issues every copy, one box per 64-column panel (coordinates column,
-        // head / group, slot, row of the maps' 4-d view; 32-bit: padded input, the maps' only
-        // user, has token slots below 65536). Q's boxes go before the register budget drops,
-        // so that its coordinates are not live in the producer's 40-56 registers.
+        // head / group, slot, row of the maps' 4-d view; 32-bit: the host maps no tensor of
+        // 2^31 rows or more). Q's boxes go before the register budget drops, so that its
+        // coordinates are not live in the producer's 40-56 registers.
         if (use_tma && ltid == 0) {
             mbar_arrive_expect_tx(bar_q, Q_BYTES);
 #pragma unroll
@@ -311,19 +315,46 @@ extern "C" __global__ void __launch_bounds__(THREADS, 1) {{ key }}(
         asm volatile("setmaxnreg.dec.sync.aligned.u32 %0;\n" ::"n"(PRODUCER_REGS));
 {%- if tma %}
         if (use_tma) {
-            if (ltid == 0) {
+            // The first producer warp; lane 0 issues the copies. A box reads whatever rows
+            // follow the sequence in the tensor (the next packed sequence, later cache rows:
+            // finite or not) and zeros past the tensor's end. Scores of keys past `sk` are
+            // masked, but 0 * inf in P V is not 0: so the tile that crosses `sk` lands on
+            // `bar_tail`, the warp zeroes its V rows from `sk` on (whole 128-byte panel rows:
+            // the swizzle permutes chunks within a row), fences them to the async proxy
+            // (wgmma reads there) and only then arrives on the stage's `full`.
+            if (ltid < WARP_SIZE) {
                 for (int t = 0; t < ntiles; ++t) {
                     const int st = t % STAGES;
                     if (t >= STAGES) mbar_wait(bar_empty + 8 * st, (unsigned)((t / STAGES - 1) & 1));
-                    const int row = k_row0 + (tile_lo + t) * BLOCK_N;
-                    const unsigned bar = bar_full + 8 * st;
-                    mbar_arrive_expect_tx(bar, 2 * KV_BYTES);
+                    const int n0 = (tile_lo + t) * BLOCK_N;
+                    const bool tail = n0 + BLOCK_N > sk;
+                    const unsigned bar = tail ? bar_tail : bar_full + 8 * st;
+                    if (ltid == 0) {
+                        const int row = k_row0 + n0;
+                        mbar_arrive_expect_tx(bar, 2 * KV_BYTES);
 #pragma unroll
-                    for (int pn = 0; pn < HEAD_DIM / 64; ++pn) {
-                        tma_load_4d(sK_addr + st * KV_BYTES + pn * BLOCK_N * 128, tma_maps.k, pn * 64, grp, k_slot,
-                                    row, bar);
-                        tma_load_4d(sV_addr + st * KV_BYTES + pn * BLOCK_N * 128, tma_maps.v, pn * 64, grp, k_slot,
-                                    row, bar);
+                        for (int pn = 0; pn < HEAD_DIM / 64; ++pn) {
+                            tma_load_4d(sK_addr + st * KV_BYTES + pn * BLOCK_N * 128, tma_maps.k, pn * 64, grp,
+                                        k_slot, row, bar);
+                            tma_load_4d(sV_addr + st * KV_BYTES + pn * BLOCK_N * 128, tma_maps.v, pn * 64, grp,
+                                        k_slot, row, bar);
+                        }
+                    }
+                    if (tail) {
+                        // At most one such tile per block (the last): phase 0.
+                        mbar_wait(bar_tail, 0);
+                        const int r0 = max(sk - n0, 0);
+                        for (int c = r0 * 8 + ltid; c < BLOCK_N * 8 * (HEAD_DIM / 64); c += WARP_SIZE) {
+                            const int pn = c / (BLOCK_N * 8), rc = c % (BLOCK_N * 8);
+                            if (rc < r0 * 8) continue;
+                            asm volatile("st.shared.v4.u32 [%0], { %1, %1, %1, %1 };\n" ::"r"(
+                                             sV_addr + st * KV_BYTES + pn * BLOCK_N * 128 + rc * 16),
+                                         "r"(0u)
+                                         : "memory");
+                        }
+                        asm volatile("fence.proxy.async.shared::cta;\n" ::: "memory");
+                        __syncwarp();
+                        if (ltid == 0) mbar_arrive(bar_full + 8 * st);
                     }
                 }
             }
@@ -381,7 +412,7 @@ extern "C" __global__ void __launch_bounds__(THREADS, 1) {{ key }}(
             // cp.async wrote through the generic proxy: make it visible to wgmma (TMA writes
             // in the async proxy already).
             // (Parameters, not a register: the hd256 consumers have none to spare.)
-            if ({% if tma %}tma_maps.enabled == 0 || cu_seqlens_q != nullptr || cache_seqlens_k != nullptr{% else %}true{% endif %})
+            if ({% if tma %}tma_maps.enabled == 0{% else %}true{% endif %})
                 asm volatile("fence.proxy.async.shared::cta;\n" ::: "memory");
         } else {
             cp_async_wait<STAGES - 2>();

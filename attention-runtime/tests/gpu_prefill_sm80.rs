@@ -47,6 +47,10 @@ struct Case {
     /// Run the general one-warp-per-row `fwd` kernel (the fallback where the tensor-core
     /// kernel does not run) instead, launched with its `FwdParams`; it computes no max logit.
     general: bool,
+    /// Packed only: the values of this sequence are all +inf (give it no queries). The key
+    /// tiles of the sequence before it run into its rows (a TMA box reads on past the
+    /// sequence's end): its output must stay finite and exact.
+    inf_v_seq: Option<usize>,
 }
 
 impl Case {
@@ -65,6 +69,7 @@ impl Case {
             mask_shape: None,
             bias_shape: None,
             general: false,
+            inf_v_seq: None,
         }
     }
 }
@@ -155,7 +160,14 @@ fn run<T: Elem>(case: &Case, seed: u64) {
         |n: usize| -> Vec<T> { (0..n).map(|_| T::from_f32(rng.uniform() * 1.7)).collect() };
     let q_h = gen(total_q * np * hd);
     let k_h = gen(total_k * ng * hd);
-    let v_h = gen(total_k * ng * hd);
+    let mut v_h = gen(total_k * ng * hd);
+    if let Some(b) = case.inf_v_seq {
+        assert!(case.packed && case.seqs[b].0 == 0, "bad test case");
+        let k0: usize = case.seqs[..b].iter().map(|s| s.1).sum();
+        for x in &mut v_h[k0 * ng * hd..(k0 + case.seqs[b].1) * ng * hd] {
+            *x = T::from_f32(f32::INFINITY);
+        }
+    }
     let sink_h: Vec<f32> = (0..np).map(|h| 0.5 * h as f32 - 0.7).collect();
     let full = [batch, np, max_q, max_k];
     let strides_of = |shape: [usize; 4]| -> [i64; 4] {
@@ -220,14 +232,17 @@ fn run<T: Elem>(case: &Case, seed: u64) {
     config.mask = Some(case.mask);
     config.has_window = case.window.is_some();
     config.sinks = case.sinks;
+    config.has_bias = case.bias_shape.is_some();
     config.tile = if !sm90 {
         case.tile
     } else if SM90_WS.with(|f| f.get()) {
-        Some(PrefillTile::for_head_dim_sm90_ws(hd))
-    } else {
+        // The default (warp-specialized, TMA) tile.
         None
+    } else {
+        // The tile without a producer warpgroup (the paged pool's), on the same cases.
+        let heavy = case.mask.takes_mask_tensor() || config.has_bias || config.has_window;
+        Some(PrefillTile::for_head_dim_sm90(hd, heavy))
     };
-    config.has_bias = case.bias_shape.is_some();
     let kernel = if case.general {
         Kernel::General(config.clone(), compile_general(&ctx, &config))
     } else {
@@ -394,6 +409,9 @@ fn run<T: Elem>(case: &Case, seed: u64) {
     let mut ref_lse = vec![0f32; total_q * np];
     let mut ref_ml = vec![f32::NEG_INFINITY; np];
     for (b, &(sq, sk)) in case.seqs.iter().enumerate() {
+        if sq == 0 {
+            continue;
+        }
         // token index of row i of sequence b
         let qtok = |i: usize| {
             if case.packed {
@@ -518,7 +536,8 @@ fn run<T: Elem>(case: &Case, seed: u64) {
 thread_local! {
     /// Run the cases on the Hopper kernel (`prefill_*_sm90`) where it takes the head dim.
     static SM90: std::cell::Cell<bool> = const { std::cell::Cell::new(false) };
-    /// With SM90: run the warp-specialized tile (`PrefillTile::for_head_dim_sm90_ws`).
+    /// With SM90: run the default tile, warp-specialized with TMA loads
+    /// (`PrefillTile::for_head_dim_sm90_ws`); without it, `PrefillTile::for_head_dim_sm90`'s.
     static SM90_WS: std::cell::Cell<bool> = const { std::cell::Cell::new(false) };
 }
 
@@ -650,6 +669,28 @@ fn sliding_window_and_gqa() {
     let mut c = Case::new(96, MaskType::CausalBottomRight, 100, 333, 2);
     c.window = Some((128, 0));
     check(c);
+}
+
+/// Packed sequences whose last key tile runs into the next sequence's rows, all of whose
+/// values are +inf: keys past a sequence's end must contribute exactly nothing (0 * inf is
+/// NaN), whichever way the kernel loads its tiles. Head dims 64-256, causal and not.
+#[test]
+#[ignore = "requires a CUDA GPU"]
+fn packed_tail_before_inf_values() {
+    for (hd, mask) in [
+        (64, MaskType::NoMask),
+        (128, MaskType::Causal),
+        (128, MaskType::NoMask),
+        (256, MaskType::Causal),
+    ] {
+        let mut c = Case::new(hd, mask, 1, 1, 1);
+        c.packed = true;
+        c.seqs = vec![(37, 37), (0, 200), (150, 150), (0, 130)];
+        c.inf_v_seq = Some(1);
+        check(c.clone());
+        c.inf_v_seq = Some(3);
+        check(c);
+    }
 }
 
 #[test]
@@ -871,6 +912,7 @@ fn sm90_family() {
     other_tiles();
     mask_tensors_and_bias();
     packed_with_mask_and_bias();
+    packed_tail_before_inf_values();
     let mut c = Case::new(192, MaskType::Causal, 333, 333, 2);
     c.window = Some((100, 0));
     c.sinks = Some(Sinks::Learnable);
@@ -921,6 +963,12 @@ fn sm90_sanitizer_cases() {
     c.mask_shape = Some([2, 1, 1, 150]);
     c.bias_shape = Some([1, 4, 150, 150]);
     c.sinks = Some(Sinks::Learnable);
+    check(c);
+    // The tile that crosses a packed sequence's end (TMA: its V rows past the end zeroed).
+    let mut c = Case::new(128, MaskType::Causal, 1, 1, 1);
+    c.packed = true;
+    c.seqs = vec![(37, 37), (0, 200)];
+    c.inf_v_seq = Some(1);
     check(c);
     SM90.with(|f| f.set(false));
 }
