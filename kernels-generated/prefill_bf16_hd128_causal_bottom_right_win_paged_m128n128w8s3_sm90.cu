@@ -34,8 +34,13 @@
 // Loading, two schedules (the tile's warp count says which):
 // - WARPS == BLOCK_M / 16: every warp loads and the block synchronizes twice per tile.
 // - WARPS == BLOCK_M / 16 + 4 (warp specialization, WS): the last warpgroup is the producer.
-//   It drops to PRODUCER_REGS registers (`setmaxnreg`), copies Q and the K/V tiles by
-//   cp.async and signals each stage's `full` mbarrier with `cp.async.mbarrier.arrive.noinc`;
+//   It drops to PRODUCER_REGS registers (`setmaxnreg`). With TMA tensor maps (`TmaMaps`,
+//   `tma_maps.enabled`: padded or packed input, a static cache) one of its threads copies Q
+//   and each K/V tile as one TMA box per 64-column panel (`cp.async.bulk.tensor`, 128-byte
+//   swizzle) completing on the stage's `full` mbarrier (expect_tx; the tile that crosses the
+//   sequence's end first has its V rows past it zeroed, see the producer); otherwise (no
+//   maps; a paged pool) its threads copy them by
+//   cp.async and signal each stage's `full` mbarrier with `cp.async.mbarrier.arrive.noinc`;
 //   the consumer warpgroups (raised to CONSUMER_REGS) wait on `full`, fence the async proxy,
 //   and when done with a stage arrive on its `empty` mbarrier (one arrival per warp), which
 //   the producer waits on before refilling it. No block-wide barrier in the main loop, so
@@ -182,10 +187,13 @@ constexpr int CONSUMER_THREADS = CONSUMER_WARPS * WARP_SIZE;
 // so one's softmax runs while the other's GEMMs do (FlashAttention-3's "ping-pong").
 constexpr bool PINGPONG = WS && CONSUMER_WARPS == 8;
 // setmaxnreg budgets of the WS schedule: PRODUCER_REGS * 128 + CONSUMER_REGS *
-// CONSUMER_THREADS <= 65536 (one block per SM); multiples of 8 in 24..256. ptxas allocates
+// CONSUMER_THREADS <= the block's allocation at launch, LAUNCH_REGS * THREADS (one block per
+// SM: 65536 / THREADS rounded down to a multiple of 8; a `setmaxnreg.inc` beyond what the
+// `dec`s released waits forever: a producer budget of 48 at head dim 256 hung the kernel on
+// an H200); multiples of 8 in 24..256. ptxas allocates
 // each side within its budget; these are the smallest producer budgets without spills
-// (NVRTC 13, every feature variant; head dim 256's O accumulator needs the larger consumer
-// budget). Three consumer warpgroups get 160 and spill (not a default tile).
+// (NVRTC 13, every feature variant, with both the TMA and the cp.async producer; head dim
+// 256's O accumulator needs the larger consumer budget, which leaves its producer 40). Three consumer warpgroups get 160 and spill (not a default tile).
 constexpr int PRODUCER_REGS = CONSUMER_WARPS >= 12 ? 24 : HEAD_DIM >= 256 ? 40 : 56;
 constexpr int CONSUMER_REGS =
     CONSUMER_WARPS >= 12 ? 160 : CONSUMER_WARPS >= 8 ? (HEAD_DIM >= 256 ? 232 : 224) : 240;
@@ -198,7 +206,9 @@ constexpr int Q_BYTES = BLOCK_M * HEAD_DIM * 2;
 constexpr int KV_BYTES = BLOCK_N * HEAD_DIM * 2;
 static_assert(CONSUMER_WARPS * 16 == BLOCK_M && CONSUMER_WARPS % 4 == 0, "one 64-row warpgroup per 4 warps");
 static_assert(WARPS == CONSUMER_WARPS || WARPS == CONSUMER_WARPS + 4, "at most one producer warpgroup");
-static_assert(!WS || PRODUCER_REGS * 128 + CONSUMER_REGS * CONSUMER_THREADS <= 65536, "register budget");
+constexpr int LAUNCH_REGS = 65536 / THREADS / 8 * 8;
+static_assert(!WS || PRODUCER_REGS * 128 + CONSUMER_REGS * CONSUMER_THREADS <= LAUNCH_REGS * THREADS,
+              "register budget");
 static_assert(HEAD_DIM % 64 == 0, "128-byte swizzle panels of 64 elements");
 static_assert(BLOCK_N % 16 == 0 && BLOCK_N <= 256, "wgmma N");
 static_assert(STAGES >= 2, "the K/V ring needs at least two stages");
@@ -443,7 +453,8 @@ extern "C" __global__ void __launch_bounds__(THREADS, 1) prefill_bf16_hd128_caus
 // The tensor-core prefill kernels' (prefill_sm80.cu, prefill_sm90.cu) positional parameters,
 // the fields of `FwdParams` (partials/params.cu) in its order, then the opening of the body
 // with the casts of the mask-tensor and bias arguments the variant ignores. Included right
-// after the kernel's `prefill_bf16_hd128_causal_bottom_right_win_paged_m128n128w8s3_sm90(`.
+// after the kernel's `prefill_bf16_hd128_causal_bottom_right_win_paged_m128n128w8s3_sm90(`. With `tma` (prefill_sm90.cu's warp-specialized tile), a
+// `TmaMaps` parameter follows the fields (`FwdTmaParams` on the host).
 // ---------------------------------------------------------------------------------------
     const elem_t* __restrict__ q,
     const elem_t* __restrict__ k,
@@ -575,13 +586,23 @@ extern "C" __global__ void __launch_bounds__(THREADS, 1) prefill_bf16_hd128_caus
     const unsigned bar_q = sV_addr + STAGES * KV_BYTES;
     const unsigned bar_full = bar_q + 8;
     const unsigned bar_empty = bar_full + 8 * STAGES;
+    const unsigned bar_tail = bar_empty + 8 * STAGES;
+    // TMA (the warp-specialized tile with maps): one thread arrives on `full` with the bytes
+    // of the stage's boxes (or, for the tile that crosses the sequence's end, once the
+    // producer warp has zeroed its V rows past it: `bar_tail`); else every loading thread
+    // arrives once its cp.async have landed.
+    const bool use_tma = false;
     if (WS) {
         if (tid == 0) {
-            mbar_init(bar_q, LOADERS);
+            const unsigned arrivals = use_tma ? 1 : LOADERS;
+            mbar_init(bar_q, arrivals);
             for (int s = 0; s < STAGES; ++s) {
-                mbar_init(bar_full + 8 * s, LOADERS);
+                mbar_init(bar_full + 8 * s, arrivals);
                 mbar_init(bar_empty + 8 * s, CONSUMER_WARPS);
             }
+            mbar_init(bar_tail, 1);
+            // The initialized barriers visible to the async proxy (the TMA's completions).
+            asm volatile("fence.proxy.async.shared::cta;\n" ::: "memory");
         }
         __syncthreads();
     }
@@ -681,7 +702,11 @@ extern "C" __global__ void __launch_bounds__(THREADS, 1) prefill_bf16_hd128_caus
         if (WS) {
             // The producer's copies of this tile have landed; make them visible to wgmma.
             mbar_wait(bar_full + 8 * stage, (unsigned)((t / STAGES) & 1));
-            asm volatile("fence.proxy.async.shared::cta;\n" ::: "memory");
+            // cp.async wrote through the generic proxy: make it visible to wgmma (TMA writes
+            // in the async proxy already).
+            // (Parameters, not a register: the hd256 consumers have none to spare.)
+            if (true)
+                asm volatile("fence.proxy.async.shared::cta;\n" ::: "memory");
         } else {
             cp_async_wait<STAGES - 2>();
             asm volatile("fence.proxy.async.shared::cta;\n" ::: "memory");

@@ -438,7 +438,8 @@ extern "C" __global__ void __launch_bounds__(THREADS) prefill_bf16_hd80_causal_b
 // The tensor-core prefill kernels' (prefill_sm80.cu, prefill_sm90.cu) positional parameters,
 // the fields of `FwdParams` (partials/params.cu) in its order, then the opening of the body
 // with the casts of the mask-tensor and bias arguments the variant ignores. Included right
-// after the kernel's `prefill_bf16_hd80_causal_bottom_right_m128n64w4s2_sm80(`.
+// after the kernel's `prefill_bf16_hd80_causal_bottom_right_m128n64w4s2_sm80(`. With `tma` (prefill_sm90.cu's warp-specialized tile), a
+// `TmaMaps` parameter follows the fields (`FwdTmaParams` on the host).
 // ---------------------------------------------------------------------------------------
     const elem_t* __restrict__ q,
     const elem_t* __restrict__ k,

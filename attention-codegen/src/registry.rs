@@ -15,7 +15,7 @@
 //! | family | what | runs on | where it cannot run |
 //! |---|---|---|---|
 //! | `prefill_*_sm80` ([`prefill_sm80`]) | FlashAttention-2 style prefill / forward on tensor cores: padded or packed, over a static cache in place ([`cache_prefill`], [`cross_cache_step`]) or a paged pool (`_paged`, [`paged_prefill`]) | sm_80+ and its tile's shared memory | `prefill_rows_*` (forward), `decode_rows_*` (static cache), `decode_rows_*_paged` (paged pool) |
-//! | `prefill_*_sm90` ([`prefill_sm90`]) | the same forward (every feature, static cache, paged pool) on Hopper's warpgroup MMA (`wgmma`) | sm_90a (an sm_90 device; [`Target::Device`]'s `wgmma`), head dims 128, 192, 256 ([`SM90_MIN_HEAD_DIM`], multiples of 64) | `prefill_*_sm80` |
+//! | `prefill_*_sm90` ([`prefill_sm90`]) | the same forward (every feature, static cache, paged pool) on Hopper's warpgroup MMA (`wgmma`) | sm_90a (an sm_90 device; [`Target::Device`]'s `wgmma`), head dims 64, 128, 192, 256 ([`SM90_MIN_HEAD_DIM`], multiples of 64) | `prefill_*_sm80` |
 //! | `prefill_rows_*` ([`prefill_rows`]) | fallback: one warp per query row, padded or packed | any | — |
 //! | `decode_rows_*` ([`decode_rows`]) | fallback: one warp per query row over a static cache (`_full`: cross-attention, no causal mask) | any | — |
 //! | `decode_rows_*_paged` ([`decode_rows_paged`]) | fallback: one warp per query row over a paged pool, decode rows and prefill chunks alike | any | — |
@@ -221,10 +221,12 @@ pub fn prefill_sm80(fwd: &KernelConfig, target: Target) -> Option<KernelConfig> 
     target.runs_prefill_sm80(&c).then_some(c)
 }
 
-/// The smallest head dim the registry runs `prefill_*_sm90` at: at head dim 64 the first
-/// wgmma kernel (no overlap of softmax with the MMAs yet) measured 0.86-0.93x the sm80 kernel
-/// (H200, 2026-11-30), at 128 1.03-1.14x and at 256 1.37-1.46x.
-pub const SM90_MIN_HEAD_DIM: usize = 128;
+/// The smallest head dim the registry runs `prefill_*_sm90` at (every multiple of 64 from
+/// here). The first wgmma kernel measured 0.86-0.93x the sm80 kernel at head dim 64 (H200,
+/// 2026-11-30), so it started at 128; the warp-specialized tile with TMA loads measured
+/// 1.20-1.38x the sm80 kernel at head dim 64, 2k-16k tokens, causal and not (H200,
+/// 2026-12-01, `attn bench prefill --head-dims 64 --tiles 64:sm90:m128n128w12s3`).
+pub const SM90_MIN_HEAD_DIM: usize = 64;
 
 /// The Hopper forward kernel (`prefill_*_sm90`, warpgroup MMA, default tile) for the prefill
 /// config `fwd`: `Some` on a device with `wgmma` (sm_90a) when the head dim is a multiple of
@@ -732,7 +734,7 @@ mod tests {
         let spec = AttentionSpec::new(AttentionKind::SelfAttention);
         let hopper = Target::from_arch("sm_90a").unwrap();
         for (hd, want) in [
-            (64, Phase::PrefillSm80),
+            (64, Phase::PrefillSm90),
             (96, Phase::PrefillSm80),
             (128, Phase::PrefillSm90),
             (160, Phase::PrefillSm80),
@@ -874,8 +876,11 @@ mod tests {
         let volta = keys(Target::from_arch("sm_70").unwrap());
         assert!(!volta.contains(&step.key()), "{volta:?}");
         assert!(volta.contains(&decode_rows(&spec, 64).key()));
-        let hopper = keys(Target::from_arch("sm_90a").unwrap());
-        assert!(hopper.contains(&step.key()), "{hopper:?}");
+        let sm90a = Target::from_arch("sm_90a").unwrap();
+        let hopper = keys(sm90a);
+        let hopper_step = cross_cache_step(&spec, 64, sm90a).unwrap();
+        assert_eq!(hopper_step.phase, Phase::PrefillSm90);
+        assert!(hopper.contains(&hopper_step.key()), "{hopper:?}");
         assert!(
             !hopper.contains(&decode_rows(&spec, 64).key()),
             "{hopper:?}"

@@ -607,7 +607,7 @@ pub struct KernelConfig {
     /// Tile size: warps per block (`PrefillSm80` uses [`KernelConfig::tile`] instead).
     pub warps: usize,
     /// `PrefillSm80` / `PrefillSm90` (and the backward phases): the tile; `None` = the
-    /// phase's default ([`PrefillTile::for_head_dim`], [`PrefillTile::for_head_dim_sm90`],
+    /// phase's default ([`PrefillTile::for_head_dim`], [`PrefillTile::for_head_dim_sm90_ws`] (a paged pool: [`PrefillTile::for_head_dim_sm90`]),
     /// [`PrefillTile::for_backward`]).
     pub tile: Option<PrefillTile>,
     /// `PrefillSm80`: K/V are read from a paged pool through a block table (the prefill of
@@ -723,7 +723,9 @@ impl PrefillTile {
         }
     }
 
-    /// The default tile of `PrefillSm90` (Hopper, wgmma). Head dim 128 without a mask
+    /// The tile of `PrefillSm90` (Hopper, wgmma) over a paged pool (whose blocks TMA boxes
+    /// cannot follow; elsewhere the default is [`PrefillTile::for_head_dim_sm90_ws`]), and the
+    /// warp-specialized tile's base. Head dim 128 without a mask
     /// tensor, bias or window (`heavy` false): three consumer warpgroups (12 warps, 192 query
     /// rows, 64 per warpgroup), 128 keys per step, two K/V stages in order (H200, 2026-11-30,
     /// hd128 at 16k tokens: 417 / 467 TFLOP/s causal / no mask against 365-379 for the
@@ -752,10 +754,13 @@ impl PrefillTile {
         .stages_that_fit_sm90(head_dim)
     }
 
-    /// The warp-specialized `PrefillSm90` tile ([`PrefillTile::producer_sm90`]): 128 query
-    /// rows in two consumer warpgroups plus a producer warpgroup (12 warps), 128 keys per
-    /// step up to head dim 128 and 64 above, three K/V stages where they fit in 227 KiB of
-    /// shared memory, else two.
+    /// The warp-specialized `PrefillSm90` tile ([`PrefillTile::producer_sm90`]), the default
+    /// of `PrefillSm90` without a paged pool: 128 query rows in two consumer warpgroups plus
+    /// a producer warpgroup (12 warps) that loads by TMA, 128 keys per step up to head dim
+    /// 128 and 64 above, three K/V stages where they fit in 227 KiB of shared memory, else
+    /// two. H200, 2026-12-01, bf16, 2k-16k tokens (`attn bench prefill`, same run): 450-597
+    /// TFLOP/s at hd128 causal against 315-417 for [`PrefillTile::for_head_dim_sm90`]'s
+    /// tile, 490-665 against 374-514 at hd256 causal.
     pub fn for_head_dim_sm90_ws(head_dim: usize) -> PrefillTile {
         PrefillTile {
             warps: 12,
@@ -1495,6 +1500,8 @@ impl KernelConfig {
             if self.phase.is_backward() {
                 let mask_tensor = self.mask.is_some_and(|m| m.takes_mask_tensor()) || self.has_bias;
                 PrefillTile::for_backward(self.phase, self.head_dim, mask_tensor)
+            } else if self.phase == Phase::PrefillSm90 && !self.paged_kv {
+                PrefillTile::for_head_dim_sm90_ws(self.head_dim)
             } else if self.phase == Phase::PrefillSm90 {
                 let heavy = self.mask.is_some_and(|m| m.takes_mask_tensor())
                     || self.has_bias

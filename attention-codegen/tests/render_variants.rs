@@ -205,29 +205,27 @@ fn kernels_for_spec_covers_phases_head_dims_and_masks() {
             assert!(keys.contains(&want.as_str()), "missing {want} in {keys:?}");
         }
     }
-    // Head dim 128 also lists the Hopper family (the union over devices): the four forward
-    // variants and the static-cache / paged prefill.
-    let sm90 = attention_codegen::render::PrefillTile::for_head_dim_sm90(128, true).key();
-    for want in [
-        format!("prefill_bf16_hd128_causal_win_sinkl_{sm90}_sm90"),
-        format!("prefill_bf16_hd128_causal_win_sinkl_bias_{sm90}_sm90"),
-        format!("prefill_bf16_hd128_padding_win_sinkl_{sm90}_sm90"),
-        format!("prefill_bf16_hd128_padding_win_sinkl_bias_{sm90}_sm90"),
-        format!("prefill_bf16_hd128_causal_bottom_right_win_sinkl_{sm90}_sm90"),
-        format!("prefill_bf16_hd128_causal_bottom_right_win_sinkl_paged_{sm90}_sm90"),
-    ] {
-        assert!(keys.contains(&want.as_str()), "missing {want} in {keys:?}");
+    // Both head dims also list the Hopper family (the union over devices): the four forward
+    // variants and the static-cache prefill on the warp-specialized tile, the paged prefill on
+    // the tile without a producer warpgroup.
+    for hd in [64, 128] {
+        let ws = attention_codegen::render::PrefillTile::for_head_dim_sm90_ws(hd).key();
+        let paged = attention_codegen::render::PrefillTile::for_head_dim_sm90(hd, true).key();
+        for want in [
+            format!("prefill_bf16_hd{hd}_causal_win_sinkl_{ws}_sm90"),
+            format!("prefill_bf16_hd{hd}_causal_win_sinkl_bias_{ws}_sm90"),
+            format!("prefill_bf16_hd{hd}_padding_win_sinkl_{ws}_sm90"),
+            format!("prefill_bf16_hd{hd}_padding_win_sinkl_bias_{ws}_sm90"),
+            format!("prefill_bf16_hd{hd}_causal_bottom_right_win_sinkl_{ws}_sm90"),
+            format!("prefill_bf16_hd{hd}_causal_bottom_right_win_sinkl_paged_{paged}_sm90"),
+        ] {
+            assert!(keys.contains(&want.as_str()), "missing {want} in {keys:?}");
+        }
     }
-    assert!(
-        !keys
-            .iter()
-            .any(|k| k.starts_with("prefill_bf16_hd64") && k.ends_with("_sm90")),
-        "head dim 64 runs prefill_sm80 (SM90_MIN_HEAD_DIM)"
-    );
-    assert_eq!(ks.len(), 48);
+    assert_eq!(ks.len(), 54);
     assert_eq!(
         ks.iter().filter(|k| k.phase == Phase::PrefillSm90).count(),
-        6
+        12
     );
     assert_eq!(
         ks.iter().filter(|k| k.phase == Phase::PrefillRows).count(),
@@ -257,10 +255,13 @@ fn cross_attention_has_no_paged_kernel_and_a_context_cache_step() {
         [
             "qkv_prep_bf16_hd64_cross_nonorm_norope_w4",
             "prefill_bf16_hd64_no_mask_m128n128w4s2_sm80",
+            "prefill_bf16_hd64_no_mask_m128n128w12s3_sm90",
             "prefill_rows_bf16_hd64_no_mask_w4",
             "prefill_bf16_hd64_no_mask_bias_m128n128w4s2_sm80",
+            "prefill_bf16_hd64_no_mask_bias_m128n128w12s3_sm90",
             "prefill_rows_bf16_hd64_no_mask_bias_w4",
-            // The context-cache step: prefill_*_no_mask_sm80 above, or this where it cannot run.
+            // The context-cache step: prefill_*_no_mask_sm80 / _sm90 above, or this where
+            // neither can run.
             "decode_rows_bf16_hd64_full_w4",
             // Fills the context cache.
             "append_kv_bf16_hd64_w4"

@@ -5,10 +5,12 @@
 //! Needs libnvrtc (13.x): run `scripts/install-nvrtc.sh` and put the directory it prints on
 //! `LD_LIBRARY_PATH`. Without NVRTC this test fails, unless `ATTN_SKIP_NVRTC=1` is set.
 
-use attention_codegen::catalog::catalog_kernels;
+use attention_codegen::catalog::{catalog_configs, catalog_kernels};
+use attention_codegen::registry::Target;
 use attention_codegen::render::{KernelConfig, Phase};
 use attention_codegen::DType;
 use attention_runtime::cuda::params::{fwd_tma_param_layout, param_layout};
+use attention_runtime::cuda::prefill_sm80::takes_tma_maps;
 use attention_runtime::jit::{
     compile_cubin, compile_with_log, cubin_params, nvrtc_available, nvrtc_version, JitError,
 };
@@ -42,10 +44,11 @@ fn every_catalog_kernel_compiles_for_sm80_and_sm90a() {
     }
     let (major, minor) = nvrtc_version().expect("nvrtcVersion");
     eprintln!("NVRTC {major}.{minor}");
-    let kernels = catalog_kernels().expect("catalog renders");
-    assert!(!kernels.is_empty());
+    let configs = catalog_configs(Target::AnyDevice).expect("catalog configs");
+    assert!(!configs.is_empty());
     let mut failures = Vec::new();
-    for k in &kernels {
+    for config in &configs {
+        let k = &config.render().expect("catalog renders");
         for arch in ARCHS.iter().filter(|a| k.phase.compiles_for(a)) {
             match compile_with_log(&k.key, &k.source, arch) {
                 Ok(c) if c.log.contains("warning") => failures.push(format!(
@@ -73,10 +76,13 @@ fn every_catalog_kernel_compiles_for_sm80_and_sm90a() {
                     if k.phase == Phase::DecodeSplitKv && k.paged_kv {
                         entries.push(format!("{}_combine", k.key));
                     }
-                    for (entry, want) in entries
-                        .iter()
-                        .filter_map(|e| Some((e, param_layout(k.phase, k.paged_kv)?)))
-                    {
+                    // (The warp-specialized Hopper tile: FwdParams' fields, then TMA maps.)
+                    let layout = if takes_tma_maps(config) {
+                        Some(fwd_tma_param_layout())
+                    } else {
+                        param_layout(k.phase, k.paged_kv)
+                    };
+                    for (entry, want) in entries.iter().filter_map(|e| Some((e, layout.clone()?))) {
                         let got: Vec<(usize, usize)> = cubin_params(&cubin, entry)
                             .unwrap_or_else(|| panic!("{entry} for {arch}: no parameter table"))
                             .iter()
@@ -98,7 +104,7 @@ fn every_catalog_kernel_compiles_for_sm80_and_sm90a() {
         failures.is_empty(),
         "{} of {} compiles failed:\n{}",
         failures.len(),
-        kernels.len() * ARCHS.len(),
+        configs.len() * ARCHS.len(),
         failures.join("\n\n")
     );
 }

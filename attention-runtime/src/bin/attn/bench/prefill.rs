@@ -265,17 +265,24 @@ pub fn run_prefill(opts: &PrefillOptions) -> Result<String> {
                 .iter()
                 .map(|t| (format!("prefill_sm80:{}", t.key()), config(hd, causal, *t)))
                 .collect();
-            if let Some(c) = config_sm90(&arch, hd, causal) {
-                let default_tile = c.prefill_tile();
-                runs.push((format!("prefill_sm90:{}", default_tile.key()), c));
-                for (_, t) in opts
-                    .extra_tiles_sm90
-                    .iter()
-                    .filter(|(h, t)| *h == hd && *t != default_tile)
-                {
-                    let c = config_of(Phase::PrefillSm90, hd, causal, *t);
-                    runs.push((format!("prefill_sm90:{}", t.key()), c));
-                }
+            // (Extra Hopper tiles run on any wgmma device, also at head dims where the
+            // registry does not choose the Hopper kernel.)
+            let default_tile = config_sm90(&arch, hd, causal).map(|c| {
+                let t = c.prefill_tile();
+                runs.push((format!("prefill_sm90:{}", t.key()), c));
+                t
+            });
+            let wgmma = matches!(
+                attention_codegen::registry::Target::from_arch(&arch),
+                Ok(attention_codegen::registry::Target::Device { wgmma: true, .. })
+            );
+            for (_, t) in opts
+                .extra_tiles_sm90
+                .iter()
+                .filter(|(h, t)| wgmma && *h == hd && Some(*t) != default_tile)
+            {
+                let c = config_of(Phase::PrefillSm90, hd, causal, *t);
+                runs.push((format!("prefill_sm90:{}", t.key()), c));
             }
             for (label, cfg) in &runs {
                 let kernel = match PrefillSm80Kernel::compile(&ctx, cfg) {
