@@ -7,9 +7,12 @@
 //
 // `decode_splitkv_bf16_hd256_norope_paged_w4` (split kernel), one block of WARPS warps per (split, group, sequence): for sequence
 // b whose new tokens sit at positions pos .. pos + T - 1 (pos = cache_seqlens[b]) it
+//   0. issues the copies of its first STAGES - 1 K/V tiles (below) before anything else, so
+//      that their latency runs under steps 1 and the query rotation,
 //   1. rotates each new k with the cos/sin tables at its position and appends it and its v at
 //      that cache row (one warp per row, only in the block whose split owns the row; only that
-//      block reads the row, after a barrier),
+//      block reads the row, after a barrier; a row inside the tiles of step 0 is written into
+//      the ring as well, as step 0 skipped it),
 //   2. attends over keys [s_lo, s_hi) of its split of the union of the tokens' visible ranges
 //      (token t: [0, pos + t + 1), bottom-right causal, window) on tensor cores. The step's
 //      rows are token t's query heads of the group, row t * per + head (q rotated at
@@ -463,12 +466,15 @@ extern "C" __global__ void __launch_bounds__(WARPS * WARP_SIZE, MIN_BLOCKS) deco
     const int chunk = (hi - lo + num_splits - 1) / num_splits;
     const int s_lo = min(hi, lo + split * chunk);
     const int s_hi = min(hi, s_lo + chunk);
-
-    // 2. Attention over [s_lo, s_hi).
+    // 2. (set up here) Attention over [s_lo, s_hi).
     const int n_tiles = (s_hi - s_lo + TILE - 1) / TILE;
+    // First row the step appends (the early prefetch leaves rows from it to the append).
+    const long long new_lo = 0x7fffffffffffffffll;  // nothing is appended
     // Queue tile t's copies into ring slot t % STAGES (rows past the range zeroed) and commit
-    // a group (an empty one past the last tile, so the wait counts stay uniform).
-    auto load_tile = [&](int t) {
+    // a group (an empty one past the last tile, so the wait counts stay uniform). `early`:
+    // the prefetch issued before the append, which leaves the step's new rows (j >= pos, not
+    // in the cache yet) to the append, which writes them into the ring as well.
+    auto load_tile = [&](int t, bool early) {
         if (t < n_tiles) {
             const int t0 = s_lo + t * TILE;
             const int n = min(TILE, s_hi - t0);
@@ -481,6 +487,8 @@ extern "C" __global__ void __launch_bounds__(WARPS * WARP_SIZE, MIN_BLOCKS) deco
                 if (jj >= n) {
                     *reinterpret_cast<uint4*>(ks + so) = make_uint4(0u, 0u, 0u, 0u);
                     *reinterpret_cast<uint4*>(vs + so) = make_uint4(0u, 0u, 0u, 0u);
+                } else if (early && j >= new_lo) {
+                    // a row of the step's new tokens: the append writes it here
                 } else {
                     const long long row = ((long long)bt_row[j >> bs_shift] << bs_shift) + (j & bs_mask);
                     const long long go = row * pool_row + c * 8;
@@ -491,6 +499,11 @@ extern "C" __global__ void __launch_bounds__(WARPS * WARP_SIZE, MIN_BLOCKS) deco
         }
         cp_async_commit();
     };
+
+    // The first pass's first STAGES - 1 tiles go in flight now, under the append and the
+    // query rotation (their global latency would otherwise come after both).
+#pragma unroll
+    for (int t = 0; t < STAGES - 1; ++t) load_tile(t, true);
 
     const float scale_log2 = softmax_scale * LOG2E;
     const unsigned ring_addr = smem_addr(kv_ring);
@@ -557,12 +570,15 @@ extern "C" __global__ void __launch_bounds__(WARPS * WARP_SIZE, MIN_BLOCKS) deco
         // Rows qd and qd + 8: running max (log2 units) and this lane's part of the row sum.
         float m[2] = {neg_inf(), neg_inf()}, l[2] = {0.0f, 0.0f};
 
+        if (r0 > 0) {
+            // Later passes reload the first tiles (the first pass's are in flight already).
 #pragma unroll
-        for (int t = 0; t < STAGES - 1; ++t) load_tile(t);
+            for (int t = 0; t < STAGES - 1; ++t) load_tile(t, false);
+        }
         for (int t = 0; t < n_tiles; ++t) {
             cp_async_wait<STAGES - 2>();
             __syncthreads();   // tile t (and q_s) visible to all threads; slot (t - 1) % STAGES is free
-            load_tile(t + STAGES - 1);
+            load_tile(t + STAGES - 1, false);
             const int t0 = s_lo + t * TILE;
             const int n = min(TILE, s_hi - t0);
             if (kw0 >= n) continue;

@@ -7,9 +7,12 @@
 //
 // `{{ key }}` (split kernel), one block of WARPS warps per (split, group, sequence): for sequence
 // b whose new tokens sit at positions pos .. pos + T - 1 (pos = cache_seqlens[b]) it
+//   0. issues the copies of its first STAGES - 1 K/V tiles (below) before anything else, so
+//      that their latency runs under steps 1 and the query rotation,
 //   1. rotates each new k with the cos/sin tables at its position and appends it and its v at
 //      that cache row (one warp per row, only in the block whose split owns the row; only that
-//      block reads the row, after a barrier),
+//      block reads the row, after a barrier; a row inside the tiles of step 0 is written into
+//      the ring as well, as step 0 skipped it),
 //   2. attends over keys [s_lo, s_hi) of its split of the union of the tokens' visible ranges
 //      (token t: [0, pos + t + 1), bottom-right causal, window) on tensor cores. The step's
 //      rows are token t's query heads of the group, row t * per + head (q rotated at
@@ -226,6 +229,59 @@ extern "C" __global__ void __launch_bounds__(WARPS * WARP_SIZE, MIN_BLOCKS) {{ k
     const int chunk = (hi - lo + num_splits - 1) / num_splits;
     const int s_lo = min(hi, lo + split * chunk);
     const int s_hi = min(hi, s_lo + chunk);
+    // 2. (set up here) Attention over [s_lo, s_hi).
+    const int n_tiles = (s_hi - s_lo + TILE - 1) / TILE;
+{%- if not paged_kv %}
+    const long long row_stride = (long long)max_batch * num_groups * HEAD_DIM;
+    const elem_t* k_base = k_cache + (slot * num_groups + g) * HEAD_DIM;
+    const elem_t* v_base = v_cache + (slot * num_groups + g) * HEAD_DIM;
+{%- endif %}
+    // First row the step appends (the early prefetch leaves rows from it to the append).
+{%- if paged_kv %}
+    const long long new_lo = 0x7fffffffffffffffll;  // nothing is appended
+{%- else %}
+    const long long new_lo = pos;
+{%- endif %}
+    // Queue tile t's copies into ring slot t % STAGES (rows past the range zeroed) and commit
+    // a group (an empty one past the last tile, so the wait counts stay uniform). `early`:
+    // the prefetch issued before the append, which leaves the step's new rows (j >= pos, not
+    // in the cache yet) to the append, which writes them into the ring as well.
+    auto load_tile = [&](int t, bool early) {
+        if (t < n_tiles) {
+            const int t0 = s_lo + t * TILE;
+            const int n = min(TILE, s_hi - t0);
+            elem_t* ks = ring + (t % STAGES) * (2 * TILE * SROW);
+            elem_t* vs = ks + TILE * SROW;
+            for (int e = tid; e < TILE * CHUNKS; e += WARPS * WARP_SIZE) {
+                const int jj = e / CHUNKS, c = e % CHUNKS;
+                const long long j = t0 + jj;
+                const int so = jj * SROW + c * 8;
+                if (jj >= n) {
+                    *reinterpret_cast<uint4*>(ks + so) = make_uint4(0u, 0u, 0u, 0u);
+                    *reinterpret_cast<uint4*>(vs + so) = make_uint4(0u, 0u, 0u, 0u);
+                } else if (early && j >= new_lo) {
+                    // a row of the step's new tokens: the append writes it here
+                } else {
+{%- if paged_kv %}
+                    const long long row = ((long long)bt_row[j >> bs_shift] << bs_shift) + (j & bs_mask);
+                    const long long go = row * pool_row + c * 8;
+                    cp_async16(smem_addr(ks + so), k_pool + go);
+                    cp_async16(smem_addr(vs + so), v_pool + go);
+{%- else %}
+                    const long long go = j * row_stride + c * 8;
+                    cp_async16(smem_addr(ks + so), k_base + go);
+                    cp_async16(smem_addr(vs + so), v_base + go);
+{%- endif %}
+                }
+            }
+        }
+        cp_async_commit();
+    };
+
+    // The first pass's first STAGES - 1 tiles go in flight now, under the append and the
+    // query rotation (their global latency would otherwise come after both).
+#pragma unroll
+    for (int t = 0; t < STAGES - 1; ++t) load_tile(t, true);
 {%- if not paged_kv %}
 
     // 1. Append: new row j = pos + t (rotated at j) goes to the cache from the split whose
@@ -246,55 +302,24 @@ extern "C" __global__ void __launch_bounds__(WARPS * WARP_SIZE, MIN_BLOCKS) {{ k
         __syncwarp();
         rope_row(x, stage[warp], rope_cos, rope_sin, j, lane);
         const long long off = ((j * max_batch + slot) * num_groups + g) * HEAD_DIM;
+        // The row's tile, if the early prefetch holds it: the row goes into the ring too.
+        const int tt = j >= s_lo && j < s_hi ? (int)(j - s_lo) / TILE : STAGES;
+        elem_t* kr = tt < STAGES - 1 ? ring + tt * (2 * TILE * SROW) + ((int)(j - s_lo) - tt * TILE) * SROW : ring;
 #pragma unroll
         for (int c = 0; c < LANE_D; ++c) {
             if (ch_ok(c, lane)) {
+                const elem_t vx = vn[c * WARP_SIZE + lane];
                 store_elem(&k_cache[off + c * WARP_SIZE + lane], x[c]);
-                v_cache[off + c * WARP_SIZE + lane] = vn[c * WARP_SIZE + lane];
+                v_cache[off + c * WARP_SIZE + lane] = vx;
+                if (tt < STAGES - 1) {
+                    store_elem(&kr[c * WARP_SIZE + lane], x[c]);
+                    kr[TILE * SROW + c * WARP_SIZE + lane] = vx;
+                }
             }
         }
         __syncwarp();   // stage[warp] is read before the next row overwrites it
     }
 {%- endif %}
-
-    // 2. Attention over [s_lo, s_hi).
-    const int n_tiles = (s_hi - s_lo + TILE - 1) / TILE;
-{%- if not paged_kv %}
-    const long long row_stride = (long long)max_batch * num_groups * HEAD_DIM;
-    const elem_t* k_base = k_cache + (slot * num_groups + g) * HEAD_DIM;
-    const elem_t* v_base = v_cache + (slot * num_groups + g) * HEAD_DIM;
-{%- endif %}
-    // Queue tile t's copies into ring slot t % STAGES (rows past the range zeroed) and commit
-    // a group (an empty one past the last tile, so the wait counts stay uniform).
-    auto load_tile = [&](int t) {
-        if (t < n_tiles) {
-            const int t0 = s_lo + t * TILE;
-            const int n = min(TILE, s_hi - t0);
-            elem_t* ks = ring + (t % STAGES) * (2 * TILE * SROW);
-            elem_t* vs = ks + TILE * SROW;
-            for (int e = tid; e < TILE * CHUNKS; e += WARPS * WARP_SIZE) {
-                const int jj = e / CHUNKS, c = e % CHUNKS;
-                const long long j = t0 + jj;
-                const int so = jj * SROW + c * 8;
-                if (jj >= n) {
-                    *reinterpret_cast<uint4*>(ks + so) = make_uint4(0u, 0u, 0u, 0u);
-                    *reinterpret_cast<uint4*>(vs + so) = make_uint4(0u, 0u, 0u, 0u);
-                } else {
-{%- if paged_kv %}
-                    const long long row = ((long long)bt_row[j >> bs_shift] << bs_shift) + (j & bs_mask);
-                    const long long go = row * pool_row + c * 8;
-                    cp_async16(smem_addr(ks + so), k_pool + go);
-                    cp_async16(smem_addr(vs + so), v_pool + go);
-{%- else %}
-                    const long long go = j * row_stride + c * 8;
-                    cp_async16(smem_addr(ks + so), k_base + go);
-                    cp_async16(smem_addr(vs + so), v_base + go);
-{%- endif %}
-                }
-            }
-        }
-        cp_async_commit();
-    };
 
     const float scale_log2 = softmax_scale * LOG2E;
     const unsigned ring_addr = smem_addr(kv_ring);
@@ -374,12 +399,15 @@ extern "C" __global__ void __launch_bounds__(WARPS * WARP_SIZE, MIN_BLOCKS) {{ k
         // Rows qd and qd + 8: running max (log2 units) and this lane's part of the row sum.
         float m[2] = {neg_inf(), neg_inf()}, l[2] = {0.0f, 0.0f};
 
+        if (r0 > 0) {
+            // Later passes reload the first tiles (the first pass's are in flight already).
 #pragma unroll
-        for (int t = 0; t < STAGES - 1; ++t) load_tile(t);
+            for (int t = 0; t < STAGES - 1; ++t) load_tile(t, false);
+        }
         for (int t = 0; t < n_tiles; ++t) {
             cp_async_wait<STAGES - 2>();
             __syncthreads();   // tile t (and q_s) visible to all threads; slot (t - 1) % STAGES is free
-            load_tile(t + STAGES - 1);
+            load_tile(t + STAGES - 1, false);
             const int t0 = s_lo + t * TILE;
             const int n = min(TILE, s_hi - t0);
             if (kw0 >= n) continue;
