@@ -3,9 +3,9 @@
 //! K/V tile as one box per 64-column panel with `cp.async.bulk.tensor`.
 //!
 //! Every non-paged layout of the prefill family is a 4-d tensor `[head_dim, heads, slots,
-//! rows]` (innermost first; element strides 1, `head_dim`, `heads * head_dim`, `slots * heads
-//! * head_dim`), the token of row i in slot s being `i * slots + s`: padded `[seqlen, batch,
-//! heads, head_dim]` has `slots = batch`, packed `[total, heads, head_dim]` has `slots = 1`,
+//! rows]` (innermost first; element strides 1, `head_dim`, `heads · head_dim` and
+//! `slots · heads · head_dim`), the token of row i in slot s being `i · slots + s`: padded
+//! `[seqlen, batch, heads, head_dim]` has `slots = batch`, packed `[total, heads, head_dim]` has `slots = 1`,
 //! and a static cache layer `[max_seq, max_batch, groups, head_dim]` has `slots = max_batch`.
 //! A box `[64, 1, 1, rows]` with the 128-byte swizzle is one 128-byte-swizzled panel of `rows`
 //! rows, the layout the kernels' `load_tile` writes and `wgmma` reads; rows past the tensor
