@@ -45,6 +45,7 @@ pub(crate) fn load_module(rt: &CudaRuntime, config: &KernelConfig) -> Result<Arc
     let arch = rt.device().arch();
     let cubin =
         crate::kernel_cache::KernelCache::global()?.get_or_compile(&src.key, &src.source, &arch)?;
+    crate::cuda::prefill_sm80::check_tma_param_table(config, &cubin.bytes)?;
     rt.device()
         .context
         .load_module(cudarc::nvrtc::Ptx::from_binary(cubin.bytes.clone()))

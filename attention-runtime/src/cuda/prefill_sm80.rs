@@ -242,26 +242,7 @@ impl PrefillSm80Kernel {
         let key = config.key();
         let tile = config.prefill_tile();
         let smem_bytes = config.prefill_smem_bytes();
-        if config.phase == Phase::PrefillSm90 && tile.producer_sm90() && !config.paged_kv {
-            // The launch writes the TMA maps at FwdTmaParams' offset: the compiled kernel must
-            // read them there (NVRTC places them; a mismatch would silently read `enabled`
-            // from the wrong bytes).
-            let want = crate::cuda::params::fwd_tma_param_layout();
-            let got: Option<Vec<(usize, usize)>> =
-                crate::jit::cubin_params(&cubin, &key).map(|ps| {
-                    ps.iter()
-                        .map(|p| (p.offset as usize, p.size as usize))
-                        .collect()
-                });
-            if got.as_ref() != Some(&want) {
-                return Err(AttnError::Cuda {
-                    call: format!("parameter table of {key}"),
-                    msg: format!(
-                        "the kernel takes (offset, size) {got:?}, the host launches {want:?}"
-                    ),
-                });
-            }
-        }
+        check_tma_param_table(config, &cubin)?;
         let module = ctx
             .load_module(Ptx::from_binary(cubin))
             .map_err(|e| AttnError::Cuda {
@@ -624,7 +605,8 @@ pub unsafe fn launch_prefill(
             maps,
         };
         // SAFETY: FwdTmaParams is this kernel's parameter layout (FwdParams' fields, then the
-        // maps: tests/nvrtc_catalog.rs, checked again when the CUBIN is loaded); the caller
+        // maps: tests/nvrtc_catalog.rs, and check_tma_param_table when the CUBIN is loaded
+        // by either loader); the caller
         // vouches for the buffers, and each map covers at most the tokens it was given.
         unsafe { crate::cuda::params::launch(stream, func, cfg, &p) }
     } else {
@@ -635,5 +617,33 @@ pub unsafe fn launch_prefill(
     launched.map_err(|e| AttnError::KernelLaunch {
         key: key.to_string(),
         msg: e.to_string(),
+    })
+}
+
+/// For a kernel that [`takes_tma_maps`]: its CUBIN's parameter table must be
+/// [`crate::cuda::params::fwd_tma_param_layout`]'s, since [`launch_prefill`] writes the maps at
+/// [`FwdTmaParams`]' offset (NVRTC places them; a mismatch would silently read the maps and
+/// `enabled` from the wrong bytes). Other kernels pass unchecked. Called wherever such a CUBIN
+/// is loaded ([`PrefillSm80Kernel::from_cubin`], the layer's `launch::load_module`).
+///
+/// # Errors
+/// [`AttnError::Cuda`] (`call` "parameter table of KEY") with both layouts.
+pub fn check_tma_param_table(config: &KernelConfig, cubin: &[u8]) -> Result<()> {
+    if !takes_tma_maps(config) {
+        return Ok(());
+    }
+    let key = config.key();
+    let want = crate::cuda::params::fwd_tma_param_layout();
+    let got: Option<Vec<(usize, usize)>> = crate::jit::cubin_params(cubin, &key).map(|ps| {
+        ps.iter()
+            .map(|p| (p.offset as usize, p.size as usize))
+            .collect()
+    });
+    if got.as_ref() == Some(&want) {
+        return Ok(());
+    }
+    Err(AttnError::Cuda {
+        call: format!("parameter table of {key}"),
+        msg: format!("the kernel takes (offset, size) {got:?}, the host launches {want:?}"),
     })
 }
