@@ -225,7 +225,9 @@ pub fn prefill_sm80(fwd: &KernelConfig, target: Target) -> Option<KernelConfig> 
 /// here). The first wgmma kernel measured 0.86-0.93x the sm80 kernel at head dim 64 (H200,
 /// 2026-11-30), so it started at 128; the warp-specialized tile with TMA loads measured
 /// 1.20-1.38x the sm80 kernel at head dim 64, 2k-16k tokens, causal and not (H200,
-/// 2026-12-01, `attn bench prefill --head-dims 64 --tiles 64:sm90:m128n128w12s3`).
+/// 2026-12-01, `attn bench prefill --head-dims 64 --tiles 64:sm90:m128n128w12s3`), and the
+/// tile without a producer warpgroup, which a paged pool's prefill runs, 1.07-1.14x in the
+/// same call (padded input; the paged path itself not measured at head dim 64).
 pub const SM90_MIN_HEAD_DIM: usize = 64;
 
 /// The Hopper forward kernel (`prefill_*_sm90`, warpgroup MMA, default tile) for the prefill
