@@ -212,24 +212,9 @@ extern "C" __global__ void __launch_bounds__(THREADS, 1) {{ key }}(const BwdPara
 #pragma unroll
                         for (int e = 0; e < 2; ++e) {
                             const int j = n0 + s_c0 + ni * 8 + 2 * tq + e;
-                            float x = s[mi][ni][2 * hh + e];
-                            if (!full && (j < lo || j >= hi)) x = neg_inf();
-{%- if mask_tensor %}
-                            // The mask tensor per element (rows past sq, keys past sk unread).
-                            if (i < sq && j < sk &&
-                                mbase[(long long)i * p.mask_stride_q + (long long)j * p.mask_stride_k] != 0)
-                                x = neg_inf();
-{%- endif %}
-{%- if has_bias %}
-                            if (x != neg_inf() && i < sq && j < sk)
-                                x = biased_logit_log2(
-                                    x * scale_nat, bbase[(long long)i * p.bias_stride_q + (long long)j * p.bias_stride_k]);
-                            else
-                                x = neg_inf();
-                            pv[e] = fast_exp2(x - l2);
-{%- else %}
-                            pv[e] = fast_exp2(fmaf(x, sl2, -l2));
-{%- endif %}
+                            pv[e] = fused_prob(s[mi][ni][2 * hh + e], i, j, lo, hi, full, sq, sk, l2, sl2,
+                                               {% if has_bias %}scale_nat{% else %}0.0f{% endif %},
+                                               {% if mask_tensor %}mbase{% else %}nullptr{% endif %}, {% if has_bias %}bbase{% else %}nullptr{% endif %}, p);
                         }
                         *reinterpret_cast<unsigned*>(sP + r * PROW + s_c0 + ni * 8 + 2 * tq) = pack2(pv[0], pv[1]);
                     }

@@ -1,12 +1,43 @@
 // ---------------------------------------------------------------------------------------
 // What the fused backward kernels (templates/backward_dqdkdv_sm80.cu, backward_dqdkdv_sm90.cu)
-// share: the 4-byte cp.async of the LSE and D rows (`load_lse_d`) and the unpacking of a
-// {{ dtype }} pair;
+// share: the 4-byte cp.async of the LSE and D rows (`load_lse_d`), the probability of one
+// score under the forward's masks (`fused_prob`) and the unpacking of a {{ dtype }} pair;
 // included at the end with `fused_part` set to "convert", the `<key>_dq_convert` entry that
 // scales and rounds the f32 dq accumulator into dq. Needs partials/types.cu, params_bwd.cu
 // and pack.cu.
 // ---------------------------------------------------------------------------------------
 {%- if fused_part | default(value="helpers") == "helpers" %}
+
+/// P of one score of the fused backward: `x` = q·k of query i and key j (raw f32), masked as
+/// the forward masks it: keys outside [lo, hi) unless `full` (the tile is wholly visible){%- if mask_tensor %},
+/// the mask tensor's nonzero elements (`mbase`: sequence b / head h's plane; rows past `sq`
+/// and keys past `sk` unread){%- endif %}{%- if has_bias %}, then the bias added (`bbase`, as
+/// the mask) and the biased logit taken to log2 units{%- endif %}; then exp2 against the row's LSE `l2`
+/// (log2 units; `sl2` = softmax scale / ln 2{%- if has_bias %}, `scale_nat` the scale{%- endif %}).
+__device__ __forceinline__ float fused_prob(float x, int i, int j, int lo, int hi, bool full, int sq, int sk,
+                                            float l2, float sl2, float scale_nat, const unsigned char* mbase,
+                                            const float* bbase, const BwdParams& p) {
+    if (!full && (j < lo || j >= hi)) x = neg_inf();
+{%- if mask_tensor %}
+    if (i < sq && j < sk && mbase[(long long)i * p.mask_stride_q + (long long)j * p.mask_stride_k] != 0)
+        x = neg_inf();
+{%- else %}
+    (void)mbase;
+{%- endif %}
+{%- if has_bias %}
+    if (x != neg_inf() && i < sq && j < sk)
+        x = biased_logit_log2(x * scale_nat, bbase[(long long)i * p.bias_stride_q + (long long)j * p.bias_stride_k]);
+    else
+        x = neg_inf();
+    return fast_exp2(x - l2);
+{%- else %}
+    (void)bbase; (void)scale_nat;
+{%- if not mask_tensor %}
+    (void)i; (void)sq; (void)sk; (void)p;
+{%- endif %}
+    return fast_exp2(fmaf(x, sl2, -l2));
+{%- endif %}
+}
 
 /// 4-byte async copy global -> shared (`.ca`: the only cache mode for 4 bytes); `valid ==
 /// false` zero-fills the destination.
