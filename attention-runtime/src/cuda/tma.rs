@@ -93,6 +93,31 @@ fn tensor_map(
     Ok(Some(unsafe { map.assume_init() }.opaque))
 }
 
+/// The `(slots, rows)` views of q and of k / v for the launch described by `p` (module docs:
+/// the token of row i in slot s is `i * slots + s`), `rows * slots` never above the given
+/// token rows; `None` for a paged pool or an empty batch. Packed: one slot of all the tokens;
+/// padded: `batch` slots; a static cache's k / v: `cache_max_batch` slots.
+pub(crate) fn prefill_views(
+    p: &FwdParams,
+    (q_tokens, kv_tokens): (usize, usize),
+) -> Option<((usize, usize), (usize, usize))> {
+    let batch = p.batch.max(0) as usize;
+    if p.block_table != 0 || batch == 0 {
+        return None;
+    }
+    Some(if p.cu_seqlens_q != 0 {
+        ((1, q_tokens), (1, kv_tokens))
+    } else {
+        let q = (batch, q_tokens / batch);
+        if p.cache_seqlens_k != 0 {
+            let slots = p.cache_max_batch.max(0) as usize;
+            (q, (slots, kv_tokens.checked_div(slots).unwrap_or(0)))
+        } else {
+            (q, (batch, kv_tokens / batch))
+        }
+    })
+}
+
 /// The maps of one non-paged prefill launch described by `p` (its mode from which pointers
 /// are set: packed when `cu_seqlens_q` is, a static cache when `cache_seqlens_k` is, else
 /// padded): q in boxes of `block_m` rows, k and v in boxes of `block_n` rows. `tokens` are
@@ -109,21 +134,8 @@ pub fn prefill_maps(
     (block_m, block_n): (usize, usize),
     (q_tokens, kv_tokens): (usize, usize),
 ) -> Result<TmaMaps> {
-    let batch = p.batch.max(0) as usize;
-    if p.block_table != 0 || batch == 0 {
+    let Some((q_view, kv_view)) = prefill_views(p, (q_tokens, kv_tokens)) else {
         return Ok(TmaMaps::default());
-    }
-    // (slots, rows) of q's and of k/v's views.
-    let (q_view, kv_view) = if p.cu_seqlens_q != 0 {
-        ((1, q_tokens), (1, kv_tokens))
-    } else {
-        let q = (batch, q_tokens / batch);
-        if p.cache_seqlens_k != 0 {
-            let slots = p.cache_max_batch.max(0) as usize;
-            (q, (slots, kv_tokens.checked_div(slots).unwrap_or(0)))
-        } else {
-            (q, (batch, kv_tokens / batch))
-        }
     };
     let (heads, groups) = (p.num_heads.max(0) as usize, p.num_groups.max(0) as usize);
     let qm = tensor_map(dtype, p.q, head_dim, heads, q_view.0, q_view.1, block_m)?;
@@ -139,4 +151,91 @@ pub fn prefill_maps(
         },
         _ => TmaMaps::default(),
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::prefill_views;
+    use crate::cuda::params::FwdParams;
+
+    /// The token the kernel's TMA coordinates of (slot, row) name: `row * slots + slot`.
+    fn token(view: (usize, usize), slot: usize, row: usize) -> usize {
+        assert!(
+            slot < view.0 && row < view.1,
+            "({slot}, {row}) outside {view:?}"
+        );
+        row * view.0 + slot
+    }
+
+    #[test]
+    fn padded_views_name_the_kernels_tokens() {
+        // q [s = 5, b = 3], k / v [sk = 7, b = 3]: query i of sequence b is token i * 3 + b
+        // (templates/partials/prefill_block.cu: q_tok0 = b, q_step = batch).
+        let p = FwdParams {
+            batch: 3,
+            ..FwdParams::default()
+        };
+        let (q, kv) = prefill_views(&p, (15, 21)).unwrap();
+        assert_eq!((q, kv), ((3, 5), (3, 7)));
+        for b in 0..3 {
+            for i in 0..5 {
+                // The kernel: slot = q_tok0 % q_step, row = q_tok0 / q_step + i.
+                assert_eq!(token(q, b % 3, b / 3 + i), i * 3 + b);
+            }
+        }
+    }
+
+    #[test]
+    fn packed_views_are_one_slot_of_every_token() {
+        let p = FwdParams {
+            batch: 2,
+            cu_seqlens_q: 0x1000,
+            cu_seqlens_k: 0x2000,
+            ..FwdParams::default()
+        };
+        let (q, kv) = prefill_views(&p, (37, 41)).unwrap();
+        assert_eq!((q, kv), ((1, 37), (1, 41)));
+        // Sequence b starting at token 30: slot 0, rows 30 ..
+        assert_eq!(token(q, 0, 30 + 6), 36);
+    }
+
+    #[test]
+    fn static_cache_views_span_the_cache_slots() {
+        // q [s = 4, b = 2]; the cache layer [max_seq = 16, max_batch = 5]; sequence b in slot
+        // cache_batch_offset + b (k_tok0), k_step = max_batch.
+        let p = FwdParams {
+            batch: 2,
+            cache_seqlens_k: 0x1000,
+            cache_batch_offset: 3,
+            cache_max_batch: 5,
+            ..FwdParams::default()
+        };
+        let (q, kv) = prefill_views(&p, (8, 80)).unwrap();
+        assert_eq!((q, kv), ((2, 4), (5, 16)));
+        for b in 0..2usize {
+            let slot = 3 + b;
+            for j in [0, 15] {
+                assert_eq!(token(kv, slot % 5, slot / 5 + j), j * 5 + slot);
+            }
+        }
+    }
+
+    #[test]
+    fn paged_pools_and_empty_batches_have_no_views() {
+        let paged = FwdParams {
+            batch: 2,
+            cu_seqlens_q: 0x1000,
+            block_table: 0x2000,
+            ..FwdParams::default()
+        };
+        assert_eq!(prefill_views(&paged, (10, 64)), None);
+        assert_eq!(prefill_views(&FwdParams::default(), (10, 10)), None);
+        // A cache without slots maps no rows (tensor_map then leaves TMA off).
+        let no_slots = FwdParams {
+            batch: 1,
+            cache_seqlens_k: 0x1000,
+            ..FwdParams::default()
+        };
+        assert_eq!(prefill_views(&no_slots, (4, 16)), Some(((1, 4), (0, 0))));
+    }
 }
