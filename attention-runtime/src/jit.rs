@@ -386,6 +386,17 @@ pub struct CubinParam {
     pub size: u16,
 }
 
+/// [`cubin_params`] as the host's parameter layouts are written: `(byte offset, byte size)`
+/// per parameter, in order (what `cuda::params::param_layout` and
+/// `cuda::params::fwd_tma_param_layout` return). `None` as [`cubin_params`].
+pub fn cubin_param_layout(cubin: &[u8], entry: &str) -> Option<Vec<(usize, usize)>> {
+    cubin_params(cubin, entry).map(|ps| {
+        ps.iter()
+            .map(|p| (p.offset as usize, p.size as usize))
+            .collect()
+    })
+}
+
 /// The parameter list of entry point `entry` of a CUBIN, in ordinal order, from the
 /// `EIATTR_KPARAM_INFO` records of its `.nv.info.<entry>` section (what the driver uses to
 /// lay out a launch's parameter buffer). `None` when the image is not a 64-bit ELF or has no

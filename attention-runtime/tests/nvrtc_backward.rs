@@ -13,7 +13,9 @@ use attention_codegen::registry::{
 use attention_codegen::render::{KernelConfig, Phase, PrefillTile, RenderError};
 use attention_codegen::{parse_spec, DType, MaskType};
 use attention_runtime::cuda::params::{param_layout, BwdParams};
-use attention_runtime::jit::{compile_with_ptxas_info, cubin_params, nvrtc_available, PtxasUsage};
+use attention_runtime::jit::{
+    compile_with_ptxas_info, cubin_param_layout, nvrtc_available, PtxasUsage,
+};
 
 fn require_nvrtc() -> bool {
     if std::env::var("ATTN_SKIP_NVRTC").as_deref() == Ok("1") {
@@ -60,11 +62,8 @@ fn compile_one_spilling(c: &KernelConfig, arch: &str, max_spill: u32, failures: 
     let want = param_layout(c.phase, false).expect("backward phases have a layout");
     assert_eq!(want, vec![(0, std::mem::size_of::<BwdParams>())]);
     for e in &entries {
-        let got: Vec<(usize, usize)> = cubin_params(&compiled.cubin, e)
-            .unwrap_or_else(|| panic!("{e} for {arch}: no parameter table"))
-            .iter()
-            .map(|p| (p.offset as usize, p.size as usize))
-            .collect();
+        let got = cubin_param_layout(&compiled.cubin, e)
+            .unwrap_or_else(|| panic!("{e} for {arch}: no parameter table"));
         if got != want {
             failures.push(format!(
                 "{e} for {arch}: parameters {got:?}, the host launches {want:?}"

@@ -12,7 +12,7 @@ use attention_codegen::DType;
 use attention_runtime::cuda::params::{fwd_tma_param_layout, param_layout};
 use attention_runtime::cuda::prefill_sm80::takes_tma_maps;
 use attention_runtime::jit::{
-    compile_cubin, compile_with_log, cubin_params, nvrtc_available, nvrtc_version, JitError,
+    compile_cubin, compile_with_log, cubin_param_layout, nvrtc_available, nvrtc_version, JitError,
 };
 
 const ARCHS: &[&str] = &["sm_80", "sm_90a"];
@@ -83,11 +83,8 @@ fn every_catalog_kernel_compiles_for_sm80_and_sm90a() {
                         param_layout(k.phase, k.paged_kv)
                     };
                     for (entry, want) in entries.iter().filter_map(|e| Some((e, layout.clone()?))) {
-                        let got: Vec<(usize, usize)> = cubin_params(&cubin, entry)
-                            .unwrap_or_else(|| panic!("{entry} for {arch}: no parameter table"))
-                            .iter()
-                            .map(|p| (p.offset as usize, p.size as usize))
-                            .collect();
+                        let got = cubin_param_layout(&cubin, entry)
+                            .unwrap_or_else(|| panic!("{entry} for {arch}: no parameter table"));
                         if got != want {
                             failures.push(format!(
                                 "kernel `{entry}` for {arch}: parameters (offset, size) \
@@ -431,11 +428,7 @@ fn check_no_spills_sm90a(
     let compiled = compile_with_ptxas_info(key, source, "sm_90a").expect("compiles");
     if let Some(want) = params {
         for e in entries {
-            let got: Vec<(usize, usize)> = cubin_params(&compiled.cubin, e)
-                .unwrap_or_default()
-                .iter()
-                .map(|p| (p.offset as usize, p.size as usize))
-                .collect();
+            let got = cubin_param_layout(&compiled.cubin, e).unwrap_or_default();
             if got != want {
                 failures.push(format!(
                     "{e}: parameters (offset, size) {got:?}, the host launches {want:?}"

@@ -8,7 +8,9 @@
 
 use attention_codegen::{DType, SUPPORTED_HEAD_DIMS};
 use attention_runtime::cuda::cp_backward_kernels::CpBackwardKernels;
-use attention_runtime::jit::{compile_with_ptxas_info, cubin_params, nvrtc_available, PtxasUsage};
+use attention_runtime::jit::{
+    compile_with_ptxas_info, cubin_param_layout, nvrtc_available, PtxasUsage,
+};
 
 fn require_nvrtc() -> bool {
     if std::env::var("ATTN_SKIP_NVRTC").as_deref() == Ok("1") {
@@ -84,11 +86,7 @@ fn cp_backward_kernels_compile_without_spills() {
                         Some(_) => {}
                         None => failures.push(format!("{e} ({}) {arch}: no ptxas usage", k.key)),
                     }
-                    let got: Vec<(usize, usize)> = cubin_params(&compiled.cubin, &e)
-                        .unwrap_or_default()
-                        .iter()
-                        .map(|p| (p.offset as usize, p.size as usize))
-                        .collect();
+                    let got = cubin_param_layout(&compiled.cubin, &e).unwrap_or_default();
                     let want = host_params(&e);
                     if got != want {
                         failures.push(format!(

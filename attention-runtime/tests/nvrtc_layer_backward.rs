@@ -14,7 +14,7 @@ use attention_codegen::{DType, QkNorm, RopeMode};
 use attention_runtime::cuda::params::KernelParams;
 use attention_runtime::cuda::train_ops::{PrepBackwardKernels, QkvPrepBwdParams};
 use attention_runtime::jit::{
-    compile_ptx, compile_with_ptxas_info, cubin_params, nvrtc_available, PtxasUsage,
+    compile_ptx, compile_with_ptxas_info, cubin_param_layout, nvrtc_available, PtxasUsage,
 };
 
 fn require_nvrtc() -> bool {
@@ -124,11 +124,8 @@ fn compile_one(c: &KernelConfig, arch: &str, failures: &mut Vec<String>) {
         ));
     }
     let want = vec![(0usize, std::mem::size_of::<QkvPrepBwdParams>())];
-    let got: Vec<(usize, usize)> = cubin_params(&compiled.cubin, &k.key)
-        .unwrap_or_else(|| panic!("{} for {arch}: no parameter table", k.key))
-        .iter()
-        .map(|p| (p.offset as usize, p.size as usize))
-        .collect();
+    let got = cubin_param_layout(&compiled.cubin, &k.key)
+        .unwrap_or_else(|| panic!("{} for {arch}: no parameter table", k.key));
     if got != want {
         failures.push(format!(
             "{} for {arch}: parameters {got:?}, the host launches {want:?}",

@@ -205,9 +205,10 @@ kernel_params! {
 #[repr(C)]
 #[derive(Debug, Clone, Copy, Default, PartialEq)]
 pub struct TmaMaps {
-    /// q's map: `[head_dim, num_heads, batch, seqlen_q]`, boxes of 64 x 1 x 1 x `block_m`.
+    /// q's map: `[head_dim, num_heads, slots, rows]` (`cuda::tma`: padded, packed or a static
+    /// cache's view), boxes of 64 x 1 x 1 x `block_m`.
     pub q: [u64; 16],
-    /// k's map: `[head_dim, num_groups, batch, seqlen_k]`, boxes of 64 x 1 x 1 x `block_n`.
+    /// k's map: `[head_dim, num_groups, slots, rows]`, boxes of 64 x 1 x 1 x `block_n`.
     pub k: [u64; 16],
     /// v's map, as k's.
     pub v: [u64; 16],

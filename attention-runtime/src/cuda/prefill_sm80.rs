@@ -634,11 +634,7 @@ pub fn check_tma_param_table(config: &KernelConfig, cubin: &[u8]) -> Result<()> 
     }
     let key = config.key();
     let want = crate::cuda::params::fwd_tma_param_layout();
-    let got: Option<Vec<(usize, usize)>> = crate::jit::cubin_params(cubin, &key).map(|ps| {
-        ps.iter()
-            .map(|p| (p.offset as usize, p.size as usize))
-            .collect()
-    });
+    let got = crate::jit::cubin_param_layout(cubin, &key);
     if got.as_ref() == Some(&want) {
         return Ok(());
     }
