@@ -7,8 +7,10 @@
 //
 // `decode_splitkv_bf16_hd256_ropehalf256_w4` (split kernel), one block of WARPS warps per (split, group, sequence): for sequence
 // b whose new tokens sit at positions pos .. pos + T - 1 (pos = cache_seqlens[b]) it
-//   0. issues the copies of its first STAGES - 1 K/V tiles (below) before anything else, so
-//      that their latency runs under steps 1 and the query rotation,
+//   0. copies its small inputs into shared memory first (the first pass's query rows; the new
+//      k/v rows it appends and the rope rows at pos .. pos + T - 1), then issues the copies
+//      of its first STAGES - 1 K/V tiles (below), so that their latency runs under step 1 and
+//      the query rotation,
 //   1. rotates each new k with the cos/sin tables at its position and appends it and its v at
 //      that cache row (one warp per row, only in the block whose split owns the row; only that
 //      block reads the row, after a barrier; a row inside the tiles of step 0 is written into
@@ -218,6 +220,11 @@ static_assert(WARPS % ROW_BLOCKS == 0 && TILE % WPR == 0 && KW % 16 == 0,
 static_assert(WARPS * MROWS * HEAD_DIM * 4 <= STAGES * 2 * TILE * SROW * 2,
               "the warps' partial outputs fit in the ring");
 static_assert(HEAD_DIM % 16 == 0, "head dim must be a multiple of 16");
+/// The most new tokens per sequence of a step (render.rs `DECODE_SPLITKV_MAX_TOKENS`).
+constexpr int MAX_TOKENS = 16;
+static_assert(STAGES >= 3, "ring slot STAGES - 1 stages the step's inputs while the first tiles load");
+static_assert(2 * MAX_TOKENS * HEAD_DIM * 2 + MAX_TOKENS * ROT_DIM * 4 <= 2 * TILE * SROW * 2,
+              "the new k/v rows and rope rows fit one ring slot");
 // ---------------------------------------------------------------------------------------
 // cp.async helpers (sm_80+) of the tensor-core kernels (prefill_sm80.cu, prefill_sm90.cu,
 // decode_splitkv.cu, the backward kernels): the shared-space address of a pointer, the
@@ -279,10 +286,16 @@ __device__ __forceinline__ unsigned pack2(float lo, float hi) {
 }
 
 
-/// Rotate the row held in `stage` (f32 [HEAD_DIM]) into x (lane's channels) at table row `pos`.
-__device__ __forceinline__ void rope_row(float (&x)[LANE_D], const float* stage,
-                                         const float* __restrict__ rope_cos,
-                                         const float* __restrict__ rope_sin, long long pos, int lane) {
+/// 4-byte async copy global -> shared (the rope rows' staging; their rows need not be
+/// 16-byte aligned).
+__device__ __forceinline__ void cp_async4(unsigned dst, const void* src) {
+    asm volatile("cp.async.ca.shared.global [%0], [%1], 4;\n" ::"r"(dst), "l"(src));
+}
+
+/// Rotate the row held in `stage` (f32 [HEAD_DIM]) into x (lane's channels) with the cos and
+/// sin rows of its position (f32 [ROT_DIM / 2] each, global or shared memory).
+__device__ __forceinline__ void rope_row(float (&x)[LANE_D], const float* stage, const float* cos_row,
+                                         const float* sin_row, int lane) {
 #pragma unroll
     for (int c = 0; c < LANE_D; ++c) {
         const int d = c * WARP_SIZE + lane;
@@ -291,8 +304,8 @@ __device__ __forceinline__ void rope_row(float (&x)[LANE_D], const float* stage,
             const int f = d < half ? d : d - half;
             const int partner = d < half ? d + half : d - half;
             const float sign = d < half ? -1.0f : 1.0f;
-            const float cs = rope_cos[pos * (ROT_DIM / 2) + f];
-            const float sn = rope_sin[pos * (ROT_DIM / 2) + f];
+            const float cs = cos_row[f];
+            const float sn = sin_row[f];
             x[c] = x[c] * cs + sign * stage[partner] * sn;
         }
     }
@@ -392,20 +405,59 @@ extern "C" __global__ void __launch_bounds__(WARPS * WARP_SIZE, MIN_BLOCKS) deco
         cp_async_commit();
     };
 
-    // The first pass's first STAGES - 1 tiles go in flight now, under the append and the
-    // query rotation (their global latency would otherwise come after both).
+    // Rows of the step: token t's query heads of this group, row t * per + head.
+    const int rows_total = per * num_tokens;
+    // 0a. The step's small inputs are copied first, in a commit group of their own ahead of
+    //     the tiles' (loads issued after the tiles' copies wait behind them: on an H200 at
+    //     batch 1, 8k context, 12% of the split kernel's samples sat on the query load when it
+    //     came after them): the first pass's query rows, as they are, into q_s; the new
+    //     tokens' k/v rows (those this block appends) and their rope rows into ring slot
+    //     STAGES - 1, which the main loop first fills at its first step.
+    for (int e = tid; e < min(PASS_ROWS, rows_total) * CHUNKS; e += WARPS * WARP_SIZE) {
+        const int r = e / CHUNKS, c = e % CHUNKS;
+        const int t = r / per, hh = r % per;
+        const elem_t* qr = q + (((long long)t * batch + b) * num_heads + g * per + hh) * HEAD_DIM;
+        cp_async16(smem_addr(q_s + r * SROW + c * 8), qr + c * 8);
+    }
+    // The split that appends new token t (row pos + t): the one whose range holds the row.
+    auto owner_of = [&](int t) {
+        const long long j = pos + t;
+        return (j >= lo && j < hi && chunk > 0) ? (int)((j - lo) / chunk) : 0;
+    };
+    // Staging in slot STAGES - 1: k rows elem_t [T][HEAD_DIM], v rows [T][HEAD_DIM], then
+    // the rope rows f32 [T][ROT_DIM] (cos row, sin row).
+    elem_t* const k_st = ring + (STAGES - 1) * (2 * TILE * SROW);
+    elem_t* const v_st = k_st + num_tokens * HEAD_DIM;
+    for (int e = tid; e < num_tokens * CHUNKS; e += WARPS * WARP_SIZE) {
+        const int t = e / CHUNKS, c = e % CHUNKS;
+        if (owner_of(t) != split) continue;
+        const long long at = (((long long)t * batch + b) * num_groups + g) * HEAD_DIM + c * 8;
+        cp_async16(smem_addr(k_st + t * HEAD_DIM + c * 8), k_new + at);
+        cp_async16(smem_addr(v_st + t * HEAD_DIM + c * 8), v_new + at);
+    }
+    float* const rope_st = reinterpret_cast<float*>(v_st + num_tokens * HEAD_DIM);
+    for (int e = tid; e < num_tokens * ROT_DIM; e += WARPS * WARP_SIZE) {
+        const int t = e / ROT_DIM, f = e % ROT_DIM;
+        const long long at = (pos + t) * (ROT_DIM / 2);
+        cp_async4(smem_addr(rope_st + e), f < ROT_DIM / 2 ? rope_cos + at + f : rope_sin + at + (f - ROT_DIM / 2));
+    }
+    cp_async_commit();
+
+    // 0b. The first pass's first STAGES - 1 tiles go in flight now, under the append and the
+    //     query rotation (their global latency would otherwise come after both).
 #pragma unroll
     for (int t = 0; t < STAGES - 1; ++t) load_tile(t, true);
+    cp_async_wait<STAGES - 1>();   // the inputs' group (the tiles' groups may be in flight)
+    __syncthreads();               // every thread's copies of it visible
 
     // 1. Append: new row j = pos + t (rotated at j) goes to the cache from the split whose
     //    range holds it, one warp per row. Only that block reads row j, after the barrier
     //    that opens the first pass.
     for (int t = warp; t < num_tokens; t += WARPS) {
         const long long j = pos + t;
-        const int owner = (j >= lo && j < hi && chunk > 0) ? (int)((j - lo) / chunk) : 0;
-        if (owner != split) continue;
-        const elem_t* kn = k_new + (((long long)t * batch + b) * num_groups + g) * HEAD_DIM;
-        const elem_t* vn = v_new + (((long long)t * batch + b) * num_groups + g) * HEAD_DIM;
+        if (owner_of(t) != split) continue;
+        const elem_t* kn = k_st + t * HEAD_DIM;
+        const elem_t* vn = v_st + t * HEAD_DIM;
         float x[LANE_D];
 #pragma unroll
         for (int c = 0; c < LANE_D; ++c) {
@@ -413,7 +465,7 @@ extern "C" __global__ void __launch_bounds__(WARPS * WARP_SIZE, MIN_BLOCKS) deco
             if (ch_ok(c, lane)) stage[warp][c * WARP_SIZE + lane] = x[c];
         }
         __syncwarp();
-        rope_row(x, stage[warp], rope_cos, rope_sin, j, lane);
+        rope_row(x, stage[warp], rope_st + t * ROT_DIM, rope_st + t * ROT_DIM + ROT_DIM / 2, lane);
         const long long off = ((j * max_batch + slot) * num_groups + g) * HEAD_DIM;
         // The row's tile, if the early prefetch holds it: the row goes into the ring too.
         const int tt = j >= s_lo && j < s_hi ? (int)(j - s_lo) / TILE : STAGES;
@@ -448,17 +500,16 @@ extern "C" __global__ void __launch_bounds__(WARPS * WARP_SIZE, MIN_BLOCKS) deco
     const unsigned q_addr = smem_addr(q_s) + (unsigned)(rb * MROWS * SROW * 2);
     const int qd = lane / 4, qc = 2 * (lane % 4);   // fragment row / first column
     float* red = reinterpret_cast<float*>(kv_ring);
-    // Rows of the step: token t's query heads of this group, row t * per + head.
-    const int rows_total = per * num_tokens;
-
     for (int r0 = 0; r0 < rows_total; r0 += PASS_ROWS) {
         const int rows = min(PASS_ROWS, rows_total - r0);
         __syncthreads();   // the previous pass is done with q_s, ml_s and the ring; the appended rows are visible
-        // The pass's query rows, rotated, into q_s (zero rows past the step's rows).
+        // The pass's query rows, rotated, into q_s (zero rows past the step's rows; the first
+        // pass's rows are in q_s already, as they are: step 0a).
         for (int r = warp; r < PASS_ROWS; r += WARPS) {
             if (r < rows) {
                 const int t = (r0 + r) / per, hh = (r0 + r) % per;
-                const elem_t* qr = q + (((long long)t * batch + b) * num_heads + g * per + hh) * HEAD_DIM;
+                const elem_t* qr = r0 == 0 ? q_s + r * SROW
+                                           : q + (((long long)t * batch + b) * num_heads + g * per + hh) * HEAD_DIM;
                 float qv[LANE_D];
 #pragma unroll
                 for (int c = 0; c < LANE_D; ++c) {
@@ -466,7 +517,12 @@ extern "C" __global__ void __launch_bounds__(WARPS * WARP_SIZE, MIN_BLOCKS) deco
                     if (ch_ok(c, lane)) stage[warp][c * WARP_SIZE + lane] = qv[c];
                 }
                 __syncwarp();
-                rope_row(qv, stage[warp], rope_cos, rope_sin, pos + t, lane);
+                if (r0 == 0) {
+                    rope_row(qv, stage[warp], rope_st + t * ROT_DIM, rope_st + t * ROT_DIM + ROT_DIM / 2, lane);
+                } else {
+                    const long long at = (pos + t) * (ROT_DIM / 2);
+                    rope_row(qv, stage[warp], rope_cos + at, rope_sin + at, lane);
+                }
                 __syncwarp();
 #pragma unroll
                 for (int c = 0; c < LANE_D; ++c)
