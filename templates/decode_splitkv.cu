@@ -153,6 +153,20 @@ __device__ __forceinline__ void rope_row(float (&x)[LANE_D], const float* stage,
 {%- endif %}
 }
 
+/// Programmatic dependent launch (PTX `griddepcontrol`, sm_90+; no-ops before): allow the
+/// next kernel on the stream to be scheduled / wait until the previous one has completed and
+/// its memory operations are visible (returns at once when not launched as a dependent).
+__device__ __forceinline__ void grid_dependents_launch() {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+    asm volatile("griddepcontrol.launch_dependents;\n" ::: "memory");
+#endif
+}
+__device__ __forceinline__ void grid_dependency_wait() {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+    asm volatile("griddepcontrol.wait;\n" ::: "memory");
+#endif
+}
+
 __device__ __forceinline__ float warp_max(float x) {
 #pragma unroll
     for (int o = WARP_SIZE / 2; o > 0; o >>= 1) x = fmaxf(x, __shfl_xor_sync(FULL_WARP, x, o));
@@ -575,6 +589,9 @@ extern "C" __global__ void __launch_bounds__(WARPS * WARP_SIZE, MIN_BLOCKS) {{ k
             }
         }
         cp_async_wait<0>();
+        // The combine may be scheduled now (programmatic dependent launch, sm_90+: its launch
+        // overlaps this kernel's tail; it waits for this kernel's completion before reading).
+        grid_dependents_launch();
 
         // Merge the row block's warps: (m, l) through ml_s, scaled partial outputs through red.
 #pragma unroll
@@ -656,6 +673,9 @@ extern "C" __global__ void __launch_bounds__(MERGE_WARPS * WARP_SIZE) {{ key }}_
     int num_splits)
 {
 {%- endif %}
+    // Launched as a programmatic dependent of the split kernel on sm_90+: wait until that
+    // kernel has completed and its o_part / lse_part writes are visible.
+    grid_dependency_wait();
     __shared__ float part[MERGE_WARPS][HEAD_DIM];
     __shared__ float part_m[MERGE_WARPS];
     __shared__ float part_t[MERGE_WARPS];

@@ -8,6 +8,7 @@
 //! more than one split per 128 keys of the longest sequence (so the combine stays small), at
 //! most 128.
 
+use std::ffi::c_void;
 use std::sync::Arc;
 
 use attention_codegen::render::{
@@ -18,6 +19,7 @@ use cudarc::driver::{
 };
 
 use super::launch::{launch_err, load_function, load_module};
+use super::params::{dependent_order, launch_ordered, launch_params_ordered};
 use super::tensor::{cuda_err, upload};
 use super::CudaRuntime;
 use crate::error::{AttnError, Result};
@@ -215,7 +217,9 @@ fn split_launch_config(split: &CudaFunction, grid: (i32, i32, i32)) -> Result<La
     })
 }
 
-/// Queue the split and combine kernels of one decode step on `stream`.
+/// Queue the split and combine kernels of one decode step on `stream`; on sm_90+ the combine
+/// is a programmatic dependent launch ([`LaunchOrder::Programmatic`](super::params::LaunchOrder)),
+/// so its launch overlaps the split kernel's tail.
 pub fn launch_decode_splitkv(
     stream: &Arc<CudaStream>,
     key: &str,
@@ -249,22 +253,28 @@ pub fn launch_decode_splitkv(
         block_dim: (combine_threads(), 1, 1),
         shared_mem_bytes: 0,
     };
-    let mut b = stream.launch_builder(combine);
-    b.arg(&a.o_part).arg(&a.lse_part).arg(&a.out).arg(&a.lse);
-    b.arg(&a.sinks)
-        .arg(&a.gate)
-        .arg(&rows)
-        .arg(&a.num_heads)
-        .arg(&a.num_splits);
-    // SAFETY: matches the `_combine` entry point; buffers as above.
-    unsafe { b.launch(cfg) }.map_err(launch_err(key))?;
-    Ok(())
+    let mut args: [*mut c_void; 9] = [
+        &a.o_part as *const u64 as *mut c_void,
+        &a.lse_part as *const u64 as *mut c_void,
+        &a.out as *const u64 as *mut c_void,
+        &a.lse as *const u64 as *mut c_void,
+        &a.sinks as *const u64 as *mut c_void,
+        &a.gate as *const u64 as *mut c_void,
+        &rows as *const i32 as *mut c_void,
+        &a.num_heads as *const i32 as *mut c_void,
+        &a.num_splits as *const i32 as *mut c_void,
+    ];
+    let order = dependent_order(combine).map_err(launch_err(key))?;
+    // SAFETY: matches the `_combine` entry point (o_part, lse_part, out, lse, sinks, gate,
+    // batch, num_heads, num_splits); buffers as above; the combine waits for the split kernel
+    // (`griddepcontrol.wait`) before it reads o_part / lse_part.
+    unsafe { launch_ordered(stream, combine, cfg, order, &mut args, None) }.map_err(launch_err(key))
 }
 
 /// Queue the split and combine kernels of a paged batch's decode requests (`decode_splitkv` in
 /// its paged mode, loaded with [`decode_splitkv_kernels`]): split grid `(num_splits,
 /// num_groups, batch)`, combine grid `(merge_rows, num_heads)`, both launched with `p` as
-/// their parameters.
+/// their parameters (the combine as a programmatic dependent launch on sm_90+).
 ///
 /// # Safety
 /// Every pointer in `p` is a live device buffer of the shape `templates/decode_splitkv.cu`
@@ -288,8 +298,10 @@ pub unsafe fn launch_decode_splitkv_paged(
         block_dim: (combine_threads(), 1, 1),
         shared_mem_bytes: 0,
     };
-    // SAFETY: as above.
-    unsafe { super::params::launch(stream, combine, cfg, p) }.map_err(launch_err(key))
+    let order = dependent_order(combine).map_err(launch_err(key))?;
+    // SAFETY: as above; the combine waits for the split kernel (`griddepcontrol.wait`) before
+    // it reads o_part / lse_part.
+    unsafe { launch_params_ordered(stream, combine, cfg, order, p) }.map_err(launch_err(key))
 }
 
 /// A decode step captured in a CUDA graph on its own stream: replaying it re-runs the same

@@ -514,6 +514,104 @@ pub unsafe fn launch<P: KernelParams>(
     }
 }
 
+/// How a launch orders after the kernel queued before it on the same stream.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum LaunchOrder {
+    /// After the previous kernel has finished (a plain launch).
+    Serial,
+    /// A programmatic dependent launch (`CU_LAUNCH_ATTRIBUTE_PROGRAMMATIC_STREAM_SERIALIZATION`,
+    /// compute capability 9.0 and later; CUDA Programming Guide, "Programmatic Dependent
+    /// Launch"): the kernel may be scheduled once every block of the previous one has executed
+    /// `griddepcontrol.launch_dependents` or exited, so its launch overlaps that kernel's tail.
+    /// The kernel must execute `griddepcontrol.wait` (which returns once the previous kernel
+    /// has completed and its writes are visible) before it reads anything that kernel writes.
+    Programmatic,
+}
+
+/// [`LaunchOrder::Programmatic`] when `func` was compiled for compute capability 9.0 or later
+/// (`CU_FUNC_ATTRIBUTE_BINARY_VERSION`), else [`LaunchOrder::Serial`].
+///
+/// # Errors
+/// The driver's, when it cannot read the attribute.
+pub fn dependent_order(func: &CudaFunction) -> Result<LaunchOrder, DriverError> {
+    let v = func.get_attribute(sys::CUfunction_attribute_enum::CU_FUNC_ATTRIBUTE_BINARY_VERSION)?;
+    Ok(if v >= 90 {
+        LaunchOrder::Programmatic
+    } else {
+        LaunchOrder::Serial
+    })
+}
+
+/// Queue `func` on `stream` with `cuLaunchKernelEx`, ordered by `order`, its parameters either
+/// positional (`args`: one pointer per parameter, each to its value) or, with `args` empty, the
+/// buffer `buffer` (`CU_LAUNCH_PARAM_BUFFER_POINTER`, as [`launch`]).
+///
+/// # Safety
+/// The parameters must be `func`'s parameter list and every pointer in them live device memory
+/// holding what the kernel indexes under `cfg`; with [`LaunchOrder::Programmatic`] the kernel
+/// must wait (`griddepcontrol.wait`) before reading what the previous kernel writes.
+pub unsafe fn launch_ordered(
+    stream: &Arc<CudaStream>,
+    func: &CudaFunction,
+    cfg: LaunchConfig,
+    order: LaunchOrder,
+    args: &mut [*mut c_void],
+    buffer: Option<(*const c_void, usize)>,
+) -> Result<(), DriverError> {
+    stream.context().bind_to_thread()?;
+    let mut attr: sys::CUlaunchAttribute = unsafe { std::mem::zeroed() };
+    attr.id = sys::CUlaunchAttributeID::CU_LAUNCH_ATTRIBUTE_PROGRAMMATIC_STREAM_SERIALIZATION;
+    attr.value.programmaticStreamSerializationAllowed = 1;
+    let config = sys::CUlaunchConfig {
+        gridDimX: cfg.grid_dim.0,
+        gridDimY: cfg.grid_dim.1,
+        gridDimZ: cfg.grid_dim.2,
+        blockDimX: cfg.block_dim.0,
+        blockDimY: cfg.block_dim.1,
+        blockDimZ: cfg.block_dim.2,
+        sharedMemBytes: cfg.shared_mem_bytes,
+        hStream: stream.cu_stream(),
+        attrs: &mut attr,
+        numAttrs: u32::from(order == LaunchOrder::Programmatic),
+    };
+    let mut size = buffer.map_or(0, |b| b.1);
+    let mut extra: [*mut c_void; 5] = [
+        sys::CU_LAUNCH_PARAM_BUFFER_POINTER_AS_INT as usize as *mut c_void,
+        buffer.map_or(std::ptr::null_mut(), |b| b.0 as *mut c_void),
+        sys::CU_LAUNCH_PARAM_BUFFER_SIZE_AS_INT as usize as *mut c_void,
+        &mut size as *mut usize as *mut c_void,
+        std::ptr::null_mut(), // CU_LAUNCH_PARAM_END
+    ];
+    let (kernel_params, extra) = if buffer.is_some() {
+        (std::ptr::null_mut(), extra.as_mut_ptr())
+    } else {
+        (args.as_mut_ptr(), std::ptr::null_mut())
+    };
+    // SAFETY: the function, stream and `attr` are live for the call; the parameters (array or
+    // buffer) outlive it (the driver copies them); the caller guarantees their layout, the
+    // pointers and the wait.
+    unsafe { sys::cuLaunchKernelEx(&config, func.cu_function(), kernel_params, extra).result() }
+}
+
+/// [`launch_ordered`] with `params` as the whole parameter buffer (as [`launch`]).
+///
+/// # Safety
+/// As [`launch`] and [`launch_ordered`].
+pub unsafe fn launch_params_ordered<P: KernelParams>(
+    stream: &Arc<CudaStream>,
+    func: &CudaFunction,
+    cfg: LaunchConfig,
+    order: LaunchOrder,
+    params: &P,
+) -> Result<(), DriverError> {
+    let buffer = (
+        params as *const P as *const c_void,
+        std::mem::size_of::<P>(),
+    );
+    // SAFETY: the caller's guarantees.
+    unsafe { launch_ordered(stream, func, cfg, order, &mut [], Some(buffer)) }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
