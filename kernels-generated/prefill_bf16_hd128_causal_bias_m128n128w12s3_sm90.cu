@@ -35,11 +35,12 @@
 // - WARPS == BLOCK_M / 16: every warp loads and the block synchronizes twice per tile.
 // - WARPS == BLOCK_M / 16 + 4 (warp specialization, WS): the last warpgroup is the producer.
 //   It drops to PRODUCER_REGS registers (`setmaxnreg`). With TMA tensor maps (`TmaMaps`,
-//   `tma_maps.enabled`: padded or packed input, a static cache) one of its threads copies Q
-//   and each K/V tile as one TMA box per 64-column panel (`cp.async.bulk.tensor`, 128-byte
-//   swizzle) completing on the stage's `full` mbarrier (expect_tx; the tile that crosses the
-//   sequence's end first has its V rows past it zeroed, see the producer); otherwise (no
-//   maps; a paged pool) its threads copy them by
+//   `tma_maps.enabled`: padded or packed input, a static cache; a paged pool always) one of
+//   its threads copies Q and each K/V tile as one TMA box per 64-column panel (a paged pool:
+//   per pool block of the tile, from the producer warp's lanes; `cp.async.bulk.tensor`,
+//   128-byte swizzle) completing on the stage's `full` mbarrier (expect_tx; the tile that
+//   crosses the sequence's end first has its V rows past it zeroed, see the producer);
+//   otherwise (no maps) its threads copy them by
 //   cp.async and signal each stage's `full` mbarrier with `cp.async.mbarrier.arrive.noinc`;
 //   the consumer warpgroups (raised to CONSUMER_REGS) wait on `full`, fence the async proxy,
 //   and when done with a stage arrive on its `empty` mbarrier (one arrival per warp), which

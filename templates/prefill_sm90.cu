@@ -36,11 +36,12 @@
 // - WARPS == BLOCK_M / 16: every warp loads and the block synchronizes twice per tile.
 // - WARPS == BLOCK_M / 16 + 4 (warp specialization, WS): the last warpgroup is the producer.
 //   It drops to PRODUCER_REGS registers (`setmaxnreg`). With TMA tensor maps (`TmaMaps`,
-//   `tma_maps.enabled`: padded or packed input, a static cache) one of its threads copies Q
-//   and each K/V tile as one TMA box per 64-column panel (`cp.async.bulk.tensor`, 128-byte
-//   swizzle) completing on the stage's `full` mbarrier (expect_tx; the tile that crosses the
-//   sequence's end first has its V rows past it zeroed, see the producer); otherwise (no
-//   maps; a paged pool) its threads copy them by
+//   `tma_maps.enabled`: padded or packed input, a static cache; a paged pool always) one of
+//   its threads copies Q and each K/V tile as one TMA box per 64-column panel (a paged pool:
+//   per pool block of the tile, from the producer warp's lanes; `cp.async.bulk.tensor`,
+//   128-byte swizzle) completing on the stage's `full` mbarrier (expect_tx; the tile that
+//   crosses the sequence's end first has its V rows past it zeroed, see the producer);
+//   otherwise (no maps) its threads copy them by
 //   cp.async and signal each stage's `full` mbarrier with `cp.async.mbarrier.arrive.noinc`;
 //   the consumer warpgroups (raised to CONSUMER_REGS) wait on `full`, fence the async proxy,
 //   and when done with a stage arrive on its `empty` mbarrier (one arrival per warp), which
@@ -216,7 +217,14 @@ extern "C" __global__ void __launch_bounds__(THREADS, 1) {{ key }}(
     // of the stage's boxes (or, for the tile that crosses the sequence's end, once the
     // producer warp has zeroed its V rows past it: `bar_tail`); else every loading thread
     // arrives once its cp.async have landed.
+{%- if tma and paged_kv %}
+    // A paged pool's warp-specialized kernel loads by TMA only (the host refuses to launch it
+    // without maps): no cp.async producer is compiled in.
+    if (tma_maps.enabled == 0) __trap();
+    constexpr bool use_tma = true;
+{%- else %}
     const bool use_tma = {% if tma %}tma_maps.enabled != 0{% else %}false{% endif %};
+{%- endif %}
     if (WS) {
         if (tid == 0) {
             const unsigned arrivals = use_tma ? 1 : LOADERS;
@@ -309,7 +317,9 @@ extern "C" __global__ void __launch_bounds__(THREADS, 1) {{ key }}(
                 tma_load_4d(sQ_addr + pn * BLOCK_M * 128, tma_maps.q, pn * 64, h, (int)q_tok0 % (int)q_step,
                             (int)q_tok0 / (int)q_step + m0, bar_q);
         }
+{%- if not paged_kv %}
         const int k_slot = (int)k_tok0 % (int)k_step, k_row0 = (int)k_tok0 / (int)k_step;
+{%- endif %}
         __syncwarp();  // setmaxnreg is .sync.aligned: the warp converged after lane 0's branch
 {%- endif %}
         asm volatile("setmaxnreg.dec.sync.aligned.u32 %0;\n" ::"n"(PRODUCER_REGS));
@@ -329,6 +339,31 @@ extern "C" __global__ void __launch_bounds__(THREADS, 1) {{ key }}(
                     const int n0 = (tile_lo + t) * BLOCK_N;
                     const bool tail = n0 + BLOCK_N > sk;
                     const unsigned bar = tail ? bar_tail : bar_full + 8 * st;
+{%- if paged_kv %}
+                    // A paged pool: one box per pool block of the tile (min(block_size, BLOCK_N)
+                    // rows, 16-row multiples, so every box starts on the swizzle's period),
+                    // lane i issuing the i-th after lane 0 has announced the tile's bytes. Rows
+                    // past the sequence read the sequence's last block (never a block-table
+                    // entry past it): their V rows are zeroed below, their K scores masked.
+                    if (ltid == 0) mbar_arrive_expect_tx(bar, 2 * KV_BYTES);
+                    __syncwarp();
+                    const int rb = min(block_size, BLOCK_N);
+                    for (int r = ltid * rb; r < BLOCK_N; r += WARP_SIZE * rb) {
+                        const int j = n0 + r < sk ? n0 + r : (sk - 1) & ~(rb - 1);
+                        // (From the parameters, not bt_row / bs_shift: the producer's 40
+                        // registers at head dim 256.)
+                        const int sh = __ffs(block_size) - 1;
+                        const int row = (block_table[(long long)b * max_blocks_per_seq + (j >> sh)] << sh) +
+                                        (j & (block_size - 1));
+#pragma unroll
+                        for (int pn = 0; pn < HEAD_DIM / 64; ++pn) {
+                            tma_load_4d(sK_addr + st * KV_BYTES + pn * BLOCK_N * 128 + r * 128, tma_maps.k, pn * 64,
+                                        grp, 0, row, bar);
+                            tma_load_4d(sV_addr + st * KV_BYTES + pn * BLOCK_N * 128 + r * 128, tma_maps.v, pn * 64,
+                                        grp, 0, row, bar);
+                        }
+                    }
+{%- else %}
                     if (ltid == 0) {
                         const int row = k_row0 + n0;
                         mbar_arrive_expect_tx(bar, 2 * KV_BYTES);
@@ -340,6 +375,7 @@ extern "C" __global__ void __launch_bounds__(THREADS, 1) {{ key }}(
                                         k_slot, row, bar);
                         }
                     }
+{%- endif %}
                     if (tail) {
                         // At most one such tile per block (the last): phase 0.
                         mbar_wait(bar_tail, 0);

@@ -225,9 +225,8 @@ pub fn prefill_sm80(fwd: &KernelConfig, target: Target) -> Option<KernelConfig> 
 /// here). The first wgmma kernel measured 0.86-0.93x the sm80 kernel at head dim 64 (H200,
 /// 2026-11-30), so it started at 128; the warp-specialized tile with TMA loads measured
 /// 1.20-1.38x the sm80 kernel at head dim 64, 2k-16k tokens, causal and not (H200,
-/// 2026-12-01, `attn bench prefill --head-dims 64 --tiles 64:sm90:m128n128w12s3`), and the
-/// tile without a producer warpgroup, which a paged pool's prefill runs, 1.07-1.14x in the
-/// same call (padded input; the paged path itself not measured at head dim 64).
+/// 2026-12-01, `attn bench prefill --head-dims 64 --tiles 64:sm90:m128n128w12s3`; a paged
+/// pool's prefill runs the same tile, not yet measured at head dim 64).
 pub const SM90_MIN_HEAD_DIM: usize = 64;
 
 /// The Hopper forward kernel (`prefill_*_sm90`, warpgroup MMA, default tile) for the prefill
@@ -779,9 +778,9 @@ mod tests {
         assert!(
             c.paged_kv
                 && c.phase == Phase::PrefillSm90
-                && c.key().ends_with("_paged_m192n128w12s2_sm90")
+                && c.key().ends_with("_paged_m128n128w12s3_sm90")
         );
-        // A mask tensor, a bias or a window takes the 128-row tile (the 192-row one spills).
+        // A mask tensor, a bias or a window: the same warp-specialized tile.
         for heavy in [
             KernelConfig {
                 has_bias: true,
@@ -797,7 +796,7 @@ mod tests {
             },
         ] {
             assert!(
-                heavy.key().ends_with("_m128n128w8s3_sm90"),
+                heavy.key().ends_with("_m128n128w12s3_sm90"),
                 "{}",
                 heavy.key()
             );

@@ -380,7 +380,7 @@ pub enum Phase {
     PrefillSm80,
     /// The same forward on Hopper's warpgroup MMA (`wgmma`, sm_90a only): same parameters,
     /// layouts, grid and features as `PrefillSm80`, tiles of 64 query rows per warpgroup
-    /// ([`PrefillTile::for_head_dim_sm90`]); head dims that are multiples of 64.
+    /// ([`PrefillTile::for_head_dim_sm90_ws`], [`PrefillTile::for_head_dim_sm90`]); head dims that are multiples of 64.
     PrefillSm90,
     /// New queries over a static KV cache, one warp per query row, bottom-right causal: the
     /// fallback of the static-cache prefill on `PrefillSm80`.
@@ -607,7 +607,7 @@ pub struct KernelConfig {
     /// Tile size: warps per block (`PrefillSm80` uses [`KernelConfig::tile`] instead).
     pub warps: usize,
     /// `PrefillSm80` / `PrefillSm90` (and the backward phases): the tile; `None` = the
-    /// phase's default ([`PrefillTile::for_head_dim`], [`PrefillTile::for_head_dim_sm90_ws`] (a paged pool: [`PrefillTile::for_head_dim_sm90`]),
+    /// phase's default ([`PrefillTile::for_head_dim`], [`PrefillTile::for_head_dim_sm90_ws`],
     /// [`PrefillTile::for_backward`]).
     pub tile: Option<PrefillTile>,
     /// `PrefillSm80`: K/V are read from a paged pool through a block table (the prefill of
@@ -723,9 +723,9 @@ impl PrefillTile {
         }
     }
 
-    /// The tile of `PrefillSm90` (Hopper, wgmma) over a paged pool (whose blocks TMA boxes
-    /// cannot follow; elsewhere the default is [`PrefillTile::for_head_dim_sm90_ws`]), and the
-    /// warp-specialized tile's base. Head dim 128 without a mask
+    /// The `PrefillSm90` (Hopper, wgmma) tile without a producer warpgroup (no longer a default:
+    /// that is [`PrefillTile::for_head_dim_sm90_ws`]), and the warp-specialized tile's base.
+    /// Head dim 128 without a mask
     /// tensor, bias or window (`heavy` false): three consumer warpgroups (12 warps, 192 query
     /// rows, 64 per warpgroup), 128 keys per step, two K/V stages in order (H200, 2026-11-30,
     /// hd128 at 16k tokens: 417 / 467 TFLOP/s causal / no mask against 365-379 for the
@@ -755,7 +755,7 @@ impl PrefillTile {
     }
 
     /// The warp-specialized `PrefillSm90` tile ([`PrefillTile::producer_sm90`]), the default
-    /// of `PrefillSm90` without a paged pool: 128 query rows in two consumer warpgroups plus
+    /// of `PrefillSm90` (a paged pool's too: one TMA box per pool block): 128 query rows in two consumer warpgroups plus
     /// a producer warpgroup (12 warps) that loads by TMA, 128 keys per step up to head dim
     /// 128 and 64 above, three K/V stages where they fit in 227 KiB of shared memory, else
     /// two. H200, 2026-12-01, bf16, 2k-16k tokens (`attn bench prefill`, same run): 450-597
@@ -1372,11 +1372,11 @@ impl KernelConfig {
         c.insert("block_n", &tile.block_n);
         c.insert("warps", &tile.warps);
         c.insert("stages", &tile.stages);
-        // PrefillSm90's warp-specialized tile without a paged pool takes TMA tensor maps
-        // (templates/prefill_sm90.cu, "Loading").
+        // PrefillSm90's warp-specialized tile takes TMA tensor maps (templates/prefill_sm90.cu,
+        // "Loading").
         c.insert(
             "tma",
-            &(self.phase == Phase::PrefillSm90 && tile.producer_sm90() && !self.paged_kv),
+            &(self.phase == Phase::PrefillSm90 && tile.producer_sm90()),
         );
         // n8 tiles of the wgmma accumulators (prefill_sm90.cu's operand lists).
         c.insert("s_tiles", &(tile.block_n / 8));
@@ -1500,13 +1500,8 @@ impl KernelConfig {
             if self.phase.is_backward() {
                 let mask_tensor = self.mask.is_some_and(|m| m.takes_mask_tensor()) || self.has_bias;
                 PrefillTile::for_backward(self.phase, self.head_dim, mask_tensor)
-            } else if self.phase == Phase::PrefillSm90 && !self.paged_kv {
-                PrefillTile::for_head_dim_sm90_ws(self.head_dim)
             } else if self.phase == Phase::PrefillSm90 {
-                let heavy = self.mask.is_some_and(|m| m.takes_mask_tensor())
-                    || self.has_bias
-                    || self.has_window;
-                PrefillTile::for_head_dim_sm90(self.head_dim, heavy)
+                PrefillTile::for_head_dim_sm90_ws(self.head_dim)
             } else {
                 PrefillTile::for_head_dim(self.head_dim)
             }

@@ -206,11 +206,10 @@ fn kernels_for_spec_covers_phases_head_dims_and_masks() {
         }
     }
     // Both head dims also list the Hopper family (the union over devices): the four forward
-    // variants and the static-cache prefill on the warp-specialized tile, the paged prefill on
-    // the tile without a producer warpgroup.
+    // variants, the static-cache and the paged prefill, all on the warp-specialized tile.
     for hd in [64, 128] {
         let ws = attention_codegen::render::PrefillTile::for_head_dim_sm90_ws(hd).key();
-        let paged = attention_codegen::render::PrefillTile::for_head_dim_sm90(hd, true).key();
+        let paged = &ws;
         for want in [
             format!("prefill_bf16_hd{hd}_causal_win_sinkl_{ws}_sm90"),
             format!("prefill_bf16_hd{hd}_causal_win_sinkl_bias_{ws}_sm90"),

@@ -239,7 +239,7 @@ fn run<T: Elem>(case: &Case, seed: u64) {
         // The default (warp-specialized, TMA) tile.
         None
     } else {
-        // The tile without a producer warpgroup (the paged pool's), on the same cases.
+        // The tile without a producer warpgroup, on the same cases.
         let heavy = case.mask.takes_mask_tensor() || config.has_bias || config.has_window;
         Some(PrefillTile::for_head_dim_sm90(hd, heavy))
     };

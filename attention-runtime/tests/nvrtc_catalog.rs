@@ -389,18 +389,9 @@ fn warp_specialized_sm90_tiles_compile() {
             }
             let k = c.render().unwrap();
             assert!(k.source.contains("setmaxnreg"), "{}", k.key);
-            // Without a paged pool the kernel takes TMA maps after FwdParams' fields.
-            assert_eq!(
-                k.source.contains("TmaMaps tma_maps"),
-                !c.paged_kv,
-                "{}",
-                k.key
-            );
-            let params = if c.paged_kv {
-                param_layout(c.phase, true).unwrap()
-            } else {
-                fwd_tma_param_layout()
-            };
+            // The kernel takes TMA maps after FwdParams' fields (a paged pool's too).
+            assert!(k.source.contains("TmaMaps tma_maps"), "{}", k.key);
+            let params = fwd_tma_param_layout();
             check_no_spills_sm90a(
                 &k.key,
                 &k.source,

@@ -559,9 +559,9 @@ impl PrefillSm80Kernel {
 
 /// Whether a kernel compiled for `config` takes TMA tensor maps after [`FwdParams`]' fields
 /// ([`FwdTmaParams`]): the warp-specialized `prefill_*_sm90` tile
-/// ([`PrefillTile::producer_sm90`]) without a paged pool.
+/// ([`PrefillTile::producer_sm90`]).
 pub fn takes_tma_maps(config: &KernelConfig) -> bool {
-    config.phase == Phase::PrefillSm90 && config.prefill_tile().producer_sm90() && !config.paged_kv
+    config.phase == Phase::PrefillSm90 && config.prefill_tile().producer_sm90()
 }
 
 /// Queue one kernel of the forward family (`prefill_*_sm80`, `prefill_*_sm90`,
@@ -574,8 +574,10 @@ pub fn takes_tma_maps(config: &KernelConfig) -> bool {
 /// family, so no kernel can be handed a parameter buffer of the other shape.
 ///
 /// # Errors
-/// [`AttnError::Cuda`] when the driver refuses a tensor map; [`AttnError::KernelLaunch`]
-/// (naming `key`) when the launch fails.
+/// [`AttnError::Cuda`] when the driver refuses a tensor map; [`AttnError::InvalidArgument`]
+/// when a paged pool's kernel (which loads only by TMA) cannot have maps (see
+/// [`crate::cuda::tma::prefill_maps`]); [`AttnError::KernelLaunch`] (naming `key`) when the
+/// launch fails.
 ///
 /// # Safety
 /// As [`crate::cuda::params::launch`]: `config` is the kernel's own config, and `params`
@@ -599,6 +601,20 @@ pub unsafe fn launch_prefill(
             (tile.block_m, tile.block_n),
             tokens,
         )?;
+        if config.paged_kv && maps.enabled == 0 {
+            // The paged pool's warp-specialized kernel has no cp.async producer.
+            return Err(AttnError::InvalidArgument {
+                arg: "paged pool".into(),
+                expected: format!(
+                    "a block size that is a power of two >= 16 and 16-byte aligned q and pools \
+                     below 2^31 rows (the TMA maps of kernel {key})"
+                ),
+                got: format!(
+                    "block size {}, q at {:#x}, k at {:#x}, v at {:#x}, {} q and {} pool rows",
+                    params.block_size, params.q, params.k, params.v, tokens.0, tokens.1
+                ),
+            });
+        }
         let p = FwdTmaParams {
             fwd: *params,
             pad: 0,

@@ -95,16 +95,19 @@ fn tensor_map(
 
 /// The `(slots, rows)` views of q and of k / v for the launch described by `p` (module docs:
 /// the token of row i in slot s is `i * slots + s`), `rows * slots` never above the given
-/// token rows; `None` for a paged pool or an empty batch. Packed: one slot of all the tokens;
-/// padded: `batch` slots; a static cache's k / v: `cache_max_batch` slots.
+/// token rows; `None` for an empty batch. Packed (a paged pool too): one slot of all the
+/// tokens (the pool's rows); padded: `batch` slots; a static cache's k / v:
+/// `cache_max_batch` slots.
 pub(crate) fn prefill_views(
     p: &FwdParams,
     (q_tokens, kv_tokens): (usize, usize),
 ) -> Option<((usize, usize), (usize, usize))> {
     let batch = p.batch.max(0) as usize;
-    if p.block_table != 0 || batch == 0 {
+    if batch == 0 {
         return None;
     }
+    // (A paged pool's launch is packed: cu_seqlens_q is set; its k / v view is the pool's
+    // blocks' rows.)
     Some(if p.cu_seqlens_q != 0 {
         ((1, q_tokens), (1, kv_tokens))
     } else {
@@ -118,12 +121,15 @@ pub(crate) fn prefill_views(
     })
 }
 
-/// The maps of one non-paged prefill launch described by `p` (its mode from which pointers
-/// are set: packed when `cu_seqlens_q` is, a static cache when `cache_seqlens_k` is, else
-/// padded): q in boxes of `block_m` rows, k and v in boxes of `block_n` rows. `tokens` are
-/// the token rows of the q tensor and of the k / v tensors (`[tokens, heads, head_dim]`; a
-/// static cache: `max_seq * max_batch`). `enabled` is 0 (the kernel copies by cp.async) for a
-/// paged pool or when some tensor cannot be mapped (see `tensor_map`).
+/// The maps of one prefill launch described by `p` (its mode from which pointers are set:
+/// packed when `cu_seqlens_q` is, over a paged pool when `block_table` is too, a static cache
+/// when `cache_seqlens_k` is without `cu_seqlens_q`, else padded): q in boxes of `block_m`
+/// rows, k and v in boxes of `block_n` rows (a paged pool: `min(block_size, block_n)` rows,
+/// one pool block). `tokens` are the token rows of the q tensor and of the k / v tensors
+/// (`[tokens, heads, head_dim]`; a static cache: `max_seq * max_batch`; a paged pool:
+/// `num_blocks * block_size`). `enabled` is 0 (the kernel copies by cp.async) when some
+/// tensor cannot be mapped (see `tensor_map`) or a pool's block size is not a power of two
+/// of at least 16.
 ///
 /// # Errors
 /// [`AttnError::Cuda`] when the driver refuses a map.
@@ -137,10 +143,21 @@ pub fn prefill_maps(
     let Some((q_view, kv_view)) = prefill_views(p, (q_tokens, kv_tokens)) else {
         return Ok(TmaMaps::default());
     };
+    // K/V boxes: a tile, or one pool block of it (a paged pool; the kernel issues one box per
+    // block, `block_size` a power of two >= 16).
+    let kv_box = if p.block_table != 0 {
+        let bs = p.block_size.max(0) as usize;
+        if bs < 16 || !bs.is_power_of_two() {
+            return Ok(TmaMaps::default());
+        }
+        bs.min(block_n)
+    } else {
+        block_n
+    };
     let (heads, groups) = (p.num_heads.max(0) as usize, p.num_groups.max(0) as usize);
     let qm = tensor_map(dtype, p.q, head_dim, heads, q_view.0, q_view.1, block_m)?;
-    let km = tensor_map(dtype, p.k, head_dim, groups, kv_view.0, kv_view.1, block_n)?;
-    let vm = tensor_map(dtype, p.v, head_dim, groups, kv_view.0, kv_view.1, block_n)?;
+    let km = tensor_map(dtype, p.k, head_dim, groups, kv_view.0, kv_view.1, kv_box)?;
+    let vm = tensor_map(dtype, p.v, head_dim, groups, kv_view.0, kv_view.1, kv_box)?;
     Ok(match (qm, km, vm) {
         (Some(q), Some(k), Some(v)) => TmaMaps {
             q,
@@ -221,14 +238,16 @@ mod tests {
     }
 
     #[test]
-    fn paged_pools_and_empty_batches_have_no_views() {
+    fn paged_pools_are_one_slot_and_empty_batches_have_no_views() {
         let paged = FwdParams {
             batch: 2,
             cu_seqlens_q: 0x1000,
+            cache_seqlens_k: 0x3000,
             block_table: 0x2000,
+            block_size: 16,
             ..FwdParams::default()
         };
-        assert_eq!(prefill_views(&paged, (10, 64)), None);
+        assert_eq!(prefill_views(&paged, (10, 64)), Some(((1, 10), (1, 64))));
         assert_eq!(prefill_views(&FwdParams::default(), (10, 10)), None);
         // A cache without slots maps no rows (tensor_map then leaves TMA off).
         let no_slots = FwdParams {

@@ -215,8 +215,19 @@ impl CudaLayer {
             // below h * cu_seqlens_q[first + count] + n), pools [num_blocks, block_size, ng,
             // hn], seqlens_k [nreq] and every block id validated on the host
             // (`cache.validate`).
-            // (A paged pool takes no TMA maps: no token extents.)
-            unsafe { launch_prefill(st, &attn_f, &attn_key, &attn_config, cfg, &params, (0, 0)) }?;
+            // q has n token rows, each pool num_blocks * block_size (the TMA maps' extents).
+            let pool_rows = kc.numel() / (c.groups * c.head_dim);
+            unsafe {
+                launch_prefill(
+                    st,
+                    &attn_f,
+                    &attn_key,
+                    &attn_config,
+                    cfg,
+                    &params,
+                    (n, pool_rows),
+                )
+            }?;
         }
         // Decode rows: the split-KV decode kernel and its combine step over the block table.
         let mut decode_bufs = None;

@@ -1,9 +1,9 @@
-// Kernel `prefill_bf16_hd256_causal_bottom_right_paged_m128n64w8s2_sm90`: attention forward on Hopper's warpgroup MMA, rendered from
-// templates/prefill_sm90.cu. dtype bf16, head dim 256, mask causal_bottom_right, window
+// Kernel `prefill_bf16_hd64_causal_bottom_right_paged_m128n128w12s3_sm90`: attention forward on Hopper's warpgroup MMA, rendered from
+// templates/prefill_sm90.cu. dtype bf16, head dim 64, mask causal_bottom_right, window
 // false, sinks none, output gate false, mask tensor false,
 // additive bias false, paged K/V true.
-// Tile: BLOCK_M 128 query rows (one 64-row warpgroup each) x BLOCK_N 64 keys
-// per step, 8 warps, 2 K/V shared-memory stages. Needs sm_90a (wgmma).
+// Tile: BLOCK_M 128 query rows (one 64-row warpgroup each) x BLOCK_N 128 keys
+// per step, 12 warps, 3 K/V shared-memory stages. Needs sm_90a (wgmma).
 //
 // Launch, parameters, layouts, masks, LSE, max_logit, sinks, gate, static and paged caches,
 // and the `v_nonfinite` exact path: exactly as templates/prefill_sm80.cu (the same positional
@@ -19,11 +19,11 @@
 // by cp.async (16 bytes per thread; rows past the sequence zero-filled), made visible to the
 // async proxy by `fence.proxy.async.shared::cta` before the barrier.
 // Per step, each warpgroup (64 query rows):
-//   S = Q K^T : wgmma m64n64k16, A = Q and B = K from shared memory (both K-major),
+//   S = Q K^T : wgmma m64n128k16, A = Q and B = K from shared memory (both K-major),
 //               HEAD_DIM / 16 instructions into 4 * BLOCK_N / 8 f32 registers per thread;
 //   softmax   : the sm80 kernel's online softmax on the accumulator (its fragment layout is
 //               mma.sync's m16n8 layout per warp: warp w of the group owns rows 16w..16w+15);
-//   O += P V  : wgmma m64n256k16 with A = P from registers (the accumulator
+//   O += P V  : wgmma m64n64k16 with A = P from registers (the accumulator
 //               repacked to bf16, mma.sync's A layout) and B = V from shared memory,
 //               MN-major (transposed read of the row-major V tile).
 // K/V tiles stream through a STAGES-deep cp.async ring, one commit group per tile. With three
@@ -35,11 +35,12 @@
 // - WARPS == BLOCK_M / 16: every warp loads and the block synchronizes twice per tile.
 // - WARPS == BLOCK_M / 16 + 4 (warp specialization, WS): the last warpgroup is the producer.
 //   It drops to PRODUCER_REGS registers (`setmaxnreg`). With TMA tensor maps (`TmaMaps`,
-//   `tma_maps.enabled`: padded or packed input, a static cache) one of its threads copies Q
-//   and each K/V tile as one TMA box per 64-column panel (`cp.async.bulk.tensor`, 128-byte
-//   swizzle) completing on the stage's `full` mbarrier (expect_tx; the tile that crosses the
-//   sequence's end first has its V rows past it zeroed, see the producer); otherwise (no
-//   maps; a paged pool) its threads copy them by
+//   `tma_maps.enabled`: padded or packed input, a static cache; a paged pool always) one of
+//   its threads copies Q and each K/V tile as one TMA box per 64-column panel (a paged pool:
+//   per pool block of the tile, from the producer warp's lanes; `cp.async.bulk.tensor`,
+//   128-byte swizzle) completing on the stage's `full` mbarrier (expect_tx; the tile that
+//   crosses the sequence's end first has its V rows past it zeroed, see the producer);
+//   otherwise (no maps) its threads copy them by
 //   cp.async and signal each stage's `full` mbarrier with `cp.async.mbarrier.arrive.noinc`;
 //   the consumer warpgroups (raised to CONSUMER_REGS) wait on `full`, fence the async proxy,
 //   and when done with a stage arrive on its `empty` mbarrier (one arrival per warp), which
@@ -86,7 +87,7 @@ __device__ __forceinline__ void store_elem(elem_t* p, float f) { float_to_elem(f
 constexpr int WARP_SIZE = 32;
 constexpr unsigned int FULL_WARP = 0xffffffffu;
 /// Head dim (kv_channels) this kernel is specialized for.
-constexpr int HEAD_DIM = 256;
+constexpr int HEAD_DIM = 64;
 /// Channels held by each lane: channel `c * WARP_SIZE + lane`, `c < LANE_D`. A head dim that
 /// is not a multiple of the warp size (80) pads the last chunk: its lanes past HEAD_DIM hold
 /// channels that do not exist, which load_ch reads as zero and store_ch never writes (so sums
@@ -172,9 +173,9 @@ __device__ __forceinline__ bool chunk_has_nonfinite(uint4 w) {
 
 
 constexpr int BLOCK_M = 128;
-constexpr int BLOCK_N = 64;
-constexpr int WARPS = 8;
-constexpr int STAGES = 2;
+constexpr int BLOCK_N = 128;
+constexpr int WARPS = 12;
+constexpr int STAGES = 3;
 constexpr int THREADS = WARPS * WARP_SIZE;
 constexpr int CONSUMER_WARPS = BLOCK_M / 16;   // one 16-row slice of the tile per warp
 constexpr bool WS = WARPS > CONSUMER_WARPS;    // a producer warpgroup after the consumers
@@ -319,35 +320,15 @@ __device__ __forceinline__ void load_tile(unsigned base, const elem_t* __restric
 }
 
 
-/// d (+)= A B, m64n64k16: A (64 x 16, K-major) and B (16 x BLOCK_N, K-major) from shared
+/// d (+)= A B, m64n128k16: A (64 x 16, K-major) and B (16 x BLOCK_N, K-major) from shared
 /// memory; `accumulate == 0` overwrites d.
 __device__ __forceinline__ void wgmma_qk(float (&d)[NI][4], unsigned long long desc_a,
                                          unsigned long long desc_b, int accumulate) {
     asm volatile(
-        "{\n.reg .pred p;\nsetp.ne.b32 p, %34, 0;\n"
-        "wgmma.mma_async.sync.aligned.m64n64k16.f32.bf16.bf16 "
-        "{ %0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15, %16, %17, %18, %19, %20, %21, %22, %23, %24, %25, %26, %27, %28, %29, %30, %31 }, "
-        "%32, %33, p, 1, 1, 0, 0;\n}\n"
-        : "+f"(d[0][0]), "+f"(d[0][1]), "+f"(d[0][2]), "+f"(d[0][3]),
-          "+f"(d[1][0]), "+f"(d[1][1]), "+f"(d[1][2]), "+f"(d[1][3]),
-          "+f"(d[2][0]), "+f"(d[2][1]), "+f"(d[2][2]), "+f"(d[2][3]),
-          "+f"(d[3][0]), "+f"(d[3][1]), "+f"(d[3][2]), "+f"(d[3][3]),
-          "+f"(d[4][0]), "+f"(d[4][1]), "+f"(d[4][2]), "+f"(d[4][3]),
-          "+f"(d[5][0]), "+f"(d[5][1]), "+f"(d[5][2]), "+f"(d[5][3]),
-          "+f"(d[6][0]), "+f"(d[6][1]), "+f"(d[6][2]), "+f"(d[6][3]),
-          "+f"(d[7][0]), "+f"(d[7][1]), "+f"(d[7][2]), "+f"(d[7][3])
-        : "l"(desc_a), "l"(desc_b), "r"(accumulate));
-}
-
-/// d += A B, m64n256k16: A (64 x 16) from registers (mma.sync's A fragment per
-/// warp), B (16 x HEAD_DIM) from shared memory, MN-major (transposed).
-__device__ __forceinline__ void wgmma_pv(float (&d)[DN][4], const unsigned (&a)[4], unsigned long long desc_b) {
-    asm volatile(
-        "{\n"
-        "wgmma.mma_async.sync.aligned.m64n256k16.f32.bf16.bf16 "
-        "{ %0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15, %16, %17, %18, %19, %20, %21, %22, %23, %24, %25, %26, %27, %28, %29, %30, %31, %32, %33, %34, %35, %36, %37, %38, %39, %40, %41, %42, %43, %44, %45, %46, %47, %48, %49, %50, %51, %52, %53, %54, %55, %56, %57, %58, %59, %60, %61, %62, %63, %64, %65, %66, %67, %68, %69, %70, %71, %72, %73, %74, %75, %76, %77, %78, %79, %80, %81, %82, %83, %84, %85, %86, %87, %88, %89, %90, %91, %92, %93, %94, %95, %96, %97, %98, %99, %100, %101, %102, %103, %104, %105, %106, %107, %108, %109, %110, %111, %112, %113, %114, %115, %116, %117, %118, %119, %120, %121, %122, %123, %124, %125, %126, %127 }, "
-        "{ %128, %129, %130, %131 }, "
-        "%132, 1, 1, 1, 1;\n}\n"
+        "{\n.reg .pred p;\nsetp.ne.b32 p, %66, 0;\n"
+        "wgmma.mma_async.sync.aligned.m64n128k16.f32.bf16.bf16 "
+        "{ %0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15, %16, %17, %18, %19, %20, %21, %22, %23, %24, %25, %26, %27, %28, %29, %30, %31, %32, %33, %34, %35, %36, %37, %38, %39, %40, %41, %42, %43, %44, %45, %46, %47, %48, %49, %50, %51, %52, %53, %54, %55, %56, %57, %58, %59, %60, %61, %62, %63 }, "
+        "%64, %65, p, 1, 1, 0, 0;\n}\n"
         : "+f"(d[0][0]), "+f"(d[0][1]), "+f"(d[0][2]), "+f"(d[0][3]),
           "+f"(d[1][0]), "+f"(d[1][1]), "+f"(d[1][2]), "+f"(d[1][3]),
           "+f"(d[2][0]), "+f"(d[2][1]), "+f"(d[2][2]), "+f"(d[2][3]),
@@ -363,23 +344,27 @@ __device__ __forceinline__ void wgmma_pv(float (&d)[DN][4], const unsigned (&a)[
           "+f"(d[12][0]), "+f"(d[12][1]), "+f"(d[12][2]), "+f"(d[12][3]),
           "+f"(d[13][0]), "+f"(d[13][1]), "+f"(d[13][2]), "+f"(d[13][3]),
           "+f"(d[14][0]), "+f"(d[14][1]), "+f"(d[14][2]), "+f"(d[14][3]),
-          "+f"(d[15][0]), "+f"(d[15][1]), "+f"(d[15][2]), "+f"(d[15][3]),
-          "+f"(d[16][0]), "+f"(d[16][1]), "+f"(d[16][2]), "+f"(d[16][3]),
-          "+f"(d[17][0]), "+f"(d[17][1]), "+f"(d[17][2]), "+f"(d[17][3]),
-          "+f"(d[18][0]), "+f"(d[18][1]), "+f"(d[18][2]), "+f"(d[18][3]),
-          "+f"(d[19][0]), "+f"(d[19][1]), "+f"(d[19][2]), "+f"(d[19][3]),
-          "+f"(d[20][0]), "+f"(d[20][1]), "+f"(d[20][2]), "+f"(d[20][3]),
-          "+f"(d[21][0]), "+f"(d[21][1]), "+f"(d[21][2]), "+f"(d[21][3]),
-          "+f"(d[22][0]), "+f"(d[22][1]), "+f"(d[22][2]), "+f"(d[22][3]),
-          "+f"(d[23][0]), "+f"(d[23][1]), "+f"(d[23][2]), "+f"(d[23][3]),
-          "+f"(d[24][0]), "+f"(d[24][1]), "+f"(d[24][2]), "+f"(d[24][3]),
-          "+f"(d[25][0]), "+f"(d[25][1]), "+f"(d[25][2]), "+f"(d[25][3]),
-          "+f"(d[26][0]), "+f"(d[26][1]), "+f"(d[26][2]), "+f"(d[26][3]),
-          "+f"(d[27][0]), "+f"(d[27][1]), "+f"(d[27][2]), "+f"(d[27][3]),
-          "+f"(d[28][0]), "+f"(d[28][1]), "+f"(d[28][2]), "+f"(d[28][3]),
-          "+f"(d[29][0]), "+f"(d[29][1]), "+f"(d[29][2]), "+f"(d[29][3]),
-          "+f"(d[30][0]), "+f"(d[30][1]), "+f"(d[30][2]), "+f"(d[30][3]),
-          "+f"(d[31][0]), "+f"(d[31][1]), "+f"(d[31][2]), "+f"(d[31][3])
+          "+f"(d[15][0]), "+f"(d[15][1]), "+f"(d[15][2]), "+f"(d[15][3])
+        : "l"(desc_a), "l"(desc_b), "r"(accumulate));
+}
+
+/// d += A B, m64n64k16: A (64 x 16) from registers (mma.sync's A fragment per
+/// warp), B (16 x HEAD_DIM) from shared memory, MN-major (transposed).
+__device__ __forceinline__ void wgmma_pv(float (&d)[DN][4], const unsigned (&a)[4], unsigned long long desc_b) {
+    asm volatile(
+        "{\n"
+        "wgmma.mma_async.sync.aligned.m64n64k16.f32.bf16.bf16 "
+        "{ %0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15, %16, %17, %18, %19, %20, %21, %22, %23, %24, %25, %26, %27, %28, %29, %30, %31 }, "
+        "{ %32, %33, %34, %35 }, "
+        "%36, 1, 1, 1, 1;\n}\n"
+        : "+f"(d[0][0]), "+f"(d[0][1]), "+f"(d[0][2]), "+f"(d[0][3]),
+          "+f"(d[1][0]), "+f"(d[1][1]), "+f"(d[1][2]), "+f"(d[1][3]),
+          "+f"(d[2][0]), "+f"(d[2][1]), "+f"(d[2][2]), "+f"(d[2][3]),
+          "+f"(d[3][0]), "+f"(d[3][1]), "+f"(d[3][2]), "+f"(d[3][3]),
+          "+f"(d[4][0]), "+f"(d[4][1]), "+f"(d[4][2]), "+f"(d[4][3]),
+          "+f"(d[5][0]), "+f"(d[5][1]), "+f"(d[5][2]), "+f"(d[5][3]),
+          "+f"(d[6][0]), "+f"(d[6][1]), "+f"(d[6][2]), "+f"(d[6][3]),
+          "+f"(d[7][0]), "+f"(d[7][1]), "+f"(d[7][2]), "+f"(d[7][3])
         : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "l"(desc_b));
 }
 
@@ -415,6 +400,38 @@ __device__ __forceinline__ void mbar_wait(unsigned bar, unsigned parity) {
             : "r"(bar), "r"(parity)
             : "memory");
     } while (done == 0);
+}
+
+/// The TMA tensor maps of a launch (the host's `TmaMaps`, 128-byte `CUtensorMap`s made by
+/// `cuTensorMapEncodeTiled`): q, k and v as 4-d tensors [HEAD_DIM, heads (k, v: groups),
+/// slots, rows], the token of row i in slot s being i * slots + s (padded: slots = batch;
+/// packed: 1; a static cache's k and v: its batch slots), 128-byte swizzle, boxes of 64
+/// columns x 1 x 1 x BLOCK_M (q) or BLOCK_N (k, v) rows: one swizzled panel of a tile,
+/// exactly the layout `load_tile` writes; rows past the tensor read zeros. `enabled` 0: the
+/// launch has no maps, the producer copies by cp.async.
+struct alignas(64) TmaMaps {
+    unsigned long long q[16];
+    unsigned long long k[16];
+    unsigned long long v[16];
+    int enabled;
+};
+
+/// Arrives on `bar` and adds `bytes` to the transaction count its phase waits for.
+__device__ __forceinline__ void mbar_arrive_expect_tx(unsigned bar, unsigned bytes) {
+    asm volatile("{\n.reg .b64 st;\nmbarrier.arrive.expect_tx.shared::cta.b64 st, [%0], %1;\n}\n" ::"r"(bar),
+                 "r"(bytes)
+                 : "memory");
+}
+
+/// TMA: the box of `map` (a generic address of a `__grid_constant__` tensor map) at
+/// coordinates (c0, c1, c2, c3) into shared memory at `dst`; its bytes complete on `bar`.
+__device__ __forceinline__ void tma_load_4d(unsigned dst, const void* map, int c0, int c1, int c2, int c3,
+                                            unsigned bar) {
+    asm volatile(
+        "cp.async.bulk.tensor.4d.shared::cluster.global.mbarrier::complete_tx::bytes [%0], [%1, { %2, %3, %4, "
+        "%5 }], [%6];\n" ::"r"(dst),
+        "l"(map), "r"(c0), "r"(c1), "r"(c2), "r"(c3), "r"(bar)
+        : "memory");
 }
 
 // ---------------------------------------------------------------------------------------
@@ -453,12 +470,12 @@ __device__ __forceinline__ void atomic_max_float(float* addr, float v) {
 }
 
 
-extern "C" __global__ void __launch_bounds__(THREADS, 1) prefill_bf16_hd256_causal_bottom_right_paged_m128n64w8s2_sm90(
+extern "C" __global__ void __launch_bounds__(THREADS, 1) prefill_bf16_hd64_causal_bottom_right_paged_m128n128w12s3_sm90(
 // ---------------------------------------------------------------------------------------
 // The tensor-core prefill kernels' (prefill_sm80.cu, prefill_sm90.cu) positional parameters,
 // the fields of `FwdParams` (partials/params.cu) in its order, then the opening of the body
 // with the casts of the mask-tensor and bias arguments the variant ignores. Included right
-// after the kernel's `prefill_bf16_hd256_causal_bottom_right_paged_m128n64w8s2_sm90(`. With `tma` (prefill_sm90.cu's warp-specialized tile), a
+// after the kernel's `prefill_bf16_hd64_causal_bottom_right_paged_m128n128w12s3_sm90(`. With `tma` (prefill_sm90.cu's warp-specialized tile), a
 // `TmaMaps` parameter follows the fields (`FwdTmaParams` on the host).
 // ---------------------------------------------------------------------------------------
     const elem_t* __restrict__ q,
@@ -495,7 +512,12 @@ extern "C" __global__ void __launch_bounds__(THREADS, 1) prefill_bf16_hd256_caus
     int cache_max_batch,
     const int* __restrict__ block_table,
     int block_size,
-    int max_blocks_per_seq)
+    int max_blocks_per_seq,
+    // After FwdParams' fields: the TMA tensor maps (prefill_sm90.cu's warp-specialized tile).
+    // NVRTC places this 64-byte-aligned struct at byte 240 of the parameter buffer, 64-byte
+    // aligned in the constant bank where sm_90's parameters start (0x210): the host's
+    // `FwdTmaParams`, held to it by tests/nvrtc_catalog.rs.
+    const __grid_constant__ TmaMaps tma_maps)
 {
     (void)mask; (void)mask_stride_b; (void)mask_stride_h; (void)mask_stride_q; (void)mask_stride_k;
     (void)bias; (void)bias_stride_b; (void)bias_stride_h; (void)bias_stride_q; (void)bias_stride_k;
@@ -596,7 +618,10 @@ extern "C" __global__ void __launch_bounds__(THREADS, 1) prefill_bf16_hd256_caus
     // of the stage's boxes (or, for the tile that crosses the sequence's end, once the
     // producer warp has zeroed its V rows past it: `bar_tail`); else every loading thread
     // arrives once its cp.async have landed.
-    const bool use_tma = false;
+    // A paged pool's warp-specialized kernel loads by TMA only (the host refuses to launch it
+    // without maps): no cp.async producer is compiled in.
+    if (tma_maps.enabled == 0) __trap();
+    constexpr bool use_tma = true;
     if (WS) {
         if (tid == 0) {
             const unsigned arrivals = use_tma ? 1 : LOADERS;
@@ -658,7 +683,77 @@ extern "C" __global__ void __launch_bounds__(THREADS, 1) prefill_bf16_hd256_caus
     if (WS && warp >= CONSUMER_WARPS) {
         // Producer warpgroup: Q, then every K/V tile into its stage once the consumers have
         // released it (tile t's stage is released for tile t + STAGES).
+        // TMA: one thread issues every copy, one box per 64-column panel (coordinates column,
+        // head / group, slot, row of the maps' 4-d view; 32-bit: the host maps no tensor of
+        // 2^31 rows or more). Q's boxes go before the register budget drops, so that its
+        // coordinates are not live in the producer's 40-56 registers.
+        if (use_tma && ltid == 0) {
+            mbar_arrive_expect_tx(bar_q, Q_BYTES);
+#pragma unroll
+            for (int pn = 0; pn < HEAD_DIM / 64; ++pn)
+                tma_load_4d(sQ_addr + pn * BLOCK_M * 128, tma_maps.q, pn * 64, h, (int)q_tok0 % (int)q_step,
+                            (int)q_tok0 / (int)q_step + m0, bar_q);
+        }
+        __syncwarp();  // setmaxnreg is .sync.aligned: the warp converged after lane 0's branch
         asm volatile("setmaxnreg.dec.sync.aligned.u32 %0;\n" ::"n"(PRODUCER_REGS));
+        if (use_tma) {
+            // The first producer warp; lane 0 issues the copies. A box reads whatever rows
+            // follow the sequence in the tensor (the next packed sequence, later cache rows:
+            // finite or not) and zeros past the tensor's end. Scores of keys past `sk` are
+            // masked, but 0 * inf in P V is not 0: so the tile that crosses `sk` lands on
+            // `bar_tail`, the warp zeroes its V rows from `sk` on (whole 128-byte panel rows:
+            // the swizzle permutes chunks within a row), fences them to the async proxy
+            // (wgmma reads there) and only then arrives on the stage's `full`.
+            if (ltid < WARP_SIZE) {
+                for (int t = 0; t < ntiles; ++t) {
+                    const int st = t % STAGES;
+                    if (t >= STAGES) mbar_wait(bar_empty + 8 * st, (unsigned)((t / STAGES - 1) & 1));
+                    const int n0 = (tile_lo + t) * BLOCK_N;
+                    const bool tail = n0 + BLOCK_N > sk;
+                    const unsigned bar = tail ? bar_tail : bar_full + 8 * st;
+                    // A paged pool: one box per pool block of the tile (min(block_size, BLOCK_N)
+                    // rows, 16-row multiples, so every box starts on the swizzle's period),
+                    // lane i issuing the i-th after lane 0 has announced the tile's bytes. Rows
+                    // past the sequence read the sequence's last block (never a block-table
+                    // entry past it): their V rows are zeroed below, their K scores masked.
+                    if (ltid == 0) mbar_arrive_expect_tx(bar, 2 * KV_BYTES);
+                    __syncwarp();
+                    const int rb = min(block_size, BLOCK_N);
+                    for (int r = ltid * rb; r < BLOCK_N; r += WARP_SIZE * rb) {
+                        const int j = n0 + r < sk ? n0 + r : (sk - 1) & ~(rb - 1);
+                        // (From the parameters, not bt_row / bs_shift: the producer's 40
+                        // registers at head dim 256.)
+                        const int sh = __ffs(block_size) - 1;
+                        const int row = (block_table[(long long)b * max_blocks_per_seq + (j >> sh)] << sh) +
+                                        (j & (block_size - 1));
+#pragma unroll
+                        for (int pn = 0; pn < HEAD_DIM / 64; ++pn) {
+                            tma_load_4d(sK_addr + st * KV_BYTES + pn * BLOCK_N * 128 + r * 128, tma_maps.k, pn * 64,
+                                        grp, 0, row, bar);
+                            tma_load_4d(sV_addr + st * KV_BYTES + pn * BLOCK_N * 128 + r * 128, tma_maps.v, pn * 64,
+                                        grp, 0, row, bar);
+                        }
+                    }
+                    if (tail) {
+                        // At most one such tile per block (the last): phase 0.
+                        mbar_wait(bar_tail, 0);
+                        const int r0 = max(sk - n0, 0);
+                        for (int c = r0 * 8 + ltid; c < BLOCK_N * 8 * (HEAD_DIM / 64); c += WARP_SIZE) {
+                            const int pn = c / (BLOCK_N * 8), rc = c % (BLOCK_N * 8);
+                            if (rc < r0 * 8) continue;
+                            asm volatile("st.shared.v4.u32 [%0], { %1, %1, %1, %1 };\n" ::"r"(
+                                             sV_addr + st * KV_BYTES + pn * BLOCK_N * 128 + rc * 16),
+                                         "r"(0u)
+                                         : "memory");
+                        }
+                        asm volatile("fence.proxy.async.shared::cta;\n" ::: "memory");
+                        __syncwarp();
+                        if (ltid == 0) mbar_arrive(bar_full + 8 * st);
+                    }
+                }
+            }
+            return;
+        }
         load_tile<BLOCK_M, !WS>(sQ_addr, q + q_base, q_row_stride, m_valid, ltid);
         mbar_arrive_cp_async(bar_q);
         for (int t = 0; t < ntiles; ++t) {
@@ -710,7 +805,7 @@ extern "C" __global__ void __launch_bounds__(THREADS, 1) prefill_bf16_hd256_caus
             // cp.async wrote through the generic proxy: make it visible to wgmma (TMA writes
             // in the async proxy already).
             // (Parameters, not a register: the hd256 consumers have none to spare.)
-            if (true)
+            if (tma_maps.enabled == 0)
                 asm volatile("fence.proxy.async.shared::cta;\n" ::: "memory");
         } else {
             cp_async_wait<STAGES - 2>();
