@@ -350,8 +350,6 @@ static_assert(WARPS % ROW_BLOCKS == 0 && TILE % WPR == 0 && KW % 16 == 0,
 static_assert(WARPS * MROWS * HEAD_DIM * 4 <= STAGES * 2 * TILE * SROW * 2,
               "the warps' partial outputs fit in the ring");
 static_assert(HEAD_DIM % 16 == 0, "head dim must be a multiple of 16");
-/// The most new tokens per sequence of a step (render.rs `DECODE_SPLITKV_MAX_TOKENS`).
-constexpr int MAX_TOKENS = 16;
 static_assert(STAGES >= 3, "ring slot STAGES - 1 stages the step's inputs while the first tiles load");
 // ---------------------------------------------------------------------------------------
 // cp.async helpers (sm_80+) of the tensor-core kernels (prefill_sm80.cu, prefill_sm90.cu,

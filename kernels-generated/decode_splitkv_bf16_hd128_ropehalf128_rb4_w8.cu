@@ -220,9 +220,9 @@ static_assert(WARPS % ROW_BLOCKS == 0 && TILE % WPR == 0 && KW % 16 == 0,
 static_assert(WARPS * MROWS * HEAD_DIM * 4 <= STAGES * 2 * TILE * SROW * 2,
               "the warps' partial outputs fit in the ring");
 static_assert(HEAD_DIM % 16 == 0, "head dim must be a multiple of 16");
+static_assert(STAGES >= 3, "ring slot STAGES - 1 stages the step's inputs while the first tiles load");
 /// The most new tokens per sequence of a step (render.rs `DECODE_SPLITKV_MAX_TOKENS`).
 constexpr int MAX_TOKENS = 16;
-static_assert(STAGES >= 3, "ring slot STAGES - 1 stages the step's inputs while the first tiles load");
 static_assert(2 * MAX_TOKENS * HEAD_DIM * 2 + MAX_TOKENS * ROT_DIM * 4 <= 2 * TILE * SROW * 2,
               "the new k/v rows and rope rows fit one ring slot");
 // ---------------------------------------------------------------------------------------
@@ -358,6 +358,7 @@ extern "C" __global__ void __launch_bounds__(WARPS * WARP_SIZE, MIN_BLOCKS) deco
     extern __shared__ __align__(16) unsigned char kv_ring[];
     elem_t* ring = reinterpret_cast<elem_t*>(kv_ring);
     elem_t* q_s = ring + STAGES * 2 * TILE * SROW;
+    // Each warp's row as f32, for the rotation's partner channels.
     __shared__ float stage[WARPS][HEAD_DIM];
     __shared__ float ml_s[WARPS][MROWS][2];
 

@@ -104,10 +104,10 @@ static_assert(WARPS % ROW_BLOCKS == 0 && TILE % WPR == 0 && KW % 16 == 0,
 static_assert(WARPS * MROWS * HEAD_DIM * 4 <= STAGES * 2 * TILE * SROW * 2,
               "the warps' partial outputs fit in the ring");
 static_assert(HEAD_DIM % 16 == 0, "head dim must be a multiple of 16");
-/// The most new tokens per sequence of a step (render.rs `DECODE_SPLITKV_MAX_TOKENS`).
-constexpr int MAX_TOKENS = 16;
 static_assert(STAGES >= 3, "ring slot STAGES - 1 stages the step's inputs while the first tiles load");
 {%- if not paged_kv %}
+/// The most new tokens per sequence of a step (render.rs `DECODE_SPLITKV_MAX_TOKENS`).
+constexpr int MAX_TOKENS = 16;
 static_assert(2 * MAX_TOKENS * HEAD_DIM * 2{% if rope != "none" %} + MAX_TOKENS * ROT_DIM * 4{% endif %} <= 2 * TILE * SROW * 2,
               "the new k/v rows and rope rows fit one ring slot");
 {%- endif %}
@@ -213,7 +213,8 @@ extern "C" __global__ void __launch_bounds__(WARPS * WARP_SIZE, MIN_BLOCKS) {{ k
     extern __shared__ __align__(16) unsigned char kv_ring[];
     elem_t* ring = reinterpret_cast<elem_t*>(kv_ring);
     elem_t* q_s = ring + STAGES * 2 * TILE * SROW;
-{%- if not paged_kv %}
+{%- if not paged_kv and rope != "none" %}
+    // Each warp's row as f32, for the rotation's partner channels.
     __shared__ float stage[WARPS][HEAD_DIM];
 {%- endif %}
     __shared__ float ml_s[WARPS][MROWS][2];
@@ -373,7 +374,9 @@ extern "C" __global__ void __launch_bounds__(WARPS * WARP_SIZE, MIN_BLOCKS) {{ k
 #pragma unroll
         for (int c = 0; c < LANE_D; ++c) {
             x[c] = load_ch(kn, c, lane);
+{%- if rope != "none" %}
             if (ch_ok(c, lane)) stage[warp][c * WARP_SIZE + lane] = x[c];
+{%- endif %}
         }
         __syncwarp();
 {%- if rope != "none" %}
@@ -435,7 +438,9 @@ extern "C" __global__ void __launch_bounds__(WARPS * WARP_SIZE, MIN_BLOCKS) {{ k
 #pragma unroll
                 for (int c = 0; c < LANE_D; ++c) {
                     qv[c] = load_ch(qr, c, lane);
+{%- if rope != "none" %}
                     if (ch_ok(c, lane)) stage[warp][c * WARP_SIZE + lane] = qv[c];
+{%- endif %}
                 }
                 __syncwarp();
 {%- if rope != "none" %}
