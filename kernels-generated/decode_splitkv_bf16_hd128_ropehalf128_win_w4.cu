@@ -294,7 +294,6 @@ __device__ __forceinline__ unsigned pack2(float lo, float hi) {
 __device__ __forceinline__ void cp_async4(unsigned dst, const void* src) {
     asm volatile("cp.async.ca.shared.global [%0], [%1], 4;\n" ::"r"(dst), "l"(src));
 }
-
 /// Rotate the row held in `stage` (f32 [HEAD_DIM]) into x (lane's channels) with the cos and
 /// sin rows of its position (f32 [ROT_DIM / 2] each, global or shared memory).
 __device__ __forceinline__ void rope_row(float (&x)[LANE_D], const float* stage, const float* cos_row,

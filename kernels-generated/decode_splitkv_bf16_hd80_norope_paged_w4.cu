@@ -415,13 +415,6 @@ __device__ __forceinline__ void cp_async4(unsigned dst, const void* src) {
     asm volatile("cp.async.ca.shared.global [%0], [%1], 4;\n" ::"r"(dst), "l"(src));
 }
 
-/// Rotate the row held in `stage` (f32 [HEAD_DIM]) into x (lane's channels) with the cos and
-/// sin rows of its position (f32 [ROT_DIM / 2] each, global or shared memory).
-__device__ __forceinline__ void rope_row(float (&x)[LANE_D], const float* stage, const float* cos_row,
-                                         const float* sin_row, int lane) {
-    (void)x; (void)stage; (void)cos_row; (void)sin_row; (void)lane;
-}
-
 /// Programmatic dependent launch (PTX `griddepcontrol`, sm_90+; no-ops before): allow the
 /// next kernel on the stream to be scheduled / wait until the previous one has completed and
 /// its memory operations are visible (returns at once when not launched as a dependent).

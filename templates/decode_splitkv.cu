@@ -124,13 +124,11 @@ __device__ __forceinline__ void cp_async4(unsigned dst, const void* src) {
     asm volatile("cp.async.ca.shared.global [%0], [%1], 4;\n" ::"r"(dst), "l"(src));
 }
 
+{%- if rope != "none" %}
 /// Rotate the row held in `stage` (f32 [HEAD_DIM]) into x (lane's channels) with the cos and
 /// sin rows of its position (f32 [ROT_DIM / 2] each, global or shared memory).
 __device__ __forceinline__ void rope_row(float (&x)[LANE_D], const float* stage, const float* cos_row,
                                          const float* sin_row, int lane) {
-{%- if rope == "none" %}
-    (void)x; (void)stage; (void)cos_row; (void)sin_row; (void)lane;
-{%- else %}
 #pragma unroll
     for (int c = 0; c < LANE_D; ++c) {
         const int d = c * WARP_SIZE + lane;
@@ -150,8 +148,8 @@ __device__ __forceinline__ void rope_row(float (&x)[LANE_D], const float* stage,
             x[c] = x[c] * cs + sign * stage[partner] * sn;
         }
     }
-{%- endif %}
 }
+{%- endif %}
 
 /// Programmatic dependent launch (PTX `griddepcontrol`, sm_90+; no-ops before): allow the
 /// next kernel on the stream to be scheduled / wait until the previous one has completed and
