@@ -127,9 +127,10 @@ pub(crate) fn prefill_views(
 /// rows, k and v in boxes of `block_n` rows (a paged pool: `min(block_size, block_n)` rows,
 /// one pool block). `tokens` are the token rows of the q tensor and of the k / v tensors
 /// (`[tokens, heads, head_dim]`; a static cache: `max_seq * max_batch`; a paged pool:
-/// `num_blocks * block_size`). `enabled` is 0 (the kernel copies by cp.async) when some
-/// tensor cannot be mapped (see `tensor_map`) or a pool's block size is not a power of two
-/// of at least 16.
+/// `num_blocks * block_size`). `enabled` is 0 when some tensor cannot be mapped (see
+/// `tensor_map`) or a pool's block size is not a power of two of at least 16: the kernel
+/// then copies by cp.async, except a paged pool's, which has no such path (`launch_prefill`
+/// refuses that launch with a typed error).
 ///
 /// # Errors
 /// [`AttnError::Cuda`] when the driver refuses a map.
